@@ -1,0 +1,123 @@
+"""Frozen, typed configuration for the model, the engine and serving.
+
+Every config validates itself in ``__post_init__`` and raises ``ValueError`` with a sentence a user
+can act on; nothing here is an ``assert``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a Llama-family decoder."""
+
+    arch: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-5
+    max_position: int = 2048
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.arch not in SUPPORTED_ARCHS:
+            raise ValueError(
+                f"unsupported architecture {self.arch!r}: pdbox runs {', '.join(SUPPORTED_ARCHS)}"
+            )
+        for name in ("num_layers", "hidden_size", "intermediate_size", "num_heads", "num_kv_heads",
+                     "head_dim", "vocab_size", "max_position"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model config {name} must be >= 1, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (GQA ratio)."""
+        return self.num_heads // self.num_kv_heads
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one engine (all its TP ranks) runs a model.
+
+    ``num_pages`` sizes the single KV tensor; when 0 it is derived from ``kv_cache_mb``.
+    ``max_prefill_tokens`` is the chunked-prefill token budget per step.
+    """
+
+    dtype: str = "bfloat16"
+    kv_dtype: str | None = None
+    device: str = "cpu"
+    page_size: int = 16
+    num_pages: int = 0
+    kv_cache_mb: int = 256
+    max_running: int = 64
+    max_prefill_tokens: int = 512
+    max_model_len: int = 0
+    enable_prefix_cache: bool = True
+    attention_backend: str = "auto"
+    tp_size: int = 1
+    threads: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.kv_dtype is not None and self.kv_dtype not in DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(DTYPES)}, got {self.kv_dtype!r}")
+        if self.page_size < 1 or self.page_size & (self.page_size - 1):
+            raise ValueError(f"page_size must be a power of two >= 1, got {self.page_size}")
+        if self.num_pages < 0:
+            raise ValueError(f"num_pages must be >= 0, got {self.num_pages}")
+        if self.max_running < 1:
+            raise ValueError(f"max_running must be >= 1, got {self.max_running}")
+        if self.max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(
+                f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"
+            )
+        if self.tp_size < 1:
+            raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
+
+    @property
+    def cache_dtype(self) -> str:
+        return self.kv_dtype or self.dtype
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where one tensor-parallel rank sits: its rank, the world size and the shard it owns."""
+
+    rank: int = 0
+    world_size: int = 1
+    dist_init: str = field(default="", repr=False)
+
+    def kv_head_range(self, num_kv_heads: int) -> tuple[int, int]:
+        """KV heads ``[start, end)`` owned by this rank.
+
+        NOTE: ranks split heads by ``r*H//t``; when ``t > H`` each rank holds ONE replicated head
+        ``r*H//t``. nvshmem_kv uses the same rule to slice heads across mixed TP.
+        """
+        t, h, r = self.world_size, num_kv_heads, self.rank
+        if t <= h:
+            return r * h // t, (r + 1) * h // t
+        head = r * h // t
+        return head, head + 1
