@@ -5,6 +5,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kernels._triton import (
+    LazyKernel,
+    check,
+    check_device,
+    check_float_dtype,
+    check_index_tensor,
+    check_last_dim_contiguous,
+    config,
+    interpreter_enabled,
+    next_pow2,
+    num_sms,
+    tl,
+)
+
 
 def gather_pages(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
     """Rows ``[0, length)`` of one request's paged cache as ``(length, kv_heads, head_dim)``."""
@@ -42,3 +56,265 @@ def decode_attention_ref(
         )
         out[b] = o.squeeze(1)
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton: flash-decoding. Kernel 1 splits each request's context into NUM_SPLITS chunks and computes a
+# normalized partial output + log-sum-exp per (request, q head, split); kernel 2 merges the splits.
+# With NUM_SPLITS == 1 kernel 1 writes the final output directly and kernel 2 is skipped.
+
+_LOG2E = 1.4426950408889634
+
+
+def _decode_partial_kernel(
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    page_table_ptr,
+    seq_lens_ptr,
+    o_ptr,
+    lse_ptr,
+    sm_scale_log2,
+    stride_q_b,
+    stride_q_h,
+    stride_k_page,
+    stride_k_slot,
+    stride_k_head,
+    stride_v_page,
+    stride_v_slot,
+    stride_v_head,
+    stride_pt_b,
+    stride_o_b,
+    stride_o_h,
+    stride_o_s,
+    stride_lse_b,
+    stride_lse_h,
+    GROUP: tl.constexpr,
+    PAGE_SIZE: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Program ``(b, kv_head, split)``: the GQA group of ``kv_head`` over one chunk of request ``b``."""
+    b = tl.program_id(0).to(tl.int64)
+    kv_head = tl.program_id(1).to(tl.int64)
+    split = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    head = kv_head * GROUP + offs_h
+    h_mask = offs_h < GROUP
+    d_mask = offs_d < HEAD_DIM
+    q = tl.load(
+        q_ptr + b * stride_q_b + head[:, None] * stride_q_h + offs_d[None, :],
+        mask=h_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )
+    if UPCAST:  # the interpreter's bf16 math and bf16 tl.dot are wrong: compute in fp32
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    pt_row = page_table_ptr + b * stride_pt_b
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < end
+        page = tl.load(pt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        slot = (offs_n % PAGE_SIZE).to(tl.int64)
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(
+            k_cache_ptr + page[:, None] * stride_k_page + slot[:, None] * stride_k_slot
+            + kv_head * stride_k_head + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        ).to(q.dtype)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_cache_ptr + page[:, None] * stride_v_page + slot[:, None] * stride_v_slot
+            + kv_head * stride_v_head + offs_d[None, :],
+            mask=kv_mask,
+            other=0.0,
+        ).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    has = l_i > 0.0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    o_mask = h_mask[:, None] & d_mask[None, :]
+    o_offs = b * stride_o_b + head[:, None] * stride_o_h + split * stride_o_s + offs_d[None, :]
+    tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=o_mask)
+    if NUM_SPLITS > 1:
+        lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
+        tl.store(lse_ptr + b * stride_lse_b + head * stride_lse_h + split, lse, mask=h_mask)
+
+
+def _decode_reduce_kernel(
+    partial_ptr,
+    lse_ptr,
+    out_ptr,
+    stride_p_b,
+    stride_p_h,
+    stride_p_s,
+    stride_lse_b,
+    stride_lse_h,
+    stride_out_b,
+    stride_out_h,
+    NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Program ``(b, q_head)``: merge the splits' partial outputs weighted by their log-sum-exp."""
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < NUM_SPLITS
+    lse = tl.load(lse_ptr + b * stride_lse_b + h * stride_lse_h + offs_s, mask=s_mask, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
+    part = tl.load(
+        partial_ptr + b * stride_p_b + h * stride_p_h + offs_s[:, None] * stride_p_s + offs_d[None, :],
+        mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
+        other=0.0,
+    )
+    den = tl.sum(w, 0)
+    out = tl.sum(part * w[:, None], 0) / tl.where(den > 0.0, den, 1.0)
+    tl.store(out_ptr + b * stride_out_b + h * stride_out_h + offs_d, out.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+_decode_partial = LazyKernel(
+    _decode_partial_kernel,
+    configs=[
+        config(BLOCK_N=n, num_warps=w, num_stages=s)
+        for n in (32, 64, 128)
+        for w in (4, 8)
+        for s in (2, 3)
+    ],
+    key=["GROUP", "HEAD_DIM", "PAGE_SIZE", "NUM_SPLITS", "BLOCK_H"],
+    interpret={"BLOCK_N": 32},
+)
+_decode_reduce = LazyKernel(_decode_reduce_kernel)
+
+
+def default_num_splits(batch: int, kv_heads: int, max_context: int, device: torch.device) -> int:
+    """Splits per request so ``batch * kv_heads * splits`` fills the GPU about 4 times over, with each
+    split covering at least 256 tokens of the longest possible context (``max_context``); 1 on CPU."""
+    if device.type != "cuda":
+        return 1
+    want = -(-4 * num_sms(device) // max(batch * kv_heads, 1))
+    return max(1, min(want, -(-max_context // 256), 64))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Triton :func:`decode_attention_ref` (paged, GQA, split-K over the context).
+
+    ``num_splits`` (default: :func:`default_num_splits`, decided from shapes only, so no host sync)
+    is how many chunks each request's context is cut into; the chunks are merged by a second kernel.
+    ``q`` may be a strided view with a unit-stride last dim; ``page_table`` rows must be unit-stride.
+    """
+    op = "decode_attention"
+    device = check_device(op, q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, seq_lens=seq_lens)
+    check_attention_inputs(op, q, k_cache, v_cache, page_table, seq_lens, "seq_lens")
+    check(q.shape[0] == seq_lens.shape[0], f"{op}: q has {q.shape[0]} requests but seq_lens has {seq_lens.shape[0]}")
+    batch, q_heads, head_dim = q.shape
+    _, page_size, kv_heads, _ = k_cache.shape
+    if num_splits is None:
+        num_splits = default_num_splits(batch, kv_heads, page_table.shape[1] * page_size, device)
+    check(isinstance(num_splits, int) and num_splits >= 1, f"{op}: num_splits must be an int >= 1, got {num_splits}")
+    out = torch.empty(q.shape, dtype=q.dtype, device=device)
+    if batch == 0:
+        return out
+    group = q_heads // kv_heads
+    interp = interpreter_enabled()
+    block_h = next_pow2(group) if interp else max(16, next_pow2(group))
+    block_d = next_pow2(head_dim)
+    if num_splits == 1:
+        partial, lse = out, out  # lse unused
+        p_strides = (out.stride(0), out.stride(1), 0)
+        lse_strides = (0, 0)
+    else:
+        partial = torch.empty((batch, q_heads, num_splits, head_dim), dtype=torch.float32, device=device)
+        lse = torch.empty((batch, q_heads, num_splits), dtype=torch.float32, device=device)
+        p_strides = partial.stride()[:3]
+        lse_strides = lse.stride()[:2]
+    _decode_partial[(batch, kv_heads, num_splits)](
+        q, k_cache, v_cache, page_table, seq_lens, partial, lse,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        page_table.stride(0),
+        *p_strides, *lse_strides,
+        GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+        UPCAST=interp, DOT_PRECISION=dot_precision(q.dtype),
+        BLOCK_H=block_h, BLOCK_D=block_d,
+    )
+    if num_splits > 1:
+        _decode_reduce[(batch, q_heads)](
+            partial, lse, out,
+            *partial.stride()[:3], *lse.stride()[:2], out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_S=next_pow2(num_splits), BLOCK_D=block_d,
+        )
+    return out
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: exact fp32 products for fp32 inputs (not TF32), default otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def check_attention_inputs(
+    op: str,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    page_table: torch.Tensor,
+    lens: torch.Tensor,
+    lens_name: str,
+) -> None:
+    """Shared shape/dtype/stride checks of the paged attention wrappers (``q`` is 3-D either way)."""
+    check(q.dim() == 3, f"{op}: q must be 3-D (tokens, q_heads, head_dim), got {tuple(q.shape)}")
+    check(k_cache.dim() == 4, f"{op}: k_cache must be (num_pages, page_size, kv_heads, head_dim), "
+          f"got {tuple(k_cache.shape)}")
+    check(v_cache.shape == k_cache.shape,
+          f"{op}: v_cache shape {tuple(v_cache.shape)} != k_cache shape {tuple(k_cache.shape)}")
+    check_float_dtype(op, "q", q)
+    check_float_dtype(op, "k_cache", k_cache)
+    check(v_cache.dtype == k_cache.dtype, f"{op}: v_cache dtype {v_cache.dtype} != k_cache dtype {k_cache.dtype}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        check_last_dim_contiguous(op, name, t)
+    q_heads, head_dim = q.shape[1:]
+    kv_heads = k_cache.shape[2]
+    check(k_cache.shape[3] == head_dim, f"{op}: q head_dim {head_dim} != cache head_dim {k_cache.shape[3]}")
+    check(kv_heads > 0 and q_heads % kv_heads == 0,
+          f"{op}: q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
+    check_index_tensor(op, "page_table", page_table, 2)
+    check(page_table.shape[1] <= 1 or page_table.stride(1) == 1, f"{op}: page_table rows must be unit-stride")
+    check_index_tensor(op, lens_name, lens, 1)
+    check(lens.is_contiguous(), f"{op}: {lens_name} must be contiguous")
+    check(lens.shape[0] == page_table.shape[0],
+          f"{op}: {lens_name} has {lens.shape[0]} entries but page_table has {page_table.shape[0]} rows")

@@ -1,0 +1,179 @@
+"""Shared plumbing for the Triton kernels: lazy JIT, tile-config choice, input validation.
+
+Kernels are plain Python functions wrapped in :class:`LazyKernel`. The ``triton.jit`` object is built
+on the first launch, not at import, so whether a kernel runs compiled or under the interpreter
+(``TRITON_INTERPRET=1``) depends on the environment at first use, never on import order. On a real
+GPU a kernel with ``configs`` is autotuned; under the interpreter (which has no driver to time with)
+it launches with its fixed ``interpret`` config instead.
+
+Triton itself is optional: the torch references (the CPU path) import without it, and a Triton
+wrapper called without it raises a clear error.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised only on installs without triton
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    HAS_TRITON = False
+
+__all__ = [
+    "HAS_TRITON",
+    "LazyKernel",
+    "check",
+    "check_device",
+    "check_float_dtype",
+    "check_index_tensor",
+    "check_last_dim_contiguous",
+    "config",
+    "interpreter_enabled",
+    "next_pow2",
+    "num_sms",
+    "tl",
+    "tl_dtype",
+    "triton",
+]
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def interpreter_enabled() -> bool:
+    """Whether Triton kernels run under the CPU interpreter (``TRITON_INTERPRET`` is true)."""
+    if HAS_TRITON:
+        return bool(triton.knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def next_pow2(n: int) -> int:
+    """Smallest power of two ``>= max(n, 1)``."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+class LazyKernel:
+    """A Triton kernel whose ``triton.jit`` (and ``triton.autotune``) object is built on first launch.
+
+    ``configs``/``key`` are the GPU autotuning space; ``interpret`` is the fixed meta-parameter dict
+    used under the interpreter and whenever ``configs`` is empty. Launch as ``kernel[grid](*args, **kw)``;
+    a callable ``grid`` receives the meta-parameters (tuned or fixed) like with plain Triton.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        configs: Sequence[Any] = (),
+        key: Sequence[str] = (),
+        interpret: dict[str, Any] | None = None,
+    ) -> None:
+        self.fn = fn
+        self.configs = list(configs)
+        self.key = list(key)
+        self.interpret = dict(interpret or {})
+        self._compiled: Any = None
+        self._fixed: dict[str, Any] = {}
+        self.__name__ = fn.__name__
+        self.__doc__ = fn.__doc__
+
+    def _build(self) -> None:
+        if not HAS_TRITON:
+            raise RuntimeError(f"{self.__name__}: triton is not installed; use the torch reference instead")
+        jitted = triton.jit(self.fn)
+        configs = [c for c in self.configs if c is not None]
+        if configs and not interpreter_enabled():
+            self._compiled = triton.autotune(configs=configs, key=self.key)(jitted)
+            self._fixed = {}
+        else:
+            self._compiled = jitted
+            self._fixed = dict(self.interpret)
+
+    @property
+    def autotuned(self) -> bool:
+        """True once built with ``triton.autotune`` (a real GPU and a tuning space)."""
+        if self._compiled is None:
+            self._build()
+        return not self._fixed and bool(self.configs)
+
+    def __getitem__(self, grid: Any) -> Callable[..., Any]:
+        if self._compiled is None:
+            self._build()
+
+        def launch(*args: Any, **kwargs: Any) -> Any:
+            meta = {**self._fixed, **kwargs}
+            return self._compiled[grid](*args, **meta)
+
+        return launch
+
+
+def config(num_warps: int = 4, num_stages: int = 2, **meta: Any) -> Any:
+    """A ``triton.Config`` (or ``None`` when triton is absent, so module-level config lists still import)."""
+    if not HAS_TRITON:
+        return None
+    return triton.Config(meta, num_warps=num_warps, num_stages=num_stages)
+
+
+def check(cond: bool, msg: str) -> None:
+    """Raise ``ValueError(msg)`` unless ``cond``: wrappers validate with errors, never asserts."""
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_device(op: str, **tensors: torch.Tensor) -> torch.device:
+    """All tensors on one device; CUDA unless the interpreter is on (then CPU works too)."""
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    for name, dev in devices.items():
+        check(dev == first, f"{op}: {name} is on {dev} but {next(iter(devices))} is on {first}")
+    if not HAS_TRITON:
+        raise ValueError(f"{op}: triton is not installed; use the torch reference on this machine")
+    if first.type != "cuda" and not interpreter_enabled():
+        raise ValueError(
+            f"{op}: Triton kernels need CUDA tensors, got {first}; set TRITON_INTERPRET=1 before importing "
+            "kernels to run them on CPU tensors, or use the torch reference"
+        )
+    return first
+
+
+def check_float_dtype(op: str, name: str, t: torch.Tensor, allowed: Sequence[torch.dtype] = FLOAT_DTYPES) -> None:
+    """``t.dtype`` is one of ``allowed``."""
+    check(t.dtype in allowed, f"{op}: {name} must be one of {[str(d) for d in allowed]}, got {t.dtype}")
+
+
+def check_last_dim_contiguous(op: str, name: str, t: torch.Tensor) -> None:
+    """The innermost dim has unit stride (other strides are passed to the kernel)."""
+    check(t.shape[-1] <= 1 or t.stride(-1) == 1, f"{op}: {name} needs a unit-stride last dim, got {t.stride()}")
+
+
+def check_index_tensor(op: str, name: str, t: torch.Tensor, ndim: int) -> None:
+    """An int32/int64 index tensor of rank ``ndim``."""
+    check(t.dim() == ndim, f"{op}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    check(t.dtype in (torch.int32, torch.int64), f"{op}: {name} must be int32 or int64, got {t.dtype}")
+
+
+def tl_dtype(dtype: torch.dtype) -> Any:
+    """The ``tl`` dtype for a torch dtype (only the ones the kernels use)."""
+    return {
+        torch.float16: tl.float16,
+        torch.bfloat16: tl.bfloat16,
+        torch.float32: tl.float32,
+        torch.int8: tl.int8,
+        torch.int16: tl.int16,
+        torch.int32: tl.int32,
+        torch.int64: tl.int64,
+    }[dtype]
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 for CPU / the interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
