@@ -1,0 +1,70 @@
+"""Attention backends: the seam between the model and the paged-KV kernels.
+
+``torch`` runs the pure-torch references (the CPU path); ``triton`` runs the Triton kernels (the
+CUDA path). ``auto`` picks triton on CUDA and torch elsewhere.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from kernels.activation import silu_and_mul_ref
+from kernels.decode_attention import decode_attention_ref
+from kernels.extend_attention import extend_attention_ref
+from kernels.kv_store import store_kv_ref
+from kernels.norm import fused_add_rmsnorm_ref, rmsnorm_ref
+from kernels.rotary import rotary_ref
+
+
+class AttentionBackend(Protocol):
+    """Kernels the model calls; each mirrors the reference of the same name in ``kernels``."""
+
+    name: str
+
+    def store_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
+                 v: torch.Tensor, slot_mapping: torch.Tensor) -> None: ...
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               page_table: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor: ...
+
+    def extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               page_table: torch.Tensor, prefix_lens: torch.Tensor, extend_lens: torch.Tensor,
+               scale: float) -> torch.Tensor: ...
+
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+    def fused_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+               cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+class TorchAttentionBackend:
+    """The pure-torch references from ``kernels``: runs anywhere, the CPU path."""
+
+    name = "torch"
+    store_kv = staticmethod(store_kv_ref)
+    decode = staticmethod(decode_attention_ref)
+    extend = staticmethod(extend_attention_ref)
+    rmsnorm = staticmethod(rmsnorm_ref)
+    fused_add_rmsnorm = staticmethod(fused_add_rmsnorm_ref)
+    rotary = staticmethod(rotary_ref)
+    silu_and_mul = staticmethod(silu_and_mul_ref)
+
+
+def create_backend(name: str, device: torch.device) -> AttentionBackend:
+    """``auto`` -> ``triton`` on CUDA, ``torch`` otherwise. Imports the Triton path lazily."""
+    if name == "auto":
+        name = "triton" if device.type == "cuda" else "torch"
+    if name == "torch":
+        return TorchAttentionBackend()
+    if name == "triton":
+        from appliance.engine.attention_triton import TritonAttentionBackend
+
+        return TritonAttentionBackend()
+    raise ValueError(f"unknown attention backend {name!r}: choose auto, torch or triton")

@@ -1,0 +1,145 @@
+"""The engine: requests in, tokens out, one scheduler step at a time (rank 0 of its TP group)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import torch
+
+from appliance.config import EngineConfig, RankInfo
+from appliance.engine import tp
+from appliance.engine.prefix_cache import RadixCache
+from appliance.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
+from appliance.engine.runner import ModelRunner
+from appliance.engine.sampler import Sampler
+from appliance.engine.scheduler import Scheduler
+from appliance.model.loader import load_checkpoint, resolve_model_path
+from appliance.model.tokenizer import Tokenizer
+
+
+class Engine:
+    """Continuous-batching inference over a paged KV cache.
+
+    Not thread-safe: one thread calls :meth:`add_request`, :meth:`step` and :meth:`abort`.
+    """
+
+    def __init__(self, model: str | None = None, config: EngineConfig | None = None, kv_allocator=None) -> None:
+        self.config = cfg = config or EngineConfig()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        self.model_path = str(resolve_model_path(model))
+        ckpt = load_checkpoint(self.model_path)
+        self.model_name = ckpt.name
+        self.tokenizer = Tokenizer.from_checkpoint(ckpt)
+        self._tp_procs: list = []
+        rank = RankInfo()
+        if cfg.tp_size > 1:
+            init, self._tp_procs = tp.spawn_tp_workers(self.model_path, cfg)
+            rank = RankInfo(rank=0, world_size=cfg.tp_size, dist_init=init)
+        self.runner = ModelRunner(ckpt, cfg, rank, kv_allocator=kv_allocator)
+        self.model_config = self.runner.model_config
+        self.pool = self.runner.pool
+        self.cache = RadixCache(self.pool, enabled=cfg.enable_prefix_cache)
+        self.scheduler = Scheduler(self.pool, self.cache, cfg.max_running, cfg.max_prefill_tokens)
+        self.sampler = Sampler(cfg.seed)
+        limit = self.model_config.max_position
+        self.max_model_len = min(cfg.max_model_len or limit, limit, self.pool.num_pages * cfg.page_size - 1)
+        self.eos_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        self.requests: dict[str, Request] = {}
+        self.stats_prefill_tokens = 0
+        self.stats_decode_tokens = 0
+
+    # -- requests -----------------------------------------------------------------------------
+    def validate_prompt(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt is empty: it must contain at least one token")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(prompt_ids)} tokens but the context holds {self.max_model_len} "
+                "(prompt plus at least one generated token)"
+            )
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in prompt_ids if not 0 <= int(t) < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
+                    request_id: str | None = None) -> Request:
+        self.validate_prompt(prompt_ids, params)
+        req = Request(prompt_ids=list(prompt_ids), params=params, arrival=time.monotonic())
+        if request_id is not None:
+            if request_id in self.requests:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            req.request_id = request_id
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request_id: str) -> bool:
+        """Stop a request wherever it is and free its pages. False if unknown or finished."""
+        req = self.requests.pop(request_id, None)
+        if req is None or req.is_finished:
+            return False
+        self.scheduler.finish(req, "abort")
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step -----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sb = self.scheduler.schedule()
+        if sb is None:
+            return []
+        batch = self.runner.build(sb)
+        logits = self.runner.forward(batch)
+        sampling = [r for r, s in zip(sb.requests, sb.sample) if s]
+        tokens, logprobs = self.sampler.sample(logits, sampling) if sampling else ([], [])
+        for req, n in zip(sb.requests, sb.extend_lens):
+            req.computed_len += n
+            if req.output_ids:
+                self.stats_decode_tokens += n
+            else:
+                self.stats_prefill_tokens += n
+        outputs = []
+        for req, tok, lp in zip(sampling, tokens, logprobs):
+            outputs.append(self._append_token(req, tok, lp))
+        return outputs
+
+    def _append_token(self, req: Request, token: int, logprob: dict | None) -> RequestOutput:
+        req.output_ids.append(token)
+        if logprob is not None:
+            req.output_logprobs.append(logprob)
+        p = req.params
+        reason: str | None = None
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+            reason = "stop"
+        text = self.tokenizer.decode(req.output_ids)
+        if p.stop:
+            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                text, reason = text[:cut], "stop"
+        if reason is None and (len(req.output_ids) >= p.max_tokens or req.total_len >= self.max_model_len):
+            reason = "length"
+        req.text = text
+        if reason is not None:
+            self.scheduler.finish(req, reason)
+            self.requests.pop(req.request_id, None)
+        return RequestOutput(
+            request_id=req.request_id, new_token_ids=[token], output_ids=list(req.output_ids),
+            text=text, finished=reason is not None, finish_reason=reason, prompt_len=req.prompt_len,
+            cached_len=req.cached_len, logprobs=[logprob] if logprob else [],
+        )
+
+    def run_until_done(self, reqs: Sequence[Request]) -> None:
+        while any(r.status is not RequestStatus.FINISHED for r in reqs):
+            self.step()
+
+    def shutdown(self) -> None:
+        self.runner.close()
+        for p in self._tp_procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        self._tp_procs = []

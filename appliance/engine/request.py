@@ -1,0 +1,128 @@
+"""A request, its sampling parameters and its lifecycle state."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. Invalid values raise ``ValueError`` naming the field."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    MAX_LOGPROBS = 20
+    MAX_STOP = 16
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+
+        check(isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+              f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        check(math.isfinite(self.temperature) and self.temperature >= 0,
+              f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        check(isinstance(self.top_k, int) and self.top_k >= -1 and self.top_k != 0,
+              f"top_k must be -1 (off) or an integer >= 1, got {self.top_k!r}")
+        check(math.isfinite(self.top_p) and 0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p!r}")
+        check(math.isfinite(self.min_p) and 0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p!r}")
+        check(len(self.stop) <= self.MAX_STOP and all(isinstance(s, str) and s for s in self.stop),
+              f"stop must be at most {self.MAX_STOP} non-empty strings")
+        check(self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS,
+              f"logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.logprobs!r}")
+        # NOTE: a frozen dataclass; normalize list inputs to tuples so params stay hashable.
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+@dataclass
+class Request:
+    """One generation. Token ids are ``prompt_ids + output_ids``; KV lives in ``pages``.
+
+    ``computed_len`` tokens have K/V in the cache; ``cached_len`` of those came from the prefix
+    cache at admission. The next step feeds ``all_ids[computed_len:]`` (a chunk of it when
+    prefilling under a token budget).
+    """
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    arrival: float = 0.0
+    output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[dict[str, Any]] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    computed_len: int = 0
+    cached_len: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: str | None = None
+    text: str = ""
+    num_preemptions: int = 0
+    prefix_nodes: list[Any] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    # Disaggregation hooks: a prefill-only request stops after its first token and keeps its pages
+    # until the transfer is done; a decode request arrives with its KV already written.
+    prefill_only: bool = False
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def total_len(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is RequestStatus.FINISHED
+
+    @property
+    def remaining_prefill(self) -> int:
+        return self.total_len - self.computed_len
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    output_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None
+    prompt_len: int
+    cached_len: int
+    logprobs: list[dict[str, Any]] = field(default_factory=list)

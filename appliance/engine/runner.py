@@ -1,0 +1,117 @@
+"""The model runner: builds a step's ForwardBatch, runs the model on this rank, returns logits."""
+
+from __future__ import annotations
+
+import torch
+
+from appliance.config import EngineConfig, ModelConfig, RankInfo
+from appliance.engine import tp
+from appliance.engine.attention import create_backend
+from appliance.engine.forward_batch import ForwardBatch
+from appliance.engine.kv_cache import PagePool
+from appliance.engine.scheduler import ScheduledBatch
+from appliance.model.llama import LlamaModel
+from appliance.model.loader import load_checkpoint
+from appliance.model.weights import Checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pages_for(cfg: EngineConfig, mcfg: ModelConfig, page_size: int) -> int:
+    """Pages of the pool: explicit, or from the memory budget (same on every TP rank)."""
+    if cfg.num_pages:
+        return cfg.num_pages
+    heads = -(-mcfg.num_kv_heads // cfg.tp_size)
+    return PagePool.pages_for_budget(cfg.kv_cache_mb, mcfg.num_layers, page_size, heads, mcfg.head_dim,
+                                     DTYPES[cfg.cache_dtype])
+
+
+class ModelRunner:
+    """One TP rank's model and KV pool. Rank 0 drives; other ranks :meth:`follow`."""
+
+    def __init__(self, model: str | None | Checkpoint, cfg: EngineConfig, rank: RankInfo | None = None,
+                 kv_allocator=None) -> None:
+        self.cfg = cfg
+        self.rank = rank or RankInfo()
+        self.device = torch.device(cfg.device)
+        ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
+        self.checkpoint = ckpt
+        self.model_config = ckpt.config
+        if self.rank.world_size > 1:
+            tp.init_group(self.rank, self.device)
+        self.backend = create_backend(cfg.attention_backend, self.device)
+        self.model = LlamaModel(
+            ckpt.config, ckpt.weights, self.backend, DTYPES[cfg.dtype], self.device, self.rank,
+            all_reduce=tp.all_reduce if self.rank.world_size > 1 else None,
+        )
+        ckpt.weights = {}  # the model holds its own (cast, sharded) copies now
+        shard = self.model.shard
+        num_pages = pages_for(cfg, ckpt.config, cfg.page_size)
+        shape = (2, ckpt.config.num_layers, num_pages, cfg.page_size, shard.num_kv_heads, ckpt.config.head_dim)
+        dtype = DTYPES[cfg.cache_dtype]
+        if kv_allocator is not None:
+            kv = kv_allocator(shape, dtype, self.device)
+        else:
+            kv = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.pool = PagePool(kv)
+
+    # -- rank 0 -------------------------------------------------------------------------------
+    def build(self, sb: ScheduledBatch) -> ForwardBatch:
+        ps = self.cfg.page_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        logit_rows: list[int] = []
+        for req, start, n, sample in zip(sb.requests, sb.prefix_lens, sb.extend_lens, sb.sample):
+            if n == 1 and req.output_ids and start == req.total_len - 1:
+                ids.append(req.output_ids[-1])
+            else:
+                ids.extend(req.all_ids[start : start + n])
+            pages = req.pages
+            for p in range(start, start + n):
+                positions.append(p)
+                slots.append(pages[p // ps] * ps + p % ps)
+            if sample:
+                logit_rows.append(len(ids) - 1)
+        width = max(len(r.pages) for r in sb.requests)
+        table = [r.pages + [0] * (width - len(r.pages)) for r in sb.requests]
+        dev = self.device
+
+        def t(x: list) -> torch.Tensor:
+            return torch.tensor(x, dtype=torch.int64, device=dev)
+
+        prefix = t(sb.prefix_lens)
+        extend = t(sb.extend_lens)
+        return ForwardBatch(
+            input_ids=t(ids), positions=t(positions), slot_mapping=t(slots),
+            page_table=torch.tensor(table, dtype=torch.int32, device=dev),
+            prefix_lens=prefix, extend_lens=extend, seq_lens=prefix + extend,
+            logit_rows=t(logit_rows), decode_only=sb.decode_only,
+        )
+
+    def forward(self, batch: ForwardBatch) -> torch.Tensor:
+        """Run one step on every rank; returns fp32 logits of ``batch.logit_rows`` (rank 0)."""
+        if self.rank.world_size > 1:
+            tp.broadcast_command(tp.CMD_FORWARD, batch.pack())
+        hidden = self.model.forward(batch, self.pool.kv)
+        if batch.logit_rows.numel() == 0:
+            return torch.empty(0, self.model_config.vocab_size)
+        return self.model.logits(hidden)
+
+    # -- ranks > 0 ----------------------------------------------------------------------------
+    def follow(self) -> None:
+        """Execute rank 0's commands until it says stop."""
+        while True:
+            cmd, payload = tp.receive_command()
+            if cmd == tp.CMD_STOP:
+                return
+            if cmd == tp.CMD_FORWARD and payload is not None:
+                batch = ForwardBatch.unpack(payload.to(self.device))
+                batch.page_table = batch.page_table.to(torch.int32)
+                self.model.forward(batch, self.pool.kv)
+
+    def close(self) -> None:
+        if self.rank.world_size > 1 and torch.distributed.is_initialized():
+            if self.rank.rank == 0:
+                tp.broadcast_command(tp.CMD_STOP)
+            torch.distributed.destroy_process_group()

@@ -1,0 +1,63 @@
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from appliance.engine.request import Request
+
+
+class Sampler:
+    """Samples one token per row of ``logits``; greedy rows skip all randomness."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def sample(self, logits: torch.Tensor, reqs: Sequence[Request]) -> tuple[list[int], list[dict[str, Any] | None]]:
+        logits = logits.float().cpu()
+        tokens: list[int] = [0] * len(reqs)
+        greedy_rows = [i for i, r in enumerate(reqs) if r.params.greedy]
+        if greedy_rows:
+            picked = logits[greedy_rows].argmax(dim=-1).tolist()
+            for i, t in zip(greedy_rows, picked):
+                tokens[i] = int(t)
+        for i, r in enumerate(reqs):
+            if not r.params.greedy:
+                tokens[i] = self._sample_one(logits[i], r)
+        logprobs: list[dict[str, Any] | None] = [None] * len(reqs)
+        want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        if want:
+            lp = torch.log_softmax(logits[want], dim=-1)
+            for j, i in enumerate(want):
+                k = reqs[i].params.logprobs or 0
+                top = lp[j].topk(k) if k else None
+                logprobs[i] = {
+                    "token_id": tokens[i],
+                    "logprob": float(lp[j, tokens[i]]),
+                    "top": [] if top is None else
+                    [(int(t), float(v)) for v, t in zip(top.values.tolist(), top.indices.tolist())],
+                }
+        return tokens, logprobs
+
+    def _sample_one(self, row: torch.Tensor, req: Request) -> int:
+        p = req.params
+        row = row / max(p.temperature, 1e-5)
+        if p.top_k > 0:
+            kth = row.topk(min(p.top_k, row.shape[-1])).values[-1]
+            row = row.masked_fill(row < kth, float("-inf"))
+        probs = torch.softmax(row, dim=-1)
+        if p.top_p < 1.0:
+            sorted_p, order = probs.sort(descending=True)
+            cum = sorted_p.cumsum(-1)
+            drop = cum - sorted_p > p.top_p  # keep the smallest prefix whose mass reaches top_p
+            sorted_p[drop] = 0.0
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+        if p.min_p > 0.0:
+            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        gen = req.generator
+        if gen is None and p.seed is not None:
+            gen = req.generator = torch.Generator().manual_seed(p.seed)
+        return int(torch.multinomial(probs, 1, generator=gen or self.generator))

@@ -1,0 +1,96 @@
+"""Tensor parallelism across processes: rank 0 schedules and broadcasts each step's plan.
+
+The plan travels as int64 tensors over torch.distributed (gloo on CPU, NCCL on CUDA); nothing is
+pickled. Ranks > 0 run :func:`tp_worker_main` in their own process until rank 0 says stop.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from appliance.config import EngineConfig, RankInfo
+
+CMD_STOP = 0
+CMD_FORWARD = 1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def init_group(rank: RankInfo, device: torch.device, timeout_s: float = 60.0) -> None:
+    """Join the engine's process group (one per process)."""
+    import datetime
+
+    backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+    dist.init_process_group(
+        backend, init_method=rank.dist_init, rank=rank.rank, world_size=rank.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def all_reduce(x: torch.Tensor) -> None:
+    dist.all_reduce(x)
+
+
+def broadcast_command(cmd: int, payload: torch.Tensor | None = None) -> None:
+    """Rank 0: send a command header (and its int64 payload) to every other rank."""
+    size = 0 if payload is None else int(payload.numel())
+    dist.broadcast(torch.tensor([cmd, size], dtype=torch.int64), src=0)
+    if payload is not None:
+        dist.broadcast(payload, src=0)
+
+
+def receive_command() -> tuple[int, torch.Tensor | None]:
+    header = torch.empty(2, dtype=torch.int64)
+    dist.broadcast(header, src=0)
+    cmd, size = int(header[0]), int(header[1])
+    if size == 0:
+        return cmd, None
+    payload = torch.empty(size, dtype=torch.int64)
+    dist.broadcast(payload, src=0)
+    return cmd, payload
+
+
+@dataclass(frozen=True)
+class TPLaunch:
+    """What a rank > 0 process needs to build its shard of the engine."""
+
+    model: str | None
+    config: EngineConfig
+    rank: RankInfo
+
+
+def tp_worker_main(launch: TPLaunch) -> None:
+    """Entry point of a rank > 0 process: build the runner, then follow rank 0's commands."""
+    from appliance.engine.runner import ModelRunner
+
+    if launch.config.threads:
+        torch.set_num_threads(launch.config.threads)
+    runner = ModelRunner(launch.model, launch.config, launch.rank)
+    try:
+        runner.follow()
+    finally:
+        runner.close()
+
+
+def spawn_tp_workers(model: str | None, cfg: EngineConfig) -> tuple[str, list[mp.process.BaseProcess]]:
+    """Start ranks 1..tp-1 (spawn, not fork: torch state must not be inherited)."""
+    init = f"tcp://127.0.0.1:{free_port()}"
+    ctx = mp.get_context("spawn")
+    procs = []
+    for r in range(1, cfg.tp_size):
+        launch = TPLaunch(model, cfg, RankInfo(rank=r, world_size=cfg.tp_size, dist_init=init))
+        p = ctx.Process(target=tp_worker_main, args=(launch,), name=f"pdbox-tp{r}", daemon=True)
+        p.start()
+        procs.append(p)
+    os.environ.setdefault("PDBOX_TP_INIT", init)
+    return init, procs

@@ -1,0 +1,64 @@
+"""The offline API: ``LLM(model).generate(prompts, SamplingParams)``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+from appliance.config import EngineConfig
+from appliance.engine.engine import Engine
+from appliance.engine.request import SamplingParams
+
+
+@dataclass(frozen=True)
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    cached_len: int
+    logprobs: list[dict[str, Any]]
+
+
+class LLM:
+    """Generate completions in-process. ``model=None`` is the embedded SmolLM2-135M-Instruct."""
+
+    def __init__(self, model: str | None = None, config: EngineConfig | None = None, **overrides: Any) -> None:
+        cfg = config or EngineConfig()
+        if overrides:
+            cfg = replace(cfg, **overrides)
+        self.engine = Engine(model, cfg)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
+                 params: SamplingParams | None = None) -> list[Completion]:
+        """Raw prompts (no chat template); strings are tokenized, id lists are used as they are."""
+        params = params or SamplingParams()
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        reqs = [self.engine.add_request(p, params) for p in ids]
+        try:
+            self.engine.run_until_done(reqs)
+        except BaseException:
+            for r in reqs:
+                self.engine.abort(r.request_id)
+            raise
+        return [Completion(r.prompt_ids, list(r.output_ids), r.text, r.finish_reason, r.cached_len,
+                           list(r.output_logprobs)) for r in reqs]
+
+    def chat(self, messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
+             params: SamplingParams | None = None) -> list[Completion]:
+        """Apply the model's chat template, then :meth:`generate`."""
+        convs = [messages] if messages and isinstance(messages[0], dict) else messages
+        return self.generate([self.tokenizer.encode_chat(c) for c in convs], params)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,169 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache, tensor-parallel aware.
+
+Plain tensors, not ``nn.Module``s: each layer keeps its fused weights (QKV, gate/up) in the engine
+dtype, and the forward pass is a short list of kernel calls through the attention backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from appliance.config import ModelConfig, RankInfo
+from appliance.engine.attention import AttentionBackend
+from appliance.engine.forward_batch import ForwardBatch
+from kernels.rotary import rotary_cos_sin_cache
+
+AllReduce = Callable[[torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """The head and FFN ranges one TP rank owns."""
+
+    q_heads: tuple[int, int]
+    kv_heads: tuple[int, int]
+    ffn: tuple[int, int]
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, rank: RankInfo) -> Shard:
+        t, r = rank.world_size, rank.rank
+        kv = rank.kv_head_range(cfg.num_kv_heads)
+        if t <= cfg.num_kv_heads:
+            q = (kv[0] * cfg.group_size, kv[1] * cfg.group_size)
+        else:
+            if t % cfg.num_kv_heads or cfg.num_heads % t:
+                raise ValueError(
+                    f"tensor parallel size {t} does not fit {cfg.num_kv_heads} KV heads / "
+                    f"{cfg.num_heads} query heads (needs tp <= kv heads, or a multiple dividing both)"
+                )
+            q = (r * cfg.num_heads // t, (r + 1) * cfg.num_heads // t)
+        ffn = (r * cfg.intermediate_size // t, (r + 1) * cfg.intermediate_size // t)
+        return cls(q, kv, ffn)
+
+    @property
+    def num_q_heads(self) -> int:
+        return self.q_heads[1] - self.q_heads[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kv_heads[1] - self.kv_heads[0]
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o_proj: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+
+class LlamaModel:
+    """The decoder; ``forward`` returns the final hidden states of ``batch.logit_rows``."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        weights: dict[str, torch.Tensor],
+        backend: AttentionBackend,
+        dtype: torch.dtype,
+        device: torch.device,
+        rank: RankInfo | None = None,
+        all_reduce: AllReduce | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self.dtype = dtype
+        self.device = device
+        self.rank = rank or RankInfo()
+        self.shard = Shard.of(cfg, self.rank)
+        self.all_reduce = all_reduce
+        self.scale = cfg.head_dim**-0.5
+        D = cfg.head_dim
+
+        def w(name: str) -> torch.Tensor:
+            if name not in weights:
+                raise ValueError(f"checkpoint is missing tensor {name!r}")
+            return weights[name]
+
+        def cast(t: torch.Tensor, dt: torch.dtype | None = None) -> torch.Tensor:
+            return t.to(device=device, dtype=dt or dtype).contiguous()
+
+        (q0, q1), (k0, k1), (f0, f1) = self.shard.q_heads, self.shard.kv_heads, self.shard.ffn
+        self.layers: list[LayerWeights] = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            q = w(p + "self_attn.q_proj.weight")[q0 * D : q1 * D]
+            k = w(p + "self_attn.k_proj.weight")[k0 * D : k1 * D]
+            v = w(p + "self_attn.v_proj.weight")[k0 * D : k1 * D]
+            bias = None
+            if cfg.qkv_bias:
+                bias = cast(torch.cat([
+                    w(p + "self_attn.q_proj.bias")[q0 * D : q1 * D],
+                    w(p + "self_attn.k_proj.bias")[k0 * D : k1 * D],
+                    w(p + "self_attn.v_proj.bias")[k0 * D : k1 * D],
+                ]))
+            self.layers.append(LayerWeights(
+                input_norm=cast(w(p + "input_layernorm.weight"), torch.float32),
+                qkv=cast(torch.cat([q, k, v])),
+                qkv_bias=bias,
+                o_proj=cast(w(p + "self_attn.o_proj.weight")[:, q0 * D : q1 * D]),
+                post_norm=cast(w(p + "post_attention_layernorm.weight"), torch.float32),
+                gate_up=cast(torch.cat([w(p + "mlp.gate_proj.weight")[f0:f1],
+                                        w(p + "mlp.up_proj.weight")[f0:f1]])),
+                down=cast(w(p + "mlp.down_proj.weight")[:, f0:f1]),
+            ))
+        self.embed = cast(w("model.embed_tokens.weight"))
+        self.norm = cast(w("model.norm.weight"), torch.float32)
+        head = weights.get("lm_head.weight")
+        self.lm_head = self.embed if cfg.tie_embeddings or head is None else cast(head)
+        self.cos_sin = rotary_cos_sin_cache(D, cfg.max_position, cfg.rope_theta).to(device)
+        self.q_size = self.shard.num_q_heads * D
+        self.kv_size = self.shard.num_kv_heads * D
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, kv: torch.Tensor) -> torch.Tensor:
+        """Run all layers; ``kv`` is the engine's ``(2, layers, pages, page, kv_heads, D)`` tensor."""
+        cfg, be, D = self.cfg, self.backend, self.cfg.head_dim
+        T = batch.num_tokens
+        # NOTE: the residual stream stays fp32 whatever the weight dtype: SmolLM2's first answer
+        # token is a near-tie that a bf16 residual flips ("L'Étoile…" instead of "The capital…").
+        x = F.embedding(batch.input_ids, self.embed).float()
+        dt = self.dtype
+        residual: torch.Tensor | None = None
+        for i, lw in enumerate(self.layers):
+            if residual is None:
+                residual = x
+                h = be.rmsnorm(x, lw.input_norm, cfg.rms_eps)
+            else:
+                h, residual = be.fused_add_rmsnorm(x, residual, lw.input_norm, cfg.rms_eps)
+            qkv = F.linear(h.to(dt), lw.qkv, lw.qkv_bias)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q, k = be.rotary(q.view(T, -1, D), k.view(T, -1, D), batch.positions, self.cos_sin)
+            k_cache, v_cache = kv[0, i], kv[1, i]
+            be.store_kv(k_cache, v_cache, k, v.view(T, -1, D), batch.slot_mapping)
+            if batch.decode_only:
+                o = be.decode(q, k_cache, v_cache, batch.page_table, batch.seq_lens, self.scale)
+            else:
+                o = be.extend(q, k_cache, v_cache, batch.page_table, batch.prefix_lens,
+                              batch.extend_lens, self.scale)
+            x = F.linear(o.reshape(T, -1), lw.o_proj)
+            if self.all_reduce is not None:
+                self.all_reduce(x)
+            h, residual = be.fused_add_rmsnorm(x, residual, lw.post_norm, cfg.rms_eps)
+            x = F.linear(be.silu_and_mul(F.linear(h.to(dt), lw.gate_up)), lw.down)
+            if self.all_reduce is not None:
+                self.all_reduce(x)
+        assert residual is not None
+        last = (x + residual).index_select(0, batch.logit_rows)
+        return be.rmsnorm(last, self.norm, cfg.rms_eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits ``(rows, vocab)`` from final hidden states."""
+        return F.linear(hidden.to(self.dtype), self.lm_head).float()

