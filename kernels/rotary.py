@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import torch
 
+from kernels._triton import (
+    LazyKernel,
+    check,
+    check_device,
+    check_float_dtype,
+    check_index_tensor,
+    check_last_dim_contiguous,
+    config,
+    next_pow2,
+    tl,
+)
+
 
 def rotary_cos_sin_cache(head_dim: int, max_position: int, theta: float) -> torch.Tensor:
     """``(max_position, head_dim)`` fp32: cos in the first half of the last dim, sin in the second."""
@@ -26,3 +38,99 @@ def rotary_ref(
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
     return rotate(q), rotate(k)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton: one program per token rotates all its q and k heads.
+
+
+def _rotary_kernel(
+    q_ptr,
+    k_ptr,
+    pos_ptr,
+    cache_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    stride_q_t,
+    stride_q_h,
+    stride_k_t,
+    stride_k_h,
+    stride_cache,
+    stride_qo_t,
+    stride_qo_h,
+    stride_ko_t,
+    stride_ko_h,
+    Q_HEADS: tl.constexpr,
+    K_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_QH: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """Token ``t``: ``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]`` for every head of q and k."""
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    offs = tl.arange(0, BLOCK_HALF)
+    c_mask = offs < HALF
+    cos = tl.load(cache_ptr + pos * stride_cache + offs, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+    sin = tl.load(cache_ptr + pos * stride_cache + HALF + offs, mask=c_mask, other=0.0).to(tl.float32)[None, :]
+
+    hq = tl.arange(0, BLOCK_QH)[:, None]
+    mask = (hq < Q_HEADS) & c_mask[None, :]
+    src = q_ptr + t * stride_q_t + hq * stride_q_h + offs[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    dst = q_out_ptr + t * stride_qo_t + hq * stride_qo_h + offs[None, :]
+    tl.store(dst, (x1 * cos - x2 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(q_out_ptr.dtype.element_ty), mask=mask)
+
+    hk = tl.arange(0, BLOCK_KH)[:, None]
+    mask = (hk < K_HEADS) & c_mask[None, :]
+    src = k_ptr + t * stride_k_t + hk * stride_k_h + offs[None, :]
+    x1 = tl.load(src, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0).to(tl.float32)
+    dst = k_out_ptr + t * stride_ko_t + hk * stride_ko_h + offs[None, :]
+    tl.store(dst, (x1 * cos - x2 * sin).to(k_out_ptr.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF, (x2 * cos + x1 * sin).to(k_out_ptr.dtype.element_ty), mask=mask)
+
+
+_rotary = LazyKernel(
+    _rotary_kernel,
+    configs=[config(num_warps=w, num_stages=1) for w in (1, 2, 4, 8)],
+    key=["Q_HEADS", "K_HEADS", "HALF"],
+)
+
+
+def rotary(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton :func:`rotary_ref`; ``q``/``k`` may be strided views (e.g. of a fused qkv) with a
+    unit-stride last dim. Returns new contiguous tensors; positions are not range-checked."""
+    op = "rotary"
+    check_device(op, q=q, k=k, positions=positions, cos_sin_cache=cos_sin_cache)
+    check(q.dim() == 3 and k.dim() == 3, f"{op}: q and k must be (tokens, heads, head_dim), "
+          f"got {tuple(q.shape)} and {tuple(k.shape)}")
+    check(q.shape[0] == k.shape[0], f"{op}: q has {q.shape[0]} tokens but k has {k.shape[0]}")
+    head_dim = q.shape[2]
+    check(k.shape[2] == head_dim and head_dim % 2 == 0,
+          f"{op}: q and k need the same even head_dim, got {q.shape[2]} and {k.shape[2]}")
+    for name, t in (("q", q), ("k", k), ("cos_sin_cache", cos_sin_cache)):
+        check_float_dtype(op, name, t)
+        check_last_dim_contiguous(op, name, t)
+    check(cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] == head_dim,
+          f"{op}: cos_sin_cache must be (max_position, {head_dim}), got {tuple(cos_sin_cache.shape)}")
+    check_index_tensor(op, "positions", positions, 1)
+    check(positions.is_contiguous() and positions.shape[0] == q.shape[0],
+          f"{op}: positions must be contiguous with {q.shape[0]} entries, got {tuple(positions.shape)}")
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if q.shape[0] == 0:
+        return q_out, k_out
+    _rotary[(q.shape[0],)](
+        q, k, positions, cos_sin_cache, q_out, k_out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+        Q_HEADS=q.shape[1], K_HEADS=k.shape[1], HALF=head_dim // 2,
+        BLOCK_QH=next_pow2(q.shape[1]), BLOCK_KH=next_pow2(k.shape[1]), BLOCK_HALF=next_pow2(head_dim // 2),
+    )
+    return q_out, k_out
