@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels._triton import LazyKernel, check, check_device, check_index_tensor, config, tl
+
 
 def copy_pages_ref(
     src: torch.Tensor,
@@ -20,3 +22,100 @@ def copy_pages_ref(
     """
     for i, (s, d) in enumerate(zip(src_pages.tolist(), dst_pages.tolist())):
         dst_pools[int(dst_index[i])][d].copy_(src[s])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton: program ``(i, chunk)`` copies ``BLOCK`` words of page ``src_pages[i]`` to
+# ``dst_base_ptrs[dst_index[i]] + dst_pages[i] * page_bytes``. Pages move as opaque words (the widest
+# of 8/4/2/1 bytes that the page size and source alignment allow), so every dtype copies bit-exactly.
+
+_WORD_DTYPES = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
+
+
+def _copy_pages_kernel(
+    src_ptr,
+    dst_base_ptr,
+    dst_index_ptr,
+    src_pages_ptr,
+    dst_pages_ptr,
+    stride_src_page,
+    PAGE_WORDS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Copy one ``BLOCK``-word chunk of one page through a raw destination address."""
+    i = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < PAGE_WORDS
+    src_page = tl.load(src_pages_ptr + i).to(tl.int64)
+    dst_page = tl.load(dst_pages_ptr + i).to(tl.int64)
+    pool = tl.load(dst_index_ptr + i).to(tl.int64)
+    word = src_ptr.dtype.element_ty
+    addr = tl.load(dst_base_ptr + pool) + dst_page * (PAGE_WORDS * word.primitive_bitwidth // 8)
+    dst = addr.to(tl.pointer_type(word), bitcast=True)
+    vals = tl.load(src_ptr + src_page * stride_src_page + offs, mask=mask)
+    tl.store(dst + offs, vals, mask=mask)
+
+
+_copy_pages = LazyKernel(
+    _copy_pages_kernel,
+    configs=[config(BLOCK=b, num_warps=w, num_stages=1) for b in (512, 1024, 2048, 4096) for w in (4, 8)],
+    key=["PAGE_WORDS"],
+    interpret={"BLOCK": 4096},
+)
+
+
+def page_word_dtype(src: torch.Tensor) -> torch.dtype:
+    """The widest integer word that divides a page, the page stride and the source address."""
+    page_bytes = src[0].numel() * src.element_size()
+    stride_bytes = src.stride(0) * src.element_size()
+    for size, dtype in _WORD_DTYPES:
+        if page_bytes % size == 0 and stride_bytes % size == 0 and src.data_ptr() % size == 0:
+            return dtype
+    return torch.uint8
+
+
+def copy_pages(
+    src: torch.Tensor,
+    dst_base_ptrs: torch.Tensor,
+    dst_index: torch.Tensor,
+    src_pages: torch.Tensor,
+    dst_pages: torch.Tensor,
+) -> None:
+    """Triton :func:`copy_pages_ref` with the destination pools given as raw base addresses.
+
+    ``dst_base_ptrs`` is an int64 tensor (on ``src``'s device) of destination pool base addresses:
+    NVSHMEM peer pointers, CUDA-IPC-opened pointers or CPU shared memory (under the interpreter).
+    Each destination pool holds pages of ``src``'s page size packed back to back; copy ``i`` writes
+    ``src[src_pages[i]]`` to page ``dst_pages[i]`` of pool ``dst_index[i]``. Page bodies of ``src``
+    must be contiguous. Destination addresses must be aligned to the copy word (16 bytes always
+    suffices) and in range: raw pointers are not checked. Runs on the current stream; completion is
+    the caller's business (an event or flag after the launch).
+    """
+    op = "copy_pages"
+    device = check_device(op, src=src, dst_base_ptrs=dst_base_ptrs, dst_index=dst_index,
+                          src_pages=src_pages, dst_pages=dst_pages)
+    check(src.dim() >= 2, f"{op}: src must be (num_pages, page_elems...), got {tuple(src.shape)}")
+    check(src[0].is_contiguous() if src.shape[0] else True, f"{op}: src pages must be contiguous")
+    check(dst_base_ptrs.dim() == 1 and dst_base_ptrs.dtype == torch.int64 and dst_base_ptrs.is_contiguous(),
+          f"{op}: dst_base_ptrs must be a contiguous 1-D int64 tensor of addresses, got "
+          f"{dst_base_ptrs.dtype} {tuple(dst_base_ptrs.shape)}")
+    n = src_pages.shape[0] if src_pages.dim() == 1 else -1
+    for name, t in (("dst_index", dst_index), ("src_pages", src_pages), ("dst_pages", dst_pages)):
+        check_index_tensor(op, name, t, 1)
+        check(t.is_contiguous() and t.shape[0] == n,
+              f"{op}: {name} must be contiguous with {n} entries (one per copy), got {tuple(t.shape)}")
+    if n == 0 or src.shape[0] == 0:
+        return
+    word = page_word_dtype(src)
+    if device.type == "cpu":  # only a host table can be checked without a device sync
+        wsize = torch.empty((), dtype=word).element_size()
+        bad = [hex(a) for a in dst_base_ptrs.tolist() if a == 0 or a % wsize]
+        check(not bad, f"{op}: destination bases {bad} are null or not {wsize}-byte aligned")
+    words = src.flatten(1).view(word)
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return (n, -(-words.shape[1] // meta["BLOCK"]))
+
+    _copy_pages[grid](
+        words, dst_base_ptrs, dst_index, src_pages, dst_pages, words.stride(0), PAGE_WORDS=words.shape[1]
+    )
