@@ -1,0 +1,166 @@
+"""Receiver-side bookkeeping of rooms: expected signals, deadlines, writer connections.
+
+Thread-safe: connection reader threads report opens, signals and lost connections; the engine
+thread expects, polls, waits and releases. Every state change goes PENDING -> DONE | FAILED once.
+"""
+
+from __future__ import annotations
+
+import heapq
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from nvshmem_kv.base import PENDING, RoomState, RoomStatus
+from nvshmem_kv.errors import TransportError
+
+
+@dataclass
+class _Room:
+    expected: int
+    deadline: float
+    writers: set[int] = field(default_factory=set)                    # connection ids that opened it
+    signals: dict[int, tuple[int, bytes]] = field(default_factory=dict)  # conn id -> (src rank, payload)
+    status: RoomStatus = PENDING
+
+
+class RoomTable:
+    """All rooms one receiver knows about; unknown rooms are never stored."""
+
+    def __init__(self, max_rooms: int = 65536, clock: Callable[[], float] = time.monotonic) -> None:
+        self._rooms: dict[str, _Room] = {}
+        self._deadlines: list[tuple[float, str]] = []     # heap; stale entries skipped lazily
+        self._completed: dict[str, None] = {}             # ordered set of finished, undrained rooms
+        self._cond = threading.Condition()
+        self._clock = clock
+        self.max_rooms = max_rooms
+        self.signals_dropped = 0
+        self.rooms_done = 0
+        self.rooms_failed = 0
+
+    # -- engine side -------------------------------------------------------------------------
+    def expect(self, room: str, num_signals: int, deadline_s: float) -> None:
+        if num_signals < 1:
+            raise ValueError(f"num_signals must be >= 1, got {num_signals}")
+        if deadline_s <= 0:
+            raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
+        with self._cond:
+            if room in self._rooms:
+                raise TransportError(f"room {room!r} is already expected; release it first")
+            if len(self._rooms) >= self.max_rooms:
+                raise TransportError(f"too many rooms ({self.max_rooms}); release finished rooms")
+            deadline = self._clock() + deadline_s
+            self._rooms[room] = _Room(num_signals, deadline)
+            heapq.heappush(self._deadlines, (deadline, room))
+
+    def poll(self, room: str) -> RoomStatus:
+        with self._cond:
+            self._expire()
+            return self._get(room).status
+
+    def wait(self, room: str, timeout_s: float) -> RoomStatus:
+        end = self._clock() + max(0.0, timeout_s)
+        with self._cond:
+            while True:
+                self._expire()
+                r = self._get(room)
+                if not r.status.pending:
+                    return r.status
+                now = self._clock()
+                if now >= r.deadline:
+                    self._fail_expired(room, r)
+                    return r.status
+                if now >= end:
+                    return r.status
+                self._cond.wait(min(end, r.deadline) - now)
+
+    def drain_completed(self) -> list[tuple[str, RoomStatus]]:
+        with self._cond:
+            self._expire()
+            out = [(name, self._rooms[name].status) for name in self._completed]
+            self._completed.clear()
+            return out
+
+    def release(self, room: str) -> None:
+        with self._cond:
+            self._rooms.pop(room, None)
+            self._completed.pop(room, None)
+            if len(self._deadlines) > 2 * len(self._rooms) + 1024:
+                self._deadlines = [(d, n) for d, n in self._deadlines if n in self._rooms]
+                heapq.heapify(self._deadlines)
+
+    def pending_count(self) -> int:
+        with self._cond:
+            return sum(1 for r in self._rooms.values() if r.status.pending)
+
+    # -- connection side ---------------------------------------------------------------------
+    def is_live(self, room: str) -> bool:
+        with self._cond:
+            r = self._rooms.get(room)
+            return r is not None and r.status.pending
+
+    def on_open(self, room: str, conn_id: int) -> bool:
+        with self._cond:
+            r = self._rooms.get(room)
+            if r is None or not r.status.pending:
+                return False
+            r.writers.add(conn_id)
+            return True
+
+    def on_signal(self, room: str, conn_id: int, src_rank: int, payload: bytes) -> bool:
+        """Record a signal; returns False (and counts it) when it was dropped."""
+        with self._cond:
+            self._expire()
+            r = self._rooms.get(room)
+            if r is None or not r.status.pending or conn_id in r.signals:
+                self.signals_dropped += 1
+                return False
+            r.signals[conn_id] = (src_rank, payload)
+            if len(r.signals) >= r.expected:
+                payloads = tuple(p for _, p in sorted(r.signals.values(), key=lambda s: s[0]))
+                self._finish(room, r, RoomStatus(RoomState.DONE, payloads))
+            return True
+
+    def on_conn_lost(self, conn_id: int, reason: str) -> None:
+        """Fail the rooms this connection opened and had not signalled yet."""
+        with self._cond:
+            for name, r in self._rooms.items():
+                if r.status.pending and conn_id in r.writers and conn_id not in r.signals:
+                    self._finish(name, r, RoomStatus(RoomState.FAILED, reason=reason))
+
+    def fail_all(self, reason: str) -> None:
+        with self._cond:
+            for name, r in self._rooms.items():
+                if r.status.pending:
+                    self._finish(name, r, RoomStatus(RoomState.FAILED, reason=reason))
+
+    # -- internals (lock held) ---------------------------------------------------------------
+    def _get(self, room: str) -> _Room:
+        r = self._rooms.get(room)
+        if r is None:
+            raise TransportError(f"room {room!r} was never expected (or was released)")
+        return r
+
+    def _finish(self, name: str, r: _Room, status: RoomStatus) -> None:
+        # NOTE: the only place a room leaves PENDING; callers checked r.status.pending.
+        r.status = status
+        if status.done:
+            self.rooms_done += 1
+        else:
+            self.rooms_failed += 1
+        self._completed[name] = None
+        self._cond.notify_all()
+
+    def _expire(self) -> None:
+        now = self._clock()
+        while self._deadlines and self._deadlines[0][0] <= now:
+            deadline, name = heapq.heappop(self._deadlines)
+            r = self._rooms.get(name)
+            if r is not None and r.deadline == deadline:
+                self._fail_expired(name, r)
+
+    def _fail_expired(self, name: str, r: _Room) -> None:
+        if r.status.pending:
+            reason = f"deadline passed with {len(r.signals)}/{r.expected} signals"
+            self._finish(name, r, RoomStatus(RoomState.FAILED, reason=reason))

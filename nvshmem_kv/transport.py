@@ -1,0 +1,320 @@
+"""`ChannelTransport`: what every backend shares — the control channel, room bookkeeping,
+per-peer ordered send queues, argument checks and counters. A backend only says how pages move
+(`_write_runs`, `_receive_write`) and how a pool is exported and opened.
+
+Threading: the sending methods of one transport (connect/write/signal/flush) are called from one
+thread at a time (the engine's); the receiving methods are thread-safe.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import secrets
+import socket
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+
+from nvshmem_kv.base import KVTransport, Peer, RoomStatus, TransportStats
+from nvshmem_kv.channel import ConnInfo, ControlServer, open_channel
+from nvshmem_kv.descriptor import HeadSlice, PoolDescriptor, PoolHandle, plan_head_slices
+from nvshmem_kv.errors import ProtocolError, TransportError
+from nvshmem_kv.pages import PageRun, as_page_list, check_layer, check_pages, check_pool, coalesce_runs
+from nvshmem_kv.rooms import RoomTable
+from nvshmem_kv.sender import Outgoing, SendQueue
+from nvshmem_kv.wire import (
+    MAX_SIGNAL_PAYLOAD,
+    PROTOCOL_VERSION,
+    Hello,
+    Message,
+    Open,
+    Signal,
+    Write,
+    discard,
+    recv_exact,
+)
+
+_OPENED_MEMORY = 4096        # rooms per peer whose Open was sent (bounded: aborted rooms age out)
+_RUN_CACHE = 64              # rooms per peer whose coalesced runs are cached across layers
+
+
+def safe_run_id(run_id: str) -> str:
+    """A run id usable inside shm names and thread names; random when none is given."""
+    cleaned = re.sub(r"[^A-Za-z0-9_-]", "", run_id)[:24]
+    return cleaned or secrets.token_hex(4)
+
+
+class ChannelPeer(Peer):
+    """A `Peer` plus the sender-side state every channel backend needs."""
+
+    def __init__(self, handle: PoolHandle, local: PoolDescriptor, slices: Sequence[HeadSlice]) -> None:
+        super().__init__(handle, local, slices)
+        self.queue: SendQueue | None = None
+        self.remote_pool: torch.Tensor | None = None      # shm / cuda_ipc: the peer's pool, mapped here
+        self.closer: Callable[[], None] | None = None     # releases what `_open_peer` mapped
+        self.puts = 0                                     # nvshmem: puts issued so far
+        self.opened: OrderedDict[str, None] = OrderedDict()
+        self.runs: OrderedDict[str, tuple[tuple[int, ...], tuple[int, ...], list[PageRun]]] = OrderedDict()
+
+    def send(self, item: Outgoing, timeout_s: float) -> None:
+        if self.queue is None:
+            raise TransportError(f"{self!r} is closed")
+        self.queue.put(item, timeout_s)
+
+
+class ChannelTransport(KVTransport):
+    """Base of the shm, tcp, cuda_ipc, nvshmem and fake backends."""
+
+    name: ClassVar[str] = "channel"
+    accepts_data_frames: ClassVar[bool] = False
+
+    def __init__(self, *, run_id: str = "", host: str = "127.0.0.1", advertise_host: str | None = None,
+                 max_rooms: int = 65536, send_timeout_s: float = 30.0, max_queue: int = 64) -> None:
+        self.run_id = safe_run_id(run_id)
+        self._host = host
+        self._advertise = advertise_host or (socket.getfqdn() if host in ("", "0.0.0.0", "::") else host)
+        self._send_timeout_s = send_timeout_s
+        self._max_queue = max_queue
+        self._rooms = RoomTable(max_rooms)
+        self._token = secrets.token_urlsafe(18)
+        self._server: ControlServer | None = None
+        self._pool: torch.Tensor | None = None
+        self._desc: PoolDescriptor | None = None
+        self._peers: list[ChannelPeer] = []
+        self._lock = threading.Lock()
+        self._counts = {"bytes_sent": 0, "bytes_received": 0, "writes": 0, "signals_sent": 0,
+                        "writes_dropped": 0}
+        self._closed = False
+
+    # -- backend hooks ----------------------------------------------------------------------
+    def _export_pool(self, kv: torch.Tensor, desc: PoolDescriptor) -> dict[str, Any]:
+        """Handle fields that let a sender open ``kv`` (shm name, IPC handle …)."""
+        return {}
+
+    def _open_peer(self, peer: ChannelPeer) -> None:
+        """Map the peer's pool before the handshake (sets ``remote_pool`` / ``closer``)."""
+
+    def _write_runs(self, peer: ChannelPeer, room: str, layer: int, src_kv: torch.Tensor,
+                    runs: list[PageRun]) -> int:
+        """Move K and V of ``layer`` for ``runs`` and every head slice; return the bytes moved."""
+        raise NotImplementedError
+
+    def _signal_fence(self, peer: ChannelPeer) -> Callable[[], None] | None:
+        """Called on the send thread before a Signal leaves: wait for earlier writes to land."""
+        return None
+
+    def _verify_signal(self, conn: ConnInfo, msg: Signal) -> None:
+        """Receiver: last check before a signal counts (nvshmem compares the signal word)."""
+
+    def _receive_write(self, conn: ConnInfo, msg: Write, payload_len: int, sock: socket.socket) -> int:
+        raise ProtocolError(f"backend {self.name} does not carry page data on the control channel")
+
+    def _release_pool(self) -> None:
+        """Free what `allocate_pool` / `register_pool` created (shm unlink …)."""
+
+    # -- pool (decode side) ---------------------------------------------------------------
+    def allocate_pool(self, desc: PoolDescriptor, device: str | torch.device = "cpu") -> torch.Tensor:
+        return torch.zeros(desc.shape, dtype=desc.torch_dtype(), device=device)
+
+    def register_pool(self, kv: torch.Tensor, desc: PoolDescriptor) -> PoolHandle:
+        self._check_open()
+        if self._desc is not None:
+            raise TransportError("register_pool was already called on this transport (one pool per rank)")
+        check_pool(kv, desc)
+        fields = self._export_pool(kv, desc)
+        self._pool, self._desc = kv, desc
+        self._server = ControlServer(self._host, self, f"{self.name}-{self.run_id}-tp{desc.tp_rank}")
+        return PoolHandle(backend=self.name, descriptor=desc, host=self._advertise, port=self._server.port,
+                          token=self._token, run_id=self.run_id, **fields)
+
+    # -- sending (prefill side) -----------------------------------------------------------
+    def connect(self, handle: PoolHandle, local: PoolDescriptor, timeout_s: float = 10.0) -> Peer:
+        self._check_open()
+        if handle.backend != self.name:
+            raise TransportError(f"handle is for backend {handle.backend!r}, this transport is {self.name!r}")
+        local.check_compatible(handle.descriptor)
+        peer = ChannelPeer(handle, local, plan_head_slices(local, handle.descriptor))
+        self._open_peer(peer)
+        try:
+            hello = Hello(PROTOCOL_VERSION, handle.token, self.name, local)
+            sock = open_channel(handle.host, handle.port, hello, timeout_s, self._send_timeout_s)
+        except BaseException:
+            self._unmap(peer)
+            raise
+        peer.queue = SendQueue(sock, f"{self.name}-{self.run_id}", self._max_queue)
+        with self._lock:
+            self._peers.append(peer)
+        return peer
+
+    def write(self, peer: Peer, room: str, layer: int, src_kv: torch.Tensor,
+              src_pages: Sequence[int], dst_pages: Sequence[int]) -> None:
+        p = self._peer(peer)
+        check_layer(layer, p.local)
+        check_pool(src_kv, p.local, "src_kv")
+        runs = self._runs(p, room, src_pages, dst_pages)
+        if not runs or not p.slices:
+            return
+        self._announce(p, room)
+        moved = self._write_runs(p, room, layer, src_kv, runs)
+        with self._lock:
+            self._counts["writes"] += 1
+            self._counts["bytes_sent"] += moved
+
+    def signal(self, peer: Peer, room: str, payload: bytes = b"") -> None:
+        p = self._peer(peer)
+        if len(payload) > MAX_SIGNAL_PAYLOAD:
+            raise TransportError(f"signal payload is {len(payload)} B; the limit is {MAX_SIGNAL_PAYLOAD} B")
+        p.send(Outgoing(Signal(room, puts=p.puts), [bytes(payload)], self._signal_fence(p)), self._send_timeout_s)
+        p.opened.pop(room, None)
+        p.runs.pop(room, None)
+        with self._lock:
+            self._counts["signals_sent"] += 1
+
+    def flush(self, peer: Peer, timeout_s: float = 10.0) -> None:
+        p = self._peer(peer)
+        if p.queue is None:
+            raise TransportError(f"{p!r} is closed")
+        p.queue.flush(timeout_s)
+
+    def disconnect(self, peer: Peer, timeout_s: float = 2.0) -> None:
+        p = self._peer(peer, alive=False)
+        with self._lock:
+            if p in self._peers:
+                self._peers.remove(p)
+        if p.queue is not None:
+            p.queue.close(timeout_s)
+            p.queue = None
+        self._unmap(p)
+
+    # -- receiving (decode side) ----------------------------------------------------------
+    def expect(self, room: str, num_signals: int, deadline_s: float) -> None:
+        self._check_open()
+        self._rooms.expect(room, num_signals, deadline_s)
+
+    def poll(self, room: str) -> RoomStatus:
+        return self._rooms.poll(room)
+
+    def wait(self, room: str, timeout_s: float) -> RoomStatus:
+        return self._rooms.wait(room, timeout_s)
+
+    def drain_completed(self) -> list[tuple[str, RoomStatus]]:
+        return self._rooms.drain_completed()
+
+    def release(self, room: str) -> None:
+        self._rooms.release(room)
+
+    # -- control-channel handler (reader threads) -----------------------------------------
+    def accept_hello(self, hello: Hello) -> str | None:
+        if hello.version != PROTOCOL_VERSION:
+            return f"protocol version {hello.version} != {PROTOCOL_VERSION}"
+        if not hmac.compare_digest(hello.token, self._token):
+            return "bad token: the PoolHandle is stale or belongs to another pool"
+        if hello.backend != self.name:
+            return f"backend mismatch: sender uses {hello.backend!r}, receiver {self.name!r}"
+        if self._desc is None:
+            return "receiver has no registered pool"
+        try:
+            self._desc.check_compatible(hello.src)
+        except TransportError as exc:
+            return str(exc)
+        return None
+
+    def on_message(self, conn: ConnInfo, msg: Message, payload_len: int, sock: socket.socket) -> None:
+        if isinstance(msg, Write):
+            if not self.accepts_data_frames:
+                raise ProtocolError(f"backend {self.name} does not carry page data on the control channel")
+            if self._rooms.is_live(msg.room):
+                got = self._receive_write(conn, msg, payload_len, sock)
+                with self._lock:
+                    self._counts["bytes_received"] += got
+            else:
+                discard(sock, payload_len)
+                with self._lock:
+                    self._counts["writes_dropped"] += 1
+            return
+        if isinstance(msg, Signal):
+            if payload_len > MAX_SIGNAL_PAYLOAD:
+                raise ProtocolError(f"signal payload of {payload_len} B is over the limit")
+            payload = recv_exact(sock, payload_len)
+            if self._rooms.is_live(msg.room):
+                self._verify_signal(conn, msg)
+            self._rooms.on_signal(msg.room, conn.id, conn.src.tp_rank, payload)
+            return
+        if payload_len:
+            raise ProtocolError(f"{type(msg).__name__} frames carry no payload")
+        if isinstance(msg, Open):
+            self._rooms.on_open(msg.room, conn.id)
+            return
+        raise ProtocolError(f"unexpected {type(msg).__name__} frame")
+
+    def on_closed(self, conn: ConnInfo, reason: str) -> None:
+        self._rooms.on_conn_lost(conn.id, reason)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def stats(self) -> TransportStats:
+        with self._lock:
+            c = dict(self._counts)
+        r = self._rooms
+        return TransportStats(backend=self.name, rooms_pending=r.pending_count(), rooms_done=r.rooms_done,
+                              rooms_failed=r.rooms_failed, signals_dropped=r.signals_dropped, **c)
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        end = time.monotonic() + timeout_s
+        with self._lock:
+            peers = list(self._peers)
+        for p in peers:
+            self.disconnect(p, max(0.1, min(2.0, end - time.monotonic())))
+        if self._server is not None:
+            self._server.close(max(0.1, end - time.monotonic()))
+            self._server = None
+        self._rooms.fail_all("transport closed")
+        self._pool = None
+        self._release_pool()
+
+    # -- helpers --------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TransportError(f"{self.name} transport is closed")
+
+    def _peer(self, peer: Peer, alive: bool = True) -> ChannelPeer:
+        if not isinstance(peer, ChannelPeer) or peer.handle.backend != self.name:
+            raise TransportError(f"{peer!r} was not opened by this {self.name} transport")
+        if alive and peer.queue is not None and peer.queue.error is not None:
+            raise TransportError(f"{peer!r}: {peer.queue.error}")
+        return peer
+
+    def _unmap(self, peer: ChannelPeer) -> None:
+        peer.remote_pool = None
+        if peer.closer is not None:
+            closer, peer.closer = peer.closer, None
+            closer()
+
+    def _runs(self, p: ChannelPeer, room: str, src_pages: Sequence[int],
+              dst_pages: Sequence[int]) -> list[PageRun]:
+        src, dst = tuple(as_page_list(src_pages)), tuple(as_page_list(dst_pages))
+        cached = p.runs.get(room)
+        if cached is not None and cached[0] == src and cached[1] == dst:
+            return cached[2]
+        check_pages(src, p.local.num_pages, "src_pages")
+        check_pages(dst, p.remote.num_pages, "dst_pages")
+        runs = coalesce_runs(src, dst)
+        p.runs[room] = (src, dst, runs)
+        if len(p.runs) > _RUN_CACHE:
+            p.runs.popitem(last=False)
+        return runs
+
+    def _announce(self, p: ChannelPeer, room: str) -> None:
+        if room in p.opened:
+            return
+        p.send(Outgoing(Open(room)), self._send_timeout_s)
+        p.opened[room] = None
+        if len(p.opened) > _OPENED_MEMORY:
+            p.opened.popitem(last=False)
