@@ -50,7 +50,7 @@ def _rmsnorm_kernel(
     ADD_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Row ``r``: optionally ``x += residual`` (rounded to the residual dtype, stored), then RMSNorm."""
+    """Row ``r``: optionally ``x += residual`` (rounded to the output dtype, stored), then RMSNorm."""
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < HIDDEN
@@ -109,16 +109,18 @@ def fused_add_rmsnorm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton :func:`fused_add_rmsnorm_ref`: one pass returns ``(rmsnorm(x + residual), x + residual)``.
 
-    ``x`` and ``residual`` must share shape and dtype; the inputs are not modified.
+    ``x`` and ``residual`` share a shape; as in the reference, both results take the promoted dtype
+    of the two (e.g. a bf16 ``x`` into an fp32 residual stream stays fp32). Inputs are not modified.
     """
     op = "fused_add_rmsnorm"
     check_device(op, x=x, residual=residual, weight=weight)
     _check_norm_inputs(op, x, weight)
+    check_float_dtype(op, "residual", residual)
     check(residual.shape == x.shape, f"{op}: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
-    check(residual.dtype == x.dtype, f"{op}: residual dtype {residual.dtype} != x dtype {x.dtype}")
     check_last_dim_contiguous(op, "residual", residual)
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    res_out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    res_out = torch.empty(x.shape, dtype=dtype, device=x.device)
     hidden = x.shape[-1]
     x2, r2 = _rows(x), _rows(residual)
     o2, ro2 = out.view(-1, hidden), res_out.view(-1, hidden)

@@ -1,0 +1,71 @@
+"""The ``triton`` attention backend: the Triton kernels of ``kernels`` behind the backend interface.
+
+Every method mirrors the torch reference of the same name (see ``appliance.engine.attention``); the
+wrappers validate their inputs and raise ``ValueError``. Needs CUDA tensors, or ``TRITON_INTERPRET=1``
+for CPU tensors (slow: tests only).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.activation import silu_and_mul
+from kernels.decode_attention import decode_attention
+from kernels.extend_attention import extend_attention
+from kernels.kv_store import store_kv
+from kernels.norm import fused_add_rmsnorm, rmsnorm
+from kernels.rotary import rotary
+
+
+class TritonAttentionBackend:
+    """Triton kernels for the model's forward pass (the CUDA path)."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        # NOTE: every layer of one forward pass gets the same ``extend_lens`` tensor; its host-side
+        # metadata (start offsets, max length) is computed once and reused while the tensor is
+        # unchanged (same object, same in-place version), saving a device sync per layer.
+        self._extend_key: tuple[int, int, int] | None = None
+        self._extend_lens: torch.Tensor | None = None
+        self._extend_meta: tuple[torch.Tensor, int] | None = None
+
+    def store_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        store_kv(k_cache, v_cache, k, v, slot_mapping)
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+               seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+        return decode_attention(q, k_cache, v_cache, page_table, seq_lens, scale)
+
+    def extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+               prefix_lens: torch.Tensor, extend_lens: torch.Tensor, scale: float) -> torch.Tensor:
+        start_loc, max_len = self._metadata(q, extend_lens)
+        return extend_attention(q, k_cache, v_cache, page_table, prefix_lens, extend_lens, scale,
+                                extend_start_loc=start_loc, max_extend_len=max_len)
+
+    def _metadata(self, q: torch.Tensor, extend_lens: torch.Tensor) -> tuple[torch.Tensor, int]:
+        key = (id(extend_lens), extend_lens.data_ptr(), extend_lens._version)
+        if self._extend_lens is not extend_lens or self._extend_key != key or self._extend_meta is None:
+            lens = extend_lens.cpu()
+            total = int(lens.sum())
+            if total != q.shape[0]:
+                raise ValueError(f"extend: extend_lens sum to {total} but q has {q.shape[0]} tokens")
+            start_loc = torch.cumsum(extend_lens, 0) - extend_lens
+            self._extend_meta = (start_loc, int(lens.max()) if lens.numel() else 0)
+            self._extend_lens, self._extend_key = extend_lens, key
+        return self._extend_meta
+
+    def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rmsnorm(x, weight, eps)
+
+    def fused_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return fused_add_rmsnorm(x, residual, weight, eps)
+
+    def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+               cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rotary(q, k, positions, cos_sin_cache)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return silu_and_mul(x)

@@ -1,0 +1,92 @@
+"""Kernel tests: Triton kernels against their torch references.
+
+Without CUDA the kernels run under the Triton interpreter on CPU tensors (``TRITON_INTERPRET=1`` is
+set here, before any kernel launches; the kernels build their ``triton.jit`` objects lazily, so
+import order does not matter). With CUDA the same tests run compiled on the GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where the non-GPU tier runs: the GPU when there is one, else CPU under the interpreter."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+@dataclass
+class PagedKV:
+    """A paged K/V cache with per-request page tables; rows outside every request are NaN."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    page_table: torch.Tensor
+    lens: torch.Tensor
+
+
+def build_paged_kv(
+    lens: Sequence[int],
+    kv_heads: int,
+    head_dim: int,
+    page_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+    spare_pages: int = 3,
+) -> PagedKV:
+    """Random caches; request ``b`` owns ``ceil(lens[b] / page_size)`` scattered pages (its page table
+    row is padded with -1). Every cache row that no request covers is NaN, so a kernel that reads past
+    a context or a page-table row poisons its output."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // page_size) for n in lens]
+    num_pages = sum(need) + spare_pages
+    k = torch.full((num_pages, page_size, kv_heads, head_dim), float("nan"))
+    v = torch.full_like(k, float("nan"))
+    perm = torch.randperm(num_pages, generator=g)
+    table = torch.full((len(lens), max(need + [1])), -1, dtype=torch.int32)
+    used = 0
+    for b, (n, p) in enumerate(zip(lens, need)):
+        pages = perm[used : used + p]
+        used += p
+        table[b, :p] = pages.to(torch.int32)
+        rows = torch.randn(n, kv_heads, head_dim, generator=g), torch.randn(n, kv_heads, head_dim, generator=g)
+        for cache, r in zip((k, v), rows):
+            flat = cache[pages].flatten(0, 1)
+            flat[:n] = r
+            cache[pages] = flat.view(p, page_size, kv_heads, head_dim)
+    return PagedKV(
+        k.to(dtype).to(device),
+        v.to(dtype).to(device),
+        table.to(device),
+        torch.tensor(list(lens), dtype=torch.int32, device=device),
+    )
+
+
+@pytest.fixture
+def paged_kv() -> Callable[..., PagedKV]:
+    return build_paged_kv
+
+
+TOLERANCE = {
+    torch.float32: {"atol": 2e-5, "rtol": 2e-5},
+    torch.float16: {"atol": 4e-3, "rtol": 4e-3},
+    torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},
+}
+
+
+@pytest.fixture
+def tol() -> Callable[[torch.dtype], dict[str, float]]:
+    """``torch.testing.assert_close`` tolerances against the reference, by compute dtype."""
+    return TOLERANCE.__getitem__

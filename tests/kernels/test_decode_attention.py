@@ -1,0 +1,71 @@
+"""Paged split-K decode attention vs decode_attention_ref."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.decode_attention import decode_attention, decode_attention_ref, default_num_splits
+
+# (q_heads, kv_heads): GQA ratios 1, 3 and 8.
+GQA = [(2, 2), (6, 2), (8, 1)]
+
+
+def _run(paged_kv, device, lens, q_heads, kv_heads, head_dim, page_size, dtype, num_splits, seed=0):
+    kv = paged_kv(lens, kv_heads, head_dim, page_size, dtype, device, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    q = torch.randn(len(lens), q_heads, head_dim, generator=g).to(dtype).to(device)
+    scale = head_dim**-0.5
+    out = decode_attention(q, kv.k_cache, kv.v_cache, kv.page_table, kv.lens, scale, num_splits=num_splits)
+    ref = decode_attention_ref(q.cpu(), kv.k_cache.cpu(), kv.v_cache.cpu(), kv.page_table.cpu(), kv.lens.cpu(), scale)
+    return out, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("q_heads,kv_heads", GQA)
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+def test_matches_reference(paged_kv, device, tol, dtype, q_heads, kv_heads, num_splits):
+    # a context ending exactly on a page boundary, a single token, an empty slot, a multi-block one
+    lens = [12, 1, 0, 45]
+    out, ref = _run(paged_kv, device, lens, q_heads, kv_heads, 32, 4, dtype, num_splits)
+    assert out.dtype == dtype and out.shape == ref.shape
+    torch.testing.assert_close(out.cpu(), ref, **tol(dtype))
+    assert torch.all(out[2] == 0), "an empty slot (seq_len 0) yields zeros"
+
+
+@pytest.mark.parametrize(
+    "lens,page_size,head_dim,num_splits",
+    [
+        ([64, 33], 16, 64, 4),  # boundary + split-K with a BLOCK_N-aligned split length
+        ([1, 2, 3], 16, 32, 8),  # more splits than tokens: most splits are empty
+        ([19, 0], 5, 24, 2),  # page size and head_dim that are not powers of two
+        ([0, 0], 4, 32, 3),  # a batch of empty slots only
+        ([70], 1, 16, 2),  # one-token pages
+    ],
+)
+def test_edge_shapes(paged_kv, device, tol, lens, page_size, head_dim, num_splits):
+    out, ref = _run(paged_kv, device, lens, 4, 2, head_dim, page_size, torch.float32, num_splits, seed=3)
+    torch.testing.assert_close(out.cpu(), ref, **tol(torch.float32))
+
+
+def test_strided_q_and_int64_tables(paged_kv, device, tol):
+    kv = paged_kv([9, 23], 2, 32, 8, torch.float32, device, seed=5)
+    qkv = torch.randn(2, 4 + 2 + 2, 32, device=device)
+    q = qkv[:, :4]  # a view of a fused qkv projection
+    table, lens = kv.page_table.long(), kv.lens.long()
+    out = decode_attention(q, kv.k_cache, kv.v_cache, table, lens, 0.2, num_splits=2)
+    ref = decode_attention_ref(q.cpu(), kv.k_cache.cpu(), kv.v_cache.cpu(), table.cpu(), lens.cpu(), 0.2)
+    torch.testing.assert_close(out.cpu(), ref, **tol(torch.float32))
+
+
+def test_empty_batch(device):
+    q = torch.randn(0, 4, 16, device=device)
+    cache = torch.zeros(2, 4, 2, 16, device=device)
+    table = torch.zeros(0, 1, dtype=torch.int32, device=device)
+    out = decode_attention(q, cache, cache, table, torch.zeros(0, dtype=torch.int32, device=device), 0.25)
+    assert out.shape == (0, 4, 16)
+
+
+def test_default_num_splits():
+    cpu = torch.device("cpu")
+    assert default_num_splits(64, 8, 4096, cpu) == 1

@@ -1,0 +1,90 @@
+"""Page copy through a table of raw destination base addresses vs copy_pages_ref."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import pytest
+import torch
+
+from kernels.page_copy import copy_pages, copy_pages_ref, page_word_dtype
+
+
+@pytest.mark.parametrize(
+    "dtype,page_shape",
+    [
+        (torch.float32, (4, 2, 8)),
+        (torch.float16, (4, 3, 5)),  # 120-byte pages: int64 words
+        (torch.bfloat16, (2, 1, 3)),  # 12-byte pages: int32 words
+        (torch.float16, (1, 1, 3)),  # 6-byte pages: int16 words
+    ],
+)
+def test_matches_reference(device, dtype, page_shape):
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(6, *page_shape, generator=g).to(dtype).to(device)
+    pools = [torch.zeros(5, *page_shape, dtype=dtype, device=device) for _ in range(3)]
+    expect = [p.cpu().clone() for p in pools]
+    dst_index = torch.tensor([0, 2, 2, 1, 0], device=device)
+    src_pages = torch.tensor([5, 0, 3, 3, 1], dtype=torch.int32, device=device)
+    dst_pages = torch.tensor([4, 0, 1, 1, 0], device=device)
+    bases = torch.tensor([p.data_ptr() for p in pools], dtype=torch.int64, device=device)
+    copy_pages(src, bases, dst_index, src_pages, dst_pages)
+    copy_pages_ref(src.cpu(), expect, dst_index.cpu(), src_pages.cpu(), dst_pages.cpu())
+    for got, want in zip(pools, expect):
+        assert torch.equal(got.cpu(), want)  # bit-exact, whatever the dtype
+
+
+def test_word_choice():
+    assert page_word_dtype(torch.zeros(3, 4, 2, 8)) == torch.int64
+    assert page_word_dtype(torch.zeros(3, 2, 1, 3, dtype=torch.bfloat16)) == torch.int32
+    assert page_word_dtype(torch.zeros(3, 1, 1, 3, dtype=torch.float16)) == torch.int16
+
+
+def test_strided_source_pages(device):
+    # src pages taken every other page of a bigger pool: a page stride that is not the page size
+    pool = torch.randn(8, 4, 2, 8, device=device)
+    src = pool[::2]
+    dst = torch.zeros(4, 4, 2, 8, device=device)
+    idx = torch.arange(4, device=device)
+    copy_pages(src, torch.tensor([dst.data_ptr()], device=device), torch.zeros_like(idx), idx, idx.flip(0))
+    assert torch.equal(dst.cpu(), src.cpu().flip(0))
+
+
+def test_nothing_to_copy(device):
+    src = torch.randn(2, 4, device=device)
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    copy_pages(src, torch.tensor([src.data_ptr()], device=device), empty, empty, empty)
+
+
+def _decode_side(pool: torch.Tensor, ready, done, result) -> None:  # pragma: no cover - child process
+    ready.set()
+    done.wait(30)
+    result.put(pool.numpy().copy())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU shared-memory transport path")
+def test_cpu_shared_memory_pool_of_another_process():
+    """A 'decode' process owns a shared-memory pool; this process writes pages into it by address."""
+    ctx = mp.get_context("fork")
+    pool = torch.zeros(4, 2, 2, 8).share_memory_()
+    ready, done, result = ctx.Event(), ctx.Event(), ctx.Queue()
+    proc = ctx.Process(target=_decode_side, args=(pool, ready, done, result))
+    proc.start()
+    try:
+        assert ready.wait(30)
+        src = torch.randn(3, 2, 2, 8)
+        copy_pages(
+            src,
+            torch.tensor([pool.data_ptr()]),
+            torch.zeros(2, dtype=torch.int64),
+            torch.tensor([2, 0]),
+            torch.tensor([1, 3]),
+        )
+        done.set()
+        seen = torch.from_numpy(result.get(timeout=30))
+    finally:
+        proc.join(30)
+        if proc.is_alive():
+            proc.kill()
+    assert torch.equal(seen[1], src[2]) and torch.equal(seen[3], src[0])
+    assert torch.all(seen[0] == 0) and torch.all(seen[2] == 0)
