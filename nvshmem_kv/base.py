@@ -132,8 +132,11 @@ class KVTransport(ABC):
     def write(self, peer: Peer, room: str, layer: int, src_kv: torch.Tensor,
               src_pages: Sequence[int], dst_pages: Sequence[int]) -> None:
         """Copy this rank's head slice of K and V of ``layer`` from ``src_pages`` of ``src_kv`` into
-        ``dst_pages`` of the peer. May return before the bytes land; ordered per room. The
-        source pages may be overwritten as soon as this returns (data is copied or staged)."""
+        ``dst_pages`` of the peer. May return before the bytes land; ordered per room.
+
+        Source pages may be reused as soon as this returns on CPU backends (shm copies in place,
+        tcp stages); GPU backends copy on a transfer stream, ordered after the current stream, so
+        keep the source pages until `flush` (or the room's completion on the receiver)."""
 
     @abstractmethod
     def signal(self, peer: Peer, room: str, payload: bytes = b"") -> None:
@@ -141,7 +144,8 @@ class KVTransport(ABC):
 
     @abstractmethod
     def flush(self, peer: Peer, timeout_s: float = 10.0) -> None:
-        """Block until everything queued for ``peer`` has been handed to the wire; raise on failure."""
+        """Block until everything queued for ``peer`` has left (GPU: device copies finished too);
+        raise `TransportError` on a dead peer or after ``timeout_s``."""
 
     @abstractmethod
     def disconnect(self, peer: Peer) -> None:

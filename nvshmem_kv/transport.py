@@ -57,7 +57,6 @@ class ChannelPeer(Peer):
         self.queue: SendQueue | None = None
         self.remote_pool: torch.Tensor | None = None      # shm / cuda_ipc: the peer's pool, mapped here
         self.closer: Callable[[], None] | None = None     # releases what `_open_peer` mapped
-        self.puts = 0                                     # nvshmem: puts issued so far
         self.opened: OrderedDict[str, None] = OrderedDict()
         self.runs: OrderedDict[str, tuple[tuple[int, ...], tuple[int, ...], list[PageRun]]] = OrderedDict()
 
@@ -104,9 +103,15 @@ class ChannelTransport(KVTransport):
         """Move K and V of ``layer`` for ``runs`` and every head slice; return the bytes moved."""
         raise NotImplementedError
 
+    def _signal_message(self, peer: ChannelPeer, room: str) -> Signal:
+        return Signal(room)
+
     def _signal_fence(self, peer: ChannelPeer) -> Callable[[], None] | None:
         """Called on the send thread before a Signal leaves: wait for earlier writes to land."""
         return None
+
+    def _sync_device(self, peer: ChannelPeer) -> None:
+        """GPU backends: wait for this peer's queued device copies (source pages reusable after)."""
 
     def _verify_signal(self, conn: ConnInfo, msg: Signal) -> None:
         """Receiver: last check before a signal counts (nvshmem compares the signal word)."""
@@ -169,7 +174,7 @@ class ChannelTransport(KVTransport):
         p = self._peer(peer)
         if len(payload) > MAX_SIGNAL_PAYLOAD:
             raise TransportError(f"signal payload is {len(payload)} B; the limit is {MAX_SIGNAL_PAYLOAD} B")
-        p.send(Outgoing(Signal(room, puts=p.puts), [bytes(payload)], self._signal_fence(p)), self._send_timeout_s)
+        p.send(Outgoing(self._signal_message(p, room), [bytes(payload)], self._signal_fence(p)), self._send_timeout_s)
         p.opened.pop(room, None)
         p.runs.pop(room, None)
         with self._lock:
@@ -180,6 +185,7 @@ class ChannelTransport(KVTransport):
         if p.queue is None:
             raise TransportError(f"{p!r} is closed")
         p.queue.flush(timeout_s)
+        self._sync_device(p)
 
     def disconnect(self, peer: Peer, timeout_s: float = 2.0) -> None:
         p = self._peer(peer, alive=False)

@@ -57,10 +57,12 @@ class Write(msgspec.Struct, frozen=True, tag="write"):
 
 class Signal(msgspec.Struct, frozen=True, tag="signal"):
     """All writes of ``room`` from this sender are visible; payload = caller's bytes.
-    ``puts`` is the sender's cumulative put count (nvshmem: checked against the signal word)."""
+    nvshmem only: ``puts`` is the sender's cumulative put count towards this receiver, which the
+    receiver checks against the signal word of PE ``src_pe``."""
 
     room: str
     puts: int = 0
+    src_pe: int = -1
 
 
 Message = Hello | HelloAck | Open | Write | Signal
