@@ -175,26 +175,32 @@ def fit_to_length(
     """Find n so that `make_text(n)` encodes to `target` tokens; return the text and its true length.
 
     Decoding a token window and encoding it again need not give back the same count (tokens merge at
-    the seams), so this corrects n a few times and keeps the closest text, preferring one that is short.
+    the seams), so n is corrected by the miss and, once the target is bracketed, by bisection. When no
+    n hits the target exactly the closest text wins, the shorter on a tie (real BPE: at most a token off).
     """
+    short: tuple[int, str, int] | None = None  # the largest n found too short: (n, text, length)
+    long: tuple[int, str, int] | None = None  # the smallest n found too long
+    seen: set[int] = set()
     n = max(guess, 0)
-    text = make_text(n)
-    length = len(encode(text))
-    best = (abs(length - target), length > target, text, length)
-    seen = {n}
-    for _ in range(8):
-        if length == target:
-            break
-        n = max(0, n + target - length)
-        if n in seen:
-            break
+    for _ in range(16):
         seen.add(n)
         text = make_text(n)
         length = len(encode(text))
-        candidate = (abs(length - target), length > target, text, length)
-        if candidate[:2] < best[:2]:
-            best = candidate
-    return best[2], best[3]
+        if length == target:
+            return text, length
+        if length < target and (short is None or n > short[0]):
+            short = (n, text, length)
+        if length > target and (long is None or n < long[0]):
+            long = (n, text, length)
+        step = n + target - length
+        if short is not None and long is not None and not short[0] < step < long[0]:
+            step = (short[0] + long[0]) // 2
+        n = max(step, 0)
+        if n in seen:
+            break
+    found = [c for c in (short, long) if c is not None]
+    best = min(found, key=lambda c: (abs(c[2] - target), c[2] > target))
+    return best[1], best[2]
 
 
 def _split_counts(weights: Sequence[float], n: int) -> list[int]:
