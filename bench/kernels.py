@@ -1,0 +1,310 @@
+"""Kernel bench: achieved GB/s (and TFLOP/s for extend attention) of each Triton kernel vs the device peak.
+
+    python -m bench.kernels [--json] [--out FILE] [--strict]     # on a CUDA device
+    python -m bench.kernels --cpu [--json] [--out FILE]          # tiny interpreter smoke, no GPU
+
+The HBM peak comes from the device name (H100 SXM 3.35 TB/s, H200 4.8 TB/s, ...); for an unknown
+device the measured device-to-device copy stands in. Every case is also checked against its torch
+reference (``max_err``). Targets: decode attention >= 70% of the HBM peak, page copy >= 80% of a
+device-to-device copy of the same bytes; ``--strict`` exits 1 when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# (substring of torch.cuda.get_device_name, HBM bytes/s, dense bf16 FLOP/s); first match wins.
+DEVICE_PEAKS: list[tuple[str, float, float | None]] = [
+    ("GH200", 4.0e12, 989e12),
+    ("H200", 4.8e12, 989e12),
+    ("H100 NVL", 3.9e12, 835e12),
+    ("H100 PCIe", 2.0e12, 756e12),
+    ("H100", 3.35e12, 989e12),  # SXM ("NVIDIA H100 80GB HBM3")
+    ("B200", 8.0e12, 2250e12),
+    ("A100-SXM4-80GB", 2.039e12, 312e12),
+    ("A100 80GB PCIe", 1.935e12, 312e12),
+    ("A100", 1.555e12, 312e12),
+    ("L40S", 0.864e12, 362e12),
+]
+
+
+@dataclass
+class Case:
+    """One measured kernel call: ``fn`` runs it, ``check`` returns the max error against the reference."""
+
+    name: str
+    shape: str
+    fn: Callable[[], Any]
+    check: Callable[[], float]
+    bytes: float
+    flops: float = 0.0
+    target: str = ""  # "hbm:0.70" (fraction of HBM peak) or "d2d:0.80" (fraction of the d2d copy)
+
+
+@dataclass
+class Result:
+    name: str
+    shape: str
+    time_us: float
+    gbps: float
+    pct_of_peak: float | None
+    tflops: float | None
+    pct_of_flops_peak: float | None
+    max_err: float
+    target: str
+    target_met: bool | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def device_peaks(device: torch.device) -> tuple[str, float | None, float | None]:
+    """``(name, hbm_bytes_per_s or None, bf16_flops or None)`` from the device name."""
+    if device.type != "cuda":
+        return "cpu (Triton interpreter)", None, None
+    name = torch.cuda.get_device_name(device)
+    for key, hbm, flops in DEVICE_PEAKS:
+        if key in name:
+            return name, hbm, flops
+    return name, None, None
+
+
+def time_call(fn: Callable[[], Any], device: torch.device) -> float:
+    """Median seconds per call: CUDA events via ``triton.testing.do_bench`` on a GPU, wall clock on CPU."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=50, rep=200, return_mode="median") * 1e-3
+    fn()  # first call builds the kernel
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def d2d_copy_gbps(device: torch.device, nbytes: int) -> float:
+    """Achieved GB/s (read + write) of a plain device-to-device copy of ``nbytes``."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / time_call(lambda: dst.copy_(src), device) / 1e9
+
+
+def _err(a: Any, b: Any) -> float:
+    if isinstance(a, tuple):
+        return max(_err(x, y) for x, y in zip(a, b))
+    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+
+
+def _paged(batch: int, ctx: int, kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype,
+           device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    per = -(-ctx // page_size)
+    k = torch.randn(batch * per, page_size, kv_heads, head_dim, device=device, dtype=dtype)
+    v = torch.randn_like(k)
+    table = torch.randperm(batch * per, device=device).view(batch, per).to(torch.int32)
+    return k, v, table
+
+
+def build_cases(device: torch.device, dtype: torch.dtype, tiny: bool) -> list[Case]:
+    """The benchmark set; ``tiny`` shrinks every shape for the interpreter smoke."""
+    import kernels as K
+
+    es = torch.empty((), dtype=dtype).element_size()
+    cases: list[Case] = []
+
+    # decode attention: batch 64, 4096 context, 32 q heads over 8 KV heads, head_dim 128
+    b, ctx, qh, kvh, d, ps = (4, 40, 8, 2, 32, 4) if tiny else (64, 4096, 32, 8, 128, 16)
+    k, v, table = _paged(b, ctx, kvh, d, ps, dtype, device)
+    q = torch.randn(b, qh, d, device=device, dtype=dtype)
+    seq = torch.full((b,), ctx, dtype=torch.int32, device=device)
+    splits = K.default_num_splits(b, kvh, table.shape[1] * ps, device)
+    cases.append(Case(
+        "decode_attention", f"B={b} ctx={ctx} h={qh}/{kvh} d={d} page={ps} splits={splits}",
+        lambda: K.decode_attention(q, k, v, table, seq, d**-0.5),
+        lambda: _err(K.decode_attention(q, k, v, table, seq, d**-0.5),
+                     K.decode_attention_ref(q, k, v, table, seq, d**-0.5)),
+        bytes=2 * b * ctx * kvh * d * es + 2 * q.numel() * es + table.numel() * 4,
+        flops=4 * b * qh * ctx * d, target="hbm:0.70",
+    ))
+
+    # extend attention: 4 requests, each 1024 new tokens after a 1024-token cached prefix
+    b, pre, new = (2, 6, 10) if tiny else (4, 1024, 1024)
+    k2, v2, table2 = _paged(b, pre + new, kvh, d, ps, dtype, device)
+    q2 = torch.randn(b * new, qh, d, device=device, dtype=dtype)
+    pl = torch.full((b,), pre, dtype=torch.int32, device=device)
+    el = torch.full((b,), new, dtype=torch.int32, device=device)
+    start = torch.arange(b, device=device, dtype=torch.int32) * new
+
+    def extend() -> torch.Tensor:
+        return K.extend_attention(q2, k2, v2, table2, pl, el, d**-0.5, extend_start_loc=start, max_extend_len=new)
+
+    pairs = b * (new * pre + new * (new + 1) // 2)
+    cases.append(Case(
+        "extend_attention", f"B={b} prefix={pre} new={new} h={qh}/{kvh} d={d}", extend,
+        lambda: _err(extend(), K.extend_attention_ref(q2, k2, v2, table2, pl, el, d**-0.5)),
+        bytes=2 * b * (pre + new) * kvh * d * es + 2 * q2.numel() * es, flops=4 * pairs * qh * d,
+    ))
+
+    # KV store: one prefill chunk of tokens into scattered slots
+    t = 64 if tiny else 16384
+    kc, vc = torch.zeros_like(k), torch.zeros_like(v)
+    kn = torch.randn(t, kvh, d, device=device, dtype=dtype)
+    vn = torch.randn_like(kn)
+    slots = torch.randperm(kc.shape[0] * ps, device=device)[:t]
+
+    def store_check() -> float:
+        rk, rv = kc.clone(), vc.clone()
+        K.store_kv(kc, vc, kn, vn, slots)
+        K.store_kv_ref(rk, rv, kn, vn, slots)
+        return max(_err(kc, rk), _err(vc, rv))
+
+    cases.append(Case("store_kv", f"T={t} h={kvh} d={d}", lambda: K.store_kv(kc, vc, kn, vn, slots),
+                      store_check, bytes=4 * kn.numel() * es + slots.numel() * 8))
+
+    # page copy: pages of (page, kv_heads, head_dim) into two destination pools by base address
+    n = 8 if tiny else 4096
+    src = torch.randn(n, ps, kvh, d, device=device, dtype=dtype)
+    pools = [torch.zeros(n, ps, kvh, d, device=device, dtype=dtype) for _ in range(2)]
+    bases = torch.tensor([p.data_ptr() for p in pools], dtype=torch.int64, device=device)
+    di = torch.arange(n, device=device) % 2
+    sp = torch.randperm(n, device=device)
+    dp = torch.randperm(n, device=device)
+
+    def copy_check() -> float:
+        want = [p.clone() for p in pools]
+        K.copy_pages(src, bases, di, sp, dp)
+        K.copy_pages_ref(src, want, di, sp, dp)
+        return max(_err(a, b) for a, b in zip(pools, want))
+
+    cases.append(Case("copy_pages", f"pages={n} page_bytes={src[0].numel() * es}",
+                      lambda: K.copy_pages(src, bases, di, sp, dp), copy_check,
+                      bytes=2 * src.numel() * es, target="d2d:0.80"))
+
+    # pointwise kernels at prefill-chunk shapes
+    t, hidden, inter = (16, 64, 96) if tiny else (8192, 4096, 14336)
+    x = torch.randn(t, hidden, device=device, dtype=dtype)
+    r = torch.randn_like(x)
+    w = torch.randn(hidden, device=device, dtype=dtype)
+    cases.append(Case("rmsnorm", f"T={t} hidden={hidden}", lambda: K.rmsnorm(x, w, 1e-6),
+                      lambda: _err(K.rmsnorm(x, w, 1e-6), K.rmsnorm_ref(x, w, 1e-6)), bytes=2 * x.numel() * es))
+    cases.append(Case("fused_add_rmsnorm", f"T={t} hidden={hidden}", lambda: K.fused_add_rmsnorm(x, r, w, 1e-6),
+                      lambda: _err(K.fused_add_rmsnorm(x, r, w, 1e-6), K.fused_add_rmsnorm_ref(x, r, w, 1e-6)),
+                      bytes=4 * x.numel() * es))
+    cache = K.rotary_cos_sin_cache(d, 4096, 1e4).to(device)
+    qkv = torch.randn(t, qh + 2 * kvh, d, device=device, dtype=dtype)
+    qv, kv_ = qkv[:, :qh], qkv[:, qh : qh + kvh]
+    pos = torch.randint(0, 4096, (t,), device=device)
+    cases.append(Case("rotary", f"T={t} h={qh}+{kvh} d={d}", lambda: K.rotary(qv, kv_, pos, cache),
+                      lambda: _err(K.rotary(qv, kv_, pos, cache), K.rotary_ref(qv, kv_, pos, cache)),
+                      bytes=2 * t * (qh + kvh) * d * es + t * d * 4))
+    gu = torch.randn(t, 2 * inter, device=device, dtype=dtype)
+    cases.append(Case("silu_and_mul", f"T={t} inter={inter}", lambda: K.silu_and_mul(gu),
+                      lambda: _err(K.silu_and_mul(gu), K.silu_and_mul_ref(gu)), bytes=1.5 * gu.numel() * es))
+    return cases
+
+
+def run(device: torch.device, dtype: torch.dtype, tiny: bool, only: list[str] | None) -> dict[str, Any]:
+    """Measure every case; returns the JSON-ready report."""
+    name, hbm_peak, flops_peak = device_peaks(device)
+    copy_bytes = (1 << 20) if tiny else (1 << 30)
+    d2d = d2d_copy_gbps(device, copy_bytes)
+    peak_gbps = hbm_peak / 1e9 if hbm_peak else d2d
+    results: list[Result] = []
+    for case in build_cases(device, dtype, tiny):
+        if only and case.name not in only:
+            continue
+        err = case.check()
+        sec = time_call(case.fn, device)
+        gbps = case.bytes / sec / 1e9
+        tflops = case.flops / sec / 1e12 if case.flops else None
+        extra: dict[str, Any] = {}
+        met: bool | None = None
+        if case.target:
+            kind, frac = case.target.split(":")
+            base = peak_gbps if kind == "hbm" else d2d
+            extra[f"pct_of_{kind}"] = 100 * gbps / base
+            met = None if tiny else gbps >= float(frac) * base
+        results.append(Result(
+            case.name, case.shape, sec * 1e6, gbps, 100 * gbps / peak_gbps if not tiny else None,
+            tflops, 100 * tflops * 1e12 / flops_peak if tflops and flops_peak else None, err,
+            case.target, met, extra,
+        ))
+    return {
+        "device": name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "interpreter": tiny,
+        "peak_gbps": peak_gbps,
+        "peak_source": "device table" if hbm_peak else "measured d2d copy",
+        "peak_bf16_tflops": flops_peak / 1e12 if flops_peak else None,
+        "d2d_copy_gbps": d2d,
+        "results": [asdict(r) for r in results],
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    title = (f"{report['device']}  {report['dtype']}  peak {report['peak_gbps']:.0f} GB/s "
+             f"({report['peak_source']}), d2d copy {report['d2d_copy_gbps']:.0f} GB/s")
+    table = Table(title=title)
+    for col in ("kernel", "shape", "time us", "GB/s", "% peak", "TFLOP/s", "max err", "target"):
+        table.add_column(col, justify="left" if col in ("kernel", "shape") else "right")
+    for r in report["results"]:
+        pct = "-" if r["pct_of_peak"] is None else f"{r['pct_of_peak']:.0f}%"
+        tflops = "-" if r["tflops"] is None else f"{r['tflops']:.1f}"
+        if r["target"]:
+            kind, frac = r["target"].split(":")
+            got = r["extra"][f"pct_of_{kind}"]
+            mark = {None: "", True: " [green]ok[/]", False: " [red]MISS[/]"}[r["target_met"]]
+            target = f">={float(frac) * 100:.0f}% {kind}: {got:.0f}%{mark}"
+        else:
+            target = ""
+        table.add_row(r["name"], r["shape"], f"{r['time_us']:.1f}", f"{r['gbps']:.1f}", pct, tflops,
+                      f"{r['max_err']:.2e}", target)
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    console.print(table)
+    if report["interpreter"]:
+        console.print("[yellow]interpreter smoke on CPU: correctness only, the rates mean nothing[/]")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.splitlines()[0])
+    ap.add_argument("--cpu", action="store_true", help="tiny shapes under the Triton interpreter (no GPU)")
+    ap.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
+    ap.add_argument("--out", type=Path, help="also write the JSON report to this file")
+    ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
+    ap.add_argument("--only", nargs="*", help="kernel names to run (default: all)")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
+    args = ap.parse_args(argv)
+
+    if args.cpu:
+        os.environ["TRITON_INTERPRET"] = "1"
+        device = torch.device("cpu")
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    else:
+        print("bench.kernels: no CUDA device here; the kernel bench needs a GPU. "
+              "Run `python -m bench.kernels --cpu` for a tiny interpreter smoke.", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    report = run(device, getattr(torch, args.dtype), args.cpu, args.only)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=1))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print_table(report)
+    missed = [r["name"] for r in report["results"] if r["target_met"] is False]
+    return 1 if args.strict and missed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""The kernel bench's interpreter smoke runs, checks against the references and writes JSON."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from bench import kernels as bench_kernels
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--cpu flips the interpreter on for this process")
+def test_cpu_smoke_writes_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    out = tmp_path / "kernels.json"
+    rc = bench_kernels.main(["--cpu", "--dtype", "float16", "--only", "decode_attention", "copy_pages",
+                             "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["interpreter"] is True
+    assert [r["name"] for r in report["results"]] == ["decode_attention", "copy_pages"]
+    by_name = {r["name"]: r for r in report["results"]}
+    assert by_name["copy_pages"]["max_err"] == 0.0
+    assert by_name["decode_attention"]["max_err"] < 1e-2
+    assert "decode_attention" in capsys.readouterr().out
+
+
+def test_peaks_by_device_name(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert bench_kernels.device_peaks(torch.device("cuda"))[1] == 3.35e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert bench_kernels.device_peaks(torch.device("cuda"))[1] == 4.8e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA GH200 480GB")
+    assert bench_kernels.device_peaks(torch.device("cuda"))[1] == 4.0e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Some GPU")
+    assert bench_kernels.device_peaks(torch.device("cuda"))[1] is None
+
+
+def test_no_cuda_is_a_clear_exit(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    assert bench_kernels.main([]) == 2
+    assert "no CUDA device" in capsys.readouterr().err

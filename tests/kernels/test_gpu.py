@@ -1,0 +1,112 @@
+"""GPU tier: the compiled kernels on real shapes in bf16 and fp16 against the references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kernels
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+DTYPES = [torch.bfloat16, torch.float16]
+TOL = {torch.bfloat16: {"atol": 4e-2, "rtol": 4e-2}, torch.float16: {"atol": 1e-2, "rtol": 1e-2}}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def _paged(lens, kv_heads, head_dim, page_size, dtype, spare=8):
+    need = [-(-n // page_size) for n in lens]
+    num_pages = sum(need) + spare
+    k = torch.randn(num_pages, page_size, kv_heads, head_dim, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+    perm = torch.randperm(num_pages, device="cuda")
+    table = torch.zeros(len(lens), max(need + [1]), dtype=torch.int32, device="cuda")
+    used = 0
+    for b, p in enumerate(need):
+        table[b, :p] = perm[used : used + p].int()
+        used += p
+    return k, v, table
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64), (16, 16, 128)])
+@pytest.mark.parametrize("num_splits", [None, 1, 7])
+def test_decode_attention(dtype, q_heads, kv_heads, head_dim, num_splits):
+    lens = [0, 1, 16, 17, 255, 1024, 4096, 3000]
+    k, v, table = _paged(lens, kv_heads, head_dim, 16, dtype)
+    q = torch.randn(len(lens), q_heads, head_dim, device="cuda", dtype=dtype)
+    seq = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    out = kernels.decode_attention(q, k, v, table, seq, head_dim**-0.5, num_splits=num_splits)
+    ref = kernels.decode_attention_ref(q, k, v, table, seq, head_dim**-0.5)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("q_heads,kv_heads,head_dim", [(32, 8, 128), (9, 3, 64)])
+def test_extend_attention(dtype, q_heads, kv_heads, head_dim):
+    prefix, extend = [0, 128, 1000, 37, 0], [512, 300, 17, 0, 1]
+    k, v, table = _paged([p + e for p, e in zip(prefix, extend)], kv_heads, head_dim, 16, dtype)
+    q = torch.randn(sum(extend), q_heads, head_dim, device="cuda", dtype=dtype)
+    pl = torch.tensor(prefix, device="cuda")
+    el = torch.tensor(extend, device="cuda")
+    out = kernels.extend_attention(q, k, v, table, pl, el, head_dim**-0.5)
+    ref = kernels.extend_attention_ref(q, k, v, table, pl, el, head_dim**-0.5)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_store_kv_and_copy_pages_are_exact(dtype):
+    k_cache = torch.zeros(64, 16, 8, 128, device="cuda", dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    k = torch.randn(300, 8, 128, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+    slots = torch.randperm(64 * 16, device="cuda")[:300]
+    kernels.store_kv(k_cache, v_cache, k, v, slots)
+    rk, rv = torch.zeros_like(k_cache), torch.zeros_like(v_cache)
+    kernels.store_kv_ref(rk, rv, k, v, slots)
+    assert torch.equal(k_cache, rk) and torch.equal(v_cache, rv)
+
+    pools = [torch.zeros_like(k_cache) for _ in range(2)]
+    expect = [p.clone() for p in pools]
+    n = 40
+    dst_index = torch.randint(0, 2, (n,), device="cuda")
+    src_pages = torch.randint(0, 64, (n,), device="cuda")
+    dst_pages = torch.randperm(64, device="cuda")[:n]
+    bases = torch.tensor([p.data_ptr() for p in pools], dtype=torch.int64, device="cuda")
+    kernels.copy_pages(k_cache, bases, dst_index, src_pages, dst_pages)
+    kernels.copy_pages_ref(k_cache, expect, dst_index, src_pages, dst_pages)
+    assert all(torch.equal(a, b) for a, b in zip(pools, expect))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_pointwise(dtype):
+    tol = TOL[dtype]
+    x = torch.randn(333, 4096, device="cuda", dtype=dtype)
+    r = torch.randn_like(x)
+    w = torch.randn(4096, device="cuda", dtype=dtype)
+    torch.testing.assert_close(kernels.rmsnorm(x, w, 1e-6), kernels.rmsnorm_ref(x, w, 1e-6), **tol)
+    for got, want in zip(kernels.fused_add_rmsnorm(x, r, w, 1e-6), kernels.fused_add_rmsnorm_ref(x, r, w, 1e-6)):
+        torch.testing.assert_close(got, want, **tol)
+    # the engine's mix: a low-precision branch into an fp32 residual stream with fp32 norm weights
+    r32, w32 = r.float(), w.float()
+    for got, want in zip(kernels.fused_add_rmsnorm(x, r32, w32, 1e-6),
+                         kernels.fused_add_rmsnorm_ref(x, r32, w32, 1e-6)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    cache = kernels.rotary_cos_sin_cache(128, 8192, 5e5).cuda()
+    qkv = torch.randn(512, 32 + 16, 128, device="cuda", dtype=dtype)
+    pos = torch.randint(0, 8192, (512,), device="cuda")
+    got = kernels.rotary(qkv[:, :32], qkv[:, 32:40], pos, cache)
+    want = kernels.rotary_ref(qkv[:, :32], qkv[:, 32:40], pos, cache)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **tol)
+
+    h = torch.randn(257, 2 * 11008, device="cuda", dtype=dtype)
+    torch.testing.assert_close(kernels.silu_and_mul(h), kernels.silu_and_mul_ref(h), **tol)
