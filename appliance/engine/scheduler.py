@@ -88,7 +88,7 @@ class Scheduler:
         req.pages = []
         req.prefix_nodes = []
 
-    def _preempt(self, req: Request) -> None:
+    def preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.release(req)
         req.computed_len = 0
@@ -127,10 +127,10 @@ class Scheduler:
                 victims = [r for r in self.running if id(r) not in scheduled and r is not req]
                 if not victims:
                     break
-                self._preempt(victims[-1])
+                self.preempt(victims[-1])
                 pages = self._alloc(need)
             if pages is None:
-                self._preempt(req)
+                self.preempt(req)
                 continue
             req.pages.extend(pages)
             if n > 1 or not req.output_ids:
