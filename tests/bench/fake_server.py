@@ -17,22 +17,23 @@ from typing import Any
 from aiohttp import web
 
 MODEL_ID = "fake-model"
+BODIES = web.AppKey("bodies", list)
 
 
 def make_app(
     prefill_s: float = 0.004, token_s: float = 0.001, usage: bool = True, fail_marker: str = "FAIL-ME"
 ) -> web.Application:
-    """The server. Every request body is appended to `app["bodies"]`; prompts containing
+    """The server. Every request body is appended to `app[BODIES]`; prompts containing
     `fail_marker` get HTTP 500; `usage=False` leaves out the final usage chunk."""
     app = web.Application()
-    app["bodies"] = []
+    app[BODIES] = []
 
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": MODEL_ID, "object": "model"}]})
 
     async def completions(request: web.Request) -> web.StreamResponse:
         body: dict[str, Any] = await request.json()
-        request.app["bodies"].append(body)
+        request.app[BODIES].append(body)
         chat = request.path.endswith("/chat/completions")
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
         if fail_marker in prompt:
