@@ -74,6 +74,10 @@ class ControlServer:
         """Stop accepting, drop every connection, join all threads (each within the deadline)."""
         end = time.monotonic() + timeout_s
         self._stop.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)      # wakes accept() at once on Linux
+        except OSError:
+            pass
         self._thread.join(timeout=max(0.0, end - time.monotonic()))
         self._sock.close()
         with self._lock:

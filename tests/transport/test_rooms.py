@@ -1,0 +1,120 @@
+"""The receiver's room table: exactly-once completion, deadlines, dead writers, bounded memory."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from nvshmem_kv import RoomState, TransportError
+from nvshmem_kv.rooms import RoomTable
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_done_after_all_signals_payloads_by_rank() -> None:
+    t = RoomTable()
+    t.expect("r", 2, 5.0)
+    assert t.on_signal("r", conn_id=7, src_rank=1, payload=b"one")
+    assert t.poll("r").pending
+    assert t.on_signal("r", conn_id=3, src_rank=0, payload=b"zero")
+    st = t.poll("r")
+    assert st.state is RoomState.DONE and st.payloads == (b"zero", b"one")
+    assert t.drain_completed() == [("r", st)]
+    assert t.drain_completed() == []
+
+
+def test_completes_exactly_once() -> None:
+    t = RoomTable()
+    t.expect("r", 1, 5.0)
+    assert t.on_signal("r", 1, 0, b"a")
+    assert not t.on_signal("r", 1, 0, b"again")      # duplicate from the same connection
+    assert not t.on_signal("r", 2, 0, b"late")       # after completion
+    t.on_conn_lost(1, "gone")                        # cannot turn DONE into FAILED
+    assert t.poll("r").done and t.signals_dropped == 2
+    assert [name for name, _ in t.drain_completed()] == ["r"]
+    assert t.rooms_done == 1 and t.rooms_failed == 0
+
+
+def test_unknown_and_released_rooms_are_dropped_without_growth() -> None:
+    t = RoomTable()
+    for i in range(1000):
+        assert not t.on_signal(f"ghost-{i}", 1, 0, b"x")
+        assert not t.on_open(f"ghost-{i}", 1)
+    assert t.signals_dropped == 1000 and not t._rooms
+    t.expect("r", 1, 5.0)
+    t.release("r")
+    assert not t.on_signal("r", 1, 0, b"x")
+    with pytest.raises(TransportError, match="never expected"):
+        t.poll("r")
+
+
+def test_deadline_fails_room_and_wait_never_overshoots() -> None:
+    clock = Clock()
+    t = RoomTable(clock=clock)
+    t.expect("r", 2, 1.5)
+    t.on_signal("r", 1, 0, b"a")
+    clock.now += 1.0
+    assert t.poll("r").pending
+    clock.now += 0.6
+    st = t.poll("r")
+    assert st.failed and "1/2" in st.reason
+    assert not t.on_signal("r", 2, 1, b"b")
+    real = RoomTable()
+    real.expect("slow", 1, 0.3)
+    start = time.monotonic()
+    assert real.wait("slow", timeout_s=10.0).failed
+    assert time.monotonic() - start < 1.0
+    real.expect("short", 1, 10.0)
+    start = time.monotonic()
+    assert real.wait("short", timeout_s=0.2).pending
+    assert time.monotonic() - start < 1.0
+
+
+def test_lost_connection_fails_only_rooms_it_opened_and_did_not_signal() -> None:
+    t = RoomTable()
+    for r in ("a", "b", "c"):
+        t.expect(r, 2, 30.0)
+    t.on_open("a", 1)
+    t.on_open("b", 1)
+    t.on_signal("b", 1, 0, b"")      # conn 1 finished its part of b
+    t.on_open("c", 2)
+    t.on_conn_lost(1, "sender died")
+    assert t.poll("a").failed and t.poll("a").reason == "sender died"
+    assert t.poll("b").pending and t.poll("c").pending
+
+
+def test_wait_wakes_on_signal_from_another_thread() -> None:
+    t = RoomTable()
+    t.expect("r", 1, 30.0)
+    threading.Timer(0.1, t.on_signal, args=("r", 1, 0, b"x")).start()
+    assert t.wait("r", 5.0).done
+
+
+def test_limits_and_argument_checks() -> None:
+    t = RoomTable(max_rooms=2)
+    t.expect("a", 1, 1.0)
+    with pytest.raises(TransportError, match="already expected"):
+        t.expect("a", 1, 1.0)
+    t.expect("b", 1, 1.0)
+    with pytest.raises(TransportError, match="too many rooms"):
+        t.expect("c", 1, 1.0)
+    with pytest.raises(ValueError):
+        t.expect("d", 0, 1.0)
+    t.release("a")
+    t.expect("c", 1, 1.0)
+
+
+def test_deadline_heap_is_compacted() -> None:
+    t = RoomTable()
+    for i in range(5000):
+        t.expect(f"r{i}", 1, 600.0)
+        t.release(f"r{i}")
+    assert len(t._deadlines) <= 1025
