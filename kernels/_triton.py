@@ -4,7 +4,9 @@ Kernels are plain Python functions wrapped in :class:`LazyKernel`. The ``triton.
 on the first launch, not at import, so whether a kernel runs compiled or under the interpreter
 (``TRITON_INTERPRET=1``) depends on the environment at first use, never on import order. On a real
 GPU a kernel with ``configs`` is autotuned; under the interpreter (which has no driver to time with)
-it launches with its fixed ``interpret`` config instead.
+it launches with its fixed ``interpret`` config instead. ``PDBOX_TRITON_AUTOTUNE=0`` skips tuning on
+a GPU too and launches each kernel's first config (quick test runs, CUDA-graph capture without a
+warm-up).
 
 Triton itself is optional: the torch references (the CPU path) import without it, and a Triton
 wrapper called without it raises a clear error.
@@ -29,8 +31,10 @@ except ImportError:  # pragma: no cover - exercised only on installs without tri
     HAS_TRITON = False
 
 __all__ = [
+    "AUTOTUNE_ENV",
     "HAS_TRITON",
     "LazyKernel",
+    "autotune_enabled",
     "check",
     "check_device",
     "check_float_dtype",
@@ -46,6 +50,7 @@ __all__ = [
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+AUTOTUNE_ENV = "PDBOX_TRITON_AUTOTUNE"
 
 
 def interpreter_enabled() -> bool:
@@ -53,6 +58,11 @@ def interpreter_enabled() -> bool:
     if HAS_TRITON:
         return bool(triton.knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def autotune_enabled() -> bool:
+    """Autotune on a GPU unless ``PDBOX_TRITON_AUTOTUNE`` is 0/false/no/off."""
+    return os.environ.get(AUTOTUNE_ENV, "1").lower() not in ("0", "false", "no", "off")
 
 
 def next_pow2(n: int) -> int:
@@ -63,9 +73,10 @@ def next_pow2(n: int) -> int:
 class LazyKernel:
     """A Triton kernel whose ``triton.jit`` (and ``triton.autotune``) object is built on first launch.
 
-    ``configs``/``key`` are the GPU autotuning space; ``interpret`` is the fixed meta-parameter dict
-    used under the interpreter and whenever ``configs`` is empty. Launch as ``kernel[grid](*args, **kw)``;
-    a callable ``grid`` receives the meta-parameters (tuned or fixed) like with plain Triton.
+    ``configs``/``key`` are the GPU autotuning space, whose first config is also the fixed GPU
+    config when autotuning is off; ``interpret`` is the fixed meta-parameter dict used under the
+    interpreter. Launch as ``kernel[grid](*args, **kw)``; a callable ``grid`` receives the
+    meta-parameters (tuned or fixed) like with plain Triton.
     """
 
     def __init__(
@@ -81,6 +92,7 @@ class LazyKernel:
         self.interpret = dict(interpret or {})
         self._compiled: Any = None
         self._fixed: dict[str, Any] = {}
+        self._tuned = False
         self.__name__ = fn.__name__
         self.__doc__ = fn.__doc__
 
@@ -89,19 +101,25 @@ class LazyKernel:
             raise RuntimeError(f"{self.__name__}: triton is not installed; use the torch reference instead")
         jitted = triton.jit(self.fn)
         configs = [c for c in self.configs if c is not None]
-        if configs and not interpreter_enabled():
+        self._compiled = jitted
+        if interpreter_enabled():
+            self._fixed = dict(self.interpret)
+        elif configs and autotune_enabled():
             self._compiled = triton.autotune(configs=configs, key=self.key)(jitted)
             self._fixed = {}
+            self._tuned = True
+        elif configs:
+            first = configs[0]
+            self._fixed = {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages}
         else:
-            self._compiled = jitted
-            self._fixed = dict(self.interpret)
+            self._fixed = {}
 
     @property
     def autotuned(self) -> bool:
         """True once built with ``triton.autotune`` (a real GPU and a tuning space)."""
         if self._compiled is None:
             self._build()
-        return not self._fixed and bool(self.configs)
+        return self._tuned
 
     def __getitem__(self, grid: Any) -> Callable[..., Any]:
         if self._compiled is None:

@@ -69,7 +69,7 @@ def _store_kv_kernel(
 
 _store_kv = LazyKernel(
     _store_kv_kernel,
-    configs=[config(num_warps=w, num_stages=1) for w in (1, 2, 4, 8)],
+    configs=[config(num_warps=w, num_stages=1) for w in (4, 1, 2, 8)],
     key=["KV_HEADS", "HEAD_DIM"],
 )
 

@@ -67,7 +67,7 @@ def _rmsnorm_kernel(
 
 _rmsnorm = LazyKernel(
     _rmsnorm_kernel,
-    configs=[config(num_warps=w, num_stages=1) for w in (1, 2, 4, 8, 16)],
+    configs=[config(num_warps=w, num_stages=1) for w in (4, 2, 8, 16)],
     key=["HIDDEN", "ADD_RESIDUAL"],
 )
 

@@ -96,7 +96,7 @@ def _rotary_kernel(
 
 _rotary = LazyKernel(
     _rotary_kernel,
-    configs=[config(num_warps=w, num_stages=1) for w in (1, 2, 4, 8)],
+    configs=[config(num_warps=w, num_stages=1) for w in (4, 2, 8)],
     key=["Q_HEADS", "K_HEADS", "HALF"],
 )
 

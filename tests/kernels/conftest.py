@@ -35,6 +35,16 @@ class PagedKV:
     page_table: torch.Tensor
     lens: torch.Tensor
 
+    def for_ref(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """CPU ``(k_cache, v_cache, page_table)`` for the reference: NaN rows zeroed and -1 padding
+        pointed at page 0 (the batched reference reads whole padded pages and weights the rows past
+        a context by zero, which only works when they are finite)."""
+        return (
+            self.k_cache.cpu().nan_to_num(0.0),
+            self.v_cache.cpu().nan_to_num(0.0),
+            self.page_table.cpu().clamp(min=0),
+        )
+
 
 def build_paged_kv(
     lens: Sequence[int],

@@ -17,7 +17,7 @@ def _run(paged_kv, device, lens, q_heads, kv_heads, head_dim, page_size, dtype, 
     q = torch.randn(len(lens), q_heads, head_dim, generator=g).to(dtype).to(device)
     scale = head_dim**-0.5
     out = decode_attention(q, kv.k_cache, kv.v_cache, kv.page_table, kv.lens, scale, num_splits=num_splits)
-    ref = decode_attention_ref(q.cpu(), kv.k_cache.cpu(), kv.v_cache.cpu(), kv.page_table.cpu(), kv.lens.cpu(), scale)
+    ref = decode_attention_ref(q.cpu(), *kv.for_ref(), kv.lens.cpu(), scale)
     return out, ref
 
 
@@ -54,7 +54,7 @@ def test_strided_q_and_int64_tables(paged_kv, device, tol):
     q = qkv[:, :4]  # a view of a fused qkv projection
     table, lens = kv.page_table.long(), kv.lens.long()
     out = decode_attention(q, kv.k_cache, kv.v_cache, table, lens, 0.2, num_splits=2)
-    ref = decode_attention_ref(q.cpu(), kv.k_cache.cpu(), kv.v_cache.cpu(), table.cpu(), lens.cpu(), 0.2)
+    ref = decode_attention_ref(q.cpu(), *kv.for_ref(), lens.cpu(), 0.2)
     torch.testing.assert_close(out.cpu(), ref, **tol(torch.float32))
 
 

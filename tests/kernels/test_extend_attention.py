@@ -19,9 +19,7 @@ def _run(paged_kv, device, prefix, extend, q_heads, kv_heads, head_dim, page_siz
     el = torch.tensor(extend, dtype=torch.int32, device=device)
     scale = head_dim**-0.5
     out = extend_attention(q, kv.k_cache, kv.v_cache, kv.page_table, pl, el, scale, **meta)
-    ref = extend_attention_ref(
-        q.cpu(), kv.k_cache.cpu(), kv.v_cache.cpu(), kv.page_table.cpu(), pl.cpu(), el.cpu(), scale
-    )
+    ref = extend_attention_ref(q.cpu(), *kv.for_ref(), pl.cpu(), el.cpu(), scale)
     return out, ref
 
 
@@ -67,9 +65,7 @@ def test_strided_q(paged_kv, device, tol):
     pl = torch.tensor([4], device=device)
     el = torch.tensor([6], device=device)
     out = extend_attention(q, kv.k_cache, kv.v_cache, kv.page_table, pl, el, 0.2)
-    ref = extend_attention_ref(
-        q.cpu(), kv.k_cache.cpu(), kv.v_cache.cpu(), kv.page_table.cpu(), pl.cpu(), el.cpu(), 0.2
-    )
+    ref = extend_attention_ref(q.cpu(), *kv.for_ref(), pl.cpu(), el.cpu(), 0.2)
     torch.testing.assert_close(out.cpu(), ref, **tol(torch.float32))
 
 
