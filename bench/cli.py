@@ -19,13 +19,13 @@ from rich.table import Table
 
 from bench.arrivals import Schedule
 from bench.client import ClientConfig, RequestOutcome, first_model_id
+from bench.compare import DEFAULT_LAUNCH, CompareConfig, LaunchConfig, run_compare
 from bench.metrics import AbsoluteSLO, IsolatedBaseline, PromptBuckets, RelativeSLO, SLOPolicy
-from bench.run import build_result, isolated_samples, measure_isolated, run_meta, run_requests, write_json
-from bench.sweep import parse_rates, point_seed, run_sweep, sweep_summary
+from bench.run import build_result, measure_isolated, run_meta, run_requests, write_json
+from bench.sweep import isolated_seed, parse_rates, point_seed, run_sweep, sweep_summary
 from bench.workloads import WORKLOADS, PromptBuilder, RequestSource, TextCodec, load_codec, warmup_requests
 
 T = TypeVar("T")
-ISOLATED_INDEX = 2**31  # NOTE: the point index whose seed the isolated baseline uses; no sweep reaches it
 
 
 @dataclass(frozen=True)
@@ -134,9 +134,9 @@ def _sweep_table(summary: Mapping[str, Any], title: str) -> Table:
 # -- shared options ------------------------------------------------------------------------------
 
 
-def _workload_options(f: Callable[..., Any]) -> Callable[..., Any]:
+def _workload_options(f: Callable[..., Any], default_workload: str = "chat") -> Callable[..., Any]:
     options = [
-        click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default="chat", show_default=True,
+        click.option("--workload", type=click.Choice(sorted(WORKLOADS)), default=default_workload, show_default=True,
                      help="Synthetic workload (see bench/workloads.py for the length ranges)."),
         click.option("--dataset", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="ShareGPT-format JSON file; replaces --workload."),
@@ -270,12 +270,12 @@ def sweep_cmd(url: str, model: str | None, rates: str, baseline: Path | None, is
                 if baseline is not None:
                     base = IsolatedBaseline.from_dict(json.loads(baseline.read_text())["baseline"])
                 else:
-                    planned = source.make(builder, point_seed(seed, 0))
-                    samples = isolated_samples(planned, builder.prefix_len, PromptBuckets(), isolated_per_bucket)
-                    tracker.phase("isolated baseline", len(samples))
-                    base, iso = await measure_isolated(config, builder, samples, point_seed(seed, ISOLATED_INDEX),
-                                                       PromptBuckets(), warm, tracker.done)  # fmt: skip
-                    write_json(out_dir / "isolated.json", {"baseline": base.to_dict(), **build_result(iso, None, {})})
+                    base, isolated = await measure_isolated(
+                        config, builder, source.make(builder, point_seed(seed, 0)), isolated_seed(seed),
+                        PromptBuckets(), isolated_per_bucket, warmup=warm,
+                        on_start=lambda n: tracker.phase("isolated baseline", n), on_done=tracker.done,
+                    )  # fmt: skip
+                    write_json(out_dir / "isolated.json", isolated)
                     warm = []
                 slo = RelativeSLO(base, k_ttft, k_tpot)
             points = await run_sweep(
@@ -290,6 +290,73 @@ def sweep_cmd(url: str, model: str | None, rates: str, baseline: Path | None, is
     console.print(_sweep_table(summary, f"{summary['workload']} sweep against {url}"))
     console.print(f"goodput: {summary['goodput']:g} req/s (highest rate with >= 90% SLO attainment)")
     console.print(f"wrote {path}")
+
+
+@bench.command("compare")
+@click.option("--rates", default="0.5,1,2,4", show_default=True, help="Comma-separated offered rates (req/s).")
+@click.option("--modes", default="unified,disagg", show_default=True,
+              help="Modes to launch, one after the other; the first gives the isolated baseline.")
+@click.option("--launch", default=DEFAULT_LAUNCH, show_default=True,
+              help="Command that serves a mode and prints `ready: http://HOST:PORT`; {mode} {host} {port}.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Host the launched servers bind.")
+@click.option("--ready-timeout-s", type=float, default=900.0, show_default=True)
+@click.option("--stop-timeout-s", type=float, default=60.0, show_default=True,
+              help="Grace after SIGTERM before the server's process group is killed.")
+@click.option("--peer-url", help="An already-running OpenAI-compatible server (e.g. vLLM) to sweep as well.")
+@click.option("--peer-name", default="peer", show_default=True)
+@click.option("--isolated-per-bucket", type=int, default=3, show_default=True,
+              help="Isolated requests per prompt-length bucket for the relative SLO baseline.")  # fmt: skip
+@_slo_options
+@functools.partial(_workload_options, default_workload="mixed")
+def compare_cmd(rates: str, modes: str, launch: str, host: str, ready_timeout_s: float, stop_timeout_s: float,
+                peer_url: str | None, peer_name: str, isolated_per_bucket: int, slo_ttft_ms: float | None,
+                slo_tpot_ms: float | None, k_ttft: float, k_tpot: float, workload: str, dataset: Path | None,
+                num_requests: int, seed: int, shared_prefix: int, tokenizer_path: str | None, endpoint: str,
+                arrival: str, timeout_s: float, warmup: int, api_key: str | None, out_dir: Path) -> None:  # fmt: skip
+    """Unified vs disaggregated on the same devices: OUT/report.md, OUT/compare.json and PNG plots.
+
+    Each mode is launched in turn (--launch), swept over the same seeded requests, and stopped with
+    SIGTERM before the next starts. The default SLO is relative to the isolated baseline measured on the
+    first mode; the SLO map scores every mode over k_ttft in {2,4,8} x k_tpot in {1.25,1.5,2,3}.
+    """
+    console = Console()
+    with _user_errors():
+        config = CompareConfig(
+            source=RequestSource(workload, num_requests, dataset), rates=parse_rates(rates), out_dir=out_dir,
+            modes=tuple(m.strip() for m in modes.split(",") if m.strip()), seed=seed,
+            launch=LaunchConfig(launch, host, ready_timeout_s, stop_timeout_s), endpoint=endpoint,  # type: ignore[arg-type]
+            timeout_s=timeout_s, peer_url=peer_url, peer_name=peer_name, api_key=api_key,
+            absolute_slo=_absolute_slo(slo_ttft_ms, slo_tpot_ms), k_ttft=k_ttft, k_tpot=k_tpot,
+            isolated_per_bucket=isolated_per_bucket, process=arrival, warmup=warmup,  # type: ignore[arg-type]
+        )  # fmt: skip
+        builder = _builder(tokenizer_path, shared_prefix)
+
+    async def go() -> dict[str, Any]:
+        with _progress(Console(stderr=True)) as progress:
+            tracker = _Tracker(progress)
+            summary, _ = await run_compare(config, builder, tracker.phase, tracker.done)
+            return summary
+
+    summary = _run_async(go())
+    write_json(out_dir / "compare.json", summary, indent=2)
+    from bench.report import write_report  # NOTE: lazy: matplotlib is slow to import
+
+    report = write_report(out_dir, summary)
+    for name, mode in summary["modes"].items():
+        console.print(_sweep_table({"points": mode["sweep"]}, f"{name} ({mode['url']})"))
+    console.print(f"[bold]Verdict:[/bold] {summary['verdict']}")
+    console.print(f"wrote {report} and {out_dir / 'compare.json'}")
+
+
+@bench.command("report")
+@click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+def report_cmd(out_dir: Path) -> None:
+    """Redraw OUT_DIR/report.md and its plots from the compare.json and rate files already there."""
+    from bench.report import write_report
+
+    with _user_errors():
+        summary = json.loads((out_dir / "compare.json").read_text())
+    click.echo(f"wrote {write_report(out_dir, summary)}")
 
 
 def main() -> None:

@@ -95,7 +95,9 @@ def build_result(
     return result
 
 
-def run_meta(config: ClientConfig, schedule: Schedule, label: str, seed: int, extra: Mapping[str, Any]) -> dict:
+def run_meta(
+    config: ClientConfig, schedule: Schedule, label: str, seed: int, extra: Mapping[str, Any]
+) -> dict[str, Any]:
     """The descriptive fields of result.json, named as vLLM names them where it has the field."""
     return {
         "backend": BACKEND_NAMES[config.endpoint],
@@ -139,13 +141,21 @@ def isolated_samples(
 async def measure_isolated(
     config: ClientConfig,
     builder: PromptBuilder,
-    samples: Sequence[LengthSample],
+    planned: Sequence[BenchRequest],
     seed: int,
     buckets: PromptBuckets,
+    per_bucket: int = 3,
+    max_output_len: int = 32,
     warmup: Sequence[BenchRequest] = (),
+    on_start: Callable[[int], None] | None = None,
     on_done: OnDone | None = None,
-) -> tuple[IsolatedBaseline, RunResult]:
-    """Send fresh prompts of the given lengths one at a time and take their median TTFT and TPOT."""
-    requests = builder.build(samples, seed)
-    run = await run_requests(config, requests, Schedule(max_concurrency=1), warmup, on_done)
-    return IsolatedBaseline.from_outcomes(run.outcomes, buckets), run
+) -> tuple[IsolatedBaseline, dict[str, Any]]:
+    """The isolated baseline for the prompt buckets `planned` uses: fresh prompts (from `seed`) of the
+    same lengths, sent one at a time. Returns it and isolated.json's content (baseline + result)."""
+    samples = isolated_samples(planned, builder.prefix_len, buckets, per_bucket, max_output_len)
+    if on_start is not None:
+        on_start(len(samples))
+    run = await run_requests(config, builder.build(samples, seed), Schedule(max_concurrency=1), warmup, on_done)
+    baseline = IsolatedBaseline.from_outcomes(run.outcomes, buckets)
+    meta = {"model_id": config.model, "base_url": config.base_url, "seed": seed}
+    return baseline, {"baseline": baseline.to_dict(), **build_result(run, None, meta)}

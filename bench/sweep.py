@@ -60,6 +60,11 @@ def point_seed(seed: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
+def isolated_seed(seed: int) -> int:
+    """The seed of the isolated-baseline prompts: a point index no sweep reaches, so no prompt is shared."""
+    return point_seed(seed, 2**31)
+
+
 @dataclass(frozen=True)
 class SweepPoint:
     rate: float

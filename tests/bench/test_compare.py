@@ -1,0 +1,148 @@
+"""`bench compare`: launching modes as subprocesses, stopping them, and the report it writes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from bench.cli import BenchContext, bench
+from bench.compare import LaunchConfig, LaunchedServer
+from bench.report import verdict
+from bench.workloads import TextCodec
+from tests.bench.conftest import HERE, ThreadServer
+from tests.bench.fake_server import make_app
+
+PY = shlex.quote(sys.executable)
+
+
+def _python(code: str) -> str:
+    return f"{PY} -c {shlex.quote(code)}"
+
+
+def test_launch_template_placeholders() -> None:
+    launch = LaunchConfig("pdbox up --mode {mode} --host {host} --port {port}", host="127.0.0.2")
+    assert launch.command("disagg", 8123) == ["pdbox", "up", "--mode", "disagg", "--host", "127.0.0.2", "--port", "8123"]
+    with pytest.raises(ValueError, match=r"\{mode\}"):
+        LaunchConfig("serve --gpu {gpu}")
+
+
+def test_a_server_that_dies_before_ready_is_reported(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with LaunchedServer(LaunchConfig(_python("import sys; print('boom'); sys.exit(3)")), "unified",
+                                  tmp_path / "log"):  # fmt: skip
+            pass
+
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        asyncio.run(go())
+    assert "boom" in (tmp_path / "log").read_text()
+
+
+def test_no_ready_line_times_out_and_the_server_is_stopped(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    code = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+
+    async def go() -> None:
+        async with LaunchedServer(LaunchConfig(_python(code), ready_timeout_s=1.0), "unified", tmp_path / "log"):
+            pass
+
+    with pytest.raises(RuntimeError, match="no ready line"):
+        asyncio.run(go())
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+
+
+def test_a_server_ignoring_sigterm_is_killed_after_the_grace(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    code = (
+        "import os, signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+        "print('ready: http://127.0.0.1:1/', flush=True); time.sleep(60)"
+    )
+
+    async def go() -> str:
+        async with LaunchedServer(LaunchConfig(_python(code), stop_timeout_s=0.3), "disagg", tmp_path / "log") as url:
+            return url
+
+    start = time.monotonic()
+    assert asyncio.run(go()) == "http://127.0.0.1:1"
+    assert time.monotonic() - start < 10
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)
+
+
+def test_compare_runs_each_mode_and_writes_the_report(codec: TextCodec, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    launch = f"{PY} {shlex.quote(str(HERE / 'fake_server.py'))} --mode {{mode}} --host {{host}} --port {{port}}"
+    with ThreadServer(make_app()) as peer:
+        args = ["compare", "--launch", launch, "--rates", "100,200", "--num-requests", "6", "--warmup", "1",
+                "--isolated-per-bucket", "1", "--peer-url", peer.url, "--out", str(out)]  # fmt: skip
+        result = CliRunner().invoke(bench, args, obj=BenchContext(load_codec=lambda path: codec))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+
+    summary = json.loads((out / "compare.json").read_text())
+    assert list(summary["modes"]) == ["unified", "disagg", "peer"]
+    assert summary["workload"] == "mixed" and summary["reference_rate"] in (100.0, 200.0)
+    for mode in summary["modes"].values():
+        for key in ("goodput", "p50_tpot_ms", "p99_tpot_ms", "p99_itl_ms", "p50_ttft_ms", "p99_ttft_ms"):
+            assert isinstance(mode[key], float), key
+        assert mode["goodput"] in (0.0, 100.0, 200.0)
+        assert [row["rate"] for row in mode["sweep"]] == [100.0, 200.0]
+    assert summary["slo"]["kind"] == "relative"
+    assert (summary["slo"]["k_ttft"], summary["slo"]["k_tpot"], summary["slo"]["ttft_slack_s"]) == (4.0, 1.5, 0.5)
+    smap = summary["slo_map"]
+    assert smap["k_ttft"] == [2.0, 4.0, 8.0] and smap["k_tpot"] == [1.25, 1.5, 2.0, 3.0]
+    for grid in smap["goodput"].values():
+        assert len(grid) == 3 and all(len(row) == 4 for row in grid)
+        for row in grid:  # a looser TPOT limit never lowers goodput
+            assert row == sorted(row)
+    assert summary["verdict"] == verdict(summary)
+
+    # Every mode got the same seeded requests, and the launched ones started and stopped cleanly.
+    for rate in ("100", "200"):
+        lens = [json.loads((out / m / f"rate_{rate}.json").read_text())["input_lens"] for m in summary["modes"]]
+        assert lens[0] == lens[1] == lens[2]
+    for mode in ("unified", "disagg"):
+        log = (out / mode / "server.log").read_text()
+        assert f"fake server mode={mode}" in log and "ready: http://127.0.0.1:" in log and "stopped" in log
+    assert json.loads((out / "isolated.json").read_text())["mode"] == "unified"
+
+    report = (out / "report.md").read_text()
+    assert report.startswith("# pdbox compare: unified vs disagg vs peer")
+    assert "**Verdict.**" in report and "## SLO map" in report and "| k_ttft \\ k_tpot |" in report
+    for png in ("ttft_cdf", "tpot_cdf", "goodput_vs_rate", "p99_vs_rate"):
+        data = (out / f"{png}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+        assert f"({png}.png)" in report
+
+    (out / "report.md").unlink()
+    redo = CliRunner().invoke(bench, ["report", str(out)])
+    assert redo.exit_code == 0 and (out / "report.md").read_text() == report
+
+
+def _summary(goodputs: dict[str, float], grids: dict[str, list[list[float]]]) -> dict:
+    return {"reference_mode": "unified", "modes": {n: {"goodput": g} for n, g in goodputs.items()},
+            "slo_map": {"goodput": grids}}  # fmt: skip
+
+
+def test_verdict_wording() -> None:
+    grid = lambda v: [[v, v], [v, v]]
+    win = verdict(_summary({"unified": 1.0, "disagg": 2.0}, {"unified": grid(1.0), "disagg": [[2.0, 1.0], [0.5, 1.0]]}))
+    assert win.startswith("disagg wins: 2 req/s goodput against 1 for unified (2.00x).")
+    assert "more goodput in 1, less in 1, the same in 2" in win
+    assert verdict(_summary({"unified": 2.0, "disagg": 1.0}, {"unified": grid(2), "disagg": grid(1)})).startswith(
+        "unified wins: 2 req/s goodput against 1 for disagg (2.00x)."
+    )
+    assert verdict(_summary({"unified": 2.0, "disagg": 2.1}, {"unified": grid(2), "disagg": grid(2)})).startswith(
+        "unified and disagg tie"
+    )
+    assert verdict(_summary({"unified": 0.0, "disagg": 0.0}, {"unified": grid(0), "disagg": grid(0)})).startswith(
+        "Neither unified nor disagg"
+    )
