@@ -247,8 +247,9 @@ def decode_attention(
         return out
     group = q_heads // kv_heads
     interp = interpreter_enabled()
+    # NOTE: tl.dot needs every dim >= 16 on a GPU (the interpreter does not care): pad and mask.
     block_h = next_pow2(group) if interp else max(16, next_pow2(group))
-    block_d = next_pow2(head_dim)
+    block_d = next_pow2(head_dim) if interp else max(16, next_pow2(head_dim))
     if num_splits == 1:
         partial, lse = out, out  # lse unused
         p_strides = (out.stride(0), out.stride(1), 0)

@@ -221,6 +221,8 @@ def extend_attention(
     q_heads, head_dim = q.shape[1:]
     _, page_size, kv_heads, _ = k_cache.shape
     interp = interpreter_enabled()
+    # NOTE: tl.dot needs every dim >= 16 on a GPU (the interpreter does not care): pad and mask.
+    block_d = next_pow2(head_dim) if interp else max(16, next_pow2(head_dim))
 
     def grid(meta: dict) -> tuple[int, int, int]:
         return (batch, q_heads, triton_cdiv(max_extend_len, meta["BLOCK_M"]))
@@ -234,7 +236,7 @@ def extend_attention(
         page_table.stride(0),
         out.stride(0), out.stride(1),
         GROUP=q_heads // kv_heads, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
-        UPCAST=interp, DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=next_pow2(head_dim),
+        UPCAST=interp, DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d,
     )
     return out
 

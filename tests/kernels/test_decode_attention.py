@@ -41,6 +41,7 @@ def test_matches_reference(paged_kv, device, tol, dtype, q_heads, kv_heads, num_
         ([19, 0], 5, 24, 2),  # page size and head_dim that are not powers of two
         ([0, 0], 4, 32, 3),  # a batch of empty slots only
         ([70], 1, 16, 2),  # one-token pages
+        ([200, 150], 16, 32, 3),  # several BLOCK_N iterations inside each split
     ],
 )
 def test_edge_shapes(paged_kv, device, tol, lens, page_size, head_dim, num_splits):
