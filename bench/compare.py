@@ -41,8 +41,18 @@ from bench.workloads import PromptBuilder, RequestSource, warmup_requests
 
 DEFAULT_LAUNCH = "pdbox up --mode {mode} --host {host} --port {port}"
 READY_PATTERN = re.compile(r"ready:\s*(https?://\S+)")
-REFERENCE_FIELDS = ("p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms", "p50_itl_ms", "p99_itl_ms",
-                    "p99_e2el_ms", "request_throughput", "request_goodput", "slo_attainment")  # fmt: skip
+REFERENCE_FIELDS = (
+    "p50_ttft_ms",
+    "p99_ttft_ms",
+    "p50_tpot_ms",
+    "p99_tpot_ms",
+    "p50_itl_ms",
+    "p99_itl_ms",
+    "p99_e2el_ms",
+    "request_throughput",
+    "request_goodput",
+    "slo_attainment",
+)
 
 OnPhase = Callable[[str, int], None]
 
@@ -118,9 +128,7 @@ class LaunchedServer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def _read_stdout(
-        self, proc: asyncio.subprocess.Process, log: IO[bytes], ready: asyncio.Future[str]
-    ) -> None:
+    async def _read_stdout(self, proc: asyncio.subprocess.Process, log: IO[bytes], ready: asyncio.Future[str]) -> None:
         # NOTE: stdout is drained for the server's whole life, or a full pipe would stall it.
         if proc.stdout is not None:
             async for line in proc.stdout:
@@ -231,18 +239,34 @@ async def run_compare(
             warm = warmup_requests(builder, config.warmup)
             if baseline is None:
                 baseline, isolated = await measure_isolated(
-                    client, builder, config.source.make(builder, point_seed(config.seed, 0)),
-                    isolated_seed(config.seed), config.buckets, config.isolated_per_bucket,
-                    config.isolated_max_output_len, warm, lambda n, m=mode: phase(f"{m}: isolated baseline", n),
+                    client,
+                    builder,
+                    config.source.make(builder, point_seed(config.seed, 0)),
+                    isolated_seed(config.seed),
+                    config.buckets,
+                    config.isolated_per_bucket,
+                    config.isolated_max_output_len,
+                    warm,
+                    lambda n, m=mode: phase(f"{m}: isolated baseline", n),
                     on_done,
-                )  # fmt: skip
+                )
                 write_json(out / "isolated.json", {"mode": mode, **isolated})
                 warm = []
             slo = default_slo(config, baseline)
             points = await run_sweep(
-                client, config.source, builder, config.rates, config.seed, slo, config.process, warm,
-                out / mode, {"mode": mode}, lambda rate, n, m=mode: phase(f"{m}: {rate:g} req/s", n), on_done,
-            )  # fmt: skip
+                client,
+                config.source,
+                builder,
+                config.rates,
+                config.seed,
+                slo,
+                config.process,
+                warm,
+                out / mode,
+                {"mode": mode},
+                lambda rate, n, m=mode: phase(f"{m}: {rate:g} req/s", n),
+                on_done,
+            )
             write_json(out / mode / "sweep.json", {"mode": mode, **sweep_summary(points, slo, config.target)}, 2)
             runs[mode] = ModeRun(mode, url, client.model, tuple(points))
     if baseline is None:
@@ -300,8 +324,14 @@ def summarize(config: CompareConfig, baseline: IsolatedBaseline, runs: Mapping[s
         "k_tpot": list(config.k_tpot_grid),
         "ttft_slack_s": config.ttft_slack_s,
         "goodput": {
-            name: slo_grid_goodput([(p.rate, p.outcomes) for p in run.points], baseline, config.k_ttft_grid,
-                                   config.k_tpot_grid, config.ttft_slack_s, config.target)  # fmt: skip
+            name: slo_grid_goodput(
+                [(p.rate, p.outcomes) for p in run.points],
+                baseline,
+                config.k_ttft_grid,
+                config.k_tpot_grid,
+                config.ttft_slack_s,
+                config.target,
+            )
             for name, run in runs.items()
         },
     }

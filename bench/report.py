@@ -34,8 +34,10 @@ def verdict(summary: Mapping[str, Any]) -> str:
             continue
         goodput = mode["goodput"] or 0.0
         if base == 0 and goodput == 0:
-            sentences.append(f"Neither {ref} nor {name} kept 90% of requests within the SLO at any rate tried; "
-                             "rerun with lower --rates.")  # fmt: skip
+            sentences.append(
+                f"Neither {ref} nor {name} kept 90% of requests within the SLO at any rate tried; "
+                "rerun with lower --rates."
+            )
         elif base == 0 or goodput >= base * (1 + TIE_MARGIN):
             ratio = f" ({goodput / base:.2f}x)" if base else ""
             sentences.append(f"{name} wins: {goodput:g} req/s goodput against {base:g} for {ref}{ratio}.")
@@ -48,8 +50,10 @@ def verdict(summary: Mapping[str, Any]) -> str:
         cells = [(a, b) for row_a, row_b in zip(grids[ref], grids[name]) for a, b in zip(row_a, row_b)]
         wins = sum(b > a for a, b in cells)
         losses = sum(b < a for a, b in cells)
-        sentences.append(f"Across the {len(cells)} SLOs of the map, {name} has more goodput in {wins}, "
-                         f"less in {losses}, the same in {len(cells) - wins - losses}.")  # fmt: skip
+        sentences.append(
+            f"Across the {len(cells)} SLOs of the map, {name} has more goodput in {wins}, "
+            f"less in {losses}, the same in {len(cells) - wins - losses}."
+        )
     return " ".join(sentences)
 
 
@@ -101,20 +105,28 @@ def write_plots(out_dir: Path, summary: Mapping[str, Any]) -> list[Path]:
     return [
         _cdf_plot(out_dir / "ttft_cdf.png", ttfts, "TTFT (ms)", f"TTFT CDF at {rate:g} req/s"),
         _cdf_plot(out_dir / "tpot_cdf.png", tpots, "TPOT (ms)", f"TPOT CDF at {rate:g} req/s"),
-        _rate_plot(out_dir / "goodput_vs_rate.png", modes,
-                   [("request_goodput", "requests/s within SLO"), ("slo_attainment", "SLO attainment (%)")],
-                   "Goodput vs offered rate"),
-        _rate_plot(out_dir / "p99_vs_rate.png", modes,
-                   [("p99_ttft_ms", "P99 TTFT (ms)"), ("p99_tpot_ms", "P99 TPOT (ms)"), ("p99_itl_ms", "P99 ITL (ms)")],
-                   "P99 latency vs offered rate"),
-    ]  # fmt: skip
+        _rate_plot(
+            out_dir / "goodput_vs_rate.png",
+            modes,
+            [("request_goodput", "requests/s within SLO"), ("slo_attainment", "SLO attainment (%)")],
+            "Goodput vs offered rate",
+        ),
+        _rate_plot(
+            out_dir / "p99_vs_rate.png",
+            modes,
+            [("p99_ttft_ms", "P99 TTFT (ms)"), ("p99_tpot_ms", "P99 TPOT (ms)"), ("p99_itl_ms", "P99 ITL (ms)")],
+            "P99 latency vs offered rate",
+        ),
+    ]
 
 
 def _slo_text(slo: Mapping[str, Any]) -> str:
     if slo["kind"] == "absolute":
         return f"absolute: TTFT <= {_fmt(slo['ttft_ms'], 'g')} ms, TPOT <= {_fmt(slo['tpot_ms'], 'g')} ms"
-    return (f"relative: TTFT <= {slo['k_ttft']:g} x isolated TTFT of the prompt's length bucket + "
-            f"{slo['ttft_slack_s']:g} s, TPOT <= {slo['k_tpot']:g} x isolated TPOT")  # fmt: skip
+    return (
+        f"relative: TTFT <= {slo['k_ttft']:g} x isolated TTFT of the prompt's length bucket + "
+        f"{slo['ttft_slack_s']:g} s, TPOT <= {slo['k_tpot']:g} x isolated TPOT"
+    )
 
 
 def render_markdown(summary: Mapping[str, Any], plots: Sequence[Path]) -> str:
@@ -142,30 +154,50 @@ def render_markdown(summary: Mapping[str, Any], plots: Sequence[Path]) -> str:
     ]
     for name, m in modes.items():
         attain = None if m["slo_attainment"] is None else 100 * m["slo_attainment"]
-        lines.append(f"| {name} | {_fmt(m['goodput'], 'g')} | {_fmt(m['request_throughput'], '.2f')} | "
-                     f"{_fmt(attain, '.0f')}% | {_fmt(m['p50_ttft_ms'])} | {_fmt(m['p99_ttft_ms'])} | "
-                     f"{_fmt(m['p50_tpot_ms'])} | {_fmt(m['p99_tpot_ms'])} | {_fmt(m['p99_itl_ms'])} |")  # fmt: skip
-    lines += ["", "## Every rate", "",
-              "| mode | rate | throughput (req/s) | goodput (req/s) | within SLO | p99 TTFT (ms) | p99 TPOT (ms) "
-              "| failed |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines.append(
+            f"| {name} | {_fmt(m['goodput'], 'g')} | {_fmt(m['request_throughput'], '.2f')} | "
+            f"{_fmt(attain, '.0f')}% | {_fmt(m['p50_ttft_ms'])} | {_fmt(m['p99_ttft_ms'])} | "
+            f"{_fmt(m['p50_tpot_ms'])} | {_fmt(m['p99_tpot_ms'])} | {_fmt(m['p99_itl_ms'])} |"
+        )
+    lines += [
+        "",
+        "## Every rate",
+        "",
+        "| mode | rate | throughput (req/s) | goodput (req/s) | within SLO | p99 TTFT (ms) | p99 TPOT (ms) | failed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, m in modes.items():
         for r in m["sweep"]:
             attain = None if r["slo_attainment"] is None else 100 * r["slo_attainment"]
-            lines.append(f"| {name} | {r['rate']:g} | {_fmt(r['request_throughput'], '.2f')} | "
-                         f"{_fmt(r['request_goodput'], '.2f')} | {_fmt(attain, '.0f')}% | {_fmt(r['p99_ttft_ms'])} | "
-                         f"{_fmt(r['p99_tpot_ms'])} | {r['failed']} |")  # fmt: skip
+            lines.append(
+                f"| {name} | {r['rate']:g} | {_fmt(r['request_throughput'], '.2f')} | "
+                f"{_fmt(r['request_goodput'], '.2f')} | {_fmt(attain, '.0f')}% | {_fmt(r['p99_ttft_ms'])} | "
+                f"{_fmt(r['p99_tpot_ms'])} | {r['failed']} |"
+            )
     smap = summary["slo_map"]
-    lines += ["", "## SLO map", "",
-              f"Goodput (req/s) of {' / '.join(names)} for TTFT <= k_ttft x isolated + {smap['ttft_slack_s']:g} s "
-              "(rows) and TPOT <= k_tpot x isolated (columns).", "",
-              "| k_ttft \\ k_tpot | " + " | ".join(f"{k:g}" for k in smap["k_tpot"]) + " |",
-              "|---|" + "---|" * len(smap["k_tpot"])]  # fmt: skip
+    lines += [
+        "",
+        "## SLO map",
+        "",
+        f"Goodput (req/s) of {' / '.join(names)} for TTFT <= k_ttft x isolated + {smap['ttft_slack_s']:g} s "
+        "(rows) and TPOT <= k_tpot x isolated (columns).",
+        "",
+        "| k_ttft \\ k_tpot | " + " | ".join(f"{k:g}" for k in smap["k_tpot"]) + " |",
+        "|---|" + "---|" * len(smap["k_tpot"]),
+    ]
     for i, k_ttft in enumerate(smap["k_ttft"]):
         cells = [" / ".join(f"{smap['goodput'][n][i][j]:g}" for n in names) for j in range(len(smap["k_tpot"]))]
         lines.append(f"| {k_ttft:g} | " + " | ".join(cells) + " |")
     iso = slo["isolated"]
-    lines += ["", f"## Isolated baseline (on {summary['reference_mode']}, one request at a time)", "",
-              f"TPOT {iso['tpot_ms']:.1f} ms.", "", "| prompt tokens | TTFT (ms) |", "|---|---|"]  # fmt: skip
+    lines += [
+        "",
+        f"## Isolated baseline (on {summary['reference_mode']}, one request at a time)",
+        "",
+        f"TPOT {iso['tpot_ms']:.1f} ms.",
+        "",
+        "| prompt tokens | TTFT (ms) |",
+        "|---|---|",
+    ]
     lines += [f"| {bucket} | {ttft:.1f} |" for bucket, ttft in iso["ttft_ms"].items()]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "Raw data: `compare.json`, `isolated.json`, and `<mode>/rate_<R>.json` (vLLM result keys).", ""]

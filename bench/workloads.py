@@ -268,9 +268,7 @@ class PromptBuilder:
         return BenchRequest(text, len(self.codec.encode(text)), output_len, kind)
 
 
-def synthesize(
-    spec: WorkloadSpec, num_requests: int, seed: int, builder: PromptBuilder
-) -> list[BenchRequest]:
+def synthesize(spec: WorkloadSpec, num_requests: int, seed: int, builder: PromptBuilder) -> list[BenchRequest]:
     """The seeded requests of a synthetic workload."""
     return builder.build(sample_lengths(spec, num_requests, seed), seed)
 
@@ -295,9 +293,7 @@ def load_sharegpt(
     pairs = [
         (turns[0]["value"], turns[1]["value"])
         for entry in data
-        if isinstance(entry, dict)
-        and isinstance(turns := entry.get("conversations"), list)
-        and len(turns) >= 2
+        if isinstance(entry, dict) and isinstance(turns := entry.get("conversations"), list) and len(turns) >= 2
     ]
     order = np.random.default_rng([seed, _DATASET_STREAM]).permutation(len(pairs))
     requests: list[BenchRequest] = []

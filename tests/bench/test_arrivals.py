@@ -41,9 +41,14 @@ def test_closed_loop_releases_everything_at_once() -> None:
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({}, "--rate R"), ({"rate": 0.0}, "positive"), ({"rate": -1.0}, "positive"),
-     ({"max_concurrency": 0}, "at least 1"), ({"rate": 1.0, "process": "bursty"}, "poisson")],
-)  # fmt: skip
+    [
+        ({}, "--rate R"),
+        ({"rate": 0.0}, "positive"),
+        ({"rate": -1.0}, "positive"),
+        ({"max_concurrency": 0}, "at least 1"),
+        ({"rate": 1.0, "process": "bursty"}, "poisson"),
+    ],
+)
 def test_bad_schedules_are_rejected(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Schedule(**kwargs)
@@ -71,8 +76,11 @@ def test_closed_loop_keeps_exactly_c_in_flight() -> None:
     log: list[tuple[str, float]] = []
     in_flight = [0, 0]
     done: list[RequestOutcome] = []
-    result = asyncio.run(drive([_request(i) for i in range(9)], Schedule(max_concurrency=3),
-                               _fake_send(log, in_flight, 0.02), done.append))  # fmt: skip
+    result = asyncio.run(
+        drive(
+            [_request(i) for i in range(9)], Schedule(max_concurrency=3), _fake_send(log, in_flight, 0.02), done.append
+        )
+    )
     assert in_flight[1] == 3
     assert len(result.outcomes) == 9 and len(done) == 9
     assert [p for p, _ in log] == [f"p{i}" for i in range(9)]  # released in order

@@ -15,10 +15,20 @@ from tests.bench.conftest import ThreadServer
 from tests.bench.fake_server import BODIES, MODEL_ID
 
 VLLM_KEYS = {
-    "completed", "total_input_tokens", "total_output_tokens", "request_throughput", "output_throughput",
-    "total_token_throughput", "request_goodput", "duration", "ttfts", "itls", "input_lens", "output_lens",
+    "completed",
+    "total_input_tokens",
+    "total_output_tokens",
+    "request_throughput",
+    "output_throughput",
+    "total_token_throughput",
+    "request_goodput",
+    "duration",
+    "ttfts",
+    "itls",
+    "input_lens",
+    "output_lens",
     "errors",
-} | {f"{s}_{m}_ms" for s in ("mean", "median", "p99", "std") for m in ("ttft", "tpot", "itl", "e2el")}  # fmt: skip
+} | {f"{s}_{m}_ms" for s in ("mean", "median", "p99", "std") for m in ("ttft", "tpot", "itl", "e2el")}
 
 
 def invoke(codec: TextCodec, args: list[str]) -> Result:
@@ -29,8 +39,26 @@ def invoke(codec: TextCodec, args: list[str]) -> Result:
 
 def test_run_writes_a_vllm_compatible_result(fake_server: ThreadServer, codec: TextCodec, tmp_path: Path) -> None:
     out = tmp_path / "run"
-    cli = invoke(codec, ["run", "--url", fake_server.url, "--workload", "chat", "--rate", "200",
-                         "--num-requests", "12", "--seed", "5", "--warmup", "1", "--out", str(out)])  # fmt: skip
+    cli = invoke(
+        codec,
+        [
+            "run",
+            "--url",
+            fake_server.url,
+            "--workload",
+            "chat",
+            "--rate",
+            "200",
+            "--num-requests",
+            "12",
+            "--seed",
+            "5",
+            "--warmup",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
     result = json.loads((out / "result.json").read_text())
     assert VLLM_KEYS <= set(result)
     assert result["completed"] == 12 and result["failed"] == 0
@@ -51,11 +79,24 @@ def test_run_writes_a_vllm_compatible_result(fake_server: ThreadServer, codec: T
     assert "Successful requests" in cli.output and "Mean TTFT (ms)" in cli.output
 
 
-def test_run_closed_loop_with_slos_and_completions(
-    fake_server: ThreadServer, codec: TextCodec, tmp_path: Path
-) -> None:
-    common = ["run", "--url", fake_server.url, "--model", "named", "--endpoint", "completions",
-              "--workload", "rag", "--concurrency", "3", "--num-requests", "6", "--warmup", "0"]  # fmt: skip
+def test_run_closed_loop_with_slos_and_completions(fake_server: ThreadServer, codec: TextCodec, tmp_path: Path) -> None:
+    common = [
+        "run",
+        "--url",
+        fake_server.url,
+        "--model",
+        "named",
+        "--endpoint",
+        "completions",
+        "--workload",
+        "rag",
+        "--concurrency",
+        "3",
+        "--num-requests",
+        "6",
+        "--warmup",
+        "0",
+    ]
     invoke(codec, [*common, "--slo-ttft-ms", "60000", "--slo-tpot-ms", "60000", "--out", str(tmp_path / "a")])
     invoke(codec, [*common, "--slo-ttft-ms", "0.001", "--out", str(tmp_path / "b")])
     loose = json.loads((tmp_path / "a" / "result.json").read_text())
@@ -70,18 +111,36 @@ def test_run_closed_loop_with_slos_and_completions(
     assert all(1024 <= n <= 2048 for n in loose["input_lens"])
 
 
-def test_failed_requests_are_counted_and_explained(
-    fake_server: ThreadServer, codec: TextCodec, tmp_path: Path
-) -> None:
+def test_failed_requests_are_counted_and_explained(fake_server: ThreadServer, codec: TextCodec, tmp_path: Path) -> None:
     conversations = [
-        {"conversations": [{"from": "human", "value": f"tell me about topic {i} " + ("FAIL-ME " if i == 2 else "")},
-                           {"from": "gpt", "value": "it is a topic worth a few words"}]}
+        {
+            "conversations": [
+                {"from": "human", "value": f"tell me about topic {i} " + ("FAIL-ME " if i == 2 else "")},
+                {"from": "gpt", "value": "it is a topic worth a few words"},
+            ]
+        }
         for i in range(4)
-    ]  # fmt: skip
+    ]
     dataset = tmp_path / "sg.json"
     dataset.write_text(json.dumps(conversations))
-    invoke(codec, ["run", "--url", fake_server.url, "--dataset", str(dataset), "--num-requests", "4",
-                   "--concurrency", "2", "--warmup", "0", "--out", str(tmp_path / "r")])  # fmt: skip
+    invoke(
+        codec,
+        [
+            "run",
+            "--url",
+            fake_server.url,
+            "--dataset",
+            str(dataset),
+            "--num-requests",
+            "4",
+            "--concurrency",
+            "2",
+            "--warmup",
+            "0",
+            "--out",
+            str(tmp_path / "r"),
+        ],
+    )
     result = json.loads((tmp_path / "r" / "result.json").read_text())
     assert result["workload"] == "sharegpt:sg.json"
     assert (result["completed"], result["failed"]) == (3, 1)
@@ -90,8 +149,11 @@ def test_failed_requests_are_counted_and_explained(
 
 
 def test_run_needs_a_rate_or_a_concurrency(fake_server: ThreadServer, codec: TextCodec, tmp_path: Path) -> None:
-    result = CliRunner().invoke(bench, ["run", "--url", fake_server.url, "--out", str(tmp_path)],
-                                obj=BenchContext(load_codec=lambda path: codec))  # fmt: skip
+    result = CliRunner().invoke(
+        bench,
+        ["run", "--url", fake_server.url, "--out", str(tmp_path)],
+        obj=BenchContext(load_codec=lambda path: codec),
+    )
     assert result.exit_code == 2 and "--rate R" in result.output
 
 
@@ -99,8 +161,11 @@ def test_unreachable_server_is_a_clean_error(codec: TextCodec, tmp_path: Path) -
     with socket.socket() as s:  # a port nobody listens on once this socket closes
         s.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
-    result = CliRunner().invoke(bench, ["run", "--url", url, "--rate", "1", "--out", str(tmp_path)],
-                                obj=BenchContext(load_codec=lambda path: codec))  # fmt: skip
+    result = CliRunner().invoke(
+        bench,
+        ["run", "--url", url, "--rate", "1", "--out", str(tmp_path)],
+        obj=BenchContext(load_codec=lambda path: codec),
+    )
     assert result.exit_code == 1 and "cannot reach" in result.output
 
 
@@ -108,8 +173,23 @@ def test_sweep_measures_a_baseline_and_reports_goodput(
     fake_server: ThreadServer, codec: TextCodec, tmp_path: Path
 ) -> None:
     out = tmp_path / "sweep"
-    args = ["sweep", "--url", fake_server.url, "--rates", "400,200", "--workload", "mixed", "--num-requests", "6",
-            "--warmup", "1", "--isolated-per-bucket", "1", "--out", str(out)]  # fmt: skip
+    args = [
+        "sweep",
+        "--url",
+        fake_server.url,
+        "--rates",
+        "400,200",
+        "--workload",
+        "mixed",
+        "--num-requests",
+        "6",
+        "--warmup",
+        "1",
+        "--isolated-per-bucket",
+        "1",
+        "--out",
+        str(out),
+    ]
     invoke(codec, args)
     summary = json.loads((out / "sweep.json").read_text())
     isolated = json.loads((out / "isolated.json").read_text())

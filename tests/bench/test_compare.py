@@ -29,15 +29,25 @@ def _python(code: str) -> str:
 
 def test_launch_template_placeholders() -> None:
     launch = LaunchConfig("pdbox up --mode {mode} --host {host} --port {port}", host="127.0.0.2")
-    assert launch.command("disagg", 8123) == ["pdbox", "up", "--mode", "disagg", "--host", "127.0.0.2", "--port", "8123"]
+    assert launch.command("disagg", 8123) == [
+        "pdbox",
+        "up",
+        "--mode",
+        "disagg",
+        "--host",
+        "127.0.0.2",
+        "--port",
+        "8123",
+    ]
     with pytest.raises(ValueError, match=r"\{mode\}"):
         LaunchConfig("serve --gpu {gpu}")
 
 
 def test_a_server_that_dies_before_ready_is_reported(tmp_path: Path) -> None:
     async def go() -> None:
-        async with LaunchedServer(LaunchConfig(_python("import sys; print('boom'); sys.exit(3)")), "unified",
-                                  tmp_path / "log"):  # fmt: skip
+        async with LaunchedServer(
+            LaunchConfig(_python("import sys; print('boom'); sys.exit(3)")), "unified", tmp_path / "log"
+        ):
             pass
 
     with pytest.raises(RuntimeError, match="exited with code 3"):
@@ -82,8 +92,23 @@ def test_compare_runs_each_mode_and_writes_the_report(codec: TextCodec, tmp_path
     out = tmp_path / "cmp"
     launch = f"{PY} {shlex.quote(str(HERE / 'fake_server.py'))} --mode {{mode}} --host {{host}} --port {{port}}"
     with ThreadServer(make_app()) as peer:
-        args = ["compare", "--launch", launch, "--rates", "100,200", "--num-requests", "6", "--warmup", "1",
-                "--isolated-per-bucket", "1", "--peer-url", peer.url, "--out", str(out)]  # fmt: skip
+        args = [
+            "compare",
+            "--launch",
+            launch,
+            "--rates",
+            "100,200",
+            "--num-requests",
+            "6",
+            "--warmup",
+            "1",
+            "--isolated-per-bucket",
+            "1",
+            "--peer-url",
+            peer.url,
+            "--out",
+            str(out),
+        ]
         result = CliRunner().invoke(bench, args, obj=BenchContext(load_codec=lambda path: codec))
     assert result.exit_code == 0, result.output + repr(result.exception)
 
@@ -128,8 +153,11 @@ def test_compare_runs_each_mode_and_writes_the_report(codec: TextCodec, tmp_path
 
 
 def _summary(goodputs: dict[str, float], grids: dict[str, list[list[float]]]) -> dict:
-    return {"reference_mode": "unified", "modes": {n: {"goodput": g} for n, g in goodputs.items()},
-            "slo_map": {"goodput": grids}}  # fmt: skip
+    return {
+        "reference_mode": "unified",
+        "modes": {n: {"goodput": g} for n, g in goodputs.items()},
+        "slo_map": {"goodput": grids},
+    }
 
 
 def test_verdict_wording() -> None:

@@ -108,10 +108,21 @@ def test_result_keys_match_vllm_bench_serve() -> None:
     metrics = compute_metrics([outcome()], duration_s=1.0, slo=AbsoluteSLO(1000, 100))
     lists = per_request_lists([outcome()])
     vllm_keys = {
-        "completed", "total_input_tokens", "total_output_tokens", "request_throughput", "output_throughput",
-        "total_token_throughput", "request_goodput", "duration", "ttfts", "itls", "input_lens", "output_lens",
-        "errors", "latencies",
-    } | {f"{s}_{m}_ms" for s in ("mean", "median", "p99", "std") for m in ("ttft", "tpot", "itl", "e2el")}  # fmt: skip
+        "completed",
+        "total_input_tokens",
+        "total_output_tokens",
+        "request_throughput",
+        "output_throughput",
+        "total_token_throughput",
+        "request_goodput",
+        "duration",
+        "ttfts",
+        "itls",
+        "input_lens",
+        "output_lens",
+        "errors",
+        "latencies",
+    } | {f"{s}_{m}_ms" for s in ("mean", "median", "p99", "std") for m in ("ttft", "tpot", "itl", "e2el")}
     assert vllm_keys <= set(metrics) | set(lists)
 
 

@@ -145,10 +145,14 @@ def test_corpus_is_ascii_prose_and_code_of_some_size() -> None:
 
 def _write_sharegpt(path: Path) -> Path:
     entries = [
-        {"conversations": [{"from": "human", "value": f"question {i} " + "word " * (5 + i)},
-                           {"from": "gpt", "value": "answer " * (4 + i)}]}
+        {
+            "conversations": [
+                {"from": "human", "value": f"question {i} " + "word " * (5 + i)},
+                {"from": "gpt", "value": "answer " * (4 + i)},
+            ]
+        }
         for i in range(12)
-    ]  # fmt: skip
+    ]
     entries.append({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "too short"}]})
     entries.append({"conversations": [{"from": "human", "value": "only one turn here at all"}]})
     entries.append({"conversations": [{"from": "human", "value": "x " * 40}, {"from": "gpt", "value": "y " * 40}]})
