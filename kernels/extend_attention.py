@@ -50,8 +50,8 @@ def extend_attention_ref(
                 qb, k, v, is_causal=True, scale=scale, enable_gqa=q_heads != kv_heads
             )
         else:
-            rows = torch.arange(n_new).unsqueeze(1) + prefix
-            mask = torch.arange(total).unsqueeze(0) <= rows
+            rows = torch.arange(n_new, device=q.device).unsqueeze(1) + prefix
+            mask = torch.arange(total, device=q.device).unsqueeze(0) <= rows
             o = F.scaled_dot_product_attention(
                 qb, k, v, attn_mask=mask, scale=scale, enable_gqa=q_heads != kv_heads
             )
