@@ -316,11 +316,13 @@ def script(model: str, prefill_nodes: int, decode_nodes: int, gpus_per_node: int
 
     prefill, decode = _specs(prefill_nodes, decode_nodes, gpus_per_node, tasks_per_node, cpus_per_task, tp,
                              partition, time_min, env_pairs)
+    root = Path(run_root or runstate.runs_root()).absolute()
+    root.mkdir(parents=True, exist_ok=True)  # Slurm does not create the directory of --output
     text = render_sbatch(
         prefill, decode,
         prefill_argv=_worker_argv(worker_cmd, "prefill", model, ROUTER_URL),
         decode_argv=_worker_argv(worker_cmd, "decode", model, ROUTER_URL),
-        run_root=str(Path(run_root or runstate.runs_root()).absolute()),
+        run_root=str(root),
     )
     if output is None:
         click.echo(text, nl=False)

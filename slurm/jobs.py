@@ -12,9 +12,12 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from slurm.task import ROLE_ENV, ROUTER_URL_ENV, TOKEN_ENV, PoolTask
+
+if TYPE_CHECKING:
+    import submitit
 
 Role = Literal["prefill", "decode", "router"]
 
@@ -83,7 +86,9 @@ class PoolSpec:
         return None
 
 
-def make_executor(spec: PoolSpec, folder: Path, *, max_requeues: int = 3, python: str | None = None):  # noqa: ANN201
+def make_executor(
+    spec: PoolSpec, folder: Path, *, max_requeues: int = 3, python: str | None = None
+) -> submitit.AutoExecutor:
     """A fresh submitit executor for `spec` (submitit parameters are sticky, so one per job shape)."""
     import submitit
 
@@ -124,7 +129,7 @@ def submit_pool(
     token: str,
     max_requeues: int = 3,
     stop_grace_s: float = 3.0,
-):  # noqa: ANN201  (a submitit.Job; submitit is imported lazily)
+) -> submitit.Job[int]:
     """Submit `spec` as one Slurm job running `argv` in every task; returns the submitit job.
 
     submitit's folder is `run_dir/submitit/<pool name>` (pickles, per-task logs %j_%t_log.out/.err).

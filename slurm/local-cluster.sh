@@ -253,9 +253,9 @@ add_hosts() {
 remove_hosts() {
   grep -q "$TAG\$" /etc/hosts || return 0
   # rewrite in place (no sed -i / mv): /etc/hosts is often a bind mount
-  grep -v "$TAG\$" /etc/hosts >"$DIR/hosts.tmp" || true
-  cat "$DIR/hosts.tmp" >/etc/hosts
-  rm -f "$DIR/hosts.tmp"
+  local kept
+  kept=$(grep -v "$TAG\$" /etc/hosts || true)
+  printf '%s\n' "$kept" >/etc/hosts
 }
 
 nodes_ready() {
@@ -352,7 +352,7 @@ down() {
   if [[ -L /etc/slurm/slurm.conf && $(readlink /etc/slurm/slurm.conf) == "$SLURM_CONF" ]]; then
     rm -f /etc/slurm/slurm.conf
   fi
-  [[ -d $DIR ]] && remove_hosts
+  remove_hosts
   log "DOWN"
 }
 

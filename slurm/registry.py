@@ -66,6 +66,7 @@ class Registry:
         self._events: collections.deque[RegistryEvent] = collections.deque(maxlen=1000)
         self._session: aiohttp.ClientSession | None = None
         self._loop_task: asyncio.Task[None] | None = None
+        self._checks: set[asyncio.Task[None]] = set()  # first checks of new registrations
 
     # ---- queries -------------------------------------------------------------------------------
     def workers(self, role: WorkerRole | None = None, *, healthy_only: bool = True) -> list[WorkerInfo]:
@@ -102,7 +103,9 @@ class Registry:
         self._entries[info.key] = _Entry(info=info, registered_at=time.monotonic())
         self._event("register", info)
         if self._session is not None:  # first health check now, not a whole interval later
-            asyncio.get_running_loop().create_task(self._check(info.key))
+            task = asyncio.get_running_loop().create_task(self._check(info.key))
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
 
     def deregister(self, request: Deregister) -> list[WorkerInfo]:
         """Remove the matching ranks; returns them."""
@@ -123,6 +126,8 @@ class Registry:
             self._loop_task = asyncio.get_running_loop().create_task(self._health_loop())
 
     async def stop(self) -> None:
+        for task in list(self._checks):
+            task.cancel()
         if self._loop_task is not None:
             self._loop_task.cancel()
             try:

@@ -36,7 +36,8 @@ def _srun_line(spec: PoolSpec, nodelist_var: str, argv: Sequence[str], python: s
             else f" --gpus-per-node={spec.gpus_per_node}" if spec.gpus_per_node else "")
     return (
         "env " + " ".join(f"{k}={_word(v)}" for k, v in env.items())
-        + f' srun --nodes={spec.nodes} --nodelist="${nodelist_var}" --ntasks-per-node={spec.tasks_per_node}'
+        + f' srun --nodes={spec.nodes} --nodelist="${nodelist_var}" --ntasks={spec.num_tasks}'
+        + f" --ntasks-per-node={spec.tasks_per_node}"
         + f" --cpus-per-task={spec.cpus_per_task}{gpus} --kill-on-bad-exit=1"
         + f" {shlex.quote(python)} -m slurm.task -- {_cmd(argv)} &"
     )
