@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import math
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,12 +16,12 @@ from typing import Any, TypeVar, cast
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 from bench.arrivals import ArrivalProcess, Schedule
 from bench.client import ClientConfig, Endpoint, RequestOutcome, first_model_id
 from bench.compare import DEFAULT_LAUNCH, CompareConfig, LaunchConfig, run_compare
 from bench.metrics import AbsoluteSLO, IsolatedBaseline, PromptBuckets, RelativeSLO, SLOPolicy
+from bench.report import summary_table, sweep_table, write_report
 from bench.run import build_result, measure_isolated, run_meta, run_requests, write_json
 from bench.sweep import isolated_seed, parse_rates, point_seed, run_sweep, sweep_summary
 from bench.workloads import WORKLOADS, PromptBuilder, RequestSource, TextCodec, load_codec, warmup_requests
@@ -85,135 +86,127 @@ class _Tracker:
         self.progress.update(self.task, advance=1, failed=self.failed)
 
 
-def summary_table(result: Mapping[str, Any], title: str = "Serving benchmark result") -> Table:
-    """The console summary, in the order and units of `vllm bench serve`'s block."""
-    table = Table(title=title, show_header=False)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    fmt = lambda v, spec=".2f": "-" if v is None else format(v, spec)
-    rows = [
-        ("Successful requests", fmt(result["completed"], "d")),
-        ("Failed requests", fmt(result["failed"], "d")),
-        ("Benchmark duration (s)", fmt(result["duration"])),
-        ("Total input tokens", fmt(result["total_input_tokens"], "d")),
-        ("Total generated tokens", fmt(result["total_output_tokens"], "d")),
-        ("Request throughput (req/s)", fmt(result["request_throughput"])),
-        ("Request goodput (req/s)", fmt(result["request_goodput"])),
-        ("SLO attainment (%)", fmt(None if result["slo_attainment"] is None else 100 * result["slo_attainment"])),
-        ("Output token throughput (tok/s)", fmt(result["output_throughput"])),
-        ("Total token throughput (tok/s)", fmt(result["total_token_throughput"])),
-    ]
-    for name in ("ttft", "tpot", "itl", "e2el"):
-        label = name.upper()
-        rows += [
-            (f"Mean {label} (ms)", fmt(result[f"mean_{name}_ms"])),
-            (f"Median {label} (ms)", fmt(result[f"median_{name}_ms"])),
-            (f"P90 {label} (ms)", fmt(result.get(f"p90_{name}_ms"))),
-            (f"P99 {label} (ms)", fmt(result.get(f"p99_{name}_ms"))),
-        ]
-    for metric, value in rows:
-        table.add_row(metric, value)
-    return table
-
-
-def _sweep_table(summary: Mapping[str, Any], title: str) -> Table:
-    table = Table(title=title)
-    for col in ("rate", "req/s", "goodput", "attain %", "p50 TTFT", "p99 TTFT", "p50 TPOT", "p99 TPOT", "failed"):
-        table.add_column(col, justify="right")
-    fmt = lambda v, spec=".1f": "-" if v is None else format(v, spec)
-    for p in summary["points"]:
-        attain = None if p["slo_attainment"] is None else 100 * p["slo_attainment"]
-        table.add_row(
-            fmt(p["rate"], "g"),
-            fmt(p["request_throughput"], ".2f"),
-            fmt(p["request_goodput"], ".2f"),
-            fmt(attain),
-            fmt(p["p50_ttft_ms"]),
-            fmt(p["p99_ttft_ms"]),
-            fmt(p["p50_tpot_ms"]),
-            fmt(p["p99_tpot_ms"]),
-            str(p["failed"]),
-        )
-    return table
-
-
 # -- shared options ------------------------------------------------------------------------------
 
 
-def _workload_options(f: Callable[..., Any], default_workload: str = "chat") -> Callable[..., Any]:
-    options = [
-        click.option(
-            "--workload",
-            type=click.Choice(sorted(WORKLOADS)),
-            default=default_workload,
-            show_default=True,
-            help="Synthetic workload (see bench/workloads.py for the length ranges).",
-        ),
-        click.option(
-            "--dataset",
-            type=click.Path(exists=True, dir_okay=False, path_type=Path),
-            help="ShareGPT-format JSON file; replaces --workload.",
-        ),
-        click.option("--num-requests", type=int, default=100, show_default=True, help="Requests per run."),
-        click.option("--seed", type=int, default=0, show_default=True),
-        click.option(
-            "--shared-prefix",
-            type=int,
-            default=0,
-            show_default=True,
-            help="Prepend one common system-prompt-like block of N tokens to every prompt.",
-        ),
-        click.option(
-            "--tokenizer",
-            "tokenizer_path",
-            type=click.Path(exists=True, dir_okay=False),
-            help="GGUF whose tokenizer measures lengths [default: pdbox's embedded model].",
-        ),
-        click.option("--endpoint", type=click.Choice(["chat", "completions"]), default="chat", show_default=True),
-        click.option("--arrival", type=click.Choice(["poisson", "constant"]), default="poisson", show_default=True),
-        click.option("--timeout-s", type=float, default=600.0, show_default=True, help="Per-request timeout."),
-        click.option("--warmup", type=int, default=2, show_default=True, help="Untimed warm-up requests."),
-        click.option("--api-key", envvar="OPENAI_API_KEY", help="Bearer token [env: OPENAI_API_KEY]."),
-        click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True),
-    ]
-    return functools.reduce(lambda acc, opt: opt(acc), reversed(options), f)
+@dataclass(frozen=True)
+class LoadOptions:
+    """The options every command shares: what to send, how, and where results go."""
+
+    workload: str
+    dataset: Path | None
+    num_requests: int
+    seed: int
+    shared_prefix: int
+    tokenizer_path: str | None
+    endpoint: str
+    arrival: str
+    timeout_s: float
+    warmup: int
+    api_key: str | None
+    out_dir: Path
+
+    @property
+    def source(self) -> RequestSource:
+        return RequestSource(self.workload, self.num_requests, self.dataset)
+
+    @property
+    def process(self) -> ArrivalProcess:
+        return cast(ArrivalProcess, self.arrival)
+
+    def builder(self) -> PromptBuilder:
+        return PromptBuilder(_context().load_codec(self.tokenizer_path), shared_prefix_len=self.shared_prefix)
+
+    async def client(self, url: str, model: str | None) -> ClientConfig:
+        model = model or await first_model_id(url, api_key=self.api_key)
+        return ClientConfig(url, model, cast(Endpoint, self.endpoint), self.timeout_s, self.api_key)
 
 
-def _slo_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option("--slo-ttft-ms", type=float, help="Absolute TTFT SLO (ms)."),
-        click.option("--slo-tpot-ms", type=float, help="Absolute TPOT SLO (ms)."),
-        click.option(
-            "--k-ttft",
-            type=float,
-            default=4.0,
-            show_default=True,
-            help="Relative SLO: TTFT <= k x isolated TTFT + 0.5 s.",
-        ),
-        click.option(
-            "--k-tpot", type=float, default=1.5, show_default=True, help="Relative SLO: TPOT <= k x isolated TPOT."
-        ),
-    ]
-    return functools.reduce(lambda acc, opt: opt(acc), reversed(options), f)
+@dataclass(frozen=True)
+class SLOOptions:
+    """The SLO options: absolute limits when either is given, else the relative scales."""
+
+    slo_ttft_ms: float | None
+    slo_tpot_ms: float | None
+    k_ttft: float
+    k_tpot: float
+
+    def absolute(self) -> AbsoluteSLO | None:
+        if self.slo_ttft_ms is None and self.slo_tpot_ms is None:
+            return None
+        unset = lambda ms: math.inf if ms is None else ms
+        return AbsoluteSLO(unset(self.slo_ttft_ms), unset(self.slo_tpot_ms))
+
+    def relative(self, baseline: IsolatedBaseline) -> RelativeSLO:
+        return RelativeSLO(baseline, self.k_ttft, self.k_tpot)
 
 
-def _absolute_slo(slo_ttft_ms: float | None, slo_tpot_ms: float | None) -> AbsoluteSLO | None:
-    if slo_ttft_ms is None and slo_tpot_ms is None:
-        return None
-    return AbsoluteSLO(
-        slo_ttft_ms if slo_ttft_ms is not None else math.inf, slo_tpot_ms if slo_tpot_ms is not None else math.inf
+_LOAD_OPTIONS = [
+    click.option("--dataset", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                 help="ShareGPT-format JSON file; replaces --workload."),
+    click.option("--num-requests", type=int, default=100, show_default=True, help="Requests per run (per rate)."),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--shared-prefix", type=int, default=0, show_default=True,
+                 help="Prepend one common system-prompt-like block of N tokens to every prompt."),
+    click.option("--tokenizer", "tokenizer_path", type=click.Path(exists=True, dir_okay=False),
+                 help="GGUF whose tokenizer measures lengths [default: pdbox's embedded model]."),
+    click.option("--endpoint", type=click.Choice(["chat", "completions"]), default="chat", show_default=True),
+    click.option("--arrival", type=click.Choice(["poisson", "constant"]), default="poisson", show_default=True),
+    click.option("--timeout-s", type=float, default=600.0, show_default=True, help="Per-request timeout."),
+    click.option("--warmup", type=int, default=2, show_default=True, help="Untimed warm-up requests."),
+    click.option("--api-key", envvar="OPENAI_API_KEY", help="Bearer token [env: OPENAI_API_KEY]."),
+    click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True),
+]
+
+_SLO_OPTIONS = [
+    click.option("--slo-ttft-ms", type=float, help="Absolute TTFT SLO (ms)."),
+    click.option("--slo-tpot-ms", type=float, help="Absolute TPOT SLO (ms)."),
+    click.option("--k-ttft", type=float, default=4.0, show_default=True,
+                 help="Relative SLO: TTFT <= k x isolated TTFT + 0.5 s."),
+    click.option("--k-tpot", type=float, default=1.5, show_default=True,
+                 help="Relative SLO: TPOT <= k x isolated TPOT."),
+]
+
+
+def _packed(cls: type, options: list[Callable[..., Any]], name: str) -> Callable[[Callable[..., Any]], Any]:
+    """Add `options` to a command and hand their values to it as one `cls` instance named `name`."""
+    fields = [f.name for f in dataclasses.fields(cls)]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> Any:
+            packed = cls(**{f: kwargs.pop(f) for f in fields})
+            return command(**kwargs, **{name: packed})
+
+        return functools.reduce(lambda acc, option: option(acc), reversed(options), wrapper)
+
+    return decorate
+
+
+def load_options(default_workload: str) -> Callable[[Callable[..., Any]], Any]:
+    workload = click.option(
+        "--workload",
+        type=click.Choice(sorted(WORKLOADS)),
+        default=default_workload,
+        show_default=True,
+        help="Synthetic workload (length ranges: bench/workloads.py).",
     )
+    return _packed(LoadOptions, [workload, *_LOAD_OPTIONS], "load")
 
 
-def _builder(tokenizer_path: str | None, shared_prefix: int) -> PromptBuilder:
-    return PromptBuilder(_context().load_codec(tokenizer_path), shared_prefix_len=shared_prefix)
+slo_options = _packed(SLOOptions, _SLO_OPTIONS, "slo_opts")
+url_option = click.option("--url", required=True, help="Server root, e.g. http://127.0.0.1:8000.")
+model_option = click.option("--model", help="Model name [default: the first id of GET /v1/models].")
+rates_option = click.option("--rates", default="0.5,1,2,4", show_default=True, help="Offered rates (req/s), a,b,c.")
+isolated_option = click.option("--isolated-per-bucket", type=int, default=3, show_default=True,
+                               help="Isolated requests per prompt-length bucket (relative SLO baseline).")
 
 
-async def _client_config(
-    url: str, model: str | None, endpoint: str, timeout_s: float, api_key: str | None
-) -> ClientConfig:
-    model = model or await first_model_id(url, api_key=api_key)
-    return ClientConfig(url, model, cast(Endpoint, endpoint), timeout_s, api_key)
+def _read_baseline(path: Path) -> IsolatedBaseline:
+    return IsolatedBaseline.from_dict(json.loads(path.read_text())["baseline"])
+
+
+# -- commands ------------------------------------------------------------------------------------
 
 
 @click.group(name="bench")
@@ -222,178 +215,100 @@ def bench() -> None:
 
 
 @bench.command("run")
-@click.option("--url", required=True, help="Server root, e.g. http://127.0.0.1:8000.")
-@click.option("--model", help="Model name [default: the first id of GET /v1/models].")
+@url_option
+@model_option
 @click.option("--rate", type=float, help="Open-loop arrival rate (req/s).")
 @click.option("--concurrency", type=int, help="Closed loop with C requests in flight (with --rate: a cap).")
-@click.option(
-    "--baseline",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="isolated.json (from sweep/compare) for relative SLOs.",
-)
-@_slo_options
-@_workload_options
-def run_cmd(
-    url: str,
-    model: str | None,
-    rate: float | None,
-    concurrency: int | None,
-    baseline: Path | None,
-    slo_ttft_ms: float | None,
-    slo_tpot_ms: float | None,
-    k_ttft: float,
-    k_tpot: float,
-    workload: str,
-    dataset: Path | None,
-    num_requests: int,
-    seed: int,
-    shared_prefix: int,
-    tokenizer_path: str | None,
-    endpoint: str,
-    arrival: str,
-    timeout_s: float,
-    warmup: int,
-    api_key: str | None,
-    out_dir: Path,
-) -> None:
+@click.option("--baseline", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="isolated.json (from sweep/compare) for relative SLOs.")
+@slo_options
+@load_options("chat")
+def run_cmd(url: str, model: str | None, rate: float | None, concurrency: int | None, baseline: Path | None,
+            slo_opts: SLOOptions, load: LoadOptions) -> None:
     """One run at a fixed rate or concurrency; writes OUT/result.json (vLLM --save-result keys)."""
-    console = Console()
     with _user_errors():
-        schedule = Schedule(rate if rate is not None else math.inf, concurrency, cast(ArrivalProcess, arrival), seed)
-        slo: SLOPolicy | None = _absolute_slo(slo_ttft_ms, slo_tpot_ms)
+        schedule = Schedule(rate if rate is not None else math.inf, concurrency, load.process, load.seed)
+        slo: SLOPolicy | None = slo_opts.absolute()
         if slo is None and baseline is not None:
-            base = IsolatedBaseline.from_dict(json.loads(baseline.read_text())["baseline"])
-            slo = RelativeSLO(base, k_ttft, k_tpot)
-        source = RequestSource(workload, num_requests, dataset)
-        builder = _builder(tokenizer_path, shared_prefix)
-        requests = source.make(builder, seed)
+            slo = slo_opts.relative(_read_baseline(baseline))
+        builder = load.builder()
+        requests = load.source.make(builder, load.seed)
 
     async def go() -> dict[str, Any]:
-        config = await _client_config(url, model, endpoint, timeout_s, api_key)
+        config = await load.client(url, model)
         with _progress(Console(stderr=True)) as progress:
             tracker = _Tracker(progress)
-            tracker.phase(f"{source.label} -> {config.url}", len(requests))
-            run = await run_requests(config, requests, schedule, warmup_requests(builder, warmup), tracker.done)
-        extra = {
-            "num_prompts": len(requests),
-            "shared_prefix_len": builder.prefix_len,
-            "tokenizer_id": builder.codec.name,
-        }
-        return build_result(run, slo, run_meta(config, schedule, source.label, seed, extra))
+            tracker.phase(f"{load.source.label} -> {config.url}", len(requests))
+            warm = warmup_requests(builder, load.warmup)
+            run = await run_requests(config, requests, schedule, warm, tracker.done)
+        extra = {"num_prompts": len(requests), "shared_prefix_len": builder.prefix_len,
+                 "tokenizer_id": builder.codec.name}
+        return build_result(run, slo, run_meta(config, schedule, load.source.label, load.seed, extra))
 
     result = _run_async(go())
-    path = write_json(out_dir / "result.json", result)
+    path = write_json(load.out_dir / "result.json", result)
+    console = Console()
     console.print(summary_table(result))
     console.print(f"wrote {path}")
 
 
 @bench.command("sweep")
-@click.option("--url", required=True, help="Server root, e.g. http://127.0.0.1:8000.")
-@click.option("--model", help="Model name [default: the first id of GET /v1/models].")
-@click.option("--rates", default="0.5,1,2,4", show_default=True, help="Comma-separated offered rates (req/s).")
+@url_option
+@model_option
+@rates_option
 @click.option(
     "--baseline",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     help="isolated.json to reuse instead of measuring the isolated baseline on this server.",
 )
-@click.option(
-    "--isolated-per-bucket",
-    type=int,
-    default=3,
-    show_default=True,
-    help="Isolated requests per prompt-length bucket for the relative SLO baseline.",
-)
-@_slo_options
-@_workload_options
-def sweep_cmd(
-    url: str,
-    model: str | None,
-    rates: str,
-    baseline: Path | None,
-    isolated_per_bucket: int,
-    slo_ttft_ms: float | None,
-    slo_tpot_ms: float | None,
-    k_ttft: float,
-    k_tpot: float,
-    workload: str,
-    dataset: Path | None,
-    num_requests: int,
-    seed: int,
-    shared_prefix: int,
-    tokenizer_path: str | None,
-    endpoint: str,
-    arrival: str,
-    timeout_s: float,
-    warmup: int,
-    api_key: str | None,
-    out_dir: Path,
-) -> None:
+@isolated_option
+@slo_options
+@load_options("chat")
+def sweep_cmd(url: str, model: str | None, rates: str, baseline: Path | None, isolated_per_bucket: int,
+              slo_opts: SLOOptions, load: LoadOptions) -> None:
     """A rate sweep; goodput = the highest rate with >= 90% SLO attainment. Writes OUT/sweep.json.
 
     Without --slo-ttft-ms/--slo-tpot-ms the SLO is relative to an isolated baseline, read from
     --baseline or measured first on this server (one request at a time) and saved as OUT/isolated.json.
     """
-    console = Console()
     with _user_errors():
         rate_list = parse_rates(rates)
-        source = RequestSource(workload, num_requests, dataset)
-        builder = _builder(tokenizer_path, shared_prefix)
-        absolute = _absolute_slo(slo_ttft_ms, slo_tpot_ms)
+        source = load.source
+        builder = load.builder()
 
     async def go() -> dict[str, Any]:
-        config = await _client_config(url, model, endpoint, timeout_s, api_key)
-        warm = warmup_requests(builder, warmup)
+        config = await load.client(url, model)
+        warm = warmup_requests(builder, load.warmup)
         with _progress(Console(stderr=True)) as progress:
             tracker = _Tracker(progress)
-            slo: SLOPolicy | None = absolute
-            if slo is None:
-                if baseline is not None:
-                    base = IsolatedBaseline.from_dict(json.loads(baseline.read_text())["baseline"])
-                else:
-                    base, isolated = await measure_isolated(
-                        config,
-                        builder,
-                        source.make(builder, point_seed(seed, 0)),
-                        isolated_seed(seed),
-                        PromptBuckets(),
-                        isolated_per_bucket,
-                        warmup=warm,
-                        on_start=lambda n: tracker.phase("isolated baseline", n),
-                        on_done=tracker.done,
-                    )
-                    write_json(out_dir / "isolated.json", isolated)
-                    warm = []
-                slo = RelativeSLO(base, k_ttft, k_tpot)
+            slo: SLOPolicy | None = slo_opts.absolute()
+            if slo is None and baseline is not None:
+                slo = slo_opts.relative(_read_baseline(baseline))
+            elif slo is None:
+                base, isolated = await measure_isolated(
+                    config, builder, source.make(builder, point_seed(load.seed, 0)), isolated_seed(load.seed),
+                    PromptBuckets(), isolated_per_bucket, warmup=warm,
+                    on_start=lambda n: tracker.phase("isolated baseline", n), on_done=tracker.done,
+                )
+                write_json(load.out_dir / "isolated.json", isolated)
+                slo, warm = slo_opts.relative(base), []
             points = await run_sweep(
-                config,
-                source,
-                builder,
-                rate_list,
-                seed,
-                slo,
-                cast(ArrivalProcess, arrival),
-                warm,
-                out_dir,
-                on_point=lambda r, n: tracker.phase(f"rate {r:g} req/s", n),
-                on_done=tracker.done,
+                config, source, builder, rate_list, load.seed, slo, load.process, warm, load.out_dir,
+                on_point=lambda r, n: tracker.phase(f"rate {r:g} req/s", n), on_done=tracker.done,
             )
-        return {
-            "model_id": config.model,
-            "base_url": config.base_url,
-            "workload": source.label,
-            "seed": seed,
-            **sweep_summary(points, slo),
-        }
+        meta = {"model_id": config.model, "base_url": config.base_url, "workload": source.label, "seed": load.seed}
+        return {**meta, **sweep_summary(points, slo)}
 
     summary = _run_async(go())
-    path = write_json(out_dir / "sweep.json", summary, indent=2)
-    console.print(_sweep_table(summary, f"{summary['workload']} sweep against {url}"))
+    path = write_json(load.out_dir / "sweep.json", summary, indent=2)
+    console = Console()
+    console.print(sweep_table(summary["points"], f"{summary['workload']} sweep against {url}"))
     console.print(f"goodput: {summary['goodput']:g} req/s (highest rate with >= 90% SLO attainment)")
     console.print(f"wrote {path}")
 
 
 @bench.command("compare")
-@click.option("--rates", default="0.5,1,2,4", show_default=True, help="Comma-separated offered rates (req/s).")
+@rates_option
 @click.option(
     "--modes",
     default="unified,disagg",
@@ -417,70 +332,28 @@ def sweep_cmd(
 )
 @click.option("--peer-url", help="An already-running OpenAI-compatible server (e.g. vLLM) to sweep as well.")
 @click.option("--peer-name", default="peer", show_default=True)
-@click.option(
-    "--isolated-per-bucket",
-    type=int,
-    default=3,
-    show_default=True,
-    help="Isolated requests per prompt-length bucket for the relative SLO baseline.",
-)
-@_slo_options
-@functools.partial(_workload_options, default_workload="mixed")
-def compare_cmd(
-    rates: str,
-    modes: str,
-    launch: str,
-    host: str,
-    ready_timeout_s: float,
-    stop_timeout_s: float,
-    peer_url: str | None,
-    peer_name: str,
-    isolated_per_bucket: int,
-    slo_ttft_ms: float | None,
-    slo_tpot_ms: float | None,
-    k_ttft: float,
-    k_tpot: float,
-    workload: str,
-    dataset: Path | None,
-    num_requests: int,
-    seed: int,
-    shared_prefix: int,
-    tokenizer_path: str | None,
-    endpoint: str,
-    arrival: str,
-    timeout_s: float,
-    warmup: int,
-    api_key: str | None,
-    out_dir: Path,
-) -> None:
+@isolated_option
+@slo_options
+@load_options("mixed")
+def compare_cmd(rates: str, modes: str, launch: str, host: str, ready_timeout_s: float, stop_timeout_s: float,
+                peer_url: str | None, peer_name: str, isolated_per_bucket: int, slo_opts: SLOOptions,
+                load: LoadOptions) -> None:
     """Unified vs disaggregated on the same devices: OUT/report.md, OUT/compare.json and PNG plots.
 
     Each mode is launched in turn (--launch), swept over the same seeded requests, and stopped with
     SIGTERM before the next starts. The default SLO is relative to the isolated baseline measured on the
     first mode; the SLO map scores every mode over k_ttft in {2,4,8} x k_tpot in {1.25,1.5,2,3}.
     """
-    console = Console()
     with _user_errors():
         config = CompareConfig(
-            source=RequestSource(workload, num_requests, dataset),
-            rates=parse_rates(rates),
-            out_dir=out_dir,
-            modes=tuple(m.strip() for m in modes.split(",") if m.strip()),
-            seed=seed,
-            launch=LaunchConfig(launch, host, ready_timeout_s, stop_timeout_s),
-            endpoint=cast(Endpoint, endpoint),
-            timeout_s=timeout_s,
-            peer_url=peer_url,
-            peer_name=peer_name,
-            api_key=api_key,
-            absolute_slo=_absolute_slo(slo_ttft_ms, slo_tpot_ms),
-            k_ttft=k_ttft,
-            k_tpot=k_tpot,
-            isolated_per_bucket=isolated_per_bucket,
-            process=cast(ArrivalProcess, arrival),
-            warmup=warmup,
+            source=load.source, rates=parse_rates(rates), out_dir=load.out_dir,
+            modes=tuple(m.strip() for m in modes.split(",") if m.strip()), seed=load.seed,
+            launch=LaunchConfig(launch, host, ready_timeout_s, stop_timeout_s), endpoint=cast(Endpoint, load.endpoint),
+            timeout_s=load.timeout_s, peer_url=peer_url, peer_name=peer_name, api_key=load.api_key,
+            absolute_slo=slo_opts.absolute(), k_ttft=slo_opts.k_ttft, k_tpot=slo_opts.k_tpot,
+            isolated_per_bucket=isolated_per_bucket, process=load.process, warmup=load.warmup,
         )
-        builder = _builder(tokenizer_path, shared_prefix)
+        builder = load.builder()
 
     async def go() -> dict[str, Any]:
         with _progress(Console(stderr=True)) as progress:
@@ -489,22 +362,19 @@ def compare_cmd(
             return summary
 
     summary = _run_async(go())
-    write_json(out_dir / "compare.json", summary, indent=2)
-    from bench.report import write_report  # NOTE: lazy: matplotlib is slow to import
-
-    report = write_report(out_dir, summary)
+    write_json(load.out_dir / "compare.json", summary, indent=2)
+    report = write_report(load.out_dir, summary)
+    console = Console()
     for name, mode in summary["modes"].items():
-        console.print(_sweep_table({"points": mode["sweep"]}, f"{name} ({mode['url']})"))
+        console.print(sweep_table(mode["sweep"], f"{name} ({mode['url']})"))
     console.print(f"[bold]Verdict:[/bold] {summary['verdict']}")
-    console.print(f"wrote {report} and {out_dir / 'compare.json'}")
+    console.print(f"wrote {report} and {load.out_dir / 'compare.json'}")
 
 
 @bench.command("report")
 @click.argument("out_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 def report_cmd(out_dir: Path) -> None:
     """Redraw OUT_DIR/report.md and its plots from the compare.json and rate files already there."""
-    from bench.report import write_report
-
     with _user_errors():
         summary = json.loads((out_dir / "compare.json").read_text())
     click.echo(f"wrote {write_report(out_dir, summary)}")

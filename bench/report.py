@@ -1,7 +1,9 @@
-"""The comparison report: a verdict, tables, the SLO map, and PNG plots, from compare.json and the
-per-rate result files `bench compare` leaves in its output folder (so `bench report DIR` can redo it).
+"""Presenting results: console tables for run and sweep, and the comparison report (a verdict, tables,
+the SLO map and PNG plots) built from compare.json and the per-rate result files `bench compare` leaves
+in its output folder, so `bench report DIR` can redo it.
 
-Plots use matplotlib's object API with the Agg canvas (no pyplot, no global backend switch).
+Plots use matplotlib's object API with the Agg canvas (no pyplot, no global backend switch); matplotlib
+is imported only when a plot is drawn, as it is slow to import.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from matplotlib.figure import Figure
+from rich.table import Table
 
 from bench.metrics import tpots_from_result
 
@@ -21,6 +23,59 @@ TIE_MARGIN = 0.10  # goodputs within 10% of each other are a tie
 
 def _fmt(value: Any, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
+
+
+def summary_table(result: Mapping[str, Any], title: str = "Serving benchmark result") -> Table:
+    """The console summary, in the order and units of `vllm bench serve`'s block."""
+    table = Table(title=title, show_header=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    fmt = lambda v, spec=".2f": "-" if v is None else format(v, spec)
+    rows = [
+        ("Successful requests", fmt(result["completed"], "d")),
+        ("Failed requests", fmt(result["failed"], "d")),
+        ("Benchmark duration (s)", fmt(result["duration"])),
+        ("Total input tokens", fmt(result["total_input_tokens"], "d")),
+        ("Total generated tokens", fmt(result["total_output_tokens"], "d")),
+        ("Request throughput (req/s)", fmt(result["request_throughput"])),
+        ("Request goodput (req/s)", fmt(result["request_goodput"])),
+        ("SLO attainment (%)", fmt(None if result["slo_attainment"] is None else 100 * result["slo_attainment"])),
+        ("Output token throughput (tok/s)", fmt(result["output_throughput"])),
+        ("Total token throughput (tok/s)", fmt(result["total_token_throughput"])),
+    ]
+    for name in ("ttft", "tpot", "itl", "e2el"):
+        label = name.upper()
+        rows += [
+            (f"Mean {label} (ms)", fmt(result[f"mean_{name}_ms"])),
+            (f"Median {label} (ms)", fmt(result[f"median_{name}_ms"])),
+            (f"P90 {label} (ms)", fmt(result.get(f"p90_{name}_ms"))),
+            (f"P99 {label} (ms)", fmt(result.get(f"p99_{name}_ms"))),
+        ]
+    for metric, value in rows:
+        table.add_row(metric, value)
+    return table
+
+
+def sweep_table(points: Sequence[Mapping[str, Any]], title: str) -> Table:
+    """One row per rate point of a sweep."""
+    table = Table(title=title)
+    for col in ("rate", "req/s", "goodput", "attain %", "p50 TTFT", "p99 TTFT", "p50 TPOT", "p99 TPOT", "failed"):
+        table.add_column(col, justify="right")
+    fmt = lambda v, spec=".1f": "-" if v is None else format(v, spec)
+    for p in points:
+        attain = None if p["slo_attainment"] is None else 100 * p["slo_attainment"]
+        table.add_row(
+            fmt(p["rate"], "g"),
+            fmt(p["request_throughput"], ".2f"),
+            fmt(p["request_goodput"], ".2f"),
+            fmt(attain),
+            fmt(p["p50_ttft_ms"]),
+            fmt(p["p99_ttft_ms"]),
+            fmt(p["p50_tpot_ms"]),
+            fmt(p["p99_tpot_ms"]),
+            str(p["failed"]),
+        )
+    return table
 
 
 def verdict(summary: Mapping[str, Any]) -> str:
@@ -64,6 +119,8 @@ def reference_results(out_dir: Path, summary: Mapping[str, Any]) -> dict[str, di
 
 
 def _cdf_plot(path: Path, series: Mapping[str, Sequence[float]], xlabel: str, title: str) -> Path:
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.add_subplot()
     for name, values in series.items():
@@ -78,6 +135,8 @@ def _cdf_plot(path: Path, series: Mapping[str, Sequence[float]], xlabel: str, ti
 
 
 def _rate_plot(path: Path, modes: Mapping[str, Any], panels: Sequence[tuple[str, str]], title: str) -> Path:
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(5 * len(panels), 4), layout="constrained")
     for i, (key, label) in enumerate(panels):
         ax = fig.add_subplot(1, len(panels), i + 1)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -204,3 +206,15 @@ def test_sweep_measures_a_baseline_and_reports_goodput(
         assert VLLM_KEYS <= set(point) and point["completed"] == 6
     a, b = (json.loads((out / f"rate_{r}.json").read_text()) for r in ("200", "400"))
     assert a["seed"] != b["seed"] and a["input_lens"] != b["input_lens"]  # fresh prompts per point
+
+
+def test_zero_slo_is_rejected_not_ignored(fake_server: ThreadServer, codec: TextCodec, tmp_path: Path) -> None:
+    args = ["run", "--url", fake_server.url, "--rate", "1", "--slo-tpot-ms", "0", "--out", str(tmp_path)]
+    result = CliRunner().invoke(bench, args, obj=BenchContext(load_codec=lambda path: codec))
+    assert result.exit_code == 2 and "must be positive" in result.output
+
+
+def test_python_dash_m_bench_lists_the_commands() -> None:
+    out = subprocess.run([sys.executable, "-m", "bench", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "Usage: python -m bench" in out
+    assert all(cmd in out for cmd in ("run", "sweep", "compare", "report"))
