@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 
@@ -13,9 +14,17 @@ from appliance.engine.prefix_cache import RadixCache
 from appliance.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
 from appliance.engine.runner import ModelRunner
 from appliance.engine.sampler import Sampler
-from appliance.engine.scheduler import Scheduler
+from appliance.engine.scheduler import ScheduledBatch, Scheduler
 from appliance.model.loader import load_checkpoint, resolve_model_path
 from appliance.model.tokenizer import Tokenizer
+
+
+class StepHooks(Protocol):
+    """What a prefill-side handoff plugs into each step (see ``appliance.serve.handoff``)."""
+
+    def before_forward(self, sb: ScheduledBatch) -> tuple[Callable[[int], None] | None, bytes]: ...
+
+    def after_first_token(self, req: Request, token: int, logprob: dict | None) -> None: ...
 
 
 class Engine:
@@ -24,7 +33,9 @@ class Engine:
     Not thread-safe: one thread calls :meth:`add_request`, :meth:`step` and :meth:`abort`.
     """
 
-    def __init__(self, model: str | None = None, config: EngineConfig | None = None, kv_allocator=None) -> None:
+    def __init__(self, model: str | None = None, config: EngineConfig | None = None, kv_allocator=None,
+                 handoff: StepHooks | None = None, tp_transport: str = "",
+                 tp_transport_opts: dict[str, str] | None = None) -> None:
         self.config = cfg = config or EngineConfig()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -35,7 +46,7 @@ class Engine:
         self._tp_procs: list = []
         rank = RankInfo()
         if cfg.tp_size > 1:
-            init, self._tp_procs = tp.spawn_tp_workers(self.model_path, cfg)
+            init, self._tp_procs = tp.spawn_tp_workers(self.model_path, cfg, tp_transport, tp_transport_opts)
             rank = RankInfo(rank=0, world_size=cfg.tp_size, dist_init=init)
         self.runner = ModelRunner(ckpt, cfg, rank, kv_allocator=kv_allocator)
         self.model_config = self.runner.model_config
@@ -47,6 +58,7 @@ class Engine:
         self.max_model_len = min(cfg.max_model_len or limit, limit, self.pool.num_pages * cfg.page_size - 1)
         self.eos_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         self.requests: dict[str, Request] = {}
+        self.handoff = handoff
         self.stats_prefill_tokens = 0
         self.stats_decode_tokens = 0
 
@@ -93,7 +105,8 @@ class Engine:
         if sb is None:
             return []
         batch = self.runner.build(sb)
-        logits = self.runner.forward(batch)
+        hook, extra = self.handoff.before_forward(sb) if self.handoff else (None, b"")
+        logits = self.runner.forward(batch, hook, extra)
         sampling = [r for r, s in zip(sb.requests, sb.sample) if s]
         tokens, logprobs = self.sampler.sample(logits, sampling) if sampling else ([], [])
         for req, n in zip(sb.requests, sb.extend_lens):
@@ -104,8 +117,33 @@ class Engine:
                 self.stats_prefill_tokens += n
         outputs = []
         for req, tok, lp in zip(sampling, tokens, logprobs):
+            if self.handoff is not None and req.prefill_only:
+                self.handoff.after_first_token(req, tok, lp)
             outputs.append(self._append_token(req, tok, lp))
         return outputs
+
+    # -- disaggregation: the decode side --------------------------------------------------------
+    def reserve_pages(self, num_tokens: int) -> list[int] | None:
+        """Pages for a handed-over prompt of ``num_tokens`` plus its first decode token, or None."""
+        return self.scheduler.alloc_pages(-(-(num_tokens + 1) // self.config.page_size))
+
+    def unreserve_pages(self, pages: list[int]) -> None:
+        self.pool.free(pages)
+
+    def inject(self, prompt_ids: Sequence[int], params: SamplingParams, pages: list[int], first_token: int,
+               first_logprob: dict | None, request_id: str) -> RequestOutput:
+        """Join a request whose prompt KV was written into ``pages`` by a prefill engine.
+
+        The first token (sampled by prefill) is appended without any forward pass here; the next
+        step decodes from it. May finish at once (EOS, a stop, max_tokens=1).
+        """
+        req = Request(prompt_ids=list(prompt_ids), params=params, request_id=request_id, arrival=time.monotonic())
+        req.pages = list(pages)
+        req.computed_len = req.prompt_len
+        req.status = RequestStatus.RUNNING
+        self.requests[request_id] = req
+        self.scheduler.running.append(req)
+        return self._append_token(req, first_token, first_logprob)
 
     def _append_token(self, req: Request, token: int, logprob: dict | None) -> RequestOutput:
         req.output_ids.append(token)

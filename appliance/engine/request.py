@@ -8,8 +8,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -87,10 +85,10 @@ class Request:
     text: str = ""
     num_preemptions: int = 0
     prefix_nodes: list[Any] = field(default_factory=list)
-    generator: torch.Generator | None = None
     # Disaggregation hooks: a prefill-only request stops after its first token and keeps its pages
     # until the transfer is done; a decode request arrives with its KV already written.
     prefill_only: bool = False
+    transfer: Any = None  # the prefill side's handoff target (appliance.serve.handoff.Transfer)
 
     @property
     def prompt_len(self) -> int:

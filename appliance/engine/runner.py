@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from appliance.config import EngineConfig, ModelConfig, RankInfo
@@ -54,6 +56,8 @@ class ModelRunner:
         else:
             kv = torch.zeros(shape, dtype=dtype, device=self.device)
         self.pool = PagePool(kv)
+        # Ranks > 0: turns a step's ``extra`` bytes into (layer hook, after-step callback).
+        self.follower_hook: Callable[[bytes, torch.Tensor], tuple] | None = None
 
     # -- rank 0 -------------------------------------------------------------------------------
     def build(self, sb: ScheduledBatch) -> ForwardBatch:
@@ -89,11 +93,16 @@ class ModelRunner:
             logit_rows=t(logit_rows), decode_only=sb.decode_only,
         )
 
-    def forward(self, batch: ForwardBatch) -> torch.Tensor:
-        """Run one step on every rank; returns fp32 logits of ``batch.logit_rows`` (rank 0)."""
+    def forward(self, batch: ForwardBatch, layer_hook: Callable[[int], None] | None = None,
+                extra: bytes = b"") -> torch.Tensor:
+        """Run one step on every rank; returns fp32 logits of ``batch.logit_rows`` (rank 0).
+
+        ``extra`` (JSON bytes) reaches the other ranks' :attr:`follower_hook` with the batch: the
+        handoff plan that tells each prefill rank which pages to push where.
+        """
         if self.rank.world_size > 1:
-            tp.broadcast_command(tp.CMD_FORWARD, batch.pack())
-        hidden = self.model.forward(batch, self.pool.kv)
+            tp.broadcast_command(tp.CMD_FORWARD, tp.attach_bytes(batch.pack(), extra))
+        hidden = self.model.forward(batch, self.pool.kv, layer_hook)
         if batch.logit_rows.numel() == 0:
             return torch.empty(0, self.model_config.vocab_size)
         return self.model.logits(hidden)
@@ -106,9 +115,15 @@ class ModelRunner:
             if cmd == tp.CMD_STOP:
                 return
             if cmd == tp.CMD_FORWARD and payload is not None:
-                batch = ForwardBatch.unpack(payload.to(self.device))
+                flat, extra = tp.detach_bytes(payload)
+                batch = ForwardBatch.unpack(flat.to(self.device))
                 batch.page_table = batch.page_table.to(torch.int32)
-                self.model.forward(batch, self.pool.kv)
+                hook = after = None
+                if extra and self.follower_hook is not None:
+                    hook, after = self.follower_hook(extra, self.pool.kv)
+                self.model.forward(batch, self.pool.kv, hook)
+                if after is not None:
+                    after()
 
     def close(self) -> None:
         if self.rank.world_size > 1 and torch.distributed.is_initialized():

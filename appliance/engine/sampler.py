@@ -57,7 +57,9 @@ class Sampler:
             probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
         if p.min_p > 0.0:
             probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        gen = req.generator
-        if gen is None and p.seed is not None:
-            gen = req.generator = torch.Generator().manual_seed(p.seed)
-        return int(torch.multinomial(probs, 1, generator=gen or self.generator))
+        gen = self.generator
+        if p.seed is not None:
+            # NOTE: one generator per (seed, position): a seeded request samples the same tokens
+            # whichever engine computes which position (prefill samples the first, decode the rest).
+            gen = torch.Generator().manual_seed((p.seed * 1_000_003 + len(req.output_ids)) % (1 << 62))
+        return int(torch.multinomial(probs, 1, generator=gen))

@@ -71,6 +71,10 @@ class Scheduler:
         want = -(-(req.computed_len + n_tokens) // self.page_size)
         return max(0, want - len(req.pages))
 
+    def alloc_pages(self, n: int) -> list[int] | None:
+        """``n`` pages for a caller outside the scheduler (evicting the prefix cache if needed)."""
+        return self._alloc(n)
+
     def _alloc(self, n: int) -> list[int] | None:
         if n == 0:
             return []

@@ -7,7 +7,6 @@ pickled. Ranks > 0 run :func:`tp_worker_main` in their own process until rank 0 
 from __future__ import annotations
 
 import multiprocessing as mp
-import os
 import socket
 from dataclasses import dataclass
 
@@ -49,6 +48,20 @@ def broadcast_command(cmd: int, payload: torch.Tensor | None = None) -> None:
         dist.broadcast(payload, src=0)
 
 
+def attach_bytes(flat: torch.Tensor, extra: bytes) -> torch.Tensor:
+    """Append ``extra`` bytes (one int64 each, then their count) to an int64 payload."""
+    tail = torch.frombuffer(bytearray(extra), dtype=torch.uint8).to(torch.int64) if extra else flat[:0]
+    return torch.cat([flat, tail, torch.tensor([len(extra)], dtype=torch.int64)])
+
+
+def detach_bytes(payload: torch.Tensor) -> tuple[torch.Tensor, bytes]:
+    n = int(payload[-1])
+    body = payload[:-1]
+    if n == 0:
+        return body, b""
+    return body[:-n], bytes(body[-n:].to(torch.uint8).tolist())
+
+
 def receive_command() -> tuple[int, torch.Tensor | None]:
     header = torch.empty(2, dtype=torch.int64)
     dist.broadcast(header, src=0)
@@ -67,6 +80,8 @@ class TPLaunch:
     model: str | None
     config: EngineConfig
     rank: RankInfo
+    transport: str = ""
+    transport_opts: tuple[tuple[str, str], ...] = ()
 
 
 def tp_worker_main(launch: TPLaunch) -> None:
@@ -75,22 +90,43 @@ def tp_worker_main(launch: TPLaunch) -> None:
 
     if launch.config.threads:
         torch.set_num_threads(launch.config.threads)
+    die_with_parent()
     runner = ModelRunner(launch.model, launch.config, launch.rank)
+    sender = None
+    if launch.transport:
+        from appliance.serve.handoff import FollowerHandoff
+
+        sender = FollowerHandoff(launch.transport, dict(launch.transport_opts), runner)
+        runner.follower_hook = sender.plan_step
     try:
         runner.follow()
     finally:
+        if sender is not None:
+            sender.close()
         runner.close()
 
 
-def spawn_tp_workers(model: str | None, cfg: EngineConfig) -> tuple[str, list[mp.process.BaseProcess]]:
+def die_with_parent() -> None:
+    """Linux: get SIGKILL when the parent dies, so no rank outlives its engine."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def spawn_tp_workers(model: str | None, cfg: EngineConfig, transport: str = "",
+                     transport_opts: dict[str, str] | None = None) -> tuple[str, list[mp.process.BaseProcess]]:
     """Start ranks 1..tp-1 (spawn, not fork: torch state must not be inherited)."""
     init = f"tcp://127.0.0.1:{free_port()}"
     ctx = mp.get_context("spawn")
     procs = []
     for r in range(1, cfg.tp_size):
-        launch = TPLaunch(model, cfg, RankInfo(rank=r, world_size=cfg.tp_size, dist_init=init))
+        launch = TPLaunch(model, cfg, RankInfo(rank=r, world_size=cfg.tp_size, dist_init=init), transport,
+                          tuple(sorted((transport_opts or {}).items())))
         p = ctx.Process(target=tp_worker_main, args=(launch,), name=f"pdbox-tp{r}", daemon=True)
         p.start()
         procs.append(p)
-    os.environ.setdefault("PDBOX_TP_INIT", init)
     return init, procs

@@ -128,8 +128,13 @@ class LlamaModel:
         self.kv_size = self.shard.num_kv_heads * D
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, kv: torch.Tensor) -> torch.Tensor:
-        """Run all layers; ``kv`` is the engine's ``(2, layers, pages, page, kv_heads, D)`` tensor."""
+    def forward(self, batch: ForwardBatch, kv: torch.Tensor,
+                layer_hook: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Run all layers; ``kv`` is the engine's ``(2, layers, pages, page, kv_heads, D)`` tensor.
+
+        ``layer_hook(i)`` runs as soon as layer ``i``'s new K/V are in the cache (the prefill side of
+        a disaggregated handoff pushes that layer's pages from there).
+        """
         cfg, be, D = self.cfg, self.backend, self.cfg.head_dim
         T = batch.num_tokens
         # NOTE: the residual stream stays fp32 whatever the weight dtype: SmolLM2's first answer
@@ -148,6 +153,8 @@ class LlamaModel:
             q, k = be.rotary(q.view(T, -1, D), k.view(T, -1, D), batch.positions, self.cos_sin)
             k_cache, v_cache = kv[0, i], kv[1, i]
             be.store_kv(k_cache, v_cache, k, v.view(T, -1, D), batch.slot_mapping)
+            if layer_hook is not None:
+                layer_hook(i)
             if batch.decode_only:
                 o = be.decode(q, k_cache, v_cache, batch.page_table, batch.seq_lens, self.scale)
             else:
@@ -160,7 +167,8 @@ class LlamaModel:
             x = F.linear(be.silu_and_mul(F.linear(h.to(dt), lw.gate_up)), lw.down)
             if self.all_reduce is not None:
                 self.all_reduce(x)
-        assert residual is not None
+        if residual is None:
+            raise RuntimeError("model has no layers")
         last = (x + residual).index_select(0, batch.logit_rows)
         return be.rmsnorm(last, self.norm, cfg.rms_eps)
 

@@ -1,0 +1,216 @@
+"""The engine's own thread: it owns the Engine; asyncio handlers talk to it through a queue.
+
+Every command (add, abort, reserve …) runs on the engine thread between steps, so the scheduler,
+the page pool and the prefix cache are only ever touched by one thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from appliance.engine.engine import Engine
+from appliance.engine.request import RequestOutput, SamplingParams
+from appliance.serve.handoff import Transfer
+from appliance.serve.protocol import Event
+
+log = logging.getLogger("pdbox.engine")
+
+
+@dataclass
+class PendingRoom:
+    """A decode-side reservation waiting for prefill's pages and first token."""
+
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    pages: list[int]
+    since: float
+
+
+class EngineLoop:
+    """Runs ``engine.step()`` forever on a thread; streams events into asyncio queues."""
+
+    def __init__(self, engine: Engine, aio_loop: asyncio.AbstractEventLoop, transport: Any = None,
+                 on_step: Callable[[float, int, int], None] | None = None) -> None:
+        self.engine = engine
+        self.aio = aio_loop
+        self.transport = transport  # decode side: receives rooms
+        self.on_step = on_step
+        self.inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.streams: dict[str, asyncio.Queue[Event]] = {}
+        self.transfers: dict[str, Transfer] = {}
+        self.rooms: dict[str, PendingRoom] = {}
+        self._room_of: dict[str, str] = {}
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="pdbox-engine", daemon=True)
+        self.steps = 0
+        self.busy_s = 0.0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self._stop.set()
+        self.inbox.put(lambda: None)
+        self.thread.join(timeout_s)
+
+    # -- called from asyncio --------------------------------------------------------------------
+    async def call(self, fn: Callable[[], Any], timeout_s: float = 30.0) -> Any:
+        """Run ``fn`` on the engine thread and await its result."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                fut.set_result(fn())
+            except BaseException as exc:  # delivered to the awaiting handler
+                fut.set_exception(exc)
+
+        self.inbox.put(run)
+        return await asyncio.wait_for(asyncio.wrap_future(fut), timeout_s)
+
+    def open_stream(self, rid: str) -> asyncio.Queue[Event]:
+        if rid in self.streams:
+            raise ValueError(f"request id {rid!r} is already in flight")
+        q: asyncio.Queue[Event] = asyncio.Queue()
+        self.streams[rid] = q
+        return q
+
+    def close_stream(self, rid: str) -> None:
+        self.streams.pop(rid, None)
+
+    def submit(self, rid: str, prompt_ids: list[int], params: SamplingParams, transfer: Transfer | None = None,
+               ) -> asyncio.Queue[Event]:
+        """Queue a request; its events arrive on the returned queue (``done`` or ``error`` last)."""
+        q = self.open_stream(rid)
+
+        def add() -> None:
+            try:
+                req = self.engine.add_request(prompt_ids, params, request_id=rid)
+            except ValueError as exc:
+                self._emit(rid, Event(kind="error", message=str(exc), status=400))
+                return
+            if transfer is not None:
+                req.prefill_only = True
+                req.transfer = transfer
+                self.transfers[rid] = transfer
+
+        self.inbox.put(add)
+        return q
+
+    def abort(self, rid: str) -> None:
+        def run() -> None:
+            self._drop_room(rid)
+            self.engine.abort(rid)
+            self.transfers.pop(rid, None)
+
+        self.inbox.put(run)
+
+    # -- decode side ----------------------------------------------------------------------------
+    def reserve(self, rid: str, room: str, prompt_ids: list[int], params: SamplingParams, num_signals: int,
+                lease_s: float) -> list[int] | None:
+        """Engine thread: reserve pages for a room and start waiting for it (None: no pages)."""
+        self.engine.validate_prompt(prompt_ids, params)
+        pages = self.engine.reserve_pages(len(prompt_ids))
+        if pages is None:
+            return None
+        try:
+            self.transport.expect(room, num_signals, lease_s)
+        except Exception:
+            self.engine.unreserve_pages(pages)
+            raise
+        self.rooms[room] = PendingRoom(rid, list(prompt_ids), params, pages, time.monotonic())
+        self._room_of[rid] = room
+        return pages
+
+    def _drop_room(self, rid: str) -> None:
+        room = self._room_of.pop(rid, None)
+        pending = self.rooms.pop(room, None) if room is not None else None
+        if room is None or pending is None:
+            return
+        self.transport.release(room)
+        self.engine.unreserve_pages(pending.pages)
+
+    def _poll_rooms(self) -> None:
+        if not self.rooms:
+            return
+        for room, status in self.transport.drain_completed():
+            pending = self.rooms.pop(room, None)
+            if pending is None:
+                continue
+            self._room_of.pop(pending.rid, None)
+            self.transport.release(room)
+            if not status.done:
+                self.engine.unreserve_pages(pending.pages)
+                self._emit(pending.rid, Event(kind="error", status=502,
+                                              message=f"KV handoff failed: {status.reason or 'deadline passed'}"))
+                continue
+            try:
+                first = msgspec.json.decode(next(p for p in status.payloads if p))
+                out = self.engine.inject(pending.prompt_ids, pending.params, pending.pages, int(first["token"]),
+                                         first.get("logprob"), pending.rid)
+            except Exception as exc:  # a malformed payload fails this room only
+                self.engine.unreserve_pages(pending.pages)
+                self._emit(pending.rid, Event(kind="error", status=502, message=f"bad handoff payload: {exc}"))
+                continue
+            self._emit_output(out, kind="first")
+
+    # -- the thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            idle = not self.engine.has_unfinished()
+            try:
+                cmd = self.inbox.get(timeout=0.005 if self.rooms else 0.1) if idle else self.inbox.get_nowait()
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                cmd()
+                try:
+                    cmd = self.inbox.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            try:
+                self._poll_rooms()
+                if self.engine.has_unfinished():
+                    t0 = time.perf_counter()
+                    pre, dec = self.engine.stats_prefill_tokens, self.engine.stats_decode_tokens
+                    outputs = self.engine.step()
+                    dt = time.perf_counter() - t0
+                    self.steps += 1
+                    self.busy_s += dt
+                    if self.on_step is not None:
+                        self.on_step(dt, self.engine.stats_prefill_tokens - pre, self.engine.stats_decode_tokens - dec)
+                    for out in outputs:
+                        self._emit_output(out)
+            except Exception as exc:  # an engine bug: fail what is in flight, keep serving
+                log.exception("engine step failed")
+                for rid in list(self.engine.requests):
+                    self.engine.abort(rid)
+                    self._emit(rid, Event(kind="error", status=500, message=f"engine error: {exc}"))
+
+    def _emit_output(self, out: RequestOutput, kind: str = "tokens") -> None:
+        rid = out.request_id
+        transfer = self.transfers.get(rid)
+        if transfer is not None and out.finished:
+            self.transfers.pop(rid, None)
+            if transfer.error:
+                self._emit(rid, Event(kind="error", status=502, message=transfer.error))
+                return
+        self._emit(rid, Event(kind=kind, token_ids=out.new_token_ids, logprobs=out.logprobs))
+        if out.finished:
+            self._emit(rid, Event(kind="done", finish_reason=out.finish_reason, prompt_tokens=out.prompt_len,
+                                  cached_tokens=out.cached_len))
+
+    def _emit(self, rid: str, ev: Event) -> None:
+        q = self.streams.get(rid)
+        if q is not None:
+            self.aio.call_soon_threadsafe(q.put_nowait, ev)

@@ -1,0 +1,169 @@
+"""The prefill side of the KV handoff: push each layer's new pages into decode's pool, then signal.
+
+Rank 0 (:class:`PrefillHandoff`) plans every step from the scheduled batch; the plan travels to the
+other TP ranks with the batch, where :class:`FollowerHandoff` pushes their own head slices. Every
+rank that owns heads for a decode rank signals it once the prompt is complete; rank 0's signal
+carries the first sampled token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+import torch
+
+from appliance.engine.request import Request
+from appliance.engine.scheduler import ScheduledBatch
+from nvshmem_kv import KVTransport, Peer, PoolDescriptor, PoolHandle, TransportError
+
+
+@dataclass
+class Transfer:
+    """Where one prefill request's KV goes. ``sent_pages`` full pages have been pushed."""
+
+    room: str
+    handles: list[str]
+    dst_pages: list[int]
+    sent_pages: int = 0
+    error: str | None = None
+
+
+class StepPlan(msgspec.Struct, frozen=True):
+    room: str
+    handles: list[str]
+    src: list[int]
+    dst: list[int]
+    final: bool
+
+
+class _Sender:
+    """Connections from this rank to decode pools, opened once per handle and reused."""
+
+    def __init__(self, transport: KVTransport, kv: torch.Tensor, total_kv_heads: int, tp_rank: int,
+                 tp_size: int) -> None:
+        self.transport = transport
+        self.kv = kv
+        self.local = PoolDescriptor.from_tensor(kv, total_kv_heads, tp_rank, tp_size)
+        self.peers: dict[str, Peer] = {}
+
+    def peers_for(self, handles: list[str]) -> list[Peer]:
+        out = []
+        for h in handles:
+            peer = self.peers.get(h)
+            if peer is None:
+                peer = self.peers[h] = self.transport.connect(PoolHandle.from_json(h), self.local)
+            out.append(peer)
+        return out
+
+    def write(self, plans: list[StepPlan], layer: int, failed: dict[str, str]) -> None:
+        for p in plans:
+            if p.room in failed or not p.src:
+                continue
+            try:
+                for peer in self.peers_for(p.handles):
+                    if peer.slices:
+                        self.transport.write(peer, p.room, layer, self.kv, p.src, p.dst)
+            except (TransportError, OSError) as exc:
+                failed[p.room] = f"KV transfer failed: {exc}"
+
+    def signal(self, handles: list[str], room: str, payload: bytes) -> None:
+        for peer in self.peers_for(handles):
+            if peer.slices:
+                self.transport.signal(peer, room, payload)
+
+    def close(self) -> None:
+        for peer in self.peers.values():
+            try:
+                self.transport.disconnect(peer)
+            except TransportError:
+                pass
+        self.transport.close()
+
+
+class PrefillHandoff:
+    """Step hooks of a prefill engine's rank 0 (see ``Engine.StepHooks``)."""
+
+    def __init__(self, transport: KVTransport, kv: torch.Tensor, total_kv_heads: int, page_size: int,
+                 tp_size: int = 1) -> None:
+        self.sender = _Sender(transport, kv, total_kv_heads, 0, tp_size)
+        self.page_size = page_size
+        self.tp_size = tp_size
+        self.bytes_per_page_layer = 2 * int(kv[0, 0, 0].numel()) * kv.element_size()
+        self.pages_sent = 0
+
+    def before_forward(self, sb: ScheduledBatch) -> tuple[Callable[[int], None] | None, bytes]:
+        plans: list[StepPlan] = []
+        transfers: dict[str, Transfer] = {}
+        for req, start, n in zip(sb.requests, sb.prefix_lens, sb.extend_lens):
+            t: Transfer | None = req.transfer
+            if t is None or t.error:
+                continue
+            end = start + n
+            first, last = t.sent_pages, -(-end // self.page_size)
+            if last > len(t.dst_pages):
+                t.error = f"decode reserved {len(t.dst_pages)} pages but the prompt needs {last}"
+                continue
+            plans.append(StepPlan(t.room, t.handles, req.pages[first:last], t.dst_pages[first:last],
+                                  end >= req.prompt_len))
+            transfers[t.room] = t
+            t.sent_pages = end // self.page_size
+        if not plans:
+            return None, b""
+        failed: dict[str, str] = {}
+
+        def hook(layer: int) -> None:
+            self.sender.write(plans, layer, failed)
+            if layer == self.sender.local.num_layers - 1:
+                for room, why in failed.items():
+                    transfers[room].error = why
+                self.pages_sent += sum(len(p.src) for p in plans if p.room not in failed)
+
+        extra = msgspec.json.encode(plans) if self.tp_size > 1 else b""
+        return hook, extra
+
+    def after_first_token(self, req: Request, token: int, logprob: dict | None) -> None:
+        t: Transfer | None = req.transfer
+        if t is None or t.error:
+            return
+        payload = msgspec.json.encode({"token": token, "logprob": logprob})
+        try:
+            self.sender.signal(t.handles, t.room, payload)
+        except (TransportError, OSError) as exc:
+            t.error = f"KV transfer signal failed: {exc}"
+
+    def close(self) -> None:
+        self.sender.close()
+
+
+class FollowerHandoff:
+    """Runs on prefill TP ranks > 0: push this rank's heads as rank 0's plan says."""
+
+    def __init__(self, backend: str, opts: dict[str, str], runner) -> None:
+        import nvshmem_kv
+
+        transport = nvshmem_kv.create(backend, **opts)
+        cfg = runner.model_config
+        self.sender = _Sender(transport, runner.pool.kv, cfg.num_kv_heads, runner.rank.rank,
+                              runner.rank.world_size)
+
+    def plan_step(self, extra: bytes, kv: torch.Tensor) -> tuple[Callable[[int], None], Callable[[], None]]:
+        plans = msgspec.json.decode(extra, type=list[StepPlan])
+        failed: dict[str, str] = {}
+
+        def hook(layer: int) -> None:
+            self.sender.write(plans, layer, failed)
+
+        def after() -> None:
+            for p in plans:
+                if p.final and p.room not in failed:
+                    try:
+                        self.sender.signal(p.handles, p.room, b"")
+                    except (TransportError, OSError):
+                        pass  # the decode side fails the room on its deadline
+
+        return hook, after
+
+    def close(self) -> None:
+        self.sender.close()

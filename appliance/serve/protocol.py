@@ -1,0 +1,89 @@
+"""Typed messages between the router and the workers. ONE serializer: msgspec JSON. No pickle."""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Sampling(msgspec.Struct, frozen=True, kw_only=True):
+    """Wire form of :class:`appliance.engine.request.SamplingParams`."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+    def to_params(self):  # -> SamplingParams (lazy import: the router must not import torch)
+        from appliance.engine.request import SamplingParams
+
+        return SamplingParams(
+            max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            min_p=self.min_p, seed=self.seed, stop=tuple(self.stop), stop_token_ids=tuple(self.stop_token_ids),
+            ignore_eos=self.ignore_eos, logprobs=self.logprobs,
+        )
+
+
+class GenerateRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Router -> unified worker: run the whole request here."""
+
+    rid: str
+    prompt_ids: list[int]
+    sampling: Sampling
+
+
+class DecodeRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Router -> decode worker: reserve pages for ``room``, then continue after prefill's handoff."""
+
+    rid: str
+    room: str
+    prompt_ids: list[int]
+    sampling: Sampling
+    prefill_tp: int = 1
+    lease_s: float = 5.0
+
+
+class PrefillRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Router -> prefill worker: compute the prompt, push KV into ``dst_pages`` of the decode pool(s)."""
+
+    rid: str
+    room: str
+    prompt_ids: list[int]
+    sampling: Sampling
+    dst_pages: list[int]
+    handles: list[str]  # PoolHandle JSON, one per decode TP rank
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One line of a worker's NDJSON stream.
+
+    ``kind``: ``reserved`` (decode: pages + handles), ``tokens`` (new token ids), ``done`` (finish
+    reason + usage), ``error`` (message; the request is over).
+    """
+
+    kind: str
+    token_ids: list[int] = []
+    logprobs: list[dict] = []
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    pages: list[int] = []
+    handles: list[str] = []
+    message: str = ""
+    status: int = 0
+
+
+encoder = msgspec.json.Encoder()
+
+
+def encode_line(ev: Event) -> bytes:
+    return encoder.encode(ev) + b"\n"
+
+
+def decode_event(line: bytes) -> Event:
+    return msgspec.json.decode(line, type=Event)

@@ -1,0 +1,346 @@
+"""A worker process: one engine (with its TP ranks) behind an HTTP server, in one role.
+
+Roles: ``unified`` runs whole requests; ``prefill`` computes prompts and pushes their KV into a
+decode engine's pages; ``decode`` reserves pages for a room, waits for the handoff, then decodes.
+Internal endpoints require the cluster token (``Authorization: Bearer …``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field, replace
+
+import msgspec
+from aiohttp import web
+
+from appliance.config import EngineConfig
+from appliance.serve.protocol import DecodeRequest, Event, GenerateRequest, PrefillRequest, encode_line
+
+log = logging.getLogger("pdbox.worker")
+ROLES = ("unified", "prefill", "decode")
+TOKEN_ENV = "PDBOX_CLUSTER_TOKEN"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: str
+    name: str
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    transport: str = "shm"
+    run_id: str = "pdbox"
+    cpus: tuple[int, ...] = ()
+    devices: str = ""
+    token: str = ""
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
+        if self.role == "decode" and self.engine.tp_size > 1:
+            raise ValueError("a decode worker runs with tp 1 (prefill may use any TP size)")
+
+
+class Worker:
+    """The HTTP face of one engine."""
+
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self.started = time.time()
+        self.transport = None
+        self.handle_json = ""
+        self.handoff = None
+        self.loop = None  # EngineLoop, created in start()
+        self.engine = None
+        self.metrics = None
+
+    # -- start-up (blocking: loads the model) -------------------------------------------------------
+    def build_engine(self) -> None:
+        from appliance.engine.engine import Engine
+
+        cfg = self.cfg
+        kv_allocator = None
+        tp_transport = ""
+        opts = {"run_id": f"{cfg.run_id}-{cfg.name}"}
+        if cfg.role in ("prefill", "decode"):
+            import nvshmem_kv
+
+            self.transport = nvshmem_kv.create(cfg.transport, **opts)
+        if cfg.role == "decode":
+            from nvshmem_kv import PoolDescriptor
+
+            def kv_allocator(shape, dtype, device):  # the pool lives where the transport can export it
+                desc = PoolDescriptor(str(dtype).removeprefix("torch."), shape[1], shape[2], shape[3],
+                                      self._total_kv_heads, shape[4], shape[5])
+                self._desc = desc
+                return self.transport.allocate_pool(desc, device)
+
+            from appliance.model.loader import load_checkpoint
+
+            self._total_kv_heads = load_checkpoint(cfg.model).config.num_kv_heads
+        if cfg.role == "prefill" and cfg.engine.tp_size > 1:
+            tp_transport = cfg.transport
+        self.engine = Engine(cfg.model, cfg.engine, kv_allocator=kv_allocator, tp_transport=tp_transport,
+                             tp_transport_opts=opts)
+        if cfg.role == "decode":
+            self.handle_json = self.transport.register_pool(self.engine.pool.kv, self._desc).to_json().decode()
+        if cfg.role == "prefill":
+            from appliance.serve.handoff import PrefillHandoff
+
+            mc = self.engine.model_config
+            self.handoff = PrefillHandoff(self.transport, self.engine.pool.kv, mc.num_kv_heads, cfg.engine.page_size,
+                                          cfg.engine.tp_size)
+            self.engine.handoff = self.handoff
+
+    def app(self) -> web.Application:
+        from appliance.serve.engine_loop import EngineLoop
+        from appliance.serve.worker_metrics import WorkerMetrics
+
+        self.metrics = WorkerMetrics(self)
+        app = web.Application(middlewares=[self._auth], client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/load", self.load)
+        app.router.add_get("/metrics", self.metrics_text)
+        app.router.add_post("/internal/generate", self.generate)
+        app.router.add_post("/internal/prefill", self.prefill)
+        app.router.add_post("/internal/decode", self.decode)
+        app.router.add_post("/internal/abort", self.abort)
+
+        async def lifecycle(app: web.Application):
+            self.loop = EngineLoop(self.engine, asyncio.get_running_loop(), self.transport, self.metrics.on_step)
+            self.loop.start()
+            yield
+            self.loop.stop()
+            if self.handoff is not None:
+                self.handoff.close()
+            elif self.transport is not None:
+                self.transport.close()
+            self.engine.shutdown()
+
+        app.cleanup_ctx.append(lifecycle)
+        return app
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler):
+        if request.path.startswith("/internal/"):
+            got = request.headers.get("Authorization", "")
+            if not self.cfg.token or not hmac.compare_digest(got, f"Bearer {self.cfg.token}"):
+                return web.json_response({"error": {"message": "internal endpoint: cluster token required",
+                                                    "type": "forbidden"}}, status=403)
+        return await handler(request)
+
+    # -- public ------------------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "role": self.cfg.role, "name": self.cfg.name})
+
+    def load_info(self) -> dict:
+        e = self.engine
+        s = e.scheduler
+        return {
+            "name": self.cfg.name, "role": self.cfg.role, "pid": os.getpid(), "running": len(s.running),
+            "waiting": len(s.waiting), "reserved_rooms": len(self.loop.rooms) if self.loop else 0,
+            "total_pages": e.pool.num_pages, "free_pages": e.pool.num_free,
+            "cached_pages": e.cache.num_cached_pages, "evictable_pages": e.cache.evictable_pages(),
+            "page_size": e.config.page_size, "tp": e.config.tp_size, "devices": self.cfg.devices,
+            "transport": self.cfg.transport if self.transport is not None else "",
+            "handle": self.handle_json, "model": e.model_name, "uptime_s": time.time() - self.started,
+            "max_model_len": e.max_model_len,
+        }
+
+    async def load(self, request: web.Request) -> web.Response:
+        info = await self.loop.call(self.load_info)
+        return web.json_response(info)
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        text = await self.loop.call(self.metrics.render)
+        return web.Response(text=text, content_type="text/plain")
+
+    # -- internal ----------------------------------------------------------------------------------
+    async def _decode_body(self, request: web.Request, kind: type):
+        try:
+            return msgspec.json.decode(await request.read(), type=kind)
+        except msgspec.ValidationError as exc:
+            raise web.HTTPBadRequest(text=f"bad {kind.__name__}: {exc}") from None
+        except msgspec.DecodeError as exc:
+            raise web.HTTPBadRequest(text=f"malformed JSON: {exc}") from None
+
+    def _check_role(self, *roles: str) -> None:
+        if self.cfg.role not in roles:
+            raise web.HTTPConflict(text=f"this worker's role is {self.cfg.role}")
+
+    async def _stream(self, request: web.Request, rid: str, q: asyncio.Queue[Event],
+                      first: Event | None = None) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        finished = False
+        try:
+            await resp.prepare(request)
+            if first is not None:
+                await resp.write(encode_line(first))
+            while True:
+                ev = await q.get()
+                await resp.write(encode_line(ev))
+                if ev.kind in ("done", "error"):
+                    finished = True
+                    break
+            await resp.write_eof()
+        finally:
+            self.loop.close_stream(rid)
+            if not finished:  # the router went away (or we are shutting down): free everything now
+                self.loop.abort(rid)
+        return resp
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        self._check_role("unified", "decode", "prefill")
+        body: GenerateRequest = await self._decode_body(request, GenerateRequest)
+        try:
+            params = body.sampling.to_params()
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from None
+        q = self.loop.submit(body.rid, body.prompt_ids, params)
+        return await self._stream(request, body.rid, q)
+
+    async def prefill(self, request: web.Request) -> web.Response:
+        from appliance.serve.handoff import Transfer
+
+        self._check_role("prefill")
+        body: PrefillRequest = await self._decode_body(request, PrefillRequest)
+        try:
+            params = replace(body.sampling.to_params(), max_tokens=1, stop=(), stop_token_ids=())
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from None
+        transfer = Transfer(room=body.room, handles=list(body.handles), dst_pages=list(body.dst_pages))
+        q = self.loop.submit(body.rid, body.prompt_ids, params, transfer)
+        finished = False
+        try:
+            events = []
+            while True:
+                ev = await q.get()
+                events.append(ev)
+                if ev.kind in ("done", "error"):
+                    finished = True
+                    break
+        finally:
+            self.loop.close_stream(body.rid)
+            if not finished:
+                self.loop.abort(body.rid)
+        last = events[-1]
+        if last.kind == "error":
+            return web.json_response({"error": last.message}, status=last.status or 500)
+        tokens = [t for ev in events if ev.kind == "tokens" for t in ev.token_ids]
+        logprobs = [lp for ev in events if ev.kind == "tokens" for lp in ev.logprobs]
+        return web.json_response({"token_ids": tokens, "logprobs": logprobs, "prompt_tokens": last.prompt_tokens,
+                                  "cached_tokens": last.cached_tokens})
+
+    async def decode(self, request: web.Request) -> web.StreamResponse:
+        from nvshmem_kv import writers_for
+
+        self._check_role("decode")
+        body: DecodeRequest = await self._decode_body(request, DecodeRequest)
+        try:
+            params = body.sampling.to_params()
+        except ValueError as exc:
+            raise web.HTTPBadRequest(text=str(exc)) from None
+        signals = len(writers_for(self._desc, body.prefill_tp))
+        q = self.loop.open_stream(body.rid)
+        try:
+            pages = await self.loop.call(lambda: self.loop.reserve(body.rid, body.room, body.prompt_ids, params,
+                                                                   signals, body.lease_s))
+        except Exception as exc:
+            self.loop.close_stream(body.rid)
+            status = 400 if isinstance(exc, ValueError) else 503
+            return web.json_response({"error": str(exc)}, status=status)
+        if pages is None:
+            self.loop.close_stream(body.rid)
+            return web.json_response({"error": "no free KV pages for this prompt"}, status=503)
+        first = Event(kind="reserved", pages=pages, handles=[self.handle_json])
+        return await self._stream(request, body.rid, q, first)
+
+    async def abort(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.loop.abort(str(body.get("rid", "")))
+        return web.json_response({"ok": True})
+
+
+def parse_cpus(text: str) -> tuple[int, ...]:
+    from appliance.topology import parse_ids
+
+    return tuple(parse_ids(text)) if text else ()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="pdbox-worker", description=__doc__)
+    p.add_argument("--role", required=True, choices=ROLES)
+    p.add_argument("--name", default="")
+    p.add_argument("--model", default=None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--cpus", default="", help="core set to pin to, e.g. 0 or 0-3")
+    p.add_argument("--devices", default="", help="GPU ids (CUDA_VISIBLE_DEVICES is set by the launcher)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--kv-cache-mb", type=int, default=256)
+    p.add_argument("--max-prefill-tokens", type=int, default=512)
+    p.add_argument("--max-running", type=int, default=64)
+    p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--transport", default="shm")
+    p.add_argument("--run-id", default="pdbox")
+    p.add_argument("--register", default="", help="router URL to register with (Slurm mode)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from appliance.engine.tp import die_with_parent
+
+    die_with_parent()
+    cpus = parse_cpus(args.cpus)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    threads = len(cpus) // max(1, args.tp) if cpus else 0
+    engine = EngineConfig(dtype=args.dtype, device=args.device, page_size=args.page_size,
+                          kv_cache_mb=args.kv_cache_mb, max_prefill_tokens=args.max_prefill_tokens,
+                          max_running=args.max_running, attention_backend=args.attention_backend,
+                          tp_size=args.tp, threads=max(1, threads) if cpus else 0)
+    cfg = WorkerConfig(role=args.role, name=args.name or f"{args.role}-{os.getpid()}", model=args.model,
+                       host=args.host, port=args.port, engine=engine, transport=args.transport, run_id=args.run_id,
+                       cpus=cpus, devices=args.devices, token=os.environ.get(TOKEN_ENV, ""))
+    worker = Worker(cfg)
+    worker.build_engine()
+    run_app(worker, args.register)
+
+
+def run_app(worker: Worker, register_url: str = "") -> None:
+    async def serve() -> None:
+        runner = web.AppRunner(worker.app(), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, worker.cfg.host, worker.cfg.port)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        url = f"http://{worker.cfg.host}:{port}"
+        print(f"worker ready: {url} role={worker.cfg.role} name={worker.cfg.name}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+            loop.add_signal_handler(sig, stop.set)
+        if register_url:
+            from appliance.serve.registration import register_worker
+
+            await register_worker(register_url, worker, url)
+        await stop.wait()
+        if register_url:
+            from appliance.serve.registration import deregister_worker
+
+            await deregister_worker(register_url, worker, url)
+        await runner.cleanup()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
