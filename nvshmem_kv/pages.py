@@ -19,10 +19,14 @@ class PageRun(NamedTuple):
     count: int
 
 
-def as_page_list(pages: Sequence[int] | torch.Tensor) -> list[int]:
+def as_page_tuple(pages: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
+    """Page ids as a tuple of Python ints (fast path for lists/tuples of ints)."""
     if isinstance(pages, torch.Tensor):
-        return [int(p) for p in pages.tolist()]
-    return [int(p) for p in pages]
+        return tuple(int(p) for p in pages.tolist())
+    out = tuple(pages)
+    if not all(type(p) is int for p in out):
+        out = tuple(int(p) for p in out)
+    return out
 
 
 def coalesce_runs(src_pages: Sequence[int], dst_pages: Sequence[int]) -> list[PageRun]:
@@ -57,7 +61,7 @@ def check_layer(layer: int, desc: PoolDescriptor) -> None:
 
 def check_pool(kv: torch.Tensor, desc: PoolDescriptor, what: str = "pool") -> None:
     """A pool tensor must match its descriptor exactly and be contiguous."""
-    if tuple(kv.shape) != desc.shape:
+    if kv.shape != desc.shape:
         raise TransportError(f"{what} has shape {tuple(kv.shape)}, descriptor says {desc.shape}")
     if kv.dtype != desc.torch_dtype():
         raise TransportError(f"{what} has dtype {kv.dtype}, descriptor says {desc.dtype}")

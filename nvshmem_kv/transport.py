@@ -24,7 +24,7 @@ from nvshmem_kv.base import KVTransport, Peer, RoomStatus, TransportStats
 from nvshmem_kv.channel import ConnInfo, ControlServer, open_channel
 from nvshmem_kv.descriptor import HeadSlice, PoolDescriptor, PoolHandle, plan_head_slices
 from nvshmem_kv.errors import ProtocolError, TransportError
-from nvshmem_kv.pages import PageRun, as_page_list, check_layer, check_pages, check_pool, coalesce_runs
+from nvshmem_kv.pages import PageRun, as_page_tuple, check_layer, check_pages, check_pool, coalesce_runs
 from nvshmem_kv.rooms import RoomTable
 from nvshmem_kv.sender import Outgoing, SendQueue
 from nvshmem_kv.wire import (
@@ -305,10 +305,12 @@ class ChannelTransport(KVTransport):
 
     def _runs(self, p: ChannelPeer, room: str, src_pages: Sequence[int],
               dst_pages: Sequence[int]) -> list[PageRun]:
-        src, dst = tuple(as_page_list(src_pages)), tuple(as_page_list(dst_pages))
+        src = tuple(src_pages) if isinstance(src_pages, (list, tuple)) else as_page_tuple(src_pages)
+        dst = tuple(dst_pages) if isinstance(dst_pages, (list, tuple)) else as_page_tuple(dst_pages)
         cached = p.runs.get(room)
         if cached is not None and cached[0] == src and cached[1] == dst:
             return cached[2]
+        src, dst = as_page_tuple(src), as_page_tuple(dst)
         check_pages(src, p.local.num_pages, "src_pages")
         check_pages(dst, p.remote.num_pages, "dst_pages")
         runs = coalesce_runs(src, dst)

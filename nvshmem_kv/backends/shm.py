@@ -70,13 +70,12 @@ class ShmTransport(ChannelTransport):
         dst = peer.remote_pool
         if dst is None:
             raise TransportError(f"{peer!r} is closed")
-        src_l, dst_l = src_kv[:, layer], dst[:, layer]
         moved = 0
         for hs in peer.slices:
             full = hs.count == peer.local.kv_heads_local == peer.remote.kv_heads_local
             for run in runs:
-                s = src_l[:, run.src:run.src + run.count]
-                d = dst_l[:, run.dst:run.dst + run.count]
+                s = src_kv[:, layer, run.src:run.src + run.count]
+                d = dst[:, layer, run.dst:run.dst + run.count]
                 if not full:
                     s = s[..., hs.src_start:hs.src_start + hs.count, :]
                     d = d[..., hs.dst_start:hs.dst_start + hs.count, :]

@@ -1,0 +1,262 @@
+"""KV transfer bench: GB/s of a prefill -> decode page handoff between two real processes, against
+a single-process copy of the same page runs (the baseline).
+
+    python -m bench.transfer --backend shm --pages 64 --json      # one JSON object on stdout
+    python -m bench.transfer                                      # rich table: shm, tcp x 1 / 64 / 512 pages
+    python -m bench.transfer --backend cuda_ipc --json            # on a GPU (also: nvshmem)
+
+One measurement: this process is the prefill rank; a spawned process is the decode rank, which
+allocates its pool through the transport and waits on the room. Time runs from just before the
+first `write` to the moment the decode process sees the room DONE (both read CLOCK_MONOTONIC), so
+it covers every layer's K and V plus the completion signal. The baseline copies the same page runs
+with the same ``copy_`` calls inside one process (device-synchronized on a GPU). Baseline and
+transport runs alternate so that both see the same machine load; each figure is the median of
+``--repeats`` runs after one warm-up. Shapes default to SmolLM2-135M (30 layers, 3 KV heads,
+head_dim 64, page_size 16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+import nvshmem_kv as nk
+from nvshmem_kv.pages import PageRun, coalesce_runs
+
+SIZES = {1: "1 page", 64: "64 pages", 512: "8K-token prompt (512 pages)"}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+GPU_BACKENDS = ("cuda_ipc", "nvshmem")
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int = 30
+    kv_heads: int = 3
+    head_dim: int = 64
+    page_size: int = 16
+    dtype: str = "bfloat16"
+
+    def desc(self, num_pages: int) -> nk.PoolDescriptor:
+        return nk.PoolDescriptor(self.dtype, self.layers, num_pages, self.page_size, self.kv_heads, self.kv_heads,
+                                 self.head_dim)
+
+
+@dataclass
+class Result:
+    backend: str
+    device: str
+    pages: int
+    layout: str
+    dtype: str
+    bytes: int
+    repeats: int
+    threads: int
+    seconds: float
+    gbps: float
+    baseline_seconds: float
+    baseline_gbps: float
+    ratio: float
+    verified: bool
+    layers: int
+    page_size: int
+    kv_heads: int
+    head_dim: int
+
+
+def page_lists(pages: int, pool_pages: int, layout: str, seed: int = 0) -> tuple[list[int], list[int]]:
+    """Source pages [0, pages) and destination pages: one run at an offset, or a random set."""
+    src = list(range(pages))
+    if layout == "contiguous":
+        return src, list(range(pool_pages - pages, pool_pages))
+    return src, random.Random(seed).sample(range(pool_pages), pages)
+
+
+def _digest(t: torch.Tensor) -> int:
+    return int(t.contiguous().view(torch.uint8).to(torch.int64).sum())
+
+
+def _copy_runs(dst: torch.Tensor, src: torch.Tensor, layer: int, runs: list[PageRun]) -> None:
+    for r in runs:
+        dst[:, layer, r.dst:r.dst + r.count].copy_(src[:, layer, r.src:r.src + r.count])
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _decode(backend: str, shape: Shape, pool_pages: int, threads: int, device: str, opts: dict[str, Any],
+            conn: Any) -> None:
+    """Decode rank: pool through the transport, then expect/wait rooms on command."""
+    torch.set_num_threads(threads)
+    t = nk.create(backend, **opts)
+    try:
+        desc = shape.desc(pool_pages)
+        pool = t.allocate_pool(desc, device)
+        conn.send(t.register_pool(pool, desc).to_json())
+        while True:
+            cmd = conn.recv()
+            if cmd[0] == "stop":
+                return
+            if cmd[0] == "expect":
+                t.expect(cmd[1], 1, deadline_s=120.0)
+                conn.send("ok")
+            elif cmd[0] == "wait":
+                st = t.wait(cmd[1], timeout_s=120.0)
+                done_ns = time.monotonic_ns()
+                t.release(cmd[1])
+                conn.send((st.done, st.reason, done_ns))
+            elif cmd[0] == "digest":
+                conn.send(_digest(pool[:, :, cmd[1]]))
+    finally:
+        t.close()
+
+
+def _backend_opts(backend: str, shape: Shape, pool_pages: int, run_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(prefill opts, decode opts); nvshmem makes the two processes PEs 0 and 1 of one job."""
+    if backend != "nvshmem":
+        return {"run_id": run_id}, {"run_id": run_id}
+    from nvshmem_kv.backends.nvshmem import make_unique_id
+
+    nbytes = shape.desc(pool_pages).pool_bytes
+    common = {"run_id": run_id, "npes": 2, "uid": make_unique_id(), "symmetric_bytes": nbytes}
+    return {**common, "pe": 0}, {**common, "pe": 1}
+
+
+def measure(backend: str, pages: int, *, shape: Shape = Shape(), layout: str = "contiguous", repeats: int = 7,
+            threads: int = 1) -> Result:
+    """Median transport time vs median in-process copy for ``pages`` pages of every layer.
+
+    ``threads``: torch intra-op threads in both processes (1 = one core per engine, as the CPU
+    appliance pins them; extra threads on a busy box make each copy wait for its slowest thread).
+    """
+    torch.set_num_threads(threads)
+    device = "cuda" if backend in GPU_BACKENDS else "cpu"
+    pool_pages = max(2 * pages, 8)
+    src_desc = shape.desc(pool_pages)      # both pools have pool_pages pages; `pages` of them move
+    src_pages, dst_pages = page_lists(pages, pool_pages, layout)
+    runs = coalesce_runs(src_pages, dst_pages)
+    nbytes = 2 * shape.layers * pages * src_desc.page_bytes
+    prefill_opts, decode_opts = _backend_opts(backend, shape, pool_pages, f"bench{os.getpid()}")
+
+    ctx = mp.get_context("spawn")
+    conn, child = ctx.Pipe()
+    proc = ctx.Process(target=_decode, args=(backend, shape, pool_pages, threads, device, decode_opts, child),
+                       daemon=True)
+    proc.start()
+    child.close()
+    tx = nk.create(backend, **prefill_opts)
+    times: list[float] = []
+    base_times: list[float] = []
+    try:
+        g = torch.Generator().manual_seed(0)
+        data = torch.randn(src_desc.shape, generator=g).to(src_desc.torch_dtype())
+        if backend == "nvshmem":          # collective: the source pool comes from the symmetric heap too
+            src = tx.allocate_pool(src_desc, device)
+            src.copy_(data)
+        else:
+            src = data.to(device)
+        baseline_dst = torch.zeros(src_desc.shape, dtype=src.dtype, device=device)
+        if not conn.poll(120):
+            raise RuntimeError("decode process did not start")
+        peer = tx.connect(nk.PoolHandle.from_json(conn.recv()), src_desc)
+        for i in range(repeats + 1):
+            _sync(device)
+            t0 = time.perf_counter()
+            for layer in range(shape.layers):
+                _copy_runs(baseline_dst, src, layer, runs)
+            _sync(device)
+            base_times.append(time.perf_counter() - t0)
+
+            room = f"bench-{i}"
+            conn.send(("expect", room))
+            conn.recv()
+            conn.send(("wait", room))
+            start_ns = time.monotonic_ns()
+            for layer in range(shape.layers):
+                tx.write(peer, room, layer, src, src_pages, dst_pages)
+            tx.signal(peer, room, b"")
+            ok, reason, done_ns = conn.recv()
+            if not ok:
+                raise RuntimeError(f"room {room} failed: {reason}")
+            times.append((done_ns - start_ns) / 1e9)
+        conn.send(("digest", dst_pages))
+        verified = conn.recv() == _digest(src[:, :, src_pages]) if backend != "fake" else False
+        conn.send(("stop",))
+    finally:
+        tx.close()
+        proc.join(60)
+        if proc.is_alive():
+            proc.kill()
+    secs, base = statistics.median(times[1:]), statistics.median(base_times[1:])
+    return Result(backend, device, pages, layout, shape.dtype, nbytes, repeats, threads, secs, nbytes / secs / 1e9,
+                  base, nbytes / base / 1e9, base / secs, verified, shape.layers, shape.page_size, shape.kv_heads,
+                  shape.head_dim)
+
+
+def _table(results: list[Result]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    r0 = results[0]
+    table = Table(title=f"KV transfer: {r0.layers} layers x {r0.kv_heads} KV heads x head_dim {r0.head_dim}, "
+                        f"page {r0.page_size}, {r0.dtype}; median of {r0.repeats}, {r0.threads} torch thread(s)")
+    for col in ("backend", "size", "layout", "MB", "ms", "GB/s", "baseline GB/s", "ratio", "verified"):
+        table.add_column(col, justify="left" if col in ("backend", "size", "layout") else "right")
+    for r in results:
+        table.add_row(r.backend, SIZES.get(r.pages, f"{r.pages} pages"), r.layout, f"{r.bytes / 1e6:.2f}",
+                      f"{r.seconds * 1e3:.2f}", f"{r.gbps:.2f}", f"{r.baseline_gbps:.2f}", f"{r.ratio:.2f}x",
+                      "yes" if r.verified else "-")
+    Console(width=max(132, Console().width)).print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.transfer", description=__doc__.splitlines()[0])
+    p.add_argument("--backend", action="append", choices=["shm", "tcp", "fake", *GPU_BACKENDS],
+                   help="backend(s) to measure, repeatable (default: shm and tcp)")
+    p.add_argument("--pages", type=int, action="append", help="pages per transfer, repeatable (default: 1, 64, 512)")
+    p.add_argument("--layout", choices=["contiguous", "scattered", "both"], default=None,
+                   help="destination pages: one run, or a random set (default: contiguous; table: both)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: one core each)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (first backend and size)")
+    p.add_argument("--out", help="also write the JSON result(s) to this file")
+    args = p.parse_args(argv)
+    shape = Shape(args.layers, args.kv_heads, args.head_dim, args.page_size, DTYPES[args.dtype])
+    backends = args.backend or ["shm", "tcp"]
+    if args.json:
+        layout = args.layout if args.layout in ("contiguous", "scattered") else "contiguous"
+        result = asdict(measure(backends[0], (args.pages or [64])[0], shape=shape, layout=layout,
+                                repeats=args.repeats, threads=args.threads))
+        print(json.dumps(result))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+        return 0
+    layouts = ["contiguous", "scattered"] if args.layout in (None, "both") else [args.layout]
+    results = [measure(b, n, shape=shape, layout=lay, repeats=args.repeats, threads=args.threads)
+               for b in backends for n in (args.pages or list(SIZES)) for lay in layouts
+               if not (n == 1 and lay == "scattered")]
+    _table(results)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump([asdict(r) for r in results], f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
