@@ -341,6 +341,7 @@ def summarize(config: CompareConfig, baseline: IsolatedBaseline, runs: Mapping[s
         "seed": config.seed,
         "rates": list(config.rates),
         "endpoint": config.endpoint,
+        "arrival": config.process,
         "launch": config.launch.template,
         "reference_mode": config.modes[0],
         "reference_rate": ref_rate,

@@ -9,6 +9,7 @@ is imported only when a plot is drawn, as it is slow to import.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,9 @@ def verdict(summary: Mapping[str, Any]) -> str:
             sentences.append(f"{ref} wins: {base:g} req/s goodput against {goodput:g} for {name}{ratio}.")
         else:
             sentences.append(f"{ref} and {name} tie: {base:g} and {goodput:g} req/s goodput.")
+        top = max(summary.get("rates") or [math.inf])
+        if base == goodput == top:
+            sentences.append("Both held the SLO at the highest rate tried; add higher --rates to separate them.")
         grids = summary["slo_map"]["goodput"]
         cells = [(a, b) for row_a, row_b in zip(grids[ref], grids[name]) for a, b in zip(row_a, row_b)]
         wins = sum(b > a for a, b in cells)
@@ -199,7 +203,8 @@ def render_markdown(summary: Mapping[str, Any], plots: Sequence[Path]) -> str:
         f"**Verdict.** {summary['verdict']}",
         "",
         f"Workload `{summary['workload']}`, {summary['num_requests']} requests per rate, seed {summary['seed']}, "
-        f"offered rates {', '.join(f'{r:g}' for r in summary['rates'])} req/s (Poisson), `{summary['endpoint']}` "
+        f"offered rates {', '.join(f'{r:g}' for r in summary['rates'])} req/s ({summary['arrival']} arrivals), "
+        f"`{summary['endpoint']}` "
         f"endpoint. Modes ran one after the other on the same devices, launched with `{summary['launch']}`.",
         "",
         f"SLO ({_slo_text(slo)}). Goodput is the highest offered rate at which at least "

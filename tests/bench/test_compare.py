@@ -124,10 +124,11 @@ def test_compare_runs_each_mode_and_writes_the_report(codec: TextCodec, tmp_path
     assert (summary["slo"]["k_ttft"], summary["slo"]["k_tpot"], summary["slo"]["ttft_slack_s"]) == (4.0, 1.5, 0.5)
     smap = summary["slo_map"]
     assert smap["k_ttft"] == [2.0, 4.0, 8.0] and smap["k_tpot"] == [1.25, 1.5, 2.0, 3.0]
-    for grid in smap["goodput"].values():
+    for name, grid in smap["goodput"].items():
         assert len(grid) == 3 and all(len(row) == 4 for row in grid)
         for row in grid:  # a looser TPOT limit never lowers goodput
             assert row == sorted(row)
+        assert grid[1][1] == summary["modes"][name]["goodput"]  # (k_ttft 4, k_tpot 1.5) is the default SLO
     assert summary["verdict"] == verdict(summary)
 
     # Every mode got the same seeded requests, and the launched ones started and stopped cleanly.
@@ -174,3 +175,5 @@ def test_verdict_wording() -> None:
     assert verdict(_summary({"unified": 0.0, "disagg": 0.0}, {"unified": grid(0), "disagg": grid(0)})).startswith(
         "Neither unified nor disagg"
     )
+    saturated = {**_summary({"unified": 4.0, "disagg": 4.0}, {"unified": grid(4), "disagg": grid(4)}), "rates": [1, 4]}
+    assert "Both held the SLO at the highest rate tried; add higher --rates" in verdict(saturated)
