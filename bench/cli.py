@@ -184,6 +184,7 @@ def _packed(cls: type, options: list[Callable[..., Any]], name: str) -> Callable
 
 
 def load_options(default_workload: str) -> Callable[[Callable[..., Any]], Any]:
+    """The shared options, packed into `load: LoadOptions`; `--workload` defaults per command."""
     workload = click.option(
         "--workload",
         type=click.Choice(sorted(WORKLOADS)),

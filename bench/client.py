@@ -210,6 +210,7 @@ class OpenAIClient:
             self._session = None
 
     async def send(self, request: BenchRequest) -> RequestOutcome:
+        """Stream one request to completion, failure or timeout, and return what was observed."""
         if self._session is None:
             raise RuntimeError("OpenAIClient.send called outside `async with OpenAIClient(...)`")
         recorder = _Recorder(request=request, send_time=time.perf_counter())

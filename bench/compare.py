@@ -144,6 +144,7 @@ class LaunchedServer:
             )
 
     async def stop(self) -> None:
+        """SIGTERM, a grace period, then SIGKILL to whatever is left of the process group. Idempotent."""
         proc, self._proc = self._proc, None
         if proc is None:
             return
@@ -291,6 +292,7 @@ class _ModeServer:
 
 
 def default_slo(config: CompareConfig, baseline: IsolatedBaseline) -> SLOPolicy:
+    """The SLO every mode is scored by: the absolute one when given, else relative to the baseline."""
     if config.absolute_slo is not None:
         return config.absolute_slo
     return RelativeSLO(baseline, config.k_ttft, config.k_tpot, config.ttft_slack_s)

@@ -176,6 +176,7 @@ class RelativeSLO:
 
 
 def meets_slo(outcome: RequestOutcome, slo: SLOPolicy) -> bool:
+    """Whether a request succeeded within both limits (inclusive); a 1-token answer has TPOT 0."""
     ttft = outcome.ttft_s
     if not outcome.success or ttft is None:
         return False

@@ -193,6 +193,7 @@ def _slo_text(slo: Mapping[str, Any]) -> str:
 
 
 def render_markdown(summary: Mapping[str, Any], plots: Sequence[Path]) -> str:
+    """report.md: verdict, setup, the reference-rate table, every rate, the SLO map, the baseline, plots."""
     modes = summary["modes"]
     names = list(modes)
     rate = summary["reference_rate"]

@@ -67,6 +67,8 @@ def isolated_seed(seed: int) -> int:
 
 @dataclass(frozen=True)
 class SweepPoint:
+    """One offered rate of a sweep: its seed, raw outcomes and result.json content."""
+
     rate: float
     seed: int
     outcomes: tuple[RequestOutcome, ...]

@@ -97,6 +97,7 @@ WORKLOADS: Mapping[str, WorkloadSpec] = MappingProxyType(
 
 
 def get_workload(name: str) -> WorkloadSpec:
+    """The named workload; an unknown name raises ValueError listing the known ones."""
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; choose one of {', '.join(WORKLOADS)}")
     return WORKLOADS[name]
@@ -161,6 +162,7 @@ class Corpus:
             raise ValueError("the corpus is too short to cut prompts from")
 
     def window(self, start: int, length: int) -> list[int]:
+        """`length` token ids from position `start`, wrapping around the end of the corpus."""
         out: list[int] = []
         start %= len(self.ids)
         while len(out) < length:
