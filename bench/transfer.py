@@ -86,7 +86,7 @@ def _digest(t: torch.Tensor) -> int:
 
 def _copy_runs(dst: torch.Tensor, src: torch.Tensor, layer: int, runs: list[PageRun]) -> None:
     for r in runs:
-        dst[:, layer, r.dst:r.dst + r.count].copy_(src[:, layer, r.src:r.src + r.count])
+        dst[:, layer, r.dst:r.dst + r.length].copy_(src[:, layer, r.src:r.src + r.length])
 
 
 def _sync(device: str) -> None:

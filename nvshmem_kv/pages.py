@@ -12,11 +12,11 @@ from nvshmem_kv.errors import TransportError
 
 
 class PageRun(NamedTuple):
-    """``count`` consecutive pages: src ``[src, src+count)`` -> dst ``[dst, dst+count)``."""
+    """``length`` consecutive pages: src ``[src, src+length)`` -> dst ``[dst, dst+length)``."""
 
     src: int
     dst: int
-    count: int
+    length: int
 
 
 def as_page_tuple(pages: Sequence[int] | torch.Tensor) -> tuple[int, ...]:
@@ -73,4 +73,4 @@ def byte_view(t: torch.Tensor) -> memoryview:
     """Writable byte view of a contiguous CPU tensor (any dtype, bf16 included); no copy."""
     if t.device.type != "cpu" or not t.is_contiguous():
         raise TransportError("byte_view needs a contiguous CPU tensor")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    return t.reshape(-1).view(torch.uint8).numpy().data.cast("B")

@@ -22,6 +22,9 @@ BACKENDS: dict[str, tuple[str, str]] = {
 }
 
 
+DEVICE_BOUND = frozenset({"nvshmem", "cuda_ipc"})     # backends whose constructor takes ``device``
+
+
 def backend_names() -> tuple[str, ...]:
     return tuple(BACKENDS)
 
@@ -39,12 +42,15 @@ def availability(name: str) -> Callable[[str | torch.device], tuple[bool, str]]:
 
 def create(name: str, *, device: str | torch.device | None = None, **opts: Any) -> KVTransport:
     """Build backend ``name``. With ``device`` given, refuse (`BackendUnavailable`, with the reason)
-    a backend that cannot serve a pool on that device here. ``opts`` go to the backend
-    (``run_id``, ``host``, ``advertise_host``, ``send_timeout_s``; nvshmem: ``pe``, ``npes``, ``uid`` …)."""
+    a backend that cannot serve a pool on that device here; GPU backends also bind to it. ``opts``
+    go to the backend (``run_id``, ``host``, ``advertise_host``, ``send_timeout_s``; nvshmem:
+    ``pe``, ``npes``, ``uid``, ``symmetric_bytes``)."""
     module = _module(name)
     if device is not None:
         ok, why = module.available(device)
         if not ok:
             raise BackendUnavailable(f"{name} is unavailable: {why}")
+        if name in DEVICE_BOUND:
+            opts["device"] = device
     cls: type[KVTransport] = getattr(module, BACKENDS[name][1])
     return cls(**opts)

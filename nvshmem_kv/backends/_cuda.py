@@ -22,6 +22,14 @@ def cuda_reason(device: str | torch.device) -> str | None:
     return "; ".join(problems) or None
 
 
+def cuda_device(device: str | torch.device | None) -> torch.device:
+    """``device`` with an explicit index (the current device when none is given)."""
+    dev = torch.device(device) if device is not None else torch.device("cuda")
+    if dev.type != "cuda":
+        raise TransportError(f"expected a CUDA device, got {dev}")
+    return dev if dev.index is not None else torch.device("cuda", torch.cuda.current_device())
+
+
 def have_module(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None

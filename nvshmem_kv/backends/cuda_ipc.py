@@ -17,6 +17,7 @@ import torch
 from nvshmem_kv.backends._cuda import (
     allocation_base,
     check,
+    cuda_device,
     cuda_reason,
     have_module,
     ipc_handle_bytes,
@@ -51,7 +52,7 @@ class CudaIpcTransport(ChannelTransport):
             raise BackendUnavailable(f"cuda_ipc is unavailable: {why}")
         super().__init__(**opts)
         self._rt = runtime()
-        self._device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        self._device = cuda_device(device)
         self._stream = torch.cuda.Stream(device=self._device)
 
     def allocate_pool(self, desc: PoolDescriptor, device: str | torch.device = "cuda") -> torch.Tensor:
@@ -100,8 +101,8 @@ class CudaIpcTransport(ChannelTransport):
         with torch.cuda.stream(self._stream):
             for hs in peer.slices:
                 for run in runs:
-                    s = src_l[:, run.src:run.src + run.count, :, hs.src_start:hs.src_start + hs.count]
-                    d = dst_l[:, run.dst:run.dst + run.count, :, hs.dst_start:hs.dst_start + hs.count]
+                    s = src_l[:, run.src:run.src + run.length, :, hs.src_start:hs.src_start + hs.count]
+                    d = dst_l[:, run.dst:run.dst + run.length, :, hs.dst_start:hs.dst_start + hs.count]
                     d.copy_(s, non_blocking=True)
                     moved += s.numel() * s.element_size()
         return moved

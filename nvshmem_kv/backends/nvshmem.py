@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from nvshmem_kv.backends._cuda import cuda_reason, have_module
+from nvshmem_kv.backends._cuda import cuda_device, cuda_reason, have_module
 from nvshmem_kv.channel import ConnInfo
 from nvshmem_kv.descriptor import PoolDescriptor
 from nvshmem_kv.errors import BackendUnavailable, ProtocolError, TransportError
@@ -70,7 +70,7 @@ class NvshmemTransport(ChannelTransport):
         self._nvs, self._nb = nvs, nb
         self.pe, self.npes = pe, npes
         self._symmetric_bytes = symmetric_bytes
-        self._device = torch.device(device) if device is not None else torch.device("cuda", torch.cuda.current_device())
+        self._device = cuda_device(device)
         self._init(uid)
         self._stream = torch.cuda.Stream(device=self._device)
         self._heap: torch.Tensor | None = None
@@ -153,17 +153,17 @@ class NvshmemTransport(ChannelTransport):
                 width = hs.count * loc.head_dim * esz
                 for run in runs:
                     if full:
-                        nbytes = run.count * s_page
+                        nbytes = run.length * s_page
                         put(d_lay + run.dst * d_page, s_lay + run.src * s_page, nbytes, sig, 1, op, h.pe, cs)
                         puts, moved = puts + 1, moved + nbytes
                         continue
                     # NOTE: a partial head slice is strided: one put per token row of the run.
-                    for i in range(run.count):
+                    for i in range(run.length):
                         for t in range(loc.page_size):
                             src = s_lay + (run.src + i) * s_page + t * s_row + hs.src_start * loc.head_dim * esz
                             dst = d_lay + (run.dst + i) * d_page + t * d_row + hs.dst_start * rem.head_dim * esz
                             put(dst, src, width, sig, 1, op, h.pe, cs)
-                    puts, moved = puts + run.count * loc.page_size, moved + run.count * loc.page_size * width
+                    puts, moved = puts + run.length * loc.page_size, moved + run.length * loc.page_size * width
         self._puts[h.pe] = self._puts.get(h.pe, 0) + puts
         return moved
 

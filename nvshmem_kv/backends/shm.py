@@ -74,8 +74,8 @@ class ShmTransport(ChannelTransport):
         for hs in peer.slices:
             full = hs.count == peer.local.kv_heads_local == peer.remote.kv_heads_local
             for run in runs:
-                s = src_kv[:, layer, run.src:run.src + run.count]
-                d = dst[:, layer, run.dst:run.dst + run.count]
+                s = src_kv[:, layer, run.src:run.src + run.length]
+                d = dst[:, layer, run.dst:run.dst + run.length]
                 if not full:
                     s = s[..., hs.src_start:hs.src_start + hs.count, :]
                     d = d[..., hs.dst_start:hs.dst_start + hs.count, :]

@@ -32,17 +32,17 @@ class TcpTransport(ChannelTransport):
     def _write_runs(self, peer: ChannelPeer, room: str, layer: int, src_kv: torch.Tensor,
                     runs: list[PageRun]) -> int:
         d = peer.local
-        total = sum(r.count for r in runs)
+        total = sum(r.length for r in runs)
         src_l = src_kv[:, layer]
         moved = 0
         for hs in peer.slices:
             staging = torch.empty((2, total, d.page_size, hs.count, d.head_dim), dtype=src_kv.dtype)
             off = 0
             for run in runs:
-                part = src_l[:, run.src:run.src + run.count, :, hs.src_start:hs.src_start + hs.count]
-                staging[:, off:off + run.count].copy_(part)
-                off += run.count
-            msg = Write(room, layer, hs.dst_start, hs.count, [(r.dst, r.count) for r in runs])
+                part = src_l[:, run.src:run.src + run.length, :, hs.src_start:hs.src_start + hs.count]
+                staging[:, off:off + run.length].copy_(part)
+                off += run.length
+            msg = Write(room, layer, hs.dst_start, hs.count, [(r.dst, r.length) for r in runs])
             peer.send(Outgoing(msg, [byte_view(staging)], keepalive=staging), self._send_timeout_s)
             moved += staging.numel() * staging.element_size()
         return moved

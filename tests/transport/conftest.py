@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -14,13 +14,14 @@ from tests.transport.transport_workers import run_prefill
 
 
 @pytest.fixture
-def spawn_prefill() -> Iterator[Spawn]:
+def spawn_worker() -> Iterator[Callable[[Callable[..., None], dict[str, Any]], tuple[Any, Any]]]:
+    """start(target, spec) -> (process, pipe end); every process is told to close, then reaped."""
     ctx = mp.get_context("spawn")
     started: list[tuple[Any, Any]] = []
 
-    def start(spec: dict[str, Any]) -> tuple[Any, Any]:
+    def start(target: Callable[..., None], spec: dict[str, Any]) -> tuple[Any, Any]:
         parent, child = ctx.Pipe()
-        proc = ctx.Process(target=run_prefill, args=(spec, child), daemon=True)
+        proc = ctx.Process(target=target, args=(spec, child), daemon=True)
         proc.start()
         child.close()
         started.append((proc, parent))
@@ -37,6 +38,11 @@ def spawn_prefill() -> Iterator[Spawn]:
         if proc.is_alive():
             proc.kill()
             proc.join(5)
+
+
+@pytest.fixture
+def spawn_prefill(spawn_worker: Callable[[Callable[..., None], dict[str, Any]], tuple[Any, Any]]) -> Spawn:
+    return lambda spec: spawn_worker(run_prefill, spec)
 
 
 @pytest.fixture
