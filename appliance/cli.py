@@ -54,5 +54,56 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
     sys.stdout.write(out[0].text + "\n")
 
 
+@main.command()
+@click.option("--mode", default="disagg", show_default=True, type=click.Choice(["disagg", "unified"]))
+@click.option("--model", default=None, help="GGUF file or Hugging Face folder (default: embedded SmolLM2-135M).")
+@click.option("--served-model-name", default="", help="Model id clients send (default: the model's name).")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--prefill-gpus", default="", help='GPU ids for prefill engines, e.g. "0-3".')
+@click.option("--decode-gpus", default="", help='GPU ids for decode engines, e.g. "4-7".')
+@click.option("--prefill-tp", default=1, show_default=True, help="TP size of each prefill engine.")
+@click.option("--decode-tp", default=1, show_default=True, help="TP size of each decode engine.")
+@click.option("--gpus", default="", help="GPU ids for unified engines.")
+@click.option("--tp", default=1, show_default=True, help="TP size of each unified engine.")
+@click.option("--prefill-cpus", default="", help="CPU cores for the prefill worker (CPU mode).")
+@click.option("--decode-cpus", default="", help="CPU cores for the decode worker (CPU mode).")
+@click.option("--cpus", default="", help="CPU cores for unified engines (CPU mode).")
+@click.option("--transport", default="auto", show_default=True,
+              type=click.Choice(["auto", "nvshmem", "cuda_ipc", "shm", "tcp"]))
+@click.option("--api-key", default="", envvar="PDBOX_API_KEY", help="Require Authorization: Bearer KEY.")
+@click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float32", "float16"]))
+@click.option("--kv-cache-mb", default=256, show_default=True, help="KV pool size per engine rank.")
+@click.option("--page-size", default=16, show_default=True)
+@click.option("--max-prefill-tokens", default=512, show_default=True, help="Chunked-prefill token budget per step.")
+@click.option("--prefill-policy", default="cache_aware", show_default=True,
+              type=click.Choice(["cache_aware", "least_load", "power_of_two", "round_robin"]))
+@click.option("--decode-policy", default="least_load", show_default=True,
+              type=click.Choice(["least_load", "power_of_two", "round_robin"]))
+@click.option("--lease-s", default=5.0, show_default=True, help="Base lease of reserved decode pages.")
+@click.option("--max-inflight", default=256, show_default=True, help="Requests in flight before 429.")
+@click.option("--log-dir", default="", help="Where worker logs go (default: a new temp folder).")
+def up(**kw) -> None:
+    """Serve an OpenAI-compatible endpoint with prefill and decode on separate devices."""
+    import asyncio
+
+    from appliance.launcher import Launcher, UpConfig
+
+    try:
+        launcher = Launcher(UpConfig(**kw))
+        asyncio.run(launcher.serve())
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise CliError(str(exc)) from None
+
+
+def _attach_groups() -> None:
+    from bench.cli import bench
+
+    main.add_command(bench)
+
+
+_attach_groups()
+
+
 if __name__ == "__main__":
     main()

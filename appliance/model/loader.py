@@ -52,3 +52,25 @@ def load_checkpoint(model: str | Path | None) -> Checkpoint:
     if path.name == DEFAULT_MODEL_FILE:
         ckpt.name = DEFAULT_MODEL_NAME
     return ckpt
+
+
+def load_tokenizer(model: str | Path | None):  # -> tuple[Tokenizer, int, str]
+    """The tokenizer, vocab size and model name WITHOUT loading weights (for the router)."""
+    import json
+
+    from appliance.model.tokenizer import Tokenizer
+
+    path = resolve_model_path(model)
+    if path.is_dir():
+        from tokenizers import Tokenizer as HFTokenizer
+
+        from appliance.model.hf_loader import config_from_hf
+
+        cfg = config_from_hf(json.loads((path / "config.json").read_text()), str(path / "config.json"))
+        tc = path / "tokenizer_config.json"
+        template = json.loads(tc.read_text()).get("chat_template") if tc.is_file() else None
+        tok = Tokenizer(HFTokenizer.from_file(str(path / "tokenizer.json")), template, cfg.eos_token_ids)
+        return tok, cfg.vocab_size, path.name
+    tok = Tokenizer.from_gguf(path)
+    name = DEFAULT_MODEL_NAME if path.name == DEFAULT_MODEL_FILE else path.stem
+    return tok, tok.vocab_size, name

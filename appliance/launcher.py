@@ -1,0 +1,284 @@
+"""`pdbox up`: start the workers and the router on one node, supervise them, stop them cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.topology import available_cpus, format_ids, parse_ids, split_groups
+
+READY_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class UpConfig:
+    mode: str = "disagg"
+    model: str | None = None
+    served_model_name: str = ""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    prefill_gpus: str = ""
+    decode_gpus: str = ""
+    prefill_tp: int = 1
+    decode_tp: int = 1
+    gpus: str = ""
+    tp: int = 1
+    prefill_cpus: str = ""
+    decode_cpus: str = ""
+    cpus: str = ""
+    transport: str = "auto"
+    api_key: str = ""
+    dtype: str = "bfloat16"
+    kv_cache_mb: int = 256
+    page_size: int = 16
+    max_prefill_tokens: int = 512
+    prefill_policy: str = "cache_aware"
+    decode_policy: str = "least_load"
+    lease_s: float = 5.0
+    log_dir: str = ""
+    max_inflight: int = 256
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("disagg", "unified"):
+            raise ValueError(f"--mode must be disagg or unified, got {self.mode!r}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port must be in 1..65535, got {self.port}")
+
+
+@dataclass
+class WorkerSpec:
+    name: str
+    role: str
+    argv: list[str]
+    env: dict[str, str]
+    devices: str
+    port: int
+    proc: subprocess.Popen | None = None
+    restarts: int = 0
+    log_path: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+def _cuda_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
+
+
+def plan_workers(cfg: UpConfig, token: str, run_id: str) -> tuple[list[WorkerSpec], str]:
+    """Turn device flags into worker specs. Returns the specs and the transport chosen."""
+    from appliance.engine.tp import free_port
+
+    gpu_flags = cfg.prefill_gpus or cfg.decode_gpus or cfg.gpus
+    use_gpu = bool(gpu_flags) or _cuda_count() > 0
+    groups: list[tuple[str, list[int], int]] = []  # (role, ids, tp)
+    if use_gpu:
+        n = _cuda_count()
+        if cfg.mode == "unified":
+            ids = parse_ids(cfg.gpus) if cfg.gpus else list(range(n))
+            groups = [("unified", g, cfg.tp) for g in split_groups(ids, cfg.tp, "--gpus")]
+        else:
+            if not (cfg.prefill_gpus and cfg.decode_gpus):
+                half = max(1, n // 2)
+                pre = parse_ids(cfg.prefill_gpus) if cfg.prefill_gpus else list(range(half))
+                dec = parse_ids(cfg.decode_gpus) if cfg.decode_gpus else list(range(half, n)) or pre
+            else:
+                pre, dec = parse_ids(cfg.prefill_gpus), parse_ids(cfg.decode_gpus)
+            groups = [("prefill", g, cfg.prefill_tp) for g in split_groups(pre, cfg.prefill_tp, "--prefill-gpus")]
+            groups += [("decode", g, cfg.decode_tp) for g in split_groups(dec, cfg.decode_tp, "--decode-gpus")]
+    else:
+        cores = available_cpus()
+        if cfg.mode == "unified":
+            ids = parse_ids(cfg.cpus) if cfg.cpus else cores
+            size = cfg.tp if cfg.cpus or cfg.tp > 1 else 1
+            groups = [("unified", g, cfg.tp) for g in split_groups(ids, size, "--cpus")]
+        else:
+            half = max(1, len(cores) // 2)
+            pre = parse_ids(cfg.prefill_cpus) if cfg.prefill_cpus else cores[:half]
+            dec = parse_ids(cfg.decode_cpus) if cfg.decode_cpus else (cores[half:] or cores[:1])
+            groups = [("prefill", pre, cfg.prefill_tp), ("decode", dec, cfg.decode_tp)]
+    transport = cfg.transport
+    if cfg.mode == "disagg" and transport == "auto":
+        from nvshmem_kv import probe
+
+        transport = probe("cuda" if use_gpu else "cpu").backend
+    specs = []
+    counts: dict[str, int] = {}
+    for role, ids, tp in groups:
+        k = counts.get(role, 0)
+        counts[role] = k + 1
+        name = f"{role}-{k}"
+        port = free_port()
+        argv = [sys.executable, "-m", "appliance.serve.worker", "--role", role, "--name", name, "--port", str(port),
+                "--tp", str(tp), "--dtype", cfg.dtype, "--kv-cache-mb", str(cfg.kv_cache_mb), "--page-size",
+                str(cfg.page_size), "--max-prefill-tokens", str(cfg.max_prefill_tokens), "--run-id", run_id]
+        if cfg.model:
+            argv += ["--model", str(cfg.model)]
+        if role != "unified":
+            argv += ["--transport", transport]
+        env = dict(os.environ, PDBOX_CLUSTER_TOKEN=token)
+        if use_gpu:
+            env["CUDA_VISIBLE_DEVICES"] = format_ids(ids)
+            argv += ["--device", "cuda", "--devices", format_ids(ids)]
+            devices = "gpu:" + format_ids(ids)
+        else:
+            argv += ["--cpus", format_ids(ids)]
+            devices = "cpu:" + format_ids(ids)
+        specs.append(WorkerSpec(name=name, role=role, argv=argv, env=env, devices=devices, port=port))
+    return specs, transport
+
+
+class Launcher:
+    """Owns the worker processes and the in-process router."""
+
+    def __init__(self, cfg: UpConfig, out=sys.stdout, err=sys.stderr) -> None:
+        self.cfg = cfg
+        self.out, self.err = out, err
+        self.run_id = f"pdbox-{os.getpid()}-{secrets.token_hex(3)}"
+        self.token = secrets.token_urlsafe(24)
+        self.log_dir = Path(cfg.log_dir) if cfg.log_dir else Path(tempfile.mkdtemp(prefix=f"{self.run_id}-"))
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.specs, self.transport = plan_workers(cfg, self.token, self.run_id)
+        self.stopping = False
+        self.router = None
+
+    def say(self, msg: str) -> None:
+        print(msg, file=self.err, flush=True)
+
+    def start(self, spec: WorkerSpec) -> None:
+        spec.log_path = self.log_dir / f"{spec.name}.log"
+        log = open(spec.log_path, "ab")
+        spec.proc = subprocess.Popen(spec.argv, env=spec.env, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL)
+        log.close()
+
+    def tail(self, spec: WorkerSpec, n: int = 15) -> str:
+        try:
+            lines = spec.log_path.read_text(errors="replace").splitlines() if spec.log_path else []
+        except OSError:
+            return ""
+        return "\n".join("    " + ln for ln in lines[-n:])
+
+    async def wait_healthy(self, specs: list[WorkerSpec], timeout_s: float) -> None:
+        import aiohttp
+
+        deadline = time.monotonic() + timeout_s
+        pending = list(specs)
+        async with aiohttp.ClientSession() as s:
+            while pending:
+                for spec in list(pending):
+                    if spec.proc is not None and spec.proc.poll() is not None:
+                        raise RuntimeError(f"worker {spec.name} exited with code {spec.proc.returncode} while "
+                                           f"starting; its log ({spec.log_path}):\n{self.tail(spec)}")
+                    try:
+                        async with s.get(spec.url + "/health", timeout=aiohttp.ClientTimeout(total=1.0)) as r:
+                            if r.status == 200:
+                                pending.remove(spec)
+                    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                        pass
+                if time.monotonic() > deadline:
+                    names = ", ".join(s.name for s in pending)
+                    raise RuntimeError(f"workers not healthy after {timeout_s:.0f} s: {names}")
+                if pending:
+                    await asyncio.sleep(0.25)
+
+    def build_router(self):
+        from appliance.model.loader import load_tokenizer
+        from appliance.serve.policies import WorkerHandle
+        from appliance.serve.router import Router, RouterConfig
+
+        tok, vocab, name = load_tokenizer(self.cfg.model)
+        rcfg = RouterConfig(mode=self.cfg.mode, served_model_name=self.cfg.served_model_name or name,
+                            host=self.cfg.host, port=self.cfg.port, api_key=self.cfg.api_key,
+                            cluster_token=self.token, prefill_policy=self.cfg.prefill_policy,
+                            decode_policy=self.cfg.decode_policy, lease_s=self.cfg.lease_s,
+                            page_size=self.cfg.page_size, max_inflight=self.cfg.max_inflight)
+        router = Router(rcfg, tok, vocab)
+        for spec in self.specs:
+            router.add_worker(WorkerHandle(name=spec.name, role=spec.role, url=spec.url, devices=spec.devices,
+                                           transport=self.transport if spec.role != "unified" else ""))
+        return router
+
+    async def supervise(self) -> None:
+        while not self.stopping:
+            for spec in self.specs:
+                if spec.proc is not None and spec.proc.poll() is not None and not self.stopping:
+                    code = spec.proc.returncode
+                    self.say(f"worker {spec.name} (pid {spec.proc.pid}) exited with code {code}; "
+                             f"its requests fail; restarting it")
+                    w = self.router.workers.get(spec.name) if self.router else None
+                    if w is not None:
+                        w.healthy = False
+                        w.restarts += 1
+                        w.last_seen = 0.0
+                    spec.restarts += 1
+                    self.start(spec)
+            await asyncio.sleep(0.3)
+
+    async def serve(self, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
+        from aiohttp import web
+
+        stop = stop or asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        runner = None
+        sup = None
+        try:
+            self.say(f"pdbox: mode={self.cfg.mode} transport={self.transport if self.cfg.mode == 'disagg' else '-'} "
+                     f"workers={', '.join(f'{s.name}[{s.devices}]' for s in self.specs)} logs={self.log_dir}")
+            for spec in self.specs:
+                self.start(spec)
+            waiter = asyncio.create_task(self.wait_healthy(self.specs, READY_TIMEOUT_S))
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if stopper in done:
+                waiter.cancel()
+                return
+            stopper.cancel()
+            waiter.result()
+            self.router = self.build_router()
+            runner = web.AppRunner(self.router.app(), handler_cancellation=True, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, self.cfg.host, self.cfg.port)
+            await site.start()
+            print(f"ready: http://{self.cfg.host}:{self.cfg.port}", file=self.out, flush=True)
+            if ready is not None:
+                ready.set()
+            sup = asyncio.create_task(self.supervise())
+            await stop.wait()
+        finally:
+            self.stopping = True
+            if sup is not None:
+                sup.cancel()
+            if runner is not None:
+                await runner.cleanup()
+            await asyncio.to_thread(self.stop_workers)
+
+    def stop_workers(self, grace_s: float = 8.0) -> None:
+        self.stopping = True
+        procs = [s.proc for s in self.specs if s.proc is not None and s.proc.poll() is None]
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
