@@ -302,6 +302,7 @@ start_slurm() {
 
 up() {
   ((NODES >= 1)) || die "PDBOX_SLURM_NODES must be >= 1"
+  [[ $DIR != *[[:space:]]* ]] || die "PDBOX_SLURM_DIR=$DIR contains whitespace, which slurm.conf cannot express"
   ((${#MUNGE_SOCK} < 100)) || die "PDBOX_SLURM_DIR=$DIR is too long for a unix socket path; pick a shorter one"
   [[ $(id -u) == 0 ]] || die "run as root (it starts munged, mariadbd and the Slurm daemons)"
   install -d -m 0755 "$DIR" "$ETC" "$RUN" "$LOG" "$DIR/state" "$DIR/spool"
