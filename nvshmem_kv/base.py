@@ -21,6 +21,11 @@ Invariants every backend keeps:
 - a room completes exactly once (DONE or FAILED), and never after its deadline has passed;
 - signals for rooms that were not ``expect``-ed (or were released) are dropped and counted;
 - a sender whose connection dies fails the rooms it had opened and not yet signalled.
+
+NOTE: shm, cuda_ipc and nvshmem write one-sided, straight into the receiver's pages; only tcp
+can refuse bytes for a room that is no longer expected. After a room FAILS on its deadline its
+sender may still be writing, so keep those pages out of circulation until the sender is known to
+be gone (its connection closed) or a grace period has passed.
 """
 
 from __future__ import annotations

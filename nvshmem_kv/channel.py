@@ -17,6 +17,7 @@ from nvshmem_kv.wire import Hello, HelloAck, Message, check_ack, expect_message,
 
 _ACCEPT_POLL_S = 0.2
 _SOCK_BUF = 4 << 20
+MAX_CONNECTIONS = 1024          # senders per receiver (a prefill rank keeps one connection)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,11 @@ class ControlServer:
                 continue
             except OSError:
                 return
+            with self._lock:
+                full = len(self._conns) >= MAX_CONNECTIONS
+            if full:
+                sock.close()
+                continue
             conn_id = next(self._ids)
             thread = threading.Thread(target=self._serve, args=(conn_id, sock, f"{addr[0]}:{addr[1]}"),
                                       name=f"kv-conn-{self._name}-{conn_id}", daemon=True)

@@ -24,6 +24,7 @@ from nvshmem_kv.base import KVTransport, Peer, RoomStatus, TransportStats
 from nvshmem_kv.channel import ConnInfo, ControlServer, open_channel
 from nvshmem_kv.descriptor import HeadSlice, PoolDescriptor, PoolHandle, plan_head_slices
 from nvshmem_kv.errors import ProtocolError, TransportError
+from nvshmem_kv.page_copy import KernelPlan, kernel_copy, make_plan
 from nvshmem_kv.pages import PageRun, as_page_tuple, check_layer, check_pages, check_pool, coalesce_runs
 from nvshmem_kv.rooms import RoomTable
 from nvshmem_kv.sender import Outgoing, SendQueue
@@ -59,6 +60,7 @@ class ChannelPeer(Peer):
         self.closer: Callable[[], None] | None = None     # releases what `_open_peer` mapped
         self.opened: OrderedDict[str, None] = OrderedDict()
         self.runs: OrderedDict[str, tuple[tuple[int, ...], tuple[int, ...], list[PageRun]]] = OrderedDict()
+        self.kernel_plans: OrderedDict[str, KernelPlan] = OrderedDict()
 
     def send(self, item: Outgoing, timeout_s: float) -> None:
         if self.queue is None:
@@ -132,8 +134,8 @@ class ChannelTransport(KVTransport):
             raise TransportError("register_pool was already called on this transport (one pool per rank)")
         check_pool(kv, desc)
         fields = self._export_pool(kv, desc)
-        self._pool, self._desc = kv, desc
         self._server = ControlServer(self._host, self, f"{self.name}-{self.run_id}-tp{desc.tp_rank}")
+        self._pool, self._desc = kv, desc
         return PoolHandle(backend=self.name, descriptor=desc, host=self._advertise, port=self._server.port,
                           token=self._token, run_id=self.run_id, **fields)
 
@@ -177,6 +179,7 @@ class ChannelTransport(KVTransport):
         p.send(Outgoing(self._signal_message(p, room), [bytes(payload)], self._signal_fence(p)), self._send_timeout_s)
         p.opened.pop(room, None)
         p.runs.pop(room, None)
+        p.kernel_plans.pop(room, None)
         with self._lock:
             self._counts["signals_sent"] += 1
 
@@ -318,6 +321,19 @@ class ChannelTransport(KVTransport):
         if len(p.runs) > _RUN_CACHE:
             p.runs.popitem(last=False)
         return runs
+
+    def _kernel_write(self, p: ChannelPeer, room: str, layer: int, src_kv: torch.Tensor) -> int:
+        """One `kernels.copy_pages` launch for the layer (shm, cuda_ipc with ``copy="kernel"``)."""
+        if p.remote_pool is None:
+            raise TransportError(f"{p!r} is closed")
+        src, dst, _ = p.runs[room]
+        plan = p.kernel_plans.get(room)
+        if plan is None or plan.src_pages != src or plan.dst_pages != dst:
+            plan = make_plan(p.local, p.remote, p.remote_pool.data_ptr(), src, dst, src_kv.device)
+            p.kernel_plans[room] = plan
+            if len(p.kernel_plans) > _RUN_CACHE:
+                p.kernel_plans.popitem(last=False)
+        return kernel_copy(src_kv, p.local, p.remote, plan, layer)
 
     def _announce(self, p: ChannelPeer, room: str) -> None:
         if room in p.opened:

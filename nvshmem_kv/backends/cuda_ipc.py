@@ -41,16 +41,20 @@ def available(device: str | torch.device = "cuda") -> tuple[bool, str]:
 
 
 class CudaIpcTransport(ChannelTransport):
-    """Options: ``device`` (the GPU this rank copies from; default the current one), plus the
-    channel options (``run_id``, ``host`` …)."""
+    """Options: ``device`` (the GPU this rank copies from; default the current one), ``copy``
+    ("torch": one ``copy_`` per contiguous run; "kernel": one `kernels.copy_pages` launch per layer,
+    better for scattered pages; needs full head slices), plus the channel options."""
 
     name = "cuda_ipc"
 
-    def __init__(self, *, device: str | torch.device | None = None, **opts: Any) -> None:
+    def __init__(self, *, device: str | torch.device | None = None, copy: str = "torch", **opts: Any) -> None:
         ok, why = available(device or "cuda")
         if not ok:
             raise BackendUnavailable(f"cuda_ipc is unavailable: {why}")
+        if copy not in ("torch", "kernel"):
+            raise ValueError(f"copy must be 'torch' or 'kernel', got {copy!r}")
         super().__init__(**opts)
+        self._copy = copy
         self._rt = runtime()
         self._device = cuda_device(device)
         self._stream = torch.cuda.Stream(device=self._device)
@@ -96,6 +100,10 @@ class CudaIpcTransport(ChannelTransport):
         if dst is None:
             raise TransportError(f"{peer!r} is closed")
         self._stream.wait_stream(torch.cuda.current_stream(src_kv.device))
+        full = all(hs.count == peer.local.kv_heads_local == peer.remote.kv_heads_local for hs in peer.slices)
+        if self._copy == "kernel" and full:
+            with torch.cuda.stream(self._stream):
+                return self._kernel_write(peer, room, layer, src_kv)
         src_l, dst_l = src_kv[:, layer], dst[:, layer]
         moved = 0
         with torch.cuda.stream(self._stream):

@@ -34,12 +34,17 @@ def available(device: str | torch.device = "cpu") -> tuple[bool, str]:
 
 
 class ShmTransport(ChannelTransport):
-    """Same-host CPU pools. Options: ``run_id`` (names the segments), ``host`` (control channel)."""
+    """Same-host CPU pools. Options: ``run_id`` (names the segments), ``host`` (control channel),
+    ``copy`` ("torch": one ``copy_`` per run; "kernel": `kernels.copy_pages` through the pool's
+    address, which on CPU needs ``TRITON_INTERPRET=1`` and exists to test that shared path)."""
 
     name = "shm"
 
-    def __init__(self, **opts: Any) -> None:
+    def __init__(self, *, copy: str = "torch", **opts: Any) -> None:
+        if copy not in ("torch", "kernel"):
+            raise ValueError(f"copy must be 'torch' or 'kernel', got {copy!r}")
         super().__init__(**opts)
+        self._copy = copy
         self._segments: list[ShmSegment] = []
 
     def allocate_pool(self, desc: PoolDescriptor, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -70,6 +75,8 @@ class ShmTransport(ChannelTransport):
         dst = peer.remote_pool
         if dst is None:
             raise TransportError(f"{peer!r} is closed")
+        if self._copy == "kernel":
+            return self._kernel_write(peer, room, layer, src_kv)
         moved = 0
         for hs in peer.slices:
             full = hs.count == peer.local.kv_heads_local == peer.remote.kv_heads_local

@@ -1,0 +1,58 @@
+"""Optional copy path: a layer's K and V pages in ONE launch of `kernels.copy_pages` (Triton),
+written through the raw base address of the destination pool.
+
+The same kernel serves an IPC-opened GPU pool (cuda_ipc) and a CPU shared-memory pool (shm, under
+``TRITON_INTERPRET=1``). It pays off when pages are scattered: the torch path issues one copy per
+contiguous run, this path one launch per layer. Full-head slices only (pages move whole).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nvshmem_kv.descriptor import PoolDescriptor
+from nvshmem_kv.errors import TransportError
+
+
+@dataclass
+class KernelPlan:
+    """Index tensors for one room's page lists, on the source device; reused for every layer."""
+
+    src_pages: tuple[int, ...]
+    dst_pages: tuple[int, ...]
+    src_base: torch.Tensor      # page index of layer 0 in the (2*L*P_src) flattened source pool
+    dst_base: torch.Tensor      # same for the destination pool
+    pool_index: torch.Tensor    # zeros: every copy goes to table entry 0
+    table: torch.Tensor         # int64 [destination pool base address]
+
+
+def make_plan(local: PoolDescriptor, remote: PoolDescriptor, dst_ptr: int, src_pages: tuple[int, ...],
+              dst_pages: tuple[int, ...], device: torch.device) -> KernelPlan:
+    n_src = local.num_layers * local.num_pages
+    n_dst = remote.num_layers * remote.num_pages
+    src_base = [kv * n_src + p for kv in (0, 1) for p in src_pages]
+    dst_base = [kv * n_dst + p for kv in (0, 1) for p in dst_pages]
+
+    def ints(values: list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+    return KernelPlan(src_pages, dst_pages, ints(src_base), ints(dst_base),
+                      torch.zeros(len(src_base), dtype=torch.int64, device=device), ints([dst_ptr]))
+
+
+def kernel_copy(src_kv: torch.Tensor, local: PoolDescriptor, remote: PoolDescriptor, plan: KernelPlan,
+                layer: int) -> int:
+    """Copy K and V of ``layer`` for the plan's pages; returns the bytes moved."""
+    try:
+        from kernels import copy_pages
+    except ImportError as exc:  # pragma: no cover - kernels ships with pdbox
+        raise TransportError(f"copy='kernel' needs the kernels package: {exc}") from exc
+    if local.kv_heads_local != remote.kv_heads_local:
+        raise TransportError("the page-copy kernel moves whole pages: head slices must be full")
+    pages = src_kv.view(2 * local.num_layers * local.num_pages, local.page_size, local.kv_heads_local,
+                        local.head_dim)
+    copy_pages(pages, plan.table, plan.pool_index, plan.src_base + layer * local.num_pages,
+               plan.dst_base + layer * remote.num_pages)
+    return len(plan.src_base) * local.page_bytes
