@@ -15,14 +15,14 @@ Only put/signal/quiet/barrier_all are used, so two PEs on ONE GPU (limited MPG) 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from nvshmem_kv.backends._cuda import cuda_device, cuda_reason, have_module
 from nvshmem_kv.channel import ConnInfo
-from nvshmem_kv.descriptor import PoolDescriptor
+from nvshmem_kv.descriptor import HeadSlice, PoolDescriptor
 from nvshmem_kv.errors import BackendUnavailable, ProtocolError, TransportError
 from nvshmem_kv.pages import PageRun
 from nvshmem_kv.transport import ChannelPeer, ChannelTransport
@@ -48,6 +48,34 @@ def make_unique_id() -> bytes:
     import nvshmem.core as nvs
 
     return bytes(nvs.get_unique_id()._data.view(np.uint8))
+
+
+def put_list(loc: PoolDescriptor, rem: PoolDescriptor, layer: int, runs: list[PageRun],
+             slices: Sequence[HeadSlice], src_base: int, dst_base: int) -> list[tuple[int, int, int]]:
+    """(dst address, src address, bytes) of every put that moves K and V of ``layer``.
+
+    Whole-head slices move one put per run; a partial head slice is strided, so it moves one put
+    per token row of each page.
+    """
+    esz = loc.itemsize
+    s_row, d_row = loc.kv_heads_local * loc.head_dim * esz, rem.kv_heads_local * rem.head_dim * esz
+    s_page, d_page = loc.page_size * s_row, rem.page_size * d_row
+    puts: list[tuple[int, int, int]] = []
+    for kv in (0, 1):
+        s_lay = src_base + (kv * loc.num_layers + layer) * loc.num_pages * s_page
+        d_lay = dst_base + (kv * rem.num_layers + layer) * rem.num_pages * d_page
+        for hs in slices:
+            if hs.count == loc.kv_heads_local == rem.kv_heads_local:
+                puts += [(d_lay + r.dst * d_page, s_lay + r.src * s_page, r.length * s_page) for r in runs]
+                continue
+            width = hs.count * loc.head_dim * esz
+            s_off, d_off = hs.src_start * loc.head_dim * esz, hs.dst_start * rem.head_dim * esz
+            for r in runs:
+                for i in range(r.length):
+                    for t in range(loc.page_size):
+                        puts.append((d_lay + (r.dst + i) * d_page + t * d_row + d_off,
+                                     s_lay + (r.src + i) * s_page + t * s_row + s_off, width))
+    return puts
 
 
 class NvshmemTransport(ChannelTransport):
@@ -130,42 +158,20 @@ class NvshmemTransport(ChannelTransport):
                     runs: list[PageRun]) -> int:
         if self._heap is None or self._sig is None:
             raise TransportError("no symmetric pool")
-        h, loc, rem = peer.handle, peer.local, peer.remote
+        h = peer.handle
         if src_kv.device != self._device:
             raise TransportError(f"src_kv is on {src_kv.device}, this PE is bound to {self._device}")
-        esz = loc.itemsize
-        dst_base = self._heap.data_ptr() + h.heap_offset        # symmetric address of the peer pool
-        src_base = src_kv.data_ptr()
+        puts = put_list(peer.local, peer.remote, layer, runs, peer.slices, src_kv.data_ptr(),
+                        self._heap.data_ptr() + h.heap_offset)     # symmetric address of the peer pool
         sig = self._sig.data_ptr() + 8 * self.pe
         op = int(self._nvs.SignalOp.SIGNAL_ADD)
         put = self._nb.putmem_signal_nbi_on_stream
-        s_row, d_row = loc.kv_heads_local * loc.head_dim * esz, rem.kv_heads_local * rem.head_dim * esz
-        s_page, d_page = loc.page_size * s_row, rem.page_size * d_row
-        stream = self._stream
-        stream.wait_stream(torch.cuda.current_stream(self._device))
-        cs = int(stream.cuda_stream)
-        puts = moved = 0
-        for kv in (0, 1):
-            s_lay = src_base + (kv * loc.num_layers + layer) * loc.num_pages * s_page
-            d_lay = dst_base + (kv * rem.num_layers + layer) * rem.num_pages * d_page
-            for hs in peer.slices:
-                full = hs.count == loc.kv_heads_local == rem.kv_heads_local
-                width = hs.count * loc.head_dim * esz
-                for run in runs:
-                    if full:
-                        nbytes = run.length * s_page
-                        put(d_lay + run.dst * d_page, s_lay + run.src * s_page, nbytes, sig, 1, op, h.pe, cs)
-                        puts, moved = puts + 1, moved + nbytes
-                        continue
-                    # NOTE: a partial head slice is strided: one put per token row of the run.
-                    for i in range(run.length):
-                        for t in range(loc.page_size):
-                            src = s_lay + (run.src + i) * s_page + t * s_row + hs.src_start * loc.head_dim * esz
-                            dst = d_lay + (run.dst + i) * d_page + t * d_row + hs.dst_start * rem.head_dim * esz
-                            put(dst, src, width, sig, 1, op, h.pe, cs)
-                    puts, moved = puts + run.length * loc.page_size, moved + run.length * loc.page_size * width
-        self._puts[h.pe] = self._puts.get(h.pe, 0) + puts
-        return moved
+        self._stream.wait_stream(torch.cuda.current_stream(self._device))
+        cs = int(self._stream.cuda_stream)
+        for dst, src, nbytes in puts:
+            put(dst, src, nbytes, sig, 1, op, h.pe, cs)
+        self._puts[h.pe] = self._puts.get(h.pe, 0) + len(puts)
+        return sum(n for _, _, n in puts)
 
     def _signal_message(self, peer: ChannelPeer, room: str) -> Signal:
         return Signal(room, puts=self._puts.get(peer.handle.pe, 0), src_pe=self.pe)

@@ -36,8 +36,10 @@ def _check(results: dict[str, Any], src_desc: Any, seed: int, rooms: list[dict[s
         assert json.loads(payloads[0])["sha"] == got
 
 
+@pytest.mark.parametrize("copy", ["torch", "kernel"])
 @pytest.mark.parametrize("dst_tp", [1, 2])
-def test_cuda_ipc_one_gpu(spawn_worker: SpawnWorker, dst_tp: int) -> None:
+def test_cuda_ipc_one_gpu(spawn_worker: SpawnWorker, dst_tp: int, copy: str) -> None:
+    """dst_tp=2 splits the heads, so the kernel path falls back to per-run copies there."""
     _need("cuda.bindings")
     dsts = [make_desc(12, heads=2, layers=3, tp_rank=r, tp_size=dst_tp) for r in range(dst_tp)]
     src = make_desc(8, heads=2, layers=3)
@@ -46,7 +48,7 @@ def test_cuda_ipc_one_gpu(spawn_worker: SpawnWorker, dst_tp: int) -> None:
                                           "rooms": rooms}) for d in dsts]
     handles = [reply(conn, 120)[1] for _, conn in decoders]
     _, pconn = spawn_worker(run_prefill, {"backend": "cuda_ipc", "device": "cuda:0", "local": desc_dict(src),
-                                          "seed": 21, "handles": handles, "rooms": rooms})
+                                          "seed": 21, "handles": handles, "rooms": rooms, "opts": {"copy": copy}})
     assert reply(pconn, 120)[0] == "done"
     for (_, conn), d in zip(decoders, dsts):
         _check(reply(conn, 120)[1], src, 21, rooms, d.head_range)
