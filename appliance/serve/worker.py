@@ -40,6 +40,8 @@ class WorkerConfig:
     cpus: tuple[int, ...] = ()
     devices: str = ""
     token: str = ""
+    advertise_host: str = ""
+    transport_host: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -68,7 +70,9 @@ class Worker:
         cfg = self.cfg
         kv_allocator = None
         tp_transport = ""
-        opts = {"run_id": f"{cfg.run_id}-{cfg.name}"}
+        opts = {"run_id": f"{cfg.run_id}-{cfg.name}", "host": cfg.transport_host}
+        if cfg.advertise_host:
+            opts["advertise_host"] = cfg.advertise_host
         if cfg.role in ("prefill", "decode"):
             import nvshmem_kv
 
@@ -294,6 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--transport", default="shm")
     p.add_argument("--run-id", default="pdbox")
     p.add_argument("--register", default="", help="router URL to register with (Slurm mode)")
+    p.add_argument("--advertise-host", default="", help="host name peers use to reach this worker (multi-node)")
+    p.add_argument("--transport-host", default="127.0.0.1", help="bind address of the KV transport listener")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from appliance.engine.tp import die_with_parent
@@ -309,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
                           tp_size=args.tp, threads=max(1, threads) if cpus else 0)
     cfg = WorkerConfig(role=args.role, name=args.name or f"{args.role}-{os.getpid()}", model=args.model,
                        host=args.host, port=args.port, engine=engine, transport=args.transport, run_id=args.run_id,
-                       cpus=cpus, devices=args.devices, token=os.environ.get(TOKEN_ENV, ""))
+                       cpus=cpus, devices=args.devices, token=os.environ.get(TOKEN_ENV, ""),
+                       advertise_host=args.advertise_host, transport_host=args.transport_host)
     worker = Worker(cfg)
     worker.build_engine()
     run_app(worker, args.register)
@@ -322,7 +329,7 @@ def run_app(worker: Worker, register_url: str = "") -> None:
         site = web.TCPSite(runner, worker.cfg.host, worker.cfg.port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        url = f"http://{worker.cfg.host}:{port}"
+        url = f"http://{worker.cfg.advertise_host or worker.cfg.host}:{port}"
         print(f"worker ready: {url} role={worker.cfg.role} name={worker.cfg.name}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
