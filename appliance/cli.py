@@ -83,6 +83,8 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
 @click.option("--lease-s", default=5.0, show_default=True, help="Base lease of reserved decode pages.")
 @click.option("--max-inflight", default=256, show_default=True, help="Requests in flight before 429.")
 @click.option("--log-dir", default="", help="Where worker logs go (default: a new temp folder).")
+@click.option("--prefill-order", default="auto", show_default=True, type=click.Choice(["auto", "fifo", "slack"]),
+              help="Prefill queue order: least TTFT slack first, or arrival (auto: slack on prefill engines).")
 def up(**kw) -> None:
     """Serve an OpenAI-compatible endpoint with prefill and decode on separate devices."""
     import asyncio

@@ -76,6 +76,7 @@ class EngineConfig:
     tp_size: int = 1
     threads: int = 0
     seed: int = 0
+    prefill_order: str = "fifo"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -94,6 +95,8 @@ class EngineConfig:
             raise ValueError(
                 f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"
             )
+        if self.prefill_order not in ("fifo", "slack"):
+            raise ValueError(f"prefill_order must be fifo or slack, got {self.prefill_order!r}")
         if self.tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
 

@@ -45,6 +45,7 @@ class UpConfig:
     lease_s: float = 5.0
     log_dir: str = ""
     max_inflight: int = 256
+    prefill_order: str = "auto"
 
     def __post_init__(self) -> None:
         if self.mode not in ("disagg", "unified"):
@@ -126,7 +127,8 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str) -> tuple[list[WorkerSpe
         port = free_port()
         argv = [sys.executable, "-m", "appliance.serve.worker", "--role", role, "--name", name, "--port", str(port),
                 "--tp", str(tp), "--dtype", cfg.dtype, "--kv-cache-mb", str(cfg.kv_cache_mb), "--page-size",
-                str(cfg.page_size), "--max-prefill-tokens", str(cfg.max_prefill_tokens), "--run-id", run_id]
+                str(cfg.page_size), "--max-prefill-tokens", str(cfg.max_prefill_tokens), "--run-id", run_id,
+                "--prefill-order", cfg.prefill_order]
         if cfg.model:
             argv += ["--model", str(cfg.model)]
         if role != "unified":

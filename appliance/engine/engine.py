@@ -52,7 +52,8 @@ class Engine:
         self.model_config = self.runner.model_config
         self.pool = self.runner.pool
         self.cache = RadixCache(self.pool, enabled=cfg.enable_prefix_cache)
-        self.scheduler = Scheduler(self.pool, self.cache, cfg.max_running, cfg.max_prefill_tokens)
+        self.scheduler = Scheduler(self.pool, self.cache, cfg.max_running, cfg.max_prefill_tokens,
+                                   prefill_order=cfg.prefill_order)
         self.sampler = Sampler(cfg.seed)
         limit = self.model_config.max_position
         self.max_model_len = min(cfg.max_model_len or limit, limit, self.pool.num_pages * cfg.page_size - 1)
@@ -104,17 +105,23 @@ class Engine:
         sb = self.scheduler.schedule()
         if sb is None:
             return []
+        t0 = time.perf_counter()
         batch = self.runner.build(sb)
         hook, extra = self.handoff.before_forward(sb) if self.handoff else (None, b"")
         logits = self.runner.forward(batch, hook, extra)
         sampling = [r for r, s in zip(sb.requests, sb.sample) if s]
         tokens, logprobs = self.sampler.sample(logits, sampling) if sampling else ([], [])
+        prefill = 0
         for req, n in zip(sb.requests, sb.extend_lens):
             req.computed_len += n
-            if req.output_ids:
+            if req.output_ids and n == 1:
                 self.stats_decode_tokens += n
             else:
-                self.stats_prefill_tokens += n
+                prefill += n
+        self.stats_prefill_tokens += prefill
+        if prefill >= 32:  # keep the slack scheduler's prefill-rate estimate current (EMA)
+            rate = prefill / max(time.perf_counter() - t0, 1e-6)
+            self.scheduler.prefill_rate = 0.8 * self.scheduler.prefill_rate + 0.2 * rate
         outputs = []
         for req, tok, lp in zip(sampling, tokens, logprobs):
             if self.handoff is not None and req.prefill_only:

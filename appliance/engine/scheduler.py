@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from appliance.engine.kv_cache import PagePool
@@ -39,7 +41,14 @@ class Scheduler:
     """
 
     def __init__(self, pool: PagePool, cache: RadixCache, max_running: int, max_prefill_tokens: int,
+                 prefill_order: str = "fifo", slack_k: float = 4.0, clock: Callable[[], float] = time.monotonic,
                  ) -> None:
+        if prefill_order not in ("fifo", "slack"):
+            raise ValueError(f"prefill_order must be fifo or slack, got {prefill_order!r}")
+        self.prefill_order = prefill_order
+        self.slack_k = slack_k
+        self.clock = clock
+        self.prefill_rate = 1000.0  # tokens/s; the engine keeps it current from measured steps
         self.pool = pool
         self.cache = cache
         self.page_size = pool.page_size
@@ -113,47 +122,80 @@ class Scheduler:
         self.release(req)
 
     # -- the step -----------------------------------------------------------------------------
+    def _is_decode(self, req: Request) -> bool:
+        return bool(req.output_ids) and req.remaining_prefill == 1
+
+    def slack(self, req: Request, now: float) -> float:
+        """Seconds to spare before ``req`` misses its TTFT goal if its prefill started now.
+
+        Goal (DistServe-style): ``k x isolated prefill time + 0.5 s``. Short prompts have little
+        work and come early; waiting shrinks every request's slack, so long prompts age in.
+        """
+        rate = max(self.prefill_rate, 1.0)
+        goal = self.slack_k * req.prompt_len / rate + 0.5
+        return req.arrival + goal - now - req.remaining_prefill / rate
+
+    def _grow(self, req: Request, n: int, scheduled: set[int]) -> bool:
+        """Pages for ``n`` more tokens of a running request, preempting newer ones if needed."""
+        need = self._pages_needed(req, n)
+        pages = self._alloc(need)
+        while pages is None:
+            victims = [r for r in self.running if id(r) not in scheduled and r is not req]
+            if not victims:
+                break
+            self.preempt(victims[-1])
+            pages = self._alloc(need)
+        if pages is None:
+            self.preempt(req)
+            return False
+        req.pages.extend(pages)
+        return True
+
     def schedule(self) -> ScheduledBatch | None:
+        """Decodes first (one token each), then prefill chunks under the token budget.
+
+        Prefill order: ``fifo`` (running chunks in arrival order, then the queue) or ``slack``
+        (running and waiting requests together, least TTFT slack first; a partially prefilled
+        long prompt simply gets no budget this step, so a short prompt never waits behind it).
+        """
         batch = ScheduledBatch([], [], [], [])
         budget = self.max_prefill_tokens
         scheduled: set[int] = set()
         for req in list(self.running):
-            if req.status is not RequestStatus.RUNNING:
-                continue  # preempted earlier in this loop
-            n = req.remaining_prefill
-            if n > 1 or not req.output_ids:
-                n = min(n, budget)
-                if n == 0:
-                    continue
-            need = self._pages_needed(req, n)
-            pages = self._alloc(need)
-            while pages is None:
-                victims = [r for r in self.running if id(r) not in scheduled and r is not req]
-                if not victims:
-                    break
-                self.preempt(victims[-1])
-                pages = self._alloc(need)
-            if pages is None:
-                self.preempt(req)
-                continue
-            req.pages.extend(pages)
-            if n > 1 or not req.output_ids:
-                budget -= n
-            scheduled.add(id(req))
-            self._add_to_batch(batch, req, n)
-        while self.waiting and budget > 0 and len(self.running) < self.max_running:
-            req = self.waiting[0]
-            if not self._admit(req, budget):
+            if req.status is RequestStatus.RUNNING and self._is_decode(req) and self._grow(req, 1, scheduled):
+                scheduled.add(id(req))
+                self._add_to_batch(batch, req, 1)
+        cands = [r for r in self.running if r.status is RequestStatus.RUNNING and id(r) not in scheduled
+                 and not self._is_decode(r)]
+        cands += list(self.waiting)
+        strict = self.prefill_order == "fifo"
+        if not strict:
+            now = self.clock()
+            cands.sort(key=lambda r: self.slack(r, now))
+        for req in cands:
+            if budget <= 0:
                 break
-            self.waiting.popleft()
-            n = min(req.remaining_prefill, budget)
-            pages = self._alloc(self._pages_needed(req, n))
-            if pages is None:  # _admit counted the pages; a None here would be a bookkeeping bug
-                raise RuntimeError("page accounting out of sync at admission")
-            req.pages.extend(pages)
+            if req.status is RequestStatus.WAITING:
+                if len(self.running) >= self.max_running or not self._admit(req, budget):
+                    if strict:
+                        break
+                    continue
+                self.waiting.remove(req)
+                n = min(req.remaining_prefill, budget)
+                pages = self._alloc(self._pages_needed(req, n))
+                if pages is None:  # _admit counted the pages; a None here would be a bookkeeping bug
+                    raise RuntimeError("page accounting out of sync at admission")
+                req.pages.extend(pages)
+                req.status = RequestStatus.RUNNING
+                self.running.append(req)
+            else:
+                if req.status is not RequestStatus.RUNNING or req.remaining_prefill < 1:
+                    continue  # preempted earlier in this step, or waiting for its sampled token
+                n = min(req.remaining_prefill, budget)
+                if not self._grow(req, n, scheduled):
+                    continue
             budget -= n
-            req.status = RequestStatus.RUNNING
-            self.running.append(req)
+            scheduled.add(id(req))
             self._add_to_batch(batch, req, n)
         return batch if batch.requests else None
 

@@ -294,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv-cache-mb", type=int, default=256)
     p.add_argument("--max-prefill-tokens", type=int, default=512)
     p.add_argument("--max-running", type=int, default=64)
+    p.add_argument("--prefill-order", default="auto", choices=["auto", "fifo", "slack"],
+                   help="prefill queue order (auto: slack on prefill workers, fifo elsewhere)")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--transport", default="shm")
     p.add_argument("--run-id", default="pdbox")
@@ -312,7 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     engine = EngineConfig(dtype=args.dtype, device=args.device, page_size=args.page_size,
                           kv_cache_mb=args.kv_cache_mb, max_prefill_tokens=args.max_prefill_tokens,
                           max_running=args.max_running, attention_backend=args.attention_backend,
-                          tp_size=args.tp, threads=max(1, threads) if cpus else 0)
+                          tp_size=args.tp, threads=max(1, threads) if cpus else 0,
+                          prefill_order=("slack" if args.role == "prefill" else "fifo")
+                          if args.prefill_order == "auto" else args.prefill_order)
     cfg = WorkerConfig(role=args.role, name=args.name or f"{args.role}-{os.getpid()}", model=args.model,
                        host=args.host, port=args.port, engine=engine, transport=args.transport, run_id=args.run_id,
                        cpus=cpus, devices=args.devices, token=os.environ.get(TOKEN_ENV, ""),
