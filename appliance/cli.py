@@ -98,6 +98,18 @@ def up(**kw) -> None:
         raise CliError(str(exc)) from None
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def doctor(as_json: bool) -> None:
+    """Devices, KV transports and kernels available here, and why any was passed over."""
+    import json
+
+    from appliance.doctor import render, report
+
+    rep = report()
+    click.echo(json.dumps(rep, indent=1) if as_json else render(rep))
+
+
 def _attach_groups() -> None:
     from bench.cli import bench
 

@@ -1,0 +1,60 @@
+"""`pdbox doctor`: what this machine offers (devices, KV transports, kernels) and why anything is passed over."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def report() -> dict:
+    import torch
+
+    import nvshmem_kv
+    from kernels import HAS_TRITON, interpreter_enabled
+
+    cuda = torch.cuda.is_available()
+    devices = {
+        "cpu": {"cores": sorted(os.sched_getaffinity(0)), "model": platform.processor() or platform.machine(),
+                "bf16": "avx512_bf16" in _cpu_flags()},
+        "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
+    }
+    device = "cuda" if cuda else "cpu"
+    probe = nvshmem_kv.probe(device)
+    transports = [{"backend": e.backend, "ok": e.ok, "reason": e.reason} for e in probe.entries]
+    if not HAS_TRITON:
+        kernel = {"backend": "torch", "reason": "triton is not installed: the torch references run everything"}
+    elif cuda:
+        kernel = {"backend": "triton", "reason": "CUDA device present: Triton kernels compile for it"}
+    else:
+        kernel = {"backend": "torch", "reason": "no CUDA device: the engine runs the torch references; Triton "
+                  f"kernels run only under TRITON_INTERPRET=1 (tests){' — on now' if interpreter_enabled() else ''}"}
+    try:
+        from appliance.model.loader import default_model_path
+
+        model = str(default_model_path())
+    except ValueError as exc:
+        model = f"missing: {exc}"
+    return {"torch": torch.__version__, "devices": devices, "transport": probe.backend, "transports": transports,
+            "attention_backend": kernel, "default_model": model}
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def render(rep: dict) -> str:
+    d = rep["devices"]
+    lines = [f"torch {rep['torch']}",
+             f"cpu: {len(d['cpu']['cores'])} cores {d['cpu']['cores']}, bf16 instructions: {d['cpu']['bf16']}",
+             f"cuda: {', '.join(d['cuda']) if d['cuda'] else 'none'}",
+             f"KV transport chosen: {rep['transport']}"]
+    for t in rep["transports"]:
+        lines.append(f"  {'ok  ' if t['ok'] else 'skip'} {t['backend']:9s} {t['reason']}")
+    k = rep["attention_backend"]
+    lines.append(f"attention backend: {k['backend']} ({k['reason']})")
+    lines.append(f"default model: {rep['default_model']}")
+    return "\n".join(lines)

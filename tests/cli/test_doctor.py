@@ -1,0 +1,21 @@
+"""`pdbox doctor` tells what this machine offers and why a backend was passed over."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_doctor_reports_transports_and_reasons() -> None:
+    out = subprocess.run([sys.executable, "-m", "appliance.cli", "doctor", "--json"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    rep = json.loads(out.stdout)
+    names = [t["backend"] for t in rep["transports"]]
+    assert names[:4] == ["nvshmem", "cuda_ipc", "shm", "tcp"]
+    chosen = next(t for t in rep["transports"] if t["ok"])
+    assert rep["transport"] == chosen["backend"]
+    assert all(t["reason"] for t in rep["transports"])  # every verdict says why
+    if not rep["devices"]["cuda"]:
+        assert rep["transport"] == "shm" and rep["attention_backend"]["backend"] == "torch"
