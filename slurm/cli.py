@@ -1,13 +1,15 @@
 """`pdbox slurm ...`: run the appliance on a Slurm cluster.
 
     pdbox slurm up --model M --prefill-nodes 1 --decode-nodes 1 --gpus-per-node 8   # prints "ready: URL"
+    pdbox slurm up --prefill-nodes 1 --decode-nodes 1 --cpu      # the embedded model on CPU engines
     pdbox slurm status [--run ID]
     pdbox slurm down [--run ID]
     pdbox slurm script --model M ... > pdbox.sbatch && sbatch pdbox.sbatch
 
-`up` starts the router on this machine, submits the prefill pool and the decode pool as two submitit
-jobs, waits until every rank registered and answers its health check, and returns (the router keeps
-running detached; `down` stops it and cancels the jobs). Mount into the main CLI with
+`up` starts the router (`appliance.serve.router_main`) on this machine, submits the prefill pool and
+the decode pool as two submitit jobs (one `appliance.serve.worker` engine per Slurm rank, KV over tcp
+between nodes), waits until every rank registered and the router routes to both roles, and returns
+(the router keeps running detached; `down` stops it and cancels the jobs). Mount into the main CLI with
 `main.add_command(slurm.cli.slurm)`; `python -m slurm.cli` runs it alone.
 """
 
@@ -35,14 +37,21 @@ from slurm.registry import TOKEN_ENV
 
 def _pool_options(f: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--model", default="", help="model path or name, passed to the worker command"),
+        click.option("--model", default="", help="GGUF file or Hugging Face folder, on a path every node sees  "
+                                                 "[default: the embedded SmolLM2-135M]"),
+        click.option("--cpu", is_flag=True, help="CPU engines: no GPUs asked for, nothing pinned, each pool's "
+                                                 "nodes allocated whole (--exclusive)"),
+        click.option("--dtype", default=None, type=click.Choice(["bfloat16", "float32", "float16"]),
+                     help="engine dtype  [default: float32 with --cpu, else bfloat16]"),
         click.option("--prefill-nodes", type=int, default=1, show_default=True),
         click.option("--decode-nodes", type=int, default=1, show_default=True),
         click.option("--gpus-per-node", type=int, default=0, show_default=True),
         click.option("--tasks-per-node", type=int, default=None,
                      help="ranks per node  [default: one per GPU, or 1]"),
         click.option("--cpus-per-task", type=int, default=1, show_default=True),
-        click.option("--tp", type=int, default=None, help="ranks per engine  [default: all ranks of a pool]"),
+        click.option("--tp", type=int, default=None,
+                     help="Slurm ranks per engine (only for --worker-cmd workers; the pdbox worker is one engine "
+                          "per rank, with TP over the rank's GPUs)  [default: all ranks of a pool]"),
         click.option("--partition", default=None),
         click.option("--time", "time_min", type=int, default=24 * 60, show_default=True,
                      help="time limit in minutes"),
@@ -58,7 +67,7 @@ def _pool_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _specs(prefill_nodes: int, decode_nodes: int, gpus_per_node: int, tasks_per_node: int | None,
            cpus_per_task: int, tp: int | None, partition: str | None, time_min: int,
-           env_pairs: tuple[str, ...]) -> tuple[PoolSpec, PoolSpec]:
+           env_pairs: tuple[str, ...], exclusive: bool = False) -> tuple[PoolSpec, PoolSpec]:
     env = {}
     for pair in env_pairs:
         key, sep, value = pair.partition("=")
@@ -69,23 +78,43 @@ def _specs(prefill_nodes: int, decode_nodes: int, gpus_per_node: int, tasks_per_
     try:
         return tuple(  # type: ignore[return-value]
             PoolSpec(name=role, role=role, nodes=nodes, tasks_per_node=tasks, gpus_per_node=gpus_per_node,
-                     cpus_per_task=cpus_per_task, partition=partition, time_min=time_min, env=env, tp=tp)
+                     cpus_per_task=cpus_per_task, partition=partition, time_min=time_min, env=env, tp=tp,
+                     sbatch={"exclusive": True} if exclusive else {})
             for role, nodes in (("prefill", prefill_nodes), ("decode", decode_nodes))
         )
     except ValueError as e:
         raise click.UsageError(str(e)) from e
 
 
-def _worker_argv(template: str | None, role: str, model: str, router_url: str) -> list[str]:
+def _check_worker(template: str | None, cpu: bool, gpus_per_node: int, tp: int | None) -> int | None:
+    """Validate the device options for the pdbox worker; returns the pool `tp` to use (1: one engine
+    per Slurm rank) or `tp` unchanged for a --worker-cmd worker."""
+    if template:
+        return tp
+    if cpu and gpus_per_node:
+        raise click.UsageError("--cpu and --gpus-per-node exclude each other")
+    if not cpu and not gpus_per_node:
+        raise click.UsageError("give --gpus-per-node N (GPU engines) or --cpu (CPU engines)")
+    if tp not in (None, 1):
+        raise click.UsageError("--tp > 1 needs an engine spanning several Slurm ranks, which the pdbox worker does "
+                               "not do: it runs TP over the GPUs of its own rank (set --tasks-per-node)")
+    return 1
+
+
+def _worker_argv(template: str | None, spec: PoolSpec, model: str, router_url: str, cpu: bool,
+                 dtype: str | None) -> list[str]:
     if template:
         try:
-            return commands.from_template(template, role=role, model=model, router=router_url,
+            return commands.from_template(template, role=spec.role, model=model, router=router_url,
                                           python=sys.executable)
         except ValueError as e:
             raise click.UsageError(str(e)) from e
-    if not model:
-        raise click.UsageError("--model is required (or give --worker-cmd)")
-    return commands.worker_argv(role, model, router_url)  # type: ignore[arg-type]
+    gpus = spec.gpus_per_task or spec.gpus_per_node
+    if spec.role == "decode" and gpus > 1:
+        raise click.UsageError(f"a decode engine runs on one GPU, but each decode rank would see {gpus}: "
+                               "give --tasks-per-node equal to --gpus-per-node")
+    return commands.worker_argv(spec.role, model, router_url, cpu=cpu, gpus=gpus,
+                                dtype=dtype or ("float32" if cpu else "bfloat16"))
 
 
 # ---- router process --------------------------------------------------------------------------------
@@ -139,6 +168,15 @@ def _statuses(router_url: str, token: str) -> list[WorkerStatus]:
         return msgspec.json.decode(resp.read(), type=list[WorkerStatus])
 
 
+def _router_healthy(router_url: str) -> bool:
+    """The router's GET /health answers 200: it routes to at least one engine of every role."""
+    try:
+        with urllib.request.urlopen(router_url + "/health", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
 def _teardown(run_dir: Path, state: runstate.RunState, timeout_s: float = 60.0) -> runstate.RunState:
     """Cancel the run's jobs, stop its router, wait until squeue no longer lists the jobs."""
     jobs.cancel(state.job_ids)
@@ -181,13 +219,18 @@ def slurm() -> None:
 @click.option("--run-root", type=click.Path(path_type=Path), default=None,
               help=f"shared directory for run state  [default: ${runstate.RUN_ROOT_ENV} or ~/.pdbox/runs]")
 @click.option("--keep-on-failure", is_flag=True, help="leave jobs and router running when up fails")
-def up(model: str, prefill_nodes: int, decode_nodes: int, gpus_per_node: int, tasks_per_node: int | None,
-       cpus_per_task: int, tp: int | None, partition: str | None, time_min: int, env_pairs: tuple[str, ...],
-       worker_cmd: str | None, host: str | None, router_port: int, router_cmd: str | None, timeout_s: float,
-       run_root: Path | None, keep_on_failure: bool) -> None:
+def up(model: str, cpu: bool, dtype: str | None, prefill_nodes: int, decode_nodes: int, gpus_per_node: int,
+       tasks_per_node: int | None, cpus_per_task: int, tp: int | None, partition: str | None, time_min: int,
+       env_pairs: tuple[str, ...], worker_cmd: str | None, host: str | None, router_port: int,
+       router_cmd: str | None, timeout_s: float, run_root: Path | None, keep_on_failure: bool) -> None:
     """Start the router, submit the prefill and decode pools, wait until all ranks serve."""
+    tp = _check_worker(worker_cmd, cpu, gpus_per_node, tp)
+    # NOTE: a CPU engine uses every core of its node (nothing is pinned), so with --cpu each pool takes
+    # its nodes whole; that also keeps prefill and decode on different nodes.
     specs = _specs(prefill_nodes, decode_nodes, gpus_per_node, tasks_per_node, cpus_per_task, tp,
-                   partition, time_min, env_pairs)
+                   partition, time_min, env_pairs, exclusive=cpu and not worker_cmd)
+    for spec in specs:  # usage errors before anything starts
+        _worker_argv(worker_cmd, spec, model, "", cpu, dtype)
     host = host or socket.gethostname()
     run_dir = runstate.new_run_dir(run_root)
     token = runstate.write_token(run_dir)
@@ -198,7 +241,7 @@ def up(model: str, prefill_nodes: int, decode_nodes: int, gpus_per_node: int, ta
         port_file = str(run_dir / "router.port")
         argv = (commands.from_template(router_cmd, host="0.0.0.0", port=str(router_port), port_file=port_file,
                                        python=sys.executable) if router_cmd
-                else commands.router_argv("0.0.0.0", router_port, port_file))
+                else commands.router_argv("0.0.0.0", router_port, port_file, model=model))
         pid, port = _start_router(run_dir, argv, token)
         (run_dir / "router.started").write_text(str(_proc_start(pid)))
         router_url = f"http://{host}:{port}"
@@ -206,7 +249,7 @@ def up(model: str, prefill_nodes: int, decode_nodes: int, gpus_per_node: int, ta
         runstate.save(run_dir, state)
         click.echo(f"router: {router_url} (pid {pid})")
         for spec in specs:
-            job = jobs.submit_pool(spec, _worker_argv(worker_cmd, spec.role, model, router_url), run_dir,
+            job = jobs.submit_pool(spec, _worker_argv(worker_cmd, spec, model, router_url, cpu, dtype), run_dir,
                                    router_url=router_url, token=token)
             record = runstate.JobRecord(pool=spec.name, role=spec.role, job_id=str(job.job_id),
                                         num_tasks=spec.num_tasks)
@@ -243,7 +286,7 @@ def _wait_ready(run_dir: Path, state: runstate.RunState, token: str, timeout_s: 
         if progress != last:
             click.echo(f"healthy ranks: {progress}")
             last = progress
-        if have == want:
+        if have == want and _router_healthy(state.router_url):
             return
         if time.monotonic() >= next_job_check:
             next_job_check = time.monotonic() + 2.0
@@ -308,21 +351,23 @@ def status(run: str | None, run_root: Path | None) -> None:
 @_pool_options
 @click.option("--run-root", default=None, help="shared directory for the job's files  [default: ~/.pdbox/runs]")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def script(model: str, prefill_nodes: int, decode_nodes: int, gpus_per_node: int, tasks_per_node: int | None,
-           cpus_per_task: int, tp: int | None, partition: str | None, time_min: int, env_pairs: tuple[str, ...],
-           worker_cmd: str | None, run_root: str | None, output: Path | None) -> None:
+def script(model: str, cpu: bool, dtype: str | None, prefill_nodes: int, decode_nodes: int, gpus_per_node: int,
+           tasks_per_node: int | None, cpus_per_task: int, tp: int | None, partition: str | None, time_min: int,
+           env_pairs: tuple[str, ...], worker_cmd: str | None, run_root: str | None, output: Path | None) -> None:
     """Print an sbatch script that runs router, prefill and decode in one allocation."""
     from slurm.script import ROUTER_URL, render_sbatch
 
+    tp = _check_worker(worker_cmd, cpu, gpus_per_node, tp)
     prefill, decode = _specs(prefill_nodes, decode_nodes, gpus_per_node, tasks_per_node, cpus_per_task, tp,
                              partition, time_min, env_pairs)
     root = Path(run_root or runstate.runs_root()).absolute()
     root.mkdir(parents=True, exist_ok=True)  # Slurm does not create the directory of --output
     text = render_sbatch(
         prefill, decode,
-        prefill_argv=_worker_argv(worker_cmd, "prefill", model, ROUTER_URL),
-        decode_argv=_worker_argv(worker_cmd, "decode", model, ROUTER_URL),
+        prefill_argv=_worker_argv(worker_cmd, prefill, model, ROUTER_URL, cpu, dtype),
+        decode_argv=_worker_argv(worker_cmd, decode, model, ROUTER_URL, cpu, dtype),
         run_root=str(root),
+        router_cmd=commands.router_argv("0.0.0.0", 0, "$RUN_DIR/router.port", model=model),
     )
     if output is None:
         click.echo(text, nl=False)

@@ -13,7 +13,7 @@ from typing import Literal
 
 import msgspec
 
-WorkerRole = Literal["prefill", "decode"]
+WorkerRole = Literal["prefill", "decode", "unified"]
 
 
 class WorkerInfo(msgspec.Struct, frozen=True, kw_only=True):

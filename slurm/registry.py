@@ -22,7 +22,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +67,19 @@ class Registry:
         self._session: aiohttp.ClientSession | None = None
         self._loop_task: asyncio.Task[None] | None = None
         self._checks: set[asyncio.Task[None]] = set()  # first checks of new registrations
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` (on the event loop, synchronously) whenever the set of healthy ranks may
+        have changed: a registration, a deregistration, a drop, or a rank turning healthy or unhealthy."""
+        self._listeners.append(listener)
+
+    def _changed(self) -> None:
+        for listener in self._listeners:
+            try:
+                listener()
+            except Exception:  # a listener must not break registration or health checks
+                log.exception("registry listener failed")
 
     # ---- queries -------------------------------------------------------------------------------
     def workers(self, role: WorkerRole | None = None, *, healthy_only: bool = True) -> list[WorkerInfo]:
@@ -102,6 +115,8 @@ class Registry:
             self._event("drop", old.info, "replaced by a new registration")
         self._entries[info.key] = _Entry(info=info, registered_at=time.monotonic())
         self._event("register", info)
+        if old is not None:
+            self._changed()
         if self._session is not None:  # first health check now, not a whole interval later
             task = asyncio.get_running_loop().create_task(self._check(info.key))
             self._checks.add(task)
@@ -113,6 +128,8 @@ class Registry:
         for info in gone:
             del self._entries[info.key]
             self._event("deregister", info)
+        if gone:
+            self._changed()
         return gone
 
     def _event(self, kind: str, info: WorkerInfo, reason: str = "") -> None:
@@ -158,14 +175,17 @@ class Registry:
         if self._entries.get(key) is not entry:  # deregistered or replaced meanwhile
             return
         now = time.monotonic()
+        was_healthy = entry.healthy
+        entry.healthy = ok
         if ok:
-            entry.last_ok, entry.healthy = now, True
-            return
-        entry.healthy = False
-        silent_s = now - (entry.last_ok if entry.last_ok is not None else entry.registered_at)
-        if silent_s >= self.drop_after_s:
-            del self._entries[key]
-            self._event("drop", entry.info, f"no healthy answer for {silent_s:.1f}s")
+            entry.last_ok = now
+        else:
+            silent_s = now - (entry.last_ok if entry.last_ok is not None else entry.registered_at)
+            if silent_s >= self.drop_after_s:
+                del self._entries[key]
+                self._event("drop", entry.info, f"no healthy answer for {silent_s:.1f}s")
+        if entry.healthy != was_healthy:
+            self._changed()
 
 
 REGISTRY_KEY = web.AppKey("pdbox_registry", Registry)

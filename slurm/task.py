@@ -8,6 +8,10 @@ The supervisor
 * on SIGTERM / SIGINT / SIGUSR2 stops the worker (SIGTERM, then SIGKILL after `stop_grace_s`; the worker
   deregisters itself) and deregisters the rank on its behalf in case it could not.
 
+The worker argv may name the task's variables, `$PDBOX_NODE` or `${SLURM_PROCID}` (any PDBOX_* or
+SLURM_* name; see `expand_argv`): the argv is written once per pool on the submit host, but the node a
+rank serves on is only known in the task.
+
 `PoolTask` is the submitit form (checkpointable: on preemption submitit's USR2 handler requeues the job
 and the requeued job starts a fresh worker); `python -m slurm.task -- ARGV...` is the plain form, used
 by the sbatch script of `slurm.script`.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -54,6 +59,15 @@ def worker_env(environ: Mapping[str, str]) -> dict[str, str]:
     }
 
 
+_VAR = re.compile(r"\$(\{)?((?:PDBOX|SLURM)_[A-Z0-9_]*[A-Z0-9])(?(1)\})")
+
+
+def expand_argv(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """Replace `$NAME` and `${NAME}` for PDBOX_* and SLURM_* names set in `env`; anything else (other
+    names, unset ones) stays as written."""
+    return [_VAR.sub(lambda m: env.get(m.group(2), m.group(0)), arg) for arg in argv]
+
+
 def _die_with_parent() -> None:
     # The worker must not outlive its supervisor (a SIGKILLed supervisor would leave an orphan that
     # Slurm's proctrack/linuxproc no longer sees as part of the job).
@@ -83,7 +97,7 @@ class Supervisor:
     def start(self) -> None:
         for sig in _STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
-        self.child = subprocess.Popen(self.argv, env=self.env, preexec_fn=_die_with_parent)
+        self.child = subprocess.Popen(expand_argv(self.argv, self.env), env=self.env, preexec_fn=_die_with_parent)
 
     def wait(self) -> int | None:
         """Block until the worker exits (returns its code) or a stop signal arrives (returns None)."""
@@ -114,7 +128,7 @@ class Supervisor:
         """Best effort: remove this rank from the router even if the worker died before it could."""
         router, token = self.env.get(ROUTER_URL_ENV), self.env.get(TOKEN_ENV)
         role, job_id = self.env.get(ROLE_ENV), self.env.get("PDBOX_JOB_ID", "")
-        if router and token and role in ("prefill", "decode") and job_id:
+        if router and token and role in ("prefill", "decode", "unified") and job_id:
             register.deregister(
                 router, token, role=role, job_id=job_id, rank=int(self.env["PDBOX_RANK"]), attempts=1
             )

@@ -1,5 +1,6 @@
 """Slurm mode against a real Slurm (see conftest.py): `pdbox slurm up/status/down`, preemption and
-requeue, and the single-allocation sbatch script, with the stand-in worker (standin_worker.py)."""
+requeue, and the single-allocation sbatch script, with the stand-in worker (standin_worker.py) and, for
+`up`, the stand-in router (the registry alone). test_serving.py runs the real worker and router."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = f"{{python}} {Path(__file__).resolve().parent / 'standin_worker.py'}"
+REGISTRY_ROUTER = "{python} -m slurm.registry --host {host} --port {port} --port-file {port_file}"
 T = TypeVar("T")
 
 
@@ -71,7 +73,8 @@ def _alive(pid: int) -> bool:
 
 
 def _up(run_root: Path, *args: str) -> Path:
-    up = _cli("up", "--worker-cmd", WORKER, "--timeout", "90", "--run-root", str(run_root), *args)
+    up = _cli("up", "--worker-cmd", WORKER, "--router-cmd", REGISTRY_ROUTER, "--timeout", "90",
+              "--run-root", str(run_root), *args)
     assert up.returncode == 0, f"up failed:\n{up.stdout}\n{up.stderr}"
     assert "ready: http://" in up.stdout
     return (run_root / "latest").resolve()
