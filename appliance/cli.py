@@ -114,6 +114,7 @@ def _attach_groups() -> None:
     from bench.cli import bench
 
     main.add_command(bench)
+    main.add_command(__import__("slurm.cli", fromlist=["slurm"]).slurm)
 
 
 _attach_groups()
