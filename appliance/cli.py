@@ -55,7 +55,8 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
 
 
 @main.command()
-@click.option("--mode", default="disagg", show_default=True, type=click.Choice(["disagg", "unified"]))
+@click.option("--mode", default="disagg", show_default=True, type=click.Choice(["disagg", "unified", "auto"]),
+              help="auto: every engine can prefill and decode; the router decides per request and rebalances.")
 @click.option("--model", default=None, help="GGUF file or Hugging Face folder (default: embedded SmolLM2-135M).")
 @click.option("--served-model-name", default="", help="Model id clients send (default: the model's name).")
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -83,6 +84,11 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
 @click.option("--lease-s", default=5.0, show_default=True, help="Base lease of reserved decode pages.")
 @click.option("--max-inflight", default=256, show_default=True, help="Requests in flight before 429.")
 @click.option("--log-dir", default="", help="Where worker logs go (default: a new temp folder).")
+@click.option("--monitor/--no-monitor", default=True, show_default=True,
+              help="On a terminal, show start-up progress and then the live dashboard.")
+@click.option("--slo-ttft-ms", default=0.0, help="auto mode: answer 429 at once when the predicted TTFT is beyond "
+              "2x this SLO (0: off).")
+@click.option("--slo-tpot-ms", default=0.0, help="auto mode: TPOT SLO for decisions (0: 1.5x the measured step).")
 @click.option("--prefill-order", default="auto", show_default=True, type=click.Choice(["auto", "fifo", "slack"]),
               help="Prefill queue order: least TTFT slack first, or arrival (auto: slack on prefill engines).")
 def up(**kw) -> None:
@@ -114,6 +120,7 @@ def _attach_groups() -> None:
     from bench.cli import bench
 
     main.add_command(bench)
+    main.add_command(__import__("appliance.monitor.cli", fromlist=["monitor"]).monitor)
     main.add_command(__import__("slurm.cli", fromlist=["slurm"]).slurm)
 
 

@@ -46,10 +46,13 @@ class UpConfig:
     log_dir: str = ""
     max_inflight: int = 256
     prefill_order: str = "auto"
+    slo_ttft_ms: float = 0.0
+    slo_tpot_ms: float = 0.0
+    monitor: bool = True  # on a TTY: start-up progress, then the live dashboard
 
     def __post_init__(self) -> None:
-        if self.mode not in ("disagg", "unified"):
-            raise ValueError(f"--mode must be disagg or unified, got {self.mode!r}")
+        if self.mode not in ("disagg", "unified", "auto"):
+            raise ValueError(f"--mode must be disagg, unified or auto, got {self.mode!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
 
@@ -114,16 +117,17 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str) -> tuple[list[WorkerSpe
             dec = parse_ids(cfg.decode_cpus) if cfg.decode_cpus else (cores[half:] or cores[:1])
             groups = [("prefill", pre, cfg.prefill_tp), ("decode", dec, cfg.decode_tp)]
     transport = cfg.transport
-    if cfg.mode == "disagg" and transport == "auto":
+    if cfg.mode in ("disagg", "auto") and transport == "auto":
         from nvshmem_kv import probe
 
         transport = probe("cuda" if use_gpu else "cpu").backend
     specs = []
     counts: dict[str, int] = {}
-    for role, ids, tp in groups:
-        k = counts.get(role, 0)
-        counts[role] = k + 1
-        name = f"{role}-{k}"
+    for leaning, ids, tp in groups:
+        k = counts.get(leaning, 0)
+        counts[leaning] = k + 1
+        name = f"{leaning}-{k}"
+        role = "auto" if cfg.mode == "auto" else leaning  # auto: every engine can prefill, decode, hand over
         port = free_port()
         argv = [sys.executable, "-m", "appliance.serve.worker", "--role", role, "--name", name, "--port", str(port),
                 "--tp", str(tp), "--dtype", cfg.dtype, "--kv-cache-mb", str(cfg.kv_cache_mb), "--page-size",
@@ -141,7 +145,8 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str) -> tuple[list[WorkerSpe
         else:
             argv += ["--cpus", format_ids(ids)]
             devices = "cpu:" + format_ids(ids)
-        specs.append(WorkerSpec(name=name, role=role, argv=argv, env=env, devices=devices, port=port))
+        specs.append(WorkerSpec(name=name, role=role, argv=argv, env=env, devices=devices, port=port,
+                                extra={"leaning": leaning}))
     return specs, transport
 
 
@@ -210,7 +215,14 @@ class Launcher:
                             cluster_token=self.token, prefill_policy=self.cfg.prefill_policy,
                             decode_policy=self.cfg.decode_policy, lease_s=self.cfg.lease_s,
                             page_size=self.cfg.page_size, max_inflight=self.cfg.max_inflight)
-        router = Router(rcfg, tok, vocab)
+        if self.cfg.mode == "auto":
+            from appliance.serve.auto_router import AutoConfig, AutoRouter
+
+            first = tuple(s.name for s in self.specs if s.extra.get("leaning") == "prefill")
+            router = AutoRouter(rcfg, AutoConfig(initial_prefill=first, slo_tpot_ms=self.cfg.slo_tpot_ms,
+                                                 slo_ttft_ms=self.cfg.slo_ttft_ms), tok, vocab)
+        else:
+            router = Router(rcfg, tok, vocab)
         for spec in self.specs:
             router.add_worker(WorkerHandle(name=spec.name, role=spec.role, url=spec.url, devices=spec.devices,
                                            transport=self.transport if spec.role != "unified" else ""))
@@ -225,9 +237,8 @@ class Launcher:
                              f"its requests fail; restarting it")
                     w = self.router.workers.get(spec.name) if self.router else None
                     if w is not None:
-                        w.healthy = False
+                        self.router.mark_down(spec.name, f"process exited with code {code}")  # fails its requests
                         w.restarts += 1
-                        w.last_seen = 0.0
                     spec.restarts += 1
                     self.start(spec)
             await asyncio.sleep(0.3)
@@ -241,11 +252,18 @@ class Launcher:
             loop.add_signal_handler(sig, stop.set)
         runner = None
         sup = None
+        fg = None
+        if self.cfg.monitor and self.out.isatty():
+            from appliance.monitor.live import Foreground
+
+            fg = Foreground(self)
         try:
-            self.say(f"pdbox: mode={self.cfg.mode} transport={self.transport if self.cfg.mode == 'disagg' else '-'} "
+            self.say(f"pdbox: mode={self.cfg.mode} transport={self.transport if self.cfg.mode != 'unified' else '-'} "
                      f"workers={', '.join(f'{s.name}[{s.devices}]' for s in self.specs)} logs={self.log_dir}")
             for spec in self.specs:
                 self.start(spec)
+            if fg is not None:
+                fg.start()
             waiter = asyncio.create_task(self.wait_healthy(self.specs, READY_TIMEOUT_S))
             stopper = asyncio.create_task(stop.wait())
             done, _ = await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -262,9 +280,13 @@ class Launcher:
             print(f"ready: http://{self.cfg.host}:{self.cfg.port}", file=self.out, flush=True)
             if ready is not None:
                 ready.set()
+            if fg is not None:
+                fg.ready()
             sup = asyncio.create_task(self.supervise())
             await stop.wait()
         finally:
+            if fg is not None:
+                await fg.close()
             self.stopping = True
             if sup is not None:
                 sup.cancel()

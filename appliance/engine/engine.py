@@ -60,6 +60,7 @@ class Engine:
         self.eos_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         self.requests: dict[str, Request] = {}
         self.handoff = handoff
+        self.decode_step_s = 0.05  # EMA of decode-only step time (kept current by step())
         self.stats_prefill_tokens = 0
         self.stats_decode_tokens = 0
 
@@ -122,6 +123,8 @@ class Engine:
         if prefill >= 32:  # keep the slack scheduler's prefill-rate estimate current (EMA)
             rate = prefill / max(time.perf_counter() - t0, 1e-6)
             self.scheduler.prefill_rate = 0.8 * self.scheduler.prefill_rate + 0.2 * rate
+        elif sb.decode_only:
+            self.decode_step_s = 0.9 * self.decode_step_s + 0.1 * (time.perf_counter() - t0)
         outputs = []
         for req, tok, lp in zip(sampling, tokens, logprobs):
             if self.handoff is not None and req.prefill_only:
@@ -176,6 +179,27 @@ class Engine:
             text=text, finished=reason is not None, finish_reason=reason, prompt_len=req.prompt_len,
             cached_len=req.cached_len, logprobs=[logprob] if logprob else [],
         )
+
+    def calibrate(self, prompt_tokens: int = 256, decode_steps: int = 8) -> tuple[float, float]:
+        """Measure prefill tokens/s and the decode step time on this device (adaptive mode's cost model).
+
+        Runs one throw-away request, leaves no pages behind; returns ``(prefill_tok_s, decode_step_s)``.
+        """
+        ids = [(7 * i + 3) % self.model_config.vocab_size for i in range(prompt_tokens)]
+        req = self.add_request(ids, SamplingParams(max_tokens=decode_steps + 1, temperature=0, ignore_eos=True),
+                               request_id=f"calibrate-{time.monotonic_ns()}")
+        t0 = time.perf_counter()
+        while not req.output_ids:
+            self.step()
+        prefill_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        while not req.is_finished:
+            self.step()
+        step_s = (time.perf_counter() - t0) / decode_steps
+        self.cache.reset()
+        self.scheduler.prefill_rate = prompt_tokens / max(prefill_s, 1e-6)
+        self.decode_step_s = step_s
+        return self.scheduler.prefill_rate, step_s
 
     def run_until_done(self, reqs: Sequence[Request]) -> None:
         while any(r.status is not RequestStatus.FINISHED for r in reqs):

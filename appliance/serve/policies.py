@@ -122,6 +122,17 @@ class CacheAware(LeastLoad):
                 best, best_len = w, n
         return best if best is not None and best_len > 0 else super().pick(workers, prompt_ids)
 
+    def matched_tokens(self, worker: WorkerHandle, prompt_ids: Sequence[int]) -> int:
+        """Tokens of ``prompt_ids`` that ``worker`` likely holds in its prefix cache."""
+        seen = self.seen.get(worker.url)
+        n = 0
+        if seen:
+            for h in self._chain(prompt_ids):
+                if h not in seen:
+                    break
+                n += 1
+        return n * self.page_size
+
     def record(self, worker: WorkerHandle, prompt_ids: Sequence[int]) -> None:
         seen = self.seen.setdefault(worker.url, OrderedDict())
         now = time.monotonic()

@@ -23,8 +23,9 @@ from appliance.config import EngineConfig
 from appliance.serve.protocol import DecodeRequest, Event, GenerateRequest, PrefillRequest, encode_line
 
 log = logging.getLogger("pdbox.worker")
-ROLES = ("unified", "prefill", "decode")
+ROLES = ("unified", "prefill", "decode", "auto")  # auto: prefill, decode and hand over (adaptive mode)
 TOKEN_ENV = "PDBOX_CLUSTER_TOKEN"
+MAX_LEASE_S = 3600.0  # a decode reservation never outlives this, whatever the request says
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role must be one of {', '.join(ROLES)}, got {self.role!r}")
-        if self.role == "decode" and self.engine.tp_size > 1:
+        if self.role in ("decode", "auto") and self.engine.tp_size > 1:
             raise ValueError("a decode worker runs with tp 1 (prefill may use any TP size)")
 
 
@@ -73,11 +74,11 @@ class Worker:
         opts = {"run_id": f"{cfg.run_id}-{cfg.name}", "host": cfg.transport_host}
         if cfg.advertise_host:
             opts["advertise_host"] = cfg.advertise_host
-        if cfg.role in ("prefill", "decode"):
+        if cfg.role in ("prefill", "decode", "auto"):
             import nvshmem_kv
 
             self.transport = nvshmem_kv.create(cfg.transport, **opts)
-        if cfg.role == "decode":
+        if cfg.role in ("decode", "auto"):
             from nvshmem_kv import PoolDescriptor
 
             def kv_allocator(shape, dtype, device):  # the pool lives where the transport can export it
@@ -93,15 +94,17 @@ class Worker:
             tp_transport = cfg.transport
         self.engine = Engine(cfg.model, cfg.engine, kv_allocator=kv_allocator, tp_transport=tp_transport,
                              tp_transport_opts=opts)
-        if cfg.role == "decode":
+        if cfg.role in ("decode", "auto"):
             self.handle_json = self.transport.register_pool(self.engine.pool.kv, self._desc).to_json().decode()
-        if cfg.role == "prefill":
+        if cfg.role in ("prefill", "auto"):
             from appliance.serve.handoff import PrefillHandoff
 
             mc = self.engine.model_config
             self.handoff = PrefillHandoff(self.transport, self.engine.pool.kv, mc.num_kv_heads, cfg.engine.page_size,
                                           cfg.engine.tp_size)
             self.engine.handoff = self.handoff
+        if cfg.role == "auto":
+            self.engine.calibrate()  # adaptive mode's cost model: this device's prefill rate and step time
 
     def app(self) -> web.Application:
         from appliance.serve.engine_loop import EngineLoop
@@ -151,11 +154,16 @@ class Worker:
             "name": self.cfg.name, "role": self.cfg.role, "pid": os.getpid(), "running": len(s.running),
             "waiting": len(s.waiting), "reserved_rooms": len(self.loop.rooms) if self.loop else 0,
             "total_pages": e.pool.num_pages, "free_pages": e.pool.num_free,
+            "quarantined_pages": self.loop.quarantined_pages if self.loop else 0,
             "cached_pages": e.cache.num_cached_pages, "evictable_pages": e.cache.evictable_pages(),
             "page_size": e.config.page_size, "tp": e.config.tp_size, "devices": self.cfg.devices,
             "transport": self.cfg.transport if self.transport is not None else "",
-            "handle": self.handle_json, "model": e.model_name, "uptime_s": time.time() - self.started,
+            "model": e.model_name, "uptime_s": time.time() - self.started,
             "max_model_len": e.max_model_len,
+            "queued_prefill_tokens": sum(r.remaining_prefill for r in s.waiting)
+            + sum(r.remaining_prefill for r in s.running if not r.output_ids),
+            "decoding": sum(1 for r in s.running if r.output_ids),
+            "prefill_tok_s": s.prefill_rate, "decode_step_s": e.decode_step_s,
         }
 
     async def load(self, request: web.Request) -> web.Response:
@@ -201,7 +209,7 @@ class Worker:
         return resp
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
-        self._check_role("unified", "decode", "prefill")
+        self._check_role("unified", "decode", "prefill", "auto")
         body: GenerateRequest = await self._decode_body(request, GenerateRequest)
         try:
             params = body.sampling.to_params()
@@ -213,7 +221,7 @@ class Worker:
     async def prefill(self, request: web.Request) -> web.Response:
         from appliance.serve.handoff import Transfer
 
-        self._check_role("prefill")
+        self._check_role("prefill", "auto")
         body: PrefillRequest = await self._decode_body(request, PrefillRequest)
         try:
             params = replace(body.sampling.to_params(), max_tokens=1, stop=(), stop_token_ids=())
@@ -245,21 +253,31 @@ class Worker:
     async def decode(self, request: web.Request) -> web.StreamResponse:
         from nvshmem_kv import writers_for
 
-        self._check_role("decode")
+        self._check_role("decode", "auto")
         body: DecodeRequest = await self._decode_body(request, DecodeRequest)
         try:
             params = body.sampling.to_params()
         except ValueError as exc:
             raise web.HTTPBadRequest(text=str(exc)) from None
+        if not 0 < body.lease_s <= MAX_LEASE_S:
+            raise web.HTTPBadRequest(text=f"lease_s must be in (0, {MAX_LEASE_S:.0f}], got {body.lease_s}")
         signals = len(writers_for(self._desc, body.prefill_tp))
-        q = self.loop.open_stream(body.rid)
+        try:
+            q = self.loop.open_stream(body.rid)
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=409)
         try:
             pages = await self.loop.call(lambda: self.loop.reserve(body.rid, body.room, body.prompt_ids, params,
                                                                    signals, body.lease_s))
         except Exception as exc:
             self.loop.close_stream(body.rid)
+            self.loop.abort(body.rid)  # the reservation may still run after a timeout: drop it then
             status = 400 if isinstance(exc, ValueError) else 503
             return web.json_response({"error": str(exc)}, status=status)
+        except BaseException:  # the router went away while we reserved
+            self.loop.close_stream(body.rid)
+            self.loop.abort(body.rid)
+            raise
         if pages is None:
             self.loop.close_stream(body.rid)
             return web.json_response({"error": "no free KV pages for this prompt"}, status=503)
@@ -267,8 +285,11 @@ class Worker:
         return await self._stream(request, body.rid, q, first)
 
     async def abort(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        self.loop.abort(str(body.get("rid", "")))
+        try:
+            body = msgspec.json.decode(await request.read(), type=dict[str, str])
+        except msgspec.MsgspecError as exc:
+            raise web.HTTPBadRequest(text=f"bad abort body: {exc}") from None
+        self.loop.abort(body.get("rid", ""))
         return web.json_response({"ok": True})
 
 
