@@ -10,6 +10,8 @@ Lengths are tokens of the served model, drawn uniformly (both ends included) wit
 | long     | 4096-6144     | 32-128        | long-context prompt, short answer       |
 | mixed    | chat + rag    | chat + rag    | exactly round(0.7 n) chat, rest rag,    |
 |          |               |               | interleaved in an order set by the seed |
+| shift    | chat + rag    | chat + rag    | first half 90% chat, second half 60% rag|
+|          |               |               | (a mid-run traffic shift)               |
 
 Prompts are windows of the bundled English corpus (`bench/corpus/*.txt`), so prefix caching sees real
 text. Each prompt starts with a line unique to (seed, index), so two requests never share a prefix by
@@ -74,6 +76,9 @@ class WorkloadSpec:
 
     name: str
     parts: tuple[tuple[LengthProfile, float], ...]
+    # Optional phases, in order: (share of the requests, blend of that phase). `parts` is then the
+    # whole-run blend for reference only; each phase's requests are drawn from its own blend.
+    phases: tuple[tuple[float, tuple[tuple[LengthProfile, float], ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.parts or any(w <= 0 for _, w in self.parts):
@@ -92,6 +97,9 @@ WORKLOADS: Mapping[str, WorkloadSpec] = MappingProxyType(
         "code": WorkloadSpec("code", ((CODE, 1.0),)),
         "long": WorkloadSpec("long", ((LONG, 1.0),)),
         "mixed": WorkloadSpec("mixed", ((CHAT, 0.7), (RAG, 0.3))),
+        # mixed with a mid-run shift: a chat-heavy first half, a RAG-heavy second half
+        "shift": WorkloadSpec("shift", ((CHAT, 0.65), (RAG, 0.35)),
+                              phases=((0.5, ((CHAT, 0.9), (RAG, 0.1))), (0.5, ((CHAT, 0.4), (RAG, 0.6))))),
     }
 )
 
@@ -221,12 +229,17 @@ def sample_lengths(spec: WorkloadSpec, num_requests: int, seed: int) -> list[Len
     if num_requests < 1:
         raise ValueError(f"num_requests must be at least 1, got {num_requests}")
     rng = np.random.default_rng([seed, _LENGTH_STREAM])
-    counts = _split_counts([w for _, w in spec.parts], num_requests)
-    order = rng.permutation(np.repeat(np.arange(len(spec.parts)), counts))
+    phases = spec.phases or ((1.0, spec.parts),)
+    sizes = _split_counts([share for share, _ in phases], num_requests)
     samples = []
-    for part in order:
-        profile = spec.parts[int(part)][0]
-        samples.append(LengthSample(profile.name, profile.prompt.sample(rng), profile.answer.sample(rng)))
+    for (_, parts), size in zip(phases, sizes):
+        if size == 0:
+            continue
+        counts = _split_counts([w for _, w in parts], size)
+        order = rng.permutation(np.repeat(np.arange(len(parts)), counts))
+        for part in order:
+            profile = parts[int(part)][0]
+            samples.append(LengthSample(profile.name, profile.prompt.sample(rng), profile.answer.sample(rng)))
     return samples
 
 
