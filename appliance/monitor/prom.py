@@ -1,0 +1,138 @@
+"""Prometheus text exposition: a parser, label matching and histogram quantiles."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)(?:\s+\S+)?$")
+_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
+_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+
+
+@dataclass(frozen=True)
+class Sample:
+    name: str
+    labels: Mapping[str, str]
+    value: float
+
+
+def _parse_labels(body: str) -> dict[str, str]:
+    labels: dict[str, str] = {}
+    pos = 0
+    while pos < len(body):
+        m = _LABEL.match(body, pos)
+        if m is None:
+            raise ValueError(f"bad label set {{{body}}}")
+        labels[m.group(1)] = re.sub(r"\\[\\\"n]", lambda e: _UNESCAPE[e.group(0)], m.group(2))
+        pos = m.end()
+    return labels
+
+
+def parse(text: str) -> list[Sample]:
+    """Every sample line of a Prometheus text exposition (comments and blank lines skipped).
+
+    Raises ``ValueError`` on a line that is not a sample, naming the line.
+    """
+    out: list[Sample] = []
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if m is None:
+            raise ValueError(f"line {n} is not a Prometheus sample: {line[:120]!r}")
+        labels = _parse_labels(m.group(2)[1:-1]) if m.group(2) else {}
+        out.append(Sample(m.group(1), labels, float(m.group(3))))
+    return out
+
+
+def _matches(labels: Mapping[str, str], match: Mapping[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in match.items())
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """One histogram, possibly summed over several series: cumulative ``(le, count)`` buckets."""
+
+    buckets: tuple[tuple[float, float], ...]
+    count: float
+    total: float
+
+    def minus(self, older: Histogram) -> Histogram:
+        """Observations made since ``older`` (same buckets; a reset counts from zero)."""
+        if older.count > self.count or [le for le, _ in older.buckets] != [le for le, _ in self.buckets]:
+            return self
+        prev = dict(older.buckets)
+        return Histogram(tuple((le, c - prev[le]) for le, c in self.buckets), self.count - older.count,
+                         self.total - older.total)
+
+    def quantile(self, q: float) -> float:
+        """Estimate like PromQL's ``histogram_quantile``: linear inside the bucket. NaN when empty.
+
+        A quantile in the +Inf bucket returns the largest finite bound.
+        """
+        if self.count <= 0 or not self.buckets:
+            return math.nan
+        rank = q * self.count
+        lower_le, lower_c = 0.0, 0.0
+        for le, c in self.buckets:
+            if c >= rank:
+                if math.isinf(le):
+                    return lower_le
+                if c == lower_c:
+                    return le
+                return lower_le + (le - lower_le) * (rank - lower_c) / (c - lower_c)
+            lower_le, lower_c = le, c
+        return lower_le
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else math.nan
+
+
+EMPTY = Histogram((), 0.0, 0.0)
+
+
+class Metrics:
+    """Samples of one scrape, indexed by name; lookups sum over series matching some labels."""
+
+    def __init__(self, samples: Iterable[Sample]) -> None:
+        self.by_name: dict[str, list[Sample]] = {}
+        for s in samples:
+            self.by_name.setdefault(s.name, []).append(s)
+
+    @classmethod
+    def from_text(cls, text: str) -> Metrics:
+        return cls(parse(text))
+
+    def series(self, name: str, **match: str) -> list[Sample]:
+        return [s for s in self.by_name.get(name, []) if _matches(s.labels, match)]
+
+    def value(self, name: str, default: float = 0.0, **match: str) -> float:
+        """The sum over series that match (``default`` when there are none)."""
+        found = self.series(name, **match)
+        return sum(s.value for s in found) if found else default
+
+    def has(self, name: str, **match: str) -> bool:
+        return bool(self.series(name, **match))
+
+    def label_values(self, name: str, label: str, **match: str) -> list[str]:
+        seen: dict[str, None] = {}
+        for s in self.series(name, **match):
+            if label in s.labels:
+                seen[s.labels[label]] = None
+        return list(seen)
+
+    def histogram(self, name: str, **match: str) -> Histogram:
+        """The histogram ``name``, summed over matching series that share one bucket layout."""
+        buckets: dict[float, float] = {}
+        for s in self.series(f"{name}_bucket", **match):
+            le = float(s.labels.get("le", "+Inf"))
+            buckets[le] = buckets.get(le, 0.0) + s.value
+        if not buckets:
+            return EMPTY
+        return Histogram(tuple(sorted(buckets.items())), self.value(f"{name}_count", **match),
+                         self.value(f"{name}_sum", **match))
