@@ -25,13 +25,13 @@ from aiohttp import web
 
 from appliance.serve import openai_api as oai
 from appliance.serve.detok import IncrementalText
-from appliance.serve.metrics import Registry
+from appliance.serve.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, Registry
 from appliance.serve.policies import WorkerHandle, make_policy
 from appliance.serve.protocol import DecodeRequest, Event, GenerateRequest, PrefillRequest, decode_event
 
 log = logging.getLogger("pdbox.router")
-LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
-TOKEN_LATENCY = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+LATENCY = REQUEST_LATENCY_BUCKETS
+TOKEN_LATENCY = TOKEN_LATENCY_BUCKETS
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class Router:
         self.m_e2e = r.histogram("pdbox_e2e_seconds", "End-to-end request latency", LATENCY)
         self.m_tokens = r.counter("pdbox_output_tokens_total", "Tokens streamed to clients")
         self.m_prompt = r.counter("pdbox_prompt_tokens_total", "Prompt tokens received")
-        self.m_restarts = r.gauge("pdbox_worker_restarts", "Times a worker was restarted")
+        self.m_restarts = r.counter("pdbox_worker_restarts_total", "Times the launcher restarted a worker")
         self._health_task: asyncio.Task | None = None
 
     # -- workers ---------------------------------------------------------------------------------
@@ -212,13 +212,19 @@ class Router:
     async def metrics(self, request: web.Request) -> web.Response:
         from appliance.serve.metrics_merge import merge_prometheus
 
-        self.reg.gauge("pdbox_router_inflight", "Requests in flight at the router").set(self.inflight)
-        uptime = time.time() - self.started
-        self.reg.gauge("pdbox_router_uptime_seconds", "Seconds since the router started").set(uptime)
+        r = self.reg
+        r.gauge("pdbox_router_inflight", "Requests in flight at the router").set(self.inflight)
+        r.gauge("pdbox_uptime_seconds", "Seconds since the process started").set(time.time() - self.started)
+        # NOTE: per-worker series the router keeps carry the worker's own role/worker labels.
+        healthy = r.gauge("pdbox_worker_healthy", "1 when the worker answers health checks")
+        inflight = r.gauge("pdbox_worker_inflight", "Requests the router has in flight on the worker")
+        healthy.clear()
+        inflight.clear()
+        self.m_restarts.clear()
         for w in self.workers.values():
-            self.m_restarts.set(w.restarts, target=w.name)
-            self.reg.gauge("pdbox_worker_healthy", "1 when the worker answers health checks").set(
-                1.0 if w.healthy else 0.0, target=w.name, target_role=w.role)
+            self.m_restarts.set_total(w.restarts, role=w.role, worker=w.name)
+            healthy.set(1.0 if w.healthy else 0.0, role=w.role, worker=w.name)
+            inflight.set(w.inflight, role=w.role, worker=w.name)
         texts = [self.reg.render()]
 
         async def fetch(w: WorkerHandle) -> str:
@@ -482,6 +488,7 @@ class Router:
                 raise oai.ApiError(502, f"worker failed: {exc}", kind="server_error") from None
             err = exc if isinstance(exc, oai.ApiError) else oai.ApiError(502, f"worker failed: {exc}",
                                                                           kind="server_error")
+            self.m_errors.inc(kind=str(err.status))  # after the first byte: the middleware never sees it
             await _sse(resp, err.body())
         except (ConnectionResetError, asyncio.CancelledError):
             self.m_requests.inc(endpoint=parsed.endpoint, outcome="client_gone")
