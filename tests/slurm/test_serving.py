@@ -195,6 +195,24 @@ def test_preempted_decode_fails_in_flight_requests_then_serves_again(run: Run) -
                      f"{back_s:.1f}s; the in-flight stream got {stream.chunks} chunks then a clean error\n")
 
 
+def test_requeued_prefill_registers_again_and_serves(run: Run) -> None:
+    old = next(s.info for s in run.workers() if s.info.role == "prefill")
+    decode_pid = next(s.info.pid for s in run.workers() if s.info.role == "decode")
+    t0 = time.monotonic()
+    # admin requeue: SIGTERM to every task (no USR2); the worker deregisters on its way out
+    subprocess.run(["scontrol", "requeue", run.jobs["prefill"]], check=True, capture_output=True)
+    _until(lambda: any(e.kind == "deregister" and e.info == old for e in run.events()), 20, "prefill to deregister")
+    assert _post_status(run) == 503, "with no prefill engine a request must be refused at once"
+    new = _until(lambda: next((s.info for s in run.workers()
+                               if s.healthy and s.info.role == "prefill" and s.info.pid != old.pid), None),
+                 120, "the requeued prefill worker to register again")
+    _until(run.healthy, 30, "the router to route to the new prefill worker")
+    assert new.node == old.node and new.restart > old.restart
+    assert "Paris" in run.chat(PARIS)  # the new prefill engine pushes KV to the same decode engine
+    assert [s.info.pid for s in run.workers() if s.info.role == "decode"] == [decode_pid]
+    sys.stderr.write(f"\nscontrol requeue prefill -> serving again after {time.monotonic() - t0:.1f}s\n")
+
+
 def _processes_naming(text: str) -> list[int]:
     pids = []
     for proc in Path("/proc").iterdir():

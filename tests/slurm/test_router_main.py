@@ -1,0 +1,137 @@
+"""The Slurm-mode router (registry mounted, `RegistrySync`), the worker argv and `pdbox slurm` usage
+checks: no Slurm and no model needed."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from click.testing import CliRunner
+
+from appliance.serve.registration import worker_info
+from appliance.serve.router import Router, RouterConfig
+from appliance.serve.router_main import build_app
+from slurm.cli import slurm
+from slurm.commands import router_argv, worker_argv
+from slurm.messages import Deregister, WorkerInfo
+from slurm.registry import Registry
+from slurm.task import expand_argv
+
+TOKEN = "test-token"
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+
+async def _fake_worker(role: str) -> tuple[web.AppRunner, str]:
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def load(request: web.Request) -> web.Response:
+        return web.json_response({"pid": 1, "tp": 1, "transport": "tcp", "handle": "", "max_model_len": 64})
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/load", load)
+    return await _serve(app)
+
+
+def _info(role: str, url: str, rank: int = 0, tp: int = 1) -> WorkerInfo:
+    return WorkerInfo(role=role, url=url, rank=rank, tp=tp, job_id="7", node="n1", pid=1)  # type: ignore[arg-type]
+
+
+async def _until(cond, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def test_router_follows_the_registry() -> None:
+    async def main() -> None:
+        router = Router(RouterConfig(cluster_token=TOKEN), tokenizer=None, vocab_size=0)
+        registry = Registry(health_interval_s=0.2, drop_after_s=0.6)
+        runner, _ = await _serve(build_app(router, TOKEN, registry))
+        prefill, prefill_url = await _fake_worker("prefill")
+        decode, decode_url = await _fake_worker("decode")
+        decode2, decode2_url = await _fake_worker("decode")
+        try:
+            registry.register(_info("prefill", prefill_url))
+            registry.register(_info("prefill", prefill_url + "/rank1", rank=1, tp=2))  # not an engine head
+            registry.register(_info("decode", decode_url))
+            await _until(lambda: len(router.workers) == 2)
+            assert sorted(router.workers) == ["decode-7.0", "prefill-7.0"]
+            await _until(lambda: router.workers["decode-7.0"].load.get("max_model_len") == 64)  # refreshed at once
+            assert all(w.healthy for w in router.workers.values())
+
+            registry.deregister(Deregister(url=decode_url))  # preemption: no new requests at once
+            assert sorted(router.workers) == ["prefill-7.0"]
+
+            registry.register(_info("decode", decode2_url))  # the requeued rank, at a new url
+            await _until(lambda: "decode-7.0" in router.workers)
+            w = router.workers["decode-7.0"]
+            assert (w.url, w.restarts) == (decode2_url, 1)
+
+            await decode2.cleanup()  # a rank that dies without deregistering leaves on its first failed check
+            await _until(lambda: "decode-7.0" not in router.workers, 2.0)
+        finally:
+            for r in (runner, prefill, decode, decode2):
+                await r.cleanup()
+
+    asyncio.run(main())
+
+
+def test_worker_info_comes_from_the_task_environment() -> None:
+    env = {"PDBOX_RANK": "1", "PDBOX_TP": "1", "PDBOX_JOB_ID": "42", "PDBOX_NODE": "n2", "PDBOX_RESTART": "2",
+           "CUDA_VISIBLE_DEVICES": "3"}
+    info = worker_info("decode", "http://n2:5", env)
+    assert (info.key, info.node, info.restart, info.devices, info.tp) == ("decode/42/1", "n2", 2, "3", 1)
+
+
+def test_worker_argv_serves_the_node_it_lands_on() -> None:
+    argv = worker_argv("prefill", "", "http://vm:9", cpu=True, dtype="float32", python="py")
+    env = {"PDBOX_NODE": "n1", "PDBOX_JOB_ID": "5", "PDBOX_RANK": "0"}
+    args = expand_argv(argv, env)
+    text = " ".join(args)
+    assert args[:3] == ["py", "-m", "appliance.serve.worker"] and "--model" not in args and "--cpus" not in args
+    for part in ("--register http://vm:9", "--transport tcp", "--advertise-host n1", "--transport-host 0.0.0.0",
+                 "--port 0", "--name prefill-5.0", "--device cpu", "--dtype float32"):
+        assert part in text, part
+    gpu = " ".join(worker_argv("prefill", "/m.gguf", "http://vm:9", gpus=4))
+    assert "--device cuda --tp 4" in gpu and "--model /m.gguf" in gpu
+    assert router_argv("0.0.0.0", 0, "/r/port", model="/m.gguf", python="py")[:3] == [
+        "py", "-m", "appliance.serve.router_main"]
+
+
+def test_expand_argv_only_touches_task_variables() -> None:
+    env = {"PDBOX_NODE": "n1", "SLURM_PROCID": "3", "HOME": "/root"}
+    assert expand_argv(["$PDBOX_NODE:${SLURM_PROCID}", "$HOME", "$PDBOX_UNSET", "${PDBOX_NODE"], env) == [
+        "n1:3", "$HOME", "$PDBOX_UNSET", "${PDBOX_NODE"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--cpu", "--gpus-per-node", "2"], "exclude each other"),
+    ([], "--gpus-per-node N"),
+    (["--cpu", "--tp", "2"], "--tp > 1"),
+    (["--gpus-per-node", "2", "--tasks-per-node", "1"], "a decode engine runs on one GPU"),
+])
+def test_up_refuses_device_options_the_worker_cannot_run(args: list[str], message: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(slurm, ["up", "--run-root", str(tmp_path), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not list(tmp_path.iterdir()), "nothing may start before the options are checked"
+
+
+def test_script_runs_the_real_worker_and_router(tmp_path: Path) -> None:
+    result = CliRunner().invoke(slurm, ["script", "--cpu", "--run-root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert f"{sys.executable} -m appliance.serve.router_main --mode disagg" in text
+    assert text.count("-m slurm.task -- ") == 2 and text.count("-m appliance.serve.worker --role") == 2
+    assert "--register \"${PDBOX_ROUTER_URL}\"" in text and "--advertise-host '$PDBOX_NODE'" in text
