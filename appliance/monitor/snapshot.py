@@ -94,6 +94,7 @@ class LatencyRow:
     p50: float
     p99: float
     count: float
+    window_s: float | None = None  # the observations cover the last window_s seconds; None: since start
 
 
 @dataclass(frozen=True)
@@ -232,11 +233,12 @@ class Monitor:
         workers = tuple(self._worker_row(m, w, cur, rate_base) for w in info.get("workers", []))
         latency = []
         for name, _ in LATENCIES:
-            h = cur.hist[name]
-            if lat_base is not None:
+            h, span = cur.hist[name], None
+            if lat_base is not None:  # the recent window when it saw requests, else everything since start
                 recent = h.minus(lat_base.hist.get(name, EMPTY))
-                h = recent if recent.count else h
-            latency.append(LatencyRow(name, _nan_if_empty(h, 0.5), _nan_if_empty(h, 0.99), h.count))
+                if recent.count:
+                    h, span = recent, cur.at - lat_base.at
+            latency.append(LatencyRow(name, _nan_if_empty(h, 0.5), _nan_if_empty(h, 0.99), h.count, span))
         transfers = tuple(self._transfer_row(m, b, cur, rate_base, lat_base) for b in cur.sent)
         transport = next((w.get("transport") for w in info.get("workers", []) if w.get("transport")), "") or "-"
         errors = {s.labels.get("kind", "?"): s.value for s in m.series("pdbox_errors_total", **ROUTER) if s.value}

@@ -126,12 +126,16 @@ def workers_table(frame: Frame) -> Table:
 
 def latency_table(frame: Frame) -> Table:
     t = Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False, show_edge=False)
-    t.add_column("router", no_wrap=True)
+    span = frame.latency[0].window_s if frame.latency else None
+    t.add_column(f"last {span:.0f} s" if span else "since start", no_wrap=True)
     t.add_column("p50", justify="right", no_wrap=True, min_width=6)
     t.add_column("p99", justify="right", no_wrap=True, min_width=6)
     t.add_column("n", justify="right", no_wrap=True, min_width=4)
     for row in frame.latency:
-        t.add_row(row.name, fmt_seconds(row.p50), fmt_seconds(row.p99), f"{row.count:.0f}")
+        name = Text(row.name)
+        if span and row.window_s is None:  # nothing in the window: this row covers everything since start
+            name.append("*", style="dim")
+        t.add_row(name, fmt_seconds(row.p50), fmt_seconds(row.p99), f"{row.count:.0f}")
     return t
 
 
