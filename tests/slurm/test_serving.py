@@ -237,3 +237,4 @@ def test_down_leaves_no_job_and_no_worker(run: Run) -> None:
     assert not _processes_naming(f"--register\0{run.router}"), "a worker of the run is still running"
     assert not _processes_naming(str(run.dir)), "a process of the run (submitit task, router) is still running"
     sys.stderr.write(f"\nslurm down: {down_s:.1f}s\n")
+
