@@ -178,14 +178,15 @@ def _router_healthy(router_url: str) -> bool:
 
 
 def _teardown(run_dir: Path, state: runstate.RunState, timeout_s: float = 60.0) -> runstate.RunState:
-    """Cancel the run's jobs, stop its router, wait until squeue no longer lists the jobs."""
+    """Cancel the run's jobs, wait until squeue no longer lists them, stop the router. The router goes
+    last so that the workers can still deregister on their way out."""
     jobs.cancel(state.job_ids)
-    _stop_router(state, _router_started(run_dir))
     deadline = time.monotonic() + timeout_s
     left = jobs.queued(state.job_ids)
     while left and time.monotonic() < deadline:
         time.sleep(0.3)
         left = jobs.queued(state.job_ids)
+    _stop_router(state, _router_started(run_dir))
     if left:
         raise click.ClickException(f"jobs {', '.join(left)} still in the queue after {timeout_s:.0f}s")
     state = msgspec.structs.replace(state, status="down")
