@@ -2,11 +2,17 @@
 
 Every command (add, abort, reserve …) runs on the engine thread between steps, so the scheduler,
 the page pool and the prefix cache are only ever touched by one thread.
+
+Decode side: a reserved room ends DONE (its request joins the batch) or not (lease passed, sender
+lost, aborted). Pages of a room that did not end DONE sit in quarantine for ``HANDOFF_GRACE_S``
+before they are free again: shm, cuda_ipc and nvshmem senders write one-sided, and a prefill rank
+learns that a room is over only when the router cancels it, so its last layer may still land.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import queue
@@ -24,6 +30,7 @@ from appliance.serve.handoff import Transfer
 from appliance.serve.protocol import Event
 
 log = logging.getLogger("pdbox.engine")
+HANDOFF_GRACE_S = 1.0
 
 
 @dataclass
@@ -51,6 +58,8 @@ class EngineLoop:
         self.transfers: dict[str, Transfer] = {}
         self.rooms: dict[str, PendingRoom] = {}
         self._room_of: dict[str, str] = {}
+        self.quarantine: collections.deque[tuple[float, list[int]]] = collections.deque()  # (free at, pages)
+        self.quarantined_pages = 0
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="pdbox-engine", daemon=True)
         self.steps = 0
@@ -108,6 +117,9 @@ class EngineLoop:
         return q
 
     def abort(self, rid: str) -> None:
+        transfer = self.transfers.get(rid)
+        if transfer is not None and transfer.error is None:
+            transfer.error = "aborted"  # NOTE: read by the handoff hook before each layer: stop pushing now
         def run() -> None:
             self._drop_room(rid)
             self.engine.abort(rid)
@@ -138,7 +150,18 @@ class EngineLoop:
         if room is None or pending is None:
             return
         self.transport.release(room)
-        self.engine.unreserve_pages(pending.pages)
+        self._quarantine(pending.pages)
+
+    def _quarantine(self, pages: list[int]) -> None:
+        self.quarantine.append((time.monotonic() + HANDOFF_GRACE_S, pages))
+        self.quarantined_pages += len(pages)
+
+    def _release_quarantine(self) -> None:
+        now = time.monotonic()
+        while self.quarantine and self.quarantine[0][0] <= now:
+            _, pages = self.quarantine.popleft()
+            self.quarantined_pages -= len(pages)
+            self.engine.unreserve_pages(pages)
 
     def _poll_rooms(self) -> None:
         if not self.rooms:
@@ -150,7 +173,7 @@ class EngineLoop:
             self._room_of.pop(pending.rid, None)
             self.transport.release(room)
             if not status.done:
-                self.engine.unreserve_pages(pending.pages)
+                self._quarantine(pending.pages)
                 self._emit(pending.rid, Event(kind="error", status=502,
                                               message=f"KV handoff failed: {status.reason or 'deadline passed'}"))
                 continue
@@ -169,7 +192,8 @@ class EngineLoop:
         while not self._stop.is_set():
             idle = not self.engine.has_unfinished()
             try:
-                cmd = self.inbox.get(timeout=0.005 if self.rooms else 0.1) if idle else self.inbox.get_nowait()
+                wait = 0.005 if self.rooms else 0.1
+                cmd = self.inbox.get(timeout=wait) if idle else self.inbox.get_nowait()
             except queue.Empty:
                 cmd = None
             while cmd is not None:
@@ -180,6 +204,8 @@ class EngineLoop:
                     cmd = None
             try:
                 self._poll_rooms()
+                if self.quarantine:
+                    self._release_quarantine()
                 if self.engine.has_unfinished():
                     t0 = time.perf_counter()
                     pre, dec = self.engine.stats_prefill_tokens, self.engine.stats_decode_tokens

@@ -67,11 +67,31 @@ class _Sender:
                         self.transport.write(peer, p.room, layer, self.kv, p.src, p.dst)
             except (TransportError, OSError) as exc:
                 failed[p.room] = f"KV transfer failed: {exc}"
+                self.forget_broken(p.handles)
 
     def signal(self, handles: list[str], room: str, payload: bytes) -> None:
-        for peer in self.peers_for(handles):
-            if peer.slices:
-                self.transport.signal(peer, room, payload)
+        try:
+            for peer in self.peers_for(handles):
+                if peer.slices:
+                    self.transport.signal(peer, room, payload)
+        except (TransportError, OSError):
+            self.forget_broken(handles)
+            raise
+
+    def forget_broken(self, handles: list[str]) -> None:
+        """Drop connections that died, so the next room to that pool reconnects instead of failing too.
+
+        NOTE: the rooms a dead connection had opened fail on the receiver (it saw the close); only
+        they fail. A connection is dead once its send queue has failed (`SendQueue.error`)."""
+        for h in handles:
+            peer = self.peers.get(h)
+            queue = getattr(peer, "queue", None) if peer is not None else None
+            if peer is not None and (queue is None or queue.error is not None):
+                del self.peers[h]
+                try:
+                    self.transport.disconnect(peer)
+                except TransportError:
+                    pass
 
     def close(self) -> None:
         for peer in self.peers.values():
@@ -114,10 +134,14 @@ class PrefillHandoff:
         failed: dict[str, str] = {}
 
         def hook(layer: int) -> None:
+            for room, t in transfers.items():  # aborted since the step began: stop writing into its pages
+                if t.error and room not in failed:
+                    failed[room] = t.error
             self.sender.write(plans, layer, failed)
             if layer == self.sender.local.num_layers - 1:
                 for room, why in failed.items():
-                    transfers[room].error = why
+                    if transfers[room].error is None:
+                        transfers[room].error = why
                 self.pages_sent += sum(len(p.src) for p in plans if p.room not in failed)
 
         extra = msgspec.json.encode(plans) if self.tp_size > 1 else b""

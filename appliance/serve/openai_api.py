@@ -15,6 +15,7 @@ from typing import Any
 from appliance.serve.protocol import Sampling
 
 MAX_STOP = 16
+MAX_STOP_CHARS = 1024   # one stop string; the stream holds back up to this many characters per token
 MAX_LOGPROBS = 20
 ROLES = ("system", "user", "assistant", "tool", "developer")
 
@@ -43,6 +44,10 @@ def parse_json(raw: bytes) -> dict[str, Any]:
         body = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise ApiError(400, f"malformed JSON body: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON body: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal over Python's 4300-digit limit
+        raise ApiError(400, f"malformed JSON body: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "request body must be a JSON object")
     return body
@@ -124,14 +129,25 @@ def _common(body: dict, prompt_len: int, max_model_len: int, vocab_size: int, lo
         raise ApiError(400, f"stop has {len(stops)} entries; at most {MAX_STOP} are allowed", "stop")
     if any(not s for s in stops):
         raise ApiError(400, "stop strings must not be empty", "stop")
-    stop_ids = body.get("stop_token_ids") or []
+    if any(len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"each stop string must be at most {MAX_STOP_CHARS} characters", "stop")
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is None:
+        stop_ids = []
     if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in stop_ids):
         raise ApiError(400, "stop_token_ids must be a list of integers", "stop_token_ids")
     if len(stop_ids) > MAX_STOP:
         raise ApiError(400, f"stop_token_ids has {len(stop_ids)} entries; at most {MAX_STOP}", "stop_token_ids")
+    bad = next((t for t in stop_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ApiError(400, f"stop_token_ids entry {bad} is outside the vocabulary [0, {vocab_size})", "stop_token_ids")
     top_k = _int(body, "top_k", -1)
-    if top_k is not None and (top_k < -1 or top_k == 0):
-        raise ApiError(400, f"top_k must be -1 (off) or >= 1, got {top_k}", "top_k")
+    if top_k is not None and top_k < -1:
+        raise ApiError(400, f"top_k must be -1 or 0 (off) or >= 1, got {top_k}", "top_k")
+    if top_k == 0:  # vLLM's spelling of "off"
+        top_k = -1
+    for key in ("presence_penalty", "frequency_penalty"):  # accepted for client compatibility, not applied
+        _num(body, key, 0.0, lo=-2.0, hi=2.0)
     seed = _int(body, "seed", None)
     if seed is not None and not 0 <= seed < 2**63:
         raise ApiError(400, f"seed must be in [0, 2^63), got {seed}", "seed")

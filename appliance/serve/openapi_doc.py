@@ -4,56 +4,79 @@ from __future__ import annotations
 
 from typing import Any
 
+from appliance.serve.openai_api import MAX_LOGPROBS, MAX_STOP, MAX_STOP_CHARS, ROLES
+
 _SAMPLING: dict[str, Any] = {
     "model": {"type": "string"},
-    "max_tokens": {"type": "integer", "minimum": 1},
-    "max_completion_tokens": {"type": "integer", "minimum": 1},
-    "temperature": {"type": "number", "minimum": 0, "maximum": 100},
-    "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-    "top_k": {"type": "integer", "minimum": -1},
-    "min_p": {"type": "number", "minimum": 0, "maximum": 1},
-    "seed": {"type": "integer", "minimum": 0},
-    "n": {"type": "integer", "minimum": 1, "maximum": 1},
-    "stop": {"oneOf": [{"type": "string", "minLength": 1},
-                       {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 16}]},
-    "stop_token_ids": {"type": "array", "items": {"type": "integer"}, "maxItems": 16},
-    "ignore_eos": {"type": "boolean"},
-    "stream": {"type": "boolean"},
-    "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
+    "max_tokens": {"type": "integer", "minimum": 1, "nullable": True,
+                   "description": "at most the context length minus the prompt's tokens"},
+    "max_completion_tokens": {"type": "integer", "minimum": 1, "nullable": True},
+    "temperature": {"type": "number", "minimum": 0, "maximum": 100, "nullable": True},
+    "top_p": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 1, "nullable": True},
+    "top_k": {"type": "integer", "minimum": -1, "nullable": True, "description": "-1 or 0: off"},
+    "min_p": {"type": "number", "minimum": 0, "maximum": 1, "nullable": True},
+    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2, "nullable": True,
+                         "description": "accepted, not applied"},
+    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2, "nullable": True,
+                          "description": "accepted, not applied"},
+    "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1, "nullable": True},
+    "n": {"type": "integer", "minimum": 1, "maximum": 1, "nullable": True},
+    "stop": {"nullable": True, "oneOf": [
+        {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+        {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
+         "maxItems": MAX_STOP}]},
+    "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}, "maxItems": MAX_STOP,
+                       "nullable": True},
+    "ignore_eos": {"type": "boolean", "nullable": True},
+    "stream": {"type": "boolean", "nullable": True},
+    "stream_options": {"type": "object", "nullable": True,
+                       "properties": {"include_usage": {"type": "boolean", "nullable": True}}},
 }
 
 _ERROR = {"description": "OpenAI-style error", "content": {"application/json": {"schema": {
     "type": "object", "properties": {"error": {"type": "object", "properties": {
-        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": ["string", "null"]},
+        "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": "string", "nullable": True},
         "code": {"type": "integer"}}}}}}}}
 
 
-def _op(summary: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"summary": summary, "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
+def _op(summary: str, schema: dict[str, Any], limits: str) -> dict[str, Any]:
+    return {"summary": summary, "description": limits,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": schema}}},
             "responses": {"200": {"description": "completion (JSON, or SSE when stream is true)"},
-                          **{str(c): _ERROR for c in (400, 401, 404, 413, 429, 503)}}}
+                          **{str(c): _ERROR for c in (400, 401, 404, 413, 429, 502, 503)}}}
 
 
-def openapi_document(model: str) -> dict[str, Any]:
-    message = {"type": "object", "required": ["role", "content"], "properties": {
-        "role": {"type": "string", "enum": ["system", "user", "assistant", "tool", "developer"]},
-        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object", "properties": {
-            "type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}}, "required": ["type", "text"]}}]},
+def openapi_document(model: str, max_body_bytes: int = 4 * 1024 * 1024) -> dict[str, Any]:
+    limits = (f"The body is a UTF-8 JSON object of at most {max_body_bytes} bytes (413 past it); NaN and Infinity "
+              "are refused. The prompt plus max_tokens must fit the model's context (GET /v1/models: max_model_len). "
+              "Fields not listed are ignored. Errors use OpenAI's shape, with param naming the field. Past "
+              "--max-inflight requests in flight the answer is 429 with Retry-After; 502 means a worker failed "
+              "(in a stream: an error event), 503 that no worker is available.")
+    message = {"type": "object", "required": ["role"], "properties": {
+        "role": {"type": "string", "enum": list(ROLES)},
+        "content": {"nullable": True, "oneOf": [{"type": "string"}, {"type": "array", "items": {
+            "type": "object", "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
+            "required": ["type", "text"]}}]},
     }}
     chat = {"type": "object", "required": ["messages"], "properties": {
         **_SAMPLING, "messages": {"type": "array", "minItems": 1, "items": message},
-        "logprobs": {"type": "boolean"}, "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20}}}
+        "logprobs": {"type": "boolean", "nullable": True},
+        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS, "nullable": True}}}
     comp = {"type": "object", "required": ["prompt"], "properties": {
         **_SAMPLING, "prompt": {"oneOf": [
             {"type": "string", "minLength": 1},
-            {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}]},
-        "logprobs": {"type": "integer", "minimum": 0, "maximum": 20}}}
+            {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0},
+             "description": "token ids, each below the vocabulary size"},
+            {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string", "minLength": 1}},
+            {"type": "array", "minItems": 1, "maxItems": 1,
+             "items": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}}]},
+        "logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS, "nullable": True}}}
     return {
         "openapi": "3.0.3",
         "info": {"title": "pdbox", "version": "0.1.0", "description": f"OpenAI-compatible API serving {model}"},
         "paths": {
-            "/v1/chat/completions": {"post": _op("Chat completion", chat)},
-            "/v1/completions": {"post": _op("Text completion", comp)},
+            "/v1/chat/completions": {"post": _op("Chat completion", chat, limits)},
+            "/v1/completions": {"post": _op("Text completion", comp, limits)},
             "/v1/models": {"get": {"summary": "Served models", "responses": {"200": {"description": "model list"}}}},
             "/health": {"get": {"summary": "Health", "responses": {"200": {"description": "ok"},
                                                                     "503": {"description": "degraded"}}}},

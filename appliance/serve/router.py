@@ -5,6 +5,15 @@ unguessable room id, open the decode stream (decode reserves pages or refuses at
 prompt to prefill with decode's page ids and pool handle, stream prefill's first token to the
 client as soon as it is sampled, then relay decode's tokens. Retries happen only before the first
 byte reaches the client.
+
+Deadlines (every wait has one; see `RouterConfig`): a worker's decode reservation answers within
+``connect_timeout_s``; prefill must hand the KV over within the room's lease (``lease_s`` +
+``lease_per_token_s`` per prompt token), after which decode fails the room and the router fails
+the request and cancels the prefill leg; a worker that stops answering ``/health`` for
+``unhealthy_after_s`` (SIGSTOP, a hung host) is marked down and every request it holds fails at
+once; a worker stream that is silent for ``stream_idle_s`` after the first token fails; no request
+lives past ``request_timeout_s``. A failure before the first byte is an HTTP error (502/503); after
+it, an SSE ``error`` event followed by ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +45,8 @@ TOKEN_LATENCY = TOKEN_LATENCY_BUCKETS
 
 @dataclass(frozen=True)
 class RouterConfig:
+    """Router settings. The ``*_s`` fields are the deadlines listed in the module docstring."""
+
     mode: str = "disagg"
     served_model_name: str = "model"
     host: str = "127.0.0.1"
@@ -54,6 +65,8 @@ class RouterConfig:
     page_size: int = 16
     health_interval_s: float = 1.0
     unhealthy_after_s: float = 3.0
+    probe_timeout_s: float = 1.0
+    stream_idle_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.mode not in ("disagg", "unified", "auto"):
@@ -99,6 +112,9 @@ class Router:
         self.m_prompt = r.counter("pdbox_prompt_tokens_total", "Prompt tokens received")
         self.m_restarts = r.counter("pdbox_worker_restarts_total", "Times the launcher restarted a worker")
         self._health_task: asyncio.Task | None = None
+        self._down: dict[str, asyncio.Event] = {}  # set when the worker is marked down; replaced when it is back
+        self._open: dict[str, set[aiohttp.ClientResponse]] = {}  # responses being read, closed when it goes down
+        self._loading: dict[str, asyncio.Task] = {}  # at most one /load refresh in flight per worker
 
     # -- workers ---------------------------------------------------------------------------------
     def add_worker(self, w: WorkerHandle) -> None:
@@ -111,29 +127,76 @@ class Router:
         return [w for w in self.workers.values() if w.role == role and w.healthy]
 
     async def refresh(self, w: WorkerHandle) -> None:
+        """Probe liveness (``/health``, answered by the worker's event loop even while its engine is busy)
+        and refresh load (``/load``, answered between engine steps)."""
+        if await self._probe(w):
+            await self._load(w)
+
+    async def _probe(self, w: WorkerHandle) -> bool:
+        assert self.session is not None
+        try:
+            async with self.session.get(w.url + "/health",
+                                        timeout=aiohttp.ClientTimeout(total=self.cfg.probe_timeout_s)) as resp:
+                alive = resp.status == 200
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            alive = False
+        if alive:
+            w.last_seen = time.monotonic()
+        elif w.healthy and time.monotonic() - w.last_seen > self.cfg.unhealthy_after_s:
+            self.mark_down(w.name, f"no answer to /health for {self.cfg.unhealthy_after_s:.0f} s")
+        return alive
+
+    async def _load(self, w: WorkerHandle) -> None:
         assert self.session is not None
         try:
             async with self.session.get(w.url + "/load", timeout=aiohttp.ClientTimeout(total=2.0)) as resp:
                 if resp.status != 200:
                     raise aiohttp.ClientError(f"status {resp.status}")
                 info = await resp.json()
-            w.load = info
-            w.pid = info.get("pid", w.pid)
-            w.handle = info.get("handle", "")
-            w.tp = info.get("tp", w.tp)
-            w.transport = info.get("transport", w.transport)
-            w.last_seen = time.monotonic()
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            return  # alive but busy: keep the last load; liveness alone decides health
+        w.load = info
+        w.pid = info.get("pid", w.pid)
+        w.handle = info.get("handle", "")
+        w.tp = info.get("tp", w.tp)
+        w.transport = info.get("transport", w.transport)
+        mml = int(info.get("max_model_len", 0))
+        if mml and (not self.max_model_len or mml < self.max_model_len):
+            self.max_model_len = mml
+        if not w.healthy and time.monotonic() - w.last_seen < self.cfg.unhealthy_after_s:
             w.healthy = True
-            mml = int(info.get("max_model_len", 0))
-            if mml and (not self.max_model_len or mml < self.max_model_len):
-                self.max_model_len = mml
-        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
-            if time.monotonic() - w.last_seen > self.cfg.unhealthy_after_s:
-                w.healthy = False
+            ev = self._down.get(w.name)
+            if ev is not None and ev.is_set():
+                self._down[w.name] = asyncio.Event()
+
+    def mark_down(self, name: str, reason: str) -> None:
+        """Stop routing to ``name`` and fail every request it is serving now (the launcher calls this when
+        the process exits; the health loop when it stops answering)."""
+        w = self.workers.get(name)
+        if w is None:
+            return
+        if w.healthy:
+            log.warning("worker %s is down: %s", name, reason)
+        w.healthy = False
+        w.last_seen = min(w.last_seen, time.monotonic() - self.cfg.unhealthy_after_s)
+        self._down_event(name).set()
+        for resp in list(self._open.pop(name, ())):
+            resp.close()
+
+    def _down_event(self, name: str) -> asyncio.Event:
+        ev = self._down.get(name)
+        if ev is None:
+            ev = self._down[name] = asyncio.Event()
+        return ev
 
     async def _health_loop(self) -> None:
         while True:
-            await asyncio.gather(*(self.refresh(w) for w in list(self.workers.values())))
+            workers = list(self.workers.values())
+            alive = await asyncio.gather(*(self._probe(w) for w in workers))
+            for w, ok in zip(workers, alive):
+                t = self._loading.get(w.name)
+                if ok and (t is None or t.done()):
+                    self._loading[w.name] = asyncio.create_task(self._load(w))
             await asyncio.sleep(self.cfg.health_interval_s)
 
     # -- app -------------------------------------------------------------------------------------
@@ -156,6 +219,8 @@ class Router:
             self._health_task = asyncio.create_task(self._health_loop())
             yield
             self._health_task.cancel()
+            for t in self._loading.values():
+                t.cancel()
             await self.session.close()
 
         app.cleanup_ctx.append(lifecycle)
@@ -241,7 +306,7 @@ class Router:
     async def openapi(self, request: web.Request) -> web.Response:
         from appliance.serve.openapi_doc import openapi_document
 
-        return web.json_response(openapi_document(self.cfg.served_model_name))
+        return web.json_response(openapi_document(self.cfg.served_model_name, self.cfg.max_body_bytes))
 
     # -- completions -----------------------------------------------------------------------------
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -251,19 +316,21 @@ class Router:
         return await self._serve(request, "completions")
 
     async def _serve(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        # NOTE: the slot is taken before the body is read, so at most max_inflight bodies are buffered.
         if self.inflight >= self.cfg.max_inflight:
+            self.m_requests.inc(endpoint=endpoint, outcome="rejected")
             raise oai.ApiError(429, f"server is at capacity ({self.cfg.max_inflight} requests in flight); retry later",
                                kind="rate_limit_error", headers={"Retry-After": "1"})
-        body = oai.parse_json(await request.read())
-        mml = self.max_model_len or 2048
-        if endpoint == "chat":
-            parsed = oai.parse_chat(body, self.tok, self.cfg.served_model_name, mml)
-        else:
-            parsed = oai.parse_completion(body, self.tok, self.cfg.served_model_name, mml, self.vocab_size)
-        rid = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
         self.inflight += 1
-        self.m_prompt.inc(len(parsed.prompt_ids))
         try:
+            body = oai.parse_json(await request.read())
+            mml = self.max_model_len or 2048
+            if endpoint == "chat":
+                parsed = oai.parse_chat(body, self.tok, self.cfg.served_model_name, mml)
+            else:
+                parsed = oai.parse_completion(body, self.tok, self.cfg.served_model_name, mml, self.vocab_size)
+            rid = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
+            self.m_prompt.inc(len(parsed.prompt_ids))
             gen = self._generate(parsed, rid)
             if parsed.stream:
                 return await self._stream(request, parsed, rid, gen)
@@ -287,13 +354,19 @@ class Router:
         return {"Authorization": f"Bearer {self.cfg.cluster_token}", "Content-Type": "application/json"}
 
     async def _post(self, w: WorkerHandle, path: str, payload: Any) -> aiohttp.ClientResponse:
+        """POST to a worker and return the open response (registered: it is closed if ``w`` goes down)."""
         assert self.session is not None
+        session = self.session
+        data = msgspec.json.encode(payload)
+        timeout = aiohttp.ClientTimeout(total=self.cfg.request_timeout_s, connect=self.cfg.connect_timeout_s)
+
+        async def post() -> aiohttp.ClientResponse:
+            return await session.post(w.url + path, data=data, headers=self._headers(), timeout=timeout)
+
         try:
-            resp = await self.session.post(
-                w.url + path, data=msgspec.json.encode(payload), headers=self._headers(),
-                timeout=aiohttp.ClientTimeout(total=self.cfg.request_timeout_s, connect=self.cfg.connect_timeout_s))
+            resp = await self._unless_down(w, post)
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise WorkerFailed(f"{w.name}: {exc}") from None
+            raise WorkerFailed(f"{w.name}: {type(exc).__name__}: {exc}") from None
         if resp.status == 400:
             text = await resp.text()
             resp.release()
@@ -302,16 +375,52 @@ class Router:
             text = await resp.text()
             resp.release()
             raise WorkerFailed(f"{w.name} answered {resp.status}: {_message(text)}")
+        self._open.setdefault(w.name, set()).add(resp)
         return resp
 
+    def _done_with(self, w: WorkerHandle, resp: aiohttp.ClientResponse) -> None:
+        self._open.get(w.name, set()).discard(resp)
+        resp.close()
+
+    async def _unless_down(self, w: WorkerHandle, fn: Callable[[], Awaitable[Any]]) -> Any:
+        """Run ``fn()`` unless ``w`` is marked down first (then cancel it and raise `WorkerFailed`)."""
+        down = self._down_event(w.name)
+        if down.is_set():
+            raise WorkerFailed(f"{w.name} is down")
+        task = asyncio.ensure_future(fn())
+        waiter = asyncio.ensure_future(down.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if task.cancelled():
+            raise WorkerFailed(f"{w.name} went down (no answer to /health)")
+        return task.result()
+
     async def _lines(self, resp: aiohttp.ClientResponse, who: str) -> AsyncIterator[Event]:
+        """Events of a worker's NDJSON stream; a break or a stream that ends early is `WorkerFailed`."""
         try:
             async for line in resp.content:
                 if line.strip():
-                    yield decode_event(line)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise WorkerFailed(f"{who} stream broke: {exc}") from None
+                    try:
+                        yield decode_event(line)
+                    except msgspec.MsgspecError as exc:
+                        raise WorkerFailed(f"{who} sent a malformed event: {exc}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise WorkerFailed(f"{who} stream broke: {type(exc).__name__}: {exc}") from None
         raise WorkerFailed(f"{who} closed its stream before finishing")
+
+    async def _next(self, lines: AsyncIterator[Event], who: str, deadline_s: float | None) -> Event:
+        if deadline_s is None:
+            return await anext(lines)
+        try:
+            async with asyncio.timeout(deadline_s):
+                return await anext(lines)
+        except TimeoutError:
+            raise WorkerFailed(f"{who} sent nothing for {deadline_s:.0f} s") from None
 
     async def _unified(self, parsed: oai.ParsedRequest, rid: str) -> AsyncIterator[Event | Outcome]:
         tried: set[str] = set()
@@ -326,9 +435,13 @@ class Router:
                 tried.add(w.name)
         self.policies["unified"].record(w, parsed.prompt_ids)
         w.inflight += 1
+        lines = self._lines(resp, w.name)
         try:
-            async for ev in self._lines(resp, w.name):
+            deadline = None  # NOTE: none before the first token: the request may queue behind others' prefills
+            while True:
+                ev = await self._next(lines, w.name, deadline)
                 if ev.kind == "tokens":
+                    deadline = self.cfg.stream_idle_s
                     yield ev
                 elif ev.kind == "done":
                     yield Outcome(ev.finish_reason, ev.prompt_tokens, ev.cached_tokens)
@@ -337,7 +450,42 @@ class Router:
                     raise oai.ApiError(ev.status or 502, ev.message, kind="server_error")
         finally:
             w.inflight -= 1
-            resp.close()
+            await lines.aclose()
+            self._done_with(w, resp)
+
+    async def _reserve(self, d: WorkerHandle, dreq: DecodeRequest
+                       ) -> tuple[aiohttp.ClientResponse, AsyncIterator[Event], Event]:
+        """Open decode's stream and wait (``connect_timeout_s``) for its reservation."""
+        resp: aiohttp.ClientResponse | None = None
+        lines: AsyncIterator[Event] | None = None
+        try:
+            async with asyncio.timeout(self.cfg.connect_timeout_s):
+                resp = await self._post(d, "/internal/decode", dreq)
+                lines = self._lines(resp, d.name)
+                ev = await anext(lines)
+            if ev.kind != "reserved":
+                raise WorkerFailed(f"{d.name}: {ev.message or 'no reservation'}")
+            return resp, lines, ev
+        except BaseException as exc:
+            if lines is not None:
+                await lines.aclose()
+            if resp is not None:
+                self._done_with(d, resp)
+            if isinstance(exc, TimeoutError):
+                raise WorkerFailed(f"{d.name} did not reserve within {self.cfg.connect_timeout_s:.0f} s") from None
+            raise
+
+    async def _prefill(self, p: WorkerHandle, preq: PrefillRequest) -> dict:
+        resp = await self._post(p, "/internal/prefill", preq)
+        try:
+            first = await self._unless_down(p, resp.json)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            raise WorkerFailed(f"{p.name}: {type(exc).__name__}: {exc}") from None
+        finally:
+            self._done_with(p, resp)
+        if not isinstance(first, dict) or not isinstance(first.get("token_ids"), list):
+            raise WorkerFailed(f"{p.name} answered without a first token")
+        return first
 
     async def _disagg(self, parsed: oai.ParsedRequest, rid: str) -> AsyncIterator[Event | Outcome]:
         room = secrets.token_urlsafe(18)
@@ -350,14 +498,9 @@ class Router:
         while True:
             d = self._pick("decode", ids, tried)
             try:
-                dresp = await self._post(d, "/internal/decode", dreq)
-                lines = self._lines(dresp, d.name)
-                reserved = await asyncio.wait_for(anext(lines), self.cfg.connect_timeout_s)
-                if reserved.kind != "reserved":
-                    dresp.close()
-                    raise WorkerFailed(f"{d.name}: {reserved.message or 'no reservation'}")
+                dresp, lines, reserved = await self._reserve(d, dreq)
                 break
-            except (WorkerFailed, asyncio.TimeoutError, StopAsyncIteration) as exc:
+            except WorkerFailed as exc:
                 log.warning("decode %s refused room: %s", d.name, exc)
                 tried.add(d.name)
                 if len(tried) >= len(self.healthy("decode")):
@@ -367,34 +510,55 @@ class Router:
         p.inflight += 1
         self.policies["prefill"].record(p, ids)
         self.policies["decode"].record(d, ids)
+        preq = PrefillRequest(rid=rid, room=room, prompt_ids=ids, sampling=parsed.sampling,
+                              dst_pages=reserved.pages, handles=reserved.handles)
+        # NOTE: the handoff. Prefill's answer races decode's stream; either leg failing fails the request,
+        # and closing the other leg makes that worker drop its part. Decode's lease bounds a stuck prefill.
+        ptask = asyncio.ensure_future(self._prefill(p, preq))
+        dtask = asyncio.ensure_future(anext(lines))
+        cached = 0
+        handoff_by = asyncio.get_running_loop().time() + lease + 2 * self.cfg.connect_timeout_s
+        late = f"no KV handoff from {p.name} to {d.name} within the {lease:.1f} s lease"
         try:
-            preq = PrefillRequest(rid=rid, room=room, prompt_ids=ids, sampling=parsed.sampling,
-                                  dst_pages=reserved.pages, handles=reserved.handles)
+            # NOTE: never yield inside asyncio.timeout (the consumer's awaits would run under it).
             try:
-                presp = await self._post(p, "/internal/prefill", preq)
-                try:
-                    first = await presp.json()
-                finally:
-                    presp.release()
-            except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
-                raise WorkerFailed(f"{p.name}: {exc}") from None
-            finally:
-                p.inflight -= 1
-            yield Event(kind="tokens", token_ids=first["token_ids"], logprobs=first.get("logprobs", []))
-            cached = int(first.get("cached_tokens", 0))
-            async for ev in lines:
-                if ev.kind == "first":
-                    continue  # the client already has it, from prefill
-                if ev.kind == "tokens":
-                    yield ev
+                async with asyncio.timeout_at(handoff_by):
+                    await asyncio.wait({ptask, dtask}, return_when=asyncio.FIRST_COMPLETED)
+            except TimeoutError:
+                raise WorkerFailed(late) from None
+            skip_first = False
+            if not dtask.done():  # prefill answered first: the client gets the token now
+                first = ptask.result()  # raises WorkerFailed / ApiError when prefill failed
+                cached = int(first.get("cached_tokens", 0))
+                yield Event(kind="tokens", token_ids=first["token_ids"], logprobs=first.get("logprobs", []))
+                skip_first = True
+            try:
+                async with asyncio.timeout_at(handoff_by):
+                    ev = await dtask
+            except TimeoutError:
+                raise WorkerFailed(late) from None
+            while True:
+                if ev.kind == "first" and skip_first:
+                    pass  # the client already has it, from prefill
+                elif ev.kind in ("first", "tokens"):
+                    yield Event(kind="tokens", token_ids=ev.token_ids, logprobs=ev.logprobs)
                 elif ev.kind == "done":
+                    if ptask.done() and not ptask.cancelled() and ptask.exception() is None:
+                        cached = int(ptask.result().get("cached_tokens", cached))
                     yield Outcome(ev.finish_reason, len(ids), cached)
                     return
                 elif ev.kind == "error":
                     raise oai.ApiError(ev.status or 502, ev.message, kind="server_error")
+                ev = await self._next(lines, d.name, self.cfg.stream_idle_s)
         finally:
+            for t in (ptask, dtask):
+                if not t.done():
+                    t.cancel()
+            await asyncio.gather(ptask, dtask, return_exceptions=True)
+            await lines.aclose()
+            p.inflight -= 1
             d.inflight -= 1
-            dresp.close()
+            self._done_with(d, dresp)
 
     # -- responses -------------------------------------------------------------------------------
     async def _tokens(self, parsed: oai.ParsedRequest, gen: AsyncIterator[Event | Outcome], t0: float

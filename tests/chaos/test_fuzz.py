@@ -1,0 +1,221 @@
+"""Property-based fuzzing of /v1/chat/completions and /v1/completions on a live appliance.
+
+Bodies come from the router's own /openapi.json (a small schema-to-hypothesis translation, the idea
+of schemathesis without its dependency tree): documented bodies must succeed, a body with one field
+broken must be refused naming that field, and arbitrary JSON or bytes must never get a 5xx. The
+server answers a normal request afterwards and both pools are idle."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.chaos.chaos_util import CHAT, COMP, MODEL, Appliance, error_of, http_call, wait_pools_idle
+from tests.chaos.conftest import record
+
+pytestmark = pytest.mark.slow
+
+VOCAB = 49152
+SMALL = {"max_tokens": 3, "max_completion_tokens": 3}  # keep generated answers short: the tier is timed
+FUZZ = settings(deadline=None, database=None, derandomize=True, print_blob=True,
+                suppress_health_check=list(HealthCheck))
+SEEN: dict[str, int] = {"bodies": 0, "5xx": 0}
+
+
+@pytest.fixture(scope="module")
+def schemas(guarded: Appliance) -> dict[str, dict]:
+    status, _, raw = http_call("GET", guarded.url + "/openapi.json", headers=guarded.headers())
+    assert status == 200
+    doc = json.loads(raw)
+    return {p: doc["paths"][p]["post"]["requestBody"]["content"]["application/json"]["schema"] for p in (CHAT, COMP)}
+
+
+# -- schema -> strategies ------------------------------------------------------------------------------
+def conforming(schema: dict, key: str = "") -> st.SearchStrategy[Any]:
+    """Values the schema accepts (lengths kept small, token ids inside the vocabulary)."""
+    if "enum" in schema:
+        base: st.SearchStrategy[Any] = st.sampled_from(schema["enum"])
+    elif "oneOf" in schema:
+        base = st.one_of(*(conforming(s, key) for s in schema["oneOf"]))
+    else:
+        t = schema["type"]
+        if t == "object":
+            props = schema.get("properties", {})
+            required = set(schema.get("required", ()))
+            base = st.fixed_dictionaries({k: conforming(v, k) for k, v in props.items() if k in required},
+                                         optional={k: conforming(v, k) for k, v in props.items()
+                                                   if k not in required and k != "model"})
+        elif t == "array":
+            hi = min(schema.get("maxItems", 3), 3)
+            base = st.lists(conforming(schema["items"], key), min_size=schema.get("minItems", 0), max_size=hi)
+        elif t == "string":
+            base = st.text(min_size=schema.get("minLength", 0), max_size=min(schema.get("maxLength", 24), 24))
+        elif t == "integer":
+            lo = schema.get("minimum", -(2**40))
+            hi = schema.get("maximum", 2**40)
+            if key in SMALL:
+                hi = SMALL[key]
+            if key in ("prompt", "stop_token_ids"):
+                hi = VOCAB - 1
+            base = st.integers(lo, hi)
+        elif t == "number":
+            lo = schema.get("minimum", -1e6)
+            base = st.floats(lo, schema.get("maximum", 1e6), exclude_min=bool(schema.get("exclusiveMinimum")),
+                             allow_nan=False)
+        elif t == "boolean":
+            base = st.booleans()
+        else:
+            raise AssertionError(f"schema type {t!r} is not covered by the fuzzer")
+    return st.one_of(st.none(), base) if schema.get("nullable") else base
+
+
+JSON_TYPES = {"integer": int, "number": (int, float), "string": str, "boolean": bool, "array": list,
+              "object": dict}
+ANY_VALUE = st.one_of(st.integers(-(2**70), 2**70), st.floats(allow_nan=False, allow_infinity=False),
+                      st.text(max_size=8), st.booleans(), st.lists(st.integers(-5, 5), max_size=3),
+                      st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+
+
+def _accepted_types(schema: dict) -> list[str]:
+    if "oneOf" in schema:
+        return [t for s in schema["oneOf"] for t in _accepted_types(s)]
+    return [schema["type"]] if "type" in schema else []
+
+
+def _type_ok(value: Any, types: list[str]) -> bool:
+    for t in types:
+        if t in ("integer", "number") and isinstance(value, bool):
+            continue
+        if t == "integer" and isinstance(value, float):
+            continue
+        if isinstance(value, JSON_TYPES[t]):
+            return True
+    return False
+
+
+def violating(schema: dict) -> st.SearchStrategy[Any]:
+    """Values the schema refuses: a wrong type, or one step past a documented bound."""
+    types = _accepted_types(schema)
+    options = [ANY_VALUE.filter(lambda v: not _type_ok(v, types))]
+    if "enum" in schema:
+        options.append(st.text(max_size=8).filter(lambda v: v not in schema["enum"]))
+    for s in schema.get("oneOf", [schema]):
+        t = s.get("type")
+        if t in ("integer", "number"):
+            step = 1 if t == "integer" else 0.5
+            if "minimum" in s:
+                lo = s["minimum"]
+                options.append(st.just(lo) if s.get("exclusiveMinimum") else st.just(lo - step))
+            if "maximum" in s:
+                options.append(st.just(s["maximum"] + step))
+        if t == "string" and s.get("minLength"):
+            options.append(st.just(""))
+        if t == "string" and "maxLength" in s:
+            options.append(st.just("x" * (s["maxLength"] + 1)))
+        if t == "array" and s.get("minItems"):
+            options.append(st.just([]))
+        if t == "array" and "maxItems" in s and s["items"].get("type") == "string":
+            options.append(st.just(["ab"] * (s["maxItems"] + 1)))
+    return st.one_of(*options)
+
+
+# -- the checks ------------------------------------------------------------------------------------------
+def send(app: Appliance, path: str, raw: bytes) -> tuple[int, bytes]:
+    status, _, body = app.post(path, None, raw=raw, timeout=60)
+    SEEN["bodies"] += 1
+    SEEN["5xx"] += int(status >= 500)
+    record("fuzzed bodies", 1)
+    record("5xx seen", int(status >= 500))
+    assert status < 500, (status, raw[:400], body[:400])
+    if status != 200:
+        error_of(body)
+    return status, body
+
+
+def _documented(schema: dict, body: dict) -> dict:
+    body = {**body, "model": MODEL}
+    if body.get("max_completion_tokens") is not None:
+        body.pop("max_tokens", None)
+    elif body.get("max_tokens") is None:
+        body["max_tokens"] = SMALL["max_tokens"]  # the default (up to 1024 tokens) would take a minute here
+    return body
+
+
+@pytest.mark.parametrize("path", [CHAT, COMP])
+def test_documented_bodies_are_accepted(guarded: Appliance, schemas: dict, path: str) -> None:
+    @settings(FUZZ, max_examples=60)
+    @given(data=st.data())
+    def run(data: st.DataObject) -> None:
+        body = _documented(schemas[path], data.draw(conforming(schemas[path])))
+        status, resp = send(guarded, path, json.dumps(body).encode())
+        assert status == 200, (body, resp[:400])
+        assert b'"error"' not in resp, (body, resp[-400:])
+
+    run()
+    wait_pools_idle(guarded)
+
+
+@pytest.mark.parametrize("path", [CHAT, COMP])
+def test_one_broken_field_is_refused_by_name(guarded: Appliance, schemas: dict, path: str) -> None:
+    props = schemas[path]["properties"]
+
+    @settings(FUZZ, max_examples=110)
+    @given(data=st.data())
+    def run(data: st.DataObject) -> None:
+        body = _documented(schemas[path], data.draw(conforming(schemas[path])))
+        key = data.draw(st.sampled_from(sorted(props)))
+        body[key] = data.draw(violating(props[key]))
+        if key == "max_tokens":
+            body.pop("max_completion_tokens", None)
+        if key == "top_logprobs":
+            body["logprobs"] = True
+        status, resp = send(guarded, path, json.dumps(body).encode())
+        err = error_of(resp)
+        if key == "model" and isinstance(body[key], str):
+            assert status == 404, (body, err)
+        else:
+            assert status == 400, (body, err)
+        assert err["param"] is not None and err["param"].split("[")[0] == key, (key, body[key], err)
+
+    run()
+    wait_pools_idle(guarded)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**80), 2**80) | st.floats(allow_nan=False) | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["messages", "prompt", "role", "content", "max_tokens", "stream", "stop", "model", "n",
+                         "temperature", "top_p", "top_k", "logprobs", "seed", "x"]), inner, max_size=5),
+    max_leaves=12)
+
+
+@pytest.mark.parametrize("path", [CHAT, COMP])
+def test_arbitrary_json_and_bytes_never_5xx(guarded: Appliance, path: str) -> None:
+    @settings(FUZZ, max_examples=90)
+    @given(value=JSON_VALUES, mode=st.sampled_from(["json", "body-with", "bytes"]), junk=st.binary(max_size=64))
+    def run(value: Any, mode: str, junk: bytes) -> None:
+        if mode == "json":
+            raw = json.dumps(value).encode()
+        elif mode == "body-with":  # a plausible request with one arbitrary field
+            base = {"model": MODEL, "max_tokens": 2} | (
+                {"messages": [{"role": "user", "content": "Hi"}]} if path == CHAT else {"prompt": "Hi"})
+            field = "stop" if not isinstance(value, dict) else "messages"
+            raw = json.dumps({**base, field: value}).encode()
+        else:
+            raw = junk
+        send(guarded, path, raw)
+
+    run()
+
+
+def test_fuzzing_left_the_server_serving(guarded: Appliance) -> None:
+    """Runs after the fuzzers (file order): enough bodies were tried, none got a 5xx, all is idle."""
+    assert SEEN["bodies"] >= 500, SEEN
+    assert SEEN["5xx"] == 0, SEEN
+    status, body = guarded.chat(max_tokens=12)
+    assert status == 200 and "Paris" in body["choices"][0]["message"]["content"], body
+    wait_pools_idle(guarded)
