@@ -15,7 +15,7 @@ from appliance.monitor.snapshot import Frame, TransferRow, WorkerRow
 SPARKS = "▁▂▃▄▅▆▇█"
 ROLE_STYLE = {"prefill": "cyan", "decode": "magenta", "unified": "green", "auto": "yellow"}
 BAR_WIDTH = 6
-SPARK_WIDTH = 24
+SPARK_WIDTH = 20
 
 
 def fmt_seconds(s: float) -> str:
@@ -25,7 +25,7 @@ def fmt_seconds(s: float) -> str:
         return f"{s * 1e6:.0f} µs"
     if s < 1.0:
         return f"{s * 1e3:.0f} ms" if s >= 0.01 else f"{s * 1e3:.1f} ms"
-    return f"{s:.2f} s"
+    return f"{s:.2f} s" if s < 10 else f"{s:.1f} s" if s < 100 else f"{s:.0f} s"
 
 
 def fmt_uptime(s: float) -> str:
@@ -39,6 +39,10 @@ def fmt_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def fmt_count(n: int) -> str:
+    return str(n) if n < 10_000 else f"{n / 1000:.0f}k"
 
 
 def fmt_rate(x: float | None) -> str:
@@ -90,7 +94,7 @@ def kv_bar(w: WorkerRow, width: int = BAR_WIDTH) -> Text:
     bar.append("█" * n_active, style=color)
     bar.append("▒" * (n_used - n_active), style=color)
     bar.append("░" * (width - n_used), style="grey50")
-    bar.append(f" {w.kv_used}/{w.kv_total}")
+    bar.append(f" {fmt_count(w.kv_used)}/{fmt_count(w.kv_total)}")
     return bar
 
 
@@ -100,6 +104,7 @@ def header(frame: Frame) -> Text:
     t.append(f"  {frame.model}  ", style="bold cyan")
     t.append(f"mode {frame.mode}  transport {frame.transport}  up {fmt_uptime(frame.uptime_s)}\n")
     t.append(f"{frame.req_s:.2f} req/s", style="bold")
+    t.append(" done", style="dim")
     err_style = "bold red" if frame.error_rate > 0 else ""
     t.append("  errors ")
     t.append(f"{frame.error_rate * 100:.1f}%", style=err_style)
@@ -120,17 +125,17 @@ def workers_table(frame: Frame) -> Table:
         if w.restarts:
             health.append(f" ↻{w.restarts}", style="yellow")
         t.add_row(w.name, Text(w.role, style=ROLE_STYLE.get(w.role, "")), w.devices or "-", str(w.tp),
-                  f"{w.running}/{w.waiting}", str(w.batch), kv_bar(w), fmt_rate(w.tok_s), health)
+                  f"{fmt_count(w.running)}/{fmt_count(w.waiting)}", str(w.batch), kv_bar(w), fmt_rate(w.tok_s), health)
     return t
 
 
 def latency_table(frame: Frame) -> Table:
     t = Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False, show_edge=False)
     span = frame.latency[0].window_s if frame.latency else None
-    t.add_column(f"last {span:.0f} s" if span else "since start", no_wrap=True)
+    t.add_column(f"last {span:.0f}s" if span else "all time", no_wrap=True, min_width=8)
     t.add_column("p50", justify="right", no_wrap=True, min_width=6)
     t.add_column("p99", justify="right", no_wrap=True, min_width=6)
-    t.add_column("n", justify="right", no_wrap=True, min_width=4)
+    t.add_column("n", justify="right", no_wrap=True, min_width=5)
     for row in frame.latency:
         name = Text(row.name)
         if span and row.window_s is None:  # nothing in the window: this row covers everything since start
@@ -141,7 +146,7 @@ def latency_table(frame: Frame) -> Table:
 
 def spark_table(frame: Frame) -> Table:
     t = Table(box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), pad_edge=False, show_edge=False)
-    t.add_column(f"last {frame.history_s / 60:.0f} min", no_wrap=True)
+    t.add_column(f"{frame.history_s / 60:.0f} min", no_wrap=True)
     t.add_column("", no_wrap=True, style="cyan")
     t.add_column("now", justify="right", no_wrap=True, min_width=9)
     latest = {k: (v[-1][1] if v else math.nan) for k, v in frame.spark.items()}
@@ -180,7 +185,7 @@ def render(frame: Frame) -> RenderableType:
     if frame.problem:
         parts.append(Text(f"! {frame.problem} (showing the last good scrape)", style="bold red"))
     parts.append(workers_table(frame))
-    grid = Table.grid(padding=(0, 3))
+    grid = Table.grid(padding=(0, 2))
     grid.add_row(latency_table(frame), spark_table(frame))
     parts.append(grid)
     if frame.transfers:
