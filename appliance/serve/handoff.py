@@ -8,6 +8,7 @@ carries the first sampled token.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ import torch
 from appliance.engine.request import Request
 from appliance.engine.scheduler import ScheduledBatch
 from nvshmem_kv import KVTransport, Peer, PoolDescriptor, PoolHandle, TransportError
+
+_STARTED_MEMORY = 4096
 
 
 @dataclass
@@ -47,6 +50,7 @@ class _Sender:
         self.kv = kv
         self.local = PoolDescriptor.from_tensor(kv, total_kv_heads, tp_rank, tp_size)
         self.peers: dict[str, Peer] = {}
+        self.started: OrderedDict[str, None] = OrderedDict()  # rooms with bytes on the wire (bounded)
 
     def peers_for(self, handles: list[str]) -> list[Peer]:
         out = []
@@ -61,15 +65,24 @@ class _Sender:
         for p in plans:
             if p.room in failed or not p.src:
                 continue
-            try:
-                for peer in self.peers_for(p.handles):
-                    if peer.slices:
-                        self.transport.write(peer, p.room, layer, self.kv, p.src, p.dst)
-            except (TransportError, OSError) as exc:
-                failed[p.room] = f"KV transfer failed: {exc}"
-                self.forget_broken(p.handles)
+            for attempt in (0, 1):
+                try:
+                    for peer in self.peers_for(p.handles):
+                        if peer.slices:
+                            self.transport.write(peer, p.room, layer, self.kv, p.src, p.dst)
+                except (TransportError, OSError) as exc:
+                    dropped = self.forget_broken(p.handles)
+                    if attempt == 0 and dropped and p.room not in self.started:
+                        continue  # nothing of this room went out on the dead connection: use a new one
+                    failed[p.room] = f"KV transfer failed: {exc}"
+                    break
+                self.started[p.room] = None
+                if len(self.started) > _STARTED_MEMORY:
+                    self.started.popitem(last=False)
+                break
 
     def signal(self, handles: list[str], room: str, payload: bytes) -> None:
+        self.started.pop(room, None)
         try:
             for peer in self.peers_for(handles):
                 if peer.slices:
@@ -78,20 +91,23 @@ class _Sender:
             self.forget_broken(handles)
             raise
 
-    def forget_broken(self, handles: list[str]) -> None:
+    def forget_broken(self, handles: list[str]) -> bool:
         """Drop connections that died, so the next room to that pool reconnects instead of failing too.
 
         NOTE: the rooms a dead connection had opened fail on the receiver (it saw the close); only
         they fail. A connection is dead once its send queue has failed (`SendQueue.error`)."""
+        dropped = False
         for h in handles:
             peer = self.peers.get(h)
             queue = getattr(peer, "queue", None) if peer is not None else None
             if peer is not None and (queue is None or queue.error is not None):
                 del self.peers[h]
+                dropped = True
                 try:
                     self.transport.disconnect(peer)
                 except TransportError:
                     pass
+        return dropped
 
     def close(self) -> None:
         for peer in self.peers.values():
