@@ -79,6 +79,10 @@ class EngineLoop:
         fut: concurrent.futures.Future = concurrent.futures.Future()
 
         def run() -> None:
+            # NOTE: a caller that timed out cancelled the future; running fn() now would be wasted, and
+            # set_result on a cancelled future raises InvalidStateError, which would kill this thread.
+            if not fut.set_running_or_notify_cancel():
+                return
             try:
                 fut.set_result(fn())
             except BaseException as exc:  # delivered to the awaiting handler
