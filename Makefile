@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PORT    ?= 8000
 
-.PHONY: install run test test-fast lint bench gpu-check clean
+.PHONY: install system-deps run test test-fast lint bench gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,10 +21,16 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# tmux drives the monitor's terminal test; Slurm's packages come from slurm/local-cluster.sh.
+system-deps:
+	@command -v tmux >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tmux >/dev/null) || \
+		echo "note: tmux missing; its monitor test will be skipped"; }
+
 run: install
 	$(BIN)/pdbox up --port $(PORT)
 
-test: install
+test: install system-deps
 	$(BIN)/python -m pytest -q tests
 
 test-fast: install
