@@ -227,6 +227,15 @@ class Worker:
             params = replace(body.sampling.to_params(), max_tokens=1, stop=(), stop_token_ids=())
         except ValueError as exc:
             raise web.HTTPBadRequest(text=str(exc)) from None
+        from nvshmem_kv import PoolHandle, TransportError
+
+        if not body.handles:
+            raise web.HTTPBadRequest(text="handles must name at least one decode pool")
+        for h in body.handles:  # NOTE: a bad handle must fail this request here, not the engine step later
+            try:
+                PoolHandle.from_json(h)
+            except (TransportError, msgspec.MsgspecError) as exc:
+                raise web.HTTPBadRequest(text=f"bad pool handle: {exc}") from None
         transfer = Transfer(room=body.room, handles=list(body.handles), dst_pages=list(body.dst_pages))
         q = self.loop.submit(body.rid, body.prompt_ids, params, transfer)
         finished = False

@@ -23,7 +23,8 @@ VOCAB = 49152
 SMALL = {"max_tokens": 3, "max_completion_tokens": 3}  # keep generated answers short: the tier is timed
 FUZZ = settings(deadline=None, database=None, derandomize=True, print_blob=True,
                 suppress_health_check=list(HealthCheck))
-SEEN: dict[str, int] = {"bodies": 0, "5xx": 0}
+SEEN: dict[str, int] = {"bodies": 0, "5xx": 0, "fuzzers": 0}
+FUZZERS = 6  # the parametrized fuzz tests above test_fuzzing_left_the_server_serving
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +157,7 @@ def test_documented_bodies_are_accepted(guarded: Appliance, schemas: dict, path:
         assert b'"error"' not in resp, (body, resp[-400:])
 
     run()
+    SEEN["fuzzers"] += 1
     wait_pools_idle(guarded)
 
 
@@ -182,6 +184,7 @@ def test_one_broken_field_is_refused_by_name(guarded: Appliance, schemas: dict, 
         assert err["param"] is not None and err["param"].split("[")[0] == key, (key, body[key], err)
 
     run()
+    SEEN["fuzzers"] += 1
     wait_pools_idle(guarded)
 
 
@@ -210,11 +213,13 @@ def test_arbitrary_json_and_bytes_never_5xx(guarded: Appliance, path: str) -> No
         send(guarded, path, raw)
 
     run()
+    SEEN["fuzzers"] += 1
 
 
 def test_fuzzing_left_the_server_serving(guarded: Appliance) -> None:
     """Runs after the fuzzers (file order): enough bodies were tried, none got a 5xx, all is idle."""
-    assert SEEN["bodies"] >= 500, SEEN
+    if SEEN["fuzzers"] == FUZZERS:  # the whole file ran (not a -k selection)
+        assert SEEN["bodies"] >= 500, SEEN
     assert SEEN["5xx"] == 0, SEEN
     status, body = guarded.chat(max_tokens=12)
     assert status == 200 and "Paris" in body["choices"][0]["message"]["content"], body
