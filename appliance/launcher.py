@@ -16,6 +16,8 @@ from pathlib import Path
 from appliance.topology import available_cpus, format_ids, parse_ids, split_groups
 
 READY_TIMEOUT_S = 300.0
+CRASH_WINDOW_S = 30.0   # a worker that exits sooner than this after its start counts as crash-looping
+MAX_BACKOFF_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,7 @@ class Launcher:
         print(msg, file=self.err, flush=True)
 
     def start(self, spec: WorkerSpec) -> None:
+        spec.extra["started_at"] = time.monotonic()
         spec.log_path = self.log_dir / f"{spec.name}.log"
         log = open(spec.log_path, "ab")
         spec.proc = subprocess.Popen(spec.argv, env=spec.env, stdout=log, stderr=subprocess.STDOUT,
@@ -229,17 +232,29 @@ class Launcher:
         return router
 
     async def supervise(self) -> None:
+        """Restart workers that exit. One that keeps dying within ``CRASH_WINDOW_S`` of its start waits
+        1, 2, 4 … (at most ``MAX_BACKOFF_S``) seconds before the next start, instead of spinning."""
         while not self.stopping:
+            now = time.monotonic()
             for spec in self.specs:
-                if spec.proc is not None and spec.proc.poll() is not None and not self.stopping:
+                if self.stopping or spec.proc is None or spec.proc.poll() is None:
+                    continue
+                due = spec.extra.get("restart_at")
+                if due is None:
                     code = spec.proc.returncode
+                    quick = now - spec.extra.get("started_at", now) < CRASH_WINDOW_S
+                    crashes = spec.extra["crashes"] = spec.extra.get("crashes", 0) + 1 if quick else 0
+                    delay = min(MAX_BACKOFF_S, 2.0 ** (crashes - 1)) if crashes else 0.0
                     self.say(f"worker {spec.name} (pid {spec.proc.pid}) exited with code {code}; "
-                             f"its requests fail; restarting it")
+                             f"its requests fail; restarting it" + (f" in {delay:.0f} s" if delay else ""))
                     w = self.router.workers.get(spec.name) if self.router else None
                     if w is not None:
                         self.router.mark_down(spec.name, f"process exited with code {code}")  # fails its requests
                         w.restarts += 1
                     spec.restarts += 1
+                    due = spec.extra["restart_at"] = now + delay
+                if now >= due:
+                    del spec.extra["restart_at"]
                     self.start(spec)
             await asyncio.sleep(0.3)
 

@@ -8,6 +8,8 @@ carries the first sampled token.
 
 from __future__ import annotations
 
+import select
+import socket
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -57,6 +59,7 @@ class _Sender:
         for h in handles:
             peer = self.peers.get(h)
             if peer is None:
+                self.forget_broken([k for k in self.peers if not _alive(self.peers[k])])  # e.g. a restarted decode
                 peer = self.peers[h] = self.transport.connect(PoolHandle.from_json(h), self.local)
             out.append(peer)
         return out
@@ -99,8 +102,7 @@ class _Sender:
         dropped = False
         for h in handles:
             peer = self.peers.get(h)
-            queue = getattr(peer, "queue", None) if peer is not None else None
-            if peer is not None and (queue is None or queue.error is not None):
+            if peer is not None and not _alive(peer):
                 del self.peers[h]
                 dropped = True
                 try:
@@ -116,6 +118,30 @@ class _Sender:
             except TransportError:
                 pass
         self.transport.close()
+
+
+def _alive(peer: Peer) -> bool:
+    """False once a peer's connection is known dead: its send queue failed, or the receiver closed the
+    control socket (it never sends after the handshake, so readable EOF means gone: a restarted decode).
+
+    NOTE: reads `ChannelPeer.queue` and `SendQueue._sock` of nvshmem_kv; a backend without them counts
+    as alive (its failures still surface on the next write)."""
+    queue = getattr(peer, "queue", None)
+    if queue is None or queue.error is not None:
+        return False
+    sock = getattr(queue, "_sock", None)
+    if sock is None:
+        return True
+    try:
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(0):  # NOTE: never recv() unpolled: a socket with a timeout would wait for it
+            return True
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+    except BlockingIOError:
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 class PrefillHandoff:

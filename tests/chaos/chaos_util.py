@@ -161,6 +161,16 @@ def rss_mb(pid: int) -> float:
 
 def listening(pid: int) -> list[tuple[str, int]]:
     """(ip, port) of every TCP socket ``pid`` listens on (IPv4 and IPv6)."""
+    return [(ip, port) for ip, port, _, state in _sockets(pid) if state == "0A"]  # 0A: LISTEN
+
+
+def remote_ports(pid: int) -> set[int]:
+    """Peer ports of ``pid``'s TCP connections that are not closed yet (established, close-wait …)."""
+    return {rport for _, _, rport, state in _sockets(pid) if state not in ("0A", "07")}  # 07: CLOSE
+
+
+def _sockets(pid: int) -> list[tuple[str, int, int, str]]:
+    """(local ip, local port, remote port, state) of ``pid``'s TCP sockets."""
     inodes = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -175,11 +185,11 @@ def listening(pid: int) -> list[tuple[str, int]]:
             next(f)
             for row in f:
                 cols = row.split()
-                local, state, inode = cols[1], cols[3], cols[9]
-                if state != "0A" or inode not in inodes:  # 0A: LISTEN
+                local, remote, state, inode = cols[1], cols[2], cols[3], cols[9]
+                if inode not in inodes:
                     continue
                 hexip, hexport = local.split(":")
-                out.append((_ip(hexip, v6), int(hexport, 16)))
+                out.append((_ip(hexip, v6), int(hexport, 16), int(remote.split(":")[1], 16), state))
     return out
 
 

@@ -31,6 +31,7 @@ from tests.chaos.chaos_util import (
     in_thread,
     listening,
     loads,
+    remote_ports,
     wait_healthy,
     wait_pools_idle,
     wait_until,
@@ -211,6 +212,7 @@ def test_killed_prefill_after_reservation_fails_fast_and_is_restarted(faulty: Ap
 
 def test_killed_decode_ends_the_stream_with_an_error_and_is_restarted(faulty: Appliance) -> None:
     d = faulty.worker("decode")
+    old_kv_port = next(port for _, port in listening(d["pid"]) if port != urllib.parse.urlsplit(d["url"]).port)
     sse = SSE(faulty, COMP, {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 400, "ignore_eos": True})
     events = sse.events()
     for _ in range(3):
@@ -227,3 +229,5 @@ def test_killed_decode_ends_the_stream_with_an_error_and_is_restarted(faulty: Ap
     for _ in range(3):  # new rooms reach the new decode pool (prefill opens a fresh KV connection)
         check_served(faulty)
     assert all(ld["reserved_rooms"] == 0 for ld in loads(faulty).values())
+    p = faulty.worker("prefill")
+    assert old_kv_port not in remote_ports(p["pid"]), "prefill still holds its connection to the dead decode"
