@@ -242,12 +242,21 @@ class Router:
                 raise
             e = oai.ApiError(exc.status, exc.reason or "error", kind="invalid_request_error")
             return web.json_response(e.body(), status=exc.status)
+        except WorkerFailed as exc:  # a worker broke before the client saw a byte
+            self.m_errors.inc(kind="502")
+            e = oai.ApiError(502, f"worker failed: {exc}", kind="server_error")
+            return web.json_response(e.body(), status=502)
+        except Exception:  # a router bug: still an OpenAI-shaped answer, and a traceback in the log
+            log.exception("unhandled error serving %s %s", request.method, request.path)
+            self.m_errors.inc(kind="500")
+            e = oai.ApiError(500, "internal router error (logged)", kind="server_error")
+            return web.json_response(e.body(), status=500)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
         if self.cfg.api_key and request.path != "/health":
-            got = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(got, f"Bearer {self.cfg.api_key}"):
+            got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(got, f"Bearer {self.cfg.api_key}".encode()):  # bytes: any header is comparable
                 raise oai.ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
                                    kind="authentication_error")
         return await handler(request)

@@ -137,8 +137,8 @@ class Worker:
     @web.middleware
     async def _auth(self, request: web.Request, handler):
         if request.path.startswith("/internal/"):
-            got = request.headers.get("Authorization", "")
-            if not self.cfg.token or not hmac.compare_digest(got, f"Bearer {self.cfg.token}"):
+            got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+            if not self.cfg.token or not hmac.compare_digest(got, f"Bearer {self.cfg.token}".encode()):
                 return web.json_response({"error": {"message": "internal endpoint: cluster token required",
                                                     "type": "forbidden"}}, status=403)
         return await handler(request)

@@ -61,7 +61,8 @@ def test_everything_binds_loopback_by_default(guarded: Appliance) -> None:
         assert addrs and {ip for ip, _ in addrs} == {"127.0.0.1"}, (w["name"], addrs)
 
 
-@pytest.mark.parametrize("auth", [None, "Bearer wrong", "Basic Y2hhb3M6a2V5", "Bearer"])
+@pytest.mark.parametrize("auth", [None, "Bearer wrong", "Basic Y2hhb3M6a2V5", "Bearer", "Bearer \u00e9t\u00e9"],
+                         ids=["none", "wrong", "basic", "empty", "non-ascii"])
 def test_api_key_is_required(guarded: Appliance, auth: str | None) -> None:
     headers = {"Authorization": auth} if auth else {}
     for method, path in (("POST", CHAT), ("GET", "/v1/models"), ("GET", "/metrics"), ("GET", "/workers"),
@@ -82,7 +83,7 @@ def test_internal_endpoints_require_the_cluster_token(guarded: Appliance) -> Non
     token = cluster_token(workers[0]["pid"])
     for w in workers:
         for path in INTERNAL:
-            for auth in ("", "wrong", guarded.key, token + "x", token.upper()):
+            for auth in ("", "wrong", guarded.key, token + "x", token.upper(), "\u00e9" * 8):
                 status, _ = internal(w, path, bogus_decode(), auth)
                 record("bad inputs tried", 1)
                 assert status == 403, (w["name"], path, auth, status)
