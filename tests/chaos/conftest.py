@@ -31,7 +31,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
             terminalreporter.write_line(f"{k}: {FIGURES[k]:g}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped once the tier is done, not at the end of `make test`
 def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Appliance]:
     """Disaggregated over shm, an API key (from PDBOX_API_KEY), at most 4 requests in flight."""
     with appliance("--max-inflight", "4", key=API_KEY, log_dir=tmp_path_factory.mktemp("guarded-logs")) as app:

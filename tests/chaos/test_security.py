@@ -136,7 +136,7 @@ def test_bogus_decode_rooms_do_not_grow_memory(guarded: Appliance) -> None:
         wait_pools_idle(guarded)
         before = rss_mb(d["pid"])
         kinds = list(pool.map(one, range(400)))
-    record("bad inputs tried", len(kinds))
+    record("bogus decode reservations (cluster token, never fed)", len(kinds))
     assert set(kinds) <= {"error", "http 503"}, set(kinds)  # deadline passed (or no pages left: refused)
     assert kinds.count("error") >= 300
     wait_pools_idle(guarded)
@@ -168,7 +168,7 @@ def test_kv_signals_for_unknown_rooms_are_dropped(guarded: Appliance) -> None:
         for _ in range(5000):
             sender.signal(peer, secrets.token_urlsafe(18), b'{"token": 1}' * 8)
         sender.flush(peer, 30)
-        record("bad inputs tried", 5000)
+        record("KV signals for unknown rooms", 5000)
         grew = rss_mb(d["pid"]) - before
         assert grew < 16, f"decode grew {grew:.1f} MB over 5000 unknown-room signals"
         assert json.loads(http_call("GET", d["url"] + "/load")[2])["reserved_rooms"] == 1  # only the real one
