@@ -254,7 +254,8 @@ class Router:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):
-        if self.cfg.api_key and request.path != "/health":
+        # /internal/* (Slurm worker registration) is gated by the cluster token in its own sub-app.
+        if self.cfg.api_key and request.path != "/health" and not request.path.startswith("/internal/"):
             got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
             if not hmac.compare_digest(got, f"Bearer {self.cfg.api_key}".encode()):  # bytes: any header is comparable
                 raise oai.ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
