@@ -19,6 +19,7 @@ import re
 import shlex
 import signal
 import socket
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,8 @@ from bench.run import OnDone, measure_isolated, write_json
 from bench.sweep import SweepPoint, isolated_seed, point_seed, run_sweep, sweep_summary
 from bench.workloads import PromptBuilder, RequestSource, warmup_requests
 
-DEFAULT_LAUNCH = "pdbox up --mode {mode} --host {host} --port {port}"
+# NOTE: the running interpreter, so a compare works from a venv that is not on PATH.
+DEFAULT_LAUNCH = f"{shlex.quote(sys.executable)} -m appliance.cli up --mode {{mode}} --host {{host}} --port {{port}}"
 READY_PATTERN = re.compile(r"ready:\s*(https?://\S+)")
 REFERENCE_FIELDS = (
     "p50_ttft_ms",
