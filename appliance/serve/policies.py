@@ -84,14 +84,18 @@ class PowerOfTwo(RoundRobin):
 class CacheAware(LeastLoad):
     """Longest cached prefix wins, unless loads are imbalanced; then least load.
 
-    The router remembers, per worker, the page-aligned prefixes it sent there (a hash chain over
+    A match counts only when it covers at least ``min_match`` of the prompt (SGLang's
+    cache_threshold): a short shared system prompt alone must not pull every request onto one
+    engine. The router remembers, per worker, the page-aligned prefixes it sent there (a hash chain over
     ``page_size``-token blocks, LRU-bounded): an approximation of each engine's radix cache.
     """
 
     name = "cache_aware"
 
-    def __init__(self, page_size: int = 16, capacity: int = 200_000, imbalance: float = 4.0) -> None:
+    def __init__(self, page_size: int = 16, capacity: int = 200_000, imbalance: float = 4.0,
+                 min_match: float = 0.5) -> None:
         super().__init__()
+        self.min_match = min_match
         self.page_size = page_size
         self.capacity = capacity
         self.imbalance = imbalance
@@ -120,7 +124,9 @@ class CacheAware(LeastLoad):
                     n += 1
             if n > best_len or (n == best_len and best is not None and n > 0 and w.pressure < best.pressure):
                 best, best_len = w, n
-        return best if best is not None and best_len > 0 else super().pick(workers, prompt_ids)
+        if best is None or best_len == 0 or best_len * self.page_size < self.min_match * len(prompt_ids):
+            return super().pick(workers, prompt_ids)
+        return best
 
     def matched_tokens(self, worker: WorkerHandle, prompt_ids: Sequence[int]) -> int:
         """Tokens of ``prompt_ids`` that ``worker`` likely holds in its prefix cache."""
