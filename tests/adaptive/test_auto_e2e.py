@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import openai
@@ -29,14 +30,24 @@ def test_role_switch_under_chat_traffic_loses_nothing() -> None:
     with running_appliance("--mode", "auto") as url:
         before = get_json(url + "/workers")
         assert {w["leaning"] for w in before["workers"]} == {"prefill", "decode"}
-        counts = asyncio.run(wave(url, 12, 128))  # chat-heavy: many long decodes, little to prefill
-        assert counts == [128] * 12
-        deadline = time.monotonic() + 20
+        # chat-heavy: many long decodes, little to prefill; the switch must happen while they run
+        switched: list[dict] = []
+
+        def watch() -> None:
+            deadline = time.monotonic() + 120
+            while not switched and time.monotonic() < deadline:
+                ws = get_json(url + "/workers")
+                if ws["role_switches"] >= 1:
+                    switched.append(ws)
+                time.sleep(0.3)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        counts = asyncio.run(wave(url, 16, 256))
+        assert counts == [256] * 16  # no request lost across the switch
+        watcher.join(5)
+        assert switched, "no role switch under chat-heavy traffic"
         after = get_json(url + "/workers")
-        while after["role_switches"] < 1 and time.monotonic() < deadline:
-            time.sleep(0.5)
-            after = get_json(url + "/workers")
-        assert after["role_switches"] >= 1, after
         assert [w["leaning"] for w in after["workers"]] == ["decode", "decode"]
         assert after["last_decision"]
         metrics = get_json_text(url + "/metrics")
