@@ -27,6 +27,33 @@ def gather_pages(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch
     return rows[:length]
 
 
+DecodePlan = list[tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]]
+
+
+def decode_plan(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int) -> DecodePlan:
+    """Groups of requests by context length (power-of-two page buckets), for :func:`decode_attention_ref`.
+
+    Each group: (request rows, their flattened page ids, padded width in slots, valid-slot mask).
+    It depends only on the page table and the lengths, so a forward pass computes it once for all
+    layers (``TorchAttentionBackend`` does).
+    """
+    lens = seq_lens.tolist()
+    buckets: dict[int, list[int]] = {}
+    for b, n in enumerate(lens):
+        if n > 0:
+            pages = (n + page_size - 1) // page_size
+            buckets.setdefault(1 << (pages - 1).bit_length(), []).append(b)
+    plan: DecodePlan = []
+    for rows in buckets.values():
+        n_pages = (max(lens[b] for b in rows) + page_size - 1) // page_size
+        idx = torch.tensor(rows, device=page_table.device)
+        table = page_table.index_select(0, idx)[:, :n_pages].reshape(-1).long()
+        width = n_pages * page_size
+        valid = torch.arange(width, device=seq_lens.device) < seq_lens.index_select(0, idx.to(seq_lens.device))[:, None]
+        plan.append((idx, table, width, valid))
+    return plan
+
+
 def decode_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -34,13 +61,15 @@ def decode_attention_ref(
     page_table: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    plan: DecodePlan | None = None,
 ) -> torch.Tensor:
     """Attention of one query token per request over its whole context.
 
     Shapes: ``q`` ``(batch, q_heads, head_dim)``; caches ``(num_pages, page_size, kv_heads, head_dim)``;
     ``page_table`` ``(batch, max_pages)`` int32/int64; ``seq_lens`` ``(batch,)`` context lengths
     INCLUDING the current token (whose K/V are already stored). A slot with ``seq_len == 0`` is empty
-    and yields zeros. Returns ``(batch, q_heads, head_dim)`` in ``q.dtype``.
+    and yields zeros. Returns ``(batch, q_heads, head_dim)`` in ``q.dtype``. ``plan``: a precomputed
+    :func:`decode_plan` of the same page table and lengths.
     """
     # NOTE: requests are grouped by context length (power-of-two page buckets) and each group is one
     # batched matmul-softmax-matmul over its gathered pages: a per-request loop costs ~10 Python ops per
@@ -52,25 +81,15 @@ def decode_attention_ref(
         return out
     page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = q_heads // kv_heads
-    lens = seq_lens.tolist()
-    buckets: dict[int, list[int]] = {}
-    for b, n in enumerate(lens):
-        if n > 0:
-            pages = (n + page_size - 1) // page_size
-            buckets.setdefault(1 << (pages - 1).bit_length(), []).append(b)
-    for rows in buckets.values():
-        n_pages = (max(lens[b] for b in rows) + page_size - 1) // page_size
-        idx = torch.tensor(rows, device=q.device)
-        table = page_table.index_select(0, idx)[:, :n_pages].reshape(-1).long()
-        width = n_pages * page_size
-        k = k_cache.index_select(0, table).view(len(rows), width, kv_heads, dim).permute(0, 2, 3, 1)
-        v = v_cache.index_select(0, table).view(len(rows), width, kv_heads, dim).permute(0, 2, 1, 3)
-        qg = (q.index_select(0, idx) * scale).view(len(rows), kv_heads, group, dim).to(k.dtype)
+    for idx, table, width, valid in plan if plan is not None else decode_plan(page_table, seq_lens, page_size):
+        n = int(idx.shape[0])
+        k = k_cache.index_select(0, table).view(n, width, kv_heads, dim).permute(0, 2, 3, 1)
+        v = v_cache.index_select(0, table).view(n, width, kv_heads, dim).permute(0, 2, 1, 3)
+        qg = (q.index_select(0, idx) * scale).view(n, kv_heads, group, dim).to(k.dtype)
         scores = torch.matmul(qg, k).float()  # (rows, kv_heads, group, width)
-        valid = torch.arange(width, device=q.device) < seq_lens.index_select(0, idx).to(q.device).unsqueeze(1)
-        scores.masked_fill_(~valid[:, None, None, :], float("-inf"))
+        scores.masked_fill_(~valid[:, None, None, :].to(q.device), float("-inf"))
         probs = scores.softmax(-1).to(v.dtype)
-        o = torch.matmul(probs, v).reshape(len(rows), q_heads, dim)
+        o = torch.matmul(probs, v).reshape(n, q_heads, dim)
         out.index_copy_(0, idx, o.to(q.dtype))
     return out
 

@@ -11,7 +11,7 @@ from typing import Protocol
 import torch
 
 from kernels.activation import silu_and_mul_ref
-from kernels.decode_attention import decode_attention_ref
+from kernels.decode_attention import DecodePlan, decode_attention_ref, decode_plan
 from kernels.extend_attention import extend_attention_ref
 from kernels.kv_store import store_kv_ref
 from kernels.norm import fused_add_rmsnorm_ref, rmsnorm_ref
@@ -49,7 +49,21 @@ class TorchAttentionBackend:
 
     name = "torch"
     store_kv = staticmethod(store_kv_ref)
-    decode = staticmethod(decode_attention_ref)
+
+    def __init__(self) -> None:
+        self._plan_key: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._plan: DecodePlan = []
+
+    def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+               seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+        # Every layer of a forward pass sees the same page table and lengths: group them once.
+        # NOTE: the key holds the tensors themselves (identity, not id()), so a new batch never matches.
+        key = self._plan_key
+        if key is None or key[0] is not page_table or key[1] is not seq_lens:
+            self._plan = decode_plan(page_table, seq_lens, k_cache.shape[1])
+            self._plan_key = (page_table, seq_lens)
+        return decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, scale, self._plan)
+
     extend = staticmethod(extend_attention_ref)
     rmsnorm = staticmethod(rmsnorm_ref)
     fused_add_rmsnorm = staticmethod(fused_add_rmsnorm_ref)

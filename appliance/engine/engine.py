@@ -163,14 +163,22 @@ class Engine:
         reason: str | None = None
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             reason = "stop"
-        text = self.tokenizer.decode(req.output_ids)
+        # NOTE: detokenize only when a stop string needs the text or the request ends: the serving
+        # path streams token ids (the router detokenizes), so a per-token decode here is wasted work.
+        text: str | None = None
         if p.stop:
+            text = self.tokenizer.decode(req.output_ids)
             cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
             if cut >= 0:
                 text, reason = text[:cut], "stop"
         if reason is None and (len(req.output_ids) >= p.max_tokens or req.total_len >= self.max_model_len):
             reason = "length"
-        req.text = text
+        if text is None and reason is not None:
+            text = self.tokenizer.decode(req.output_ids)
+        if text is not None:
+            req.text = text
+        else:
+            text = req.text
         if reason is not None:
             self.scheduler.finish(req, reason)
             self.requests.pop(req.request_id, None)

@@ -19,7 +19,6 @@ it, an SSE ``error`` event followed by ``[DONE]``.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import secrets
@@ -33,6 +32,7 @@ import msgspec
 from aiohttp import web
 
 from appliance.serve import openai_api as oai
+from appliance.serve.auth import bearer_ok
 from appliance.serve.detok import IncrementalText
 from appliance.serve.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, Registry
 from appliance.serve.policies import WorkerHandle, make_policy
@@ -256,8 +256,7 @@ class Router:
     async def _auth(self, request: web.Request, handler):
         # /internal/* (Slurm worker registration) is gated by the cluster token in its own sub-app.
         if self.cfg.api_key and request.path != "/health" and not request.path.startswith("/internal/"):
-            got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(got, f"Bearer {self.cfg.api_key}".encode()):  # bytes: any header is comparable
+            if not bearer_ok(request.headers, self.cfg.api_key):
                 raise oai.ApiError(401, "missing or wrong API key: send Authorization: Bearer <key>",
                                    kind="authentication_error")
         return await handler(request)

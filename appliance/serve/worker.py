@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hmac
 import logging
 import os
 import signal
@@ -20,6 +19,7 @@ import msgspec
 from aiohttp import web
 
 from appliance.config import EngineConfig
+from appliance.serve.auth import bearer_ok
 from appliance.serve.protocol import DecodeRequest, Event, GenerateRequest, PrefillRequest, encode_line
 
 log = logging.getLogger("pdbox.worker")
@@ -137,8 +137,7 @@ class Worker:
     @web.middleware
     async def _auth(self, request: web.Request, handler):
         if request.path.startswith("/internal/"):
-            got = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-            if not self.cfg.token or not hmac.compare_digest(got, f"Bearer {self.cfg.token}".encode()):
+            if not bearer_ok(request.headers, self.cfg.token):
                 return web.json_response({"error": {"message": "internal endpoint: cluster token required",
                                                     "type": "forbidden"}}, status=403)
         return await handler(request)
