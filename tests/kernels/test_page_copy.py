@@ -53,7 +53,9 @@ def test_strided_source_pages(device):
 def test_nothing_to_copy(device):
     src = torch.randn(2, 4, device=device)
     empty = torch.zeros(0, dtype=torch.int64, device=device)
+    before = src.clone()
     copy_pages(src, torch.tensor([src.data_ptr()], device=device), empty, empty, empty)
+    assert torch.equal(src, before)  # an empty copy list launches nothing and touches nothing
 
 
 def _decode_side(pool: torch.Tensor, ready, done, result) -> None:  # pragma: no cover - child process
