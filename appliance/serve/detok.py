@@ -2,6 +2,11 @@
 
 Text is released only when it is stable: never a trailing U+FFFD (half of a multi-byte character)
 and never a tail that could still grow into a stop string.
+
+Cost per token is constant, not the answer's length: each step decodes only the ids since the last
+stable point plus the few before it (``prefix``), which give the tokenizer its context (a
+SentencePiece word's leading space, a byte-level character split across tokens); the new text is
+the window's text minus the prefix's text. Stop strings are searched in the new tail only.
 """
 
 from __future__ import annotations
@@ -13,8 +18,11 @@ from typing import Any
 class IncrementalText:
     def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
         self.tok = tokenizer
-        self.stop = tuple(stop)
+        self.stop = tuple(s for s in stop if s)
+        self.longest_stop = max((len(s) for s in self.stop), default=0)
         self.ids: list[int] = []
+        self.prefix = 0  # ids[prefix:read] give context; their text is already in self.text
+        self.read = 0  # ids[:read] are in self.text
         self.emitted = 0
         self.text = ""
         self.stopped = False
@@ -24,16 +32,39 @@ class IncrementalText:
         if self.stopped:
             return ""
         self.ids.extend(token_ids)
-        self.text = self.tok.decode(self.ids)
+        self._append(self._pending(), final=False)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """The rest of the text once the request is over (an unfinished character shows as U+FFFD)."""
+        if not self.stopped and self.read < len(self.ids):
+            self._append(self._pending(), final=True)
+        return self._release(final=True)
+
+    def _pending(self) -> str:
+        """Text of ids[read:], decoded with ids[prefix:read] as context."""
+        before = self.tok.decode(self.ids[self.prefix : self.read])
+        window = self.tok.decode(self.ids[self.prefix :])
+        if window.startswith(before):
+            return window[len(before) :]
+        return self.tok.decode(self.ids)[len(self.text) :]  # context changed the prefix's text: rare, exact
+
+    def _append(self, new: str, final: bool) -> None:
+        if not new or (new.endswith("\ufffd") and not final):
+            return  # half a character: wait for the token that completes it
+        start = max(0, len(self.text) - self.longest_stop + 1)
+        self.text += new
+        self.prefix, self.read = self.read, len(self.ids)
         for s in self.stop:
-            i = self.text.find(s)
+            i = self.text.find(s, start)
             if i >= 0:
                 self.text = self.text[:i]
                 self.stopped = True
+                start = min(start, i)
+
+    def _release(self, final: bool) -> str:
         stable = len(self.text)
-        if not self.stopped:
-            if self.text.endswith("\ufffd"):
-                stable = len(self.text.rstrip("\ufffd"))
+        if not (final or self.stopped):
             for s in self.stop:  # hold back a tail that is a proper prefix of a stop string
                 for k in range(min(len(s) - 1, len(self.text)), 0, -1):
                     if self.text.endswith(s[:k]):
@@ -41,10 +72,4 @@ class IncrementalText:
                         break
         delta = self.text[self.emitted : stable] if stable > self.emitted else ""
         self.emitted = max(self.emitted, stable)
-        return delta
-
-    def finish(self) -> str:
-        """The rest of the text once the request is over."""
-        delta = self.text[self.emitted :]
-        self.emitted = len(self.text)
         return delta

@@ -12,8 +12,9 @@ Deadlines (every wait has one; see `RouterConfig`): a worker's decode reservatio
 the request and cancels the prefill leg; a worker that stops answering ``/health`` for
 ``unhealthy_after_s`` (SIGSTOP, a hung host) is marked down and every request it holds fails at
 once; a worker stream that is silent for ``stream_idle_s`` after the first token fails; no request
-lives past ``request_timeout_s``. A failure before the first byte is an HTTP error (502/503); after
-it, an SSE ``error`` event followed by ``[DONE]``.
+lives past ``request_timeout_s``; a streaming client that accepts no bytes for ``client_stall_s``
+is dropped like one that disconnected (its request is aborted on every engine). A failure
+before the first byte is an HTTP error (502/503); after it, an SSE ``error`` event followed by ``[DONE]``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from appliance.serve.detok import IncrementalText
 from appliance.serve.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, Registry
 from appliance.serve.policies import WorkerHandle, make_policy
 from appliance.serve.protocol import DecodeRequest, Event, GenerateRequest, PrefillRequest, decode_event
+from appliance.serve.stream_write import eof_within, write_within
 
 log = logging.getLogger("pdbox.router")
 LATENCY = REQUEST_LATENCY_BUCKETS
@@ -67,6 +69,7 @@ class RouterConfig:
     unhealthy_after_s: float = 3.0
     probe_timeout_s: float = 1.0
     stream_idle_s: float = 60.0
+    client_stall_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.mode not in ("disagg", "unified", "auto"):
@@ -644,14 +647,14 @@ class Router:
                     await resp.prepare(request)
                 if delta or lp or first:
                     logprobs = oai.format_logprobs(parsed, self.tok, lp)
-                    await _sse(resp, oai.chunk(parsed, rid, created, delta, None, first, logprobs))
+                    await self._sse(resp, oai.chunk(parsed, rid, created, delta, None, first, logprobs))
                     first = False
                 if outcome is not None:
-                    await _sse(resp, oai.chunk(parsed, rid, created, None if parsed.endpoint == "chat" else "",
+                    await self._sse(resp, oai.chunk(parsed, rid, created, None if parsed.endpoint == "chat" else "",
                                                outcome.finish_reason))
                     if parsed.include_usage:
                         use = oai.usage(outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens)
-                        await _sse(resp, oai.usage_chunk(parsed, rid, created, use))
+                        await self._sse(resp, oai.usage_chunk(parsed, rid, created, use))
             self.m_requests.inc(endpoint=parsed.endpoint, outcome="ok")
         except (WorkerFailed, oai.ApiError) as exc:
             self.m_requests.inc(endpoint=parsed.endpoint, outcome="error")
@@ -662,19 +665,26 @@ class Router:
             err = exc if isinstance(exc, oai.ApiError) else oai.ApiError(502, f"worker failed: {exc}",
                                                                           kind="server_error")
             self.m_errors.inc(kind=str(err.status))  # after the first byte: the middleware never sees it
-            await _sse(resp, err.body())
-        except (ConnectionResetError, asyncio.CancelledError):
+            await self._sse(resp, err.body())
+        except (ConnectionError, asyncio.CancelledError):  # reset, broken pipe, stalled: the client is gone
             self.m_requests.inc(endpoint=parsed.endpoint, outcome="client_gone")
-            await tokens_it.aclose()
             raise
+        finally:
+            # NOTE: on every way out, so a request whose client vanished is aborted on its engines now
+            # (a dangling generator would keep decoding until the answer's end).
+            await tokens_it.aclose()
         assert resp is not None
-        await resp.write(b"data: [DONE]\n\n")
-        await resp.write_eof()
+        try:
+            await write_within(resp, b"data: [DONE]\n\n", self.cfg.client_stall_s)
+            await eof_within(resp, self.cfg.client_stall_s)
+        except ConnectionError:
+            self.m_requests.inc(endpoint=parsed.endpoint, outcome="client_gone")
+            raise
         return resp
 
-
-async def _sse(resp: web.StreamResponse, obj: dict) -> None:
-    await resp.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
+    async def _sse(self, resp: web.StreamResponse, obj: dict) -> None:
+        data = b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+        await write_within(resp, data, self.cfg.client_stall_s)
 
 
 def _message(text: str) -> str:

@@ -21,6 +21,7 @@ from aiohttp import web
 from appliance.config import EngineConfig
 from appliance.serve.auth import bearer_ok
 from appliance.serve.protocol import DecodeRequest, Event, GenerateRequest, PrefillRequest, encode_line
+from appliance.serve.stream_write import eof_within, write_within
 
 log = logging.getLogger("pdbox.worker")
 ROLES = ("unified", "prefill", "decode", "auto")  # auto: prefill, decode and hand over (adaptive mode)
@@ -43,6 +44,7 @@ class WorkerConfig:
     token: str = ""
     advertise_host: str = ""
     transport_host: str = "127.0.0.1"
+    router_stall_s: float = 120.0  # a router that reads none of a stream for this long is gone
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -193,14 +195,14 @@ class Worker:
         try:
             await resp.prepare(request)
             if first is not None:
-                await resp.write(encode_line(first))
+                await write_within(resp, encode_line(first), self.cfg.router_stall_s)
             while True:
                 ev = await q.get()
-                await resp.write(encode_line(ev))
+                await write_within(resp, encode_line(ev), self.cfg.router_stall_s)
                 if ev.kind in ("done", "error"):
                     finished = True
                     break
-            await resp.write_eof()
+            await eof_within(resp, self.cfg.router_stall_s)
         finally:
             self.loop.close_stream(rid)
             if not finished:  # the router went away (or we are shutting down): free everything now

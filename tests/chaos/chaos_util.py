@@ -251,13 +251,18 @@ class SSE:
             yield data if data == "[DONE]" else json.loads(data)
 
     def drop(self) -> None:
-        """Vanish like a killed client: shut the socket down without reading the rest."""
+        """Vanish like a killed client: shut the socket down and close its descriptor unread.
+
+        NOTE: the response object holds its own reference to the socket; closing only the connection
+        would leave the descriptor open (a live client that stopped reading, not a killed one).
+        """
         sock = self.conn.sock
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
+        self.resp.close()
         self.conn.close()
 
 
