@@ -76,7 +76,8 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
 @click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float32", "float16"]))
 @click.option("--kv-cache-mb", default=256, show_default=True, help="KV pool size per engine rank.")
 @click.option("--page-size", default=16, show_default=True)
-@click.option("--max-prefill-tokens", default=512, show_default=True, help="Chunked-prefill token budget per step.")
+@click.option("--max-prefill-tokens", default=0, show_default=True,
+              help="Chunked-prefill token budget per step (0: 256 on CPU, 2048 on CUDA).")
 @click.option("--prefill-policy", default="cache_aware", show_default=True,
               type=click.Choice(["cache_aware", "least_load", "power_of_two", "round_robin"]))
 @click.option("--decode-policy", default="least_load", show_default=True,

@@ -52,6 +52,8 @@ class ModelConfig:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+CPU_PREFILL_CHUNK = 256  # tokens per prefill step on CPU (see EngineConfig.prefill_chunk)
+GPU_PREFILL_CHUNK = 2048
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,8 @@ class EngineConfig:
     """How one engine (all its TP ranks) runs a model.
 
     ``num_pages`` sizes the single KV tensor; when 0 it is derived from ``kv_cache_mb``.
-    ``max_prefill_tokens`` is the chunked-prefill token budget per step.
+    ``max_prefill_tokens`` is the chunked-prefill token budget per step; 0 picks it by device
+    (`prefill_chunk`).
     """
 
     dtype: str = "bfloat16"
@@ -69,7 +72,7 @@ class EngineConfig:
     num_pages: int = 0
     kv_cache_mb: int = 256
     max_running: int = 64
-    max_prefill_tokens: int = 512
+    max_prefill_tokens: int = 0
     max_model_len: int = 0
     enable_prefix_cache: bool = True
     attention_backend: str = "auto"
@@ -89,8 +92,8 @@ class EngineConfig:
             raise ValueError(f"num_pages must be >= 0, got {self.num_pages}")
         if self.max_running < 1:
             raise ValueError(f"max_running must be >= 1, got {self.max_running}")
-        if self.max_prefill_tokens < 1:
-            raise ValueError(f"max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
+        if self.max_prefill_tokens < 0:
+            raise ValueError(f"max_prefill_tokens must be >= 0 (0: by device), got {self.max_prefill_tokens}")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(
                 f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"
@@ -103,6 +106,19 @@ class EngineConfig:
     @property
     def cache_dtype(self) -> str:
         return self.kv_dtype or self.dtype
+
+    @property
+    def prefill_chunk(self) -> int:
+        """The chunked-prefill budget: ``max_prefill_tokens``, or by device when it is 0.
+
+        The chunk bounds how long a short prompt queued behind a long one, and every running decode,
+        wait for the next step. On CPU, prefill speed is flat from 128 to 512 tokens a chunk (1 thread,
+        SmolLM2-135M: 509 / 532 / 467 tok/s), so a small chunk costs nothing; a GPU needs thousands
+        of tokens a step to fill its cores.
+        """
+        if self.max_prefill_tokens:
+            return self.max_prefill_tokens
+        return CPU_PREFILL_CHUNK if self.device.startswith("cpu") else GPU_PREFILL_CHUNK
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ class UpConfig:
     dtype: str = "bfloat16"
     kv_cache_mb: int = 256
     page_size: int = 16
-    max_prefill_tokens: int = 512
+    max_prefill_tokens: int = 0  # 0: by device (EngineConfig.prefill_chunk)
     prefill_policy: str = "cache_aware"
     decode_policy: str = "least_load"
     lease_s: float = 5.0

@@ -52,7 +52,7 @@ class Engine:
         self.model_config = self.runner.model_config
         self.pool = self.runner.pool
         self.cache = RadixCache(self.pool, enabled=cfg.enable_prefix_cache)
-        self.scheduler = Scheduler(self.pool, self.cache, cfg.max_running, cfg.max_prefill_tokens,
+        self.scheduler = Scheduler(self.pool, self.cache, cfg.max_running, cfg.prefill_chunk,
                                    prefill_order=cfg.prefill_order)
         self.sampler = Sampler(cfg.seed)
         limit = self.model_config.max_position

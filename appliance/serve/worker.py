@@ -323,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--kv-cache-mb", type=int, default=256)
-    p.add_argument("--max-prefill-tokens", type=int, default=512)
+    p.add_argument("--max-prefill-tokens", type=int, default=0, help="chunked-prefill budget (0: by device)")
     p.add_argument("--max-running", type=int, default=64)
     p.add_argument("--prefill-order", default="auto", choices=["auto", "fifo", "slack"],
                    help="prefill queue order (auto: slack on prefill workers, fifo elsewhere)")

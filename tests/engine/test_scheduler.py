@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from appliance.engine.kv_cache import PagePool
@@ -73,3 +74,13 @@ def test_decodes_are_always_scheduled_before_prefill() -> None:
     run_step(s)  # prefilled and sampled: now decoding
     s.add(req(500, clock.t, tag=8))
     assert run_step(s) == [(7, 1), (8, 16)]
+
+
+def test_prefill_chunk_defaults_by_device_and_keeps_an_explicit_budget() -> None:
+    from appliance.config import CPU_PREFILL_CHUNK, GPU_PREFILL_CHUNK, EngineConfig
+
+    assert EngineConfig().prefill_chunk == CPU_PREFILL_CHUNK
+    assert EngineConfig(device="cuda:0").prefill_chunk == GPU_PREFILL_CHUNK
+    assert EngineConfig(max_prefill_tokens=40, device="cuda:0").prefill_chunk == 40
+    with pytest.raises(ValueError, match="max_prefill_tokens must be >= 0"):
+        EngineConfig(max_prefill_tokens=-1)
