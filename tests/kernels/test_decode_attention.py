@@ -70,3 +70,32 @@ def test_empty_batch(device):
 def test_default_num_splits():
     cpu = torch.device("cpu")
     assert default_num_splits(64, 8, 4096, cpu) == 1
+
+
+@pytest.mark.parametrize("q_heads,kv_heads", [(9, 3), (4, 4), (16, 8), (8, 1)])  # block-diagonal and per-head paths
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reference_matches_naive_softmax_attention(q_heads, kv_heads, dtype):
+    g = torch.Generator().manual_seed(11)
+    page_size, dim, lens = 4, 16, [13, 1, 0, 40, 7]
+    pages = torch.randperm(64, generator=g)[: sum((n + page_size - 1) // page_size for n in lens)].tolist()
+    k_cache = torch.randn(64, page_size, kv_heads, dim, generator=g).to(dtype)
+    v_cache = torch.randn(64, page_size, kv_heads, dim, generator=g).to(dtype)
+    table = torch.zeros(len(lens), 10, dtype=torch.int32)
+    for b, n in enumerate(lens):
+        for j in range((n + page_size - 1) // page_size):
+            table[b, j] = pages.pop()
+    q = torch.randn(len(lens), q_heads, dim, generator=g).to(dtype)
+    out = decode_attention_ref(q, k_cache, v_cache, table, torch.tensor(lens), 0.25)
+    group = q_heads // kv_heads
+    for b, n in enumerate(lens):
+        if n == 0:
+            assert torch.all(out[b] == 0)
+            continue
+        rows = table[b, : (n + page_size - 1) // page_size].long()
+        k = k_cache[rows].reshape(-1, kv_heads, dim)[:n].double()
+        v = v_cache[rows].reshape(-1, kv_heads, dim)[:n].double()
+        for h in range(q_heads):
+            p = torch.softmax(k[:, h // group] @ q[b, h].double() * 0.25, 0)
+            want = p @ v[:, h // group]
+            torch.testing.assert_close(out[b, h].double(), want, atol=2e-2 if dtype == torch.bfloat16 else 1e-5,
+                                       rtol=2e-2 if dtype == torch.bfloat16 else 1e-5)
