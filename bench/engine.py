@@ -1,8 +1,10 @@
-"""Engine throughput on this machine: decode at batch 1 and 16, prefill tokens/s.
+"""Engine throughput on this machine: decode at batch 1 and 16, long-context decode, prefill tokens/s.
 
     python -m bench.engine [--json] [--threads N] [--dtype bfloat16] [--steps 48] [--model PATH]
 
 Medians over timed steps, prefix cache off (no accidental hits). Same engine code path as serving.
+Long-context decode: ``--long-batch`` requests whose contexts are the ``--prefill-len`` prompt decode
+together (what a decode engine does with RAG answers).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def _prefill_times(engine, prompt: list[int], repeats: int) -> list[float]:
     return times
 
 
-def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: int) -> dict:
+def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: int, long_batch: int = 6) -> dict:
     from appliance.config import EngineConfig
     from appliance.engine.engine import Engine
 
@@ -63,6 +65,7 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
     long_prompt = tok.encode(text)[:prefill_len]
     _prefill_times(engine, long_prompt[:128], 1)
     pre = _prefill_times(engine, long_prompt, 3)
+    long_steps = _decode_steps(engine, [long_prompt[:-1] + [100 + i] for i in range(long_batch)], max(8, steps // 2))
     engine.shutdown()
     ms_b1 = statistics.median(b1) * 1000
     step16 = statistics.median(b16)
@@ -73,6 +76,7 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
         "decode_ms_per_step_b16": round(step16 * 1000, 2),
         "decode_tok_s_b16": round(16 / step16, 1),
         "b16_over_b1": round((16 / step16) / (1000 / ms_b1), 2),
+        f"decode_ms_per_step_b{long_batch}_ctx{len(long_prompt)}": round(statistics.median(long_steps) * 1000, 2),
         "prefill_tokens": len(long_prompt),
         "prefill_s": round(statistics.median(pre), 3),
         "prefill_tok_s": round(len(long_prompt) / statistics.median(pre), 1),
@@ -87,9 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--steps", type=int, default=48)
     p.add_argument("--prefill-len", type=int, default=1024)
+    p.add_argument("--long-batch", type=int, default=6, help="requests in the long-context decode figure")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     args = p.parse_args(argv)
-    result = run(args.model, args.threads, args.dtype, args.steps, args.prefill_len)
+    result = run(args.model, args.threads, args.dtype, args.steps, args.prefill_len, args.long_batch)
     if args.json:
         print(json.dumps(result))
         return
