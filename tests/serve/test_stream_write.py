@@ -19,6 +19,16 @@ STALL_S = 0.5
 CHUNK = b"x" * 65536
 
 
+async def _serve(handler) -> tuple[web.AppRunner, int]:
+    """``handler`` on GET /stream of a real server on a free port."""
+    app = web.Application()
+    app.router.add_get("/stream", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.SockSite(runner, socket.create_server(("127.0.0.1", 0))).start()
+    return runner, runner.addresses[0][1]
+
+
 async def _serve_and_stall() -> tuple[BaseException | None, int, float]:
     box: dict = {"sent": 0}
     done = asyncio.Event()
@@ -38,13 +48,7 @@ async def _serve_and_stall() -> tuple[BaseException | None, int, float]:
             done.set()
             raise
 
-    app = web.Application()
-    app.router.add_get("/stream", handler)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.SockSite(runner, socket.create_server(("127.0.0.1", 0)))
-    await site.start()
-    port = runner.addresses[0][1]
+    runner, port = await _serve(handler)
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     client.connect(("127.0.0.1", port))
@@ -77,13 +81,7 @@ def test_a_reading_peer_is_never_dropped() -> None:
             await resp.write_eof()
             return resp
 
-        app = web.Application()
-        app.router.add_get("/stream", handler)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.SockSite(runner, socket.create_server(("127.0.0.1", 0)))
-        await site.start()
-        port = runner.addresses[0][1]
+        runner, port = await _serve(handler)
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         body = await asyncio.wait_for(reader.read(), 30)
