@@ -655,6 +655,8 @@ class Router:
                     if parsed.include_usage:
                         use = oai.usage(outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens)
                         await self._sse(resp, oai.usage_chunk(parsed, rid, created, use))
+            assert resp is not None  # _tokens always yields a last item with the outcome
+            await self._done(resp)
             self.m_requests.inc(endpoint=parsed.endpoint, outcome="ok")
         except (WorkerFailed, oai.ApiError) as exc:
             self.m_requests.inc(endpoint=parsed.endpoint, outcome="error")
@@ -666,6 +668,7 @@ class Router:
                                                                           kind="server_error")
             self.m_errors.inc(kind=str(err.status))  # after the first byte: the middleware never sees it
             await self._sse(resp, err.body())
+            await self._done(resp)
         except (ConnectionError, asyncio.CancelledError):  # reset, broken pipe, stalled: the client is gone
             self.m_requests.inc(endpoint=parsed.endpoint, outcome="client_gone")
             raise
@@ -673,14 +676,11 @@ class Router:
             # NOTE: on every way out, so a request whose client vanished is aborted on its engines now
             # (a dangling generator would keep decoding until the answer's end).
             await tokens_it.aclose()
-        assert resp is not None
-        try:
-            await write_within(resp, b"data: [DONE]\n\n", self.cfg.client_stall_s)
-            await eof_within(resp, self.cfg.client_stall_s)
-        except ConnectionError:
-            self.m_requests.inc(endpoint=parsed.endpoint, outcome="client_gone")
-            raise
         return resp
+
+    async def _done(self, resp: web.StreamResponse) -> None:
+        await write_within(resp, b"data: [DONE]\n\n", self.cfg.client_stall_s)
+        await eof_within(resp, self.cfg.client_stall_s)
 
     async def _sse(self, resp: web.StreamResponse, obj: dict) -> None:
         data = b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"

@@ -9,6 +9,7 @@ as gone, exactly like one that reset the connection.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 from aiohttp import web
 
@@ -19,17 +20,17 @@ class PeerStalled(ConnectionResetError):
 
 async def write_within(resp: web.StreamResponse, data: bytes, stall_s: float) -> None:
     """Write ``data``; raise `PeerStalled` when the peer takes none of it within ``stall_s``."""
-    try:
-        async with asyncio.timeout(stall_s):
-            await resp.write(data)
-    except TimeoutError:
-        raise PeerStalled(f"the peer accepted no bytes for {stall_s:g} s") from None
+    await _bounded(resp.write(data), stall_s)
 
 
 async def eof_within(resp: web.StreamResponse, stall_s: float) -> None:
     """``write_eof`` under the same deadline."""
+    await _bounded(resp.write_eof(), stall_s)
+
+
+async def _bounded(aw: Awaitable[None], stall_s: float) -> None:
     try:
         async with asyncio.timeout(stall_s):
-            await resp.write_eof()
+            await aw
     except TimeoutError:
         raise PeerStalled(f"the peer accepted no bytes for {stall_s:g} s") from None
