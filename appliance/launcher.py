@@ -50,6 +50,7 @@ class UpConfig:
     prefill_order: str = "auto"
     slo_ttft_ms: float = 0.0
     slo_tpot_ms: float = 0.0
+    rebalance_idle_s: float = 60.0
     monitor: bool = True  # on a TTY: start-up progress, then the live dashboard
 
     def __post_init__(self) -> None:
@@ -57,6 +58,8 @@ class UpConfig:
             raise ValueError(f"--mode must be disagg, unified or auto, got {self.mode!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
+        if self.rebalance_idle_s <= 0:
+            raise ValueError(f"--rebalance-idle-s must be > 0, got {self.rebalance_idle_s}")
 
 
 @dataclass
@@ -223,7 +226,8 @@ class Launcher:
 
             first = tuple(s.name for s in self.specs if s.extra.get("leaning") == "prefill")
             router = AutoRouter(rcfg, AutoConfig(initial_prefill=first, slo_tpot_ms=self.cfg.slo_tpot_ms,
-                                                 slo_ttft_ms=self.cfg.slo_ttft_ms), tok, vocab)
+                                                 slo_ttft_ms=self.cfg.slo_ttft_ms,
+                                                 rebalance_idle_s=self.cfg.rebalance_idle_s), tok, vocab)
         else:
             router = Router(rcfg, tok, vocab)
         for spec in self.specs:

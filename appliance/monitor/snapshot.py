@@ -130,6 +130,7 @@ class Frame:
     history_s: float = HISTORY_S  # the span sparklines cover
     spark: dict[str, tuple[tuple[float, float], ...]] = field(default_factory=dict)  # name -> (at, value)
     problem: str = ""  # the last scrape failed: why (the figures are from the scrape before)
+    adaptive: str = ""  # --mode auto: decisions so far, role switches, the last decision and its reason
 
 
 @dataclass(frozen=True)
@@ -246,7 +247,19 @@ class Monitor:
         return Frame(url=self.url, model=str(info.get("model", "?")), mode=str(info.get("mode", "?")),
                      transport=transport, uptime_s=uptime, req_s=req_s, error_rate=error_rate,
                      inflight=int(m.value("pdbox_router_inflight", **ROUTER)), requests=requests, tok_s=tok_s,
-                     workers=workers, latency=tuple(latency), transfers=transfers, errors=errors, window_s=window)
+                     workers=workers, latency=tuple(latency), transfers=transfers, errors=errors, window_s=window,
+                     adaptive=self._adaptive(m, info))
+
+    @staticmethod
+    def _adaptive(m: Metrics, info: dict[str, Any]) -> str:
+        """One line for --mode auto: how requests were placed, role switches, and the last decision."""
+        if "role_switches" not in info:
+            return ""
+        counts: dict[str, float] = {}
+        for s in m.series("pdbox_auto_decisions_total", **ROUTER):
+            counts[s.labels.get("decision", "?")] = counts.get(s.labels.get("decision", "?"), 0.0) + s.value
+        placed = " ".join(f"{k} {v:.0f}" for k, v in sorted(counts.items())) or "no decisions yet"
+        return f"auto: {placed}, {info['role_switches']} role switches; last: {info.get('last_decision') or '-'}"
 
     @staticmethod
     def _worker_row(m: Metrics, w: dict[str, Any], cur: _Point, base: _Point | None) -> WorkerRow:
@@ -269,7 +282,10 @@ class Monitor:
             else:
                 tok_s = m.value("pdbox_prefill_tokens_per_second", worker=name) + m.value(
                     "pdbox_decode_tokens_per_second", worker=name)
-        return WorkerRow(name=name, role=str(w.get("role", "?")), devices=str(w.get("devices", "")),
+        role = str(w.get("role", "?"))
+        if w.get("leaning"):  # --mode auto: every engine is "auto"; show which way it leans now
+            role = f"auto:{w['leaning']}"
+        return WorkerRow(name=name, role=role, devices=str(w.get("devices", "")),
                          tp=int(w.get("tp") or 1), healthy=bool(w.get("healthy")), restarts=int(w.get("restarts", 0)),
                          running=figure("pdbox_running_requests", "running"),
                          waiting=figure("pdbox_waiting_requests", "waiting"),

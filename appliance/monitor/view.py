@@ -13,7 +13,8 @@ from rich.text import Text
 from appliance.monitor.snapshot import Frame, TransferRow, WorkerRow
 
 SPARKS = "▁▂▃▄▅▆▇█"
-ROLE_STYLE = {"prefill": "cyan", "decode": "magenta", "unified": "green", "auto": "yellow"}
+ROLE_STYLE = {"prefill": "cyan", "decode": "magenta", "unified": "green", "auto": "yellow",
+              "auto:prefill": "cyan", "auto:decode": "magenta"}
 BAR_WIDTH = 6
 SPARK_WIDTH = 20
 
@@ -185,6 +186,8 @@ def render(frame: Frame) -> RenderableType:
     if frame.problem:
         parts.append(Text(f"! {frame.problem} (showing the last good scrape)", style="bold red"))
     parts.append(workers_table(frame))
+    if frame.adaptive:
+        parts.append(Text(frame.adaptive, style="yellow", overflow="ellipsis", no_wrap=True))
     grid = Table.grid(padding=(0, 2))
     grid.add_row(latency_table(frame), spark_table(frame))
     parts.append(grid)

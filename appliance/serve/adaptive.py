@@ -1,38 +1,55 @@
-"""Adaptive mode: per request, disaggregate or not; and which engines lean prefill or decode.
+"""Adaptive mode: per request, disaggregate or not; and how many engines lean prefill.
 
 Every engine in ``--mode auto`` can prefill, decode, and hand KV over. Two pure, clock-driven parts:
 
 - :func:`decide` chooses, for one request, between prefilling on a prefill-leaning engine and
   handing the KV over (``disagg``), or prefilling locally on the decode engine that will generate
-  the answer (``local``), from the uncached prompt length, the prefill queue's predicted wait and
-  the decode engine's batch and KV pressure, with a :class:`CostModel` calibrated at start-up.
-- :class:`RoleBalancer` moves engines between the ``prefill`` and ``decode`` leanings when the
-  traffic shifts, with hysteresis (a pressure must persist, and a switch must age) so roles do not
-  flap. A switch is drain-free: it only changes where NEW work goes.
+  the answer (``local``). A handoff keeps the decode batch running undisturbed, so it is taken
+  whenever it meets the request's time-to-first-token target; otherwise the request prefills
+  locally if the decodes running there have the TPOT slack to absorb the stall.
+- :class:`RoleBalancer` sizes the prefill side to the prefill work that could not be absorbed
+  locally (seconds of prefill per second of wall time), with hysteresis: it grows within seconds
+  of a demand and shrinks only after a long quiet window, one engine at a time. A switch is
+  drain-free: it only changes where NEW work goes.
 """
 
 from __future__ import annotations
 
+import math
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
 class CostModel:
-    """Per-engine costs measured on this device at start-up."""
+    """Per-engine costs measured on this device at start-up (and kept current by the engines)."""
 
     prefill_tok_s: float  # prompt tokens per second, one engine
     decode_step_s: float  # one decode step at small batch
-    chunk_tokens: int = 512  # chunked-prefill budget per step
     handoff_s: float = 0.01  # fixed cost of the two-engine path (RPCs + signal)
     transfer_s_per_token: float = 2e-6  # KV bytes per token / transport bandwidth
+    ttft_factor: float = 2.0  # default TTFT target: this x the prompt's own prefill time ...
+    ttft_floor_s: float = 0.5  # ... plus this
 
     def prefill_s(self, tokens: int) -> float:
         return tokens / max(self.prefill_tok_s, 1e-6)
 
-    def stall_per_step_s(self, tokens: int) -> float:
-        """How much one step of the decode batch grows while ``tokens`` are prefilled beside it."""
-        return self.prefill_s(min(tokens, self.chunk_tokens))
+    def ttft_target_s(self, tokens: int, slo_ttft_s: float = 0.0) -> float:
+        """The TTFT a request should get: the SLO when one is set, else relative to its own prefill."""
+        return slo_ttft_s if slo_ttft_s > 0 else self.ttft_factor * self.prefill_s(tokens) + self.ttft_floor_s
+
+
+def decode_slack_s(max_tokens: int, emitted: int, since_first_s: float, step_s: float, tpot_slo_s: float) -> float:
+    """How much more stall a decoding request can absorb and still end within its mean-TPOT SLO.
+
+    TPOT is the mean gap after the first token: ``(max_tokens - 1)`` gaps in all, ``emitted - 1``
+    of them already spent in ``since_first_s``, the rest at ``step_s`` each.
+    """
+    gaps = max(1, max_tokens - 1)
+    if emitted <= 0:
+        return (tpot_slo_s - step_s) * gaps
+    return tpot_slo_s * gaps - since_first_s - step_s * max(0, max_tokens - emitted)
 
 
 @dataclass(frozen=True)
@@ -42,9 +59,10 @@ class EngineLoad:
     name: str
     leaning: str  # "prefill" | "decode"
     queued_prefill_tokens: int = 0  # prompt tokens waiting or mid-prefill
-    running: int = 0  # requests decoding
+    running: int = 0  # requests decoding (or about to)
     kv_free_frac: float = 1.0
     healthy: bool = True
+    slack_s: float = math.inf  # the least stall any request decoding here can still absorb
 
 
 @dataclass(frozen=True)
@@ -53,93 +71,115 @@ class Decision:
     reason: str
     local_ttft_s: float = 0.0
     disagg_ttft_s: float = 0.0
-    code: str = ""  # short label for metrics: idle, queue, slack, backed_up, kv, stall, no_prefill
+    code: str = ""  # short label for metrics: idle, free, busy, slack, backed_up, kv, stall, no_prefill
+    needs_prefill_engine: bool = False  # local prefill would break the running decodes' TPOT
 
 
 def decide(uncached_tokens: int, decode: EngineLoad, prefill: Sequence[EngineLoad], cost: CostModel,
-           tpot_slo_s: float, margin: float = 1.2) -> Decision:
+           slo_ttft_s: float = 0.0, margin: float = 1.2) -> Decision:
     """Disaggregate this request, or prefill it where it will decode?
 
-    Local prefill costs the running decode batch ``stall_per_step`` on each of its chunks, which
-    TPOT can absorb only up to its slack. A handoff costs the prefill queue's wait plus transfer.
+    Local prefill stalls every decode on that engine for as long as the prefill (and what is queued
+    ahead of it) takes; it fits when that is within the decodes' slack (:func:`decode_slack_s`).
+    A handoff costs the prefill queue's wait plus the transfer, and stalls nobody.
     """
     local_ttft = cost.prefill_s(decode.queued_prefill_tokens + uncached_tokens)
+    fits = decode.running == 0 or local_ttft * margin <= decode.slack_s
+    target = cost.ttft_target_s(uncached_tokens, slo_ttft_s)
     ready = [p for p in prefill if p.healthy and p.name != decode.name]
     if not ready:
-        return Decision(False, "no prefill engine available", local_ttft, 0.0, "no_prefill")
+        return Decision(False, "no prefill engine available", local_ttft, 0.0, "no_prefill", not fits)
     best = min(ready, key=lambda p: p.queued_prefill_tokens)
     disagg_ttft = (cost.prefill_s(best.queued_prefill_tokens + uncached_tokens) + cost.handoff_s
                    + cost.transfer_s_per_token * uncached_tokens)
+
+    def out(disagg: bool, reason: str, code: str) -> Decision:
+        return Decision(disagg, reason, local_ttft, disagg_ttft, code, not fits)
+
     if decode.kv_free_frac < 0.1:
-        return Decision(True, f"decode KV nearly full ({decode.kv_free_frac:.0%} free): prefill elsewhere",
-                        local_ttft, disagg_ttft, "kv")
+        return out(True, f"decode KV nearly full ({decode.kv_free_frac:.0%} free): prefill elsewhere", "kv")
     if decode.running == 0:
-        if local_ttft <= disagg_ttft * margin:
-            return Decision(False, "decode engine idle: prefill locally", local_ttft, disagg_ttft, "idle")
-        return Decision(True, "decode engine's own prefill queue is longer", local_ttft, disagg_ttft, "queue")
-    slack = tpot_slo_s - cost.decode_step_s
-    stall = cost.stall_per_step_s(uncached_tokens)
-    if stall <= slack:
-        return Decision(False, f"{uncached_tokens} uncached tokens stall {decode.running} decodes by "
-                               f"{stall * 1e3:.0f} ms/step, within the TPOT slack", local_ttft, disagg_ttft,
-                        "slack")
-    if disagg_ttft > margin * local_ttft + 2.0:
-        return Decision(False, f"prefill queue backed up ({disagg_ttft:.1f} s vs {local_ttft:.1f} s locally)",
-                        local_ttft, disagg_ttft, "backed_up")
-    return Decision(True, f"{uncached_tokens} uncached tokens would stall {decode.running} decodes by "
-                          f"{stall * 1e3:.0f} ms/step", local_ttft, disagg_ttft, "stall")
+        if local_ttft * margin < disagg_ttft:
+            return out(False, f"decode engine idle, prefill queue busy ({disagg_ttft:.1f} s): prefill locally",
+                       "idle")
+        return out(True, "prefill engine free: hand over, keep the decode engine free", "free")
+    if disagg_ttft <= target:
+        return out(True, f"handoff meets the TTFT target ({disagg_ttft:.2f} <= {target:.2f} s); "
+                         f"{decode.running} decodes run unstalled", "free")
+    if fits:
+        return out(False, f"prefill queue busy ({disagg_ttft:.1f} s); local prefill stalls {decode.running} "
+                          f"decodes {local_ttft:.2f} s, within their slack", "busy")
+    if local_ttft <= target and disagg_ttft > 2 * target:
+        return out(False, f"prefill queue backed up ({disagg_ttft:.1f} s vs a {target:.1f} s target): "
+                          "prefill locally", "backed_up")
+    return out(True, f"{uncached_tokens} uncached tokens would stall {decode.running} decodes "
+                     f"{local_ttft:.2f} s, beyond their slack", "stall")
 
 
 @dataclass
 class RoleBalancer:
-    """Keeps a prefill/decode split that follows the traffic.
+    """Sizes the prefill-leaning side to the prefill work that must be handed over.
 
-    Pressure, each in "seconds of work per engine of that leaning": prefill = queued prompt
-    tokens / prefill rate; decode = running requests x step time / TPOT SLO. When one side's
-    pressure exceeds ``ratio`` times the other's (plus a floor) for ``persist_s``, and the last
-    switch is older than ``dwell_s``, one engine moves over (keeping ``min_prefill``/``min_decode``).
+    :meth:`record` is told the prefill seconds of each request that could not be prefilled
+    locally. Demand over a window is those seconds per second: engines' worth of prefill. The
+    prefill side grows when the short window's demand needs more engines (each loaded to at most
+    ``util_target``) and shrinks only when the long window's does not need the ones it has. A
+    change must persist ``persist_s``, and the last switch must be ``dwell_s`` old, so roles do
+    not flap; one engine moves at a time, keeping ``min_prefill``/``min_decode``.
     """
 
     cost: CostModel
-    tpot_slo_s: float
     clock: Callable[[], float]
-    ratio: float = 2.0
-    floor_s: float = 0.25
-    persist_s: float = 2.0
+    util_target: float = 0.7
+    up_window_s: float = 10.0
+    idle_s: float = 60.0  # the long window: the prefill side shrinks only after this much lower demand
+    persist_s: float = 1.0
     dwell_s: float = 5.0
     min_prefill: int = 0  # 0: with no prefill-leaning engine every request prefills where it decodes
     min_decode: int = 1
     leanings: dict[str, str] = field(default_factory=dict)
+    _work: deque[tuple[float, float]] = field(default_factory=deque)
+    _start: float | None = None
     _since: float | None = None
     _direction: str = ""
     _last_switch: float = -1e18
     switches: int = 0
     last_reason: str = ""
 
-    def pressures(self, loads: Sequence[EngineLoad]) -> tuple[float, float]:
-        """(prefill, decode) backlog in seconds per engine of that leaning.
+    def record(self, prefill_s: float) -> None:
+        """A request needed a prefill engine: ``prefill_s`` seconds of prefill work."""
+        self._work.append((self.clock(), prefill_s))
 
-        Prefill: queued prompt tokens / prefill rate. Decode: running requests x one step each
-        (the serial work a decode round would cost without batching; a heuristic, not a
-        prediction: it grows with the batch the decode side carries).
-        """
-        live = [e for e in loads if e.healthy]
-        n_pre = sum(1 for e in live if self.leanings.get(e.name) == "prefill")
-        n_dec = sum(1 for e in live if self.leanings.get(e.name) == "decode")
-        p = sum(self.cost.prefill_s(e.queued_prefill_tokens) for e in live) / max(1, n_pre)
-        d = sum(e.running for e in live) * self.cost.decode_step_s / max(1, n_dec)
-        return p, d
+    def demand(self, window_s: float) -> float:
+        """Prefill seconds that needed a prefill engine per second, over the last ``window_s``."""
+        now = self.clock()
+        while self._work and self._work[0][0] < now - max(self.up_window_s, self.idle_s):
+            self._work.popleft()
+        return sum(s for t, s in self._work if t >= now - window_s) / window_s
+
+    def targets(self) -> tuple[int, int]:
+        """(prefill engines the short window asks for, prefill engines the long window needs)."""
+        up = math.ceil(self.demand(self.up_window_s) / self.util_target - 1e-9)
+        down = math.ceil(self.demand(self.idle_s) / self.util_target - 1e-9)
+        return up, down
 
     def tick(self, loads: Sequence[EngineLoad]) -> str | None:
         """Observe the engines; returns the name of an engine that switched leaning, or None."""
         now = self.clock()
+        if self._start is None:
+            self._start = now
         for e in loads:
             self.leanings.setdefault(e.name, e.leaning)
-        p, d = self.pressures(loads)
+        live = [e for e in loads if e.healthy]
+        n_pre = sum(1 for e in live if self.leanings[e.name] == "prefill")
+        up, down = self.targets()
+        cap = len(live) - self.min_decode
         want = ""
-        if p > self.ratio * d + self.floor_s:
+        if min(up, cap) > n_pre:
             want = "prefill"
-        elif d > self.ratio * p + self.floor_s:
+        elif max(down, self.min_prefill) < n_pre and now - self._start >= self.idle_s:
+            want = "decode"
+        elif n_pre > cap and n_pre > self.min_prefill:  # an engine died: keep min_decode
             want = "decode"
         if want != self._direction:
             self._direction, self._since = want, now
@@ -148,8 +188,8 @@ class RoleBalancer:
         if now - self._last_switch < self.dwell_s:
             return None
         donor = "decode" if want == "prefill" else "prefill"
-        donors = [e for e in loads if self.leanings.get(e.name) == donor and e.healthy]
-        if len(donors) <= (self.min_decode if donor == "decode" else self.min_prefill):
+        donors = [e for e in live if self.leanings[e.name] == donor]
+        if not donors:
             return None
         # the donor with the least work of its current kind moves over
         pick = min(donors, key=lambda e: e.running if donor == "decode" else e.queued_prefill_tokens)
@@ -157,5 +197,7 @@ class RoleBalancer:
         self._last_switch = now
         self._since = now
         self.switches += 1
-        self.last_reason = f"{pick.name} -> {want}: prefill pressure {p:.2f} s vs decode {d:.2f} s"
+        self.last_reason = (f"{pick.name} -> {want}: handed-over prefill demand {self.demand(self.up_window_s):.2f} "
+                            f"engines ({self.up_window_s:g} s), {self.demand(self.idle_s):.2f} ({self.idle_s:g} s); "
+                            f"{n_pre} prefill-leaning of {len(live)}")
         return pick.name

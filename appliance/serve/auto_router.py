@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from appliance.serve import openai_api as oai
-from appliance.serve.adaptive import CostModel, EngineLoad, RoleBalancer, decide
+from appliance.serve.adaptive import CostModel, EngineLoad, RoleBalancer, decide, decode_slack_s
 from appliance.serve.policies import CacheAware, WorkerHandle
 from appliance.serve.protocol import Event
 from appliance.serve.router import Outcome, Router, RouterConfig
@@ -29,13 +31,35 @@ _choice: contextvars.ContextVar[dict[str, WorkerHandle]] = contextvars.ContextVa
 
 @dataclass(frozen=True)
 class AutoConfig:
-    """``slo_tpot_ms``/``slo_ttft_ms`` 0 = derived from the calibration (1.5 x step; no admission)."""
+    """``slo_tpot_ms``/``slo_ttft_ms`` 0 = derived from the calibration (1.5 x step; TTFT relative to the
+    prompt's own prefill, and no admission control). ``rebalance_idle_s``: how long the handed-over
+    prefill demand must stay low before a prefill-leaning engine turns to decode."""
 
     initial_prefill: tuple[str, ...] = ()
     slo_tpot_ms: float = 0.0
     slo_ttft_ms: float = 0.0
     reject_factor: float = 2.0
     rebalance: bool = True
+    rebalance_idle_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.slo_tpot_ms < 0 or self.slo_ttft_ms < 0:
+            raise ValueError("--slo-tpot-ms and --slo-ttft-ms must be >= 0 (0: derived)")
+        if self.rebalance_idle_s <= 0:
+            raise ValueError(f"--rebalance-idle-s must be > 0, got {self.rebalance_idle_s}")
+
+
+@dataclass
+class _Progress:
+    """One request in flight, as the router sees it: where it prefills and decodes, and how far it is."""
+
+    prefill_on: str
+    decode_on: str
+    tokens: int  # uncached prompt tokens sent to prefill
+    max_tokens: int
+    sent_at: float
+    first_at: float | None = None
+    emitted: int = 0
 
 
 class AutoRouter(Router):
@@ -51,6 +75,9 @@ class AutoRouter(Router):
         self.m_switches = r.counter("pdbox_role_switches_total", "Engines that changed leaning")
         self.m_rejected = r.counter("pdbox_slo_rejections_total", "Requests refused because TTFT SLO was out of reach")
         self.last_decision = ""
+        self.active: dict[str, _Progress] = {}
+        self.loaded_at: dict[str, float] = {}
+        self._derived_tpot_s: float | None = None
 
     # -- engines and their leanings ------------------------------------------------------------------
     def cost(self) -> CostModel:
@@ -62,20 +89,48 @@ class AutoRouter(Router):
         return CostModel(prefill_tok_s=rate, decode_step_s=step)
 
     def tpot_slo_s(self) -> float:
-        return self.auto.slo_tpot_ms / 1e3 if self.auto.slo_tpot_ms else 1.5 * self.cost().decode_step_s
+        """The TPOT SLO: the configured one, else 1.5 x the step first reported (the start-up calibration,
+        fixed from then on: the live step grows with the batch, the target must not)."""
+        if self.auto.slo_tpot_ms:
+            return self.auto.slo_tpot_ms / 1e3
+        if self._derived_tpot_s is None:
+            steps = [float(w.load["decode_step_s"]) for w in self.workers.values() if w.load.get("decode_step_s")]
+            if not steps:
+                return 1.5 * self.cost().decode_step_s
+            self._derived_tpot_s = 1.5 * min(steps)
+        return self._derived_tpot_s
 
     def leaning(self, w: WorkerHandle) -> str:
         if self.balancer is not None and w.name in self.balancer.leanings:
             return self.balancer.leanings[w.name]
         return "prefill" if w.name in self.auto.initial_prefill else "decode"
 
+    async def _load(self, w: WorkerHandle) -> None:
+        await super()._load(w)
+        self.loaded_at[w.name] = self.clock()
+
+    def slack_s(self, w: WorkerHandle) -> float:
+        """The least stall any request decoding on ``w`` can still absorb within the TPOT SLO."""
+        now, slo = self.clock(), self.tpot_slo_s()
+        step = float(w.load.get("decode_step_s") or self.cost().decode_step_s)
+        return min((decode_slack_s(p.max_tokens, p.emitted, now - p.first_at if p.first_at else 0.0, step, slo)
+                    for p in self.active.values() if p.decode_on == w.name), default=math.inf)
+
+    def queued_prefill_tokens(self, w: WorkerHandle) -> int:
+        """The worker's last report, or, when larger, what the router sent it since that report."""
+        since = self.loaded_at.get(w.name, -math.inf)
+        sent = sum(p.tokens for p in self.active.values()
+                   if p.prefill_on == w.name and p.first_at is None and p.sent_at >= since)
+        return max(int(w.load.get("queued_prefill_tokens", 0)), sent)
+
     def loads(self) -> list[EngineLoad]:
         out = []
         for w in self.workers.values():
             total = w.load.get("total_pages") or 1
             free = (w.load.get("free_pages", total) + w.load.get("evictable_pages", 0)) / total
-            out.append(EngineLoad(w.name, self.leaning(w), int(w.load.get("queued_prefill_tokens", 0)),
-                                  int(w.load.get("decoding", 0)) + w.inflight, free, w.healthy))
+            running = sum(1 for p in self.active.values() if p.decode_on == w.name)
+            out.append(EngineLoad(w.name, self.leaning(w), self.queued_prefill_tokens(w), running, free, w.healthy,
+                                  self.slack_s(w)))
         return out
 
     def healthy(self, role: str) -> list[WorkerHandle]:
@@ -99,16 +154,19 @@ class AutoRouter(Router):
             self.rebalance()
             await asyncio.sleep(self.cfg.health_interval_s)
 
+    def _balancer(self) -> RoleBalancer:
+        if self.balancer is None:
+            self.balancer = RoleBalancer(self.cost(), self.clock, idle_s=self.auto.rebalance_idle_s)
+            for w in self.workers.values():
+                self.balancer.leanings[w.name] = "prefill" if w.name in self.auto.initial_prefill else "decode"
+        return self.balancer
+
     def rebalance(self) -> str | None:
         if not self.auto.rebalance or not self.workers:
             return None
-        if self.balancer is None:
-            self.balancer = RoleBalancer(self.cost(), self.tpot_slo_s(), self.clock)
-            for w in self.workers.values():
-                self.balancer.leanings[w.name] = "prefill" if w.name in self.auto.initial_prefill else "decode"
-        self.balancer.cost = self.cost()
-        self.balancer.tpot_slo_s = self.tpot_slo_s()
-        moved = self.balancer.tick(self.loads())
+        balancer = self._balancer()
+        balancer.cost = self.cost()
+        moved = balancer.tick(self.loads())
         if moved is not None:
             self.m_switches.inc(target=moved, leaning=self.balancer.leanings[moved])
             log.info("role switch: %s", self.balancer.last_reason)
@@ -120,7 +178,7 @@ class AutoRouter(Router):
         return moved
 
     # -- the decision ----------------------------------------------------------------------------------
-    def choose(self, ids: Sequence[int]) -> tuple[str, dict[str, WorkerHandle], str, str]:
+    def choose(self, ids: Sequence[int]) -> tuple[str, dict[str, WorkerHandle], str, str, int]:
         decoders = self.healthy("decode") or self.healthy("auto")
         if not decoders:
             raise oai.ApiError(503, "no healthy engine is available; retry later", kind="server_error",
@@ -129,7 +187,8 @@ class AutoRouter(Router):
         loads = {e.name: e for e in self.loads()}
         prefill = [loads[w.name] for w in self.healthy("prefill") if w.name != d.name]
         matched = self.tracker.matched_tokens(d, ids)
-        decision = decide(len(ids) - matched, loads[d.name], prefill, self.cost(), self.tpot_slo_s())
+        uncached = len(ids) - matched
+        decision = decide(uncached, loads[d.name], prefill, self.cost(), self.auto.slo_ttft_ms / 1e3)
         if self.auto.slo_ttft_ms:
             predicted = decision.disagg_ttft_s if decision.disagg else decision.local_ttft_s
             if predicted * 1e3 > self.auto.reject_factor * self.auto.slo_ttft_ms:
@@ -138,27 +197,44 @@ class AutoRouter(Router):
                                         f"{self.auto.reject_factor:g} x the {self.auto.slo_ttft_ms:g} ms SLO; "
                                         "retry later",
                                    kind="rate_limit_error", headers={"Retry-After": "1"})
+        if decision.needs_prefill_engine and self.auto.rebalance:
+            self._balancer().record(self.cost().prefill_s(uncached))
         if decision.disagg:
             p = min((w for w in self.healthy("prefill") if w.name != d.name),
                     key=lambda w: loads[w.name].queued_prefill_tokens)
-            return "disagg", {"prefill": p, "decode": d}, decision.reason, decision.code
-        return "local", {"unified": d}, decision.reason, decision.code
+            return "disagg", {"prefill": p, "decode": d}, decision.reason, decision.code, uncached
+        return "local", {"unified": d}, decision.reason, decision.code, uncached
 
     def _generate(self, parsed: oai.ParsedRequest, rid: str) -> AsyncIterator[Event | Outcome]:
-        kind, choice, reason, code = self.choose(parsed.prompt_ids)
+        kind, choice, reason, code, uncached = self.choose(parsed.prompt_ids)
         _choice.set(choice)
         self.last_decision = f"{kind}: {reason}"
         self.m_decisions.inc(decision=kind, reason=code)
-        self.tracker.record(choice.get("unified") or choice["decode"], parsed.prompt_ids)
+        decoder = choice.get("unified") or choice["decode"]
+        self.tracker.record(decoder, parsed.prompt_ids)
         log.debug("%s -> %s (%s)", rid, kind, reason)
-        if kind == "local":
-            return self._unified(parsed, rid)
-        return self._disagg(parsed, rid)
+        gen = self._unified(parsed, rid) if kind == "local" else self._disagg(parsed, rid)
+        progress = _Progress((choice.get("prefill") or decoder).name, decoder.name, uncached,
+                             parsed.sampling.max_tokens, self.clock())
+        return self._tracked(rid, progress, gen)
+
+    async def _tracked(self, rid: str, p: _Progress, gen: AsyncIterator[Event | Outcome]
+                       ) -> AsyncIterator[Event | Outcome]:
+        """Pass the events through, keeping the request's progress for the slack and queue estimates."""
+        self.active[rid] = p
+        try:
+            async for ev in gen:
+                if isinstance(ev, Event) and ev.kind == "tokens" and ev.token_ids:
+                    if p.first_at is None:
+                        p.first_at = self.clock()
+                    p.emitted += len(ev.token_ids)
+                yield ev
+        finally:
+            self.active.pop(rid, None)
+            await gen.aclose()  # type: ignore[attr-defined]
 
     async def list_workers(self, request: web.Request) -> web.Response:
         resp = await super().list_workers(request)
-        import json
-
         body = json.loads(resp.text)
         for w in body["workers"]:
             handle = self.workers.get(w["name"])

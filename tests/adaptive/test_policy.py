@@ -2,40 +2,80 @@
 
 from __future__ import annotations
 
-from appliance.serve.adaptive import CostModel, EngineLoad, RoleBalancer, decide
+import math
 
-COST = CostModel(prefill_tok_s=200.0, decode_step_s=0.025, chunk_tokens=512)
+import pytest
+
+from appliance.serve.adaptive import CostModel, EngineLoad, RoleBalancer, decide, decode_slack_s
+
+COST = CostModel(prefill_tok_s=500.0, decode_step_s=0.025)  # 1500 tokens: 3 s; 150 tokens: 0.3 s
 TPOT = 0.0375  # 1.5 x the isolated step
+P = EngineLoad("e0", "prefill")
 
 
-def test_idle_decode_engine_prefills_locally() -> None:
-    d = decide(1500, EngineLoad("e1", "decode"), [EngineLoad("e0", "prefill")], COST, TPOT)
-    assert not d.disagg and "idle" in d.reason
+def test_slack_is_what_the_mean_tpot_can_still_absorb() -> None:
+    # not started: every gap may spend (slo - step)
+    assert decode_slack_s(201, 0, 0.0, 0.025, TPOT) == pytest.approx(200 * 0.0125)
+    # 101 tokens out in 2.5 s (on pace), 100 to go at 25 ms: 200 gaps x 37.5 ms - 2.5 s - 2.5 s
+    assert decode_slack_s(201, 101, 2.5, 0.025, TPOT) == pytest.approx(7.5 - 5.0)
+    # already behind: no slack left
+    assert decode_slack_s(201, 101, 6.0, 0.025, TPOT) < 0
 
 
-def test_short_prompt_stays_local_within_tpot_slack() -> None:
-    cost = CostModel(prefill_tok_s=4000.0, decode_step_s=0.025)
-    d = decide(20, EngineLoad("e1", "decode", running=8), [EngineLoad("e0", "prefill")], cost, TPOT)
-    assert not d.disagg and "within the TPOT slack" in d.reason
+def test_idle_decode_engine_hands_over_to_a_free_prefill_engine_and_prefills_locally_when_it_is_busy() -> None:
+    d = decide(1500, EngineLoad("e1", "decode"), [P], COST)
+    assert d.disagg and d.code == "free" and not d.needs_prefill_engine
+    busy = EngineLoad("e0", "prefill", queued_prefill_tokens=3000)
+    d = decide(1500, EngineLoad("e1", "decode"), [busy], COST)
+    assert not d.disagg and d.code == "idle"
 
 
-def test_long_prompt_beside_running_decodes_is_handed_over() -> None:
-    d = decide(1500, EngineLoad("e1", "decode", running=8), [EngineLoad("e0", "prefill")], COST, TPOT)
-    assert d.disagg and "stall 8 decodes" in d.reason
+def test_handoff_is_taken_when_it_meets_the_ttft_target() -> None:
+    d = decide(150, EngineLoad("e1", "decode", running=4, slack_s=2.0), [P], COST)
+    assert d.disagg and d.code == "free" and "unstalled" in d.reason
+    assert not d.needs_prefill_engine  # 0.3 s fits a 2 s slack
 
 
-def test_backed_up_prefill_queue_keeps_it_local() -> None:
-    busy = EngineLoad("e0", "prefill", queued_prefill_tokens=20_000)
-    d = decide(600, EngineLoad("e1", "decode", running=4), [busy], COST, TPOT)
-    assert not d.disagg and "backed up" in d.reason
+def test_short_prompt_prefills_locally_while_the_prefill_engine_is_busy_if_decodes_have_slack() -> None:
+    busy = EngineLoad("e0", "prefill", queued_prefill_tokens=1500)  # a RAG prompt ahead: 3 s
+    d = decide(150, EngineLoad("e1", "decode", running=4, slack_s=2.0), [busy], COST)
+    assert not d.disagg and d.code == "busy" and "within their slack" in d.reason
+    # one decode nearly out of slack: local would break its TPOT, so it waits for the handoff ...
+    ahead = EngineLoad("e0", "prefill", queued_prefill_tokens=600)  # 1.5 s vs a 1.1 s target
+    d = decide(150, EngineLoad("e1", "decode", running=4, slack_s=0.2), [ahead], COST)
+    assert d.disagg and d.code == "stall" and d.needs_prefill_engine
+    # ... unless the handoff would miss the target by more than 2x: then one TPOT, not this TTFT, suffers
+    d = decide(150, EngineLoad("e1", "decode", running=4, slack_s=0.2), [busy], COST)
+    assert not d.disagg and d.code == "backed_up" and d.needs_prefill_engine
+
+
+def test_long_prompt_beside_running_decodes_is_handed_over_even_behind_a_queue() -> None:
+    queued = EngineLoad("e0", "prefill", queued_prefill_tokens=3000)  # 6 s ahead, 9 s in all
+    d = decide(1500, EngineLoad("e1", "decode", running=3, slack_s=0.5), [queued], COST)
+    assert d.disagg and d.code == "stall" and d.needs_prefill_engine and "beyond their slack" in d.reason
+
+
+def test_hopelessly_backed_up_prefill_queue_keeps_it_local() -> None:
+    jam = EngineLoad("e0", "prefill", queued_prefill_tokens=20_000)  # 40 s ahead
+    d = decide(150, EngineLoad("e1", "decode", running=2, slack_s=0.1), [jam], COST)
+    assert not d.disagg and d.code == "backed_up"
 
 
 def test_full_decode_kv_forces_handoff_and_no_prefill_engine_forces_local() -> None:
-    d = decide(100, EngineLoad("e1", "decode", running=2, kv_free_frac=0.05), [EngineLoad("e0", "prefill")], COST,
-               TPOT)
-    assert d.disagg
-    d = decide(1500, EngineLoad("e1", "decode", running=8), [], COST, TPOT)
-    assert not d.disagg and "no prefill" in d.reason
+    d = decide(100, EngineLoad("e1", "decode", running=2, kv_free_frac=0.05, slack_s=5), [P], COST)
+    assert d.disagg and d.code == "kv"
+    d = decide(1500, EngineLoad("e1", "decode", running=8, slack_s=1.0), [], COST)
+    assert not d.disagg and "no prefill" in d.reason and d.needs_prefill_engine
+
+
+def test_ttft_slo_sets_the_target_when_given() -> None:
+    assert COST.ttft_target_s(1500) == pytest.approx(2 * 3.0 + 0.5)
+    assert COST.ttft_target_s(1500, 1.0) == 1.0
+    queued = EngineLoad("e0", "prefill", queued_prefill_tokens=500)  # 1 s ahead -> 1.3 s
+    d = decide(150, EngineLoad("e1", "decode", running=1, slack_s=10.0), [queued], COST, slo_ttft_s=5.0)
+    assert d.disagg and d.code == "free"
+    d = decide(150, EngineLoad("e1", "decode", running=1, slack_s=10.0), [queued], COST, slo_ttft_s=1.0)
+    assert not d.disagg and d.code == "busy"
 
 
 class Clock:
@@ -46,42 +86,71 @@ class Clock:
         return self.t
 
 
-def loads(prefill_tokens: int, running: int) -> list[EngineLoad]:
-    return [EngineLoad("e0", "prefill", queued_prefill_tokens=prefill_tokens, running=0),
-            EngineLoad("e1", "decode", queued_prefill_tokens=0, running=running)]
+def loads(running: int = 0) -> list[EngineLoad]:
+    return [EngineLoad("e0", "prefill", running=0), EngineLoad("e1", "decode", running=running)]
 
 
-def test_balancer_switches_after_persistent_pressure_and_not_before() -> None:
+def test_balancer_hands_an_idle_prefill_engine_to_decode_only_after_the_quiet_window() -> None:
     clock = Clock()
-    b = RoleBalancer(COST, TPOT, clock)
-    # chat-heavy: many decodes, nothing to prefill -> the prefill engine should lean decode
-    for _ in range(3):
-        assert b.tick(loads(0, 40)) is None  # pressure must persist 2 s first
+    b = RoleBalancer(COST, clock, idle_s=20.0)
+    for _ in range(39):  # chat only: nothing needed a prefill engine, but the window is not yet over
+        assert b.tick(loads(8)) is None
         clock.t += 0.5
+    clock.t += 0.5
+    assert b.tick(loads(8)) is None  # quiet for 20 s: the want starts, it must persist 1 s
     clock.t += 1.0
-    assert b.tick(loads(0, 40)) == "e0"
+    assert b.tick(loads(8)) == "e0"
     assert b.leanings == {"e0": "decode", "e1": "decode"}
-    # RAG-heavy right after: the dwell time stops an immediate flip back (hysteresis)
-    clock.t += 1.0
-    assert b.tick(loads(8000, 0)) is None
-    clock.t += 2.5
-    assert b.tick(loads(8000, 0)) is None  # persisted, but the last switch is younger than 5 s
-    clock.t += 2.0
-    assert b.tick(loads(8000, 0)) in ("e0", "e1")
-    assert sorted(b.leanings.values()) == ["decode", "prefill"]
-    assert b.switches == 2
+    assert "-> decode" in b.last_reason and b.switches == 1
 
 
-def test_balancer_ignores_a_brief_spike_and_keeps_one_decode_engine() -> None:
+def test_balancer_grows_the_prefill_side_within_seconds_of_demand_and_dwells() -> None:
     clock = Clock()
-    b = RoleBalancer(COST, TPOT, clock)
-    b.tick(loads(8000, 0))
+    b = RoleBalancer(COST, clock, idle_s=20.0, min_prefill=0)
+    b.leanings = {"e0": "decode", "e1": "decode"}
+    b.record(3.0)  # one RAG prompt that no decode engine could absorb: 3 s of prefill in 10 s
+    assert b.targets() == (1, 1)
+    assert b.tick(loads(2)) is None  # must persist
     clock.t += 1.0
-    b.tick(loads(0, 0))  # the spike is gone before persist_s: no switch, direction reset
-    clock.t += 5.0
-    assert b.tick(loads(0, 0)) is None
-    # with prefill pressure forever, the last decode-leaning engine never leaves
-    for _ in range(20):
+    moved = b.tick(loads(2))
+    assert moved == "e0" and b.leanings[moved] == "prefill"  # the engine with fewer decodes moves
+    # demand gone right away: the long window still remembers it, so no flip back
+    for _ in range(15):
         clock.t += 1.0
-        b.tick(loads(8000, 0))
-    assert list(b.leanings.values()).count("decode") >= 1
+        assert b.tick(loads(2)) is None
+    assert b.switches == 1
+
+
+def test_balancer_keeps_min_decode_and_scales_with_demand_on_many_engines() -> None:
+    clock = Clock()
+    b = RoleBalancer(COST, clock, idle_s=30.0)
+    engines = [EngineLoad(f"e{i}", "decode", running=i) for i in range(4)]
+    for _ in range(60):  # 30 s of prefill work every 10 s: 3 engines' worth, capped at 4 - min_decode
+        b.record(3.0)
+        clock.t += 1.0
+        b.tick(engines)
+    assert sum(v == "prefill" for v in b.leanings.values()) == 3
+    assert b.leanings["e3"] == "decode"  # the busiest decoder never moved
+    assert b.switches == 3
+
+
+def test_demand_that_is_gone_before_it_persisted_moves_nothing() -> None:
+    clock = Clock()
+    b = RoleBalancer(COST, clock, idle_s=20.0, up_window_s=10.0)
+    b.leanings = {"e0": "decode", "e1": "decode"}
+    b.record(3.0)
+    assert b.tick(loads()) is None  # the want starts now
+    clock.t += 10.5  # no tick saw it persist, and the short window has forgotten it
+    assert b.tick(loads()) is None
+    assert b.switches == 0
+
+
+def test_a_dead_engine_leaves_a_decode_engine() -> None:
+    clock = Clock()
+    b = RoleBalancer(COST, clock)
+    b.tick([EngineLoad("e0", "prefill"), EngineLoad("e1", "decode")])
+    dead = [EngineLoad("e0", "prefill"), EngineLoad("e1", "decode", healthy=False)]
+    b.tick(dead)
+    clock.t += 1.5
+    assert b.tick(dead) == "e0" and b.leanings["e0"] == "decode"
+    assert math.isinf(EngineLoad("x", "decode").slack_s)
