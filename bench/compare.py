@@ -37,6 +37,7 @@ from bench.metrics import (
     slo_grid_goodput,
 )
 from bench.run import OnDone, measure_isolated, write_json
+from bench.server_state import delta, placement
 from bench.sweep import SweepPoint, isolated_seed, point_seed, run_sweep, sweep_summary
 from bench.workloads import PromptBuilder, RequestSource, warmup_requests
 
@@ -256,6 +257,7 @@ async def run_compare(
                 write_json(out / "isolated.json", {"mode": mode, **isolated})
                 warm = []
             slo = default_slo(config, baseline)
+            placement_after = _PlacementDelta(url, config.api_key)
             points = await run_sweep(
                 client,
                 config.source,
@@ -269,12 +271,26 @@ async def run_compare(
                 {"mode": mode},
                 lambda rate, n, m=mode: phase(f"{m}: {rate:g} req/s", n),
                 on_done,
+                placement_after,
             )
             write_json(out / mode / "sweep.json", {"mode": mode, **sweep_summary(points, slo, config.target)}, 2)
             runs[mode] = ModeRun(mode, url, client.model, tuple(points))
     if baseline is None:
         raise RuntimeError("no mode ran, so there is no isolated baseline")
     return summarize(config, baseline, runs), runs
+
+
+class _PlacementDelta:
+    """After each rate point: the server's placement counters for that point alone (None if it keeps none)."""
+
+    def __init__(self, url: str, api_key: str | None) -> None:
+        self.url, self.api_key = url, api_key
+        self.last: dict[str, Any] | None = None
+
+    async def __call__(self) -> dict[str, Any] | None:
+        now = await placement(self.url, self.api_key)
+        point, self.last = delta(now, self.last), now
+        return point
 
 
 class _ModeServer:
@@ -322,6 +338,7 @@ def summarize(config: CompareConfig, baseline: IsolatedBaseline, runs: Mapping[s
             "rate": ref_rate,
             **{k: at_ref.result.get(k) for k in REFERENCE_FIELDS},
             "sweep": sweep["points"],
+            "placement": [{"rate": p.rate, **p.result["server"]} for p in run.points if p.result.get("server")],
         }
     slo_map = {
         "k_ttft": list(config.k_ttft_grid),

@@ -113,7 +113,53 @@ def verdict(summary: Mapping[str, Any]) -> str:
             f"Across the {len(cells)} SLOs of the map, {name} has more goodput in {wins}, "
             f"less in {losses}, the same in {len(cells) - wins - losses}."
         )
+    adaptive = adaptive_check(summary)
+    if adaptive:
+        sentences.append(adaptive)
     return " ".join(sentences)
+
+
+def peak_request_goodput(mode: Mapping[str, Any]) -> float:
+    """The most SLO-meeting requests per second any rate point delivered."""
+    return max((r["request_goodput"] or 0.0 for r in mode["sweep"]), default=0.0)
+
+
+def adaptive_check(summary: Mapping[str, Any], floor: float = 0.95) -> str:
+    """auto against the better of unified and disagg (issue target: >= 0.95x), on both goodput measures."""
+    modes = summary["modes"]
+    if "auto" not in modes or not {"unified", "disagg"} <= modes.keys():
+        return ""
+    parts = []
+    for label, measure in (("goodput", lambda m: m["goodput"] or 0.0), ("peak request goodput", peak_request_goodput)):
+        fixed = {n: measure(modes[n]) for n in ("unified", "disagg")}
+        best_name = max(fixed, key=lambda n: fixed[n])
+        best, auto = fixed[best_name], measure(modes["auto"])
+        ratio = f"{auto / best:.2f}x" if best else "n/a"
+        if best and auto >= best * floor:
+            outcome = "better than both" if auto > max(fixed.values()) else f"within {floor:g}x"
+        else:
+            outcome = f"below {floor:g}x" if best else "n/a"
+        parts.append(f"{label} {auto:.3g} vs {best:.3g} for {best_name} ({ratio}: {outcome})")
+    return "Adaptive target: auto " + "; ".join(parts) + "."
+
+
+def placement_lines(summary: Mapping[str, Any]) -> list[str]:
+    """The adaptive router's own account of each rate point: decisions by reason, switches, final leanings."""
+    rows = [(name, p) for name, m in summary["modes"].items() for p in m.get("placement", [])]
+    if not rows:
+        return []
+    lines = ["", "## Adaptive placement (the router's counters, per rate point)", "",
+             "| mode | rate | local | disagg | by reason | role switches | leanings after |",
+             "|---|---|---|---|---|---|---|"]
+    for name, p in rows:
+        d = p["decisions"]
+        local = sum(v for k, v in d.items() if k.startswith("local:"))
+        disagg = sum(v for k, v in d.items() if k.startswith("disagg:"))
+        reasons = ", ".join(f"{k} {v:.0f}" for k, v in sorted(d.items()))
+        leanings = ", ".join(f"{w} {lean}" for w, lean in sorted(p["leanings"].items()))
+        lines.append(f"| {name} | {p['rate']:g} | {local:.0f} | {disagg:.0f} | {reasons} | {p['role_switches']} | "
+                     f"{leanings} |")
+    return lines
 
 
 def reference_results(out_dir: Path, summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -253,6 +299,7 @@ def render_markdown(summary: Mapping[str, Any], plots: Sequence[Path]) -> str:
     for i, k_ttft in enumerate(smap["k_ttft"]):
         cells = [" / ".join(f"{smap['goodput'][n][i][j]:g}" for n in names) for j in range(len(smap["k_tpot"]))]
         lines.append(f"| {k_ttft:g} | " + " | ".join(cells) + " |")
+    lines += placement_lines(summary)
     iso = slo["isolated"]
     lines += [
         "",

@@ -7,7 +7,7 @@ never hits the prefix cache that an earlier point filled; two sweeps with the sa
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,8 +88,12 @@ async def run_sweep(
     meta: Mapping[str, Any] | None = None,
     on_point: Callable[[float, int], None] | None = None,
     on_done: OnDone | None = None,
+    after_point: Callable[[], Awaitable[dict[str, Any] | None]] | None = None,
 ) -> list[SweepPoint]:
-    """Run every rate in order; write `out_dir/rate_<R>.json` per point when `out_dir` is given."""
+    """Run every rate in order; write `out_dir/rate_<R>.json` per point when `out_dir` is given.
+
+    ``after_point`` (when given) is awaited after each point; what it returns is kept as the
+    point's ``server`` field (e.g. the adaptive router's placement counters)."""
     points = []
     for index, rate in enumerate(rates):
         pseed = point_seed(seed, index)
@@ -100,6 +104,10 @@ async def run_sweep(
         run = await run_requests(config, requests, schedule, warmup if index == 0 else (), on_done)
         extra = {"shared_prefix_len": builder.prefix_len, "sweep_seed": seed, **(meta or {})}
         result = build_result(run, slo, run_meta(config, schedule, source.label, pseed, extra))
+        if after_point is not None:
+            server = await after_point()
+            if server is not None:
+                result["server"] = server
         if out_dir is not None:
             write_json(out_dir / f"rate_{rate:g}.json", result)
         points.append(SweepPoint(rate=rate, seed=pseed, outcomes=run.outcomes, result=result))

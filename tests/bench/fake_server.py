@@ -21,12 +21,27 @@ BODIES = web.AppKey("bodies", list)
 
 
 def make_app(
-    prefill_s: float = 0.004, token_s: float = 0.001, usage: bool = True, fail_marker: str = "FAIL-ME"
+    prefill_s: float = 0.004, token_s: float = 0.001, usage: bool = True, fail_marker: str = "FAIL-ME",
+    adaptive: bool = False,
 ) -> web.Application:
     """The server. Every request body is appended to `app[BODIES]`; prompts containing
-    `fail_marker` get HTTP 500; `usage=False` leaves out the final usage chunk."""
+    `fail_marker` get HTTP 500; `usage=False` leaves out the final usage chunk. `adaptive` also
+    serves `/workers` and `/metrics` as `pdbox up --mode auto` does: prompts of over 50 words count
+    as handed over, the rest as local, and every 4th request switches a role."""
     app = web.Application()
     app[BODIES] = []
+    placed: dict[str, int] = {}
+
+    async def workers(request: web.Request) -> web.Response:
+        n = len(request.app[BODIES])
+        return web.json_response({"mode": "auto", "role_switches": n // 4, "last_decision": "local: idle",
+                                  "workers": [{"name": "e0", "leaning": "prefill" if n // 4 % 2 == 0 else "decode"},
+                                              {"name": "e1", "leaning": "decode"}]})
+
+    async def metrics(request: web.Request) -> web.Response:
+        lines = [f'pdbox_auto_decisions_total{{decision="{k.split(":")[0]}",reason="{k.split(":")[1]}",'
+                 f'role="router",worker="router"}} {v}' for k, v in placed.items()]
+        return web.Response(text="\n".join(lines) + "\n")
 
     async def models(request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": MODEL_ID, "object": "model"}]})
@@ -39,6 +54,8 @@ def make_app(
         if fail_marker in prompt:
             return web.json_response({"error": {"message": "asked to fail"}}, status=500)
         n = int(body.get("max_completion_tokens") or body.get("max_tokens") or 16)
+        key = "disagg:stall" if len(prompt.split()) > 50 else "local:idle"
+        placed[key] = placed.get(key, 0) + 1
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
 
@@ -67,11 +84,14 @@ def make_app(
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_post("/v1/completions", completions)
+    if adaptive:
+        app.router.add_get("/workers", workers)
+        app.router.add_get("/metrics", metrics)
     return app
 
 
 async def _serve(host: str, port: int, mode: str) -> None:
-    runner = web.AppRunner(make_app(token_s=0.001 if mode == "disagg" else 0.002))
+    runner = web.AppRunner(make_app(token_s=0.001 if mode == "disagg" else 0.002, adaptive=mode == "auto"))
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

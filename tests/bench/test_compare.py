@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 from bench.cli import BenchContext, bench
 from bench.compare import LaunchConfig, LaunchedServer
-from bench.report import verdict
+from bench.report import adaptive_check, verdict
+from bench.server_state import delta, parse_decisions
 from bench.workloads import TextCodec
 from tests.bench.conftest import HERE, ThreadServer
 from tests.bench.fake_server import make_app
@@ -177,3 +178,52 @@ def test_verdict_wording() -> None:
     )
     saturated = {**_summary({"unified": 4.0, "disagg": 4.0}, {"unified": grid(4), "disagg": grid(4)}), "rates": [1, 4]}
     assert "Both held the SLO at the highest rate tried; add higher --rates" in verdict(saturated)
+
+
+def test_compare_with_auto_records_placement_per_rate_and_checks_the_target(codec: TextCodec, tmp_path: Path) -> None:
+    out = tmp_path / "cmp"
+    launch = f"{PY} {shlex.quote(str(HERE / 'fake_server.py'))} --mode {{mode}} --host {{host}} --port {{port}}"
+    args = ["compare", "--launch", launch, "--modes", "unified,disagg,auto", "--rates", "100,200",
+            "--num-requests", "6", "--warmup", "1", "--isolated-per-bucket", "1", "--out", str(out)]
+    result = CliRunner().invoke(bench, args, obj=BenchContext(load_codec=lambda path: codec))
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["modes"]["unified"]["placement"] == [] and summary["modes"]["disagg"]["placement"] == []
+    placement = summary["modes"]["auto"]["placement"]
+    assert [p["rate"] for p in placement] == [100.0, 200.0]
+    for p in placement:  # each point counts only its own 6 requests (the warm-up falls in the first)
+        assert sum(p["decisions"].values()) == (7 if p["rate"] == 100.0 else 6)
+        assert set(p["decisions"]) <= {"local:idle", "disagg:stall"}
+    # the fake switches a role every 4th request: 7 requests by the first point's end, 13 by the second's
+    assert [p["role_switches"] for p in placement] == [1, 2]
+    report = (out / "report.md").read_text()
+    assert "## Adaptive placement" in report and "| auto | 100 |" in report
+    assert "Adaptive target: auto goodput" in summary["verdict"] and "peak request goodput" in summary["verdict"]
+
+
+def test_adaptive_target_wording() -> None:
+    def mode(goodput: float, peak: float) -> dict:
+        return {"goodput": goodput, "sweep": [{"request_goodput": peak / 2}, {"request_goodput": peak}]}
+
+    summary = {"modes": {"unified": mode(0.3, 0.25), "disagg": mode(0.45, 0.4), "auto": mode(0.45, 0.39)}}
+    text = adaptive_check(summary)
+    assert "goodput 0.45 vs 0.45 for disagg (1.00x: within 0.95x)" in text
+    assert "peak request goodput 0.39 vs 0.4 for disagg (0.97x: within 0.95x)" in text
+    summary["modes"]["auto"] = mode(0.6, 0.5)
+    assert "better than both" in adaptive_check(summary)
+    summary["modes"]["auto"] = mode(0.3, 0.2)
+    assert "(0.67x: below 0.95x)" in adaptive_check(summary)
+    assert adaptive_check({"modes": {"unified": mode(1, 1), "disagg": mode(1, 1)}}) == ""
+
+
+def test_parse_decisions_and_per_point_delta() -> None:
+    text = ('pdbox_auto_decisions_total{decision="local",reason="idle",role="router",worker="router"} 3\n'
+            'pdbox_auto_decisions_total{decision="disagg",reason="free",role="router",worker="router"} 5\n'
+            'pdbox_auto_decisions_total{decision="local",reason="idle",role="decode",worker="e1"} 99\n')
+    assert parse_decisions(text) == {"local:idle": 3.0, "disagg:free": 5.0}
+    first = {"decisions": {"local:idle": 3.0}, "role_switches": 1, "leanings": {}}
+    second = {"decisions": {"local:idle": 4.0, "disagg:free": 5.0}, "role_switches": 1, "leanings": {}}
+    assert delta(first, None)["decisions"] == {"local:idle": 3.0}
+    d = delta(second, first)
+    assert d["decisions"] == {"local:idle": 1.0, "disagg:free": 5.0} and d["role_switches"] == 0
+    assert delta(None, first) is None

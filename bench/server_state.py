@@ -1,0 +1,63 @@
+"""What a pdbox server says about its own placement, scraped after each rate point.
+
+For ``--mode auto`` that is how requests were placed (``pdbox_auto_decisions_total`` by decision and
+reason), how many engines changed leaning, and where each leans now. Other servers (a peer such as
+vLLM, or the fixed modes) answer ``None``: the comparison never depends on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import aiohttp
+
+_DECISION = re.compile(r'^pdbox_auto_decisions_total\{([^}]*)\} (\S+)$', re.MULTILINE)
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def parse_decisions(metrics_text: str) -> dict[str, float]:
+    """``{"<decision>:<reason>": count}`` from a Prometheus text page (router series only)."""
+    out: dict[str, float] = {}
+    for labels, value in _DECISION.findall(metrics_text):
+        lab = dict(_LABEL.findall(labels))
+        if lab.get("role", "router") != "router":
+            continue
+        key = f"{lab.get('decision', '?')}:{lab.get('reason', '?')}"
+        out[key] = out.get(key, 0.0) + float(value)
+    return out
+
+
+async def placement(base_url: str, api_key: str | None = None, timeout_s: float = 10.0) -> dict[str, Any] | None:
+    """The server's placement counters now, or None when it keeps none (or cannot say in time)."""
+    root = base_url.rstrip("/").removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s), headers=headers) as s:
+            async with s.get(root + "/workers") as resp:
+                if resp.status != 200:
+                    return None
+                workers = await resp.json(content_type=None)
+            if "role_switches" not in workers:
+                return None
+            async with s.get(root + "/metrics") as resp:
+                text = await resp.text() if resp.status == 200 else ""
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+        return None
+    return {
+        "decisions": parse_decisions(text),
+        "role_switches": int(workers["role_switches"]),
+        "leanings": {w["name"]: w.get("leaning", "") for w in workers.get("workers", [])},
+        "last_decision": workers.get("last_decision", ""),
+    }
+
+
+def delta(after: dict[str, Any] | None, before: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The counters of one rate point: ``after`` minus what the point before had left."""
+    if after is None:
+        return None
+    prev = before or {"decisions": {}, "role_switches": 0}
+    decisions = {k: v - prev["decisions"].get(k, 0.0) for k, v in after["decisions"].items()}
+    return {**after, "decisions": {k: v for k, v in decisions.items() if v},
+            "role_switches": after["role_switches"] - prev["role_switches"]}
