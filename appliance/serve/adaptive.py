@@ -63,6 +63,7 @@ class EngineLoad:
     kv_free_frac: float = 1.0
     healthy: bool = True
     slack_s: float = math.inf  # the least stall any request decoding here can still absorb
+    step_s: float = 0.0  # the engine's current decode step time (grows with its batch)
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class Decision:
     reason: str
     local_ttft_s: float = 0.0
     disagg_ttft_s: float = 0.0
-    code: str = ""  # short label for metrics: idle, free, busy, slack, backed_up, kv, stall, no_prefill
+    code: str = ""  # short label for metrics: idle, free, busy, kv, stall, no_prefill (+ moved, by the router)
     needs_prefill_engine: bool = False  # local prefill would break the running decodes' TPOT
 
 
@@ -109,9 +110,6 @@ def decide(uncached_tokens: int, decode: EngineLoad, prefill: Sequence[EngineLoa
     if fits:
         return out(False, f"prefill queue busy ({disagg_ttft:.1f} s); local prefill stalls {decode.running} "
                           f"decodes {local_ttft:.2f} s, within their slack", "busy")
-    if local_ttft <= target and disagg_ttft > 2 * target:
-        return out(False, f"prefill queue backed up ({disagg_ttft:.1f} s vs a {target:.1f} s target): "
-                          "prefill locally", "backed_up")
     return out(True, f"{uncached_tokens} uncached tokens would stall {decode.running} decodes "
                      f"{local_ttft:.2f} s, beyond their slack", "stall")
 
@@ -123,7 +121,9 @@ class RoleBalancer:
     :meth:`record` is told the prefill seconds of each request that could not be prefilled
     locally. Demand over a window is those seconds per second: engines' worth of prefill. The
     prefill side grows when the short window's demand needs more engines (each loaded to at most
-    ``util_target``) and shrinks only when the long window's does not need the ones it has. A
+    ``util_target``) and shrinks only when the long window's does not need the ones it has and the
+    decode engines are busy (their mean step, where they decode, is at least ``decode_busy_s``;
+    0: always) - an idle prefill engine costs nothing, a missing one costs a stalled batch. A
     change must persist ``persist_s``, and the last switch must be ``dwell_s`` old, so roles do
     not flap; one engine moves at a time, keeping ``min_prefill``/``min_decode``.
     """
@@ -137,6 +137,7 @@ class RoleBalancer:
     dwell_s: float = 5.0
     min_prefill: int = 0  # 0: with no prefill-leaning engine every request prefills where it decodes
     min_decode: int = 1
+    decode_busy_s: float = 0.0
     leanings: dict[str, str] = field(default_factory=dict)
     _work: deque[tuple[float, float]] = field(default_factory=deque)
     _start: float | None = None
@@ -163,6 +164,11 @@ class RoleBalancer:
         down = math.ceil(self.demand(self.idle_s) / self.util_target - 1e-9)
         return up, down
 
+    def decode_busy(self, live: Sequence[EngineLoad]) -> bool:
+        """Would the decode side gain from one more engine? Its mean step where it decodes is slow."""
+        steps = [e.step_s for e in live if self.leanings[e.name] == "decode" and e.running > 0]
+        return bool(steps) and sum(steps) / len(steps) >= self.decode_busy_s
+
     def tick(self, loads: Sequence[EngineLoad]) -> str | None:
         """Observe the engines; returns the name of an engine that switched leaning, or None."""
         now = self.clock()
@@ -177,7 +183,7 @@ class RoleBalancer:
         want = ""
         if min(up, cap) > n_pre:
             want = "prefill"
-        elif max(down, self.min_prefill) < n_pre and now - self._start >= self.idle_s:
+        elif max(down, self.min_prefill) < n_pre and now - self._start >= self.idle_s and self.decode_busy(live):
             want = "decode"
         elif n_pre > cap and n_pre > self.min_prefill:  # an engine died: keep min_decode
             want = "decode"

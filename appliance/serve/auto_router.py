@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aiohttp import web
 
@@ -27,6 +27,9 @@ from appliance.serve.router import Outcome, Router, RouterConfig
 
 log = logging.getLogger("pdbox.auto")
 _choice: contextvars.ContextVar[dict[str, WorkerHandle]] = contextvars.ContextVar("pdbox_auto_choice")
+
+
+DECODE_BUSY_FRAC = 0.8  # a prefill engine turns to decode only while decode steps take >= this x the TPOT SLO
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ class AutoRouter(Router):
             free = (w.load.get("free_pages", total) + w.load.get("evictable_pages", 0)) / total
             running = sum(1 for p in self.active.values() if p.decode_on == w.name)
             out.append(EngineLoad(w.name, self.leaning(w), self.queued_prefill_tokens(w), running, free, w.healthy,
-                                  self.slack_s(w)))
+                                  self.slack_s(w), float(w.load.get("decode_step_s") or 0.0)))
         return out
 
     def healthy(self, role: str) -> list[WorkerHandle]:
@@ -166,6 +169,7 @@ class AutoRouter(Router):
             return None
         balancer = self._balancer()
         balancer.cost = self.cost()
+        balancer.decode_busy_s = DECODE_BUSY_FRAC * self.tpot_slo_s()
         moved = balancer.tick(self.loads())
         if moved is not None:
             self.m_switches.inc(target=moved, leaning=self.balancer.leanings[moved])
@@ -185,10 +189,20 @@ class AutoRouter(Router):
                                headers={"Retry-After": "2"})
         d = self.policies["decode"].pick(decoders, ids)
         loads = {e.name: e for e in self.loads()}
-        prefill = [loads[w.name] for w in self.healthy("prefill") if w.name != d.name]
-        matched = self.tracker.matched_tokens(d, ids)
-        uncached = len(ids) - matched
-        decision = decide(uncached, loads[d.name], prefill, self.cost(), self.auto.slo_ttft_ms / 1e3)
+        prefill = [loads[w.name] for w in self.healthy("prefill")]
+        cost, slo_ttft_s = self.cost(), self.auto.slo_ttft_ms / 1e3
+        uncached = len(ids) - self.tracker.matched_tokens(d, ids)
+        decision = decide(uncached, loads[d.name], prefill, cost, slo_ttft_s)
+        if not decision.disagg and decision.needs_prefill_engine:
+            # no prefill engine to hand over to, and this one's decodes cannot absorb the prefill:
+            # another decode engine (most slack first) may, prefilling it where it decodes
+            for alt in sorted((w for w in decoders if w is not d), key=lambda w: -loads[w.name].slack_s):
+                n = len(ids) - self.tracker.matched_tokens(alt, ids)
+                other = decide(n, loads[alt.name], prefill, cost, slo_ttft_s)
+                if not other.needs_prefill_engine:
+                    d, uncached = alt, n
+                    decision = replace(other, reason=f"moved to {alt.name}: {other.reason}", code="moved")
+                    break
         if self.auto.slo_ttft_ms:
             predicted = decision.disagg_ttft_s if decision.disagg else decision.local_ttft_s
             if predicted * 1e3 > self.auto.reject_factor * self.auto.slo_ttft_ms:

@@ -1,0 +1,64 @@
+"""AutoRouter.choose on fake worker handles and a fake clock: where a request goes, and why."""
+
+from __future__ import annotations
+
+from appliance.serve.auto_router import AutoConfig, AutoRouter, _Progress
+from appliance.serve.policies import WorkerHandle
+from appliance.serve.router import RouterConfig
+
+LOAD = {"prefill_tok_s": 500.0, "decode_step_s": 0.025, "total_pages": 1000, "free_pages": 1000}
+
+
+class Clock:
+    t = 100.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def router(prefill: tuple[str, ...] = ("e0",)) -> tuple[AutoRouter, Clock]:
+    clock = Clock()
+    r = AutoRouter(RouterConfig(mode="auto", decode_policy="round_robin"), AutoConfig(initial_prefill=prefill),
+                   tokenizer=None, vocab_size=49152, clock=clock)
+    for name in ("e0", "e1"):
+        r.add_worker(WorkerHandle(name=name, role="auto", url=f"http://{name}", healthy=True, load=dict(LOAD)))
+    r.rebalance()  # the balancer takes the starting split
+    return r, clock
+
+
+def decoding(r: AutoRouter, rid: str, on: str, max_tokens: int, emitted: int, since_first_s: float) -> None:
+    """A request the router has in flight on ``on``, ``emitted`` tokens out, the first ``since_first_s`` ago."""
+    now = r.clock()
+    r.active[rid] = _Progress(on, on, 100, max_tokens, now - since_first_s - 0.3, now - since_first_s, emitted)
+
+
+def test_long_prompt_goes_to_the_prefill_engine_while_a_decode_runs_beside_it() -> None:
+    r, _ = router()
+    decoding(r, "a", "e1", 48, 10, 0.25)  # a short answer: ~0.5 s of slack
+    kind, choice, reason, code, uncached = r.choose(list(range(1500)))
+    assert kind == "disagg" and choice["prefill"].name == "e0" and choice["decode"].name == "e1"
+    assert code == "free" and uncached == 1500
+    assert r.balancer is not None and r.balancer.demand(10.0) > 0  # it needed a prefill engine
+
+
+def test_with_no_prefill_engine_a_long_prompt_moves_to_the_decode_engine_that_can_absorb_it() -> None:
+    r, _ = router(prefill=())
+    decoding(r, "a", "e0", 48, 10, 0.25)  # e0: a short answer with little slack
+    r.policies["decode"].i = -1  # round robin would pick e0 first
+    kind, choice, reason, code, _ = r.choose(list(range(1500)))
+    assert kind == "local" and choice["unified"].name == "e1" and code == "moved"
+    assert reason.startswith("moved to e1") and r.balancer.demand(10.0) == 0
+    # both busy with little slack: it must prefill beside someone, and the demand is recorded
+    decoding(r, "b", "e1", 48, 10, 0.25)
+    kind, choice, reason, code, _ = r.choose(list(range(1500)))
+    assert kind == "local" and code == "no_prefill" and r.balancer.demand(10.0) > 0
+
+
+def test_queued_tokens_count_what_was_sent_since_the_last_load_report() -> None:
+    r, clock = router()
+    r.loaded_at["e0"] = clock.t - 1.0
+    r.active["x"] = _Progress("e0", "e1", 1200, 32, clock.t)  # sent after the report, no first token yet
+    r.workers["e0"].load["queued_prefill_tokens"] = 300
+    assert r.queued_prefill_tokens(r.workers["e0"]) == 1200
+    r.active["x"].first_at = clock.t
+    assert r.queued_prefill_tokens(r.workers["e0"]) == 300
