@@ -11,6 +11,8 @@ from appliance.engine.kv_cache import PagePool
 from appliance.engine.prefix_cache import RadixCache
 from appliance.engine.request import Request, RequestStatus
 
+SLACK_K = 4.0  # slack order: a prompt's TTFT goal is SLACK_K x its isolated prefill time + 0.5 s
+
 
 @dataclass
 class ScheduledBatch:
@@ -41,7 +43,7 @@ class Scheduler:
     """
 
     def __init__(self, pool: PagePool, cache: RadixCache, max_running: int, max_prefill_tokens: int,
-                 prefill_order: str = "fifo", slack_k: float = 4.0, clock: Callable[[], float] = time.monotonic,
+                 prefill_order: str = "fifo", slack_k: float = SLACK_K, clock: Callable[[], float] = time.monotonic,
                  ) -> None:
         if prefill_order not in ("fifo", "slack"):
             raise ValueError(f"prefill_order must be fifo or slack, got {prefill_order!r}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 from aiohttp import web
 
+from appliance.engine.scheduler import SLACK_K
 from appliance.serve import openai_api as oai
 from appliance.serve.adaptive import CostModel, EngineLoad, RoleBalancer, decide, decode_slack_s
 from appliance.serve.policies import CacheAware, WorkerHandle
@@ -126,13 +127,25 @@ class AutoRouter(Router):
                    if p.prefill_on == w.name and p.first_at is None and p.sent_at >= since)
         return max(int(w.load.get("queued_prefill_tokens", 0)), sent)
 
-    def loads(self) -> list[EngineLoad]:
+    def queued_ahead(self, w: WorkerHandle, tokens: int) -> int:
+        """Prompt tokens ``w`` will prefill before a new prompt of ``tokens``. Auto engines prefill in
+        slack order (the scheduler's): a queued prompt goes first when its TTFT slack is the smaller,
+        so a short prompt passes long ones that have not waited long. Queued prompts count whole."""
+        now, rate = self.clock(), max(self.cost().prefill_tok_s, 1.0)
+        mine = (SLACK_K - 1) * tokens / rate + 0.5
+        return sum(p.tokens for p in self.active.values()
+                   if p.prefill_on == w.name and p.first_at is None
+                   and p.sent_at + (SLACK_K - 1) * p.tokens / rate + 0.5 - now <= mine)
+
+    def loads(self, tokens: int | None = None) -> list[EngineLoad]:
+        """Every engine's load; with ``tokens``, its prefill queue is what would run before such a prompt."""
         out = []
         for w in self.workers.values():
             total = w.load.get("total_pages") or 1
             free = (w.load.get("free_pages", total) + w.load.get("evictable_pages", 0)) / total
             running = sum(1 for p in self.active.values() if p.decode_on == w.name)
-            out.append(EngineLoad(w.name, self.leaning(w), self.queued_prefill_tokens(w), running, free, w.healthy,
+            queued = self.queued_prefill_tokens(w) if tokens is None else self.queued_ahead(w, tokens)
+            out.append(EngineLoad(w.name, self.leaning(w), queued, running, free, w.healthy,
                                   self.slack_s(w), float(w.load.get("decode_step_s") or 0.0)))
         return out
 
@@ -188,17 +201,17 @@ class AutoRouter(Router):
             raise oai.ApiError(503, "no healthy engine is available; retry later", kind="server_error",
                                headers={"Retry-After": "2"})
         d = self.policies["decode"].pick(decoders, ids)
-        loads = {e.name: e for e in self.loads()}
-        prefill = [loads[w.name] for w in self.healthy("prefill")]
         cost, slo_ttft_s = self.cost(), self.auto.slo_ttft_ms / 1e3
         uncached = len(ids) - self.tracker.matched_tokens(d, ids)
+        loads = {e.name: e for e in self.loads(uncached)}
+        prefill = [loads[w.name] for w in self.healthy("prefill")]
         decision = decide(uncached, loads[d.name], prefill, cost, slo_ttft_s)
         if not decision.disagg and decision.needs_prefill_engine:
             # no prefill engine to hand over to, and this one's decodes cannot absorb the prefill:
             # another decode engine (most slack first) may, prefilling it where it decodes
             for alt in sorted((w for w in decoders if w is not d), key=lambda w: -loads[w.name].slack_s):
                 n = len(ids) - self.tracker.matched_tokens(alt, ids)
-                other = decide(n, loads[alt.name], prefill, cost, slo_ttft_s)
+                other = decide(n, {e.name: e for e in self.loads(n)}[alt.name], prefill, cost, slo_ttft_s)
                 if not other.needs_prefill_engine:
                     d, uncached = alt, n
                     decision = replace(other, reason=f"moved to {alt.name}: {other.reason}", code="moved")

@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-prefill-tokens", type=int, default=0, help="chunked-prefill budget (0: by device)")
     p.add_argument("--max-running", type=int, default=64)
     p.add_argument("--prefill-order", default="auto", choices=["auto", "fifo", "slack"],
-                   help="prefill queue order (auto: slack on prefill workers, fifo elsewhere)")
+                   help="prefill queue order (auto: slack on prefill and auto workers, fifo elsewhere)")
     p.add_argument("--attention-backend", default="auto")
     p.add_argument("--transport", default="shm")
     p.add_argument("--run-id", default="pdbox")
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
                           kv_cache_mb=args.kv_cache_mb, max_prefill_tokens=args.max_prefill_tokens,
                           max_running=args.max_running, attention_backend=args.attention_backend,
                           tp_size=args.tp, threads=max(1, threads) if cpus else 0,
-                          prefill_order=("slack" if args.role == "prefill" else "fifo")
+                          prefill_order=("slack" if args.role in ("prefill", "auto") else "fifo")
                           if args.prefill_order == "auto" else args.prefill_order)
     cfg = WorkerConfig(role=args.role, name=args.name or f"{args.role}-{os.getpid()}", model=args.model,
                        host=args.host, port=args.port, engine=engine, transport=args.transport, run_id=args.run_id,

@@ -62,3 +62,16 @@ def test_queued_tokens_count_what_was_sent_since_the_last_load_report() -> None:
     assert r.queued_prefill_tokens(r.workers["e0"]) == 1200
     r.active["x"].first_at = clock.t
     assert r.queued_prefill_tokens(r.workers["e0"]) == 300
+
+
+def test_a_short_prompt_waits_only_for_queued_prompts_with_less_ttft_slack() -> None:
+    r, clock = router()
+    r.active["rag"] = _Progress("e0", "e1", 1500, 32, clock.t - 1.0)  # a RAG prompt queued 1 s ago
+    e0 = r.workers["e0"]
+    assert r.queued_ahead(e0, 150) == 0  # slack order: the short prompt goes first
+    assert r.queued_ahead(e0, 2000) == 1500  # a longer one waits behind it
+    clock.t += 9.0  # the RAG prompt has aged 10 s: now it goes before anyone
+    assert r.queued_ahead(e0, 150) == 1500
+    decoding(r, "a", "e1", 48, 10, 0.25)
+    kind, choice, _, code, _ = r.choose(list(range(150)))
+    assert kind == "local" and code == "busy"  # 3 s behind the aged prompt: prefill it where it decodes
