@@ -58,8 +58,14 @@ class UpConfig:
             raise ValueError(f"--mode must be disagg, unified or auto, got {self.mode!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
-        if self.rebalance_idle_s <= 0:
-            raise ValueError(f"--rebalance-idle-s must be > 0, got {self.rebalance_idle_s}")
+        self.auto_config(())  # the adaptive settings are checked up front, before any worker starts
+
+    def auto_config(self, initial_prefill: tuple[str, ...]):
+        """The adaptive router's settings (``--mode auto``); raises ValueError naming a bad option."""
+        from appliance.serve.auto_router import AutoConfig
+
+        return AutoConfig(initial_prefill=initial_prefill, slo_tpot_ms=self.slo_tpot_ms,
+                          slo_ttft_ms=self.slo_ttft_ms, rebalance_idle_s=self.rebalance_idle_s)
 
 
 @dataclass
@@ -222,12 +228,10 @@ class Launcher:
                             decode_policy=self.cfg.decode_policy, lease_s=self.cfg.lease_s,
                             page_size=self.cfg.page_size, max_inflight=self.cfg.max_inflight)
         if self.cfg.mode == "auto":
-            from appliance.serve.auto_router import AutoConfig, AutoRouter
+            from appliance.serve.auto_router import AutoRouter
 
             first = tuple(s.name for s in self.specs if s.extra.get("leaning") == "prefill")
-            router = AutoRouter(rcfg, AutoConfig(initial_prefill=first, slo_tpot_ms=self.cfg.slo_tpot_ms,
-                                                 slo_ttft_ms=self.cfg.slo_ttft_ms,
-                                                 rebalance_idle_s=self.cfg.rebalance_idle_s), tok, vocab)
+            router = AutoRouter(rcfg, self.cfg.auto_config(first), tok, vocab)
         else:
             router = Router(rcfg, tok, vocab)
         for spec in self.specs:
