@@ -47,8 +47,9 @@ class AutoConfig:
     rebalance_idle_s: float = 60.0
 
     def __post_init__(self) -> None:
-        if self.slo_tpot_ms < 0 or self.slo_ttft_ms < 0:
-            raise ValueError("--slo-tpot-ms and --slo-ttft-ms must be >= 0 (0: derived)")
+        for flag, value in (("--slo-tpot-ms", self.slo_tpot_ms), ("--slo-ttft-ms", self.slo_ttft_ms)):
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0 (0: derived), got {value:g}")
         if self.rebalance_idle_s <= 0:
             raise ValueError(f"--rebalance-idle-s must be > 0, got {self.rebalance_idle_s}")
 

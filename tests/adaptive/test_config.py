@@ -17,5 +17,7 @@ def test_rebalance_idle_must_be_positive(bad: float) -> None:
 
 
 def test_negative_slo_is_refused() -> None:
-    with pytest.raises(ValueError, match="--slo-tpot-ms"):
+    with pytest.raises(ValueError, match="--slo-tpot-ms must be >= 0 .* got -1"):
         AutoConfig(slo_tpot_ms=-1)
+    with pytest.raises(ValueError, match="--slo-ttft-ms must be >= 0 .* got -250"):
+        UpConfig(mode="auto", slo_ttft_ms=-250)
