@@ -14,6 +14,16 @@ from appliance.engine.request import Request, RequestStatus
 SLACK_K = 4.0  # slack order: a prompt's TTFT goal is SLACK_K x its isolated prefill time + 0.5 s
 
 
+def ttft_slack(arrival: float, prompt_len: int, remaining: int, rate: float, now: float, k: float = SLACK_K) -> float:
+    """Seconds to spare before a prompt misses its TTFT goal if its prefill started now.
+
+    Goal (DistServe-style): ``k x isolated prefill time + 0.5 s``. Short prompts have little
+    work and come early; waiting shrinks every prompt's slack, so long prompts age in.
+    """
+    rate = max(rate, 1.0)
+    return arrival + k * prompt_len / rate + 0.5 - now - remaining / rate
+
+
 @dataclass
 class ScheduledBatch:
     """One step: each request feeds ``extend_lens[i]`` tokens starting at its ``prefix_lens[i]``."""
@@ -128,14 +138,8 @@ class Scheduler:
         return bool(req.output_ids) and req.remaining_prefill == 1
 
     def slack(self, req: Request, now: float) -> float:
-        """Seconds to spare before ``req`` misses its TTFT goal if its prefill started now.
-
-        Goal (DistServe-style): ``k x isolated prefill time + 0.5 s``. Short prompts have little
-        work and come early; waiting shrinks every request's slack, so long prompts age in.
-        """
-        rate = max(self.prefill_rate, 1.0)
-        goal = self.slack_k * req.prompt_len / rate + 0.5
-        return req.arrival + goal - now - req.remaining_prefill / rate
+        """Seconds to spare before ``req`` misses its TTFT goal if its prefill started now (:func:`ttft_slack`)."""
+        return ttft_slack(req.arrival, req.prompt_len, req.remaining_prefill, self.prefill_rate, now, self.slack_k)
 
     def _grow(self, req: Request, n: int, scheduled: set[int]) -> bool:
         """Pages for ``n`` more tokens of a running request, preempting newer ones if needed."""

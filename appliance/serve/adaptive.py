@@ -74,6 +74,7 @@ class Decision:
     disagg_ttft_s: float = 0.0
     code: str = ""  # short label for metrics: idle, free, busy, kv, stall, no_prefill (+ moved, by the router)
     needs_prefill_engine: bool = False  # local prefill would break the running decodes' TPOT
+    prefill_on: str = ""  # with disagg: the prefill engine (the least queued ready one)
 
 
 def decide(uncached_tokens: int, decode: EngineLoad, prefill: Sequence[EngineLoad], cost: CostModel,
@@ -95,7 +96,7 @@ def decide(uncached_tokens: int, decode: EngineLoad, prefill: Sequence[EngineLoa
                    + cost.transfer_s_per_token * uncached_tokens)
 
     def out(disagg: bool, reason: str, code: str) -> Decision:
-        return Decision(disagg, reason, local_ttft, disagg_ttft, code, not fits)
+        return Decision(disagg, reason, local_ttft, disagg_ttft, code, not fits, best.name if disagg else "")
 
     if decode.kv_free_frac < 0.1:
         return out(True, f"decode KV nearly full ({decode.kv_free_frac:.0%} free): prefill elsewhere", "kv")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 
 from aiohttp import web
 
-from appliance.engine.scheduler import SLACK_K
+from appliance.engine.scheduler import ttft_slack
 from appliance.serve import openai_api as oai
 from appliance.serve.adaptive import CostModel, EngineLoad, RoleBalancer, decide, decode_slack_s
 from appliance.serve.policies import CacheAware, WorkerHandle
@@ -132,11 +132,11 @@ class AutoRouter(Router):
         """Prompt tokens ``w`` will prefill before a new prompt of ``tokens``. Auto engines prefill in
         slack order (the scheduler's): a queued prompt goes first when its TTFT slack is the smaller,
         so a short prompt passes long ones that have not waited long. Queued prompts count whole."""
-        now, rate = self.clock(), max(self.cost().prefill_tok_s, 1.0)
-        mine = (SLACK_K - 1) * tokens / rate + 0.5
+        now, rate = self.clock(), self.cost().prefill_tok_s
+        mine = ttft_slack(now, tokens, tokens, rate, now)
         return sum(p.tokens for p in self.active.values()
                    if p.prefill_on == w.name and p.first_at is None
-                   and p.sent_at + (SLACK_K - 1) * p.tokens / rate + 0.5 - now <= mine)
+                   and ttft_slack(p.sent_at, p.tokens, p.tokens, rate, now) <= mine)
 
     def loads(self, tokens: int | None = None) -> list[EngineLoad]:
         """Every engine's load; with ``tokens``, its prefill queue is what would run before such a prompt."""
@@ -226,10 +226,9 @@ class AutoRouter(Router):
                                         "retry later",
                                    kind="rate_limit_error", headers={"Retry-After": "1"})
         if decision.needs_prefill_engine and self.auto.rebalance:
-            self._balancer().record(self.cost().prefill_s(uncached))
+            self._balancer().record(cost.prefill_s(uncached))
         if decision.disagg:
-            p = min((w for w in self.healthy("prefill") if w.name != d.name),
-                    key=lambda w: loads[w.name].queued_prefill_tokens)
+            p = self.workers[decision.prefill_on]
             return "disagg", {"prefill": p, "decode": d}, decision.reason, decision.code, uncached
         return "local", {"unified": d}, decision.reason, decision.code, uncached
 
