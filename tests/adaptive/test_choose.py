@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from appliance.serve import openai_api as oai
 from appliance.serve.auto_router import AutoConfig, AutoRouter, _Progress
 from appliance.serve.policies import WorkerHandle
 from appliance.serve.router import RouterConfig
@@ -75,3 +78,22 @@ def test_a_short_prompt_waits_only_for_queued_prompts_with_less_ttft_slack() -> 
     decoding(r, "a", "e1", 48, 10, 0.25)
     kind, choice, _, code, _ = r.choose(list(range(150)))
     assert kind == "local" and code == "busy"  # 3 s behind the aged prompt: prefill it where it decodes
+
+
+def test_slo_admission_refuses_at_once_when_the_predicted_ttft_is_far_beyond_the_slo() -> None:
+    clock = Clock()
+    r = AutoRouter(RouterConfig(mode="auto"), AutoConfig(initial_prefill=("e0",), slo_ttft_ms=500),
+                   tokenizer=None, vocab_size=49152, clock=clock)
+    for name in ("e0", "e1"):
+        r.add_worker(WorkerHandle(name=name, role="auto", url=f"http://{name}", healthy=True, load=dict(LOAD)))
+    r.rebalance()
+    kind, *_ = r.choose(list(range(150)))  # 0.3 s of prefill: within 2 x 500 ms
+    assert kind == "disagg"
+    for i in range(3):  # 3 x 1500 tokens queued on both engines: ~9 s ahead of anything
+        r.active[f"rag{i}"] = _Progress("e0", "e1", 1500, 32, clock.t)
+        r.active[f"loc{i}"] = _Progress("e1", "e1", 1500, 32, clock.t)
+    with pytest.raises(oai.ApiError) as err:
+        r.choose(list(range(2000)))
+    assert err.value.status == 429 and err.value.headers["Retry-After"] == "1"
+    assert "beyond 2 x the 500 ms SLO" in err.value.message
+    assert r.m_rejected.get() == 1
