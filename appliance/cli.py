@@ -90,7 +90,7 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
 @click.option("--slo-ttft-ms", default=0.0, help="auto mode: answer 429 at once when the predicted TTFT is beyond "
               "2x this SLO (0: off).")
 @click.option("--slo-tpot-ms", default=0.0, help="auto mode: TPOT SLO for decisions (0: 1.5x the measured step).")
-@click.option("--rebalance-idle-s", default=60.0, show_default=True,
+@click.option("--rebalance-idle-s", default=20.0, show_default=True,
               help="auto mode: seconds of low handed-over prefill demand before a prefill engine turns to decode.")
 @click.option("--prefill-order", default="auto", show_default=True, type=click.Choice(["auto", "fifo", "slack"]),
               help="Prefill queue order: least TTFT slack first, or arrival (auto: slack on prefill engines).")

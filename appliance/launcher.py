@@ -50,7 +50,7 @@ class UpConfig:
     prefill_order: str = "auto"
     slo_ttft_ms: float = 0.0
     slo_tpot_ms: float = 0.0
-    rebalance_idle_s: float = 60.0
+    rebalance_idle_s: float = 20.0
     monitor: bool = True  # on a TTY: start-up progress, then the live dashboard
 
     def __post_init__(self) -> None:

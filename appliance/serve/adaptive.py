@@ -20,6 +20,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from appliance.engine.scheduler import SLACK_K
+
 
 @dataclass(frozen=True)
 class CostModel:
@@ -29,8 +31,8 @@ class CostModel:
     decode_step_s: float  # one decode step at small batch
     handoff_s: float = 0.01  # fixed cost of the two-engine path (RPCs + signal)
     transfer_s_per_token: float = 2e-6  # KV bytes per token / transport bandwidth
-    ttft_factor: float = 2.0  # default TTFT target: this x the prompt's own prefill time ...
-    ttft_floor_s: float = 0.5  # ... plus this
+    ttft_factor: float = SLACK_K  # default TTFT target: this x the prompt's own prefill time (the ...
+    ttft_floor_s: float = 0.5  # ... scheduler's slack-order goal) plus this
 
     def prefill_s(self, tokens: int) -> float:
         return tokens / max(self.prefill_tok_s, 1e-6)
@@ -64,6 +66,7 @@ class EngineLoad:
     healthy: bool = True
     slack_s: float = math.inf  # the least stall any request decoding here can still absorb
     step_s: float = 0.0  # the engine's current decode step time (grows with its batch)
+    drain_s: float = 0.0  # until the requests decoding here are done (their remaining tokens x step)
 
 
 @dataclass(frozen=True)
@@ -75,29 +78,47 @@ class Decision:
     code: str = ""  # short label for metrics: idle, free, busy, kv, stall, no_prefill (+ moved, by the router)
     needs_prefill_engine: bool = False  # local prefill would break the running decodes' TPOT
     prefill_on: str = ""  # with disagg: the prefill engine (the least queued ready one)
+    wait_s: float = 0.0  # with code "drain": how long the prompt may wait for ``prefill_on`` to drain
 
 
 def decide(uncached_tokens: int, decode: EngineLoad, prefill: Sequence[EngineLoad], cost: CostModel,
-           slo_ttft_s: float = 0.0, margin: float = 1.2) -> Decision:
+           slo_ttft_s: float = 0.0, margin: float = 1.2, others: Sequence[EngineLoad] = ()) -> Decision:
     """Disaggregate this request, or prefill it where it will decode?
 
     Local prefill stalls every decode on that engine for as long as the prefill (and what is queued
     ahead of it) takes; it fits when that is within the decodes' slack (:func:`decode_slack_s`).
-    A handoff costs the prefill queue's wait plus the transfer, and stalls nobody.
+    A handoff costs the prefill queue's wait plus the transfer, and stalls nobody. With no prefill
+    engine (or none in time), a prompt that fits nowhere may wait for one of the ``others`` (the
+    other decode-leaning engines) to finish its decodes, then prefill there and hand over: the
+    prompt spends TTFT slack so that no decode stalls, and that engine turns prefill (``drain``).
     """
     local_ttft = cost.prefill_s(decode.queued_prefill_tokens + uncached_tokens)
     fits = decode.running == 0 or local_ttft * margin <= decode.slack_s
     target = cost.ttft_target_s(uncached_tokens, slo_ttft_s)
     ready = [p for p in prefill if p.healthy and p.name != decode.name]
-    if not ready:
-        return Decision(False, "no prefill engine available", local_ttft, 0.0, "no_prefill", not fits)
-    best = min(ready, key=lambda p: p.queued_prefill_tokens)
-    disagg_ttft = (cost.prefill_s(best.queued_prefill_tokens + uncached_tokens) + cost.handoff_s
-                   + cost.transfer_s_per_token * uncached_tokens)
+    transfer = cost.handoff_s + cost.transfer_s_per_token * uncached_tokens
+    best = min(ready, key=lambda p: p.queued_prefill_tokens, default=None)
+    disagg_ttft = cost.prefill_s(best.queued_prefill_tokens + uncached_tokens) + transfer if best else math.inf
 
     def out(disagg: bool, reason: str, code: str) -> Decision:
-        return Decision(disagg, reason, local_ttft, disagg_ttft, code, not fits, best.name if disagg else "")
+        return Decision(disagg, reason, local_ttft, disagg_ttft if best else 0.0, code, not fits,
+                        best.name if disagg and best else "")
 
+    def drained() -> Decision | None:
+        """The other engine that drains soonest, if waiting for it still meets the TTFT target."""
+        cands = [e for e in others if e.healthy and e.name != decode.name]
+        if fits or not cands:
+            return None
+        e = min(cands, key=lambda e: e.drain_s + cost.prefill_s(e.queued_prefill_tokens))
+        ttft = e.drain_s + cost.prefill_s(e.queued_prefill_tokens + uncached_tokens) + transfer
+        if ttft * margin > target:
+            return None
+        return Decision(True, f"{uncached_tokens} uncached tokens fit no decode's slack: {e.name} drains in "
+                              f"{e.drain_s:.1f} s, then prefills and hands over", local_ttft, ttft, "drain",
+                        True, e.name, max(0.0, target / margin - ttft + e.drain_s))
+
+    if best is None:
+        return drained() or out(False, "no prefill engine available", "no_prefill")
     if decode.kv_free_frac < 0.1:
         return out(True, f"decode KV nearly full ({decode.kv_free_frac:.0%} free): prefill elsewhere", "kv")
     if decode.running == 0:
@@ -133,7 +154,7 @@ class RoleBalancer:
     clock: Callable[[], float]
     util_target: float = 0.7
     up_window_s: float = 10.0
-    idle_s: float = 60.0  # the long window: the prefill side shrinks only after this much lower demand
+    idle_s: float = 20.0  # the long window: the prefill side shrinks only after this much lower demand
     persist_s: float = 1.0
     dwell_s: float = 5.0
     min_prefill: int = 0  # 0: with no prefill-leaning engine every request prefills where it decodes
@@ -147,6 +168,17 @@ class RoleBalancer:
     _last_switch: float = -1e18
     switches: int = 0
     last_reason: str = ""
+
+    def assign(self, name: str, leaning: str, why: str) -> None:
+        """A request needs ``name`` to lean ``leaning`` now (the ``drain`` decision): a counted switch.
+        The demand it records keeps the long window from undoing it at once."""
+        if self.leanings.get(name) == leaning:
+            return
+        self.leanings[name] = leaning
+        self._last_switch = self.clock()
+        self._direction, self._since = "", None
+        self.switches += 1
+        self.last_reason = f"{name} -> {leaning}: {why}"
 
     def record(self, prefill_s: float) -> None:
         """A request needed a prefill engine: ``prefill_s`` seconds of prefill work."""

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from appliance.engine.scheduler import ttft_slack
 from appliance.serve import openai_api as oai
-from appliance.serve.adaptive import CostModel, EngineLoad, RoleBalancer, decide, decode_slack_s
+from appliance.serve.adaptive import CostModel, Decision, EngineLoad, RoleBalancer, decide, decode_slack_s
 from appliance.serve.policies import CacheAware, WorkerHandle
 from appliance.serve.protocol import Event
 from appliance.serve.router import Outcome, Router, RouterConfig
@@ -31,6 +31,7 @@ _choice: contextvars.ContextVar[dict[str, WorkerHandle]] = contextvars.ContextVa
 
 
 DECODE_BUSY_FRAC = 0.8  # a prefill engine turns to decode only while decode steps take >= this x the TPOT SLO
+DRAIN_POLL_S = 0.02  # how often a prompt held for a draining engine looks again
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ class AutoConfig:
     slo_ttft_ms: float = 0.0
     reject_factor: float = 2.0
     rebalance: bool = True
-    rebalance_idle_s: float = 60.0
+    rebalance_idle_s: float = 20.0
 
     def __post_init__(self) -> None:
         for flag, value in (("--slo-tpot-ms", self.slo_tpot_ms), ("--slo-ttft-ms", self.slo_ttft_ms)):
@@ -131,12 +132,20 @@ class AutoRouter(Router):
     def queued_ahead(self, w: WorkerHandle, tokens: int) -> int:
         """Prompt tokens ``w`` will prefill before a new prompt of ``tokens``. Auto engines prefill in
         slack order (the scheduler's): a queued prompt goes first when its TTFT slack is the smaller,
-        so a short prompt passes long ones that have not waited long. Queued prompts count whole."""
+        so a short prompt passes long ones that have not waited long - but not the chunk the engine
+        is running now, which finishes first. Queued prompts count whole."""
         now, rate = self.clock(), self.cost().prefill_tok_s
         mine = ttft_slack(now, tokens, tokens, rate, now)
-        return sum(p.tokens for p in self.active.values()
-                   if p.prefill_on == w.name and p.first_at is None
-                   and ttft_slack(p.sent_at, p.tokens, p.tokens, rate, now) <= mine)
+        ahead, passed = 0, 0
+        for p in self.active.values():
+            if p.prefill_on == w.name and p.first_at is None:
+                if ttft_slack(p.sent_at, p.tokens, p.tokens, rate, now) <= mine:
+                    ahead += p.tokens
+                else:
+                    passed = max(passed, p.tokens)
+        if ahead:
+            return ahead
+        return min(int(w.load.get("prefill_chunk") or 0), passed)  # the chunk of a passed prompt running now
 
     def loads(self, tokens: int | None = None) -> list[EngineLoad]:
         """Every engine's load; with ``tokens``, its prefill queue is what would run before such a prompt."""
@@ -147,8 +156,15 @@ class AutoRouter(Router):
             running = sum(1 for p in self.active.values() if p.decode_on == w.name)
             queued = self.queued_prefill_tokens(w) if tokens is None else self.queued_ahead(w, tokens)
             out.append(EngineLoad(w.name, self.leaning(w), queued, running, free, w.healthy,
-                                  self.slack_s(w), float(w.load.get("decode_step_s") or 0.0)))
+                                  self.slack_s(w), float(w.load.get("decode_step_s") or 0.0), self.drain_s(w)))
         return out
+
+    def drain_s(self, w: WorkerHandle) -> float:
+        """Until every request decoding on ``w`` is done: its remaining tokens (and prefill) at the current step."""
+        cost = self.cost()
+        step = float(w.load.get("decode_step_s") or cost.decode_step_s)
+        return max((step * max(0, p.max_tokens - p.emitted) + (cost.prefill_s(p.tokens) if p.first_at is None else 0)
+                    for p in self.active.values() if p.decode_on == w.name), default=0.0)
 
     def healthy(self, role: str) -> list[WorkerHandle]:
         live = [w for w in self.workers.values() if w.healthy]
@@ -196,7 +212,8 @@ class AutoRouter(Router):
         return moved
 
     # -- the decision ----------------------------------------------------------------------------------
-    def choose(self, ids: Sequence[int]) -> tuple[str, dict[str, WorkerHandle], str, str, int]:
+    def choose(self, ids: Sequence[int]) -> tuple[str, dict[str, WorkerHandle], Decision, int]:
+        """Where this prompt goes: ("disagg" | "local", the engines by role, the decision, uncached tokens)."""
         decoders = self.healthy("decode") or self.healthy("auto")
         if not decoders:
             raise oai.ApiError(503, "no healthy engine is available; retry later", kind="server_error",
@@ -217,6 +234,10 @@ class AutoRouter(Router):
                     d, uncached = alt, n
                     decision = replace(other, reason=f"moved to {alt.name}: {other.reason}", code="moved")
                     break
+            else:
+                if self.auto.rebalance:  # or one of the others drains, turns prefill and hands over
+                    others = [loads[w.name] for w in decoders if w is not d]
+                    decision = decide(uncached, loads[d.name], prefill, cost, slo_ttft_s, others=others)
         if self.auto.slo_ttft_ms:
             predicted = decision.disagg_ttft_s if decision.disagg else decision.local_ttft_s
             if predicted * 1e3 > self.auto.reject_factor * self.auto.slo_ttft_ms:
@@ -227,20 +248,41 @@ class AutoRouter(Router):
                                    kind="rate_limit_error", headers={"Retry-After": "1"})
         if decision.needs_prefill_engine and self.auto.rebalance:
             self._balancer().record(cost.prefill_s(uncached))
+        if decision.code == "drain":
+            self._switch(decision.prefill_on, "prefill", decision.reason)
         if decision.disagg:
             p = self.workers[decision.prefill_on]
-            return "disagg", {"prefill": p, "decode": d}, decision.reason, decision.code, uncached
-        return "local", {"unified": d}, decision.reason, decision.code, uncached
+            return "disagg", {"prefill": p, "decode": d}, decision, uncached
+        return "local", {"unified": d}, decision, uncached
+
+    def _switch(self, name: str, leaning: str, why: str) -> None:
+        self._balancer().assign(name, leaning, why)
+        self.m_switches.inc(target=name, leaning=leaning)
+        log.info("role switch: %s", self.balancer.last_reason)
+
+    async def _after_drain(self, engine: str, wait_s: float, gen: AsyncIterator[Event | Outcome]
+                           ) -> AsyncIterator[Event | Outcome]:
+        """Hold a prompt until ``engine`` has no decodes left (at most ``wait_s``), then run ``gen``."""
+        deadline = self.clock() + wait_s
+        try:
+            while self.clock() < deadline and any(p.decode_on == engine for p in self.active.values()):
+                await asyncio.sleep(DRAIN_POLL_S)
+            async for ev in gen:
+                yield ev
+        finally:
+            await gen.aclose()  # type: ignore[attr-defined]
 
     def _generate(self, parsed: oai.ParsedRequest, rid: str) -> AsyncIterator[Event | Outcome]:
-        kind, choice, reason, code, uncached = self.choose(parsed.prompt_ids)
+        kind, choice, decision, uncached = self.choose(parsed.prompt_ids)
         _choice.set(choice)
-        self.last_decision = f"{kind}: {reason}"
-        self.m_decisions.inc(decision=kind, reason=code)
+        self.last_decision = f"{kind}: {decision.reason}"
+        self.m_decisions.inc(decision=kind, reason=decision.code)
         decoder = choice.get("unified") or choice["decode"]
         self.tracker.record(decoder, parsed.prompt_ids)
-        log.debug("%s -> %s (%s)", rid, kind, reason)
+        log.debug("%s -> %s (%s)", rid, kind, decision.reason)
         gen = self._unified(parsed, rid) if kind == "local" else self._disagg(parsed, rid)
+        if decision.code == "drain":
+            gen = self._after_drain(choice["prefill"].name, decision.wait_s, gen)
         progress = _Progress((choice.get("prefill") or decoder).name, decoder.name, uncached,
                              parsed.sampling.max_tokens, self.clock())
         return self._tracked(rid, progress, gen)

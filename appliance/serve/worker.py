@@ -165,6 +165,7 @@ class Worker:
             + sum(r.remaining_prefill for r in s.running if not r.output_ids),
             "decoding": sum(1 for r in s.running if r.output_ids),
             "prefill_tok_s": s.prefill_rate, "decode_step_s": e.decode_step_s,
+            "prefill_chunk": s.max_prefill_tokens,
         }
 
     async def load(self, request: web.Request) -> web.Response:

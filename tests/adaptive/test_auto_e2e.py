@@ -84,6 +84,8 @@ def test_roles_follow_a_chat_to_rag_shift_under_traffic_and_lose_nothing() -> No
         with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
             metrics = resp.read().decode()
         assert "pdbox_role_switches_total" in metrics and 'pdbox_auto_decisions_total{decision="local"' in metrics
+        # the first long prompt found no prefill engine and no decode slack: it waited for an engine to drain
+        assert 'pdbox_auto_decisions_total{decision="disagg",reason="drain",' in metrics, metrics
         frame = subprocess.run([sys.executable, "-m", "appliance.cli", "monitor", "--url", url, "--once"],
                                capture_output=True, text=True, timeout=60).stdout
         # each engine's leaning now (the quiet window may already have turned the prefill one back)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from appliance.serve import openai_api as oai
@@ -38,9 +41,9 @@ def decoding(r: AutoRouter, rid: str, on: str, max_tokens: int, emitted: int, si
 def test_long_prompt_goes_to_the_prefill_engine_while_a_decode_runs_beside_it() -> None:
     r, _ = router()
     decoding(r, "a", "e1", 48, 10, 0.25)  # a short answer: ~0.5 s of slack
-    kind, choice, reason, code, uncached = r.choose(list(range(1500)))
+    kind, choice, dec, uncached = r.choose(list(range(1500)))
     assert kind == "disagg" and choice["prefill"].name == "e0" and choice["decode"].name == "e1"
-    assert code == "free" and uncached == 1500
+    assert dec.code == "free" and uncached == 1500
     assert r.balancer is not None and r.balancer.demand(10.0) > 0  # it needed a prefill engine
 
 
@@ -48,13 +51,29 @@ def test_with_no_prefill_engine_a_long_prompt_moves_to_the_decode_engine_that_ca
     r, _ = router(prefill=())
     decoding(r, "a", "e0", 48, 10, 0.25)  # e0: a short answer with little slack
     r.policies["decode"].i = -1  # round robin would pick e0 first
-    kind, choice, reason, code, _ = r.choose(list(range(1500)))
-    assert kind == "local" and choice["unified"].name == "e1" and code == "moved"
-    assert reason.startswith("moved to e1") and r.balancer.demand(10.0) == 0
-    # both busy with little slack: it must prefill beside someone, and the demand is recorded
-    decoding(r, "b", "e1", 48, 10, 0.25)
-    kind, choice, reason, code, _ = r.choose(list(range(1500)))
-    assert kind == "local" and code == "no_prefill" and r.balancer.demand(10.0) > 0
+    kind, choice, dec, _ = r.choose(list(range(1500)))
+    assert kind == "local" and choice["unified"].name == "e1" and dec.code == "moved"
+    assert dec.reason.startswith("moved to e1") and r.balancer.demand(10.0) == 0
+    # both busy with long answers and little slack: it must prefill beside someone; the demand is recorded
+    decoding(r, "a", "e0", 2000, 10, 25.0)  # 50 s of decoding left: no drain in time
+    decoding(r, "b", "e1", 2000, 10, 25.0)
+    kind, choice, dec, _ = r.choose(list(range(1500)))
+    assert kind == "local" and dec.code == "no_prefill" and r.balancer.demand(10.0) > 0
+
+
+def test_with_no_prefill_engine_a_long_prompt_waits_for_an_engine_to_drain_then_hands_over() -> None:
+    r, _ = router(prefill=())
+    decoding(r, "a", "e0", 48, 10, 0.25)  # short answers, little slack: ~1 s of decoding left on each
+    decoding(r, "b", "e1", 60, 10, 0.25)
+    kind, choice, dec, _ = r.choose(list(range(1500)))
+    assert kind == "disagg" and dec.code == "drain" and choice["prefill"].name == "e0"  # drains first
+    assert choice["decode"].name == "e1" and "e0 drains in 1.0 s" in dec.reason
+    # 1500 tokens: 3 s of prefill, target 4 x 3 + 0.5 s; it may wait what the target leaves (with margin)
+    assert dec.wait_s == pytest.approx(12.5 / 1.2 - 3.0 - 0.01 - 1500 * 2e-6, abs=1e-6)
+    assert r.leaning(choice["prefill"]) == "prefill" and r.balancer.switches == 1
+    assert r.balancer.demand(10.0) > 0  # the long window remembers it: no flip back at once
+    kind, choice, dec, _ = r.choose(list(range(1500)))  # the next one has a prefill engine again
+    assert kind == "disagg" and dec.code == "free" and choice["prefill"].name == "e0"
 
 
 def test_queued_tokens_count_what_was_sent_since_the_last_load_report() -> None:
@@ -71,13 +90,16 @@ def test_a_short_prompt_waits_only_for_queued_prompts_with_less_ttft_slack() -> 
     r, clock = router()
     r.active["rag"] = _Progress("e0", "e1", 1500, 32, clock.t - 1.0)  # a RAG prompt queued 1 s ago
     e0 = r.workers["e0"]
-    assert r.queued_ahead(e0, 150) == 0  # slack order: the short prompt goes first
+    assert r.queued_ahead(e0, 150) == 0  # slack order: the short prompt goes first ...
+    e0.load["prefill_chunk"] = 256
+    assert r.queued_ahead(e0, 150) == 256  # ... after the chunk of the RAG prompt running now
+    del e0.load["prefill_chunk"]
     assert r.queued_ahead(e0, 2000) == 1500  # a longer one waits behind it
     clock.t += 9.0  # the RAG prompt has aged 10 s: now it goes before anyone
     assert r.queued_ahead(e0, 150) == 1500
     decoding(r, "a", "e1", 48, 10, 0.25)
-    kind, choice, _, code, _ = r.choose(list(range(150)))
-    assert kind == "local" and code == "busy"  # 3 s behind the aged prompt: prefill it where it decodes
+    kind, choice, dec, _ = r.choose(list(range(150)))
+    assert kind == "local" and dec.code == "busy"  # 3 s behind the aged prompt: prefill it where it decodes
 
 
 def test_slo_admission_refuses_at_once_when_the_predicted_ttft_is_far_beyond_the_slo() -> None:
@@ -97,3 +119,28 @@ def test_slo_admission_refuses_at_once_when_the_predicted_ttft_is_far_beyond_the
     assert err.value.status == 429 and err.value.headers["Retry-After"] == "1"
     assert "beyond 2 x the 500 ms SLO" in err.value.message
     assert r.m_rejected.get() == 1
+
+
+def test_a_prompt_held_for_a_draining_engine_starts_when_its_last_decode_ends() -> None:
+    r, _ = router(prefill=())
+    r.clock = time.monotonic
+    decoding(r, "a", "e0", 48, 10, 0.25)
+    started: list[float] = []
+
+    async def inner():
+        started.append(time.monotonic())
+        yield "token"
+
+    async def main() -> list:
+        t0 = time.monotonic()
+        asyncio.get_running_loop().call_later(0.2, r.active.pop, "a")  # e0's last decode ends
+        out = [ev async for ev in r._after_drain("e0", 5.0, inner())]
+        assert 0.2 <= started[0] - t0 < 1.0
+        # with no time left to wait it goes at once, decodes or not
+        decoding(r, "b", "e0", 48, 10, 0.25)
+        t1 = time.monotonic()
+        out += [ev async for ev in r._after_drain("e0", 0.0, inner())]
+        assert started[1] - t1 < 0.1
+        return out
+
+    assert asyncio.run(main()) == ["token", "token"]

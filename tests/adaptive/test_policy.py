@@ -41,7 +41,7 @@ def test_short_prompt_prefills_locally_while_the_prefill_engine_is_busy_if_decod
     d = decide(150, EngineLoad("e1", "decode", running=4, slack_s=2.0), [busy], COST)
     assert not d.disagg and d.code == "busy" and "within their slack" in d.reason
     # one decode nearly out of slack: local would break its TPOT, so it waits for the handoff ...
-    ahead = EngineLoad("e0", "prefill", queued_prefill_tokens=600)  # 1.5 s vs a 1.1 s target
+    ahead = EngineLoad("e0", "prefill", queued_prefill_tokens=800)  # 1.9 s vs a 1.7 s target
     d = decide(150, EngineLoad("e1", "decode", running=4, slack_s=0.2), [ahead], COST)
     assert d.disagg and d.code == "stall" and d.needs_prefill_engine
     # ... even when the queue is long: a late first token costs one request, a stall every decode there
@@ -50,7 +50,7 @@ def test_short_prompt_prefills_locally_while_the_prefill_engine_is_busy_if_decod
 
 
 def test_long_prompt_beside_running_decodes_is_handed_over_even_behind_a_queue() -> None:
-    queued = EngineLoad("e0", "prefill", queued_prefill_tokens=3000)  # 6 s ahead, 9 s in all
+    queued = EngineLoad("e0", "prefill", queued_prefill_tokens=6000)  # 12 s ahead, 15 s in all
     d = decide(1500, EngineLoad("e1", "decode", running=3, slack_s=0.5), [queued], COST)
     assert d.disagg and d.code == "stall" and d.needs_prefill_engine and "beyond their slack" in d.reason
 
@@ -62,8 +62,23 @@ def test_full_decode_kv_forces_handoff_and_no_prefill_engine_forces_local() -> N
     assert not d.disagg and "no prefill" in d.reason and d.needs_prefill_engine
 
 
+def test_with_no_prefill_engine_a_prompt_that_fits_nowhere_waits_for_the_engine_that_drains_first() -> None:
+    busy = EngineLoad("e1", "decode", running=3, slack_s=0.5)
+    others = [EngineLoad("e2", "decode", running=2, drain_s=4.0), EngineLoad("e3", "decode", running=1, drain_s=1.0)]
+    d = decide(1500, busy, [], COST, others=others)
+    assert d.disagg and d.code == "drain" and d.prefill_on == "e3" and d.needs_prefill_engine
+    assert d.disagg_ttft_s == pytest.approx(1.0 + 3.0 + 0.01 + 1500 * 2e-6)
+    assert d.wait_s == pytest.approx(12.5 / 1.2 - 3.013)  # what the target (with margin) leaves for waiting
+    # a drain too slow for the TTFT target: prefill where it decodes
+    d = decide(1500, busy, [], COST, others=[EngineLoad("e2", "decode", running=2, drain_s=30.0)])
+    assert not d.disagg and d.code == "no_prefill"
+    # a prompt that fits the decodes' slack needs no drain
+    d = decide(150, busy, [], COST, others=others)
+    assert not d.disagg and d.code == "no_prefill" and not d.needs_prefill_engine
+
+
 def test_ttft_slo_sets_the_target_when_given() -> None:
-    assert COST.ttft_target_s(1500) == pytest.approx(2 * 3.0 + 0.5)
+    assert COST.ttft_target_s(1500) == pytest.approx(4 * 3.0 + 0.5)
     assert COST.ttft_target_s(1500, 1.0) == 1.0
     queued = EngineLoad("e0", "prefill", queued_prefill_tokens=500)  # 1 s ahead -> 1.3 s
     d = decide(150, EngineLoad("e1", "decode", running=1, slack_s=10.0), [queued], COST, slo_ttft_s=5.0)
