@@ -403,6 +403,13 @@ class Router:
         waiter = asyncio.ensure_future(down.wait())
         try:
             await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # NOTE: cancelled (the client left) in the same loop turn as the worker answered: nobody will
+            # read or close that response, so close it now (the worker drops the request).
+            if task.done() and not task.cancelled() and task.exception() is None:
+                if isinstance(task.result(), aiohttp.ClientResponse):
+                    task.result().close()
+            raise
         finally:
             waiter.cancel()
             if not task.done():
@@ -461,9 +468,10 @@ class Router:
                 elif ev.kind == "error":
                     raise oai.ApiError(ev.status or 502, ev.message, kind="server_error")
         finally:
+            # NOTE: the abort first, before any await (see _disagg's finally).
             w.inflight -= 1
-            await lines.aclose()
             self._done_with(w, resp)
+            await lines.aclose()
 
     async def _reserve(self, d: WorkerHandle, dreq: DecodeRequest
                        ) -> tuple[aiohttp.ClientResponse, AsyncIterator[Event], Event]:
@@ -563,14 +571,21 @@ class Router:
                     raise oai.ApiError(ev.status or 502, ev.message, kind="server_error")
                 ev = await self._next(lines, d.name, self.cfg.stream_idle_s)
         finally:
-            for t in (ptask, dtask):
-                if not t.done():
-                    t.cancel()
-            await asyncio.gather(ptask, dtask, return_exceptions=True)
-            await lines.aclose()
+            # NOTE: the engines are told first, without an await: closing decode's stream (and cancelling the
+            # prefill leg, which closes prefill's) is the abort. A client that vanished can cancel this task
+            # after the cleanup began: aiohttp cancels the handler one loop turn after the write that found
+            # the socket closing, so a cancel may land on the first await below, and what follows it is lost.
             p.inflight -= 1
             d.inflight -= 1
+            legs = [t for t in (ptask, dtask) if not t.done()]
+            for t in (ptask, dtask):
+                t.add_done_callback(_retrieved)
+                if not t.done():
+                    t.cancel()
             self._done_with(d, dresp)
+            if legs:  # NOTE: wait, not gather: a late cancel of this task must not cancel the legs a second time
+                await asyncio.wait(legs)
+            await lines.aclose()
 
     # -- responses -------------------------------------------------------------------------------
     async def _tokens(self, parsed: oai.ParsedRequest, gen: AsyncIterator[Event | Outcome], t0: float
@@ -685,6 +700,12 @@ class Router:
     async def _sse(self, resp: web.StreamResponse, obj: dict) -> None:
         data = b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
         await write_within(resp, data, self.cfg.client_stall_s)
+
+
+def _retrieved(task: asyncio.Future) -> None:
+    """Mark a leg's outcome as seen (its error, if any, was handled or superseded by the request's own)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _message(text: str) -> str:

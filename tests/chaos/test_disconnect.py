@@ -1,5 +1,8 @@
 """Clients that vanish: mid-stream (decode phase), during prefill, and without streaming. Both engines
-drop the request at once (well before it would have finished) and free its pages."""
+drop the request at once (well before it would have finished) and free its pages.
+
+Each test starts from quiet engines (waited for, with a deadline): a request one test failed to abort
+would otherwise still be decoding through the next tests and fail them too."""
 
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from tests.chaos.chaos_util import (
     QUESTION,
     SSE,
     Appliance,
+    Stopped,
     get_json,
     in_thread,
     listening,
@@ -33,6 +37,12 @@ ABORT_DEADLINE_S = 3.0  # the 1000-token answers below would take 20+ s to finis
 
 def engines_quiet(app: Appliance) -> bool:
     return all(not ld["running"] and not ld["waiting"] and not ld["reserved_rooms"] for ld in loads(app).values())
+
+
+@pytest.fixture(autouse=True)
+def quiet_at_start(guarded: Appliance) -> None:
+    # NOTE: 40 s: longer than a 1000-token answer left running takes to end on its own.
+    wait_until(lambda: engines_quiet(guarded), 40, "quiet engines before the test (work left by an earlier one?)")
 
 
 def test_client_gone_mid_stream_aborts_on_both_engines(guarded: Appliance) -> None:
@@ -91,4 +101,29 @@ def test_client_gone_without_streaming_aborts_too(guarded: Appliance) -> None:
     wait_until(lambda: engines_quiet(guarded), ABORT_DEADLINE_S, "both engines to drop the request")
     record("faults injected and survived", 1)
     print(f"client timeout (non-streaming): engines quiet after {time.monotonic() - t0:.2f} s")
+    wait_pools_idle(guarded)
+
+
+def test_client_gone_in_the_same_loop_turn_as_a_token_aborts(guarded: Appliance) -> None:
+    """The router learns of the closed client and of decode's next token in one event-loop turn.
+
+    Regression: the handler's write found the socket closing and began the cleanup; aiohttp's handler
+    cancellation landed on the cleanup's first await, before decode's stream was closed, so decode ran the
+    answer to its end (~25 s). Pausing the router (SIGSTOP) while a token arrives and then the client goes
+    makes that ordering certain."""
+    for _ in range(3):
+        sse = SSE(guarded, CHAT, {"model": MODEL, "messages": QUESTION, "max_tokens": 1000, "ignore_eos": True})
+        assert sse.status == 200
+        events = sse.events()
+        for _ in range(5):
+            next(events)
+        with Stopped(guarded.pid):
+            time.sleep(0.1)  # decode's next tokens wait in the router's socket
+            sse.drop()
+            time.sleep(0.05)  # and then the client's close
+        t0 = time.monotonic()
+        wait_until(lambda: engines_quiet(guarded), ABORT_DEADLINE_S, "both engines to drop the request")
+        print(f"client gone in the token's loop turn: engines quiet after {time.monotonic() - t0:.2f} s")
+    record("faults injected and survived", 3)
+    assert all(w["inflight"] == 0 for w in guarded.workers())  # the router's own count was not leaked
     wait_pools_idle(guarded)
