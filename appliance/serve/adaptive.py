@@ -6,7 +6,8 @@ Every engine in ``--mode auto`` can prefill, decode, and hand KV over. Two pure,
   handing the KV over (``disagg``), or prefilling locally on the decode engine that will generate
   the answer (``local``). A handoff keeps the decode batch running undisturbed, so it is taken
   whenever it meets the request's time-to-first-token target; otherwise the request prefills
-  locally if the decodes running there have the TPOT slack to absorb the stall.
+  locally if the decodes running there have the TPOT slack to absorb the stall. With no prefill
+  engine and no slack, it may wait for another engine to drain and turn prefill (``drain``).
 - :class:`RoleBalancer` sizes the prefill side to the prefill work that could not be absorbed
   locally (seconds of prefill per second of wall time), with hysteresis: it grows within seconds
   of a demand and shrinks only after a long quiet window, one engine at a time. A switch is
@@ -145,7 +146,9 @@ class RoleBalancer:
     prefill side grows when the short window's demand needs more engines (each loaded to at most
     ``util_target``) and shrinks only when the long window's does not need the ones it has and the
     decode engines are busy (their mean step, where they decode, is at least ``decode_busy_s``;
-    0: always) - an idle prefill engine costs nothing, a missing one costs a stalled batch. A
+    0: always) - an idle prefill engine costs nothing, a missing one costs a stalled batch. While
+    the decode engines are busy it grows only for a whole engine's worth of demand: short prompts
+    that did not fit a busy batch's slack cost less beside it than a decode engine taken away. A
     change must persist ``persist_s``, and the last switch must be ``dwell_s`` old, so roles do
     not flap; one engine moves at a time, keeping ``min_prefill``/``min_decode``.
     """
@@ -214,7 +217,8 @@ class RoleBalancer:
         up, down = self.targets()
         cap = len(live) - self.min_decode
         want = ""
-        if min(up, cap) > n_pre:
+        whole = math.floor(self.demand(self.up_window_s) / self.util_target + 1e-9)  # engines' worth, rounded down
+        if min(up, cap) > n_pre and (whole > n_pre or not self.decode_busy(live)):
             want = "prefill"
         elif max(down, self.min_prefill) < n_pre and now - self._start >= self.idle_s and self.decode_busy(live):
             want = "decode"

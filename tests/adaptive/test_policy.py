@@ -115,7 +115,7 @@ def test_balancer_hands_an_idle_prefill_engine_to_decode_only_after_the_quiet_wi
 
 def test_balancer_grows_the_prefill_side_within_seconds_of_demand_and_dwells() -> None:
     clock = Clock()
-    b = RoleBalancer(COST, clock, idle_s=20.0, min_prefill=0)
+    b = RoleBalancer(COST, clock, idle_s=20.0, min_prefill=0, decode_busy_s=0.03)  # decode steps fast
     b.leanings = {"e0": "decode", "e1": "decode"}
     b.record(3.0)  # one RAG prompt that no decode engine could absorb: 3 s of prefill in 10 s
     assert b.targets() == (1, 1)
@@ -180,3 +180,22 @@ def test_an_idle_prefill_engine_stays_put_while_the_decode_side_is_not_busy() ->
     assert run(0.026) is None  # quiet, but decode steps are fast: nothing to gain from a second decoder
     assert run(0.035, running=0) is None  # slow step figure, but nothing decoding now
     assert run(0.035) == "e0"  # busy decoder: the quiet prefill engine turns to decode
+
+
+def test_a_busy_decode_side_gives_up_an_engine_only_for_a_whole_engine_of_prefill_demand() -> None:
+    clock = Clock()
+
+    def grows(prefill_s_per_s: float, step_s: float) -> bool:
+        b = RoleBalancer(COST, clock, decode_busy_s=0.03)
+        b.leanings = {"e0": "decode", "e1": "decode"}
+        engines = [EngineLoad(e, "decode", running=4, step_s=step_s) for e in ("e0", "e1")]
+        for _ in range(12):
+            b.record(prefill_s_per_s)
+            clock.t += 1.0
+            if b.tick(engines):
+                return True
+        return False
+
+    assert not grows(0.3, 0.035)  # short prompts beside busy decodes: 0.3 engine of demand, both keep decoding
+    assert grows(0.3, 0.025)  # the same demand while decode steps are fast: a prefill engine costs little
+    assert grows(0.8, 0.035)  # a whole engine's worth: it pays even against a busy decode side
