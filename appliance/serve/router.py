@@ -41,6 +41,7 @@ from appliance.serve.protocol import DecodeRequest, Event, GenerateRequest, Pref
 from appliance.serve.stream_write import eof_within, write_within
 
 log = logging.getLogger("pdbox.router")
+KV_RETRY_S = 0.25  # how often a prompt waiting for decode KV pages asks again
 LATENCY = REQUEST_LATENCY_BUCKETS
 TOKEN_LATENCY = TOKEN_LATENCY_BUCKETS
 
@@ -70,14 +71,21 @@ class RouterConfig:
     probe_timeout_s: float = 1.0
     stream_idle_s: float = 60.0
     client_stall_s: float = 30.0
+    kv_wait_s: float = 30.0  # how long a prompt may wait for a full decode engine's KV pages before a 503
 
     def __post_init__(self) -> None:
         if self.mode not in ("disagg", "unified", "auto"):
             raise ValueError(f"mode must be disagg, unified or auto, got {self.mode!r}")
+        if self.kv_wait_s < 0:
+            raise ValueError(f"kv_wait_s must be >= 0, got {self.kv_wait_s}")
 
 
 class WorkerFailed(Exception):
     """A worker broke before the client saw a byte (the router may retry elsewhere)."""
+
+
+class WorkerBusy(WorkerFailed):
+    """A worker answered 503: it is up but has no room now (e.g. no free KV pages); later may do."""
 
 
 @dataclass
@@ -386,7 +394,8 @@ class Router:
         if resp.status != 200:
             text = await resp.text()
             resp.release()
-            raise WorkerFailed(f"{w.name} answered {resp.status}: {_message(text)}")
+            kind = WorkerBusy if resp.status == 503 else WorkerFailed
+            raise kind(f"{w.name} answered {resp.status}: {_message(text)}")
         self._open.setdefault(w.name, set()).add(resp)
         return resp
 
@@ -515,17 +524,28 @@ class Router:
         dreq = DecodeRequest(rid=rid, room=room, prompt_ids=ids, sampling=parsed.sampling, prefill_tp=max(1, p.tp),
                              lease_s=lease)
         tried: set[str] = set()
+        busy_only, waited, deadline = True, False, time.monotonic() + self.cfg.kv_wait_s
         while True:
             d = self._pick("decode", ids, tried)
             try:
                 dresp, lines, reserved = await self._reserve(d, dreq)
                 break
             except WorkerFailed as exc:
-                log.warning("decode %s refused room: %s", d.name, exc)
+                busy_only = busy_only and isinstance(exc, WorkerBusy)
+                log.log(logging.DEBUG if waited else logging.WARNING, "decode %s refused room: %s", d.name, exc)
                 tried.add(d.name)
                 if len(tried) >= len(self.healthy("decode")):
+                    if busy_only and time.monotonic() < deadline:
+                        # every decode engine is up but full: pages free as decodes end, so wait (within a deadline)
+                        waited = True
+                        await asyncio.sleep(KV_RETRY_S)
+                        tried.clear()
+                        continue
                     raise oai.ApiError(503, "no decode worker could reserve KV pages for this prompt; retry later",
                                        kind="server_error", headers={"Retry-After": "1"}) from None
+                    raise oai.ApiError(503, "no decode worker could reserve KV pages for this prompt; retry later",
+                                       kind="server_error", headers={"Retry-After": "1"}) from None
+        self._kv_waits.pop(rid, None)
         d.inflight += 1
         p.inflight += 1
         self.policies["prefill"].record(p, ids)
