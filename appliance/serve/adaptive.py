@@ -146,7 +146,9 @@ class RoleBalancer:
     prefill side grows when the short window's demand needs more engines (each loaded to at most
     ``util_target``) and shrinks only when the long window's does not need the ones it has and the
     decode engines are busy (their mean step, where they decode, is at least ``decode_busy_s``;
-    0: always) - an idle prefill engine costs nothing, a missing one costs a stalled batch. While
+    0: always) and all the prompts of that window, prefilled where they decode, would take at most
+    ``stall_frac`` of the decode engines' time - an idle prefill engine costs nothing, a missing one
+    costs a stalled batch. While
     the decode engines are busy it grows only for a whole engine's worth of demand: short prompts
     that did not fit a busy batch's slack cost less beside it than a decode engine taken away. A
     change must persist ``persist_s``, and the last switch must be ``dwell_s`` old, so roles do
@@ -164,7 +166,9 @@ class RoleBalancer:
     min_decode: int = 1
     decode_busy_s: float = 0.0
     leanings: dict[str, str] = field(default_factory=dict)
-    _work: deque[tuple[float, float]] = field(default_factory=deque)
+    stall_frac: float = 0.2  # shrink only if, with one engine fewer on prefill, all the prompts of the long
+    # window would take at most this share of the decode engines' time to prefill where they decode
+    _work: deque[tuple[float, float, bool]] = field(default_factory=deque)
     _start: float | None = None
     _since: float | None = None
     _direction: str = ""
@@ -183,16 +187,16 @@ class RoleBalancer:
         self.switches += 1
         self.last_reason = f"{name} -> {leaning}: {why}"
 
-    def record(self, prefill_s: float) -> None:
-        """A request needed a prefill engine: ``prefill_s`` seconds of prefill work."""
-        self._work.append((self.clock(), prefill_s))
+    def record(self, prefill_s: float, needed: bool = True) -> None:
+        """A request's ``prefill_s`` seconds of prefill work; ``needed``: it could not be absorbed locally."""
+        self._work.append((self.clock(), prefill_s, needed))
 
-    def demand(self, window_s: float) -> float:
-        """Prefill seconds that needed a prefill engine per second, over the last ``window_s``."""
+    def demand(self, window_s: float, needed_only: bool = True) -> float:
+        """Prefill seconds per second over the last ``window_s``: what needed a prefill engine, or all."""
         now = self.clock()
         while self._work and self._work[0][0] < now - max(self.up_window_s, self.idle_s):
             self._work.popleft()
-        return sum(s for t, s in self._work if t >= now - window_s) / window_s
+        return sum(s for t, s, needed in self._work if t >= now - window_s and (needed or not needed_only)) / window_s
 
     def targets(self) -> tuple[int, int]:
         """(prefill engines the short window asks for, prefill engines the long window needs)."""
@@ -220,7 +224,8 @@ class RoleBalancer:
         whole = math.floor(self.demand(self.up_window_s) / self.util_target + 1e-9)  # engines' worth, rounded down
         if min(up, cap) > n_pre and (whole > n_pre or not self.decode_busy(live)):
             want = "prefill"
-        elif max(down, self.min_prefill) < n_pre and now - self._start >= self.idle_s and self.decode_busy(live):
+        elif (max(down, self.min_prefill) < n_pre and now - self._start >= self.idle_s and self.decode_busy(live)
+              and self.demand(self.idle_s, needed_only=False) <= self.stall_frac * (len(live) - n_pre + 1)):
             want = "decode"
         elif n_pre > cap and n_pre > self.min_prefill:  # an engine died: keep min_decode
             want = "decode"

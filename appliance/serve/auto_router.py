@@ -246,8 +246,8 @@ class AutoRouter(Router):
                                         f"{self.auto.reject_factor:g} x the {self.auto.slo_ttft_ms:g} ms SLO; "
                                         "retry later",
                                    kind="rate_limit_error", headers={"Retry-After": "1"})
-        if decision.needs_prefill_engine and self.auto.rebalance:
-            self._balancer().record(cost.prefill_s(uncached))
+        if self.auto.rebalance:
+            self._balancer().record(cost.prefill_s(uncached), needed=decision.needs_prefill_engine)
         if decision.code == "drain":
             self._switch(decision.prefill_on, "prefill", decision.reason)
         if decision.disagg:

@@ -199,3 +199,23 @@ def test_a_busy_decode_side_gives_up_an_engine_only_for_a_whole_engine_of_prefil
     assert not grows(0.3, 0.035)  # short prompts beside busy decodes: 0.3 engine of demand, both keep decoding
     assert grows(0.3, 0.025)  # the same demand while decode steps are fast: a prefill engine costs little
     assert grows(0.8, 0.035)  # a whole engine's worth: it pays even against a busy decode side
+
+
+def test_a_prefill_engine_busy_with_prompts_that_fit_locally_stays_a_prefill_engine() -> None:
+    """RAG at a low rate: each prompt arrived while the decode engine could have absorbed it (nothing
+    "needed" a prefill engine), but together they are 0.66 engine of prefill: two decode engines
+    would spend a third of their time stalled, so the prefill engine stays."""
+    clock = Clock()
+    b = RoleBalancer(COST, clock, idle_s=20.0, decode_busy_s=0.03)
+    busy = [EngineLoad("e0", "prefill"), EngineLoad("e1", "decode", running=2, step_s=0.035)]
+    for _ in range(60):
+        clock.t += 1.0
+        b.record(0.66, needed=False)
+        assert b.tick(busy) is None
+    assert b.demand(20.0) == 0 and b.demand(20.0, needed_only=False) == pytest.approx(0.66, rel=0.1)
+    for _ in range(30):  # chat: little prefill at all; the busy decode side gets the engine
+        clock.t += 1.0
+        b.record(0.1, needed=False)
+        if b.tick(busy):
+            break
+    assert b.leanings["e0"] == "decode"
