@@ -543,9 +543,6 @@ class Router:
                         continue
                     raise oai.ApiError(503, "no decode worker could reserve KV pages for this prompt; retry later",
                                        kind="server_error", headers={"Retry-After": "1"}) from None
-                    raise oai.ApiError(503, "no decode worker could reserve KV pages for this prompt; retry later",
-                                       kind="server_error", headers={"Retry-After": "1"}) from None
-        self._kv_waits.pop(rid, None)
         d.inflight += 1
         p.inflight += 1
         self.policies["prefill"].record(p, ids)
