@@ -148,9 +148,9 @@ class RoleBalancer:
     decode engines are busy (their mean step, where they decode, is at least ``decode_busy_s``;
     0: always) and all the prompts of that window, prefilled where they decode, would take at most
     ``stall_frac`` of the decode engines' time - an idle prefill engine costs nothing, a missing one
-    costs a stalled batch. While
-    the decode engines are busy it grows only for a whole engine's worth of demand: short prompts
-    that did not fit a busy batch's slack cost less beside it than a decode engine taken away. A
+    costs a stalled batch. It grows only when the short window's handed-over demand is beyond that
+    same stall budget of the decode engines it has: short prompts that did not fit a busy batch's
+    slack cost less beside it than a decode engine taken away. A
     change must persist ``persist_s``, and the last switch must be ``dwell_s`` old, so roles do
     not flap; one engine moves at a time, keeping ``min_prefill``/``min_decode``.
     """
@@ -221,11 +221,13 @@ class RoleBalancer:
         up, down = self.targets()
         cap = len(live) - self.min_decode
         want = ""
-        whole = math.floor(self.demand(self.up_window_s) / self.util_target + 1e-9)  # engines' worth, rounded down
-        if min(up, cap) > n_pre and (whole > n_pre or not self.decode_busy(live)):
+        # the same stall budget both ways: grow when what had to be handed over is beyond it, shrink when
+        # all the prompts would be within it with one decode engine more (all >= needed: hysteresis)
+        n_dec = len(live) - n_pre
+        if min(up, cap) > n_pre and self.demand(self.up_window_s) > self.stall_frac * n_dec:
             want = "prefill"
         elif (max(down, self.min_prefill) < n_pre and now - self._start >= self.idle_s and self.decode_busy(live)
-              and self.demand(self.idle_s, needed_only=False) <= self.stall_frac * (len(live) - n_pre + 1)):
+              and self.demand(self.idle_s, needed_only=False) <= self.stall_frac * (n_dec + 1)):
             want = "decode"
         elif n_pre > cap and n_pre > self.min_prefill:  # an engine died: keep min_decode
             want = "decode"
