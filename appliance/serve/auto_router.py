@@ -202,8 +202,7 @@ class AutoRouter(Router):
         balancer.decode_busy_s = DECODE_BUSY_FRAC * self.tpot_slo_s()
         moved = balancer.tick(self.loads())
         if moved is not None:
-            self.m_switches.inc(target=moved, leaning=self.balancer.leanings[moved])
-            log.info("role switch: %s", self.balancer.last_reason)
+            self._counted(moved)
         for w in self.workers.values():
             self.reg.gauge("pdbox_engine_leaning", "1 on the leaning an engine has now").set(
                 1.0, target=w.name, leaning=self.leaning(w))
@@ -257,8 +256,12 @@ class AutoRouter(Router):
 
     def _switch(self, name: str, leaning: str, why: str) -> None:
         self._balancer().assign(name, leaning, why)
-        self.m_switches.inc(target=name, leaning=leaning)
-        log.info("role switch: %s", self.balancer.last_reason)
+        self._counted(name)
+
+    def _counted(self, name: str) -> None:
+        """An engine changed leaning (by the balancer's tick or a drain): metrics and log."""
+        self.m_switches.inc(target=name, leaning=self.leaning(self.workers[name]))
+        log.info("role switch: %s", self._balancer().last_reason)
 
     async def _after_drain(self, engine: str, wait_s: float, gen: AsyncIterator[Event | Outcome]
                            ) -> AsyncIterator[Event | Outcome]:
