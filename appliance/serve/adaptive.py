@@ -141,18 +141,19 @@ def decide(uncached_tokens: int, decode: EngineLoad, prefill: Sequence[EngineLoa
 class RoleBalancer:
     """Sizes the prefill-leaning side to the prefill work that must be handed over.
 
-    :meth:`record` is told the prefill seconds of each request that could not be prefilled
-    locally. Demand over a window is those seconds per second: engines' worth of prefill. The
-    prefill side grows when the short window's demand needs more engines (each loaded to at most
-    ``util_target``) and shrinks only when the long window's does not need the ones it has and the
-    decode engines are busy (their mean step, where they decode, is at least ``decode_busy_s``;
-    0: always) and all the prompts of that window, prefilled where they decode, would take at most
-    ``stall_frac`` of the decode engines' time - an idle prefill engine costs nothing, a missing one
-    costs a stalled batch. It grows only when the short window's handed-over demand is beyond that
-    same stall budget of the decode engines it has: short prompts that did not fit a busy batch's
-    slack cost less beside it than a decode engine taken away. A
-    change must persist ``persist_s``, and the last switch must be ``dwell_s`` old, so roles do
-    not flap; one engine moves at a time, keeping ``min_prefill``/``min_decode``.
+    :meth:`record` is told the prefill seconds of each request, and whether it could not be
+    prefilled locally (``needed``). Demand over a window is those seconds per second: engines' worth
+    of prefill. One stall budget rules both ways: the prefill side grows when the short window's
+    handed-over demand is beyond ``stall_frac`` of the decode engines' time (and needs more engines,
+    each loaded to at most ``util_target``); it shrinks only when all the prompts of the long window,
+    prefilled where they decode, would take at most ``stall_frac`` of the decode engines' time with
+    one engine more, the decode engines are busy (their mean step, where they decode, is at least
+    ``decode_busy_s``; 0: always), an idle prefill engine is there to move (no prompt queued or
+    running on it) and the prefill engines that stay can carry the handed-over demand. The last one
+    may go: with none, a prompt no decode can absorb waits for an engine to drain and turn prefill
+    (the ``drain`` decision), and the stall budget bounds how often that happens. A change must
+    persist ``persist_s``, and the last switch must be ``dwell_s`` old, so roles do not flap; one
+    engine moves at a time, keeping ``min_prefill``/``min_decode``.
     """
 
     cost: CostModel
@@ -224,10 +225,16 @@ class RoleBalancer:
         # the same stall budget both ways: grow when what had to be handed over is beyond it, shrink when
         # all the prompts would be within it with one decode engine more (all >= needed: hysteresis)
         n_dec = len(live) - n_pre
+        idle_pre = [e for e in live if self.leanings[e.name] == "prefill" and not e.queued_prefill_tokens]
+        stall_ok = self.demand(self.idle_s, needed_only=False) <= self.stall_frac * (n_dec + 1)
+        carry = down if n_pre > 1 else down - 1
         if min(up, cap) > n_pre and self.demand(self.up_window_s) > self.stall_frac * n_dec:
             want = "prefill"
-        elif (max(down, self.min_prefill) < n_pre and now - self._start >= self.idle_s and self.decode_busy(live)
-              and self.demand(self.idle_s, needed_only=False) <= self.stall_frac * (n_dec + 1)):
+        # the prefill engines that stay must carry the handed-over demand, but the last one may go when
+        # one engine's worth remains: a decode engine drains and carries it. Only an idle one moves, so
+        # no new decode lands beside a prompt's prefill
+        elif (max(carry, self.min_prefill) < n_pre and now - self._start >= self.idle_s
+              and self.decode_busy(live) and stall_ok and idle_pre):
             want = "decode"
         elif n_pre > cap and n_pre > self.min_prefill:  # an engine died: keep min_decode
             want = "decode"
@@ -239,6 +246,8 @@ class RoleBalancer:
             return None
         donor = "decode" if want == "prefill" else "prefill"
         donors = [e for e in live if self.leanings[e.name] == donor]
+        if donor == "prefill":
+            donors = idle_pre or donors  # a busy one moves only to replace a dead decode engine
         if not donors:
             return None
         # the donor with the least work of its current kind moves over

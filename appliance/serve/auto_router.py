@@ -63,9 +63,10 @@ class _Progress:
     decode_on: str
     tokens: int  # uncached prompt tokens sent to prefill
     max_tokens: int
-    sent_at: float
+    sent_at: float  # when the prompt went to its prefill engine (after a drain hold, if any)
     first_at: float | None = None
     emitted: int = 0
+    held: bool = False  # waiting in the router for ``prefill_on`` to drain: its prefill counts as queued there
 
 
 class AutoRouter(Router):
@@ -126,7 +127,7 @@ class AutoRouter(Router):
         """The worker's last report, or, when larger, what the router sent it since that report."""
         since = self.loaded_at.get(w.name, -math.inf)
         sent = sum(p.tokens for p in self.active.values()
-                   if p.prefill_on == w.name and p.first_at is None and p.sent_at >= since)
+                   if p.prefill_on == w.name and p.first_at is None and (p.held or p.sent_at >= since))
         return max(int(w.load.get("queued_prefill_tokens", 0)), sent)
 
     def queued_ahead(self, w: WorkerHandle, tokens: int) -> int:
@@ -263,13 +264,15 @@ class AutoRouter(Router):
         self.m_switches.inc(target=name, leaning=self.leaning(self.workers[name]))
         log.info("role switch: %s", self._balancer().last_reason)
 
-    async def _after_drain(self, engine: str, wait_s: float, gen: AsyncIterator[Event | Outcome]
-                           ) -> AsyncIterator[Event | Outcome]:
+    async def _after_drain(self, engine: str, wait_s: float, gen: AsyncIterator[Event | Outcome],
+                           mine: _Progress) -> AsyncIterator[Event | Outcome]:
         """Hold a prompt until ``engine`` has no decodes left (at most ``wait_s``), then run ``gen``."""
         deadline = self.clock() + wait_s
         try:
+            mine.held = True
             while self.clock() < deadline and any(p.decode_on == engine for p in self.active.values()):
                 await asyncio.sleep(DRAIN_POLL_S)
+            mine.held, mine.sent_at = False, self.clock()
             async for ev in gen:
                 yield ev
         finally:
@@ -284,10 +287,10 @@ class AutoRouter(Router):
         self.tracker.record(decoder, parsed.prompt_ids)
         log.debug("%s -> %s (%s)", rid, kind, decision.reason)
         gen = self._unified(parsed, rid) if kind == "local" else self._disagg(parsed, rid)
-        if decision.code == "drain":
-            gen = self._after_drain(choice["prefill"].name, decision.wait_s, gen)
         progress = _Progress((choice.get("prefill") or decoder).name, decoder.name, uncached,
                              parsed.sampling.max_tokens, self.clock())
+        if decision.code == "drain":
+            gen = self._after_drain(choice["prefill"].name, decision.wait_s, gen, progress)
         return self._tracked(rid, progress, gen)
 
     async def _tracked(self, rid: str, p: _Progress, gen: AsyncIterator[Event | Outcome]

@@ -127,19 +127,30 @@ def test_a_prompt_held_for_a_draining_engine_starts_when_its_last_decode_ends() 
     decoding(r, "a", "e0", 48, 10, 0.25)
     started: list[float] = []
 
+    held = _Progress("e0", "e1", 1500, 32, time.monotonic() - 100.0)
+    r.active["held"] = held
+    e0 = r.workers["e0"]
+    r.loaded_at["e0"] = time.monotonic()  # a fresh report from e0: nothing queued there yet
+
     async def inner():
         started.append(time.monotonic())
+        assert not held.held and r.queued_prefill_tokens(e0) == 1500  # sent now, before e0's next report
         yield "token"
 
     async def main() -> list:
         t0 = time.monotonic()
         asyncio.get_running_loop().call_later(0.2, r.active.pop, "a")  # e0's last decode ends
-        out = [ev async for ev in r._after_drain("e0", 5.0, inner())]
+        gen = r._after_drain("e0", 5.0, inner(), held)
+        first = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0.05)
+        # while held, the prompt counts as e0's queued prefill (the balancer must not move e0 back)
+        assert held.held and r.queued_prefill_tokens(e0) == 1500
+        out = [await first] + [ev async for ev in gen]
         assert 0.2 <= started[0] - t0 < 1.0
         # with no time left to wait it goes at once, decodes or not
         decoding(r, "b", "e0", 48, 10, 0.25)
         t1 = time.monotonic()
-        out += [ev async for ev in r._after_drain("e0", 0.0, inner())]
+        out += [ev async for ev in r._after_drain("e0", 0.0, inner(), held)]
         assert started[1] - t1 < 0.1
         return out
 

@@ -219,3 +219,51 @@ def test_a_prefill_engine_busy_with_prompts_that_fit_locally_stays_a_prefill_eng
         if b.tick(busy):
             break
     assert b.leanings["e0"] == "decode"
+
+
+def test_the_last_prefill_engine_turns_decode_under_rare_long_prompts_but_never_mid_prefill() -> None:
+    """Chat-heavy traffic with a RAG prompt every 17 s: 0.27 engine of handed-over prefill, within the
+    stall budget of two decode engines (0.4). The prefill engine is idle between prompts, so it turns
+    decode (a rare long prompt then waits for a drain); never while a prompt is queued or running on it."""
+    clock = Clock()
+    b = RoleBalancer(COST, clock, idle_s=20.0, decode_busy_s=0.03)
+
+    def engines(queued: int) -> list[EngineLoad]:
+        return [EngineLoad("e0", "prefill", queued_prefill_tokens=queued),
+                EngineLoad("e1", "decode", running=6, step_s=0.035)]
+
+    for i in range(40):
+        clock.t += 1.0
+        if i in (5, 22):
+            b.record(4.6)  # a RAG prompt, handed over
+        elif i % 2 == 0:
+            b.record(0.15, needed=False)  # chat prompts, absorbed locally
+        assert b.tick(engines(queued=1500)) is None  # a prompt is prefilling on e0: it stays
+    assert b.demand(20.0) > 0  # the old rule (no handed-over demand at all in 20 s) would keep e0
+    moved = None
+    for _ in range(3):
+        clock.t += 1.0
+        moved = moved or b.tick(engines(queued=0))
+    assert moved == "e0" and b.leanings == {"e0": "decode", "e1": "decode"}
+
+
+def test_prefill_engines_that_stay_must_carry_the_handed_over_demand() -> None:
+    clock = Clock()
+    b = RoleBalancer(COST, clock, idle_s=20.0, decode_busy_s=0.03)
+    engines = [EngineLoad(f"e{i}", "prefill" if i < 3 else "decode", running=0 if i < 3 else 6, step_s=0.035)
+               for i in range(8)]
+    for _ in range(60):  # 1.0 engine of handed-over prefill, within 5 decoders' stall budget (1.2):
+        clock.t += 1.0  # it needs ceil(1.0 / 0.7) = 2 engines, so one of 3 turns decode and no more
+        b.record(1.0)
+        b.tick(engines)
+    assert sum(v == "prefill" for v in b.leanings.values()) == 2 and b.switches == 1
+    b.leanings["e1"] = "decode"  # one left, carrying 0.8 engine (> one engine's worth at 0.7): it stays
+    for _ in range(60):
+        clock.t += 1.0
+        b.record(0.8)
+        assert b.tick(engines) is None
+    for _ in range(30):  # 0.5 engine: a drained decode engine can carry that, the last one goes
+        clock.t += 1.0
+        b.record(0.5)
+        b.tick(engines)
+    assert "prefill" not in b.leanings.values()
