@@ -149,9 +149,9 @@ class RoleBalancer:
     prefilled where they decode, would take at most ``stall_frac`` of the decode engines' time with
     one engine more, the decode engines are busy (their mean step, where they decode, is at least
     ``decode_busy_s``; 0: always), an idle prefill engine is there to move (no prompt queued or
-    running on it) and the prefill engines that stay can carry the handed-over demand. The last one
-    may go: with none, a prompt no decode can absorb waits for an engine to drain and turn prefill
-    (the ``drain`` decision), and the stall budget bounds how often that happens. A change must
+    running on it) and the prefill engines that stay can carry the handed-over demand (the last
+    one goes only when there was none: letting it go under rare long prompts, which then wait for a
+    decode engine to drain, measured worse on ``shift``). A change must
     persist ``persist_s``, and the last switch must be ``dwell_s`` old, so roles do not flap; one
     engine moves at a time, keeping ``min_prefill``/``min_decode``.
     """
@@ -227,13 +227,11 @@ class RoleBalancer:
         n_dec = len(live) - n_pre
         idle_pre = [e for e in live if self.leanings[e.name] == "prefill" and not e.queued_prefill_tokens]
         stall_ok = self.demand(self.idle_s, needed_only=False) <= self.stall_frac * (n_dec + 1)
-        carry = down if n_pre > 1 else down - 1
         if min(up, cap) > n_pre and self.demand(self.up_window_s) > self.stall_frac * n_dec:
             want = "prefill"
-        # the prefill engines that stay must carry the handed-over demand, but the last one may go when
-        # one engine's worth remains: a decode engine drains and carries it. Only an idle one moves, so
-        # no new decode lands beside a prompt's prefill
-        elif (max(carry, self.min_prefill) < n_pre and now - self._start >= self.idle_s
+        # the prefill engines that stay must carry the handed-over demand (the last one goes only when
+        # there is none); only an idle one moves, so no new decode lands beside a prompt's prefill
+        elif (max(down, self.min_prefill) < n_pre and now - self._start >= self.idle_s
               and self.decode_busy(live) and stall_ok and idle_pre):
             want = "decode"
         elif n_pre > cap and n_pre > self.min_prefill:  # an engine died: keep min_decode
