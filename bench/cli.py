@@ -333,12 +333,15 @@ def sweep_cmd(url: str, model: str | None, rates: str, baseline: Path | None, is
 )
 @click.option("--peer-url", help="An already-running OpenAI-compatible server (e.g. vLLM) to sweep as well.")
 @click.option("--peer-name", default="peer", show_default=True)
+@click.option("--interleave/--by-mode", default=False, show_default=True,
+              help="Rate by rate, every mode on a fresh server per rate point (a shared machine's drift then "
+                   "lands on every mode alike), instead of all rates of one mode, then the next.")
 @isolated_option
 @slo_options
 @load_options("mixed")
 def compare_cmd(rates: str, modes: str, launch: str, host: str, ready_timeout_s: float, stop_timeout_s: float,
-                peer_url: str | None, peer_name: str, isolated_per_bucket: int, slo_opts: SLOOptions,
-                load: LoadOptions) -> None:
+                peer_url: str | None, peer_name: str, interleave: bool, isolated_per_bucket: int,
+                slo_opts: SLOOptions, load: LoadOptions) -> None:
     """Unified vs disaggregated on the same devices: OUT/report.md, OUT/compare.json and PNG plots.
 
     Each mode is launched in turn (--launch), swept over the same seeded requests, and stopped with
@@ -353,6 +356,7 @@ def compare_cmd(rates: str, modes: str, launch: str, host: str, ready_timeout_s:
             timeout_s=load.timeout_s, peer_url=peer_url, peer_name=peer_name, api_key=load.api_key,
             absolute_slo=slo_opts.absolute(), k_ttft=slo_opts.k_ttft, k_tpot=slo_opts.k_tpot,
             isolated_per_bucket=isolated_per_bucket, process=load.process, warmup=load.warmup,
+            interleave=interleave,
         )
         builder = load.builder()
 

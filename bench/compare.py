@@ -4,6 +4,8 @@ Order of work:
 1. start the first mode (unified by default) and measure the isolated baseline on it: requests of each
    prompt-length bucket the sweep uses, sent one at a time, give the isolated TTFT per bucket and TPOT;
 2. sweep every rate against that server, stop it (SIGTERM), start the next mode, sweep, stop, ...;
+   or, with ``interleave``, rate by rate: every mode on a fresh server for each rate point, so the
+   slow drift of a shared machine lands on every mode alike;
 3. sweep an already-running peer (`--peer-url`, e.g. vLLM) if given;
 4. score every mode with the same SLO, write compare.json, then report.md and the plots.
 
@@ -201,6 +203,7 @@ class CompareConfig:
     target: float = DEFAULT_ATTAINMENT_TARGET
     isolated_per_bucket: int = 3
     isolated_max_output_len: int = 32
+    interleave: bool = False  # rate by rate, each mode on a fresh server per point (else mode by mode)
     process: ArrivalProcess = "poisson"
     warmup: int = 2
     buckets: PromptBuckets = field(default_factory=PromptBuckets)
@@ -234,49 +237,55 @@ async def run_compare(
     """Run every mode (and the peer); return compare.json's content and the raw runs."""
     out = config.out_dir
     baseline: IsolatedBaseline | None = None
-    runs: dict[str, ModeRun] = {}
+    points: dict[str, list[SweepPoint]] = {m: [] for m in config.names}
+    where: dict[str, tuple[str, str]] = {}
     phase = on_phase or (lambda text, total: None)
-    for mode in config.names:
-        async with _ModeServer(config, mode) as url:
-            model = await first_model_id(url, api_key=config.api_key)
-            client = ClientConfig(url, model, config.endpoint, config.timeout_s, config.api_key)
-            warm = warmup_requests(builder, config.warmup)
-            if baseline is None:
-                baseline, isolated = await measure_isolated(
+    rounds = [(i, (r,)) for i, r in enumerate(config.rates)] if config.interleave else [(0, config.rates)]
+    for first, rates in rounds:
+        for mode in config.names:
+            log = f"server_rate_{rates[0]:g}.log" if config.interleave else "server.log"
+            async with _ModeServer(config, mode, out / mode / log) as url:
+                model = await first_model_id(url, api_key=config.api_key)
+                client = ClientConfig(url, model, config.endpoint, config.timeout_s, config.api_key)
+                warm = warmup_requests(builder, config.warmup)
+                if baseline is None:
+                    baseline, isolated = await measure_isolated(
+                        client,
+                        builder,
+                        config.source.make(builder, point_seed(config.seed, 0)),
+                        isolated_seed(config.seed),
+                        config.buckets,
+                        config.isolated_per_bucket,
+                        config.isolated_max_output_len,
+                        warm,
+                        lambda n, m=mode: phase(f"{m}: isolated baseline", n),
+                        on_done,
+                    )
+                    write_json(out / "isolated.json", {"mode": mode, **isolated})
+                    warm = []
+                slo = default_slo(config, baseline)
+                points[mode] += await run_sweep(
                     client,
+                    config.source,
                     builder,
-                    config.source.make(builder, point_seed(config.seed, 0)),
-                    isolated_seed(config.seed),
-                    config.buckets,
-                    config.isolated_per_bucket,
-                    config.isolated_max_output_len,
+                    rates,
+                    config.seed,
+                    slo,
+                    config.process,
                     warm,
-                    lambda n, m=mode: phase(f"{m}: isolated baseline", n),
+                    out / mode,
+                    {"mode": mode},
+                    lambda rate, n, m=mode: phase(f"{m}: {rate:g} req/s", n),
                     on_done,
+                    _PlacementDelta(url, config.api_key),
+                    first_index=first,
                 )
-                write_json(out / "isolated.json", {"mode": mode, **isolated})
-                warm = []
-            slo = default_slo(config, baseline)
-            placement_after = _PlacementDelta(url, config.api_key)
-            points = await run_sweep(
-                client,
-                config.source,
-                builder,
-                config.rates,
-                config.seed,
-                slo,
-                config.process,
-                warm,
-                out / mode,
-                {"mode": mode},
-                lambda rate, n, m=mode: phase(f"{m}: {rate:g} req/s", n),
-                on_done,
-                placement_after,
-            )
-            write_json(out / mode / "sweep.json", {"mode": mode, **sweep_summary(points, slo, config.target)}, 2)
-            runs[mode] = ModeRun(mode, url, client.model, tuple(points))
+                summary = sweep_summary(points[mode], slo, config.target)
+                write_json(out / mode / "sweep.json", {"mode": mode, **summary}, 2)
+                where[mode] = (url, client.model)
     if baseline is None:
         raise RuntimeError("no mode ran, so there is no isolated baseline")
+    runs = {m: ModeRun(m, where[m][0], where[m][1], tuple(points[m])) for m in config.names}
     return summarize(config, baseline, runs), runs
 
 
@@ -296,9 +305,9 @@ class _PlacementDelta:
 class _ModeServer:
     """Launch a mode, or pass an already-running peer's URL through untouched."""
 
-    def __init__(self, config: CompareConfig, mode: str) -> None:
+    def __init__(self, config: CompareConfig, mode: str, log: Path) -> None:
         launched = mode in config.modes
-        self.server = LaunchedServer(config.launch, mode, config.out_dir / mode / "server.log") if launched else None
+        self.server = LaunchedServer(config.launch, mode, log) if launched else None
         self.url = config.peer_url or ""
 
     async def __aenter__(self) -> str:
@@ -363,6 +372,7 @@ def summarize(config: CompareConfig, baseline: IsolatedBaseline, runs: Mapping[s
         "rates": list(config.rates),
         "endpoint": config.endpoint,
         "arrival": config.process,
+        "order": "interleaved" if config.interleave else "by-mode",
         "launch": config.launch.template,
         "reference_mode": config.modes[0],
         "reference_rate": ref_rate,

@@ -22,6 +22,11 @@ from bench.metrics import tpots_from_result
 TIE_MARGIN = 0.10  # goodputs within 10% of each other are a tie
 
 
+_ORDER_TEXT = {
+    "by-mode": "Modes ran one after the other on the same devices",
+    "interleaved": "Modes ran interleaved, rate by rate, each on a fresh server per rate point, on the same devices",
+}
+
 def _fmt(value: Any, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -252,7 +257,7 @@ def render_markdown(summary: Mapping[str, Any], plots: Sequence[Path]) -> str:
         f"Workload `{summary['workload']}`, {summary['num_requests']} requests per rate, seed {summary['seed']}, "
         f"offered rates {', '.join(f'{r:g}' for r in summary['rates'])} req/s ({summary['arrival']} arrivals), "
         f"`{summary['endpoint']}` "
-        f"endpoint. Modes ran one after the other on the same devices, launched with `{summary['launch']}`.",
+        f"endpoint. {_ORDER_TEXT[summary.get('order', 'by-mode')]}, launched with `{summary['launch']}`.",
         "",
         f"SLO ({_slo_text(slo)}). Goodput is the highest offered rate at which at least "
         f"{slo['attainment_target']:.0%} of requests meet it (DistServe); its resolution is the rate grid.",

@@ -89,14 +89,16 @@ async def run_sweep(
     on_point: Callable[[float, int], None] | None = None,
     on_done: OnDone | None = None,
     after_point: Callable[[], Awaitable[dict[str, Any] | None]] | None = None,
+    first_index: int = 0,
 ) -> list[SweepPoint]:
     """Run every rate in order; write `out_dir/rate_<R>.json` per point when `out_dir` is given.
 
     ``after_point`` (when given) is awaited after each point; what it returns is kept as the
-    point's ``server`` field (e.g. the adaptive router's placement counters)."""
+    point's ``server`` field (e.g. the adaptive router's placement counters). ``first_index``: the
+    index of ``rates[0]`` in the whole sweep (its seed), when a sweep is run a rate at a time."""
     points = []
     for index, rate in enumerate(rates):
-        pseed = point_seed(seed, index)
+        pseed = point_seed(seed, first_index + index)
         requests = source.make(builder, pseed)
         schedule = Schedule(rate=rate, process=process, seed=pseed)
         if on_point is not None:

@@ -154,6 +154,36 @@ def test_compare_runs_each_mode_and_writes_the_report(codec: TextCodec, tmp_path
     assert redo.exit_code == 0 and (out / "report.md").read_text() == report
 
 
+def test_interleaved_compare_runs_each_mode_per_rate_on_a_fresh_server_with_the_same_requests(
+    codec: TextCodec, tmp_path: Path
+) -> None:
+    launch = f"{PY} {shlex.quote(str(HERE / 'fake_server.py'))} --mode {{mode}} --host {{host}} --port {{port}}"
+
+    def run(out: Path, *order: str) -> None:
+        args = ["compare", "--launch", launch, "--rates", "100,200", "--num-requests", "5", "--warmup", "1",
+                "--isolated-per-bucket", "1", "--out", str(out), *order]
+        result = CliRunner().invoke(bench, args, obj=BenchContext(load_codec=lambda path: codec))
+        assert result.exit_code == 0, result.output + repr(result.exception)
+
+    run(tmp_path / "by-mode")
+    run(tmp_path / "inter", "--interleave")
+    inter = tmp_path / "inter"
+    summary = json.loads((inter / "compare.json").read_text())
+    assert summary["order"] == "interleaved" and list(summary["modes"]) == ["unified", "disagg"]
+    assert json.loads((tmp_path / "by-mode" / "compare.json").read_text())["order"] == "by-mode"
+    for mode in ("unified", "disagg"):
+        assert [row["rate"] for row in summary["modes"][mode]["sweep"]] == [100.0, 200.0]
+        assert [p["rate"] for p in json.loads((inter / mode / "sweep.json").read_text())["points"]] == [100.0, 200.0]
+        for rate in ("100", "200"):  # one server per point, started and stopped
+            log = (inter / mode / f"server_rate_{rate}.log").read_text()
+            assert log.count("ready: http://127.0.0.1:") == 1 and "stopped" in log
+            # the point's requests are the same as in the mode-by-mode order (its seed is the rate's index)
+            lens = [json.loads((d / mode / f"rate_{rate}.json").read_text())["input_lens"]
+                    for d in (inter, tmp_path / "by-mode")]
+            assert lens[0] == lens[1]
+    assert "Modes ran interleaved, rate by rate" in (inter / "report.md").read_text()
+
+
 def _summary(goodputs: dict[str, float], grids: dict[str, list[list[float]]]) -> dict:
     return {
         "reference_mode": "unified",
