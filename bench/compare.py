@@ -41,7 +41,7 @@ from bench.metrics import (
 from bench.run import OnDone, measure_isolated, write_json
 from bench.server_state import delta, placement
 from bench.sweep import SweepPoint, isolated_seed, point_seed, run_sweep, sweep_summary
-from bench.workloads import PromptBuilder, RequestSource, warmup_requests
+from bench.workloads import BenchRequest, PromptBuilder, RequestSource, warmup_requests
 
 # NOTE: the running interpreter, so a compare works from a venv that is not on PATH.
 DEFAULT_LAUNCH = f"{shlex.quote(sys.executable)} -m appliance.cli up --mode {{mode}} --host {{host}} --port {{port}}"
@@ -248,20 +248,8 @@ async def run_compare(
                 model = await first_model_id(url, api_key=config.api_key)
                 client = ClientConfig(url, model, config.endpoint, config.timeout_s, config.api_key)
                 warm = warmup_requests(builder, config.warmup)
-                if baseline is None:
-                    baseline, isolated = await measure_isolated(
-                        client,
-                        builder,
-                        config.source.make(builder, point_seed(config.seed, 0)),
-                        isolated_seed(config.seed),
-                        config.buckets,
-                        config.isolated_per_bucket,
-                        config.isolated_max_output_len,
-                        warm,
-                        lambda n, m=mode: phase(f"{m}: isolated baseline", n),
-                        on_done,
-                    )
-                    write_json(out / "isolated.json", {"mode": mode, **isolated})
+                if baseline is None:  # the first server of the run measures it (and is warmed by it)
+                    baseline = await _isolated_baseline(config, builder, client, mode, warm, phase, on_done)
                     warm = []
                 slo = default_slo(config, baseline)
                 points[mode] += await run_sweep(
@@ -287,6 +275,26 @@ async def run_compare(
         raise RuntimeError("no mode ran, so there is no isolated baseline")
     runs = {m: ModeRun(m, where[m][0], where[m][1], tuple(points[m])) for m in config.names}
     return summarize(config, baseline, runs), runs
+
+
+async def _isolated_baseline(config: CompareConfig, builder: PromptBuilder, client: ClientConfig, mode: str,
+                             warm: Sequence[BenchRequest], phase: OnPhase, on_done: OnDone | None
+                             ) -> IsolatedBaseline:
+    """Measure the isolated baseline on ``mode``'s server and write isolated.json."""
+    baseline, isolated = await measure_isolated(
+        client,
+        builder,
+        config.source.make(builder, point_seed(config.seed, 0)),
+        isolated_seed(config.seed),
+        config.buckets,
+        config.isolated_per_bucket,
+        config.isolated_max_output_len,
+        warm,
+        lambda n: phase(f"{mode}: isolated baseline", n),
+        on_done,
+    )
+    write_json(config.out_dir / "isolated.json", {"mode": mode, **isolated})
+    return baseline
 
 
 class _PlacementDelta:
