@@ -92,6 +92,9 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
 @click.option("--slo-tpot-ms", default=0.0, help="auto mode: TPOT SLO for decisions (0: 1.5x the measured step).")
 @click.option("--rebalance-idle-s", default=20.0, show_default=True,
               help="auto mode: seconds of low handed-over prefill demand before a prefill engine turns to decode.")
+@click.option("--move-decodes/--no-move-decodes", default=True, show_default=True,
+              help="auto mode: an engine turning prefill moves its decodes, KV and all, to another engine "
+              "(else they finish where they are first).")
 @click.option("--prefill-order", default="auto", show_default=True, type=click.Choice(["auto", "fifo", "slack"]),
               help="Prefill queue order: least TTFT slack first, or arrival (auto: slack on prefill engines).")
 def up(**kw) -> None:

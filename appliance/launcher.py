@@ -51,6 +51,7 @@ class UpConfig:
     slo_ttft_ms: float = 0.0
     slo_tpot_ms: float = 0.0
     rebalance_idle_s: float = 20.0
+    move_decodes: bool = True
     monitor: bool = True  # on a TTY: start-up progress, then the live dashboard
 
     def __post_init__(self) -> None:
@@ -65,7 +66,8 @@ class UpConfig:
         from appliance.serve.auto_router import AutoConfig
 
         return AutoConfig(initial_prefill=initial_prefill, slo_tpot_ms=self.slo_tpot_ms,
-                          slo_ttft_ms=self.slo_ttft_ms, rebalance_idle_s=self.rebalance_idle_s)
+                          slo_ttft_ms=self.slo_ttft_ms, rebalance_idle_s=self.rebalance_idle_s,
+                          move=self.move_decodes)
 
 
 @dataclass

@@ -141,15 +141,18 @@ class Engine:
         self.pool.free(pages)
 
     def inject(self, prompt_ids: Sequence[int], params: SamplingParams, pages: list[int], first_token: int,
-               first_logprob: dict | None, request_id: str) -> RequestOutput:
+               first_logprob: dict | None, request_id: str, earlier: Sequence[int] = ()) -> RequestOutput:
         """Join a request whose prompt KV was written into ``pages`` by a prefill engine.
 
         The first token (sampled by prefill) is appended without any forward pass here; the next
-        step decodes from it. May finish at once (EOS, a stop, max_tokens=1).
+        step decodes from it. May finish at once (EOS, a stop, max_tokens=1). A request moved from
+        another decode engine arrives with the tokens it generated there: ``earlier`` (their KV is
+        in ``pages`` too) and, as ``first_token``, the last one, sampled but not yet fed.
         """
         req = Request(prompt_ids=list(prompt_ids), params=params, request_id=request_id, arrival=time.monotonic())
         req.pages = list(pages)
-        req.computed_len = req.prompt_len
+        req.output_ids = list(earlier)
+        req.computed_len = req.total_len
         req.status = RequestStatus.RUNNING
         self.requests[request_id] = req
         self.scheduler.running.append(req)

@@ -133,10 +133,14 @@ class EngineLoop:
 
     # -- decode side ----------------------------------------------------------------------------
     def reserve(self, rid: str, room: str, prompt_ids: list[int], params: SamplingParams, num_signals: int,
-                lease_s: float) -> list[int] | None:
-        """Engine thread: reserve pages for a room and start waiting for it (None: no pages)."""
+                lease_s: float, reserve_tokens: int = 0) -> list[int] | None:
+        """Engine thread: reserve pages for a room and start waiting for it (None: no pages).
+        ``reserve_tokens``: pages for this many tokens instead of the prompt's (a moved request)."""
         self.engine.validate_prompt(prompt_ids, params)
-        pages = self.engine.reserve_pages(len(prompt_ids))
+        if reserve_tokens and not len(prompt_ids) <= reserve_tokens < self.engine.max_model_len:
+            raise ValueError(f"reserve_tokens must be in [{len(prompt_ids)}, {self.engine.max_model_len}), "
+                             f"got {reserve_tokens}")
+        pages = self.engine.reserve_pages(max(reserve_tokens, len(prompt_ids)))
         if pages is None:
             return None
         try:
@@ -183,13 +187,38 @@ class EngineLoop:
                 continue
             try:
                 first = msgspec.json.decode(next(p for p in status.payloads if p))
+                earlier = [int(t) for t in first.get("earlier", ())]  # a moved request's tokens so far
+                if len(pending.prompt_ids) + len(earlier) + 1 > len(pending.pages) * self.engine.config.page_size:
+                    raise ValueError(f"{len(earlier)} earlier tokens do not fit the {len(pending.pages)} pages")
                 out = self.engine.inject(pending.prompt_ids, pending.params, pending.pages, int(first["token"]),
-                                         first.get("logprob"), pending.rid)
+                                         first.get("logprob"), pending.rid, earlier)
             except Exception as exc:  # a malformed payload fails this room only
                 self.engine.unreserve_pages(pending.pages)
                 self._emit(pending.rid, Event(kind="error", status=502, message=f"bad handoff payload: {exc}"))
                 continue
             self._emit_output(out, kind="first")
+
+    def move_out(self, rid: str, room: str, handles: list[str], dst_pages: list[int]) -> None:
+        """Engine thread: push a decoding request's KV into another engine's room and drop it here.
+
+        The destination goes on from the last sampled token (not yet fed), with the earlier tokens in
+        the payload. Raises ValueError when ``rid`` is not decoding here (unknown, finished, still
+        prefilling, preempted); the request then simply stays. Its stream here ends with ``moved``.
+        """
+        req = self.engine.requests.get(rid)
+        if self.engine.handoff is None:
+            raise ValueError("this engine cannot hand KV over (role)")
+        if req is None or req.is_finished or req.prefill_only:
+            raise ValueError(f"request {rid!r} is not decoding here")
+        if not req.output_ids or req.computed_len != req.total_len - 1 or req not in self.engine.scheduler.running:
+            raise ValueError(f"request {rid!r} is not decoding here yet (prefill or preempted)")
+        last_lp = req.output_logprobs[-1] if len(req.output_logprobs) == len(req.output_ids) else None
+        payload = msgspec.json.encode({"token": req.output_ids[-1], "logprob": last_lp,
+                                       "earlier": req.output_ids[:-1]})
+        self.engine.handoff.push_request(req, room, handles, dst_pages, payload)
+        cached = req.cached_len
+        self.engine.abort(rid)
+        self._emit(rid, Event(kind="moved", prompt_tokens=req.prompt_len, cached_tokens=cached))
 
     # -- the thread ----------------------------------------------------------------------------
     def _run(self) -> None:

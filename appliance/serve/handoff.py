@@ -199,6 +199,22 @@ class PrefillHandoff:
         except (TransportError, OSError) as exc:
             t.error = f"KV transfer signal failed: {exc}"
 
+    def push_request(self, req: Request, room: str, handles: list[str], dst_pages: list[int],
+                     payload: bytes) -> None:
+        """Move a decoding request: push every page of its computed KV into ``dst_pages``, layer by
+        layer, then signal ``room`` with ``payload``. Raises `TransportError` when a write failed."""
+        n = -(-req.computed_len // self.page_size)
+        if n > len(dst_pages):
+            raise ValueError(f"the destination reserved {len(dst_pages)} pages but the request holds {n}")
+        plan = StepPlan(room, handles, req.pages[:n], dst_pages[:n], True)
+        failed: dict[str, str] = {}
+        for layer in range(self.sender.local.num_layers):
+            self.sender.write([plan], layer, failed)
+            if failed:
+                raise TransportError(failed[room])
+        self.pages_sent += n
+        self.sender.signal(handles, room, payload)
+
     def close(self) -> None:
         self.sender.close()
 

@@ -46,6 +46,7 @@ class DecodeRequest(msgspec.Struct, frozen=True, kw_only=True):
     sampling: Sampling
     prefill_tp: int = 1
     lease_s: float = 5.0
+    reserve_tokens: int = 0  # pages for this many tokens (0: the prompt); a moved request's context is longer
 
 
 class PrefillRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -59,11 +60,22 @@ class PrefillRequest(msgspec.Struct, frozen=True, kw_only=True):
     handles: list[str]  # PoolHandle JSON, one per decode TP rank
 
 
+class MoveRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Router -> the engine decoding ``rid``: push its KV into ``dst_pages`` of another decode pool
+    (reserved for ``room``), then drop it here; the other engine goes on decoding it."""
+
+    rid: str
+    room: str
+    dst_pages: list[int]
+    handles: list[str]
+
+
 class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One line of a worker's NDJSON stream.
 
     ``kind``: ``reserved`` (decode: pages + handles), ``tokens`` (new token ids), ``done`` (finish
-    reason + usage), ``error`` (message; the request is over).
+    reason + usage), ``error`` (message; the request is over), ``moved`` (the request went on to
+    another engine, see :class:`MoveRequest`; this stream is over).
     """
 
     kind: str

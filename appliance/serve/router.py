@@ -474,6 +474,9 @@ class Router:
                 elif ev.kind == "done":
                     yield Outcome(ev.finish_reason, ev.prompt_tokens, ev.cached_tokens)
                     return
+                elif ev.kind == "moved":  # went on to another engine (adaptive mode): the caller follows it
+                    yield ev
+                    return
                 elif ev.kind == "error":
                     raise oai.ApiError(ev.status or 502, ev.message, kind="server_error")
         finally:
@@ -583,6 +586,9 @@ class Router:
                     if ptask.done() and not ptask.cancelled() and ptask.exception() is None:
                         cached = int(ptask.result().get("cached_tokens", cached))
                     yield Outcome(ev.finish_reason, len(ids), cached)
+                    return
+                elif ev.kind == "moved":  # went on to another engine (adaptive mode): the caller follows it
+                    yield Event(kind="moved", prompt_tokens=len(ids), cached_tokens=cached)
                     return
                 elif ev.kind == "error":
                     raise oai.ApiError(ev.status or 502, ev.message, kind="server_error")

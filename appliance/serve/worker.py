@@ -20,7 +20,7 @@ from aiohttp import web
 
 from appliance.config import EngineConfig
 from appliance.serve.auth import bearer_ok
-from appliance.serve.protocol import DecodeRequest, Event, GenerateRequest, PrefillRequest, encode_line
+from appliance.serve.protocol import DecodeRequest, Event, GenerateRequest, MoveRequest, PrefillRequest, encode_line
 from appliance.serve.stream_write import eof_within, write_within
 
 log = logging.getLogger("pdbox.worker")
@@ -121,6 +121,7 @@ class Worker:
         app.router.add_post("/internal/prefill", self.prefill)
         app.router.add_post("/internal/decode", self.decode)
         app.router.add_post("/internal/abort", self.abort)
+        app.router.add_post("/internal/move", self.move)
 
         async def lifecycle(app: web.Application):
             self.loop = EngineLoop(self.engine, asyncio.get_running_loop(), self.transport, self.metrics.on_step)
@@ -200,7 +201,7 @@ class Worker:
             while True:
                 ev = await q.get()
                 await write_within(resp, encode_line(ev), self.cfg.router_stall_s)
-                if ev.kind in ("done", "error"):
+                if ev.kind in ("done", "error", "moved"):
                     finished = True
                     break
             await eof_within(resp, self.cfg.router_stall_s)
@@ -279,7 +280,7 @@ class Worker:
             return web.json_response({"error": str(exc)}, status=409)
         try:
             pages = await self.loop.call(lambda: self.loop.reserve(body.rid, body.room, body.prompt_ids, params,
-                                                                   signals, body.lease_s))
+                                                                   signals, body.lease_s, body.reserve_tokens))
         except Exception as exc:
             self.loop.close_stream(body.rid)
             self.loop.abort(body.rid)  # the reservation may still run after a timeout: drop it then
@@ -294,6 +295,28 @@ class Worker:
             return web.json_response({"error": "no free KV pages for this prompt"}, status=503)
         first = Event(kind="reserved", pages=pages, handles=[self.handle_json])
         return await self._stream(request, body.rid, q, first)
+
+    async def move(self, request: web.Request) -> web.Response:
+        """Hand a decoding request over to another engine (its pages there reserved by the router)."""
+        from nvshmem_kv import PoolHandle, TransportError
+
+        self._check_role("auto")
+        body: MoveRequest = await self._decode_body(request, MoveRequest)
+        if not body.handles:
+            raise web.HTTPBadRequest(text="handles must name at least one decode pool")
+        for h in body.handles:
+            try:
+                PoolHandle.from_json(h)
+            except (TransportError, msgspec.MsgspecError) as exc:
+                raise web.HTTPBadRequest(text=f"bad pool handle: {exc}") from None
+        try:
+            await self.loop.call(lambda: self.loop.move_out(body.rid, body.room, list(body.handles),
+                                                            list(body.dst_pages)))
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=409)
+        except (TransportError, OSError) as exc:
+            return web.json_response({"error": f"KV push failed: {exc}"}, status=502)
+        return web.json_response({"ok": True})
 
     async def abort(self, request: web.Request) -> web.Response:
         try:

@@ -22,9 +22,11 @@ class Clock:
         return self.t
 
 
-def router(prefill: tuple[str, ...] = ("e0",)) -> tuple[AutoRouter, Clock]:
+def router(prefill: tuple[str, ...] = ("e0",), move: bool = False) -> tuple[AutoRouter, Clock]:
+    """``move``: an engine turning prefill moves its decodes away (else they finish there first)."""
     clock = Clock()
-    r = AutoRouter(RouterConfig(mode="auto", decode_policy="round_robin"), AutoConfig(initial_prefill=prefill),
+    r = AutoRouter(RouterConfig(mode="auto", decode_policy="round_robin"),
+                   AutoConfig(initial_prefill=prefill, move=move),
                    tokenizer=None, vocab_size=49152, clock=clock)
     for name in ("e0", "e1"):
         r.add_worker(WorkerHandle(name=name, role="auto", url=f"http://{name}", healthy=True, load=dict(LOAD)))
@@ -59,6 +61,21 @@ def test_with_no_prefill_engine_a_long_prompt_moves_to_the_decode_engine_that_ca
     decoding(r, "b", "e1", 2000, 10, 25.0)
     kind, choice, dec, _ = r.choose(list(range(1500)))
     assert kind == "local" and dec.code == "no_prefill" and r.balancer.demand(10.0) > 0
+
+
+def test_when_decodes_can_move_a_long_prompt_turns_an_engine_prefill_at_once() -> None:
+    r, _ = router(prefill=(), move=True)
+    decoding(r, "a", "e0", 2000, 10, 25.0)  # long answers with little slack: 50 s to finish where they are
+    decoding(r, "b", "e1", 2000, 10, 25.0)
+    r.active["c"] = _Progress("e1", "e1", 300, 64, r.clock())  # e1 also prefills a prompt for itself
+    kind, choice, dec, _ = r.choose(list(range(1500)))
+    # e0's decode moves to e1 (0.5 s); e1 would first have to finish its own 300-token prefill
+    assert kind == "disagg" and dec.code == "drain" and choice["prefill"].name == "e0"
+    assert "e0 drains in 0.5 s" in dec.reason and r.leaning(choice["prefill"]) == "prefill"
+    r2, _ = router(prefill=(), move=False)  # the same load, decodes that cannot move: nothing drains in time
+    decoding(r2, "a", "e0", 2000, 10, 25.0)
+    decoding(r2, "b", "e1", 2000, 10, 25.0)
+    assert r2.choose(list(range(1500)))[2].code == "no_prefill"
 
 
 def test_with_no_prefill_engine_a_long_prompt_waits_for_an_engine_to_drain_then_hands_over() -> None:
