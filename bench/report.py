@@ -154,8 +154,8 @@ def placement_lines(summary: Mapping[str, Any]) -> list[str]:
     if not rows:
         return []
     lines = ["", "## Adaptive placement (the router's counters, per rate point)", "",
-             "| mode | rate | local | disagg | by reason | role switches | leanings after |",
-             "|---|---|---|---|---|---|---|"]
+             "| mode | rate | local | disagg | by reason | role switches | decodes moved | leanings after |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, p in rows:
         d = p["decisions"]
         local = sum(v for k, v in d.items() if k.startswith("local:"))
@@ -163,7 +163,7 @@ def placement_lines(summary: Mapping[str, Any]) -> list[str]:
         reasons = ", ".join(f"{k} {v:.0f}" for k, v in sorted(d.items()))
         leanings = ", ".join(f"{w} {lean}" for w, lean in sorted(p["leanings"].items()))
         lines.append(f"| {name} | {p['rate']:g} | {local:.0f} | {disagg:.0f} | {reasons} | {p['role_switches']} | "
-                     f"{leanings} |")
+                     f"{p.get('decodes_moved', '-')} | {leanings} |")
     return lines
 
 

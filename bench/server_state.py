@@ -1,7 +1,8 @@
 """What a pdbox server says about its own placement, scraped after each rate point.
 
 For ``--mode auto`` that is how requests were placed (``pdbox_auto_decisions_total`` by decision and
-reason), how many engines changed leaning, and where each leans now. Other servers (a peer such as
+reason), how many engines changed leaning and how many decoding requests moved between engines, and
+where each leans now. Other servers (a peer such as
 vLLM, or the fixed modes) answer ``None``: the comparison never depends on it.
 """
 
@@ -48,6 +49,7 @@ async def placement(base_url: str, api_key: str | None = None, timeout_s: float 
     return {
         "decisions": parse_decisions(text),
         "role_switches": int(workers["role_switches"]),
+        "decodes_moved": int(workers.get("decodes_moved", 0)),
         "leanings": {w["name"]: w.get("leaning", "") for w in workers.get("workers", [])},
         "last_decision": workers.get("last_decision", ""),
     }
@@ -60,4 +62,5 @@ def delta(after: dict[str, Any] | None, before: dict[str, Any] | None) -> dict[s
     prev = before or {"decisions": {}, "role_switches": 0}
     decisions = {k: v - prev["decisions"].get(k, 0.0) for k, v in after["decisions"].items()}
     return {**after, "decisions": {k: v for k, v in decisions.items() if v},
-            "role_switches": after["role_switches"] - prev["role_switches"]}
+            "role_switches": after["role_switches"] - prev["role_switches"],
+            "decodes_moved": after.get("decodes_moved", 0) - prev.get("decodes_moved", 0)}

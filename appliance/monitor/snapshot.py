@@ -259,7 +259,9 @@ class Monitor:
         for s in m.series("pdbox_auto_decisions_total", **ROUTER):
             counts[s.labels.get("decision", "?")] = counts.get(s.labels.get("decision", "?"), 0.0) + s.value
         placed = " ".join(f"{k} {v:.0f}" for k, v in sorted(counts.items())) or "no decisions yet"
-        return f"auto: {placed}, {info['role_switches']} role switches; last: {info.get('last_decision') or '-'}"
+        moved = f", {info['decodes_moved']} decodes moved" if "decodes_moved" in info else ""
+        return (f"auto: {placed}, {info['role_switches']} role switches{moved}; "
+                f"last: {info.get('last_decision') or '-'}")
 
     @staticmethod
     def _worker_row(m: Metrics, w: dict[str, Any], cur: _Point, base: _Point | None) -> WorkerRow:

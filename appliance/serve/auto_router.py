@@ -37,6 +37,8 @@ _choice: contextvars.ContextVar[dict[str, WorkerHandle]] = contextvars.ContextVa
 
 DECODE_BUSY_FRAC = 0.8  # a prefill engine turns to decode only while decode steps take >= this x the TPOT SLO
 DRAIN_POLL_S = 0.02  # how often a prompt held for a draining engine looks again
+EVACUATE_POLL_S = 0.25  # how often an engine turned prefill looks again for decodes to move off it
+EVACUATE_WITHIN_S = 120.0  # ... and for how long
 MOVE_S = 0.5  # what moving an engine's decodes elsewhere takes (a step there, the push, a step here)
 MOVE_MARGIN_TOKENS = 64  # pages reserved for a moving request beyond its context as the router last saw it
 
@@ -97,6 +99,7 @@ class AutoRouter(Router):
         self._derived_tpot_s: float | None = None
         self._moves: dict[str, asyncio.Future] = {}  # rid -> the destination's stream, once its source let go
         self._tasks: set[asyncio.Task] = set()
+        self.moves = 0
         self.m_moves = r.counter("pdbox_decode_moves_total", "Decoding requests moved to another engine, by outcome")
 
     # -- engines and their leanings ------------------------------------------------------------------
@@ -175,14 +178,15 @@ class AutoRouter(Router):
 
     def drain_s(self, w: WorkerHandle) -> float:
         """Until no request decodes on ``w``: its remaining tokens at the current step, or, when its
-        decodes can move to another engine, the prompts it is prefilling for itself plus the move."""
+        decodes can move to another engine, the move (after the prompts it is prefilling for itself,
+        which :func:`decide` counts as its queued prefill)."""
         cost = self.cost()
         step = float(w.load.get("decode_step_s") or cost.decode_step_s)
         mine = [p for p in self.active.values() if p.decode_on == w.name]
         if not mine:
             return 0.0
         if self.auto.move and any(x is not w for x in self.healthy("decode")):
-            return cost.prefill_s(sum(p.tokens for p in mine if p.first_at is None)) + MOVE_S
+            return MOVE_S  # after the prompts it prefills for itself, which count as its queued prefill
         return max(step * max(0, p.max_tokens - p.emitted) + (cost.prefill_s(p.tokens) if p.first_at is None else 0)
                    for p in mine)
 
@@ -206,7 +210,7 @@ class AutoRouter(Router):
             await asyncio.gather(*(self.refresh(w) for w in list(self.workers.values())))
             moved = self.rebalance()
             if moved is not None and self.leaning(self.workers[moved]) == "prefill":
-                self._background(self.evacuate(moved))
+                self._background(self.evacuate_all(moved))
             await asyncio.sleep(self.cfg.health_interval_s)
 
     def _background(self, coro) -> None:
@@ -227,6 +231,16 @@ class AutoRouter(Router):
             return 0
         moved = await asyncio.gather(*(self.move(rid, min(dsts, key=self._move_cost)) for rid, _ in todo))
         return sum(moved)
+
+    async def evacuate_all(self, engine: str) -> None:
+        """While ``engine`` leans prefill: move its decodes off it, and the prompts it was prefilling for
+        itself as soon as they decode (they would otherwise decode beside its prefills), within a deadline."""
+        deadline = self.clock() + EVACUATE_WITHIN_S
+        w = self.workers.get(engine)
+        while (w is not None and self.leaning(w) == "prefill" and self.clock() < deadline
+               and any(p.decode_on == engine for p in self.active.values())):
+            await self.evacuate(engine)
+            await asyncio.sleep(EVACUATE_POLL_S)
 
     def _move_cost(self, w: WorkerHandle) -> tuple[int, float]:
         running = sum(1 for p in self.active.values() if p.decode_on == w.name)
@@ -275,6 +289,7 @@ class AutoRouter(Router):
                 self._done_with(dst, dresp)
                 raise
             self.m_moves.inc(outcome="moved")
+            self.moves += 1
             dst.inflight += 1
             p.decode_on = dst.name
             fut.set_result((dst, dresp, lines))
@@ -483,7 +498,10 @@ class AutoRouter(Router):
             raise oai.ApiError(409, f"{name} is the last healthy decode-leaning engine; it must stay decode",
                                kind="conflict")
         self._switch(name, leaning, "operator request")
-        moved = await self.evacuate(name) if leaning == "prefill" else 0
+        moved = 0
+        if leaning == "prefill":
+            moved = await self.evacuate(name)
+            self._background(self.evacuate_all(name))  # what still prefills there moves once it decodes
         return web.json_response({"name": name, "leaning": leaning, "moved": moved})
 
     async def list_workers(self, request: web.Request) -> web.Response:
@@ -495,4 +513,5 @@ class AutoRouter(Router):
                 w["leaning"] = self.leaning(handle)
         body["last_decision"] = self.last_decision
         body["role_switches"] = self.balancer.switches if self.balancer else 0
+        body["decodes_moved"] = self.moves
         return web.json_response(body)

@@ -1,0 +1,125 @@
+"""Moving a decoding request between two engines (the worker's engine loops, the shm transport, a tiny
+model): the tokens go on exactly as on one engine, bad moves are refused and leave the request be,
+and no page leaks on either side."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+import pytest
+
+from appliance.config import EngineConfig
+from appliance.engine.request import SamplingParams
+from appliance.serve.engine_loop import EngineLoop
+from appliance.serve.protocol import Event
+from appliance.serve.worker import Worker, WorkerConfig
+from tests.engine.reference import NaiveLlama
+
+PROMPT = [5 + (i * 11) % 250 for i in range(37)]
+STEPS = 24
+PARAMS = SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True)
+
+
+def worker(model: str, name: str) -> Worker:
+    w = Worker(WorkerConfig(role="auto", name=name, model=model, transport="shm",
+                            run_id=f"move-{secrets.token_hex(4)}",
+                            engine=EngineConfig(dtype="float32", page_size=4, num_pages=128)))
+    w.build_engine()
+    return w
+
+
+async def until(q: asyncio.Queue[Event], kinds: tuple[str, ...], timeout_s: float = 30.0) -> list[Event]:
+    """Events from ``q`` up to and including the first of ``kinds``."""
+    out = []
+    while True:
+        ev = await asyncio.wait_for(q.get(), timeout_s)
+        out.append(ev)
+        if ev.kind in kinds:
+            return out
+
+
+def tokens(events: list[Event]) -> list[int]:
+    return [t for ev in events if ev.kind in ("tokens", "first") for t in ev.token_ids]
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model):
+    a, b = worker(str(tiny_model), "a"), worker(str(tiny_model), "b")
+    yield a, b
+    for w in (a, b):
+        w.handoff.close()
+        w.engine.shutdown()
+
+
+def idle(w: Worker) -> bool:
+    w.engine.cache.reset()
+    return w.engine.pool.num_free == w.engine.pool.num_pages and not w.engine.requests
+
+
+def test_a_request_moved_mid_decode_goes_on_with_the_same_tokens(pair, tiny_model) -> None:
+    a, b = pair
+    expected = NaiveLlama(str(tiny_model)).greedy(PROMPT, STEPS)
+
+    async def scenario() -> tuple[list[int], list[int], Event]:
+        aio = asyncio.get_running_loop()
+        la, lb = EngineLoop(a.engine, aio, a.transport), EngineLoop(b.engine, aio, b.transport)
+        la.start()
+        lb.start()
+        try:
+            qa = la.submit("r", PROMPT, PARAMS)
+            before: list[Event] = []
+            while len(tokens(before)) < 8:
+                before += await until(qa, ("tokens",))
+            # the destination reserves room for more than the router saw: tokens go on meanwhile
+            qb = lb.open_stream("r")
+            pages = await lb.call(lambda: lb.reserve("r", "room-r", PROMPT, PARAMS, 1, 10.0,
+                                                     reserve_tokens=len(PROMPT) + 8 + 16))
+            await la.call(lambda: la.move_out("r", "room-r", [b.handle_json], pages))
+            before += await until(qa, ("moved",))
+            after = await until(qb, ("done",))
+            return tokens(before), tokens(after), before[-1]
+        finally:
+            la.stop()
+            lb.stop()
+
+    before, after, moved = asyncio.run(scenario())
+    assert moved.kind == "moved" and moved.prompt_tokens == len(PROMPT)
+    # the destination's first event repeats the last token the source sampled (not yet fed)
+    assert after[0] == before[-1] and before + after[1:] == expected
+    assert idle(a) and idle(b)
+
+
+def test_bad_moves_are_refused_and_the_request_stays(pair, tiny_model) -> None:
+    a, b = pair
+    expected = NaiveLlama(str(tiny_model)).greedy(PROMPT, STEPS)
+
+    async def scenario() -> list[int]:
+        aio = asyncio.get_running_loop()
+        la, lb = EngineLoop(a.engine, aio, a.transport), EngineLoop(b.engine, aio, b.transport)
+        la.start()
+        lb.start()
+        try:
+            with pytest.raises(ValueError, match="not decoding here"):
+                await la.call(lambda: la.move_out("nobody", "room-x", [b.handle_json], [0, 1]))
+            qa = la.submit("s", PROMPT, PARAMS)
+            got = await until(qa, ("tokens",))
+            pages = await lb.call(lambda: lb.reserve("s", "room-s", PROMPT, PARAMS, 1, 10.0))
+            # room for the prompt only: the request has more KV than that by now
+            with pytest.raises(ValueError, match="reserved .* pages but the request holds"):
+                await la.call(lambda: la.move_out("s", "room-s", [b.handle_json], pages[:1]))
+            with pytest.raises(ValueError, match="reserve_tokens must be"):
+                await lb.call(lambda: lb.reserve("s2", "room-s2", PROMPT, PARAMS, 1, 10.0, reserve_tokens=3))
+            lb.abort("s")  # the router closes the destination's stream: the room is dropped
+            got += await until(qa, ("done",))
+            with pytest.raises(ValueError, match="not decoding here"):  # finished: nothing to move
+                await la.call(lambda: la.move_out("s", "room-s", [b.handle_json], pages))
+            await asyncio.sleep(1.2)  # the dropped room's pages leave quarantine (HANDOFF_GRACE_S)
+            await lb.call(lb._release_quarantine)
+            return tokens(got)
+        finally:
+            la.stop()
+            lb.stop()
+
+    assert asyncio.run(scenario()) == expected  # refused moves changed nothing
+    assert idle(a) and idle(b)
