@@ -6,8 +6,7 @@ to a decode-leaning engine; :func:`decide` says whether a prefill-leaning engine
 prompt and hands the KV over, or the decode engine prefills it itself.
 
 An engine that turns prefill does not wait for its decodes to end: the router moves each of them,
-KV and all, to another decode engine (``/internal/move``; the same one-sided push as a prefill
-handoff), and splices the client's stream from one engine onto the other.
+KV and all, to another decode engine (:class:`~appliance.serve.decode_mover.DecodeMover`).
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import contextvars
 import json
 import logging
 import math
-import secrets
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
@@ -27,9 +25,10 @@ from aiohttp import web
 from appliance.engine.scheduler import ttft_slack
 from appliance.serve import openai_api as oai
 from appliance.serve.adaptive import CostModel, Decision, EngineLoad, RoleBalancer, decide, decode_slack_s
+from appliance.serve.decode_mover import DecodeMover
 from appliance.serve.policies import CacheAware, WorkerHandle
-from appliance.serve.protocol import DecodeRequest, Event, MoveRequest
-from appliance.serve.router import Outcome, Router, RouterConfig, WorkerFailed
+from appliance.serve.protocol import Event
+from appliance.serve.router import Outcome, Router, RouterConfig
 
 log = logging.getLogger("pdbox.auto")
 _choice: contextvars.ContextVar[dict[str, WorkerHandle]] = contextvars.ContextVar("pdbox_auto_choice")
@@ -37,10 +36,7 @@ _choice: contextvars.ContextVar[dict[str, WorkerHandle]] = contextvars.ContextVa
 
 DECODE_BUSY_FRAC = 0.8  # a prefill engine turns to decode only while decode steps take >= this x the TPOT SLO
 DRAIN_POLL_S = 0.02  # how often a prompt held for a draining engine looks again
-EVACUATE_POLL_S = 0.25  # how often an engine turned prefill looks again for decodes to move off it
-EVACUATE_WITHIN_S = 120.0  # ... and for how long
 MOVE_S = 0.5  # what moving an engine's decodes elsewhere takes (a step there, the push, a step here)
-MOVE_MARGIN_TOKENS = 64  # pages reserved for a moving request beyond its context as the router last saw it
 
 
 @dataclass(frozen=True)
@@ -97,10 +93,8 @@ class AutoRouter(Router):
         self.active: dict[str, _Progress] = {}
         self.loaded_at: dict[str, float] = {}
         self._derived_tpot_s: float | None = None
-        self._moves: dict[str, asyncio.Future] = {}  # rid -> the destination's stream, once its source let go
         self._tasks: set[asyncio.Task] = set()
-        self.moves = 0
-        self.m_moves = r.counter("pdbox_decode_moves_total", "Decoding requests moved to another engine, by outcome")
+        self.mover = DecodeMover(self)
 
     # -- engines and their leanings ------------------------------------------------------------------
     def cost(self) -> CostModel:
@@ -210,137 +204,13 @@ class AutoRouter(Router):
             await asyncio.gather(*(self.refresh(w) for w in list(self.workers.values())))
             moved = self.rebalance()
             if moved is not None and self.leaning(self.workers[moved]) == "prefill":
-                self._background(self.evacuate_all(moved))
+                self._background(self.mover.evacuate_all(moved))
             await asyncio.sleep(self.cfg.health_interval_s)
 
     def _background(self, coro) -> None:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-    # -- moving decodes off an engine -------------------------------------------------------------
-    async def evacuate(self, engine: str) -> int:
-        """Move every request decoding on ``engine`` to a decode-leaning engine; returns how many moved.
-        Those still prefilling there (no first token yet) stay; a failed move leaves its request where it is."""
-        if not self.auto.move:
-            return 0
-        todo = [(rid, p) for rid, p in self.active.items()
-                if p.decode_on == engine and p.first_at is not None and not p.moving and p.parsed is not None]
-        dsts = [w for w in self.healthy("decode") if w.name != engine]
-        if not todo or not dsts:
-            return 0
-        moved = await asyncio.gather(*(self.move(rid, min(dsts, key=self._move_cost)) for rid, _ in todo))
-        return sum(moved)
-
-    async def evacuate_all(self, engine: str) -> None:
-        """While ``engine`` leans prefill: move its decodes off it, and the prompts it was prefilling for
-        itself as soon as they decode (they would otherwise decode beside its prefills), within a deadline."""
-        deadline = self.clock() + EVACUATE_WITHIN_S
-        w = self.workers.get(engine)
-        while (w is not None and self.leaning(w) == "prefill" and self.clock() < deadline
-               and any(p.decode_on == engine for p in self.active.values())):
-            await self.evacuate(engine)
-            await asyncio.sleep(EVACUATE_POLL_S)
-
-    def _move_cost(self, w: WorkerHandle) -> tuple[int, float]:
-        running = sum(1 for p in self.active.values() if p.decode_on == w.name)
-        total = w.load.get("total_pages") or 1
-        return running, -(w.load.get("free_pages", total) + w.load.get("evictable_pages", 0)) / total
-
-    async def move(self, rid: str, dst: WorkerHandle) -> bool:
-        """Move one decoding request to ``dst``: reserve pages there, have its engine push the KV and let
-        go (its stream ends ``moved``), and hand ``dst``'s stream to the request's own generator."""
-        p = self.active.get(rid)
-        if p is None or p.parsed is None or p.moving or p.decode_on == dst.name or rid in self._moves:
-            return False
-        src = self.workers.get(p.decode_on)
-        if src is None:
-            return False
-        parsed, room = p.parsed, secrets.token_urlsafe(18)
-        context = len(parsed.prompt_ids) + p.emitted + MOVE_MARGIN_TOKENS
-        if self.max_model_len:
-            context = min(context, self.max_model_len - 1)
-        lease = self.cfg.lease_s + self.cfg.lease_per_token_s * context
-        dreq = DecodeRequest(rid=rid, room=room, prompt_ids=parsed.prompt_ids, sampling=parsed.sampling,
-                             lease_s=lease, reserve_tokens=context)
-        p.moving = True
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        try:
-            try:
-                dresp, lines, reserved = await self._reserve(dst, dreq)
-            except (WorkerFailed, oai.ApiError) as exc:
-                self.m_moves.inc(outcome="no_room")
-                log.info("move %s %s -> %s: %s", rid, src.name, dst.name, exc)
-                return False
-            self._moves[rid] = fut
-            try:
-                resp = await self._post(src, "/internal/move", MoveRequest(
-                    rid=rid, room=room, dst_pages=reserved.pages, handles=reserved.handles))
-                self._done_with(src, resp)
-            except (WorkerFailed, oai.ApiError) as exc:
-                self.m_moves.inc(outcome="refused")
-                log.info("move %s %s -> %s refused: %s", rid, src.name, dst.name, str(exc)[:200])
-                fut.set_result(None)
-                self._done_with(dst, dresp)  # closing the stream is the abort: dst frees the room
-                await lines.aclose()
-                return False
-            except BaseException:  # cancelled mid-way (the router is stopping)
-                fut.set_result(None)
-                self._done_with(dst, dresp)
-                raise
-            self.m_moves.inc(outcome="moved")
-            self.moves += 1
-            dst.inflight += 1
-            p.decode_on = dst.name
-            fut.set_result((dst, dresp, lines))
-            if self.active.get(rid) is not p:  # the client left while it moved: nobody will read dst's stream
-                self._drop_move(rid)
-            return True
-        finally:
-            p.moving = False
-            if self._moves.get(rid) is fut and fut.done() and fut.result() is None:
-                del self._moves[rid]
-
-    def _drop_move(self, rid: str) -> None:
-        """The request is over: close a destination stream nobody will read (the client left mid-move)."""
-        fut = self._moves.pop(rid, None)
-        if fut is not None and fut.done() and fut.result() is not None:
-            dst, dresp, _ = fut.result()
-            dst.inflight -= 1
-            self._done_with(dst, dresp)
-
-    async def _follow(self, rid: str, p: _Progress, moved: Event) -> AsyncIterator[Event | Outcome]:
-        """The rest of a moved request, from the engine it moved to (which may move it on again)."""
-        while True:
-            fut, leg = self._moves.get(rid), None
-            if fut is not None:
-                try:  # NOTE: the source let go after the push; the router's answer to the move may lag a little
-                    leg = await asyncio.wait_for(asyncio.shield(fut), self.cfg.connect_timeout_s)
-                except TimeoutError:
-                    pass
-            self._moves.pop(rid, None)
-            if leg is None:
-                raise WorkerFailed(f"{p.decode_on} let request {rid} go, but its move did not complete")
-            dst, dresp, lines = leg
-            p.decode_on = dst.name
-            try:
-                while True:
-                    ev = await self._next(lines, dst.name, self.cfg.stream_idle_s)
-                    if ev.kind == "first":
-                        continue  # the client has that token, from the engine it moved from
-                    if ev.kind == "tokens":
-                        yield Event(kind="tokens", token_ids=ev.token_ids, logprobs=ev.logprobs)
-                    elif ev.kind == "done":
-                        yield Outcome(ev.finish_reason, moved.prompt_tokens, moved.cached_tokens)
-                        return
-                    elif ev.kind == "error":
-                        raise oai.ApiError(ev.status or 502, ev.message, kind="server_error")
-                    elif ev.kind == "moved":
-                        break
-            finally:
-                dst.inflight -= 1
-                self._done_with(dst, dresp)
-                await lines.aclose()
 
     def _balancer(self) -> RoleBalancer:
         if self.balancer is None:
@@ -427,7 +297,7 @@ class AutoRouter(Router):
         try:
             mine.held = True
             while self.clock() < deadline and any(p.decode_on == engine for p in self.active.values()):
-                await self.evacuate(engine)  # what decodes there now moves on; what still prefills, later
+                await self.mover.evacuate(engine)  # what decodes there now moves on; what still prefills, later
                 await asyncio.sleep(DRAIN_POLL_S)
             mine.held, mine.sent_at = False, self.clock()
             async for ev in gen:
@@ -458,7 +328,7 @@ class AutoRouter(Router):
             async for ev in gen:
                 if isinstance(ev, Event) and ev.kind == "moved":
                     await gen.aclose()  # type: ignore[attr-defined]
-                    gen = self._follow(rid, p, ev)
+                    gen = self.mover.follow(rid, p, ev)
                     async for later in gen:
                         if isinstance(later, Event) and later.token_ids:
                             p.emitted += len(later.token_ids)
@@ -471,7 +341,7 @@ class AutoRouter(Router):
                 yield ev
         finally:
             self.active.pop(rid, None)
-            self._drop_move(rid)
+            self.mover.drop(rid)
             await gen.aclose()  # type: ignore[attr-defined]
 
     def app(self) -> web.Application:
@@ -500,8 +370,8 @@ class AutoRouter(Router):
         self._switch(name, leaning, "operator request")
         moved = 0
         if leaning == "prefill":
-            moved = await self.evacuate(name)
-            self._background(self.evacuate_all(name))  # what still prefills there moves once it decodes
+            moved = await self.mover.evacuate(name)
+            self._background(self.mover.evacuate_all(name))  # what still prefills there moves once it decodes
         return web.json_response({"name": name, "leaning": leaning, "moved": moved})
 
     async def list_workers(self, request: web.Request) -> web.Response:
@@ -513,5 +383,5 @@ class AutoRouter(Router):
                 w["leaning"] = self.leaning(handle)
         body["last_decision"] = self.last_decision
         body["role_switches"] = self.balancer.switches if self.balancer else 0
-        body["decodes_moved"] = self.moves
+        body["decodes_moved"] = self.mover.count
         return web.json_response(body)
