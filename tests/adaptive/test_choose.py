@@ -172,3 +172,26 @@ def test_a_prompt_held_for_a_draining_engine_starts_when_its_last_decode_ends() 
         return out
 
     assert asyncio.run(main()) == ["token", "token"]
+
+
+def test_an_engine_turning_prefill_spreads_its_decodes_over_the_others() -> None:
+    r, _ = router(prefill=(), move=True)
+    r.add_worker(WorkerHandle(name="e2", role="auto", url="http://e2", healthy=True, load=dict(LOAD)))
+    r.rebalance()
+    for rid in ("a", "b", "c"):
+        decoding(r, rid, "e0", 200, 10, 0.5)
+    decoding(r, "x", "e1", 200, 10, 0.5)  # e1 decodes one already, e2 none
+    r.active["y"] = _Progress("e0", "e0", 300, 64, r.clock())  # still prefilling on e0: it cannot move yet
+    for p in r.active.values():
+        p.parsed = object()  # what a move re-opens the request with (the move itself is faked here)
+    moves: list[tuple[str, str]] = []
+
+    async def fake_move(rid: str, dst: WorkerHandle) -> bool:
+        moves.append((rid, dst.name))
+        return True
+
+    r.mover.move = fake_move  # type: ignore[method-assign]
+    assert asyncio.run(r.mover.evacuate("e0")) == 3
+    assert sorted(d for _, d in moves) == ["e1", "e2", "e2"] and "y" not in dict(moves)
+    r.auto = AutoConfig(move=False)  # --no-move-decodes: they finish where they are
+    assert asyncio.run(r.mover.evacuate("e0")) == 0 and len(moves) == 3
