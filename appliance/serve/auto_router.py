@@ -292,12 +292,12 @@ class AutoRouter(Router):
 
     async def _after_drain(self, engine: str, wait_s: float, gen: AsyncIterator[Event | Outcome],
                            mine: _Progress) -> AsyncIterator[Event | Outcome]:
-        """Hold a prompt until ``engine`` has no decodes left (at most ``wait_s``), then run ``gen``."""
+        """Hold a prompt until ``engine`` has no decodes left (at most ``wait_s``), then run ``gen``.
+        (The engine's decodes are moving away meanwhile, see :meth:`DecodeMover.evacuate_all`.)"""
         deadline = self.clock() + wait_s
         try:
             mine.held = True
             while self.clock() < deadline and any(p.decode_on == engine for p in self.active.values()):
-                await self.mover.evacuate(engine)  # what decodes there now moves on; what still prefills, later
                 await asyncio.sleep(DRAIN_POLL_S)
             mine.held, mine.sent_at = False, self.clock()
             async for ev in gen:
@@ -317,6 +317,9 @@ class AutoRouter(Router):
         progress = _Progress((choice.get("prefill") or decoder).name, decoder.name, uncached,
                              parsed.sampling.max_tokens, self.clock(), parsed=parsed)
         if decision.code == "drain":
+            # its decodes move away now, and the prompts it prefills for itself once they decode: else
+            # they would decode beside its prefills when the hold ends first (measured: 180 ms TPOT)
+            self._background(self.mover.evacuate_all(choice["prefill"].name))
             gen = self._after_drain(choice["prefill"].name, decision.wait_s, gen, progress)
         return self._tracked(rid, progress, gen)
 

@@ -69,7 +69,7 @@ class DecodeMover:
         r = self.r
         deadline = r.clock() + EVACUATE_WITHIN_S
         w = r.workers.get(engine)
-        while (w is not None and r.leaning(w) == "prefill" and r.clock() < deadline
+        while (r.auto.move and w is not None and r.leaning(w) == "prefill" and r.clock() < deadline
                and any(p.decode_on == engine for p in r.active.values())):
             await self.evacuate(engine)
             await asyncio.sleep(EVACUATE_POLL_S)
