@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import secrets
 import signal
@@ -282,6 +283,7 @@ class Launcher:
             from appliance.monitor.live import Foreground
 
             fg = Foreground(self)
+        logs = self._router_logging()
         try:
             self.say(f"pdbox: mode={self.cfg.mode} transport={self.transport if self.cfg.mode != 'unified' else '-'} "
                      f"workers={', '.join(f'{s.name}[{s.devices}]' for s in self.specs)} logs={self.log_dir}")
@@ -318,6 +320,28 @@ class Launcher:
             if runner is not None:
                 await runner.cleanup()
             await asyncio.to_thread(self.stop_workers)
+            logs()
+
+    def _router_logging(self):
+        """The router's own lines (decisions, role switches, moves, retries) go to ``router.log`` in the
+        log folder, warnings to stderr as before; returns the undo."""
+        root = logging.getLogger("pdbox")
+        to_file = logging.FileHandler(self.log_dir / "router.log")
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        to_err = logging.StreamHandler(sys.stderr)
+        to_err.setLevel(logging.WARNING)
+        level = root.level
+        root.addHandler(to_file)
+        root.addHandler(to_err)
+        root.setLevel(logging.INFO)
+
+        def undo() -> None:
+            for h in (to_file, to_err):
+                root.removeHandler(h)
+                h.close()
+            root.setLevel(level)
+
+        return undo
 
     def stop_workers(self, grace_s: float = 8.0) -> None:
         self.stopping = True

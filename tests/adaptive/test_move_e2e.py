@@ -50,9 +50,11 @@ def offline_answers(smollm_path) -> list[str]:
     return [o.text for o in outs]
 
 
-def test_an_engine_turning_prefill_moves_its_decodes_and_the_answers_do_not_change(offline_answers) -> None:
+def test_an_engine_turning_prefill_moves_its_decodes_and_the_answers_do_not_change(offline_answers,
+                                                                                    tmp_path) -> None:
     # NOTE: fp32: in bf16 a different batch composition can flip a near-tie in greedy decoding
-    with running_appliance("--mode", "auto", "--dtype", "float32", "--rebalance-idle-s", "600") as url:
+    with running_appliance("--mode", "auto", "--dtype", "float32", "--rebalance-idle-s", "600",
+                           log_dir=tmp_path) as url:
         names = {w["leaning"]: w["name"] for w in get_json(url + "/workers")["workers"]}
         pre, dec = names["prefill"], names["decode"]
         # bad operator input: named, nothing changes
@@ -86,3 +88,5 @@ def test_an_engine_turning_prefill_moves_its_decodes_and_the_answers_do_not_chan
         ws = get_json(url + "/workers")
         assert {w["name"]: w["leaning"] for w in ws["workers"]} == {pre: "prefill", dec: "decode"}
         assert_pools_idle(url)  # the moved requests' pages were freed on both engines
+    router_log = (tmp_path / "router.log").read_text()  # the router's own account of it
+    assert f"role switch: {pre} -> prefill: operator request" in router_log, router_log
