@@ -25,7 +25,7 @@ from aiohttp import web
 from appliance.engine.scheduler import ttft_slack
 from appliance.serve import openai_api as oai
 from appliance.serve.adaptive import CostModel, Decision, EngineLoad, RoleBalancer, decide, decode_slack_s
-from appliance.serve.decode_mover import DecodeMover
+from appliance.serve.decode_mover import DecodeMover, kv_free
 from appliance.serve.policies import CacheAware, WorkerHandle
 from appliance.serve.protocol import Event
 from appliance.serve.router import Outcome, Router, RouterConfig
@@ -162,8 +162,7 @@ class AutoRouter(Router):
         """Every engine's load; with ``tokens``, its prefill queue is what would run before such a prompt."""
         out = []
         for w in self.workers.values():
-            total = w.load.get("total_pages") or 1
-            free = (w.load.get("free_pages", total) + w.load.get("evictable_pages", 0)) / total
+            free = kv_free(w)
             running = sum(1 for p in self.active.values() if p.decode_on == w.name)
             queued = self.queued_prefill_tokens(w) if tokens is None else self.queued_ahead(w, tokens)
             out.append(EngineLoad(w.name, self.leaning(w), queued, running, free, w.healthy,

@@ -58,7 +58,7 @@ class DecodeMover:
         load = {w.name: sum(1 for p in r.active.values() if p.decode_on == w.name) for w in dsts}
         plan = []
         for rid in todo:  # spread them: each goes where the fewest decode, KV room breaking ties
-            dst = min(dsts, key=lambda w: (load[w.name], -_kv_free(w)))
+            dst = min(dsts, key=lambda w: (load[w.name], -kv_free(w)))
             load[dst.name] += 1
             plan.append(self.move(rid, dst))
         return sum(await asyncio.gather(*plan))
@@ -171,6 +171,7 @@ class DecodeMover:
                 await lines.aclose()
 
 
-def _kv_free(w: WorkerHandle) -> float:
+def kv_free(w: WorkerHandle) -> float:
+    """The share of ``w``'s KV pages free or evictable, as its last load report says."""
     total = w.load.get("total_pages") or 1
     return (w.load.get("free_pages", total) + w.load.get("evictable_pages", 0)) / total

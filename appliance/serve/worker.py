@@ -230,15 +230,7 @@ class Worker:
             params = replace(body.sampling.to_params(), max_tokens=1, stop=(), stop_token_ids=())
         except ValueError as exc:
             raise web.HTTPBadRequest(text=str(exc)) from None
-        from nvshmem_kv import PoolHandle, TransportError
-
-        if not body.handles:
-            raise web.HTTPBadRequest(text="handles must name at least one decode pool")
-        for h in body.handles:  # NOTE: a bad handle must fail this request here, not the engine step later
-            try:
-                PoolHandle.from_json(h)
-            except (TransportError, msgspec.MsgspecError) as exc:
-                raise web.HTTPBadRequest(text=f"bad pool handle: {exc}") from None
+        _check_handles(body.handles)
         transfer = Transfer(room=body.room, handles=list(body.handles), dst_pages=list(body.dst_pages))
         q = self.loop.submit(body.rid, body.prompt_ids, params, transfer)
         finished = False
@@ -298,17 +290,11 @@ class Worker:
 
     async def move(self, request: web.Request) -> web.Response:
         """Hand a decoding request over to another engine (its pages there reserved by the router)."""
-        from nvshmem_kv import PoolHandle, TransportError
+        from nvshmem_kv import TransportError
 
         self._check_role("auto")
         body: MoveRequest = await self._decode_body(request, MoveRequest)
-        if not body.handles:
-            raise web.HTTPBadRequest(text="handles must name at least one decode pool")
-        for h in body.handles:
-            try:
-                PoolHandle.from_json(h)
-            except (TransportError, msgspec.MsgspecError) as exc:
-                raise web.HTTPBadRequest(text=f"bad pool handle: {exc}") from None
+        _check_handles(body.handles)
         try:
             await self.loop.call(lambda: self.loop.move_out(body.rid, body.room, list(body.handles),
                                                             list(body.dst_pages)))
@@ -325,6 +311,20 @@ class Worker:
             raise web.HTTPBadRequest(text=f"bad abort body: {exc}") from None
         self.loop.abort(body.get("rid", ""))
         return web.json_response({"ok": True})
+
+
+def _check_handles(handles: list[str]) -> None:
+    """400 unless every decode pool handle parses. NOTE: a bad handle must fail the request here, not
+    the engine step that would push into it later."""
+    from nvshmem_kv import PoolHandle, TransportError
+
+    if not handles:
+        raise web.HTTPBadRequest(text="handles must name at least one decode pool")
+    for h in handles:
+        try:
+            PoolHandle.from_json(h)
+        except (TransportError, msgspec.MsgspecError) as exc:
+            raise web.HTTPBadRequest(text=f"bad pool handle: {exc}") from None
 
 
 def parse_cpus(text: str) -> tuple[int, ...]:
