@@ -162,8 +162,10 @@ def placement_lines(summary: Mapping[str, Any]) -> list[str]:
         disagg = sum(v for k, v in d.items() if k.startswith("disagg:"))
         reasons = ", ".join(f"{k} {v:.0f}" for k, v in sorted(d.items()))
         leanings = ", ".join(f"{w} {lean}" for w, lean in sorted(p["leanings"].items()))
+        moved = f"{p.get('decodes_moved', '-')}" + (f" ({p['decode_moves_failed']} failed)"
+                                                    if p.get("decode_moves_failed") else "")
         lines.append(f"| {name} | {p['rate']:g} | {local:.0f} | {disagg:.0f} | {reasons} | {p['role_switches']} | "
-                     f"{p.get('decodes_moved', '-')} | {leanings} |")
+                     f"{moved} | {leanings} |")
     return lines
 
 

@@ -50,6 +50,7 @@ async def placement(base_url: str, api_key: str | None = None, timeout_s: float 
         "decisions": parse_decisions(text),
         "role_switches": int(workers["role_switches"]),
         "decodes_moved": int(workers.get("decodes_moved", 0)),
+        "decode_moves_failed": int(workers.get("decode_moves_failed", 0)),
         "leanings": {w["name"]: w.get("leaning", "") for w in workers.get("workers", [])},
         "last_decision": workers.get("last_decision", ""),
     }
@@ -63,4 +64,5 @@ def delta(after: dict[str, Any] | None, before: dict[str, Any] | None) -> dict[s
     decisions = {k: v - prev["decisions"].get(k, 0.0) for k, v in after["decisions"].items()}
     return {**after, "decisions": {k: v for k, v in decisions.items() if v},
             "role_switches": after["role_switches"] - prev["role_switches"],
-            "decodes_moved": after.get("decodes_moved", 0) - prev.get("decodes_moved", 0)}
+            "decodes_moved": after.get("decodes_moved", 0) - prev.get("decodes_moved", 0),
+            "decode_moves_failed": after.get("decode_moves_failed", 0) - prev.get("decode_moves_failed", 0)}

@@ -146,7 +146,11 @@ class ChannelTransport(KVTransport):
             raise TransportError(f"handle is for backend {handle.backend!r}, this transport is {self.name!r}")
         local.check_compatible(handle.descriptor)
         peer = ChannelPeer(handle, local, plan_head_slices(local, handle.descriptor))
-        self._open_peer(peer)
+        # NOTE: the first connect often happens inside an engine step (torch.inference_mode); a mapping
+        # made there is an inference tensor, and every later write from outside that mode (a decode
+        # move between steps) would fail with "Inplace update to inference tensor outside InferenceMode".
+        with torch.inference_mode(False):
+            self._open_peer(peer)
         try:
             hello = Hello(PROTOCOL_VERSION, handle.token, self.name, local)
             sock = open_channel(handle.host, handle.port, hello, timeout_s, self._send_timeout_s)

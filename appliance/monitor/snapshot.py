@@ -260,6 +260,8 @@ class Monitor:
             counts[s.labels.get("decision", "?")] = counts.get(s.labels.get("decision", "?"), 0.0) + s.value
         placed = " ".join(f"{k} {v:.0f}" for k, v in sorted(counts.items())) or "no decisions yet"
         moved = f", {info['decodes_moved']} decodes moved" if "decodes_moved" in info else ""
+        if info.get("decode_moves_failed"):
+            moved += f" ({info['decode_moves_failed']} failed)"
         return (f"auto: {placed}, {info['role_switches']} role switches{moved}; "
                 f"last: {info.get('last_decision') or '-'}")
 

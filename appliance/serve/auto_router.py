@@ -386,4 +386,5 @@ class AutoRouter(Router):
         body["last_decision"] = self.last_decision
         body["role_switches"] = self.balancer.switches if self.balancer else 0
         body["decodes_moved"] = self.mover.count
+        body["decode_moves_failed"] = self.mover.failed
         return web.json_response(body)

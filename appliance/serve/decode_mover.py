@@ -35,11 +35,13 @@ EVACUATE_WITHIN_S = 120.0  # ... and for how long
 
 
 class DecodeMover:
-    """The adaptive router's moves. ``count``: requests moved so far."""
+    """The adaptive router's moves. ``count``: requests moved so far; ``failed``: moves tried that left
+    the request where it was (no room at the destination, or the source refused or failed the push)."""
 
     def __init__(self, router: AutoRouter) -> None:
         self.r = router
         self.count = 0
+        self.failed = 0
         self._legs: dict[str, asyncio.Future] = {}  # rid -> the destination's stream, once its source let go
         self.m_moves = router.reg.counter("pdbox_decode_moves_total",
                                           "Decoding requests moved to another engine, by outcome")
@@ -97,6 +99,7 @@ class DecodeMover:
                 dresp, lines, reserved = await r._reserve(dst, dreq)
             except (WorkerFailed, oai.ApiError) as exc:
                 self.m_moves.inc(outcome="no_room")
+                self.failed += 1
                 log.info("move %s %s -> %s: %s", rid, src.name, dst.name, exc)
                 return False
             self._legs[rid] = leg
@@ -106,7 +109,8 @@ class DecodeMover:
                 r._done_with(src, resp)
             except (WorkerFailed, oai.ApiError) as exc:
                 self.m_moves.inc(outcome="refused")
-                log.info("move %s %s -> %s refused: %s", rid, src.name, dst.name, str(exc)[:200])
+                self.failed += 1
+                log.warning("move %s %s -> %s refused: %s", rid, src.name, dst.name, str(exc)[:200])
                 leg.set_result(None)
                 r._done_with(dst, dresp)  # closing the stream is the abort: dst frees the room
                 await lines.aclose()

@@ -87,6 +87,7 @@ def test_an_engine_turning_prefill_moves_its_decodes_and_the_answers_do_not_chan
         assert moved and int(moved.group(1)) == body["moved"], metrics
         ws = get_json(url + "/workers")
         assert {w["name"]: w["leaning"] for w in ws["workers"]} == {pre: "prefill", dec: "decode"}
+        assert ws["decodes_moved"] == body["moved"] and ws["decode_moves_failed"] == 0, ws
         assert_pools_idle(url)  # the moved requests' pages were freed on both engines
     router_log = (tmp_path / "router.log").read_text()  # the router's own account of it
     assert f"role switch: {pre} -> prefill: operator request" in router_log, router_log

@@ -123,3 +123,57 @@ def test_bad_moves_are_refused_and_the_request_stays(pair, tiny_model) -> None:
 
     assert asyncio.run(scenario()) == expected  # refused moves changed nothing
     assert idle(a) and idle(b)
+
+
+@pytest.fixture
+def fresh_pair(tiny_model):
+    """A pair no other test wrote through (torn down after pytest has reported: a failure's traceback
+    holds views of the mapped peer pool)."""
+    a, b = worker(str(tiny_model), "a"), worker(str(tiny_model), "b")
+    yield a, b
+    for w in (a, b):
+        w.handoff.close()
+        w.engine.shutdown()
+
+
+def test_a_move_after_a_prefill_handoff_to_the_same_engine(fresh_pair, tiny_model) -> None:
+    """The order of the real server: ``a`` first hands a prompt's KV to ``b`` (from inside an engine
+    step, under inference mode), then moves a decode there (a command between steps). The move once
+    failed here: the peer's mapping, opened in inference mode, refused writes from outside it. A
+    fresh pair, so that the handoff is the first write to ``b``."""
+    a, b = fresh_pair
+    expected = NaiveLlama(str(tiny_model)).greedy(PROMPT, STEPS)
+    handed = [7 + (i * 5) % 240 for i in range(21)]
+
+    async def scenario() -> tuple[list[int], list[int]]:
+        from appliance.serve.handoff import Transfer
+
+        aio = asyncio.get_running_loop()
+        la, lb = EngineLoop(a.engine, aio, a.transport), EngineLoop(b.engine, aio, b.transport)
+        la.start()
+        lb.start()
+        try:
+            one = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+            qb1 = lb.open_stream("h")
+            room = await lb.call(lambda: lb.reserve("h", "room-h", handed, one, 1, 10.0))
+            qa1 = la.submit("h", handed, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
+                            Transfer(room="room-h", handles=[b.handle_json], dst_pages=room))
+            await until(qa1, ("done",))
+            await until(qb1, ("done",))
+            qa = la.submit("r", PROMPT, PARAMS)
+            before: list[Event] = []
+            while len(tokens(before)) < 8:
+                before += await until(qa, ("tokens",))
+            qb = lb.open_stream("r")
+            pages = await lb.call(lambda: lb.reserve("r", "room-r", PROMPT, PARAMS, 1, 10.0,
+                                                     reserve_tokens=len(PROMPT) + 8 + 16))
+            await la.call(lambda: la.move_out("r", "room-r", [b.handle_json], pages))
+            before += await until(qa, ("moved",))
+            return tokens(before), tokens(await until(qb, ("done",)))
+        finally:
+            la.stop()
+            lb.stop()
+
+    before, after = asyncio.run(scenario())
+    assert after[0] == before[-1] and before + after[1:] == expected
+    assert idle(a) and idle(b)

@@ -27,7 +27,8 @@ def make_app(
     """The server. Every request body is appended to `app[BODIES]`; prompts containing
     `fail_marker` get HTTP 500; `usage=False` leaves out the final usage chunk. `adaptive` also
     serves `/workers` and `/metrics` as `pdbox up --mode auto` does: prompts of over 50 words count
-    as handed over, the rest as local, and every 4th request switches a role."""
+    as handed over, the rest as local, every 4th request switches a role, every 2nd moves a decode and
+    every 4th fails to."""
     app = web.Application()
     app[BODIES] = []
     placed: dict[str, int] = {}
@@ -35,6 +36,7 @@ def make_app(
     async def workers(request: web.Request) -> web.Response:
         n = len(request.app[BODIES])
         return web.json_response({"mode": "auto", "role_switches": n // 4, "last_decision": "local: idle",
+                                  "decodes_moved": n // 2, "decode_moves_failed": n // 4,
                                   "workers": [{"name": "e0", "leaning": "prefill" if n // 4 % 2 == 0 else "decode"},
                                               {"name": "e1", "leaning": "decode"}]})
 

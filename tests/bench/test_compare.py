@@ -226,8 +226,10 @@ def test_compare_with_auto_records_placement_per_rate_and_checks_the_target(code
         assert set(p["decisions"]) <= {"local:idle", "disagg:stall"}
     # the fake switches a role every 4th request: 7 requests by the first point's end, 13 by the second's
     assert [p["role_switches"] for p in placement] == [1, 2]
+    assert [(p["decodes_moved"], p["decode_moves_failed"]) for p in placement] == [(3, 1), (3, 2)]
     report = (out / "report.md").read_text()
     assert "## Adaptive placement" in report and "| auto | 100 |" in report
+    assert "| 3 (1 failed) |" in report and "| 3 (2 failed) |" in report  # a failed move is not hidden
     assert "Adaptive target: auto goodput" in summary["verdict"] and "peak request goodput" in summary["verdict"]
 
 
