@@ -169,6 +169,9 @@ class RoleBalancer:
     leanings: dict[str, str] = field(default_factory=dict)
     stall_frac: float = 0.2  # shrink only if, with one engine fewer on prefill, all the prompts of the long
     # window would take at most this share of the decode engines' time to prefill where they decode
+    borrow_below: float = 0.0  # with decode moves: under this handed-over demand (long window) even the
+    # last prefill engine turns decode, and each long prompt borrows an engine (``drain``: its decodes
+    # move, ~0.5 s) instead of one standing mostly idle; 0 = the last one stays while any prompt needs it
     _work: deque[tuple[float, float, bool]] = field(default_factory=deque)
     _start: float | None = None
     _since: float | None = None
@@ -226,7 +229,12 @@ class RoleBalancer:
         # all the prompts would be within it with one decode engine more (all >= needed: hysteresis)
         n_dec = len(live) - n_pre
         idle_pre = [e for e in live if self.leanings[e.name] == "prefill" and not e.queued_prefill_tokens]
-        stall_ok = self.demand(self.idle_s, needed_only=False) <= self.stall_frac * (n_dec + 1)
+        local = self.demand(self.idle_s, needed_only=False)
+        if self.demand(self.idle_s) < self.borrow_below:
+            # what needed a prefill engine borrows one per prompt, stalling nobody; only the prompts that
+            # would prefill where they decode count against the stall budget
+            down, local = 0, local - self.demand(self.idle_s)
+        stall_ok = local <= self.stall_frac * (n_dec + 1)
         if min(up, cap) > n_pre and self.demand(self.up_window_s) > self.stall_frac * n_dec:
             want = "prefill"
         # the prefill engines that stay must carry the handed-over demand (the last one goes only when

@@ -37,6 +37,8 @@ _choice: contextvars.ContextVar[dict[str, WorkerHandle]] = contextvars.ContextVa
 DECODE_BUSY_FRAC = 0.8  # a prefill engine turns to decode only while decode steps take >= this x the TPOT SLO
 DRAIN_POLL_S = 0.02  # how often a prompt held for a draining engine looks again
 MOVE_S = 0.5  # what moving an engine's decodes elsewhere takes (a step there, the push, a step here)
+BORROW_BELOW = 0.25  # with moves: the last prefill engine turns decode under this handed-over demand
+# (engine-seconds per second, the long window): at most one ~3.5 s long prompt in 20 s borrows an engine
 
 
 @dataclass(frozen=True)
@@ -213,7 +215,8 @@ class AutoRouter(Router):
 
     def _balancer(self) -> RoleBalancer:
         if self.balancer is None:
-            self.balancer = RoleBalancer(self.cost(), self.clock, idle_s=self.auto.rebalance_idle_s)
+            self.balancer = RoleBalancer(self.cost(), self.clock, idle_s=self.auto.rebalance_idle_s,
+                                         borrow_below=BORROW_BELOW if self.auto.move else 0.0)
             for w in self.workers.values():
                 self.balancer.leanings[w.name] = "prefill" if w.name in self.auto.initial_prefill else "decode"
         return self.balancer

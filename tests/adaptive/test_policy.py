@@ -266,3 +266,27 @@ def test_prefill_engines_that_stay_must_carry_the_handed_over_demand() -> None:
         b.record(0.5)
         b.tick(engines)
     assert sum(v == "prefill" for v in b.leanings.values()) == 1 and b.switches == 2
+
+
+def test_with_moves_rare_long_prompts_borrow_an_engine_and_the_last_prefill_engine_goes() -> None:
+    """With decode moves a long prompt can borrow an engine (``drain``) for ~0.5 s of moving. Under
+    0.25 engine of handed-over prefill in 20 s the last prefill engine turns decode; above it stays
+    (no flapping: growing back still needs the stall budget's 2 x 20%); short prompts still count
+    against the stall budget."""
+    clock = Clock()
+
+    def run(long_s: float, every_s: int, chat_s: float, borrow: float = 0.25) -> dict[str, str]:
+        b = RoleBalancer(COST, clock, idle_s=20.0, decode_busy_s=0.03, borrow_below=borrow)
+        engines = [EngineLoad("e0", "prefill"), EngineLoad("e1", "decode", running=6, step_s=0.035)]
+        for i in range(60):
+            clock.t += 1.0
+            if i % every_s == 0:
+                b.record(long_s)  # a long prompt, handed over
+            b.record(chat_s, needed=False)
+            b.tick(engines)
+        return b.leanings
+
+    assert run(2.0, 12, 0.15)["e0"] == "decode"  # 1-2 in any 20 s: 0.1-0.2 engine, each borrows one
+    assert run(2.0, 12, 0.15, borrow=0.0)["e0"] == "prefill"  # without moves the last one stays
+    assert run(3.4, 9, 0.15)["e0"] == "prefill"  # 2-3 in 20 s: 0.34-0.51 engine, a standing prefill engine
+    assert run(2.0, 12, 0.5)["e0"] == "prefill"  # the short prompts alone are beyond 2 x 20% of the decoders
