@@ -55,7 +55,7 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
 
 
 @main.command()
-@click.option("--mode", default="disagg", show_default=True, type=click.Choice(["disagg", "unified", "auto"]),
+@click.option("--mode", default="auto", show_default=True, type=click.Choice(["disagg", "unified", "auto"]),
               help="auto: every engine can prefill and decode; the router decides per request and rebalances.")
 @click.option("--model", default=None, help="GGUF file or Hugging Face folder (default: embedded SmolLM2-135M).")
 @click.option("--served-model-name", default="", help="Model id clients send (default: the model's name).")

@@ -27,7 +27,9 @@ def test_up_shows_progress_then_ready_then_the_dashboard() -> None:
         screen = pane.wait_for(lambda s: re.search(r"^TTFT", s, re.M) is not None, 180, "dashboard")
         assert f"ready: http://127.0.0.1:{port}" in screen.splitlines()  # the line scripts parse, intact
         assert "loading model" not in screen  # the progress display is gone
-        assert re.search(r"^prefill-0\s+prefill\s", screen, re.M) and re.search(r"^decode-0\s+decode\s", screen, re.M)
+        # the default mode is auto: both engines can do both, leaning as --prefill/--decode-gpus split them
+        assert re.search(r"^prefill-0\s+auto:prefill\s", screen, re.M), screen
+        assert re.search(r"^decode-0\s+auto:decode\s", screen, re.M), screen
         body = {"model": "smollm2-135m-instruct", "prompt": "The capital of France is", "max_tokens": 4}
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})

@@ -26,6 +26,8 @@ def running_appliance(*args: str, timeout_s: float = 240.0, log_dir: Path | None
     launcher, which runs the router) and ``lines`` (its stdout and stderr so far)."""
     port = free_port()
     cmd = [sys.executable, "-m", "appliance.cli", "up", "--port", str(port), *args]
+    if not any(a == "--mode" or a.startswith("--mode=") for a in args):
+        cmd += ["--mode", "disagg"]  # these tests are of the fixed split; `pdbox up` alone is --mode auto
     if log_dir is not None:
         cmd += ["--log-dir", str(log_dir)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
