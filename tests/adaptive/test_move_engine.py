@@ -57,6 +57,21 @@ def idle(w: Worker) -> bool:
     return w.engine.pool.num_free == w.engine.pool.num_pages and not w.engine.requests
 
 
+async def move_midway(la: EngineLoop, lb: EngineLoop, b: Worker) -> tuple[list[Event], list[Event]]:
+    """Start PROMPT on ``la``, move it to ``lb`` after 8 tokens; the events on each side."""
+    qa = la.submit("r", PROMPT, PARAMS)
+    before: list[Event] = []
+    while len(tokens(before)) < 8:
+        before += await until(qa, ("tokens",))
+    # the destination reserves room for more than the router saw: tokens go on meanwhile
+    qb = lb.open_stream("r")
+    pages = await lb.call(lambda: lb.reserve("r", "room-r", PROMPT, PARAMS, 1, 10.0,
+                                             reserve_tokens=len(PROMPT) + 8 + 16))
+    await la.call(lambda: la.move_out("r", "room-r", [b.handle_json], pages))
+    before += await until(qa, ("moved",))
+    return before, await until(qb, ("done",))
+
+
 def test_a_request_moved_mid_decode_goes_on_with_the_same_tokens(pair, tiny_model) -> None:
     a, b = pair
     expected = NaiveLlama(str(tiny_model)).greedy(PROMPT, STEPS)
@@ -67,17 +82,7 @@ def test_a_request_moved_mid_decode_goes_on_with_the_same_tokens(pair, tiny_mode
         la.start()
         lb.start()
         try:
-            qa = la.submit("r", PROMPT, PARAMS)
-            before: list[Event] = []
-            while len(tokens(before)) < 8:
-                before += await until(qa, ("tokens",))
-            # the destination reserves room for more than the router saw: tokens go on meanwhile
-            qb = lb.open_stream("r")
-            pages = await lb.call(lambda: lb.reserve("r", "room-r", PROMPT, PARAMS, 1, 10.0,
-                                                     reserve_tokens=len(PROMPT) + 8 + 16))
-            await la.call(lambda: la.move_out("r", "room-r", [b.handle_json], pages))
-            before += await until(qa, ("moved",))
-            after = await until(qb, ("done",))
+            before, after = await move_midway(la, lb, b)
             return tokens(before), tokens(after), before[-1]
         finally:
             la.stop()
@@ -160,16 +165,8 @@ def test_a_move_after_a_prefill_handoff_to_the_same_engine(fresh_pair, tiny_mode
                             Transfer(room="room-h", handles=[b.handle_json], dst_pages=room))
             await until(qa1, ("done",))
             await until(qb1, ("done",))
-            qa = la.submit("r", PROMPT, PARAMS)
-            before: list[Event] = []
-            while len(tokens(before)) < 8:
-                before += await until(qa, ("tokens",))
-            qb = lb.open_stream("r")
-            pages = await lb.call(lambda: lb.reserve("r", "room-r", PROMPT, PARAMS, 1, 10.0,
-                                                     reserve_tokens=len(PROMPT) + 8 + 16))
-            await la.call(lambda: la.move_out("r", "room-r", [b.handle_json], pages))
-            before += await until(qa, ("moved",))
-            return tokens(before), tokens(await until(qb, ("done",)))
+            before, after = await move_midway(la, lb, b)
+            return tokens(before), tokens(after)
         finally:
             la.stop()
             lb.stop()
