@@ -62,7 +62,5 @@ def delta(after: dict[str, Any] | None, before: dict[str, Any] | None) -> dict[s
         return None
     prev = before or {"decisions": {}, "role_switches": 0}
     decisions = {k: v - prev["decisions"].get(k, 0.0) for k, v in after["decisions"].items()}
-    return {**after, "decisions": {k: v for k, v in decisions.items() if v},
-            "role_switches": after["role_switches"] - prev["role_switches"],
-            "decodes_moved": after.get("decodes_moved", 0) - prev.get("decodes_moved", 0),
-            "decode_moves_failed": after.get("decode_moves_failed", 0) - prev.get("decode_moves_failed", 0)}
+    counts = {k: after.get(k, 0) - prev.get(k, 0) for k in ("role_switches", "decodes_moved", "decode_moves_failed")}
+    return {**after, "decisions": {k: v for k, v in decisions.items() if v}, **counts}

@@ -229,11 +229,11 @@ class RoleBalancer:
         # all the prompts would be within it with one decode engine more (all >= needed: hysteresis)
         n_dec = len(live) - n_pre
         idle_pre = [e for e in live if self.leanings[e.name] == "prefill" and not e.queued_prefill_tokens]
-        local = self.demand(self.idle_s, needed_only=False)
-        if self.demand(self.idle_s) < self.borrow_below:
+        local, needed = self.demand(self.idle_s, needed_only=False), self.demand(self.idle_s)
+        if needed < self.borrow_below:
             # what needed a prefill engine borrows one per prompt, stalling nobody; only the prompts that
             # would prefill where they decode count against the stall budget
-            down, local = 0, local - self.demand(self.idle_s)
+            down, local = 0, local - needed
         stall_ok = local <= self.stall_frac * (n_dec + 1)
         if min(up, cap) > n_pre and self.demand(self.up_window_s) > self.stall_frac * n_dec:
             want = "prefill"

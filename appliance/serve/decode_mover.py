@@ -35,16 +35,24 @@ EVACUATE_WITHIN_S = 120.0  # ... and for how long
 
 
 class DecodeMover:
-    """The adaptive router's moves. ``count``: requests moved so far; ``failed``: moves tried that left
-    the request where it was (no room at the destination, or the source refused or failed the push)."""
+    """The adaptive router's moves, counted in ``pdbox_decode_moves_total`` by outcome."""
 
     def __init__(self, router: AutoRouter) -> None:
         self.r = router
-        self.count = 0
-        self.failed = 0
         self._legs: dict[str, asyncio.Future] = {}  # rid -> the destination's stream, once its source let go
         self.m_moves = router.reg.counter("pdbox_decode_moves_total",
                                           "Decoding requests moved to another engine, by outcome")
+
+    @property
+    def count(self) -> int:
+        """Requests moved so far."""
+        return int(self.m_moves.get(outcome="moved"))
+
+    @property
+    def failed(self) -> int:
+        """Moves tried that left the request where it was (no room at the destination, or the source
+        refused or failed the push)."""
+        return int(self.m_moves.get(outcome="no_room") + self.m_moves.get(outcome="refused"))
 
     async def evacuate(self, engine: str) -> int:
         """Move every request decoding on ``engine`` to the decode-leaning engines (fewest decodes first);
@@ -99,7 +107,6 @@ class DecodeMover:
                 dresp, lines, reserved = await r._reserve(dst, dreq)
             except (WorkerFailed, oai.ApiError) as exc:
                 self.m_moves.inc(outcome="no_room")
-                self.failed += 1
                 log.info("move %s %s -> %s: %s", rid, src.name, dst.name, exc)
                 return False
             self._legs[rid] = leg
@@ -109,7 +116,6 @@ class DecodeMover:
                 r._done_with(src, resp)
             except (WorkerFailed, oai.ApiError) as exc:
                 self.m_moves.inc(outcome="refused")
-                self.failed += 1
                 log.warning("move %s %s -> %s refused: %s", rid, src.name, dst.name, str(exc)[:200])
                 leg.set_result(None)
                 r._done_with(dst, dresp)  # closing the stream is the abort: dst frees the room
@@ -120,7 +126,6 @@ class DecodeMover:
                 r._done_with(dst, dresp)
                 raise
             self.m_moves.inc(outcome="moved")
-            self.count += 1
             dst.inflight += 1
             p.decode_on = dst.name
             leg.set_result((dst, dresp, lines))
