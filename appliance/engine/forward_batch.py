@@ -40,7 +40,7 @@ class ForwardBatch:
         b, t = self.batch_size, self.num_tokens
         header = torch.tensor(
             [t, b, int(self.page_table.shape[1]), int(self.logit_rows.shape[0]), int(self.decode_only)],
-            dtype=torch.int64,
+            dtype=torch.int64, device=self.input_ids.device,  # NOTE: one device for the cat (CUDA under NCCL)
         )
         parts = [header, self.input_ids, self.positions, self.slot_mapping, self.page_table.flatten(),
                  self.prefix_lens, self.extend_lens, self.seq_lens, self.logit_rows]

@@ -11,6 +11,7 @@ from appliance.engine import tp
 from appliance.engine.attention import create_backend
 from appliance.engine.forward_batch import ForwardBatch
 from appliance.engine.kv_cache import PagePool
+from appliance.engine.rank_device import bind_device
 from appliance.engine.scheduler import ScheduledBatch
 from appliance.model.llama import LlamaModel
 from appliance.model.loader import load_checkpoint
@@ -35,7 +36,7 @@ class ModelRunner:
                  kv_allocator=None) -> None:
         self.cfg = cfg
         self.rank = rank or RankInfo()
-        self.device = torch.device(cfg.device)
+        self.device = bind_device(cfg.device, self.rank)  # each TP rank on its own GPU, bound before NCCL
         ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
         self.checkpoint = ckpt
         self.model_config = ckpt.config

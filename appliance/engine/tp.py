@@ -18,6 +18,9 @@ from appliance.config import EngineConfig, RankInfo
 CMD_STOP = 0
 CMD_FORWARD = 1
 
+# Where command tensors live: NCCL moves only CUDA tensors (on the rank's own device), gloo CPU ones.
+_comm_device = torch.device("cpu")
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -25,11 +28,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def group_backend(device: torch.device, nccl_available: bool) -> str:
+    return "nccl" if device.type == "cuda" and nccl_available else "gloo"
+
+
+def comm_device(backend: str, device: torch.device) -> torch.device:
+    """The device command tensors are broadcast from: the rank's GPU under NCCL, else the CPU."""
+    if backend == "nccl":
+        if device.type != "cuda" or device.index is None:
+            raise ValueError(f"NCCL needs the rank's own CUDA device with its index, got {device}")
+        return device
+    return torch.device("cpu")
+
+
 def init_group(rank: RankInfo, device: torch.device, timeout_s: float = 60.0) -> None:
-    """Join the engine's process group (one per process)."""
+    """Join the engine's process group (one per process). ``device`` is this rank's bound device."""
     import datetime
 
-    backend = "nccl" if device.type == "cuda" and dist.is_nccl_available() else "gloo"
+    global _comm_device
+    backend = group_backend(device, dist.is_nccl_available())
+    _comm_device = comm_device(backend, device)
     dist.init_process_group(
         backend, init_method=rank.dist_init, rank=rank.rank, world_size=rank.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
@@ -43,15 +61,15 @@ def all_reduce(x: torch.Tensor) -> None:
 def broadcast_command(cmd: int, payload: torch.Tensor | None = None) -> None:
     """Rank 0: send a command header (and its int64 payload) to every other rank."""
     size = 0 if payload is None else int(payload.numel())
-    dist.broadcast(torch.tensor([cmd, size], dtype=torch.int64), src=0)
+    dist.broadcast(torch.tensor([cmd, size], dtype=torch.int64, device=_comm_device), src=0)
     if payload is not None:
-        dist.broadcast(payload, src=0)
+        dist.broadcast(payload.to(_comm_device), src=0)
 
 
 def attach_bytes(flat: torch.Tensor, extra: bytes) -> torch.Tensor:
     """Append ``extra`` bytes (one int64 each, then their count) to an int64 payload."""
-    tail = torch.frombuffer(bytearray(extra), dtype=torch.uint8).to(torch.int64) if extra else flat[:0]
-    return torch.cat([flat, tail, torch.tensor([len(extra)], dtype=torch.int64)])
+    tail = torch.frombuffer(bytearray(extra), dtype=torch.uint8).to(flat.device, torch.int64) if extra else flat[:0]
+    return torch.cat([flat, tail, torch.tensor([len(extra)], dtype=torch.int64, device=flat.device)])
 
 
 def detach_bytes(payload: torch.Tensor) -> tuple[torch.Tensor, bytes]:
@@ -59,16 +77,16 @@ def detach_bytes(payload: torch.Tensor) -> tuple[torch.Tensor, bytes]:
     body = payload[:-1]
     if n == 0:
         return body, b""
-    return body[:-n], bytes(body[-n:].to(torch.uint8).tolist())
+    return body[:-n], bytes(body[-n:].to("cpu", torch.uint8).tolist())
 
 
 def receive_command() -> tuple[int, torch.Tensor | None]:
-    header = torch.empty(2, dtype=torch.int64)
+    header = torch.empty(2, dtype=torch.int64, device=_comm_device)
     dist.broadcast(header, src=0)
-    cmd, size = int(header[0]), int(header[1])
+    cmd, size = (int(x) for x in header.tolist())
     if size == 0:
         return cmd, None
-    payload = torch.empty(size, dtype=torch.int64)
+    payload = torch.empty(size, dtype=torch.int64, device=_comm_device)
     dist.broadcast(payload, src=0)
     return cmd, payload
 

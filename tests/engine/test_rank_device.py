@@ -1,0 +1,88 @@
+"""TP over NCCL, checked on CPU: each rank's device, where command tensors live, one-device packing.
+
+The ``meta`` device stands in for a GPU: a CPU tensor concatenated with a meta tensor raises just as a
+CPU/CUDA mix does, so a header built on the wrong device fails here too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from appliance.config import RankInfo
+from appliance.engine import tp
+from appliance.engine.forward_batch import ForwardBatch
+from appliance.engine.rank_device import RANK_DEVICES_ENV, bind_device, parse_rank_devices, rank_device
+
+
+def _batch(device: str) -> ForwardBatch:
+    def t(x: list[int]) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.int64, device=device)
+
+    return ForwardBatch(input_ids=t([5, 6, 7]), positions=t([0, 1, 4]), slot_mapping=t([0, 1, 20]),
+                        page_table=torch.tensor([[0, 0], [5, 1]], dtype=torch.int32, device=device),
+                        prefix_lens=t([0, 4]), extend_lens=t([2, 1]), seq_lens=t([2, 5]), logit_rows=t([1, 2]),
+                        decode_only=False)
+
+
+def test_tp_ranks_take_distinct_planned_gpus() -> None:
+    planned = parse_rank_devices("0,1,2,3")
+    assert [rank_device("cuda", r, 4, planned) for r in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert [rank_device("cuda", r, 2) for r in range(2)] == ["cuda:0", "cuda:1"]  # no plan: rank r on index r
+    assert rank_device("cuda", 1, 2, (2, 5)) == "cuda:5"
+
+
+def test_single_rank_and_cpu_devices() -> None:
+    assert rank_device("cpu", 3, 4) == "cpu"
+    assert rank_device("cuda", 0, 1) == "cuda:0"
+    assert rank_device("cuda:3", 0, 1) == "cuda:3"       # an explicit device of a one-rank engine is kept
+    assert rank_device("cuda", 0, 1, (2,)) == "cuda:2"
+
+
+def test_bad_rank_plans_are_refused() -> None:
+    with pytest.raises(ValueError, match="share a GPU"):
+        rank_device("cuda", 0, 2, (1, 1))
+    with pytest.raises(ValueError, match="only 1 planned"):
+        rank_device("cuda", 1, 2, (0,))
+    with pytest.raises(ValueError, match="outside"):
+        rank_device("cuda", 2, 2)
+    with pytest.raises(ValueError):
+        parse_rank_devices("0,-1")
+
+
+def test_bind_device_on_cpu_reads_the_plan_but_sets_no_gpu() -> None:
+    assert bind_device("cpu", RankInfo(rank=1, world_size=2), {RANK_DEVICES_ENV: "0,1"}) == torch.device("cpu")
+
+
+def test_commands_travel_on_the_rank_gpu_under_nccl_and_on_cpu_under_gloo() -> None:
+    assert tp.group_backend(torch.device("cuda", 1), True) == "nccl"
+    assert tp.group_backend(torch.device("cuda", 1), False) == "gloo"
+    assert tp.group_backend(torch.device("cpu"), True) == "gloo"
+    assert tp.comm_device("nccl", torch.device("cuda", 2)) == torch.device("cuda", 2)
+    assert tp.comm_device("gloo", torch.device("cuda", 2)) == torch.device("cpu")
+    with pytest.raises(ValueError):
+        tp.comm_device("nccl", torch.device("cuda"))  # an unbound device: every rank would land on cuda:0
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_pack_builds_its_header_on_the_batch_device(device: str) -> None:
+    flat = tp.attach_bytes(_batch(device).pack(), b'{"room": "r"}')
+    assert flat.device.type == device and flat.dtype == torch.int64
+
+
+def test_pack_roundtrip_with_extra_bytes() -> None:
+    b = _batch("cpu")
+    body, extra = tp.detach_bytes(tp.attach_bytes(b.pack(), b"plan"))
+    got = ForwardBatch.unpack(body)
+    assert extra == b"plan"
+    assert got.input_ids.tolist() == [5, 6, 7] and got.slot_mapping.tolist() == [0, 1, 20]
+    assert got.page_table.tolist() == [[0, 0], [5, 1]] and got.logit_rows.tolist() == [1, 2]
+    assert got.seq_lens.tolist() == [2, 5] and got.decode_only is False
+
+
+def test_broadcast_and_receive_use_the_comm_device(monkeypatch) -> None:
+    seen: list[torch.device] = []
+    monkeypatch.setattr(tp.dist, "broadcast", lambda t, src: seen.append(t.device))
+    monkeypatch.setattr(tp, "_comm_device", torch.device("meta"))
+    tp.broadcast_command(tp.CMD_FORWARD, torch.arange(4))  # a CPU payload is moved, not refused
+    assert seen == [torch.device("meta")] * 2
