@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.gpu_plan import PEER_DEVICES_ENV, RANK_DEVICES_ENV, GpuGroup, WorkerGpus, parse_visible, plan_gpus
 from appliance.topology import available_cpus, format_ids, parse_ids, split_groups
 
 READY_TIMEOUT_S = 300.0
@@ -137,10 +138,14 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str) -> tuple[list[WorkerSpe
         transport = probe("cuda" if use_gpu else "cpu").backend
     specs = []
     counts: dict[str, int] = {}
-    for leaning, ids, tp in groups:
+    names = []
+    for leaning, _, _ in groups:
         k = counts.get(leaning, 0)
         counts[leaning] = k + 1
-        name = f"{leaning}-{k}"
+        names.append(f"{leaning}-{k}")
+    gpu_plans = gpu_views(cfg.mode, names, groups) if use_gpu else ()
+    for i, (leaning, ids, tp) in enumerate(groups):
+        name = names[i]
         role = "auto" if cfg.mode == "auto" else leaning  # auto: every engine can prefill, decode, hand over
         port = free_port()
         argv = [sys.executable, "-m", "appliance.serve.worker", "--role", role, "--name", name, "--port", str(port),
@@ -153,7 +158,10 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str) -> tuple[list[WorkerSpe
             argv += ["--transport", transport]
         env = dict(os.environ, PDBOX_CLUSTER_TOKEN=token)
         if use_gpu:
-            env["CUDA_VISIBLE_DEVICES"] = format_ids(ids)
+            view = gpu_plans[i]  # own GPUs first (rank r on local r), then the pools it pushes into
+            env["CUDA_VISIBLE_DEVICES"] = view.cuda_visible_devices
+            env[RANK_DEVICES_ENV] = ",".join(map(str, view.rank_devices))
+            env[PEER_DEVICES_ENV] = view.peer_env()
             argv += ["--device", "cuda", "--devices", format_ids(ids)]
             devices = "gpu:" + format_ids(ids)
         else:
@@ -162,6 +170,12 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str) -> tuple[list[WorkerSpe
         specs.append(WorkerSpec(name=name, role=role, argv=argv, env=env, devices=devices, port=port,
                                 extra={"leaning": leaning}))
     return specs, transport
+
+
+def gpu_views(mode: str, names: list[str], groups: list[tuple[str, list[int], int]]) -> tuple[WorkerGpus, ...]:
+    """Each worker's CUDA_VISIBLE_DEVICES, TP rank devices and peer devices (`appliance.gpu_plan`)."""
+    spec = [GpuGroup(n, leaning, tuple(ids)) for n, (leaning, ids, _) in zip(names, groups)]
+    return plan_gpus(spec, mode, parse_visible(os.environ.get("CUDA_VISIBLE_DEVICES")))
 
 
 class Launcher:

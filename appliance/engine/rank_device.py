@@ -13,8 +13,7 @@ import os
 import torch
 
 from appliance.config import RankInfo
-
-RANK_DEVICES_ENV = "PDBOX_RANK_DEVICES"
+from appliance.gpu_plan import RANK_DEVICES_ENV
 
 
 def parse_rank_devices(text: str) -> tuple[int, ...]:
