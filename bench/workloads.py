@@ -137,6 +137,7 @@ class TextCodec:
     encode: Callable[[str], list[int]]
     decode: Callable[[list[int]], str]
     name: str = "custom"
+    vocab_size: int | None = None  # ids 0..vocab_size-1 (random prompts need it); None when unknown
 
 
 def load_codec(gguf_path: str | Path | None = None) -> TextCodec:
@@ -149,7 +150,7 @@ def load_codec(gguf_path: str | Path | None = None) -> TextCodec:
 
     path = Path(gguf_path) if gguf_path is not None else default_model_path()
     tokenizer = Tokenizer.from_gguf(path)
-    return TextCodec(encode=tokenizer.encode, decode=tokenizer.decode, name=str(path))
+    return TextCodec(encode=tokenizer.encode, decode=tokenizer.decode, name=str(path), vocab_size=tokenizer.vocab_size)
 
 
 def corpus_text() -> str:
