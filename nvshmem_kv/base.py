@@ -14,6 +14,7 @@ Prefill (sender) side::
     t.write(peer, room, layer, kv, src_pages, dst_pages)   # per layer (or chunk), async
     t.signal(peer, room, payload)             # after the room's last write
     t.flush(peer, timeout_s)                  # optional: everything handed to the wire
+    t.fence_compute()                         # before the next step may write pages the copies read
 
 Invariants every backend keeps:
 - writes and the signal of a room travel in order; the receiver sees the signal only after the
@@ -146,6 +147,12 @@ class KVTransport(ABC):
     @abstractmethod
     def signal(self, peer: Peer, room: str, payload: bytes = b"") -> None:
         """Complete this rank's part of ``room``; delivered after all its prior writes are visible."""
+
+    def fence_compute(self) -> None:
+        """Make the current compute stream wait (on the device, not the host) for every copy this
+        transport issued so far, so pages freed after the first token are overwritten only after
+        their copies read them. Call before the next step writes KV. A no-op on CPU backends."""
+        return None
 
     @abstractmethod
     def flush(self, peer: Peer, timeout_s: float = 10.0) -> None:

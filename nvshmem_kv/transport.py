@@ -22,6 +22,7 @@ import torch
 
 from nvshmem_kv.base import KVTransport, Peer, RoomStatus, TransportStats
 from nvshmem_kv.channel import ConnInfo, ControlServer, open_channel
+from nvshmem_kv.copy_order import CopyOrder
 from nvshmem_kv.descriptor import HeadSlice, PoolDescriptor, PoolHandle, plan_head_slices
 from nvshmem_kv.errors import ProtocolError, TransportError
 from nvshmem_kv.page_copy import KernelPlan, kernel_copy, make_plan
@@ -91,6 +92,7 @@ class ChannelTransport(KVTransport):
         self._counts = {"bytes_sent": 0, "bytes_received": 0, "writes": 0, "signals_sent": 0,
                         "writes_dropped": 0}
         self._closed = False
+        self._order: CopyOrder | None = None     # GPU backends: their copy stream against compute
 
     # -- backend hooks ----------------------------------------------------------------------
     def _export_pool(self, kv: torch.Tensor, desc: PoolDescriptor) -> dict[str, Any]:
@@ -123,6 +125,10 @@ class ChannelTransport(KVTransport):
 
     def _release_pool(self) -> None:
         """Free what `allocate_pool` / `register_pool` created (shm unlink …)."""
+
+    def _compute_stream(self) -> Any:
+        """GPU backends: the engine's compute stream on this rank's device (see `CopyOrder`)."""
+        raise NotImplementedError
 
     # -- pool (decode side) ---------------------------------------------------------------
     def allocate_pool(self, desc: PoolDescriptor, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -171,7 +177,11 @@ class ChannelTransport(KVTransport):
         if not runs or not p.slices:
             return
         self._announce(p, room)
+        if self._order is not None:
+            self._order.before_copy(self._compute_stream())
         moved = self._write_runs(p, room, layer, src_kv, runs)
+        if self._order is not None:
+            self._order.after_copy()
         with self._lock:
             self._counts["writes"] += 1
             self._counts["bytes_sent"] += moved
@@ -186,6 +196,10 @@ class ChannelTransport(KVTransport):
         p.kernel_plans.pop(room, None)
         with self._lock:
             self._counts["signals_sent"] += 1
+
+    def fence_compute(self) -> None:
+        if self._order is not None:
+            self._order.fence(self._compute_stream())
 
     def flush(self, peer: Peer, timeout_s: float = 10.0) -> None:
         p = self._peer(peer)

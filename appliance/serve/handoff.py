@@ -156,6 +156,9 @@ class PrefillHandoff:
         self.pages_sent = 0
 
     def before_forward(self, sb: ScheduledBatch) -> tuple[Callable[[int], None] | None, bytes]:
+        # Pages freed since the last step (after a first token, an abort, a move) may be written by
+        # this step's store_kv: the compute stream first waits for the copies that read them.
+        self.sender.transport.fence_compute()
         plans: list[StepPlan] = []
         transfers: dict[str, Transfer] = {}
         for req, start, n in zip(sb.requests, sb.prefix_lens, sb.extend_lens):
@@ -213,6 +216,7 @@ class PrefillHandoff:
             if failed:
                 raise TransportError(failed[room])
         self.pages_sent += n
+        self.sender.transport.fence_compute()  # the mover frees these pages next
         self.sender.signal(handles, room, payload)
 
     def close(self) -> None:
@@ -238,6 +242,7 @@ class FollowerHandoff:
             self.sender.write(plans, layer, failed)
 
         def after() -> None:
+            self.sender.transport.fence_compute()  # this rank's next step writes KV only after these copies
             for p in plans:
                 if p.final and p.room not in failed:
                     try:

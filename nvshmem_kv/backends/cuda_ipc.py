@@ -25,6 +25,7 @@ from nvshmem_kv.backends._cuda import (
     runtime,
     tensor_at,
 )
+from nvshmem_kv.copy_order import CopyOrder
 from nvshmem_kv.descriptor import PoolDescriptor
 from nvshmem_kv.errors import BackendUnavailable, TransportError
 from nvshmem_kv.pages import PageRun
@@ -58,6 +59,7 @@ class CudaIpcTransport(ChannelTransport):
         self._rt = runtime()
         self._device = cuda_device(device)
         self._stream = torch.cuda.Stream(device=self._device)
+        self._order = CopyOrder(self._stream)
 
     def allocate_pool(self, desc: PoolDescriptor, device: str | torch.device = "cuda") -> torch.Tensor:
         dev = torch.device(device)
@@ -99,7 +101,6 @@ class CudaIpcTransport(ChannelTransport):
         dst = peer.remote_pool
         if dst is None:
             raise TransportError(f"{peer!r} is closed")
-        self._stream.wait_stream(torch.cuda.current_stream(src_kv.device))
         full = all(hs.count == peer.local.kv_heads_local == peer.remote.kv_heads_local for hs in peer.slices)
         if self._copy == "kernel" and full:
             with torch.cuda.stream(self._stream):
@@ -114,6 +115,9 @@ class CudaIpcTransport(ChannelTransport):
                     d.copy_(s, non_blocking=True)
                     moved += s.numel() * s.element_size()
         return moved
+
+    def _compute_stream(self) -> torch.cuda.Stream:
+        return torch.cuda.current_stream(self._device)
 
     def _signal_fence(self, peer: ChannelPeer) -> Callable[[], None] | None:
         event = torch.cuda.Event()

@@ -22,6 +22,7 @@ import torch
 
 from nvshmem_kv.backends._cuda import cuda_device, cuda_reason, have_module
 from nvshmem_kv.channel import ConnInfo
+from nvshmem_kv.copy_order import CopyOrder
 from nvshmem_kv.descriptor import HeadSlice, PoolDescriptor
 from nvshmem_kv.errors import BackendUnavailable, ProtocolError, TransportError
 from nvshmem_kv.pages import PageRun
@@ -101,6 +102,8 @@ class NvshmemTransport(ChannelTransport):
         self._device = cuda_device(device)
         self._init(uid)
         self._stream = torch.cuda.Stream(device=self._device)
+        # non-blocking puts have read their source only after a quiet: the fence drains them first
+        self._order = CopyOrder(self._stream, lambda: self._nb.quiet_on_stream(int(self._stream.cuda_stream)))
         self._heap: torch.Tensor | None = None
         self._sig: torch.Tensor | None = None
         self._puts: dict[int, int] = {}           # destination PE -> puts issued there
@@ -166,12 +169,14 @@ class NvshmemTransport(ChannelTransport):
         sig = self._sig.data_ptr() + 8 * self.pe
         op = int(self._nvs.SignalOp.SIGNAL_ADD)
         put = self._nb.putmem_signal_nbi_on_stream
-        self._stream.wait_stream(torch.cuda.current_stream(self._device))
         cs = int(self._stream.cuda_stream)
         for dst, src, nbytes in puts:
             put(dst, src, nbytes, sig, 1, op, h.pe, cs)
         self._puts[h.pe] = self._puts.get(h.pe, 0) + len(puts)
         return sum(n for _, _, n in puts)
+
+    def _compute_stream(self) -> torch.cuda.Stream:
+        return torch.cuda.current_stream(self._device)
 
     def _signal_message(self, peer: ChannelPeer, room: str) -> Signal:
         return Signal(room, puts=self._puts.get(peer.handle.pe, 0), src_pe=self.pe)
