@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.gpu_plan import PEER_DEVICES_ENV, RANK_DEVICES_ENV, GpuGroup, WorkerGpus, parse_visible, plan_gpus
+from appliance.nvshmem_job import plan_job
 from appliance.topology import available_cpus, format_ids, parse_ids, split_groups
 
 READY_TIMEOUT_S = 300.0
@@ -99,8 +100,9 @@ def _cuda_count() -> int:
         return 0
 
 
-def plan_workers(cfg: UpConfig, token: str, run_id: str) -> tuple[list[WorkerSpec], str]:
-    """Turn device flags into worker specs. Returns the specs and the transport chosen."""
+def plan_workers(cfg: UpConfig, token: str, run_id: str, run_dir: Path | None = None) -> tuple[list[WorkerSpec], str]:
+    """Turn device flags into worker specs. Returns the specs and the transport chosen. ``run_dir``
+    (the run's log folder) holds the NVSHMEM unique id when the transport is nvshmem."""
     from appliance.engine.tp import free_port
 
     gpu_flags = cfg.prefill_gpus or cfg.decode_gpus or cfg.gpus
@@ -144,6 +146,11 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str) -> tuple[list[WorkerSpe
         counts[leaning] = k + 1
         names.append(f"{leaning}-{k}")
     gpu_plans = gpu_views(cfg.mode, names, groups) if use_gpu else ()
+    pe_jobs = {}
+    if transport == "nvshmem" and cfg.mode != "unified":   # every prefill and decode rank is a PE
+        if run_dir is None:
+            raise ValueError("the nvshmem transport needs the run's folder for its unique id")
+        pe_jobs = plan_job([(n, tp) for n, (_, _, tp) in zip(names, groups)], run_dir, run_id, cfg.kv_cache_mb << 20)
     for i, (leaning, ids, tp) in enumerate(groups):
         name = names[i]
         role = "auto" if cfg.mode == "auto" else leaning  # auto: every engine can prefill, decode, hand over
@@ -157,6 +164,8 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str) -> tuple[list[WorkerSpe
         if role != "unified":
             argv += ["--transport", transport]
         env = dict(os.environ, PDBOX_CLUSTER_TOKEN=token)
+        if name in pe_jobs:
+            env.update(pe_jobs[name].to_env())
         if use_gpu:
             view = gpu_plans[i]  # own GPUs first (rank r on local r), then the pools it pushes into
             env["CUDA_VISIBLE_DEVICES"] = view.cuda_visible_devices
@@ -188,7 +197,7 @@ class Launcher:
         self.token = secrets.token_urlsafe(24)
         self.log_dir = Path(cfg.log_dir) if cfg.log_dir else Path(tempfile.mkdtemp(prefix=f"{self.run_id}-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.specs, self.transport = plan_workers(cfg, self.token, self.run_id)
+        self.specs, self.transport = plan_workers(cfg, self.token, self.run_id, self.log_dir)
         self.stopping = False
         self.router = None
 

@@ -7,6 +7,7 @@ pickled. Ranks > 0 run :func:`tp_worker_main` in their own process until rank 0 
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import socket
 from dataclasses import dataclass
 
@@ -109,12 +110,22 @@ def tp_worker_main(launch: TPLaunch) -> None:
     if launch.config.threads:
         torch.set_num_threads(launch.config.threads)
     die_with_parent()
-    runner = ModelRunner(launch.model, launch.config, launch.rank)
+    joined: list = []  # nvshmem: the transport this rank joined the job with, inside its pool allocation
+    kv_allocator = None
+    if launch.transport == "nvshmem":
+        from appliance.nvshmem_job import NVSHMEM_ENV, PeJob, symmetric_allocator
+
+        job = PeJob.from_env(os.environ)
+        if job is None:
+            raise ValueError(f"the nvshmem transport needs {NVSHMEM_ENV} from the launcher")
+        kv_allocator = symmetric_allocator(job, launch.rank.rank, dict(launch.transport_opts), joined.append)
+    runner = ModelRunner(launch.model, launch.config, launch.rank, kv_allocator=kv_allocator)
     sender = None
     if launch.transport:
         from appliance.serve.handoff import FollowerHandoff
 
-        sender = FollowerHandoff(launch.transport, dict(launch.transport_opts), runner)
+        sender = FollowerHandoff(launch.transport, dict(launch.transport_opts), runner,
+                                 transport=joined[0] if joined else None)
         runner.follower_hook = sender.plan_step
     try:
         runner.follow()

@@ -226,10 +226,10 @@ class PrefillHandoff:
 class FollowerHandoff:
     """Runs on prefill TP ranks > 0: push this rank's heads as rank 0's plan says."""
 
-    def __init__(self, backend: str, opts: dict[str, str], runner) -> None:
+    def __init__(self, backend: str, opts: dict[str, str], runner, transport: KVTransport | None = None) -> None:
         import nvshmem_kv
 
-        transport = nvshmem_kv.create(backend, **opts)
+        transport = transport or nvshmem_kv.create(backend, **opts)  # nvshmem: joined when the pool was made
         cfg = runner.model_config
         self.sender = _Sender(transport, runner.pool.kv, cfg.num_kv_heads, runner.rank.rank,
                               runner.rank.world_size)

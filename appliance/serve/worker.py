@@ -76,16 +76,21 @@ class Worker:
         opts = {"run_id": f"{cfg.run_id}-{cfg.name}", "host": cfg.transport_host}
         if cfg.advertise_host:
             opts["advertise_host"] = cfg.advertise_host
-        if cfg.role in ("prefill", "decode", "auto"):
+        job = self._nvshmem_job()
+        if cfg.role in ("prefill", "decode", "auto") and job is None:
             import nvshmem_kv
 
             self.transport = nvshmem_kv.create(cfg.transport, **opts)
-        if cfg.role in ("decode", "auto"):
+        if cfg.role in ("decode", "auto") or job is not None:
             from nvshmem_kv import PoolDescriptor
 
             def kv_allocator(shape, dtype, device):  # the pool lives where the transport can export it
+                if self.transport is None:  # nvshmem: this rank joins the job now, its TP group formed
+                    from appliance.nvshmem_job import create_transport
+
+                    self.transport = create_transport(job, 0, device, opts)
                 desc = PoolDescriptor(str(dtype).removeprefix("torch."), shape[1], shape[2], shape[3],
-                                      self._total_kv_heads, shape[4], shape[5])
+                                      self._total_kv_heads, shape[4], shape[5], 0, cfg.engine.tp_size)
                 self._desc = desc
                 return self.transport.allocate_pool(desc, device)
 
@@ -107,6 +112,17 @@ class Worker:
             self.engine.handoff = self.handoff
         if cfg.role == "auto":
             self.engine.calibrate()  # adaptive mode's cost model: this device's prefill rate and step time
+
+    def _nvshmem_job(self):
+        """The launcher's PE plan for this worker (nvshmem only); refuses nvshmem without one."""
+        if self.cfg.transport != "nvshmem" or self.cfg.role == "unified":
+            return None
+        from appliance.nvshmem_job import NVSHMEM_ENV, PeJob
+
+        job = PeJob.from_env(os.environ)
+        if job is None:
+            raise ValueError(f"--transport nvshmem needs {NVSHMEM_ENV} (pdbox up numbers every rank as a PE)")
+        return job
 
     def app(self) -> web.Application:
         from appliance.serve.engine_loop import EngineLoop
