@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from appliance.config import DTYPE_CHOICES
+
 
 class CliError(click.ClickException):
     """A one-line error for the user; no traceback."""
@@ -29,9 +31,10 @@ def main() -> None:
 @click.option("--seed", default=None, type=int, help="Seed for sampling.")
 @click.option("--model", default=None, help="GGUF file or Hugging Face folder (default: embedded SmolLM2-135M).")
 @click.option("--tp", default=1, show_default=True, help="Tensor-parallel ranks (processes).")
-@click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float32", "float16"]))
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES),
+              help="auto: bfloat16 on CUDA and on CPUs with bf16 instructions, float32 on other CPUs")
 @click.option("--threads", default=0, help="Torch threads (0 = torch's default).")
-@click.option("--attention-backend", default="auto", type=click.Choice(["auto", "torch", "triton"]))
+@click.option("--attention-backend", default="auto", type=click.Choice(["auto", "cpu", "torch", "triton"]))
 @click.option("--raw", is_flag=True, help="Do not apply the chat template.")
 def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
              model: str | None, tp: int, dtype: str, threads: int, attention_backend: str, raw: bool) -> None:
@@ -73,7 +76,8 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
 @click.option("--transport", default="auto", show_default=True,
               type=click.Choice(["auto", "nvshmem", "cuda_ipc", "shm", "tcp"]))
 @click.option("--api-key", default="", envvar="PDBOX_API_KEY", help="Require Authorization: Bearer KEY.")
-@click.option("--dtype", default="bfloat16", show_default=True, type=click.Choice(["bfloat16", "float32", "float16"]))
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES),
+              help="auto: bfloat16 on CUDA and on CPUs with bf16 instructions, float32 on other CPUs")
 @click.option("--kv-cache-mb", default=256, show_default=True, help="KV pool size per engine rank.")
 @click.option("--page-size", default=16, show_default=True)
 @click.option("--max-prefill-tokens", default=0, show_default=True,

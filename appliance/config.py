@@ -52,6 +52,7 @@ class ModelConfig:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_CHOICES = ("auto", *DTYPES)  # auto: see appliance.engine.dtype.default_dtype
 CPU_PREFILL_CHUNK = 256  # tokens per prefill step on CPU (see EngineConfig.prefill_chunk)
 GPU_PREFILL_CHUNK = 2048
 
@@ -62,10 +63,11 @@ class EngineConfig:
 
     ``num_pages`` sizes the single KV tensor; when 0 it is derived from ``kv_cache_mb``.
     ``max_prefill_tokens`` is the chunked-prefill token budget per step; 0 picks it by device
-    (`prefill_chunk`).
+    (`prefill_chunk`). ``dtype="auto"`` resolves here, once, to the device's default
+    (``appliance.engine.dtype.default_dtype``), so ``config.dtype`` always names the dtype in use.
     """
 
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     kv_dtype: str | None = None
     device: str = "cpu"
     page_size: int = 16
@@ -82,8 +84,12 @@ class EngineConfig:
     prefill_order: str = "fifo"
 
     def __post_init__(self) -> None:
+        if self.dtype == "auto":
+            from appliance.engine.dtype import default_dtype
+
+            object.__setattr__(self, "dtype", default_dtype(self.device))
         if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {self.dtype!r}")
         if self.kv_dtype is not None and self.kv_dtype not in DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(DTYPES)}, got {self.kv_dtype!r}")
         if self.page_size < 1 or self.page_size & (self.page_size - 1):
@@ -94,9 +100,9 @@ class EngineConfig:
             raise ValueError(f"max_running must be >= 1, got {self.max_running}")
         if self.max_prefill_tokens < 0:
             raise ValueError(f"max_prefill_tokens must be >= 0 (0: by device), got {self.max_prefill_tokens}")
-        if self.attention_backend not in ("auto", "torch", "triton"):
+        if self.attention_backend not in ("auto", "cpu", "torch", "triton"):
             raise ValueError(
-                f"attention_backend must be auto, torch or triton, got {self.attention_backend!r}"
+                f"attention_backend must be auto, cpu, torch or triton, got {self.attention_backend!r}"
             )
         if self.prefill_order not in ("fifo", "slack"):
             raise ValueError(f"prefill_order must be fifo or slack, got {self.prefill_order!r}")

@@ -10,12 +10,13 @@ def report() -> dict:
     import torch
 
     import nvshmem_kv
+    from appliance.engine.dtype import cpu_has_native_bf16, default_dtype
     from kernels import HAS_TRITON, interpreter_enabled
 
     cuda = torch.cuda.is_available()
     devices = {
         "cpu": {"cores": sorted(os.sched_getaffinity(0)), "model": platform.processor() or platform.machine(),
-                "bf16": "avx512_bf16" in _cpu_flags()},
+                "bf16": cpu_has_native_bf16()},
         "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
     }
     device = "cuda" if cuda else "cpu"
@@ -26,8 +27,10 @@ def report() -> dict:
     elif cuda:
         kernel = {"backend": "triton", "reason": "CUDA device present: Triton kernels compile for it"}
     else:
-        kernel = {"backend": "torch", "reason": "no CUDA device: the engine runs the torch references; Triton "
-                  f"kernels run only under TRITON_INTERPRET=1 (tests){' — on now' if interpreter_enabled() else ''}"}
+        kernel = {"backend": "cpu", "reason": "no CUDA device: the engine runs its CPU kernels (oneDNN linear layers, "
+                  "fused SDPA prefill); Triton kernels run only under TRITON_INTERPRET=1 "
+                  f"(tests){' — on now' if interpreter_enabled() else ''}"}
+    kernel["dtype"] = default_dtype(device)
     try:
         from appliance.model.loader import default_model_path
 
@@ -36,14 +39,6 @@ def report() -> dict:
         model = f"missing: {exc}"
     return {"torch": torch.__version__, "devices": devices, "transport": probe.backend, "transports": transports,
             "attention_backend": kernel, "default_model": model}
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((ln for ln in f if ln.startswith("flags")), "")
-    except OSError:
-        return ""
 
 
 def render(rep: dict) -> str:
@@ -55,6 +50,6 @@ def render(rep: dict) -> str:
     for t in rep["transports"]:
         lines.append(f"  {'ok  ' if t['ok'] else 'skip'} {t['backend']:9s} {t['reason']}")
     k = rep["attention_backend"]
-    lines.append(f"attention backend: {k['backend']} ({k['reason']})")
+    lines.append(f"attention backend: {k['backend']} ({k['reason']}); default dtype {k['dtype']}")
     lines.append(f"default model: {rep['default_model']}")
     return "\n".join(lines)

@@ -41,7 +41,7 @@ class UpConfig:
     cpus: str = ""
     transport: str = "auto"
     api_key: str = ""
-    dtype: str = "bfloat16"
+    dtype: str = "auto"
     kv_cache_mb: int = 256
     page_size: int = 16
     max_prefill_tokens: int = 0  # 0: by device (EngineConfig.prefill_chunk)

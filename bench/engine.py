@@ -1,10 +1,15 @@
 """Engine throughput on this machine: decode at batch 1 and 16, long-context decode, prefill tokens/s.
 
-    python -m bench.engine [--json] [--threads N] [--dtype bfloat16] [--steps 48] [--model PATH]
+    python -m bench.engine [--json] [--threads N] [--dtype auto] [--backend auto] [--steps 48] [--model PATH]
 
 Medians over timed steps, prefix cache off (no accidental hits). Same engine code path as serving.
 Long-context decode: ``--long-batch`` requests whose contexts are the ``--prefill-len`` prompt decode
 together (what a decode engine does with RAG answers).
+
+Beside each figure, the floor this machine allows, measured in the same run through the engine's own
+linear layers: a batch-1 decode step reads every weight once (bytes / the GEMV bandwidth of the
+model's largest weight), a prefill runs 2 x params FLOPs per token (at the GEMM rate of a
+prefill-shaped layer).
 """
 
 from __future__ import annotations
@@ -48,13 +53,51 @@ def _prefill_times(engine, prompt: list[int], repeats: int) -> list[float]:
     return times
 
 
-def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: int, long_batch: int = 6) -> dict:
+def _median_s(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def floors(engine, prefill_chunk: int) -> dict:
+    """Weight bytes per decode step, FLOPs per prefill token, and the rates this machine gives them."""
+    model = engine.runner.model
+    be = model.backend
+    layer = model.layers[0]
+    weights = [w for lw in model.layers for w in (lw.qkv, lw.o_proj, lw.gate_up, lw.down)] + [model.lm_head]
+
+    def numel(w) -> int:
+        return int(torch.Size(w.shape).numel())
+
+    elem = torch.empty(0, dtype=model.dtype).element_size()
+    weight_bytes = sum(numel(w) for w in weights) * elem
+    hidden = model.cfg.hidden_size
+    with torch.inference_mode():
+        x1 = torch.randn(1, hidden)
+        gemv_s = _median_s(lambda: be.linear(x1, model.lm_head), 20)
+        xp = torch.randn(prefill_chunk, hidden)
+        gemm_s = _median_s(lambda: be.linear(xp, layer.gate_up), 5)
+    gemv_gbs = numel(model.lm_head) * elem / gemv_s / 1e9
+    gemm_flops = 2 * prefill_chunk * numel(layer.gate_up) / gemm_s
+    layer_params = sum(numel(w) for w in weights[:-1])
+    return {"weight_mb_per_token": round(weight_bytes / 1e6, 1), "gemv_gb_s": round(gemv_gbs, 2),
+            "decode_floor_ms": round(weight_bytes / gemv_gbs / 1e6, 2),
+            "gemm_gflop_s": round(gemm_flops / 1e9, 1),
+            "prefill_floor_tok_s": round(gemm_flops / (2 * layer_params), 1)}
+
+
+def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: int, long_batch: int = 6,
+        backend: str = "auto") -> dict:
     from appliance.config import EngineConfig
     from appliance.engine.engine import Engine
 
     torch.set_num_threads(threads)
     cfg = EngineConfig(dtype=dtype, threads=threads, enable_prefix_cache=False, max_prefill_tokens=prefill_len,
-                       kv_cache_mb=512)
+                       kv_cache_mb=512, attention_backend=backend)
     engine = Engine(model, cfg)
     tok = engine.tokenizer
     base = tok.encode("Write a long story about a lighthouse keeper who finds a message in a bottle. " * 4)[:64]
@@ -66,12 +109,17 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
     _prefill_times(engine, long_prompt[:128], 1)
     pre = _prefill_times(engine, long_prompt, 3)
     long_steps = _decode_steps(engine, [long_prompt[:-1] + [100 + i] for i in range(long_batch)], max(8, steps // 2))
+    floor = floors(engine, min(prefill_len, 256))
     engine.shutdown()
     ms_b1 = statistics.median(b1) * 1000
     step16 = statistics.median(b16)
+    prefill_tok_s = len(long_prompt) / statistics.median(pre)
     return {
-        "model": engine.model_name, "dtype": dtype, "threads": threads, "cpu_count": os.cpu_count(),
+        "model": engine.model_name, "dtype": cfg.dtype, "backend": engine.runner.backend.name, "threads": threads,
+        "cpu_count": os.cpu_count(),
         "decode_ms_per_token_b1": round(ms_b1, 2),
+        "decode_floor_ms": floor["decode_floor_ms"],
+        "decode_over_floor": round(ms_b1 / floor["decode_floor_ms"], 2),
         "decode_tok_s_b1": round(1000 / ms_b1, 1),
         "decode_ms_per_step_b16": round(step16 * 1000, 2),
         "decode_tok_s_b16": round(16 / step16, 1),
@@ -79,7 +127,12 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
         f"decode_ms_per_step_b{long_batch}_ctx{len(long_prompt)}": round(statistics.median(long_steps) * 1000, 2),
         "prefill_tokens": len(long_prompt),
         "prefill_s": round(statistics.median(pre), 3),
-        "prefill_tok_s": round(len(long_prompt) / statistics.median(pre), 1),
+        "prefill_tok_s": round(prefill_tok_s, 1),
+        "prefill_floor_tok_s": floor["prefill_floor_tok_s"],
+        "prefill_share_of_floor": round(prefill_tok_s / floor["prefill_floor_tok_s"], 2),
+        "weight_mb_per_token": floor["weight_mb_per_token"],
+        "gemv_gb_s": floor["gemv_gb_s"],
+        "gemm_gflop_s": floor["gemm_gflop_s"],
         "steps": steps,
     }
 
@@ -88,13 +141,15 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None)
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    p.add_argument("--backend", default="auto", choices=("auto", "cpu", "torch", "triton"),
+                   help="kernels: cpu (fast CPU path), torch (the references), triton")
     p.add_argument("--steps", type=int, default=48)
     p.add_argument("--prefill-len", type=int, default=1024)
     p.add_argument("--long-batch", type=int, default=6, help="requests in the long-context decode figure")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
     args = p.parse_args(argv)
-    result = run(args.model, args.threads, args.dtype, args.steps, args.prefill_len, args.long_batch)
+    result = run(args.model, args.threads, args.dtype, args.steps, args.prefill_len, args.long_batch, args.backend)
     if args.json:
         print(json.dumps(result))
         return

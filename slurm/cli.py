@@ -41,8 +41,8 @@ def _pool_options(f: Callable[..., Any]) -> Callable[..., Any]:
                                                  "[default: the embedded SmolLM2-135M]"),
         click.option("--cpu", is_flag=True, help="CPU engines: no GPUs asked for, nothing pinned, each pool's "
                                                  "nodes allocated whole (--exclusive)"),
-        click.option("--dtype", default=None, type=click.Choice(["bfloat16", "float32", "float16"]),
-                     help="engine dtype  [default: float32 with --cpu, else bfloat16]"),
+        click.option("--dtype", default="auto", type=click.Choice(["auto", "bfloat16", "float32", "float16"]),
+                     help="engine dtype; auto: bfloat16 on GPUs and bf16-capable CPUs, else float32"),
         click.option("--prefill-nodes", type=int, default=1, show_default=True),
         click.option("--decode-nodes", type=int, default=1, show_default=True),
         click.option("--gpus-per-node", type=int, default=0, show_default=True),
@@ -114,7 +114,7 @@ def _worker_argv(template: str | None, spec: PoolSpec, model: str, router_url: s
         raise click.UsageError(f"a decode engine runs on one GPU, but each decode rank would see {gpus}: "
                                "give --tasks-per-node equal to --gpus-per-node")
     return commands.worker_argv(spec.role, model, router_url, cpu=cpu, gpus=gpus,
-                                dtype=dtype or ("float32" if cpu else "bfloat16"))
+                                dtype=dtype or "auto")
 
 
 # ---- router process --------------------------------------------------------------------------------

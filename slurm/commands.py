@@ -28,7 +28,7 @@ def worker_argv(
     router_url: str,
     *,
     cpu: bool = False,
-    dtype: str = "bfloat16",
+    dtype: str = "auto",
     gpus: int = 1,
     python: str = sys.executable,
     extra: Sequence[str] = (),

@@ -1,14 +1,16 @@
-"""Attention backends: the seam between the model and the paged-KV kernels.
+"""Attention backends: the seam between the model and its kernels (paged KV, norms, linear layers).
 
-``torch`` runs the pure-torch references (the CPU path); ``triton`` runs the Triton kernels (the
-CUDA path). ``auto`` picks triton on CUDA and torch elsewhere.
+``torch`` runs the pure-torch references (obviously right, the tests' oracle); ``cpu`` runs the same
+functions built for speed on CPUs (``attention_cpu``); ``triton`` runs the Triton kernels (the CUDA
+path). ``auto`` picks triton on CUDA and cpu elsewhere.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
+import torch.nn.functional as F
 
 from kernels.activation import silu_and_mul_ref
 from kernels.decode_attention import DecodePlan, decode_attention_ref, decode_plan
@@ -22,6 +24,14 @@ class AttentionBackend(Protocol):
     """Kernels the model calls; each mirrors the reference of the same name in ``kernels``."""
 
     name: str
+
+    def pack_linear(self, weight: torch.Tensor) -> Any:
+        """A ``(out, in)`` weight in the form :meth:`linear` takes (called once, at load)."""
+        ...
+
+    def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ weight.T + bias`` in the weight's dtype."""
+        ...
 
     def store_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor, slot_mapping: torch.Tensor) -> None: ...
@@ -44,11 +54,22 @@ class AttentionBackend(Protocol):
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor: ...
 
 
+def plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with ``x`` cast to the weight's dtype: the reference linear layer."""
+    return F.linear(x.to(weight.dtype), weight, bias)
+
+
+def keep_weight(weight: torch.Tensor) -> torch.Tensor:
+    return weight
+
+
 class TorchAttentionBackend:
-    """The pure-torch references from ``kernels``: runs anywhere, the CPU path."""
+    """The pure-torch references from ``kernels``: runs anywhere, the tests' oracle."""
 
     name = "torch"
     store_kv = staticmethod(store_kv_ref)
+    pack_linear = staticmethod(keep_weight)
+    linear = staticmethod(plain_linear)
 
     def __init__(self) -> None:
         self._plan_key: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -72,13 +93,17 @@ class TorchAttentionBackend:
 
 
 def create_backend(name: str, device: torch.device) -> AttentionBackend:
-    """``auto`` -> ``triton`` on CUDA, ``torch`` otherwise. Imports the Triton path lazily."""
+    """``auto`` -> ``triton`` on CUDA, ``cpu`` otherwise. Imports the Triton path lazily."""
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
+        name = "triton" if device.type == "cuda" else "cpu"
     if name == "torch":
         return TorchAttentionBackend()
+    if name == "cpu":
+        from appliance.engine.attention_cpu import CpuAttentionBackend
+
+        return CpuAttentionBackend()
     if name == "triton":
         from appliance.engine.attention_triton import TritonAttentionBackend
 
         return TritonAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r}: choose auto, torch or triton")
+    raise ValueError(f"unknown attention backend {name!r}: choose auto, cpu, torch or triton")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from appliance.engine.attention import keep_weight, plain_linear
 from kernels.activation import silu_and_mul
 from kernels.decode_attention import decode_attention
 from kernels.extend_attention import extend_attention
@@ -21,6 +22,8 @@ class TritonAttentionBackend:
     """Triton kernels for the model's forward pass (the CUDA path)."""
 
     name = "triton"
+    pack_linear = staticmethod(keep_weight)
+    linear = staticmethod(plain_linear)
 
     def __init__(self) -> None:
         # NOTE: every layer of one forward pass gets the same ``extend_lens`` tensor; its host-side

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,13 +56,15 @@ class Shard:
 
 @dataclass
 class LayerWeights:
+    """One layer's weights; the linear ones in the form the backend's ``linear`` takes."""
+
     input_norm: torch.Tensor
-    qkv: torch.Tensor
+    qkv: Any
     qkv_bias: torch.Tensor | None
-    o_proj: torch.Tensor
+    o_proj: Any
     post_norm: torch.Tensor
-    gate_up: torch.Tensor
-    down: torch.Tensor
+    gate_up: Any
+    down: Any
 
 
 class LlamaModel:
@@ -95,6 +98,9 @@ class LlamaModel:
         def cast(t: torch.Tensor, dt: torch.dtype | None = None) -> torch.Tensor:
             return t.to(device=device, dtype=dt or dtype).contiguous()
 
+        def linear(t: torch.Tensor) -> Any:
+            return backend.pack_linear(cast(t))
+
         (q0, q1), (k0, k1), (f0, f1) = self.shard.q_heads, self.shard.kv_heads, self.shard.ffn
         self.layers: list[LayerWeights] = []
         for i in range(cfg.num_layers):
@@ -111,18 +117,18 @@ class LlamaModel:
                 ]))
             self.layers.append(LayerWeights(
                 input_norm=cast(w(p + "input_layernorm.weight"), torch.float32),
-                qkv=cast(torch.cat([q, k, v])),
+                qkv=linear(torch.cat([q, k, v])),
                 qkv_bias=bias,
-                o_proj=cast(w(p + "self_attn.o_proj.weight")[:, q0 * D : q1 * D]),
+                o_proj=linear(w(p + "self_attn.o_proj.weight")[:, q0 * D : q1 * D]),
                 post_norm=cast(w(p + "post_attention_layernorm.weight"), torch.float32),
-                gate_up=cast(torch.cat([w(p + "mlp.gate_proj.weight")[f0:f1],
-                                        w(p + "mlp.up_proj.weight")[f0:f1]])),
-                down=cast(w(p + "mlp.down_proj.weight")[:, f0:f1]),
+                gate_up=linear(torch.cat([w(p + "mlp.gate_proj.weight")[f0:f1],
+                                          w(p + "mlp.up_proj.weight")[f0:f1]])),
+                down=linear(w(p + "mlp.down_proj.weight")[:, f0:f1]),
             ))
         self.embed = cast(w("model.embed_tokens.weight"))
         self.norm = cast(w("model.norm.weight"), torch.float32)
         head = weights.get("lm_head.weight")
-        self.lm_head = self.embed if cfg.tie_embeddings or head is None else cast(head)
+        self.lm_head = linear(self.embed if cfg.tie_embeddings or head is None else head)
         self.cos_sin = rotary_cos_sin_cache(D, cfg.max_position, cfg.rope_theta).to(device)
         self.q_size = self.shard.num_q_heads * D
         self.kv_size = self.shard.num_kv_heads * D
@@ -140,7 +146,6 @@ class LlamaModel:
         # NOTE: the residual stream stays fp32 whatever the weight dtype: SmolLM2's first answer
         # token is a near-tie that a bf16 residual flips ("L'Étoile…" instead of "The capital…").
         x = F.embedding(batch.input_ids, self.embed).float()
-        dt = self.dtype
         residual: torch.Tensor | None = None
         for i, lw in enumerate(self.layers):
             if residual is None:
@@ -148,7 +153,7 @@ class LlamaModel:
                 h = be.rmsnorm(x, lw.input_norm, cfg.rms_eps)
             else:
                 h, residual = be.fused_add_rmsnorm(x, residual, lw.input_norm, cfg.rms_eps)
-            qkv = F.linear(h.to(dt), lw.qkv, lw.qkv_bias)
+            qkv = be.linear(h, lw.qkv, lw.qkv_bias)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q, k = be.rotary(q.view(T, -1, D), k.view(T, -1, D), batch.positions, self.cos_sin)
             k_cache, v_cache = kv[0, i], kv[1, i]
@@ -160,11 +165,11 @@ class LlamaModel:
             else:
                 o = be.extend(q, k_cache, v_cache, batch.page_table, batch.prefix_lens,
                               batch.extend_lens, self.scale)
-            x = F.linear(o.reshape(T, -1), lw.o_proj)
+            x = be.linear(o.reshape(T, -1), lw.o_proj)
             if self.all_reduce is not None:
                 self.all_reduce(x)
             h, residual = be.fused_add_rmsnorm(x, residual, lw.post_norm, cfg.rms_eps)
-            x = F.linear(be.silu_and_mul(F.linear(h.to(dt), lw.gate_up)), lw.down)
+            x = be.linear(be.silu_and_mul(be.linear(h, lw.gate_up)), lw.down)
             if self.all_reduce is not None:
                 self.all_reduce(x)
         if residual is None:
@@ -174,4 +179,4 @@ class LlamaModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits ``(rows, vocab)`` from final hidden states."""
-        return F.linear(hidden.to(self.dtype), self.lm_head).float()
+        return self.backend.linear(hidden, self.lm_head).float()

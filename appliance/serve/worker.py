@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--cpus", default="", help="core set to pin to, e.g. 0 or 0-3")
     p.add_argument("--devices", default="", help="GPU ids (CUDA_VISIBLE_DEVICES is set by the launcher)")
-    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--kv-cache-mb", type=int, default=256)

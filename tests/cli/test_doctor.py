@@ -18,4 +18,4 @@ def test_doctor_reports_transports_and_reasons() -> None:
     assert rep["transport"] == chosen["backend"]
     assert all(t["reason"] for t in rep["transports"])  # every verdict says why
     if not rep["devices"]["cuda"]:
-        assert rep["transport"] == "shm" and rep["attention_backend"]["backend"] == "torch"
+        assert rep["transport"] == "shm" and rep["attention_backend"]["backend"] == "cpu"

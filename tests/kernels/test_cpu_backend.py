@@ -1,0 +1,141 @@
+"""The ``cpu`` backend computes the same functions as the references (the ``torch`` backend)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from appliance.engine.attention import TorchAttentionBackend, create_backend
+from appliance.engine.attention_cpu import CpuAttentionBackend, PackedWeight, onednn_available
+from appliance.engine.dtype import default_dtype
+
+TOL = {"atol": 2e-5, "rtol": 2e-5}
+
+
+def paged(num_pages: int, page_size: int, kv_heads: int, dim: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shape = (num_pages, page_size, kv_heads, dim)
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+def test_auto_picks_cpu_backend_on_cpu() -> None:
+    assert create_backend("auto", torch.device("cpu")).name == "cpu"
+    assert create_backend("torch", torch.device("cpu")).name == "torch"
+
+
+@pytest.mark.parametrize("kv_heads,q_heads", [(3, 9), (1, 4), (2, 2), (8, 16)])
+def test_decode_equals_reference_over_mixed_lengths(kv_heads: int, q_heads: int) -> None:
+    """Contexts of 1..40 tokens fall into several length groups; an empty slot yields zeros."""
+    be, ref = CpuAttentionBackend(), TorchAttentionBackend()
+    page_size, dim = 4, 16
+    k_cache, v_cache = paged(64, page_size, kv_heads, dim, seed=1)
+    lens = [1, 5, 40, 17, 0, 9]
+    table = torch.tensor([[(b * 11 + j) % 64 for j in range(10)] for b in range(len(lens))], dtype=torch.int32)
+    seq_lens = torch.tensor(lens)
+    q = torch.randn(len(lens), q_heads, dim, generator=torch.Generator().manual_seed(2))
+    for _ in range(2):  # the second call reuses the per-forward plan and masks
+        out = be.decode(q, k_cache, v_cache, table, seq_lens, 0.3)
+    torch.testing.assert_close(out, ref.decode(q, k_cache, v_cache, table, seq_lens, 0.3), **TOL)
+    assert torch.count_nonzero(out[4]) == 0
+
+
+def test_decode_single_group_returns_every_row() -> None:
+    be, ref = CpuAttentionBackend(), TorchAttentionBackend()
+    k_cache, v_cache = paged(16, 4, 3, 8, seed=3)
+    table = torch.tensor([[5, 2, 9], [1, 0, 7]], dtype=torch.int32)
+    seq_lens = torch.tensor([10, 11])
+    q = torch.randn(2, 9, 8)
+    torch.testing.assert_close(be.decode(q, k_cache, v_cache, table, seq_lens, 0.5),
+                               ref.decode(q, k_cache, v_cache, table, seq_lens, 0.5), **TOL)
+
+
+def test_extend_with_cached_prefix_equals_reference() -> None:
+    """Three requests: one fresh, one with a 5-token cached prefix, one with nothing new."""
+    be, ref = CpuAttentionBackend(), TorchAttentionBackend()
+    k_cache, v_cache = paged(32, 4, 3, 16, seed=4)
+    table = torch.tensor([[0, 1, 2, 3], [9, 4, 11, 12], [20, 0, 0, 0]], dtype=torch.int32)
+    prefix, extend = torch.tensor([0, 5, 2]), torch.tensor([7, 8, 0])
+    q = torch.randn(15, 9, 16, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(be.extend(q, k_cache, v_cache, table, prefix, extend, 0.25),
+                               ref.extend(q, k_cache, v_cache, table, prefix, extend, 0.25), **TOL)
+
+
+def test_norms_rotary_activation_equal_reference() -> None:
+    be, ref = CpuAttentionBackend(), TorchAttentionBackend()
+    g = torch.Generator().manual_seed(6)
+    x, res, w = torch.randn(5, 64, generator=g), torch.randn(5, 64, generator=g), torch.rand(64, generator=g)
+    torch.testing.assert_close(be.rmsnorm(x, w, 1e-5), ref.rmsnorm(x, w, 1e-5), **TOL)
+    for got, want in zip(be.fused_add_rmsnorm(x, res, w, 1e-5), ref.fused_add_rmsnorm(x, res, w, 1e-5)):
+        torch.testing.assert_close(got, want, **TOL)
+    torch.testing.assert_close(be.silu_and_mul(torch.cat([x, res], -1)), ref.silu_and_mul(torch.cat([x, res], -1)))
+
+    from kernels.rotary import rotary_cos_sin_cache
+
+    cache = rotary_cos_sin_cache(16, 64, 10000.0)
+    qkv = torch.randn(5, (4 + 2 + 2) * 16, generator=g)
+    q, k, _ = qkv.split([64, 32, 32], dim=-1)
+    q, k = q.view(5, 4, 16), k.view(5, 2, 16)
+    pos = torch.tensor([0, 3, 9, 10, 63])
+    want = ref.rotary(q, k, pos, cache)
+    for got in (be.rotary(q, k, pos, cache), be.rotary(q.clone(), k.clone(), pos, cache)):  # adjacent, then apart
+        torch.testing.assert_close(got[0], want[0], **TOL)
+        torch.testing.assert_close(got[1], want[1], **TOL)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize("rows", [1, 3, 16, 300])
+def test_packed_linear_equals_f_linear(rows: int) -> None:
+    be = CpuAttentionBackend()
+    g = torch.Generator().manual_seed(7)
+    w, b = torch.randn(96, 40, generator=g), torch.randn(96, generator=g)
+    packed = be.pack_linear(w)
+    assert isinstance(packed, PackedWeight) and packed.shape == (96, 40)
+    x = torch.randn(rows, 40, generator=g)
+    torch.testing.assert_close(be.linear(x, packed), x @ w.T, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(be.linear(x, packed, b), x @ w.T + b, atol=1e-4, rtol=1e-4)
+
+
+def test_unpacked_weights_when_packing_is_off() -> None:
+    be = CpuAttentionBackend(pack_weights=False)
+    w = torch.randn(8, 4)
+    assert be.pack_linear(w) is w
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(be.linear(x, w), x @ w.T)
+
+
+def test_default_dtype_follows_the_hardware() -> None:
+    assert default_dtype("cuda") == "bfloat16"
+    assert default_dtype("cuda:3", frozenset()) == "bfloat16"
+    assert default_dtype("cpu", frozenset({"avx2", "fma"})) == "float32"
+    assert default_dtype("cpu", frozenset({"avx2", "avx512f", "avx512_bf16"})) == "bfloat16"
+    assert default_dtype("cpu", frozenset({"amx_bf16"})) == "bfloat16"
+
+
+def test_engine_config_resolves_auto_dtype() -> None:
+    from appliance.config import EngineConfig
+
+    assert EngineConfig().dtype == default_dtype("cpu")
+    assert EngineConfig(dtype="float32").dtype == "float32"
+    with pytest.raises(ValueError, match="auto, float32"):
+        EngineConfig(dtype="int3")
+
+
+def test_tiny_engine_greedy_cpu_equals_torch(tiny_model) -> None:
+    """The whole engine (chunked prefill, a prefix hit, batched decode) on both CPU backends."""
+    from appliance.config import EngineConfig
+    from appliance.engine.engine import Engine
+    from appliance.engine.request import SamplingParams
+
+    system = [5 + (i * 7) % 250 for i in range(9)]
+    prompts = [system + [3 + (j * 13 + i) % 250 for j in range(1 + 4 * i)] for i in range(4)]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    outputs = {}
+    for backend in ("torch", "cpu"):
+        cfg = EngineConfig(dtype="float32", page_size=4, num_pages=64, max_prefill_tokens=8, attention_backend=backend)
+        engine = Engine(str(tiny_model), cfg)
+        assert engine.runner.backend.name == backend
+        reqs = [engine.add_request(p, params) for p in prompts]
+        engine.run_until_done(reqs)
+        outputs[backend] = [r.output_ids for r in reqs]
+        engine.shutdown()
+    assert outputs["cpu"] == outputs["torch"]
