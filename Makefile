@@ -42,8 +42,9 @@ lint: install
 bench: install
 	$(BIN)/python -m bench.engine
 
-gpu-check: install
+# The machine's own python3 and the offline wheels of wheels/gpu (scripts/fetch-gpu-wheels.sh): no venv.
+gpu-check:
 	bash scripts/gpu-check.sh
 
 clean:
-	rm -rf $(VENV) gpu-check-out bench-out
+	rm -rf $(VENV) gpu-check-out bench-out .gpu-site

@@ -1,38 +1,115 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (`make gpu-check`): at most ~5 minutes on a CUDA machine.
+# The one prepared GPU check: `scripts/gpu-check.sh` on a lent GPU machine, at most ~8 minutes.
 #
-#   1. env        nvidia-smi, torch / triton / CUDA versions
-#   2. pytest     `pytest -m gpu` over the whole repo (tests/kernels, tests/transport, tests/engine ...)
-#   3. kernels    python -m bench.kernels (GB/s vs HBM peak; decode >= 70%, page copy >= 80% of d2d)
-#   4. transfer   python -m bench.transfer --backend cuda_ipc, then nvshmem (when bench.transfer exists)
+# Runs with the machine's own python3 (no venv, no registry): the pinned wheels of
+# scripts/gpu-wheels.txt install offline from wheels/gpu/ (filled beforehand by
+# scripts/fetch-gpu-wheels.sh and carried along) into .gpu-site/, skipping those already installed.
+# `--dry-run` lists every step and every wheel, and exits 3 when a wheel is missing (0 otherwise).
 #
-# Every step has its own timeout and the script carries on past failures; logs, JUnit XML and JSON go
-# to $OUT (when set) or ./gpu-check-out/, with summary.txt / summary.json at the end. Exit status: 0
-# when every step that ran passed, 1 otherwise, 2 when there is no CUDA device.
-# Knobs: PYTHON (interpreter to use), GPU_CHECK_BUDGET_S (total seconds, default 290),
-# GPU_CHECK_TRANSFER_BACKENDS (default "cuda_ipc nvshmem").
+# Steps (each with its own timeout, clipped to the budget; the script carries on past failures):
+#   env             nvidia-smi, python / torch / triton / CUDA versions
+#   install         the wheels (offline, --no-deps, --target .gpu-site)
+#   pytest-gpu      the GPU tests, selected by file (never all of tests/): kernels against their
+#                   references, engine greedy tokens triton == torch on a random-weight model, transport
+#   serve-cuda_ipc  pdbox up --prefill-gpus 0 --decode-gpus 0 --transport cuda_ipc: answers == unified
+#   serve-nvshmem   the same with --transport nvshmem (two PEs on one GPU)
+#   bench-kernels   python -m bench.kernels (decode >= 70%, page copy >= 80% of the d2d copy)
+#   transfer-*      python -m bench.transfer --backend cuda_ipc, then nvshmem
+#   with 2+ GPUs:   serve-cross-gpu (prefill on GPU 0, decode on GPU 1) and serve-tp2-nccl
+# No step needs the SmolLM2 GGUF (a random-weight Llama-shaped model is written on the machine).
+# Logs, JUnit XML and JSON go to $OUT (or ./gpu-check-out/); summary.txt / summary.json at the end.
+# Exit: 0 when every step that ran passed, 1 otherwise, 2 without a CUDA device, 3 with a wheel missing.
+# Knobs: PYTHON (default python3), GPU_WHEELS_DIR, GPU_SITE_DIR, GPU_CHECK_BUDGET_S (default 450).
 set -u -o pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+DRY_RUN=0
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) DRY_RUN=1 ;;
+        -h | --help) sed -n '2,25p' "$0"; exit 0 ;;
+        *) echo "gpu-check: unknown argument $arg (use --dry-run)" >&2; exit 64 ;;
+    esac
+done
+PY="${PYTHON:-python3}"
+WHEELS_DIR="${GPU_WHEELS_DIR:-$PWD/wheels/gpu}"
+SITE_DIR="${GPU_SITE_DIR:-$PWD/.gpu-site}"
+WHEEL_LIST=scripts/gpu-wheels.txt
 OUT_DIR="${OUT:-$PWD/gpu-check-out}"
-mkdir -p "$OUT_DIR"
-BUDGET_S="${GPU_CHECK_BUDGET_S:-290}"
+BUDGET_S="${GPU_CHECK_BUDGET_S:-450}"
 START_S=$(date +%s)
 SUMMARY=()
 FAILED=0
 
-# The first interpreter whose torch sees a CUDA device (a repo venv may hold a CPU-only torch).
-pick_python() {
-    local c
-    for c in ${PYTHON:-} .venv/bin/python python3 python; do
-        if command -v "$c" >/dev/null 2>&1 \
-            && timeout 60 "$c" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
-            echo "$c"
-            return 0
+# The GPU tests, by file and node: never the whole tests/ tree (its imports are not all there), never
+# the slow SmolLM2 test (its GGUF cannot travel).
+GPU_TESTS=(
+    tests/kernels/test_gpu.py
+    tests/kernels/test_engine_backend_gpu.py::test_tiny_model_fp32
+    tests/transport/test_gpu.py
+)
+
+# -- the wheels ------------------------------------------------------------------------------------
+WHEELS=()    # name==version, in list order
+FILES=()     # the matching file, or "" when missing
+MISSING=0
+norm() { tr 'A-Z.-' 'a-z__' <<<"$1"; }   # a distribution name as wheel file names spell it
+declare -A HAVE=()                      # "name-version" -> the wheel file in WHEELS_DIR
+for f in "$WHEELS_DIR"/*.whl; do
+    [[ -e "$f" ]] || continue
+    base=$(basename "$f")
+    IFS=- read -r wname wver _ <<<"$base"
+    HAVE["$(norm "$wname")-$wver"]="$f"
+done
+while read -r line; do
+    line="${line%%#*}"
+    line="${line//[[:space:]]/}"
+    [[ -z "$line" ]] && continue
+    WHEELS+=("$line")
+    f="${HAVE["$(norm "${line%%==*}")-${line#*==}"]:-}"
+    FILES+=("$f")
+    [[ -n "$f" ]] || MISSING=$((MISSING + 1))
+done <"$WHEEL_LIST"
+
+list_wheels() {
+    local i total=0 size
+    echo "wheels ($WHEEL_LIST -> $WHEELS_DIR):"
+    for i in "${!WHEELS[@]}"; do
+        if [[ -n "${FILES[$i]}" ]]; then
+            size=$(stat -c %s "${FILES[$i]}")
+            total=$((total + size))
+            printf '  ok       %-32s %s (%d KB)\n' "${WHEELS[$i]}" "$(basename "${FILES[$i]}")" $((size / 1024))
+        else
+            printf '  MISSING  %-32s run scripts/fetch-gpu-wheels.sh\n' "${WHEELS[$i]}"
         fi
     done
-    return 1
+    echo "  ${#WHEELS[@]} wheels, $MISSING missing, $((total / 1048576)) MB present"
 }
+
+if ((DRY_RUN)); then
+    echo "gpu-check --dry-run: python=$PY out=$OUT_DIR budget=${BUDGET_S}s site=$SITE_DIR"
+    echo "steps:"
+    echo "  env             nvidia-smi; $PY: torch, triton, CUDA versions, GPU count"
+    echo "  install         $PY -m pip install --no-index --no-deps --target $SITE_DIR <the wheels not installed yet>"
+    echo "  pytest-gpu      $PY -m pytest -m 'gpu and not slow' ${GPU_TESTS[*]}"
+    echo "  serve-cuda_ipc  $PY scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport cuda_ipc"
+    echo "  serve-nvshmem   $PY scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport nvshmem"
+    echo "  bench-kernels   $PY -m bench.kernels --out kernels-bf16.json"
+    echo "  transfer-cuda_ipc  $PY -m bench.transfer --backend cuda_ipc --out transfer-cuda_ipc.json"
+    echo "  transfer-nvshmem   $PY -m bench.transfer --backend nvshmem --out transfer-nvshmem.json"
+    echo "  serve-cross-gpu (2+ GPUs)  scripts/serve_check.py --prefill-gpus 0 --decode-gpus 1 --transport cuda_ipc"
+    echo "  serve-tp2-nccl  (2+ GPUs)  scripts/serve_check.py --prefill-gpus 0-1 --prefill-tp 2 --decode-gpus 1 --transport cuda_ipc"
+    list_wheels
+    ((MISSING)) && exit 3
+    exit 0
+fi
+
+mkdir -p "$OUT_DIR"
+if ((MISSING)); then
+    list_wheels | tee "$OUT_DIR/summary.txt" >&2
+    echo "gpu-check: $MISSING wheel(s) missing from $WHEELS_DIR; run scripts/fetch-gpu-wheels.sh first" >&2
+    exit 3
+fi
 
 # run_step NAME TIMEOUT_S CMD...: run with a timeout clipped to the remaining budget, log, record.
 run_step() {
@@ -42,7 +119,7 @@ run_step() {
     now=$(date +%s)
     left=$((BUDGET_S - (now - START_S)))
     if ((left < 10)); then
-        SUMMARY+=("$(printf '%-18s %-6s %6s  %s' "$name" "SKIP" "-" "out of time budget")")
+        SUMMARY+=("$(printf '%-18s %-7s %6s  %s' "$name" "SKIP" "-" "out of time budget")")
         return 0
     fi
     ((limit > left)) && limit=$left
@@ -68,47 +145,64 @@ skip_step() {
     SUMMARY+=("$(printf '%-18s %-7s %6s  %s' "$1" "SKIP" "-" "$2")")
 }
 
-if ! PY=$(pick_python); then
-    echo "gpu-check: no Python here sees a CUDA device (torch.cuda.is_available() is False); nothing to check." \
-        | tee "$OUT_DIR/summary.txt" >&2
+if ! timeout 60 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu-check: $PY's torch sees no CUDA device; nothing to check." | tee "$OUT_DIR/summary.txt" >&2
     exit 2
 fi
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-echo "gpu-check: python=$PY out=$OUT_DIR budget=${BUDGET_S}s"
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())")
+echo "gpu-check: python=$PY gpus=$NGPU out=$OUT_DIR budget=${BUDGET_S}s"
 
-run_step env 20 bash -c "nvidia-smi; $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__); print(torch.cuda.get_device_name(0), torch.cuda.get_device_properties(0))'"
+run_step env 20 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__); print(torch.cuda.get_device_name(0), torch.cuda.device_count(), \"GPUs\")'"
+
+# Offline install of the wheels whose distribution this python lacks (the machine's own stay).
+install_wheels() {
+    local todo=() i name
+    mkdir -p "$SITE_DIR"
+    for i in "${!WHEELS[@]}"; do
+        name="${WHEELS[$i]%%==*}"
+        if PYTHONPATH="$SITE_DIR" "$PY" -c "import importlib.metadata as m, sys; m.distribution(sys.argv[1])" "$name" 2>/dev/null; then
+            echo "present  ${WHEELS[$i]%%==*}"
+        else
+            todo+=("${FILES[$i]}")
+        fi
+    done
+    ((${#todo[@]})) || { echo "nothing to install"; return 0; }
+    if "$PY" -m pip --version >/dev/null 2>&1; then
+        "$PY" -m pip install --disable-pip-version-check --no-index --no-deps --no-compile --target "$SITE_DIR" "${todo[@]}"
+    else  # no pip here: a wheel is a zip laid out for site-packages
+        for i in "${todo[@]}"; do "$PY" -m zipfile -e "$i" "$SITE_DIR" || return 1; done
+    fi
+}
+run_step install 90 bash -c "$(declare -p PY SITE_DIR WHEELS FILES); $(declare -f install_wheels); install_wheels"
+export PYTHONPATH="$PWD:$SITE_DIR${PYTHONPATH:+:$PYTHONPATH}"
 
 # Autotuning every specialization the tests hit would cost minutes of compiles: tests use each
 # kernel's fixed first config; the bench below autotunes.
-run_step pytest-gpu 150 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -m gpu -q -rs --timeout 120 \
-    --junitxml "$OUT_DIR/pytest-gpu.xml" tests
+run_step pytest-gpu 150 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m "gpu and not slow" -q -rs \
+    --timeout 120 --junitxml "$OUT_DIR/pytest-gpu.xml" "${GPU_TESTS[@]}"
 
-run_step bench-kernels 75 "$PY" -m bench.kernels --out "$OUT_DIR/kernels-bf16.json"
+run_step serve-cuda_ipc 75 "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport cuda_ipc \
+    --out "$OUT_DIR/serve-cuda_ipc.json" --log-dir "$OUT_DIR/serve-cuda_ipc-logs"
+run_step serve-nvshmem 75 "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport nvshmem \
+    --out "$OUT_DIR/serve-nvshmem.json" --log-dir "$OUT_DIR/serve-nvshmem-logs"
 
-if "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('bench.transfer') is None)" 2>/dev/null; then
-    transfer_help=$(timeout 30 "$PY" -m bench.transfer --help 2>&1 || true)
-    for backend in ${GPU_CHECK_TRANSFER_BACKENDS:-cuda_ipc nvshmem}; do
-        if ! grep -q -- "$backend" <<<"$transfer_help"; then
-            skip_step "transfer-$backend" "bench.transfer does not offer --backend $backend"
-            continue
-        fi
-        json="$OUT_DIR/transfer-$backend.json"
-        if grep -q -- "--out" <<<"$transfer_help"; then
-            run_step "transfer-$backend" 40 "$PY" -m bench.transfer --backend "$backend" --out "$json"
-        elif grep -q -- "--json" <<<"$transfer_help"; then  # the JSON report is stdout; the log keeps stderr
-            run_step "transfer-$backend" 40 bash -c '"$1" -m bench.transfer --backend "$2" --json > "$3"' \
-                _ "$PY" "$backend" "$json"
-        else
-            run_step "transfer-$backend" 40 "$PY" -m bench.transfer --backend "$backend"
-        fi
-    done
+run_step bench-kernels 60 "$PY" -m bench.kernels --out "$OUT_DIR/kernels-bf16.json"
+for backend in cuda_ipc nvshmem; do
+    run_step "transfer-$backend" 40 "$PY" -m bench.transfer --backend "$backend" --out "$OUT_DIR/transfer-$backend.json"
+done
+
+if ((NGPU >= 2)); then
+    run_step serve-cross-gpu 75 "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 1 --transport cuda_ipc \
+        --out "$OUT_DIR/serve-cross-gpu.json" --log-dir "$OUT_DIR/serve-cross-gpu-logs"
+    run_step serve-tp2-nccl 90 "$PY" scripts/serve_check.py --prefill-gpus 0-1 --prefill-tp 2 --decode-gpus 1 \
+        --transport cuda_ipc --out "$OUT_DIR/serve-tp2-nccl.json" --log-dir "$OUT_DIR/serve-tp2-nccl-logs"
 else
-    skip_step transfer-cuda_ipc "bench.transfer is not in this checkout"
-    skip_step transfer-nvshmem "bench.transfer is not in this checkout"
+    skip_step serve-cross-gpu "one GPU: cross-GPU cuda_ipc needs 2"
+    skip_step serve-tp2-nccl "one GPU: TP 2 over NCCL needs 2"
 fi
 
 {
-    echo "gpu-check summary ($(date -u +%FT%TZ), $(($(date +%s) - START_S))s of ${BUDGET_S}s)"
+    echo "gpu-check summary ($(date -u +%FT%TZ), $(($(date +%s) - START_S))s of ${BUDGET_S}s, $NGPU GPU(s))"
     printf '%s\n' "${SUMMARY[@]}"
 } | tee "$OUT_DIR/summary.txt"
 "$PY" - "$OUT_DIR/summary.txt" "$OUT_DIR/summary.json" <<'EOF'

@@ -38,11 +38,11 @@ def have_module(name: str) -> bool:
 
 
 def runtime() -> Any:
-    """``cuda.bindings.runtime`` (from cuda-python, the ``[gpu]`` extra)."""
+    """``cuda.bindings.runtime`` (from cuda-bindings, the ``[gpu]`` extra)."""
     try:
         from cuda.bindings import runtime as rt
     except ImportError as exc:
-        raise BackendUnavailable(f"cuda-python is not installed (pip install 'pdbox[gpu]'): {exc}") from exc
+        raise BackendUnavailable(f"cuda-bindings is not installed (pip install 'pdbox[gpu]'): {exc}") from exc
     return rt
 
 

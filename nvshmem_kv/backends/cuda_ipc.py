@@ -35,7 +35,7 @@ from nvshmem_kv.transport import ChannelPeer, ChannelTransport
 def available(device: str | torch.device = "cuda") -> tuple[bool, str]:
     problems = [p for p in (cuda_reason(device),) if p]
     if not have_module("cuda.bindings"):
-        problems.append("cuda-python (cuda.bindings) is not installed")
+        problems.append("cuda-bindings (cuda.bindings) is not installed")
     if problems:
         return False, "; ".join(problems)
     return True, "CUDA IPC: prefill maps the decode pool and copies over P2P (same node)"
