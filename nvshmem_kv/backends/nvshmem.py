@@ -102,6 +102,7 @@ class NvshmemTransport(ChannelTransport):
         self._device = cuda_device(device)
         self._init(uid)
         self._stream = torch.cuda.Stream(device=self._device)
+        self._poll_stream = torch.cuda.Stream(device=self._device)  # signal reads never queue behind compute
         # non-blocking puts have read their source only after a quiet: the fence drains them first
         self._order = CopyOrder(self._stream, lambda: self._nb.quiet_on_stream(int(self._stream.cuda_stream)))
         self._heap: torch.Tensor | None = None
@@ -196,7 +197,9 @@ class NvshmemTransport(ChannelTransport):
         if self._sig is None or not 0 <= msg.src_pe < self.npes:
             raise ProtocolError(f"signal names PE {msg.src_pe}")
         end = time.monotonic() + _VERIFY_TIMEOUT_S
-        with torch.cuda.device(self._device):
+        # NOTE: `.item()` copies on the current stream and waits for it; on the default stream that is
+        # behind the decode forward pass. A side stream (non-blocking, as torch makes them) is not.
+        with torch.cuda.device(self._device), torch.cuda.stream(self._poll_stream):
             while int(self._sig[msg.src_pe].item()) < msg.puts:
                 if time.monotonic() > end:
                     raise ProtocolError(f"PE {msg.src_pe} signalled {msg.room!r} after {msg.puts} puts, "
