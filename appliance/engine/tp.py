@@ -52,6 +52,7 @@ def init_group(rank: RankInfo, device: torch.device, timeout_s: float = 60.0) ->
     dist.init_process_group(
         backend, init_method=rank.dist_init, rank=rank.rank, world_size=rank.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device if backend == "nccl" else None,  # NCCL binds this rank's own GPU
     )
 
 

@@ -86,3 +86,16 @@ def test_broadcast_and_receive_use_the_comm_device(monkeypatch) -> None:
     monkeypatch.setattr(tp, "_comm_device", torch.device("meta"))
     tp.broadcast_command(tp.CMD_FORWARD, torch.arange(4))  # a CPU payload is moved, not refused
     assert seen == [torch.device("meta")] * 2
+
+
+def test_init_group_binds_nccl_to_the_rank_gpu(monkeypatch) -> None:
+    calls: list[dict] = []
+    monkeypatch.setattr(tp.dist, "is_nccl_available", lambda: True)
+    monkeypatch.setattr(tp.dist, "init_process_group", lambda backend, **kw: calls.append(dict(kw, backend=backend)))
+    monkeypatch.setattr(tp, "_comm_device", torch.device("cpu"))
+    tp.init_group(RankInfo(rank=1, world_size=2, dist_init="tcp://127.0.0.1:1"), torch.device("cuda", 1))
+    assert calls[-1]["backend"] == "nccl" and calls[-1]["device_id"] == torch.device("cuda", 1)
+    assert tp._comm_device == torch.device("cuda", 1)
+    tp.init_group(RankInfo(rank=1, world_size=2, dist_init="tcp://127.0.0.1:1"), torch.device("cpu"))
+    assert calls[-1]["backend"] == "gloo" and calls[-1]["device_id"] is None
+    assert tp._comm_device == torch.device("cpu")
