@@ -73,6 +73,8 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
 @click.option("--prefill-cpus", default="", help="CPU cores for the prefill worker (CPU mode).")
 @click.option("--decode-cpus", default="", help="CPU cores for the decode worker (CPU mode).")
 @click.option("--cpus", default="", help="CPU cores for unified engines (CPU mode).")
+@click.option("--cores-per-engine", default=0, help="Unified on CPU: cores (threads) of each engine; 0: one engine "
+              "per core (per --tp cores with --tp). `--cpus 0-1 --cores-per-engine 2`: one engine on both cores.")
 @click.option("--transport", default="auto", show_default=True,
               type=click.Choice(["auto", "nvshmem", "cuda_ipc", "shm", "tcp"]))
 @click.option("--api-key", default="", envvar="PDBOX_API_KEY", help="Require Authorization: Bearer KEY.")

@@ -39,6 +39,7 @@ class UpConfig:
     prefill_cpus: str = ""
     decode_cpus: str = ""
     cpus: str = ""
+    cores_per_engine: int = 0  # unified on CPU: cores (torch threads) of each engine; 0: 1, or --tp
     transport: str = "auto"
     api_key: str = ""
     dtype: str = "auto"
@@ -62,6 +63,8 @@ class UpConfig:
             raise ValueError(f"--mode must be disagg, unified or auto, got {self.mode!r}")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
+        if self.cores_per_engine < 0 or (self.cores_per_engine and self.cores_per_engine % self.tp):
+            raise ValueError(f"--cores-per-engine must be a multiple of --tp ({self.tp}), got {self.cores_per_engine}")
         self.auto_config(())  # the adaptive settings are checked up front, before any worker starts
 
     def auto_config(self, initial_prefill: tuple[str, ...]):
@@ -126,7 +129,7 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str, run_dir: Path | None = 
         cores = available_cpus()
         if cfg.mode == "unified":
             ids = parse_ids(cfg.cpus) if cfg.cpus else cores
-            size = cfg.tp if cfg.cpus or cfg.tp > 1 else 1
+            size = cfg.cores_per_engine or (cfg.tp if cfg.cpus or cfg.tp > 1 else 1)
             groups = [("unified", g, cfg.tp) for g in split_groups(ids, size, "--cpus")]
         else:
             half = max(1, len(cores) // 2)
