@@ -318,7 +318,8 @@ def sweep_cmd(url: str, model: str | None, rates: str, baseline: Path | None, is
     "--modes",
     default="unified,disagg",
     show_default=True,
-    help="Modes to launch, one after the other; the first gives the isolated baseline.",
+    help="Modes to launch, one after the other; the first gives the isolated baseline. NAME@N runs NAME with "
+    "N cores per engine (unified@2: one unified engine on two cores).",
 )
 @click.option(
     "--launch",

@@ -82,10 +82,15 @@ class LaunchConfig:
         self.command("unified", 1)  # NOTE: fail at parse time on an unknown placeholder
 
     def command(self, mode: str, port: int) -> list[str]:
+        """The argv serving ``mode``; ``NAME@N`` serves NAME with ``--cores-per-engine N`` appended."""
+        base, _, cores = mode.partition("@")
+        if cores and not cores.isdigit():
+            raise ValueError(f"mode {mode!r}: write NAME@N with N the cores of each engine, e.g. unified@2")
         try:
-            return [p.format(mode=mode, host=self.host, port=port) for p in shlex.split(self.template)]
+            argv = [p.format(mode=base, host=self.host, port=port) for p in shlex.split(self.template)]
         except (KeyError, IndexError, ValueError) as exc:
             raise ValueError(f"--launch may use only {{mode}}, {{host}} and {{port}}: {self.template!r}") from exc
+        return argv + ["--cores-per-engine", cores] if cores else argv
 
 
 class LaunchedServer:

@@ -44,6 +44,14 @@ def test_launch_template_placeholders() -> None:
         LaunchConfig("serve --gpu {gpu}")
 
 
+def test_mode_with_cores_per_engine() -> None:
+    launch = LaunchConfig("pdbox up --mode {mode} --port {port}")
+    assert launch.command("unified@2", 9) == ["pdbox", "up", "--mode", "unified", "--port", "9",
+                                              "--cores-per-engine", "2"]
+    with pytest.raises(ValueError, match="NAME@N"):
+        launch.command("unified@two", 9)
+
+
 def test_a_server_that_dies_before_ready_is_reported(tmp_path: Path) -> None:
     async def go() -> None:
         async with LaunchedServer(
