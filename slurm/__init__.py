@@ -1,4 +1,4 @@
-"""Slurm mode (DESIGN.md §7): prefill and decode pools as submitit jobs that register with the router.
+"""Slurm mode (docs/design.md §5): prefill and decode pools as submitit jobs that register with the router.
 
 jobs      PoolSpec, submit_pool, job_states/cancel      task      per-rank supervisor (PoolTask)
 registry  router-side Registry + make_registry_app      register  worker-side register/deregister

@@ -1,6 +1,6 @@
 """The router: OpenAI API in front, prefill/decode (or unified) workers behind. Needs no GPU.
 
-Disaggregated request lifecycle (DESIGN §3): pick a prefill and a decode engine, mint an
+Disaggregated request lifecycle (docs/design.md §3): pick a prefill and a decode engine, mint an
 unguessable room id, open the decode stream (decode reserves pages or refuses at once), send the
 prompt to prefill with decode's page ids and pool handle, stream prefill's first token to the
 client as soon as it is sampled, then relay decode's tokens. Retries happen only before the first
