@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -30,6 +31,7 @@ class Report:
     unified_flags: tuple[str, ...]
     unified: tuple[str, ...]
     disagg: tuple[str, ...]
+    matches: tuple[bool, ...]       # per prompt (TP 2 against a TP 1 baseline may differ in the last bits)
     equal: bool
     seconds: float
 
@@ -75,11 +77,15 @@ def main(argv: list[str] | None = None) -> int:
         disagg = ("--mode", "disagg", "--prefill-gpus", args.prefill_gpus, "--decode-gpus", args.decode_gpus,
                   "--prefill-tp", str(args.prefill_tp), "--transport", args.transport, *common)
     logs = args.log_dir or work
-    with running_appliance(*unified, log_dir=logs / "unified") as url:
-        want = answers(url, args.max_tokens)
-    with running_appliance(*disagg, log_dir=logs / "disagg") as url:
-        got = answers(url, args.max_tokens)
-    report = Report(args.transport, disagg, unified, want, got, want == got, round(time.monotonic() - t0, 1))
+    try:
+        with running_appliance(*unified, log_dir=logs / "unified") as url:
+            want = answers(url, args.max_tokens)
+        with running_appliance(*disagg, log_dir=logs / "disagg") as url:
+            got = answers(url, args.max_tokens)
+    finally:
+        shutil.rmtree(work if args.log_dir else work / "llama-seed0", ignore_errors=True)  # keep logs made here
+    report = Report(args.transport, disagg, unified, want, got, tuple(a == b for a, b in zip(want, got)), want == got,
+                    round(time.monotonic() - t0, 1))
     text = json.dumps(asdict(report), indent=1)
     print(text)
     if args.out:
