@@ -62,7 +62,10 @@ class CpuAttentionBackend:
     def pack_linear(self, weight: torch.Tensor) -> torch.Tensor | PackedWeight:
         """The form :meth:`linear` takes: packed for oneDNN when it can run this dtype here."""
         if self.pack_weights and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
-            return PackedWeight(weight)
+            try:
+                return PackedWeight(weight)
+            except RuntimeError:  # a oneDNN build without this layout: every layer goes unpacked
+                self.pack_weights = False
         return weight
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor | PackedWeight,
