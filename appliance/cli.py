@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from appliance.config import DTYPE_CHOICES
+from appliance.config import DEFAULT_KV_CACHE_MB, DTYPE_CHOICES
 
 
 class CliError(click.ClickException):
@@ -80,7 +80,7 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
 @click.option("--api-key", default="", envvar="PDBOX_API_KEY", help="Require Authorization: Bearer KEY.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES),
               help="auto: bfloat16 on CUDA and on CPUs with bf16 instructions, float32 on other CPUs")
-@click.option("--kv-cache-mb", default=256, show_default=True, help="KV pool size per engine rank.")
+@click.option("--kv-cache-mb", default=DEFAULT_KV_CACHE_MB, show_default=True, help="KV pool size per engine rank.")
 @click.option("--page-size", default=16, show_default=True)
 @click.option("--max-prefill-tokens", default=0, show_default=True,
               help="Chunked-prefill token budget per step (0: 256 on CPU, 2048 on CUDA).")

@@ -53,6 +53,9 @@ class ModelConfig:
 
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_CHOICES = ("auto", *DTYPES)  # auto: see appliance.engine.dtype.default_dtype
+# NOTE: 1 GiB holds ~22K tokens of SmolLM2's fp32 KV: 48 chat requests of 350 tokens at once (256 MiB
+# held 15 of them, and the rest of a 48-request burst waited for pages until the router gave up).
+DEFAULT_KV_CACHE_MB = 1024
 CPU_PREFILL_CHUNK = 256  # tokens per prefill step on CPU (see EngineConfig.prefill_chunk)
 GPU_PREFILL_CHUNK = 2048
 
@@ -72,7 +75,7 @@ class EngineConfig:
     device: str = "cpu"
     page_size: int = 16
     num_pages: int = 0
-    kv_cache_mb: int = 256
+    kv_cache_mb: int = DEFAULT_KV_CACHE_MB
     max_running: int = 64
     max_prefill_tokens: int = 0
     max_model_len: int = 0

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance.config import DEFAULT_KV_CACHE_MB
 from appliance.gpu_plan import PEER_DEVICES_ENV, RANK_DEVICES_ENV, GpuGroup, WorkerGpus, parse_visible, plan_gpus
 from appliance.nvshmem_job import plan_job
 from appliance.topology import available_cpus, format_ids, parse_ids, split_groups
@@ -43,7 +44,7 @@ class UpConfig:
     transport: str = "auto"
     api_key: str = ""
     dtype: str = "auto"
-    kv_cache_mb: int = 256
+    kv_cache_mb: int = DEFAULT_KV_CACHE_MB
     page_size: int = 16
     max_prefill_tokens: int = 0  # 0: by device (EngineConfig.prefill_chunk)
     prefill_policy: str = "cache_aware"

@@ -23,6 +23,7 @@ class WorkerHandle:
     transport: str = ""
     healthy: bool = False
     inflight: int = 0
+    prefill_tokens: int = 0  # prompt tokens sent to prefill here whose first token has not come back
     load: dict = field(default_factory=dict)
     handle: str = ""
     last_seen: float = 0.0

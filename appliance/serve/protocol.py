@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+MAX_LEASE_S = 3600.0  # a decode reservation never outlives this, whatever the request says
+
 
 class Sampling(msgspec.Struct, frozen=True, kw_only=True):
     """Wire form of :class:`appliance.engine.request.SamplingParams`."""

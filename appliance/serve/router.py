@@ -37,7 +37,14 @@ from appliance.serve.auth import bearer_ok
 from appliance.serve.detok import IncrementalText
 from appliance.serve.metrics import REQUEST_LATENCY_BUCKETS, TOKEN_LATENCY_BUCKETS, Registry
 from appliance.serve.policies import WorkerHandle, make_policy
-from appliance.serve.protocol import DecodeRequest, Event, GenerateRequest, PrefillRequest, decode_event
+from appliance.serve.protocol import (
+    MAX_LEASE_S,
+    DecodeRequest,
+    Event,
+    GenerateRequest,
+    PrefillRequest,
+    decode_event,
+)
 from appliance.serve.stream_write import eof_within, write_within
 
 log = logging.getLogger("pdbox.router")
@@ -523,29 +530,36 @@ class Router:
         room = secrets.token_urlsafe(18)
         ids = parsed.prompt_ids
         p = self._pick("prefill", ids, set())
-        lease = self.cfg.lease_s + self.cfg.lease_per_token_s * len(ids)
+        # NOTE: the lease covers the prompts queued on that prefill engine too: a burst of prompts waits
+        # its turn there, and a lease for this prompt alone expired in the queue (48 chat prompts at once).
+        lease = min(self.cfg.lease_s + self.cfg.lease_per_token_s * (p.prefill_tokens + len(ids)), MAX_LEASE_S)
         dreq = DecodeRequest(rid=rid, room=room, prompt_ids=ids, sampling=parsed.sampling, prefill_tp=max(1, p.tp),
                              lease_s=lease)
         tried: set[str] = set()
         busy_only, waited, deadline = True, False, time.monotonic() + self.cfg.kv_wait_s
-        while True:
-            d = self._pick("decode", ids, tried)
-            try:
-                dresp, lines, reserved = await self._reserve(d, dreq)
-                break
-            except WorkerFailed as exc:
-                busy_only = busy_only and isinstance(exc, WorkerBusy)
-                log.log(logging.DEBUG if waited else logging.WARNING, "decode %s refused room: %s", d.name, exc)
-                tried.add(d.name)
-                if len(tried) >= len(self.healthy("decode")):
-                    if busy_only and time.monotonic() < deadline:
-                        # every decode engine is up but full: pages free as decodes end, so wait (within a deadline)
-                        waited = True
-                        await asyncio.sleep(KV_RETRY_S)
-                        tried.clear()
-                        continue
-                    raise oai.ApiError(503, "no decode worker could reserve KV pages for this prompt; retry later",
-                                       kind="server_error", headers={"Retry-After": "1"}) from None
+        p.prefill_tokens += len(ids)  # counted from now on, so prompts arriving together see each other
+        try:
+            while True:
+                d = self._pick("decode", ids, tried)
+                try:
+                    dresp, lines, reserved = await self._reserve(d, dreq)
+                    break
+                except WorkerFailed as exc:
+                    busy_only = busy_only and isinstance(exc, WorkerBusy)
+                    log.log(logging.DEBUG if waited else logging.WARNING, "decode %s refused room: %s", d.name, exc)
+                    tried.add(d.name)
+                    if len(tried) >= len(self.healthy("decode")):
+                        if busy_only and time.monotonic() < deadline:
+                            # every decode engine is up but full: pages free as decodes end, so wait (within a deadline)
+                            waited = True
+                            await asyncio.sleep(KV_RETRY_S)
+                            tried.clear()
+                            continue
+                        raise oai.ApiError(503, "no decode worker could reserve KV pages for this prompt; retry later",
+                                           kind="server_error", headers={"Retry-After": "1"}) from None
+        except BaseException:
+            p.prefill_tokens -= len(ids)
+            raise
         d.inflight += 1
         p.inflight += 1
         self.policies["prefill"].record(p, ids)
@@ -555,6 +569,7 @@ class Router:
         # NOTE: the handoff. Prefill's answer races decode's stream; either leg failing fails the request,
         # and closing the other leg makes that worker drop its part. Decode's lease bounds a stuck prefill.
         ptask = asyncio.ensure_future(self._prefill(p, preq))
+        ptask.add_done_callback(lambda _t: setattr(p, "prefill_tokens", p.prefill_tokens - len(ids)))
         dtask = asyncio.ensure_future(anext(lines))
         cached = 0
         handoff_by = asyncio.get_running_loop().time() + lease + 2 * self.cfg.connect_timeout_s

@@ -18,15 +18,22 @@ from dataclasses import dataclass, field, replace
 import msgspec
 from aiohttp import web
 
-from appliance.config import EngineConfig
+from appliance.config import DEFAULT_KV_CACHE_MB, EngineConfig
 from appliance.serve.auth import bearer_ok
-from appliance.serve.protocol import DecodeRequest, Event, GenerateRequest, MoveRequest, PrefillRequest, encode_line
+from appliance.serve.protocol import (
+    MAX_LEASE_S,
+    DecodeRequest,
+    Event,
+    GenerateRequest,
+    MoveRequest,
+    PrefillRequest,
+    encode_line,
+)
 from appliance.serve.stream_write import eof_within, write_within
 
 log = logging.getLogger("pdbox.worker")
 ROLES = ("unified", "prefill", "decode", "auto")  # auto: prefill, decode and hand over (adaptive mode)
 TOKEN_ENV = "PDBOX_CLUSTER_TOKEN"
-MAX_LEASE_S = 3600.0  # a decode reservation never outlives this, whatever the request says
 
 
 @dataclass(frozen=True)
@@ -362,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default="cpu")
     p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--kv-cache-mb", type=int, default=256)
+    p.add_argument("--kv-cache-mb", type=int, default=DEFAULT_KV_CACHE_MB)
     p.add_argument("--max-prefill-tokens", type=int, default=0, help="chunked-prefill budget (0: by device)")
     p.add_argument("--max-running", type=int, default=64)
     p.add_argument("--prefill-order", default="auto", choices=["auto", "fifo", "slack"],
