@@ -40,6 +40,11 @@ def winner(metric: PeerMetric, peer: float | None, pdbox: float | None, names: M
     return names["pdbox" if pdbox_wins else "peer"]
 
 
+def _no_winner(row: Mapping[str, Any], names: Mapping[str, str]) -> str:
+    failed = [f"{names[role]} failed {n}" for role, n in row.get("failed", {}).items() if n]
+    return "none: " + ", ".join(failed) if failed else "-"
+
+
 def _run_row(workload: str, role: str, result: Mapping[str, Any]) -> dict[str, Any]:
     served = [n for n in result["server_input_lens"] if n is not None]
     done = result["completed"]
@@ -61,11 +66,14 @@ def summarize(
     names = {role: str(servers[role]["name"]) for role in _ROLES}
     rows, runs = [], []
     for w in workloads:
+        failed = {role: int(results[role][w.name]["failed"]) for role in _ROLES}
         for m in w.metrics:
             peer, pdbox = (metric_value(results[role][w.name], m.key) for role in _ROLES)
+            # NOTE: a side whose requests failed measured fewer, easier requests: no winner then
+            best = winner(m, peer, pdbox, names) if not any(failed.values()) else None
             rows.append({"workload": w.name, "label": w.label, "metric": m.key, "metric_label": m.label,
                          "better": m.better, "peer": peer, "pdbox": pdbox, "ratio": ratio(pdbox, peer),
-                         "winner": winner(m, peer, pdbox, names)})
+                         "winner": best, "failed": failed})
         runs += [_run_row(w.name, role, results[role][w.name]) for role in _ROLES]
     peer = servers["peer"]
     return {
@@ -108,9 +116,11 @@ def render_markdown(summary: Mapping[str, Any]) -> str:
         lines.append(f"- Scaled by {summary['scale']:g} (fewer requests, shorter prompts, faster arrivals): "
                      "a smoke test, not a measurement.")
     lines += ["", f"| workload | metric | {peer} | {pdbox} | {pdbox}/{peer} | better |", "|---|---|--:|--:|--:|---|"]
+    names = {"peer": peer, "pdbox": pdbox}
     for r in summary["rows"]:
+        best = r["winner"] or _no_winner(r, names)
         lines.append(f"| {r['label']} | {r['metric_label']}, {r['better']} is better | {_num(r['peer'])} | "
-                     f"{_num(r['pdbox'])} | {_x(r['ratio'])} | {r['winner'] or '-'} |")
+                     f"{_num(r['pdbox'])} | {_x(r['ratio'])} | {best} |")
     lines += ["", "## Runs", "", "| workload | server | completed | failed | duration (s) | prompt tokens "
               "(client / server, mean) | errors |", "|---|---|--:|--:|--:|--:|---|"]
     for run in summary["runs"]:

@@ -91,7 +91,7 @@ def test_peer_and_pdbox_side_by_side(pair: tuple[ThreadServer, ThreadServer], co
                     ("rag-0.3rps", "median_ttft_ms"), ("rag-0.3rps", "p99_ttft_ms"), ("rag-0.3rps", "median_tpot_ms")]
     for r in report["rows"]:
         assert r["peer"] > 0 and r["pdbox"] > 0 and r["ratio"] == pytest.approx(r["pdbox"] / r["peer"])
-        assert r["winner"] in ("peer", "pdbox auto")
+        assert r["winner"] in ("peer", "pdbox auto") and r["failed"] == {"peer": 0, "pdbox": 0}
     by_key = {(r["workload"], r["metric"]): r for r in report["rows"]}
     assert by_key["chat-burst", "output_throughput"]["ratio"] < 1  # pdbox streams 8x slower here
     assert by_key["chat-burst", "output_throughput"]["winner"] == "peer"
@@ -147,3 +147,13 @@ def test_pdbox_url_is_asked_for(fake_server: ThreadServer, codec: TextCodec, tmp
     assert result.exit_code == 2 and "--pdbox-url is needed" in result.output and "pdbox up" in result.output
     same = invoke(codec, ["--url", fake_server.url, "--pdbox-url", fake_server.url + "/", "--out", str(tmp_path)])
     assert same.exit_code == 2 and "must differ" in same.output
+
+
+def test_no_winner_when_requests_failed() -> None:
+    """A side that lost requests measured fewer, easier ones: the report names the failures instead."""
+    from bench.peer_report import _no_winner
+
+    names = {"peer": "vllm", "pdbox": "pdbox auto"}
+    assert _no_winner({"failed": {"peer": 0, "pdbox": 13}}, names) == "none: pdbox auto failed 13"
+    assert _no_winner({"failed": {"peer": 2, "pdbox": 1}}, names) == "none: vllm failed 2, pdbox auto failed 1"
+    assert _no_winner({"failed": {"peer": 0, "pdbox": 0}}, names) == "-"
