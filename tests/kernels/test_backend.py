@@ -7,6 +7,7 @@ import torch
 
 from appliance.engine.attention import TorchAttentionBackend
 from appliance.engine.attention_triton import TritonAttentionBackend
+from tests.engine.greedy import tiny_greedy
 
 METHODS = ("store_kv", "decode", "extend", "rmsnorm", "fused_add_rmsnorm", "rotary", "silu_and_mul")
 
@@ -62,21 +63,4 @@ def test_extend_metadata_checks_token_count(device):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter run; see test_engine_backend_gpu.py")
 def test_tiny_engine_greedy_triton_equals_torch(tiny_model):
     """The whole engine (chunked prefill, a prefix hit, batched decode) under the interpreter."""
-    from appliance.config import EngineConfig
-    from appliance.engine.engine import Engine
-    from appliance.engine.request import SamplingParams
-
-    system = [5 + (i * 7) % 250 for i in range(9)]
-    prompts = [system + [3 + (j * 13 + i) % 250 for j in range(1 + 4 * i)] for i in range(3)]
-    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
-    outputs = {}
-    for backend in ("torch", "triton"):
-        cfg = EngineConfig(dtype="float32", page_size=4, num_pages=64, max_prefill_tokens=8,
-                           attention_backend=backend)
-        engine = Engine(str(tiny_model), cfg)
-        assert engine.runner.backend.name == backend
-        reqs = [engine.add_request(p, params) for p in prompts]
-        engine.run_until_done(reqs)
-        outputs[backend] = [r.output_ids for r in reqs]
-        engine.shutdown()
-    assert outputs["triton"] == outputs["torch"]
+    assert tiny_greedy(str(tiny_model), "triton", 3, 5) == tiny_greedy(str(tiny_model), "torch", 3, 5)

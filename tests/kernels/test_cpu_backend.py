@@ -8,6 +8,7 @@ import torch
 from appliance.engine.attention import TorchAttentionBackend, create_backend
 from appliance.engine.attention_cpu import CpuAttentionBackend, PackedWeight, onednn_available
 from appliance.engine.dtype import default_dtype
+from tests.engine.greedy import tiny_greedy
 
 TOL = {"atol": 2e-5, "rtol": 2e-5}
 
@@ -122,20 +123,4 @@ def test_engine_config_resolves_auto_dtype() -> None:
 
 def test_tiny_engine_greedy_cpu_equals_torch(tiny_model) -> None:
     """The whole engine (chunked prefill, a prefix hit, batched decode) on both CPU backends."""
-    from appliance.config import EngineConfig
-    from appliance.engine.engine import Engine
-    from appliance.engine.request import SamplingParams
-
-    system = [5 + (i * 7) % 250 for i in range(9)]
-    prompts = [system + [3 + (j * 13 + i) % 250 for j in range(1 + 4 * i)] for i in range(4)]
-    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
-    outputs = {}
-    for backend in ("torch", "cpu"):
-        cfg = EngineConfig(dtype="float32", page_size=4, num_pages=64, max_prefill_tokens=8, attention_backend=backend)
-        engine = Engine(str(tiny_model), cfg)
-        assert engine.runner.backend.name == backend
-        reqs = [engine.add_request(p, params) for p in prompts]
-        engine.run_until_done(reqs)
-        outputs[backend] = [r.output_ids for r in reqs]
-        engine.shutdown()
-    assert outputs["cpu"] == outputs["torch"]
+    assert tiny_greedy(str(tiny_model), "cpu", 4, 6) == tiny_greedy(str(tiny_model), "torch", 4, 6)
