@@ -163,7 +163,6 @@ def test_killed_prefill_fails_its_room_fast(backend: str, spawn_prefill: Spawn,
     dst = make_desc(8, layers=6)
     rx, _, handle = open_receiver(backend, dst, receivers)
     rx.expect("doomed", 1, deadline_s=30.0)
-    rx.expect("never-opened", 1, deadline_s=2.0)
     proc, conn = spawn_prefill({"backend": backend, "local": desc_dict(make_desc(8, layers=6)), "seed": 1,
                                 "handles": [handle], "die_after_layers": 2,
                                 "rooms": [{"room": "doomed", "src": [0, 1], "dst": [2, 3]}]})
@@ -174,6 +173,9 @@ def test_killed_prefill_fails_its_room_fast(backend: str, spawn_prefill: Spawn,
     st = rx.wait("doomed", timeout_s=10.0)
     assert st.failed and "disconnected" in st.reason, st
     assert time.monotonic() - start < 3.0
+    # NOTE: expected only now: a 2 s deadline set before the spawn ran out first on a slow machine
+    # (starting the prefill process took longer than that), which made the completion order flaky.
+    rx.expect("never-opened", 1, deadline_s=2.0)
     late = rx.wait("never-opened", timeout_s=10.0)
     assert late.failed and "deadline" in late.reason
     assert [name for name, _ in rx.drain_completed()] == ["doomed", "never-opened"]
