@@ -526,6 +526,29 @@ class Router:
             raise WorkerFailed(f"{p.name} answered without a first token")
         return first
 
+    async def _reserve_decode(self, ids: list[int], dreq: DecodeRequest):
+        """``(engine, response, event lines, reservation)`` from the first decode engine that reserves;
+        when every healthy one is up but full, pages free as decodes end, so wait (within ``kv_wait_s``),
+        else 503."""
+        tried: set[str] = set()
+        busy_only, waited, deadline = True, False, time.monotonic() + self.cfg.kv_wait_s
+        while True:
+            d = self._pick("decode", ids, tried)
+            try:
+                return (d, *await self._reserve(d, dreq))
+            except WorkerFailed as exc:
+                busy_only = busy_only and isinstance(exc, WorkerBusy)
+                log.log(logging.DEBUG if waited else logging.WARNING, "decode %s refused room: %s", d.name, exc)
+                tried.add(d.name)
+            if len(tried) < len(self.healthy("decode")):
+                continue
+            if not (busy_only and time.monotonic() < deadline):
+                raise oai.ApiError(503, "no decode worker could reserve KV pages for this prompt; retry later",
+                                   kind="server_error", headers={"Retry-After": "1"})
+            waited = True
+            await asyncio.sleep(KV_RETRY_S)
+            tried.clear()
+
     async def _disagg(self, parsed: oai.ParsedRequest, rid: str) -> AsyncIterator[Event | Outcome]:
         room = secrets.token_urlsafe(18)
         ids = parsed.prompt_ids
@@ -535,28 +558,9 @@ class Router:
         lease = min(self.cfg.lease_s + self.cfg.lease_per_token_s * (p.prefill_tokens + len(ids)), MAX_LEASE_S)
         dreq = DecodeRequest(rid=rid, room=room, prompt_ids=ids, sampling=parsed.sampling, prefill_tp=max(1, p.tp),
                              lease_s=lease)
-        tried: set[str] = set()
-        busy_only, waited, deadline = True, False, time.monotonic() + self.cfg.kv_wait_s
         p.prefill_tokens += len(ids)  # counted from now on, so prompts arriving together see each other
         try:
-            while True:
-                d = self._pick("decode", ids, tried)
-                try:
-                    dresp, lines, reserved = await self._reserve(d, dreq)
-                    break
-                except WorkerFailed as exc:
-                    busy_only = busy_only and isinstance(exc, WorkerBusy)
-                    log.log(logging.DEBUG if waited else logging.WARNING, "decode %s refused room: %s", d.name, exc)
-                    tried.add(d.name)
-                    if len(tried) >= len(self.healthy("decode")):
-                        if busy_only and time.monotonic() < deadline:
-                            # every decode engine is up but full: pages free as decodes end, so wait (within a deadline)
-                            waited = True
-                            await asyncio.sleep(KV_RETRY_S)
-                            tried.clear()
-                            continue
-                        raise oai.ApiError(503, "no decode worker could reserve KV pages for this prompt; retry later",
-                                           kind="server_error", headers={"Retry-After": "1"}) from None
+            d, dresp, lines, reserved = await self._reserve_decode(ids, dreq)
         except BaseException:
             p.prefill_tokens -= len(ids)
             raise

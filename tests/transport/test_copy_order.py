@@ -68,13 +68,19 @@ def execute(*streams: Stream) -> list[str]:
     return done
 
 
-def test_fence_makes_compute_wait_for_the_copies() -> None:
+def store_then_copy() -> tuple[Stream, Stream, CopyOrder]:
+    """Compute stores layer 0; the copy stream then reads page 3 of it (ordered after the store)."""
     compute, copy = Stream("compute"), Stream("copy")
     order = CopyOrder(copy)
     compute.op("store L0")
     order.before_copy(compute)
     copy.op("read page 3")
     order.after_copy()
+    return compute, copy, order
+
+
+def test_fence_makes_compute_wait_for_the_copies() -> None:
+    compute, copy, order = store_then_copy()
     assert order.fence(compute) is True
     compute.op("store page 3 (next step)")
     assert execute(compute, copy) == ["compute:store L0", "copy:read page 3", "compute:store page 3 (next step)"]
@@ -83,12 +89,7 @@ def test_fence_makes_compute_wait_for_the_copies() -> None:
 
 
 def test_without_the_fence_the_next_store_overtakes_the_copy() -> None:
-    compute, copy = Stream("compute"), Stream("copy")
-    order = CopyOrder(copy)
-    compute.op("store L0")
-    order.before_copy(compute)
-    copy.op("read page 3")
-    order.after_copy()
+    compute, copy, _ = store_then_copy()
     compute.op("store page 3 (next step)")
     assert execute(compute, copy).index("compute:store page 3 (next step)") < 2   # the race
 
