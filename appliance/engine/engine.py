@@ -11,11 +11,13 @@ import torch
 from appliance.config import EngineConfig, RankInfo
 from appliance.engine import tp
 from appliance.engine.prefix_cache import RadixCache
+from appliance.engine.rank_device import bind_device
 from appliance.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
-from appliance.engine.runner import ModelRunner
+from appliance.engine.runner import ModelRunner, checkpoint_for
 from appliance.engine.sampler import Sampler
 from appliance.engine.scheduler import ScheduledBatch, Scheduler
-from appliance.model.loader import load_checkpoint, resolve_model_path
+from appliance.model.loader import resolve_model_path
+from appliance.model.random_model import is_random_spec
 from appliance.model.tokenizer import Tokenizer
 
 
@@ -39,8 +41,11 @@ class Engine:
         self.config = cfg = config or EngineConfig()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.model_path = str(resolve_model_path(model))
-        ckpt = load_checkpoint(self.model_path)
+        random = is_random_spec(model)
+        self.model_path = str(model) if random else str(resolve_model_path(model))
+        # NOTE: a random spec's weights are drawn on the engine's device (cuda:N for TP rank 0).
+        where = bind_device(cfg.device, RankInfo(world_size=cfg.tp_size)) if random else "cpu"
+        ckpt = checkpoint_for(self.model_path, where, cfg.dtype)
         self.model_name = ckpt.name
         self.tokenizer = Tokenizer.from_checkpoint(ckpt)
         self._tp_procs: list = []

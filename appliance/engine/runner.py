@@ -15,9 +15,17 @@ from appliance.engine.rank_device import bind_device
 from appliance.engine.scheduler import ScheduledBatch
 from appliance.model.llama import LlamaModel
 from appliance.model.loader import load_checkpoint
+from appliance.model.random_model import is_random_spec, random_checkpoint
 from appliance.model.weights import Checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def checkpoint_for(model: str | None, device: torch.device | str, dtype: str) -> Checkpoint:
+    """A ``random:NAME`` spec's weights drawn on ``device`` in ``dtype``, or a checkpoint loaded from disk."""
+    if is_random_spec(model):
+        return random_checkpoint(str(model), device, DTYPES[dtype])
+    return load_checkpoint(model)
 
 
 def pages_for(cfg: EngineConfig, mcfg: ModelConfig, page_size: int) -> int:
@@ -37,7 +45,7 @@ class ModelRunner:
         self.cfg = cfg
         self.rank = rank or RankInfo()
         self.device = bind_device(cfg.device, self.rank)  # each TP rank on its own GPU, bound before NCCL
-        ckpt = model if isinstance(model, Checkpoint) else load_checkpoint(model)
+        ckpt = model if isinstance(model, Checkpoint) else checkpoint_for(model, self.device, cfg.dtype)
         self.checkpoint = ckpt
         self.model_config = ckpt.config
         if self.rank.world_size > 1:
