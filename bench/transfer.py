@@ -32,9 +32,11 @@ import torch
 import nvshmem_kv as nk
 from nvshmem_kv.pages import PageRun, coalesce_runs
 
-SIZES = {1: "1 page", 64: "64 pages", 512: "8K-token prompt (512 pages)"}
+SIZES = {1: "1 page", 64: "64 pages", 512: "8K-token prompt (512 pages)", 2048: "32K-token prompt (2048 pages)"}
+DEFAULT_PAGES = (1, 64, 512)
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 GPU_BACKENDS = ("cuda_ipc", "nvshmem")
+SHAPES = {"smollm2-135m": (30, 3, 64), "llama-1b": (16, 8, 64), "llama-8b": (32, 8, 128)}  # layers, KV heads, dim
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,10 @@ class Result:
     page_size: int
     kv_heads: int
     head_dim: int
+    copy_seconds: float | None = None    # GPU: the copy stream's busy span for every layer's writes
+    copy_gbps: float | None = None
+    d2d_gbps: float | None = None        # GPU: one contiguous device-to-device copy of the same bytes
+    copy_vs_d2d: float | None = None
 
 
 def page_lists(pages: int, pool_pages: int, layout: str, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -92,6 +98,52 @@ def _copy_runs(dst: torch.Tensor, src: torch.Tensor, layer: int, runs: list[Page
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _sleep_cycles_per_s() -> float:
+    """GPU clock cycles per second as `torch.cuda._sleep` spins them (measured, not read off a table)."""
+    cycles = 10_000_000
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(cycles // 10)
+    start.record()
+    torch.cuda._sleep(cycles)
+    end.record()
+    end.synchronize()
+    return cycles / (start.elapsed_time(end) / 1e3)
+
+
+def _gpu_span(gate_s: float, cycles_per_s: float, enqueue) -> tuple[float, float]:
+    """(GPU seconds from the gate's end to the copies' end, host seconds spent enqueuing).
+
+    A spin kernel holds the compute stream for ``gate_s``; the transport's copy stream waits for compute
+    before each write (`CopyOrder.before_copy`), so every copy queues behind the gate while the host
+    enqueues them, and the span measures the copies alone, not the host's pace. ``enqueue`` must end
+    with ``fence_compute`` (compute waits for the copies), so an event after it marks their end."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(int(gate_s * cycles_per_s))
+    start.record()
+    t0 = time.perf_counter()
+    enqueue()
+    host_s = time.perf_counter() - t0
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3, host_s
+
+
+def _d2d_seconds(nbytes: int, device: str, repeats: int) -> float:
+    """Median seconds of one contiguous device-to-device copy of ``nbytes`` (the bandwidth reference)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    a.random_(0, 255)
+    times = []
+    for _ in range(repeats + 1):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times[1:])
 
 
 def _decode(backend: str, shape: Shape, pool_pages: int, threads: int, device: str, opts: dict[str, Any],
@@ -121,10 +173,13 @@ def _decode(backend: str, shape: Shape, pool_pages: int, threads: int, device: s
         t.close()
 
 
-def _backend_opts(backend: str, shape: Shape, pool_pages: int, run_id: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(prefill opts, decode opts); nvshmem makes the two processes PEs 0 and 1 of one job."""
+def _backend_opts(backend: str, shape: Shape, pool_pages: int, run_id: str,
+                  copy: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(prefill opts, decode opts); nvshmem makes the two processes PEs 0 and 1 of one job.
+    ``copy``: cuda_ipc's copy path ("torch" or "kernel"), given to the writing side."""
     if backend != "nvshmem":
-        return {"run_id": run_id}, {"run_id": run_id}
+        sender = {"run_id": run_id, **({"copy": copy} if copy and backend == "cuda_ipc" else {})}
+        return sender, {"run_id": run_id}
     from nvshmem_kv.backends.nvshmem import make_unique_id
 
     nbytes = shape.desc(pool_pages).pool_bytes
@@ -133,7 +188,7 @@ def _backend_opts(backend: str, shape: Shape, pool_pages: int, run_id: str) -> t
 
 
 def measure(backend: str, pages: int, *, shape: Shape = Shape(), layout: str = "contiguous", repeats: int = 7,
-            threads: int = 1) -> Result:
+            threads: int = 1, copy: str | None = None) -> Result:
     """Median transport time vs median in-process copy for ``pages`` pages of every layer.
 
     ``threads``: torch intra-op threads in both processes (1 = one core per engine, as the CPU
@@ -146,7 +201,7 @@ def measure(backend: str, pages: int, *, shape: Shape = Shape(), layout: str = "
     src_pages, dst_pages = page_lists(pages, pool_pages, layout)
     runs = coalesce_runs(src_pages, dst_pages)
     nbytes = 2 * shape.layers * pages * src_desc.page_bytes
-    prefill_opts, decode_opts = _backend_opts(backend, shape, pool_pages, f"bench{os.getpid()}")
+    prefill_opts, decode_opts = _backend_opts(backend, shape, pool_pages, f"bench{os.getpid()}", copy)
 
     ctx = mp.get_context("spawn")
     conn, child = ctx.Pipe()
@@ -157,9 +212,13 @@ def measure(backend: str, pages: int, *, shape: Shape = Shape(), layout: str = "
     tx = nk.create(backend, **prefill_opts)
     times: list[float] = []
     base_times: list[float] = []
+    gpu = device == "cuda"
+    span_times: list[float] = []
+    gate_s = 0.02
+    cycles_per_s = _sleep_cycles_per_s() if gpu else 0.0
     try:
-        g = torch.Generator().manual_seed(0)
-        data = torch.randn(src_desc.shape, generator=g).to(src_desc.torch_dtype())
+        g = torch.Generator(device=device).manual_seed(0)  # on the GPU: a 32K-token pool is gigabytes
+        data = torch.randn(src_desc.shape, generator=g, device=device, dtype=src_desc.torch_dtype())
         if backend == "nvshmem":          # collective: the source pool comes from the symmetric heap too
             src = tx.allocate_pool(src_desc, device)
             src.copy_(data)
@@ -189,6 +248,26 @@ def measure(backend: str, pages: int, *, shape: Shape = Shape(), layout: str = "
             if not ok:
                 raise RuntimeError(f"room {room} failed: {reason}")
             times.append((done_ns - start_ns) / 1e9)
+            if gpu:  # the same writes again, gated: the copy stream's own time (see _gpu_span)
+                room = f"bench-span-{i}"
+                conn.send(("expect", room))
+                conn.recv()
+
+                def enqueue(room: str = room) -> None:
+                    for layer in range(shape.layers):
+                        tx.write(peer, room, layer, src, src_pages, dst_pages)
+                    tx.fence_compute()
+
+                span, host_s = _gpu_span(gate_s, cycles_per_s, enqueue)
+                if host_s > 0.8 * gate_s:  # the gate ended before the host had enqueued everything: longer
+                    gate_s = 2 * host_s
+                elif i > 0:                # i == 0 is the warm-up
+                    span_times.append(span)
+                conn.send(("wait", room))
+                tx.signal(peer, room, b"")
+                ok, reason, _ = conn.recv()
+                if not ok:
+                    raise RuntimeError(f"room {room} failed: {reason}")
         conn.send(("digest", dst_pages))
         verified = conn.recv() == _digest(src[:, :, src_pages]) if backend != "fake" else False
         conn.send(("stop",))
@@ -198,9 +277,15 @@ def measure(backend: str, pages: int, *, shape: Shape = Shape(), layout: str = "
         if proc.is_alive():
             proc.kill()
     secs, base = statistics.median(times[1:]), statistics.median(base_times[1:])
+    gpu_figures: dict[str, float | None] = {}
+    if gpu and span_times:
+        span = statistics.median(span_times)
+        d2d = _d2d_seconds(nbytes, device, repeats)
+        gpu_figures = {"copy_seconds": span, "copy_gbps": nbytes / span / 1e9, "d2d_gbps": nbytes / d2d / 1e9,
+                       "copy_vs_d2d": d2d / span}
     return Result(backend, device, pages, layout, shape.dtype, nbytes, repeats, threads, secs, nbytes / secs / 1e9,
                   base, nbytes / base / 1e9, base / secs, verified, shape.layers, shape.page_size, shape.kv_heads,
-                  shape.head_dim)
+                  shape.head_dim, **gpu_figures)
 
 
 def _table(results: list[Result]) -> None:
@@ -210,12 +295,19 @@ def _table(results: list[Result]) -> None:
     r0 = results[0]
     table = Table(title=f"KV transfer: {r0.layers} layers x {r0.kv_heads} KV heads x head_dim {r0.head_dim}, "
                         f"page {r0.page_size}, {r0.dtype}; median of {r0.repeats}, {r0.threads} torch thread(s)")
-    for col in ("backend", "size", "layout", "MB", "ms", "GB/s", "baseline GB/s", "ratio", "verified"):
+    gpu = any(r.copy_gbps is not None for r in results)
+    cols = ["backend", "size", "layout", "MB", "ms", "GB/s", "baseline GB/s", "ratio", "verified"]
+    if gpu:
+        cols[-1:-1] = ["copy ms", "copy GB/s", "d2d GB/s", "copy/d2d"]
+    for col in cols:
         table.add_column(col, justify="left" if col in ("backend", "size", "layout") else "right")
     for r in results:
-        table.add_row(r.backend, SIZES.get(r.pages, f"{r.pages} pages"), r.layout, f"{r.bytes / 1e6:.2f}",
-                      f"{r.seconds * 1e3:.2f}", f"{r.gbps:.2f}", f"{r.baseline_gbps:.2f}", f"{r.ratio:.2f}x",
-                      "yes" if r.verified else "-")
+        row = [r.backend, SIZES.get(r.pages, f"{r.pages} pages"), r.layout, f"{r.bytes / 1e6:.2f}",
+               f"{r.seconds * 1e3:.2f}", f"{r.gbps:.2f}", f"{r.baseline_gbps:.2f}", f"{r.ratio:.2f}x"]
+        if gpu:
+            row += (["-"] * 4 if r.copy_gbps is None else
+                    [f"{r.copy_seconds * 1e3:.3f}", f"{r.copy_gbps:.0f}", f"{r.d2d_gbps:.0f}", f"{r.copy_vs_d2d:.2f}x"])
+        table.add_row(*row, "yes" if r.verified else "-")
     Console(width=max(132, Console().width)).print(table)
 
 
@@ -231,25 +323,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-heads", type=int, default=3)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--shape", choices=sorted(SHAPES), help="a model's KV shape (sets --layers/--kv-heads/--head-dim)")
+    p.add_argument("--copy", choices=["torch", "kernel"], help="cuda_ipc's copy path (default: the transport's)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: one core each)")
     p.add_argument("--json", action="store_true", help="print one JSON object (first backend and size)")
     p.add_argument("--out", help="also write the JSON result(s) to this file")
     args = p.parse_args(argv)
-    shape = Shape(args.layers, args.kv_heads, args.head_dim, args.page_size, DTYPES[args.dtype])
+    layers, kv_heads, head_dim = SHAPES[args.shape] if args.shape else (args.layers, args.kv_heads, args.head_dim)
+    shape = Shape(layers, kv_heads, head_dim, args.page_size, DTYPES[args.dtype])
     backends = args.backend or ["shm", "tcp"]
     if args.json:
         layout = args.layout if args.layout in ("contiguous", "scattered") else "contiguous"
         result = asdict(measure(backends[0], (args.pages or [64])[0], shape=shape, layout=layout,
-                                repeats=args.repeats, threads=args.threads))
+                                repeats=args.repeats, threads=args.threads, copy=args.copy))
         print(json.dumps(result))
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=2)
         return 0
     layouts = ["contiguous", "scattered"] if args.layout in (None, "both") else [args.layout]
-    results = [measure(b, n, shape=shape, layout=lay, repeats=args.repeats, threads=args.threads)
-               for b in backends for n in (args.pages or list(SIZES)) for lay in layouts
+    results = [measure(b, n, shape=shape, layout=lay, repeats=args.repeats, threads=args.threads, copy=args.copy)
+               for b in backends for n in (args.pages or DEFAULT_PAGES) for lay in layouts
                if not (n == 1 and lay == "scattered")]
     _table(results)
     if args.out:

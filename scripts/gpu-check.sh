@@ -19,7 +19,10 @@
 # No step needs the SmolLM2 GGUF (a random-weight Llama-shaped model is written on the machine).
 # Logs, JUnit XML and JSON go to $OUT (or ./gpu-check-out/); summary.txt / summary.json at the end.
 # Exit: 0 when every step that ran passed, 1 otherwise, 2 without a CUDA device, 3 with a wheel missing.
-# Knobs: PYTHON (default python3), GPU_WHEELS_DIR, GPU_SITE_DIR, GPU_CHECK_BUDGET_S (default 460).
+#   ttft-8k         scripts/ttft_check.py: 8K-token prompts, unified vs disagg TTFT (the handoff's share)
+# Knobs: PYTHON (default python3), GPU_WHEELS_DIR, GPU_SITE_DIR, GPU_CHECK_BUDGET_S (default 460),
+# GPU_CHECK_STEPS (comma-separated step names to run, e.g. "install,transfer-nvshmem"; default all;
+# env always runs).
 # On the device tool: carry wheels/gpu (and .gpu-site when it was built on an earlier call).
 set -u -o pipefail
 
@@ -94,10 +97,11 @@ if ((DRY_RUN)); then
     echo "  install         $PY -m pip install --no-index --no-deps --target $SITE_DIR <the wheels not installed yet>"
     echo "  pytest-gpu      $PY -m pytest -m 'gpu and not slow' ${GPU_TESTS[*]}"
     echo "  bench-kernels   $PY -m bench.kernels --out kernels-bf16.json"
-    echo "  transfer-cuda_ipc  $PY -m bench.transfer --backend cuda_ipc --out transfer-cuda_ipc.json"
-    echo "  transfer-nvshmem   $PY -m bench.transfer --backend nvshmem --out transfer-nvshmem.json"
+    echo "  transfer-cuda_ipc  $PY -m bench.transfer --backend cuda_ipc --pages 512 --pages 2048 --out transfer-cuda_ipc.json"
+    echo "  transfer-nvshmem   $PY -m bench.transfer --backend nvshmem --pages 512 --pages 2048 --layout contiguous"
     echo "  serve-cuda_ipc  $PY scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport cuda_ipc"
     echo "  serve-nvshmem   $PY scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport nvshmem"
+    echo "  ttft-8k         $PY scripts/ttft_check.py --prompt-tokens 8192 (unified vs disagg TTFT, cuda_ipc)"
     echo "  serve-cross-gpu (2+ GPUs)  scripts/serve_check.py --prefill-gpus 0 --decode-gpus 1 --transport cuda_ipc"
     echo "  serve-tp2-nccl  (2+ GPUs)  scripts/serve_check.py --prefill-gpus 0-1 --prefill-tp 2 --decode-gpus 1 --transport cuda_ipc"
     list_wheels
@@ -117,6 +121,10 @@ run_step() {
     local name="$1" limit="$2"
     shift 2
     local now left rc t0 t1 status
+    if [[ -n "${GPU_CHECK_STEPS:-}" && "$name" != env && ",$GPU_CHECK_STEPS," != *",$name,"* ]]; then
+        SUMMARY+=("$(printf '%-18s %-7s %6s  %s' "$name" "SKIP" "-" "not in GPU_CHECK_STEPS")")
+        return 0
+    fi
     now=$(date +%s)
     left=$((BUDGET_S - (now - START_S)))
     if ((left < 10)); then
@@ -184,14 +192,20 @@ run_step pytest-gpu 150 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cachep
 
 # The benches first: bounded, and they give the figures the targets are measured on.
 run_step bench-kernels 60 "$PY" -m bench.kernels --out "$OUT_DIR/kernels-bf16.json"
-for backend in cuda_ipc nvshmem; do
-    run_step "transfer-$backend" 40 "$PY" -m bench.transfer --backend "$backend" --out "$OUT_DIR/transfer-$backend.json"
-done
+# SmolLM2's KV shape at 8K and 32K tokens, contiguous and scattered destination pages; nvshmem starts a
+# two-PE job per size (seconds each), so it measures the contiguous layout only.
+run_step transfer-cuda_ipc 60 "$PY" -m bench.transfer --backend cuda_ipc --pages 512 --pages 2048 \
+    --out "$OUT_DIR/transfer-cuda_ipc.json"
+run_step transfer-nvshmem 90 "$PY" -m bench.transfer --backend nvshmem --pages 512 --pages 2048 --layout contiguous \
+    --out "$OUT_DIR/transfer-nvshmem.json"
 
 run_step serve-cuda_ipc 75 "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport cuda_ipc \
     --out "$OUT_DIR/serve-cuda_ipc.json" --log-dir "$OUT_DIR/serve-cuda_ipc-logs"
 run_step serve-nvshmem 75 "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport nvshmem \
     --out "$OUT_DIR/serve-nvshmem.json" --log-dir "$OUT_DIR/serve-nvshmem-logs"
+
+run_step ttft-8k 150 "$PY" scripts/ttft_check.py --prompt-tokens 8192 --out "$OUT_DIR/ttft-8k.json" \
+    --log-dir "$OUT_DIR/ttft-8k-logs"
 
 if ((NGPU >= 2)); then
     run_step serve-cross-gpu 75 "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 1 --transport cuda_ipc \

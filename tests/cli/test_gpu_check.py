@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 STEPS = ("env", "install", "pytest-gpu", "serve-cuda_ipc", "serve-nvshmem", "bench-kernels", "transfer-cuda_ipc",
-         "transfer-nvshmem", "serve-cross-gpu", "serve-tp2-nccl")
+         "transfer-nvshmem", "ttft-8k", "serve-cross-gpu", "serve-tp2-nccl")
 
 
 def _pins() -> list[tuple[str, str]]:
