@@ -85,6 +85,7 @@ class EngineConfig:
     threads: int = 0
     seed: int = 0
     prefill_order: str = "fifo"
+    cuda_graphs: bool = True  # decode under CUDA graphs; used only on CUDA (triton backend, tp 1)
 
     def __post_init__(self) -> None:
         if self.dtype == "auto":

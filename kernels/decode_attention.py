@@ -277,7 +277,12 @@ def default_num_splits(batch: int, kv_heads: int, max_context: int, device: torc
     split covering at least 256 tokens of the longest possible context (``max_context``); 1 on CPU."""
     if device.type != "cuda":
         return 1
-    want = -(-4 * num_sms(device) // max(batch * kv_heads, 1))
+    return num_splits_for(batch, kv_heads, max_context, num_sms(device))
+
+
+def num_splits_for(batch: int, kv_heads: int, max_context: int, sms: int) -> int:
+    """:func:`default_num_splits` on a GPU of ``sms`` multiprocessors (pure: CUDA graphs plan with it)."""
+    want = -(-4 * sms // max(batch * kv_heads, 1))
     return max(1, min(want, -(-max_context // 256), 64))
 
 

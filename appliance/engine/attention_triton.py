@@ -26,6 +26,9 @@ class TritonAttentionBackend:
     linear = staticmethod(plain_linear)
 
     def __init__(self) -> None:
+        # Decode attention's split count: None picks it from the shapes; CUDA-graph decode fixes it
+        # per captured bucket (appliance.engine.decode_graphs), so serving never meets a new one.
+        self.decode_splits: int | None = None
         # NOTE: every layer of one forward pass gets the same ``extend_lens`` tensor; its host-side
         # metadata (start offsets, max length) is computed once and reused while the tensor is
         # unchanged (same object, same in-place version), saving a device sync per layer.
@@ -39,7 +42,7 @@ class TritonAttentionBackend:
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-        return decode_attention(q, k_cache, v_cache, page_table, seq_lens, scale)
+        return decode_attention(q, k_cache, v_cache, page_table, seq_lens, scale, num_splits=self.decode_splits)
 
     def extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                prefix_lens: torch.Tensor, extend_lens: torch.Tensor, scale: float) -> torch.Tensor:

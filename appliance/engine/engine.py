@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
@@ -61,13 +62,36 @@ class Engine:
                                    prefill_order=cfg.prefill_order)
         self.sampler = Sampler(cfg.seed)
         limit = self.model_config.max_position
-        self.max_model_len = min(cfg.max_model_len or limit, limit, self.pool.num_pages * cfg.page_size - 1)
+        graphs = self.runner.wants_decode_graphs()
+        usable_pages = self.pool.num_pages - (1 if graphs else 0)  # graphs keep one scratch page
+        self.max_model_len = min(cfg.max_model_len or limit, limit, usable_pages * cfg.page_size - 1)
         self.eos_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
         self.requests: dict[str, Request] = {}
-        self.handoff = handoff
+        self.handoff: StepHooks | None = None  # set after the warm-up, which is no one's handoff
         self.decode_step_s = 0.05  # EMA of decode-only step time (kept current by step())
         self.stats_prefill_tokens = 0
         self.stats_decode_tokens = 0
+        self.warmup_s = 0.0
+        if graphs:
+            self.warm_up()
+        self.handoff = handoff
+
+    def warm_up(self) -> None:
+        """CUDA start-up: capture the decode graphs (every Triton compile and autotune of decode runs
+        here) and run one throw-away prefill (the prefill kernels'), so serving compiles nothing."""
+        t0 = time.perf_counter()
+        g = self.runner.setup_decode_graphs(self.config.max_running, self.max_model_len)
+        n = max(1, min(512, self.max_model_len - 2, self.config.prefill_chunk))
+        ids = [(7 * i + 3) % self.model_config.vocab_size for i in range(n)]
+        req = self.add_request(ids, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+                               request_id=f"warm-up-{time.monotonic_ns()}")
+        self.run_until_done([req])
+        self.cache.reset()
+        self.stats_prefill_tokens = self.stats_decode_tokens = 0
+        self.warmup_s = time.perf_counter() - t0
+        print(f"pdbox engine: warm-up {self.warmup_s:.1f} s (decode buckets {list(g.plan.buckets)}: "
+              f"compile+autotune {g.warmup_s:.1f} s, graph capture {g.capture_s:.1f} s)",
+              file=sys.stderr, flush=True)
 
     # -- requests -----------------------------------------------------------------------------
     def validate_prompt(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:
@@ -112,9 +136,8 @@ class Engine:
         if sb is None:
             return []
         t0 = time.perf_counter()
-        batch = self.runner.build(sb)
         hook, extra = self.handoff.before_forward(sb) if self.handoff else (None, b"")
-        logits = self.runner.forward(batch, hook, extra)
+        logits = self.runner.step(sb, hook, extra)
         sampling = [r for r, s in zip(sb.requests, sb.sample) if s]
         tokens, logprobs = self.sampler.sample(logits, sampling) if sampling else ([], [])
         prefill = 0

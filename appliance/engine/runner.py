@@ -9,7 +9,9 @@ import torch
 from appliance.config import EngineConfig, ModelConfig, RankInfo
 from appliance.engine import tp
 from appliance.engine.attention import create_backend
+from appliance.engine.decode_graphs import DecodeGraphs
 from appliance.engine.forward_batch import ForwardBatch
+from appliance.engine.graph_plan import DecodeRow, plan_graphs
 from appliance.engine.kv_cache import PagePool
 from appliance.engine.rank_device import bind_device
 from appliance.engine.scheduler import ScheduledBatch
@@ -35,6 +37,17 @@ def pages_for(cfg: EngineConfig, mcfg: ModelConfig, page_size: int) -> int:
     heads = -(-mcfg.num_kv_heads // cfg.tp_size)
     return PagePool.pages_for_budget(cfg.kv_cache_mb, mcfg.num_layers, page_size, heads, mcfg.head_dim,
                                      DTYPES[cfg.cache_dtype])
+
+
+def token_at(req, position: int) -> int:
+    """The token a request feeds at ``position`` (prompt, then its output)."""
+    n = len(req.prompt_ids)
+    return req.prompt_ids[position] if position < n else req.output_ids[position - n]
+
+
+def decode_rows(sb: ScheduledBatch) -> list[DecodeRow]:
+    """A decode-only step's rows (one token each, at its prefix length)."""
+    return [DecodeRow(token_at(r, start), start, r.pages) for r, start in zip(sb.requests, sb.prefix_lens)]
 
 
 class ModelRunner:
@@ -67,6 +80,33 @@ class ModelRunner:
         self.pool = PagePool(kv)
         # Ranks > 0: turns a step's ``extra`` bytes into (layer hook, after-step callback).
         self.follower_hook: Callable[[bytes, torch.Tensor], tuple] | None = None
+        self.decode_graphs: DecodeGraphs | None = None
+
+    # -- CUDA-graph decode ----------------------------------------------------------------------
+    def wants_decode_graphs(self) -> bool:
+        """Graphs on CUDA with the Triton kernels on one rank, unless ``cfg.cuda_graphs`` is off."""
+        return (self.cfg.cuda_graphs and self.device.type == "cuda" and self.rank.world_size == 1
+                and self.backend.name == "triton")
+
+    def setup_decode_graphs(self, max_running: int, max_model_len: int) -> DecodeGraphs:
+        """Reserve a scratch page (padded rows write there), warm up and capture every bucket."""
+        scratch = self.pool.alloc(1)
+        if scratch is None:
+            raise RuntimeError("no free KV page for the CUDA graphs' scratch slot")
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        plan = plan_graphs(max_running, max_model_len, self.cfg.page_size, self.model.shard.num_kv_heads, sms)
+        graphs = DecodeGraphs(self.model, self.pool.kv, plan, scratch[0])
+        graphs.capture()
+        self.decode_graphs = graphs
+        return graphs
+
+    def step(self, sb: ScheduledBatch, layer_hook: Callable[[int], None] | None = None,
+             extra: bytes = b"") -> torch.Tensor:
+        """Logits of one scheduled step: a captured graph for a decode batch that fits, else eager."""
+        g = self.decode_graphs
+        if g is not None and sb.decode_only and layer_hook is None and not extra and g.fits(len(sb.requests)):
+            return g.run(decode_rows(sb))
+        return self.forward(self.build(sb), layer_hook, extra)
 
     # -- rank 0 -------------------------------------------------------------------------------
     def build(self, sb: ScheduledBatch) -> ForwardBatch:

@@ -1,0 +1,93 @@
+"""CUDA-graph decode planning on CPU: ladder, buckets, split counts, padded metadata, and the static
+buffer path's logits equal to the eager step's (graphs themselves need a GPU: tests/engine/test_gpu_engine.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from appliance.engine.graph_plan import DecodeRow, GraphPlan, bucket_ladder, fill_meta, meta_views, plan_graphs
+
+
+def test_ladder_stops_at_max_running() -> None:
+    assert bucket_ladder(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert bucket_ladder(48) == (1, 2, 4, 8, 16, 32, 48)
+    assert bucket_ladder(1) == (1,)
+    assert bucket_ladder(1000) == (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    with pytest.raises(ValueError):
+        bucket_ladder(0)
+
+
+def test_bucket_for_pads_up_and_falls_back_beyond() -> None:
+    plan = plan_graphs(max_running=48, max_model_len=1000, page_size=16, kv_heads=8, sms=132)
+    assert [plan.bucket_for(n) for n in (1, 3, 5, 17, 33, 48)] == [1, 4, 8, 32, 48, 48]
+    assert plan.bucket_for(49) is None
+    with pytest.raises(ValueError):
+        plan.bucket_for(0)
+    assert plan.width == 63  # ceil(1000 / 16)
+
+
+def test_splits_fixed_per_bucket_fill_the_gpu_and_shrink_with_batch() -> None:
+    plan = plan_graphs(max_running=256, max_model_len=8192, page_size=16, kv_heads=8, sms=132)
+    s = dict(zip(plan.buckets, plan.num_splits))
+    assert s[1] == 32 and s[256] == 1  # ceil(4*132/8) = 66, capped by 8192/256; 4*132 < 256*8
+    assert all(a >= b for a, b in zip(plan.num_splits, plan.num_splits[1:]))
+    short = plan_graphs(max_running=4, max_model_len=300, page_size=16, kv_heads=8, sms=132)
+    assert short.num_splits == (2, 2, 2)  # never more splits than 256-token chunks of the context
+
+
+def test_plan_validation() -> None:
+    with pytest.raises(ValueError):
+        GraphPlan((2, 1), (1, 1), 4, 16)
+    with pytest.raises(ValueError):
+        GraphPlan((1, 2), (1,), 4, 16)
+    with pytest.raises(ValueError):
+        plan_graphs(4, 0, 16, 8, 132)
+
+
+def test_fill_meta_pads_rows_into_the_scratch_slot() -> None:
+    plan = GraphPlan((1, 4), (1, 1), width=3, page_size=4)
+    buf = torch.full((plan.buffer_len,), -7, dtype=torch.int64)
+    rows = [DecodeRow(11, 5, [9, 2]), DecodeRow(12, 0, [6])]
+    used = fill_meta(buf, plan, 4, rows, scratch_slot=40)
+    assert used == 4 * (4 + 3)
+    v = meta_views(buf, plan, 4)
+    assert v["input_ids"].tolist() == [11, 12, 0, 0]
+    assert v["positions"].tolist() == [5, 0, 0, 0]
+    assert v["slot_mapping"].tolist() == [2 * 4 + 1, 6 * 4, 40, 40]
+    assert v["seq_lens"].tolist() == [6, 1, 0, 0]
+    assert v["page_table"][0, :2].tolist() == [9, 2] and v["page_table"][1, 0] == 6
+    with pytest.raises(ValueError, match="do not fit"):
+        fill_meta(buf, plan, 1, rows, 40)
+    with pytest.raises(ValueError, match="needs 4 pages"):
+        fill_meta(buf, plan, 4, [DecodeRow(1, 12, [1, 2, 3, 4])], 40)
+
+
+def test_static_buffer_decode_equals_the_eager_step() -> None:
+    """DecodeGraphs without graphs (the same views a graph reads) on CPU with the torch references:
+    padded to a bucket, its logits are the eager build/forward's."""
+    from appliance.config import EngineConfig
+    from appliance.engine.decode_graphs import DecodeGraphs
+    from appliance.engine.engine import Engine
+    from appliance.engine.request import SamplingParams
+    from appliance.engine.runner import decode_rows
+
+    engine = Engine("random:tiny", EngineConfig(dtype="float32", page_size=4, num_pages=64,
+                                                 attention_backend="torch", max_running=8))
+    assert engine.runner.decode_graphs is None  # never on CPU
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33, 34]]
+    reqs = [engine.add_request(p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)) for p in prompts]
+    while any(len(r.output_ids) < 2 for r in reqs):
+        engine.step()
+    sb = engine.scheduler.schedule()
+    assert sb is not None and sb.decode_only and len(sb.requests) == 3
+    runner = engine.runner
+    eager = runner.forward(runner.build(sb)).clone()
+    scratch = engine.pool.alloc(1)[0]
+    plan = plan_graphs(8, engine.max_model_len, 4, engine.model_config.num_kv_heads, sms=1)
+    static = DecodeGraphs(runner.model, engine.pool.kv, plan, scratch, use_graphs=False, warmup_context=8)
+    static.capture()  # warm-up only: writes just the scratch slot
+    got = static.run(decode_rows(sb))
+    assert got.shape == eager.shape
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    engine.shutdown()
