@@ -148,15 +148,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prefill-len", type=int, default=1024)
     p.add_argument("--long-batch", type=int, default=6, help="requests in the long-context decode figure")
     p.add_argument("--json", action="store_true", help="print one JSON object only")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cuda: decode at batch 1/16/64/256 (graphs on and off), prefill 1K/8K, GPU floors "
+                        "(bench.engine_gpu; --steps defaults to 20 there)")
+    p.add_argument("--context", type=int, default=512, help="cuda: prompt tokens of each decoding request")
+    p.add_argument("--batches", default="1,16,64,256", help="cuda: decode batch sizes")
+    p.add_argument("--prefill-lens", default="1024,8192", help="cuda: prefill lengths")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="cuda: eager decode only")
+    p.add_argument("--out", default=None, help="cuda: also write the JSON here, after every figure")
     args = p.parse_args(argv)
-    result = run(args.model, args.threads, args.dtype, args.steps, args.prefill_len, args.long_batch, args.backend)
+    if args.device == "cuda":
+        from bench.engine_gpu import run_cuda
+
+        result = run_cuda(args.model or "random:llama-1b", "bfloat16" if args.dtype == "auto" else args.dtype,
+                          tuple(int(x) for x in args.batches.split(",")),
+                          tuple(int(x) for x in args.prefill_lens.split(",")), args.context,
+                          20 if args.steps == 48 else args.steps, graphs=not args.no_cuda_graphs,
+                          out_path=args.out)
+    else:
+        result = run(args.model, args.threads, args.dtype, args.steps, args.prefill_len, args.long_batch,
+                     args.backend)
     if args.json:
         print(json.dumps(result))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"pdbox engine, {result['model']} {result['dtype']}, {result['threads']} threads")
+    table = Table(title=f"pdbox engine, {result['model']} {result['dtype']}, "
+                        f"{result.get('threads', result.get('device'))}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for k, v in result.items():

@@ -74,12 +74,14 @@ class GraphPlan:
 def plan_graphs(max_running: int, max_model_len: int, page_size: int, kv_heads: int, sms: int,
                 ladder: Sequence[int] = LADDER) -> GraphPlan:
     """The plan for an engine: buckets up to ``max_running``, a page table wide enough for
-    ``max_model_len`` tokens, and per bucket the split count the eager kernel would pick at that width."""
+    ``max_model_len`` tokens, and per bucket the split count the eager kernel would pick at that width
+    (rounded down to a power of two)."""
     if max_model_len < 1 or kv_heads < 1 or sms < 1:
         raise ValueError(f"max_model_len, kv_heads and sms must be >= 1, got {max_model_len}, {kv_heads}, {sms}")
     buckets = bucket_ladder(max_running, ladder)
     width = -(-max_model_len // page_size)
-    splits = tuple(num_splits_for(b, kv_heads, width * page_size, sms) for b in buckets)
+    # NOTE: rounded down to a power of two: each distinct count is one more Triton compile at start-up.
+    splits = tuple(1 << (num_splits_for(b, kv_heads, width * page_size, sms).bit_length() - 1) for b in buckets)
     return GraphPlan(buckets, splits, width, page_size)
 
 

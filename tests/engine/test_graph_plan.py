@@ -32,6 +32,8 @@ def test_splits_fixed_per_bucket_fill_the_gpu_and_shrink_with_batch() -> None:
     s = dict(zip(plan.buckets, plan.num_splits))
     assert s[1] == 32 and s[256] == 1  # ceil(4*132/8) = 66, capped by 8192/256; 4*132 < 256*8
     assert all(a >= b for a, b in zip(plan.num_splits, plan.num_splits[1:]))
+    assert all(n & (n - 1) == 0 for n in plan.num_splits)  # powers of two: few distinct compiles
+    assert s[4] == 16  # ceil(4*132/32) = 17, rounded down
     short = plan_graphs(max_running=4, max_model_len=300, page_size=16, kv_heads=8, sms=132)
     assert short.num_splits == (2, 2, 2)  # never more splits than 256-token chunks of the context
 

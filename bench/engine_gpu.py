@@ -1,0 +1,166 @@
+"""``python -m bench.engine --device cuda``: decode ms/step and prefill tok/s beside the GPU's floors.
+
+Floors are measured in the same run: a decode step reads every weight once plus the batch's KV
+(bytes / the device-to-device copy bandwidth of a 2 GB buffer, read + write bytes counted), a
+prefill runs 2 x linear params FLOPs per token plus causal attention (FLOPs / the rate of an
+8192^3 bf16 ``torch.matmul``). Decode is timed with CUDA graphs on and off (off: the eager step).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def _cuda_ms(fn, repeats: int) -> float:
+    """Median ms of ``fn`` on the current stream, timed with events after one warm-up call."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def copy_gb_s(nbytes: int = 2 << 30) -> float:
+    """Device-to-device copy bandwidth: (read + write bytes) / time of one ``copy_``."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = _cuda_ms(lambda: dst.copy_(src), 10)
+    return 2 * nbytes / ms / 1e6
+
+
+def matmul_tflop_s(n: int = 8192) -> float:
+    a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
+    ms = _cuda_ms(lambda: torch.matmul(a, b), 20)
+    return 2 * n**3 / ms / 1e9
+
+
+def _weights(model) -> tuple[int, int]:
+    """(bytes, params) of the linear weights a step reads (every layer's and the LM head)."""
+    ws = [w for lw in model.layers for w in (lw.qkv, lw.o_proj, lw.gate_up, lw.down)] + [model.lm_head]
+    params = sum(int(torch.Size(w.shape).numel()) for w in ws)
+    return params * torch.empty(0, dtype=model.dtype).element_size(), params
+
+
+def _decode_ms(engine, prompts: list[list[int]], steps: int, graphs: bool) -> float:
+    """Median wall ms of a decode-only engine step (host sampling included) over ``steps`` steps."""
+    from appliance.engine.request import SamplingParams
+
+    runner = engine.runner
+    saved = runner.decode_graphs
+    runner.decode_graphs = saved if graphs else None
+    try:
+        params = SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True)
+        reqs = [engine.add_request(p, params) for p in prompts]
+        while any(not r.output_ids for r in reqs):
+            engine.step()
+        engine.step()
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - t0)
+        for r in reqs:
+            engine.abort(r.request_id)
+    finally:
+        runner.decode_graphs = saved
+    return statistics.median(times) * 1000
+
+
+def _prefill_s(engine, prompt: list[int], repeats: int) -> float:
+    from appliance.engine.request import SamplingParams
+
+    times = []
+    for i in range(repeats + 1):
+        ids = [(prompt[0] + i) % 250 + 3] + prompt[1:]  # distinct first token: never a prefix hit
+        req = engine.add_request(ids, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True))
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        while not req.is_finished:
+            engine.step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def run_cuda(model: str, dtype: str = "bfloat16", batches: tuple[int, ...] = (1, 16, 64, 256),
+             prefill_lens: tuple[int, ...] = (1024, 8192), context: int = 512, steps: int = 20,
+             graphs: bool = True, kv_cache_mb: int = 0, out_path: str | None = None) -> dict:
+    """All figures in one dict; with ``out_path`` it is rewritten after each figure, so a run cut short
+    by a timeout still leaves what it measured."""
+    from appliance.config import EngineConfig
+    from appliance.engine.engine import Engine
+    from kernels._triton import autotune_enabled
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.engine --device cuda: no CUDA device")
+    max_len = max(max(prefill_lens), context + steps + 8) + 16
+    if not kv_cache_mb:
+        from appliance.model.random_model import is_random_spec, parse_spec
+
+        if is_random_spec(model):
+            s = parse_spec(model)
+            elem = torch.empty(0, dtype=getattr(torch, dtype)).element_size()
+            per_token = 2 * s.layers * s.kv_heads * s.head_dim * elem
+            tokens = max(batches) * (context + steps + 24) + max_len + 4096
+            kv_cache_mb = int(per_token * tokens * 1.1 / 2**20) + 64
+        else:
+            kv_cache_mb = 16384
+    t0 = time.perf_counter()
+    cfg = EngineConfig(device="cuda", dtype=dtype, enable_prefix_cache=False, max_prefill_tokens=max(prefill_lens),
+                       kv_cache_mb=kv_cache_mb, max_running=max(batches), max_model_len=max_len, cuda_graphs=graphs)
+    engine = Engine(model, cfg)
+    start_s = time.perf_counter() - t0
+    mc = engine.model_config
+    copy = copy_gb_s()
+    tflops = matmul_tflop_s()
+    weight_bytes, params = _weights(engine.runner.model)
+    kv_elem = engine.pool.kv.element_size()
+    kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * kv_elem
+    out: dict = {"model": engine.model_name, "dtype": cfg.dtype, "backend": engine.runner.backend.name,
+                 "device": torch.cuda.get_device_name(), "autotune": autotune_enabled(),
+                 "startup_s": round(start_s, 1), "warmup_s": round(engine.warmup_s, 1),
+                 "copy_gb_s": round(copy, 1), "matmul_tflop_s": round(tflops, 1),
+                 "weight_gb": round(weight_bytes / 1e9, 3), "context": context, "steps": steps}
+
+    def save() -> None:
+        if out_path:
+            Path(out_path).write_text(json.dumps(out, indent=1))
+
+    save()
+    # prefill first: its few timed steps are the cheapest figures if a timeout cuts the run short
+    for n in prefill_lens:
+        prompt = [3 + (13 * j) % 250 for j in range(n)]
+        s = _prefill_s(engine, prompt, 2)
+        flops = 2 * params * n + 2 * mc.num_layers * mc.num_heads * mc.head_dim * n * n  # causal QK^T + PV
+        out[f"prefill_tok_s_{n}"] = round(n / s, 1)
+        out[f"prefill_floor_tok_s_{n}"] = round(n / (flops / (tflops * 1e12)), 1)
+        out[f"prefill_share_of_matmul_{n}"] = round(flops / s / 1e12 / tflops, 3)
+        save()
+    for b in batches:
+        prompts = [[3 + (7 * i + 11 * j) % 250 for j in range(context)] for i in range(b)]
+        floor = (weight_bytes + b * (context + 2) * kv_per_token) / copy / 1e6
+        out[f"decode_floor_ms_b{b}"] = round(floor, 3)
+        modes = (True, False) if engine.runner.decode_graphs is not None else (False,)
+        for g in modes:
+            ms = _decode_ms(engine, prompts, steps, g)
+            tag = "graphs" if g else "eager"
+            out[f"decode_ms_b{b}_{tag}"] = round(ms, 3)
+            out[f"decode_over_floor_b{b}_{tag}"] = round(ms / floor, 2)
+            save()
+        if len(modes) == 2:
+            out[f"graph_speedup_b{b}"] = round(out[f"decode_ms_b{b}_eager"] / out[f"decode_ms_b{b}_graphs"], 2)
+    engine.shutdown()
+    out["total_s"] = round(time.perf_counter() - t0, 1)
+    save()
+    return out

@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Issue 21's device check, at most ~170 s on one GPU: `scripts/gpu-engine-check.sh`.
+#
+# Runs with the machine's python3 (PYTHON overrides) and the PYTHONPATH it is given (the repo and a
+# site dir with torch, triton, tokenizers, pytest); installs nothing. Steps, each under `timeout`:
+#   env          python / torch / triton versions, the GPU
+#   pytest-gpu   tests/engine/test_gpu_engine.py (greedy tokens with CUDA graphs == eager == the torch
+#                references on random:small, bf16 graph logits == eager, sampling semantics, eager
+#                fallback beyond the ladder) and the CPU planning tests, PDBOX_TRITON_AUTOTUNE=0
+#   bench-1b     python -m bench.engine --device cuda --model random:llama-1b  -> bench-llama-1b.json
+#   bench-8b     the same for random:llama-8b                                  -> bench-llama-8b.json
+# The benches write their JSON after every figure, so one cut short by its timeout keeps what it
+# measured (and fails the step). Kernels run their fixed first config (PDBOX_TRITON_AUTOTUNE=0): the
+# autotuner's compiles would not fit the budget; set GPU_ENGINE_AUTOTUNE=1 to tune anyway.
+# Output: logs, JUnit XML and JSON under $OUT (or ./gpu-check-out/); a summary table at the end.
+# Exit: 0 when every step passed, 1 otherwise, 2 without a CUDA device.
+set -u -o pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY="${PYTHON:-python3}"
+OUT_DIR="${OUT:-$PWD/gpu-check-out}"
+AUTOTUNE="${GPU_ENGINE_AUTOTUNE:-0}"
+mkdir -p "$OUT_DIR"
+START_S=$(date +%s)
+SUMMARY=()
+FAILED=0
+
+run_step() {  # name timeout_s command...
+    local name=$1 limit=$2 t0 rc status
+    shift 2
+    t0=$(date +%s)
+    echo "== $name (timeout ${limit}s)"
+    timeout --kill-after=5 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+    rc=$?
+    tail -n 25 "$OUT_DIR/$name.log"
+    if ((rc == 0)); then status=PASS; elif ((rc == 124 || rc == 137)); then status=TIMEOUT; FAILED=1; else status=FAIL; FAILED=1; fi
+    SUMMARY+=("$(printf '%-11s %-7s %4ss  rc=%-3s %s' "$name" "$status" "$(($(date +%s) - t0))" "$rc" "$OUT_DIR/$name.log")")
+}
+
+if ! timeout 60 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu-engine-check: $PY's torch sees no CUDA device; nothing to check." | tee "$OUT_DIR/engine-summary.txt" >&2
+    exit 2
+fi
+
+run_step env 15 "$PY" -c 'import sys, torch, triton; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__); print(torch.cuda.get_device_name(0))'
+
+run_step pytest-gpu 65 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -q -rs -x \
+    --junitxml "$OUT_DIR/pytest-gpu-engine.xml" tests/engine/test_gpu_engine.py tests/engine/test_graph_plan.py
+
+# Small enough to finish in the budget: 12 timed steps a batch, 256-token contexts.
+BENCH=(--device cuda --json --steps 12 --context 256 --batches 1,64,16,256 --prefill-lens 8192,1024)
+run_step bench-1b 35 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" "$PY" -m bench.engine --model random:llama-1b \
+    "${BENCH[@]}" --out "$OUT_DIR/bench-llama-1b.json"
+run_step bench-8b 50 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" "$PY" -m bench.engine --model random:llama-8b \
+    "${BENCH[@]}" --out "$OUT_DIR/bench-llama-8b.json"
+
+{
+    echo "gpu-engine-check ($(date -u +%FT%TZ), $(($(date +%s) - START_S)) s)"
+    printf '%s\n' "${SUMMARY[@]}"
+    for f in "$OUT_DIR"/bench-llama-*.json; do
+        [[ -f $f ]] || continue
+        "$PY" - "$f" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"{r['model']}: copy {r['copy_gb_s']} GB/s, matmul {r['matmul_tflop_s']} TFLOP/s, warm-up {r['warmup_s']} s")
+for k, v in r.items():
+    if k.startswith(("decode_ms_", "decode_floor_", "graph_speedup", "prefill_tok_s", "prefill_share")):
+        print(f"  {k:32s} {v}")
+EOF
+    done
+} | tee "$OUT_DIR/engine-summary.txt"
+exit "$FAILED"
