@@ -126,6 +126,9 @@ class Router:
         self.m_tpot = r.histogram("pdbox_tpot_seconds", "Time per output token after the first", TOKEN_LATENCY)
         self.m_itl = r.histogram("pdbox_itl_seconds", "Inter-token latency", TOKEN_LATENCY)
         self.m_e2e = r.histogram("pdbox_e2e_seconds", "End-to-end request latency", LATENCY)
+        self.m_handoff_tail = r.histogram("pdbox_handoff_tail_seconds",
+                                          "Disagg: prefill's first token to decode's (the handoff not hidden "
+                                          "behind the prefill)", TOKEN_LATENCY)
         self.m_tokens = r.counter("pdbox_output_tokens_total", "Tokens streamed to clients")
         self.m_prompt = r.counter("pdbox_prompt_tokens_total", "Prompt tokens received")
         self.m_restarts = r.counter("pdbox_worker_restarts_total", "Times the launcher restarted a worker")
@@ -585,20 +588,23 @@ class Router:
                     await asyncio.wait({ptask, dtask}, return_when=asyncio.FIRST_COMPLETED)
             except TimeoutError:
                 raise WorkerFailed(late) from None
-            skip_first = False
+            skip_first, prefill_first_at = False, 0.0
             if not dtask.done():  # prefill answered first: the client gets the token now
                 first = ptask.result()  # raises WorkerFailed / ApiError when prefill failed
+                prefill_first_at = time.monotonic()
                 cached = int(first.get("cached_tokens", 0))
                 yield Event(kind="tokens", token_ids=first["token_ids"], logprobs=first.get("logprobs", []))
                 skip_first = True
+            else:  # decode's first token came before prefill's answer: no handoff time was left to wait
+                self.m_handoff_tail.observe(0.0)
             try:
                 async with asyncio.timeout_at(handoff_by):
                     ev = await dtask
             except TimeoutError:
                 raise WorkerFailed(late) from None
             while True:
-                if ev.kind == "first" and skip_first:
-                    pass  # the client already has it, from prefill
+                if ev.kind == "first" and skip_first:  # the client already has it, from prefill
+                    self.m_handoff_tail.observe(time.monotonic() - prefill_first_at)
                 elif ev.kind in ("first", "tokens"):
                     yield Event(kind="tokens", token_ids=ev.token_ids, logprobs=ev.logprobs)
                 elif ev.kind == "done":

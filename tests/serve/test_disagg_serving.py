@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 
 import openai
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from appliance.config import EngineConfig
 from appliance.engine.request import SamplingParams
 from appliance.llm import LLM
+from appliance.monitor.prom import Metrics
 from tests.serve.appliance_proc import assert_pools_idle, running_appliance
 
 pytestmark = pytest.mark.slow
@@ -60,6 +62,11 @@ def test_openai_client_paris_streaming_and_not(offline_answers) -> None:
         assert comp.choices[0].text
         assert chat_greedy(url) == offline_answers
         assert_pools_idle(url)
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+            served = Metrics.from_text(resp.read().decode())
+        tail = served.histogram("pdbox_handoff_tail_seconds", role="router")  # one per disaggregated request
+        assert tail.count == served.histogram("pdbox_ttft_seconds", role="router").count >= 4
+        assert 0 <= tail.total < 30 * tail.count
 
 
 @pytest.mark.parametrize("args", [["--mode", "unified"], ["--transport", "tcp"],
