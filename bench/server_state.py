@@ -9,24 +9,21 @@ vLLM, or the fixed modes) answer ``None``: the comparison never depends on it.
 from __future__ import annotations
 
 import asyncio
-import re
 from typing import Any
 
 import aiohttp
 
-_DECISION = re.compile(r'^pdbox_auto_decisions_total\{([^}]*)\} (\S+)$', re.MULTILINE)
-_LABEL = re.compile(r'(\w+)="([^"]*)"')
+from appliance.monitor.prom import Metrics
 
 
 def parse_decisions(metrics_text: str) -> dict[str, float]:
     """``{"<decision>:<reason>": count}`` from a Prometheus text page (router series only)."""
     out: dict[str, float] = {}
-    for labels, value in _DECISION.findall(metrics_text):
-        lab = dict(_LABEL.findall(labels))
-        if lab.get("role", "router") != "router":
+    for s in Metrics.from_text(metrics_text).series("pdbox_auto_decisions_total"):
+        if s.labels.get("role", "router") != "router":
             continue
-        key = f"{lab.get('decision', '?')}:{lab.get('reason', '?')}"
-        out[key] = out.get(key, 0.0) + float(value)
+        key = f"{s.labels.get('decision', '?')}:{s.labels.get('reason', '?')}"
+        out[key] = out.get(key, 0.0) + s.value
     return out
 
 
