@@ -85,8 +85,11 @@ class Engine:
         ids = [(7 * i + 3) % self.model_config.vocab_size for i in range(n)]
         req = self.add_request(ids, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
                                request_id=f"warm-up-{time.monotonic_ns()}")
+        rate, step_s = self.scheduler.prefill_rate, self.decode_step_s
         self.run_until_done([req])
         self.cache.reset()
+        # the warm-up's compiles must not bias the cost model nor the counters
+        self.scheduler.prefill_rate, self.decode_step_s = rate, step_s
         self.stats_prefill_tokens = self.stats_decode_tokens = 0
         self.warmup_s = time.perf_counter() - t0
         print(f"pdbox engine: warm-up {self.warmup_s:.1f} s (decode buckets {list(g.plan.buckets)}: "

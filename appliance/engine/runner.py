@@ -95,7 +95,8 @@ class ModelRunner:
             raise RuntimeError("no free KV page for the CUDA graphs' scratch slot")
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         plan = plan_graphs(max_running, max_model_len, self.cfg.page_size, self.model.shard.num_kv_heads, sms)
-        graphs = DecodeGraphs(self.model, self.pool.kv, plan, scratch[0])
+        # NOTE: warm-up positions stay inside the rotary table (max_model_len <= max_position)
+        graphs = DecodeGraphs(self.model, self.pool.kv, plan, scratch[0], warmup_context=min(1024, max_model_len))
         graphs.capture()
         self.decode_graphs = graphs
         return graphs
@@ -104,7 +105,8 @@ class ModelRunner:
              extra: bytes = b"") -> torch.Tensor:
         """Logits of one scheduled step: a captured graph for a decode batch that fits, else eager."""
         g = self.decode_graphs
-        if g is not None and sb.decode_only and layer_hook is None and not extra and g.fits(len(sb.requests)):
+        if (g is not None and sb.decode_only and layer_hook is None and not extra and g.fits(len(sb.requests))
+                and max(sb.prefix_lens) < g.plan.width * g.plan.page_size):
             return g.run(decode_rows(sb))
         return self.forward(self.build(sb), layer_hook, extra)
 

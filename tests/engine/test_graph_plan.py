@@ -3,6 +3,8 @@ buffer path's logits equal to the eager step's (graphs themselves need a GPU: te
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -65,9 +67,11 @@ def test_fill_meta_pads_rows_into_the_scratch_slot() -> None:
         fill_meta(buf, plan, 4, [DecodeRow(1, 12, [1, 2, 3, 4])], 40)
 
 
-def test_static_buffer_decode_equals_the_eager_step() -> None:
-    """DecodeGraphs without graphs (the same views a graph reads) on CPU with the torch references:
-    padded to a bucket, its logits are the eager build/forward's."""
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_static_buffer_decode_equals_the_eager_step(backend: str) -> None:
+    """DecodeGraphs without graphs (the same views a graph reads) on CPU, with the torch references and
+    the Triton kernels under the interpreter (the split count fixed per bucket): padded to a bucket,
+    its logits are the eager build/forward's."""
     from appliance.config import EngineConfig
     from appliance.engine.decode_graphs import DecodeGraphs
     from appliance.engine.engine import Engine
@@ -75,9 +79,9 @@ def test_static_buffer_decode_equals_the_eager_step() -> None:
     from appliance.engine.runner import decode_rows
 
     engine = Engine("random:tiny", EngineConfig(dtype="float32", page_size=4, num_pages=64,
-                                                 attention_backend="torch", max_running=8))
+                                                 attention_backend=backend, max_running=8))
     assert engine.runner.decode_graphs is None  # never on CPU
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [20, 21], [30, 31, 32, 33, 34]]
+    prompts = [[5 + i % 200 for i in range(70)], [20, 21], [30 + i for i in range(40)]]
     reqs = [engine.add_request(p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)) for p in prompts]
     while any(len(r.output_ids) < 2 for r in reqs):
         engine.step()
@@ -86,10 +90,24 @@ def test_static_buffer_decode_equals_the_eager_step() -> None:
     runner = engine.runner
     eager = runner.forward(runner.build(sb)).clone()
     scratch = engine.pool.alloc(1)[0]
-    plan = plan_graphs(8, engine.max_model_len, 4, engine.model_config.num_kv_heads, sms=1)
+    plan = plan_graphs(8, engine.max_model_len, 4, engine.model_config.num_kv_heads, sms=8)
+    plan = dataclasses.replace(plan, num_splits=(4, 4, 2, 2))  # > 1: the kernel merges splits (70 tokens)
     static = DecodeGraphs(runner.model, engine.pool.kv, plan, scratch, use_graphs=False, warmup_context=8)
     static.capture()  # warm-up only: writes just the scratch slot
+    seen: list = []
+    be = runner.model.backend
+    real_decode = be.decode
+
+    def spy(*args, **kwargs):
+        seen.append(getattr(be, "decode_splits", None))
+        return real_decode(*args, **kwargs)
+
+    be.decode = spy
     got = static.run(decode_rows(sb))
+    be.decode = real_decode
+    assert seen == [2 if backend == "triton" else None] * engine.model_config.num_layers  # bucket 4's count
+    if backend == "triton":
+        assert be.decode_splits is None  # restored after the step
     assert got.shape == eager.shape
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
     engine.shutdown()
