@@ -7,28 +7,31 @@ from typing import Any
 
 import torch
 
-from appliance.engine.request import Request
+from appliance.engine.device_sampler import DeviceSampler
+from appliance.engine.request import Request, SamplingParams
 
 
 class Sampler:
-    """Samples one token per row of ``logits``; greedy rows skip all randomness."""
+    """Samples one token per row of ``logits``; greedy rows skip all randomness.
+
+    CUDA logits are sampled where they are (:class:`~appliance.engine.device_sampler.DeviceSampler`:
+    only ids and requested logprobs reach the host); CPU logits here, on the host.
+    """
 
     def __init__(self, seed: int = 0) -> None:
         self.generator = torch.Generator().manual_seed(seed)
+        self.device_sampler = DeviceSampler(seed)
 
     def sample(self, logits: torch.Tensor, reqs: Sequence[Request]) -> tuple[list[int], list[dict[str, Any] | None]]:
+        if logits.is_cuda:
+            return self.device_sampler.sample(logits, reqs)
+        logits = logits.float().cpu()
         tokens: list[int] = [0] * len(reqs)
         greedy_rows = [i for i, r in enumerate(reqs) if r.params.greedy]
         if greedy_rows:
-            # NOTE: argmax where the logits are (the GPU): only the ids cross to the host, not the
-            # (rows, vocab) fp32 logits (131 MB a step at batch 256 of a 128K vocabulary).
-            rows = logits if len(greedy_rows) == len(reqs) else logits[greedy_rows]
-            picked = rows.float().argmax(dim=-1).tolist()
+            picked = logits[greedy_rows].argmax(dim=-1).tolist()
             for i, t in zip(greedy_rows, picked):
                 tokens[i] = int(t)
-        if all(r.params.greedy and r.params.logprobs is None for r in reqs):
-            return tokens, [None] * len(reqs)
-        logits = logits.float().cpu()
         for i, r in enumerate(reqs):
             if not r.params.greedy:
                 tokens[i] = self._sample_one(logits[i], r)
@@ -49,22 +52,28 @@ class Sampler:
 
     def _sample_one(self, row: torch.Tensor, req: Request) -> int:
         p = req.params
-        row = row / max(p.temperature, 1e-5)
-        if p.top_k > 0:
-            kth = row.topk(min(p.top_k, row.shape[-1])).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        if p.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            cum = sorted_p.cumsum(-1)
-            drop = cum - sorted_p > p.top_p  # keep the smallest prefix whose mass reaches top_p
-            sorted_p[drop] = 0.0
-            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
-        if p.min_p > 0.0:
-            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+        probs = filtered_row(row, p)
         gen = self.generator
         if p.seed is not None:
             # NOTE: one generator per (seed, position): a seeded request samples the same tokens
             # whichever engine computes which position (prefill samples the first, decode the rest).
             gen = torch.Generator().manual_seed((p.seed * 1_000_003 + len(req.output_ids)) % (1 << 62))
         return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def filtered_row(row: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """One row's probabilities after temperature, top-k, top-p and min-p (``p``: SamplingParams)."""
+    row = row / max(p.temperature, 1e-5)
+    if p.top_k > 0:
+        kth = row.topk(min(p.top_k, row.shape[-1])).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = torch.softmax(row, dim=-1)
+    if p.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        cum = sorted_p.cumsum(-1)
+        drop = cum - sorted_p > p.top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    return probs

@@ -1,0 +1,119 @@
+"""Sampling where the logits are (the GPU): one step's ids and logprobs cross to the host in ONE copy.
+
+Same semantics as the host :class:`~appliance.engine.sampler.Sampler` (greedy, temperature, top-k,
+top-p, min-p, logprobs of the raw logits), vectorized over the batch: the filters are masks over one
+sort, and a token is drawn by an exponential race (``argmax(probs / E)``, ``E ~ Exp(1)``), which picks
+token ``i`` with probability ``probs[i]``. A seeded request draws its ``E`` from its own generator keyed
+by (seed, position), so its tokens do not depend on its batch neighbours, nor on which engine samples
+which position; they are NOT the host sampler's tokens for the same seed (another draw). Works on any
+device (the CPU tests run it on CPU tensors); the engine uses it on CUDA only, so CPU answers are the
+host sampler's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from appliance.engine.request import Request
+
+SEED_MIX = 1_000_003  # the host sampler's (seed, position) key
+
+
+def seed_key(seed: int, position: int) -> int:
+    return (seed * SEED_MIX + position) % (1 << 62)
+
+
+def filtered_probs(logits: torch.Tensor, params: torch.Tensor, top_k: bool, top_p: bool, min_p: bool) -> torch.Tensor:
+    """Probabilities after temperature, top-k, top-p and min-p; ``params`` ``(B, 4)``: temperature,
+    top_k (<= 0: off), top_p, min_p per row. The flags say whether any row uses that filter (host
+    knowledge: no sync to find out)."""
+    temp, k, p, mp = (params[:, i] for i in range(4))
+    scaled = logits.float() / temp.clamp_min(1e-5)[:, None]
+    vocab = scaled.shape[-1]
+    sorted_vals = order = None
+    if top_k or top_p:
+        sorted_vals, order = scaled.sort(dim=-1, descending=True)
+    if top_k:
+        kk = torch.where(k > 0, k.clamp(max=vocab), torch.full_like(k, vocab)).long()
+        kth = sorted_vals.gather(1, (kk - 1)[:, None])
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        sorted_vals = sorted_vals.masked_fill(sorted_vals < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if top_p:
+        sorted_p = torch.softmax(sorted_vals, dim=-1)
+        cum = sorted_p.cumsum(-1)
+        # the smallest prefix reaching top_p; rows at 1.0 keep all (a cumsum may round past 1)
+        drop = (cum - sorted_p > p[:, None]) & (p < 1.0)[:, None]
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
+    if min_p:
+        probs = probs.masked_fill(probs < mp[:, None] * probs.amax(-1, keepdim=True), 0.0)
+    return probs
+
+
+class DeviceSampler:
+    """Samples one token per row of device ``logits``; unseeded rows share one device generator."""
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+    def sample(self, logits: torch.Tensor, reqs: Sequence[Request]) -> tuple[list[int], list[dict[str, Any] | None]]:
+        dev = logits.device
+        n = len(reqs)
+        if logits.shape[0] != n:
+            raise ValueError(f"{logits.shape[0]} rows of logits for {n} requests")
+        ps = [r.params for r in reqs]
+        ids = logits.argmax(dim=-1)
+        random_rows = [i for i, p in enumerate(ps) if not p.greedy]
+        if random_rows:
+            rows = torch.tensor(random_rows, device=dev) if len(random_rows) < n else None
+            sub = logits if rows is None else logits.index_select(0, rows)
+            host = torch.tensor([[ps[i].temperature, ps[i].top_k, ps[i].top_p, ps[i].min_p] for i in random_rows],
+                                dtype=torch.float32, pin_memory=dev.type == "cuda")
+            params = host.to(dev, non_blocking=True)
+            probs = filtered_probs(sub, params, any(ps[i].top_k > 0 for i in random_rows),
+                                   any(ps[i].top_p < 1.0 for i in random_rows),
+                                   any(ps[i].min_p > 0.0 for i in random_rows))
+            race = torch.empty_like(probs).exponential_(generator=self._generator(dev))
+            for j, i in enumerate(random_rows):
+                if ps[i].seed is not None:
+                    g = torch.Generator(device=dev).manual_seed(seed_key(ps[i].seed, len(reqs[i].output_ids)))
+                    race[j].exponential_(generator=g)
+            drawn = (probs / race.clamp_min(1e-30)).argmax(dim=-1)
+            if rows is None:
+                ids = drawn
+            else:
+                ids = ids.index_copy(0, rows, drawn)
+        want = [i for i, p in enumerate(ps) if p.logprobs is not None]
+        parts = [ids.double()]
+        top_k = max((ps[i].logprobs or 0 for i in want), default=0)
+        if want:
+            w = torch.tensor(want, device=dev) if len(want) < n else None
+            lp = torch.log_softmax((logits if w is None else logits.index_select(0, w)).float(), dim=-1)
+            chosen = lp.gather(1, (ids if w is None else ids.index_select(0, w))[:, None])[:, 0]
+            parts.append(chosen.double())
+            if top_k:
+                top = lp.topk(top_k, dim=-1)
+                parts += [top.values.flatten().double(), top.indices.flatten().double()]
+        flat = torch.cat(parts).cpu().tolist()  # the step's one device-to-host copy
+        tokens = [int(t) for t in flat[:n]]
+        logprobs: list[dict[str, Any] | None] = [None] * n
+        m = len(want)
+        vals, idx = flat[n + m:n + m + m * top_k], flat[n + m + m * top_k:]
+        for j, i in enumerate(want):
+            k = ps[i].logprobs or 0
+            logprobs[i] = {
+                "token_id": tokens[i],
+                "logprob": flat[n + j],
+                "top": [(int(idx[j * top_k + c]), vals[j * top_k + c]) for c in range(k)],
+            }
+        return tokens, logprobs
