@@ -1,13 +1,16 @@
 """The `slurm_cluster` fixture: a real Slurm for tests marked `slurm`.
 
-With CI=true or PDBOX_SLURM=1 the session brings up slurm/local-cluster.sh (root; installs its Debian
-packages when missing) and always takes it down at the end, failed tests and SIGTERM included.
-Otherwise it uses a Slurm that already answers `scontrol ping`, or skips the test.
+The session uses a Slurm that already answers `scontrol ping`; else it brings up
+slurm/local-cluster.sh wherever it can (root, and apt-get to install the Debian packages when they are
+missing) and always takes it down at the end, failed tests and SIGTERM included. CI=true or
+PDBOX_SLURM=1 bring up its own cluster even when one answers; PDBOX_SLURM=0 skips the tier. Where it
+cannot start one, each test is skipped with the reason.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,8 +25,19 @@ SCRIPT = REPO / "slurm" / "local-cluster.sh"
 STANDIN = Path(__file__).resolve().parent / "standin_worker.py"
 
 
-def _wanted() -> bool:
+def _forced() -> bool:
     return os.environ.get("CI", "").lower() == "true" or os.environ.get("PDBOX_SLURM") == "1"
+
+
+def _why_not_start() -> str | None:
+    """None when this machine can bring up local-cluster.sh, else why not."""
+    if os.environ.get("PDBOX_SLURM") == "0":
+        return "PDBOX_SLURM=0 turns the Slurm tier off"
+    if os.geteuid() != 0:
+        return "slurm/local-cluster.sh needs root (or run a Slurm that answers `scontrol ping`)"
+    if not shutil.which("slurmctld") and not shutil.which("apt-get"):
+        return "Slurm is not installed and there is no apt-get to install it"
+    return None
 
 
 def _ping() -> bool:
@@ -41,14 +55,12 @@ def _cluster(action: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
 def slurm_cluster() -> Iterator[dict[str, float]]:
     """A running Slurm with nodes n1 and n2, partitions debug (default) and urgent (preempts debug).
     Yields timings: {"up_s": seconds the bring-up took (0 for a cluster that was already there)}."""
-    if not _wanted():
-        if not _ping():
-            pytest.skip("no Slurm controller answers `scontrol ping`; set PDBOX_SLURM=1 (or CI=true) to start "
-                        "slurm/local-cluster.sh (needs root and apt)")
+    if not _forced() and _ping():
         yield {"up_s": 0.0}
         return
-    if os.geteuid() != 0:
-        pytest.skip("slurm/local-cluster.sh needs root")
+    why = _why_not_start()
+    if why:
+        pytest.skip(f"no Slurm controller answers `scontrol ping`, and none can start here: {why}")
     # pytest tears fixtures down on KeyboardInterrupt, not on SIGTERM (a CI runner's timeout): convert.
     previous = signal.getsignal(signal.SIGTERM)
 
