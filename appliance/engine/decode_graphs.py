@@ -35,6 +35,7 @@ class DecodeGraphs:
         self.host = torch.zeros(plan.buffer_len, dtype=torch.int64, pin_memory=dev.type == "cuda")
         self.flat = torch.zeros(plan.buffer_len, dtype=torch.int64, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._captured: dict[int, ForwardBatch] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.warmup_context = max(1, min(warmup_context, plan.width * plan.page_size))
         self.warmup_s = 0.0
@@ -63,11 +64,11 @@ class DecodeGraphs:
         finally:
             be.decode_splits = before
 
-    def _forward(self, b: int) -> torch.Tensor:
-        # NOTE: a fresh ForwardBatch of the same views each time: the torch backend caches its decode
-        # plan by tensor identity, which must not survive new contents (a graph bakes its own anyway).
+    def _forward(self, b: int, batch: ForwardBatch | None = None) -> torch.Tensor:
+        # NOTE: eagerly, a fresh ForwardBatch of the same views each time: the torch backend caches its
+        # decode plan by tensor identity, which must not survive new contents.
         with self._splits(b):
-            return self.model.logits(self.model.forward(self._batch(b), self.kv))
+            return self.model.logits(self.model.forward(batch or self._batch(b), self.kv))
 
     def _fill_warmup(self, b: int) -> None:
         """Every row reads ``warmup_context`` tokens of the scratch page, over and over (realistic
@@ -98,10 +99,12 @@ class DecodeGraphs:
         for b in reversed(self.plan.buckets):  # largest first: the others reuse its pool
             self._fill_warmup(b)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._forward(b)
+            batch = self._batch(b)  # made outside the capture and kept: the graph reads its tensors
+            # NOTE: thread_local: another thread's CUDA calls (a transport's) must not break the capture
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
+                out = self._forward(b, batch)
             pool = graph.pool()
-            self.graphs[b], self.outputs[b] = graph, out
+            self.graphs[b], self.outputs[b], self._captured[b] = graph, out, batch
         torch.cuda.synchronize(self.flat.device)
         self.capture_s = time.perf_counter() - t1
 

@@ -109,3 +109,24 @@ def test_batch_beyond_the_ladder_runs_eagerly() -> None:
     eager = _engine(graphs=False)
     assert got == _greedy(eager, 8)
     eager.shutdown()
+
+
+def test_device_sampler_on_cuda_logits() -> None:
+    """CUDA logits: draws follow the probabilities, logprobs equal the host sampler's on the same logits."""
+    from appliance.engine.device_sampler import DeviceSampler
+    from appliance.engine.request import Request, SamplingParams
+    from appliance.engine.sampler import Sampler
+
+    logits = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4], device="cuda")).expand(4000, 4).contiguous()
+    reqs = [Request(prompt_ids=[1], params=SamplingParams(temperature=1.0)) for _ in range(4000)]
+    tokens, _ = Sampler(seed=5).sample(logits, reqs)
+    freq = torch.bincount(torch.tensor(tokens), minlength=4).float() / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.03, rtol=0)
+    rnd = torch.randn(3, 1000, device="cuda")
+    lp_reqs = [Request(prompt_ids=[1], params=SamplingParams(temperature=0, logprobs=k)) for k in (0, 2, 5)]
+    got_t, got_lp = DeviceSampler().sample(rnd, lp_reqs)
+    want_t, want_lp = Sampler().sample(rnd.cpu(), lp_reqs)
+    assert got_t == want_t
+    for g, w in zip(got_lp, want_lp):
+        assert [t for t, _ in g["top"]] == [t for t, _ in w["top"]]
+        assert abs(g["logprob"] - w["logprob"]) < 1e-4
