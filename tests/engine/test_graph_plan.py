@@ -111,3 +111,47 @@ def test_static_buffer_decode_equals_the_eager_step(backend: str) -> None:
     assert got.shape == eager.shape
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
     engine.shutdown()
+
+
+def test_engine_with_static_decode_path_answers_like_without(monkeypatch) -> None:
+    """The whole CUDA start-up and step path on CPU, graphs replaced by their eager static-buffer run:
+    warm-up (scratch page, capture plan, throw-away prefill), then greedy tokens equal a plain engine's."""
+    import functools
+    import types
+
+    from appliance.config import EngineConfig
+    from appliance.engine import runner as runner_mod
+    from appliance.engine.decode_graphs import DecodeGraphs
+    from appliance.engine.engine import Engine
+    from appliance.engine.request import SamplingParams
+
+    def greedy(engine: Engine) -> list[list[int]]:
+        prompts = [[5 + (i * 7 + j) % 200 for j in range(3 + 9 * i)] for i in range(5)]
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        reqs = [engine.add_request(p, params) for p in prompts]
+        engine.run_until_done(reqs)
+        return [r.output_ids for r in reqs]
+
+    cfg = EngineConfig(dtype="float32", page_size=4, num_pages=96, attention_backend="torch", max_running=4,
+                       max_prefill_tokens=16)
+    plain = Engine("random:tiny", cfg)
+    want = greedy(plain)
+    plain.shutdown()
+
+    monkeypatch.setattr(runner_mod.ModelRunner, "wants_decode_graphs", lambda self: True)
+    monkeypatch.setattr(runner_mod, "DecodeGraphs", functools.partial(DecodeGraphs, use_graphs=False))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev: types.SimpleNamespace(multi_processor_count=4))
+    engine = Engine("random:tiny", cfg)
+    g = engine.runner.decode_graphs
+    assert g is not None and g.plan.buckets == (1, 2, 4)
+    assert engine.max_model_len == 95 * 4 - 1  # one page kept as the scratch page
+    assert engine.pool.num_free == 95 and engine.stats_prefill_tokens == 0 and engine.warmup_s > 0
+    calls = []
+    real_run = g.run
+    monkeypatch.setattr(g, "run", lambda rows: calls.append(len(rows)) or real_run(rows))
+    assert greedy(engine) == want
+    assert calls and max(calls) <= 4  # decode steps went through the static path
+    engine.cache.reset()
+    assert engine.pool.num_free == 95  # the prefix cache gave its pages back; the scratch page stays
+    engine.shutdown()
