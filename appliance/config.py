@@ -6,14 +6,55 @@ can act on; nothing here is an ``assert``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """How the rotary frequencies are scaled: a checkpoint's ``rope_parameters`` / ``rope_scaling``.
+
+    The formulas are in ``kernels.rope_scaling``. ``original_max_position`` is the context the model was
+    pre-trained on (llama3, yarn: ``original_max_position_embeddings``; dynamic: ``max_position_embeddings``,
+    as transformers reads them).
+    """
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    original_max_position: int = 0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"unsupported rope type {self.rope_type!r}: pdbox supports {', '.join(ROPE_TYPES)}")
+        if not (math.isfinite(self.factor) and self.factor > 0):
+            raise ValueError(f"rope type {self.rope_type!r}: factor must be a number > 0, got {self.factor!r}")
+        if self.rope_type in ("dynamic", "yarn", "llama3") and self.original_max_position < 1:
+            raise ValueError(f"rope type {self.rope_type!r} needs the pre-trained context length "
+                             f"(original_max_position >= 1), got {self.original_max_position}")
+        if self.rope_type == "llama3" and self.high_freq_factor == self.low_freq_factor:
+            raise ValueError("rope type 'llama3': high_freq_factor must differ from low_freq_factor, "
+                             f"both are {self.low_freq_factor}")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture of a Llama-family decoder."""
+    """Architecture of a Llama-family decoder.
+
+    ``rope_scaling`` is the rope type and its fields (``kernels.rope_scaling``); ``max_position`` is the
+    context the engine serves (for dynamic and yarn scaling, the extended one). ``qk_norm``: RMSNorm over
+    each head of q and k before rotary (Qwen3).
+    """
 
     arch: str
     num_layers: int
@@ -28,8 +69,17 @@ class ModelConfig:
     max_position: int = 2048
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    o_bias: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    rope_scaling: RopeScaling = RopeScaling()
+    qk_norm: bool = False
+    # mixture of experts (Qwen3-MoE): the layers in moe_layers route each token to experts_per_token experts
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.arch not in SUPPORTED_ARCHS:
@@ -40,6 +90,10 @@ class ModelConfig:
                      "head_dim", "vocab_size", "max_position"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model config {name} must be >= 1, got {getattr(self, name)}")
+        moe_ok = 1 <= self.experts_per_token <= self.num_experts and self.moe_intermediate_size >= 1
+        if self.moe_layers and not moe_ok:
+            raise ValueError(f"mixture of experts needs 1 <= experts_per_token ({self.experts_per_token}) <= "
+                             f"num_experts ({self.num_experts}) and moe_intermediate_size >= 1")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"

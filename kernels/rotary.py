@@ -15,13 +15,20 @@ from kernels._triton import (
     next_pow2,
     tl,
 )
+from kernels.rope_scaling import RopeParams, cos_sin_scale, rotary_angles
 
 
-def rotary_cos_sin_cache(head_dim: int, max_position: int, theta: float) -> torch.Tensor:
-    """``(max_position, head_dim)`` fp32: cos in the first half of the last dim, sin in the second."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    freqs = torch.outer(torch.arange(max_position, dtype=torch.float64), inv_freq)
-    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()
+def rotary_cos_sin_cache(head_dim: int, max_position: int, theta: float,
+                         scaling: RopeParams | None = None) -> torch.Tensor:
+    """``(max_position, head_dim)`` fp32: cos in the first half of the last dim, sin in the second.
+
+    ``scaling`` (default: none) picks the rope type (``kernels.rope_scaling``); yarn's attention factor
+    is folded into cos and sin here, so the kernels stay the same for every type.
+    """
+    freqs = rotary_angles(head_dim, max_position, theta, scaling)
+    cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1)
+    scale = cos_sin_scale(scaling)
+    return (cache * scale if scale != 1.0 else cache).float()
 
 
 def rotary_ref(

@@ -144,4 +144,5 @@ def load_gguf(path: str | Path) -> Checkpoint:
         pre_tokenizer=str(_field(reader, "tokenizer.ggml.pre", "default")),
         chat_template=_field(reader, "tokenizer.chat_template"),
         name=str(_field(reader, "general.name", path.stem)),
+        bos_token=vocab[int(bos)] if bos is not None and int(bos) < len(vocab) else "",
     )

@@ -1,4 +1,4 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2) over a paged KV cache, tensor-parallel aware.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) over a paged KV cache, tensor-parallel aware.
 
 Plain tensors, not ``nn.Module``s: each layer keeps its fused weights (QKV, gate/up) in the engine
 dtype, and the forward pass is a short list of kernel calls through the attention backend.
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from appliance.config import ModelConfig, RankInfo
 from appliance.engine.attention import AttentionBackend
 from appliance.engine.forward_batch import ForwardBatch
+from appliance.model.moe import MoEWeights, moe_forward
 from kernels.rotary import rotary_cos_sin_cache
 
 AllReduce = Callable[[torch.Tensor], None]
@@ -45,6 +46,12 @@ class Shard:
         ffn = (r * cfg.intermediate_size // t, (r + 1) * cfg.intermediate_size // t)
         return cls(q, kv, ffn)
 
+    @staticmethod
+    def moe_slice(cfg: ModelConfig, rank: RankInfo) -> tuple[int, int]:
+        """The slice of every expert's intermediate dim this rank owns."""
+        t, r, n = rank.world_size, rank.rank, cfg.moe_intermediate_size
+        return r * n // t, (r + 1) * n // t
+
     @property
     def num_q_heads(self) -> int:
         return self.q_heads[1] - self.q_heads[0]
@@ -65,6 +72,10 @@ class LayerWeights:
     post_norm: torch.Tensor
     gate_up: Any
     down: Any
+    moe: MoEWeights | None = None  # a mixture-of-experts layer: gate_up and down are None
+    q_norm: torch.Tensor | None = None  # per-head RMSNorm weights (Qwen3), (head_dim,)
+    k_norm: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None  # added once, on rank 0 (o_proj is split by rows across ranks)
 
 
 class LlamaModel:
@@ -115,21 +126,40 @@ class LlamaModel:
                     w(p + "self_attn.k_proj.bias")[k0 * D : k1 * D],
                     w(p + "self_attn.v_proj.bias")[k0 * D : k1 * D],
                 ]))
+            qk_norm = {}
+            if cfg.qk_norm:
+                qk_norm = {"q_norm": cast(w(p + "self_attn.q_norm.weight"), torch.float32),
+                           "k_norm": cast(w(p + "self_attn.k_norm.weight"), torch.float32)}
+            o_bias = cast(w(p + "self_attn.o_proj.bias")) if cfg.o_bias and self.rank.rank == 0 else None
+            moe = None
+            if i in cfg.moe_layers:  # each expert's intermediate dim split across ranks like the dense FFN
+                m0, m1 = self.shard.moe_slice(cfg, self.rank)
+                ex = p + "mlp.experts."
+                moe = MoEWeights(
+                    router=cast(w(p + "mlp.gate.weight"), torch.float32),
+                    gate_up=[linear(torch.cat([w(f"{ex}{e}.gate_proj.weight")[m0:m1],
+                                               w(f"{ex}{e}.up_proj.weight")[m0:m1]])) for e in range(cfg.num_experts)],
+                    down=[linear(w(f"{ex}{e}.down_proj.weight")[:, m0:m1]) for e in range(cfg.num_experts)],
+                    top_k=cfg.experts_per_token, norm_topk_prob=cfg.norm_topk_prob,
+                )
             self.layers.append(LayerWeights(
                 input_norm=cast(w(p + "input_layernorm.weight"), torch.float32),
                 qkv=linear(torch.cat([q, k, v])),
                 qkv_bias=bias,
                 o_proj=linear(w(p + "self_attn.o_proj.weight")[:, q0 * D : q1 * D]),
                 post_norm=cast(w(p + "post_attention_layernorm.weight"), torch.float32),
-                gate_up=linear(torch.cat([w(p + "mlp.gate_proj.weight")[f0:f1],
-                                          w(p + "mlp.up_proj.weight")[f0:f1]])),
-                down=linear(w(p + "mlp.down_proj.weight")[:, f0:f1]),
+                gate_up=None if moe else linear(torch.cat([w(p + "mlp.gate_proj.weight")[f0:f1],
+                                                           w(p + "mlp.up_proj.weight")[f0:f1]])),
+                down=None if moe else linear(w(p + "mlp.down_proj.weight")[:, f0:f1]),
+                moe=moe,
+                o_bias=o_bias,
+                **qk_norm,
             ))
         self.embed = cast(w("model.embed_tokens.weight"))
         self.norm = cast(w("model.norm.weight"), torch.float32)
         head = weights.get("lm_head.weight")
         self.lm_head = linear(self.embed if cfg.tie_embeddings or head is None else head)
-        self.cos_sin = rotary_cos_sin_cache(D, cfg.max_position, cfg.rope_theta).to(device)
+        self.cos_sin = rotary_cos_sin_cache(D, cfg.max_position, cfg.rope_theta, cfg.rope_scaling).to(device)
         self.q_size = self.shard.num_q_heads * D
         self.kv_size = self.shard.num_kv_heads * D
 
@@ -155,7 +185,10 @@ class LlamaModel:
                 h, residual = be.fused_add_rmsnorm(x, residual, lw.input_norm, cfg.rms_eps)
             qkv = be.linear(h, lw.qkv, lw.qkv_bias)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q, k = be.rotary(q.view(T, -1, D), k.view(T, -1, D), batch.positions, self.cos_sin)
+            q, k = q.view(T, -1, D), k.view(T, -1, D)
+            if lw.q_norm is not None and lw.k_norm is not None:
+                q, k = be.rmsnorm(q, lw.q_norm, cfg.rms_eps), be.rmsnorm(k, lw.k_norm, cfg.rms_eps)
+            q, k = be.rotary(q, k, batch.positions, self.cos_sin)
             k_cache, v_cache = kv[0, i], kv[1, i]
             be.store_kv(k_cache, v_cache, k, v.view(T, -1, D), batch.slot_mapping)
             if layer_hook is not None:
@@ -165,11 +198,14 @@ class LlamaModel:
             else:
                 o = be.extend(q, k_cache, v_cache, batch.page_table, batch.prefix_lens,
                               batch.extend_lens, self.scale)
-            x = be.linear(o.reshape(T, -1), lw.o_proj)
+            x = be.linear(o.reshape(T, -1), lw.o_proj, lw.o_bias)
             if self.all_reduce is not None:
                 self.all_reduce(x)
             h, residual = be.fused_add_rmsnorm(x, residual, lw.post_norm, cfg.rms_eps)
-            x = be.linear(be.silu_and_mul(be.linear(h, lw.gate_up)), lw.down)
+            if lw.moe is not None:
+                x = moe_forward(be, h, lw.moe)
+            else:
+                x = be.linear(be.silu_and_mul(be.linear(h, lw.gate_up)), lw.down)
             if self.all_reduce is not None:
                 self.all_reduce(x)
         if residual is None:

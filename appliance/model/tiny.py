@@ -18,23 +18,34 @@ CHATML = (
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
+def write_byte_tokenizer(folder: str | Path, chat_template: str = CHATML,
+                         specials: list[str] | None = None) -> int:
+    """Write tokenizer.json (byte-level BPE over the 256 byte symbols after ``specials``) and
+    tokenizer_config.json with ``chat_template``; return the vocabulary size."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    specials = SPECIALS if specials is None else specials
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(specials + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat_template}))
+    return len(vocab)
+
+
 def write_tiny_model(folder: str | Path, *, seed: int = 0, layers: int = 2, hidden: int = 64, heads: int = 4,
                      kv_heads: int = 2, intermediate: int = 128, arch: str = "LlamaForCausalLM",
                      tie_embeddings: bool = False, max_position: int = 512) -> Path:
     """Write the folder and return its path. ``arch="Qwen2ForCausalLM"`` adds q/k/v biases."""
     from safetensors.torch import save_file
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {t: i for i, t in enumerate(SPECIALS + alphabet)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIALS])
-    tok.save(str(folder / "tokenizer.json"))
-    vocab_size = len(vocab)
+    vocab_size = write_byte_tokenizer(folder)
     head_dim = hidden // heads
     config = {
         "architectures": [arch], "hidden_size": hidden, "intermediate_size": intermediate,
@@ -44,7 +55,6 @@ def write_tiny_model(folder: str | Path, *, seed: int = 0, layers: int = 2, hidd
         "bos_token_id": 1, "eos_token_id": 2,
     }
     (folder / "config.json").write_text(json.dumps(config, indent=1))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape: int, scale: float = 0.08) -> torch.Tensor:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from appliance.model.chat_template import ChatTemplate
 from appliance.model.errors import ModelLoadError
 from appliance.model.weights import Checkpoint
 
@@ -18,11 +19,16 @@ _FALLBACK_TEMPLATE = (
 class Tokenizer:
     """Encode/decode text and render chat prompts for one model."""
 
-    def __init__(self, backend: Any, chat_template: str | None, eos_token_ids: Sequence[int] = ()):
+    def __init__(self, backend: Any, chat_template: str | None, eos_token_ids: Sequence[int] = (),
+                 bos_token: str = "", eos_token: str | None = None):
+        """``bos_token`` / ``eos_token``: the strings the chat template may print (tokenizer_config.json's);
+        ``eos_token=None`` takes the first end-of-sequence id's token."""
         self._tok = backend
         self.chat_template = chat_template or _FALLBACK_TEMPLATE
         self.eos_token_ids = tuple(eos_token_ids)
-        self._template: Any = None
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self._template: ChatTemplate | None = None
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -33,7 +39,7 @@ class Tokenizer:
             backend = HFTokenizer.from_str(ckpt.tokenizer_json)
         else:
             backend = _bpe_from_pieces(ckpt.vocab, ckpt.merges, ckpt.special_tokens, ckpt.pre_tokenizer)
-        return cls(backend, ckpt.chat_template, ckpt.config.eos_token_ids)
+        return cls(backend, ckpt.chat_template, ckpt.config.eos_token_ids, ckpt.bos_token, ckpt.eos_token)
 
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
@@ -58,7 +64,9 @@ class Tokenizer:
             str(get("tokenizer.ggml.pre", "default")),
         )
         eos = get("tokenizer.ggml.eos_token_id")
-        return cls(backend, get("tokenizer.chat_template"), () if eos is None else (int(eos),))
+        bos = get("tokenizer.ggml.bos_token_id")
+        bos_token = vocab[int(bos)] if bos is not None and int(bos) < len(vocab) else ""
+        return cls(backend, get("tokenizer.chat_template"), () if eos is None else (int(eos),), bos_token)
 
     # -- use ----------------------------------------------------------------------------------
     @property
@@ -77,26 +85,20 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self._tok.id_to_token(token_id)
 
-    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render ``messages`` with the model's chat template."""
+    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: Sequence[dict[str, Any]] | None = None, **extra: Any) -> str:
+        """Render ``messages`` (and ``tools``, and any extra template variables) with the model's chat
+        template, as transformers' ``apply_chat_template`` does."""
         if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
+            eos = self.eos_token
+            if eos is None:
+                eos = (self.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else "") or ""
+            self._template = ChatTemplate(self.chat_template, self.bos_token, eos)
+        return self._template.render(messages, add_generation_prompt, tools, **extra)
 
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-            def raise_exception(msg: str) -> None:
-                raise ValueError(f"chat template error: {msg}")
-
-            env.globals["raise_exception"] = raise_exception
-            self._template = env.from_string(self.chat_template)
-        eos = self.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else ""
-        return str(self._template.render(
-            messages=list(messages), add_generation_prompt=add_generation_prompt,
-            bos_token="", eos_token=eos or "",
-        ))
-
-    def encode_chat(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        return self.encode(self.render_chat(messages))
+    def encode_chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
+                    **extra: Any) -> list[int]:
+        return self.encode(self.render_chat(messages, True, tools, **extra))
 
 
 def _bpe_from_pieces(vocab: list[str], merges: list[str], special: list[str], pre: str) -> Any:

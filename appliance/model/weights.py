@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from appliance.config import ModelConfig
+from appliance.model.generation import GenerationDefaults
 
 
 @dataclass
@@ -26,3 +27,6 @@ class Checkpoint:
     pre_tokenizer: str = "default"
     chat_template: str | None = None
     name: str = "model"
+    bos_token: str = ""  # the strings the chat template prints (tokenizer_config.json's)
+    eos_token: str | None = None  # None: the first end-of-sequence id's token
+    generation: GenerationDefaults = field(default_factory=GenerationDefaults)

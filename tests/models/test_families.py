@@ -1,0 +1,92 @@
+"""Qwen2 (qkv bias), Qwen3 (per-head q/k RMSNorm, head_dim != hidden / heads), Qwen3-MoE (top-k experts),
+Mistral (sliding window in the config) and Llama with attention biases, against transformers through
+pdbox's paged engine."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+from appliance.model.loader import load_checkpoint
+from tests.models.compare import compare
+from tests.models.hf_tiny import save_tiny
+
+VOCAB = 259
+COMMON = dict(vocab_size=VOCAB, num_hidden_layers=2, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2)
+
+
+def qwen2():
+    return Qwen2ForCausalLM, Qwen2Config(hidden_size=64, intermediate_size=96, num_attention_heads=8,
+                                         num_key_value_heads=2, tie_word_embeddings=True,
+                                         rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **COMMON)
+
+
+def qwen3():
+    return Qwen3ForCausalLM, Qwen3Config(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
+                                         rope_parameters={"rope_type": "default", "rope_theta": 1e6}, **COMMON)
+
+
+def mistral():
+    return MistralForCausalLM, MistralConfig(hidden_size=64, intermediate_size=96, num_attention_heads=8,
+                                             num_key_value_heads=2, sliding_window=96, max_position_embeddings=256,
+                                             **COMMON)
+
+
+def llama_biased():
+    return LlamaForCausalLM, LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                         num_key_value_heads=1, attention_bias=True, **COMMON)
+
+
+def qwen3_moe():  # layer 0 sparse (8 experts, top 2, renormalized), layer 1 dense; head_dim != 64 / 4
+    return Qwen3MoeForCausalLM, Qwen3MoeConfig(hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                                               num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                                               num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                                               mlp_only_layers=[1], **COMMON)
+
+
+FAMILIES = {"qwen2": qwen2, "qwen3": qwen3, "mistral": mistral, "llama-attention-bias": llama_biased,
+            "qwen3-moe": qwen3_moe}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_matches_transformers(tmp_path, family) -> None:
+    model_cls, config = FAMILIES[family]()
+    folder, model = save_tiny(tmp_path / family, model_cls, config)
+    worst = compare(folder, model, VOCAB)
+    print(f"{family}: max relative logit difference {worst:.2e}")
+
+
+def test_family_quirks_in_the_loaded_config(tmp_path) -> None:
+    folder, _ = save_tiny(tmp_path / "q3", *qwen3())
+    c = load_checkpoint(str(folder)).config
+    assert (c.arch, c.head_dim, c.qk_norm, c.qkv_bias, c.rope_theta) == ("qwen3", 32, True, False, 1e6)
+    folder, _ = save_tiny(tmp_path / "m", *mistral())
+    assert load_checkpoint(str(folder)).config.max_position == 96  # context bounded by the window
+    folder, _ = save_tiny(tmp_path / "q2", *qwen2())
+    c = load_checkpoint(str(folder)).config
+    assert c.qkv_bias and not c.o_bias and c.tie_embeddings
+    folder, _ = save_tiny(tmp_path / "moe", *qwen3_moe())
+    c = load_checkpoint(str(folder)).config
+    moe = (c.arch, c.num_experts, c.experts_per_token, c.moe_layers, c.norm_topk_prob)
+    assert moe == ("qwen3_moe", 8, 2, (0,), True)
+
+
+@pytest.mark.slow  # spawns a second rank (a fresh Python with torch): ~15-20 s here
+def test_tensor_parallel_matches_transformers(tmp_path) -> None:
+    """TP=2 on Qwen3-MoE: each rank its KV head (one of two), its q/k-normed query heads (head_dim 32 while
+    hidden / heads is 16), its slice of every expert and of the dense FFN."""
+    folder, model = save_tiny(tmp_path / "qwen3-moe", *qwen3_moe())
+    worst = compare(folder, model, VOCAB, tp_size=2)
+    print(f"qwen3-moe tp=2: max relative logit difference {worst:.2e}")
