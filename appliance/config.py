@@ -140,6 +140,7 @@ class EngineConfig:
     seed: int = 0
     prefill_order: str = "fifo"
     cuda_graphs: bool = True  # decode under CUDA graphs; used only on CUDA (triton backend, tp 1)
+    cuda_graph_batches: tuple[int, ...] = ()  # the captured batch sizes; () = 1, 2, 4 ... 256 (graph_plan)
 
     def __post_init__(self) -> None:
         if self.dtype == "auto":
@@ -166,6 +167,8 @@ class EngineConfig:
             raise ValueError(f"prefill_order must be fifo or slack, got {self.prefill_order!r}")
         if self.tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
+        if any(not isinstance(b, int) or b < 1 for b in self.cuda_graph_batches):
+            raise ValueError(f"cuda_graph_batches must be integers >= 1, got {self.cuda_graph_batches!r}")
 
     @property
     def cache_dtype(self) -> str:

@@ -11,7 +11,7 @@ from appliance.engine import tp
 from appliance.engine.attention import create_backend
 from appliance.engine.decode_graphs import DecodeGraphs
 from appliance.engine.forward_batch import ForwardBatch
-from appliance.engine.graph_plan import DecodeRow, plan_graphs
+from appliance.engine.graph_plan import LADDER, DecodeRow, plan_graphs
 from appliance.engine.kv_cache import PagePool
 from appliance.engine.rank_device import bind_device
 from appliance.engine.scheduler import ScheduledBatch
@@ -94,7 +94,8 @@ class ModelRunner:
         if scratch is None:
             raise RuntimeError("no free KV page for the CUDA graphs' scratch slot")
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        plan = plan_graphs(max_running, max_model_len, self.cfg.page_size, self.model.shard.num_kv_heads, sms)
+        plan = plan_graphs(max_running, max_model_len, self.cfg.page_size, self.model.shard.num_kv_heads, sms,
+                           ladder=tuple(sorted(set(self.cfg.cuda_graph_batches))) or LADDER)
         # NOTE: warm-up positions stay inside the rotary table (max_model_len <= max_position)
         graphs = DecodeGraphs(self.model, self.pool.kv, plan, scratch[0], warmup_context=min(1024, max_model_len))
         graphs.capture()

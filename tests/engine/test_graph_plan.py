@@ -20,6 +20,15 @@ def test_ladder_stops_at_max_running() -> None:
         bucket_ladder(0)
 
 
+def test_configured_ladder() -> None:
+    from appliance.config import EngineConfig
+
+    assert bucket_ladder(256, (1, 16, 64, 256)) == (1, 16, 64, 256)
+    assert bucket_ladder(48, (1, 16, 64, 256)) == (1, 16, 48)
+    with pytest.raises(ValueError, match="cuda_graph_batches"):
+        EngineConfig(cuda_graph_batches=(0, 4))
+
+
 def test_bucket_for_pads_up_and_falls_back_beyond() -> None:
     plan = plan_graphs(max_running=48, max_model_len=1000, page_size=16, kv_heads=8, sms=132)
     assert [plan.bucket_for(n) for n in (1, 3, 5, 17, 33, 48)] == [1, 4, 8, 32, 48, 48]
