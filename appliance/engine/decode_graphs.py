@@ -108,6 +108,15 @@ class DecodeGraphs:
         torch.cuda.synchronize(self.flat.device)
         self.capture_s = time.perf_counter() - t1
 
+    def drop_graphs(self) -> None:
+        """Run every bucket eagerly on the static buffers from now on (after a failed capture)."""
+        self.use_graphs = False
+        self.graphs.clear()
+        self.outputs.clear()
+        self._captured.clear()
+        if self.flat.is_cuda:
+            torch.cuda.synchronize(self.flat.device)
+
     def fits(self, n: int) -> bool:
         return self.plan.bucket_for(n) is not None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import torch
@@ -85,8 +86,10 @@ class ModelRunner:
     # -- CUDA-graph decode ----------------------------------------------------------------------
     def wants_decode_graphs(self) -> bool:
         """Graphs on CUDA with the Triton kernels on one rank, unless ``cfg.cuda_graphs`` is off."""
+        # NOTE: mixture-of-experts layers group tokens by expert on the host (a sync): not capturable
+        moe = any(getattr(lw, "moe", None) is not None for lw in self.model.layers)
         return (self.cfg.cuda_graphs and self.device.type == "cuda" and self.rank.world_size == 1
-                and self.backend.name == "triton")
+                and self.backend.name == "triton" and not moe)
 
     def setup_decode_graphs(self, max_running: int, max_model_len: int) -> DecodeGraphs:
         """Reserve a scratch page (padded rows write there), warm up and capture every bucket."""
@@ -98,7 +101,11 @@ class ModelRunner:
                            ladder=tuple(sorted(set(self.cfg.cuda_graph_batches))) or LADDER)
         # NOTE: warm-up positions stay inside the rotary table (max_model_len <= max_position)
         graphs = DecodeGraphs(self.model, self.pool.kv, plan, scratch[0], warmup_context=min(1024, max_model_len))
-        graphs.capture()
+        try:
+            graphs.capture()
+        except RuntimeError as exc:  # a forward pass that syncs with the host cannot be captured
+            print(f"pdbox engine: CUDA graph capture failed, decoding eagerly: {exc}", file=sys.stderr, flush=True)
+            graphs.drop_graphs()
         self.decode_graphs = graphs
         return graphs
 

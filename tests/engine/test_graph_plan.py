@@ -165,3 +165,30 @@ def test_engine_with_static_decode_path_answers_like_without(monkeypatch) -> Non
     engine.cache.reset()
     assert engine.pool.num_free == 95  # the prefix cache gave its pages back; the scratch page stays
     engine.shutdown()
+
+
+def test_failed_capture_falls_back_to_eager_static_decode(monkeypatch, capsys) -> None:
+    import types
+
+    from appliance.config import EngineConfig
+    from appliance.engine import runner as runner_mod
+    from appliance.engine.decode_graphs import DecodeGraphs
+    from appliance.engine.engine import Engine
+    from appliance.engine.request import SamplingParams
+
+    class Uncapturable(DecodeGraphs):
+        def capture(self) -> None:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(runner_mod.ModelRunner, "wants_decode_graphs", lambda self: True)
+    monkeypatch.setattr(runner_mod, "DecodeGraphs", Uncapturable)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda dev: types.SimpleNamespace(multi_processor_count=4))
+    engine = Engine("random:tiny", EngineConfig(dtype="float32", page_size=4, num_pages=64,
+                                                 attention_backend="torch", max_running=2))
+    assert "capture failed, decoding eagerly" in capsys.readouterr().err
+    assert not engine.runner.decode_graphs.use_graphs
+    req = engine.add_request([5, 6, 7], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    engine.run_until_done([req])
+    assert len(req.output_ids) == 4
+    engine.shutdown()
