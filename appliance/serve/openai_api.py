@@ -1,7 +1,8 @@
 """OpenAI-compatible request parsing and validation, and the response objects.
 
 Every bad input becomes an :class:`ApiError` with a 4xx status and a message naming the field, in
-OpenAI's error shape. Accepts what the ``openai`` client and ``vllm bench serve`` send.
+OpenAI's error shape. Accepts what the ``openai`` client and ``vllm bench serve`` send; a field pdbox
+would not honour is refused, never dropped (`openai_fields`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.serve import openai_fields as fields
 from appliance.serve.protocol import Sampling
 
 MAX_STOP = 16
@@ -146,8 +148,9 @@ def _common(body: dict, prompt_len: int, max_model_len: int, vocab_size: int, lo
         raise ApiError(400, f"top_k must be -1 or 0 (off) or >= 1, got {top_k}", "top_k")
     if top_k == 0:  # vLLM's spelling of "off"
         top_k = -1
-    for key in ("presence_penalty", "frequency_penalty"):  # accepted for client compatibility, not applied
+    for key in fields.PENALTIES:
         _num(body, key, 0.0, lo=-2.0, hi=2.0)
+    _refuse(fields.penalty_refusal(body))
     seed = _int(body, "seed", None)
     if seed is not None and not 0 <= seed < 2**63:
         raise ApiError(400, f"seed must be in [0, 2^63), got {seed}", "seed")
@@ -186,9 +189,15 @@ def check_model(body: dict, served: str, aliases: tuple[str, ...] = ()) -> str:
     return model
 
 
+def _refuse(found: tuple[str, str] | None) -> None:
+    if found is not None:
+        raise ApiError(400, found[1], found[0])
+
+
 def parse_chat(body: dict, tokenizer: Any, served: str, max_model_len: int, aliases: tuple[str, ...] = ()
                ) -> ParsedRequest:
     model = check_model(body, served, aliases)
+    _refuse(fields.refusal(body, "chat"))
     messages = body.get("messages")
     if messages is None:
         raise ApiError(400, "messages is required", "messages")
@@ -235,6 +244,7 @@ def parse_chat(body: dict, tokenizer: Any, served: str, max_model_len: int, alia
 def parse_completion(body: dict, tokenizer: Any, served: str, max_model_len: int, vocab_size: int,
                      aliases: tuple[str, ...] = ()) -> ParsedRequest:
     model = check_model(body, served, aliases)
+    _refuse(fields.refusal(body, "completions"))
     prompt = body.get("prompt")
     if prompt is None:
         raise ApiError(400, "prompt is required", "prompt")

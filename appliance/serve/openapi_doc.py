@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from appliance.serve.openai_api import MAX_LOGPROBS, MAX_STOP, MAX_STOP_CHARS, ROLES
+from appliance.serve.openai_fields import METADATA
 
 _SAMPLING: dict[str, Any] = {
     "model": {"type": "string"},
@@ -15,10 +16,10 @@ _SAMPLING: dict[str, Any] = {
     "top_p": {"type": "number", "exclusiveMinimum": True, "minimum": 0, "maximum": 1, "nullable": True},
     "top_k": {"type": "integer", "minimum": -1, "nullable": True, "description": "-1 or 0: off"},
     "min_p": {"type": "number", "minimum": 0, "maximum": 1, "nullable": True},
-    "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2, "nullable": True,
-                         "description": "accepted, not applied"},
-    "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2, "nullable": True,
-                          "description": "accepted, not applied"},
+    "presence_penalty": {"type": "number", "minimum": 0, "maximum": 0, "nullable": True,
+                         "description": "not applied: only 0"},
+    "frequency_penalty": {"type": "number", "minimum": 0, "maximum": 0, "nullable": True,
+                          "description": "not applied: only 0"},
     "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1, "nullable": True},
     "n": {"type": "integer", "minimum": 1, "maximum": 1, "nullable": True},
     "stop": {"nullable": True, "oneOf": [
@@ -49,7 +50,10 @@ def _op(summary: str, schema: dict[str, Any], limits: str) -> dict[str, Any]:
 def openapi_document(model: str, max_body_bytes: int = 4 * 1024 * 1024) -> dict[str, Any]:
     limits = (f"The body is a UTF-8 JSON object of at most {max_body_bytes} bytes (413 past it); NaN and Infinity "
               "are refused. The prompt plus max_tokens must fit the model's context (GET /v1/models: max_model_len). "
-              "Fields not listed are ignored. Errors use OpenAI's shape, with param naming the field. Past "
+              "A field not listed is refused (400 naming it), except metadata that cannot change the answer ("
+              f"{', '.join(sorted(METADATA))}) and the no-op value of a field pdbox does not support ("
+              "tools: [], response_format: {type: text}, logit_bias: {}, ...). "
+              "Errors use OpenAI's shape, with param naming the field. Past "
               "--max-inflight requests in flight the answer is 429 with Retry-After; 502 means a worker failed "
               "(in a stream: an error event), 503 that no worker is available.")
     message = {"type": "object", "required": ["role"], "properties": {

@@ -82,6 +82,17 @@ CASES: list[tuple[str, str, dict | bytes, int, str | None, str]] = [
     ("ignore-eos-int", CHAT, {**MSG, "ignore_eos": 1}, 400, "ignore_eos", "boolean"),
     ("presence-penalty-3", CHAT, {**MSG, "presence_penalty": 3}, 400, "presence_penalty", "<= 2"),
     ("frequency-penalty-string", COMP, {**PROMPT, "frequency_penalty": "x"}, 400, "frequency_penalty", "number"),
+    # would change the answer, not honoured: refused, never dropped (appliance/serve/openai_fields.py)
+    ("presence-penalty-applied", CHAT, {**MSG, "presence_penalty": 0.5}, 400, "presence_penalty", "not applied"),
+    ("json-schema", CHAT, {**MSG, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, 400,
+     "response_format", "structured outputs"),
+    ("tools", CHAT, {**MSG, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "tools", "tool"),
+    ("tool-choice-required", CHAT, {**MSG, "tool_choice": "required"}, 400, "tool_choice", "tool"),
+    ("logit-bias", COMP, {**PROMPT, "logit_bias": {"50": 100}}, 400, "logit_bias", "not applied"),
+    ("best-of", COMP, {**PROMPT, "best_of": 3}, 400, "best_of", "best_of"),
+    ("echo", COMP, {**PROMPT, "echo": True}, 400, "echo", "echo"),
+    ("unknown-field", CHAT, {**MSG, "max_token": 5}, 400, "max_token", "unrecognized"),
+    ("chat-field-on-completions", COMP, {**PROMPT, "messages": []}, 400, "messages", "unrecognized"),
 ]
 
 
@@ -124,6 +135,8 @@ def test_accepted_spellings_work(guarded: Appliance) -> None:
         (CHAT, {**MSG, "top_k": 0, "presence_penalty": 0, "frequency_penalty": 0, "max_completion_tokens": 1}),
         (COMP, {**PROMPT, "prompt": ["The sky is"], "logprobs": 2}),
         (COMP, {**PROMPT, "prompt": [[504, 3458, 314]], "stop_token_ids": [0]}),
+        (CHAT, {**MSG, "response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "logit_bias": {},
+                "user": "u1", "metadata": {"k": "v"}, "parallel_tool_calls": False}),
     ]
     for path, body in ok:
         status, _, resp = guarded.post(path, body)

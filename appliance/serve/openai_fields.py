@@ -1,0 +1,84 @@
+"""Which request fields pdbox honours: nothing a client sends is silently dropped.
+
+Every field of OpenAI's chat and completions bodies falls in one of three sets:
+
+- **applied**: read by `openai_api` and honoured (sampling, stops, logprobs, streaming, ...);
+- **metadata**: fields that do not change the answer (``user``, ``metadata``, ...), accepted;
+- **unsupported**: fields that would change the answer, accepted only at their no-op value
+  (``"tools": []``, ``"response_format": {"type": "text"}``, ``"presence_penalty": 0``); any other
+  value is a 400 that names the field.
+
+A field in none of the sets is a 400 too (OpenAI answers an unknown argument the same way), so a
+typo such as ``max_token`` is caught instead of running with the default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+APPLIED_COMMON = frozenset({
+    "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+    "ignore_eos", "stream", "stream_options", "n", "presence_penalty", "frequency_penalty",
+})
+APPLIED = {
+    "chat": APPLIED_COMMON | {"messages", "logprobs", "top_logprobs"},
+    "completions": APPLIED_COMMON | {"prompt", "logprobs"},
+}
+METADATA = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
+
+
+def _empty(v: Any) -> bool:
+    return v is None or v == [] or v == {}
+
+
+def _zero(v: Any) -> bool:
+    return v is None or (isinstance(v, int | float) and not isinstance(v, bool) and v == 0)
+
+
+# field -> (is its value a no-op?, what pdbox cannot do)
+UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "response_format": (lambda v: v is None or v == {"type": "text"},
+                        "structured outputs (json_object, json_schema) are not supported yet"),
+    "tools": (_empty, "tool calling is not supported yet"),
+    "tool_choice": (lambda v: v in (None, "none", "auto"), "tool calling is not supported yet"),
+    "parallel_tool_calls": (lambda v: True, ""),  # says nothing without tools
+    "functions": (_empty, "function calling is not supported"),
+    "function_call": (lambda v: v in (None, "none", "auto"), "function calling is not supported"),
+    "logit_bias": (_empty, "logit_bias is not applied"),
+    "best_of": (lambda v: v in (None, 1), "best_of must be 1 (one sample per request)"),
+    "echo": (lambda v: v in (None, False), "echo is not supported"),
+    "suffix": (lambda v: v in (None, ""), "suffix (insertion) is not supported"),
+    "modalities": (lambda v: v in (None, ["text"]), "only text output is supported"),
+    "audio": (lambda v: v is None, "audio output is not supported"),
+    "prediction": (lambda v: v is None, "predicted outputs are not supported"),
+    "web_search_options": (lambda v: v is None, "web search is not supported"),
+    "reasoning_effort": (lambda v: v is None, "reasoning_effort is not supported by this model"),
+    "verbosity": (lambda v: v is None, "verbosity is not supported"),
+    "repetition_penalty": (lambda v: v in (None, 1, 1.0), "repetition_penalty is not applied"),
+}
+PENALTIES = ("presence_penalty", "frequency_penalty")  # range-checked in openai_api, then here
+
+
+def refusal(body: dict[str, Any], endpoint: str) -> tuple[str, str] | None:
+    """``(field, message)`` for the first field pdbox would not honour, or None when all are."""
+    for name, value in body.items():
+        if name in UNSUPPORTED:
+            noop, why = UNSUPPORTED[name]
+            if not noop(value):
+                return name, f"{name}: {why}"
+        elif name not in APPLIED[endpoint] and name not in METADATA:
+            return name, f"unrecognized request field {name!r} for /v1/{_path(endpoint)}"
+    return None
+
+
+def penalty_refusal(body: dict[str, Any]) -> tuple[str, str] | None:
+    """Penalties other than 0 would change the answer, and pdbox does not apply them."""
+    for name in PENALTIES:
+        if not _zero(body.get(name)):
+            return name, f"{name} is not applied by pdbox: send 0 or leave it out"
+    return None
+
+
+def _path(endpoint: str) -> str:
+    return "chat/completions" if endpoint == "chat" else "completions"
