@@ -40,6 +40,16 @@ def graphs_fp32():
     engine.shutdown()
 
 
+@pytest.fixture(scope="module")
+def eager_tokens() -> list[list[int]]:
+    """Greedy tokens of a graph-free engine (same kernels, eager decode steps)."""
+    engine = _engine(graphs=False)
+    assert engine.runner.decode_graphs is None
+    tokens = _greedy(engine)
+    engine.shutdown()
+    return tokens
+
+
 def test_graphs_are_captured_for_every_bucket(graphs_fp32) -> None:
     g = graphs_fp32.runner.decode_graphs
     assert g is not None and g.use_graphs
@@ -47,12 +57,9 @@ def test_graphs_are_captured_for_every_bucket(graphs_fp32) -> None:
     assert graphs_fp32.warmup_s > 0 and g.warmup_s > 0
 
 
-def test_greedy_graphs_equal_eager_and_torch_reference(graphs_fp32) -> None:
+def test_greedy_graphs_equal_eager_and_torch_reference(graphs_fp32, eager_tokens) -> None:
     got = _greedy(graphs_fp32)
-    eager = _engine(graphs=False)
-    assert eager.runner.decode_graphs is None
-    want = _greedy(eager)
-    eager.shutdown()
+    want = eager_tokens
     assert got == want, "greedy tokens differ with CUDA graphs on vs off (fp32)"
     ref = _engine(backend="torch")
     assert ref.runner.decode_graphs is None
@@ -95,20 +102,19 @@ def test_sampling_semantics_on_the_gpu(graphs_fp32) -> None:
     assert lp == greedy[:4]
 
 
-def test_batch_beyond_the_ladder_runs_eagerly() -> None:
-    """The ladder cut to buckets 1 and 2 after capture: batches of 3..5 fall back to the eager step,
-    batches of 1 and 2 replay, and the tokens equal a graph-free engine's."""
+def test_batch_beyond_the_ladder_runs_eagerly(graphs_fp32, eager_tokens) -> None:
+    """The ladder cut to buckets 1 and 2: the decode batches of 5 fall back to the eager step (any of 1
+    or 2 would replay), and the tokens equal a graph-free engine's."""
     import dataclasses
 
-    engine = _engine()
-    g = engine.runner.decode_graphs
-    g.plan = dataclasses.replace(g.plan, buckets=(1, 2), num_splits=g.plan.num_splits[:2])
-    assert g.fits(2) and not g.fits(3)
-    got = _greedy(engine, 8)
-    engine.shutdown()
-    eager = _engine(graphs=False)
-    assert got == _greedy(eager, 8)
-    eager.shutdown()
+    g = graphs_fp32.runner.decode_graphs
+    plan = g.plan
+    g.plan = dataclasses.replace(plan, buckets=(1, 2), num_splits=plan.num_splits[:2])
+    try:
+        assert g.fits(2) and not g.fits(3)
+        assert _greedy(graphs_fp32, 8) == [t[:8] for t in eager_tokens]
+    finally:
+        g.plan = plan
 
 
 def test_device_sampler_on_cuda_logits() -> None:
