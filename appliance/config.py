@@ -9,7 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma3")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
 
@@ -80,6 +81,17 @@ class ModelConfig:
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
     moe_layers: tuple[int, ...] = ()
+    # Gemma 3: embeddings times embed_scale (sqrt(hidden)); RMSNorm weights stored as w - 1 (norm_offset 1);
+    # sandwich norms (after attention, before and after the FFN); GeGLU; its own attention scale; the
+    # local_rope_layers rotate with local_rope_theta (plain rope), the others with rope_theta + rope_scaling.
+    embed_scale: float = 1.0
+    norm_offset: float = 0.0
+    sandwich_norms: bool = False
+    mlp_activation: str = "silu"
+    attn_scale: float | None = None
+    final_logit_softcap: float | None = None
+    local_rope_theta: float = 10000.0
+    local_rope_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.arch not in SUPPORTED_ARCHS:
@@ -90,6 +102,9 @@ class ModelConfig:
                      "head_dim", "vocab_size", "max_position"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model config {name} must be >= 1, got {getattr(self, name)}")
+        if self.mlp_activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"unsupported MLP activation {self.mlp_activation!r}: "
+                             f"pdbox runs {', '.join(MLP_ACTIVATIONS)}")
         moe_ok = 1 <= self.experts_per_token <= self.num_experts and self.moe_intermediate_size >= 1
         if self.moe_layers and not moe_ok:
             raise ValueError(f"mixture of experts needs 1 <= experts_per_token ({self.experts_per_token}) <= "

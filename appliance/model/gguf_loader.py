@@ -8,10 +8,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from appliance.config import SUPPORTED_ARCHS, ModelConfig
+from appliance.config import ModelConfig, RopeScaling
 from appliance.model.errors import ModelLoadError
 from appliance.model.weights import Checkpoint
 
+# the architectures whose GGUF tensors map onto the decoder as they are (Gemma, MoE: Hugging Face folders)
+GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K", "Q4_K")
 
 _LAYER_NAMES = {
@@ -24,7 +26,10 @@ _LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
 }
+_UNPERMUTED = ("qwen2", "qwen3")  # llama.cpp stores these in rotate-half order already
 _TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
 
@@ -78,6 +83,29 @@ def _dequantize(tensor: Any) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
+def _rope_scaling(key: Any, tensors: dict, context: int, path: Path) -> tuple[RopeScaling, int]:
+    """The rope type of ``{arch}.rope.scaling.*`` (none, linear, yarn) and the context it gives."""
+    if "rope_freqs.weight" in tensors:
+        raise ModelLoadError(f"{path}: per-frequency rope factors (rope_freqs, Llama 3.1's llama3 scaling in GGUF) "
+                             "are not supported; serve the Hugging Face folder instead")
+    kind = key("rope.scaling.type") or "none"
+    factor = float(key("rope.scaling.factor", 1.0) or 1.0)
+    try:
+        if kind == "none":
+            return RopeScaling(), context
+        if kind == "linear":
+            return RopeScaling("linear", factor=factor), context
+        if kind == "yarn":
+            original = int(key("rope.scaling.original_context_length", context))
+            scaling = RopeScaling("yarn", factor=factor, original_max_position=original,
+                                  beta_fast=float(key("rope.scaling.yarn_beta_fast", 32.0)),
+                                  beta_slow=float(key("rope.scaling.yarn_beta_slow", 1.0)))
+            return scaling, max(context, int(original * factor))
+    except ValueError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
+    raise ModelLoadError(f"{path}: unsupported rope scaling type {kind!r}; pdbox reads none, linear and yarn from GGUF")
+
+
 def load_gguf(path: str | Path) -> Checkpoint:
     """Read a GGUF file into a :class:`Checkpoint` (weights dequantized to fp32)."""
     path = Path(path)
@@ -90,9 +118,9 @@ def load_gguf(path: str | Path) -> Checkpoint:
     except Exception as exc:  # gguf raises ValueError/struct.error/IndexError on junk
         raise ModelLoadError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
     arch = _field(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHS:
+    if arch not in GGUF_ARCHS:
         raise ModelLoadError(
-            f"{path}: unsupported architecture {arch!r}; pdbox runs {', '.join(SUPPORTED_ARCHS)}"
+            f"{path}: unsupported architecture {arch!r} in GGUF; pdbox reads {', '.join(GGUF_ARCHS)} from GGUF"
         )
 
     def key(name: str, default: Any = None) -> Any:
@@ -105,6 +133,7 @@ def load_gguf(path: str | Path) -> Checkpoint:
     vocab = list(_field(reader, "tokenizer.ggml.tokens", []))
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    scaling, max_position = _rope_scaling(key, tensors, int(key("context_length", 2048)), path)
     config = ModelConfig(
         arch=arch,
         num_layers=int(key("block_count")),
@@ -112,23 +141,25 @@ def load_gguf(path: str | Path) -> Checkpoint:
         intermediate_size=int(key("feed_forward_length")),
         num_heads=n_heads,
         num_kv_heads=n_kv,
-        head_dim=int(key("rope.dimension_count", hidden // n_heads)),
+        head_dim=int(key("attention.key_length", key("rope.dimension_count", hidden // n_heads))),
         vocab_size=int(key("vocab_size", len(vocab))),
         rope_theta=float(key("rope.freq_base", 10000.0)),
         rms_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        max_position=int(key("context_length", 2048)),
+        max_position=max_position,
         tie_embeddings="output.weight" not in tensors,
         qkv_bias="blk.0.attn_q.bias" in tensors,
         bos_token_id=None if bos is None else int(bos),
         eos_token_ids=() if eos is None else (int(eos),),
+        rope_scaling=scaling,
+        qk_norm="blk.0.attn_q_norm.weight" in tensors,
     )
     weights: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         w = _dequantize(tensor)
-        # llama.cpp permutes q/k for its interleaved rotary; Qwen2 GGUFs are stored unpermuted.
-        if arch != "qwen2" and ".attn_q." in name:
+        # llama.cpp permutes q/k for its interleaved rotary; Qwen GGUFs are stored unpermuted.
+        if arch not in _UNPERMUTED and ".attn_q." in name:
             w = unpermute_rotary(w, n_heads)
-        elif arch != "qwen2" and ".attn_k." in name:
+        elif arch not in _UNPERMUTED and ".attn_k." in name:
             w = unpermute_rotary(w, n_kv)
         weights[hf_name(name)] = w
     types = list(_field(reader, "tokenizer.ggml.token_type", []))

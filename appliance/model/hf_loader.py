@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from appliance.config import ModelConfig
 from appliance.model.errors import ModelLoadError
 from appliance.model.families import FAMILIES, Family, family_of
+from appliance.model.gemma import gemma_settings
 from appliance.model.generation import GenerationDefaults, merge_ids, read_generation_config
 from appliance.model.hf_rope import rope_from_hf
 from appliance.model.weights import Checkpoint
@@ -36,8 +37,15 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         layers = int(raw["num_hidden_layers"])
         eos = raw.get("eos_token_id")
         eos_ids = tuple(int(e) for e in eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        rope = rope_from_hf({"max_position_embeddings": fam.default_max_position, **raw}, fam.default_theta, source)
-        window = _sliding_window(raw, fam, layers)
+        raw = {"max_position_embeddings": fam.default_max_position, **raw}
+        extra = _moe_fields(raw, layers) if fam.moe else {}
+        if fam.gemma:
+            gemma = gemma_settings(raw, layers, hidden, fam.default_theta, source)
+            rope, extra = gemma.rope, gemma.fields
+            window = raw.get("sliding_window", 4096) if "sliding_attention" in gemma.layer_types else None
+        else:
+            rope = rope_from_hf(raw, fam.default_theta, source)
+            window = _sliding_window(raw, fam, layers)
         attention_bias = bool(raw.get("attention_bias", False))
         return ModelConfig(
             arch=fam.arch,
@@ -52,14 +60,14 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
             rms_eps=float(raw.get("rms_norm_eps", fam.default_rms_eps)),
             # NOTE: attention is full; a sliding window bounds the context instead, so it is never exceeded.
             max_position=rope.max_position if window is None else min(rope.max_position, window),
-            tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            tie_embeddings=bool(raw.get("tie_word_embeddings", fam.gemma)),
             qkv_bias=fam.qkv_bias or attention_bias,
             o_bias=attention_bias,
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos_ids,
             rope_scaling=rope.scaling,
             qk_norm=fam.qk_norm,
-            **(_moe_fields(raw, layers) if fam.moe else {}),
+            **extra,
         )
     except KeyError as exc:
         raise ModelLoadError(f"{source}: missing field {exc.args[0]!r}") from exc

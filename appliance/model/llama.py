@@ -76,6 +76,9 @@ class LayerWeights:
     q_norm: torch.Tensor | None = None  # per-head RMSNorm weights (Qwen3), (head_dim,)
     k_norm: torch.Tensor | None = None
     o_bias: torch.Tensor | None = None  # added once, on rank 0 (o_proj is split by rows across ranks)
+    post_attn_norm: torch.Tensor | None = None  # sandwich norms (Gemma): post_norm is then the pre-FFN one
+    post_ffn_norm: torch.Tensor | None = None
+    local_rope: bool = False  # rotates with the local theta (Gemma's sliding layers)
 
 
 class LlamaModel:
@@ -98,7 +101,7 @@ class LlamaModel:
         self.rank = rank or RankInfo()
         self.shard = Shard.of(cfg, self.rank)
         self.all_reduce = all_reduce
-        self.scale = cfg.head_dim**-0.5
+        self.scale = cfg.attn_scale or cfg.head_dim**-0.5
         D = cfg.head_dim
 
         def w(name: str) -> torch.Tensor:
@@ -111,6 +114,10 @@ class LlamaModel:
 
         def linear(t: torch.Tensor) -> Any:
             return backend.pack_linear(cast(t))
+
+        def norm(name: str) -> torch.Tensor:  # fp32; Gemma stores w - 1
+            t = cast(w(name), torch.float32)
+            return t + cfg.norm_offset if cfg.norm_offset else t
 
         (q0, q1), (k0, k1), (f0, f1) = self.shard.q_heads, self.shard.kv_heads, self.shard.ffn
         self.layers: list[LayerWeights] = []
@@ -128,8 +135,7 @@ class LlamaModel:
                 ]))
             qk_norm = {}
             if cfg.qk_norm:
-                qk_norm = {"q_norm": cast(w(p + "self_attn.q_norm.weight"), torch.float32),
-                           "k_norm": cast(w(p + "self_attn.k_norm.weight"), torch.float32)}
+                qk_norm = {"q_norm": norm(p + "self_attn.q_norm.weight"), "k_norm": norm(p + "self_attn.k_norm.weight")}
             o_bias = cast(w(p + "self_attn.o_proj.bias")) if cfg.o_bias and self.rank.rank == 0 else None
             moe = None
             if i in cfg.moe_layers:  # each expert's intermediate dim split across ranks like the dense FFN
@@ -143,11 +149,15 @@ class LlamaModel:
                     top_k=cfg.experts_per_token, norm_topk_prob=cfg.norm_topk_prob,
                 )
             self.layers.append(LayerWeights(
-                input_norm=cast(w(p + "input_layernorm.weight"), torch.float32),
+                input_norm=norm(p + "input_layernorm.weight"),
                 qkv=linear(torch.cat([q, k, v])),
                 qkv_bias=bias,
                 o_proj=linear(w(p + "self_attn.o_proj.weight")[:, q0 * D : q1 * D]),
-                post_norm=cast(w(p + "post_attention_layernorm.weight"), torch.float32),
+                post_norm=norm(p + ("pre_feedforward_layernorm.weight" if cfg.sandwich_norms
+                                    else "post_attention_layernorm.weight")),
+                post_attn_norm=norm(p + "post_attention_layernorm.weight") if cfg.sandwich_norms else None,
+                post_ffn_norm=norm(p + "post_feedforward_layernorm.weight") if cfg.sandwich_norms else None,
+                local_rope=i in cfg.local_rope_layers,
                 gate_up=None if moe else linear(torch.cat([w(p + "mlp.gate_proj.weight")[f0:f1],
                                                            w(p + "mlp.up_proj.weight")[f0:f1]])),
                 down=None if moe else linear(w(p + "mlp.down_proj.weight")[:, f0:f1]),
@@ -156,10 +166,12 @@ class LlamaModel:
                 **qk_norm,
             ))
         self.embed = cast(w("model.embed_tokens.weight"))
-        self.norm = cast(w("model.norm.weight"), torch.float32)
+        self.norm = norm("model.norm.weight")
         head = weights.get("lm_head.weight")
         self.lm_head = linear(self.embed if cfg.tie_embeddings or head is None else head)
         self.cos_sin = rotary_cos_sin_cache(D, cfg.max_position, cfg.rope_theta, cfg.rope_scaling).to(device)
+        self.cos_sin_local = (rotary_cos_sin_cache(D, cfg.max_position, cfg.local_rope_theta).to(device)
+                              if cfg.local_rope_layers else self.cos_sin)
         self.q_size = self.shard.num_q_heads * D
         self.kv_size = self.shard.num_kv_heads * D
 
@@ -176,6 +188,8 @@ class LlamaModel:
         # NOTE: the residual stream stays fp32 whatever the weight dtype: SmolLM2's first answer
         # token is a near-tie that a bf16 residual flips ("L'Étoile…" instead of "The capital…").
         x = F.embedding(batch.input_ids, self.embed).float()
+        if cfg.embed_scale != 1.0:
+            x = x * cfg.embed_scale
         residual: torch.Tensor | None = None
         for i, lw in enumerate(self.layers):
             if residual is None:
@@ -188,7 +202,7 @@ class LlamaModel:
             q, k = q.view(T, -1, D), k.view(T, -1, D)
             if lw.q_norm is not None and lw.k_norm is not None:
                 q, k = be.rmsnorm(q, lw.q_norm, cfg.rms_eps), be.rmsnorm(k, lw.k_norm, cfg.rms_eps)
-            q, k = be.rotary(q, k, batch.positions, self.cos_sin)
+            q, k = be.rotary(q, k, batch.positions, self.cos_sin_local if lw.local_rope else self.cos_sin)
             k_cache, v_cache = kv[0, i], kv[1, i]
             be.store_kv(k_cache, v_cache, k, v.view(T, -1, D), batch.slot_mapping)
             if layer_hook is not None:
@@ -201,13 +215,19 @@ class LlamaModel:
             x = be.linear(o.reshape(T, -1), lw.o_proj, lw.o_bias)
             if self.all_reduce is not None:
                 self.all_reduce(x)
+            if lw.post_attn_norm is not None:
+                x = be.rmsnorm(x, lw.post_attn_norm, cfg.rms_eps)
             h, residual = be.fused_add_rmsnorm(x, residual, lw.post_norm, cfg.rms_eps)
             if lw.moe is not None:
                 x = moe_forward(be, h, lw.moe)
+            elif cfg.mlp_activation == "gelu_tanh":
+                x = be.linear(gelu_tanh_and_mul(be.linear(h, lw.gate_up)), lw.down)
             else:
                 x = be.linear(be.silu_and_mul(be.linear(h, lw.gate_up)), lw.down)
             if self.all_reduce is not None:
                 self.all_reduce(x)
+            if lw.post_ffn_norm is not None:
+                x = be.rmsnorm(x, lw.post_ffn_norm, cfg.rms_eps)
         if residual is None:
             raise RuntimeError("model has no layers")
         last = (x + residual).index_select(0, batch.logit_rows)
@@ -215,4 +235,12 @@ class LlamaModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits ``(rows, vocab)`` from final hidden states."""
-        return self.backend.linear(hidden, self.lm_head).float()
+        logits = self.backend.linear(hidden, self.lm_head).float()
+        cap = self.cfg.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
+def gelu_tanh_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """GeGLU (Gemma): ``gelu_tanh(gate) * up`` of ``x = [gate, up]``."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.gelu(gate, approximate="tanh").mul_(up)

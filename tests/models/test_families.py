@@ -1,11 +1,14 @@
 """Qwen2 (qkv bias), Qwen3 (per-head q/k RMSNorm, head_dim != hidden / heads), Qwen3-MoE (top-k experts),
-Mistral (sliding window in the config) and Llama with attention biases, against transformers through
-pdbox's paged engine."""
+Gemma 3 (sandwich (1 + w) norms, GeGLU, embedding scale, local/global rope, logit soft-cap), Mistral
+(sliding window in the config) and Llama with attention biases, against transformers through pdbox's
+paged engine."""
 
 from __future__ import annotations
 
 import pytest
 from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -56,8 +59,18 @@ def qwen3_moe():  # layer 0 sparse (8 experts, top 2, renormalized), layer 1 den
                                                mlp_only_layers=[1], **COMMON)
 
 
+def gemma3():  # layers: sliding (local theta), full (global theta, linear x8); final logit soft-cap on
+    return Gemma3ForCausalLM, Gemma3TextConfig(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        query_pre_attn_scalar=24, sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+        final_logit_softcapping=3.0, max_position_embeddings=256,
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 10000.0}},
+        **{**COMMON, "pad_token_id": 0})
+
+
 FAMILIES = {"qwen2": qwen2, "qwen3": qwen3, "mistral": mistral, "llama-attention-bias": llama_biased,
-            "qwen3-moe": qwen3_moe}
+            "qwen3-moe": qwen3_moe, "gemma3": gemma3}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -81,6 +94,11 @@ def test_family_quirks_in_the_loaded_config(tmp_path) -> None:
     c = load_checkpoint(str(folder)).config
     moe = (c.arch, c.num_experts, c.experts_per_token, c.moe_layers, c.norm_topk_prob)
     assert moe == ("qwen3_moe", 8, 2, (0,), True)
+    folder, _ = save_tiny(tmp_path / "g3", *gemma3())
+    c = load_checkpoint(str(folder)).config
+    gemma = (c.local_rope_layers, c.local_rope_theta, c.rope_theta, c.rope_scaling.rope_type, c.max_position,
+             c.final_logit_softcap, c.tie_embeddings, c.attn_scale)
+    assert gemma == ((0,), 100.0, 10000.0, "linear", 64, 3.0, True, 24**-0.5)
 
 
 @pytest.mark.slow  # spawns a second rank (a fresh Python with torch): ~15-20 s here

@@ -1,0 +1,60 @@
+"""Gemma 3 (text) settings of a Hugging Face ``config.json``, as transformers' ``Gemma3TextConfig`` reads them.
+
+Layers alternate: ``sliding_attention`` layers rotate with the local theta (plain rope, 10000 by default),
+``full_attention`` layers with the global one (1e6) and its scaling (linear 8 on the larger models).
+transformers 5 nests the two under ``rope_parameters``; older files keep ``rope_theta``,
+``rope_local_base_freq`` and ``rope_scaling`` at the top level.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from appliance.model.errors import ModelLoadError
+from appliance.model.hf_rope import HFRope, rope_from_hf
+
+LOCAL_THETA = 10_000.0
+
+
+@dataclass(frozen=True)
+class GemmaSettings:
+    rope: HFRope  # the full-attention layers'
+    layer_types: tuple[str, ...]
+    fields: dict[str, Any]  # the rest of ModelConfig's Gemma fields
+
+
+def gemma_settings(raw: dict, num_layers: int, hidden: int, global_theta: float, source: str) -> GemmaSettings:
+    for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
+        if raw.get(key):
+            raise ModelLoadError(f"{source}: {key}={raw[key]!r} is not supported")
+    act = raw.get("hidden_activation") or raw.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ModelLoadError(f"{source}: activation {act!r} is not supported (Gemma: gelu_pytorch_tanh)")
+    pattern = int(raw.get("sliding_window_pattern", 6))
+    types = tuple(raw.get("layer_types") or ["sliding_attention" if (i + 1) % pattern else "full_attention"
+                                              for i in range(num_layers)])
+    if len(types) != num_layers or set(types) - {"sliding_attention", "full_attention"}:
+        raise ModelLoadError(f"{source}: layer_types must name {num_layers} sliding_attention/full_attention layers")
+    params = raw.get("rope_parameters") or {}
+    nested = bool(params) and all(isinstance(v, dict) for v in params.values())
+    full = dict(params.get("full_attention") or {}) if nested else dict(params)
+    full.update(raw.get("rope_scaling") or {})
+    local = dict(params.get("sliding_attention") or {}) if nested else {}
+    base = {k: v for k, v in raw.items() if k not in ("rope_parameters", "rope_scaling")}
+    rope = rope_from_hf({**base, "rope_parameters": full}, global_theta, source)
+    local_rope = rope_from_hf({"max_position_embeddings": rope.max_position,
+                               "rope_theta": raw.get("rope_local_base_freq"), "rope_parameters": local},
+                              LOCAL_THETA, source)
+    if local_rope.scaling.rope_type != "default":
+        raise ModelLoadError(f"{source}: scaled rope on sliding layers ({local_rope.scaling.rope_type}) "
+                             "is not supported")
+    cap = raw.get("final_logit_softcapping")
+    fields = {
+        "embed_scale": hidden**0.5, "norm_offset": 1.0, "sandwich_norms": True, "mlp_activation": "gelu_tanh",
+        "attn_scale": float(raw.get("query_pre_attn_scalar", 256)) ** -0.5,
+        "final_logit_softcap": None if cap is None else float(cap),
+        "local_rope_theta": local_rope.theta,
+        "local_rope_layers": tuple(i for i, t in enumerate(types) if t == "sliding_attention"),
+    }
+    return GemmaSettings(rope, types, fields)
