@@ -47,8 +47,8 @@ def pdbox_runs(folder: Path, prompt_ids: list[list[int]], backend: str = "cpu", 
     rows: list[torch.Tensor] = []
     forward = engine.runner.forward
 
-    def spy(batch, hook=None, extra=b""):  # keep every sampled row's logits
-        out = forward(batch, hook, extra)
+    def spy(*args, **kwargs):  # keep every sampled row's logits
+        out = forward(*args, **kwargs)
         rows.extend(out.clone())
         return out
 
