@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import enum
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -183,6 +183,12 @@ class KVTransport(ABC):
     @abstractmethod
     def release(self, room: str) -> None:
         """Forget a room; later signals for it are dropped."""
+
+    @abstractmethod
+    def on_room_finished(self, fn: Callable[[], None] | None) -> None:
+        """Call ``fn()`` (from a transport thread, quickly, without blocking) each time a room leaves
+        PENDING, so a loop that sleeps between `drain_completed` calls wakes at once. A deadline is
+        noticed only when the rooms are polled; None removes the callback."""
 
     # -- lifecycle --------------------------------------------------------------------------
     @abstractmethod

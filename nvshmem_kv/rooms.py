@@ -38,6 +38,7 @@ class RoomTable:
         self.signals_dropped = 0
         self.rooms_done = 0
         self.rooms_failed = 0
+        self.on_finish: Callable[[], None] | None = None   # called (under the lock) as a room finishes
 
     # -- engine side -------------------------------------------------------------------------
     def expect(self, room: str, num_signals: int, deadline_s: float) -> None:
@@ -151,6 +152,8 @@ class RoomTable:
             self.rooms_failed += 1
         self._completed[name] = None
         self._cond.notify_all()
+        if self.on_finish is not None:
+            self.on_finish()
 
     def _expire(self) -> None:
         now = self._clock()

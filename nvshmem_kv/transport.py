@@ -232,6 +232,9 @@ class ChannelTransport(KVTransport):
     def drain_completed(self) -> list[tuple[str, RoomStatus]]:
         return self._rooms.drain_completed()
 
+    def on_room_finished(self, fn: Callable[[], None] | None) -> None:
+        self._rooms.on_finish = fn
+
     def release(self, room: str) -> None:
         self._rooms.release(room)
 

@@ -118,3 +118,21 @@ def test_deadline_heap_is_compacted() -> None:
         t.expect(f"r{i}", 1, 600.0)
         t.release(f"r{i}")
     assert len(t._deadlines) <= 1025
+
+
+def test_on_finish_is_called_once_per_room_that_leaves_pending() -> None:
+    clock = Clock()
+    t = RoomTable(clock=clock)
+    calls: list[int] = []
+    t.on_finish = lambda: calls.append(len(t._completed))  # runs after the room is recorded as completed
+    t.expect("ok", 1, 5.0)
+    t.expect("late", 1, 1.0)
+    t.expect("cut", 1, 5.0)
+    assert t.on_open("cut", 9)
+    assert t.on_signal("ok", 1, 0, b"x") and calls == [1]
+    assert not t.on_signal("ok", 1, 0, b"again") and calls == [1]     # a duplicate finishes nothing
+    t.on_conn_lost(9, "gone")
+    assert calls == [1, 2]
+    clock.now += 2.0
+    assert t.poll("late").failed and calls == [1, 2, 3]              # a deadline, noticed on a poll
+    assert sorted(name for name, _ in t.drain_completed()) == ["cut", "late", "ok"]
