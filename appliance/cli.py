@@ -103,6 +103,8 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
               "(else they finish where they are first).")
 @click.option("--prefill-order", default="auto", show_default=True, type=click.Choice(["auto", "fifo", "slack"]),
               help="Prefill queue order: least TTFT slack first, or arrival (auto: slack on prefill engines).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
+              help="GPU: decode under CUDA graphs captured at start-up (batch sizes 1, 2, 4 ... 256).")
 def up(**kw) -> None:
     """Serve an OpenAI-compatible endpoint with prefill and decode on separate devices."""
     import asyncio

@@ -57,6 +57,7 @@ class UpConfig:
     slo_tpot_ms: float = 0.0
     rebalance_idle_s: float = 20.0
     move_decodes: bool = True
+    cuda_graphs: bool = True  # GPU workers decode under CUDA graphs (EngineConfig.cuda_graphs)
     monitor: bool = True  # on a TTY: start-up progress, then the live dashboard
 
     def __post_init__(self) -> None:
@@ -165,6 +166,8 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str, run_dir: Path | None = 
                 "--prefill-order", cfg.prefill_order]
         if cfg.model:
             argv += ["--model", str(cfg.model)]
+        if not cfg.cuda_graphs:
+            argv += ["--no-cuda-graphs"]
         if role != "unified":
             argv += ["--transport", transport]
         env = dict(os.environ, PDBOX_CLUSTER_TOKEN=token)

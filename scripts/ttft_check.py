@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         unified = ("--mode", "unified", "--cpus", "0", *common)
         disagg = ("--mode", "disagg", "--prefill-cpus", "0", "--decode-cpus", "0", "--transport", "shm", *common)
     else:
-        common = (*common, "--dtype", "bfloat16")
+        common = (*common, "--dtype", "bfloat16", "--no-cuda-graphs")  # one-token answers: no decode to capture
         unified = ("--mode", "unified", "--gpus", "0", *common)
         disagg = ("--mode", "disagg", "--prefill-gpus", "0", "--decode-gpus", "0", "--transport", args.transport,
                   *common)

@@ -356,7 +356,9 @@ def parse_cpus(text: str) -> tuple[int, ...]:
     return tuple(parse_ids(text)) if text else ()
 
 
-def main(argv: list[str] | None = None) -> None:
+def worker_config(argv: list[str] | None = None) -> tuple[WorkerConfig, str]:
+    """The worker's config from its command line (as the launcher writes it), and the router URL to
+    register with (Slurm mode; '' otherwise)."""
     p = argparse.ArgumentParser(prog="pdbox-worker", description=__doc__)
     p.add_argument("--role", required=True, choices=ROLES)
     p.add_argument("--name", default="")
@@ -375,33 +377,40 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prefill-order", default="auto", choices=["auto", "fifo", "slack"],
                    help="prefill queue order (auto: slack on prefill and auto workers, fifo elsewhere)")
     p.add_argument("--attention-backend", default="auto")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="GPU: decode eagerly, without CUDA graphs")
     p.add_argument("--transport", default="shm")
     p.add_argument("--run-id", default="pdbox")
     p.add_argument("--register", default="", help="router URL to register with (Slurm mode)")
     p.add_argument("--advertise-host", default="", help="host name peers use to reach this worker (multi-node)")
     p.add_argument("--transport-host", default="127.0.0.1", help="bind address of the KV transport listener")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from appliance.engine.tp import die_with_parent
-
-    die_with_parent()
     cpus = parse_cpus(args.cpus)
-    if cpus:
-        os.sched_setaffinity(0, cpus)
     threads = len(cpus) // max(1, args.tp) if cpus else 0
     engine = EngineConfig(dtype=args.dtype, device=args.device, page_size=args.page_size,
                           kv_cache_mb=args.kv_cache_mb, max_prefill_tokens=args.max_prefill_tokens,
                           max_running=args.max_running, attention_backend=args.attention_backend,
                           tp_size=args.tp, threads=max(1, threads) if cpus else 0,
+                          cuda_graphs=not args.no_cuda_graphs,
                           prefill_order=("slack" if args.role in ("prefill", "auto") else "fifo")
                           if args.prefill_order == "auto" else args.prefill_order)
     cfg = WorkerConfig(role=args.role, name=args.name or f"{args.role}-{os.getpid()}", model=args.model,
                        host=args.host, port=args.port, engine=engine, transport=args.transport, run_id=args.run_id,
                        cpus=cpus, devices=args.devices, token=os.environ.get(TOKEN_ENV, ""),
                        advertise_host=args.advertise_host, transport_host=args.transport_host)
+    return cfg, args.register
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, register = worker_config(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from appliance.engine.tp import die_with_parent
+
+    die_with_parent()
+    if cfg.cpus:
+        os.sched_setaffinity(0, cfg.cpus)
     worker = Worker(cfg)
     worker.build_engine()
-    run_app(worker, args.register)
+    run_app(worker, register)
 
 
 def run_app(worker: Worker, register_url: str = "") -> None:

@@ -34,3 +34,14 @@ def test_bad_cores_per_engine(kw, needle) -> None:
 def test_cores_that_do_not_split_are_refused() -> None:
     with pytest.raises(ValueError, match="do not split"):
         engines(mode="unified", cpus="0-2", cores_per_engine=2)
+
+
+def test_no_cuda_graphs_reaches_every_worker_and_its_engine_config() -> None:
+    from appliance.serve.worker import worker_config
+
+    on, _ = plan_workers(UpConfig(monitor=False, mode="disagg"), token="t", run_id="r")
+    off, _ = plan_workers(UpConfig(monitor=False, mode="disagg", cuda_graphs=False), token="t", run_id="r")
+    assert all("--no-cuda-graphs" not in s.argv for s in on)
+    assert all("--no-cuda-graphs" in s.argv for s in off) and len(off) == 2
+    assert worker_config(off[0].argv[3:])[0].engine.cuda_graphs is False
+    assert worker_config(on[0].argv[3:])[0].engine.cuda_graphs is True
