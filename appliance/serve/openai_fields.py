@@ -18,8 +18,8 @@ from collections.abc import Callable
 from typing import Any
 
 APPLIED_COMMON = frozenset({
-    "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
-    "ignore_eos", "stream", "stream_options", "n", "presence_penalty", "frequency_penalty",
+    "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
+    "stop_token_ids", "ignore_eos", "stream", "stream_options", "n", "presence_penalty", "frequency_penalty",
 })
 APPLIED = {
     "chat": APPLIED_COMMON | {"messages", "logprobs", "top_logprobs"},

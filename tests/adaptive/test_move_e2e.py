@@ -84,10 +84,12 @@ def test_an_engine_turning_prefill_moves_its_decodes_and_the_answers_do_not_chan
         with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
             metrics = resp.read().decode()
         moved = re.search(r'pdbox_decode_moves_total\{outcome="moved"[^}]*\} (\d+)', metrics)
-        assert moved and int(moved.group(1)) == body["moved"], metrics
+        # NOTE: the switch's answer counts the requests decoding there at that moment; one still prefilling
+        # there for itself moves as soon as it decodes (evacuate_all), so the total can be higher.
+        assert moved and int(moved.group(1)) >= body["moved"], metrics
         ws = get_json(url + "/workers")
         assert {w["name"]: w["leaning"] for w in ws["workers"]} == {pre: "prefill", dec: "decode"}
-        assert ws["decodes_moved"] == body["moved"] and ws["decode_moves_failed"] == 0, ws
+        assert ws["decodes_moved"] == int(moved.group(1)) and ws["decode_moves_failed"] == 0, ws
         assert_pools_idle(url)  # the moved requests' pages were freed on both engines
     router_log = (tmp_path / "router.log").read_text()  # the router's own account of it
     assert f"role switch: {pre} -> prefill: operator request" in router_log, router_log
