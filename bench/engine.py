@@ -22,22 +22,7 @@ import time
 
 import torch
 
-
-def _decode_steps(engine, prompts: list[list[int]], steps: int) -> list[float]:
-    from appliance.engine.request import SamplingParams
-
-    params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
-    reqs = [engine.add_request(p, params) for p in prompts]
-    while any(not r.output_ids for r in reqs):  # prefill everything first
-        engine.step()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        engine.step()
-        times.append(time.perf_counter() - t0)
-    for r in reqs:
-        engine.abort(r.request_id)
-    return times
+from bench.engine_steps import decode_steps as _decode_steps
 
 
 def _prefill_times(engine, prompt: list[int], repeats: int) -> list[float]:

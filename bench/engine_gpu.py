@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from bench.engine_steps import decode_steps
+
 
 def _cuda_ms(fn, repeats: int) -> float:
     """Median ms of ``fn`` on the current stream, timed with events after one warm-up call."""
@@ -55,24 +57,11 @@ def _weights(model) -> tuple[int, int]:
 
 def _decode_ms(engine, prompts: list[list[int]], steps: int, graphs: bool) -> float:
     """Median wall ms of a decode-only engine step (host sampling included) over ``steps`` steps."""
-    from appliance.engine.request import SamplingParams
-
     runner = engine.runner
     saved = runner.decode_graphs
     runner.decode_graphs = saved if graphs else None
     try:
-        params = SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True)
-        reqs = [engine.add_request(p, params) for p in prompts]
-        while any(not r.output_ids for r in reqs):
-            engine.step()
-        engine.step()
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
-            engine.step()
-            times.append(time.perf_counter() - t0)
-        for r in reqs:
-            engine.abort(r.request_id)
+        times = decode_steps(engine, prompts, steps + 1)[1:]  # the first decode step is a warm-up
     finally:
         runner.decode_graphs = saved
     return statistics.median(times) * 1000

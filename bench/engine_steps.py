@@ -1,0 +1,24 @@
+"""Timing decode steps of an engine: the loop the CPU and GPU engine benches share."""
+
+from __future__ import annotations
+
+import time
+
+
+def decode_steps(engine, prompts: list[list[int]], steps: int) -> list[float]:
+    """Wall seconds of each of ``steps`` decode steps of ``prompts`` together (prefilled first, untimed).
+    A step returns once its sampled ids are on the host, so on a GPU the clock covers the device work."""
+    from appliance.engine.request import SamplingParams
+
+    params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
+    reqs = [engine.add_request(p, params) for p in prompts]
+    while any(not r.output_ids for r in reqs):  # prefill everything first
+        engine.step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - t0)
+    for r in reqs:
+        engine.abort(r.request_id)
+    return times
