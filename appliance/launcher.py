@@ -250,7 +250,7 @@ class Launcher:
                     await asyncio.sleep(0.25)
 
     def build_router(self):
-        from appliance.model.loader import load_tokenizer
+        from appliance.model.loader import load_generation_defaults, load_tokenizer
         from appliance.serve.policies import WorkerHandle
         from appliance.serve.router import Router, RouterConfig
 
@@ -259,7 +259,8 @@ class Launcher:
                             host=self.cfg.host, port=self.cfg.port, api_key=self.cfg.api_key,
                             cluster_token=self.token, prefill_policy=self.cfg.prefill_policy,
                             decode_policy=self.cfg.decode_policy, lease_s=self.cfg.lease_s,
-                            page_size=self.cfg.page_size, max_inflight=self.cfg.max_inflight)
+                            page_size=self.cfg.page_size, max_inflight=self.cfg.max_inflight,
+                            generation=load_generation_defaults(self.cfg.model))
         if self.cfg.mode == "auto":
             from appliance.serve.auto_router import AutoRouter
 

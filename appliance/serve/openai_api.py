@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from appliance.model.generation import GenerationDefaults
 from appliance.serve import openai_fields as fields
 from appliance.serve.protocol import Sampling
 
@@ -20,6 +21,7 @@ MAX_STOP = 16
 MAX_STOP_CHARS = 1024   # one stop string; the stream holds back up to this many characters per token
 MAX_LOGPROBS = 20
 ROLES = ("system", "user", "assistant", "tool", "developer")
+NO_DEFAULTS = GenerationDefaults()  # a checkpoint that states no sampling defaults
 
 
 class ApiError(Exception):
@@ -100,7 +102,9 @@ def _bool(body: dict, key: str, default: bool) -> bool:
     return v
 
 
-def _common(body: dict, prompt_len: int, max_model_len: int, vocab_size: int, logprobs: int | None) -> Sampling:
+def _common(body: dict, prompt_len: int, max_model_len: int, vocab_size: int, logprobs: int | None,
+            defaults: GenerationDefaults) -> Sampling:
+    fallback = defaults.sampling()  # what the request leaves unset: the checkpoint's, else pdbox's
     n = _int(body, "n", 1)
     if n != 1:
         raise ApiError(400, f"n must be 1 (pdbox returns one choice per request), got {n}", "n")
@@ -143,7 +147,7 @@ def _common(body: dict, prompt_len: int, max_model_len: int, vocab_size: int, lo
     bad = next((t for t in stop_ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise ApiError(400, f"stop_token_ids entry {bad} is outside the vocabulary [0, {vocab_size})", "stop_token_ids")
-    top_k = _int(body, "top_k", -1)
+    top_k = _int(body, "top_k", fallback["top_k"])
     if top_k is not None and top_k < -1:
         raise ApiError(400, f"top_k must be -1 or 0 (off) or >= 1, got {top_k}", "top_k")
     if top_k == 0:  # vLLM's spelling of "off"
@@ -156,8 +160,8 @@ def _common(body: dict, prompt_len: int, max_model_len: int, vocab_size: int, lo
         raise ApiError(400, f"seed must be in [0, 2^63), got {seed}", "seed")
     return Sampling(
         max_tokens=max_tokens,
-        temperature=_num(body, "temperature", 1.0, lo=0.0, hi=100.0),
-        top_p=_num(body, "top_p", 1.0, lo=0.0, hi=1.0, lo_open=True),
+        temperature=_num(body, "temperature", fallback["temperature"], lo=0.0, hi=100.0),
+        top_p=_num(body, "top_p", fallback["top_p"], lo=0.0, hi=1.0, lo_open=True),
         top_k=top_k if top_k is not None else -1,
         min_p=_num(body, "min_p", 0.0, lo=0.0, hi=1.0),
         seed=seed,
@@ -194,8 +198,8 @@ def _refuse(found: tuple[str, str] | None) -> None:
         raise ApiError(400, found[1], found[0])
 
 
-def parse_chat(body: dict, tokenizer: Any, served: str, max_model_len: int, aliases: tuple[str, ...] = ()
-               ) -> ParsedRequest:
+def parse_chat(body: dict, tokenizer: Any, served: str, max_model_len: int, aliases: tuple[str, ...] = (),
+               defaults: GenerationDefaults = NO_DEFAULTS) -> ParsedRequest:
     model = check_model(body, served, aliases)
     _refuse(fields.refusal(body, "chat"))
     messages = body.get("messages")
@@ -236,13 +240,13 @@ def parse_chat(body: dict, tokenizer: Any, served: str, max_model_len: int, alia
     if top is not None and not 0 <= top <= MAX_LOGPROBS:
         raise ApiError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {top}", "top_logprobs")
     want = bool(lp)
-    sampling = _common(body, len(ids), max_model_len, tokenizer.vocab_size, (top or 0) if want else None)
+    sampling = _common(body, len(ids), max_model_len, tokenizer.vocab_size, (top or 0) if want else None, defaults)
     stream, include = _stream_opts(body)
     return ParsedRequest("chat", model, ids, sampling, stream, include, want)
 
 
 def parse_completion(body: dict, tokenizer: Any, served: str, max_model_len: int, vocab_size: int,
-                     aliases: tuple[str, ...] = ()) -> ParsedRequest:
+                     aliases: tuple[str, ...] = (), defaults: GenerationDefaults = NO_DEFAULTS) -> ParsedRequest:
     model = check_model(body, served, aliases)
     _refuse(fields.refusal(body, "completions"))
     prompt = body.get("prompt")
@@ -267,7 +271,7 @@ def parse_completion(body: dict, tokenizer: Any, served: str, max_model_len: int
     lp = _int(body, "logprobs", None)
     if lp is not None and not 0 <= lp <= MAX_LOGPROBS:
         raise ApiError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {lp}", "logprobs")
-    sampling = _common(body, len(ids), max_model_len, vocab_size, lp)
+    sampling = _common(body, len(ids), max_model_len, vocab_size, lp, defaults)
     stream, include = _stream_opts(body)
     return ParsedRequest("completions", model, ids, sampling, stream, include, lp is not None)
 

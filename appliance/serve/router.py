@@ -32,6 +32,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
+from appliance.model.generation import GenerationDefaults
 from appliance.serve import openai_api as oai
 from appliance.serve.auth import bearer_ok
 from appliance.serve.detok import IncrementalText
@@ -79,6 +80,7 @@ class RouterConfig:
     stream_idle_s: float = 60.0
     client_stall_s: float = 30.0
     kv_wait_s: float = 30.0  # how long a prompt may wait for a full decode engine's KV pages before a 503
+    generation: GenerationDefaults = GenerationDefaults()  # the checkpoint's sampling defaults (unset fields)
 
     def __post_init__(self) -> None:
         if self.mode not in ("disagg", "unified", "auto"):
@@ -356,9 +358,10 @@ class Router:
             body = oai.parse_json(await request.read())
             mml = self.max_model_len or 2048
             if endpoint == "chat":
-                parsed = oai.parse_chat(body, self.tok, self.cfg.served_model_name, mml)
+                parsed = oai.parse_chat(body, self.tok, self.cfg.served_model_name, mml, defaults=self.cfg.generation)
             else:
-                parsed = oai.parse_completion(body, self.tok, self.cfg.served_model_name, mml, self.vocab_size)
+                parsed = oai.parse_completion(body, self.tok, self.cfg.served_model_name, mml, self.vocab_size,
+                                              defaults=self.cfg.generation)
             rid = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
             self.m_prompt.inc(len(parsed.prompt_ids))
             gen = self._generate(parsed, rid)

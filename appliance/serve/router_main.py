@@ -97,13 +97,14 @@ def build_app(router: Router, token: str, registry: Registry | None = None) -> w
 
 
 def make_router(args: argparse.Namespace, token: str) -> Router:
-    from appliance.model.loader import load_tokenizer
+    from appliance.model.loader import load_generation_defaults, load_tokenizer
 
     tok, vocab, name = load_tokenizer(args.model)
     cfg = RouterConfig(mode=args.mode, served_model_name=args.served_model_name or name, host=args.host,
                        port=args.port, cluster_token=token, prefill_policy=args.prefill_policy,
                        decode_policy=args.decode_policy, unified_policy=args.unified_policy,
-                       page_size=args.page_size, lease_s=args.lease_s, max_inflight=args.max_inflight)
+                       page_size=args.page_size, lease_s=args.lease_s, max_inflight=args.max_inflight,
+                       generation=load_generation_defaults(args.model))
     return Router(cfg, tok, vocab)
 
 
