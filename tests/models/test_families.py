@@ -101,10 +101,12 @@ def test_family_quirks_in_the_loaded_config(tmp_path) -> None:
     assert gemma == ((0,), 100.0, 10000.0, "linear", 64, 3.0, True, 24**-0.5)
 
 
-@pytest.mark.slow  # spawns a second rank (a fresh Python with torch): ~15-20 s here
-def test_tensor_parallel_matches_transformers(tmp_path) -> None:
-    """TP=2 on Qwen3-MoE: each rank its KV head (one of two), its q/k-normed query heads (head_dim 32 while
-    hidden / heads is 16), its slice of every expert and of the dense FFN."""
-    folder, model = save_tiny(tmp_path / "qwen3-moe", *qwen3_moe())
+@pytest.mark.slow  # spawns a second rank (a fresh Python with torch): ~15-20 s each here
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_tensor_parallel_matches_transformers(tmp_path, family) -> None:
+    """TP=2: each rank its KV heads (Llama with biases has one KV head: both ranks hold it), its query heads
+    (q/k-normed on Qwen3), its slice of the MLP (of every expert on Qwen3-MoE), biases on rank 0 only."""
+    model_cls, config = FAMILIES[family]()
+    folder, model = save_tiny(tmp_path / family, model_cls, config)
     worst = compare(folder, model, VOCAB, tp_size=2)
-    print(f"qwen3-moe tp=2: max relative logit difference {worst:.2e}")
+    print(f"{family} tp=2: max relative logit difference {worst:.2e}")
