@@ -90,20 +90,3 @@ class TorchAttentionBackend:
     fused_add_rmsnorm = staticmethod(fused_add_rmsnorm_ref)
     rotary = staticmethod(rotary_ref)
     silu_and_mul = staticmethod(silu_and_mul_ref)
-
-
-def create_backend(name: str, device: torch.device) -> AttentionBackend:
-    """``auto`` -> ``triton`` on CUDA, ``cpu`` otherwise. Imports the Triton path lazily."""
-    if name == "auto":
-        name = "triton" if device.type == "cuda" else "cpu"
-    if name == "torch":
-        return TorchAttentionBackend()
-    if name == "cpu":
-        from appliance.engine.attention_cpu import CpuAttentionBackend
-
-        return CpuAttentionBackend()
-    if name == "triton":
-        from appliance.engine.attention_triton import TritonAttentionBackend
-
-        return TritonAttentionBackend()
-    raise ValueError(f"unknown attention backend {name!r}: choose auto, cpu, torch or triton")

@@ -10,20 +10,20 @@ from typing import Protocol
 import torch
 
 from appliance.config import EngineConfig, RankInfo
-from appliance.engine import tp
 from appliance.engine.prefix_cache import RadixCache
 from appliance.engine.rank_device import bind_device
 from appliance.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
 from appliance.engine.runner import ModelRunner, checkpoint_for
 from appliance.engine.sampler import Sampler
 from appliance.engine.scheduler import ScheduledBatch, Scheduler
+from appliance.engine.tp_worker import spawn_tp_workers
 from appliance.model.loader import resolve_model_path
 from appliance.model.random_model import is_random_spec
 from appliance.model.tokenizer import Tokenizer
 
 
 class StepHooks(Protocol):
-    """What a prefill-side handoff plugs into each step (see ``appliance.serve.handoff``)."""
+    """What a prefill-side handoff plugs into each step (see ``appliance.engine.handoff``)."""
 
     def before_forward(self, sb: ScheduledBatch) -> tuple[Callable[[int], None] | None, bytes]: ...
 
@@ -52,7 +52,7 @@ class Engine:
         self._tp_procs: list = []
         rank = RankInfo()
         if cfg.tp_size > 1:
-            init, self._tp_procs = tp.spawn_tp_workers(self.model_path, cfg, tp_transport, tp_transport_opts)
+            init, self._tp_procs = spawn_tp_workers(self.model_path, cfg, tp_transport, tp_transport_opts)
             rank = RankInfo(rank=0, world_size=cfg.tp_size, dist_init=init)
         self.runner = ModelRunner(ckpt, cfg, rank, kv_allocator=kv_allocator)
         self.model_config = self.runner.model_config

@@ -88,7 +88,7 @@ class Request:
     # Disaggregation hooks: a prefill-only request stops after its first token and keeps its pages
     # until the transfer is done; a decode request arrives with its KV already written.
     prefill_only: bool = False
-    transfer: Any = None  # the prefill side's handoff target (appliance.serve.handoff.Transfer)
+    transfer: Any = None  # the prefill side's handoff target (appliance.engine.handoff.Transfer)
 
     @property
     def prompt_len(self) -> int:

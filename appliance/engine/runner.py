@@ -9,7 +9,7 @@ import torch
 
 from appliance.config import EngineConfig, ModelConfig, RankInfo
 from appliance.engine import tp
-from appliance.engine.attention import create_backend
+from appliance.engine.backends import create_backend
 from appliance.engine.decode_graphs import DecodeGraphs
 from appliance.engine.forward_batch import ForwardBatch
 from appliance.engine.graph_plan import LADDER, DecodeRow, plan_graphs

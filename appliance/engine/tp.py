@@ -1,20 +1,17 @@
 """Tensor parallelism across processes: rank 0 schedules and broadcasts each step's plan.
 
 The plan travels as int64 tensors over torch.distributed (gloo on CPU, NCCL on CUDA); nothing is
-pickled. Ranks > 0 run :func:`tp_worker_main` in their own process until rank 0 says stop.
+pickled. Ranks > 0 run `tp_worker.tp_worker_main` in their own process until rank 0 says stop.
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
-import os
 import socket
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from appliance.config import EngineConfig, RankInfo
+from appliance.config import RankInfo
 
 CMD_STOP = 0
 CMD_FORWARD = 1
@@ -93,49 +90,6 @@ def receive_command() -> tuple[int, torch.Tensor | None]:
     return cmd, payload
 
 
-@dataclass(frozen=True)
-class TPLaunch:
-    """What a rank > 0 process needs to build its shard of the engine."""
-
-    model: str | None
-    config: EngineConfig
-    rank: RankInfo
-    transport: str = ""
-    transport_opts: tuple[tuple[str, str], ...] = ()
-
-
-def tp_worker_main(launch: TPLaunch) -> None:
-    """Entry point of a rank > 0 process: build the runner, then follow rank 0's commands."""
-    from appliance.engine.runner import ModelRunner
-
-    if launch.config.threads:
-        torch.set_num_threads(launch.config.threads)
-    die_with_parent()
-    joined: list = []  # nvshmem: the transport this rank joined the job with, inside its pool allocation
-    kv_allocator = None
-    if launch.transport == "nvshmem":
-        from appliance.nvshmem_job import NVSHMEM_ENV, PeJob, symmetric_allocator
-
-        job = PeJob.from_env(os.environ)
-        if job is None:
-            raise ValueError(f"the nvshmem transport needs {NVSHMEM_ENV} from the launcher")
-        kv_allocator = symmetric_allocator(job, launch.rank.rank, dict(launch.transport_opts), joined.append)
-    runner = ModelRunner(launch.model, launch.config, launch.rank, kv_allocator=kv_allocator)
-    sender = None
-    if launch.transport:
-        from appliance.serve.handoff import FollowerHandoff
-
-        sender = FollowerHandoff(launch.transport, dict(launch.transport_opts), runner,
-                                 transport=joined[0] if joined else None)
-        runner.follower_hook = sender.plan_step
-    try:
-        runner.follow()
-    finally:
-        if sender is not None:
-            sender.close()
-        runner.close()
-
-
 def die_with_parent() -> None:
     """Linux: get SIGKILL when the parent dies, so no rank outlives its engine."""
     try:
@@ -145,18 +99,3 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
-
-
-def spawn_tp_workers(model: str | None, cfg: EngineConfig, transport: str = "",
-                     transport_opts: dict[str, str] | None = None) -> tuple[str, list[mp.process.BaseProcess]]:
-    """Start ranks 1..tp-1 (spawn, not fork: torch state must not be inherited)."""
-    init = f"tcp://127.0.0.1:{free_port()}"
-    ctx = mp.get_context("spawn")
-    procs = []
-    for r in range(1, cfg.tp_size):
-        launch = TPLaunch(model, cfg, RankInfo(rank=r, world_size=cfg.tp_size, dist_init=init), transport,
-                          tuple(sorted((transport_opts or {}).items())))
-        p = ctx.Process(target=tp_worker_main, args=(launch,), name=f"pdbox-tp{r}", daemon=True)
-        p.start()
-        procs.append(p)
-    return init, procs

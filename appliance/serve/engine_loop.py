@@ -25,8 +25,8 @@ from typing import Any
 import msgspec
 
 from appliance.engine.engine import Engine
+from appliance.engine.handoff import Transfer
 from appliance.engine.request import RequestOutput, SamplingParams
-from appliance.serve.handoff import Transfer
 from appliance.serve.protocol import Event
 
 log = logging.getLogger("pdbox.engine")

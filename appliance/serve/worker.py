@@ -111,7 +111,7 @@ class Worker:
         if cfg.role in ("decode", "auto"):
             self.handle_json = self.transport.register_pool(self.engine.pool.kv, self._desc).to_json().decode()
         if cfg.role in ("prefill", "auto"):
-            from appliance.serve.handoff import PrefillHandoff
+            from appliance.engine.handoff import PrefillHandoff
 
             mc = self.engine.model_config
             self.handoff = PrefillHandoff(self.transport, self.engine.pool.kv, mc.num_kv_heads, cfg.engine.page_size,
@@ -245,7 +245,7 @@ class Worker:
         return await self._stream(request, body.rid, q)
 
     async def prefill(self, request: web.Request) -> web.Response:
-        from appliance.serve.handoff import Transfer
+        from appliance.engine.handoff import Transfer
 
         self._check_role("prefill", "auto")
         body: PrefillRequest = await self._decode_body(request, PrefillRequest)

@@ -151,7 +151,7 @@ def test_a_move_after_a_prefill_handoff_to_the_same_engine(fresh_pair, tiny_mode
     handed = [7 + (i * 5) % 240 for i in range(21)]
 
     async def scenario() -> tuple[list[int], list[int]]:
-        from appliance.serve.handoff import Transfer
+        from appliance.engine.handoff import Transfer
 
         aio = asyncio.get_running_loop()
         la, lb = EngineLoop(a.engine, aio, a.transport), EngineLoop(b.engine, aio, b.transport)

@@ -98,7 +98,7 @@ def test_static_buffer_decode_equals_the_eager_step(backend: str) -> None:
     sb = engine.scheduler.schedule()
     assert sb is not None and sb.decode_only and len(sb.requests) == 3
     if backend != "torch":  # prefill ran on the references (fast); the decode steps compared run here
-        from appliance.engine.attention import create_backend
+        from appliance.engine.backends import create_backend
 
         engine.runner.model.backend = create_backend(backend, torch.device("cpu"))
     runner = engine.runner

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from appliance.engine.attention import TorchAttentionBackend, create_backend
+from appliance.engine.attention import TorchAttentionBackend
 from appliance.engine.attention_cpu import CpuAttentionBackend, PackedWeight, onednn_available
+from appliance.engine.backends import create_backend
 from appliance.engine.dtype import default_dtype
 from tests.engine.greedy import tiny_greedy
 

@@ -12,9 +12,9 @@ import msgspec
 import torch
 
 import nvshmem_kv as nk
+from appliance.engine.handoff import PrefillHandoff, Transfer
 from appliance.engine.request import Request, SamplingParams
 from appliance.engine.scheduler import ScheduledBatch
-from appliance.serve.handoff import PrefillHandoff, Transfer
 from nvshmem_kv.backends.fake import FakeTransport
 from nvshmem_kv.copy_order import CopyOrder
 
