@@ -6,17 +6,12 @@ import sys
 
 import click
 
+from appliance.cli_support import CliError, LazyGroup
 from appliance.config import DEFAULT_KV_CACHE_MB, DTYPE_CHOICES
 
 
-class CliError(click.ClickException):
-    """A one-line error for the user; no traceback."""
-
-    def show(self, file=None) -> None:  # type: ignore[override]
-        click.echo(f"error: {self.format_message()}", err=True)
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
+             lazy={"bench": "bench.cli:bench", "monitor": "appliance.monitor.cli:monitor", "slurm": "slurm.cli:slurm"})
 @click.version_option(package_name="pdbox")
 def main() -> None:
     """pdbox: a prefill/decode-disaggregated LLM serving appliance."""
@@ -128,17 +123,6 @@ def doctor(as_json: bool) -> None:
 
     rep = report()
     click.echo(json.dumps(rep, indent=1) if as_json else render(rep))
-
-
-def _attach_groups() -> None:
-    from bench.cli import bench
-
-    main.add_command(bench)
-    main.add_command(__import__("appliance.monitor.cli", fromlist=["monitor"]).monitor)
-    main.add_command(__import__("slurm.cli", fromlist=["slurm"]).slurm)
-
-
-_attach_groups()
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def monitor(url: str, interval: float, once: bool, api_key: str) -> None:
     """
     import asyncio
 
-    from appliance.cli import CliError
+    from appliance.cli_support import CliError
     from appliance.monitor import live
     from appliance.monitor.snapshot import MonitorError
 
