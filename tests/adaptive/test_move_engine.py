@@ -13,7 +13,8 @@ from appliance.config import EngineConfig
 from appliance.engine.request import SamplingParams
 from appliance.serve.engine_loop import EngineLoop
 from appliance.serve.protocol import Event
-from appliance.serve.worker import Worker, WorkerConfig
+from appliance.serve.worker import Worker
+from appliance.serve.worker_config import WorkerConfig
 from tests.engine.reference import NaiveLlama
 
 PROMPT = [5 + (i * 11) % 250 for i in range(37)]

@@ -129,7 +129,8 @@ def test_uid_wait_times_out_naming_the_file(tmp_path) -> None:
 
 
 def test_worker_refuses_nvshmem_without_a_pe_plan(monkeypatch, tmp_path) -> None:
-    from appliance.serve.worker import Worker, WorkerConfig
+    from appliance.serve.worker import Worker
+    from appliance.serve.worker_config import WorkerConfig
 
     monkeypatch.delenv(NVSHMEM_ENV, raising=False)
     w = Worker(WorkerConfig(role="decode", name="decode-0", transport="nvshmem"))

@@ -7,7 +7,8 @@ import pytest
 
 from appliance.config import EngineConfig
 from appliance.nvshmem_job import NVSHMEM_ENV, plan_job, publish_uid
-from appliance.serve.worker import Worker, WorkerConfig
+from appliance.serve.worker import Worker
+from appliance.serve.worker_config import WorkerConfig
 from nvshmem_kv import registry
 from nvshmem_kv.backends import nvshmem as real_nvshmem
 from nvshmem_kv.backends.fake import FakeTransport

@@ -37,7 +37,7 @@ def test_cores_that_do_not_split_are_refused() -> None:
 
 
 def test_no_cuda_graphs_reaches_every_worker_and_its_engine_config() -> None:
-    from appliance.serve.worker import worker_config
+    from appliance.serve.worker_config import worker_config
 
     on, _ = plan_workers(UpConfig(monitor=False, mode="disagg"), token="t", run_id="r")
     off, _ = plan_workers(UpConfig(monitor=False, mode="disagg", cuda_graphs=False), token="t", run_id="r")
