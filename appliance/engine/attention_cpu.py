@@ -8,7 +8,8 @@ The references in ``kernels`` are written to be obviously right; they stay the t
 - rotary cos/sin gathered once per forward pass, not once per layer;
 - prefill attention through torch's fused SDPA with a lower-right causal bias (one call per request,
   covering the cached prefix and the causal part of the new tokens);
-- decode attention grouped by context length once per forward pass (the reference's plan);
+- decode attention grouped by context length once per forward pass (the reference's plan), each group
+  one fused SDPA call with a KV head's query heads as its query length (K/V read once per group);
 - no dtype round trips when the engine runs fp32.
 """
 
@@ -54,7 +55,6 @@ class CpuAttentionBackend:
         self._plan_key: tuple[torch.Tensor, torch.Tensor] | None = None
         self._plan: DecodePlan = []
         self._masks: list[torch.Tensor] = []
-        self._eye_t = torch.empty(0, 0)
         self._lens_key: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lens: list[tuple[int, int]] = []
 
@@ -83,39 +83,30 @@ class CpuAttentionBackend:
         key = self._plan_key
         if key is None or key[0] is not page_table or key[1] is not seq_lens:
             self._plan = decode_plan(page_table, seq_lens, k_cache.shape[1])
-            self._masks = [torch.zeros(valid.shape, dtype=torch.float32).masked_fill_(~valid, float("-inf"))[:, None]
+            self._masks = [torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))[:, None, None]
                            for _, _, _, valid in self._plan]
             self._plan_key = (page_table, seq_lens)
-        if q.dtype != torch.float32 or k_cache.dtype != torch.float32 or k_cache.shape[2] > 4:
+        if q.dtype != torch.float32 or k_cache.dtype != torch.float32:
             return decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, scale, self._plan)
         batch, q_heads, dim = q.shape
         num_pages, kv_heads = k_cache.shape[0], k_cache.shape[2]
         group = q_heads // kv_heads
-        eye = self._eye(kv_heads)
         k_rows, v_rows = k_cache.view(num_pages, -1), v_cache.view(num_pages, -1)
         whole = len(self._plan) == 1 and int(self._plan[0][0].shape[0]) == batch
         out = q if whole else torch.zeros_like(q)
         for (idx, table, width, _), mask in zip(self._plan, self._masks):
             n = int(idx.shape[0])
-            k = k_rows.index_select(0, table).view(n, width, -1)
-            v = v_rows.index_select(0, table).view(n, width, -1)
-            qg = (q if whole else q.index_select(0, idx)).view(n, kv_heads, group, 1, dim)
-            # NOTE: block-diagonal queries, as in the reference: (h, j) -> q[h, j] in column block h, so
-            # both matmuls take the gathered pages as they lie; the mask adds -inf past each context.
-            qbd = torch.mul(qg, eye).view(n, q_heads, kv_heads * dim)
-            probs = torch.baddbmm(mask, qbd, k.transpose(1, 2), alpha=scale).softmax(-1)
-            o = torch.bmm(probs, v).view(n, kv_heads, group, kv_heads, dim)
-            o = torch.diagonal(o, dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(n, q_heads, dim)
+            k = k_rows.index_select(0, table).view(n, width, kv_heads, dim).transpose(1, 2)
+            v = v_rows.index_select(0, table).view(n, width, kv_heads, dim).transpose(1, 2)
+            # NOTE: GQA as query length: a KV head's `group` query heads are its "queries", so SDPA's
+            # fused kernel reads each gathered K/V row once for the whole group; the mask adds -inf
+            # past each context.
+            qg = (q if whole else q.index_select(0, idx)).view(n, kv_heads, group, dim)
+            o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale).reshape(n, q_heads, dim)
             if whole:
                 return o
             out.index_copy_(0, idx, o)
         return out
-
-    def _eye(self, kv_heads: int) -> torch.Tensor:
-        """``(1, kv_heads, 1, kv_heads, 1)`` identity that spreads grouped queries block-diagonally."""
-        if self._eye_t.shape[1:2] != (kv_heads,):
-            self._eye_t = torch.eye(kv_heads).view(1, kv_heads, 1, kv_heads, 1)
-        return self._eye_t
 
     def extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                prefix_lens: torch.Tensor, extend_lens: torch.Tensor, scale: float) -> torch.Tensor:
@@ -146,6 +137,8 @@ class CpuAttentionBackend:
 
     # -- pointwise ----------------------------------------------------------------------------
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if x.dtype == torch.float32 and weight.dtype == torch.float32:  # one aten op, bit-equal to the below
+            return F.rms_norm(x, weight.shape, weight, eps)
         xf = x.float()
         out = xf * torch.rsqrt(torch.mean(xf * xf, -1, keepdim=True).add_(eps))
         return out.mul_(weight).to(x.dtype)
@@ -184,11 +177,11 @@ def _adjacent(q: torch.Tensor, k: torch.Tensor) -> bool:
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate-half rotary of ``x`` ``(T, heads, D)`` into a new tensor, fp32 math."""
     out_dtype = x.dtype
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = (x if out_dtype == torch.float32 else x.float()).chunk(2, dim=-1)
     out = torch.empty(x.shape, dtype=torch.float32)
     o1, o2 = out.chunk(2, dim=-1)
     torch.mul(x1, cos, out=o1)
     o1.addcmul_(x2, sin, value=-1.0)
     torch.mul(x2, cos, out=o2)
     o2.addcmul_(x1, sin)
-    return out.to(out_dtype)
+    return out if out_dtype == torch.float32 else out.to(out_dtype)
