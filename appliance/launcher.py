@@ -71,7 +71,7 @@ class UpConfig:
 
     def auto_config(self, initial_prefill: tuple[str, ...]):
         """The adaptive router's settings (``--mode auto``); raises ValueError naming a bad option."""
-        from appliance.serve.auto_router import AutoConfig
+        from appliance.serve.router_config import AutoConfig
 
         return AutoConfig(initial_prefill=initial_prefill, slo_tpot_ms=self.slo_tpot_ms,
                           slo_ttft_ms=self.slo_ttft_ms, rebalance_idle_s=self.rebalance_idle_s,
@@ -252,7 +252,8 @@ class Launcher:
     def build_router(self):
         from appliance.model.loader import load_generation_defaults, load_tokenizer
         from appliance.serve.policies import WorkerHandle
-        from appliance.serve.router import Router, RouterConfig
+        from appliance.serve.router import Router
+        from appliance.serve.router_config import RouterConfig
 
         tok, vocab, name = load_tokenizer(self.cfg.model)
         rcfg = RouterConfig(mode=self.cfg.mode, served_model_name=self.cfg.served_model_name or name,
@@ -261,16 +262,13 @@ class Launcher:
                             decode_policy=self.cfg.decode_policy, lease_s=self.cfg.lease_s,
                             page_size=self.cfg.page_size, max_inflight=self.cfg.max_inflight,
                             generation=load_generation_defaults(self.cfg.model))
+        auto = None
         if self.cfg.mode == "auto":
-            from appliance.serve.auto_router import AutoRouter
-
-            first = tuple(s.name for s in self.specs if s.extra.get("leaning") == "prefill")
-            router = AutoRouter(rcfg, self.cfg.auto_config(first), tok, vocab)
-        else:
-            router = Router(rcfg, tok, vocab)
+            auto = self.cfg.auto_config(tuple(s.name for s in self.specs if s.extra.get("leaning") == "prefill"))
+        router = Router(rcfg, tok, vocab, auto=auto)
         for spec in self.specs:
-            router.add_worker(WorkerHandle(name=spec.name, role=spec.role, url=spec.url, devices=spec.devices,
-                                           transport=self.transport if spec.role != "unified" else ""))
+            router.pool.add(WorkerHandle(name=spec.name, role=spec.role, url=spec.url, devices=spec.devices,
+                                         transport=self.transport if spec.role != "unified" else ""))
         return router
 
     async def supervise(self) -> None:
@@ -289,9 +287,9 @@ class Launcher:
                     delay = min(MAX_BACKOFF_S, 2.0 ** (crashes - 1)) if crashes else 0.0
                     self.say(f"worker {spec.name} (pid {spec.proc.pid}) exited with code {code}; "
                              f"its requests fail; restarting it" + (f" in {delay:.0f} s" if delay else ""))
-                    w = self.router.workers.get(spec.name) if self.router else None
+                    w = self.router.pool.workers.get(spec.name) if self.router else None
                     if w is not None:
-                        self.router.mark_down(spec.name, f"process exited with code {code}")  # fails its requests
+                        self.router.pool.mark_down(spec.name, f"process exited with code {code}")  # fails its requests
                         w.restarts += 1
                     spec.restarts += 1
                     due = spec.extra["restart_at"] = now + delay

@@ -36,6 +36,12 @@ class WorkerHandle:
         used = total - self.load.get("free_pages", total) - self.load.get("evictable_pages", 0)
         return self.inflight + self.load.get("waiting", 0) + used / total
 
+    @property
+    def kv_free(self) -> float:
+        """The share of the worker's KV pages free or evictable, as its last load report says."""
+        total = self.load.get("total_pages") or 1
+        return (self.load.get("free_pages", total) + self.load.get("evictable_pages", 0)) / total
+
 
 class Policy(Protocol):
     name: str

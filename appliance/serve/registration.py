@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from appliance.serve.worker import Worker
+    from appliance.serve.worker_config import WorkerConfig
     from slurm.messages import WorkerInfo
 
 log = logging.getLogger("pdbox.worker")
@@ -40,19 +40,19 @@ def worker_info(role: str, url: str, environ: Mapping[str, str] | None = None) -
     )
 
 
-async def register_worker(router_url: str, worker: Worker, url: str) -> None:
+async def register_worker(router_url: str, cfg: WorkerConfig, url: str) -> None:
     """Register with the router at `router_url`; retries for a minute, then raises
     `slurm.register.RegistrationError` (a worker that cannot reach its router should not linger)."""
     from slurm.register import register
 
-    info = worker_info(worker.cfg.role, url)
-    await asyncio.to_thread(register, router_url, worker.cfg.token, info)
+    info = worker_info(cfg.role, url)
+    await asyncio.to_thread(register, router_url, cfg.token, info)
     log.info("registered with %s as %s", router_url, info.key)
 
 
-async def deregister_worker(router_url: str, worker: Worker, url: str) -> None:
+async def deregister_worker(router_url: str, cfg: WorkerConfig, url: str) -> None:
     """Best effort and quick: the router drops a silent worker by its health checks anyway."""
     from slurm.register import deregister
 
-    if not await asyncio.to_thread(deregister, router_url, worker.cfg.token, url=url):
+    if not await asyncio.to_thread(deregister, router_url, cfg.token, url=url):
         log.warning("the router at %s did not confirm the deregistration of %s", router_url, url)

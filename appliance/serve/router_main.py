@@ -5,7 +5,7 @@
 
 It serves the OpenAI API of `appliance.serve.router.Router` (started with no workers) and, on the same
 port, the worker registry of `slurm.registry` at /internal (register, deregister, workers, events;
-cluster token required). `RegistrySync` keeps `Router.workers` equal to the registry's healthy
+cluster token required). `RegistrySync` keeps the router's `WorkerPool` equal to the registry's healthy
 engine heads, so a worker that deregisters (preemption, requeue, `pdbox slurm down`) or fails its
 health checks gets no new requests at once; its in-flight requests fail with a clean error.
 """
@@ -23,7 +23,9 @@ from pathlib import Path
 from aiohttp import web
 
 from appliance.serve.policies import WorkerHandle
-from appliance.serve.router import Router, RouterConfig
+from appliance.serve.router import Router
+from appliance.serve.router_config import RouterConfig
+from appliance.serve.worker_pool import WorkerPool
 from slurm.messages import WorkerInfo
 from slurm.registry import TOKEN_ENV, Registry, make_registry_app
 
@@ -41,14 +43,14 @@ def handle_name(info: WorkerInfo) -> str:
 
 
 class RegistrySync:
-    """Mirrors the registry's healthy engine heads into `router.workers` (one `WorkerHandle` each).
+    """Mirrors the registry's healthy engine heads into the router's `WorkerPool` (one `WorkerHandle` each).
 
     A rank that comes back under the same (role, job, rank) at a new url, after a requeue, gets a new
     handle with `restarts` one higher; requests still holding the old handle finish or fail on it.
     """
 
-    def __init__(self, router: Router, registry: Registry) -> None:
-        self.router = router
+    def __init__(self, pool: WorkerPool, registry: Registry) -> None:
+        self.pool = pool
         self.registry = registry
         self._live: dict[str, tuple[WorkerInfo, WorkerHandle]] = {}
         self._urls: dict[str, str] = {}  # last url seen per registry key
@@ -61,7 +63,7 @@ class RegistrySync:
         for key, (info, handle) in list(self._live.items()):
             if key not in want or want[key].url != info.url:
                 del self._live[key]
-                self.router.remove_worker(handle.name)
+                self.pool.remove(handle.name)
                 log.info("stopped routing to %s at %s", handle.name, info.url)
         for key, info in want.items():
             if key in self._live:
@@ -74,15 +76,15 @@ class RegistrySync:
                                   devices=f"{info.node}/{gpus}", healthy=True, last_seen=time.monotonic(),
                                   restarts=self._restarts.get(key, 0))
             self._live[key] = (info, handle)
-            self.router.add_worker(handle)
+            self.pool.add(handle)
             log.info("routing to %s at %s (node %s, restart %d)", handle.name, info.url, info.node, info.restart)
             self._refresh(handle)
 
     def _refresh(self, handle: WorkerHandle) -> None:
         """Read the new worker's /load now (TP size, transport), not a health interval later."""
-        if self.router.session is None:
+        if self.pool.session is None:
             return
-        task = asyncio.get_running_loop().create_task(self.router.refresh(handle))
+        task = asyncio.get_running_loop().create_task(self.pool.refresh(handle))
         self._refreshes.add(task)
         task.add_done_callback(self._refreshes.discard)
 
@@ -92,7 +94,7 @@ def build_app(router: Router, token: str, registry: Registry | None = None) -> w
     registry = registry if registry is not None else Registry()
     app = router.app()
     app.add_subapp("/internal", make_registry_app(token, registry))
-    RegistrySync(router, registry)
+    RegistrySync(router.pool, registry)
     return app
 
 

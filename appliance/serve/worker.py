@@ -351,12 +351,12 @@ def run_app(worker: Worker, register_url: str = "") -> None:
         if register_url:
             from appliance.serve.registration import register_worker
 
-            await register_worker(register_url, worker, url)
+            await register_worker(register_url, worker.cfg, url)
         await stop.wait()
         if register_url:
             from appliance.serve.registration import deregister_worker
 
-            await deregister_worker(register_url, worker, url)
+            await deregister_worker(register_url, worker.cfg, url)
         await runner.cleanup()
 
     asyncio.run(serve())

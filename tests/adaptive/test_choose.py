@@ -1,4 +1,4 @@
-"""AutoRouter.choose on fake worker handles and a fake clock: where a request goes, and why."""
+"""AdaptivePlacement.choose on fake worker handles and a fake clock: where a request goes, and why."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import time
 import pytest
 
 from appliance.serve import openai_api as oai
-from appliance.serve.auto_router import AutoConfig, AutoRouter, _Progress
+from appliance.serve.adaptive_placement import AdaptivePlacement
 from appliance.serve.policies import WorkerHandle
-from appliance.serve.router import RouterConfig
+from appliance.serve.progress import Progress
+from appliance.serve.router import Router
+from appliance.serve.router_config import AutoConfig, RouterConfig
 
 LOAD = {"prefill_tok_s": 500.0, "decode_step_s": 0.025, "total_pages": 1000, "free_pages": 1000}
 
@@ -22,22 +24,29 @@ class Clock:
         return self.t
 
 
-def router(prefill: tuple[str, ...] = ("e0",), move: bool = False) -> tuple[AutoRouter, Clock]:
+def placement(cfg: RouterConfig, auto: AutoConfig, clock) -> AdaptivePlacement:  # type: ignore[no-untyped-def]
+    """The adaptive placement of a router in ``--mode auto`` (no workers yet)."""
+    p = Router(cfg, tokenizer=None, vocab_size=49152, auto=auto, clock=clock).placement
+    assert isinstance(p, AdaptivePlacement)
+    return p
+
+
+def router(prefill: tuple[str, ...] = ("e0",), move: bool = False, clock=None  # type: ignore[no-untyped-def]
+           ) -> tuple[AdaptivePlacement, Clock]:
     """``move``: an engine turning prefill moves its decodes away (else they finish there first)."""
-    clock = Clock()
-    r = AutoRouter(RouterConfig(mode="auto", decode_policy="round_robin"),
-                   AutoConfig(initial_prefill=prefill, move=move),
-                   tokenizer=None, vocab_size=49152, clock=clock)
+    clock = clock or Clock()
+    r = placement(RouterConfig(mode="auto", decode_policy="round_robin"),
+                  AutoConfig(initial_prefill=prefill, move=move), clock)
     for name in ("e0", "e1"):
-        r.add_worker(WorkerHandle(name=name, role="auto", url=f"http://{name}", healthy=True, load=dict(LOAD)))
+        r.pool.add(WorkerHandle(name=name, role="auto", url=f"http://{name}", healthy=True, load=dict(LOAD)))
     r.rebalance()  # the balancer takes the starting split
     return r, clock
 
 
-def decoding(r: AutoRouter, rid: str, on: str, max_tokens: int, emitted: int, since_first_s: float) -> None:
+def decoding(r: AdaptivePlacement, rid: str, on: str, max_tokens: int, emitted: int, since_first_s: float) -> None:
     """A request the router has in flight on ``on``, ``emitted`` tokens out, the first ``since_first_s`` ago."""
     now = r.clock()
-    r.active[rid] = _Progress(on, on, 100, max_tokens, now - since_first_s - 0.3, now - since_first_s, emitted)
+    r.active[rid] = Progress(on, on, 100, max_tokens, now - since_first_s - 0.3, now - since_first_s, emitted)
 
 
 def test_long_prompt_goes_to_the_prefill_engine_while_a_decode_runs_beside_it() -> None:
@@ -52,7 +61,7 @@ def test_long_prompt_goes_to_the_prefill_engine_while_a_decode_runs_beside_it() 
 def test_with_no_prefill_engine_a_long_prompt_moves_to_the_decode_engine_that_can_absorb_it() -> None:
     r, _ = router(prefill=())
     decoding(r, "a", "e0", 48, 10, 0.25)  # e0: a short answer with little slack
-    r.policies["decode"].i = -1  # round robin would pick e0 first
+    r.dispatch.policies["decode"].i = -1  # round robin would pick e0 first
     kind, choice, dec, _ = r.choose(list(range(1500)))
     assert kind == "local" and choice["unified"].name == "e1" and dec.code == "moved"
     assert dec.reason.startswith("moved to e1") and r.balancer.demand(10.0) == 0
@@ -67,7 +76,7 @@ def test_when_decodes_can_move_a_long_prompt_turns_an_engine_prefill_at_once() -
     r, _ = router(prefill=(), move=True)
     decoding(r, "a", "e0", 2000, 10, 25.0)  # long answers with little slack: 50 s to finish where they are
     decoding(r, "b", "e1", 2000, 10, 25.0)
-    r.active["c"] = _Progress("e1", "e1", 300, 64, r.clock())  # e1 also prefills a prompt for itself
+    r.active["c"] = Progress("e1", "e1", 300, 64, r.clock())  # e1 also prefills a prompt for itself
     kind, choice, dec, _ = r.choose(list(range(1500)))
     # e0's decode moves to e1 (0.5 s); e1 would first have to finish its own 300-token prefill
     assert kind == "disagg" and dec.code == "drain" and choice["prefill"].name == "e0"
@@ -96,24 +105,24 @@ def test_with_no_prefill_engine_a_long_prompt_waits_for_an_engine_to_drain_then_
 def test_queued_tokens_count_what_was_sent_since_the_last_load_report() -> None:
     r, clock = router()
     r.loaded_at["e0"] = clock.t - 1.0
-    r.active["x"] = _Progress("e0", "e1", 1200, 32, clock.t)  # sent after the report, no first token yet
-    r.workers["e0"].load["queued_prefill_tokens"] = 300
-    assert r.queued_prefill_tokens(r.workers["e0"]) == 1200
+    r.active["x"] = Progress("e0", "e1", 1200, 32, clock.t)  # sent after the report, no first token yet
+    r.pool.workers["e0"].load["queued_prefill_tokens"] = 300
+    assert r.est.queued_prefill_tokens(r.pool.workers["e0"]) == 1200
     r.active["x"].first_at = clock.t
-    assert r.queued_prefill_tokens(r.workers["e0"]) == 300
+    assert r.est.queued_prefill_tokens(r.pool.workers["e0"]) == 300
 
 
 def test_a_short_prompt_waits_only_for_queued_prompts_with_less_ttft_slack() -> None:
     r, clock = router()
-    r.active["rag"] = _Progress("e0", "e1", 1500, 32, clock.t - 1.0)  # a RAG prompt queued 1 s ago
-    e0 = r.workers["e0"]
-    assert r.queued_ahead(e0, 150) == 0  # slack order: the short prompt goes first ...
+    r.active["rag"] = Progress("e0", "e1", 1500, 32, clock.t - 1.0)  # a RAG prompt queued 1 s ago
+    e0 = r.pool.workers["e0"]
+    assert r.est.queued_ahead(e0, 150) == 0  # slack order: the short prompt goes first ...
     e0.load["prefill_chunk"] = 256
-    assert r.queued_ahead(e0, 150) == 256  # ... after the chunk of the RAG prompt running now
+    assert r.est.queued_ahead(e0, 150) == 256  # ... after the chunk of the RAG prompt running now
     del e0.load["prefill_chunk"]
-    assert r.queued_ahead(e0, 2000) == 1500  # a longer one waits behind it
+    assert r.est.queued_ahead(e0, 2000) == 1500  # a longer one waits behind it
     clock.t += 9.0  # the RAG prompt has aged 10 s: now it goes before anyone
-    assert r.queued_ahead(e0, 150) == 1500
+    assert r.est.queued_ahead(e0, 150) == 1500
     decoding(r, "a", "e1", 48, 10, 0.25)
     kind, choice, dec, _ = r.choose(list(range(150)))
     assert kind == "local" and dec.code == "busy"  # 3 s behind the aged prompt: prefill it where it decodes
@@ -121,16 +130,15 @@ def test_a_short_prompt_waits_only_for_queued_prompts_with_less_ttft_slack() -> 
 
 def test_slo_admission_refuses_at_once_when_the_predicted_ttft_is_far_beyond_the_slo() -> None:
     clock = Clock()
-    r = AutoRouter(RouterConfig(mode="auto"), AutoConfig(initial_prefill=("e0",), slo_ttft_ms=500),
-                   tokenizer=None, vocab_size=49152, clock=clock)
+    r = placement(RouterConfig(mode="auto"), AutoConfig(initial_prefill=("e0",), slo_ttft_ms=500), clock)
     for name in ("e0", "e1"):
-        r.add_worker(WorkerHandle(name=name, role="auto", url=f"http://{name}", healthy=True, load=dict(LOAD)))
+        r.pool.add(WorkerHandle(name=name, role="auto", url=f"http://{name}", healthy=True, load=dict(LOAD)))
     r.rebalance()
     kind, *_ = r.choose(list(range(150)))  # 0.3 s of prefill: within 2 x 500 ms
     assert kind == "disagg"
     for i in range(3):  # 3 x 1500 tokens queued on both engines: ~9 s ahead of anything
-        r.active[f"rag{i}"] = _Progress("e0", "e1", 1500, 32, clock.t)
-        r.active[f"loc{i}"] = _Progress("e1", "e1", 1500, 32, clock.t)
+        r.active[f"rag{i}"] = Progress("e0", "e1", 1500, 32, clock.t)
+        r.active[f"loc{i}"] = Progress("e1", "e1", 1500, 32, clock.t)
     with pytest.raises(oai.ApiError) as err:
         r.choose(list(range(2000)))
     assert err.value.status == 429 and err.value.headers["Retry-After"] == "1"
@@ -139,19 +147,18 @@ def test_slo_admission_refuses_at_once_when_the_predicted_ttft_is_far_beyond_the
 
 
 def test_a_prompt_held_for_a_draining_engine_starts_when_its_last_decode_ends() -> None:
-    r, _ = router(prefill=())
-    r.clock = time.monotonic
+    r, _ = router(prefill=(), clock=time.monotonic)
     decoding(r, "a", "e0", 48, 10, 0.25)
     started: list[float] = []
 
-    held = _Progress("e0", "e1", 1500, 32, time.monotonic() - 100.0)
+    held = Progress("e0", "e1", 1500, 32, time.monotonic() - 100.0)
     r.active["held"] = held
-    e0 = r.workers["e0"]
+    e0 = r.pool.workers["e0"]
     r.loaded_at["e0"] = time.monotonic()  # a fresh report from e0: nothing queued there yet
 
     async def inner():
         started.append(time.monotonic())
-        assert not held.held and r.queued_prefill_tokens(e0) == 1500  # sent now, before e0's next report
+        assert not held.held and r.est.queued_prefill_tokens(e0) == 1500  # sent now, before e0's next report
         yield "token"
 
     async def main() -> list:
@@ -161,7 +168,7 @@ def test_a_prompt_held_for_a_draining_engine_starts_when_its_last_decode_ends() 
         first = asyncio.ensure_future(gen.__anext__())
         await asyncio.sleep(0.05)
         # while held, the prompt counts as e0's queued prefill (the balancer must not move e0 back)
-        assert held.held and r.queued_prefill_tokens(e0) == 1500
+        assert held.held and r.est.queued_prefill_tokens(e0) == 1500
         out = [await first] + [ev async for ev in gen]
         assert 0.2 <= started[0] - t0 < 1.0
         # with no time left to wait it goes at once, decodes or not
@@ -176,12 +183,12 @@ def test_a_prompt_held_for_a_draining_engine_starts_when_its_last_decode_ends() 
 
 def test_an_engine_turning_prefill_spreads_its_decodes_over_the_others() -> None:
     r, _ = router(prefill=(), move=True)
-    r.add_worker(WorkerHandle(name="e2", role="auto", url="http://e2", healthy=True, load=dict(LOAD)))
+    r.pool.add(WorkerHandle(name="e2", role="auto", url="http://e2", healthy=True, load=dict(LOAD)))
     r.rebalance()
     for rid in ("a", "b", "c"):
         decoding(r, rid, "e0", 200, 10, 0.5)
     decoding(r, "x", "e1", 200, 10, 0.5)  # e1 decodes one already, e2 none
-    r.active["y"] = _Progress("e0", "e0", 300, 64, r.clock())  # still prefilling on e0: it cannot move yet
+    r.active["y"] = Progress("e0", "e0", 300, 64, r.clock())  # still prefilling on e0: it cannot move yet
     for p in r.active.values():
         p.parsed = object()  # what a move re-opens the request with (the move itself is faked here)
     moves: list[tuple[str, str]] = []
@@ -193,5 +200,5 @@ def test_an_engine_turning_prefill_spreads_its_decodes_over_the_others() -> None
     r.mover.move = fake_move  # type: ignore[method-assign]
     assert asyncio.run(r.mover.evacuate("e0")) == 3
     assert sorted(d for _, d in moves) == ["e1", "e2", "e2"] and "y" not in dict(moves)
-    r.auto = AutoConfig(move=False)  # --no-move-decodes: they finish where they are
+    r.mover.enabled = False  # --no-move-decodes: they finish where they are
     assert asyncio.run(r.mover.evacuate("e0")) == 0 and len(moves) == 3

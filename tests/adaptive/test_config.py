@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.launcher import UpConfig
-from appliance.serve.auto_router import AutoConfig
+from appliance.serve.router_config import AutoConfig
 
 
 @pytest.mark.parametrize("bad", [0.0, -5.0])

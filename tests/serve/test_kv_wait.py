@@ -8,7 +8,7 @@ import time
 import openai
 import pytest
 
-from appliance.serve.router import RouterConfig
+from appliance.serve.router_config import RouterConfig
 from tests.serve.appliance_proc import assert_pools_idle, running_appliance
 
 pytestmark = pytest.mark.slow

@@ -3,7 +3,7 @@
 Regression: a client killed while the router waited for the socket to drain surfaced as
 BrokenPipeError (not ConnectionResetError); the router's handler ended but left the request's
 generator suspended, so decode kept generating for a client that was gone until the answer's end.
-Here a real aiohttp server runs `Router._stream` over an endless token source; clients vanish in
+Here a real aiohttp server runs `ResponseWriter.stream` over an endless token source; clients vanish in
 three ways; each time the source's ``finally`` (where the real router aborts the engines) must
 run within seconds, and the router must count the request as ``client_gone``.
 """
@@ -21,7 +21,9 @@ from aiohttp import web
 from appliance.model.loader import load_tokenizer
 from appliance.serve import openai_api as oai
 from appliance.serve.protocol import Event, Sampling
-from appliance.serve.router import Outcome, Router, RouterConfig
+from appliance.serve.relay import Outcome
+from appliance.serve.router import Router
+from appliance.serve.router_config import RouterConfig
 
 
 async def _vanish_and_time(how: str, tok, vocab: int) -> tuple[float, str]:
@@ -41,7 +43,7 @@ async def _vanish_and_time(how: str, tok, vocab: int) -> tuple[float, str]:
         parsed = oai.ParsedRequest(endpoint="completions", model="m", prompt_ids=[1, 2, 3],
                                    sampling=Sampling(max_tokens=100000), stream=True, include_usage=False,
                                    want_logprobs=False)
-        return await router._stream(request, parsed, "cmpl-test", endless())
+        return await router.answers.stream(request, parsed, "cmpl-test", endless())
 
     app = web.Application()
     app.router.add_post("/v1/completions", handler)
@@ -68,7 +70,7 @@ async def _vanish_and_time(how: str, tok, vocab: int) -> tuple[float, str]:
         if how == "stalled":
             client.close()
         await runner.cleanup()
-    return took, router.reg.render()
+    return took, router.metrics.reg.render()
 
 
 @pytest.mark.parametrize("how", ["killed", "reset", "stalled"])

@@ -12,13 +12,15 @@ from aiohttp import web
 from click.testing import CliRunner
 
 from appliance.serve.registration import worker_info
-from appliance.serve.router import Router, RouterConfig
+from appliance.serve.router import Router
+from appliance.serve.router_config import RouterConfig
 from appliance.serve.router_main import build_app
 from slurm.cli import slurm
 from slurm.commands import router_argv, worker_argv
 from slurm.messages import Deregister, WorkerInfo
 from slurm.registry import Registry
 from slurm.task import expand_argv
+from tests.waiting import wait_until_async
 
 TOKEN = "test-token"
 
@@ -47,11 +49,6 @@ def _info(role: str, url: str, rank: int = 0, tp: int = 1) -> WorkerInfo:
     return WorkerInfo(role=role, url=url, rank=rank, tp=tp, job_id="7", node="n1", pid=1)  # type: ignore[arg-type]
 
 
-async def _until(cond, timeout_s: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not cond():
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.05)
 
 
 def test_router_follows_the_registry() -> None:
@@ -66,21 +63,24 @@ def test_router_follows_the_registry() -> None:
             registry.register(_info("prefill", prefill_url))
             registry.register(_info("prefill", prefill_url + "/rank1", rank=1, tp=2))  # not an engine head
             registry.register(_info("decode", decode_url))
-            await _until(lambda: len(router.workers) == 2)
-            assert sorted(router.workers) == ["decode-7.0", "prefill-7.0"]
-            await _until(lambda: router.workers["decode-7.0"].load.get("max_model_len") == 64)  # refreshed at once
-            assert all(w.healthy for w in router.workers.values())
+            await wait_until_async(lambda: len(router.pool.workers) == 2, 5.0,
+                                   what="the router to route to both engine heads")
+            assert sorted(router.pool.workers) == ["decode-7.0", "prefill-7.0"]
+            await wait_until_async(lambda: router.pool.workers["decode-7.0"].load.get("max_model_len") == 64, 5.0,
+                                   what="the new worker's /load")  # refreshed at once
+            assert all(w.healthy for w in router.pool.workers.values())
 
             registry.deregister(Deregister(url=decode_url))  # preemption: no new requests at once
-            assert sorted(router.workers) == ["prefill-7.0"]
+            assert sorted(router.pool.workers) == ["prefill-7.0"]
 
             registry.register(_info("decode", decode2_url))  # the requeued rank, at a new url
-            await _until(lambda: "decode-7.0" in router.workers)
-            w = router.workers["decode-7.0"]
+            await wait_until_async(lambda: "decode-7.0" in router.pool.workers, 5.0, what="the requeued decode rank")
+            w = router.pool.workers["decode-7.0"]
             assert (w.url, w.restarts) == (decode2_url, 1)
 
             await decode2.cleanup()  # a rank that dies without deregistering leaves on its first failed check
-            await _until(lambda: "decode-7.0" not in router.workers, 2.0)
+            await wait_until_async(lambda: "decode-7.0" not in router.pool.workers, 2.0,
+                                   what="the router to drop the dead rank")
         finally:
             for r in (runner, prefill, decode, decode2):
                 await r.cleanup()

@@ -1,0 +1,67 @@
+"""The router's settings: `RouterConfig` (every mode) and `AutoConfig` (``--mode auto`` only).
+
+The ``*_s`` fields of `RouterConfig` are the router's deadlines (see :mod:`appliance.serve.router`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from appliance.model.generation import GenerationDefaults
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Router settings. The ``*_s`` fields are the deadlines listed in `appliance.serve.router`'s docstring."""
+
+    mode: str = "disagg"
+    served_model_name: str = "model"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str = ""
+    cluster_token: str = ""
+    prefill_policy: str = "cache_aware"
+    decode_policy: str = "least_load"
+    unified_policy: str = "cache_aware"
+    max_inflight: int = 256
+    request_timeout_s: float = 600.0
+    connect_timeout_s: float = 5.0
+    lease_s: float = 5.0
+    lease_per_token_s: float = 0.05
+    max_body_bytes: int = 4 * 1024 * 1024
+    page_size: int = 16
+    health_interval_s: float = 1.0
+    unhealthy_after_s: float = 3.0
+    probe_timeout_s: float = 1.0
+    stream_idle_s: float = 60.0
+    client_stall_s: float = 30.0
+    kv_wait_s: float = 30.0  # how long a prompt may wait for a full decode engine's KV pages before a 503
+    generation: GenerationDefaults = GenerationDefaults()  # the checkpoint's sampling defaults (unset fields)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("disagg", "unified", "auto"):
+            raise ValueError(f"mode must be disagg, unified or auto, got {self.mode!r}")
+        if self.kv_wait_s < 0:
+            raise ValueError(f"kv_wait_s must be >= 0, got {self.kv_wait_s}")
+
+
+@dataclass(frozen=True)
+class AutoConfig:
+    """``slo_tpot_ms``/``slo_ttft_ms`` 0 = derived from the calibration (1.5 x step; TTFT relative to the
+    prompt's own prefill, and no admission control). ``rebalance_idle_s``: how long the handed-over
+    prefill demand must stay low before a prefill-leaning engine turns to decode."""
+
+    initial_prefill: tuple[str, ...] = ()
+    slo_tpot_ms: float = 0.0
+    slo_ttft_ms: float = 0.0
+    reject_factor: float = 2.0
+    rebalance: bool = True
+    rebalance_idle_s: float = 20.0
+    move: bool = True  # an engine turning prefill moves its decodes to another engine (else: they drain)
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--slo-tpot-ms", self.slo_tpot_ms), ("--slo-ttft-ms", self.slo_ttft_ms)):
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0 (0: derived), got {value:g}")
+        if self.rebalance_idle_s <= 0:
+            raise ValueError(f"--rebalance-idle-s must be > 0, got {self.rebalance_idle_s}")
