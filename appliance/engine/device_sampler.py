@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from appliance.engine.request import Request
+from appliance.engine.token_mask import TokenMask
 
 SEED_MIX = 1_000_003  # the host sampler's (seed, position) key
 
@@ -66,12 +67,18 @@ class DeviceSampler:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
-    def sample(self, logits: torch.Tensor, reqs: Sequence[Request]) -> tuple[list[int], list[dict[str, Any] | None]]:
+    def sample(self, logits: torch.Tensor, reqs: Sequence[Request],
+               mask: TokenMask | None = None) -> tuple[list[int], list[dict[str, Any] | None]]:
+        """``mask``: the constrained rows' allowed tokens (moved to the device, unpacked there);
+        logprobs stay those of the raw logits."""
         dev = logits.device
         n = len(reqs)
         if logits.shape[0] != n:
             raise ValueError(f"{logits.shape[0]} rows of logits for {n} requests")
         ps = [r.params for r in reqs]
+        raw = logits
+        if mask is not None:
+            logits = mask.apply(logits)
         ids = logits.argmax(dim=-1)
         random_rows = [i for i, p in enumerate(ps) if not p.greedy]
         if random_rows:
@@ -98,7 +105,7 @@ class DeviceSampler:
         top_k = max((ps[i].logprobs or 0 for i in want), default=0)
         if want:
             w = torch.tensor(want, device=dev) if len(want) < n else None
-            lp = torch.log_softmax((logits if w is None else logits.index_select(0, w)).float(), dim=-1)
+            lp = torch.log_softmax((raw if w is None else raw.index_select(0, w)).float(), dim=-1)
             chosen = lp.gather(1, (ids if w is None else ids.index_select(0, w))[:, None])[:, 0]
             parts.append(chosen.double())
             if top_k:

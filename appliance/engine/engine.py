@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 
 from appliance.config import EngineConfig, RankInfo
+from appliance.engine.grammar import GrammarCompiler, consume
 from appliance.engine.prefix_cache import RadixCache
 from appliance.engine.rank_device import bind_device
 from appliance.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
@@ -66,6 +67,7 @@ class Engine:
         usable_pages = self.pool.num_pages - (1 if graphs else 0)  # graphs keep one scratch page
         self.max_model_len = min(cfg.max_model_len or limit, limit, usable_pages * cfg.page_size - 1)
         self.eos_ids = set(self.model_config.eos_token_ids) | set(self.tokenizer.eos_token_ids)
+        self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
         self.requests: dict[str, Request] = {}
         self.handoff: StepHooks | None = None  # set after the warm-up, which is no one's handoff
         self.decode_step_s = 0.05  # EMA of decode-only step time (kept current by step())
@@ -118,6 +120,8 @@ class Engine:
             if request_id in self.requests:
                 raise ValueError(f"request id {request_id!r} is already in use")
             req.request_id = request_id
+        if params.constraint is not None:
+            req.matcher = self.grammars.matcher(params.constraint)
         self.requests[req.request_id] = req
         self.scheduler.add(req)
         return req
@@ -142,7 +146,8 @@ class Engine:
         hook, extra = self.handoff.before_forward(sb) if self.handoff else (None, b"")
         logits = self.runner.step(sb, hook, extra)
         sampling = [r for r, s in zip(sb.requests, sb.sample) if s]
-        tokens, logprobs = self.sampler.sample(logits, sampling) if sampling else ([], [])
+        mask = self.grammars.mask([r.matcher for r in sampling]) if sampling else None
+        tokens, logprobs = self.sampler.sample(logits, sampling, mask) if sampling else ([], [])
         prefill = 0
         for req, n in zip(sb.requests, sb.extend_lens):
             req.computed_len += n
@@ -178,9 +183,13 @@ class Engine:
         The first token (sampled by prefill) is appended without any forward pass here; the next
         step decodes from it. May finish at once (EOS, a stop, max_tokens=1). A request moved from
         another decode engine arrives with the tokens it generated there: ``earlier`` (their KV is
-        in ``pages`` too) and, as ``first_token``, the last one, sampled but not yet fed.
+        in ``pages`` too) and, as ``first_token``, the last one, sampled but not yet fed. A
+        constrained request's matcher is rebuilt here from ``params`` and replays ``earlier``
+        (``first_token`` is consumed as it is appended), so a move keeps the constraint.
         """
         req = Request(prompt_ids=list(prompt_ids), params=params, request_id=request_id, arrival=time.monotonic())
+        if params.constraint is not None:
+            req.matcher = self.grammars.matcher(params.constraint, replay=earlier)
         req.pages = list(pages)
         req.output_ids = list(earlier)
         req.computed_len = req.total_len
@@ -197,6 +206,8 @@ class Engine:
         reason: str | None = None
         if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
             reason = "stop"
+        if req.matcher is not None and consume(req.matcher, token):
+            reason = "stop"  # the constrained answer is complete: only EOS could follow
         # NOTE: detokenize only when a stop string needs the text or the request ends: the serving
         # path streams token ids (the router detokenizes), so a per-token decode here is wasted work.
         text: str | None = None

@@ -8,6 +8,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from appliance.engine.constraint import Constraint
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -23,6 +25,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    constraint: Constraint | None = None  # structured outputs: what the answer must match
 
     MAX_LOGPROBS = 20
     MAX_STOP = 16
@@ -44,6 +47,8 @@ class SamplingParams:
               f"stop must be at most {self.MAX_STOP} non-empty strings")
         check(self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS,
               f"logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.logprobs!r}")
+        check(self.constraint is None or isinstance(self.constraint, Constraint),
+              f"constraint must be a Constraint or None, got {type(self.constraint).__name__}")
         # NOTE: a frozen dataclass; normalize list inputs to tuples so params stay hashable.
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
@@ -89,6 +94,8 @@ class Request:
     # until the transfer is done; a decode request arrives with its KV already written.
     prefill_only: bool = False
     transfer: Any = None  # the prefill side's handoff target (appliance.engine.handoff.Transfer)
+    # Structured outputs: the llguidance matcher of ``params.constraint``, in step with ``output_ids``.
+    matcher: Any = None
 
     @property
     def prompt_len(self) -> int:

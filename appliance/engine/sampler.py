@@ -9,6 +9,7 @@ import torch
 
 from appliance.engine.device_sampler import DeviceSampler
 from appliance.engine.request import Request, SamplingParams
+from appliance.engine.token_mask import TokenMask
 
 
 class Sampler:
@@ -22,10 +23,16 @@ class Sampler:
         self.generator = torch.Generator().manual_seed(seed)
         self.device_sampler = DeviceSampler(seed)
 
-    def sample(self, logits: torch.Tensor, reqs: Sequence[Request]) -> tuple[list[int], list[dict[str, Any] | None]]:
+    def sample(self, logits: torch.Tensor, reqs: Sequence[Request],
+               mask: TokenMask | None = None) -> tuple[list[int], list[dict[str, Any] | None]]:
+        """``mask``: the allowed tokens of the constrained rows (structured outputs); logprobs stay
+        those of the raw logits."""
         if logits.is_cuda:
-            return self.device_sampler.sample(logits, reqs)
+            return self.device_sampler.sample(logits, reqs, mask)
         logits = logits.float().cpu()
+        raw = logits
+        if mask is not None:
+            logits = mask.apply(logits)
         tokens: list[int] = [0] * len(reqs)
         greedy_rows = [i for i, r in enumerate(reqs) if r.params.greedy]
         if greedy_rows:
@@ -38,7 +45,7 @@ class Sampler:
         logprobs: list[dict[str, Any] | None] = [None] * len(reqs)
         want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
         if want:
-            lp = torch.log_softmax(logits[want], dim=-1)
+            lp = torch.log_softmax(raw[want], dim=-1)
             for j, i in enumerate(want):
                 k = reqs[i].params.logprobs or 0
                 top = lp[j].topk(k) if k else None

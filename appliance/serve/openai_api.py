@@ -16,6 +16,7 @@ from typing import Any
 from appliance.model.generation import GenerationDefaults
 from appliance.serve import openai_fields as fields
 from appliance.serve.protocol import Sampling
+from appliance.serve.response_format import FormatError, parse_constraint
 
 MAX_STOP = 16
 MAX_STOP_CHARS = 1024   # one stop string; the stream holds back up to this many characters per token
@@ -158,6 +159,10 @@ def _common(body: dict, prompt_len: int, max_model_len: int, vocab_size: int, lo
     seed = _int(body, "seed", None)
     if seed is not None and not 0 <= seed < 2**63:
         raise ApiError(400, f"seed must be in [0, 2^63), got {seed}", "seed")
+    try:
+        constraint = parse_constraint(body)
+    except FormatError as exc:
+        raise ApiError(400, str(exc), exc.field) from None
     return Sampling(
         max_tokens=max_tokens,
         temperature=_num(body, "temperature", fallback["temperature"], lo=0.0, hi=100.0),
@@ -169,6 +174,7 @@ def _common(body: dict, prompt_len: int, max_model_len: int, vocab_size: int, lo
         stop_token_ids=list(stop_ids),
         ignore_eos=_bool(body, "ignore_eos", False),
         logprobs=logprobs,
+        constraint=constraint,
     )
 
 

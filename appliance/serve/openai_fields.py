@@ -2,10 +2,12 @@
 
 Every field of OpenAI's chat and completions bodies falls in one of three sets:
 
-- **applied**: read by `openai_api` and honoured (sampling, stops, logprobs, streaming, ...);
+- **applied**: read by `openai_api` and honoured (sampling, stops, logprobs, streaming, structured
+  outputs: ``response_format`` text / json_object / json_schema and the ``guided_regex`` extension,
+  checked in `response_format`, which refuses any other type naming the field);
 - **metadata**: fields that do not change the answer (``user``, ``metadata``, ...), accepted;
 - **unsupported**: fields that would change the answer, accepted only at their no-op value
-  (``"tools": []``, ``"response_format": {"type": "text"}``, ``"presence_penalty": 0``); any other
+  (``"tools": []``, ``"logit_bias": {}``, ``"presence_penalty": 0``); any other
   value is a 400 that names the field.
 
 A field in none of the sets is a 400 too (OpenAI answers an unknown argument the same way), so a
@@ -20,6 +22,7 @@ from typing import Any
 APPLIED_COMMON = frozenset({
     "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
     "stop_token_ids", "ignore_eos", "stream", "stream_options", "n", "presence_penalty", "frequency_penalty",
+    "response_format", "guided_regex",
 })
 APPLIED = {
     "chat": APPLIED_COMMON | {"messages", "logprobs", "top_logprobs"},
@@ -38,8 +41,6 @@ def _zero(v: Any) -> bool:
 
 # field -> (is its value a no-op?, what pdbox cannot do)
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "response_format": (lambda v: v is None or v == {"type": "text"},
-                        "structured outputs (json_object, json_schema) are not supported yet"),
     "tools": (_empty, "tool calling is not supported yet"),
     "tool_choice": (lambda v: v in (None, "none", "auto"), "tool calling is not supported yet"),
     "parallel_tool_calls": (lambda v: True, ""),  # says nothing without tools

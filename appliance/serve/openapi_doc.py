@@ -6,6 +6,7 @@ from typing import Any
 
 from appliance.serve.openai_api import MAX_LOGPROBS, MAX_STOP, MAX_STOP_CHARS, ROLES
 from appliance.serve.openai_fields import METADATA
+from appliance.serve.response_format import REGEX_FIELD
 
 _SAMPLING: dict[str, Any] = {
     "model": {"type": "string"},
@@ -32,6 +33,21 @@ _SAMPLING: dict[str, Any] = {
     "stream": {"type": "boolean", "nullable": True},
     "stream_options": {"type": "object", "nullable": True,
                        "properties": {"include_usage": {"type": "boolean", "nullable": True}}},
+    "response_format": {"nullable": True, "description": "structured outputs: the answer is constrained token by "
+                        "token (llguidance) to any JSON object or to the JSON schema; a schema llguidance cannot "
+                        "compile is a 400 naming response_format; strict is accepted and always enforced",
+                        "oneOf": [
+                            {"type": "object", "required": ["type"],
+                             "properties": {"type": {"type": "string", "enum": ["text", "json_object"]}}},
+                            {"type": "object", "required": ["type", "json_schema"], "properties": {
+                                "type": {"type": "string", "enum": ["json_schema"]},
+                                "json_schema": {"type": "object", "required": ["schema"], "properties": {
+                                    "name": {"type": "string"}, "description": {"type": "string"},
+                                    "schema": {"type": "object", "description": "a JSON schema"},
+                                    "strict": {"type": "boolean", "nullable": True}}}}}]},
+    REGEX_FIELD: {"type": "string", "minLength": 1, "format": "regex", "nullable": True,
+                  "description": "pdbox extension (vLLM's name): the answer must match this regex in full; "
+                                 "excludes a response_format other than text"},
 }
 
 _ERROR = {"description": "OpenAI-style error", "content": {"application/json": {"schema": {
@@ -52,7 +68,7 @@ def openapi_document(model: str, max_body_bytes: int = 4 * 1024 * 1024) -> dict[
               "are refused. The prompt plus max_tokens must fit the model's context (GET /v1/models: max_model_len). "
               "A field not listed is refused (400 naming it), except metadata that cannot change the answer ("
               f"{', '.join(sorted(METADATA))}) and the no-op value of a field pdbox does not support ("
-              "tools: [], response_format: {type: text}, logit_bias: {}, ...). "
+              "tools: [], logit_bias: {}, ...). "
               "Errors use OpenAI's shape, with param naming the field. Past "
               "--max-inflight requests in flight the answer is 429 with Retry-After; 502 means a worker failed "
               "(in a stream: an error event), 503 that no worker is available.")

@@ -7,6 +7,13 @@ import msgspec
 MAX_LEASE_S = 3600.0  # a decode reservation never outlives this, whatever the request says
 
 
+class ConstraintSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """Wire form of :class:`appliance.engine.constraint.Constraint` (structured outputs)."""
+
+    kind: str
+    spec: str = ""
+
+
 class Sampling(msgspec.Struct, frozen=True, kw_only=True):
     """Wire form of :class:`appliance.engine.request.SamplingParams`."""
 
@@ -20,14 +27,18 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
     stop_token_ids: list[int] = []
     ignore_eos: bool = False
     logprobs: int | None = None
+    constraint: ConstraintSpec | None = None
 
     def to_params(self):  # -> SamplingParams (lazy import: the router must not import torch)
+        from appliance.engine.constraint import Constraint
         from appliance.engine.request import SamplingParams
 
+        c = self.constraint
         return SamplingParams(
             max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             min_p=self.min_p, seed=self.seed, stop=tuple(self.stop), stop_token_ids=tuple(self.stop_token_ids),
             ignore_eos=self.ignore_eos, logprobs=self.logprobs,
+            constraint=None if c is None else Constraint(c.kind, c.spec),
         )
 
 

@@ -25,6 +25,7 @@ FUZZ = settings(deadline=None, database=None, derandomize=True, print_blob=True,
                 suppress_health_check=list(HealthCheck))
 SEEN: dict[str, int] = {"bodies": 0, "5xx": 0, "fuzzers": 0}
 FUZZERS = 6  # the parametrized fuzz tests above test_fuzzing_left_the_server_serving
+REGEXES = ["[a-z]{1,8}", " ?(yes|no)", "[0-9]+"]  # a string documented as a regex (guided_regex)
 
 
 @pytest.fixture(scope="module")
@@ -40,6 +41,8 @@ def conforming(schema: dict, key: str = "") -> st.SearchStrategy[Any]:
     """Values the schema accepts (lengths kept small, token ids inside the vocabulary)."""
     if "enum" in schema:
         base: st.SearchStrategy[Any] = st.sampled_from(schema["enum"])
+    elif schema.get("format") == "regex":
+        base = st.sampled_from(REGEXES)
     elif "oneOf" in schema:
         base = st.one_of(*(conforming(s, key) for s in schema["oneOf"]))
     else:
@@ -139,6 +142,8 @@ def send(app: Appliance, path: str, raw: bytes) -> tuple[int, bytes]:
 
 def _documented(schema: dict, body: dict) -> dict:
     body = {**body, "model": MODEL}
+    if body.get("response_format") not in (None, {"type": "text"}):
+        body.pop("guided_regex", None)  # the two constraints exclude each other (documented)
     if body.get("max_completion_tokens") is not None:
         body.pop("max_tokens", None)
     elif body.get("max_tokens") is None:

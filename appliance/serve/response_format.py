@@ -1,0 +1,93 @@
+"""Structured outputs in a request body: OpenAI's ``response_format`` and pdbox's ``guided_regex``.
+
+- ``{"type": "text"}`` (or no field): free text;
+- ``{"type": "json_object"}``: any JSON object;
+- ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}``: JSON
+  matching the schema. It is always enforced strictly (``strict`` is accepted, either value);
+- ``guided_regex`` (an extension, vLLM's name): a string, the answer must match the regex in full.
+
+The answer is constrained token by token (llguidance, `appliance.engine.grammar`). Everything is
+checked here, before any engine sees the request: a bad schema or regex is a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from appliance.engine.constraint import MAX_SPEC_CHARS, Constraint
+from appliance.serve.protocol import ConstraintSpec
+
+TYPES = ("text", "json_object", "json_schema")
+REGEX_FIELD = "guided_regex"
+
+
+class FormatError(ValueError):
+    """``field``: the request field the message is about."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def parse_constraint(body: dict[str, Any]) -> ConstraintSpec | None:
+    """The request's constraint (wire form), None for free text; raises :class:`FormatError`."""
+    found = _from_response_format(body.get("response_format"))
+    regex = body.get(REGEX_FIELD)
+    if regex is not None:
+        if not isinstance(regex, str) or not regex:
+            raise FormatError(REGEX_FIELD, f"{REGEX_FIELD} must be a non-empty string (a regex)")
+        if found is not None:
+            raise FormatError(REGEX_FIELD, f"{REGEX_FIELD} and a response_format other than text exclude each other")
+        found = ("regex", regex)
+    if found is None:
+        return None
+    kind, spec = found
+    field = REGEX_FIELD if kind == "regex" else "response_format"
+    try:
+        Constraint(kind, spec)  # compiles the grammar once (cached): a bad schema or regex fails here
+    except ValueError as exc:
+        raise FormatError(field, f"{field}: {exc}") from None
+    return ConstraintSpec(kind=kind, spec=spec)
+
+
+def _from_response_format(rf: Any) -> tuple[str, str] | None:
+    if rf is None:
+        return None
+    if not isinstance(rf, dict):
+        raise FormatError("response_format", "response_format must be an object such as {\"type\": \"json_object\"}")
+    kind = rf.get("type")
+    if kind not in TYPES:
+        raise FormatError("response_format", f"response_format.type must be one of {', '.join(TYPES)}, got {kind!r}")
+    extra = sorted(set(rf) - {"type", "json_schema"})
+    if extra or (kind != "json_schema" and "json_schema" in rf):
+        raise FormatError("response_format", f"response_format has fields {kind!r} does not take: "
+                                             f"{', '.join(extra or ['json_schema'])}")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return "json_object", ""
+    js = rf.get("json_schema")
+    if not isinstance(js, dict):
+        raise FormatError("response_format", "response_format.json_schema must be an object with name and schema "
+                                             "(structured outputs of type json_schema)")
+    unknown = sorted(set(js) - {"name", "schema", "strict", "description"})
+    if unknown:
+        raise FormatError("response_format", f"response_format.json_schema has unknown fields: {', '.join(unknown)}")
+    name = js.get("name")
+    if name is not None and not isinstance(name, str):
+        raise FormatError("response_format", "response_format.json_schema.name must be a string")
+    strict = js.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise FormatError("response_format", "response_format.json_schema.strict must be a boolean")
+    schema = js.get("schema")
+    if schema is None:
+        raise FormatError("response_format", "response_format.json_schema.schema is required (structured outputs "
+                                             "of type json_schema constrain the answer to it)")
+    if not isinstance(schema, dict):
+        raise FormatError("response_format", "response_format.json_schema.schema must be a JSON schema object")
+    spec = json.dumps(schema, separators=(",", ":"))  # property order is the answer's key order
+    if len(spec) > MAX_SPEC_CHARS:
+        raise FormatError("response_format", f"response_format.json_schema.schema is {len(spec)} characters as "
+                                             f"JSON; at most {MAX_SPEC_CHARS}")
+    return "json_schema", spec
