@@ -169,6 +169,11 @@ class KVTransport(ABC):
         """Accept ``room``: it is DONE after ``num_signals`` signals, FAILED after ``deadline_s``."""
 
     @abstractmethod
+    def extend(self, room: str, deadline_s: float) -> bool:
+        """Push a PENDING room's deadline to ``deadline_s`` from now (never earlier): the sender is
+        still coming, only late (its prompt queued). False when the room is not pending."""
+
+    @abstractmethod
     def poll(self, room: str) -> RoomStatus:
         """Current state of an expected room (never blocks)."""
 

@@ -55,6 +55,23 @@ class RoomTable:
             self._rooms[room] = _Room(num_signals, deadline)
             heapq.heappush(self._deadlines, (deadline, room))
 
+    def extend(self, room: str, deadline_s: float) -> bool:
+        """Move a PENDING room's deadline to ``deadline_s`` from now (never earlier); False when the
+        room is unknown or no longer pending."""
+        if deadline_s <= 0:
+            raise ValueError(f"deadline_s must be > 0, got {deadline_s}")
+        with self._cond:
+            self._expire()
+            r = self._rooms.get(room)
+            if r is None or not r.status.pending:
+                return False
+            deadline = self._clock() + deadline_s
+            if deadline > r.deadline:
+                r.deadline = deadline
+                heapq.heappush(self._deadlines, (deadline, room))  # the old entry goes stale
+                self._cond.notify_all()
+            return True
+
     def poll(self, room: str) -> RoomStatus:
         with self._cond:
             self._expire()

@@ -223,6 +223,10 @@ class ChannelTransport(KVTransport):
         self._check_open()
         self._rooms.expect(room, num_signals, deadline_s)
 
+    def extend(self, room: str, deadline_s: float) -> bool:
+        self._check_open()
+        return self._rooms.extend(room, deadline_s)
+
     def poll(self, room: str) -> RoomStatus:
         return self._rooms.poll(room)
 

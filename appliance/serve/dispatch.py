@@ -27,6 +27,7 @@ from appliance.serve.worker_client import WorkerBusy, WorkerClient, WorkerFailed
 
 log = logging.getLogger("pdbox.router")
 KV_RETRY_S = 0.25  # how often a prompt waiting for decode KV pages asks again
+RENEW_MIN_S = 0.1  # decode's reservation is renewed at most this often
 Chosen = Mapping[str, WorkerHandle]  # role -> the engine the placement chose for it ({}: the policies pick)
 NO_CHOICE: Chosen = MappingProxyType({})
 Eligible = Callable[[str], list[WorkerHandle]]  # role -> the healthy engines that may take it now
@@ -104,6 +105,25 @@ class Dispatcher:
             await asyncio.sleep(KV_RETRY_S)
             tried.clear()
 
+    async def await_handoff(self, p: WorkerHandle, d: WorkerHandle, room: str, lease: float,
+                            ptask: asyncio.Future, dtask: asyncio.Future, handoff_by: float, late: str) -> float:
+        """Wait for either leg. While prefill's leg is open and its worker healthy, the prompt is only
+        queued there (behind others' prefills, which no estimate bounds: shorter prompts may pass it),
+        so decode's reservation is renewed each third of the lease, up to ``MAX_LEASE_S`` in all. A
+        prefill that is down or hung stops the renewals and the lease ends the wait. The new deadline."""
+        clock = asyncio.get_running_loop().time
+        give_up_at = clock() + MAX_LEASE_S
+        while True:
+            left = handoff_by - clock()
+            if left <= 0:
+                raise WorkerFailed(late)
+            done, _ = await asyncio.wait({ptask, dtask}, timeout=min(left, max(lease / 3, RENEW_MIN_S)),
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if done:
+                return handoff_by
+            if p.healthy and clock() + lease < give_up_at and await self.client.extend(d, room, lease):
+                handoff_by = clock() + lease + 2 * self.cfg.connect_timeout_s
+
     async def disagg(self, parsed: oai.ParsedRequest, rid: str, chosen: Chosen = NO_CHOICE
                      ) -> AsyncIterator[Event | Outcome]:
         cfg = self.cfg
@@ -134,16 +154,13 @@ class Dispatcher:
         ptask.add_done_callback(lambda _t: setattr(p, "prefill_tokens", p.prefill_tokens - len(ids)))
         dtask = asyncio.ensure_future(anext(stream.events))
         cached = 0
-        handoff_by = asyncio.get_running_loop().time() + lease + 2 * cfg.connect_timeout_s
+        clock = asyncio.get_running_loop().time
+        handoff_by = clock() + lease + 2 * cfg.connect_timeout_s
         late = f"no KV handoff from {p.name} to {d.name} within the {lease:.1f} s lease"
         events: AsyncIterator[Event | Outcome] | None = None
         try:
             # NOTE: never yield inside asyncio.timeout (the consumer's awaits would run under it).
-            try:
-                async with asyncio.timeout_at(handoff_by):
-                    await asyncio.wait({ptask, dtask}, return_when=asyncio.FIRST_COMPLETED)
-            except TimeoutError:
-                raise WorkerFailed(late) from None
+            handoff_by = await self.await_handoff(p, d, room, lease, ptask, dtask, handoff_by, late)
             skip_first, prefill_first_at = False, 0.0
             if not dtask.done():  # prefill answered first: the client gets the token now
                 first = ptask.result()  # raises WorkerFailed / ApiError when prefill failed

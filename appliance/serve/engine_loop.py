@@ -154,6 +154,11 @@ class EngineLoop:
         self._room_of[rid] = room
         return pages
 
+    def extend(self, room: str, lease_s: float) -> bool:
+        """Any thread: hold a reserved room ``lease_s`` more seconds (the transport's room table is
+        thread-safe); False when it is no longer waiting."""
+        return room in self.rooms and self.transport.extend(room, lease_s)
+
     def _drop_room(self, rid: str) -> None:
         room = self._room_of.pop(rid, None)
         pending = self.rooms.pop(room, None) if room is not None else None

@@ -73,6 +73,14 @@ class PrefillRequest(msgspec.Struct, frozen=True, kw_only=True):
     handles: list[str]  # PoolHandle JSON, one per decode TP rank
 
 
+class ExtendRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """Router -> decode worker: ``room``'s prefill is still coming (its prompt waits in prefill's queue);
+    hold the reservation ``lease_s`` more seconds from now."""
+
+    room: str
+    lease_s: float
+
+
 class MoveRequest(msgspec.Struct, frozen=True, kw_only=True):
     """Router -> the engine decoding ``rid``: push its KV into ``dst_pages`` of another decode pool
     (reserved for ``room``), then drop it here; the other engine goes on decoding it."""

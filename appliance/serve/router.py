@@ -12,8 +12,10 @@ This module is the HTTP layer (the aiohttp app, its middleware and handlers); th
 
 Deadlines (every wait has one; see `RouterConfig`): a worker's decode reservation answers within
 ``connect_timeout_s``; prefill must hand the KV over within the room's lease (``lease_s`` +
-``lease_per_token_s`` per prompt token), after which decode fails the room and the router fails
-the request and cancels the prefill leg; a worker that stops answering ``/health`` for
+``lease_per_token_s`` per prompt token queued on that prefill engine), which the router renews while
+the prefill leg is open and its worker healthy (a queued prompt may wait longer than any estimate),
+up to ``MAX_LEASE_S``; after it, decode fails the room and the router fails the request and cancels
+the prefill leg; a worker that stops answering ``/health`` for
 ``unhealthy_after_s`` (SIGSTOP, a hung host) is marked down and every request it holds fails at
 once; a worker stream that is silent for ``stream_idle_s`` after the first token fails; no request
 lives past ``request_timeout_s``; a streaming client that accepts no bytes for ``client_stall_s``

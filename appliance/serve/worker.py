@@ -23,6 +23,7 @@ from appliance.serve.protocol import (
     MAX_LEASE_S,
     DecodeRequest,
     Event,
+    ExtendRequest,
     GenerateRequest,
     MoveRequest,
     PrefillRequest,
@@ -117,6 +118,7 @@ class Worker:
         app.router.add_post("/internal/decode", self.decode)
         app.router.add_post("/internal/abort", self.abort)
         app.router.add_post("/internal/move", self.move)
+        app.router.add_post("/internal/extend", self.extend)
 
         async def lifecycle(app: web.Application):
             self.loop = EngineLoop(self.engine, asyncio.get_running_loop(), self.transport, self.metrics.on_step)
@@ -298,6 +300,15 @@ class Worker:
         except (TransportError, OSError) as exc:
             return web.json_response({"error": f"KV push failed: {exc}"}, status=502)
         return web.json_response({"ok": True})
+
+    async def extend(self, request: web.Request) -> web.Response:
+        """Renew a reserved room's lease while its prefill is still on the way; ``ok`` false when the room
+        is no longer waiting (done, failed or released)."""
+        self._check_role("decode", "auto")
+        body: ExtendRequest = await self._decode_body(request, ExtendRequest)
+        if not 0 < body.lease_s <= MAX_LEASE_S:
+            raise web.HTTPBadRequest(text=f"lease_s must be in (0, {MAX_LEASE_S:.0f}], got {body.lease_s}")
+        return web.json_response({"ok": self.loop.extend(body.room, body.lease_s)})
 
     async def abort(self, request: web.Request) -> web.Response:
         try:

@@ -20,7 +20,15 @@ import msgspec
 
 from appliance.serve import openai_api as oai
 from appliance.serve.policies import WorkerHandle
-from appliance.serve.protocol import DecodeRequest, Event, GenerateRequest, MoveRequest, PrefillRequest, decode_event
+from appliance.serve.protocol import (
+    DecodeRequest,
+    Event,
+    ExtendRequest,
+    GenerateRequest,
+    MoveRequest,
+    PrefillRequest,
+    decode_event,
+)
 from appliance.serve.router_config import RouterConfig
 from appliance.serve.worker_pool import WorkerPool
 
@@ -88,6 +96,21 @@ class WorkerClient:
         if not isinstance(first, dict) or not isinstance(first.get("token_ids"), list):
             raise WorkerFailed(f"{p.name} answered without a first token")
         return first
+
+    async def extend(self, d: WorkerHandle, room: str, lease_s: float) -> bool:
+        """Renew decode's reservation of ``room`` for ``lease_s`` from now; False when decode no longer
+        holds it or does not answer (the decode leg then reports why)."""
+        try:
+            resp = await self._post(d, "/internal/extend", ExtendRequest(room=room, lease_s=lease_s))
+        except (WorkerFailed, oai.ApiError):
+            return False
+        try:
+            answer = await asyncio.wait_for(resp.json(), self.cfg.connect_timeout_s)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+            return False
+        finally:
+            self.pool.done_with(d, resp)
+        return isinstance(answer, dict) and answer.get("ok") is True
 
     async def move(self, src: WorkerHandle, req: MoveRequest) -> None:
         """Have ``src`` push a decoding request's KV into another engine's reserved pages and let it go."""

@@ -136,3 +136,31 @@ def test_on_finish_is_called_once_per_room_that_leaves_pending() -> None:
     clock.now += 2.0
     assert t.poll("late").failed and calls == [1, 2, 3]              # a deadline, noticed on a poll
     assert sorted(name for name, _ in t.drain_completed()) == ["cut", "late", "ok"]
+
+
+def test_extend_moves_a_pending_deadline_later_never_earlier() -> None:
+    clock = Clock()
+    t = RoomTable(clock=clock)
+    t.expect("r", 1, 2.0)
+    clock.now += 1.5
+    assert t.extend("r", 2.0)                        # now due at +3.5
+    assert t.extend("r", 0.5)                        # still pending; an earlier deadline is not taken
+    clock.now += 1.5                                 # past the first deadline, not the renewed one
+    assert t.poll("r").pending
+    assert t.drain_completed() == []                 # the stale heap entry failed nothing
+    clock.now += 0.6
+    st = t.poll("r")
+    assert st.state is RoomState.FAILED and "deadline" in st.reason
+    assert not t.extend("r", 5.0)                    # a finished room stays finished
+    assert t.poll("r").state is RoomState.FAILED
+    assert not t.extend("never-expected", 5.0)
+    with pytest.raises(ValueError, match="deadline_s"):
+        t.extend("r", 0)
+
+
+def test_extend_of_a_done_room_changes_nothing() -> None:
+    t = RoomTable()
+    t.expect("r", 1, 5.0)
+    assert t.on_signal("r", 1, 0, b"a")
+    assert not t.extend("r", 5.0)
+    assert t.poll("r").state is RoomState.DONE
