@@ -7,13 +7,13 @@ import re
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 
 import openai
 import pytest
 
 from tests.serve.appliance_proc import assert_pools_idle, get_json, running_appliance
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m-instruct"
@@ -50,12 +50,14 @@ class SwitchWatch:
         self.thread.start()
 
     def _run(self, url: str, n: int, within_s: float) -> None:
-        deadline = time.monotonic() + within_s
-        while not self.seen and time.monotonic() < deadline:
+        def switched() -> dict | None:
             ws = get_json(url + "/workers")
-            if ws["role_switches"] >= n:
-                self.seen.append(ws)
-            time.sleep(0.3)
+            return ws if ws["role_switches"] >= n else None
+
+        try:
+            self.seen.append(wait_until(switched, within_s, 0.3, what=f"{n} role switches"))
+        except TimeoutError:
+            pass  # wait() returns None: the test names what it expected
 
     def wait(self, timeout_s: float) -> dict | None:
         self.thread.join(timeout_s)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
-import time
 import urllib.error
 import urllib.request
 
@@ -17,6 +16,7 @@ from appliance.config import EngineConfig
 from appliance.engine.request import SamplingParams
 from appliance.llm import LLM
 from tests.serve.appliance_proc import assert_pools_idle, get_json, running_appliance
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m-instruct"
@@ -67,14 +67,12 @@ def test_an_engine_turning_prefill_moves_its_decodes_and_the_answers_do_not_chan
 
         with concurrent.futures.ThreadPoolExecutor(len(QUESTIONS)) as pool:
             futs = [pool.submit(ask, url, q) for q in QUESTIONS]
-            deadline = time.monotonic() + 120  # both engines decode (least-load spreads the four)
-            while time.monotonic() < deadline:
+
+            def spread() -> bool:
                 loads = {w["name"]: w["load"] for w in get_json(url + "/workers")["workers"]}
-                if all(loads[n].get("decoding", 0) for n in (pre, dec)):
-                    break
-                time.sleep(0.1)
-            else:
-                pytest.fail(f"the requests did not spread over both engines: {loads}")
+                return all(loads[n].get("decoding", 0) for n in (pre, dec))
+
+            wait_until(spread, 120, 0.1, what="the requests to spread over both engines (least-load spreads the four)")
             status, body = post_json(f"{url}/workers/{pre}/leaning", {"leaning": "prefill"})
             assert status == 200 and body["moved"] >= 1, body
             answers = [f.result(timeout=300) for f in futs]

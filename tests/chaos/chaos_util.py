@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tests.serve.appliance_proc import running_appliance
+from tests.waiting import wait_until
 
 API_KEY = "chaos-" + "k" * 24
 MODEL = "smollm2-135m-instruct"
@@ -95,17 +96,6 @@ def error_of(body: bytes) -> dict:
     return err
 
 
-def wait_until(pred: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-        time.sleep(every_s)
-
-
 def loads(app: Appliance) -> dict[str, dict]:
     """Each worker's /load, asked of the worker itself (the router's copy is up to a second old)."""
     return {w["name"]: get_json(w["url"] + "/load") for w in app.workers()}
@@ -126,8 +116,8 @@ def wait_pools_idle(app: Appliance, timeout_s: float = 20.0) -> dict[str, dict]:
         return all(pool_idle(ld) for ld in last.values())
 
     try:
-        wait_until(idle, timeout_s, "idle pools", 0.2)
-    except AssertionError:
+        wait_until(idle, timeout_s, 0.2, what="idle pools")
+    except TimeoutError:
         raise AssertionError(f"pages leaked: {last}") from None
     return last
 
@@ -140,7 +130,7 @@ def wait_healthy(app: Appliance, timeout_s: float = 90.0, restarts: dict[str, in
             w["restarts"] >= (restarts or {}).get(w["name"], 0) for w in ws)
         return ws if fine else None
 
-    return wait_until(ok, timeout_s, "healthy workers", 0.25)
+    return wait_until(ok, timeout_s, 0.25, what="healthy workers")
 
 
 # -- processes -----------------------------------------------------------------------------------------

@@ -26,9 +26,9 @@ from tests.chaos.chaos_util import (
     listening,
     loads,
     wait_pools_idle,
-    wait_until,
 )
 from tests.chaos.conftest import record
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def engines_quiet(app: Appliance) -> bool:
 @pytest.fixture(autouse=True)
 def quiet_at_start(guarded: Appliance) -> None:
     # NOTE: 40 s: longer than a 1000-token answer left running takes to end on its own.
-    wait_until(lambda: engines_quiet(guarded), 40, "quiet engines before the test (work left by an earlier one?)")
+    wait_until(lambda: engines_quiet(guarded), 40, what="quiet engines before the test (work left by an earlier one?)")
 
 
 def test_client_gone_mid_stream_aborts_on_both_engines(guarded: Appliance) -> None:
@@ -55,7 +55,7 @@ def test_client_gone_mid_stream_aborts_on_both_engines(guarded: Appliance) -> No
     assert get_json(d["url"] + "/load")["running"] == 1
     sse.drop()
     t0 = time.monotonic()
-    wait_until(lambda: engines_quiet(guarded), ABORT_DEADLINE_S, "both engines to drop the request")
+    wait_until(lambda: engines_quiet(guarded), ABORT_DEADLINE_S, what="both engines to drop the request")
     record("faults injected and survived", 1)
     print(f"client gone mid-stream: engines quiet after {time.monotonic() - t0:.2f} s")
     wait_pools_idle(guarded)
@@ -69,7 +69,7 @@ def test_client_gone_during_prefill_frees_both_legs(guarded: Appliance) -> None:
     sse_box = in_thread(lambda: SSE(guarded, COMP, {"model": MODEL, "prompt": prompt, "max_tokens": 1000,
                                                      "ignore_eos": True}))
     d = guarded.worker("decode")
-    wait_until(lambda: get_json(d["url"] + "/load")["reserved_rooms"] == 1, 10, "decode's reservation")
+    wait_until(lambda: get_json(d["url"] + "/load")["reserved_rooms"] == 1, 10, what="decode's reservation")
     # NOTE: the router answers a stream's headers with the first token, so the client's socket is killed
     # under the pending request (the SSE helper hands its connection over only once headers came).
     router_port = next(p for _, p in listening(guarded.pid))
@@ -81,8 +81,8 @@ def test_client_gone_during_prefill_frees_both_legs(guarded: Appliance) -> None:
     except OSError:
         pass  # the client saw its own connection die: expected
     wait_until(lambda: get_json(d["url"] + "/load")["reserved_rooms"] == 0, ABORT_DEADLINE_S,
-               "decode to drop the reservation")
-    wait_until(lambda: engines_quiet(guarded), 10, "prefill to drop the prompt (after its current chunk)")
+               what="decode to drop the reservation")
+    wait_until(lambda: engines_quiet(guarded), 10, what="prefill to drop the prompt (after its current chunk)")
     record("faults injected and survived", 1)
     print(f"client gone during prefill: engines quiet after {time.monotonic() - t0:.2f} s")
     wait_pools_idle(guarded)
@@ -92,13 +92,13 @@ def test_client_gone_without_streaming_aborts_too(guarded: Appliance) -> None:
     job = in_thread(lambda: guarded.post(CHAT, {"model": MODEL, "messages": QUESTION, "max_tokens": 1000,
                                                 "ignore_eos": True}, timeout=2.0))
     d = guarded.worker("decode")
-    wait_until(lambda: get_json(d["url"] + "/load")["running"] == 1, 10, "decode to run the request")
+    wait_until(lambda: get_json(d["url"] + "/load")["running"] == 1, 10, what="decode to run the request")
     try:
         job(10)  # the client gives up after 2 s and closes its socket
     except OSError:
         pass
     t0 = time.monotonic()
-    wait_until(lambda: engines_quiet(guarded), ABORT_DEADLINE_S, "both engines to drop the request")
+    wait_until(lambda: engines_quiet(guarded), ABORT_DEADLINE_S, what="both engines to drop the request")
     record("faults injected and survived", 1)
     print(f"client timeout (non-streaming): engines quiet after {time.monotonic() - t0:.2f} s")
     wait_pools_idle(guarded)
@@ -122,7 +122,7 @@ def test_client_gone_in_the_same_loop_turn_as_a_token_aborts(guarded: Appliance)
             sse.drop()
             time.sleep(0.05)  # and then the client's close
         t0 = time.monotonic()
-        wait_until(lambda: engines_quiet(guarded), ABORT_DEADLINE_S, "both engines to drop the request")
+        wait_until(lambda: engines_quiet(guarded), ABORT_DEADLINE_S, what="both engines to drop the request")
         print(f"client gone in the token's loop turn: engines quiet after {time.monotonic() - t0:.2f} s")
     record("faults injected and survived", 3)
     assert all(w["inflight"] == 0 for w in guarded.workers())  # the router's own count was not leaked

@@ -34,9 +34,9 @@ from tests.chaos.chaos_util import (
     remote_ports,
     wait_healthy,
     wait_pools_idle,
-    wait_until,
 )
 from tests.chaos.conftest import record
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +111,7 @@ def test_killed_kv_connection_fails_only_the_room_it_carried(faulty: Appliance) 
     kv_port = next(port for _, port in listening(d["pid"]) if port != http_port)
     check_served(faulty)  # the prefill -> decode KV connection is open
     victim = stream_in_thread(faulty, {"prompt": long_prompt(1500), "max_tokens": 4})
-    wait_until(lambda: decode_reserved(faulty), 10, "decode's reservation")
+    wait_until(lambda: decode_reserved(faulty), 10, what="decode's reservation")
     time.sleep(0.5)  # prefill is pushing the first chunk's layers
     t0 = time.monotonic()
     subprocess.run(["ss", "-K", "-t", "state", "established", f"( dport = :{kv_port} or sport = :{kv_port} )"],
@@ -148,7 +148,7 @@ def test_hung_decode_fails_its_stream_within_the_deadline(faulty: Appliance) -> 
 def test_hung_prefill_fails_the_request_within_the_deadline(faulty: Appliance) -> None:
     p = faulty.worker("prefill")
     victim = stream_in_thread(faulty, {"prompt": long_prompt(1200), "max_tokens": 4})
-    wait_until(lambda: decode_reserved(faulty), 10, "decode's reservation")
+    wait_until(lambda: decode_reserved(faulty), 10, what="decode's reservation")
     with Stopped(p["pid"]):
         t0 = time.monotonic()
         how, at = victim(30)
@@ -196,14 +196,14 @@ def test_lease_frees_pages_when_prefill_never_comes(faulty: Appliance) -> None:
 def test_killed_prefill_after_reservation_fails_fast_and_is_restarted(faulty: Appliance) -> None:
     p = faulty.worker("prefill")
     sse_job = stream_in_thread(faulty, {"prompt": long_prompt(1500), "max_tokens": 4})
-    wait_until(lambda: decode_reserved(faulty), 10, "decode's reservation")
+    wait_until(lambda: decode_reserved(faulty), 10, what="decode's reservation")
     t0 = time.monotonic()
     os.kill(p["pid"], signal.SIGKILL)
     how, at = sse_job(30)
     assert how.startswith(("http 502", "error:")), how
     fault("SIGKILL prefill", at - t0)
     assert at - t0 < KILLED_DEADLINE_S, how
-    wait_until(lambda: loads_of(faulty, "decode")["reserved_rooms"] == 0, 5, "decode to drop the room")
+    wait_until(lambda: loads_of(faulty, "decode")["reserved_rooms"] == 0, 5, what="decode to drop the room")
     ws = wait_healthy(faulty, 120, restarts={"prefill-0": p["restarts"] + 1})
     assert next(w for w in ws if w["role"] == "prefill")["pid"] != p["pid"]
     wait_pools_idle(faulty)

@@ -21,9 +21,9 @@ from tests.chaos.chaos_util import (
     loads,
     rss_mb,
     wait_pools_idle,
-    wait_until,
 )
 from tests.chaos.conftest import record
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def test_past_max_inflight_the_router_answers_429(guarded: Appliance) -> None:
     finally:
         for s in streams:
             s.drop()
-    wait_until(lambda: all(not ld["running"] for ld in loads(guarded).values()), 5, "the dropped streams' aborts")
+    wait_until(lambda: all(not ld["running"] for ld in loads(guarded).values()), 5, what="the dropped streams' aborts")
     status, body = guarded.chat()
     assert status == 200, body  # the four slots came back
     wait_pools_idle(guarded)

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import pytest
 
+from tests.waiting import wait_until
+
 needs_tmux = pytest.mark.skipif(shutil.which("tmux") is None,
                                 reason="tmux is not installed (apt-get install -y tmux)")
 
@@ -34,14 +36,18 @@ class Pane:
         self._tmux("send-keys", "-t", "main", *keys)
 
     def wait_for(self, ok: Callable[[str], bool], timeout_s: float, what: str) -> str:
-        deadline = time.monotonic() + timeout_s
-        while True:
+        screen = ""
+
+        def shows() -> bool:
+            nonlocal screen
             screen = self.capture()
-            if ok(screen):
-                return screen
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {what} after {timeout_s:.0f} s; the pane shows:\n{screen}")
-            time.sleep(0.2)
+            return ok(screen)
+
+        try:
+            wait_until(shows, timeout_s, 0.2, what=what)
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}; the pane shows:\n{screen}") from None
+        return screen
 
     def close(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=10)

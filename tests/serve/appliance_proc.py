@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from appliance.engine.tp import free_port
+from tests.waiting import wait_until
 
 
 @contextmanager
@@ -89,12 +90,16 @@ def wait_idle(url: str, timeout_s: float = 20.0) -> list[dict]:
 def assert_pools_idle(url: str, timeout_s: float = 20.0) -> None:
     """Every worker's pool is back to idle (free + evictable == total, no reserved rooms), asked of
     each worker directly; failed handoffs keep their pages in a short quarantine, hence the wait."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    leaks: list[dict] = []
+
+    def idle() -> bool:
+        nonlocal leaks
         loads = [get_json(w["url"] + "/load") for w in workers(url)]
         leaks = [ld for ld in loads if ld["free_pages"] + ld["evictable_pages"] != ld["total_pages"]
                  or ld["reserved_rooms"] or ld["running"] or ld["waiting"]]
-        if not leaks:
-            return
-        assert time.monotonic() < deadline, f"pools not idle after {timeout_s:.0f} s: {leaks}"
-        time.sleep(0.25)
+        return not leaks
+
+    try:
+        wait_until(idle, timeout_s, 0.25, what="idle pools")
+    except TimeoutError as exc:
+        raise TimeoutError(f"{exc}: {leaks}") from None

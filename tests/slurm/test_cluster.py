@@ -9,21 +9,19 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import msgspec
 import pytest
 
 from slurm.messages import RegistryEvent, WorkerStatus
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slurm
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = f"{{python}} {Path(__file__).resolve().parent / 'standin_worker.py'}"
 REGISTRY_ROUTER = "{python} -m slurm.registry --host {host} --port {port} --port-file {port_file}"
-T = TypeVar("T")
 
 
 def _cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
@@ -49,15 +47,6 @@ def _events(router: str, token: str) -> list[RegistryEvent]:
     return msgspec.json.decode(_get(router + "/internal/events", token), type=list[RegistryEvent])
 
 
-def _until(probe: Callable[[], T | None], timeout_s: float, what: str) -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.25)
 
 
 def _queue() -> set[str]:
@@ -113,7 +102,7 @@ def test_up_places_pools_on_two_nodes_and_down_cleans_up(slurm_cluster: dict, ru
     job_ids = {j["job_id"] for j in json.loads((run_dir / "run.json").read_text())["jobs"]}
     assert not job_ids & _queue()
     pids = [s.info.pid for s in statuses] + [json.loads((run_dir / "run.json").read_text())["router_pid"]]
-    _until(lambda: not any(_alive(p) for p in pids), 10, "every worker and the router to exit")
+    wait_until(lambda: not any(_alive(p) for p in pids), 10, 0.25, what="every worker and the router to exit")
     sys.stderr.write(f"\nslurm up: {up_s:.1f}s to ready, down: {down_s:.1f}s\n")
 
 
@@ -129,11 +118,12 @@ def test_preemption_and_requeue_restart_workers(slurm_cluster: dict, run_root: P
             """Wait until every `role` rank deregistered, then until all serve again after a restart."""
             t0 = time.monotonic()
             old = [i for i in before if i.role == role]
-            _until(lambda: {e.info.rank for e in _events(router, token)
-                            if e.kind == "deregister" and e.info in old} == {0, 1}, 15, f"{what}: deregistration")
-            new = _until(lambda: (lambda n: n if len(n) == 2 else None)(
+            wait_until(lambda: {e.info.rank for e in _events(router, token)
+                            if e.kind == "deregister" and e.info in old} == {0, 1}, 15, 0.25,
+                       what=f"{what}: deregistration")
+            new = wait_until(lambda: (lambda n: n if len(n) == 2 else None)(
                 [s.info for s in _workers(router, token) if s.healthy and s.info.role == role and s.info.restart]),
-                60, f"{what}: the requeued {role} ranks to serve again")
+                60, 0.25, what=f"{what}: the requeued {role} ranks to serve again")
             assert {i.job_id for i in new} == {jobs[role]} and not {i.pid for i in new} & {i.pid for i in old}
             return time.monotonic() - t0
 
@@ -167,11 +157,11 @@ def test_sbatch_script_runs_the_appliance(slurm_cluster: dict, run_root: Path, t
                          check=True).stdout.strip()
     job_dir = run_root / f"sbatch-{job}"
     try:
-        url_file = _until(lambda: (job_dir / "router.url").exists() and job_dir / "router.url", 30,
-                          f"the router of job {job} (log: {run_root}/sbatch-{job}.out)")
+        url_file = wait_until(lambda: (job_dir / "router.url").exists() and job_dir / "router.url", 30, 0.25,
+                              what=f"the router of job {job} (log: {run_root}/sbatch-{job}.out)")
         router, token = url_file.read_text().strip(), (job_dir / "token").read_text().strip()
-        statuses = _until(lambda: _healthy(router, token, want=4), 30, "4 healthy ranks")
+        statuses = wait_until(lambda: _healthy(router, token, want=4), 30, 0.25, what="4 healthy ranks")
         assert {(s.info.role, s.info.node) for s in statuses} == {("prefill", "n1"), ("decode", "n2")}
     finally:
         subprocess.run(["scancel", job], check=True)
-    _until(lambda: job not in _queue(), 30, f"job {job} to leave the queue")
+    wait_until(lambda: job not in _queue(), 30, 0.25, what=f"job {job} to leave the queue")

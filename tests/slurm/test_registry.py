@@ -11,6 +11,7 @@ from aiohttp import web
 from slurm.messages import WorkerInfo
 from slurm.register import RegistrationError, deregister, register
 from slurm.registry import Registry, make_standalone_app
+from tests.waiting import wait_until_async
 
 TOKEN = "test-token"
 
@@ -36,11 +37,6 @@ def _info(url: str, rank: int = 0, role: str = "decode", job_id: str = "7") -> W
     return WorkerInfo(role=role, url=url, rank=rank, tp=2, job_id=job_id, node="n1", pid=1)  # type: ignore[arg-type]
 
 
-async def _until(cond, timeout_s: float = 5.0) -> None:  # noqa: ANN001
-    end = time.monotonic() + timeout_s
-    while not cond():
-        assert time.monotonic() < end, "condition not met in time"
-        await asyncio.sleep(0.05)
 
 
 def test_register_health_drop_and_deregister() -> None:
@@ -53,21 +49,25 @@ def test_register_health_drop_and_deregister() -> None:
             with pytest.raises(RegistrationError, match="401"):
                 await asyncio.to_thread(register, router_url, "wrong", _info(worker_url), deadline_s=2)
             await asyncio.to_thread(register, router_url, TOKEN, _info(worker_url))
-            await _until(lambda: registry.workers("decode") == [_info(worker_url)])
+            await wait_until_async(lambda: registry.workers("decode") == [_info(worker_url)], 5.0,
+                                   what="the registry to list the decode worker")
             assert registry.workers("prefill") == []
 
             # a failing health check makes it unroutable at once and drops it after drop_after_s
             status[0] = 503
-            await _until(lambda: registry.workers("decode") == [])
+            await wait_until_async(lambda: registry.workers("decode") == [], 5.0,
+                                   what="the registry to drop the decode worker")
             assert registry.workers(healthy_only=False)
-            await _until(lambda: registry.workers(healthy_only=False) == [], timeout_s=3)
+            await wait_until_async(lambda: registry.workers(healthy_only=False) == [], 3,
+                                   what="the registry to forget the worker")
             assert registry.events()[-1].kind == "drop"
 
             # deregister by url, and by (role, job_id, rank) as a job wrapper does
             status[0] = 200
             await asyncio.to_thread(register, router_url, TOKEN, _info(worker_url, rank=0))
             await asyncio.to_thread(register, router_url, TOKEN, _info(worker_url + "/", rank=1))
-            await _until(lambda: len(registry.workers("decode")) == 2)
+            await wait_until_async(lambda: len(registry.workers("decode")) == 2, 5.0,
+                                   what="two decode workers in the registry")
             assert await asyncio.to_thread(deregister, router_url, TOKEN, url=worker_url)
             assert await asyncio.to_thread(deregister, router_url, TOKEN, role="decode", job_id="7", rank=1)
             assert registry.workers(healthy_only=False) == []
@@ -87,7 +87,8 @@ def test_reregistration_replaces_stale_entry() -> None:
         try:
             await asyncio.to_thread(register, router_url, TOKEN, _info("http://127.0.0.1:9"))  # a dead port
             await asyncio.to_thread(register, router_url, TOKEN, _info(worker_url))  # same job and rank
-            await _until(lambda: registry.workers("decode") == [_info(worker_url)])
+            await wait_until_async(lambda: registry.workers("decode") == [_info(worker_url)], 5.0,
+                                   what="the registry to list the decode worker")
             assert len(registry.workers(healthy_only=False)) == 1
         finally:
             await worker.cleanup()

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm.test_cluster import _queue, _until
+from tests.slurm.test_cluster import _queue
 from tests.slurm.test_serving import PARIS, Run, _pdbox
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -25,15 +26,16 @@ def test_sbatch_script_serves_with_the_real_worker(slurm_cluster: dict, tmp_path
                          check=True).stdout.strip()
     job_dir = root / f"sbatch-{job}"
     try:
-        url_file = _until(lambda: (job_dir / "router.url").exists() and job_dir / "router.url", 60,
-                          f"the router of job {job} (log: {root}/sbatch-{job}.out)")
+        url_file = wait_until(lambda: (job_dir / "router.url").exists() and job_dir / "router.url", 60, 0.25,
+                              what=f"the router of job {job} (log: {root}/sbatch-{job}.out)")
         sbatch_run = Run(root=root, dir=job_dir, router=url_file.read_text().strip(),
                          token=(job_dir / "token").read_text().strip(), jobs={}, router_pid=0, up_s=0.0)
-        _until(sbatch_run.healthy, 120, f"the router to route to both roles (log: {root}/sbatch-{job}.out)")
+        wait_until(sbatch_run.healthy, 120, 0.25,
+                   what=f"the router to route to both roles (log: {root}/sbatch-{job}.out)")
         ready_s = time.monotonic() - t0
         assert {(s.info.role, s.info.node) for s in sbatch_run.workers()} == {("prefill", "n1"), ("decode", "n2")}
         assert "Paris" in sbatch_run.chat(PARIS)
     finally:
         subprocess.run(["scancel", job], check=True)
-    _until(lambda: job not in _queue(), 30, f"job {job} to leave the queue")
+    wait_until(lambda: job not in _queue(), 30, 0.25, what=f"job {job} to leave the queue")
     sys.stderr.write(f"\nsbatch script --cpu: serving {ready_s:.1f}s after sbatch\n")

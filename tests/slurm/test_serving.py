@@ -20,7 +20,8 @@ import openai
 import pytest
 
 from slurm.messages import RegistryEvent, WorkerInfo, WorkerStatus
-from tests.slurm.test_cluster import REPO, _alive, _queue, _until
+from tests.slurm.test_cluster import REPO, _alive, _queue
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -171,7 +172,8 @@ def test_preempted_decode_fails_in_flight_requests_then_serves_again(run: Run) -
     t0 = time.monotonic()
     subprocess.run(["sbatch", "-p", "urgent", "-w", old.node, "--exclusive", "-o", "/dev/null", "--wrap", "sleep 2"],
                    capture_output=True, check=True)
-    _until(lambda: any(e.kind == "deregister" and e.info == old for e in run.events()), 20, "decode to deregister")
+    wait_until(lambda: any(e.kind == "deregister" and e.info == old for e in run.events()), 20, 0.25,
+               what="decode to deregister")
     deregister_s = time.monotonic() - t0
     assert not [w for w in run.routed() if w["role"] == "decode"], "the router still routes to the preempted decode"
     stream.join(30)
@@ -181,10 +183,10 @@ def test_preempted_decode_fails_in_flight_requests_then_serves_again(run: Run) -
     assert "worker failed" in stream.error["message"] and stream.finish_reason is None
     assert _post_status(run) == 503, "with no decode engine a request must be refused at once"
 
-    new = _until(lambda: next((s.info for s in run.workers()
-                               if s.healthy and s.info.role == "decode" and s.info.restart >= 1), None),
-                 120, "the requeued decode worker to register again")
-    _until(run.healthy, 30, "the router to route to the new decode worker")
+    new = wait_until(lambda: next((s.info for s in run.workers()
+                               if s.healthy and s.info.role == "decode" and s.info.restart >= 1), None), 120, 0.25,
+                     what="the requeued decode worker to register again")
+    wait_until(run.healthy, 30, 0.25, what="the router to route to the new decode worker")
     back_s = time.monotonic() - t0
     assert new.job_id == old.job_id and new.node == old.node and new.pid != old.pid and new.url != old.url
     assert [w["restarts"] for w in run.routed() if w["role"] == "decode"] == [1]
@@ -201,12 +203,13 @@ def test_requeued_prefill_registers_again_and_serves(run: Run) -> None:
     t0 = time.monotonic()
     # admin requeue: SIGTERM to every task (no USR2); the worker deregisters on its way out
     subprocess.run(["scontrol", "requeue", run.jobs["prefill"]], check=True, capture_output=True)
-    _until(lambda: any(e.kind == "deregister" and e.info == old for e in run.events()), 20, "prefill to deregister")
+    wait_until(lambda: any(e.kind == "deregister" and e.info == old for e in run.events()), 20, 0.25,
+               what="prefill to deregister")
     assert _post_status(run) == 503, "with no prefill engine a request must be refused at once"
-    new = _until(lambda: next((s.info for s in run.workers()
-                               if s.healthy and s.info.role == "prefill" and s.info.pid != old.pid), None),
-                 120, "the requeued prefill worker to register again")
-    _until(run.healthy, 30, "the router to route to the new prefill worker")
+    new = wait_until(lambda: next((s.info for s in run.workers()
+                               if s.healthy and s.info.role == "prefill" and s.info.pid != old.pid), None), 120, 0.25,
+                     what="the requeued prefill worker to register again")
+    wait_until(run.healthy, 30, 0.25, what="the router to route to the new prefill worker")
     assert new.node == old.node and new.restart > old.restart
     assert "Paris" in run.chat(PARIS)  # the new prefill engine pushes KV to the same decode engine
     assert [s.info.pid for s in run.workers() if s.info.role == "decode"] == [decode_pid]
@@ -233,7 +236,7 @@ def test_down_leaves_no_job_and_no_worker(run: Run) -> None:
     assert down.returncode == 0, down.stderr
     assert not set(run.jobs.values()) & _queue()
     pids = [*run.seen_pids, run.router_pid]
-    _until(lambda: not any(_alive(p) for p in pids), 15, "every worker and the router to exit")
+    wait_until(lambda: not any(_alive(p) for p in pids), 15, 0.25, what="every worker and the router to exit")
     assert not _processes_naming(f"--register\0{run.router}"), "a worker of the run is still running"
     assert not _processes_naming(str(run.dir)), "a process of the run (submitit task, router) is still running"
     sys.stderr.write(f"\nslurm down: {down_s:.1f}s\n")

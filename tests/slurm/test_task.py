@@ -14,6 +14,7 @@ import pytest
 from slurm.jobs import PoolSpec
 from slurm.script import ROUTER_URL, render_sbatch
 from slurm.task import worker_env
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -64,10 +65,7 @@ def test_worker_dies_with_a_killed_supervisor() -> None:
     worker_pid = int(proc.stdout.readline())
     proc.kill()
     proc.wait(timeout=10)
-    deadline = time.monotonic() + 5
-    while _alive(worker_pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _alive(worker_pid)
+    wait_until(lambda: not _alive(worker_pid), 5, 0.05, what=f"worker {worker_pid} to die with its supervisor")
 
 
 def test_poolspec_validation() -> None:

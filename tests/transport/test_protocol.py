@@ -14,6 +14,7 @@ import torch
 import nvshmem_kv as nk
 from nvshmem_kv.shm_segment import ShmSegment
 from tests.transport.helpers import make_desc
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -26,11 +27,6 @@ def pair(backend: str, dst: nk.PoolDescriptor, made: list[nk.KVTransport]) -> tu
     return rx, pool, rx.register_pool(pool, dst), tx
 
 
-def wait_for(cond: object, timeout_s: float = 5.0) -> None:
-    end = time.monotonic() + timeout_s
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < end, "condition not met in time"
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("field,kwargs", [("dtype", {"dtype": "float32"}), ("page_size", {"page_size": 8}),
@@ -89,7 +85,7 @@ def test_unknown_room_signals_and_writes_are_dropped(backend: str, receivers: li
     rx.release("late")
     tx.signal(peer, "late", b"y")
     tx.flush(peer, 5.0)
-    wait_for(lambda: rx.stats().signals_dropped == 2)
+    wait_until(lambda: rx.stats().signals_dropped == 2, 5.0, 0.01, what="2 dropped signals")
     with pytest.raises(nk.TransportError, match="never expected"):
         rx.poll("ghost")
     s = rx.stats()
@@ -106,7 +102,7 @@ def test_duplicate_signal_completes_once(receivers: list[nk.KVTransport]) -> Non
     tx.signal(peer, "r", b"a")
     tx.signal(peer, "r", b"b")
     tx.flush(peer, 5.0)
-    wait_for(lambda: rx.stats().signals_dropped == 1)
+    wait_until(lambda: rx.stats().signals_dropped == 1, 5.0, 0.01, what="1 dropped signal")
     assert rx.poll("r").payloads == (b"a",)
     assert [n for n, _ in rx.drain_completed()] == ["r"]
 
@@ -189,11 +185,12 @@ def test_close_frees_threads_sockets_and_shm() -> None:
     tx.write(peer, "r", 0, torch.zeros(d.shape, dtype=torch.bfloat16), [0], [0])
     del pool
     tx.close()
-    wait_for(lambda: rx.poll("r").failed)          # the sender left without signalling
+    wait_until(lambda: rx.poll("r").failed, 5.0, 0.01, what="room r to fail")  # the sender left without signalling
     rx.close()
     with pytest.raises(nk.TransportError, match="cannot open"):
         ShmSegment.attach(handle.shm_name, 1)
-    wait_for(lambda: not {t.name for t in threading.enumerate() if t.name.startswith("kv-")} - before)
+    wait_until(lambda: not {t.name for t in threading.enumerate() if t.name.startswith("kv-")} - before, 5.0, 0.01,
+               what="the kv- threads to exit")
     with pytest.raises(nk.TransportError, match="closed"):
         rx.expect("again", 1, 1.0)
 
