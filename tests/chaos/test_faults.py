@@ -193,6 +193,48 @@ def test_lease_frees_pages_when_prefill_never_comes(faulty: Appliance) -> None:
     wait_pools_idle(faulty, 5)
 
 
+def test_renewed_lease_holds_the_room_until_renewals_stop(faulty: Appliance) -> None:
+    """What the router does while a prompt waits in prefill's queue: POST /internal/extend keeps decode's
+    reservation; when the renewals stop, the lease ends it as before and the pages come back."""
+    import http.client
+
+    d = faulty.worker("decode")
+    auth = {"Authorization": f"Bearer {cluster_token(d['pid'])}"}
+    u = urllib.parse.urlsplit(d["url"])
+    room = secrets.token_urlsafe(18)
+    body = {"rid": "chaos-" + secrets.token_hex(6), "room": room, "prompt_ids": long_prompt(100),
+            "sampling": {"max_tokens": 4}, "lease_s": 1.0}
+    stream = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    stream.request("POST", "/internal/decode", json.dumps(body), auth)
+    resp = stream.getresponse()
+    assert resp.status == 200 and json.loads(resp.readline())["kind"] == "reserved"
+
+    def extend(lease_s: float, which: str = room) -> tuple[int, dict | str]:
+        c = http.client.HTTPConnection(u.hostname, u.port, timeout=10)
+        c.request("POST", "/internal/extend", json.dumps({"room": which, "lease_s": lease_s}), auth)
+        r = c.getresponse()
+        raw = r.read().decode()
+        c.close()
+        return r.status, json.loads(raw) if r.status == 200 else raw
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 3.0:  # three leases' worth, renewed every 0.3 s
+        assert extend(1.0) == (200, {"ok": True})
+        time.sleep(0.3)
+    assert loads_of(faulty, "decode")["reserved_rooms"] == 1  # still held, past its first lease
+    assert extend(1.0, "no-such-room") == (200, {"ok": False})
+    status, text = extend(0.0)
+    assert status == 400 and "lease_s" in text
+    stopped = time.monotonic()
+    last = json.loads(resp.readline())  # no more renewals: the lease ends the room
+    waited = time.monotonic() - stopped
+    stream.close()
+    assert last["kind"] == "error" and "deadline" in last["message"], last
+    assert waited < 1.0 + 1.5, waited
+    assert extend(1.0) == (200, {"ok": False})  # a failed room is not revived
+    wait_pools_idle(faulty, 5)
+
+
 def test_killed_prefill_after_reservation_fails_fast_and_is_restarted(faulty: Appliance) -> None:
     p = faulty.worker("prefill")
     sse_job = stream_in_thread(faulty, {"prompt": long_prompt(1500), "max_tokens": 4})

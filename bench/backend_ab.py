@@ -1,0 +1,90 @@
+"""The CPU backend's kernels at a git revision against the working tree's, decode steps alternating in
+one process (so the machine's noise falls on both sides alike).
+
+    python -m bench.backend_ab --rev REV [--batch 1 --batch 16] [--rounds 12] [--threads 1]
+
+Both engines load the same model with the same packed weights and linear layers; only the backend's
+other kernels (attention, norms, rotary, activations) differ. Prints each side's median ms/step and
+the median of the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BACKEND = "appliance/engine/attention_cpu.py"
+
+
+def backend_at(rev: str, folder: Path):
+    """The ``CpuAttentionBackend`` class of ``rev``'s attention_cpu.py, loaded as its own module."""
+    src = subprocess.run(["git", "show", f"{rev}:{BACKEND}"], check=True, capture_output=True, text=True).stdout
+    path = folder / "backend_at_rev.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("backend_at_rev", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.CpuAttentionBackend
+
+
+def engine(backend_cls=None):
+    from appliance.config import EngineConfig
+    from appliance.engine.engine import Engine
+
+    e = Engine(None, EngineConfig(attention_backend="cpu"))
+    if backend_cls is not None:
+        model = e.runner.model
+        old = backend_cls()
+        old.linear = model.backend.linear  # the same packed weights and GEMMs on both sides
+        model.backend = old
+    return e
+
+
+def run(rev: str, batch: int, rounds: int, steps: int = 3) -> dict:
+    from appliance.engine.request import SamplingParams
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sides = {"rev": engine(backend_at(rev, Path(tmp))), "tree": engine()}
+    for e in sides.values():
+        for b in range(batch):
+            e.add_request(list(range(100 + b, 164 + b)),
+                          SamplingParams(max_tokens=steps * (rounds + 2) + 8, temperature=0, ignore_eos=True))
+        for _ in range(steps):
+            e.step()
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for _ in range(rounds):
+        for k, e in sides.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                e.step()
+            times[k].append((time.perf_counter() - t0) / steps)
+    ratio = statistics.median(t / r for r, t in zip(times["rev"], times["tree"]))
+    return {"batch": batch, "rev_ms": round(statistics.median(times["rev"]) * 1e3, 1),
+            "tree_ms": round(statistics.median(times["tree"]) * 1e3, 1), "tree_over_rev": round(ratio, 3)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rev", required=True, help="git revision whose attention_cpu.py is the baseline")
+    ap.add_argument("--batch", type=int, action="append", help="decode batch sizes (default 1 and 16)")
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    for b in args.batch or [1, 16]:
+        r = run(args.rev, b, args.rounds)
+        print(f"batch {r['batch']}: {args.rev} {r['rev_ms']} ms/step, tree {r['tree_ms']} ms/step, "
+              f"tree/{args.rev} {r['tree_over_rev']}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
