@@ -69,4 +69,4 @@ def test_a_room_decode_let_go_is_not_waited_for() -> None:
     client = RenewingClient(holds=False)  # decode failed or released the room: renewals answer False
     with pytest.raises(WorkerFailed, match="late"):
         asyncio.run(handoff(client, prefill_healthy=True, prefill_s=10.0))
-    assert 1 <= len(client.renewals) <= 4
+    assert 1 <= len(client.renewals) <= 6  # ~one per 0.1 s until the 0.4 s deadline; timers may fire a hair early
