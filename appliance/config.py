@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma3")
+SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
 
@@ -20,7 +20,8 @@ class RopeScaling:
 
     The formulas are in ``kernels.rope_scaling``. ``original_max_position`` is the context the model was
     pre-trained on (llama3, yarn: ``original_max_position_embeddings``; dynamic: ``max_position_embeddings``,
-    as transformers reads them).
+    as transformers reads them). ``freq_factors`` (GGUF's ``rope_freqs`` tensor: Llama 3.1's llama3 scaling
+    as llama.cpp stores it) divide each inverse frequency after the type's own formula.
     """
 
     rope_type: str = "default"
@@ -34,8 +35,13 @@ class RopeScaling:
     mscale: float = 0.0
     mscale_all_dim: float = 0.0
     truncate: bool = True
+    freq_factors: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.freq_factors and (self.rope_type not in ("default", "linear")
+                                  or not all(math.isfinite(f) and f > 0 for f in self.freq_factors)):
+            raise ValueError(f"per-frequency rope factors must be numbers > 0 on a default or linear rope, "
+                             f"got type {self.rope_type!r}")
         if self.rope_type not in ROPE_TYPES:
             raise ValueError(f"unsupported rope type {self.rope_type!r}: pdbox supports {', '.join(ROPE_TYPES)}")
         if not (math.isfinite(self.factor) and self.factor > 0):
@@ -90,6 +96,7 @@ class ModelConfig:
     mlp_activation: str = "silu"
     attn_scale: float | None = None
     final_logit_softcap: float | None = None
+    attn_logit_softcap: float | None = None  # Gemma 2: attention scores become cap * tanh(scores / cap)
     local_rope_theta: float = 10000.0
     local_rope_layers: tuple[int, ...] = ()
 

@@ -10,6 +10,9 @@ Each type follows transformers' ``modeling_rope_utils`` (same formulas, computed
   beyond it uses the base of a sequence ending at ``p``. That is what transformers computes token by token
   with its KV cache (keys keep the rotation they were cached with); a prompt that is longer than the
   pre-trained context and prefilled in one pass is rotated by transformers with the prompt's own length.
+
+``freq_factors`` (llama.cpp's ``rope_freqs`` tensor, how a GGUF file stores Llama 3.1's scaling) divide each
+inverse frequency after the type's formula, as llama.cpp's rope does.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class RopeParams(Protocol):
     mscale: float
     mscale_all_dim: float
     truncate: bool
+    freq_factors: tuple[float, ...]
 
 
 def cos_sin_scale(s: RopeParams | None) -> float:
@@ -61,6 +65,17 @@ def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
 
 def scaled_inv_freq(head_dim: int, theta: float, scaling: RopeParams) -> torch.Tensor:
     """``(head_dim // 2,)`` fp64 inverse frequencies of a position-independent rope type."""
+    inv = _type_inv_freq(head_dim, theta, scaling)
+    factors = getattr(scaling, "freq_factors", ())
+    if not factors:
+        return inv
+    if len(factors) != head_dim // 2:
+        raise ValueError(f"{len(factors)} per-frequency rope factors for head_dim {head_dim} "
+                         f"(needs head_dim / 2 = {head_dim // 2})")
+    return inv / torch.tensor(factors, dtype=torch.float64)
+
+
+def _type_inv_freq(head_dim: int, theta: float, scaling: RopeParams) -> torch.Tensor:
     inv = default_inv_freq(head_dim, theta)
     s = scaling
     if s.rope_type == "default":

@@ -1,4 +1,5 @@
-"""Load a Llama-family GGUF file: config, dequantized weights and the tokenizer's pieces."""
+"""Load a GGUF file: config (``gguf_config``), dequantized weights under Hugging Face names (``gguf_tensors``)
+and the tokenizer's pieces."""
 
 from __future__ import annotations
 
@@ -8,29 +9,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from appliance.config import ModelConfig, RopeScaling
 from appliance.model.errors import ModelLoadError
+from appliance.model.gguf_config import GGUF_ARCHS, config_from_gguf
+from appliance.model.gguf_tensors import CONFIG_TENSORS, add_hf_tensor, unpermute_rotary
 from appliance.model.weights import Checkpoint
 
-# the architectures whose GGUF tensors map onto the decoder as they are (Gemma, MoE: Hugging Face folders)
-GGUF_ARCHS = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K", "Q4_K")
+__all__ = ["SUPPORTED_TENSOR_TYPES", "load_gguf", "unpermute_rotary"]
 
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-}
-_UNPERMUTED = ("qwen2", "qwen3")  # llama.cpp stores these in rotate-half order already
-_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K", "Q4_K")
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
@@ -38,27 +24,6 @@ def _field(reader: Any, key: str, default: Any = None) -> Any:
     if f is None:
         return default
     return f.contents()
-
-
-def hf_name(gguf_name: str) -> str:
-    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``."""
-    parts = gguf_name.split(".")
-    if parts[0] == "blk":
-        base = _LAYER_NAMES.get(parts[2])
-        if base is None:
-            raise ModelLoadError(f"unknown GGUF tensor {gguf_name!r}")
-        return f"model.layers.{parts[1]}.{base}.{parts[-1]}"
-    base = _TOP_NAMES.get(parts[0])
-    if base is None:
-        raise ModelLoadError(f"unknown GGUF tensor {gguf_name!r}")
-    return f"{base}.{parts[-1]}"
-
-
-def unpermute_rotary(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k permutation (interleaved rotary) back to rotate-half order."""
-    rows = w.shape[0]
-    tail = w.shape[1:]
-    return w.reshape(n_heads, rows // n_heads // 2, 2, *tail).transpose(1, 2).reshape(rows, *tail)
 
 
 def _dequantize(tensor: Any) -> torch.Tensor:
@@ -83,29 +48,6 @@ def _dequantize(tensor: Any) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
-def _rope_scaling(key: Any, tensors: dict, context: int, path: Path) -> tuple[RopeScaling, int]:
-    """The rope type of ``{arch}.rope.scaling.*`` (none, linear, yarn) and the context it gives."""
-    if "rope_freqs.weight" in tensors:
-        raise ModelLoadError(f"{path}: per-frequency rope factors (rope_freqs, Llama 3.1's llama3 scaling in GGUF) "
-                             "are not supported; serve the Hugging Face folder instead")
-    kind = key("rope.scaling.type") or "none"
-    factor = float(key("rope.scaling.factor", 1.0) or 1.0)
-    try:
-        if kind == "none":
-            return RopeScaling(), context
-        if kind == "linear":
-            return RopeScaling("linear", factor=factor), context
-        if kind == "yarn":
-            original = int(key("rope.scaling.original_context_length", context))
-            scaling = RopeScaling("yarn", factor=factor, original_max_position=original,
-                                  beta_fast=float(key("rope.scaling.yarn_beta_fast", 32.0)),
-                                  beta_slow=float(key("rope.scaling.yarn_beta_slow", 1.0)))
-            return scaling, max(context, int(original * factor))
-    except ValueError as exc:
-        raise ModelLoadError(f"{path}: {exc}") from exc
-    raise ModelLoadError(f"{path}: unsupported rope scaling type {kind!r}; pdbox reads none, linear and yarn from GGUF")
-
-
 def load_gguf(path: str | Path) -> Checkpoint:
     """Read a GGUF file into a :class:`Checkpoint` (weights dequantized to fp32)."""
     path = Path(path)
@@ -126,42 +68,17 @@ def load_gguf(path: str | Path) -> Checkpoint:
     def key(name: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{name}", default)
 
-    n_heads = int(key("attention.head_count"))
-    n_kv = int(key("attention.head_count_kv", n_heads))
-    hidden = int(key("embedding_length"))
     tensors = {t.name: t for t in reader.tensors}
     vocab = list(_field(reader, "tokenizer.ggml.tokens", []))
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
-    scaling, max_position = _rope_scaling(key, tensors, int(key("context_length", 2048)), path)
-    config = ModelConfig(
-        arch=arch,
-        num_layers=int(key("block_count")),
-        hidden_size=hidden,
-        intermediate_size=int(key("feed_forward_length")),
-        num_heads=n_heads,
-        num_kv_heads=n_kv,
-        head_dim=int(key("attention.key_length", key("rope.dimension_count", hidden // n_heads))),
-        vocab_size=int(key("vocab_size", len(vocab))),
-        rope_theta=float(key("rope.freq_base", 10000.0)),
-        rms_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-        max_position=max_position,
-        tie_embeddings="output.weight" not in tensors,
-        qkv_bias="blk.0.attn_q.bias" in tensors,
-        bos_token_id=None if bos is None else int(bos),
-        eos_token_ids=() if eos is None else (int(eos),),
-        rope_scaling=scaling,
-        qk_norm="blk.0.attn_q_norm.weight" in tensors,
-    )
+    freqs = tensors.get("rope_freqs.weight")
+    factors = None if freqs is None else tuple(_dequantize(freqs).flatten().tolist())
+    config = config_from_gguf(arch, key, tensors, len(vocab), factors, {"bos": bos, "eos": eos}, path)
     weights: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
-        w = _dequantize(tensor)
-        # llama.cpp permutes q/k for its interleaved rotary; Qwen GGUFs are stored unpermuted.
-        if arch not in _UNPERMUTED and ".attn_q." in name:
-            w = unpermute_rotary(w, n_heads)
-        elif arch not in _UNPERMUTED and ".attn_k." in name:
-            w = unpermute_rotary(w, n_kv)
-        weights[hf_name(name)] = w
+        if name not in CONFIG_TENSORS:
+            add_hf_tensor(weights, name, _dequantize(tensor), arch, config.num_heads, config.num_kv_heads)
     types = list(_field(reader, "tokenizer.ggml.token_type", []))
     model_kind = _field(reader, "tokenizer.ggml.model")
     if model_kind != "gpt2":

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from appliance.config import RopeScaling
 from appliance.model.errors import ModelLoadError
-from appliance.model.gguf_loader import _rope_scaling
+from appliance.model.gguf_config import rope_scaling_of
 from appliance.model.loader import load_checkpoint, load_tokenizer
 from tests.models.hf_tiny import save_tiny
 
@@ -61,13 +60,30 @@ def test_gguf_rope_scaling_keys() -> None:
         return lambda name, default=None: kv.get(name.replace(".", "_"), default)
 
     path = Path("m.gguf")
-    assert _rope_scaling(keys(), {}, 4096, path) == (RopeScaling(), 4096)
-    assert _rope_scaling(keys(rope_scaling_type="linear", rope_scaling_factor=4.0), {}, 4096, path) == (
+    assert rope_scaling_of(keys(), None, 4096, path) == (RopeScaling(), 4096)
+    assert rope_scaling_of(keys(rope_scaling_type="linear", rope_scaling_factor=4.0), None, 4096, path) == (
         RopeScaling("linear", factor=4.0), 4096)
     yarn = keys(rope_scaling_type="yarn", rope_scaling_factor=4.0, rope_scaling_original_context_length=32768)
-    assert _rope_scaling(yarn, {}, 32768, path) == (RopeScaling("yarn", factor=4.0, original_max_position=32768),
+    assert rope_scaling_of(yarn, None, 32768, path) == (RopeScaling("yarn", factor=4.0, original_max_position=32768),
                                                     131072)
     with pytest.raises(ModelLoadError, match="unsupported rope scaling type 'longrope'"):
-        _rope_scaling(keys(rope_scaling_type="longrope"), {}, 4096, path)
-    with pytest.raises(ModelLoadError, match="rope_freqs"):
-        _rope_scaling(keys(), {"rope_freqs.weight": np.ones(4)}, 4096, path)
+        rope_scaling_of(keys(rope_scaling_type="longrope"), None, 4096, path)
+    factors = (1.0, 2.0)  # rope_freqs (Llama 3.1 in GGUF): divisors on a default or linear rope, not yarn
+    assert rope_scaling_of(keys(), factors, 4096, path) == (RopeScaling(freq_factors=factors), 4096)
+    with pytest.raises(ModelLoadError, match="rope_freqs factors with yarn"):
+        rope_scaling_of(yarn, factors, 4096, path)
+    with pytest.raises(ModelLoadError, match="must be numbers > 0"):
+        rope_scaling_of(keys(), (1.0, 0.0), 4096, path)
+
+
+def test_unsupported_gguf_architecture_is_named(tmp_path) -> None:
+    import gguf
+
+    path = tmp_path / "phi3.gguf"
+    w = gguf.GGUFWriter(str(path), "phi3")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelLoadError, match="unsupported architecture 'phi3' in GGUF; pdbox reads .*qwen3moe"):
+        load_checkpoint(str(path))
