@@ -19,6 +19,11 @@ from kernels._triton import (
 )
 
 
+def softcap_scores(scores: torch.Tensor, softcap: float) -> torch.Tensor:
+    """Attention-logit soft-capping (Gemma 2): ``softcap * tanh(scores / softcap)`` in place; 0 is off."""
+    return scores.div_(softcap).tanh_().mul_(softcap) if softcap else scores
+
+
 def gather_pages(cache: torch.Tensor, pages: torch.Tensor, length: int) -> torch.Tensor:
     """Rows ``[0, length)`` of one request's paged cache as ``(length, kv_heads, head_dim)``."""
     page_size = cache.shape[1]
@@ -63,6 +68,7 @@ def decode_attention_ref(
     seq_lens: torch.Tensor,
     scale: float,
     plan: DecodePlan | None = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Attention of one query token per request over its whole context.
 
@@ -70,7 +76,8 @@ def decode_attention_ref(
     ``page_table`` ``(batch, max_pages)`` int32/int64; ``seq_lens`` ``(batch,)`` context lengths
     INCLUDING the current token (whose K/V are already stored). A slot with ``seq_len == 0`` is empty
     and yields zeros. Returns ``(batch, q_heads, head_dim)`` in ``q.dtype``. ``plan``: a precomputed
-    :func:`decode_plan` of the same page table and lengths.
+    :func:`decode_plan` of the same page table and lengths. ``softcap`` > 0 caps the scaled scores
+    (:func:`softcap_scores`) before the mask and softmax.
     """
     # NOTE: requests are grouped by context length (power-of-two page buckets) and each group is one
     # batched matmul-softmax-matmul over its gathered pages: a per-request loop costs ~10 Python ops per
@@ -96,27 +103,14 @@ def decode_attention_ref(
         qg = (q.index_select(0, idx) * scale).view(n, kv_heads, group, dim).to(k.dtype)
         if eye is not None:
             qbd = (qg[:, :, :, None, :] * eye[None, :, None, :, None]).reshape(n, q_heads, kv_heads * dim)
-            scores = torch.bmm(qbd, k.view(n, width, -1).transpose(1, 2)).float()  # (rows, q_heads, width)
+            scores = softcap_scores(torch.bmm(qbd, k.view(n, width, -1).transpose(1, 2)).float(), softcap)
             scores.masked_fill_(~valid[:, None, :].to(q.device), float("-inf"))
             o = torch.bmm(scores.softmax(-1).to(v.dtype), v.view(n, width, -1)).view(n, kv_heads, group, kv_heads, dim)
             o = torch.diagonal(o, dim1=1, dim2=3).permute(0, 3, 1, 2).reshape(n, q_heads, dim)
         else:
-            scores = torch.matmul(qg, k.permute(0, 2, 3, 1)).float()  # (rows, kv_heads, group, width)
+            scores = softcap_scores(torch.matmul(qg, k.permute(0, 2, 3, 1)).float(), softcap)  # (rows, kv, group, w)
             scores.masked_fill_(~valid[:, None, None, :].to(q.device), float("-inf"))
             o = torch.matmul(scores.softmax(-1).to(v.dtype), v.permute(0, 2, 1, 3)).reshape(n, q_heads, dim)
-        out.index_copy_(0, idx, o.to(q.dtype))
-    return out
-    page_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
-    group = q_heads // kv_heads
-    for idx, table, width, valid in plan if plan is not None else decode_plan(page_table, seq_lens, page_size):
-        n = int(idx.shape[0])
-        k = k_cache.index_select(0, table).view(n, width, kv_heads, dim).permute(0, 2, 3, 1)
-        v = v_cache.index_select(0, table).view(n, width, kv_heads, dim).permute(0, 2, 1, 3)
-        qg = (q.index_select(0, idx) * scale).view(n, kv_heads, group, dim).to(k.dtype)
-        scores = torch.matmul(qg, k).float()  # (rows, kv_heads, group, width)
-        scores.masked_fill_(~valid[:, None, None, :].to(q.device), float("-inf"))
-        probs = scores.softmax(-1).to(v.dtype)
-        o = torch.matmul(probs, v).reshape(n, q_heads, dim)
         out.index_copy_(0, idx, o.to(q.dtype))
     return out
 
@@ -138,6 +132,7 @@ def _decode_partial_kernel(
     o_ptr,
     lse_ptr,
     sm_scale_log2,
+    softcap,
     stride_q_b,
     stride_q_h,
     stride_k_page,
@@ -158,11 +153,16 @@ def _decode_partial_kernel(
     NUM_SPLITS: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Program ``(b, kv_head, split)``: the GQA group of ``kv_head`` over one chunk of request ``b``."""
+    """Program ``(b, kv_head, split)``: the GQA group of ``kv_head`` over one chunk of request ``b``.
+
+    With ``SOFTCAP`` the scores are capped (``softcap * tanh(s / softcap)``) and ``sm_scale_log2`` is the
+    plain scale: the log2(e) factor comes after the cap.
+    """
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -201,6 +201,11 @@ def _decode_partial_kernel(
             other=0.0,
         ).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
+        if SOFTCAP:  # tanh through exp (no tl.tanh everywhere): sign(x) (1 - e^-2|x|) / (1 + e^-2|x|)
+            x = qk / softcap
+            t = tl.exp(-2.0 * tl.abs(x))
+            th = (1.0 - t) / (1.0 + t)
+            qk = tl.where(x < 0.0, -th, th) * (softcap * 1.4426950408889634)
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -294,8 +299,9 @@ def decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
-    """Triton :func:`decode_attention_ref` (paged, GQA, split-K over the context).
+    """Triton :func:`decode_attention_ref` (paged, GQA, split-K over the context; ``softcap`` as there).
 
     ``num_splits`` (default: :func:`default_num_splits`, decided from shapes only, so no host sync)
     is how many chunks each request's context is cut into; the chunks are merged by a second kernel.
@@ -310,6 +316,7 @@ def decode_attention(
     if num_splits is None:
         num_splits = default_num_splits(batch, kv_heads, page_table.shape[1] * page_size, device)
     check(isinstance(num_splits, int) and num_splits >= 1, f"{op}: num_splits must be an int >= 1, got {num_splits}")
+    check(softcap >= 0.0, f"{op}: softcap must be >= 0 (0: off), got {softcap}")
     out = torch.empty(q.shape, dtype=q.dtype, device=device)
     if batch == 0:
         return out
@@ -329,14 +336,14 @@ def decode_attention(
         lse_strides = lse.stride()[:2]
     _decode_partial[(batch, kv_heads, num_splits)](
         q, k_cache, v_cache, page_table, seq_lens, partial, lse,
-        scale * _LOG2E,
+        scale if softcap else scale * _LOG2E, float(softcap),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         page_table.stride(0),
         *p_strides, *lse_strides,
         GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
-        UPCAST=interp, DOT_PRECISION=dot_precision(q.dtype),
+        UPCAST=interp, DOT_PRECISION=dot_precision(q.dtype), SOFTCAP=bool(softcap),
         BLOCK_H=block_h, BLOCK_D=block_d,
     )
     if num_splits > 1:

@@ -15,7 +15,7 @@ from kernels._triton import (
     next_pow2,
     tl,
 )
-from kernels.decode_attention import check_attention_inputs, dot_precision, gather_pages
+from kernels.decode_attention import check_attention_inputs, dot_precision, gather_pages, softcap_scores
 
 
 def extend_attention_ref(
@@ -26,13 +26,15 @@ def extend_attention_ref(
     prefix_lens: torch.Tensor,
     extend_lens: torch.Tensor,
     scale: float,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Causal attention for a varlen batch of new tokens.
 
     ``q`` is ``(total_new_tokens, q_heads, head_dim)``, requests packed back to back in batch order;
     request ``b`` has ``extend_lens[b]`` new tokens at positions ``prefix_lens[b] + i``, whose K/V are
     ALREADY stored in the cache. New token ``i`` attends to cache rows ``[0, prefix_lens[b] + i]``.
-    Requests with ``extend_lens[b] == 0`` are skipped. Returns ``q``'s shape and dtype.
+    Requests with ``extend_lens[b] == 0`` are skipped. Returns ``q``'s shape and dtype. ``softcap`` > 0
+    caps the scaled scores (``softcap_scores``, Gemma 2) on an explicit path: SDPA cannot.
     """
     out = torch.empty_like(q)
     q_heads = q.shape[1]
@@ -45,7 +47,9 @@ def extend_attention_ref(
         k = gather_pages(k_cache, page_table[b], total).to(q.dtype).transpose(0, 1)
         v = gather_pages(v_cache, page_table[b], total).to(q.dtype).transpose(0, 1)
         qb = q[start : start + n_new].transpose(0, 1)
-        if prefix == 0:
+        if softcap:
+            o = capped_attention(qb, k, v, prefix, scale, softcap)
+        elif prefix == 0:
             o = F.scaled_dot_product_attention(
                 qb, k, v, is_causal=True, scale=scale, enable_gqa=q_heads != kv_heads
             )
@@ -58,6 +62,20 @@ def extend_attention_ref(
         out[start : start + n_new] = o.transpose(0, 1)
         start += n_new
     return out
+
+
+def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, scale: float,
+                     softcap: float) -> torch.Tensor:
+    """One request's causal attention with soft-capped scores: ``q`` ``(q_heads, n_new, D)`` at positions
+    ``prefix + i`` over ``k``/``v`` ``(kv_heads, prefix + n_new, D)``; fp32 scores and softmax."""
+    group = q.shape[0] // k.shape[0]
+    if group > 1:
+        k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
+    scores = softcap_scores(torch.matmul(q, k.transpose(1, 2)).float() * scale, softcap)
+    n_new, total = q.shape[1], k.shape[1]
+    future = torch.arange(total, device=q.device)[None, :] > (torch.arange(n_new, device=q.device)[:, None] + prefix)
+    scores.masked_fill_(future, float("-inf"))
+    return torch.matmul(scores.softmax(-1).to(v.dtype), v)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -78,6 +96,7 @@ def _extend_kernel(
     start_loc_ptr,
     o_ptr,
     sm_scale_log2,
+    softcap,
     stride_q_t,
     stride_q_h,
     stride_k_page,
@@ -94,11 +113,16 @@ def _extend_kernel(
     HEAD_DIM: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Program ``(b, q_head, m_block)``: new tokens ``[m_block*BLOCK_M, +BLOCK_M)`` of request ``b``."""
+    """Program ``(b, q_head, m_block)``: new tokens ``[m_block*BLOCK_M, +BLOCK_M)`` of request ``b``.
+
+    With ``SOFTCAP`` the scores are capped (``softcap * tanh(s / softcap)``) and ``sm_scale_log2`` is the
+    plain scale: the log2(e) factor comes after the cap.
+    """
     b = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
     m_block = tl.program_id(2)
@@ -140,6 +164,11 @@ def _extend_kernel(
             other=0.0,
         ).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * sm_scale_log2
+        if SOFTCAP:  # tanh through exp (no tl.tanh everywhere): sign(x) (1 - e^-2|x|) / (1 + e^-2|x|)
+            x = qk / softcap
+            t = tl.exp(-2.0 * tl.abs(x))
+            th = (1.0 - t) / (1.0 + t)
+            qk = tl.where(x < 0.0, -th, th) * (softcap * 1.4426950408889634)
         qk = tl.where((offs_n[None, :] <= pos[:, None]) & n_mask[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -183,6 +212,7 @@ def extend_attention(
     scale: float,
     extend_start_loc: torch.Tensor | None = None,
     max_extend_len: int | None = None,
+    softcap: float = 0.0,
 ) -> torch.Tensor:
     """Triton :func:`extend_attention_ref` (varlen, causal, paged prefix; chunked prefill and
     prefix-cache hits alike).
@@ -191,7 +221,7 @@ def extend_attention(
     ``extend_start_loc`` ``(batch,)`` = exclusive cumsum of ``extend_lens`` (the row of each
     request's first token in ``q``; computed on the device when omitted) and ``max_extend_len``
     (when omitted, ``extend_lens`` is read back to the host once, which also checks that it sums to
-    ``q.shape[0]``).
+    ``q.shape[0]``). ``softcap`` > 0 caps the scores as the reference does.
     """
     op = "extend_attention"
     device = check_device(op, q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table,
@@ -201,6 +231,7 @@ def extend_attention(
     check(prefix_lens.is_contiguous() and prefix_lens.shape == extend_lens.shape,
           f"{op}: prefix_lens must be contiguous with extend_lens' shape {tuple(extend_lens.shape)}, "
           f"got {tuple(prefix_lens.shape)}")
+    check(softcap >= 0.0, f"{op}: softcap must be >= 0 (0: off), got {softcap}")
     batch = extend_lens.shape[0]
     if max_extend_len is None:
         lens = extend_lens.cpu()
@@ -229,14 +260,14 @@ def extend_attention(
 
     _extend[grid](
         q, k_cache, v_cache, page_table, prefix_lens, extend_lens, extend_start_loc, out,
-        scale * _LOG2E,
+        scale if softcap else scale * _LOG2E, float(softcap),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         page_table.stride(0),
         out.stride(0), out.stride(1),
         GROUP=q_heads // kv_heads, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
-        UPCAST=interp, DOT_PRECISION=dot_precision(q.dtype), BLOCK_D=block_d,
+        UPCAST=interp, DOT_PRECISION=dot_precision(q.dtype), SOFTCAP=bool(softcap), BLOCK_D=block_d,
     )
     return out
 

@@ -37,11 +37,14 @@ class AttentionBackend(Protocol):
                  v: torch.Tensor, slot_mapping: torch.Tensor) -> None: ...
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               page_table: torch.Tensor, seq_lens: torch.Tensor, scale: float) -> torch.Tensor: ...
+               page_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
+               softcap: float = 0.0) -> torch.Tensor:
+        """``softcap`` > 0: attention scores become ``softcap * tanh(scores / softcap)`` (Gemma 2)."""
+        ...
 
     def extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                page_table: torch.Tensor, prefix_lens: torch.Tensor, extend_lens: torch.Tensor,
-               scale: float) -> torch.Tensor: ...
+               scale: float, softcap: float = 0.0) -> torch.Tensor: ...
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 
@@ -76,14 +79,14 @@ class TorchAttentionBackend:
         self._plan: DecodePlan = []
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-               seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+               seq_lens: torch.Tensor, scale: float, softcap: float = 0.0) -> torch.Tensor:
         # Every layer of a forward pass sees the same page table and lengths: group them once.
         # NOTE: the key holds the tensors themselves (identity, not id()), so a new batch never matches.
         key = self._plan_key
         if key is None or key[0] is not page_table or key[1] is not seq_lens:
             self._plan = decode_plan(page_table, seq_lens, k_cache.shape[1])
             self._plan_key = (page_table, seq_lens)
-        return decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, scale, self._plan)
+        return decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, scale, self._plan, softcap)
 
     extend = staticmethod(extend_attention_ref)
     rmsnorm = staticmethod(rmsnorm_ref)

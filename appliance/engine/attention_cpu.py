@@ -11,6 +11,9 @@ The references in ``kernels`` are written to be obviously right; they stay the t
 - decode attention grouped by context length once per forward pass (the reference's plan), each group
   one fused SDPA call with a KV head's query heads as its query length (K/V read once per group);
 - no dtype round trips when the engine runs fp32.
+
+SDPA cannot soft-cap attention scores, so with ``softcap`` set (Gemma 2) both attention calls take the
+references' explicit matmul-tanh-softmax path instead.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from kernels.decode_attention import DecodePlan, decode_attention_ref, decode_plan
-from kernels.extend_attention import gather_pages
+from kernels.extend_attention import extend_attention_ref, gather_pages
 from kernels.kv_store import store_kv_ref
 
 
@@ -78,7 +81,7 @@ class CpuAttentionBackend:
 
     # -- attention ----------------------------------------------------------------------------
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-               seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+               seq_lens: torch.Tensor, scale: float, softcap: float = 0.0) -> torch.Tensor:
         """One query token per request over its paged context (see ``decode_attention_ref``)."""
         key = self._plan_key
         if key is None or key[0] is not page_table or key[1] is not seq_lens:
@@ -86,8 +89,8 @@ class CpuAttentionBackend:
             self._masks = [torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))[:, None, None]
                            for _, _, _, valid in self._plan]
             self._plan_key = (page_table, seq_lens)
-        if q.dtype != torch.float32 or k_cache.dtype != torch.float32:
-            return decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, scale, self._plan)
+        if softcap or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
+            return decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, scale, self._plan, softcap)
         batch, q_heads, dim = q.shape
         num_pages, kv_heads = k_cache.shape[0], k_cache.shape[2]
         group = q_heads // kv_heads
@@ -109,8 +112,11 @@ class CpuAttentionBackend:
         return out
 
     def extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-               prefix_lens: torch.Tensor, extend_lens: torch.Tensor, scale: float) -> torch.Tensor:
+               prefix_lens: torch.Tensor, extend_lens: torch.Tensor, scale: float,
+               softcap: float = 0.0) -> torch.Tensor:
         """Causal attention of each request's new tokens over its cache rows ``[0, prefix + i]``."""
+        if softcap:
+            return extend_attention_ref(q, k_cache, v_cache, page_table, prefix_lens, extend_lens, scale, softcap)
         key = self._lens_key
         if key is None or key[0] is not prefix_lens or key[1] is not extend_lens:
             self._lens = list(zip(prefix_lens.tolist(), extend_lens.tolist()))

@@ -41,14 +41,16 @@ class TritonAttentionBackend:
         store_kv(k_cache, v_cache, k, v, slot_mapping)
 
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-               seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-        return decode_attention(q, k_cache, v_cache, page_table, seq_lens, scale, num_splits=self.decode_splits)
+               seq_lens: torch.Tensor, scale: float, softcap: float = 0.0) -> torch.Tensor:
+        return decode_attention(q, k_cache, v_cache, page_table, seq_lens, scale, num_splits=self.decode_splits,
+                                softcap=softcap)
 
     def extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
-               prefix_lens: torch.Tensor, extend_lens: torch.Tensor, scale: float) -> torch.Tensor:
+               prefix_lens: torch.Tensor, extend_lens: torch.Tensor, scale: float,
+               softcap: float = 0.0) -> torch.Tensor:
         start_loc, max_len = self._metadata(q, extend_lens)
         return extend_attention(q, k_cache, v_cache, page_table, prefix_lens, extend_lens, scale,
-                                extend_start_loc=start_loc, max_extend_len=max_len)
+                                extend_start_loc=start_loc, max_extend_len=max_len, softcap=softcap)
 
     def _metadata(self, q: torch.Tensor, extend_lens: torch.Tensor) -> tuple[torch.Tensor, int]:
         key = (id(extend_lens), extend_lens.data_ptr(), extend_lens._version)
