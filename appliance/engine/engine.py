@@ -10,6 +10,7 @@ from typing import Protocol
 import torch
 
 from appliance.config import EngineConfig, RankInfo
+from appliance.engine import fork
 from appliance.engine.grammar import GrammarCompiler, consume
 from appliance.engine.prefix_cache import RadixCache
 from appliance.engine.rank_device import bind_device
@@ -127,12 +128,25 @@ class Engine:
         return req
 
     def abort(self, request_id: str) -> bool:
-        """Stop a request wherever it is and free its pages. False if unknown or finished."""
+        """Stop a request (and its forked samples) wherever it is and free its pages. False if unknown
+        or finished."""
         req = self.requests.pop(request_id, None)
+        for kid in [k for k in self.requests if k.startswith(f"{request_id}~")]:  # its samples (n > 1)
+            self.abort(kid)
         if req is None or req.is_finished:
             return False
         self.scheduler.finish(req, "abort")
         return True
+
+    def _fork(self, req: Request) -> None:
+        """``req``'s prompt is computed: share its pages with samples 1 .. n-1 (`appliance.engine.fork`)."""
+        path = fork.publish_prompt(self.cache, req)
+        kids = fork.children(req, path, self.cache)
+        for kid in kids:
+            if kid.params.constraint is not None:
+                kid.matcher = self.grammars.matcher(kid.params.constraint)
+            self.requests[kid.request_id] = kid
+        self.scheduler.add_front(kids)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -162,6 +176,9 @@ class Engine:
         elif sb.decode_only:
             self.decode_step_s = 0.9 * self.decode_step_s + 0.1 * (time.perf_counter() - t0)
         outputs = []
+        for req in sampling:
+            if fork.wants_fork(req):
+                self._fork(req)
         for req, tok, lp in zip(sampling, tokens, logprobs):
             if self.handoff is not None and req.prefill_only:
                 self.handoff.after_first_token(req, tok, lp)
@@ -196,6 +213,8 @@ class Engine:
         req.status = RequestStatus.RUNNING
         self.requests[request_id] = req
         self.scheduler.running.append(req)
+        if fork.wants_fork(req):
+            self._fork(req)
         return self._append_token(req, first_token, first_logprob)
 
     def _append_token(self, req: Request, token: int, logprob: dict | None) -> RequestOutput:
@@ -230,7 +249,7 @@ class Engine:
         return RequestOutput(
             request_id=req.request_id, new_token_ids=[token], output_ids=list(req.output_ids),
             text=text, finished=reason is not None, finish_reason=reason, prompt_len=req.prompt_len,
-            cached_len=req.cached_len, logprobs=[logprob] if logprob else [],
+            cached_len=req.cached_len, logprobs=[logprob] if logprob else [], group=req.group, index=req.index,
         )
 
     def calibrate(self, prompt_tokens: int = 256, decode_steps: int = 8) -> tuple[float, float]:

@@ -26,7 +26,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     constraint: Constraint | None = None  # structured outputs: what the answer must match
+    n: int = 1  # samples of the prompt (appliance.engine.fork): sample i draws with seed + i
 
+    MAX_N = 64
     MAX_LOGPROBS = 20
     MAX_STOP = 16
 
@@ -47,6 +49,7 @@ class SamplingParams:
               f"stop must be at most {self.MAX_STOP} non-empty strings")
         check(self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS,
               f"logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.logprobs!r}")
+        check(isinstance(self.n, int) and 1 <= self.n <= self.MAX_N, f"n must be in [1, {self.MAX_N}], got {self.n!r}")
         check(self.constraint is None or isinstance(self.constraint, Constraint),
               f"constraint must be a Constraint or None, got {type(self.constraint).__name__}")
         # NOTE: a frozen dataclass; normalize list inputs to tuples so params stay hashable.
@@ -96,6 +99,12 @@ class Request:
     transfer: Any = None  # the prefill side's handoff target (appliance.engine.handoff.Transfer)
     # Structured outputs: the llguidance matcher of ``params.constraint``, in step with ``output_ids``.
     matcher: Any = None
+    # n > 1 (appliance.engine.fork): a child's parent id and sample index; whether a parent forked;
+    # the prompt path a child keeps locked until its admission.
+    group: str | None = None
+    index: int = 0
+    forked: bool = False
+    fork_hold: list[Any] = field(default_factory=list)
 
     @property
     def prompt_len(self) -> int:
@@ -131,3 +140,5 @@ class RequestOutput:
     prompt_len: int
     cached_len: int
     logprobs: list[dict[str, Any]] = field(default_factory=list)
+    group: str | None = None  # a forked sample's parent request id (n > 1)
+    index: int = 0  # the sample's index (0: the request itself)

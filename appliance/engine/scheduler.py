@@ -75,6 +75,12 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.waiting.append(req)
 
+    def add_front(self, reqs: list[Request]) -> None:
+        """Queue ``reqs`` ahead of every waiting request, in order (a forked request's samples)."""
+        for req in reversed(reqs):
+            req.status = RequestStatus.WAITING
+            self.waiting.appendleft(req)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -110,8 +116,10 @@ class Scheduler:
         computed = req.all_ids[: req.computed_len]
         self.pool.free(self.cache.insert(computed, req.pages))
         self.cache.unlock(req.prefix_nodes)
+        self.cache.unlock(req.fork_hold)
         req.pages = []
         req.prefix_nodes = []
+        req.fork_hold = []
 
     def preempt(self, req: Request) -> None:
         self.running.remove(req)
@@ -221,6 +229,8 @@ class Scheduler:
         req.prefix_nodes = path
         req.pages = [n.page for n in path]
         req.computed_len = req.cached_len = len(path) * self.page_size
+        self.cache.unlock(req.fork_hold)  # a forked sample's hold on its prompt: admitted, path locked now
+        req.fork_hold = []
         return True
 
     def _add_to_batch(self, batch: ScheduledBatch, req: Request, n: int) -> None:

@@ -19,7 +19,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import msgspec
@@ -58,6 +58,7 @@ class EngineLoop:
         self.transfers: dict[str, Transfer] = {}
         self.rooms: dict[str, PendingRoom] = {}
         self._room_of: dict[str, str] = {}
+        self.open_samples: dict[str, int] = {}  # rid -> its samples not yet finished (n > 1 only)
         self.quarantine: collections.deque[tuple[float, list[int]]] = collections.deque()  # (free at, pages)
         self.quarantined_pages = 0
         self._stop = threading.Event()
@@ -105,13 +106,20 @@ class EngineLoop:
 
     def submit(self, rid: str, prompt_ids: list[int], params: SamplingParams, transfer: Transfer | None = None,
                ) -> asyncio.Queue[Event]:
-        """Queue a request; its events arrive on the returned queue (``done`` or ``error`` last)."""
+        """Queue a request; its events arrive on the returned queue (``done`` or ``error`` last). With
+        ``n > 1`` each sample's events carry its ``index``, a sample's end is a ``tokens`` event with its
+        finish_reason, and ``done`` follows the last one. A prefill leg (``transfer``) is one sample."""
         q = self.open_stream(rid)
+        if transfer is not None:
+            params = replace(params, n=1)
+        elif params.n > 1:
+            self.open_samples[rid] = params.n
 
         def add() -> None:
             try:
                 req = self.engine.add_request(prompt_ids, params, request_id=rid)
             except ValueError as exc:
+                self.open_samples.pop(rid, None)
                 self._emit(rid, Event(kind="error", message=str(exc), status=400))
                 return
             if transfer is not None:
@@ -130,6 +138,7 @@ class EngineLoop:
             self._drop_room(rid)
             self.engine.abort(rid)
             self.transfers.pop(rid, None)
+            self.open_samples.pop(rid, None)
 
         self.inbox.put(run)
 
@@ -152,6 +161,8 @@ class EngineLoop:
             raise
         self.rooms[room] = PendingRoom(rid, list(prompt_ids), params, pages, time.monotonic())
         self._room_of[rid] = room
+        if params.n > 1:
+            self.open_samples[rid] = params.n
         return pages
 
     def extend(self, room: str, lease_s: float) -> bool:
@@ -217,6 +228,8 @@ class EngineLoop:
             raise ValueError("this engine cannot hand KV over (role)")
         if req is None or req.is_finished or req.prefill_only:
             raise ValueError(f"request {rid!r} is not decoding here")
+        if req.params.n > 1:
+            raise ValueError(f"request {rid!r} has {req.params.n} samples sharing its prompt pages: it stays")
         if not req.output_ids or req.computed_len != req.total_len - 1 or req not in self.engine.scheduler.running:
             raise ValueError(f"request {rid!r} is not decoding here yet (prefill or preempted)")
         last_lp = req.output_logprobs[-1] if len(req.output_logprobs) == len(req.output_ids) else None
@@ -259,12 +272,15 @@ class EngineLoop:
                         self._emit_output(out)
             except Exception as exc:  # an engine bug: fail what is in flight, keep serving
                 log.exception("engine step failed")
-                for rid in list(self.engine.requests):
+                for rid, req in list(self.engine.requests.items()):
                     self.engine.abort(rid)
-                    self._emit(rid, Event(kind="error", status=500, message=f"engine error: {exc}"))
+                    self._emit(req.group or rid, Event(kind="error", status=500, message=f"engine error: {exc}"))
 
     def _emit_output(self, out: RequestOutput, kind: str = "tokens") -> None:
-        rid = out.request_id
+        rid = out.group or out.request_id
+        if rid in self.open_samples:
+            self._emit_sample(rid, out, kind)
+            return
         transfer = self.transfers.get(rid)
         if transfer is not None and out.finished:
             self.transfers.pop(rid, None)
@@ -273,6 +289,20 @@ class EngineLoop:
                 return
         self._emit(rid, Event(kind=kind, token_ids=out.new_token_ids, logprobs=out.logprobs))
         if out.finished:
+            self._emit(rid, Event(kind="done", finish_reason=out.finish_reason, prompt_tokens=out.prompt_len,
+                                  cached_tokens=out.cached_len))
+
+    def _emit_sample(self, rid: str, out: RequestOutput, kind: str) -> None:
+        """One sample's tokens (n > 1); its end; ``done`` after the last sample's end."""
+        i = out.index
+        self._emit(rid, Event(kind=kind if i == 0 else "tokens", token_ids=out.new_token_ids, logprobs=out.logprobs,
+                              index=i))
+        if not out.finished:
+            return
+        self._emit(rid, Event(kind="tokens", finish_reason=out.finish_reason, index=i))
+        self.open_samples[rid] -= 1
+        if self.open_samples[rid] <= 0:
+            del self.open_samples[rid]
             self._emit(rid, Event(kind="done", finish_reason=out.finish_reason, prompt_tokens=out.prompt_len,
                                   cached_tokens=out.cached_len))
 

@@ -17,10 +17,12 @@ from appliance.model.generation import GenerationDefaults
 from appliance.serve import openai_fields as fields
 from appliance.serve.protocol import Sampling
 from appliance.serve.response_format import FormatError, parse_constraint
+from appliance.serve.tools import ToolError, Tools, history_message, parse_tools, with_tools
 
 MAX_STOP = 16
 MAX_STOP_CHARS = 1024   # one stop string; the stream holds back up to this many characters per token
 MAX_LOGPROBS = 20
+MAX_N = 8  # choices per request; sample i runs with seed + i (mod 2^63) when a seed is given
 ROLES = ("system", "user", "assistant", "tool", "developer")
 NO_DEFAULTS = GenerationDefaults()  # a checkpoint that states no sampling defaults
 
@@ -67,6 +69,11 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     want_logprobs: bool
+    tools: Tools | None = None
+
+    @property
+    def n(self) -> int:
+        return self.sampling.n
 
 
 def _num(body: dict, key: str, default: float, lo: float | None = None, hi: float | None = None,
@@ -104,11 +111,12 @@ def _bool(body: dict, key: str, default: bool) -> bool:
 
 
 def _common(body: dict, prompt_len: int, max_model_len: int, vocab_size: int, logprobs: int | None,
-            defaults: GenerationDefaults) -> Sampling:
+            defaults: GenerationDefaults, tools: Tools | None = None) -> Sampling:
     fallback = defaults.sampling()  # what the request leaves unset: the checkpoint's, else pdbox's
     n = _int(body, "n", 1)
-    if n != 1:
-        raise ApiError(400, f"n must be 1 (pdbox returns one choice per request), got {n}", "n")
+    assert n is not None
+    if not 1 <= n <= MAX_N:
+        raise ApiError(400, f"n must be between 1 and {MAX_N}, got {n}", "n")
     mt = body.get("max_completion_tokens")
     key = "max_completion_tokens" if mt is not None else "max_tokens"
     room = max_model_len - prompt_len
@@ -163,7 +171,13 @@ def _common(body: dict, prompt_len: int, max_model_len: int, vocab_size: int, lo
         constraint = parse_constraint(body)
     except FormatError as exc:
         raise ApiError(400, str(exc), exc.field) from None
+    if tools is not None and tools.enforced:
+        if constraint is not None:
+            raise ApiError(400, f"tool_choice {tools.choice} constrains the answer to a tool call, which excludes "
+                                "response_format (other than text) and guided_regex", "tool_choice")
+        constraint = tools.constraint
     return Sampling(
+        n=n,
         max_tokens=max_tokens,
         temperature=_num(body, "temperature", fallback["temperature"], lo=0.0, hi=100.0),
         top_p=_num(body, "top_p", fallback["top_p"], lo=0.0, hi=1.0, lo_open=True),
@@ -215,28 +229,15 @@ def parse_chat(body: dict, tokenizer: Any, served: str, max_model_len: int, alia
         raise ApiError(400, "messages must be a list of {role, content} objects", "messages")
     if not messages:
         raise ApiError(400, "messages must not be empty", "messages")
-    clean = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise ApiError(400, f"messages[{i}] must be an object", f"messages[{i}]")
-        role = m.get("role")
-        if role not in ROLES:
-            raise ApiError(400, f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}", f"messages[{i}].role")
-        content = m.get("content", "")
-        if content is None:
-            content = ""
-        if isinstance(content, list):  # [{"type": "text", "text": ...}]
-            parts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ApiError(400, f"messages[{i}].content[{j}] must be a text part", f"messages[{i}].content")
-                parts.append(part["text"])
-            content = "".join(parts)
-        if not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
-        clean.append({"role": "system" if role == "developer" else role, "content": content})
+    template = getattr(tokenizer, "chat_template", "") or ""
     try:
-        ids = tokenizer.encode_chat(clean)
+        tools = parse_tools(body, template)
+        clean = [history_message(_message(i, m), i, template) for i, m in enumerate(messages)]
+        msgs, variable = with_tools(clean, tools, template)
+    except ToolError as exc:
+        raise ApiError(400, str(exc), exc.field) from None
+    try:
+        ids = tokenizer.encode_chat(msgs, tools=variable) if variable is not None else tokenizer.encode_chat(msgs)
     except ValueError as exc:
         raise ApiError(400, str(exc), "messages") from None
     lp = body.get("logprobs")
@@ -246,9 +247,36 @@ def parse_chat(body: dict, tokenizer: Any, served: str, max_model_len: int, alia
     if top is not None and not 0 <= top <= MAX_LOGPROBS:
         raise ApiError(400, f"top_logprobs must be between 0 and {MAX_LOGPROBS}, got {top}", "top_logprobs")
     want = bool(lp)
-    sampling = _common(body, len(ids), max_model_len, tokenizer.vocab_size, (top or 0) if want else None, defaults)
+    sampling = _common(body, len(ids), max_model_len, tokenizer.vocab_size, (top or 0) if want else None, defaults,
+                       tools)
     stream, include = _stream_opts(body)
-    return ParsedRequest("chat", model, ids, sampling, stream, include, want)
+    return ParsedRequest("chat", model, ids, sampling, stream, include, want, tools)
+
+
+def _message(i: int, m: Any) -> dict[str, Any]:
+    """``messages[i]`` checked: a role, text content (parts joined); tool-call fields kept as sent."""
+    if not isinstance(m, dict):
+        raise ApiError(400, f"messages[{i}] must be an object", f"messages[{i}]")
+    role = m.get("role")
+    if role not in ROLES:
+        raise ApiError(400, f"messages[{i}].role {role!r} is not one of {', '.join(ROLES)}", f"messages[{i}].role")
+    content = m.get("content", "")
+    if content is None:
+        content = ""
+    if isinstance(content, list):  # [{"type": "text", "text": ...}]
+        parts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"messages[{i}].content[{j}] must be a text part", f"messages[{i}].content")
+            parts.append(part["text"])
+        content = "".join(parts)
+    if not isinstance(content, str):
+        raise ApiError(400, f"messages[{i}].content must be a string", f"messages[{i}].content")
+    out = {"role": "system" if role == "developer" else role, "content": content}
+    for key in ("tool_calls", "tool_call_id", "name"):
+        if m.get(key) is not None:
+            out[key] = m[key]
+    return out
 
 
 def parse_completion(body: dict, tokenizer: Any, served: str, max_model_len: int, vocab_size: int,
@@ -289,17 +317,20 @@ def usage(prompt: int, completion: int, cached: int) -> dict[str, Any]:
 
 
 def chunk(req: ParsedRequest, rid: str, created: int, text: str | None, finish: str | None,
-          first: bool = False, logprobs: Any = None) -> dict[str, Any]:
+          first: bool = False, logprobs: Any = None, index: int = 0,
+          tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     if req.endpoint == "chat":
         delta: dict[str, Any] = {}
         if first:
             delta["role"] = "assistant"
         if text is not None:
             delta["content"] = text
-        choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        if tool_calls:
+            delta["tool_calls"] = tool_calls
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
                 "choices": [choice]}
-    choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+    choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
     return {"id": rid, "object": "text_completion", "created": created, "model": req.model, "choices": [choice]}
 
 
@@ -308,15 +339,21 @@ def usage_chunk(req: ParsedRequest, rid: str, created: int, use: dict[str, Any])
     return {"id": rid, "object": obj, "created": created, "model": req.model, "choices": [], "usage": use}
 
 
-def full_response(req: ParsedRequest, rid: str, text: str, finish: str | None, use: dict[str, Any],
-                  logprobs: Any = None) -> dict[str, Any]:
-    created = int(time.time())
+def choice_body(req: ParsedRequest, index: int, text: str | None, finish: str | None, logprobs: Any = None,
+                tool_calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One choice of a whole (non-streamed) answer; ``tool_calls`` (chat) go in the message."""
     if req.endpoint == "chat":
-        return {"id": rid, "object": "chat.completion", "created": created, "model": req.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                             "finish_reason": finish}], "usage": use}
-    return {"id": rid, "object": "text_completion", "created": created, "model": req.model,
-            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}], "usage": use}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
+    return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+
+
+def full_response(req: ParsedRequest, rid: str, choices: list[dict[str, Any]], use: dict[str, Any]) -> dict[str, Any]:
+    obj = "chat.completion" if req.endpoint == "chat" else "text_completion"
+    return {"id": rid, "object": obj, "created": int(time.time()), "model": req.model, "choices": choices,
+            "usage": use}
 
 
 def format_logprobs(req: ParsedRequest, tokenizer: Any, entries: list[dict]) -> Any:

@@ -2,12 +2,13 @@
 
 Every field of OpenAI's chat and completions bodies falls in one of three sets:
 
-- **applied**: read by `openai_api` and honoured (sampling, stops, logprobs, streaming, structured
+- **applied**: read by `openai_api` and honoured (sampling, stops, logprobs, streaming, ``n``, structured
   outputs: ``response_format`` text / json_object / json_schema and the ``guided_regex`` extension,
-  checked in `response_format`, which refuses any other type naming the field);
+  checked in `response_format`, which refuses any other type naming the field; on chat, ``tools``,
+  ``tool_choice`` and ``parallel_tool_calls``, checked in `tools`);
 - **metadata**: fields that do not change the answer (``user``, ``metadata``, ...), accepted;
 - **unsupported**: fields that would change the answer, accepted only at their no-op value
-  (``"tools": []``, ``"logit_bias": {}``, ``"presence_penalty": 0``); any other
+  (``"tools": []`` on /v1/completions, ``"logit_bias": {}``, ``"presence_penalty": 0``); any other
   value is a 400 that names the field.
 
 A field in none of the sets is a 400 too (OpenAI answers an unknown argument the same way), so a
@@ -25,7 +26,7 @@ APPLIED_COMMON = frozenset({
     "response_format", "guided_regex",
 })
 APPLIED = {
-    "chat": APPLIED_COMMON | {"messages", "logprobs", "top_logprobs"},
+    "chat": APPLIED_COMMON | {"messages", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"},
     "completions": APPLIED_COMMON | {"prompt", "logprobs"},
 }
 METADATA = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
@@ -41,13 +42,14 @@ def _zero(v: Any) -> bool:
 
 # field -> (is its value a no-op?, what pdbox cannot do)
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "tools": (_empty, "tool calling is not supported yet"),
-    "tool_choice": (lambda v: v in (None, "none", "auto"), "tool calling is not supported yet"),
+    "tools": (_empty, "tool calling is served on /v1/chat/completions only"),
+    "tool_choice": (lambda v: v in (None, "none", "auto"), "tool calling is served on /v1/chat/completions only"),
     "parallel_tool_calls": (lambda v: True, ""),  # says nothing without tools
     "functions": (_empty, "function calling is not supported"),
     "function_call": (lambda v: v in (None, "none", "auto"), "function calling is not supported"),
     "logit_bias": (_empty, "logit_bias is not applied"),
-    "best_of": (lambda v: v in (None, 1), "best_of must be 1 (one sample per request)"),
+    # best_of ranks hidden samples by their summed logprob; pdbox returns every sample it draws (n)
+    "best_of": (lambda v: v in (None, 1), "best_of must be 1: pdbox does not rank hidden samples; use n"),
     "echo": (lambda v: v in (None, False), "echo is not supported"),
     "suffix": (lambda v: v in (None, ""), "suffix (insertion) is not supported"),
     "modalities": (lambda v: v in (None, ["text"]), "only text output is supported"),
@@ -64,11 +66,13 @@ PENALTIES = ("presence_penalty", "frequency_penalty")  # range-checked in openai
 def refusal(body: dict[str, Any], endpoint: str) -> tuple[str, str] | None:
     """``(field, message)`` for the first field pdbox would not honour, or None when all are."""
     for name, value in body.items():
+        if name in APPLIED[endpoint]:
+            continue
         if name in UNSUPPORTED:
             noop, why = UNSUPPORTED[name]
             if not noop(value):
                 return name, f"{name}: {why}"
-        elif name not in APPLIED[endpoint] and name not in METADATA:
+        elif name not in METADATA:
             return name, f"unrecognized request field {name!r} for /v1/{_path(endpoint)}"
     return None
 

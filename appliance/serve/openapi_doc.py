@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from appliance.serve.openai_api import MAX_LOGPROBS, MAX_STOP, MAX_STOP_CHARS, ROLES
+from appliance.serve.openai_api import MAX_LOGPROBS, MAX_N, MAX_STOP, MAX_STOP_CHARS, ROLES
 from appliance.serve.openai_fields import METADATA
 from appliance.serve.response_format import REGEX_FIELD
+from appliance.serve.tools import MAX_TOOLS
 
 _SAMPLING: dict[str, Any] = {
     "model": {"type": "string"},
@@ -22,7 +23,9 @@ _SAMPLING: dict[str, Any] = {
     "frequency_penalty": {"type": "number", "minimum": 0, "maximum": 0, "nullable": True,
                           "description": "not applied: only 0"},
     "seed": {"type": "integer", "minimum": 0, "maximum": 2**63 - 1, "nullable": True},
-    "n": {"type": "integer", "minimum": 1, "maximum": 1, "nullable": True},
+    "n": {"type": "integer", "minimum": 1, "maximum": MAX_N, "nullable": True,
+          "description": "choices, sharing one prefill of the prompt (and one KV handoff); with a seed, choice i "
+                         "samples with seed + i (mod 2^63), so each is reproducible"},
     "stop": {"nullable": True, "oneOf": [
         {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
         {"type": "array", "items": {"type": "string", "minLength": 1, "maxLength": MAX_STOP_CHARS},
@@ -50,6 +53,26 @@ _SAMPLING: dict[str, Any] = {
                                  "excludes a response_format other than text"},
 }
 
+_FUNCTION = {"type": "object", "required": ["name"], "properties": {
+    "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}, "description": {"type": "string"},
+    "parameters": {"type": "object", "description": "a JSON schema (llguidance must compile it when enforced)"},
+    "strict": {"type": "boolean", "nullable": True}}}
+_TOOLS: dict[str, Any] = {
+    "tools": {"type": "array", "maxItems": MAX_TOOLS, "nullable": True, "items": {
+        "type": "object", "required": ["type", "function"],
+        "properties": {"type": {"type": "string", "enum": ["function"]}, "function": _FUNCTION}},
+        "description": "rendered by the chat template (its tools variable; else a Hermes-style system message); "
+                       "calls in the answer come back in message.tool_calls"},
+    "tool_choice": {"nullable": True, "description": "required and a named function are enforced by constrained "
+                    "decoding (one call); auto: the answer is parsed for calls; none: the tools are not shown",
+                    "oneOf": [{"type": "string", "enum": ["none", "auto", "required"]},
+                              {"type": "object", "required": ["type", "function"], "properties": {
+                                  "type": {"type": "string", "enum": ["function"]},
+                                  "function": {"type": "object", "required": ["name"],
+                                               "properties": {"name": {"type": "string"}}}}}]},
+    "parallel_tool_calls": {"type": "boolean", "nullable": True},
+}
+
 _ERROR = {"description": "OpenAI-style error", "content": {"application/json": {"schema": {
     "type": "object", "properties": {"error": {"type": "object", "properties": {
         "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": "string", "nullable": True},
@@ -68,7 +91,7 @@ def openapi_document(model: str, max_body_bytes: int = 4 * 1024 * 1024) -> dict[
               "are refused. The prompt plus max_tokens must fit the model's context (GET /v1/models: max_model_len). "
               "A field not listed is refused (400 naming it), except metadata that cannot change the answer ("
               f"{', '.join(sorted(METADATA))}) and the no-op value of a field pdbox does not support ("
-              "tools: [], logit_bias: {}, ...). "
+              "logit_bias: {}, presence_penalty: 0, ...). best_of must be 1 (hidden samples are not ranked; use n). "
               "Errors use OpenAI's shape, with param naming the field. Past "
               "--max-inflight requests in flight the answer is 429 with Retry-After; 502 means a worker failed "
               "(in a stream: an error event), 503 that no worker is available.")
@@ -77,9 +100,16 @@ def openapi_document(model: str, max_body_bytes: int = 4 * 1024 * 1024) -> dict[
         "content": {"nullable": True, "oneOf": [{"type": "string"}, {"type": "array", "items": {
             "type": "object", "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
             "required": ["type", "text"]}}]},
+        "tool_calls": {"type": "array", "nullable": True, "description": "assistant: earlier calls", "items": {
+            "type": "object", "properties": {"id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
+                                             "function": {"type": "object", "properties": {
+                                                 "name": {"type": "string"},
+                                                 "arguments": {"type": "string", "description": "JSON"}}}}}},
+        "tool_call_id": {"type": "string", "nullable": True, "description": "tool: the call answered"},
+        "name": {"type": "string", "nullable": True},
     }}
     chat = {"type": "object", "required": ["messages"], "properties": {
-        **_SAMPLING, "messages": {"type": "array", "minItems": 1, "items": message},
+        **_SAMPLING, **_TOOLS, "messages": {"type": "array", "minItems": 1, "items": message},
         "logprobs": {"type": "boolean", "nullable": True},
         "top_logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS, "nullable": True}}}
     comp = {"type": "object", "required": ["prompt"], "properties": {

@@ -28,6 +28,7 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
     ignore_eos: bool = False
     logprobs: int | None = None
     constraint: ConstraintSpec | None = None
+    n: int = 1  # samples sharing the prompt's KV (sample i: seed + i); each streams with its index
 
     def to_params(self):  # -> SamplingParams (lazy import: the router must not import torch)
         from appliance.engine.constraint import Constraint
@@ -38,7 +39,7 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
             max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             min_p=self.min_p, seed=self.seed, stop=tuple(self.stop), stop_token_ids=tuple(self.stop_token_ids),
             ignore_eos=self.ignore_eos, logprobs=self.logprobs,
-            constraint=None if c is None else Constraint(c.kind, c.spec),
+            constraint=None if c is None else Constraint(c.kind, c.spec), n=self.n,
         )
 
 
@@ -109,6 +110,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     handles: list[str] = []
     message: str = ""
     status: int = 0
+    index: int = 0  # which sample (n > 1); a sample's end is a ``tokens`` event with its finish_reason
 
 
 encoder = msgspec.json.Encoder()

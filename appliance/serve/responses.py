@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from appliance.serve import openai_api as oai
-from appliance.serve.detok import IncrementalText
+from appliance.serve.choices import Choice, Piece
 from appliance.serve.protocol import Event
 from appliance.serve.relay import Outcome
 from appliance.serve.router_config import RouterConfig
@@ -34,11 +34,14 @@ class ResponseWriter:
         self.tok = tokenizer
         self.m = metrics
 
-    async def _tokens(self, parsed: oai.ParsedRequest, gen: Events, t0: float
-                      ) -> AsyncGenerator[tuple[str, list[dict], Outcome | None], None]:
-        """Text deltas from worker events; applies stop strings; records latency metrics."""
+    def _choices(self, parsed: oai.ParsedRequest) -> list[Choice]:
+        return [Choice(i, parsed, self.tok) for i in range(parsed.n)]
+
+    async def _pieces(self, parsed: oai.ParsedRequest, gen: Events, t0: float, choices: list[Choice]
+                      ) -> AsyncGenerator[tuple[list[Piece], Outcome | None], None]:
+        """Each choice's pieces from worker events (``index``: the sample), then the ends and the `Outcome`
+        last; applies stop strings; records latency metrics."""
         m = self.m
-        text = IncrementalText(self.tok, parsed.sampling.stop)
         n_tokens = 0
         first_at = last_at = 0.0
         outcome = Outcome()
@@ -51,48 +54,43 @@ class ResponseWriter:
                 if n_tokens == 0:
                     first_at = now
                     m.ttft.observe(now - t0)
-                else:
+                elif ev.token_ids:
                     m.itl.observe(now - last_at)
                 last_at = now
                 n_tokens += len(ev.token_ids)
-                delta = text.feed(ev.token_ids)
-                if text.stopped:
+                if not 0 <= ev.index < len(choices) or choices[ev.index].over:
+                    continue  # a sample a stop string already ended here
+                c = choices[ev.index]
+                yield [c.feed(ev.token_ids, ev.logprobs, ev.finish_reason if parsed.n > 1 else None)], None
+                if parsed.n == 1 and c.over:  # a stop string: the engine's request is aborted below
                     outcome = Outcome("stop", len(parsed.prompt_ids), 0)
-                    yield delta, ev.logprobs, None
                     break
-                yield delta, ev.logprobs, None
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
-        rest = text.finish()
+        ends = [c.end(outcome.finish_reason) for c in choices if not c.over]
         outcome.prompt_tokens = outcome.prompt_tokens or len(parsed.prompt_ids)
         m.tokens.inc(n_tokens)
         end = time.monotonic()
         m.e2e.observe(end - t0)
         if n_tokens > 1:
             m.tpot.observe((end - first_at) / (n_tokens - 1))
-        yield rest, [], Outcome(outcome.finish_reason, outcome.prompt_tokens, outcome.cached_tokens, n_tokens)
+        yield ends, Outcome(outcome.finish_reason, outcome.prompt_tokens, outcome.cached_tokens, n_tokens)
 
     async def collect(self, parsed: oai.ParsedRequest, rid: str, gen: Events) -> web.Response:
         """The whole answer as one JSON body."""
         t0 = time.monotonic()
-        parts: list[str] = []
-        lps: list[dict] = []
-        n = 0
         final = Outcome()
+        choices = self._choices(parsed)
         try:
-            async for delta, lp, outcome in self._tokens(parsed, gen, t0):
-                parts.append(delta)
-                lps.extend(lp)
+            async for _, outcome in self._pieces(parsed, gen, t0, choices):
                 if outcome is not None:
                     final = outcome
-                    n = outcome.completion_tokens
         except WorkerFailed as exc:
             self.m.requests.inc(endpoint=parsed.endpoint, outcome="error")
             raise oai.ApiError(502, f"worker failed: {exc}", kind="server_error") from None
         self.m.requests.inc(endpoint=parsed.endpoint, outcome="ok")
-        use = oai.usage(final.prompt_tokens, n, final.cached_tokens)
-        return web.json_response(oai.full_response(parsed, rid, "".join(parts), final.finish_reason, use,
-                                                   oai.format_logprobs(parsed, self.tok, lps)))
+        use = oai.usage(final.prompt_tokens, final.completion_tokens, final.cached_tokens)
+        return web.json_response(oai.full_response(parsed, rid, [c.body(parsed, self.tok) for c in choices], use))
 
     async def stream(self, request: web.Request, parsed: oai.ParsedRequest, rid: str,
                      gen: Events) -> web.StreamResponse:
@@ -100,25 +98,31 @@ class ResponseWriter:
         t0 = time.monotonic()
         created = int(time.time())
         resp: web.StreamResponse | None = None
-        first = True
-        tokens_it = self._tokens(parsed, gen, t0)
+        started: set[int] = set()  # choices whose first chunk (with the role) went out
+        chat = parsed.endpoint == "chat"
+        pieces_it = self._pieces(parsed, gen, t0, self._choices(parsed))
         try:
-            async for delta, lp, outcome in tokens_it:
+            async for pieces, outcome in pieces_it:
                 if resp is None:
                     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                        "X-Request-Id": rid})
                     await resp.prepare(request)
-                if delta or lp or first:
-                    logprobs = oai.format_logprobs(parsed, self.tok, lp)
-                    await self._sse(resp, oai.chunk(parsed, rid, created, delta, None, first, logprobs))
-                    first = False
-                if outcome is not None:
-                    await self._sse(resp, oai.chunk(parsed, rid, created, None if parsed.endpoint == "chat" else "",
-                                                    outcome.finish_reason))
-                    if parsed.include_usage:
-                        use = oai.usage(outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens)
-                        await self._sse(resp, oai.usage_chunk(parsed, rid, created, use))
-            assert resp is not None  # _tokens always yields a last item with the outcome
+                for p in pieces:
+                    first = p.index not in started
+                    if p.text or p.logprobs or first:
+                        logprobs = oai.format_logprobs(parsed, self.tok, p.logprobs)
+                        await self._sse(resp, oai.chunk(parsed, rid, created, p.text, None, first, logprobs, p.index))
+                        started.add(p.index)
+                    if p.tool_calls:
+                        await self._sse(resp, oai.chunk(parsed, rid, created, None, None, index=p.index,
+                                                        tool_calls=p.tool_calls))
+                    if p.finish is not None:
+                        await self._sse(resp, oai.chunk(parsed, rid, created, None if chat else "", p.finish,
+                                                        index=p.index))
+                if outcome is not None and parsed.include_usage:
+                    use = oai.usage(outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens)
+                    await self._sse(resp, oai.usage_chunk(parsed, rid, created, use))
+            assert resp is not None  # _pieces always yields a last item with the outcome
             await self._done(resp)
             self.m.requests.inc(endpoint=parsed.endpoint, outcome="ok")
         except (WorkerFailed, oai.ApiError) as exc:
@@ -138,7 +142,7 @@ class ResponseWriter:
         finally:
             # NOTE: on every way out, so a request whose client vanished is aborted on its engines now
             # (a dangling generator would keep decoding until the answer's end).
-            await tokens_it.aclose()
+            await pieces_it.aclose()
         return resp
 
     async def _done(self, resp: web.StreamResponse) -> None:
