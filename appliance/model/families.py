@@ -22,7 +22,7 @@ class Family:
     qk_norm: bool = False  # RMSNorm over each q and k head before rotary (Qwen3)
     sliding_window_default: int | None = None  # transformers' default when config.json omits the key
     sliding_window_switch: bool = False  # the window applies only with use_sliding_window (Qwen)
-    gemma: bool = False  # Gemma 3's quirks (appliance.model.gemma)
+    gemma: bool = False  # Gemma 2's / 3's quirks (appliance.model.gemma)
     moe: bool = False  # sparse layers: num_experts, num_experts_per_tok, decoder_sparse_step, mlp_only_layers
 
 
@@ -34,13 +34,15 @@ FAMILIES: dict[str, Family] = {
                                sliding_window_switch=True),
     "Qwen3MoeForCausalLM": Family("qwen3_moe", default_max_position=32768, qk_norm=True, sliding_window_switch=True,
                                   moe=True),
+    "Gemma2ForCausalLM": Family("gemma2", default_head_dim=256, default_max_position=8192, sliding_window_default=4096,
+                                gemma=True),
     "Gemma3ForCausalLM": Family("gemma3", default_theta=1_000_000.0, default_head_dim=256,
                                 default_max_position=131_072, qk_norm=True, sliding_window_default=4096, gemma=True),
 }
 # config.json files written from a config alone carry model_type but no architectures
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-               "gemma3_text": "Gemma3ForCausalLM"}
+               "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 
 
 def family_of(raw: dict) -> tuple[str, Family] | None:

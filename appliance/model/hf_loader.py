@@ -40,7 +40,7 @@ def config_from_hf(raw: dict, source: str = "config.json") -> ModelConfig:
         raw = {"max_position_embeddings": fam.default_max_position, **raw}
         extra = _moe_fields(raw, layers) if fam.moe else {}
         if fam.gemma:
-            gemma = gemma_settings(raw, layers, hidden, fam.default_theta, source)
+            gemma = gemma_settings(raw, layers, hidden, fam.default_theta, source, fam.arch)
             rope, extra = gemma.rope, gemma.fields
             window = raw.get("sliding_window", 4096) if "sliding_attention" in gemma.layer_types else None
         else:

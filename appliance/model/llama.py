@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3) over a paged KV cache, tensor-parallel aware.
+"""Llama-family decoder (Llama, Mistral, Qwen2, Qwen3, Qwen3-MoE, Gemma 2/3) over a paged KV cache,
+tensor-parallel aware.
 
 Plain tensors, not ``nn.Module``s: each layer keeps its fused weights (QKV, gate/up) in the engine
 dtype, and the forward pass is a short list of kernel calls through the attention backend.
@@ -102,6 +103,8 @@ class LlamaModel:
         self.shard = Shard.of(cfg, self.rank)
         self.all_reduce = all_reduce
         self.scale = cfg.attn_scale or cfg.head_dim**-0.5
+        # Gemma 2's attention-logit cap, passed only when set (a backend without softcap still runs the rest)
+        self.attn_kw = {"softcap": cfg.attn_logit_softcap} if cfg.attn_logit_softcap else {}
         D = cfg.head_dim
 
         def w(name: str) -> torch.Tensor:
@@ -208,10 +211,10 @@ class LlamaModel:
             if layer_hook is not None:
                 layer_hook(i)
             if batch.decode_only:
-                o = be.decode(q, k_cache, v_cache, batch.page_table, batch.seq_lens, self.scale)
+                o = be.decode(q, k_cache, v_cache, batch.page_table, batch.seq_lens, self.scale, **self.attn_kw)
             else:
                 o = be.extend(q, k_cache, v_cache, batch.page_table, batch.prefix_lens,
-                              batch.extend_lens, self.scale)
+                              batch.extend_lens, self.scale, **self.attn_kw)
             x = be.linear(o.reshape(T, -1), lw.o_proj, lw.o_bias)
             if self.all_reduce is not None:
                 self.all_reduce(x)

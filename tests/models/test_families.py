@@ -1,5 +1,6 @@
 """Qwen2 (qkv bias), Qwen3 (per-head q/k RMSNorm, head_dim != hidden / heads), Qwen3-MoE (top-k experts),
-Gemma 3 (sandwich (1 + w) norms, GeGLU, embedding scale, local/global rope, logit soft-cap), Mistral
+Gemma 2 (attention-logit and final-logit soft-caps, sandwich (1 + w) norms, GeGLU, embedding scale,
+query_pre_attn_scalar), Gemma 3 (the same without the attention cap, q/k norms, local/global rope), Mistral
 (sliding window in the config) and Llama with attention biases, against transformers through pdbox's
 paged engine."""
 
@@ -7,6 +8,8 @@ from __future__ import annotations
 
 import pytest
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     LlamaConfig,
@@ -22,7 +25,7 @@ from transformers import (
 )
 
 from appliance.model.loader import load_checkpoint
-from tests.models.compare import compare
+from tests.models.compare import REL_TOL, compare, hf_logits, prompts
 from tests.models.hf_tiny import save_tiny
 
 VOCAB = 259
@@ -69,8 +72,16 @@ def gemma3():  # layers: sliding (local theta), full (global theta, linear x8); 
         **{**COMMON, "pad_token_id": 0})
 
 
+def gemma2():  # layers: sliding, full; attention scores capped at 5 (they reach ~20 here), logits at 3
+    return Gemma2ForCausalLM, Gemma2Config(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        query_pre_attn_scalar=24, sliding_window=64, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+        max_position_embeddings=256, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        **{**COMMON, "pad_token_id": 0})
+
+
 FAMILIES = {"qwen2": qwen2, "qwen3": qwen3, "mistral": mistral, "llama-attention-bias": llama_biased,
-            "qwen3-moe": qwen3_moe, "gemma3": gemma3}
+            "qwen3-moe": qwen3_moe, "gemma2": gemma2, "gemma3": gemma3}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -99,6 +110,17 @@ def test_family_quirks_in_the_loaded_config(tmp_path) -> None:
     gemma = (c.local_rope_layers, c.local_rope_theta, c.rope_theta, c.rope_scaling.rope_type, c.max_position,
              c.final_logit_softcap, c.tie_embeddings, c.attn_scale)
     assert gemma == ((0,), 100.0, 10000.0, "linear", 64, 3.0, True, 24**-0.5)
+    folder, model = save_tiny(tmp_path / "g2", *gemma2())
+    c = load_checkpoint(str(folder)).config
+    gemma = (c.arch, c.attn_logit_softcap, c.final_logit_softcap, c.max_position, c.local_rope_layers, c.qk_norm,
+             c.tie_embeddings, c.attn_scale, c.embed_scale, c.norm_offset)
+    assert gemma == ("gemma2", 5.0, 3.0, 64, (), False, True, 24**-0.5, 8.0, 1.0)
+    # the attention cap matters on this model: transformers without it answers differently
+    uncapped = Gemma2ForCausalLM(Gemma2Config(**{**model.config.to_dict(), "attn_logit_softcapping": None})).eval()
+    uncapped.load_state_dict(model.state_dict())
+    ids = prompts(VOCAB)[0]
+    capped, plain = hf_logits(model, ids, ids[:2]), hf_logits(uncapped, ids, ids[:2])
+    assert (capped - plain).abs().max() / capped.abs().max() > 100 * REL_TOL
 
 
 @pytest.mark.slow  # spawns a second rank (a fresh Python with torch): ~15-20 s each here

@@ -1,10 +1,12 @@
-"""GGUF files of Llama 3.1 (llama3 rope as ``rope_freqs``), Qwen3-MoE and Gemma 3, converted from tiny
+"""GGUF files of Llama 3.1 (llama3 rope as ``rope_freqs``), Qwen3-MoE, Gemma 2 and Gemma 3, converted from tiny
 transformers checkpoints (``tests.models.gguf_tiny``), against transformers through pdbox's paged engine."""
 
 from __future__ import annotations
 
 import pytest
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     LlamaConfig,
@@ -49,7 +51,15 @@ def gemma3():  # sliding then full layer (the pattern written as bools), linear 
                                                  "rope_linear": 8.0}
 
 
-FAMILIES = {"llama3.1": llama31, "qwen3-moe": qwen3_moe, "gemma3": gemma3}
+def gemma2():  # llama.cpp's fixed pattern (sliding, full) and attention scale (head_dim ** -0.5); both caps
+    config = Gemma2Config(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        query_pre_attn_scalar=32, sliding_window=64, attn_logit_softcapping=5.0, final_logit_softcapping=3.0,
+        max_position_embeddings=256, **{**COMMON, "pad_token_id": 0})
+    return "gemma2", Gemma2ForCausalLM, config, {"softcap_final": 3.0, "softcap_attn": 5.0}
+
+
+FAMILIES = {"llama3.1": llama31, "qwen3-moe": qwen3_moe, "gemma2": gemma2, "gemma3": gemma3}
 
 
 def gguf_of(tmp_path, family):
@@ -76,3 +86,7 @@ def test_gguf_settings_in_the_loaded_config(tmp_path) -> None:
     gemma = (c.arch, c.local_rope_layers, c.local_rope_theta, c.rope_theta, c.rope_scaling.rope_type,
              c.max_position, c.final_logit_softcap, c.norm_offset, c.attn_scale, c.qk_norm)
     assert gemma == ("gemma3", (0,), 10000.0, 1e6, "linear", 64, 3.0, 0.0, 32**-0.5, True)
+    c = load_checkpoint(str(gguf_of(tmp_path, "gemma2")[0])).config
+    gemma = (c.arch, c.local_rope_layers, c.max_position, c.final_logit_softcap, c.attn_logit_softcap,
+             c.norm_offset, c.attn_scale, c.qk_norm, c.sandwich_norms)
+    assert gemma == ("gemma2", (), 64, 3.0, 5.0, 0.0, 32**-0.5, False, True)

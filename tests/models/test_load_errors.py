@@ -40,7 +40,7 @@ def test_missing_shard_is_named(qwen3_folder, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("changes,needle", [
-    ({"architectures": ["Gemma2ForCausalLM"]}, "unsupported architecture"),
+    ({"architectures": ["Phi3ForCausalLM"]}, r"unsupported architecture \['Phi3ForCausalLM'\].*Gemma2ForCausalLM"),
     ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "unsupported rope type 'longrope'"),
     ({"rope_scaling": {"type": "yarn", "factor": -2.0}}, "factor must be a number > 0"),
 ])
