@@ -8,7 +8,7 @@ from typing import Any
 
 from appliance.config import EngineConfig
 from appliance.engine.engine import Engine
-from appliance.engine.request import SamplingParams
+from appliance.engine.request import Request, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -33,20 +33,29 @@ class LLM:
 
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]],
                  params: SamplingParams | None = None) -> list[Completion]:
-        """Raw prompts (no chat template); strings are tokenized, id lists are used as they are."""
+        """Raw prompts (no chat template); strings are tokenized, id lists are used as they are. With
+        ``params.n > 1``, ``n`` completions per prompt, prompt after prompt (sample ``i``: seed + i)."""
         params = params or SamplingParams()
         if isinstance(prompts, str):
             prompts = [prompts]
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         reqs = [self.engine.add_request(p, params) for p in ids]
+        samples: dict[str, Request] = {}  # the forked samples (n > 1), seen when they are queued
         try:
-            self.engine.run_until_done(reqs)
+            while any(not r.is_finished for r in reqs) or any(not s.is_finished for s in samples.values()):
+                self.engine.step()
+                samples.update((k, r) for k, r in self.engine.requests.items() if r.group is not None)
         except BaseException:
             for r in reqs:
                 self.engine.abort(r.request_id)
             raise
-        return [Completion(r.prompt_ids, list(r.output_ids), r.text, r.finish_reason, r.cached_len,
-                           list(r.output_logprobs)) for r in reqs]
+        out = []
+        for r in reqs:
+            for i in range(params.n):
+                s = r if i == 0 else samples[f"{r.request_id}~{i}"]
+                out.append(Completion(s.prompt_ids, list(s.output_ids), s.text, s.finish_reason, s.cached_len,
+                                      list(s.output_logprobs)))
+        return out
 
     def chat(self, messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],
              params: SamplingParams | None = None) -> list[Completion]:

@@ -96,3 +96,13 @@ def test_with_the_prefix_cache_off_samples_prefill_again(tiny_model) -> None:
     outs = run_group(eng, PROMPT, replace(P, n=2))
     assert sorted(outs) == ["g:0", "g:1"]
     idle(eng)
+
+
+def test_the_offline_api_returns_n_completions_per_prompt(tiny_model) -> None:
+    from appliance.llm import LLM
+
+    with LLM(str(tiny_model), EngineConfig(dtype="float32", page_size=4, num_pages=64)) as llm:
+        outs = llm.generate([PROMPT, PROMPT[:5]], replace(P, n=2, max_tokens=3))
+        assert len(outs) == 4 and all(len(o.token_ids) == 3 for o in outs)
+        assert outs[0].prompt_ids == PROMPT and outs[2].prompt_ids == PROMPT[:5]
+        assert not llm.engine.requests
