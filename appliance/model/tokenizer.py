@@ -103,21 +103,17 @@ class Tokenizer:
 
 def _bpe_from_pieces(vocab: list[str], merges: list[str], special: list[str], pre: str) -> Any:
     """A byte-level BPE tokenizer from GGUF's ``tokenizer.ggml.*`` pieces."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, decoders, models
     from tokenizers import Tokenizer as HFTokenizer
+
+    from appliance.model.gguf_pretok import gguf_pre_tokenizer
 
     if not vocab:
         raise ModelLoadError("the model has no tokenizer vocabulary")
     pairs = [tuple(m.split(" ", 1)) for m in merges]
     bpe = models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=pairs, fuse_unk=False)
     tok = HFTokenizer(bpe)
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in ("smollm", "starcoder", "refact", "qwen2", "deepseek-coder"):
-        tok.pre_tokenizer = pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), byte_level]
-        )
-    else:
-        tok.pre_tokenizer = byte_level
+    tok.pre_tokenizer = gguf_pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     return tok
