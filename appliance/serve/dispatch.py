@@ -62,14 +62,20 @@ class Dispatcher:
         req = GenerateRequest(rid=rid, prompt_ids=parsed.prompt_ids, sampling=parsed.sampling)
         while True:
             w = self.pick("unified", parsed.prompt_ids, tried, chosen)
+            # NOTE: counted from the pick, not from the worker's answer: prompts arriving together must see
+            # each other (a busy worker answers late, and 46 of a burst of 48 went to one engine).
+            w.inflight += 1
             try:
                 stream = await self.client.generate(w, req)
                 break
             except WorkerFailed as exc:
+                w.inflight -= 1
                 log.warning("retrying elsewhere: %s", exc)
                 tried.add(w.name)
+            except BaseException:
+                w.inflight -= 1
+                raise
         self.policies["unified"].record(w, parsed.prompt_ids)
-        w.inflight += 1
         # NOTE: no deadline before the first token: the request may queue behind others' prefills
         events = relay(stream.events, w.name, idle_s=self.cfg.stream_idle_s, first_wait_s=None)
         try:
@@ -90,9 +96,13 @@ class Dispatcher:
         busy_only, waited, deadline = True, False, time.monotonic() + self.cfg.kv_wait_s
         while True:
             d = self.pick("decode", ids, tried, chosen)
+            d.inflight += 1  # from the pick (see unified); the caller gives it back when the request ends
             try:
                 return await self.client.reserve(d, dreq)
-            except WorkerFailed as exc:
+            except BaseException as exc:
+                d.inflight -= 1
+                if not isinstance(exc, WorkerFailed):
+                    raise
                 busy_only = busy_only and isinstance(exc, WorkerBusy)
                 log.log(logging.DEBUG if waited else logging.WARNING, "decode %s refused room: %s", d.name, exc)
                 tried.add(d.name)
@@ -136,14 +146,14 @@ class Dispatcher:
         dreq = DecodeRequest(rid=rid, room=room, prompt_ids=ids, sampling=parsed.sampling, prefill_tp=max(1, p.tp),
                              lease_s=lease)
         p.prefill_tokens += len(ids)  # counted from now on, so prompts arriving together see each other
+        p.inflight += 1
         try:
             stream, reserved = await self.reserve_decode(ids, dreq, chosen)
         except BaseException:
             p.prefill_tokens -= len(ids)
+            p.inflight -= 1
             raise
         d = stream.worker
-        d.inflight += 1
-        p.inflight += 1
         self.policies["prefill"].record(p, ids)
         self.policies["decode"].record(d, ids)
         preq = PrefillRequest(rid=rid, room=room, prompt_ids=ids, sampling=parsed.sampling,
