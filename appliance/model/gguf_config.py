@@ -30,6 +30,17 @@ _GEMMA = {"gemma2": (2, 46), "gemma3": (6, 62)}  # llama.cpp's sliding pattern a
 Key = Callable[..., Any]
 
 
+def end_ids(get: Key) -> tuple[int, ...]:
+    """The ids that end a generation: ``tokenizer.ggml.eos_token_id``, then the end-of-turn and end-of-message
+    ids llama.cpp also stops at (Llama 3's ``<|eot_id|>`` / ``<|eom_id|>``, Gemma's ``<end_of_turn>``)."""
+    ids: list[int] = []
+    for name in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        value = get(f"tokenizer.ggml.{name}")
+        if value is not None and int(value) not in ids:
+            ids.append(int(value))
+    return tuple(ids)
+
+
 def rope_scaling_of(key: Key, freq_factors: tuple[float, ...] | None, context: int,
                     path: Path) -> tuple[RopeScaling, int]:
     """The rope type of ``{arch}.rope.scaling.*`` (none, linear, yarn), with ``rope_freqs`` factors if the
@@ -95,7 +106,7 @@ def _moe_fields(key: Key, tensors: dict, layers: int) -> dict:
 def config_from_gguf(gguf_arch: str, key: Key, tensors: dict, vocab_len: int,
                      freq_factors: tuple[float, ...] | None, special: dict, path: Path) -> ModelConfig:
     """``key(name, default)`` reads ``{arch}.{name}``; ``tensors`` maps GGUF tensor names to anything;
-    ``special`` holds ``bos`` and ``eos`` ids (or None)."""
+    ``special`` holds the ``bos`` id (or None) and the ``eos`` ids (:func:`end_ids`)."""
     arch = GGUF_ARCHS[gguf_arch]
     try:
         n_heads = int(key("attention.head_count"))
@@ -117,7 +128,7 @@ def config_from_gguf(gguf_arch: str, key: Key, tensors: dict, vocab_len: int,
             if window and any(sliding):  # NOTE: attention is full; the window bounds the context instead
                 max_position = min(max_position, int(window))
         ff = key("feed_forward_length", extra.get("moe_intermediate_size"))
-        eos, bos = special.get("eos"), special.get("bos")
+        bos = special.get("bos")
         return ModelConfig(
             arch=arch,
             num_layers=layers,
@@ -133,7 +144,7 @@ def config_from_gguf(gguf_arch: str, key: Key, tensors: dict, vocab_len: int,
             tie_embeddings="output.weight" not in tensors,
             qkv_bias="blk.0.attn_q.bias" in tensors,
             bos_token_id=None if bos is None else int(bos),
-            eos_token_ids=() if eos is None else (int(eos),),
+            eos_token_ids=tuple(special.get("eos", ())),
             rope_scaling=scaling,
             qk_norm="blk.0.attn_q_norm.weight" in tensors,
             **extra,

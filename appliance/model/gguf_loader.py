@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from appliance.model.errors import ModelLoadError
-from appliance.model.gguf_config import GGUF_ARCHS, config_from_gguf
+from appliance.model.gguf_config import GGUF_ARCHS, config_from_gguf, end_ids
 from appliance.model.gguf_tensors import CONFIG_TENSORS, add_hf_tensor, unpermute_rotary
 from appliance.model.weights import Checkpoint
 
@@ -68,21 +68,21 @@ def load_gguf(path: str | Path) -> Checkpoint:
     def key(name: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{name}", default)
 
+    model_kind = _field(reader, "tokenizer.ggml.model")
+    if model_kind != "gpt2":  # NOTE: SentencePiece vocabularies ("llama": most Gemma and Llama 2 files) are not read
+        raise ModelLoadError(f"{path}: tokenizer model {model_kind!r} is not supported (need gpt2 BPE)")
     tensors = {t.name: t for t in reader.tensors}
     vocab = list(_field(reader, "tokenizer.ggml.tokens", []))
-    eos = _field(reader, "tokenizer.ggml.eos_token_id")
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
     freqs = tensors.get("rope_freqs.weight")
     factors = None if freqs is None else tuple(_dequantize(freqs).flatten().tolist())
-    config = config_from_gguf(arch, key, tensors, len(vocab), factors, {"bos": bos, "eos": eos}, path)
+    special = {"bos": bos, "eos": end_ids(lambda k: _field(reader, k))}
+    config = config_from_gguf(arch, key, tensors, len(vocab), factors, special, path)
     weights: dict[str, torch.Tensor] = {}
     for name, tensor in tensors.items():
         if name not in CONFIG_TENSORS:
             add_hf_tensor(weights, name, _dequantize(tensor), arch, config.num_heads, config.num_kv_heads)
     types = list(_field(reader, "tokenizer.ggml.token_type", []))
-    model_kind = _field(reader, "tokenizer.ggml.model")
-    if model_kind != "gpt2":
-        raise ModelLoadError(f"{path}: tokenizer model {model_kind!r} is not supported (need gpt2 BPE)")
     return Checkpoint(
         config=config,
         weights=weights,

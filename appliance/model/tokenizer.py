@@ -55,6 +55,9 @@ class Tokenizer:
             f = reader.fields.get(key)
             return default if f is None else f.contents()
 
+        kind = get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise ModelLoadError(f"{path}: tokenizer model {kind!r} is not supported (need gpt2 BPE)")
         vocab = list(get("tokenizer.ggml.tokens", []))
         types = list(get("tokenizer.ggml.token_type", []))
         backend = _bpe_from_pieces(
@@ -63,10 +66,11 @@ class Tokenizer:
             [t for t, k in zip(vocab, types) if k in (3, 4)],
             str(get("tokenizer.ggml.pre", "default")),
         )
-        eos = get("tokenizer.ggml.eos_token_id")
+        from appliance.model.gguf_config import end_ids
+
         bos = get("tokenizer.ggml.bos_token_id")
         bos_token = vocab[int(bos)] if bos is not None and int(bos) < len(vocab) else ""
-        return cls(backend, get("tokenizer.chat_template"), () if eos is None else (int(eos),), bos_token)
+        return cls(backend, get("tokenizer.chat_template"), end_ids(get), bos_token)
 
     # -- use ----------------------------------------------------------------------------------
     @property

@@ -85,7 +85,7 @@ def convert(folder: Path, out: Path, arch: str, cfg: Any, extra: dict | None = N
     """Write ``out`` (a GGUF file of ``arch``) from the transformers folder ``folder`` whose config is ``cfg``.
 
     ``extra`` holds metadata the converter would write for this arch: ``gemma_pattern`` (a bool per layer:
-    sliding), ``softcap_final``, ``softcap_attn``, ``rope_linear`` (factor).
+    sliding), ``softcap_final``, ``softcap_attn``, ``rope_linear`` (factor), ``eot`` (an end-of-turn id).
     """
     import gguf
 
@@ -123,6 +123,8 @@ def convert(folder: Path, out: Path, arch: str, cfg: Any, extra: dict | None = N
             w.add_attn_logit_softcapping(extra["softcap_attn"])
     w.add_bos_token_id(cfg.bos_token_id)
     w.add_eos_token_id(cfg.eos_token_id)
+    if "eot" in extra:
+        w.add_eot_token_id(extra["eot"])
     write_tokenizer(w, folder)
     if rope.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))

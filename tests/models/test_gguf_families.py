@@ -15,7 +15,7 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
-from appliance.model.loader import load_checkpoint
+from appliance.model.loader import load_checkpoint, load_tokenizer
 from tests.models.compare import compare
 from tests.models.gguf_tiny import convert
 from tests.models.hf_tiny import save_tiny
@@ -29,7 +29,7 @@ def llama31():  # GQA 2:1, llama3 rope (its long wavelengths scaled by 8, a ramp
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
     return "llama", LlamaForCausalLM, LlamaConfig(hidden_size=64, intermediate_size=96, num_attention_heads=4,
                                                   num_key_value_heads=2, max_position_embeddings=256,
-                                                  rope_parameters=rope, **COMMON), {}
+                                                  rope_parameters=rope, **COMMON), {"eot": 0}
 
 
 def qwen3_moe():  # every layer sparse (gguf's qwen3moe has no dense FFN): 8 experts, top 2, renormalized
@@ -76,7 +76,9 @@ def test_gguf_family_matches_transformers(tmp_path, family) -> None:
 
 
 def test_gguf_settings_in_the_loaded_config(tmp_path) -> None:
-    c = load_checkpoint(str(gguf_of(tmp_path, "llama3.1")[0])).config
+    path = gguf_of(tmp_path, "llama3.1")[0]
+    c = load_checkpoint(str(path)).config
+    assert c.eos_token_ids == (2, 0) == load_tokenizer(str(path))[0].eos_token_ids  # eos, then end-of-turn
     assert c.rope_scaling.rope_type == "default" and len(c.rope_scaling.freq_factors) == 8
     assert c.rope_scaling.freq_factors[0] == 1.0 and c.rope_scaling.freq_factors[-1] == 8.0
     c = load_checkpoint(str(gguf_of(tmp_path, "qwen3-moe")[0])).config
@@ -90,3 +92,11 @@ def test_gguf_settings_in_the_loaded_config(tmp_path) -> None:
     gemma = (c.arch, c.local_rope_layers, c.max_position, c.final_logit_softcap, c.attn_logit_softcap,
              c.norm_offset, c.attn_scale, c.qk_norm, c.sandwich_norms)
     assert gemma == ("gemma2", (), 64, 3.0, 5.0, 0.0, 32**-0.5, False, True)
+
+
+@pytest.mark.slow  # spawns a second rank (a fresh Python with torch)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_gguf_tensor_parallel_matches_transformers(tmp_path, family) -> None:
+    path, model = gguf_of(tmp_path, family)
+    worst = compare(path, model, VOCAB, tp_size=2)
+    print(f"gguf {family} tp=2: max relative logit difference {worst:.2e}")
