@@ -115,3 +115,23 @@ def test_yarn_scales_the_cos_sin_cache() -> None:
     s = RopeScaling("yarn", factor=4.0, original_max_position=16)
     scaled, plain = rotary_cos_sin_cache(16, 32, 1e4, s), rotary_angles(16, 32, 1e4, s)
     torch.testing.assert_close(scaled[:, :8], (plain.cos() * (0.1 * math.log(4) + 1)).float())
+
+
+def test_rope_freqs_divisors_are_llama3_scaling() -> None:
+    """GGUF's rope_freqs (the converter's per-frequency divisors) rotate as the llama3 type does."""
+    import pytest
+    import torch
+
+    from appliance.config import RopeScaling
+    from kernels.rotary import rotary_cos_sin_cache
+    from tests.models.gguf_tiny import llama3_rope_factors
+
+    rope = {"rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64}
+    llama3 = RopeScaling("llama3", factor=8.0, original_max_position=64)
+    divisors = RopeScaling(freq_factors=tuple(llama3_rope_factors(rope, 16).tolist()))
+    want = rotary_cos_sin_cache(16, 512, 10000.0, llama3)
+    assert torch.allclose(rotary_cos_sin_cache(16, 512, 10000.0, divisors), want, atol=1e-5)
+    assert not torch.allclose(rotary_cos_sin_cache(16, 512, 10000.0, RopeScaling()), want, atol=1e-3)
+    with pytest.raises(ValueError, match="4 per-frequency rope factors for head_dim 16"):
+        rotary_cos_sin_cache(16, 8, 10000.0, RopeScaling(freq_factors=(1.0,) * 4))
