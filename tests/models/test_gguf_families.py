@@ -100,3 +100,26 @@ def test_gguf_tensor_parallel_matches_transformers(tmp_path, family) -> None:
     path, model = gguf_of(tmp_path, family)
     worst = compare(path, model, VOCAB, tp_size=2)
     print(f"gguf {family} tp=2: max relative logit difference {worst:.2e}")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_pdbox_generate_runs_every_gguf_family(tmp_path, family) -> None:
+    """``pdbox generate --model FILE.gguf`` answers as the offline engine does (the GGUF's own tokenizer)."""
+    from click.testing import CliRunner
+
+    from appliance.cli import main
+    from appliance.config import EngineConfig
+    from appliance.engine.request import SamplingParams
+    from appliance.llm import LLM
+
+    path, _ = gguf_of(tmp_path, family)
+    prompt = "The river stone"
+    result = CliRunner().invoke(main, ["generate", prompt, "--model", str(path), "--max-tokens", "6", "--raw",
+                                       "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    llm = LLM(str(path), EngineConfig(dtype="float32"))
+    try:
+        want = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0))[0].text
+    finally:
+        llm.close()
+    assert want and want in result.output, (want, result.output)
