@@ -1,4 +1,4 @@
-"""n > 1 end to end: `pdbox up` (unified and disaggregated), the embedded SmolLM2, the real `openai` client.
+"""n > 1 end to end: `pdbox up` (unified, disaggregated and adaptive), the embedded SmolLM2, the real `openai` client.
 ``n=3`` with a seed returns three choices (indexes 0..2), the same three on a second call; streamed,
 the same three texts arrive as per-index deltas; the prompt is prefilled once (its cached tokens are
 reported once); the pools are idle afterwards (no page leaked by the fork)."""
@@ -47,7 +47,7 @@ def check_n(url: str) -> None:
     assert_pools_idle(url)
 
 
-@pytest.mark.parametrize("mode", ["unified", "disagg"])
+@pytest.mark.parametrize("mode", ["unified", "disagg", "auto"])
 def test_n_choices_with_the_openai_client(mode: str) -> None:
     with running_appliance("--mode", mode) as url:
         check_n(url)
