@@ -1,0 +1,78 @@
+"""The router's answer for n samples and tool calls, from synthetic worker events (no engine): one choice
+per index, a sample's end event ends only its choice, stop strings cut per choice, usage sums the
+samples, and an enforced call comes back in ``message.tool_calls`` (streamed: ``delta.tool_calls``)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from appliance.serve.choices import Choice
+from appliance.serve.openai_api import ParsedRequest
+from appliance.serve.protocol import Event, Sampling
+from appliance.serve.relay import Outcome
+from appliance.serve.responses import ResponseWriter
+from appliance.serve.router_config import RouterConfig
+from appliance.serve.router_metrics import RouterMetrics
+from appliance.serve.tools import parse_tools
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+class CharTokenizer:
+    """Token id = one character's code point."""
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(i) for i in ids)
+
+
+def ids(text: str) -> list[int]:
+    return [ord(c) for c in text]
+
+
+async def events(evs: list[Event | Outcome]) -> AsyncIterator[Event | Outcome]:
+    for ev in evs:
+        yield ev
+
+
+def collect(parsed: ParsedRequest, evs: list[Event | Outcome]) -> dict:
+    writer = ResponseWriter(RouterConfig(), CharTokenizer(), RouterMetrics())
+    resp = asyncio.run(writer.collect(parsed, "chatcmpl-x", events(evs)))
+    return json.loads(resp.body)
+
+
+def request(n: int = 1, stop: tuple[str, ...] = (), tools=None) -> ParsedRequest:
+    return ParsedRequest("chat", "m", [1, 2, 3], Sampling(n=n, stop=list(stop)), False, False, False, tools)
+
+
+def test_two_samples_are_two_choices() -> None:
+    body = collect(request(n=2, stop=("!",)), [
+        Event(kind="tokens", token_ids=ids("ab"), index=0), Event(kind="tokens", token_ids=ids("xy!z"), index=1),
+        Event(kind="tokens", index=1, finish_reason="stop"),
+        Event(kind="tokens", token_ids=ids("c"), index=0), Event(kind="tokens", index=0, finish_reason="length"),
+        Outcome("length", 3, 0)])
+    got = [(c["index"], c["message"]["content"], c["finish_reason"]) for c in body["choices"]]
+    assert got == [(0, "abc", "length"), (1, "xy", "stop")]
+    assert body["usage"]["completion_tokens"] == 7 and body["usage"]["prompt_tokens"] == 3
+
+
+def test_an_enforced_call_is_parsed_into_tool_calls() -> None:
+    tools = parse_tools({"tools": [TOOL], "tool_choice": "required"}, "")
+    call = '{"name": "f", "arguments": {"a": 1}}'
+    body = collect(request(tools=tools), [Event(kind="tokens", token_ids=ids(call)), Outcome("stop", 3, 0)])
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (tc,) = choice["message"]["tool_calls"]
+    assert tc["function"]["name"] == "f" and json.loads(tc["function"]["arguments"]) == {"a": 1}
+
+
+def test_a_streamed_choice_ends_with_its_calls() -> None:
+    tools = parse_tools({"tools": [TOOL]}, "")  # auto
+    c = Choice(0, request(tools=tools), CharTokenizer())
+    first = c.feed(ids("Ok. <tool_call>"), [], None)
+    assert first.text == "Ok. " and not first.tool_calls
+    c.feed(ids('{"name": "f", "arguments": {}}</tool_call>'), [], None)
+    end = c.end("stop")
+    assert end.finish == "tool_calls" and end.tool_calls[0]["index"] == 0
+    assert end.tool_calls[0]["function"] == {"name": "f", "arguments": "{}"}
