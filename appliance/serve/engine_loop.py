@@ -59,6 +59,7 @@ class EngineLoop:
         self.rooms: dict[str, PendingRoom] = {}
         self._room_of: dict[str, str] = {}
         self.open_samples: dict[str, int] = {}  # rid -> its samples not yet finished (n > 1 only)
+        self._sample0_cached: dict[str, int] = {}  # rid -> sample 0's cached prompt tokens, once it ended
         self.quarantine: collections.deque[tuple[float, list[int]]] = collections.deque()  # (free at, pages)
         self.quarantined_pages = 0
         self._stop = threading.Event()
@@ -139,6 +140,7 @@ class EngineLoop:
             self.engine.abort(rid)
             self.transfers.pop(rid, None)
             self.open_samples.pop(rid, None)
+            self._sample0_cached.pop(rid, None)
 
         self.inbox.put(run)
 
@@ -300,11 +302,13 @@ class EngineLoop:
         if not out.finished:
             return
         self._emit(rid, Event(kind="tokens", finish_reason=out.finish_reason, index=i))
+        if i == 0:
+            self._sample0_cached[rid] = out.cached_len  # the prompt's own cache hit (the samples' is the fork)
         self.open_samples[rid] -= 1
         if self.open_samples[rid] <= 0:
             del self.open_samples[rid]
             self._emit(rid, Event(kind="done", finish_reason=out.finish_reason, prompt_tokens=out.prompt_len,
-                                  cached_tokens=out.cached_len))
+                                  cached_tokens=self._sample0_cached.pop(rid, 0)))
 
     def _emit(self, rid: str, ev: Event) -> None:
         q = self.streams.get(rid)

@@ -1,0 +1,75 @@
+"""n samples through a worker's engine loop (tiny model): every sample's tokens carry its index, each
+sample ends with its own finish event, ``done`` comes once after the last, reporting the prompt's own
+cache hit; aborting mid-way ends every sample and leaves no page behind."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from appliance.config import EngineConfig
+from appliance.engine.engine import Engine
+from appliance.engine.request import SamplingParams
+from appliance.serve.engine_loop import EngineLoop
+from appliance.serve.protocol import Event
+
+PROMPT = list(range(10, 31))  # 21 tokens: five full pages of 4 and one token
+PARAMS = SamplingParams(max_tokens=5, temperature=1.0, seed=3, ignore_eos=True, n=3)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model) -> Engine:
+    return Engine(str(tiny_model), EngineConfig(dtype="float32", page_size=4, num_pages=128))
+
+
+def idle(engine: Engine) -> None:
+    assert not engine.requests and not engine.has_unfinished()
+    engine.cache.reset()
+    assert engine.pool.num_free == engine.pool.num_pages, "KV pages leaked"
+
+
+async def drain(q: asyncio.Queue[Event], until: str = "done") -> list[Event]:
+    out = []
+    while True:
+        ev = await asyncio.wait_for(q.get(), 60)
+        out.append(ev)
+        if ev.kind in (until, "error"):
+            return out
+
+
+def test_samples_stream_with_their_index_and_done_comes_last(engine) -> None:
+    async def scenario() -> list[Event]:
+        loop = EngineLoop(engine, asyncio.get_running_loop())
+        loop.start()
+        try:
+            return await drain(loop.submit("r", PROMPT, PARAMS))
+        finally:
+            loop.stop()
+
+    evs = asyncio.run(scenario())
+    assert evs[-1].kind == "done" and evs[-1].prompt_tokens == len(PROMPT) and evs[-1].cached_tokens == 0
+    for i in range(3):
+        mine = [e for e in evs[:-1] if e.index == i]
+        assert sum(len(e.token_ids) for e in mine) == 5
+        assert [e.finish_reason for e in mine if e.finish_reason] == ["length"] and mine[-1].finish_reason
+    idle(engine)
+
+
+def test_an_abort_ends_every_sample(engine) -> None:
+    async def scenario() -> None:
+        loop = EngineLoop(engine, asyncio.get_running_loop())
+        loop.start()
+        try:
+            q = loop.submit("s", PROMPT, SamplingParams(max_tokens=200, temperature=1.0, ignore_eos=True, n=3))
+            seen: set[int] = set()
+            while seen != {0, 1, 2}:
+                seen.add((await asyncio.wait_for(q.get(), 60)).index)
+            loop.abort("s")
+            await loop.call(lambda: None)
+            assert not loop.open_samples
+        finally:
+            loop.stop()
+
+    asyncio.run(scenario())
+    idle(engine)
