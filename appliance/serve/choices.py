@@ -7,12 +7,12 @@ back what may be a call and parses the calls at the end.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from appliance.serve import openai_api as oai
 from appliance.serve.detok import IncrementalText
-from appliance.serve.tool_calls import ToolCall, ToolStream
+from appliance.serve.tool_calls import CallDeltas, ToolCall, ToolStream
 
 
 @dataclass
@@ -33,6 +33,7 @@ class Choice:
         self.text = IncrementalText(tokenizer, parsed.sampling.stop)
         tools = parsed.tools
         self.tools = ToolStream(tools) if tools is not None and tools.parses else None
+        self.deltas = CallDeltas() if tools is not None and tools.enforced else None  # streamed as generated
         self.tokens = 0
         self.finish: str | None = None
         self.content: list[str] = []
@@ -63,17 +64,24 @@ class Choice:
             rest, self.calls = self.tools.finish()
             piece.text += rest
             self.content.append(rest)
-            piece.tool_calls = [dict(c.message(), index=i) for i, c in enumerate(self.calls)]
+            if self.deltas is not None and self.deltas.name is not None:  # the call went out as it grew
+                piece.tool_calls += self.deltas.finish(self.tools.text)
+                self.calls = [replace(c, id=self.deltas.id) for c in self.calls[:1]]
+            else:
+                piece.tool_calls = [dict(c.message(), index=i) for i, c in enumerate(self.calls)]
         self.finish = "tool_calls" if self.calls else (finish or "stop")
         piece.finish = self.finish
         return piece
 
     def _piece(self, delta: str, logprobs: list[dict]) -> Piece:
+        calls: list[dict[str, Any]] = []
         if self.tools is not None:
             delta = self.tools.feed(delta)
+            if self.deltas is not None:
+                calls = self.deltas.feed(self.tools.text)
         self.content.append(delta)
         self.logprobs.extend(logprobs)
-        return Piece(self.index, delta, list(logprobs))
+        return Piece(self.index, delta, list(logprobs), tool_calls=calls)
 
     def body(self, parsed: oai.ParsedRequest, tokenizer: Any) -> dict[str, Any]:
         """This choice in a whole (non-streamed) answer."""

@@ -14,6 +14,7 @@ an answer with no such call is plain content.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
@@ -118,3 +119,47 @@ class ToolStream:
             rest = before.rstrip()[self.sent:] if content else ""
         self.sent = len(self.text)
         return rest, calls
+
+
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]+)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+
+
+class CallDeltas:
+    """An enforced call's ``delta.tool_calls`` while it is generated: the name (with the call's id) once
+    the call object has named it, then its arguments text as it grows, the last ``}`` held back until the
+    next token (it may close the call object itself). The deltas' arguments join to the call's arguments."""
+
+    def __init__(self) -> None:
+        self.id = f"call_{secrets.token_hex(12)}"
+        self.name: str | None = None
+        self.sent = 0  # characters of the arguments text released
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        """Deltas for the answer so far (``text``: all of it)."""
+        m = _HEAD.match(text)
+        if m is None:
+            return []
+        out: list[dict[str, Any]] = []
+        if self.name is None:
+            self.name = m.group(1)
+            out.append({"index": 0, "id": self.id, "type": "function",
+                        "function": {"name": self.name, "arguments": ""}})
+        args = text[m.end():].rstrip()
+        return out + self._release(args[:-1] if args.endswith("}") else args)
+
+    def finish(self, text: str) -> list[dict[str, Any]]:
+        """The arguments not yet released, once the answer is over (a complete call object loses its
+        closing brace; a cut one is released as it is)."""
+        m = _HEAD.match(text)
+        if m is None or self.name is None:
+            return []
+        args = text[m.end():].rstrip()
+        if isinstance(_loads(text.strip()), dict) and args.endswith("}"):
+            args = args[:-1].rstrip()
+        return self._release(args)
+
+    def _release(self, args: str) -> list[dict[str, Any]]:
+        if len(args) <= self.sent:
+            return []
+        delta, self.sent = args[self.sent:], len(args)
+        return [{"index": 0, "function": {"arguments": delta}}]

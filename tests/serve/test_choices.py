@@ -76,3 +76,13 @@ def test_a_streamed_choice_ends_with_its_calls() -> None:
     end = c.end("stop")
     assert end.finish == "tool_calls" and end.tool_calls[0]["index"] == 0
     assert end.tool_calls[0]["function"] == {"name": "f", "arguments": "{}"}
+
+
+def test_an_enforced_call_streams_as_it_is_generated() -> None:
+    tools = parse_tools({"tools": [TOOL], "tool_choice": "required"}, "")
+    c = Choice(0, request(tools=tools), CharTokenizer())
+    pieces = [c.feed(ids(t), [], None) for t in ('{"name": "f", ', '"arguments": {"a"', ": 1}}")] + [c.end("stop")]
+    calls = [tc for p in pieces for tc in p.tool_calls]
+    assert calls[0]["function"] == {"name": "f", "arguments": ""} and all(not p.text for p in pieces)
+    assert "".join(tc["function"]["arguments"] for tc in calls) == '{"a": 1}'
+    assert pieces[-1].finish == "tool_calls" and c.calls[0].id == calls[0]["id"]

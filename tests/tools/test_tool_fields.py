@@ -131,3 +131,19 @@ def test_the_stream_holds_back_what_may_be_a_call() -> None:
     forced = ToolStream(parse_tools({"tools": [WEATHER], "tool_choice": "required"}, CHATML))
     assert forced.feed('{"name": "get_weather", "arguments": {"city": "X"}}') == ""
     assert forced.finish()[1][0].name == "get_weather"
+
+
+def test_an_enforced_call_streams_its_name_then_its_arguments() -> None:
+    from appliance.serve.tool_calls import CallDeltas
+
+    text, deltas, d = "", [], CallDeltas()
+    for piece in ['{"name": "get_', 'weather", "argu', 'ments": {"ci', 'ty": "Pa', 'ris"}', "}"]:
+        text += piece
+        deltas += d.feed(text)
+    deltas += d.finish(text)
+    assert deltas[0] == {"index": 0, "id": d.id, "type": "function",
+                         "function": {"name": "get_weather", "arguments": ""}}
+    assert len(deltas) > 3 and all("name" not in x["function"] for x in deltas[1:])
+    assert "".join(x["function"]["arguments"] for x in deltas) == '{"city": "Paris"}'
+    cut, c = '{"name": "f", "arguments": {"a": {}', CallDeltas()
+    assert "".join(x["function"]["arguments"] for x in c.feed(cut) + c.finish(cut)) == '{"a": {}'
