@@ -38,7 +38,7 @@ class LLM:
         params = params or SamplingParams()
         if isinstance(prompts, str):
             prompts = [prompts]
-        ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        ids = [self.tokenizer.encode_prompt(p) if isinstance(p, str) else list(p) for p in prompts]
         reqs = [self.engine.add_request(p, params) for p in ids]
         samples: dict[str, Request] = {}  # the forked samples (n > 1), seen when they are queued
         try:

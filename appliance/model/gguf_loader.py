@@ -93,4 +93,5 @@ def load_gguf(path: str | Path) -> Checkpoint:
         chat_template=_field(reader, "tokenizer.chat_template"),
         name=str(_field(reader, "general.name", path.stem)),
         bos_token=vocab[int(bos)] if bos is not None and int(bos) < len(vocab) else "",
+        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None,
     )

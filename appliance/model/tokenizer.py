@@ -38,7 +38,8 @@ class Tokenizer:
         if ckpt.tokenizer_json is not None:
             backend = HFTokenizer.from_str(ckpt.tokenizer_json)
         else:
-            backend = _bpe_from_pieces(ckpt.vocab, ckpt.merges, ckpt.special_tokens, ckpt.pre_tokenizer)
+            backend = _bpe_from_pieces(ckpt.vocab, ckpt.merges, ckpt.special_tokens, ckpt.pre_tokenizer,
+                                       ckpt.bos_token if ckpt.add_bos else "")
         return cls(backend, ckpt.chat_template, ckpt.config.eos_token_ids, ckpt.bos_token, ckpt.eos_token)
 
     @classmethod
@@ -60,16 +61,17 @@ class Tokenizer:
             raise ModelLoadError(f"{path}: tokenizer model {kind!r} is not supported (need gpt2 BPE)")
         vocab = list(get("tokenizer.ggml.tokens", []))
         types = list(get("tokenizer.ggml.token_type", []))
+        from appliance.model.gguf_config import end_ids
+
+        bos = get("tokenizer.ggml.bos_token_id")
+        bos_token = vocab[int(bos)] if bos is not None and int(bos) < len(vocab) else ""
         backend = _bpe_from_pieces(
             vocab,
             list(get("tokenizer.ggml.merges", [])),
             [t for t, k in zip(vocab, types) if k in (3, 4)],
             str(get("tokenizer.ggml.pre", "default")),
+            bos_token if get("tokenizer.ggml.add_bos_token", False) else "",
         )
-        from appliance.model.gguf_config import end_ids
-
-        bos = get("tokenizer.ggml.bos_token_id")
-        bos_token = vocab[int(bos)] if bos is not None and int(bos) < len(vocab) else ""
         return cls(backend, get("tokenizer.chat_template"), end_ids(get), bos_token)
 
     # -- use ----------------------------------------------------------------------------------
@@ -78,7 +80,14 @@ class Tokenizer:
         return int(self._tok.get_vocab_size())
 
     def encode(self, text: str) -> list[int]:
+        """The ids of ``text`` as it stands (a rendered chat prompt prints its own BOS)."""
         return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids of a plain prompt, as transformers' ``tokenizer(text)`` and llama.cpp give them: with the
+        BOS the checkpoint asks for (Llama 3's ``<|begin_of_text|>``, Gemma's ``<bos>``; tokenizer.json's
+        post-processor, or GGUF's ``tokenizer.ggml.add_bos_token``)."""
+        return list(self._tok.encode(text, add_special_tokens=True).ids)
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
@@ -105,9 +114,10 @@ class Tokenizer:
         return self.encode(self.render_chat(messages, True, tools, **extra))
 
 
-def _bpe_from_pieces(vocab: list[str], merges: list[str], special: list[str], pre: str) -> Any:
-    """A byte-level BPE tokenizer from GGUF's ``tokenizer.ggml.*`` pieces."""
-    from tokenizers import AddedToken, decoders, models
+def _bpe_from_pieces(vocab: list[str], merges: list[str], special: list[str], pre: str, add_bos: str = "") -> Any:
+    """A byte-level BPE tokenizer from GGUF's ``tokenizer.ggml.*`` pieces; ``add_bos``: the BOS token a plain
+    prompt starts with (GGUF's ``tokenizer.ggml.add_bos_token``), '' for none."""
+    from tokenizers import AddedToken, decoders, models, processors
     from tokenizers import Tokenizer as HFTokenizer
 
     from appliance.model.gguf_pretok import gguf_pre_tokenizer
@@ -120,4 +130,8 @@ def _bpe_from_pieces(vocab: list[str], merges: list[str], special: list[str], pr
     tok.pre_tokenizer = gguf_pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    if add_bos:
+        bos_id = tok.token_to_id(add_bos)
+        tok.post_processor = processors.TemplateProcessing(single=f"{add_bos} $A", pair=f"{add_bos} $A $B",
+                                                           special_tokens=[(add_bos, bos_id)])
     return tok

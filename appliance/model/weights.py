@@ -28,5 +28,6 @@ class Checkpoint:
     chat_template: str | None = None
     name: str = "model"
     bos_token: str = ""  # the strings the chat template prints (tokenizer_config.json's)
+    add_bos: bool = False  # GGUF: a plain prompt starts with ``bos_token`` (tokenizer.json says it itself)
     eos_token: str | None = None  # None: the first end-of-sequence id's token
     generation: GenerationDefaults = field(default_factory=GenerationDefaults)

@@ -122,6 +122,8 @@ def convert(folder: Path, out: Path, arch: str, cfg: Any, extra: dict | None = N
         if extra.get("softcap_attn"):
             w.add_attn_logit_softcapping(extra["softcap_attn"])
     w.add_bos_token_id(cfg.bos_token_id)
+    if "add_bos" in extra:
+        w.add_add_bos_token(extra["add_bos"])
     w.add_eos_token_id(cfg.eos_token_id)
     if "eot" in extra:
         w.add_eot_token_id(extra["eot"])
