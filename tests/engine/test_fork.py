@@ -106,3 +106,22 @@ def test_the_offline_api_returns_n_completions_per_prompt(tiny_model) -> None:
         assert len(outs) == 4 and all(len(o.token_ids) == 3 for o in outs)
         assert outs[0].prompt_ids == PROMPT and outs[2].prompt_ids == PROMPT[:5]
         assert not llm.engine.requests
+
+
+def test_every_sample_keeps_the_constraint(engine) -> None:
+    import re
+
+    from appliance.engine.constraint import Constraint
+
+    idle(engine)
+    pattern = "[a-m]{3}-[n-z]{3}"
+    req = engine.add_request(PROMPT, replace(P, n=3, max_tokens=20, constraint=Constraint.regex(pattern)),
+                             request_id="c")
+    kids = []
+    while engine.has_unfinished():
+        engine.step()
+        kids += [r for k, r in engine.requests.items() if r.group == "c" and r not in kids]
+    assert len(kids) == 2 and all(r.matcher is not None for r in kids)
+    for r in (req, *kids):
+        assert re.fullmatch(pattern, r.text) and r.finish_reason == "stop", r.text
+    idle(engine)
