@@ -1,15 +1,12 @@
-"""Prometheus text exposition: a parser, label matching and histogram quantiles."""
+"""Prometheus text exposition: samples (parsed by prometheus_client), label matching, histogram quantiles."""
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{.*\})?\s+(\S+)(?:\s+\S+)?$")
-_LABEL = re.compile(r'\s*([a-zA-Z_][a-zA-Z0-9_]*)\s*=\s*"((?:[^"\\]|\\.)*)"\s*,?')
-_UNESCAPE = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @dataclass(frozen=True)
@@ -19,34 +16,16 @@ class Sample:
     value: float
 
 
-def _parse_labels(body: str) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    pos = 0
-    while pos < len(body):
-        m = _LABEL.match(body, pos)
-        if m is None:
-            raise ValueError(f"bad label set {{{body}}}")
-        labels[m.group(1)] = re.sub(r"\\[\\\"n]", lambda e: _UNESCAPE[e.group(0)], m.group(2))
-        pos = m.end()
-    return labels
-
-
 def parse(text: str) -> list[Sample]:
-    """Every sample line of a Prometheus text exposition (comments and blank lines skipped).
+    """Every sample of a Prometheus text exposition, parsed by prometheus_client.
 
-    Raises ``ValueError`` on a line that is not a sample, naming the line.
+    Raises ``ValueError`` on text that is not an exposition, naming what it choked on.
     """
-    out: list[Sample] = []
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        m = _SAMPLE.match(line)
-        if m is None:
-            raise ValueError(f"line {n} is not a Prometheus sample: {line[:120]!r}")
-        labels = _parse_labels(m.group(2)[1:-1]) if m.group(2) else {}
-        out.append(Sample(m.group(1), labels, float(m.group(3))))
-    return out
+    try:
+        return [Sample(s.name, s.labels, float(s.value))
+                for family in text_string_to_metric_families(text) for s in family.samples]
+    except ValueError as exc:
+        raise ValueError(f"not a Prometheus text exposition: {exc}") from exc
 
 
 def _matches(labels: Mapping[str, str], match: Mapping[str, str]) -> bool:

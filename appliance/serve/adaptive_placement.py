@@ -40,6 +40,7 @@ DECODE_BUSY_FRAC = 0.8  # a prefill engine turns to decode only while decode ste
 DRAIN_POLL_S = 0.02  # how often a prompt held for a draining engine looks again
 BORROW_BELOW = 0.25  # with moves: the last prefill engine turns decode under this handed-over demand
 # (engine-seconds per second, the long window): at most one ~3.5 s long prompt in 20 s borrows an engine
+LEANING_LABELS = ("target", "leaning")  # pdbox_engine_leaning: one series per engine and leaning
 
 
 class AdaptivePlacement:
@@ -54,8 +55,9 @@ class AdaptivePlacement:
         self.dispatch = Dispatcher(cfg, client, metrics, self.healthy)
         r = metrics.reg
         self.reg = r
-        self.m_decisions = r.counter("pdbox_auto_decisions_total", "Adaptive-mode decisions by outcome and reason")
-        self.m_switches = r.counter("pdbox_role_switches_total", "Engines that changed leaning")
+        self.m_decisions = r.counter("pdbox_auto_decisions_total", "Adaptive-mode decisions by outcome and reason",
+                                     ("decision", "reason"))
+        self.m_switches = r.counter("pdbox_role_switches_total", "Engines that changed leaning", ("target", "leaning"))
         self.m_rejected = r.counter("pdbox_slo_rejections_total", "Requests refused because TTFT SLO was out of reach")
         self.last_decision = ""
         self.active: dict[str, Progress] = {}
@@ -111,9 +113,9 @@ class AdaptivePlacement:
         if moved is not None:
             self._counted(moved)
         for w in self.pool.workers.values():
-            self.reg.gauge("pdbox_engine_leaning", "1 on the leaning an engine has now").set(
+            self.reg.gauge("pdbox_engine_leaning", "1 on the leaning an engine has now", LEANING_LABELS).set(
                 1.0, target=w.name, leaning=self.leaning(w))
-            self.reg.gauge("pdbox_engine_leaning", "1 on the leaning an engine has now").set(
+            self.reg.gauge("pdbox_engine_leaning", "1 on the leaning an engine has now", LEANING_LABELS).set(
                 0.0, target=w.name, leaning="decode" if self.leaning(w) == "prefill" else "prefill")
         return moved
 

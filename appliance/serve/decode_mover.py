@@ -54,7 +54,8 @@ class DecodeMover:
         self.clock = clock
         self.enabled = enabled
         self._legs: dict[str, asyncio.Future[WorkerStream | None]] = {}  # rid -> dst's stream, once src let go
-        self.m_moves = reg.counter("pdbox_decode_moves_total", "Decoding requests moved to another engine, by outcome")
+        self.m_moves = reg.counter("pdbox_decode_moves_total", "Decoding requests moved to another engine, by outcome",
+                                   ("outcome",))
 
     @property
     def count(self) -> int:

@@ -1,154 +1,182 @@
-"""A small Prometheus text-format registry: counters, gauges and histograms with labels.
+"""Prometheus metrics of one process, kept by ``prometheus_client`` in a CollectorRegistry of its own.
 
-Every process renders its metrics with constant labels ``role`` and ``worker`` (the router uses
-``role="router"``); a series may override them to describe another process (the router's
-``pdbox_worker_restarts_total`` carries the restarted worker's labels).
+Every series carries the labels ``role`` and ``worker`` of the process that renders it (the router
+uses ``role="router"``); a series may override them to describe another process (the router's
+``pdbox_worker_restarts_total`` carries the restarted worker's labels). Each metric declares its own
+label names; call sites pass them as keyword arguments (``errors.inc(kind="502")``).
+
+Kinds: :class:`Counter`, :class:`Gauge` and :class:`Histogram` wrap prometheus_client's own;
+:class:`Total` is a counter that mirrors a count kept elsewhere (a transport's bytes, the prefix
+cache's hits), which prometheus_client's Counter cannot be set to.
 """
 
 from __future__ import annotations
 
-import bisect
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import prometheus_client as prom
+from prometheus_client.metrics_core import CounterMetricFamily, Metric
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 REQUEST_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 TOKEN_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
-LabelKey = tuple[tuple[str, str], ...]
+BASE_LABELS = ("role", "worker")
 
 
-def _escape(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+class _Wrapped:
+    """One prometheus_client metric, its series filled in with the process's ``role`` and ``worker``."""
 
+    kind = ""
 
-def _labels(labels: dict[str, str]) -> str:
-    if not labels:
-        return ""
-    body = ",".join(f'{k}="{_escape(str(v))}"' for k, v in sorted(labels.items()))
-    return "{" + body + "}"
+    def __init__(self, metric: Any, labels: tuple[str, ...], base: dict[str, str]) -> None:
+        self._m = metric
+        self.labels = labels
+        self._base = base
+        # NOTE: prometheus_client's labels() builds and checks the label set on every call (~2x the
+        # cost of an observe); the engine thread records per step, so each series is looked up once.
+        self._children: dict[tuple[tuple[str, str], ...], Any] = {}
 
-
-def _key(labels: dict[str, str]) -> LabelKey:
-    return tuple(sorted((k, str(v)) for k, v in labels.items()))
-
-
-def _num(value: float) -> str:
-    return repr(float(value))
-
-
-class Metric:
-    def __init__(self, name: str, help_text: str, kind: str) -> None:
-        self.name, self.help, self.kind = name, help_text, kind
-        self._lock = threading.Lock()
-
-    def header(self) -> list[str]:
-        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
-
-    def render(self, base: dict[str, str]) -> list[str]:
-        raise NotImplementedError
-
-
-class _Valued(Metric):
-    def __init__(self, name: str, help_text: str, kind: str) -> None:
-        super().__init__(name, help_text, kind)
-        self.values: dict[LabelKey, float] = {}
-
-    def get(self, **labels: str) -> float:
-        return self.values.get(_key(labels), 0.0)
+    def _child(self, labels: dict[str, str]) -> Any:
+        key = tuple(labels.items())
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = self._m.labels(**{**self._base, **labels})
+        return child
 
     def clear(self) -> None:
         """Forget every series (before re-setting those that still exist)."""
-        with self._lock:
-            self.values.clear()
+        self._m.clear()
+        self._children = {}
 
-    def render(self, base: dict[str, str]) -> list[str]:
-        with self._lock:
-            items = list(self.values.items())
-        return [f"{self.name}{_labels({**base, **dict(k)})} {_num(v)}" for k, v in items]
+    def get(self, **labels: str) -> float:
+        """The value of one series (0 when it was never set)."""
+        want = {k: str(v) for k, v in {**self._base, **labels}.items()}
+        for family in self._m.collect():
+            for s in family.samples:
+                if s.labels == want and s.name in (family.name, family.name + "_total"):
+                    return float(s.value)
+        return 0.0
 
 
-class Counter(_Valued):
-    def __init__(self, name: str, help_text: str) -> None:
-        super().__init__(name, help_text, "counter")
+class Counter(_Wrapped):
+    kind = "counter"
 
     def inc(self, amount: float = 1.0, **labels: str) -> None:
-        key = _key(labels)
-        with self._lock:
-            self.values[key] = self.values.get(key, 0.0) + amount
-
-    def set_total(self, total: float, **labels: str) -> None:
-        """Mirror a monotonic count kept elsewhere (a transport's byte count, a cache's hits)."""
-        with self._lock:
-            self.values[_key(labels)] = float(total)
+        self._child(labels).inc(amount)
 
 
-class Gauge(_Valued):
-    def __init__(self, name: str, help_text: str) -> None:
-        super().__init__(name, help_text, "gauge")
+class Gauge(_Wrapped):
+    kind = "gauge"
 
     def set(self, value: float, **labels: str) -> None:
-        with self._lock:
-            self.values[_key(labels)] = float(value)
+        self._child(labels).set(value)
 
 
-class Histogram(Metric):
-    def __init__(self, name: str, help_text: str, buckets: Sequence[float] = LATENCY_BUCKETS) -> None:
-        super().__init__(name, help_text, "histogram")
-        self.buckets = tuple(float(b) for b in buckets)
-        self.series: dict[LabelKey, list[float]] = {}  # counts per bucket + [+Inf count, sum]
+class Histogram(_Wrapped):
+    kind = "histogram"
 
     def observe(self, value: float, **labels: str) -> None:
-        key = _key(labels)
-        with self._lock:
-            s = self.series.setdefault(key, [0.0] * (len(self.buckets) + 2))
-            s[bisect.bisect_left(self.buckets, value)] += 1
-            s[-1] += value
+        self._child(labels).observe(value)
 
-    def render(self, base: dict[str, str]) -> list[str]:
+
+class Total:
+    """A counter whose value mirrors a monotonic count kept elsewhere; a collector of its own."""
+
+    kind = "counter"
+
+    def __init__(self, name: str, help_text: str, labels: tuple[str, ...], base: dict[str, str]) -> None:
+        self.name, self.help, self.labels, self._base = name, help_text, labels, base
+        self._values: dict[tuple[str, ...], float] = {}
+        self._lock = threading.Lock()
+
+    def _key(self, labels: dict[str, str]) -> tuple[str, ...]:
+        full = {**self._base, **labels}
+        if set(full) != set(self.labels):
+            raise ValueError(f"{self.name} takes the labels {self.labels}, not {tuple(full)}")
+        return tuple(str(full[n]) for n in self.labels)
+
+    def set_total(self, total: float, **labels: str) -> None:
+        key = self._key(labels)
         with self._lock:
-            items = [(k, list(s)) for k, s in self.series.items()]
-        out = []
-        for key, s in items:
-            labels = {**base, **dict(key)}
-            cum = 0.0
-            for le, count in zip(self.buckets, s):
-                cum += count
-                out.append(f"{self.name}_bucket{_labels({**labels, 'le': repr(le)})} {_num(cum)}")
-            cum += s[len(self.buckets)]
-            out.append(f"{self.name}_bucket{_labels({**labels, 'le': '+Inf'})} {_num(cum)}")
-            out.append(f"{self.name}_count{_labels(labels)} {_num(cum)}")
-            out.append(f"{self.name}_sum{_labels(labels)} {_num(s[-1])}")
-        return out
+            self._values[key] = float(total)
+
+    def get(self, **labels: str) -> float:
+        return self._values.get(self._key(labels), 0.0)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._values.clear()
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily(self.name, self.help, labels=self.labels)
+        with self._lock:
+            items = list(self._values.items())
+        for key, value in items:
+            family.add_metric(key, value)
+        yield family
+
+
+class _Exposition:
+    """The registry as served: without the ``_created`` series prometheus_client adds to counters and
+    histograms (pdbox's text never had them; the switch that drops them at the source is a global)."""
+
+    def __init__(self, registry: prom.CollectorRegistry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.registry.collect():
+            created = family.name + "_created"
+            family.samples = [s for s in family.samples if s.name != created]
+            yield family
+
+
+M = TypeVar("M")
 
 
 class Registry:
-    """Metrics of one process; rendered with its constant labels (``role``, ``worker``)."""
+    """Metrics of one process; every series carries its constant labels (``role``, ``worker``)."""
 
     def __init__(self, **base_labels: str) -> None:
         self.base = dict(base_labels)
-        self.metrics: dict[str, Metric] = {}
+        self.registry = prom.CollectorRegistry()
+        self.metrics: dict[str, _Wrapped | Total] = {}
 
-    def counter(self, name: str, help_text: str) -> Counter:
-        return self._get(name, Counter, lambda: Counter(name, help_text))
+    def counter(self, name: str, help_text: str, labels: Sequence[str] = ()) -> Counter:
+        if not name.endswith("_total"):  # prometheus_client would append it
+            raise ValueError(f"counter {name} must end in _total")
+        return self._get(name, Counter, labels, lambda names: Counter(
+            prom.Counter(name, help_text, names, registry=self.registry), names, self.base))
 
-    def gauge(self, name: str, help_text: str) -> Gauge:
-        return self._get(name, Gauge, lambda: Gauge(name, help_text))
+    def total(self, name: str, help_text: str, labels: Sequence[str] = ()) -> Total:
+        def make(names: tuple[str, ...]) -> Total:
+            t = Total(name, help_text, names, self.base)
+            self.registry.register(t)
+            return t
+        return self._get(name, Total, labels, make)
 
-    def histogram(self, name: str, help_text: str, buckets: Sequence[float] = LATENCY_BUCKETS) -> Histogram:
-        return self._get(name, Histogram, lambda: Histogram(name, help_text, buckets))
+    def gauge(self, name: str, help_text: str, labels: Sequence[str] = ()) -> Gauge:
+        return self._get(name, Gauge, labels, lambda names: Gauge(
+            prom.Gauge(name, help_text, names, registry=self.registry), names, self.base))
 
-    def _get(self, name: str, kind: type, make: Callable[[], Metric]):
+    def histogram(self, name: str, help_text: str, buckets: Sequence[float] = LATENCY_BUCKETS,
+                  labels: Sequence[str] = ()) -> Histogram:
+        return self._get(name, Histogram, labels, lambda names: Histogram(
+            prom.Histogram(name, help_text, names, registry=self.registry, buckets=buckets), names, self.base))
+
+    def _get(self, name: str, kind: type[M], labels: Sequence[str], make: Callable[[tuple[str, ...]], M]) -> M:
+        names = tuple(self.base) + tuple(n for n in labels if n not in self.base)
         m = self.metrics.get(name)
         if m is None:
-            m = self.metrics[name] = make()
+            m = self.metrics[name] = make(names)  # type: ignore[assignment]
         elif not isinstance(m, kind):
             raise ValueError(f"metric {name} is a {m.kind}, not a {kind.__name__.lower()}")
-        return m
+        elif m.labels != names:
+            raise ValueError(f"metric {name} has the labels {m.labels}, not {names}")
+        return m  # type: ignore[return-value]
 
     def render(self) -> str:
-        lines: list[str] = []
-        for m in list(self.metrics.values()):
-            lines += m.header() + m.render(self.base)
-        return "\n".join(lines) + "\n"
+        return prom.generate_latest(_Exposition(self.registry)).decode()

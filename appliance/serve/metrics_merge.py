@@ -2,6 +2,13 @@
 
 Series keep their own labels (every process labels its samples with ``role`` and ``worker``), so
 the merged text is what one scrape of each process would give, grouped by family.
+
+NOTE: written by hand, not with prometheus_client, for a measured reason: the router merges on its
+event loop, the one that relays every token. ``python -m bench.prom_cost`` (2 shared CPU cores,
+prometheus_client 0.26.0): five 206-line worker texts merged in 3 ms by this line grouping, in 62 ms
+(106 ms in a second run) by ``text_string_to_metric_families`` and ``generate_latest``. Lines are
+grouped by family as they are; no value is parsed, so nothing here can disagree with the writer
+(``metrics.py``, prometheus_client).
 """
 
 from __future__ import annotations

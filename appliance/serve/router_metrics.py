@@ -16,8 +16,9 @@ class RouterMetrics:
 
     def __init__(self) -> None:
         self.reg = r = Registry(role="router", worker="router")
-        self.requests = r.counter("pdbox_requests_total", "Requests by endpoint and outcome")
-        self.errors = r.counter("pdbox_errors_total", "Errors by kind")
+        self.requests = r.counter("pdbox_requests_total", "Requests by endpoint and outcome",
+                                  ("endpoint", "outcome"))
+        self.errors = r.counter("pdbox_errors_total", "Errors by kind", ("kind",))
         self.ttft = r.histogram("pdbox_ttft_seconds", "Time to first token", LATENCY)
         self.tpot = r.histogram("pdbox_tpot_seconds", "Time per output token after the first", TOKEN_LATENCY)
         self.itl = r.histogram("pdbox_itl_seconds", "Inter-token latency", TOKEN_LATENCY)
@@ -27,7 +28,7 @@ class RouterMetrics:
                                         "behind the prefill)", TOKEN_LATENCY)
         self.tokens = r.counter("pdbox_output_tokens_total", "Tokens streamed to clients")
         self.prompt = r.counter("pdbox_prompt_tokens_total", "Prompt tokens received")
-        self.restarts = r.counter("pdbox_worker_restarts_total", "Times the launcher restarted a worker")
+        self.restarts = r.total("pdbox_worker_restarts_total", "Times the launcher restarted a worker")
 
     def render(self, workers: Iterable[WorkerHandle], inflight: int, uptime_s: float) -> str:
         """The router's text, with the gauges of this moment (its in-flight count, each worker's state)."""

@@ -171,7 +171,8 @@ class Worker:
         return web.json_response(info)
 
     async def metrics_text(self, request: web.Request) -> web.Response:
-        text = await self.loop.call(self.metrics.render)
+        await self.loop.call(self.metrics.refresh)  # the engine's state, read on its thread
+        text = self.metrics.reg.render()  # written here: the engine thread goes back to stepping
         return web.Response(text=text, content_type="text/plain")
 
     # -- internal ----------------------------------------------------------------------------------

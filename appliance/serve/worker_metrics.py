@@ -68,7 +68,8 @@ class WorkerMetrics:
         self.batch_now = r.gauge("pdbox_batch_requests", "Requests in the last engine step (0 when idle)")
         self.prefill_tokens = r.counter("pdbox_prefill_tokens_total", "Prompt tokens computed")
         self.decode_tokens = r.counter("pdbox_decode_tokens_total", "Tokens decoded")
-        self.requests_done = r.counter("pdbox_engine_requests_total", "Requests this engine finished, by reason")
+        self.requests_done = r.counter("pdbox_engine_requests_total", "Requests this engine finished, by reason",
+                                        ("reason",))
         self.window = RateWindow()
         self._batch: Any = None  # the ScheduledBatch of the step in progress
         self._last_token: dict[str, float] = {}  # request id -> when its latest token appeared here
@@ -80,10 +81,10 @@ class WorkerMetrics:
             self.backend = backend
             self.write_time = r.histogram("pdbox_transfer_write_seconds",
                                           "Time in one KV write call (one layer of one request's pages)",
-                                          WRITE_BUCKETS)
+                                          WRITE_BUCKETS, ("backend",))
             self.handoff_time = r.histogram("pdbox_kv_handoff_seconds",
                                             "Decode side: pages reserved until prompt KV and first token landed",
-                                            LATENCY_BUCKETS)
+                                            LATENCY_BUCKETS, ("backend",))
         self.instrument()
 
     # -- instrumentation (engine thread) -----------------------------------------------------------
@@ -169,8 +170,18 @@ class WorkerMetrics:
         self._sent, self._received = st.bytes_sent, st.bytes_received
         return out
 
-    # -- exposition (engine thread) ----------------------------------------------------------------
+    # -- exposition --------------------------------------------------------------------------------
     def render(self) -> str:
+        """:meth:`refresh`, then the text (tests and callers already on the engine thread)."""
+        self.refresh()
+        return self.reg.render()
+
+    def refresh(self) -> None:
+        """Set the gauges of this moment from the engine's state. Engine thread only.
+
+        Writing the text (``self.reg.render()``, prometheus_client, thread-safe) is left to the
+        caller's thread, so the engine need not wait for it (``python -m bench.prom_cost``: a few ms).
+        """
         w = self.worker
         e = w.engine
         r = self.reg
@@ -194,34 +205,35 @@ class WorkerMetrics:
         r.gauge("pdbox_kv_pages_evictable", "Cached pages no request holds").set(e.cache.evictable_pages())
         hit = e.cache.hit_tokens / e.cache.query_tokens if e.cache.query_tokens else 0.0
         r.gauge("pdbox_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / queried").set(hit)
-        r.counter("pdbox_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the prefix cache"
-                  ).set_total(e.cache.query_tokens)
-        r.counter("pdbox_prefix_cache_hit_tokens_total", "Prompt tokens found in the prefix cache"
-                  ).set_total(e.cache.hit_tokens)
+        r.total("pdbox_prefix_cache_queried_tokens_total", "Prompt tokens looked up in the prefix cache"
+                ).set_total(e.cache.query_tokens)
+        r.total("pdbox_prefix_cache_hit_tokens_total", "Prompt tokens found in the prefix cache"
+                ).set_total(e.cache.hit_tokens)
         r.gauge("pdbox_prefill_tokens_per_second", "Prompt tokens/s, last 10 s").set(self.window.rate(now, "prefill"))
         r.gauge("pdbox_decode_tokens_per_second", "Decoded tokens/s, last 10 s").set(self.window.rate(now, "decode"))
-        r.counter("pdbox_preemptions_total", "Requests preempted (recompute)").set_total(s.num_preemptions)
+        r.total("pdbox_preemptions_total", "Requests preempted (recompute)").set_total(s.num_preemptions)
         r.gauge("pdbox_uptime_seconds", "Seconds since the process started").set(time.time() - w.started)
         if w.transport is not None:
-            self._render_transfer(now)
-        return r.render()
+            self._refresh_transfer(now)
 
-    def _render_transfer(self, now: float) -> None:
+    def _refresh_transfer(self, now: float) -> None:
         r = self.reg
         st = self.worker.transport.stats()
         b = {"backend": st.backend}
-        nbytes = r.counter("pdbox_transfer_bytes_total", "KV bytes moved, by direction")
+        nbytes = r.total("pdbox_transfer_bytes_total", "KV bytes moved, by direction", ("direction", "backend"))
         nbytes.set_total(st.bytes_sent, direction="sent", **b)
         nbytes.set_total(st.bytes_received, direction="received", **b)
-        gbps = r.gauge("pdbox_transfer_gbps", "KV transfer throughput in GB/s over the last 10 s, by direction")
+        gbps = r.gauge("pdbox_transfer_gbps", "KV transfer throughput in GB/s over the last 10 s, by direction",
+                       ("direction", "backend"))
         gbps.set(self.window.rate(now, "sent") / 1e9, direction="sent", **b)
         gbps.set(self.window.rate(now, "received") / 1e9, direction="received", **b)
-        r.counter("pdbox_transfer_writes_total", "KV write calls").set_total(st.writes, **b)
-        r.counter("pdbox_transfer_signals_total", "Room-complete signals sent").set_total(st.signals_sent, **b)
-        rooms = r.counter("pdbox_transfer_rooms_total", "Handoffs received, by outcome")
+        r.total("pdbox_transfer_writes_total", "KV write calls", ("backend",)).set_total(st.writes, **b)
+        r.total("pdbox_transfer_signals_total", "Room-complete signals sent", ("backend",)
+                ).set_total(st.signals_sent, **b)
+        rooms = r.total("pdbox_transfer_rooms_total", "Handoffs received, by outcome", ("outcome", "backend"))
         rooms.set_total(st.rooms_done, outcome="done", **b)
         rooms.set_total(st.rooms_failed, outcome="failed", **b)
-        r.gauge("pdbox_transfer_rooms_pending", "Handoffs awaited").set(st.rooms_pending, **b)
-        dropped = r.counter("pdbox_transfer_dropped_total", "Late or unknown messages dropped")
+        r.gauge("pdbox_transfer_rooms_pending", "Handoffs awaited", ("backend",)).set(st.rooms_pending, **b)
+        dropped = r.total("pdbox_transfer_dropped_total", "Late or unknown messages dropped", ("what", "backend"))
         dropped.set_total(st.signals_dropped, what="signal", **b)
         dropped.set_total(st.writes_dropped, what="write", **b)

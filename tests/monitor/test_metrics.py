@@ -16,7 +16,7 @@ from appliance.serve.worker_metrics import RateWindow, WorkerMetrics
 
 def test_registry_text_parses_back_with_labels_and_escapes() -> None:
     reg = Registry(role="decode", worker="decode-0")
-    reg.counter("pdbox_errors_total", "Errors").inc(2, kind='say "hi"\\n')
+    reg.counter("pdbox_errors_total", "Errors", ("kind",)).inc(2, kind='say "hi"\\n')
     reg.gauge("pdbox_kv_pages_used", "Used").set(7)
     h = reg.histogram("pdbox_ttft_seconds", "TTFT", (0.1, 1.0))
     for v in (0.05, 0.1, 0.5, 3.0):
@@ -30,11 +30,25 @@ def test_registry_text_parses_back_with_labels_and_escapes() -> None:
     assert hist.total == pytest.approx(3.65)
     with pytest.raises(ValueError, match="is a counter"):
         reg.gauge("pdbox_errors_total", "again")
+    with pytest.raises(ValueError, match="labels"):
+        reg.counter("pdbox_errors_total", "Errors", ("reason",))
+    assert "_created" not in reg.render()  # prometheus_client's extra series stay out of the exposition
+
+
+def test_total_mirrors_a_count_kept_elsewhere() -> None:
+    reg = Registry(role="decode", worker="decode-0")
+    t = reg.total("pdbox_transfer_bytes_total", "Bytes", ("direction",))
+    t.set_total(10, direction="sent")
+    t.set_total(7, direction="sent")
+    assert t.get(direction="sent") == 7
+    assert Metrics.from_text(reg.render()).value("pdbox_transfer_bytes_total", direction="sent") == 7
+    with pytest.raises(ValueError, match="labels"):
+        t.set_total(1)
 
 
 def test_parser_refuses_garbage_with_the_line() -> None:
     assert parse("# HELP x y\n\nx 1\nx{a=\"b\"} 2.5 1700000000\n")[1].value == 2.5
-    with pytest.raises(ValueError, match="line 2"):
+    with pytest.raises(ValueError, match="oops"):
         parse("x 1\n<html>oops</html>\n")
 
 
@@ -77,9 +91,10 @@ def test_rate_window() -> None:
 
 def _scrape(at: float, ok: float, errors: float, tokens: float, ttft: list[float]) -> Snapshot:
     router = Registry(role="router", worker="router")
-    router.counter("pdbox_requests_total", "r").inc(ok, endpoint="chat", outcome="ok")
-    router.counter("pdbox_requests_total", "r").inc(errors, endpoint="chat", outcome="error")
-    router.counter("pdbox_errors_total", "e").inc(errors, kind="502")
+    requests = router.counter("pdbox_requests_total", "r", ("endpoint", "outcome"))
+    requests.inc(ok, endpoint="chat", outcome="ok")
+    requests.inc(errors, endpoint="chat", outcome="error")
+    router.counter("pdbox_errors_total", "e", ("kind",)).inc(errors, kind="502")
     router.gauge("pdbox_uptime_seconds", "u").set(at)
     h = router.histogram("pdbox_ttft_seconds", "t", (0.1, 1.0))
     for v in ttft:
