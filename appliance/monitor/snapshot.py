@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from appliance.monitor.prom import EMPTY, Histogram, Metrics
+from appliance.serve.load_report import decode_load
 
 RATE_WINDOW_S = 5.0
 LATENCY_WINDOW_S = 60.0
@@ -268,17 +269,17 @@ class Monitor:
     @staticmethod
     def _worker_row(m: Metrics, w: dict[str, Any], cur: _Point, base: _Point | None) -> WorkerRow:
         name = str(w.get("name", "?"))
-        load = w.get("load") or {}
+        load = decode_load(w.get("load") or {})
         scraped = m.has("pdbox_kv_pages_total", worker=name)
 
-        def figure(metric: str, key: str) -> int:
-            return int(m.value(metric, worker=name) if scraped else load.get(key, 0))
+        def figure(metric: str, reported: int) -> int:
+            return int(m.value(metric, worker=name)) if scraped else reported
 
-        total = figure("pdbox_kv_pages_total", "total_pages")
+        total = figure("pdbox_kv_pages_total", load.total_pages)
         if scraped:
             used = int(m.value("pdbox_kv_pages_used", worker=name))
         else:
-            used = total - int(load.get("free_pages", total))
+            used = total - load.free_pages
         tok_s: float | None = None
         if scraped:
             if base is not None and name in base.tokens and cur.at > base.at:
@@ -291,10 +292,10 @@ class Monitor:
             role = f"auto:{w['leaning']}"
         return WorkerRow(name=name, role=role, devices=str(w.get("devices", "")),
                          tp=int(w.get("tp") or 1), healthy=bool(w.get("healthy")), restarts=int(w.get("restarts", 0)),
-                         running=figure("pdbox_running_requests", "running"),
-                         waiting=figure("pdbox_waiting_requests", "waiting"),
+                         running=figure("pdbox_running_requests", load.running),
+                         waiting=figure("pdbox_waiting_requests", load.waiting),
                          batch=int(m.value("pdbox_batch_requests", worker=name)), kv_used=used,
-                         kv_cached=figure("pdbox_kv_pages_cached", "cached_pages"), kv_total=total, tok_s=tok_s,
+                         kv_cached=figure("pdbox_kv_pages_cached", load.cached_pages), kv_total=total, tok_s=tok_s,
                          hit_rate=m.value("pdbox_prefix_cache_hit_rate", worker=name))
 
     @staticmethod

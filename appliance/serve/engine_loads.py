@@ -34,11 +34,11 @@ class EngineLoads:
         self._derived_tpot_s: float | None = None
 
     def cost(self) -> CostModel:
-        live = [w for w in self.pool.workers.values() if w.healthy and w.load.get("prefill_tok_s")]
+        live = [w for w in self.pool.workers.values() if w.healthy and w.load.prefill_tok_s]
         if not live:
             return CostModel(prefill_tok_s=200.0, decode_step_s=0.05)
-        rate = min(float(w.load["prefill_tok_s"]) for w in live)
-        step = max(float(w.load.get("decode_step_s", 0.05)) for w in live)
+        rate = min(w.load.prefill_tok_s for w in live)
+        step = max(w.load.decode_step_s for w in live)
         return CostModel(prefill_tok_s=rate, decode_step_s=step)
 
     def tpot_slo_s(self) -> float:
@@ -47,7 +47,7 @@ class EngineLoads:
         if self.auto.slo_tpot_ms:
             return self.auto.slo_tpot_ms / 1e3
         if self._derived_tpot_s is None:
-            steps = [float(w.load["decode_step_s"]) for w in self.pool.workers.values() if w.load.get("decode_step_s")]
+            steps = [w.load.decode_step_s for w in self.pool.workers.values() if w.load.decode_step_s]
             if not steps:
                 return 1.5 * self.cost().decode_step_s
             self._derived_tpot_s = 1.5 * min(steps)
@@ -56,7 +56,7 @@ class EngineLoads:
     def slack_s(self, w: WorkerHandle) -> float:
         """The least stall any request decoding on ``w`` can still absorb within the TPOT SLO."""
         now, slo = self.clock(), self.tpot_slo_s()
-        step = float(w.load.get("decode_step_s") or self.cost().decode_step_s)
+        step = w.load.decode_step_s or self.cost().decode_step_s
         return min((decode_slack_s(p.max_tokens, p.emitted, now - p.first_at if p.first_at else 0.0, step, slo)
                     for p in self.active.values() if p.decode_on == w.name), default=math.inf)
 
@@ -65,7 +65,7 @@ class EngineLoads:
         since = self.loaded_at.get(w.name, -math.inf)
         sent = sum(p.tokens for p in self.active.values()
                    if p.prefill_on == w.name and p.first_at is None and (p.held or p.sent_at >= since))
-        return max(int(w.load.get("queued_prefill_tokens", 0)), sent)
+        return max(w.load.queued_prefill_tokens, sent)
 
     def queued_ahead(self, w: WorkerHandle, tokens: int) -> int:
         """Prompt tokens ``w`` will prefill before a new prompt of ``tokens``. Auto engines prefill in
@@ -83,7 +83,7 @@ class EngineLoads:
                     passed = max(passed, p.tokens)
         if ahead:
             return ahead
-        return min(int(w.load.get("prefill_chunk") or 0), passed)  # the chunk of a passed prompt running now
+        return min(w.load.prefill_chunk, passed)  # the chunk of a passed prompt running now
 
     def loads(self, tokens: int | None = None) -> list[EngineLoad]:
         """Every engine's load; with ``tokens``, its prefill queue is what would run before such a prompt."""
@@ -92,7 +92,7 @@ class EngineLoads:
             running = sum(1 for p in self.active.values() if p.decode_on == w.name)
             queued = self.queued_prefill_tokens(w) if tokens is None else self.queued_ahead(w, tokens)
             out.append(EngineLoad(w.name, self.leaning(w), queued, running, w.kv_free, w.healthy,
-                                  self.slack_s(w), float(w.load.get("decode_step_s") or 0.0), self.drain_s(w)))
+                                  self.slack_s(w), w.load.decode_step_s, self.drain_s(w)))
         return out
 
     def drain_s(self, w: WorkerHandle) -> float:
@@ -100,7 +100,7 @@ class EngineLoads:
         decodes can move to another engine, the move (after the prompts it is prefilling for itself,
         which :func:`decide` counts as its queued prefill)."""
         cost = self.cost()
-        step = float(w.load.get("decode_step_s") or cost.decode_step_s)
+        step = w.load.decode_step_s or cost.decode_step_s
         mine = [p for p in self.active.values() if p.decode_on == w.name]
         if not mine:
             return 0.0

@@ -6,8 +6,10 @@ import random
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
+
+from appliance.serve.load_report import NO_REPORT, LoadReport
 
 
 @dataclass(eq=False)
@@ -24,23 +26,22 @@ class WorkerHandle:
     healthy: bool = False
     inflight: int = 0
     prefill_tokens: int = 0  # prompt tokens sent to prefill here whose first token has not come back
-    load: dict = field(default_factory=dict)
-    handle: str = ""
+    load: LoadReport = NO_REPORT  # its last /load report
     last_seen: float = 0.0
     restarts: int = 0
 
     @property
     def pressure(self) -> float:
         """In-flight requests plus the worker's own queue; ties broken by KV use."""
-        total = self.load.get("total_pages") or 1
-        used = total - self.load.get("free_pages", total) - self.load.get("evictable_pages", 0)
-        return self.inflight + self.load.get("waiting", 0) + used / total
+        ld = self.load
+        used = (ld.total_pages - ld.free_pages - ld.evictable_pages) / ld.total_pages if ld.total_pages else 0.0
+        return self.inflight + ld.waiting + used
 
     @property
     def kv_free(self) -> float:
         """The share of the worker's KV pages free or evictable, as its last load report says."""
-        total = self.load.get("total_pages") or 1
-        return (self.load.get("free_pages", total) + self.load.get("evictable_pages", 0)) / total
+        ld = self.load
+        return (ld.free_pages + ld.evictable_pages) / ld.total_pages if ld.total_pages else 1.0
 
 
 class Policy(Protocol):

@@ -39,6 +39,7 @@ from appliance.serve import openai_api as oai
 from appliance.serve.adaptive_placement import AdaptivePlacement
 from appliance.serve.auth import bearer_ok
 from appliance.serve.dispatch import Dispatcher
+from appliance.serve.load_report import listed
 from appliance.serve.metrics_merge import merge_prometheus
 from appliance.serve.placement import FixedPlacement, Placement
 from appliance.serve.responses import ResponseWriter
@@ -151,7 +152,7 @@ class Router:
         for w in self.pool.workers.values():
             out.append({"name": w.name, "role": w.role, "url": w.url, "pid": w.pid, "devices": w.devices, "tp": w.tp,
                         "transport": w.transport, "healthy": w.healthy, "inflight": w.inflight,
-                        "restarts": w.restarts, "load": {k: v for k, v in w.load.items() if k != "handle"},
+                        "restarts": w.restarts, "load": listed(w.load),
                         **self.placement.describe(w)})
         return web.json_response({"mode": self.cfg.mode, "model": self.cfg.served_model_name, "workers": out,
                                   **self.placement.summary()})

@@ -19,6 +19,7 @@ import msgspec
 from aiohttp import web
 
 from appliance.serve.auth import bearer_ok
+from appliance.serve.load_report import LoadReport
 from appliance.serve.protocol import (
     MAX_LEASE_S,
     DecodeRequest,
@@ -146,29 +147,29 @@ class Worker:
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "role": self.cfg.role, "name": self.cfg.name})
 
-    def load_info(self) -> dict:
+    def load_info(self) -> LoadReport:
         e = self.engine
         s = e.scheduler
-        return {
-            "name": self.cfg.name, "role": self.cfg.role, "pid": os.getpid(), "running": len(s.running),
-            "waiting": len(s.waiting), "reserved_rooms": len(self.loop.rooms) if self.loop else 0,
-            "total_pages": e.pool.num_pages, "free_pages": e.pool.num_free,
-            "quarantined_pages": self.loop.quarantined_pages if self.loop else 0,
-            "cached_pages": e.cache.num_cached_pages, "evictable_pages": e.cache.evictable_pages(),
-            "page_size": e.config.page_size, "tp": e.config.tp_size, "devices": self.cfg.devices,
-            "transport": self.cfg.transport if self.transport is not None else "",
-            "model": e.model_name, "uptime_s": time.time() - self.started,
-            "max_model_len": e.max_model_len,
-            "queued_prefill_tokens": sum(r.remaining_prefill for r in s.waiting)
+        return LoadReport(
+            name=self.cfg.name, role=self.cfg.role, pid=os.getpid(), running=len(s.running),
+            waiting=len(s.waiting), reserved_rooms=len(self.loop.rooms) if self.loop else 0,
+            total_pages=e.pool.num_pages, free_pages=e.pool.num_free,
+            quarantined_pages=self.loop.quarantined_pages if self.loop else 0,
+            cached_pages=e.cache.num_cached_pages, evictable_pages=e.cache.evictable_pages(),
+            page_size=e.config.page_size, tp=e.config.tp_size, devices=self.cfg.devices,
+            transport=self.cfg.transport if self.transport is not None else "",
+            model=e.model_name, uptime_s=time.time() - self.started,
+            max_model_len=e.max_model_len,
+            queued_prefill_tokens=sum(r.remaining_prefill for r in s.waiting)
             + sum(r.remaining_prefill for r in s.running if not r.output_ids),
-            "decoding": sum(1 for r in s.running if r.output_ids),
-            "prefill_tok_s": s.prefill_rate, "decode_step_s": e.decode_step_s,
-            "prefill_chunk": s.max_prefill_tokens,
-        }
+            decoding=sum(1 for r in s.running if r.output_ids),
+            prefill_tok_s=s.prefill_rate, decode_step_s=e.decode_step_s,
+            prefill_chunk=s.max_prefill_tokens,
+        )
 
     async def load(self, request: web.Request) -> web.Response:
         info = await self.loop.call(self.load_info)
-        return web.json_response(info)
+        return web.Response(body=msgspec.json.encode(info), content_type="application/json")
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         await self.loop.call(self.metrics.refresh)  # the engine's state, read on its thread

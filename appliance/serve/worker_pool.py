@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import aiohttp
 
+from appliance.serve.load_report import LoadReport, decode_load
 from appliance.serve.policies import WorkerHandle
 from appliance.serve.router_config import RouterConfig
 
@@ -101,7 +102,7 @@ class WorkerPool:
                                         timeout=aiohttp.ClientTimeout(total=LOAD_TIMEOUT_S)) as resp:
                 if resp.status != 200:
                     raise aiohttp.ClientError(f"status {resp.status}")
-                info = await resp.json()
+                info = decode_load(await resp.read())
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
             info = None  # alive but busy: keep the last load; liveness alone decides health
         if info is not None:
@@ -109,13 +110,12 @@ class WorkerPool:
         for listener in self.load_listeners:
             listener(w)
 
-    def _apply_load(self, w: WorkerHandle, info: dict) -> None:
+    def _apply_load(self, w: WorkerHandle, info: LoadReport) -> None:
         w.load = info
-        w.pid = info.get("pid", w.pid)
-        w.handle = info.get("handle", "")
-        w.tp = info.get("tp", w.tp)
-        w.transport = info.get("transport", w.transport)
-        mml = int(info.get("max_model_len", 0))
+        w.pid = info.pid
+        w.tp = info.tp
+        w.transport = info.transport
+        mml = info.max_model_len
         if mml and (not self.max_model_len or mml < self.max_model_len):
             self.max_model_len = mml
         if not w.healthy and time.monotonic() - w.last_seen < self.cfg.unhealthy_after_s:

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import time
 
+import msgspec
 import pytest
 
 from appliance.serve import openai_api as oai
 from appliance.serve.adaptive_placement import AdaptivePlacement
+from appliance.serve.load_report import LoadReport
 from appliance.serve.policies import WorkerHandle
 from appliance.serve.progress import Progress
 from appliance.serve.router import Router
 from appliance.serve.router_config import AutoConfig, RouterConfig
 
-LOAD = {"prefill_tok_s": 500.0, "decode_step_s": 0.025, "total_pages": 1000, "free_pages": 1000}
+LOAD = LoadReport(prefill_tok_s=500.0, decode_step_s=0.025, total_pages=1000, free_pages=1000)
 
 
 class Clock:
@@ -38,7 +40,7 @@ def router(prefill: tuple[str, ...] = ("e0",), move: bool = False, clock=None  #
     r = placement(RouterConfig(mode="auto", decode_policy="round_robin"),
                   AutoConfig(initial_prefill=prefill, move=move), clock)
     for name in ("e0", "e1"):
-        r.pool.add(WorkerHandle(name=name, role="auto", url=f"http://{name}", healthy=True, load=dict(LOAD)))
+        r.pool.add(WorkerHandle(name=name, role="auto", url=f"http://{name}", healthy=True, load=LOAD))
     r.rebalance()  # the balancer takes the starting split
     return r, clock
 
@@ -106,7 +108,8 @@ def test_queued_tokens_count_what_was_sent_since_the_last_load_report() -> None:
     r, clock = router()
     r.loaded_at["e0"] = clock.t - 1.0
     r.active["x"] = Progress("e0", "e1", 1200, 32, clock.t)  # sent after the report, no first token yet
-    r.pool.workers["e0"].load["queued_prefill_tokens"] = 300
+    e0 = r.pool.workers["e0"]
+    e0.load = msgspec.structs.replace(e0.load, queued_prefill_tokens=300)
     assert r.est.queued_prefill_tokens(r.pool.workers["e0"]) == 1200
     r.active["x"].first_at = clock.t
     assert r.est.queued_prefill_tokens(r.pool.workers["e0"]) == 300
@@ -117,9 +120,9 @@ def test_a_short_prompt_waits_only_for_queued_prompts_with_less_ttft_slack() -> 
     r.active["rag"] = Progress("e0", "e1", 1500, 32, clock.t - 1.0)  # a RAG prompt queued 1 s ago
     e0 = r.pool.workers["e0"]
     assert r.est.queued_ahead(e0, 150) == 0  # slack order: the short prompt goes first ...
-    e0.load["prefill_chunk"] = 256
+    e0.load = msgspec.structs.replace(e0.load, prefill_chunk=256)
     assert r.est.queued_ahead(e0, 150) == 256  # ... after the chunk of the RAG prompt running now
-    del e0.load["prefill_chunk"]
+    e0.load = LOAD
     assert r.est.queued_ahead(e0, 2000) == 1500  # a longer one waits behind it
     clock.t += 9.0  # the RAG prompt has aged 10 s: now it goes before anyone
     assert r.est.queued_ahead(e0, 150) == 1500
@@ -132,7 +135,7 @@ def test_slo_admission_refuses_at_once_when_the_predicted_ttft_is_far_beyond_the
     clock = Clock()
     r = placement(RouterConfig(mode="auto"), AutoConfig(initial_prefill=("e0",), slo_ttft_ms=500), clock)
     for name in ("e0", "e1"):
-        r.pool.add(WorkerHandle(name=name, role="auto", url=f"http://{name}", healthy=True, load=dict(LOAD)))
+        r.pool.add(WorkerHandle(name=name, role="auto", url=f"http://{name}", healthy=True, load=LOAD))
     r.rebalance()
     kind, *_ = r.choose(list(range(150)))  # 0.3 s of prefill: within 2 x 500 ms
     assert kind == "disagg"
@@ -183,7 +186,7 @@ def test_a_prompt_held_for_a_draining_engine_starts_when_its_last_decode_ends() 
 
 def test_an_engine_turning_prefill_spreads_its_decodes_over_the_others() -> None:
     r, _ = router(prefill=(), move=True)
-    r.pool.add(WorkerHandle(name="e2", role="auto", url="http://e2", healthy=True, load=dict(LOAD)))
+    r.pool.add(WorkerHandle(name="e2", role="auto", url="http://e2", healthy=True, load=LOAD))
     r.rebalance()
     for rid in ("a", "b", "c"):
         decoding(r, rid, "e0", 200, 10, 0.5)

@@ -66,7 +66,7 @@ def test_router_follows_the_registry() -> None:
             await wait_until_async(lambda: len(router.pool.workers) == 2, 5.0,
                                    what="the router to route to both engine heads")
             assert sorted(router.pool.workers) == ["decode-7.0", "prefill-7.0"]
-            await wait_until_async(lambda: router.pool.workers["decode-7.0"].load.get("max_model_len") == 64, 5.0,
+            await wait_until_async(lambda: router.pool.workers["decode-7.0"].load.max_model_len == 64, 5.0,
                                    what="the new worker's /load")  # refreshed at once
             assert all(w.healthy for w in router.pool.workers.values())
 
