@@ -16,6 +16,7 @@ import urllib.request
 
 import msgspec
 
+from appliance.serve.internal_error import error_message
 from slurm.messages import Deregister, WorkerInfo, WorkerRole
 
 
@@ -56,7 +57,7 @@ def register(
             return
         except urllib.error.HTTPError as e:
             if 400 <= e.code < 500:
-                detail = e.read().decode(errors="replace").strip()
+                detail = error_message(e.read())
                 raise RegistrationError(f"router {router_url} refused the registration ({e.code}): {detail}") from e
             error: Exception = e
         except (urllib.error.URLError, OSError) as e:

@@ -31,6 +31,7 @@ import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from appliance.serve.internal_error import error_middleware
 from slurm.messages import Deregister, RegistryEvent, WorkerInfo, WorkerRole, WorkerStatus
 
 log = logging.getLogger("pdbox.slurm.registry")
@@ -235,7 +236,7 @@ def make_registry_app(token: str, registry: Registry | None = None) -> web.Appli
         yield
         await reg.stop()
 
-    app = web.Application(middlewares=[auth])
+    app = web.Application(middlewares=[error_middleware, auth])
     app[REGISTRY_KEY] = reg
     app.router.add_post("/register", register)
     app.router.add_post("/deregister", deregister)

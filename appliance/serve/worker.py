@@ -19,6 +19,7 @@ import msgspec
 from aiohttp import web
 
 from appliance.serve.auth import bearer_ok
+from appliance.serve.internal_error import error_middleware, error_response
 from appliance.serve.load_report import LoadReport
 from appliance.serve.protocol import (
     MAX_LEASE_S,
@@ -110,7 +111,7 @@ class Worker:
         from appliance.serve.worker_metrics import WorkerMetrics
 
         self.metrics = WorkerMetrics(self)
-        app = web.Application(middlewares=[self._auth], client_max_size=64 * 1024 * 1024)
+        app = web.Application(middlewares=[error_middleware, self._auth], client_max_size=64 * 1024 * 1024)
         app.router.add_get("/health", self.health)
         app.router.add_get("/load", self.load)
         app.router.add_get("/metrics", self.metrics_text)
@@ -139,8 +140,7 @@ class Worker:
     async def _auth(self, request: web.Request, handler):
         if request.path.startswith("/internal/"):
             if not bearer_ok(request.headers, self.cfg.token):
-                return web.json_response({"error": {"message": "internal endpoint: cluster token required",
-                                                    "type": "forbidden"}}, status=403)
+                return error_response(403, "internal endpoint: cluster token required")
         return await handler(request)
 
     # -- public ------------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ class Worker:
                 self.loop.abort(body.rid)
         last = events[-1]
         if last.kind == "error":
-            return web.json_response({"error": last.message}, status=last.status or 500)
+            return error_response(last.status or 500, last.message)
         tokens = [t for ev in events if ev.kind == "tokens" for t in ev.token_ids]
         logprobs = [lp for ev in events if ev.kind == "tokens" for lp in ev.logprobs]
         return web.json_response({"token_ids": tokens, "logprobs": logprobs, "prompt_tokens": last.prompt_tokens,
@@ -268,7 +268,7 @@ class Worker:
         try:
             q = self.loop.open_stream(body.rid)
         except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=409)
+            return error_response(409, str(exc))
         try:
             pages = await self.loop.call(lambda: self.loop.reserve(body.rid, body.room, body.prompt_ids, params,
                                                                    signals, body.lease_s, body.reserve_tokens))
@@ -276,14 +276,14 @@ class Worker:
             self.loop.close_stream(body.rid)
             self.loop.abort(body.rid)  # the reservation may still run after a timeout: drop it then
             status = 400 if isinstance(exc, ValueError) else 503
-            return web.json_response({"error": str(exc)}, status=status)
+            return error_response(status, str(exc))
         except BaseException:  # the router went away while we reserved
             self.loop.close_stream(body.rid)
             self.loop.abort(body.rid)
             raise
         if pages is None:
             self.loop.close_stream(body.rid)
-            return web.json_response({"error": "no free KV pages for this prompt"}, status=503)
+            return error_response(503, "no free KV pages for this prompt")
         first = Event(kind="reserved", pages=pages, handles=[self.handle_json])
         return await self._stream(request, body.rid, q, first)
 
@@ -298,9 +298,9 @@ class Worker:
             await self.loop.call(lambda: self.loop.move_out(body.rid, body.room, list(body.handles),
                                                             list(body.dst_pages)))
         except ValueError as exc:
-            return web.json_response({"error": str(exc)}, status=409)
+            return error_response(409, str(exc))
         except (TransportError, OSError) as exc:
-            return web.json_response({"error": f"KV push failed: {exc}"}, status=502)
+            return error_response(502, f"KV push failed: {exc}")
         return web.json_response({"ok": True})
 
     async def extend(self, request: web.Request) -> web.Response:

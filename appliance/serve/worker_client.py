@@ -10,7 +10,6 @@ cleanup can tell every engine before its first await.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -19,6 +18,7 @@ import aiohttp
 import msgspec
 
 from appliance.serve import openai_api as oai
+from appliance.serve.internal_error import error_message
 from appliance.serve.policies import WorkerHandle
 from appliance.serve.protocol import (
     DecodeRequest,
@@ -150,14 +150,14 @@ class WorkerClient:
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise WorkerFailed(f"{w.name}: {type(exc).__name__}: {exc}") from None
         if resp.status == 400:
-            text = await resp.text()
+            body = await resp.read()
             resp.release()
-            raise oai.ApiError(400, _message(text))
+            raise oai.ApiError(400, error_message(body))
         if resp.status != 200:
-            text = await resp.text()
+            body = await resp.read()
             resp.release()
             kind = WorkerBusy if resp.status == 503 else WorkerFailed
-            raise kind(f"{w.name} answered {resp.status}: {_message(text)}")
+            raise kind(f"{w.name} answered {resp.status}: {error_message(body)}")
         self.pool.track(w, resp)
         return resp
 
@@ -200,12 +200,3 @@ class WorkerClient:
             raise WorkerFailed(f"{who} stream broke: {type(exc).__name__}: {exc}") from None
         raise WorkerFailed(f"{who} closed its stream before finishing")
 
-
-def _message(text: str) -> str:
-    """The message of a worker's error body (OpenAI's shape, or plain text)."""
-    try:
-        body = json.loads(text)
-        err = body.get("error")
-        return err.get("message", str(err)) if isinstance(err, dict) else str(err or text)
-    except (ValueError, AttributeError):
-        return text.strip()[:500]
