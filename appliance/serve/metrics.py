@@ -8,6 +8,11 @@ label names; call sites pass them as keyword arguments (``errors.inc(kind="502")
 Kinds: :class:`Counter`, :class:`Gauge` and :class:`Histogram` wrap prometheus_client's own;
 :class:`Total` is a counter that mirrors a count kept elsewhere (a transport's bytes, the prefix
 cache's hits), which prometheus_client's Counter cannot be set to.
+
+Cost (``python -m bench.prom_cost``, 2 shared CPU cores): recording is as cheap as the hand-written
+registry this replaced (~7 us an observe); writing is about 3x dearer (6.7 ms for a 206-line worker
+text against 2.3 ms). A worker writes its text off the engine thread; the router writes its own
+(~100 lines) on its event loop, once per scrape of ``/metrics``.
 """
 
 from __future__ import annotations
