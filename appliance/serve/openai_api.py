@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from appliance.model.generation import GenerationDefaults
 from appliance.serve import openai_fields as fields
 from appliance.serve.protocol import Sampling
@@ -70,9 +72,11 @@ class ParsedRequest:
     include_usage: bool
     want_logprobs: bool
     tools: Tools | None = None
+    keep: int | None = None  # best_of: return this many of the ``sampling.n`` samples, the likeliest
 
     @property
     def n(self) -> int:
+        """Samples drawn (``best_of`` when it exceeds ``n``)."""
         return self.sampling.n
 
 
@@ -307,7 +311,17 @@ def parse_completion(body: dict, tokenizer: Any, served: str, max_model_len: int
         raise ApiError(400, f"logprobs must be between 0 and {MAX_LOGPROBS}, got {lp}", "logprobs")
     sampling = _common(body, len(ids), max_model_len, vocab_size, lp, defaults)
     stream, include = _stream_opts(body)
-    return ParsedRequest("completions", model, ids, sampling, stream, include, lp is not None)
+    best_of = _int(body, "best_of", None)
+    if best_of is None or best_of == sampling.n:
+        return ParsedRequest("completions", model, ids, sampling, stream, include, lp is not None)
+    if not sampling.n <= best_of <= MAX_N:
+        raise ApiError(400, f"best_of must be between n ({sampling.n}) and {MAX_N}, got {best_of}", "best_of")
+    if stream:
+        raise ApiError(400, "best_of > n cannot stream: the best samples are known only when all have ended",
+                       "best_of")
+    # best_of samples (each with its chosen token's logprob), the n with the highest sum returned
+    ranked = msgspec.structs.replace(sampling, n=best_of, logprobs=lp or 0)
+    return ParsedRequest("completions", model, ids, ranked, stream, include, lp is not None, keep=sampling.n)
 
 
 # -- responses ---------------------------------------------------------------------------------------

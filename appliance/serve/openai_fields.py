@@ -27,7 +27,7 @@ APPLIED_COMMON = frozenset({
 })
 APPLIED = {
     "chat": APPLIED_COMMON | {"messages", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"},
-    "completions": APPLIED_COMMON | {"prompt", "logprobs"},
+    "completions": APPLIED_COMMON | {"prompt", "logprobs", "best_of"},
 }
 METADATA = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 
@@ -48,8 +48,7 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "functions": (_empty, "function calling is not supported"),
     "function_call": (lambda v: v in (None, "none", "auto"), "function calling is not supported"),
     "logit_bias": (_empty, "logit_bias is not applied"),
-    # best_of ranks hidden samples by their summed logprob; pdbox returns every sample it draws (n)
-    "best_of": (lambda v: v in (None, 1), "best_of must be 1: pdbox does not rank hidden samples; use n"),
+    "best_of": (lambda v: v in (None, 1), "best_of is served on /v1/completions (as OpenAI's API has it); use n"),
     "echo": (lambda v: v in (None, False), "echo is not supported"),
     "suffix": (lambda v: v in (None, ""), "suffix (insertion) is not supported"),
     "modalities": (lambda v: v in (None, ["text"]), "only text output is supported"),

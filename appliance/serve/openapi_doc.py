@@ -91,7 +91,7 @@ def openapi_document(model: str, max_body_bytes: int = 4 * 1024 * 1024) -> dict[
               "are refused. The prompt plus max_tokens must fit the model's context (GET /v1/models: max_model_len). "
               "A field not listed is refused (400 naming it), except metadata that cannot change the answer ("
               f"{', '.join(sorted(METADATA))}) and the no-op value of a field pdbox does not support ("
-              "logit_bias: {}, presence_penalty: 0, ...). best_of must be 1 (hidden samples are not ranked; use n). "
+              "logit_bias: {}, presence_penalty: 0, ...). "
               "Errors use OpenAI's shape, with param naming the field. Past "
               "--max-inflight requests in flight the answer is 429 with Retry-After; 502 means a worker failed "
               "(in a stream: an error event), 503 that no worker is available.")
@@ -120,7 +120,10 @@ def openapi_document(model: str, max_body_bytes: int = 4 * 1024 * 1024) -> dict[
             {"type": "array", "minItems": 1, "maxItems": 1, "items": {"type": "string", "minLength": 1}},
             {"type": "array", "minItems": 1, "maxItems": 1,
              "items": {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0}}}]},
-        "logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS, "nullable": True}}}
+        "logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_LOGPROBS, "nullable": True},
+        "best_of": {"type": "integer", "minimum": 1, "maximum": MAX_N, "nullable": True,
+                    "description": "at least n; draws best_of samples (one prefill) and returns the n with the "
+                                   "highest summed token logprob; not with stream when above n"}}}
     return {
         "openapi": "3.0.3",
         "info": {"title": "pdbox", "version": "0.1.0", "description": f"OpenAI-compatible API serving {model}"},

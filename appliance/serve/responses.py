@@ -90,6 +90,10 @@ class ResponseWriter:
             raise oai.ApiError(502, f"worker failed: {exc}", kind="server_error") from None
         self.m.requests.inc(endpoint=parsed.endpoint, outcome="ok")
         use = oai.usage(final.prompt_tokens, final.completion_tokens, final.cached_tokens)
+        if parsed.keep is not None:  # best_of: the likeliest samples (summed logprob of their tokens)
+            choices = sorted(choices, key=lambda c: -sum(e["logprob"] for e in c.logprobs))[:parsed.keep]
+            for i, c in enumerate(choices):
+                c.index = i
         return web.json_response(oai.full_response(parsed, rid, [c.body(parsed, self.tok) for c in choices], use))
 
     async def stream(self, request: web.Request, parsed: oai.ParsedRequest, rid: str,

@@ -86,3 +86,15 @@ def test_an_enforced_call_streams_as_it_is_generated() -> None:
     assert calls[0]["function"] == {"name": "f", "arguments": ""} and all(not p.text for p in pieces)
     assert "".join(tc["function"]["arguments"] for tc in calls) == '{"a": 1}'
     assert pieces[-1].finish == "tool_calls" and c.calls[0].id == calls[0]["id"]
+
+
+def test_best_of_returns_the_likeliest_samples() -> None:
+    parsed = ParsedRequest("completions", "m", [1, 2, 3], Sampling(n=3, logprobs=0), False, False, False, keep=1)
+    lp = [{"token_id": 0, "logprob": -1.0, "top": []}]
+    body = collect(parsed, [
+        Event(kind="tokens", token_ids=ids("a"), logprobs=lp * 1, index=0),
+        Event(kind="tokens", token_ids=ids("b"), logprobs=[{**lp[0], "logprob": -0.1}], index=1),
+        Event(kind="tokens", token_ids=ids("c"), logprobs=[{**lp[0], "logprob": -3.0}], index=2),
+        *(Event(kind="tokens", index=i, finish_reason="length") for i in range(3)), Outcome("length", 3, 0)])
+    assert [(c["index"], c["text"], c["logprobs"]) for c in body["choices"]] == [(0, "b", None)]
+    assert body["usage"]["completion_tokens"] == 3

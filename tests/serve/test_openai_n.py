@@ -40,6 +40,11 @@ def check_n(url: str) -> None:
 
     comp = client.completions.create(model=MODEL, prompt="The sky is", n=2, max_tokens=4, temperature=1.0, seed=5)
     assert [c.index for c in comp.choices] == [0, 1]
+    best = client.completions.create(model=MODEL, prompt="The sky is", n=2, best_of=3, max_tokens=4, temperature=1.0,
+                                     seed=5)
+    assert [c.index for c in best.choices] == [0, 1] and best.usage.completion_tokens <= 12
+    assert {c.text for c in best.choices} <= {c.text for c in client.completions.create(
+        model=MODEL, prompt="The sky is", n=3, max_tokens=4, temperature=1.0, seed=5).choices}
 
     with pytest.raises(openai.BadRequestError) as info:
         client.chat.completions.create(model=MODEL, messages=QUESTION, n=9, max_tokens=2)

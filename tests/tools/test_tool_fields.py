@@ -91,7 +91,7 @@ def test_history_with_calls_and_results() -> None:
     (dict(tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"}), "tool_choice"),
     (dict(tools=[WEATHER], parallel_tool_calls="yes"), "parallel_tool_calls"),
     (dict(functions=[{"name": "f"}]), "functions"),
-    (dict(n=0), "n"), (dict(n=9), "n"), (dict(n="2"), "n"), (dict(best_of=2), "best_of"),
+    (dict(n=0), "n"), (dict(n=9), "n"), (dict(n="2"), "n"), (dict(best_of=2), "best_of"),  # chat: no best_of
 ])
 def test_bad_values_are_a_400_naming_the_field(extra, param) -> None:
     with pytest.raises(ApiError) as info:
@@ -99,11 +99,22 @@ def test_bad_values_are_a_400_naming_the_field(extra, param) -> None:
     assert info.value.status == 400 and info.value.param == param, info.value.message
 
 
-def test_completions_refuse_tools_and_take_n() -> None:
+def completion(**extra):
+    return parse_completion({"prompt": "x", **extra}, FakeTokenizer(), "m", 64, 100)
+
+
+def test_completions_refuse_tools_and_take_n_and_best_of() -> None:
     with pytest.raises(ApiError) as info:
-        parse_completion({"prompt": "x", "tools": [WEATHER]}, FakeTokenizer(), "m", 64, 100)
+        completion(tools=[WEATHER])
     assert info.value.param == "tools"
-    assert parse_completion({"prompt": "x", "n": 3}, FakeTokenizer(), "m", 64, 100).n == 3
+    assert completion(n=3).n == 3 and completion(n=3).keep is None
+    best = completion(n=2, best_of=5)
+    assert best.n == 5 and best.keep == 2 and best.sampling.logprobs == 0 and not best.want_logprobs
+    assert completion(best_of=1).keep is None
+    for bad in (dict(n=3, best_of=2), dict(best_of=9), dict(best_of=0), dict(best_of=3, stream=True)):
+        with pytest.raises(ApiError) as info:
+            completion(**bad)
+        assert info.value.param == "best_of", bad
 
 
 def test_both_formats_parse() -> None:
