@@ -5,7 +5,7 @@ Every field of OpenAI's chat and completions bodies falls in one of three sets:
 - **applied**: read by `openai_api` and honoured (sampling, stops, logprobs, streaming, ``n``, structured
   outputs: ``response_format`` text / json_object / json_schema and the ``guided_regex`` extension,
   checked in `response_format`, which refuses any other type naming the field; on chat, ``tools``,
-  ``tool_choice`` and ``parallel_tool_calls``, checked in `tools`);
+  ``tool_choice`` and ``parallel_tool_calls``, checked in `tools`; on completions, ``best_of``);
 - **metadata**: fields that do not change the answer (``user``, ``metadata``, ...), accepted;
 - **unsupported**: fields that would change the answer, accepted only at their no-op value
   (``"tools": []`` on /v1/completions, ``"logit_bias": {}``, ``"presence_penalty": 0``); any other
