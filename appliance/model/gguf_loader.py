@@ -11,6 +11,7 @@ import torch
 
 from appliance.model.errors import ModelLoadError
 from appliance.model.gguf_config import GGUF_ARCHS, config_from_gguf, end_ids
+from appliance.model.gguf_spm import adds_bos, check_tokenizer_model, spm_tokenizer
 from appliance.model.gguf_tensors import CONFIG_TENSORS, add_hf_tensor, unpermute_rotary
 from appliance.model.weights import Checkpoint
 
@@ -68,9 +69,13 @@ def load_gguf(path: str | Path) -> Checkpoint:
     def key(name: str, default: Any = None) -> Any:
         return _field(reader, f"{arch}.{name}", default)
 
-    model_kind = _field(reader, "tokenizer.ggml.model")
-    if model_kind != "gpt2":  # NOTE: SentencePiece vocabularies ("llama": most Gemma and Llama 2 files) are not read
-        raise ModelLoadError(f"{path}: tokenizer model {model_kind!r} is not supported (need gpt2 BPE)")
+    def meta(name: str, default: Any = None) -> Any:
+        return _field(reader, name, default)
+
+    model_kind = meta("tokenizer.ggml.model")
+    check_tokenizer_model(model_kind, path)
+    spm = model_kind == "llama"  # SentencePiece: built here, carried as tokenizer.json text
+    tokenizer_json = spm_tokenizer(meta, arch).to_str() if spm else None
     tensors = {t.name: t for t in reader.tensors}
     vocab = list(_field(reader, "tokenizer.ggml.tokens", []))
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
@@ -86,6 +91,7 @@ def load_gguf(path: str | Path) -> Checkpoint:
     return Checkpoint(
         config=config,
         weights=weights,
+        tokenizer_json=tokenizer_json,
         vocab=vocab,
         merges=list(_field(reader, "tokenizer.ggml.merges", [])),
         special_tokens=[tok for tok, kind in zip(vocab, types) if kind in (3, 4)],
@@ -93,5 +99,5 @@ def load_gguf(path: str | Path) -> Checkpoint:
         chat_template=_field(reader, "tokenizer.chat_template"),
         name=str(_field(reader, "general.name", path.stem)),
         bos_token=vocab[int(bos)] if bos is not None and int(bos) < len(vocab) else "",
-        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)) and bos is not None,
+        add_bos=adds_bos(meta) if spm else bool(meta("tokenizer.ggml.add_bos_token", False)) and bos is not None,
     )

@@ -56,15 +56,18 @@ class Tokenizer:
             f = reader.fields.get(key)
             return default if f is None else f.contents()
 
+        from appliance.model.gguf_config import end_ids
+        from appliance.model.gguf_spm import check_tokenizer_model, spm_tokenizer
+
         kind = get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise ModelLoadError(f"{path}: tokenizer model {kind!r} is not supported (need gpt2 BPE)")
+        check_tokenizer_model(kind, path)
         vocab = list(get("tokenizer.ggml.tokens", []))
         types = list(get("tokenizer.ggml.token_type", []))
-        from appliance.model.gguf_config import end_ids
-
         bos = get("tokenizer.ggml.bos_token_id")
         bos_token = vocab[int(bos)] if bos is not None and int(bos) < len(vocab) else ""
+        if kind == "llama":  # SentencePiece
+            backend = spm_tokenizer(get, str(get("general.architecture", "")))
+            return cls(backend, get("tokenizer.chat_template"), end_ids(get), bos_token)
         backend = _bpe_from_pieces(
             vocab,
             list(get("tokenizer.ggml.merges", [])),

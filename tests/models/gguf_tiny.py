@@ -81,11 +81,26 @@ def write_tokenizer(w: Any, folder: Path) -> None:
     w.add_token_merges([])
 
 
+def write_spm_tokenizer(w: Any, spm: dict) -> None:
+    """A hand-made SentencePiece vocabulary as GGUF pieces: ``spm`` holds ``tokens``, ``scores``, ``types``,
+    optionally ``unk`` (an id), ``add_space_prefix`` and ``model`` (``tokenizer.ggml.model``, "llama")."""
+    w.add_tokenizer_model(spm.get("model", "llama"))
+    w.add_tokenizer_pre("default")
+    w.add_token_list(spm["tokens"])
+    w.add_token_scores(spm["scores"])
+    w.add_token_types(spm["types"])
+    if "unk" in spm:
+        w.add_unk_token_id(spm["unk"])
+    if "add_space_prefix" in spm:
+        w.add_add_space_prefix(spm["add_space_prefix"])
+
+
 def convert(folder: Path, out: Path, arch: str, cfg: Any, extra: dict | None = None) -> Path:
     """Write ``out`` (a GGUF file of ``arch``) from the transformers folder ``folder`` whose config is ``cfg``.
 
     ``extra`` holds metadata the converter would write for this arch: ``gemma_pattern`` (a bool per layer:
-    sliding), ``softcap_final``, ``softcap_attn``, ``rope_linear`` (factor), ``eot`` (an end-of-turn id).
+    sliding), ``softcap_final``, ``softcap_attn``, ``rope_linear`` (factor), ``eot`` (an end-of-turn id),
+    ``spm`` (a SentencePiece vocabulary written instead of the folder's byte-level one: ``write_spm_tokenizer``).
     """
     import gguf
 
@@ -127,7 +142,10 @@ def convert(folder: Path, out: Path, arch: str, cfg: Any, extra: dict | None = N
     w.add_eos_token_id(cfg.eos_token_id)
     if "eot" in extra:
         w.add_eot_token_id(extra["eot"])
-    write_tokenizer(w, folder)
+    if "spm" in extra:
+        write_spm_tokenizer(w, extra["spm"])
+    else:
+        write_tokenizer(w, folder)
     if rope.get("rope_type") == "llama3":
         w.add_tensor("rope_freqs.weight", llama3_rope_factors(rope, head_dim))
     for name, t in _stack_experts(_hf_tensors(folder)).items():
