@@ -295,7 +295,7 @@ def parse_completion(body: dict, tokenizer: Any, served: str, max_model_len: int
     if isinstance(prompt, str):
         if not prompt:
             raise ApiError(400, "prompt must not be empty", "prompt")
-        ids = tokenizer.encode(prompt)
+        ids = tokenizer.encode_prompt(prompt)
     elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
         if bad is not None:

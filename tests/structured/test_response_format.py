@@ -24,6 +24,8 @@ class FakeTokenizer:
     def encode(self, text):
         return [1, 2, 3]
 
+    encode_prompt = encode
+
 
 def chat(**extra):
     body = {"messages": [{"role": "user", "content": "hi"}], **extra}

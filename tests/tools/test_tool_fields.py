@@ -33,6 +33,8 @@ class FakeTokenizer:
     def encode(self, text):
         return [1, 2, 3]
 
+    encode_prompt = encode
+
 
 def chat(tok: FakeTokenizer | None = None, **extra):
     body = {"messages": [{"role": "user", "content": "weather in Paris?"}], **extra}
