@@ -7,7 +7,7 @@ import sys
 import click
 
 from appliance.cli_support import CliError, LazyGroup
-from appliance.config import DEFAULT_KV_CACHE_MB, DTYPE_CHOICES
+from appliance.engine_flags import EngineFlags, engine_options
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
@@ -26,22 +26,20 @@ def main() -> None:
 @click.option("--seed", default=None, type=int, help="Seed for sampling.")
 @click.option("--model", default=None, help="GGUF file or Hugging Face folder (default: embedded SmolLM2-135M).")
 @click.option("--tp", default=1, show_default=True, help="Tensor-parallel ranks (processes).")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES),
-              help="auto: bfloat16 on CUDA and on CPUs with bf16 instructions, float32 on other CPUs")
+@engine_options(only=("dtype", "attention_backend"))
 @click.option("--threads", default=0, help="Torch threads (0 = torch's default).")
-@click.option("--attention-backend", default="auto", type=click.Choice(["auto", "cpu", "torch", "triton"]))
 @click.option("--raw", is_flag=True, help="Do not apply the chat template.")
-def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
-             model: str | None, tp: int, dtype: str, threads: int, attention_backend: str, raw: bool) -> None:
+def generate(engine: EngineFlags, prompt: str, max_tokens: int, temperature: float, top_p: float, top_k: int,
+             seed: int | None, model: str | None, tp: int, threads: int, raw: bool) -> None:
     """Generate a completion for PROMPT and print only its text."""
     try:
-        from appliance.config import EngineConfig
         from appliance.engine.request import SamplingParams
+        from appliance.engine_flags import engine_config
         from appliance.llm import LLM
 
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 seed=seed)
-        cfg = EngineConfig(dtype=dtype, tp_size=tp, threads=threads, attention_backend=attention_backend)
+        cfg = engine_config(engine, tp_size=tp, threads=threads)
         with LLM(model, cfg) as llm:
             if raw:
                 out = llm.generate(prompt, params)
@@ -73,12 +71,7 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
 @click.option("--transport", default="auto", show_default=True,
               type=click.Choice(["auto", "nvshmem", "cuda_ipc", "shm", "tcp"]))
 @click.option("--api-key", default="", envvar="PDBOX_API_KEY", help="Require Authorization: Bearer KEY.")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(DTYPE_CHOICES),
-              help="auto: bfloat16 on CUDA and on CPUs with bf16 instructions, float32 on other CPUs")
-@click.option("--kv-cache-mb", default=DEFAULT_KV_CACHE_MB, show_default=True, help="KV pool size per engine rank.")
-@click.option("--page-size", default=16, show_default=True)
-@click.option("--max-prefill-tokens", default=0, show_default=True,
-              help="Chunked-prefill token budget per step (0: 256 on CPU, 2048 on CUDA).")
+@engine_options()
 @click.option("--prefill-policy", default="cache_aware", show_default=True,
               type=click.Choice(["cache_aware", "least_load", "power_of_two", "round_robin"]))
 @click.option("--decode-policy", default="least_load", show_default=True,
@@ -96,10 +89,6 @@ def generate(prompt: str, max_tokens: int, temperature: float, top_p: float, top
 @click.option("--move-decodes/--no-move-decodes", default=True, show_default=True,
               help="auto mode: an engine turning prefill moves its decodes, KV and all, to another engine "
               "(else they finish where they are first).")
-@click.option("--prefill-order", default="auto", show_default=True, type=click.Choice(["auto", "fifo", "slack"]),
-              help="Prefill queue order: least TTFT slack first, or arrival (auto: slack on prefill engines).")
-@click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
-              help="GPU: decode under CUDA graphs captured at start-up (batch sizes 1, 2, 4 ... 256).")
 def up(**kw) -> None:
     """Serve an OpenAI-compatible endpoint with prefill and decode on separate devices."""
     import asyncio

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "gemma2", "gemma3")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
@@ -134,6 +135,25 @@ DTYPE_CHOICES = ("auto", *DTYPES)  # auto: see appliance.engine.dtype.default_dt
 DEFAULT_KV_CACHE_MB = 1024
 CPU_PREFILL_CHUNK = 256  # tokens per prefill step on CPU (see EngineConfig.prefill_chunk)
 GPU_PREFILL_CHUNK = 2048
+ATTENTION_BACKENDS = ("auto", "cpu", "torch", "triton")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How an `EngineConfig` field appears on the command lines (`pdbox up`, the worker, `pdbox slurm`):
+    as ``--field-name`` (a bool as ``--field-name/--no-field-name``), typed as its default.
+    ``cli_default`` (None: the field's default) is the command line's own default where it is not the
+    field's (``"auto"``: decided per worker, see `appliance.engine_flags.engine_config`).
+    `appliance.engine_flags` derives the options, the worker's argv and the config from these."""
+
+    help: str
+    choices: tuple[str, ...] = ()
+    cli_default: Any = None
+
+
+def flag(default: Any, help: str, **kw: Any) -> Any:
+    """An `EngineConfig` field with a command-line flag (see `Flag`)."""
+    return field(default=default, metadata={"flag": Flag(help, **kw)})
 
 
 @dataclass(frozen=True)
@@ -144,24 +164,31 @@ class EngineConfig:
     ``max_prefill_tokens`` is the chunked-prefill token budget per step; 0 picks it by device
     (`prefill_chunk`). ``dtype="auto"`` resolves here, once, to the device's default
     (``appliance.engine.dtype.default_dtype``), so ``config.dtype`` always names the dtype in use.
+    The fields made with `flag` are the engine's command-line flags: adding one here (and using it in
+    the engine) adds it to `pdbox up`, the worker and `pdbox slurm` (`appliance.engine_flags`).
     """
 
-    dtype: str = "auto"
+    dtype: str = flag("auto", "auto: bfloat16 on CUDA and on CPUs with bf16 instructions, float32 on other CPUs",
+                      choices=DTYPE_CHOICES)
     kv_dtype: str | None = None
     device: str = "cpu"
-    page_size: int = 16
+    page_size: int = flag(16, "Tokens per KV page (a power of two).")
     num_pages: int = 0
-    kv_cache_mb: int = DEFAULT_KV_CACHE_MB
-    max_running: int = 64
-    max_prefill_tokens: int = 0
+    kv_cache_mb: int = flag(DEFAULT_KV_CACHE_MB, "KV pool size per engine rank.")
+    max_running: int = flag(64, "Requests an engine runs at once.")
+    max_prefill_tokens: int = flag(0, "Chunked-prefill token budget per step (0: 256 on CPU, 2048 on CUDA).")
     max_model_len: int = 0
     enable_prefix_cache: bool = True
-    attention_backend: str = "auto"
+    attention_backend: str = flag("auto", "Attention kernels (auto: by device).",
+                                  choices=ATTENTION_BACKENDS)
     tp_size: int = 1
     threads: int = 0
     seed: int = 0
-    prefill_order: str = "fifo"
-    cuda_graphs: bool = True  # decode under CUDA graphs; used only on CUDA (triton backend, tp 1)
+    prefill_order: str = flag("fifo", "Prefill queue order: least TTFT slack first, or arrival "
+                              "(auto: slack on prefill engines).", choices=("auto", "fifo", "slack"),
+                              cli_default="auto")
+    # decode under CUDA graphs; used only on CUDA (triton backend, tp 1)
+    cuda_graphs: bool = flag(True, "GPU: decode under CUDA graphs captured at start-up (batch sizes 1, 2, 4 ... 256).")
     cuda_graph_batches: tuple[int, ...] = ()  # the captured batch sizes; () = 1, 2, 4 ... 256 (graph_plan)
 
     def __post_init__(self) -> None:
@@ -181,10 +208,9 @@ class EngineConfig:
             raise ValueError(f"max_running must be >= 1, got {self.max_running}")
         if self.max_prefill_tokens < 0:
             raise ValueError(f"max_prefill_tokens must be >= 0 (0: by device), got {self.max_prefill_tokens}")
-        if self.attention_backend not in ("auto", "cpu", "torch", "triton"):
-            raise ValueError(
-                f"attention_backend must be auto, cpu, torch or triton, got {self.attention_backend!r}"
-            )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                             f"got {self.attention_backend!r}")
         if self.prefill_order not in ("fifo", "slack"):
             raise ValueError(f"prefill_order must be fifo or slack, got {self.prefill_order!r}")
         if self.tp_size < 1:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.config import DEFAULT_KV_CACHE_MB
+from appliance.engine_flags import EngineFlags, engine_argv
 from appliance.gpu_plan import PEER_DEVICES_ENV, RANK_DEVICES_ENV, GpuGroup, WorkerGpus, parse_visible, plan_gpus
 from appliance.nvshmem_job import plan_job
 from appliance.topology import available_cpus, format_ids, parse_ids, split_groups
@@ -26,6 +26,8 @@ MAX_BACKOFF_S = 30.0
 
 @dataclass(frozen=True)
 class UpConfig:
+    """`pdbox up`'s settings; ``engine``: the engine flags every worker gets (`appliance.engine_flags`)."""
+
     mode: str = "disagg"
     model: str | None = None
     served_model_name: str = ""
@@ -43,21 +45,16 @@ class UpConfig:
     cores_per_engine: int = 0  # unified on CPU: cores (torch threads) of each engine; 0: 1, or --tp
     transport: str = "auto"
     api_key: str = ""
-    dtype: str = "auto"
-    kv_cache_mb: int = DEFAULT_KV_CACHE_MB
-    page_size: int = 16
-    max_prefill_tokens: int = 0  # 0: by device (EngineConfig.prefill_chunk)
+    engine: EngineFlags = field(default_factory=EngineFlags)
     prefill_policy: str = "cache_aware"
     decode_policy: str = "least_load"
     lease_s: float = 5.0
     log_dir: str = ""
     max_inflight: int = 256
-    prefill_order: str = "auto"
     slo_ttft_ms: float = 0.0
     slo_tpot_ms: float = 0.0
     rebalance_idle_s: float = 20.0
     move_decodes: bool = True
-    cuda_graphs: bool = True  # GPU workers decode under CUDA graphs (EngineConfig.cuda_graphs)
     monitor: bool = True  # on a TTY: start-up progress, then the live dashboard
 
     def __post_init__(self) -> None:
@@ -155,19 +152,16 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str, run_dir: Path | None = 
     if transport == "nvshmem" and cfg.mode != "unified":   # every prefill and decode rank is a PE
         if run_dir is None:
             raise ValueError("the nvshmem transport needs the run's folder for its unique id")
-        pe_jobs = plan_job([(n, tp) for n, (_, _, tp) in zip(names, groups)], run_dir, run_id, cfg.kv_cache_mb << 20)
+        pe_jobs = plan_job([(n, tp) for n, (_, _, tp) in zip(names, groups)], run_dir, run_id,
+                           cfg.engine["kv_cache_mb"] << 20)
     for i, (leaning, ids, tp) in enumerate(groups):
         name = names[i]
         role = "auto" if cfg.mode == "auto" else leaning  # auto: every engine can prefill, decode, hand over
         port = free_port()
         argv = [sys.executable, "-m", "appliance.serve.worker", "--role", role, "--name", name, "--port", str(port),
-                "--tp", str(tp), "--dtype", cfg.dtype, "--kv-cache-mb", str(cfg.kv_cache_mb), "--page-size",
-                str(cfg.page_size), "--max-prefill-tokens", str(cfg.max_prefill_tokens), "--run-id", run_id,
-                "--prefill-order", cfg.prefill_order]
+                "--tp", str(tp), "--run-id", run_id, *engine_argv(cfg.engine)]
         if cfg.model:
             argv += ["--model", str(cfg.model)]
-        if not cfg.cuda_graphs:
-            argv += ["--no-cuda-graphs"]
         if role != "unified":
             argv += ["--transport", transport]
         env = dict(os.environ, PDBOX_CLUSTER_TOKEN=token)
@@ -260,7 +254,7 @@ class Launcher:
                             host=self.cfg.host, port=self.cfg.port, api_key=self.cfg.api_key,
                             cluster_token=self.token, prefill_policy=self.cfg.prefill_policy,
                             decode_policy=self.cfg.decode_policy, lease_s=self.cfg.lease_s,
-                            page_size=self.cfg.page_size, max_inflight=self.cfg.max_inflight,
+                            page_size=self.cfg.engine["page_size"], max_inflight=self.cfg.max_inflight,
                             generation=load_generation_defaults(self.cfg.model))
         auto = None
         if self.cfg.mode == "auto":

@@ -29,6 +29,7 @@ from typing import Any
 import click
 import msgspec
 
+from appliance.engine_flags import EngineFlags, engine_options
 from slurm import commands, jobs, runstate
 from slurm.jobs import PoolSpec
 from slurm.messages import WorkerStatus
@@ -41,8 +42,6 @@ def _pool_options(f: Callable[..., Any]) -> Callable[..., Any]:
                                                  "[default: the embedded SmolLM2-135M]"),
         click.option("--cpu", is_flag=True, help="CPU engines: no GPUs asked for, nothing pinned, each pool's "
                                                  "nodes allocated whole (--exclusive)"),
-        click.option("--dtype", default="auto", type=click.Choice(["auto", "bfloat16", "float32", "float16"]),
-                     help="engine dtype; auto: bfloat16 on GPUs and bf16-capable CPUs, else float32"),
         click.option("--prefill-nodes", type=int, default=1, show_default=True),
         click.option("--decode-nodes", type=int, default=1, show_default=True),
         click.option("--gpus-per-node", type=int, default=0, show_default=True),
@@ -62,7 +61,7 @@ def _pool_options(f: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for option in reversed(options):
         f = option(f)
-    return f
+    return engine_options()(f)  # the pdbox worker's engine flags (not passed to a --worker-cmd worker)
 
 
 def _specs(prefill_nodes: int, decode_nodes: int, gpus_per_node: int, tasks_per_node: int | None,
@@ -102,7 +101,7 @@ def _check_worker(template: str | None, cpu: bool, gpus_per_node: int, tp: int |
 
 
 def _worker_argv(template: str | None, spec: PoolSpec, model: str, router_url: str, cpu: bool,
-                 dtype: str | None) -> list[str]:
+                 engine: EngineFlags) -> list[str]:
     if template:
         try:
             return commands.from_template(template, role=spec.role, model=model, router=router_url,
@@ -113,8 +112,7 @@ def _worker_argv(template: str | None, spec: PoolSpec, model: str, router_url: s
     if spec.role == "decode" and gpus > 1:
         raise click.UsageError(f"a decode engine runs on one GPU, but each decode rank would see {gpus}: "
                                "give --tasks-per-node equal to --gpus-per-node")
-    return commands.worker_argv(spec.role, model, router_url, cpu=cpu, gpus=gpus,
-                                dtype=dtype or "auto")
+    return commands.worker_argv(spec.role, model, router_url, cpu=cpu, gpus=gpus, engine=engine)
 
 
 # ---- router process --------------------------------------------------------------------------------
@@ -220,7 +218,7 @@ def slurm() -> None:
 @click.option("--run-root", type=click.Path(path_type=Path), default=None,
               help=f"shared directory for run state  [default: ${runstate.RUN_ROOT_ENV} or ~/.pdbox/runs]")
 @click.option("--keep-on-failure", is_flag=True, help="leave jobs and router running when up fails")
-def up(model: str, cpu: bool, dtype: str | None, prefill_nodes: int, decode_nodes: int, gpus_per_node: int,
+def up(engine: EngineFlags, model: str, cpu: bool, prefill_nodes: int, decode_nodes: int, gpus_per_node: int,
        tasks_per_node: int | None, cpus_per_task: int, tp: int | None, partition: str | None, time_min: int,
        env_pairs: tuple[str, ...], worker_cmd: str | None, host: str | None, router_port: int,
        router_cmd: str | None, timeout_s: float, run_root: Path | None, keep_on_failure: bool) -> None:
@@ -231,7 +229,7 @@ def up(model: str, cpu: bool, dtype: str | None, prefill_nodes: int, decode_node
     specs = _specs(prefill_nodes, decode_nodes, gpus_per_node, tasks_per_node, cpus_per_task, tp,
                    partition, time_min, env_pairs, exclusive=cpu and not worker_cmd)
     for spec in specs:  # usage errors before anything starts
-        _worker_argv(worker_cmd, spec, model, "", cpu, dtype)
+        _worker_argv(worker_cmd, spec, model, "", cpu, engine)
     host = host or socket.gethostname()
     run_dir = runstate.new_run_dir(run_root)
     token = runstate.write_token(run_dir)
@@ -242,7 +240,8 @@ def up(model: str, cpu: bool, dtype: str | None, prefill_nodes: int, decode_node
         port_file = str(run_dir / "router.port")
         argv = (commands.from_template(router_cmd, host="0.0.0.0", port=str(router_port), port_file=port_file,
                                        python=sys.executable) if router_cmd
-                else commands.router_argv("0.0.0.0", router_port, port_file, model=model))
+                else commands.router_argv("0.0.0.0", router_port, port_file, model=model,
+                                          page_size=engine["page_size"]))
         pid, port = _start_router(run_dir, argv, token)
         (run_dir / "router.started").write_text(str(_proc_start(pid)))
         router_url = f"http://{host}:{port}"
@@ -250,7 +249,7 @@ def up(model: str, cpu: bool, dtype: str | None, prefill_nodes: int, decode_node
         runstate.save(run_dir, state)
         click.echo(f"router: {router_url} (pid {pid})")
         for spec in specs:
-            job = jobs.submit_pool(spec, _worker_argv(worker_cmd, spec, model, router_url, cpu, dtype), run_dir,
+            job = jobs.submit_pool(spec, _worker_argv(worker_cmd, spec, model, router_url, cpu, engine), run_dir,
                                    router_url=router_url, token=token)
             record = runstate.JobRecord(pool=spec.name, role=spec.role, job_id=str(job.job_id),
                                         num_tasks=spec.num_tasks)
@@ -352,7 +351,7 @@ def status(run: str | None, run_root: Path | None) -> None:
 @_pool_options
 @click.option("--run-root", default=None, help="shared directory for the job's files  [default: ~/.pdbox/runs]")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None)
-def script(model: str, cpu: bool, dtype: str | None, prefill_nodes: int, decode_nodes: int, gpus_per_node: int,
+def script(engine: EngineFlags, model: str, cpu: bool, prefill_nodes: int, decode_nodes: int, gpus_per_node: int,
            tasks_per_node: int | None, cpus_per_task: int, tp: int | None, partition: str | None, time_min: int,
            env_pairs: tuple[str, ...], worker_cmd: str | None, run_root: str | None, output: Path | None) -> None:
     """Print an sbatch script that runs router, prefill and decode in one allocation."""
@@ -365,10 +364,11 @@ def script(model: str, cpu: bool, dtype: str | None, prefill_nodes: int, decode_
     root.mkdir(parents=True, exist_ok=True)  # Slurm does not create the directory of --output
     text = render_sbatch(
         prefill, decode,
-        prefill_argv=_worker_argv(worker_cmd, prefill, model, ROUTER_URL, cpu, dtype),
-        decode_argv=_worker_argv(worker_cmd, decode, model, ROUTER_URL, cpu, dtype),
+        prefill_argv=_worker_argv(worker_cmd, prefill, model, ROUTER_URL, cpu, engine),
+        decode_argv=_worker_argv(worker_cmd, decode, model, ROUTER_URL, cpu, engine),
         run_root=str(root),
-        router_cmd=commands.router_argv("0.0.0.0", 0, "$RUN_DIR/router.port", model=model),
+        router_cmd=commands.router_argv("0.0.0.0", 0, "$RUN_DIR/router.port", model=model,
+                                        page_size=engine["page_size"]),
     )
     if output is None:
         click.echo(text, nl=False)

@@ -16,6 +16,7 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from appliance.engine_flags import EngineFlags, engine_argv
 from slurm.jobs import Role
 
 WORKER_CMD_ENV = "PDBOX_SLURM_WORKER_CMD"
@@ -28,7 +29,7 @@ def worker_argv(
     router_url: str,
     *,
     cpu: bool = False,
-    dtype: str = "auto",
+    engine: EngineFlags | None = None,
     gpus: int = 1,
     python: str = sys.executable,
     extra: Sequence[str] = (),
@@ -38,13 +39,14 @@ def worker_argv(
     It serves HTTP on a free port of every interface, advertises itself (HTTP and KV transport) under
     its Slurm node name, moves KV over tcp (across nodes), and registers with `router_url`. `model` ""
     is the embedded default model. On the CPU (`cpu`) nothing is pinned; on GPUs the engine runs TP
-    over the `gpus` devices Slurm gives the task.
+    over the `gpus` devices Slurm gives the task. `engine`: the engine flags (`appliance.engine_flags`;
+    default: their defaults).
     """
     argv = [python, "-m", "appliance.serve.worker", "--role", role,
             "--name", f"{role}-$PDBOX_JOB_ID.$PDBOX_RANK", "--run-id", "pdbox-$PDBOX_JOB_ID",
             "--host", "0.0.0.0", "--port", "0", "--register", router_url,
             "--transport", "tcp", "--advertise-host", "$PDBOX_NODE", "--transport-host", "0.0.0.0",
-            "--dtype", dtype]
+            *engine_argv(engine or EngineFlags())]
     if model:
         argv += ["--model", model]
     if cpu:
@@ -61,17 +63,21 @@ def router_argv(
     *,
     model: str = "",
     served_model_name: str = "",
+    page_size: int | None = None,
     python: str = sys.executable,
 ) -> list[str]:
     """argv of the router (`appliance.serve.router_main`): it binds host:port (0: any free port),
     writes the bound port to `port_file` once it serves, takes the cluster token from
-    $PDBOX_CLUSTER_TOKEN and routes to the workers that register with it."""
+    $PDBOX_CLUSTER_TOKEN and routes to the workers that register with it. `page_size`: the workers' KV
+    page size (cache-aware routing; None: the router's default)."""
     argv = [python, "-m", "appliance.serve.router_main", "--mode", "disagg", "--host", host, "--port", str(port),
             "--port-file", port_file]
     if model:
         argv += ["--model", model]
     if served_model_name:
         argv += ["--served-model-name", served_model_name]
+    if page_size is not None:
+        argv += ["--page-size", str(page_size)]
     return argv
 
 

@@ -6,11 +6,14 @@ from ``$PDBOX_CLUSTER_TOKEN``, never from the command line.
 
 from __future__ import annotations
 
-import argparse
 import os
+import sys
 from dataclasses import dataclass, field
 
-from appliance.config import DEFAULT_KV_CACHE_MB, EngineConfig
+import click
+
+from appliance.config import EngineConfig
+from appliance.engine_flags import EngineFlags, engine_config, engine_options
 
 DESCRIPTION = "A worker process: one engine (with its TP ranks) behind an HTTP server, in one role."
 ROLES = ("unified", "prefill", "decode", "auto")  # auto: prefill, decode and hand over (adaptive mode)
@@ -47,45 +50,45 @@ def parse_cpus(text: str) -> tuple[int, ...]:
     return tuple(parse_ids(text)) if text else ()
 
 
+@click.command("pdbox-worker", help=DESCRIPTION, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--role", required=True, type=click.Choice(ROLES))
+@click.option("--name", default="", help="[default: ROLE-PID]")
+@click.option("--model", default=None, help="GGUF file or Hugging Face folder (default: the embedded model)")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=0, show_default=True)
+@click.option("--tp", type=int, default=1, show_default=True, help="tensor-parallel ranks of the engine")
+@click.option("--cpus", default="", help="core set to pin to, e.g. 0 or 0-3")
+@click.option("--devices", default="", help="GPU ids (CUDA_VISIBLE_DEVICES is set by the launcher)")
+@click.option("--device", default="cpu", show_default=True)
+@engine_options()
+@click.option("--transport", default="shm", show_default=True)
+@click.option("--run-id", default="pdbox", show_default=True)
+@click.option("--register", default="", help="router URL to register with (Slurm mode)")
+@click.option("--advertise-host", default="", help="host name peers use to reach this worker (multi-node)")
+@click.option("--transport-host", default="127.0.0.1", show_default=True,
+              help="bind address of the KV transport listener")
+def worker_command(engine: EngineFlags, role: str, name: str, model: str | None, host: str, port: int, tp: int,
+                   cpus: str, devices: str, device: str, transport: str, run_id: str, register: str,
+                   advertise_host: str, transport_host: str) -> tuple[WorkerConfig, str]:
+    pinned = parse_cpus(cpus)
+    threads = max(1, len(pinned) // max(1, tp)) if pinned else 0
+    cfg = WorkerConfig(role=role, name=name or f"{role}-{os.getpid()}", model=model, host=host, port=port,
+                       engine=engine_config(engine, role, device=device, tp_size=tp, threads=threads),
+                       transport=transport, run_id=run_id, cpus=pinned, devices=devices,
+                       token=os.environ.get(TOKEN_ENV, ""), advertise_host=advertise_host,
+                       transport_host=transport_host)
+    return cfg, register
+
+
 def worker_config(argv: list[str] | None = None) -> tuple[WorkerConfig, str]:
     """The worker's config from its command line (as the launcher writes it), and the router URL to
-    register with (Slurm mode; '' otherwise)."""
-    p = argparse.ArgumentParser(prog="pdbox-worker", description=DESCRIPTION)
-    p.add_argument("--role", required=True, choices=ROLES)
-    p.add_argument("--name", default="")
-    p.add_argument("--model", default=None)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--cpus", default="", help="core set to pin to, e.g. 0 or 0-3")
-    p.add_argument("--devices", default="", help="GPU ids (CUDA_VISIBLE_DEVICES is set by the launcher)")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--kv-cache-mb", type=int, default=DEFAULT_KV_CACHE_MB)
-    p.add_argument("--max-prefill-tokens", type=int, default=0, help="chunked-prefill budget (0: by device)")
-    p.add_argument("--max-running", type=int, default=64)
-    p.add_argument("--prefill-order", default="auto", choices=["auto", "fifo", "slack"],
-                   help="prefill queue order (auto: slack on prefill and auto workers, fifo elsewhere)")
-    p.add_argument("--attention-backend", default="auto")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="GPU: decode eagerly, without CUDA graphs")
-    p.add_argument("--transport", default="shm")
-    p.add_argument("--run-id", default="pdbox")
-    p.add_argument("--register", default="", help="router URL to register with (Slurm mode)")
-    p.add_argument("--advertise-host", default="", help="host name peers use to reach this worker (multi-node)")
-    p.add_argument("--transport-host", default="127.0.0.1", help="bind address of the KV transport listener")
-    args = p.parse_args(argv)
-    cpus = parse_cpus(args.cpus)
-    threads = len(cpus) // max(1, args.tp) if cpus else 0
-    engine = EngineConfig(dtype=args.dtype, device=args.device, page_size=args.page_size,
-                          kv_cache_mb=args.kv_cache_mb, max_prefill_tokens=args.max_prefill_tokens,
-                          max_running=args.max_running, attention_backend=args.attention_backend,
-                          tp_size=args.tp, threads=max(1, threads) if cpus else 0,
-                          cuda_graphs=not args.no_cuda_graphs,
-                          prefill_order=("slack" if args.role in ("prefill", "auto") else "fifo")
-                          if args.prefill_order == "auto" else args.prefill_order)
-    cfg = WorkerConfig(role=args.role, name=args.name or f"{args.role}-{os.getpid()}", model=args.model,
-                       host=args.host, port=args.port, engine=engine, transport=args.transport, run_id=args.run_id,
-                       cpus=cpus, devices=args.devices, token=os.environ.get(TOKEN_ENV, ""),
-                       advertise_host=args.advertise_host, transport_host=args.transport_host)
-    return cfg, args.register
+    register with (Slurm mode; '' otherwise). ``--help`` and usage errors exit, as a command line does."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        with worker_command.make_context("pdbox-worker", args) as ctx:
+            return worker_command.invoke(ctx)
+    except click.exceptions.Exit as e:
+        raise SystemExit(e.exit_code) from None
+    except click.ClickException as e:
+        e.show()
+        raise SystemExit(e.exit_code) from None

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from appliance import launcher
+from appliance.engine_flags import EngineFlags
 from appliance.launcher import UpConfig, plan_workers
 from appliance.nvshmem_job import (
     NVSHMEM_ENV,
@@ -71,7 +72,7 @@ def test_launcher_numbers_pes_and_puts_the_uid_file_in_the_run_folder(monkeypatc
     monkeypatch.setattr(launcher, "_cuda_count", lambda: 8)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     cfg = UpConfig(mode="disagg", prefill_gpus="0-1", decode_gpus="2-7", prefill_tp=2, transport="nvshmem",
-                   kv_cache_mb=64)
+                   engine=EngineFlags(kv_cache_mb=64))
     specs, transport = plan_workers(cfg, "token", "run-7", tmp_path)
     jobs = {s.name: PeJob.from_env(s.env) for s in specs}
     assert transport == "nvshmem"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from appliance.engine_flags import EngineFlags
 from appliance.launcher import UpConfig, plan_workers
 
 
@@ -40,7 +41,8 @@ def test_no_cuda_graphs_reaches_every_worker_and_its_engine_config() -> None:
     from appliance.serve.worker_config import worker_config
 
     on, _ = plan_workers(UpConfig(monitor=False, mode="disagg"), token="t", run_id="r")
-    off, _ = plan_workers(UpConfig(monitor=False, mode="disagg", cuda_graphs=False), token="t", run_id="r")
+    off, _ = plan_workers(UpConfig(monitor=False, mode="disagg", engine=EngineFlags(cuda_graphs=False)),
+                          token="t", run_id="r")
     assert all("--no-cuda-graphs" not in s.argv for s in on)
     assert all("--no-cuda-graphs" in s.argv for s in off) and len(off) == 2
     assert worker_config(off[0].argv[3:])[0].engine.cuda_graphs is False

@@ -11,6 +11,7 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner
 
+from appliance.engine_flags import EngineFlags
 from appliance.serve.registration import worker_info
 from appliance.serve.router import Router
 from appliance.serve.router_config import RouterConfig
@@ -96,7 +97,7 @@ def test_worker_info_comes_from_the_task_environment() -> None:
 
 
 def test_worker_argv_serves_the_node_it_lands_on() -> None:
-    argv = worker_argv("prefill", "", "http://vm:9", cpu=True, dtype="float32", python="py")
+    argv = worker_argv("prefill", "", "http://vm:9", cpu=True, engine=EngineFlags(dtype="float32"), python="py")
     env = {"PDBOX_NODE": "n1", "PDBOX_JOB_ID": "5", "PDBOX_RANK": "0"}
     args = expand_argv(argv, env)
     text = " ".join(args)
