@@ -135,6 +135,7 @@ DTYPE_CHOICES = ("auto", *DTYPES)  # auto: see appliance.engine.dtype.default_dt
 DEFAULT_KV_CACHE_MB = 1024
 CPU_PREFILL_CHUNK = 256  # tokens per prefill step on CPU (see EngineConfig.prefill_chunk)
 GPU_PREFILL_CHUNK = 2048
+DEFAULT_PAGE_SIZE = 16  # tokens per KV page: the engine's (EngineConfig) and the router's (cache-aware routing)
 ATTENTION_BACKENDS = ("auto", "cpu", "torch", "triton")
 
 
@@ -172,7 +173,7 @@ class EngineConfig:
                       choices=DTYPE_CHOICES)
     kv_dtype: str | None = None
     device: str = "cpu"
-    page_size: int = flag(16, "Tokens per KV page (a power of two).")
+    page_size: int = flag(DEFAULT_PAGE_SIZE, "Tokens per KV page (a power of two).")
     num_pages: int = 0
     kv_cache_mb: int = flag(DEFAULT_KV_CACHE_MB, "KV pool size per engine rank.")
     max_running: int = flag(64, "Requests an engine runs at once.")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from appliance.config import DEFAULT_PAGE_SIZE
 from appliance.model.generation import GenerationDefaults
 
 
@@ -29,7 +30,7 @@ class RouterConfig:
     lease_s: float = 5.0
     lease_per_token_s: float = 0.05
     max_body_bytes: int = 4 * 1024 * 1024
-    page_size: int = 16
+    page_size: int = DEFAULT_PAGE_SIZE  # the engines' (pdbox up passes its --page-size)
     health_interval_s: float = 1.0
     unhealthy_after_s: float = 3.0
     probe_timeout_s: float = 1.0
