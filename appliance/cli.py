@@ -7,7 +7,8 @@ import sys
 import click
 
 from appliance.cli_support import CliError, LazyGroup
-from appliance.engine_flags import EngineFlags, engine_options
+from appliance.engine_flags import EngineFlags, config_options, engine_options
+from appliance.serve.router_config import RouterConfig
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
@@ -54,9 +55,7 @@ def generate(engine: EngineFlags, prompt: str, max_tokens: int, temperature: flo
 @click.option("--mode", default="auto", show_default=True, type=click.Choice(["disagg", "unified", "auto"]),
               help="auto: every engine can prefill and decode; the router decides per request and rebalances.")
 @click.option("--model", default=None, help="GGUF file or Hugging Face folder (default: embedded SmolLM2-135M).")
-@click.option("--served-model-name", default="", help="Model id clients send (default: the model's name).")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
+@config_options(RouterConfig, ("served_model_name", "host", "port"))
 @click.option("--prefill-gpus", default="", help='GPU ids for prefill engines, e.g. "0-3".')
 @click.option("--decode-gpus", default="", help='GPU ids for decode engines, e.g. "4-7".')
 @click.option("--prefill-tp", default=1, show_default=True, help="TP size of each prefill engine.")
@@ -70,14 +69,9 @@ def generate(engine: EngineFlags, prompt: str, max_tokens: int, temperature: flo
               "per core (per --tp cores with --tp). `--cpus 0-1 --cores-per-engine 2`: one engine on both cores.")
 @click.option("--transport", default="auto", show_default=True,
               type=click.Choice(["auto", "nvshmem", "cuda_ipc", "shm", "tcp"]))
-@click.option("--api-key", default="", envvar="PDBOX_API_KEY", help="Require Authorization: Bearer KEY.")
+@config_options(RouterConfig, ("api_key",))
 @engine_options()
-@click.option("--prefill-policy", default="cache_aware", show_default=True,
-              type=click.Choice(["cache_aware", "least_load", "power_of_two", "round_robin"]))
-@click.option("--decode-policy", default="least_load", show_default=True,
-              type=click.Choice(["least_load", "power_of_two", "round_robin"]))
-@click.option("--lease-s", default=5.0, show_default=True, help="Base lease of reserved decode pages.")
-@click.option("--max-inflight", default=256, show_default=True, help="Requests in flight before 429.")
+@config_options(RouterConfig, ("prefill_policy", "decode_policy", "lease_s", "max_inflight"))
 @click.option("--log-dir", default="", help="Where worker logs go (default: a new temp folder).")
 @click.option("--monitor/--no-monitor", default=True, show_default=True,
               help="On a terminal, show start-up progress and then the live dashboard.")

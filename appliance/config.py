@@ -150,10 +150,11 @@ class Flag:
     help: str
     choices: tuple[str, ...] = ()
     cli_default: Any = None
+    envvar: str | None = None  # an environment variable the command line also reads
 
 
 def flag(default: Any, help: str, **kw: Any) -> Any:
-    """An `EngineConfig` field with a command-line flag (see `Flag`)."""
+    """A config field with a command-line flag (see `Flag`): `EngineConfig`'s, and `RouterConfig`'s."""
     return field(default=default, metadata={"flag": Flag(help, **kw)})
 
 

@@ -8,6 +8,7 @@ One declaration (the field: its default, help, choices) gives:
 - the worker's `EngineConfig` from them plus the per-worker values (`engine_config`).
 
 So a new engine flag is a new `flag(...)` field in `EngineConfig` and its use in the engine.
+`config_options` does the same for another config's flagged fields (`pdbox up`'s `RouterConfig` options).
 """
 
 from __future__ import annotations
@@ -26,19 +27,23 @@ AUTO = "auto"  # a command-line value some flags take: decided per worker (`engi
 
 
 @functools.cache
-def flagged_fields() -> Mapping[str, Field]:
-    """EngineConfig's fields that are command-line flags, by field name, in declaration order."""
-    return MappingProxyType({f.name: f for f in fields(EngineConfig) if "flag" in f.metadata})
+def flagged_fields(config: type = EngineConfig) -> Mapping[str, Field]:
+    """The fields of a config dataclass (EngineConfig's by default) that are command-line flags, by field
+    name, in declaration order."""
+    return MappingProxyType({f.name: f for f in fields(config) if "flag" in f.metadata})
 
 
 def _flag(f: Field) -> Flag:
     return f.metadata["flag"]
 
 
-def cli_default(name: str) -> Any:
-    """The command line's default of the flag `name`: its `Flag.cli_default`, else the field's default."""
-    f = flagged_fields()[name]
+def _default(f: Field) -> Any:
     return f.default if _flag(f).cli_default is None else _flag(f).cli_default
+
+
+def cli_default(name: str) -> Any:
+    """The command line's default of the engine flag `name`: its `Flag.cli_default`, else the field's."""
+    return _default(flagged_fields()[name])
 
 
 def option_name(name: str) -> str:
@@ -75,14 +80,26 @@ class EngineFlags(Mapping[str, Any]):
         return EngineFlags(**{**self._values, **values})
 
 
-def _click_option(name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    f = flagged_fields()[name]
-    meta, default = _flag(f), cli_default(name)
+def _click_option(f: Field) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    meta, default, opt = _flag(f), _default(f), option_name(f.name)
     if isinstance(default, bool):
-        opt = option_name(name)
-        return click.option(f"{opt}/--no-{opt[2:]}", name, default=default, show_default=True, help=meta.help)
+        return click.option(f"{opt}/--no-{opt[2:]}", f.name, default=default, show_default=True, help=meta.help)
     kind: Any = click.Choice(meta.choices) if meta.choices else type(default)
-    return click.option(option_name(name), name, default=default, show_default=True, type=kind, help=meta.help)
+    return click.option(opt, f.name, default=default, show_default=bool(default) or default == 0, type=kind,
+                        envvar=meta.envvar, help=meta.help)
+
+
+def config_options(config: type, names: tuple[str, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator for a click command: an option per flagged field in `names` of the config dataclass
+    `config`, handed to the command under the field's name (`pdbox up`'s `RouterConfig` options)."""
+    known = flagged_fields(config)
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for name in reversed(names):
+            command = _click_option(known[name])(command)
+        return command
+
+    return decorate
 
 
 def engine_options(only: tuple[str, ...] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -97,7 +114,7 @@ def engine_options(only: tuple[str, ...] | None = None) -> Callable[[Callable[..
             return command(*args, engine=engine, **kw)
 
         for name in reversed(names):
-            with_engine = _click_option(name)(with_engine)
+            with_engine = _click_option(flagged_fields()[name])(with_engine)
         return with_engine
 
     return decorate

@@ -17,6 +17,7 @@ from pathlib import Path
 from appliance.engine_flags import EngineFlags, engine_argv
 from appliance.gpu_plan import PEER_DEVICES_ENV, RANK_DEVICES_ENV, GpuGroup, WorkerGpus, parse_visible, plan_gpus
 from appliance.nvshmem_job import plan_job
+from appliance.serve.router_config import RouterConfig
 from appliance.topology import available_cpus, format_ids, parse_ids, split_groups
 
 READY_TIMEOUT_S = 300.0
@@ -26,13 +27,14 @@ MAX_BACKOFF_S = 30.0
 
 @dataclass(frozen=True)
 class UpConfig:
-    """`pdbox up`'s settings; ``engine``: the engine flags every worker gets (`appliance.engine_flags`)."""
+    """`pdbox up`'s settings; ``engine``: the engine flags every worker gets (`appliance.engine_flags`); the
+    router's settings default as in `RouterConfig`."""
 
     mode: str = "disagg"
     model: str | None = None
-    served_model_name: str = ""
-    host: str = "127.0.0.1"
-    port: int = 8000
+    served_model_name: str = ""  # "": the model's name
+    host: str = RouterConfig.host
+    port: int = RouterConfig.port
     prefill_gpus: str = ""
     decode_gpus: str = ""
     prefill_tp: int = 1
@@ -44,13 +46,13 @@ class UpConfig:
     cpus: str = ""
     cores_per_engine: int = 0  # unified on CPU: cores (torch threads) of each engine; 0: 1, or --tp
     transport: str = "auto"
-    api_key: str = ""
+    api_key: str = RouterConfig.api_key
     engine: EngineFlags = field(default_factory=EngineFlags)
-    prefill_policy: str = "cache_aware"
-    decode_policy: str = "least_load"
-    lease_s: float = 5.0
+    prefill_policy: str = RouterConfig.prefill_policy
+    decode_policy: str = RouterConfig.decode_policy
+    lease_s: float = RouterConfig.lease_s
     log_dir: str = ""
-    max_inflight: int = 256
+    max_inflight: int = RouterConfig.max_inflight
     slo_ttft_ms: float = 0.0
     slo_tpot_ms: float = 0.0
     rebalance_idle_s: float = 20.0
@@ -247,7 +249,6 @@ class Launcher:
         from appliance.model.loader import load_generation_defaults, load_tokenizer
         from appliance.serve.policies import WorkerHandle
         from appliance.serve.router import Router
-        from appliance.serve.router_config import RouterConfig
 
         tok, vocab, name = load_tokenizer(self.cfg.model)
         rcfg = RouterConfig(mode=self.cfg.mode, served_model_name=self.cfg.served_model_name or name,

@@ -7,27 +7,31 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from appliance.config import DEFAULT_PAGE_SIZE
+from appliance.config import DEFAULT_PAGE_SIZE, flag
 from appliance.model.generation import GenerationDefaults
+
+PREFILL_POLICIES = ("cache_aware", "least_load", "power_of_two", "round_robin")  # appliance.serve.policies
+DECODE_POLICIES = ("least_load", "power_of_two", "round_robin")
 
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """Router settings. The ``*_s`` fields are the deadlines listed in `appliance.serve.router`'s docstring."""
+    """Router settings. The ``*_s`` fields are the deadlines listed in `appliance.serve.router`'s docstring.
+    The fields made with `flag` are `pdbox up`'s router options (`appliance.engine_flags.config_options`)."""
 
     mode: str = "disagg"
-    served_model_name: str = "model"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str = ""
+    served_model_name: str = flag("model", "Model id clients send (default: the model's name).", cli_default="")
+    host: str = flag("127.0.0.1", "Address the OpenAI endpoint binds.")
+    port: int = flag(8000, "Port of the OpenAI endpoint.")
+    api_key: str = flag("", "Require Authorization: Bearer KEY.", envvar="PDBOX_API_KEY")
     cluster_token: str = ""
-    prefill_policy: str = "cache_aware"
-    decode_policy: str = "least_load"
+    prefill_policy: str = flag("cache_aware", "How the router picks a prefill engine.", choices=PREFILL_POLICIES)
+    decode_policy: str = flag("least_load", "How the router picks a decode engine.", choices=DECODE_POLICIES)
     unified_policy: str = "cache_aware"
-    max_inflight: int = 256
+    max_inflight: int = flag(256, "Requests in flight before 429.")
     request_timeout_s: float = 600.0
     connect_timeout_s: float = 5.0
-    lease_s: float = 5.0
+    lease_s: float = flag(5.0, "Base lease of reserved decode pages.")
     lease_per_token_s: float = 0.05
     max_body_bytes: int = 4 * 1024 * 1024
     page_size: int = DEFAULT_PAGE_SIZE  # the engines' (pdbox up passes its --page-size)
@@ -61,8 +65,8 @@ class AutoConfig:
     move: bool = True  # an engine turning prefill moves its decodes to another engine (else: they drain)
 
     def __post_init__(self) -> None:
-        for flag, value in (("--slo-tpot-ms", self.slo_tpot_ms), ("--slo-ttft-ms", self.slo_ttft_ms)):
+        for option, value in (("--slo-tpot-ms", self.slo_tpot_ms), ("--slo-ttft-ms", self.slo_ttft_ms)):
             if value < 0:
-                raise ValueError(f"{flag} must be >= 0 (0: derived), got {value:g}")
+                raise ValueError(f"{option} must be >= 0 (0: derived), got {value:g}")
         if self.rebalance_idle_s <= 0:
             raise ValueError(f"--rebalance-idle-s must be > 0, got {self.rebalance_idle_s}")

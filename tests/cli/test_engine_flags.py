@@ -32,6 +32,24 @@ def all_changed() -> EngineFlags:
     return EngineFlags(**{name: changed(name) for name in flagged_fields()})
 
 
+class Stop(Exception):
+    """Raised instead of starting the appliance: the test has the UpConfig it wanted."""
+
+
+def up_config(monkeypatch, args: list[str]) -> UpConfig:
+    """The UpConfig `pdbox up ARGS` builds (nothing starts)."""
+    seen: list[UpConfig] = []
+
+    def capture(cfg: UpConfig) -> None:
+        seen.append(cfg)
+        raise Stop
+
+    monkeypatch.setattr(launcher, "Launcher", capture)
+    result = CliRunner().invoke(main, ["up", *args])
+    assert isinstance(result.exception, Stop), result.output
+    return seen[0]
+
+
 def help_text(command, args: list[str]) -> str:
     result = CliRunner().invoke(command, [*args, "--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
@@ -62,20 +80,8 @@ def test_the_argv_reads_back_into_the_same_engine_config() -> None:
 
 
 def test_pdbox_up_hands_every_flag_to_every_worker(monkeypatch) -> None:
-    seen: list[UpConfig] = []
-
-    class Stop(Exception):
-        pass
-
-    def capture(cfg: UpConfig) -> None:
-        seen.append(cfg)
-        raise Stop
-
-    monkeypatch.setattr(launcher, "Launcher", capture)
     flags = all_changed()
-    result = CliRunner().invoke(main, ["up", "--mode", "disagg", *engine_argv(flags)])
-    assert isinstance(result.exception, Stop), result.output
-    assert seen[0].engine == flags
+    assert up_config(monkeypatch, ["--mode", "disagg", *engine_argv(flags)]).engine == flags
     specs, _ = plan_workers(UpConfig(mode="disagg", monitor=False, engine=flags), token="t", run_id="r")
     assert len(specs) == 2
     for spec in specs:
@@ -113,3 +119,16 @@ def test_the_worker_command_line_exits_like_one(capsys) -> None:
     with pytest.raises(SystemExit) as done:
         worker_config(["--help"])
     assert done.value.code == 0 and "--page-size" in capsys.readouterr().out
+
+
+def test_pdbox_up_router_options_come_from_router_config(monkeypatch) -> None:
+    from appliance.serve.router_config import RouterConfig
+
+    router = flagged_fields(RouterConfig)
+    text = help_text(main, ["up"])
+    assert all(option_name(name) in text for name in router)
+    up = UpConfig()
+    assert all(getattr(up, name) == f.default for name, f in router.items() if name != "served_model_name")
+    monkeypatch.setenv("PDBOX_API_KEY", "from-env")
+    got = up_config(monkeypatch, ["--port", "9123", "--decode-policy", "round_robin", "--lease-s", "2.5"])
+    assert (got.port, got.decode_policy, got.lease_s, got.api_key) == (9123, "round_robin", 2.5, "from-env")
