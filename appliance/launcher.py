@@ -245,6 +245,22 @@ class Launcher:
                 if pending:
                     await asyncio.sleep(0.25)
 
+    async def warmup_line(self) -> str:
+        """How long each engine's start-up warm-up took (read from its ``/load``); '' on CPU."""
+        import aiohttp
+
+        from appliance.serve.load_report import decode_load, warmup_summary
+
+        reports = []
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5.0)) as s:
+            for spec in self.specs:
+                try:
+                    async with s.get(spec.url + "/load") as r:
+                        reports.append(decode_load(await r.read()))
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError):
+                    pass  # the line is informative only: an engine that does not answer is left out
+        return warmup_summary(reports)
+
     def build_router(self):
         from appliance.model.loader import load_generation_defaults, load_tokenizer
         from appliance.serve.policies import WorkerHandle
@@ -323,6 +339,8 @@ class Launcher:
                 return
             stopper.cancel()
             waiter.result()
+            if line := await self.warmup_line():
+                self.say(line)
             self.router = self.build_router()
             runner = web.AppRunner(self.router.app(), handler_cancellation=True, access_log=None)
             await runner.setup()

@@ -38,6 +38,7 @@ class LoadReport(msgspec.Struct, frozen=True, kw_only=True):
     prefill_tok_s: float = 0.0  # the engine's measured prefill rate (0 until measured)
     decode_step_s: float = 0.0  # its measured decode step (0 until measured)
     prefill_chunk: int = 0  # prompt tokens per prefill step
+    warmup_s: float = 0.0  # the engine's start-up warm-up (CUDA graph capture, kernel compiles); 0 on CPU
 
 
 NO_REPORT = LoadReport()  # a worker's load before its first report
@@ -59,3 +60,11 @@ def decode_load(raw: bytes | str | Mapping[str, Any]) -> LoadReport:
         return msgspec.convert(raw, LoadReport)
     except msgspec.MsgspecError as exc:
         raise ValueError(f"not a /load report: {exc}") from exc
+
+
+def warmup_summary(reports: list[LoadReport]) -> str:
+    """The console's line on the engines' start-up warm-up, or '' when none ran one (CPU engines)."""
+    ran = [r for r in reports if r.warmup_s > 0]
+    if not ran:
+        return ""
+    return "warm-up (CUDA graphs, kernel compiles): " + ", ".join(f"{r.name} {r.warmup_s:.1f} s" for r in ran)

@@ -164,7 +164,7 @@ class Worker:
             + sum(r.remaining_prefill for r in s.running if not r.output_ids),
             decoding=sum(1 for r in s.running if r.output_ids),
             prefill_tok_s=s.prefill_rate, decode_step_s=e.decode_step_s,
-            prefill_chunk=s.max_prefill_tokens,
+            prefill_chunk=s.max_prefill_tokens, warmup_s=e.warmup_s,
         )
 
     async def load(self, request: web.Request) -> web.Response:
