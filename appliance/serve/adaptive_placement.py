@@ -27,8 +27,8 @@ from appliance.serve.dispatch import Dispatcher
 from appliance.serve.engine_loads import EngineLoads
 from appliance.serve.policies import CacheAware, WorkerHandle
 from appliance.serve.progress import Progress
-from appliance.serve.protocol import Event
-from appliance.serve.relay import Outcome
+from appliance.serve.protocol import Moved, Tokens
+from appliance.serve.relay import Relayed
 from appliance.serve.router_config import AutoConfig, RouterConfig
 from appliance.serve.router_metrics import RouterMetrics
 from appliance.serve.worker_client import WorkerClient
@@ -197,7 +197,7 @@ class AdaptivePlacement:
         return "local", {"unified": d}, decision, uncached
 
     # -- the request -------------------------------------------------------------------------------
-    def generate(self, parsed: oai.ParsedRequest, rid: str) -> AsyncIterator[Event | Outcome]:
+    def generate(self, parsed: oai.ParsedRequest, rid: str) -> AsyncIterator[Relayed]:
         kind, choice, decision, uncached = self.choose(parsed.prompt_ids)
         self.last_decision = f"{kind}: {decision.reason}"
         self.m_decisions.inc(decision=kind, reason=decision.code)
@@ -217,8 +217,8 @@ class AdaptivePlacement:
             gen = self._after_drain(choice["prefill"].name, decision.wait_s, gen, progress)
         return self._tracked(rid, progress, gen)
 
-    async def _after_drain(self, engine: str, wait_s: float, gen: AsyncIterator[Event | Outcome],
-                           mine: Progress) -> AsyncIterator[Event | Outcome]:
+    async def _after_drain(self, engine: str, wait_s: float, gen: AsyncIterator[Relayed],
+                           mine: Progress) -> AsyncIterator[Relayed]:
         """Hold a prompt until ``engine`` has no decodes left (at most ``wait_s``), then run ``gen``.
         (The engine's decodes are moving away meanwhile, see :meth:`DecodeMover.evacuate_all`.)"""
         deadline = self.clock() + wait_s
@@ -232,21 +232,21 @@ class AdaptivePlacement:
         finally:
             await gen.aclose()  # type: ignore[attr-defined]
 
-    async def _tracked(self, rid: str, p: Progress, gen: AsyncIterator[Event | Outcome]
-                       ) -> AsyncIterator[Event | Outcome]:
+    async def _tracked(self, rid: str, p: Progress, gen: AsyncIterator[Relayed]
+                       ) -> AsyncIterator[Relayed]:
         """Pass the events through, keeping the request's progress for the slack and queue estimates."""
         self.active[rid] = p
         try:
             async for ev in gen:
-                if isinstance(ev, Event) and ev.kind == "moved":
+                if isinstance(ev, Moved):
                     await gen.aclose()  # type: ignore[attr-defined]
                     gen = self.mover.follow(rid, p, ev)
                     async for later in gen:
-                        if isinstance(later, Event) and later.token_ids:
+                        if isinstance(later, Tokens) and later.token_ids:
                             p.emitted += len(later.token_ids)
                         yield later
                     return
-                if isinstance(ev, Event) and ev.kind == "tokens" and ev.token_ids:
+                if isinstance(ev, Tokens) and ev.token_ids:
                     if p.first_at is None:
                         p.first_at = self.clock()
                     p.emitted += len(ev.token_ids)

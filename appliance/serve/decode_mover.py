@@ -24,8 +24,8 @@ from appliance.serve.dispatch import Eligible
 from appliance.serve.metrics import Registry
 from appliance.serve.policies import WorkerHandle
 from appliance.serve.progress import Progress
-from appliance.serve.protocol import DecodeRequest, Event, MoveRequest
-from appliance.serve.relay import Outcome, relay
+from appliance.serve.protocol import DecodeRequest, Moved, MoveRequest
+from appliance.serve.relay import Outcome, Relayed, relay
 from appliance.serve.router_config import RouterConfig
 from appliance.serve.worker_client import WorkerClient, WorkerFailed, WorkerStream
 from appliance.serve.worker_pool import WorkerPool
@@ -156,7 +156,7 @@ class DecodeMover:
             stream.worker.inflight -= 1
             self.client.done_with(stream)
 
-    async def follow(self, rid: str, p: Progress, moved: Event) -> AsyncIterator[Event | Outcome]:
+    async def follow(self, rid: str, p: Progress, moved: Moved) -> AsyncIterator[Relayed]:
         """The rest of a moved request, from the engine it moved to (which may move it on again)."""
         while True:
             fut, stream = self._legs.get(rid), None
@@ -175,7 +175,7 @@ class DecodeMover:
                            usage=lambda _ev: (moved.prompt_tokens, moved.cached_tokens))
             try:
                 async for ev in events:
-                    if isinstance(ev, Event) and ev.kind == "moved":
+                    if isinstance(ev, Moved):
                         break  # on again: follow it to the next engine
                     yield ev
                     if isinstance(ev, Outcome):

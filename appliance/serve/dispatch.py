@@ -19,8 +19,18 @@ from types import MappingProxyType
 
 from appliance.serve import openai_api as oai
 from appliance.serve.policies import Policy, WorkerHandle, make_policy
-from appliance.serve.protocol import MAX_LEASE_S, DecodeRequest, Event, GenerateRequest, PrefillRequest
-from appliance.serve.relay import Outcome, relay
+from appliance.serve.protocol import (
+    MAX_LEASE_S,
+    DecodeRequest,
+    Done,
+    First,
+    GenerateRequest,
+    Moved,
+    PrefillRequest,
+    Reserved,
+    Tokens,
+)
+from appliance.serve.relay import Relayed, relay
 from appliance.serve.router_config import RouterConfig
 from appliance.serve.router_metrics import RouterMetrics
 from appliance.serve.worker_client import WorkerBusy, WorkerClient, WorkerFailed, WorkerStream
@@ -57,7 +67,7 @@ class Dispatcher:
         return self.policies[role].pick(pool, ids)
 
     async def unified(self, parsed: oai.ParsedRequest, rid: str, chosen: Chosen = NO_CHOICE
-                      ) -> AsyncIterator[Event | Outcome]:
+                      ) -> AsyncIterator[Relayed]:
         tried: set[str] = set()
         req = GenerateRequest(rid=rid, prompt_ids=parsed.prompt_ids, sampling=parsed.sampling)
         while True:
@@ -89,7 +99,7 @@ class Dispatcher:
             await stream.events.aclose()  # type: ignore[attr-defined]
 
     async def reserve_decode(self, ids: list[int], dreq: DecodeRequest, chosen: Chosen
-                             ) -> tuple[WorkerStream, Event]:
+                             ) -> tuple[WorkerStream, Reserved]:
         """The stream and reservation of the first decode engine that reserves; when every healthy one is
         up but full, pages free as decodes end, so wait (within ``kv_wait_s``), else 503."""
         tried: set[str] = set()
@@ -135,7 +145,7 @@ class Dispatcher:
                 handoff_by = clock() + lease + 2 * self.cfg.connect_timeout_s
 
     async def disagg(self, parsed: oai.ParsedRequest, rid: str, chosen: Chosen = NO_CHOICE
-                     ) -> AsyncIterator[Event | Outcome]:
+                     ) -> AsyncIterator[Relayed]:
         cfg = self.cfg
         room = secrets.token_urlsafe(18)
         ids = parsed.prompt_ids
@@ -167,7 +177,7 @@ class Dispatcher:
         clock = asyncio.get_running_loop().time
         handoff_by = clock() + lease + 2 * cfg.connect_timeout_s
         late = f"no KV handoff from {p.name} to {d.name} within the {lease:.1f} s lease"
-        events: AsyncIterator[Event | Outcome] | None = None
+        events: AsyncIterator[Relayed] | None = None
         try:
             # NOTE: never yield inside asyncio.timeout (the consumer's awaits would run under it).
             handoff_by = await self.await_handoff(p, d, room, lease, ptask, dtask, handoff_by, late)
@@ -176,7 +186,7 @@ class Dispatcher:
                 first = ptask.result()  # raises WorkerFailed / ApiError when prefill failed
                 prefill_first_at = time.monotonic()
                 cached = int(first.get("cached_tokens", 0))
-                yield Event(kind="tokens", token_ids=first["token_ids"], logprobs=first.get("logprobs", []))
+                yield Tokens(token_ids=first["token_ids"], logprobs=first.get("logprobs", []))
                 skip_first = True
             else:  # decode's first token came before prefill's answer: no handoff time was left to wait
                 self.metrics.handoff_tail.observe(0.0)
@@ -186,13 +196,13 @@ class Dispatcher:
             except TimeoutError:
                 raise WorkerFailed(late) from None
 
-            def on_first(_ev: Event) -> bool:
+            def on_first(_ev: First) -> bool:
                 if skip_first:  # the client already has it, from prefill
                     self.metrics.handoff_tail.observe(time.monotonic() - prefill_first_at)
                 return not skip_first
 
-            def usage(ev: Event) -> tuple[int, int]:
-                if ev.kind == "done" and ptask.done() and not ptask.cancelled() and ptask.exception() is None:
+            def usage(ev: Done | Moved) -> tuple[int, int]:
+                if isinstance(ev, Done) and ptask.done() and not ptask.cancelled() and ptask.exception() is None:
                     return len(ids), int(ptask.result().get("cached_tokens", cached))
                 return len(ids), cached
 

@@ -27,7 +27,7 @@ import msgspec
 from appliance.engine.engine import Engine
 from appliance.engine.handoff import Transfer
 from appliance.engine.request import RequestOutput, SamplingParams
-from appliance.serve.protocol import Event
+from appliance.serve.protocol import Done, Error, Event, First, Moved, Tokens
 
 log = logging.getLogger("pdbox.engine")
 HANDOFF_GRACE_S = 1.0
@@ -121,7 +121,7 @@ class EngineLoop:
                 req = self.engine.add_request(prompt_ids, params, request_id=rid)
             except ValueError as exc:
                 self.open_samples.pop(rid, None)
-                self._emit(rid, Event(kind="error", message=str(exc), status=400))
+                self._emit(rid, Error(message=str(exc), status=400))
                 return
             if transfer is not None:
                 req.prefill_only = True
@@ -202,7 +202,7 @@ class EngineLoop:
             self.transport.release(room)
             if not status.done:
                 self._quarantine(pending.pages)
-                self._emit(pending.rid, Event(kind="error", status=502,
+                self._emit(pending.rid, Error(status=502,
                                               message=f"KV handoff failed: {status.reason or 'deadline passed'}"))
                 continue
             try:
@@ -214,9 +214,9 @@ class EngineLoop:
                                          first.get("logprob"), pending.rid, earlier)
             except Exception as exc:  # a malformed payload fails this room only
                 self.engine.unreserve_pages(pending.pages)
-                self._emit(pending.rid, Event(kind="error", status=502, message=f"bad handoff payload: {exc}"))
+                self._emit(pending.rid, Error(status=502, message=f"bad handoff payload: {exc}"))
                 continue
-            self._emit_output(out, kind="first")
+            self._emit_output(out, first=True)
 
     def move_out(self, rid: str, room: str, handles: list[str], dst_pages: list[int]) -> None:
         """Engine thread: push a decoding request's KV into another engine's room and drop it here.
@@ -240,7 +240,7 @@ class EngineLoop:
         self.engine.handoff.push_request(req, room, handles, dst_pages, payload)
         cached = req.cached_len
         self.engine.abort(rid)
-        self._emit(rid, Event(kind="moved", prompt_tokens=req.prompt_len, cached_tokens=cached))
+        self._emit(rid, Moved(prompt_tokens=req.prompt_len, cached_tokens=cached))
 
     # -- the thread ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -276,39 +276,43 @@ class EngineLoop:
                 log.exception("engine step failed")
                 for rid, req in list(self.engine.requests.items()):
                     self.engine.abort(rid)
-                    self._emit(req.group or rid, Event(kind="error", status=500, message=f"engine error: {exc}"))
+                    self._emit(req.group or rid, Error(status=500, message=f"engine error: {exc}"))
 
-    def _emit_output(self, out: RequestOutput, kind: str = "tokens") -> None:
+    def _emit_output(self, out: RequestOutput, first: bool = False) -> None:
+        """``first``: decode's first token after a KV handoff (a `First` event)."""
         rid = out.group or out.request_id
         if rid in self.open_samples:
-            self._emit_sample(rid, out, kind)
+            self._emit_sample(rid, out, first)
             return
         transfer = self.transfers.get(rid)
         if transfer is not None and out.finished:
             self.transfers.pop(rid, None)
             if transfer.error:
-                self._emit(rid, Event(kind="error", status=502, message=transfer.error))
+                self._emit(rid, Error(status=502, message=transfer.error))
                 return
-        self._emit(rid, Event(kind=kind, token_ids=out.new_token_ids, logprobs=out.logprobs))
+        cls = First if first else Tokens
+        self._emit(rid, cls(token_ids=out.new_token_ids, logprobs=out.logprobs))
         if out.finished:
-            self._emit(rid, Event(kind="done", finish_reason=out.finish_reason, prompt_tokens=out.prompt_len,
-                                  cached_tokens=out.cached_len))
+            self._emit(rid, Done(finish_reason=out.finish_reason, prompt_tokens=out.prompt_len,
+                                 cached_tokens=out.cached_len))
 
-    def _emit_sample(self, rid: str, out: RequestOutput, kind: str) -> None:
+    def _emit_sample(self, rid: str, out: RequestOutput, first: bool) -> None:
         """One sample's tokens (n > 1); its end; ``done`` after the last sample's end."""
         i = out.index
-        self._emit(rid, Event(kind=kind if i == 0 else "tokens", token_ids=out.new_token_ids, logprobs=out.logprobs,
-                              index=i))
+        if first and i == 0:
+            self._emit(rid, First(token_ids=out.new_token_ids, logprobs=out.logprobs))
+        else:
+            self._emit(rid, Tokens(token_ids=out.new_token_ids, logprobs=out.logprobs, index=i))
         if not out.finished:
             return
-        self._emit(rid, Event(kind="tokens", finish_reason=out.finish_reason, index=i))
+        self._emit(rid, Tokens(finish_reason=out.finish_reason, index=i))
         if i == 0:
             self._sample0_cached[rid] = out.cached_len  # the prompt's own cache hit (the samples' is the fork)
         self.open_samples[rid] -= 1
         if self.open_samples[rid] <= 0:
             del self.open_samples[rid]
-            self._emit(rid, Event(kind="done", finish_reason=out.finish_reason, prompt_tokens=out.prompt_len,
-                                  cached_tokens=self._sample0_cached.pop(rid, 0)))
+            self._emit(rid, Done(finish_reason=out.finish_reason, prompt_tokens=out.prompt_len,
+                                 cached_tokens=self._sample0_cached.pop(rid, 0)))
 
     def _emit(self, rid: str, ev: Event) -> None:
         q = self.streams.get(rid)

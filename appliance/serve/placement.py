@@ -11,8 +11,7 @@ from typing import Any, Protocol
 from appliance.serve import openai_api as oai
 from appliance.serve.dispatch import Dispatcher
 from appliance.serve.policies import WorkerHandle
-from appliance.serve.protocol import Event
-from appliance.serve.relay import Outcome
+from appliance.serve.relay import Relayed
 from appliance.serve.router_config import RouterConfig
 from appliance.serve.worker_pool import WorkerPool
 
@@ -26,7 +25,7 @@ class Placement(Protocol):
         """The healthy engines that take ``role`` now."""
         ...
 
-    def generate(self, parsed: oai.ParsedRequest, rid: str) -> AsyncIterator[Event | Outcome]:
+    def generate(self, parsed: oai.ParsedRequest, rid: str) -> AsyncIterator[Relayed]:
         """The request's events: tokens, then its `Outcome`."""
         ...
 
@@ -57,7 +56,7 @@ class FixedPlacement:
     def healthy(self, role: str) -> list[WorkerHandle]:
         return self.pool.healthy(role)
 
-    def generate(self, parsed: oai.ParsedRequest, rid: str) -> AsyncIterator[Event | Outcome]:
+    def generate(self, parsed: oai.ParsedRequest, rid: str) -> AsyncIterator[Relayed]:
         if self.cfg.mode == "unified":
             return self.dispatch.unified(parsed, rid)
         return self.dispatch.disagg(parsed, rid)

@@ -92,25 +92,57 @@ class MoveRequest(msgspec.Struct, frozen=True, kw_only=True):
     handles: list[str]
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
-    """One line of a worker's NDJSON stream.
+class _Event(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="kind"):
+    """One line of a worker's NDJSON stream; its class is its ``kind`` on the wire."""
 
-    ``kind``: ``reserved`` (decode: pages + handles), ``tokens`` (new token ids), ``done`` (finish
-    reason + usage), ``error`` (message; the request is over), ``moved`` (the request went on to
-    another engine, see :class:`MoveRequest`; this stream is over).
-    """
 
-    kind: str
+class Reserved(_Event, tag="reserved"):
+    """Decode: the pages reserved for the request, and the pool handle(s) to push its KV into."""
+
+    pages: list[int] = []
+    handles: list[str] = []
+
+
+class Tokens(_Event, tag="tokens"):
+    """New token ids. With n > 1, ``index`` is the sample, and a sample's end is a ``Tokens`` with its
+    finish_reason."""
+
     token_ids: list[int] = []
     logprobs: list[dict] = []
     finish_reason: str | None = None
+    index: int = 0
+
+
+class First(_Event, tag="first"):
+    """Decode's first token after a KV handoff, which the client may already have from prefill."""
+
+    token_ids: list[int] = []
+    logprobs: list[dict] = []
+
+
+class Done(_Event, tag="done"):
+    """The request is over: its finish reason and usage."""
+
+    finish_reason: str | None = None
     prompt_tokens: int = 0
     cached_tokens: int = 0
-    pages: list[int] = []
-    handles: list[str] = []
+
+
+class Error(_Event, tag="error"):
+    """The request failed; it is over."""
+
     message: str = ""
     status: int = 0
-    index: int = 0  # which sample (n > 1); a sample's end is a ``tokens`` event with its finish_reason
+
+
+class Moved(_Event, tag="moved"):
+    """The request went on to another engine (see :class:`MoveRequest`); this stream is over."""
+
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
+Event = Reserved | Tokens | First | Done | Error | Moved
 
 
 encoder = msgspec.json.Encoder()

@@ -1,9 +1,9 @@
 """The event relay: a worker's NDJSON events in, what the client's answer is made of out.
 
 Written once, for every path a request's tokens take: a unified (or self-prefilling) engine, a decode
-engine after a handoff, and the engine a decoding request moved to. It yields ``tokens`` events, then
-one last item: an `Outcome` (the request is done) or a ``moved`` event (it went on to another engine;
-the caller follows it). An ``error`` event is an `ApiError`; a silent or broken stream `WorkerFailed`.
+engine after a handoff, and the engine a decoding request moved to. It yields `Tokens` events, then
+one last item: an `Outcome` (the request is done) or a `Moved` event (it went on to another engine;
+the caller follows it). An `Error` event is an `ApiError`; a silent or broken stream `WorkerFailed`.
 The relay owns nothing: the caller opens and closes the worker's stream (closing it is the abort).
 """
 
@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from appliance.serve import openai_api as oai
-from appliance.serve.protocol import Event
+from appliance.serve.protocol import Done, Error, Event, First, Moved, Tokens
 from appliance.serve.worker_client import WorkerFailed
 
 
@@ -28,10 +28,12 @@ class Outcome:
     completion_tokens: int = 0
 
 
-Usage = Callable[[Event], tuple[int, int]]  # a done or moved event -> (prompt tokens, cached tokens)
+Relayed = Tokens | Moved | Outcome  # what the relay (and a placement's generate) yields
+
+Usage = Callable[[Done | Moved], tuple[int, int]]  # a done or moved event -> (prompt tokens, cached tokens)
 
 
-def worker_usage(ev: Event) -> tuple[int, int]:
+def worker_usage(ev: Done | Moved) -> tuple[int, int]:
     """The usage the worker itself reports (it saw the whole prompt)."""
     return ev.prompt_tokens, ev.cached_tokens
 
@@ -49,28 +51,32 @@ async def next_event(events: AsyncIterator[Event], who: str, deadline_s: float |
 
 async def relay(events: AsyncIterator[Event], who: str, *, idle_s: float, usage: Usage = worker_usage,
                 first_wait_s: float | None = None, head: Event | None = None,
-                on_first: Callable[[Event], bool] | None = None) -> AsyncIterator[Event | Outcome]:
+                on_first: Callable[[First], bool] | None = None) -> AsyncIterator[Relayed]:
     """Relay ``events`` of worker ``who`` (``head``: one already read from them, handled first).
 
     ``first_wait_s`` bounds the wait until the first token (None: none, the request may queue behind
-    others' prefills), ``idle_s`` every wait after it. A ``first`` event (decode's first token, which
-    the client may already have from prefill) is relayed as tokens when ``on_first(ev)`` says so,
-    else dropped. ``usage`` gives the prompt and cached tokens of the `Outcome` and the ``moved`` event.
+    others' prefills), ``idle_s`` every wait after it. A `First` event (decode's first token, which
+    the client may already have from prefill) is relayed as `Tokens` when ``on_first(ev)`` says so,
+    else dropped. ``usage`` gives the prompt and cached tokens of the `Outcome` and the `Moved` event.
     """
     deadline = first_wait_s
     ev = head if head is not None else await next_event(events, who, deadline)
     while True:
-        if ev.kind == "tokens" or (ev.kind == "first" and on_first is not None and on_first(ev)):
-            deadline = idle_s
-            yield ev if ev.kind == "tokens" else Event(kind="tokens", token_ids=ev.token_ids, logprobs=ev.logprobs)
-        elif ev.kind == "done":
-            prompt, cached = usage(ev)
-            yield Outcome(ev.finish_reason, prompt, cached)
-            return
-        elif ev.kind == "moved":  # went on to another engine (adaptive mode): the caller follows it
-            prompt, cached = usage(ev)
-            yield Event(kind="moved", prompt_tokens=prompt, cached_tokens=cached)
-            return
-        elif ev.kind == "error":
-            raise oai.ApiError(ev.status or 502, ev.message, kind="server_error")
+        match ev:
+            case Tokens():
+                deadline = idle_s
+                yield ev
+            case First() if on_first is not None and on_first(ev):
+                deadline = idle_s
+                yield Tokens(token_ids=ev.token_ids, logprobs=ev.logprobs)
+            case Done():
+                prompt, cached = usage(ev)
+                yield Outcome(ev.finish_reason, prompt, cached)
+                return
+            case Moved():  # went on to another engine (adaptive mode): the caller follows it
+                prompt, cached = usage(ev)
+                yield Moved(prompt_tokens=prompt, cached_tokens=cached)
+                return
+            case Error():
+                raise oai.ApiError(ev.status or 502, ev.message, kind="server_error")
         ev = await next_event(events, who, deadline)

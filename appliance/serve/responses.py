@@ -18,14 +18,14 @@ from aiohttp import web
 
 from appliance.serve import openai_api as oai
 from appliance.serve.choices import Choice, Piece
-from appliance.serve.protocol import Event
-from appliance.serve.relay import Outcome
+from appliance.serve.protocol import Tokens
+from appliance.serve.relay import Outcome, Relayed
 from appliance.serve.router_config import RouterConfig
 from appliance.serve.router_metrics import RouterMetrics
 from appliance.serve.stream_write import eof_within, write_within
 from appliance.serve.worker_client import WorkerFailed
 
-Events = AsyncIterator[Event | Outcome]
+Events = AsyncIterator[Relayed]
 
 
 class ResponseWriter:
@@ -50,6 +50,8 @@ class ResponseWriter:
                 if isinstance(ev, Outcome):
                     outcome = ev
                     break
+                if not isinstance(ev, Tokens):
+                    continue  # a Moved: the placement follows it and never passes it on
                 now = time.monotonic()
                 if n_tokens == 0:
                     first_at = now

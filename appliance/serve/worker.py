@@ -24,11 +24,16 @@ from appliance.serve.load_report import LoadReport
 from appliance.serve.protocol import (
     MAX_LEASE_S,
     DecodeRequest,
+    Done,
+    Error,
     Event,
     ExtendRequest,
     GenerateRequest,
+    Moved,
     MoveRequest,
     PrefillRequest,
+    Reserved,
+    Tokens,
     encode_line,
 )
 from appliance.serve.stream_write import eof_within, write_within
@@ -190,7 +195,7 @@ class Worker:
             raise web.HTTPConflict(text=f"this worker's role is {self.cfg.role}")
 
     async def _stream(self, request: web.Request, rid: str, q: asyncio.Queue[Event],
-                      first: Event | None = None) -> web.StreamResponse:
+                      first: Reserved | None = None) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         finished = False
         try:
@@ -200,7 +205,7 @@ class Worker:
             while True:
                 ev = await q.get()
                 await write_within(resp, encode_line(ev), self.cfg.router_stall_s)
-                if ev.kind in ("done", "error", "moved"):
+                if isinstance(ev, (Done, Error, Moved)):
                     finished = True
                     break
             await eof_within(resp, self.cfg.router_stall_s)
@@ -238,7 +243,7 @@ class Worker:
             while True:
                 ev = await q.get()
                 events.append(ev)
-                if ev.kind in ("done", "error"):
+                if isinstance(ev, (Done, Error)):
                     finished = True
                     break
         finally:
@@ -246,10 +251,11 @@ class Worker:
             if not finished:
                 self.loop.abort(body.rid)
         last = events[-1]
-        if last.kind == "error":
+        if isinstance(last, Error):
             return error_response(last.status or 500, last.message)
-        tokens = [t for ev in events if ev.kind == "tokens" for t in ev.token_ids]
-        logprobs = [lp for ev in events if ev.kind == "tokens" for lp in ev.logprobs]
+        assert isinstance(last, Done)
+        tokens = [t for ev in events if isinstance(ev, Tokens) for t in ev.token_ids]
+        logprobs = [lp for ev in events if isinstance(ev, Tokens) for lp in ev.logprobs]
         return web.json_response({"token_ids": tokens, "logprobs": logprobs, "prompt_tokens": last.prompt_tokens,
                                   "cached_tokens": last.cached_tokens})
 
@@ -284,7 +290,7 @@ class Worker:
         if pages is None:
             self.loop.close_stream(body.rid)
             return error_response(503, "no free KV pages for this prompt")
-        first = Event(kind="reserved", pages=pages, handles=[self.handle_json])
+        first = Reserved(pages=pages, handles=[self.handle_json])
         return await self._stream(request, body.rid, q, first)
 
     async def move(self, request: web.Request) -> web.Response:

@@ -22,11 +22,13 @@ from appliance.serve.internal_error import error_message
 from appliance.serve.policies import WorkerHandle
 from appliance.serve.protocol import (
     DecodeRequest,
+    Error,
     Event,
     ExtendRequest,
     GenerateRequest,
     MoveRequest,
     PrefillRequest,
+    Reserved,
     decode_event,
 )
 from appliance.serve.router_config import RouterConfig
@@ -63,7 +65,7 @@ class WorkerClient:
         resp = await self._post(w, "/internal/generate", req)
         return WorkerStream(w, resp, self._events(resp, w.name))
 
-    async def reserve(self, d: WorkerHandle, dreq: DecodeRequest) -> tuple[WorkerStream, Event]:
+    async def reserve(self, d: WorkerHandle, dreq: DecodeRequest) -> tuple[WorkerStream, Reserved]:
         """Open decode's stream and wait (``connect_timeout_s``) for its reservation (pages, pool handles)."""
         resp: aiohttp.ClientResponse | None = None
         events: AsyncIterator[Event] | None = None
@@ -72,8 +74,9 @@ class WorkerClient:
                 resp = await self._post(d, "/internal/decode", dreq)
                 events = self._events(resp, d.name)
                 ev = await anext(events)
-            if ev.kind != "reserved":
-                raise WorkerFailed(f"{d.name}: {ev.message or 'no reservation'}")
+            if not isinstance(ev, Reserved):
+                why = ev.message if isinstance(ev, Error) and ev.message else "no reservation"
+                raise WorkerFailed(f"{d.name}: {why}")
             return WorkerStream(d, resp, events), ev
         except BaseException as exc:
             if events is not None:

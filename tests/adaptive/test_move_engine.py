@@ -12,7 +12,7 @@ import pytest
 from appliance.config import EngineConfig
 from appliance.engine.request import SamplingParams
 from appliance.serve.engine_loop import EngineLoop
-from appliance.serve.protocol import Event
+from appliance.serve.protocol import Done, Event, First, Moved, Tokens
 from appliance.serve.worker import Worker
 from appliance.serve.worker_config import WorkerConfig
 from tests.engine.reference import NaiveLlama
@@ -30,18 +30,18 @@ def worker(model: str, name: str) -> Worker:
     return w
 
 
-async def until(q: asyncio.Queue[Event], kinds: tuple[str, ...], timeout_s: float = 30.0) -> list[Event]:
-    """Events from ``q`` up to and including the first of ``kinds``."""
+async def until(q: asyncio.Queue[Event], kinds: tuple[type, ...], timeout_s: float = 30.0) -> list[Event]:
+    """Events from ``q`` up to and including the first of ``kinds`` (event classes)."""
     out = []
     while True:
         ev = await asyncio.wait_for(q.get(), timeout_s)
         out.append(ev)
-        if ev.kind in kinds:
+        if isinstance(ev, kinds):
             return out
 
 
 def tokens(events: list[Event]) -> list[int]:
-    return [t for ev in events if ev.kind in ("tokens", "first") for t in ev.token_ids]
+    return [t for ev in events if isinstance(ev, (Tokens, First)) for t in ev.token_ids]
 
 
 @pytest.fixture(scope="module")
@@ -63,14 +63,14 @@ async def move_midway(la: EngineLoop, lb: EngineLoop, b: Worker) -> tuple[list[E
     qa = la.submit("r", PROMPT, PARAMS)
     before: list[Event] = []
     while len(tokens(before)) < 8:
-        before += await until(qa, ("tokens",))
+        before += await until(qa, (Tokens,))
     # the destination reserves room for more than the router saw: tokens go on meanwhile
     qb = lb.open_stream("r")
     pages = await lb.call(lambda: lb.reserve("r", "room-r", PROMPT, PARAMS, 1, 10.0,
                                              reserve_tokens=len(PROMPT) + 8 + 16))
     await la.call(lambda: la.move_out("r", "room-r", [b.handle_json], pages))
-    before += await until(qa, ("moved",))
-    return before, await until(qb, ("done",))
+    before += await until(qa, (Moved,))
+    return before, await until(qb, (Done,))
 
 
 def test_a_request_moved_mid_decode_goes_on_with_the_same_tokens(pair, tiny_model) -> None:
@@ -90,7 +90,7 @@ def test_a_request_moved_mid_decode_goes_on_with_the_same_tokens(pair, tiny_mode
             lb.stop()
 
     before, after, moved = asyncio.run(scenario())
-    assert moved.kind == "moved" and moved.prompt_tokens == len(PROMPT)
+    assert isinstance(moved, Moved) and moved.prompt_tokens == len(PROMPT)
     # the destination's first event repeats the last token the source sampled (not yet fed)
     assert after[0] == before[-1] and before + after[1:] == expected
     assert idle(a) and idle(b)
@@ -109,7 +109,7 @@ def test_bad_moves_are_refused_and_the_request_stays(pair, tiny_model) -> None:
             with pytest.raises(ValueError, match="not decoding here"):
                 await la.call(lambda: la.move_out("nobody", "room-x", [b.handle_json], [0, 1]))
             qa = la.submit("s", PROMPT, PARAMS)
-            got = await until(qa, ("tokens",))
+            got = await until(qa, (Tokens,))
             pages = await lb.call(lambda: lb.reserve("s", "room-s", PROMPT, PARAMS, 1, 10.0))
             # room for the prompt only: the request has more KV than that by now
             with pytest.raises(ValueError, match="reserved .* pages but the request holds"):
@@ -117,7 +117,7 @@ def test_bad_moves_are_refused_and_the_request_stays(pair, tiny_model) -> None:
             with pytest.raises(ValueError, match="reserve_tokens must be"):
                 await lb.call(lambda: lb.reserve("s2", "room-s2", PROMPT, PARAMS, 1, 10.0, reserve_tokens=3))
             lb.abort("s")  # the router closes the destination's stream: the room is dropped
-            got += await until(qa, ("done",))
+            got += await until(qa, (Done,))
             with pytest.raises(ValueError, match="not decoding here"):  # finished: nothing to move
                 await la.call(lambda: la.move_out("s", "room-s", [b.handle_json], pages))
             await asyncio.sleep(1.2)  # the dropped room's pages leave quarantine (HANDOFF_GRACE_S)
@@ -164,8 +164,8 @@ def test_a_move_after_a_prefill_handoff_to_the_same_engine(fresh_pair, tiny_mode
             room = await lb.call(lambda: lb.reserve("h", "room-h", handed, one, 1, 10.0))
             qa1 = la.submit("h", handed, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True),
                             Transfer(room="room-h", handles=[b.handle_json], dst_pages=room))
-            await until(qa1, ("done",))
-            await until(qb1, ("done",))
+            await until(qa1, (Done,))
+            await until(qb1, (Done,))
             before, after = await move_midway(la, lb, b)
             return tokens(before), tokens(after)
         finally:

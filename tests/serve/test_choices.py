@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 
 from appliance.serve.choices import Choice
 from appliance.serve.openai_api import ParsedRequest
-from appliance.serve.protocol import Event, Sampling
-from appliance.serve.relay import Outcome
+from appliance.serve.protocol import Sampling, Tokens
+from appliance.serve.relay import Outcome, Relayed
 from appliance.serve.responses import ResponseWriter
 from appliance.serve.router_config import RouterConfig
 from appliance.serve.router_metrics import RouterMetrics
@@ -31,12 +31,12 @@ def ids(text: str) -> list[int]:
     return [ord(c) for c in text]
 
 
-async def events(evs: list[Event | Outcome]) -> AsyncIterator[Event | Outcome]:
+async def events(evs: list[Relayed]) -> AsyncIterator[Relayed]:
     for ev in evs:
         yield ev
 
 
-def collect(parsed: ParsedRequest, evs: list[Event | Outcome]) -> dict:
+def collect(parsed: ParsedRequest, evs: list[Relayed]) -> dict:
     writer = ResponseWriter(RouterConfig(), CharTokenizer(), RouterMetrics())
     resp = asyncio.run(writer.collect(parsed, "chatcmpl-x", events(evs)))
     return json.loads(resp.body)
@@ -48,9 +48,9 @@ def request(n: int = 1, stop: tuple[str, ...] = (), tools=None) -> ParsedRequest
 
 def test_two_samples_are_two_choices() -> None:
     body = collect(request(n=2, stop=("!",)), [
-        Event(kind="tokens", token_ids=ids("ab"), index=0), Event(kind="tokens", token_ids=ids("xy!z"), index=1),
-        Event(kind="tokens", index=1, finish_reason="stop"),
-        Event(kind="tokens", token_ids=ids("c"), index=0), Event(kind="tokens", index=0, finish_reason="length"),
+        Tokens(token_ids=ids("ab"), index=0), Tokens(token_ids=ids("xy!z"), index=1),
+        Tokens(index=1, finish_reason="stop"),
+        Tokens(token_ids=ids("c"), index=0), Tokens(index=0, finish_reason="length"),
         Outcome("length", 3, 0)])
     got = [(c["index"], c["message"]["content"], c["finish_reason"]) for c in body["choices"]]
     assert got == [(0, "abc", "length"), (1, "xy", "stop")]
@@ -60,7 +60,7 @@ def test_two_samples_are_two_choices() -> None:
 def test_an_enforced_call_is_parsed_into_tool_calls() -> None:
     tools = parse_tools({"tools": [TOOL], "tool_choice": "required"}, "")
     call = '{"name": "f", "arguments": {"a": 1}}'
-    body = collect(request(tools=tools), [Event(kind="tokens", token_ids=ids(call)), Outcome("stop", 3, 0)])
+    body = collect(request(tools=tools), [Tokens(token_ids=ids(call)), Outcome("stop", 3, 0)])
     choice = body["choices"][0]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
     (tc,) = choice["message"]["tool_calls"]
@@ -92,9 +92,9 @@ def test_best_of_returns_the_likeliest_samples() -> None:
     parsed = ParsedRequest("completions", "m", [1, 2, 3], Sampling(n=3, logprobs=0), False, False, False, keep=1)
     lp = [{"token_id": 0, "logprob": -1.0, "top": []}]
     body = collect(parsed, [
-        Event(kind="tokens", token_ids=ids("a"), logprobs=lp * 1, index=0),
-        Event(kind="tokens", token_ids=ids("b"), logprobs=[{**lp[0], "logprob": -0.1}], index=1),
-        Event(kind="tokens", token_ids=ids("c"), logprobs=[{**lp[0], "logprob": -3.0}], index=2),
-        *(Event(kind="tokens", index=i, finish_reason="length") for i in range(3)), Outcome("length", 3, 0)])
+        Tokens(token_ids=ids("a"), logprobs=lp * 1, index=0),
+        Tokens(token_ids=ids("b"), logprobs=[{**lp[0], "logprob": -0.1}], index=1),
+        Tokens(token_ids=ids("c"), logprobs=[{**lp[0], "logprob": -3.0}], index=2),
+        *(Tokens(index=i, finish_reason="length") for i in range(3)), Outcome("length", 3, 0)])
     assert [(c["index"], c["text"], c["logprobs"]) for c in body["choices"]] == [(0, "b", None)]
     assert body["usage"]["completion_tokens"] == 3

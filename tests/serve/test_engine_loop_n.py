@@ -12,7 +12,7 @@ from appliance.config import EngineConfig
 from appliance.engine.engine import Engine
 from appliance.engine.request import SamplingParams
 from appliance.serve.engine_loop import EngineLoop
-from appliance.serve.protocol import Event
+from appliance.serve.protocol import Done, Error, Event
 
 PROMPT = list(range(10, 31))  # 21 tokens: five full pages of 4 and one token
 PARAMS = SamplingParams(max_tokens=5, temperature=1.0, seed=3, ignore_eos=True, n=3)
@@ -29,12 +29,12 @@ def idle(engine: Engine) -> None:
     assert engine.pool.num_free == engine.pool.num_pages, "KV pages leaked"
 
 
-async def drain(q: asyncio.Queue[Event], until: str = "done") -> list[Event]:
+async def drain(q: asyncio.Queue[Event]) -> list[Event]:
     out = []
     while True:
         ev = await asyncio.wait_for(q.get(), 60)
         out.append(ev)
-        if ev.kind in (until, "error"):
+        if isinstance(ev, (Done, Error)):
             return out
 
 
@@ -48,7 +48,7 @@ def test_samples_stream_with_their_index_and_done_comes_last(engine) -> None:
             loop.stop()
 
     evs = asyncio.run(scenario())
-    assert evs[-1].kind == "done" and evs[-1].prompt_tokens == len(PROMPT) and evs[-1].cached_tokens == 0
+    assert isinstance(evs[-1], Done) and evs[-1].prompt_tokens == len(PROMPT) and evs[-1].cached_tokens == 0
     for i in range(3):
         mine = [e for e in evs[:-1] if e.index == i]
         assert sum(len(e.token_ids) for e in mine) == 5

@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from appliance.serve import openai_api as oai
-from appliance.serve.protocol import Event
-from appliance.serve.relay import Outcome, relay
+from appliance.serve.protocol import Done, Error, Event, First, Moved, Tokens
+from appliance.serve.relay import Outcome, Relayed, relay
 from appliance.serve.worker_client import WorkerFailed
 
 
@@ -21,16 +21,16 @@ async def stream(*events: Event, stall_s: float = 0.0) -> AsyncIterator[Event]:
     raise WorkerFailed("w closed its stream before finishing")
 
 
-def run(gen: AsyncIterator[Event | Outcome]) -> list[Event | Outcome]:
-    async def collect() -> list[Event | Outcome]:
+def run(gen: AsyncIterator[Relayed]) -> list[Relayed]:
+    async def collect() -> list[Relayed]:
         return [ev async for ev in gen]
 
     return asyncio.run(collect())
 
 
-TOK = Event(kind="tokens", token_ids=[5, 6], logprobs=[])
-FIRST = Event(kind="first", token_ids=[4], logprobs=[])
-DONE = Event(kind="done", finish_reason="length", prompt_tokens=9, cached_tokens=3)
+TOK = Tokens(token_ids=[5, 6], logprobs=[])
+FIRST = First(token_ids=[4], logprobs=[])
+DONE = Done(finish_reason="length", prompt_tokens=9, cached_tokens=3)
 
 
 def test_tokens_then_the_outcome_with_the_workers_usage() -> None:
@@ -40,22 +40,22 @@ def test_tokens_then_the_outcome_with_the_workers_usage() -> None:
 
 def test_a_first_token_is_dropped_unless_the_caller_relays_it() -> None:
     assert run(relay(stream(FIRST, TOK, DONE), "w", idle_s=1.0))[0] == TOK
-    seen: list[Event] = []
+    seen: list[First] = []
     out = run(relay(stream(TOK, DONE), "w", idle_s=1.0, head=FIRST, on_first=lambda ev: seen.append(ev) or True,
                     usage=lambda ev: (100, 0)))
-    assert seen == [FIRST] and out[0] == Event(kind="tokens", token_ids=[4], logprobs=[])
+    assert seen == [FIRST] and out[0] == Tokens(token_ids=[4], logprobs=[])
     assert out[-1] == Outcome("length", 100, 0)
 
 
 def test_a_moved_stream_ends_with_a_moved_event_carrying_the_usage() -> None:
-    moved = Event(kind="moved", prompt_tokens=9, cached_tokens=3)
+    moved = Moved(prompt_tokens=9, cached_tokens=3)
     out = run(relay(stream(TOK, moved), "w", idle_s=1.0, usage=lambda ev: (ev.prompt_tokens, 7)))
-    assert out == [TOK, Event(kind="moved", prompt_tokens=9, cached_tokens=7)]
+    assert out == [TOK, Moved(prompt_tokens=9, cached_tokens=7)]
 
 
 def test_an_error_event_is_an_api_error_with_its_status() -> None:
     with pytest.raises(oai.ApiError) as err:
-        run(relay(stream(TOK, Event(kind="error", message="no pages", status=503)), "w", idle_s=1.0))
+        run(relay(stream(TOK, Error(message="no pages", status=503)), "w", idle_s=1.0))
     assert err.value.status == 503 and "no pages" in err.value.message
 
 

@@ -20,8 +20,8 @@ from aiohttp import web
 
 from appliance.model.loader import load_tokenizer
 from appliance.serve import openai_api as oai
-from appliance.serve.protocol import Event, Sampling
-from appliance.serve.relay import Outcome
+from appliance.serve.protocol import Sampling, Tokens
+from appliance.serve.relay import Relayed
 from appliance.serve.router import Router
 from appliance.serve.router_config import RouterConfig
 
@@ -31,10 +31,10 @@ async def _vanish_and_time(how: str, tok, vocab: int) -> tuple[float, str]:
     closed = asyncio.Event()
     word = tok.encode(" hello")[-1]
 
-    async def endless() -> AsyncIterator[Event | Outcome]:
+    async def endless() -> AsyncIterator[Relayed]:
         try:
             while True:
-                yield Event(kind="tokens", token_ids=[word] * 64, logprobs=[])
+                yield Tokens(token_ids=[word] * 64, logprobs=[])
                 await asyncio.sleep(0)
         finally:
             closed.set()

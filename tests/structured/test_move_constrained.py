@@ -12,6 +12,7 @@ import pytest
 from appliance.engine.constraint import Constraint
 from appliance.engine.request import SamplingParams
 from appliance.serve.engine_loop import EngineLoop
+from appliance.serve.protocol import Done, Moved, Tokens
 from tests.adaptive.test_move_engine import PROMPT, idle, tokens, until, worker
 
 PATTERN = "[a-m]{12}-[n-z]{12}"
@@ -44,13 +45,13 @@ def test_a_moved_constrained_decode_keeps_its_constraint(pair) -> None:
             qa = la.submit("c", PROMPT, PARAMS)
             before = []
             while len(tokens(before)) < 8:
-                before += await until(qa, ("tokens",))
+                before += await until(qa, (Tokens,))
             qb = lb.open_stream("c")
             pages = await lb.call(lambda: lb.reserve("c", "room-c", PROMPT, PARAMS, 1, 10.0,
                                                      reserve_tokens=len(PROMPT) + 8 + 32))
             await la.call(lambda: la.move_out("c", "room-c", [b.handle_json], pages))
-            before += await until(qa, ("moved",))
-            after = await until(qb, ("done",))
+            before += await until(qa, (Moved,))
+            after = await until(qb, (Done,))
             assert after[-1].finish_reason == "stop"
             return tokens(before), tokens(after)
         finally:
