@@ -12,19 +12,23 @@ health checks gets no new requests at once; its in-flight requests fail with a c
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import click
 from aiohttp import web
 
+from appliance.config import EngineConfig
+from appliance.engine_flags import config_options
 from appliance.serve.policies import WorkerHandle
 from appliance.serve.router import Router
-from appliance.serve.router_config import RouterConfig
+from appliance.serve.router_config import PREFILL_POLICIES, RouterConfig
 from appliance.serve.worker_pool import WorkerPool
 from slurm.messages import WorkerInfo
 from slurm.registry import TOKEN_ENV, Registry, make_registry_app
@@ -98,15 +102,13 @@ def build_app(router: Router, token: str, registry: Registry | None = None) -> w
     return app
 
 
-def make_router(args: argparse.Namespace, token: str) -> Router:
+def make_router(token: str, *, model: str | None, served_model_name: str, **settings: Any) -> Router:
+    """The router for ``model``'s tokenizer; ``settings``: its `RouterConfig` fields from the command line."""
     from appliance.model.loader import load_generation_defaults, load_tokenizer
 
-    tok, vocab, name = load_tokenizer(args.model)
-    cfg = RouterConfig(mode=args.mode, served_model_name=args.served_model_name or name, host=args.host,
-                       port=args.port, cluster_token=token, prefill_policy=args.prefill_policy,
-                       decode_policy=args.decode_policy, unified_policy=args.unified_policy,
-                       page_size=args.page_size, lease_s=args.lease_s, max_inflight=args.max_inflight,
-                       generation=load_generation_defaults(args.model))
+    tok, vocab, name = load_tokenizer(model)
+    cfg = RouterConfig(served_model_name=served_model_name or name, cluster_token=token,
+                       generation=load_generation_defaults(model), **settings)
     return Router(cfg, tok, vocab)
 
 
@@ -133,35 +135,35 @@ async def serve(router: Router, token: str, host: str, port: int, port_file: Pat
         await runner.cleanup()
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m appliance.serve.router_main", description=__doc__.splitlines()[0])
-    p.add_argument("--mode", default="disagg", choices=("disagg", "unified"))
-    p.add_argument("--model", default=None, help="GGUF file or Hugging Face folder (default: the embedded model)")
-    p.add_argument("--served-model-name", default="", help="model id clients send (default: the model's name)")
-    p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=0, help="0: any free port (see --port-file)")
-    p.add_argument("--port-file", type=Path, default=None, help="write the bound port here once serving")
-    p.add_argument("--prefill-policy", default="cache_aware",
-                   choices=("cache_aware", "least_load", "power_of_two", "round_robin"))
-    p.add_argument("--decode-policy", default="least_load", choices=("least_load", "power_of_two", "round_robin"))
-    p.add_argument("--unified-policy", default="cache_aware",
-                   choices=("cache_aware", "least_load", "power_of_two", "round_robin"))
-    p.add_argument("--page-size", type=int, default=16, help="the workers' KV page size (for cache-aware routing)")
-    p.add_argument("--lease-s", type=float, default=5.0, help="base lease of reserved decode pages")
-    p.add_argument("--max-inflight", type=int, default=256, help="requests in flight before 429")
-    args = p.parse_args(argv)
+# Slurm mode binds every interface, on any free port (written to --port-file), unlike `pdbox up`'s router
+SLURM_DEFAULTS = {"host": "0.0.0.0", "port": 0}
+
+
+@click.command(help=__doc__.splitlines()[0], context_settings={"default_map": SLURM_DEFAULTS})
+@click.option("--mode", default=RouterConfig.mode, show_default=True, type=click.Choice(["disagg", "unified"]))
+@click.option("--model", default=None, help="GGUF file or Hugging Face folder (default: the embedded model).")
+@config_options(RouterConfig, ("served_model_name", "host", "port"))
+@click.option("--port-file", type=click.Path(path_type=Path), default=None,
+              help="Write the bound port here once serving (--port 0: any free port).")
+@config_options(RouterConfig, ("prefill_policy", "decode_policy"))
+@click.option("--unified-policy", default=RouterConfig.unified_policy, show_default=True,
+              type=click.Choice(PREFILL_POLICIES), help="How the router picks a unified engine.")
+@config_options(EngineConfig, ("page_size",))
+@config_options(RouterConfig, ("lease_s", "max_inflight"))
+def main(port_file: Path | None, **kw: Any) -> None:
     token = os.environ.get(TOKEN_ENV, "")
     if not token:
-        p.error(f"${TOKEN_ENV} is not set: the workers register with this cluster token")
-    if not 0 <= args.port < 65536:
-        p.error(f"--port must be in 0..65535, got {args.port}")
+        raise click.UsageError(f"${TOKEN_ENV} is not set: the workers register with this cluster token")
+    if not 0 <= kw["port"] < 65536:
+        raise click.BadParameter(f"must be in 0..65535, got {kw['port']}", param_hint="--port")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        router = make_router(args, token)
+        router = make_router(token, **kw)
     except (ValueError, OSError) as exc:
-        p.exit(2, f"router: {exc}\n")
-    asyncio.run(serve(router, token, args.host, args.port, args.port_file))
+        click.echo(f"router: {exc}", err=True)
+        sys.exit(2)
+    asyncio.run(serve(router, token, kw["host"], kw["port"], port_file))
 
 
 if __name__ == "__main__":
-    main()
+    main(prog_name="python -m appliance.serve.router_main")

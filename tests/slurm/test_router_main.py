@@ -19,7 +19,7 @@ from appliance.serve.router_main import build_app
 from slurm.cli import slurm
 from slurm.commands import router_argv, worker_argv
 from slurm.messages import Deregister, WorkerInfo
-from slurm.registry import Registry
+from slurm.registry import TOKEN_ENV, Registry
 from slurm.task import expand_argv
 from tests.waiting import wait_until_async
 
@@ -136,3 +136,29 @@ def test_script_runs_the_real_worker_and_router(tmp_path: Path) -> None:
     assert f"{sys.executable} -m appliance.serve.router_main --mode disagg" in text
     assert text.count("-m slurm.task -- ") == 2 and text.count("-m appliance.serve.worker --role") == 2
     assert "--register \"${PDBOX_ROUTER_URL}\"" in text and "--advertise-host '$PDBOX_NODE'" in text
+
+
+def test_the_router_command_line_comes_from_router_config(monkeypatch) -> None:
+    from appliance.config import EngineConfig
+    from appliance.serve import router_main
+
+    seen: dict = {}
+
+    async def serve(router, token, host, port, port_file) -> None:
+        seen.update(router=router, token=token, bound=(host, port, port_file))
+
+    monkeypatch.setattr(router_main, "make_router", lambda token, **kw: kw)
+    monkeypatch.setattr(router_main, "serve", serve)
+    run = CliRunner().invoke
+    assert run(router_main.main, [], env={TOKEN_ENV: None}).exit_code == 2  # no cluster token
+    assert run(router_main.main, [], env={TOKEN_ENV: TOKEN}).exit_code == 0
+    kw, cfg = seen["router"], RouterConfig()
+    assert seen["bound"] == ("0.0.0.0", 0, None) and kw["page_size"] == EngineConfig.page_size
+    for name in ("mode", "prefill_policy", "decode_policy", "unified_policy", "lease_s", "max_inflight"):
+        assert kw[name] == getattr(cfg, name), name
+    args = ["--page-size", "32", "--decode-policy", "round_robin", "--lease-s", "2.5", "--port-file", "/r/port"]
+    assert run(router_main.main, args, env={TOKEN_ENV: TOKEN}).exit_code == 0
+    assert (seen["router"]["page_size"], seen["router"]["decode_policy"], seen["router"]["lease_s"]) == (
+        32, "round_robin", 2.5)
+    assert seen["bound"] == ("0.0.0.0", 0, Path("/r/port"))
+    assert run(router_main.main, ["--decode-policy", "cache_aware"], env={TOKEN_ENV: TOKEN}).exit_code == 2
