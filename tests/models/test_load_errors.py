@@ -87,19 +87,3 @@ def test_unsupported_gguf_architecture_is_named(tmp_path) -> None:
     w.close()
     with pytest.raises(ModelLoadError, match="unsupported architecture 'phi3' in GGUF; pdbox reads .*qwen3moe"):
         load_checkpoint(str(path))
-
-
-def test_sentencepiece_gguf_vocabulary_is_refused_by_name(tmp_path) -> None:
-    import gguf
-
-    path = tmp_path / "spm.gguf"
-    w = gguf.GGUFWriter(str(path), "gemma3")
-    w.add_tokenizer_model("llama")
-    w.add_token_list(["<unk>", "<s>", "</s>", "\u2581hi"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    for load in (load_checkpoint, load_tokenizer):  # the engine's load and the router's say the same
-        with pytest.raises(ModelLoadError, match="tokenizer model 'llama' is not supported"):
-            load(str(path))
