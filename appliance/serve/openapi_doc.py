@@ -101,10 +101,11 @@ def openapi_document(model: str, max_body_bytes: int = 4 * 1024 * 1024) -> dict[
             "type": "object", "properties": {"type": {"type": "string", "enum": ["text"]}, "text": {"type": "string"}},
             "required": ["type", "text"]}}]},
         "tool_calls": {"type": "array", "nullable": True, "description": "assistant: earlier calls", "items": {
-            "type": "object", "properties": {"id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
-                                             "function": {"type": "object", "properties": {
-                                                 "name": {"type": "string"},
-                                                 "arguments": {"type": "string", "description": "JSON"}}}}}},
+            "type": "object", "required": ["function"],
+            "properties": {"id": {"type": "string"}, "type": {"type": "string", "enum": ["function"]},
+                           "function": {"type": "object", "required": ["name", "arguments"], "properties": {
+                               "name": {"type": "string"},
+                               "arguments": {"type": "string", "description": "a JSON text"}}}}}},
         "tool_call_id": {"type": "string", "nullable": True, "description": "tool: the call answered"},
         "name": {"type": "string", "nullable": True},
     }}

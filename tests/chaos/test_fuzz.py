@@ -144,6 +144,20 @@ def _documented(schema: dict, body: dict) -> dict:
     body = {**body, "model": MODEL}
     if body.get("response_format") not in (None, {"type": "text"}):
         body.pop("guided_regex", None)  # the two constraints exclude each other (documented)
+    # documented cross-field rules: a required or named tool_choice needs tools (and names one of them),
+    # function names are unique, best_of is at least n and does not stream
+    if body.get("tool_choice") not in (None, "none", "auto"):
+        body.pop("tool_choice")
+    for i, tool in enumerate(body.get("tools") or []):
+        if isinstance(tool, dict) and isinstance(tool.get("function"), dict):
+            tool["function"]["name"] = f"f{i}"
+    for m in body.get("messages") or []:  # an earlier call's arguments are a JSON text (documented)
+        for call in (m.get("tool_calls") or []) if isinstance(m, dict) else []:
+            if isinstance(call, dict) and isinstance(call.get("function"), dict):
+                call["function"]["arguments"] = "{}"
+    n = body.get("n") if isinstance(body.get("n"), int) else 1
+    if body.get("best_of") is not None and (body["best_of"] < n or body.get("stream")):
+        body.pop("best_of")
     if body.get("max_completion_tokens") is not None:
         body.pop("max_tokens", None)
     elif body.get("max_tokens") is None:
@@ -180,6 +194,8 @@ def test_one_broken_field_is_refused_by_name(guarded: Appliance, schemas: dict, 
             body.pop("max_completion_tokens", None)
         if key == "top_logprobs":
             body["logprobs"] = True
+        if key == "n":
+            body.pop("best_of", None)  # else a broken n may surface as best_of's bound
         status, resp = send(guarded, path, json.dumps(body).encode())
         err = error_of(resp)
         if key == "model" and isinstance(body[key], str):
