@@ -19,7 +19,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from appliance.serve.tools import _BLOCK, CALL_OPEN, PYTHON_TAG, Tools
+from appliance.serve.tools import CALL_BLOCK, CALL_OPEN, PYTHON_TAG, Tools
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def parse_calls(text: str, tools: Tools) -> tuple[str | None, list[ToolCall]]:
     names = tools.names
     start = text.find(CALL_OPEN)
     if start >= 0:
-        calls = [c for c in (_call(_loads(m.group(1)), names) for m in _BLOCK.finditer(text, start)) if c]
+        calls = [c for c in (_call(_loads(m.group(1)), names) for m in CALL_BLOCK.finditer(text, start)) if c]
         if calls:
             return text[:start].strip() or None, calls
     body = text.strip()
