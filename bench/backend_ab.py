@@ -10,7 +10,6 @@ the median of the per-round ratios.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import statistics
 import subprocess
@@ -19,7 +18,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import click
 import torch
+
+from appliance.cli_support import HELP_OPTIONS, run_command
 
 BACKEND = "appliance/engine/attention_cpu.py"
 
@@ -72,18 +74,22 @@ def run(rev: str, batch: int, rounds: int, steps: int = 3) -> dict:
             "tree_ms": round(statistics.median(times["tree"]) * 1e3, 1), "tree_over_rev": round(ratio, 3)}
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rev", required=True, help="git revision whose attention_cpu.py is the baseline")
-    ap.add_argument("--batch", type=int, action="append", help="decode batch sizes (default 1 and 16)")
-    ap.add_argument("--rounds", type=int, default=12)
-    ap.add_argument("--threads", type=int, default=1)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    for b in args.batch or [1, 16]:
-        r = run(args.rev, b, args.rounds)
-        print(f"batch {r['batch']}: {args.rev} {r['rev_ms']} ms/step, tree {r['tree_ms']} ms/step, "
-              f"tree/{args.rev} {r['tree_over_rev']}", flush=True)
+@click.command(help=__doc__.split("\n\n")[0], context_settings=HELP_OPTIONS)
+@click.option("--rev", required=True, help="git revision whose attention_cpu.py is the baseline")
+@click.option("--batch", type=int, multiple=True, help="decode batch sizes (default 1 and 16)")
+@click.option("--rounds", type=int, default=12)
+@click.option("--threads", type=int, default=1)
+def command(rev: str, batch: tuple[int, ...], rounds: int, threads: int) -> None:
+    torch.set_num_threads(threads)
+    for b in batch or (1, 16):
+        r = run(rev, b, rounds)
+        print(f"batch {r['batch']}: {rev} {r['rev_ms']} ms/step, tree {r['tree_ms']} ms/step, "
+              f"tree/{rev} {r['tree_over_rev']}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.backend_ab ARGS``; returns the exit status (2: a bad or missing option)."""
+    return run_command(command, argv, "python -m bench.backend_ab")
 
 
 if __name__ == "__main__":

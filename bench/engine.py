@@ -14,14 +14,16 @@ prefill-shaped layer).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
+import click
 import torch
 
+from appliance.cli_support import HELP_OPTIONS, run_command
 from bench.engine_steps import decode_steps as _decode_steps
 
 
@@ -122,38 +124,37 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None)
-    p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
-    p.add_argument("--backend", default="auto", choices=("auto", "cpu", "torch", "triton"),
-                   help="kernels: cpu (fast CPU path), torch (the references), triton")
-    p.add_argument("--steps", type=int, default=48)
-    p.add_argument("--prefill-len", type=int, default=1024)
-    p.add_argument("--long-batch", type=int, default=6, help="requests in the long-context decode figure")
-    p.add_argument("--json", action="store_true", help="print one JSON object only")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                   help="cuda: decode at batch 1/16/64/256 (graphs on and off), prefill 1K/8K, GPU floors "
-                        "(bench.engine_gpu; --steps defaults to 20 there)")
-    p.add_argument("--context", type=int, default=512, help="cuda: prompt tokens of each decoding request")
-    p.add_argument("--batches", default="1,16,64,256", help="cuda: decode batch sizes")
-    p.add_argument("--prefill-lens", default="1024,8192", help="cuda: prefill lengths")
-    p.add_argument("--no-cuda-graphs", action="store_true", help="cuda: eager decode only")
-    p.add_argument("--out", default=None, help="cuda: also write the JSON here, after every figure")
-    args = p.parse_args(argv)
-    if args.device == "cuda":
+@click.command(help=__doc__.splitlines()[0], context_settings=HELP_OPTIONS)
+@click.option("--model", default=None)
+@click.option("--threads", type=int, default=len(os.sched_getaffinity(0)))
+@click.option("--dtype", default="auto", type=click.Choice(("auto", "float32", "bfloat16", "float16")))
+@click.option("--backend", default="auto", type=click.Choice(("auto", "cpu", "torch", "triton")),
+              help="kernels: cpu (fast CPU path), torch (the references), triton")
+@click.option("--steps", type=int, default=48)
+@click.option("--prefill-len", type=int, default=1024)
+@click.option("--long-batch", type=int, default=6, help="requests in the long-context decode figure")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object only")
+@click.option("--device", default="cpu", type=click.Choice(("cpu", "cuda")),
+              help="cuda: decode at batch 1/16/64/256 (graphs on and off), prefill 1K/8K, GPU floors "
+                   "(bench.engine_gpu; --steps defaults to 20 there)")
+@click.option("--context", type=int, default=512, help="cuda: prompt tokens of each decoding request")
+@click.option("--batches", default="1,16,64,256", help="cuda: decode batch sizes")
+@click.option("--prefill-lens", default="1024,8192", help="cuda: prefill lengths")
+@click.option("--no-cuda-graphs", is_flag=True, help="cuda: eager decode only")
+@click.option("--out", default=None, help="cuda: also write the JSON here, after every figure")
+def command(model: str | None, threads: int, dtype: str, backend: str, steps: int, prefill_len: int,
+            long_batch: int, as_json: bool, device: str, context: int, batches: str, prefill_lens: str,
+            no_cuda_graphs: bool, out: str | None) -> None:
+    if device == "cuda":
         from bench.engine_gpu import run_cuda
 
-        result = run_cuda(args.model or "random:llama-1b", "bfloat16" if args.dtype == "auto" else args.dtype,
-                          tuple(int(x) for x in args.batches.split(",")),
-                          tuple(int(x) for x in args.prefill_lens.split(",")), args.context,
-                          20 if args.steps == 48 else args.steps, graphs=not args.no_cuda_graphs,
-                          out_path=args.out)
+        result = run_cuda(model or "random:llama-1b", "bfloat16" if dtype == "auto" else dtype,
+                          tuple(int(x) for x in batches.split(",")),
+                          tuple(int(x) for x in prefill_lens.split(",")), context,
+                          20 if steps == 48 else steps, graphs=not no_cuda_graphs, out_path=out)
     else:
-        result = run(args.model, args.threads, args.dtype, args.steps, args.prefill_len, args.long_batch,
-                     args.backend)
-    if args.json:
+        result = run(model, threads, dtype, steps, prefill_len, long_batch, backend)
+    if as_json:
         print(json.dumps(result))
         return
     from rich.console import Console
@@ -168,5 +169,10 @@ def main(argv: list[str] | None = None) -> None:
     Console().print(table)
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.engine ARGS``; returns the exit status (2: a bad option)."""
+    return run_command(command, argv, "python -m bench.engine")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

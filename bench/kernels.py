@@ -11,7 +11,6 @@ device-to-device copy of the same bytes; ``--strict`` exits 1 when a target is m
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -21,7 +20,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import click
 import torch
+
+from appliance.cli_support import HELP_OPTIONS, run_command
 
 # (substring of torch.cuda.get_device_name, HBM bytes/s, dense bf16 FLOP/s); first match wins.
 DEVICE_PEAKS: list[tuple[str, float, float | None]] = [
@@ -274,17 +276,19 @@ def print_table(report: dict[str, Any]) -> None:
         console.print("[yellow]interpreter smoke on CPU: correctness only, the rates mean nothing[/]")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.splitlines()[0])
-    ap.add_argument("--cpu", action="store_true", help="tiny shapes under the Triton interpreter (no GPU)")
-    ap.add_argument("--json", action="store_true", help="print the JSON report instead of the table")
-    ap.add_argument("--out", type=Path, help="also write the JSON report to this file")
-    ap.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16")
-    ap.add_argument("--only", nargs="*", help="kernel names to run (default: all)")
-    ap.add_argument("--strict", action="store_true", help="exit 1 when a target is missed")
-    args = ap.parse_args(argv)
-
-    if args.cpu:
+@click.command(help=__doc__.splitlines()[0], context_settings=HELP_OPTIONS)
+@click.option("--cpu", is_flag=True, help="tiny shapes under the Triton interpreter (no GPU)")
+@click.option("--json", "as_json", is_flag=True, help="print the JSON report instead of the table")
+@click.option("--out", type=click.Path(path_type=Path), help="also write the JSON report to this file")
+@click.option("--dtype", type=click.Choice(("bfloat16", "float16")), default="bfloat16")
+@click.option("--only", multiple=True, help="kernel names to run (default: all)")
+@click.argument("more_only", nargs=-1, metavar="")
+@click.option("--strict", is_flag=True, help="exit 1 when a target is missed")
+def command(cpu: bool, as_json: bool, out: Path | None, dtype: str, only: tuple[str, ...],
+            more_only: tuple[str, ...], strict: bool) -> int:
+    if more_only and not only:
+        raise click.UsageError(f"unexpected argument {more_only[0]!r} (kernel names follow --only)")
+    if cpu:
         os.environ["TRITON_INTERPRET"] = "1"
         device = torch.device("cpu")
     elif torch.cuda.is_available():
@@ -294,16 +298,21 @@ def main(argv: list[str] | None = None) -> int:
               "Run `python -m bench.kernels --cpu` for a tiny interpreter smoke.", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    report = run(device, getattr(torch, args.dtype), args.cpu, args.only)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=1))
-    if args.json:
+    report = run(device, getattr(torch, dtype), cpu, [*only, *more_only] or None)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=1))
+    if as_json:
         print(json.dumps(report, indent=1))
     else:
         print_table(report)
     missed = [r["name"] for r in report["results"] if r["target_met"] is False]
-    return 1 if args.strict and missed else 0
+    return 1 if strict and missed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.kernels ARGS``; returns the exit status (2: a bad option, or no CUDA device)."""
+    return run_command(command, argv, "python -m bench.kernels")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,16 @@ Reports (medians; this machine has other work on it):
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from typing import Any
+
+import click
+
+from appliance.cli_support import HELP_OPTIONS, run_command
 
 SCHEMA = {  # the nested shape the tests ask for through the openai client
     "$defs": {"Country": {"type": "object", "additionalProperties": False, "required": ["name", "continent"],
@@ -56,15 +60,13 @@ def full_batch_steps(engine, reqs) -> list[float]:
     return times
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(prog="python -m bench.structured", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=None, help="GGUF file or HF folder (default: the embedded SmolLM2)")
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=24, help="decode steps per request (max_tokens)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (a pdbox CPU worker uses one per core)")
-    ap.add_argument("--json", default=None, help="also write the figures to this file")
-    args = ap.parse_args(argv)
-
+@click.command(help=__doc__.split("\n\n")[0], context_settings=HELP_OPTIONS)
+@click.option("--model", default=None, help="GGUF file or HF folder (default: the embedded SmolLM2)")
+@click.option("--batch", type=int, default=16)
+@click.option("--steps", type=int, default=24, help="decode steps per request (max_tokens)")
+@click.option("--threads", type=int, default=1, help="torch threads (a pdbox CPU worker uses one per core)")
+@click.option("--json", "json_path", default=None, help="also write the figures to this file")
+def command(model: str | None, batch: int, steps: int, threads: int, json_path: str | None) -> dict[str, Any]:
     import llguidance
 
     from appliance.config import EngineConfig
@@ -73,10 +75,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from appliance.engine.grammar import GrammarCompiler
     from appliance.engine.request import SamplingParams
 
-    engine = Engine(args.model, EngineConfig(threads=args.threads))
+    engine = Engine(model, EngineConfig(threads=threads))
     vocab = engine.model_config.vocab_size
     spec = json.dumps(SCHEMA)
-    out: dict[str, Any] = {"model": engine.model_name, "vocab": vocab, "batch": args.batch, "threads": args.threads}
+    out: dict[str, Any] = {"model": engine.model_name, "vocab": vocab, "batch": batch, "threads": threads}
 
     # -- compile ---------------------------------------------------------------------------------------
     t0 = time.perf_counter()
@@ -98,9 +100,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # -- the decode step at the batch, unconstrained and constrained -----------------------------------
     prompts = [engine.tokenizer.encode_chat([{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)] +
-                                              " Answer in JSON."}]) for i in range(args.batch)]
+                                              " Answer in JSON."}]) for i in range(batch)]
     def params(i: int, c: Constraint | None) -> SamplingParams:  # the same sampling, with and without
-        return SamplingParams(max_tokens=args.steps, temperature=0.8, seed=i, ignore_eos=True, constraint=c)
+        return SamplingParams(max_tokens=steps, temperature=0.8, seed=i, ignore_eos=True, constraint=c)
 
     plain = full_batch_steps(engine, [engine.add_request(p, params(i, None)) for i, p in enumerate(prompts)])
     held = [engine.add_request(p, params(i, constraint)) for i, p in enumerate(prompts)]
@@ -114,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     answers = [r.output_ids for r in held]
     depth = min(len(a) for a in answers)
-    logits = torch.randn(args.batch, vocab)
+    logits = torch.randn(batch, vocab)
     build, apply, feed = [], [], []
     for _ in range(3):
         matchers = [engine.grammars.matcher(constraint) for _ in answers]
@@ -139,18 +141,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out["answers_valid_json"] = sum(_is_json(engine.tokenizer.decode(a)) for a in answers)
     engine.shutdown()
 
-    print(f"model {out['model']}  vocab {vocab}  batch {args.batch}  torch threads {args.threads}")
+    print(f"model {out['model']}  vocab {vocab}  batch {batch}  torch threads {threads}")
     print(f"compile: llguidance tokenizer {out['ll_tokenizer_ms']:.0f} ms (once per engine); router schema check "
           f"{out['router_check_ms']:.2f} ms; matcher compile {out['matcher_compile_ms']:.2f} ms (once per schema); "
           f"per-request copy {out['matcher_copy_ms']:.3f} ms")
-    print(f"per step, {args.batch} constrained rows: mask build {out['mask_build_ms']:.2f} ms + apply "
+    print(f"per step, {batch} constrained rows: mask build {out['mask_build_ms']:.2f} ms + apply "
           f"{out['mask_apply_ms']:.2f} ms + consume {out['consume_ms']:.2f} ms = {total:.2f} ms")
-    print(f"decode step at batch {args.batch}: {out['decode_step_ms']:.1f} ms unconstrained, "
+    print(f"decode step at batch {batch}: {out['decode_step_ms']:.1f} ms unconstrained, "
           f"{out['decode_step_constrained_ms']:.1f} ms constrained ({len(plain)}/{len(constrained)} steps timed)")
     print(f"masking = {100 * out['mask_share_of_decode_step']:.1f}% of the decode step (target <= 10%); "
-          f"{out['answers_valid_json']}/{args.batch} answers complete JSON within {args.steps} tokens")
-    if args.json:
-        with open(args.json, "w") as f:
+          f"{out['answers_valid_json']}/{batch} answers complete JSON within {steps} tokens")
+    if json_path:
+        with open(json_path, "w") as f:
             json.dump(out, f, indent=1)
     return out
 
@@ -163,5 +165,10 @@ def _is_json(text: str) -> bool:
         return False
 
 
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.structured ARGS``; returns the exit status (2: a bad option)."""
+    return run_command(command, argv, "python -m bench.structured")
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

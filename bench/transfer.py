@@ -17,7 +17,6 @@ head_dim 64, page_size 16).
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
@@ -27,9 +26,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import click
 import torch
 
 import nvshmem_kv as nk
+from appliance.cli_support import HELP_OPTIONS, run_command
 from nvshmem_kv.pages import PageRun, coalesce_runs
 
 SIZES = {1: "1 page", 64: "64 pages", 512: "8K-token prompt (512 pages)", 2048: "32K-token prompt (2048 pages)"}
@@ -311,46 +312,54 @@ def _table(results: list[Result]) -> None:
     Console(width=max(132, Console().width)).print(table)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.transfer", description=__doc__.splitlines()[0])
-    p.add_argument("--backend", action="append", choices=["shm", "tcp", "fake", *GPU_BACKENDS],
-                   help="backend(s) to measure, repeatable (default: shm and tcp)")
-    p.add_argument("--pages", type=int, action="append", help="pages per transfer, repeatable (default: 1, 64, 512)")
-    p.add_argument("--layout", choices=["contiguous", "scattered", "both"], default=None,
-                   help="destination pages: one run, or a random set (default: contiguous; table: both)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    p.add_argument("--layers", type=int, default=30)
-    p.add_argument("--kv-heads", type=int, default=3)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--page-size", type=int, default=16)
-    p.add_argument("--shape", choices=sorted(SHAPES), help="a model's KV shape (sets --layers/--kv-heads/--head-dim)")
-    p.add_argument("--copy", choices=["torch", "kernel"], help="cuda_ipc's copy path (default: the transport's)")
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: one core each)")
-    p.add_argument("--json", action="store_true", help="print one JSON object (first backend and size)")
-    p.add_argument("--out", help="also write the JSON result(s) to this file")
-    args = p.parse_args(argv)
-    layers, kv_heads, head_dim = SHAPES[args.shape] if args.shape else (args.layers, args.kv_heads, args.head_dim)
-    shape = Shape(layers, kv_heads, head_dim, args.page_size, DTYPES[args.dtype])
-    backends = args.backend or ["shm", "tcp"]
-    if args.json:
-        layout = args.layout if args.layout in ("contiguous", "scattered") else "contiguous"
-        result = asdict(measure(backends[0], (args.pages or [64])[0], shape=shape, layout=layout,
-                                repeats=args.repeats, threads=args.threads, copy=args.copy))
+@click.command(help=__doc__.split("\n\n")[0], context_settings=HELP_OPTIONS)
+@click.option("--backend", "backends", multiple=True, type=click.Choice(["shm", "tcp", "fake", *GPU_BACKENDS]),
+              help="backend(s) to measure, repeatable (default: shm and tcp)")
+@click.option("--pages", type=int, multiple=True, help="pages per transfer, repeatable (default: 1, 64, 512)")
+@click.option("--layout", type=click.Choice(["contiguous", "scattered", "both"]), default=None,
+              help="destination pages: one run, or a random set (default: contiguous; table: both)")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default="bf16")
+@click.option("--layers", type=int, default=30)
+@click.option("--kv-heads", type=int, default=3)
+@click.option("--head-dim", type=int, default=64)
+@click.option("--page-size", type=int, default=16)
+@click.option("--shape", "shape_name", type=click.Choice(sorted(SHAPES)),
+              help="a model's KV shape (sets --layers/--kv-heads/--head-dim)")
+@click.option("--copy", type=click.Choice(["torch", "kernel"]), help="cuda_ipc's copy path (default: the transport's)")
+@click.option("--repeats", type=int, default=7)
+@click.option("--threads", type=int, default=1, help="torch threads per process (default 1: one core each)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object (first backend and size)")
+@click.option("--out", help="also write the JSON result(s) to this file")
+def command(backends: tuple[str, ...], pages: tuple[int, ...], layout: str | None, dtype: str, layers: int,
+            kv_heads: int, head_dim: int, page_size: int, shape_name: str | None, copy: str | None, repeats: int,
+            threads: int, as_json: bool, out: str | None) -> int:
+    if shape_name:
+        layers, kv_heads, head_dim = SHAPES[shape_name]
+    shape = Shape(layers, kv_heads, head_dim, page_size, DTYPES[dtype])
+    backends = backends or ("shm", "tcp")
+    if as_json:
+        one_layout = layout if layout in ("contiguous", "scattered") else "contiguous"
+        result = asdict(measure(backends[0], (pages or [64])[0], shape=shape, layout=one_layout,
+                                repeats=repeats, threads=threads, copy=copy))
         print(json.dumps(result))
-        if args.out:
-            with open(args.out, "w") as f:
+        if out:
+            with open(out, "w") as f:
                 json.dump(result, f, indent=2)
         return 0
-    layouts = ["contiguous", "scattered"] if args.layout in (None, "both") else [args.layout]
-    results = [measure(b, n, shape=shape, layout=lay, repeats=args.repeats, threads=args.threads, copy=args.copy)
-               for b in backends for n in (args.pages or DEFAULT_PAGES) for lay in layouts
+    layouts = ["contiguous", "scattered"] if layout in (None, "both") else [layout]
+    results = [measure(b, n, shape=shape, layout=lay, repeats=repeats, threads=threads, copy=copy)
+               for b in backends for n in (pages or DEFAULT_PAGES) for lay in layouts
                if not (n == 1 and lay == "scattered")]
     _table(results)
-    if args.out:
-        with open(args.out, "w") as f:
+    if out:
+        with open(out, "w") as f:
             json.dump([asdict(r) for r in results], f, indent=2)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.transfer ARGS``; returns the exit status (2: a bad option)."""
+    return run_command(command, argv, "python -m bench.transfer")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ script). Exit 0 when every answer matches, 1 otherwise; the JSON report names ea
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 import sys
@@ -18,6 +17,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -48,18 +49,17 @@ def answers(url: str, max_tokens: int) -> tuple[str, ...]:
     return tuple(out)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prefill-gpus", default="0")
-    p.add_argument("--decode-gpus", default="0")
-    p.add_argument("--prefill-tp", type=int, default=1)
-    p.add_argument("--transport", default="cuda_ipc")
-    p.add_argument("--cpu", action="store_true", help="CPU cores and the given CPU transport (smoke test)")
-    p.add_argument("--max-tokens", type=int, default=16)
-    p.add_argument("--out", type=Path)
-    p.add_argument("--log-dir", type=Path)
-    args = p.parse_args(argv)
-
+@click.command(help=__doc__.split("\n\n")[0], context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--prefill-gpus", default="0")
+@click.option("--decode-gpus", default="0")
+@click.option("--prefill-tp", type=int, default=1)
+@click.option("--transport", default="cuda_ipc")
+@click.option("--cpu", is_flag=True, help="CPU cores and the given CPU transport (smoke test)")
+@click.option("--max-tokens", type=int, default=16)
+@click.option("--out", type=click.Path(path_type=Path))
+@click.option("--log-dir", type=click.Path(path_type=Path))
+def command(prefill_gpus: str, decode_gpus: str, prefill_tp: int, transport: str, cpu: bool, max_tokens: int,
+            out: Path | None, log_dir: Path | None) -> int:
     from appliance.model.tiny import write_tiny_model
     from tests.serve.appliance_proc import running_appliance
 
@@ -68,29 +68,36 @@ def main(argv: list[str] | None = None) -> int:
     model = write_tiny_model(work / "llama-seed0", seed=0, layers=4, hidden=256, heads=4, kv_heads=2,
                              intermediate=512)  # head_dim 64, as the Llama family
     common = ("--model", str(model), "--dtype", "float32", "--kv-cache-mb", "64", "--no-monitor")
-    if args.cpu:
+    if cpu:
         unified = ("--mode", "unified", "--cpus", "0", *common)
-        disagg = ("--mode", "disagg", "--prefill-cpus", "0", "--decode-cpus", "0", "--transport", args.transport,
+        disagg = ("--mode", "disagg", "--prefill-cpus", "0", "--decode-cpus", "0", "--transport", transport,
                   *common)
     else:
-        unified = ("--mode", "unified", "--gpus", args.prefill_gpus.split(",")[0].split("-")[0], *common)
-        disagg = ("--mode", "disagg", "--prefill-gpus", args.prefill_gpus, "--decode-gpus", args.decode_gpus,
-                  "--prefill-tp", str(args.prefill_tp), "--transport", args.transport, *common)
-    logs = args.log_dir or work
+        unified = ("--mode", "unified", "--gpus", prefill_gpus.split(",")[0].split("-")[0], *common)
+        disagg = ("--mode", "disagg", "--prefill-gpus", prefill_gpus, "--decode-gpus", decode_gpus,
+                  "--prefill-tp", str(prefill_tp), "--transport", transport, *common)
+    logs = log_dir or work
     try:
         with running_appliance(*unified, log_dir=logs / "unified") as url:
-            want = answers(url, args.max_tokens)
+            want = answers(url, max_tokens)
         with running_appliance(*disagg, log_dir=logs / "disagg") as url:
-            got = answers(url, args.max_tokens)
+            got = answers(url, max_tokens)
     finally:
-        shutil.rmtree(work if args.log_dir else work / "llama-seed0", ignore_errors=True)  # keep logs made here
-    report = Report(args.transport, disagg, unified, want, got, tuple(a == b for a, b in zip(want, got)), want == got,
+        shutil.rmtree(work if log_dir else work / "llama-seed0", ignore_errors=True)  # keep logs made here
+    report = Report(transport, disagg, unified, want, got, tuple(a == b for a, b in zip(want, got)), want == got,
                     round(time.monotonic() - t0, 1))
     text = json.dumps(asdict(report), indent=1)
     print(text)
-    if args.out:
-        args.out.write_text(text)
+    if out:
+        out.write_text(text)
     return 0 if report.equal else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The exit status of ``python3 scripts/serve_check.py ARGS`` (2: a bad option)."""
+    from appliance.cli_support import run_command
+
+    return run_command(command, argv)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ The handoff's share is that tail over disaggregated TTFT. Exit 0 when it is at m
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import shutil
@@ -23,6 +22,8 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import click
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -86,42 +87,41 @@ def run(url: str, texts: list[str], warmup: int) -> tuple[list[float], object, o
     return out[warmup:], before, scrape(url)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prompt-tokens", type=int, default=8192)
-    p.add_argument("--requests", type=int, default=7, help="timed requests per mode (after 2 warm-ups)")
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=2048)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--intermediate", type=int, default=8192)
-    p.add_argument("--transport", default="cuda_ipc")
-    p.add_argument("--cpu", action="store_true", help="CPU cores and the shm transport (smoke test)")
-    p.add_argument("--max-share", type=float, default=0.02)
-    p.add_argument("--out", type=Path)
-    p.add_argument("--log-dir", type=Path)
-    args = p.parse_args(argv)
-
+@click.command(help=__doc__.split("\n\n")[0], context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--prompt-tokens", type=int, default=8192)
+@click.option("--requests", type=int, default=7, help="timed requests per mode (after 2 warm-ups)")
+@click.option("--layers", type=int, default=8)
+@click.option("--hidden", type=int, default=2048)
+@click.option("--heads", type=int, default=32)
+@click.option("--kv-heads", type=int, default=8)
+@click.option("--intermediate", type=int, default=8192)
+@click.option("--transport", default="cuda_ipc")
+@click.option("--cpu", is_flag=True, help="CPU cores and the shm transport (smoke test)")
+@click.option("--max-share", type=float, default=0.02)
+@click.option("--out", type=click.Path(path_type=Path))
+@click.option("--log-dir", type=click.Path(path_type=Path))
+def command(prompt_tokens: int, requests: int, layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int,
+            transport: str, cpu: bool, max_share: float, out: Path | None, log_dir: Path | None) -> int:
     from appliance.model.tiny import write_tiny_model
     from tests.serve.appliance_proc import running_appliance
 
-    shape = {"layers": args.layers, "hidden": args.hidden, "heads": args.heads, "kv_heads": args.kv_heads,
-             "intermediate": args.intermediate}
+    shape = {"layers": layers, "hidden": hidden, "heads": heads, "kv_heads": kv_heads,
+             "intermediate": intermediate}
     work = Path(tempfile.mkdtemp(prefix="pdbox-ttft-check-"))
-    model = write_tiny_model(work / "llama", seed=0, max_position=args.prompt_tokens + 64, **shape)
+    model = write_tiny_model(work / "llama", seed=0, max_position=prompt_tokens + 64, **shape)
     kv_mb = "1024"
     common = ("--model", str(model), "--kv-cache-mb", kv_mb, "--no-monitor")
-    if args.cpu:
+    if cpu:
         unified = ("--mode", "unified", "--cpus", "0", *common)
         disagg = ("--mode", "disagg", "--prefill-cpus", "0", "--decode-cpus", "0", "--transport", "shm", *common)
     else:
         common = (*common, "--dtype", "bfloat16", "--no-cuda-graphs")  # one-token answers: no decode to capture
         unified = ("--mode", "unified", "--gpus", "0", *common)
-        disagg = ("--mode", "disagg", "--prefill-gpus", "0", "--decode-gpus", "0", "--transport", args.transport,
+        disagg = ("--mode", "disagg", "--prefill-gpus", "0", "--decode-gpus", "0", "--transport", transport,
                   *common)
     warmup = 2
-    texts = prompts(args.requests + warmup, args.prompt_tokens, seed=1)
-    logs = args.log_dir or work
+    texts = prompts(requests + warmup, prompt_tokens, seed=1)
+    logs = log_dir or work
     try:
         with running_appliance(*unified, log_dir=logs / "unified") as url:
             uni, u0, u1 = run(url, texts, warmup)
@@ -132,16 +132,23 @@ def main(argv: list[str] | None = None) -> int:
     u_ttft, d_ttft = mean_ms(u0, u1, "pdbox_ttft_seconds"), mean_ms(d0, d1, "pdbox_ttft_seconds")
     tail = mean_ms(d0, d1, "pdbox_handoff_tail_seconds")
     share = tail / d_ttft
-    report = Report(args.prompt_tokens, args.requests, shape, round(u_ttft, 2), round(d_ttft, 2), round(tail, 3),
-                    round(share, 4), uni, dis, args.max_share, share <= args.max_share)
+    report = Report(prompt_tokens, requests, shape, round(u_ttft, 2), round(d_ttft, 2), round(tail, 3),
+                    round(share, 4), uni, dis, max_share, share <= max_share)
     text = json.dumps(asdict(report), indent=1)
     print(text)
-    if args.out:
-        args.out.write_text(text)
-    print(f"{args.prompt_tokens}-token prompts, mean of {args.requests}: TTFT unified {u_ttft:.1f} ms, disagg "
+    if out:
+        out.write_text(text)
+    print(f"{prompt_tokens}-token prompts, mean of {requests}: TTFT unified {u_ttft:.1f} ms, disagg "
           f"{d_ttft:.1f} ms; the handoff after prefill's first token {tail:.2f} ms = {100 * share:.2f}% of "
-          f"disagg TTFT (target <= {100 * args.max_share:.0f}%)")
+          f"disagg TTFT (target <= {100 * max_share:.0f}%)")
     return 0 if report.ok else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The exit status of ``python3 scripts/ttft_check.py ARGS`` (2: a bad option)."""
+    from appliance.cli_support import run_command
+
+    return run_command(command, argv)
 
 
 if __name__ == "__main__":

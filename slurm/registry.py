@@ -14,23 +14,25 @@ The router mounts it:
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import hmac
 import logging
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import click
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from appliance.cli_support import HELP_OPTIONS, run_command
 from appliance.serve.internal_error import error_middleware
 from slurm.messages import Deregister, RegistryEvent, WorkerInfo, WorkerRole, WorkerStatus
 
@@ -278,18 +280,22 @@ async def _serve(host: str, port: int, port_file: Path | None, token: str) -> No
     await runner.cleanup()
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m slurm.registry", description=__doc__.splitlines()[0])
-    parser.add_argument("--host", default="0.0.0.0")
-    parser.add_argument("--port", type=int, default=0, help="0: any free port (see --port-file)")
-    parser.add_argument("--port-file", type=Path, help="write the bound port here once serving")
-    args = parser.parse_args(argv)
+@click.command(help=__doc__.split("\n\n")[0], context_settings=HELP_OPTIONS)
+@click.option("--host", default="0.0.0.0")
+@click.option("--port", type=int, default=0, help="0: any free port (see --port-file)")
+@click.option("--port-file", type=click.Path(path_type=Path), help="write the bound port here once serving")
+def command(host: str, port: int, port_file: Path | None) -> None:
     token = os.environ.get(TOKEN_ENV, "")
     if not token:
-        parser.error(f"${TOKEN_ENV} is not set")
+        raise click.UsageError(f"${TOKEN_ENV} is not set")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    asyncio.run(_serve(args.host, args.port, args.port_file, token))
+    asyncio.run(_serve(host, port, port_file, token))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m slurm.registry ARGS``; returns the exit status (2: a bad option, or no token)."""
+    return run_command(command, argv, "python -m slurm.registry")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,12 +8,12 @@ a `usage` chunk and `[DONE]`, as vLLM does. Chat streams open with a role-only c
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import signal
 from typing import Any
 
+import click
 from aiohttp import web
 
 MODEL_ID = "fake-model"
@@ -107,13 +107,12 @@ async def _serve(host: str, port: int, mode: str) -> None:
     print("stopped", flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--mode", default="unified")
-    args = parser.parse_args()
-    asyncio.run(_serve(args.host, args.port, args.mode))
+@click.command()
+@click.option("--host", default="127.0.0.1")
+@click.option("--port", type=int, default=0)
+@click.option("--mode", default="unified")
+def main(host: str, port: int, mode: str) -> None:
+    asyncio.run(_serve(host, port, mode))
 
 
 if __name__ == "__main__":
