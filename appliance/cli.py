@@ -7,8 +7,8 @@ import sys
 import click
 
 from appliance.cli_support import CliError, LazyGroup
-from appliance.engine_flags import EngineFlags, config_options, engine_options
-from appliance.serve.router_config import RouterConfig
+from appliance.engine_flags import EngineFlags, config_options, engine_options, flagged_fields
+from appliance.serve.router_config import AutoConfig, RouterConfig
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]},
@@ -75,14 +75,7 @@ def generate(engine: EngineFlags, prompt: str, max_tokens: int, temperature: flo
 @click.option("--log-dir", default="", help="Where worker logs go (default: a new temp folder).")
 @click.option("--monitor/--no-monitor", default=True, show_default=True,
               help="On a terminal, show start-up progress and then the live dashboard.")
-@click.option("--slo-ttft-ms", default=0.0, help="auto mode: answer 429 at once when the predicted TTFT is beyond "
-              "2x this SLO (0: off).")
-@click.option("--slo-tpot-ms", default=0.0, help="auto mode: TPOT SLO for decisions (0: 1.5x the measured step).")
-@click.option("--rebalance-idle-s", default=20.0, show_default=True,
-              help="auto mode: seconds of low handed-over prefill demand before a prefill engine turns to decode.")
-@click.option("--move-decodes/--no-move-decodes", default=True, show_default=True,
-              help="auto mode: an engine turning prefill moves its decodes, KV and all, to another engine "
-              "(else they finish where they are first).")
+@config_options(AutoConfig)  # the auto-mode options
 def up(**kw) -> None:
     """Serve an OpenAI-compatible endpoint with prefill and decode on separate devices."""
     import asyncio
@@ -90,7 +83,8 @@ def up(**kw) -> None:
     from appliance.launcher import Launcher, UpConfig
 
     try:
-        launcher = Launcher(UpConfig(**kw))
+        auto = AutoConfig(**{name: kw.pop(name) for name in flagged_fields(AutoConfig)})  # names a bad option
+        launcher = Launcher(UpConfig(auto=auto, **kw))
         asyncio.run(launcher.serve())
     except (ValueError, RuntimeError, OSError) as exc:
         raise CliError(str(exc)) from None

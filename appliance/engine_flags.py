@@ -8,7 +8,8 @@ One declaration (the field: its default, help, choices) gives:
 - the worker's `EngineConfig` from them plus the per-worker values (`engine_config`).
 
 So a new engine flag is a new `flag(...)` field in `EngineConfig` and its use in the engine.
-`config_options` does the same for another config's flagged fields (`pdbox up`'s `RouterConfig` options).
+`config_options` does the same for another config's flagged fields (`pdbox up`'s `RouterConfig` and
+`AutoConfig` options).
 """
 
 from __future__ import annotations
@@ -50,6 +51,12 @@ def option_name(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def field_option(f: Field) -> str:
+    """A flagged field's option: ``--field-name``, or the ``option`` its metadata names (`AutoConfig.move`
+    is ``--move-decodes``)."""
+    return f.metadata.get("option") or option_name(f.name)
+
+
 class EngineFlags(Mapping[str, Any]):
     """The values of every engine flag a command line took (the ones not given keep their command-line
     default), by `EngineConfig` field name. Read-only; `replace` makes a changed copy."""
@@ -81,7 +88,7 @@ class EngineFlags(Mapping[str, Any]):
 
 
 def _click_option(f: Field) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    meta, default, opt = _flag(f), _default(f), option_name(f.name)
+    meta, default, opt = _flag(f), _default(f), field_option(f)
     if isinstance(default, bool):
         return click.option(f"{opt}/--no-{opt[2:]}", f.name, default=default, show_default=True, help=meta.help)
     kind: Any = click.Choice(meta.choices) if meta.choices else type(default)
@@ -89,10 +96,13 @@ def _click_option(f: Field) -> Callable[[Callable[..., Any]], Callable[..., Any]
                         envvar=meta.envvar, help=meta.help)
 
 
-def config_options(config: type, names: tuple[str, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """A decorator for a click command: an option per flagged field in `names` of the config dataclass
-    `config`, handed to the command under the field's name (`pdbox up`'s `RouterConfig` options)."""
+def config_options(config: type,
+                   names: tuple[str, ...] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator for a click command: an option per flagged field in `names` (None: all, in declaration
+    order) of the config dataclass `config`, handed to the command under the field's name (`pdbox up`'s
+    `RouterConfig` and `AutoConfig` options)."""
     known = flagged_fields(config)
+    names = tuple(known) if names is None else names
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
         for name in reversed(names):

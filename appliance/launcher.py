@@ -11,13 +11,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from appliance.engine_flags import EngineFlags, engine_argv
 from appliance.gpu_plan import PEER_DEVICES_ENV, RANK_DEVICES_ENV, GpuGroup, WorkerGpus, parse_visible, plan_gpus
 from appliance.nvshmem_job import plan_job
-from appliance.serve.router_config import RouterConfig
+from appliance.serve.router_config import AutoConfig, RouterConfig
 from appliance.topology import available_cpus, format_ids, parse_ids, split_groups
 
 READY_TIMEOUT_S = 300.0
@@ -28,7 +28,7 @@ MAX_BACKOFF_S = 30.0
 @dataclass(frozen=True)
 class UpConfig:
     """`pdbox up`'s settings; ``engine``: the engine flags every worker gets (`appliance.engine_flags`); the
-    router's settings default as in `RouterConfig`."""
+    router's settings default as in `RouterConfig`; ``auto``: the adaptive router's (``--mode auto``)."""
 
     mode: str = "disagg"
     model: str | None = None
@@ -53,10 +53,7 @@ class UpConfig:
     lease_s: float = RouterConfig.lease_s
     log_dir: str = ""
     max_inflight: int = RouterConfig.max_inflight
-    slo_ttft_ms: float = 0.0
-    slo_tpot_ms: float = 0.0
-    rebalance_idle_s: float = 20.0
-    move_decodes: bool = True
+    auto: AutoConfig = AutoConfig()  # --mode auto's settings (pdbox up's options from its flagged fields)
     monitor: bool = True  # on a TTY: start-up progress, then the live dashboard
 
     def __post_init__(self) -> None:
@@ -66,15 +63,6 @@ class UpConfig:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
         if self.cores_per_engine < 0 or (self.cores_per_engine and self.cores_per_engine % self.tp):
             raise ValueError(f"--cores-per-engine must be a multiple of --tp ({self.tp}), got {self.cores_per_engine}")
-        self.auto_config(())  # the adaptive settings are checked up front, before any worker starts
-
-    def auto_config(self, initial_prefill: tuple[str, ...]):
-        """The adaptive router's settings (``--mode auto``); raises ValueError naming a bad option."""
-        from appliance.serve.router_config import AutoConfig
-
-        return AutoConfig(initial_prefill=initial_prefill, slo_tpot_ms=self.slo_tpot_ms,
-                          slo_ttft_ms=self.slo_ttft_ms, rebalance_idle_s=self.rebalance_idle_s,
-                          move=self.move_decodes)
 
 
 @dataclass
@@ -273,9 +261,8 @@ class Launcher:
                             decode_policy=self.cfg.decode_policy, lease_s=self.cfg.lease_s,
                             page_size=self.cfg.engine["page_size"], max_inflight=self.cfg.max_inflight,
                             generation=load_generation_defaults(self.cfg.model))
-        auto = None
-        if self.cfg.mode == "auto":
-            auto = self.cfg.auto_config(tuple(s.name for s in self.specs if s.extra.get("leaning") == "prefill"))
+        prefill = tuple(s.name for s in self.specs if s.extra.get("leaning") == "prefill")  # they start so
+        auto = replace(self.cfg.auto, initial_prefill=prefill) if self.cfg.mode == "auto" else None
         router = Router(rcfg, tok, vocab, auto=auto)
         for spec in self.specs:
             router.pool.add(WorkerHandle(name=spec.name, role=spec.role, url=spec.url, devices=spec.devices,

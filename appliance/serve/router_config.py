@@ -5,13 +5,14 @@ The ``*_s`` fields of `RouterConfig` are the router's deadlines (see :mod:`appli
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from appliance.config import DEFAULT_PAGE_SIZE, flag
+from appliance.config import DEFAULT_PAGE_SIZE, Flag, flag
 from appliance.model.generation import GenerationDefaults
 
 PREFILL_POLICIES = ("cache_aware", "least_load", "power_of_two", "round_robin")  # appliance.serve.policies
 DECODE_POLICIES = ("least_load", "power_of_two", "round_robin")
+REJECT_FACTOR = 2.0  # --mode auto: a prompt whose predicted TTFT is beyond this many times --slo-ttft-ms gets a 429
 
 
 @dataclass(frozen=True)
@@ -54,15 +55,23 @@ class RouterConfig:
 class AutoConfig:
     """``slo_tpot_ms``/``slo_ttft_ms`` 0 = derived from the calibration (1.5 x step; TTFT relative to the
     prompt's own prefill, and no admission control). ``rebalance_idle_s``: how long the handed-over
-    prefill demand must stay low before a prefill-leaning engine turns to decode."""
+    prefill demand must stay low before a prefill-leaning engine turns to decode.
+    The fields made with `flag` are `pdbox up`'s auto-mode options (`appliance.engine_flags.config_options`),
+    each ``--field-name`` unless its metadata names the ``option``; a new one needs no change elsewhere."""
 
-    initial_prefill: tuple[str, ...] = ()
-    slo_tpot_ms: float = 0.0
-    slo_ttft_ms: float = 0.0
-    reject_factor: float = 2.0
+    initial_prefill: tuple[str, ...] = ()  # the engines that start prefill-leaning (the launcher's plan)
+    slo_ttft_ms: float = flag(0.0, "auto mode: answer 429 at once when the predicted TTFT is beyond "
+                                   f"{REJECT_FACTOR:g}x this SLO (0: off).")
+    slo_tpot_ms: float = flag(0.0, "auto mode: TPOT SLO for decisions (0: 1.5x the measured step).")
+    reject_factor: float = REJECT_FACTOR
     rebalance: bool = True
-    rebalance_idle_s: float = 20.0
-    move: bool = True  # an engine turning prefill moves its decodes to another engine (else: they drain)
+    rebalance_idle_s: float = flag(20.0, "auto mode: seconds of low handed-over prefill demand before a prefill "
+                                         "engine turns to decode.")
+    move: bool = field(default=True, metadata={
+        "option": "--move-decodes",
+        "flag": Flag("auto mode: an engine turning prefill moves its decodes, KV and all, to another engine "
+                     "(else they finish where they are first)."),
+    })
 
     def __post_init__(self) -> None:
         for option, value in (("--slo-tpot-ms", self.slo_tpot_ms), ("--slo-ttft-ms", self.slo_ttft_ms)):
