@@ -10,6 +10,10 @@ from typing import Any
 
 from appliance.engine.constraint import Constraint
 
+MAX_STOP = 16  # stop strings (and stop token ids) per request
+MAX_LOGPROBS = 20  # top logprobs per token
+MAX_SAMPLES = 64  # samples of one prompt (n); the OpenAI API allows fewer (appliance.serve.openai_schema)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -28,9 +32,9 @@ class SamplingParams:
     constraint: Constraint | None = None  # structured outputs: what the answer must match
     n: int = 1  # samples of the prompt (appliance.engine.fork): sample i draws with seed + i
 
-    MAX_N = 64
-    MAX_LOGPROBS = 20
-    MAX_STOP = 16
+    MAX_N = MAX_SAMPLES
+    MAX_LOGPROBS = MAX_LOGPROBS
+    MAX_STOP = MAX_STOP
 
     def __post_init__(self) -> None:
         def check(ok: bool, msg: str) -> None:

@@ -2,10 +2,11 @@
 
 Every field of OpenAI's chat and completions bodies falls in one of three sets:
 
-- **applied**: read by `openai_api` and honoured (sampling, stops, logprobs, streaming, ``n``, structured
-  outputs: ``response_format`` text / json_object / json_schema and the ``guided_regex`` extension,
-  checked in `response_format`, which refuses any other type naming the field; on chat, ``tools``,
-  ``tool_choice`` and ``parallel_tool_calls``, checked in `tools`; on completions, ``best_of``);
+- **applied**: the fields of the Structs in `openai_schema`, read by `openai_api` and honoured
+  (sampling, stops, logprobs, streaming, ``n``, structured outputs: ``response_format`` text /
+  json_object / json_schema and the ``guided_regex`` extension, checked in `response_format`, which
+  refuses any other type naming the field; on chat, ``tools``, ``tool_choice`` and
+  ``parallel_tool_calls``, checked in `tools`; on completions, ``best_of``);
 - **metadata**: fields that do not change the answer (``user``, ``metadata``, ...), accepted;
 - **unsupported**: fields that would change the answer, accepted only at their no-op value
   (``"tools": []`` on /v1/completions, ``"logit_bias": {}``, ``"presence_penalty": 0``); any other
@@ -20,15 +21,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-APPLIED_COMMON = frozenset({
-    "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
-    "stop_token_ids", "ignore_eos", "stream", "stream_options", "n", "presence_penalty", "frequency_penalty",
-    "response_format", "guided_regex",
-})
-APPLIED = {
-    "chat": APPLIED_COMMON | {"messages", "logprobs", "top_logprobs", "tools", "tool_choice", "parallel_tool_calls"},
-    "completions": APPLIED_COMMON | {"prompt", "logprobs", "best_of"},
-}
+from appliance.serve.openai_schema import BODIES, PENALTY_RANGE
+
+APPLIED = {endpoint: frozenset(body.__struct_fields__) for endpoint, body in BODIES.items()}  # the Structs' fields
 METADATA = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
 
 
@@ -59,7 +54,7 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "verbosity": (lambda v: v is None, "verbosity is not supported"),
     "repetition_penalty": (lambda v: v in (None, 1, 1.0), "repetition_penalty is not applied"),
 }
-PENALTIES = ("presence_penalty", "frequency_penalty")  # range-checked in openai_api, then here
+PENALTIES = ("presence_penalty", "frequency_penalty")  # typed in openai_schema, refused here unless 0
 
 
 def refusal(body: dict[str, Any], endpoint: str) -> tuple[str, str] | None:
@@ -77,10 +72,16 @@ def refusal(body: dict[str, Any], endpoint: str) -> tuple[str, str] | None:
 
 
 def penalty_refusal(body: dict[str, Any]) -> tuple[str, str] | None:
-    """Penalties other than 0 would change the answer, and pdbox does not apply them."""
+    """Penalties other than 0 would change the answer, and pdbox does not apply them (a value that is not
+    a number is left to the Struct's type check)."""
+    lo, hi = PENALTY_RANGE
     for name in PENALTIES:
-        if not _zero(body.get(name)):
-            return name, f"{name} is not applied by pdbox: send 0 or leave it out"
+        v = body.get(name)
+        if isinstance(v, bool) or not isinstance(v, int | float) or _zero(v):
+            continue
+        if not lo <= v <= hi:
+            return name, f"{name} must be >= {lo} and <= {hi}, got {v}"
+        return name, f"{name} is not applied by pdbox: send 0 or leave it out"
     return None
 
 

@@ -76,7 +76,7 @@ CASES: list[tuple[str, str, dict | bytes, int, str | None, str]] = [
     ("stop-too-long", CHAT, {**MSG, "stop": "x" * 5000}, 400, "stop", "characters"),
     ("stop-token-ids-17", CHAT, {**MSG, "stop_token_ids": list(range(17))}, 400, "stop_token_ids", "at most"),
     ("stop-token-ids-outside", CHAT, {**MSG, "stop_token_ids": [2**70]}, 400, "stop_token_ids", "vocabulary"),
-    ("stop-token-ids-strings", CHAT, {**MSG, "stop_token_ids": ["a"]}, 400, "stop_token_ids", "integers"),
+    ("stop-token-ids-strings", CHAT, {**MSG, "stop_token_ids": ["a"]}, 400, "stop_token_ids", "integer"),
     ("stream-string", CHAT, {**MSG, "stream": "yes"}, 400, "stream", "boolean"),
     ("stream-options-list", CHAT, {**MSG, "stream": True, "stream_options": []}, 400, "stream_options", "object"),
     ("ignore-eos-int", CHAT, {**MSG, "ignore_eos": 1}, 400, "ignore_eos", "boolean"),
