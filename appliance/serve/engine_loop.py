@@ -72,6 +72,11 @@ class EngineLoop:
     def start(self) -> None:
         self.thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread is running (the worker's ``/health`` answers 503 once it is not)."""
+        return self.thread.is_alive() and not self._stop.is_set()
+
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
         self.inbox.put(lambda: None)
@@ -122,6 +127,11 @@ class EngineLoop:
             except ValueError as exc:
                 self.open_samples.pop(rid, None)
                 self._emit(rid, Error(message=str(exc), status=400))
+                return
+            except Exception as exc:  # an engine bug: this request fails, the thread goes on
+                log.exception("adding request %s failed", rid)
+                self.open_samples.pop(rid, None)
+                self._emit(rid, Error(message=f"engine error: {exc}", status=500))
                 return
             if transfer is not None:
                 req.prefill_only = True
@@ -252,7 +262,10 @@ class EngineLoop:
             except queue.Empty:
                 cmd = None
             while cmd is not None:
-                cmd()
+                try:
+                    cmd()
+                except Exception:  # a command's own bug must not stop the engine thread
+                    log.exception("engine command failed")
                 try:
                     cmd = self.inbox.get_nowait()
                 except queue.Empty:

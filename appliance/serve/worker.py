@@ -150,6 +150,8 @@ class Worker:
 
     # -- public ------------------------------------------------------------------------------------
     async def health(self, request: web.Request) -> web.Response:
+        if self.loop is not None and not self.loop.alive:  # the router marks this worker down at once
+            return error_response(503, f"worker {self.cfg.name}: its engine thread has stopped")
         return web.json_response({"status": "ok", "role": self.cfg.role, "name": self.cfg.name})
 
     def load_info(self) -> LoadReport:

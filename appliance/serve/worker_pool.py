@@ -1,7 +1,8 @@
 """The router's workers: the registry of `WorkerHandle`s, their health loop and their down events.
 
 A worker is *healthy* while it answers ``/health`` (served by its event loop even while its engine is
-busy); one silent for ``unhealthy_after_s`` (SIGSTOP, a hung host), or whose process exited (the
+busy); one that answers 503 (its engine thread stopped) is marked down at once; one silent for
+``unhealthy_after_s`` (SIGSTOP, a hung host), or whose process exited (the
 launcher calls :meth:`WorkerPool.mark_down`), is marked down: it gets no new requests, and every
 response still open on it is closed, which fails the requests it holds at once. ``/load`` (answered
 between engine steps) refreshes what the placement reads: queue, KV pages, TP size, pool handle.
@@ -16,6 +17,7 @@ from collections.abc import Callable
 
 import aiohttp
 
+from appliance.serve.internal_error import error_message
 from appliance.serve.load_report import LoadReport, decode_load
 from appliance.serve.policies import WorkerHandle
 from appliance.serve.router_config import RouterConfig
@@ -83,13 +85,18 @@ class WorkerPool:
 
     async def probe(self, w: WorkerHandle) -> bool:
         assert self.session is not None
+        broken = ""  # the worker says it cannot serve (503: its engine thread stopped)
         try:
             async with self.session.get(w.url + "/health",
                                         timeout=aiohttp.ClientTimeout(total=self.cfg.probe_timeout_s)) as resp:
                 alive = resp.status == 200
+                if resp.status == 503:
+                    broken = error_message(await resp.read())
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
             alive = False
-        if alive:
+        if broken and w.healthy:
+            self.mark_down(w.name, broken)
+        elif alive:
             w.last_seen = time.monotonic()
         elif w.healthy and time.monotonic() - w.last_seen > self.cfg.unhealthy_after_s:
             self.mark_down(w.name, f"no answer to /health for {self.cfg.unhealthy_after_s:.0f} s")
