@@ -10,18 +10,7 @@ from dataclasses import dataclass
 from appliance.engine.kv_cache import PagePool
 from appliance.engine.prefix_cache import RadixCache
 from appliance.engine.request import Request, RequestStatus
-
-SLACK_K = 4.0  # slack order: a prompt's TTFT goal is SLACK_K x its isolated prefill time + 0.5 s
-
-
-def ttft_slack(arrival: float, prompt_len: int, remaining: int, rate: float, now: float, k: float = SLACK_K) -> float:
-    """Seconds to spare before a prompt misses its TTFT goal if its prefill started now.
-
-    Goal (DistServe-style): ``k x isolated prefill time + 0.5 s``. Short prompts have little
-    work and come early; waiting shrinks every prompt's slack, so long prompts age in.
-    """
-    rate = max(rate, 1.0)
-    return arrival + k * prompt_len / rate + 0.5 - now - remaining / rate
+from appliance.engine.slack import SLACK_K, ttft_slack
 
 
 @dataclass

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from appliance.engine.scheduler import SLACK_K
+from appliance.engine.slack import SLACK_K
 
 
 @dataclass(frozen=True)

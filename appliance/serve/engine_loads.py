@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from appliance.engine.scheduler import ttft_slack
+from appliance.engine.slack import ttft_slack
 from appliance.serve.adaptive import CostModel, EngineLoad, decode_slack_s
 from appliance.serve.dispatch import Eligible
 from appliance.serve.policies import WorkerHandle
