@@ -185,8 +185,8 @@ class Dispatcher:
             if not dtask.done():  # prefill answered first: the client gets the token now
                 first = ptask.result()  # raises WorkerFailed / ApiError when prefill failed
                 prefill_first_at = time.monotonic()
-                cached = int(first.get("cached_tokens", 0))
-                yield Tokens(token_ids=first["token_ids"], logprobs=first.get("logprobs", []))
+                cached = first.cached_tokens
+                yield Tokens(token_ids=first.token_ids, logprobs=first.logprobs)
                 skip_first = True
             else:  # decode's first token came before prefill's answer: no handoff time was left to wait
                 self.metrics.handoff_tail.observe(0.0)
@@ -203,7 +203,7 @@ class Dispatcher:
 
             def usage(ev: Done | Moved) -> tuple[int, int]:
                 if isinstance(ev, Done) and ptask.done() and not ptask.cancelled() and ptask.exception() is None:
-                    return len(ids), int(ptask.result().get("cached_tokens", cached))
+                    return len(ids), ptask.result().cached_tokens
                 return len(ids), cached
 
             events = relay(stream.events, d.name, idle_s=cfg.stream_idle_s, first_wait_s=cfg.stream_idle_s,

@@ -74,6 +74,15 @@ class PrefillRequest(msgspec.Struct, frozen=True, kw_only=True):
     handles: list[str]  # PoolHandle JSON, one per decode TP rank
 
 
+class PrefillAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    """Prefill worker -> router, once the KV is pushed: the first token (and its logprobs) and usage."""
+
+    token_ids: list[int]
+    logprobs: list[dict] = []
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+
+
 class ExtendRequest(msgspec.Struct, frozen=True, kw_only=True):
     """Router -> decode worker: ``room``'s prefill is still coming (its prompt waits in prefill's queue);
     hold the reservation ``lease_s`` more seconds from now."""

@@ -31,6 +31,7 @@ from appliance.serve.protocol import (
     GenerateRequest,
     Moved,
     MoveRequest,
+    PrefillAnswer,
     PrefillRequest,
     Reserved,
     Tokens,
@@ -258,8 +259,9 @@ class Worker:
         assert isinstance(last, Done)
         tokens = [t for ev in events if isinstance(ev, Tokens) for t in ev.token_ids]
         logprobs = [lp for ev in events if isinstance(ev, Tokens) for lp in ev.logprobs]
-        return web.json_response({"token_ids": tokens, "logprobs": logprobs, "prompt_tokens": last.prompt_tokens,
-                                  "cached_tokens": last.cached_tokens})
+        answer = PrefillAnswer(token_ids=tokens, logprobs=logprobs, prompt_tokens=last.prompt_tokens,
+                               cached_tokens=last.cached_tokens)
+        return web.Response(body=msgspec.json.encode(answer), content_type="application/json")
 
     async def decode(self, request: web.Request) -> web.StreamResponse:
         from nvshmem_kv import writers_for

@@ -27,6 +27,7 @@ from appliance.serve.protocol import (
     ExtendRequest,
     GenerateRequest,
     MoveRequest,
+    PrefillAnswer,
     PrefillRequest,
     Reserved,
     decode_event,
@@ -87,16 +88,20 @@ class WorkerClient:
                 raise WorkerFailed(f"{d.name} did not reserve within {self.cfg.connect_timeout_s:.0f} s") from None
             raise
 
-    async def prefill(self, p: WorkerHandle, preq: PrefillRequest) -> dict:
+    async def prefill(self, p: WorkerHandle, preq: PrefillRequest) -> PrefillAnswer:
         """Prefill on ``p``, which pushes the KV into decode's reserved pages; its first token and usage."""
         resp = await self._post(p, "/internal/prefill", preq)
         try:
-            first = await self.unless_down(p, resp.json)
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            body = await self.unless_down(p, resp.read)
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             raise WorkerFailed(f"{p.name}: {type(exc).__name__}: {exc}") from None
         finally:
             self.pool.done_with(p, resp)
-        if not isinstance(first, dict) or not isinstance(first.get("token_ids"), list):
+        try:
+            first = msgspec.json.decode(body, type=PrefillAnswer)
+        except msgspec.MsgspecError as exc:
+            raise WorkerFailed(f"{p.name} answered without a first token: {exc}") from None
+        if not first.token_ids:
             raise WorkerFailed(f"{p.name} answered without a first token")
         return first
 

@@ -27,7 +27,8 @@ def test_every_group_is_listed_and_loads_on_use() -> None:
 
 def test_the_router_needs_no_torch() -> None:
     """The router as a process of its own (Slurm mode) does not import torch: it needs no GPU, and
-    importing it took 4.1 s and ~190 MB more here (0.6 s, 44 MB without) (it came in through the scheduler's TTFT-slack rule)."""
+    importing it took 4.1 s and ~190 MB more here (0.6 s, 44 MB without); it came in through the
+    scheduler's TTFT-slack rule."""
     code = ("import sys, appliance.serve.router_main, appliance.serve.router; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)

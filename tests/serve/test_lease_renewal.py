@@ -9,6 +9,7 @@ import pytest
 
 from appliance.serve.dispatch import Dispatcher
 from appliance.serve.policies import WorkerHandle
+from appliance.serve.protocol import PrefillAnswer
 from appliance.serve.router_config import RouterConfig
 from appliance.serve.router_metrics import RouterMetrics
 from appliance.serve.worker_client import WorkerFailed
@@ -38,7 +39,7 @@ async def handoff(client: RenewingClient, prefill_healthy: bool, prefill_s: floa
     p = WorkerHandle("prefill-0", "prefill", "http://p", healthy=prefill_healthy)
     dec = WorkerHandle("decode-0", "decode", "http://d", healthy=True)
     loop = asyncio.get_running_loop()
-    ptask = asyncio.ensure_future(asyncio.sleep(prefill_s, result={"token_ids": [1]}))
+    ptask = asyncio.ensure_future(asyncio.sleep(prefill_s, result=PrefillAnswer(token_ids=[1])))
     dtask: asyncio.Future = loop.create_future()  # decode speaks only after the handoff
     t0 = loop.time()
     try:

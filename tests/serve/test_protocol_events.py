@@ -30,3 +30,16 @@ def test_an_unknown_kind_is_malformed_and_another_kinds_field_is_ignored() -> No
     with pytest.raises(msgspec.ValidationError, match="kind"):
         decode_event(b'{"kind":"later"}')
     assert decode_event(b'{"kind":"done","token_ids":[1]}') == Done()
+
+
+def test_the_prefill_answer_is_typed_both_ways() -> None:
+    """A prefill worker's answer is one Struct, written and read by msgspec: a body without its first
+    token is refused (the router turns that into WorkerFailed, never a KeyError)."""
+    import msgspec
+
+    from appliance.serve.protocol import PrefillAnswer
+
+    answer = PrefillAnswer(token_ids=[7], logprobs=[{"token_id": 7}], prompt_tokens=12, cached_tokens=4)
+    assert msgspec.json.decode(msgspec.json.encode(answer), type=PrefillAnswer) == answer
+    with pytest.raises(msgspec.ValidationError, match="token_ids"):
+        msgspec.json.decode(b'{"prompt_tokens": 3}', type=PrefillAnswer)
