@@ -140,6 +140,17 @@ def send(app: Appliance, path: str, raw: bytes) -> tuple[int, bytes]:
     return status, body
 
 
+def break_field(body: dict, key: str, value: Any) -> None:
+    """Set ``body[key]`` to a ``value`` outside its schema, so that this field alone is what is wrong."""
+    body[key] = value
+    if key == "max_tokens":
+        body.pop("max_completion_tokens", None)
+    if key == "top_logprobs":
+        body["logprobs"] = True
+    if key == "n":
+        body.pop("best_of", None)  # else a broken n may surface as best_of's bound
+
+
 def _documented(schema: dict, body: dict) -> dict:
     body = {**body, "model": MODEL}
     if body.get("response_format") not in (None, {"type": "text"}):
@@ -189,13 +200,7 @@ def test_one_broken_field_is_refused_by_name(guarded: Appliance, schemas: dict, 
     def run(data: st.DataObject) -> None:
         body = _documented(schemas[path], data.draw(conforming(schemas[path])))
         key = data.draw(st.sampled_from(sorted(props)))
-        body[key] = data.draw(violating(props[key]))
-        if key == "max_tokens":
-            body.pop("max_completion_tokens", None)
-        if key == "top_logprobs":
-            body["logprobs"] = True
-        if key == "n":
-            body.pop("best_of", None)  # else a broken n may surface as best_of's bound
+        break_field(body, key, data.draw(violating(props[key])))
         status, resp = send(guarded, path, json.dumps(body).encode())
         err = error_of(resp)
         if key == "model" and isinstance(body[key], str):
