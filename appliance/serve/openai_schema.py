@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from functools import cache
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import msgspec
 from msgspec import Meta
@@ -26,8 +26,8 @@ MAX_TEMPERATURE = 100
 MAX_SEED = 2**63 - 1
 MIN_TOP_K = -1  # -1 and 0: off
 PENALTY_RANGE = (-2, 2)  # OpenAI's range; any value but 0 is refused as not applied (openai_fields)
-ROLES = ("system", "user", "assistant", "tool", "developer")
 Role = Literal["system", "user", "assistant", "tool", "developer"]
+ROLES: tuple[str, ...] = get_args(Role)
 
 TokenId = Annotated[int, Meta(ge=0)]
 StopString = Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)]
