@@ -8,8 +8,8 @@ The references in ``kernels`` are written to be obviously right; they stay the t
 - rotary cos/sin gathered once per forward pass, not once per layer;
 - prefill attention through torch's fused SDPA with a lower-right causal bias (one call per request,
   covering the cached prefix and the causal part of the new tokens);
-- decode attention grouped by context length once per forward pass (the reference's plan), each group
-  one fused SDPA call with a KV head's query heads as its query length (K/V read once per group);
+- decode attention reads each request's leading run of consecutive pages in place and gathers only
+  the rest (``decode_runs``): fused SDPA calls with a KV head's query heads as the query length;
 - no dtype round trips when the engine runs fp32.
 
 SDPA cannot soft-cap attention scores, so with ``softcap`` set (Gemma 2) both attention calls take the
@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from appliance.engine.decode_runs import RunSplit, decode_by_runs, split_runs
 from kernels.decode_attention import DecodePlan, decode_attention_ref, decode_plan
 from kernels.extend_attention import extend_attention_ref, gather_pages
 from kernels.kv_store import store_kv_ref
@@ -57,7 +58,8 @@ class CpuAttentionBackend:
         self._rope: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0))
         self._plan_key: tuple[torch.Tensor, torch.Tensor] | None = None
         self._plan: DecodePlan = []
-        self._masks: list[torch.Tensor] = []
+        self._split_key: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._split: RunSplit | None = None
         self._lens_key: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lens: list[tuple[int, int]] = []
 
@@ -83,33 +85,17 @@ class CpuAttentionBackend:
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                seq_lens: torch.Tensor, scale: float, softcap: float = 0.0) -> torch.Tensor:
         """One query token per request over its paged context (see ``decode_attention_ref``)."""
-        key = self._plan_key
-        if key is None or key[0] is not page_table or key[1] is not seq_lens:
-            self._plan = decode_plan(page_table, seq_lens, k_cache.shape[1])
-            self._masks = [torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))[:, None, None]
-                           for _, _, _, valid in self._plan]
-            self._plan_key = (page_table, seq_lens)
         if softcap or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
+            key = self._plan_key
+            if key is None or key[0] is not page_table or key[1] is not seq_lens:
+                self._plan = decode_plan(page_table, seq_lens, k_cache.shape[1])
+                self._plan_key = (page_table, seq_lens)
             return decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, scale, self._plan, softcap)
-        batch, q_heads, dim = q.shape
-        num_pages, kv_heads = k_cache.shape[0], k_cache.shape[2]
-        group = q_heads // kv_heads
-        k_rows, v_rows = k_cache.view(num_pages, -1), v_cache.view(num_pages, -1)
-        whole = len(self._plan) == 1 and int(self._plan[0][0].shape[0]) == batch
-        out = q if whole else torch.zeros_like(q)
-        for (idx, table, width, _), mask in zip(self._plan, self._masks):
-            n = int(idx.shape[0])
-            k = k_rows.index_select(0, table).view(n, width, kv_heads, dim).transpose(1, 2)
-            v = v_rows.index_select(0, table).view(n, width, kv_heads, dim).transpose(1, 2)
-            # NOTE: GQA as query length: a KV head's `group` query heads are its "queries", so SDPA's
-            # fused kernel reads each gathered K/V row once for the whole group; the mask adds -inf
-            # past each context.
-            qg = (q if whole else q.index_select(0, idx)).view(n, kv_heads, group, dim)
-            o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale).reshape(n, q_heads, dim)
-            if whole:
-                return o
-            out.index_copy_(0, idx, o)
-        return out
+        key = self._split_key
+        if key is None or key[0] is not page_table or key[1] is not seq_lens:
+            self._split = split_runs(page_table, seq_lens, k_cache.shape[1])
+            self._split_key = (page_table, seq_lens)
+        return decode_by_runs(q, k_cache, v_cache, self._split, scale)
 
     def extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                prefix_lens: torch.Tensor, extend_lens: torch.Tensor, scale: float,

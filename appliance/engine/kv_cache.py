@@ -49,7 +49,9 @@ class PagePool:
         return pages
 
     def free(self, pages: Iterable[int]) -> None:
-        for p in pages:
+        # NOTE: pushed last page first, so the next alloc pops them in their old order: a request's
+        # consecutive pages come back consecutive, and the CPU backend reads such runs in place.
+        for p in reversed(list(pages)):
             if self._is_free[p]:
                 raise RuntimeError(f"page {p} freed twice")
             self._is_free[p] = True

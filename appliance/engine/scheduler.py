@@ -185,7 +185,9 @@ class Scheduler:
                     continue
                 self.waiting.remove(req)
                 n = min(req.remaining_prefill, budget)
-                pages = self._alloc(self._pages_needed(req, n))
+                # NOTE: pages for the whole prompt at once (_admit counted them): consecutive pages that
+                # the CPU backend's decode attention reads in place, not interleaved with other chunks'.
+                pages = self._alloc(self._pages_needed(req, req.remaining_prefill))
                 if pages is None:  # _admit counted the pages; a None here would be a bookkeeping bug
                     raise RuntimeError("page accounting out of sync at admission")
                 req.pages.extend(pages)
