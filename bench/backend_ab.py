@@ -1,7 +1,7 @@
 """The CPU backend's kernels at a git revision against the working tree's, decode steps alternating in
 one process (so the machine's noise falls on both sides alike).
 
-    python -m bench.backend_ab --rev REV [--batch 1 --batch 16] [--rounds 12] [--threads 1]
+    python -m bench.backend_ab --rev REV [--batch 1 --batch 16] [--prompt-len 64] [--rounds 12] [--threads 1]
 
 Both engines load the same model with the same packed weights and linear layers; only the backend's
 other kernels (attention, norms, rotary, activations) differ. Prints each side's median ms/step and
@@ -51,14 +51,14 @@ def engine(backend_cls=None):
     return e
 
 
-def run(rev: str, batch: int, rounds: int, steps: int = 3) -> dict:
+def run(rev: str, batch: int, rounds: int, steps: int = 3, prompt_len: int = 64) -> dict:
     from appliance.engine.request import SamplingParams
 
     with tempfile.TemporaryDirectory() as tmp:
         sides = {"rev": engine(backend_at(rev, Path(tmp))), "tree": engine()}
     for e in sides.values():
         for b in range(batch):
-            e.add_request(list(range(100 + b, 164 + b)),
+            e.add_request(list(range(100 + b, 100 + b + prompt_len)),
                           SamplingParams(max_tokens=steps * (rounds + 2) + 8, temperature=0, ignore_eos=True))
         for _ in range(steps):
             e.step()
@@ -70,21 +70,22 @@ def run(rev: str, batch: int, rounds: int, steps: int = 3) -> dict:
                 e.step()
             times[k].append((time.perf_counter() - t0) / steps)
     ratio = statistics.median(t / r for r, t in zip(times["rev"], times["tree"]))
-    return {"batch": batch, "rev_ms": round(statistics.median(times["rev"]) * 1e3, 1),
+    return {"batch": batch, "prompt_len": prompt_len, "rev_ms": round(statistics.median(times["rev"]) * 1e3, 1),
             "tree_ms": round(statistics.median(times["tree"]) * 1e3, 1), "tree_over_rev": round(ratio, 3)}
 
 
 @click.command(help=__doc__.split("\n\n")[0], context_settings=HELP_OPTIONS)
 @click.option("--rev", required=True, help="git revision whose attention_cpu.py is the baseline")
 @click.option("--batch", type=int, multiple=True, help="decode batch sizes (default 1 and 16)")
+@click.option("--prompt-len", type=int, default=64, show_default=True, help="prompt tokens of each request")
 @click.option("--rounds", type=int, default=12)
 @click.option("--threads", type=int, default=1)
-def command(rev: str, batch: tuple[int, ...], rounds: int, threads: int) -> None:
+def command(rev: str, batch: tuple[int, ...], prompt_len: int, rounds: int, threads: int) -> None:
     torch.set_num_threads(threads)
     for b in batch or (1, 16):
-        r = run(rev, b, rounds)
-        print(f"batch {r['batch']}: {rev} {r['rev_ms']} ms/step, tree {r['tree_ms']} ms/step, "
-              f"tree/{rev} {r['tree_over_rev']}", flush=True)
+        r = run(rev, b, rounds, prompt_len=prompt_len)
+        print(f"batch {r['batch']}, {prompt_len}-token prompts: {rev} {r['rev_ms']} ms/step, "
+              f"tree {r['tree_ms']} ms/step, tree/{rev} {r['tree_over_rev']}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

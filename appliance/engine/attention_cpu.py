@@ -62,6 +62,7 @@ class CpuAttentionBackend:
         self._split: RunSplit | None = None
         self._lens_key: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lens: list[tuple[int, int]] = []
+        self._decode_rows: tuple[list[int], torch.Tensor, RunSplit] | None = None
 
     # -- linear layers ------------------------------------------------------------------------
     def pack_linear(self, weight: torch.Tensor) -> torch.Tensor | PackedWeight:
@@ -107,11 +108,20 @@ class CpuAttentionBackend:
         if key is None or key[0] is not prefix_lens or key[1] is not extend_lens:
             self._lens = list(zip(prefix_lens.tolist(), extend_lens.tolist()))
             self._lens_key = (prefix_lens, extend_lens)
+            self._decode_rows = self._plan_decode_rows(page_table, k_cache.shape[1])
         out = torch.empty_like(q)
+        skip: set[int] = set()
+        if self._decode_rows is not None and q.dtype == torch.float32 and k_cache.dtype == torch.float32:
+            # NOTE: a mixed step's decoding requests (one new token over a cached context) attend
+            # together, as in a decode-only step, instead of one gathered call each
+            rows, q_rows, split = self._decode_rows
+            out.index_copy_(0, q_rows, decode_by_runs(q.index_select(0, q_rows), k_cache, v_cache, split, scale))
+            skip = set(rows)
         group = q.shape[1] // k_cache.shape[2]
         start = 0
         for b, (prefix, n_new) in enumerate(self._lens):
-            if n_new == 0:
+            if n_new == 0 or b in skip:
+                start += n_new
                 continue
             total = prefix + n_new
             k = gather_pages(k_cache, page_table[b], total).transpose(0, 1)
@@ -126,6 +136,22 @@ class CpuAttentionBackend:
             out[start : start + n_new] = o[0].transpose(0, 1)
             start += n_new
         return out
+
+    def _plan_decode_rows(self, page_table: torch.Tensor,
+                          page_size: int) -> tuple[list[int], torch.Tensor, RunSplit] | None:
+        """The requests of an extend batch that decode (one new token after a cached prefix): their
+        batch rows, their query rows and a split of their contexts; ``None`` for fewer than two."""
+        rows, q_rows, lens, start = [], [], [], 0
+        for b, (prefix, n_new) in enumerate(self._lens):
+            if n_new == 1 and prefix > 0:
+                rows.append(b)
+                q_rows.append(start)
+                lens.append(prefix + 1)
+            start += n_new
+        if len(rows) < 2:
+            return None
+        table = page_table.index_select(0, torch.tensor(rows, device=page_table.device))
+        return rows, torch.tensor(q_rows), split_runs(table, torch.tensor(lens), page_size)
 
     # -- pointwise ----------------------------------------------------------------------------
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -92,3 +92,23 @@ def test_backend_reads_long_runs_in_place() -> None:
         out = be.decode(q, k_cache, v_cache, table, lens, 0.25)
     assert be._split is not None and [h[0] for h in be._split.heads] == [0, 1, 2]
     torch.testing.assert_close(out, TorchAttentionBackend().decode(q, k_cache, v_cache, table, lens, 0.25), **TOL)
+
+
+def test_mixed_extend_batches_its_decoding_requests() -> None:
+    """An extend step with two prefill chunks, three decoding requests (one new token each, one of
+    them over pages in one run) and an idle row equals the reference."""
+    g = torch.Generator().manual_seed(7)
+    shape = (64, 16, 3, DIM)
+    k_cache, v_cache = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    prefix = torch.tensor([0, 80, 40, 0, 100, 17])
+    new = torch.tensor([20, 1, 1, 0, 1, 9])
+    table = torch.tensor([[1, 2, 0, 0, 0, 0, 0], [10, 11, 12, 13, 14, 15, 0], [30, 5, 31, 0, 0, 0, 0],
+                          [0, 0, 0, 0, 0, 0, 0], [40, 41, 42, 43, 44, 45, 46], [50, 51, 0, 0, 0, 0, 0]],
+                         dtype=torch.int32)
+    q = torch.randn(int(new.sum()), 9, DIM, generator=g)
+    be = CpuAttentionBackend()
+    for _ in range(2):
+        out = be.extend(q, k_cache, v_cache, table, prefix, new, 0.25)
+    assert be._decode_rows is not None and be._decode_rows[0] == [1, 2, 4]
+    ref = TorchAttentionBackend().extend(q, k_cache, v_cache, table, prefix, new, 0.25)
+    torch.testing.assert_close(out, ref, **TOL)
