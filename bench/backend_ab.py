@@ -57,9 +57,10 @@ def run(rev: str, batch: int, rounds: int, steps: int = 3, prompt_len: int = 64)
     with tempfile.TemporaryDirectory() as tmp:
         sides = {"rev": engine(backend_at(rev, Path(tmp))), "tree": engine()}
     for e in sides.values():
-        for b in range(batch):
-            e.add_request(list(range(100 + b, 100 + b + prompt_len)),
-                          SamplingParams(max_tokens=steps * (rounds + 2) + 8, temperature=0, ignore_eos=True))
+        params = SamplingParams(max_tokens=steps * (rounds + 2) + 8, temperature=0, ignore_eos=True)
+        reqs = [e.add_request(list(range(100 + b, 100 + b + prompt_len)), params) for b in range(batch)]
+        while any(not r.output_ids for r in reqs):  # every prompt prefilled: the rounds time decode steps
+            e.step()
         for _ in range(steps):
             e.step()
     times: dict[str, list[float]] = {k: [] for k in sides}
