@@ -95,32 +95,14 @@ def decode_by_runs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
     """Decode attention of ``q`` ``(batch, q_heads, D)`` (fp32) over fp32 caches
     ``(num_pages, page_size, kv_heads, D)``, by ``split``; empty requests yield zeros."""
     batch, q_heads, dim = q.shape
-    num_pages, page_size, kv_heads = k_cache.shape[:3]
+    kv_heads = k_cache.shape[2]
     qg = q.view(batch, kv_heads, q_heads // kv_heads, dim)
     out = torch.zeros_like(qg)
-    head_o = head_lse = tail_o = tail_lse = None
-    if split.heads:
-        k_slots, v_slots = k_cache.view(-1, kv_heads, dim), v_cache.view(-1, kv_heads, dim)
-        parts = [_attend(qg[b : b + 1], k_slots[s : s + n].transpose(0, 1)[None],
-                         v_slots[s : s + n].transpose(0, 1)[None], scale) for b, s, n in split.heads]
-        head_o = torch.cat([o for o, _ in parts])
-        head_lse = torch.cat([lse for _, lse in parts])
-        out.index_copy_(0, split.head_rows, head_o)
-    if split.tail_plan:
-        m = int(split.tail_rows.shape[0])
-        tail_o = qg.new_empty((m, *qg.shape[1:]))
-        tail_lse = qg.new_empty((m, *qg.shape[1:3]))
-        k_rows, v_rows = k_cache.view(num_pages, -1), v_cache.view(num_pages, -1)
-        for (idx, table, width, _), mask in zip(split.tail_plan, split.tail_masks):
-            n = int(idx.shape[0])
-            k = k_rows.index_select(0, table).view(n, width, kv_heads, dim).transpose(1, 2)
-            v = v_rows.index_select(0, table).view(n, width, kv_heads, dim).transpose(1, 2)
-            o, lse = _attend(qg.index_select(0, split.tail_rows.index_select(0, idx)), k, v, scale, mask)
-            tail_o.index_copy_(0, idx, o)
-            tail_lse.index_copy_(0, idx, lse)
-        out.index_copy_(0, split.tail_rows, tail_o)
-    if split.both_rows.numel() and head_o is not None and tail_o is not None and head_lse is not None \
-            and tail_lse is not None:
+    head_o, head_lse = _in_place(qg, k_cache, v_cache, split, scale)
+    tail_o, tail_lse = _gathered(qg, k_cache, v_cache, split, scale)
+    out.index_copy_(0, split.head_rows, head_o)
+    out.index_copy_(0, split.tail_rows, tail_o)
+    if split.both_rows.numel():
         # NOTE: the two partial softmaxes, each normalised over its own keys, weigh by their share of
         # the total exp-sum: w = exp(lse_part - lse_total).
         l1, l2 = head_lse.index_select(0, split.both_head), tail_lse.index_select(0, split.both_tail)
@@ -129,3 +111,32 @@ def decode_by_runs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
             tail_o.index_select(0, split.both_tail) * (l2 - total).exp_().unsqueeze(-1))
         out.index_copy_(0, split.both_rows, merged)
     return out.view(batch, q_heads, dim)
+
+
+def _in_place(qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, split: RunSplit,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of each leading run, in ``split.heads`` order, read as views of the cache."""
+    if not split.heads:
+        return qg[:0], qg.new_empty((0, *qg.shape[1:3]))
+    kv_heads, dim = k_cache.shape[2:]
+    k_slots, v_slots = k_cache.view(-1, kv_heads, dim), v_cache.view(-1, kv_heads, dim)
+    parts = [_attend(qg[b : b + 1], k_slots[s : s + n].transpose(0, 1)[None],
+                     v_slots[s : s + n].transpose(0, 1)[None], scale) for b, s, n in split.heads]
+    return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
+
+
+def _gathered(qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, split: RunSplit,
+              scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of each rest, in ``split.tail_rows`` order, its pages gathered per length group."""
+    m = int(split.tail_rows.shape[0])
+    tail_o, tail_lse = qg.new_empty((m, *qg.shape[1:])), qg.new_empty((m, *qg.shape[1:3]))
+    num_pages, _, kv_heads, dim = k_cache.shape
+    k_rows, v_rows = k_cache.view(num_pages, -1), v_cache.view(num_pages, -1)
+    for (idx, table, width, _), mask in zip(split.tail_plan, split.tail_masks):
+        n = int(idx.shape[0])
+        k = k_rows.index_select(0, table).view(n, width, kv_heads, dim).transpose(1, 2)
+        v = v_rows.index_select(0, table).view(n, width, kv_heads, dim).transpose(1, 2)
+        o, lse = _attend(qg.index_select(0, split.tail_rows.index_select(0, idx)), k, v, scale, mask)
+        tail_o.index_copy_(0, idx, o)
+        tail_lse.index_copy_(0, idx, lse)
+    return tail_o, tail_lse
