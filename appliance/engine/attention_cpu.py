@@ -8,8 +8,9 @@ The references in ``kernels`` are written to be obviously right; they stay the t
 - rotary cos/sin gathered once per forward pass, not once per layer;
 - prefill attention through torch's fused SDPA with a lower-right causal bias (one call per request,
   covering the cached prefix and the causal part of the new tokens);
-- decode attention reads each request's leading run of consecutive pages in place and gathers only
-  the rest (``decode_runs``): fused SDPA calls with a KV head's query heads as the query length;
+- decode attention of a few requests reads each one's leading run of consecutive pages in place and
+  gathers only the rest (``decode_runs``): fused SDPA calls with a KV head's query heads as the query
+  length; larger batches gather and go batched by length, as the reference does;
 - no dtype round trips when the engine runs fp32.
 
 SDPA cannot soft-cap attention scores, so with ``softcap`` set (Gemma 2) both attention calls take the
@@ -18,14 +19,27 @@ references' explicit matmul-tanh-softmax path instead.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from appliance.engine.decode_runs import RunSplit, decode_by_runs, split_runs
-from kernels.decode_attention import DecodePlan, decode_attention_ref, decode_plan
+from appliance.engine.decode_runs import RunSplit, attend_decode, decode_way, supports
+from kernels.decode_attention import DecodePlan
 from kernels.extend_attention import extend_attention_ref, gather_pages
 from kernels.kv_store import store_kv_ref
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """A mixed step's decoding requests: batch rows, query rows, their page table, lengths and way."""
+
+    rows: list[int]
+    q_rows: torch.Tensor
+    table: torch.Tensor
+    lens: torch.Tensor
+    way: RunSplit | DecodePlan
 
 
 def onednn_available() -> bool:
@@ -56,13 +70,11 @@ class CpuAttentionBackend:
         # backend's decode plan: every layer of one pass sees the same positions / page table.
         self._rope_key: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rope: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0))
-        self._plan_key: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._plan: DecodePlan = []
-        self._split_key: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._split: RunSplit | None = None
+        self._way_key: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._way: RunSplit | DecodePlan = []
         self._lens_key: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lens: list[tuple[int, int]] = []
-        self._decode_rows: tuple[list[int], torch.Tensor, RunSplit] | None = None
+        self._decode_rows: DecodeRows | None = None
 
     # -- linear layers ------------------------------------------------------------------------
     def pack_linear(self, weight: torch.Tensor) -> torch.Tensor | PackedWeight:
@@ -86,17 +98,11 @@ class CpuAttentionBackend:
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                seq_lens: torch.Tensor, scale: float, softcap: float = 0.0) -> torch.Tensor:
         """One query token per request over its paged context (see ``decode_attention_ref``)."""
-        if softcap or q.dtype != torch.float32 or k_cache.dtype != torch.float32:
-            key = self._plan_key
-            if key is None or key[0] is not page_table or key[1] is not seq_lens:
-                self._plan = decode_plan(page_table, seq_lens, k_cache.shape[1])
-                self._plan_key = (page_table, seq_lens)
-            return decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, scale, self._plan, softcap)
-        key = self._split_key
+        key = self._way_key
         if key is None or key[0] is not page_table or key[1] is not seq_lens:
-            self._split = split_runs(page_table, seq_lens, k_cache.shape[1])
-            self._split_key = (page_table, seq_lens)
-        return decode_by_runs(q, k_cache, v_cache, self._split, scale)
+            self._way = decode_way(page_table, seq_lens, k_cache.shape[1], not softcap and supports(q, k_cache))
+            self._way_key = (page_table, seq_lens)
+        return attend_decode(q, k_cache, v_cache, page_table, seq_lens, self._way, scale, softcap)
 
     def extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                prefix_lens: torch.Tensor, extend_lens: torch.Tensor, scale: float,
@@ -108,15 +114,16 @@ class CpuAttentionBackend:
         if key is None or key[0] is not prefix_lens or key[1] is not extend_lens:
             self._lens = list(zip(prefix_lens.tolist(), extend_lens.tolist()))
             self._lens_key = (prefix_lens, extend_lens)
-            self._decode_rows = self._plan_decode_rows(page_table, k_cache.shape[1])
+            self._decode_rows = self._plan_decode_rows(page_table, k_cache.shape[1], supports(q, k_cache))
         out = torch.empty_like(q)
         skip: set[int] = set()
-        if self._decode_rows is not None and q.dtype == torch.float32 and k_cache.dtype == torch.float32:
+        if self._decode_rows is not None:
             # NOTE: a mixed step's decoding requests (one new token over a cached context) attend
             # together, as in a decode-only step, instead of one gathered call each
-            rows, q_rows, split = self._decode_rows
-            out.index_copy_(0, q_rows, decode_by_runs(q.index_select(0, q_rows), k_cache, v_cache, split, scale))
-            skip = set(rows)
+            d = self._decode_rows
+            out.index_copy_(0, d.q_rows, attend_decode(q.index_select(0, d.q_rows), k_cache, v_cache, d.table,
+                                                       d.lens, d.way, scale))
+            skip = set(d.rows)
         group = q.shape[1] // k_cache.shape[2]
         start = 0
         for b, (prefix, n_new) in enumerate(self._lens):
@@ -137,10 +144,9 @@ class CpuAttentionBackend:
             start += n_new
         return out
 
-    def _plan_decode_rows(self, page_table: torch.Tensor,
-                          page_size: int) -> tuple[list[int], torch.Tensor, RunSplit] | None:
-        """The requests of an extend batch that decode (one new token after a cached prefix): their
-        batch rows, their query rows and a split of their contexts; ``None`` for fewer than two."""
+    def _plan_decode_rows(self, page_table: torch.Tensor, page_size: int, in_place_ok: bool) -> DecodeRows | None:
+        """The requests of an extend batch that decode (one new token after a cached prefix), or
+        ``None`` for fewer than two."""
         rows, q_rows, lens, start = [], [], [], 0
         for b, (prefix, n_new) in enumerate(self._lens):
             if n_new == 1 and prefix > 0:
@@ -151,7 +157,9 @@ class CpuAttentionBackend:
         if len(rows) < 2:
             return None
         table = page_table.index_select(0, torch.tensor(rows, device=page_table.device))
-        return rows, torch.tensor(q_rows), split_runs(table, torch.tensor(lens), page_size)
+        seq_lens = torch.tensor(lens)
+        return DecodeRows(rows, torch.tensor(q_rows), table, seq_lens,
+                          decode_way(table, seq_lens, page_size, in_place_ok))
 
     # -- pointwise ----------------------------------------------------------------------------
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

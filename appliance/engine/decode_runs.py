@@ -10,6 +10,9 @@ cache: no copy needed.
 one attention call per request) and the rest (the pages that decode added later, gathered for the
 whole batch into one call). :func:`decode_by_runs` computes both and merges the two partial
 softmaxes by their log-sum-exp; the result equals attention over the whole context.
+
+A fused call per request has a fixed cost, so :func:`decode_way` reads in place only for a few
+requests and sends larger batches down the gathered, length-batched path of the reference.
 """
 
 from __future__ import annotations
@@ -18,9 +21,19 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.decode_attention import DecodePlan, decode_plan
+from kernels.decode_attention import DecodePlan, decode_attention_ref, decode_plan
 
+# NOTE: one fused-attention call per request costs ~25 us before it reads a key, so reading in place
+# pays only for a few requests; past that the batched matmuls over gathered pages win (2-core Zen 4,
+# bf16 and fp32 alike: batch 1 31 vs 137 us a layer, 2 equal within 10%, 4 at 1K tokens 491 vs 363 us).
+IN_PLACE_MAX_BATCH = 2
 MIN_RUN_TOKENS = 64  # a shorter leading run is gathered with the rest: one call more would cost more
+DTYPES = (torch.float32, torch.bfloat16)  # what torch's fused CPU attention computes (fp32 accumulation)
+
+
+def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether :func:`decode_by_runs` takes these: the query and the cache in one dtype of ``DTYPES``."""
+    return q.dtype == k_cache.dtype and q.dtype in DTYPES
 
 
 @dataclass(frozen=True)
@@ -36,6 +49,7 @@ class RunSplit:
     both_head: torch.Tensor  # requests with a head and a rest: their index in heads ...
     both_tail: torch.Tensor  # ... and in tail_rows
     both_rows: torch.Tensor  # ... and their request row
+    all_in_place: bool = False  # every request is one run read in place, in batch order
 
 
 def leading_run(pages: list[int]) -> int:
@@ -80,6 +94,7 @@ def split_runs(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
         heads=heads, head_rows=rows([b for b, _, _ in heads]), tail_rows=rows([b for b, _, _ in rests]),
         tail_plan=plan, tail_masks=masks, both_head=rows([h for h, _, _ in both]),
         both_tail=rows([t for _, t, _ in both]), both_rows=rows([b for _, _, b in both]),
+        all_in_place=not rests and len(heads) == len(lens),
     )
 
 
@@ -92,13 +107,15 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
 
 def decode_by_runs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, split: RunSplit,
                    scale: float) -> torch.Tensor:
-    """Decode attention of ``q`` ``(batch, q_heads, D)`` (fp32) over fp32 caches
-    ``(num_pages, page_size, kv_heads, D)``, by ``split``; empty requests yield zeros."""
+    """Decode attention of ``q`` ``(batch, q_heads, D)`` over caches ``(num_pages, page_size, kv_heads, D)``
+    of its dtype (see :func:`supports`), by ``split``; empty requests yield zeros."""
     batch, q_heads, dim = q.shape
     kv_heads = k_cache.shape[2]
     qg = q.view(batch, kv_heads, q_heads // kv_heads, dim)
-    out = torch.zeros_like(qg)
     head_o, head_lse = _in_place(qg, k_cache, v_cache, split, scale)
+    if split.all_in_place:  # nothing to place or merge
+        return head_o.reshape(batch, q_heads, dim)
+    out = torch.zeros_like(qg)
     tail_o, tail_lse = _gathered(qg, k_cache, v_cache, split, scale)
     out.index_copy_(0, split.head_rows, head_o)
     out.index_copy_(0, split.tail_rows, tail_o)
@@ -107,9 +124,9 @@ def decode_by_runs(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
         # the total exp-sum: w = exp(lse_part - lse_total).
         l1, l2 = head_lse.index_select(0, split.both_head), tail_lse.index_select(0, split.both_tail)
         total = torch.logaddexp(l1, l2)
-        merged = (head_o.index_select(0, split.both_head) * (l1 - total).exp_().unsqueeze(-1)).add_(
-            tail_o.index_select(0, split.both_tail) * (l2 - total).exp_().unsqueeze(-1))
-        out.index_copy_(0, split.both_rows, merged)
+        merged = (head_o.index_select(0, split.both_head).float() * (l1 - total).exp_().unsqueeze(-1)).add_(
+            tail_o.index_select(0, split.both_tail).float() * (l2 - total).exp_().unsqueeze(-1))
+        out.index_copy_(0, split.both_rows, merged.to(out.dtype))
     return out.view(batch, q_heads, dim)
 
 
@@ -117,11 +134,13 @@ def _in_place(qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sp
               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of each leading run, in ``split.heads`` order, read as views of the cache."""
     if not split.heads:
-        return qg[:0], qg.new_empty((0, *qg.shape[1:3]))
+        return qg[:0], qg.new_empty((0, *qg.shape[1:3]), dtype=torch.float32)
     kv_heads, dim = k_cache.shape[2:]
     k_slots, v_slots = k_cache.view(-1, kv_heads, dim), v_cache.view(-1, kv_heads, dim)
     parts = [_attend(qg[b : b + 1], k_slots[s : s + n].transpose(0, 1)[None],
                      v_slots[s : s + n].transpose(0, 1)[None], scale) for b, s, n in split.heads]
+    if len(parts) == 1:
+        return parts[0]
     return torch.cat([o for o, _ in parts]), torch.cat([lse for _, lse in parts])
 
 
@@ -129,14 +148,32 @@ def _gathered(qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sp
               scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of each rest, in ``split.tail_rows`` order, its pages gathered per length group."""
     m = int(split.tail_rows.shape[0])
-    tail_o, tail_lse = qg.new_empty((m, *qg.shape[1:])), qg.new_empty((m, *qg.shape[1:3]))
+    tail_o, tail_lse = qg.new_empty((m, *qg.shape[1:])), qg.new_empty((m, *qg.shape[1:3]), dtype=torch.float32)
     num_pages, _, kv_heads, dim = k_cache.shape
     k_rows, v_rows = k_cache.view(num_pages, -1), v_cache.view(num_pages, -1)
     for (idx, table, width, _), mask in zip(split.tail_plan, split.tail_masks):
         n = int(idx.shape[0])
         k = k_rows.index_select(0, table).view(n, width, kv_heads, dim).transpose(1, 2)
         v = v_rows.index_select(0, table).view(n, width, kv_heads, dim).transpose(1, 2)
-        o, lse = _attend(qg.index_select(0, split.tail_rows.index_select(0, idx)), k, v, scale, mask)
+        o, lse = _attend(qg.index_select(0, split.tail_rows.index_select(0, idx)), k, v, scale, mask.to(qg.dtype))
         tail_o.index_copy_(0, idx, o)
         tail_lse.index_copy_(0, idx, lse)
     return tail_o, tail_lse
+
+
+def decode_way(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
+               in_place_ok: bool) -> RunSplit | DecodePlan:
+    """How a decode batch attends: by runs read in place (a few requests, see ``IN_PLACE_MAX_BATCH``)
+    or gathered and batched by length (``decode_attention_ref``'s plan)."""
+    if in_place_ok and page_table.shape[0] <= IN_PLACE_MAX_BATCH:
+        return split_runs(page_table, seq_lens, page_size)
+    return decode_plan(page_table, seq_lens, page_size)
+
+
+def attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+                  seq_lens: torch.Tensor, way: RunSplit | DecodePlan, scale: float,
+                  softcap: float = 0.0) -> torch.Tensor:
+    """Decode attention of ``q`` the way :func:`decode_way` chose (``softcap`` needs the gathered way)."""
+    if isinstance(way, RunSplit):
+        return decode_by_runs(q, k_cache, v_cache, way, scale)
+    return decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, scale, way, softcap)
