@@ -8,8 +8,8 @@ The references in ``kernels`` are written to be obviously right; they stay the t
 - rotary cos/sin gathered once per forward pass, not once per layer;
 - prefill attention through torch's fused SDPA with a lower-right causal bias (one call per request,
   covering the cached prefix and the causal part of the new tokens);
-- decode attention of a few requests reads each one's leading run of consecutive pages in place and
-  gathers only the rest (``decode_runs``): fused SDPA calls with a KV head's query heads as the query
+- decode attention at batch 1 reads the request's leading run of consecutive pages in place and
+  gathers only the rest (``decode_runs``): fused SDPA with a KV head's query heads as the query
   length; larger batches gather and go batched by length, as the reference does;
 - no dtype round trips when the engine runs fp32.
 

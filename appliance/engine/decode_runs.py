@@ -11,8 +11,8 @@ one attention call per request) and the rest (the pages that decode added later,
 whole batch into one call). :func:`decode_by_runs` computes both and merges the two partial
 softmaxes by their log-sum-exp; the result equals attention over the whole context.
 
-A fused call per request has a fixed cost, so :func:`decode_way` reads in place only for a few
-requests and sends larger batches down the gathered, length-batched path of the reference.
+A fused call per request has a fixed cost, so :func:`decode_way` reads in place only for the
+smallest batches and sends larger ones down the gathered, length-batched path of the reference.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import torch
 
 from kernels.decode_attention import DecodePlan, decode_attention_ref, decode_plan
 
-# NOTE: one fused-attention call per request costs ~25 us before it reads a key, so reading in place
-# pays only for a few requests; past that the batched matmuls over gathered pages win (2-core Zen 4,
-# bf16 and fp32 alike: batch 1 31 vs 137 us a layer, 2 equal within 10%, 4 at 1K tokens 491 vs 363 us).
-IN_PLACE_MAX_BATCH = 2
+# NOTE: one fused-attention call per request costs ~25 us before it reads a key, and its per-key
+# rate is no better than the batched matmuls', so reading in place pays at batch 1 only (2-core Zen 4,
+# bf16 and fp32 alike, us a layer, in place vs gathered: batch 1 at 300 tokens 51 vs 157; batch 2
+# 105 vs 166 at 300 tokens but 439 vs 350 at 2000 and 1.04x the step at 64; batch 4 at 1K 491 vs 363).
+IN_PLACE_MAX_BATCH = 1
 MIN_RUN_TOKENS = 64  # a shorter leading run is gathered with the rest: one call more would cost more
 DTYPES = (torch.float32, torch.bfloat16)  # what torch's fused CPU attention computes (fp32 accumulation)
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from appliance.engine import decode_runs
 from appliance.engine.attention import TorchAttentionBackend
 from appliance.engine.attention_cpu import CpuAttentionBackend
-from appliance.engine.decode_runs import IN_PLACE_MAX_BATCH, RunSplit, decode_by_runs, leading_run, split_runs, supports
+from appliance.engine.decode_runs import RunSplit, decode_by_runs, leading_run, split_runs, supports
 
 TOL = {"atol": 2e-5, "rtol": 2e-5}
 PAGE, DIM = 4, 16
@@ -97,9 +98,9 @@ def test_bf16_decode_by_runs_is_close_to_fp32(min_run: int) -> None:
     assert supports(q.bfloat16(), k_cache.bfloat16()) and not supports(q, k_cache.bfloat16())
 
 
-def test_backend_reads_long_runs_in_place() -> None:
-    """Through the backend (its default minimum run): contexts of 100-130 tokens, pages 16; a third
-    request takes the batch past ``IN_PLACE_MAX_BATCH``, to the gathered way."""
+def test_backend_reads_long_runs_in_place(monkeypatch) -> None:
+    """Through the backend (its default minimum run): contexts of 100-130 tokens, pages 16; with
+    ``IN_PLACE_MAX_BATCH`` raised to 2, a third request takes the batch past it, to the gathered way."""
     g = torch.Generator().manual_seed(5)
     shape = (40, 16, 3, DIM)
     k_cache, v_cache = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
@@ -107,7 +108,7 @@ def test_backend_reads_long_runs_in_place() -> None:
                           [20, 21, 22, 23, 24, 25, 14, 0, 0]], dtype=torch.int32)
     lens = torch.tensor([130, 100, 97])
     q = torch.randn(3, 9, DIM, generator=g)
-    assert IN_PLACE_MAX_BATCH == 2
+    monkeypatch.setattr(decode_runs, "IN_PLACE_MAX_BATCH", 2)
     be = CpuAttentionBackend()
     for rows in (2, 3):
         for _ in range(2):  # the second call reuses the forward pass's split
@@ -120,10 +121,10 @@ def test_backend_reads_long_runs_in_place() -> None:
 
 
 @pytest.mark.parametrize("decoding", [3, 2])
-def test_mixed_extend_batches_its_decoding_requests(decoding: int) -> None:
+def test_mixed_extend_batches_its_decoding_requests(decoding: int, monkeypatch) -> None:
     """An extend step with two prefill chunks, three decoding requests (one new token each, one of
     them over pages in one run) and an idle row equals the reference; with two decoding requests
-    (the third idle) they read in place."""
+    (the third idle) and ``IN_PLACE_MAX_BATCH`` raised to 2, they read in place."""
     g = torch.Generator().manual_seed(7)
     shape = (64, 16, 3, DIM)
     k_cache, v_cache = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
@@ -133,10 +134,11 @@ def test_mixed_extend_batches_its_decoding_requests(decoding: int) -> None:
                           [0, 0, 0, 0, 0, 0, 0], [40, 41, 42, 43, 44, 45, 46], [50, 51, 0, 0, 0, 0, 0]],
                          dtype=torch.int32)
     q = torch.randn(int(new.sum()), 9, DIM, generator=g)
+    monkeypatch.setattr(decode_runs, "IN_PLACE_MAX_BATCH", 2)
     be = CpuAttentionBackend()
     for _ in range(2):
         out = be.extend(q, k_cache, v_cache, table, prefix, new, 0.25)
     assert be._decode_rows is not None and be._decode_rows.rows == [1, 2, 4][:decoding]
-    assert isinstance(be._decode_rows.way, RunSplit) == (decoding <= IN_PLACE_MAX_BATCH)
+    assert isinstance(be._decode_rows.way, RunSplit) == (decoding <= 2)
     ref = TorchAttentionBackend().extend(q, k_cache, v_cache, table, prefix, new, 0.25)
     torch.testing.assert_close(out, ref, **TOL)
