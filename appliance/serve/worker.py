@@ -19,6 +19,7 @@ import msgspec
 from aiohttp import web
 
 from appliance.serve.auth import bearer_ok
+from appliance.serve.build_thread import build_engine_for_serving
 from appliance.serve.internal_error import error_middleware, error_response
 from appliance.serve.load_report import LoadReport
 from appliance.serve.protocol import (
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.cpus:
         os.sched_setaffinity(0, cfg.cpus)
     worker = Worker(cfg)
-    worker.build_engine()
+    build_engine_for_serving(worker)
     run_app(worker, register)
 
 
