@@ -100,7 +100,8 @@ class CpuAttentionBackend:
         """One query token per request over its paged context (see ``decode_attention_ref``)."""
         key = self._way_key
         if key is None or key[0] is not page_table or key[1] is not seq_lens:
-            self._way = decode_way(page_table, seq_lens, k_cache.shape[1], not softcap and supports(q, k_cache))
+            in_place = q.dtype if not softcap and supports(q, k_cache) else None
+            self._way = decode_way(page_table, seq_lens, k_cache.shape[1], in_place)
             self._way_key = (page_table, seq_lens)
         return attend_decode(q, k_cache, v_cache, page_table, seq_lens, self._way, scale, softcap)
 
@@ -114,7 +115,8 @@ class CpuAttentionBackend:
         if key is None or key[0] is not prefix_lens or key[1] is not extend_lens:
             self._lens = list(zip(prefix_lens.tolist(), extend_lens.tolist()))
             self._lens_key = (prefix_lens, extend_lens)
-            self._decode_rows = self._plan_decode_rows(page_table, k_cache.shape[1], supports(q, k_cache))
+            self._decode_rows = self._plan_decode_rows(page_table, k_cache.shape[1],
+                                                       q.dtype if supports(q, k_cache) else None)
         out = torch.empty_like(q)
         skip: set[int] = set()
         if self._decode_rows is not None:
@@ -144,7 +146,8 @@ class CpuAttentionBackend:
             start += n_new
         return out
 
-    def _plan_decode_rows(self, page_table: torch.Tensor, page_size: int, in_place_ok: bool) -> DecodeRows | None:
+    def _plan_decode_rows(self, page_table: torch.Tensor, page_size: int,
+                          in_place_dtype: torch.dtype | None) -> DecodeRows | None:
         """The requests of an extend batch that decode (one new token after a cached prefix), or
         ``None`` for fewer than two."""
         rows, q_rows, lens, start = [], [], [], 0
@@ -159,7 +162,7 @@ class CpuAttentionBackend:
         table = page_table.index_select(0, torch.tensor(rows, device=page_table.device))
         seq_lens = torch.tensor(lens)
         return DecodeRows(rows, torch.tensor(q_rows), table, seq_lens,
-                          decode_way(table, seq_lens, page_size, in_place_ok))
+                          decode_way(table, seq_lens, page_size, in_place_dtype))
 
     # -- pointwise ----------------------------------------------------------------------------
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -62,8 +62,9 @@ def leading_run(pages: list[int]) -> int:
 
 
 def split_runs(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
-               min_run_tokens: int = MIN_RUN_TOKENS) -> RunSplit:
-    """Split each request of ``page_table`` ``(batch, max_pages)`` / ``seq_lens`` ``(batch,)``."""
+               min_run_tokens: int = MIN_RUN_TOKENS, mask_dtype: torch.dtype = torch.float32) -> RunSplit:
+    """Split each request of ``page_table`` ``(batch, max_pages)`` / ``seq_lens`` ``(batch,)``; the
+    rests' masks in ``mask_dtype`` (the query's: made once per forward, not once per layer)."""
     lens = seq_lens.tolist()
     table = page_table.tolist()
     heads: list[tuple[int, int, int]] = []
@@ -86,7 +87,8 @@ def split_runs(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
     rest_table = rest_table.view(len(rests), width)
     rest_lens = torch.tensor([t for _, _, t in rests], dtype=torch.long)
     plan = decode_plan(rest_table, rest_lens, page_size) if rests else []
-    masks = [torch.zeros(valid.shape).masked_fill_(~valid, float("-inf"))[:, None, None] for *_, valid in plan]
+    masks = [torch.zeros(valid.shape, dtype=mask_dtype).masked_fill_(~valid, float("-inf"))[:, None, None]
+             for *_, valid in plan]
 
     def rows(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long)
@@ -163,11 +165,12 @@ def _gathered(qg: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, sp
 
 
 def decode_way(page_table: torch.Tensor, seq_lens: torch.Tensor, page_size: int,
-               in_place_ok: bool) -> RunSplit | DecodePlan:
-    """How a decode batch attends: by runs read in place (a few requests, see ``IN_PLACE_MAX_BATCH``)
-    or gathered and batched by length (``decode_attention_ref``'s plan)."""
-    if in_place_ok and page_table.shape[0] <= IN_PLACE_MAX_BATCH:
-        return split_runs(page_table, seq_lens, page_size)
+               in_place_dtype: torch.dtype | None) -> RunSplit | DecodePlan:
+    """How a decode batch attends: by runs read in place (a few requests, see ``IN_PLACE_MAX_BATCH``;
+    ``in_place_dtype`` is the query's, ``None`` where :func:`supports` refuses it) or gathered and
+    batched by length (``decode_attention_ref``'s plan)."""
+    if in_place_dtype is not None and page_table.shape[0] <= IN_PLACE_MAX_BATCH:
+        return split_runs(page_table, seq_lens, page_size, mask_dtype=in_place_dtype)
     return decode_plan(page_table, seq_lens, page_size)
 
 
