@@ -34,6 +34,7 @@ def backend_at(rev: str, folder: Path):
     spec = importlib.util.spec_from_file_location("backend_at_rev", path)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # a dataclass looks its module up there while the module runs
     spec.loader.exec_module(mod)
     return mod.CpuAttentionBackend
 

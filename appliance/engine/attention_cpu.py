@@ -181,12 +181,12 @@ class CpuAttentionBackend:
                cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = self._rope_key
         if key is None or key[0] is not positions or key[1] is not cos_sin_cache:
-            cos, sin = cos_sin_cache.index_select(0, positions).unsqueeze(1).chunk(2, dim=-1)
-            self._rope = (cos.contiguous(), sin.contiguous())
+            cos, sin = cos_sin_cache.index_select(0, positions).unsqueeze(1).float().chunk(2, dim=-1)
+            self._rope = (torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1))
             self._rope_key = (positions, cos_sin_cache)
         cos, sin = self._rope
-        if _adjacent(q, k):  # q then k in one buffer (the fused QKV output): rotate them as one tensor
-            qk = q.as_strided((q.shape[0], q.shape[1] + k.shape[1], q.shape[2]), q.stride())
+        qk = _joined(q, k)
+        if qk is not None:  # q then k in one buffer (the fused QKV output): rotate them as one tensor
             return _rotate(qk, cos, sin).split([q.shape[1], k.shape[1]], dim=1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
@@ -196,21 +196,24 @@ class CpuAttentionBackend:
         return F.silu(gate).mul_(up)
 
 
-def _adjacent(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """Whether ``k``'s heads directly follow ``q``'s in memory, with the same strides and dtype."""
-    return (q.dtype == k.dtype and q.stride() == k.stride() and q.shape[0] == k.shape[0]
-            and q.shape[2] == k.shape[2] and q.stride(2) == 1
-            and k.data_ptr() == q.data_ptr() + q.shape[1] * q.stride(1) * q.element_size())
+def _joined(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """``q`` and ``k`` ``(T, heads, D)`` as one ``(T, q heads + k heads, D)`` view when ``k``'s heads
+    directly follow ``q``'s in memory (the fused QKV output), else ``None``."""
+    t, hq, d = q.shape
+    # NOTE: at T = 1 the views of a split row carry unrelated row strides (576 vs 192): only the
+    # head and element strides must agree there
+    if (q.dtype != k.dtype or k.shape[0] != t or k.shape[2] != d or q.stride(2) != 1 or k.stride(2) != 1
+            or q.stride(1) != k.stride(1) or (t > 1 and q.stride(0) != k.stride(0))
+            or k.data_ptr() != q.data_ptr() + hq * q.stride(1) * q.element_size()):
+        return None
+    return q.as_strided((t, hq + k.shape[1], d), q.stride())
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary of ``x`` ``(T, heads, D)`` into a new tensor, fp32 math."""
-    out_dtype = x.dtype
-    x1, x2 = (x if out_dtype == torch.float32 else x.float()).chunk(2, dim=-1)
-    out = torch.empty(x.shape, dtype=torch.float32)
-    o1, o2 = out.chunk(2, dim=-1)
-    torch.mul(x1, cos, out=o1)
-    o1.addcmul_(x2, sin, value=-1.0)
-    torch.mul(x2, cos, out=o2)
-    o2.addcmul_(x1, sin)
-    return out if out_dtype == torch.float32 else out.to(out_dtype)
+    """Rotate-half rotary of ``x`` ``(T, heads, D)`` into a new tensor, fp32 math; ``cos`` is
+    ``[cos, cos]`` and ``sin`` is ``[-sin, sin]`` over the head dim (``(T, 1, D)``, fp32), so
+    ``x * cos + roll(x, D/2) * sin`` is the rotation (the same products and sums as rotating each
+    half, so the same bits)."""
+    out = x * cos  # fp32: a bf16 x is widened exactly
+    out.addcmul_(x.roll(x.shape[-1] // 2, -1), sin)
+    return out if out.dtype == x.dtype else out.to(x.dtype)

@@ -84,6 +84,27 @@ def test_norms_rotary_activation_equal_reference() -> None:
         torch.testing.assert_close(got[1], want[1], **TOL)
 
 
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_joins_q_and_k_at_one_row_and_rotates_each_half_bit_for_bit(rows: int, dtype: torch.dtype) -> None:
+    from appliance.engine.attention_cpu import _joined
+    from kernels.rotary import rotary_cos_sin_cache
+
+    be = CpuAttentionBackend()
+    cache = rotary_cos_sin_cache(16, 64, 10000.0)
+    qkv = torch.randn(rows, (4 + 2 + 2) * 16, generator=torch.Generator().manual_seed(7)).to(dtype)
+    q, k, _ = qkv.split([64, 32, 32], dim=-1)
+    q, k = q.view(rows, 4, 16), k.view(rows, 2, 16)
+    assert _joined(q, k) is not None  # a decode step's single row takes the one-call path too
+    assert _joined(q.clone(), k.clone()) is None
+    pos = torch.arange(rows) * 5 + 3
+    cos, sin = cache.index_select(0, pos).unsqueeze(1).float().chunk(2, dim=-1)
+    for x, got in zip((q, k), be.rotary(q, k, pos, cache)):  # each half rotated on its own, fp32 math
+        x1, x2 = x.float().chunk(2, dim=-1)
+        want = torch.cat([(x1 * cos).addcmul_(x2, sin, value=-1.0), (x2 * cos).addcmul_(x1, sin)], -1).to(dtype)
+        assert got.dtype == dtype and torch.equal(got, want)
+
+
 @pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
 @pytest.mark.parametrize("rows", [1, 3, 16, 300])
 def test_packed_linear_equals_f_linear(rows: int) -> None:
