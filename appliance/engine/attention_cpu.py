@@ -30,14 +30,15 @@ from kernels.decode_attention import DecodePlan
 from kernels.extend_attention import extend_attention_ref, gather_pages
 from kernels.kv_store import store_kv_ref
 
-# NOTE: oneDNN picks slower kernels for a 1- or 2-row input than for 4 rows (2-core Zen 4, the
-# layers of one SmolLM2 step over cold weights, ms: bf16 1 thread 16.1 / 17.3 / 13.9 / 13.4 for 1-4
-# rows, 2 threads 9.5 / 9.9 / 8.9 / 8.8; fp32 1 thread 30.1 / 35.2 / 26.0 / 24.1; from 7 rows on the
-# time grows with the rows), so fewer rows go in padded to 4. A padded row is what the same row gives
-# in a batch of 4: bit-equal for the 576-wide inputs here, while the 1536-wide down projection splits
-# its sum otherwise in 3 of 20 random rows (bf16). Of six SmolLM2 bf16 chat answers at batch 1, one
-# picks another list bullet at token 25 (a near tie); the fp32 equality tests are unchanged.
-MIN_GEMM_ROWS = 4
+# NOTE: oneDNN picks slower kernels for a 1- or 2-row input than for 4 rows (2-core Zen 4, the linear
+# layers of one SmolLM2 step, `python -m bench.linear_rows`, ms for 1 / 2 / 3 / 4 rows: bf16 1 thread
+# 15.2 / 17.1 / 13.8 / 13.4, fp32 1 thread 29.1 / 34.5 / - / 23.7; bf16 2 threads 9.5 / 10.0 / 9.5 /
+# 9.0), so 1 or 2 rows go in padded to 4 (3 rows gain nothing from it). A padded row is what the same
+# row gives in a batch of 4: bit-equal for the 576-wide inputs here, while the 1536-wide down
+# projection splits its sum otherwise in 3 of 20 random rows (bf16). Of six SmolLM2 bf16 chat answers
+# at batch 1, one picks another list bullet at token 25 (a near tie); the fp32 equality tests hold.
+PAD_MAX_ROWS = 2
+PADDED_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class CpuAttentionBackend:
             if x.dtype != weight.dtype:
                 x = x.to(weight.dtype)
             rows = x.shape[0]
-            if x.dim() == 2 and rows < MIN_GEMM_ROWS:  # a few decode rows: padded (see MIN_GEMM_ROWS)
+            if x.dim() == 2 and rows <= PAD_MAX_ROWS:  # one or two decode rows: padded (see PADDED_ROWS)
                 padded = self._pad_rows(x.shape[1], x.dtype)
                 padded[:rows].copy_(x)
                 return torch.ops.mkldnn._linear_pointwise(padded, weight.packed, bias, "none", [], "")[:rows]
@@ -110,11 +111,11 @@ class CpuAttentionBackend:
         return F.linear(x.to(weight.dtype), weight, bias)
 
     def _pad_rows(self, width: int, dtype: torch.dtype) -> torch.Tensor:
-        """A ``(MIN_GEMM_ROWS, width)`` input buffer, kept per width and dtype. Rows past the ones a call
+        """A ``(PADDED_ROWS, width)`` input buffer, kept per width and dtype. Rows past the ones a call
         writes keep stale values: each output row depends on its own input row only."""
         buf = self._pads.get((width, dtype))
         if buf is None:
-            buf = self._pads[(width, dtype)] = torch.zeros(MIN_GEMM_ROWS, width, dtype=dtype)
+            buf = self._pads[(width, dtype)] = torch.zeros(PADDED_ROWS, width, dtype=dtype)
         return buf
 
     # -- attention ----------------------------------------------------------------------------

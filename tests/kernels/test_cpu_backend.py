@@ -108,15 +108,15 @@ def test_rotary_joins_q_and_k_at_one_row_and_rotates_each_half_bit_for_bit(rows:
 @pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_few_rows_go_in_padded_and_come_out_unpadded(dtype: torch.dtype) -> None:
-    from appliance.engine.attention_cpu import MIN_GEMM_ROWS
+    from appliance.engine.attention_cpu import PAD_MAX_ROWS, PADDED_ROWS
 
     be = CpuAttentionBackend()
     g = torch.Generator().manual_seed(8)
     w = torch.randn(96, 64, generator=g).to(dtype)
     packed = be.pack_linear(w)
-    x = torch.randn(MIN_GEMM_ROWS + 1, 64, generator=g).to(dtype)
+    x = torch.randn(PADDED_ROWS + 1, 64, generator=g).to(dtype)
     full = be.linear(x, packed)
-    for rows in range(1, MIN_GEMM_ROWS):  # fewer rows after more: stale pad rows must not leak in
+    for rows in range(PAD_MAX_ROWS + 1, 0, -1):  # fewer rows after more: stale pad rows must not leak in
         got = be.linear(x[:rows], packed)
         assert got.shape == (rows, 96) and got.dtype == dtype
         torch.testing.assert_close(got, full[:rows], rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)

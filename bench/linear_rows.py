@@ -1,0 +1,81 @@
+"""How the CPU backend's linear layers scale with the rows of their input, over cold weights.
+
+    python -m bench.linear_rows [--threads N] [--dtype bfloat16] [--rows 1,2,3,4,5,6,8,16] [--model PATH]
+
+Times the linear layers of one forward step (every layer's weights, packed as the engine packs
+them, read once per step in the engine's order) at each row count, through the engine's own
+``linear`` and through the raw oneDNN call without the backend's padding of few rows (medians).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+import click
+import torch
+
+from appliance.cli_support import HELP_OPTIONS, run_command
+
+
+def _median_ms(fn, repeats: int = 9) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def run(model: str | None, threads: int, dtype: str, rows: list[int]) -> list[dict]:
+    from appliance.config import EngineConfig
+    from appliance.engine.attention_cpu import PackedWeight
+    from appliance.engine.engine import Engine
+
+    torch.set_num_threads(threads)
+    engine = Engine(model, EngineConfig(dtype=dtype, threads=threads, kv_cache_mb=64, attention_backend="cpu"))
+    m = engine.runner.model
+    be = m.backend
+    layers = [(lw.qkv, lw.o_proj, lw.gate_up, lw.down) for lw in m.layers]
+    hidden, inner = m.cfg.hidden_size, layers[0][3].shape[1]
+
+    def step(call, x: torch.Tensor, xi: torch.Tensor) -> None:
+        for qkv, o, gate_up, down in layers:
+            call(x, qkv), call(x, o), call(x, gate_up), call(xi, down)
+
+    def raw(a: torch.Tensor, w) -> torch.Tensor:
+        if isinstance(w, PackedWeight):
+            return torch.ops.mkldnn._linear_pointwise(a, w.packed, None, "none", [], "")
+        return torch.nn.functional.linear(a, w)
+
+    out = []
+    with torch.inference_mode():
+        for n in rows:
+            x, xi = torch.randn(n, hidden, dtype=m.dtype), torch.randn(n, inner, dtype=m.dtype)
+            out.append({"rows": n, "engine_ms": round(_median_ms(lambda: step(be.linear, x, xi)), 2),  # noqa: B023
+                        "unpadded_ms": round(_median_ms(lambda: step(raw, x, xi)), 2)})  # noqa: B023
+    engine.shutdown()
+    return out
+
+
+@click.command(help=__doc__.splitlines()[0], context_settings=HELP_OPTIONS)
+@click.option("--model", default=None)
+@click.option("--threads", type=int, default=len(os.sched_getaffinity(0)))
+@click.option("--dtype", default="auto", type=click.Choice(("auto", "float32", "bfloat16")))
+@click.option("--rows", default="1,2,3,4,5,6,8,16", help="row counts, comma-separated")
+def command(model: str | None, threads: int, dtype: str, rows: str) -> None:
+    for r in run(model, threads, dtype, [int(v) for v in rows.split(",")]):
+        print(f"rows {r['rows']:3d}: engine linear {r['engine_ms']:7.2f} ms, "
+              f"unpadded oneDNN {r['unpadded_ms']:7.2f} ms ({threads} threads, one step's layers)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bench.linear_rows ARGS``; returns the exit status (2: a bad option)."""
+    return run_command(command, argv, "python -m bench.linear_rows")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
