@@ -61,13 +61,23 @@ def run(model: str | None, threads: int, dtype: str, rows: list[int]) -> list[di
     return out
 
 
+def _row_counts(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        rows = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give row counts as integers, comma-separated (e.g. 1,2,4)") from None
+    if any(r < 1 for r in rows):
+        raise click.BadParameter(f"{value!r}: every row count must be at least 1")
+    return rows
+
+
 @click.command(help=__doc__.splitlines()[0], context_settings=HELP_OPTIONS)
 @click.option("--model", default=None)
 @click.option("--threads", type=int, default=len(os.sched_getaffinity(0)))
 @click.option("--dtype", default="auto", type=click.Choice(("auto", "float32", "bfloat16")))
-@click.option("--rows", default="1,2,3,4,5,6,8,16", help="row counts, comma-separated")
-def command(model: str | None, threads: int, dtype: str, rows: str) -> None:
-    for r in run(model, threads, dtype, [int(v) for v in rows.split(",")]):
+@click.option("--rows", default="1,2,3,4,5,6,8,16", callback=_row_counts, help="row counts, comma-separated")
+def command(model: str | None, threads: int, dtype: str, rows: list[int]) -> None:
+    for r in run(model, threads, dtype, rows):
         print(f"rows {r['rows']:3d}: engine linear {r['engine_ms']:7.2f} ms, "
               f"unpadded oneDNN {r['unpadded_ms']:7.2f} ms ({threads} threads, one step's layers)")
 

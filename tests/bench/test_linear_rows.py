@@ -1,0 +1,22 @@
+"""bench.linear_rows: the linear layers of a step timed by row count, engine path beside raw oneDNN."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.engine.attention_cpu import onednn_available
+from bench.linear_rows import main, run
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
+def test_each_row_count_gets_both_timings(tiny_model: Path) -> None:
+    got = run(str(tiny_model), threads=1, dtype="float32", rows=[1, 3])
+    assert [r["rows"] for r in got] == [1, 3]
+    assert all(r["engine_ms"] > 0 and r["unpadded_ms"] > 0 for r in got)
+
+
+def test_a_bad_row_list_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--rows", "one"]) == 2
+    assert "--rows" in capsys.readouterr().err
