@@ -115,7 +115,10 @@ class CpuAttentionBackend:
         writes keep stale values: each output row depends on its own input row only."""
         buf = self._pads.get((width, dtype))
         if buf is None:
-            buf = self._pads[(width, dtype)] = torch.zeros(PADDED_ROWS, width, dtype=dtype)
+            # NOTE: a normal tensor even when made inside inference mode: an inference tensor may not
+            # be written outside it, and the head's linear runs there (``Model.logits``)
+            with torch.inference_mode(False):
+                buf = self._pads[(width, dtype)] = torch.zeros(PADDED_ROWS, width, dtype=dtype)
         return buf
 
     # -- attention ----------------------------------------------------------------------------

@@ -124,6 +124,18 @@ def test_few_rows_go_in_padded_and_come_out_unpadded(dtype: torch.dtype) -> None
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
+def test_padded_rows_work_inside_and_outside_inference_mode() -> None:
+    be = CpuAttentionBackend()
+    packed = be.pack_linear(torch.randn(32, 16))
+    with torch.inference_mode():  # the forward pass makes the pad buffer ...
+        hidden = be.linear(torch.randn(1, 16), packed)
+    out = be.linear(torch.randn(1, 16), packed)  # ... and the head's linear runs outside inference mode
+    assert out.shape == hidden.shape == (1, 32)
+    with torch.inference_mode():
+        assert be.linear(torch.randn(2, 16), packed).shape == (2, 32)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
 @pytest.mark.parametrize("rows", [1, 3, 16, 300])
 def test_packed_linear_equals_f_linear(rows: int) -> None:
     be = CpuAttentionBackend()
