@@ -5,6 +5,7 @@ The references in ``kernels`` are written to be obviously right; they stay the t
 
 - linear layers through oneDNN with weights packed once at load (``pack_linear``): MKL's GEMM takes a
   slow path for few-row inputs on some CPUs (4-8x slower than oneDNN at 4-16 rows on a Zen 1 here);
+  one or two rows go in padded to four, since oneDNN's own 1- and 2-row kernels are slower still;
 - rotary cos/sin gathered once per forward pass, not once per layer;
 - prefill attention through torch's fused SDPA with a lower-right causal bias (one call per request,
   covering the cached prefix and the causal part of the new tokens);
