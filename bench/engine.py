@@ -25,6 +25,7 @@ import torch
 
 from appliance.cli_support import HELP_OPTIONS, run_command
 from bench.engine_steps import decode_steps as _decode_steps
+from bench.engine_steps import median_s
 
 
 def _prefill_times(engine, prompt: list[int], repeats: int) -> list[float]:
@@ -38,16 +39,6 @@ def _prefill_times(engine, prompt: list[int], repeats: int) -> list[float]:
             engine.step()
         times.append(time.perf_counter() - t0)
     return times
-
-
-def _median_s(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def floors(engine, prefill_chunk: int) -> dict:
@@ -71,9 +62,9 @@ def floors(engine, prefill_chunk: int) -> dict:
     big = be.pack_linear(torch.randn(big_rows, hidden, dtype=model.dtype))
     with torch.inference_mode():
         x1 = torch.randn(1, hidden)
-        gemv_s = _median_s(lambda: be.linear(x1, big), 10)
+        gemv_s = median_s(lambda: be.linear(x1, big), 10)
         xp = torch.randn(prefill_chunk, hidden)
-        gemm_s = _median_s(lambda: be.linear(xp, layer.gate_up), 5)
+        gemm_s = median_s(lambda: be.linear(xp, layer.gate_up), 5)
     gemv_gbs = big_rows * hidden * elem / gemv_s / 1e9
     gemm_flops = 2 * prefill_chunk * numel(layer.gate_up) / gemm_s
     layer_params = sum(numel(w) for w in weights[:-1])

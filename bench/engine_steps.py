@@ -1,8 +1,20 @@
-"""Timing decode steps of an engine: the loop the CPU and GPU engine benches share."""
+"""Timing an engine: the decode-step loop the CPU and GPU engine benches share, and a median timer."""
 
 from __future__ import annotations
 
+import statistics
 import time
+
+
+def median_s(fn, repeats: int) -> float:
+    """Median wall seconds of ``repeats`` calls of ``fn`` after one untimed warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def decode_steps(engine, prompts: list[list[int]], steps: int) -> list[float]:

@@ -10,24 +10,13 @@ them, read once per step in the engine's order) at each row count, through the e
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 import click
 import torch
 
 from appliance.cli_support import HELP_OPTIONS, run_command
-
-
-def _median_ms(fn, repeats: int = 9) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+from bench.engine_steps import median_s
 
 
 def run(model: str | None, threads: int, dtype: str, rows: list[int]) -> list[dict]:
@@ -55,8 +44,8 @@ def run(model: str | None, threads: int, dtype: str, rows: list[int]) -> list[di
     with torch.inference_mode():
         for n in rows:
             x, xi = torch.randn(n, hidden, dtype=m.dtype), torch.randn(n, inner, dtype=m.dtype)
-            out.append({"rows": n, "engine_ms": round(_median_ms(lambda: step(be.linear, x, xi)), 2),  # noqa: B023
-                        "unpadded_ms": round(_median_ms(lambda: step(raw, x, xi)), 2)})  # noqa: B023
+            out.append({"rows": n, "engine_ms": round(median_s(lambda: step(be.linear, x, xi), 9) * 1e3, 2),  # noqa: B023
+                        "unpadded_ms": round(median_s(lambda: step(raw, x, xi), 9) * 1e3, 2)})  # noqa: B023
     engine.shutdown()
     return out
 
