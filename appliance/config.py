@@ -183,6 +183,8 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     attention_backend: str = flag("auto", "Attention kernels (auto: by device).",
                                   choices=ATTENTION_BACKENDS)
+    q4_kernels: bool = flag(True, "CPU, bf16: decode steps of up to 4 rows read a GGUF's Q4_0/Q4_1 weights "
+                                  "packed (torch's int4 kernel) instead of their bf16 copies.")
     tp_size: int = 1
     threads: int = 0
     seed: int = 0

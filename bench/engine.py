@@ -9,7 +9,9 @@ together (what a decode engine does with RAG answers).
 Beside each figure, the floor this machine allows, measured in the same run through the engine's own
 linear layers: a batch-1 decode step reads every weight once (bytes / the bandwidth of one GEMV over
 a weight as large as the whole model), a prefill runs 2 x params FLOPs per token (at the GEMM rate of
-a prefill-shaped layer).
+a prefill-shaped layer). Where a GGUF's 4-bit weights run packed (``--q4-kernels``, the default in bf16),
+the step reads their codes and scales instead: ``decode_floor_ms`` counts those bytes,
+``decode_floor_ms_dense`` every weight in the engine's dtype.
 """
 
 from __future__ import annotations
@@ -52,13 +54,19 @@ def floors(engine, prefill_chunk: int) -> dict:
         return int(torch.Size(w.shape).numel())
 
     elem = torch.empty(0, dtype=model.dtype).element_size()
-    weight_bytes = sum(numel(w) for w in weights) * elem
+
+    def read_bytes(w) -> int:  # what a batch-1 step reads of it: the int4 codes and scales where it has them
+        int4 = getattr(w, "int4", None)
+        return numel(w) * elem if int4 is None else sum(t.numel() * t.element_size() for t in int4)
+
+    dense_bytes = sum(numel(w) for w in weights) * elem
+    weight_bytes = sum(read_bytes(w) for w in weights)
     hidden = model.cfg.hidden_size
     # NOTE: the GEMV rate is read off one weight as large as the whole model, packed as the engine
     # packs its own: a step streams every byte from memory, while a single layer's weight (even the
     # 57 MB head) sits partly in a 32 MB L3 when timed again and again (it read 38-66 GB/s, the
     # model-sized one 31).
-    big_rows = weight_bytes // (hidden * elem)
+    big_rows = dense_bytes // (hidden * elem)
     big = be.pack_linear(torch.randn(big_rows, hidden, dtype=model.dtype))
     with torch.inference_mode():
         x1 = torch.randn(1, hidden)
@@ -70,18 +78,19 @@ def floors(engine, prefill_chunk: int) -> dict:
     layer_params = sum(numel(w) for w in weights[:-1])
     return {"weight_mb_per_token": round(weight_bytes / 1e6, 1), "gemv_gb_s": round(gemv_gbs, 2),
             "decode_floor_ms": round(weight_bytes / gemv_gbs / 1e6, 2),
+            "decode_floor_ms_dense": round(dense_bytes / gemv_gbs / 1e6, 2),
             "gemm_gflop_s": round(gemm_flops / 1e9, 1),
             "prefill_floor_tok_s": round(gemm_flops / (2 * layer_params), 1)}
 
 
 def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: int, long_batch: int = 6,
-        backend: str = "auto") -> dict:
+        backend: str = "auto", q4_kernels: bool = True) -> dict:
     from appliance.config import EngineConfig
     from appliance.engine.engine import Engine
 
     torch.set_num_threads(threads)
     cfg = EngineConfig(dtype=dtype, threads=threads, enable_prefix_cache=False, max_prefill_tokens=prefill_len,
-                       kv_cache_mb=512, attention_backend=backend)
+                       kv_cache_mb=512, attention_backend=backend, q4_kernels=q4_kernels)
     engine = Engine(model, cfg)
     tok = engine.tokenizer
     base = tok.encode("Write a long story about a lighthouse keeper who finds a message in a bottle. " * 4)[:64]
@@ -100,10 +109,13 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
     prefill_tok_s = len(long_prompt) / statistics.median(pre)
     return {
         "model": engine.model_name, "dtype": cfg.dtype, "backend": engine.runner.backend.name, "threads": threads,
+        "q4_kernels": q4_kernels,
         "cpu_count": os.cpu_count(),
         "decode_ms_per_token_b1": round(ms_b1, 2),
         "decode_floor_ms": floor["decode_floor_ms"],
         "decode_over_floor": round(ms_b1 / floor["decode_floor_ms"], 2),
+        "decode_floor_ms_dense": floor["decode_floor_ms_dense"],
+        "decode_over_dense_floor": round(ms_b1 / floor["decode_floor_ms_dense"], 2),
         "decode_tok_s_b1": round(1000 / ms_b1, 1),
         "decode_ms_per_step_b16": round(step16 * 1000, 2),
         "decode_tok_s_b16": round(16 / step16, 1),
@@ -128,6 +140,8 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
 @click.option("--backend", default="auto", type=click.Choice(("auto", "cpu", "torch", "triton")),
               help="kernels: cpu (fast CPU path), torch (the references), triton")
 @click.option("--steps", type=int, default=48)
+@click.option("--q4-kernels/--no-q4-kernels", default=True,
+              help="CPU, bf16: decode reads a GGUF's 4-bit weights packed (the engine's default)")
 @click.option("--prefill-len", type=int, default=1024)
 @click.option("--long-batch", type=int, default=6, help="requests in the long-context decode figure")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object only")
@@ -139,7 +153,7 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
 @click.option("--prefill-lens", default="1024,8192", help="cuda: prefill lengths")
 @click.option("--no-cuda-graphs", is_flag=True, help="cuda: eager decode only")
 @click.option("--out", default=None, help="cuda: also write the JSON here, after every figure")
-def command(model: str | None, threads: int, dtype: str, backend: str, steps: int, prefill_len: int,
+def command(model: str | None, threads: int, dtype: str, backend: str, steps: int, q4_kernels: bool, prefill_len: int,
             long_batch: int, as_json: bool, device: str, context: int, batches: str, prefill_lens: str,
             no_cuda_graphs: bool, out: str | None) -> None:
     if device == "cuda":
@@ -150,7 +164,7 @@ def command(model: str | None, threads: int, dtype: str, backend: str, steps: in
                           tuple(int(x) for x in prefill_lens.split(",")), context,
                           20 if steps == 48 else steps, graphs=not no_cuda_graphs, out_path=out)
     else:
-        result = run(model, threads, dtype, steps, prefill_len, long_batch, backend)
+        result = run(model, threads, dtype, steps, prefill_len, long_batch, backend, q4_kernels)
     if as_json:
         print(json.dumps(result))
         return

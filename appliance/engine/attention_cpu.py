@@ -12,7 +12,10 @@ The references in ``kernels`` are written to be obviously right; they stay the t
 - decode attention at batch 1 reads the request's leading run of consecutive pages in place and
   gathers only the rest (``decode_runs``): fused SDPA with a KV head's query heads as the query
   length; larger batches gather and go batched by length, as the reference does;
-- no dtype round trips when the engine runs fp32.
+- no dtype round trips when the engine runs fp32;
+- a GGUF's 4-bit weights (Q4_0, Q4_1) also kept packed as int4 (``q4_blocks``): steps of up to
+  ``INT4_MAX_ROWS`` rows (decode) run torch's int4 kernel on them in bf16, reading a quarter of the
+  bytes; more rows (prefill) run oneDNN on the bf16 weights.
 
 SDPA cannot soft-cap attention scores, so with ``softcap`` set (Gemma 2) both attention calls take the
 references' explicit matmul-tanh-softmax path instead.
@@ -27,6 +30,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from appliance.engine.decode_runs import RunSplit, attend_decode, decode_way, supports
+from appliance.model.q4_blocks import GROUP, Q4Blocks
 from kernels.decode_attention import DecodePlan
 from kernels.extend_attention import extend_attention_ref, gather_pages
 from kernels.kv_store import store_kv_ref
@@ -40,6 +44,10 @@ from kernels.kv_store import store_kv_ref
 # at batch 1, one picks another list bullet at token 25 (a near tie); the fp32 equality tests hold.
 PAD_MAX_ROWS = 2
 PADDED_ROWS = 4
+# NOTE: torch's int4 kernel costs about 1.15x more per added row while oneDNN's bf16 GEMM takes rows
+# almost free; over one SmolLM2 step's linear layers (2-core Zen 4, 1 thread, ms for 1 / 2 / 4 / 8 rows)
+# int4 8.1 / 9.9 / 13.7 / 26.5 against bf16 21.2 / 22.9 / 18.0 / 22.8 (`bench.linear_rows --int4`)
+INT4_MAX_ROWS = 4
 
 
 @dataclass(frozen=True)
@@ -58,15 +66,30 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def int4_available() -> bool:
+    """Whether this torch has the CPU int4 weight-only kernel."""
+    return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+
+
 class PackedWeight:
-    """A ``(out, in)`` weight in oneDNN's blocked layout, with its logical shape and dtype."""
+    """A ``(out, in)`` weight in oneDNN's blocked layout, with its logical shape and dtype; ``int4``,
+    where given, the same weight's 4-bit blocks packed for torch's int4 kernel with their bf16
+    ``(in / 32, out, 2)`` scales and zeros."""
 
-    __slots__ = ("packed", "shape", "dtype")
+    __slots__ = ("packed", "shape", "dtype", "int4")
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, q4: Q4Blocks | None = None) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
         self.shape = tuple(weight.shape)
         self.dtype = weight.dtype
+        self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
+        if q4 is not None and weight.dtype == torch.bfloat16 and q4.shape == self.shape and int4_available():
+            try:
+                codes = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.codes.to(torch.int32), 1)
+            except RuntimeError:  # a shape the kernel does not take: bf16 for every row count
+                return
+            scales = torch.stack([q4.scale.t(), q4.zero.t()], -1).to(torch.bfloat16).contiguous()
+            self.int4 = (codes, scales)
 
 
 class CpuAttentionBackend:
@@ -89,11 +112,12 @@ class CpuAttentionBackend:
         self._pads: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
     # -- linear layers ------------------------------------------------------------------------
-    def pack_linear(self, weight: torch.Tensor) -> torch.Tensor | PackedWeight:
-        """The form :meth:`linear` takes: packed for oneDNN when it can run this dtype here."""
+    def pack_linear(self, weight: torch.Tensor, q4: Q4Blocks | None = None) -> torch.Tensor | PackedWeight:
+        """The form :meth:`linear` takes: packed for oneDNN when it can run this dtype here, with
+        ``q4`` packed beside it for few-row steps in bf16."""
         if self.pack_weights and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
             try:
-                return PackedWeight(weight)
+                return PackedWeight(weight, q4)
             except RuntimeError:  # a oneDNN build without this layout: every layer goes unpacked
                 self.pack_weights = False
         return weight
@@ -104,6 +128,10 @@ class CpuAttentionBackend:
             if x.dtype != weight.dtype:
                 x = x.to(weight.dtype)
             rows = x.shape[0]
+            if weight.int4 is not None and x.dim() == 2 and rows <= INT4_MAX_ROWS:
+                out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), weight.int4[0], GROUP,
+                                                                 weight.int4[1])
+                return out if bias is None else out.add_(bias)
             if x.dim() == 2 and rows <= PAD_MAX_ROWS:  # one or two decode rows: padded (see PADDED_ROWS)
                 padded = self._pad_rows(x.shape[1], x.dtype)
                 padded[:rows].copy_(x)

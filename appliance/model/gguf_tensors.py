@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from appliance.model.errors import ModelLoadError
+from appliance.model.q4_blocks import Q4Blocks
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -67,6 +68,24 @@ def add_hf_tensor(weights: dict[str, torch.Tensor], name: str, w: torch.Tensor, 
         for e in range(w.shape[0]):
             weights[f"model.layers.{parts[1]}.mlp.experts.{e}.{_EXPERTS[parts[2]]}.{parts[-1]}"] = w[e]
         return
-    if arch in PERMUTED and parts[0] == "blk" and len(parts) >= 4 and parts[2] in ("attn_q", "attn_k"):
-        w = unpermute_rotary(w, n_heads if parts[2] == "attn_q" else n_kv)
+    heads = _permuted_heads(name, arch, n_heads, n_kv)
+    if heads:
+        w = unpermute_rotary(w, heads)
     weights[hf_name(name, arch)] = w
+
+
+def add_hf_q4(q4: dict[str, Q4Blocks], name: str, blocks: Q4Blocks, arch: str, n_heads: int, n_kv: int) -> None:
+    """Put a 2-D GGUF tensor's 4-bit blocks into ``q4`` under its Hugging Face name, rows in the same
+    order as :func:`add_hf_tensor` puts its floats."""
+    heads = _permuted_heads(name, arch, n_heads, n_kv)
+    if heads:
+        blocks = blocks.map_rows(lambda t: unpermute_rotary(t, heads))
+    q4[hf_name(name, arch)] = blocks
+
+
+def _permuted_heads(name: str, arch: str, n_heads: int, n_kv: int) -> int:
+    """The head count of a q or k weight stored in llama.cpp's interleaved rotary order, else 0."""
+    parts = name.split(".")
+    if arch in PERMUTED and parts[0] == "blk" and len(parts) >= 4 and parts[2] in ("attn_q", "attn_k"):
+        return n_heads if parts[2] == "attn_q" else n_kv
+    return 0

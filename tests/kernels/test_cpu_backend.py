@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from appliance.engine.attention import TorchAttentionBackend
-from appliance.engine.attention_cpu import CpuAttentionBackend, PackedWeight, onednn_available
+from appliance.engine.attention_cpu import (
+    INT4_MAX_ROWS,
+    CpuAttentionBackend,
+    PackedWeight,
+    int4_available,
+    onednn_available,
+)
 from appliance.engine.backends import create_backend
 from appliance.engine.dtype import default_dtype
 from tests.engine.greedy import tiny_greedy
@@ -176,3 +182,52 @@ def test_engine_config_resolves_auto_dtype() -> None:
 def test_tiny_engine_greedy_cpu_equals_torch(tiny_model) -> None:
     """The whole engine (chunked prefill, a prefix hit, batched decode) on both CPU backends."""
     assert tiny_greedy(str(tiny_model), "cpu", 4, 6) == tiny_greedy(str(tiny_model), "torch", 4, 6)
+
+
+def _q4_weight(n: int, k: int, seed: int):
+    from appliance.model.q4_blocks import Q4Blocks
+
+    g = torch.Generator().manual_seed(seed)
+    blocks = Q4Blocks(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8),
+                      torch.rand(n, k // 32, generator=g) * 0.05, torch.randn(n, k // 32, generator=g) * 0.05)
+    return blocks, blocks.dequantize()
+
+
+@pytest.mark.skipif(not onednn_available() or not int4_available(), reason="this torch has no oneDNN / int4 kernel")
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 64])
+def test_q4_weights_run_few_rows_through_int4_and_match_the_floats(rows: int) -> None:
+    be = CpuAttentionBackend()
+    blocks, w = _q4_weight(192, 128, 3)
+    packed = be.pack_linear(w.to(torch.bfloat16), blocks)
+    assert isinstance(packed, PackedWeight) and packed.int4 is not None
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    bias = torch.randn(192).to(torch.bfloat16)
+    want = x.float() @ w.T
+    for b in (None, bias):
+        got = be.linear(x, packed, b)
+        assert got.shape == (rows, 192) and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want + (0 if b is None else b.float()), rtol=2e-2, atol=6e-2)
+    if rows <= INT4_MAX_ROWS:  # the int4 kernel's own answer, not oneDNN's on the bf16 copy
+        int4 = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed.int4[0], 32, packed.int4[1])
+        assert torch.equal(be.linear(x, packed), int4)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
+def test_q4_blocks_are_not_packed_for_fp32_or_another_shape() -> None:
+    be = CpuAttentionBackend()
+    blocks, w = _q4_weight(64, 64, 5)
+    assert be.pack_linear(w, blocks).int4 is None  # fp32 engine: the exact floats only
+    assert be.pack_linear(w[:32].to(torch.bfloat16), blocks).int4 is None
+
+
+def test_engine_packs_the_embedded_models_q4_weights_unless_told_not_to(smollm_path) -> None:
+    from appliance.config import EngineConfig
+    from appliance.engine.runner import ModelRunner
+
+    if not onednn_available() or not int4_available():
+        pytest.skip("this torch has no oneDNN / int4 kernel")
+    for flag in (True, False):
+        runner = ModelRunner(str(smollm_path), EngineConfig(dtype="bfloat16", q4_kernels=flag, kv_cache_mb=8))
+        layer = runner.model.layers[0]
+        assert all((w.int4 is not None) == flag for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
+        assert runner.model.lm_head.int4 is None  # the tied Q8_0 embedding has no 4-bit blocks
