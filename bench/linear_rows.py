@@ -4,7 +4,8 @@
 
 Times the linear layers of one forward step (every layer's weights, packed as the engine packs
 them, read once per step in the engine's order) at each row count, through the engine's own
-``linear`` and through the raw oneDNN call without the backend's padding of few rows (medians).
+``linear``, through the raw oneDNN call on the dense weights without the backend's padding of few rows,
+and, for a GGUF's 4-bit weights in bf16, through torch's int4 kernel on their packed blocks (medians).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def run(model: str | None, threads: int, dtype: str, rows: list[int]) -> list[di
     from appliance.config import EngineConfig
     from appliance.engine.attention_cpu import PackedWeight
     from appliance.engine.engine import Engine
+    from appliance.model.q4_blocks import GROUP
 
     torch.set_num_threads(threads)
     engine = Engine(model, EngineConfig(dtype=dtype, threads=threads, kv_cache_mb=64, attention_backend="cpu"))
@@ -40,12 +42,19 @@ def run(model: str | None, threads: int, dtype: str, rows: list[int]) -> list[di
             return torch.ops.mkldnn._linear_pointwise(a, w.packed, None, "none", [], "")
         return torch.nn.functional.linear(a, w)
 
+    def int4(a: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(a, w.int4[0], GROUP, w.int4[1])
+
+    has_int4 = all(isinstance(w, PackedWeight) and w.int4 is not None for ws in layers for w in ws)
+
     out = []
     with torch.inference_mode():
         for n in rows:
             x, xi = torch.randn(n, hidden, dtype=m.dtype), torch.randn(n, inner, dtype=m.dtype)
             out.append({"rows": n, "engine_ms": round(median_s(lambda: step(be.linear, x, xi), 9) * 1e3, 2),  # noqa: B023
-                        "unpadded_ms": round(median_s(lambda: step(raw, x, xi), 9) * 1e3, 2)})  # noqa: B023
+                        "unpadded_ms": round(median_s(lambda: step(raw, x, xi), 9) * 1e3, 2),  # noqa: B023
+                        "int4_ms": (round(median_s(lambda: step(int4, x, xi), 9) * 1e3, 2)  # noqa: B023
+                                    if has_int4 else None)})
     engine.shutdown()
     return out
 
@@ -67,8 +76,9 @@ def _row_counts(ctx: click.Context, param: click.Parameter, value: str) -> list[
 @click.option("--rows", default="1,2,3,4,5,6,8,16", callback=_row_counts, help="row counts, comma-separated")
 def command(model: str | None, threads: int, dtype: str, rows: list[int]) -> None:
     for r in run(model, threads, dtype, rows):
+        int4 = "" if r["int4_ms"] is None else f", int4 {r['int4_ms']:7.2f} ms"
         print(f"rows {r['rows']:3d}: engine linear {r['engine_ms']:7.2f} ms, "
-              f"unpadded oneDNN {r['unpadded_ms']:7.2f} ms ({threads} threads, one step's layers)")
+              f"unpadded oneDNN {r['unpadded_ms']:7.2f} ms{int4} ({threads} threads, one step's layers)")
 
 
 def main(argv: list[str] | None = None) -> int:

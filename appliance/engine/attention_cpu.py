@@ -44,9 +44,9 @@ from kernels.kv_store import store_kv_ref
 # at batch 1, one picks another list bullet at token 25 (a near tie); the fp32 equality tests hold.
 PAD_MAX_ROWS = 2
 PADDED_ROWS = 4
-# NOTE: torch's int4 kernel costs about 1.15x more per added row while oneDNN's bf16 GEMM takes rows
-# almost free; over one SmolLM2 step's linear layers (2-core Zen 4, 1 thread, ms for 1 / 2 / 4 / 8 rows)
-# int4 8.1 / 9.9 / 13.7 / 26.5 against bf16 21.2 / 22.9 / 18.0 / 22.8 (`bench.linear_rows --int4`)
+# NOTE: torch's int4 kernel pays for every added row while oneDNN's bf16 GEMM takes rows almost free; over
+# one SmolLM2 step's layers (2-core Zen 4, `python -m bench.linear_rows --threads 1`, ms for 1 / 2 / 4 / 5 /
+# 8 rows) int4 6.4 / 8.2 / 11.0 / 16.9 / 21.4 against oneDNN bf16 15.1 / 17.3 / 13.5 / 15.7 / 17.9
 INT4_MAX_ROWS = 4
 
 
