@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -26,11 +27,27 @@ def user_errors() -> Iterator[None]:
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a command's coroutine; a server that cannot be reached or fails warm-up is a plain error."""
+    """Run a command's coroutine; a server that cannot be reached or fails warm-up is a plain error.
+    SIGTERM cancels it like Ctrl-C does, so the servers a command launched are stopped on the way out."""
     try:
-        return asyncio.run(coro)
+        return asyncio.run(_cancel_on_sigterm(coro))
+    except asyncio.CancelledError:
+        raise click.ClickException("stopped by SIGTERM") from None
     except RuntimeError as exc:
         raise click.ClickException(str(exc)) from exc
+
+
+async def _cancel_on_sigterm(coro: Coroutine[Any, Any, T]) -> T:
+    task = asyncio.ensure_future(coro)
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    except (NotImplementedError, RuntimeError):  # not the main thread, or no signals here
+        return await task
+    try:
+        return await task
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 def progress_bar(console: Console) -> Progress:

@@ -106,7 +106,7 @@ _SLO_OPTIONS = [
     click.option("--k-ttft", type=float, default=4.0, show_default=True,
                  help="Relative SLO: TTFT <= k x isolated TTFT + 0.5 s."),
     click.option("--k-tpot", type=float, default=1.5, show_default=True,
-                 help="Relative SLO: TPOT <= k x isolated TPOT."),
+                 help="Relative SLO: TPOT <= k x isolated TPOT of the prompt's length bucket."),
 ]
 
 

@@ -242,6 +242,7 @@ def _slo_text(slo: Mapping[str, Any]) -> str:
     return (
         f"relative: TTFT <= {slo['k_ttft']:g} x isolated TTFT of the prompt's length bucket + "
         f"{slo['ttft_slack_s']:g} s, TPOT <= {slo['k_tpot']:g} x isolated TPOT"
+        + (" of the bucket" if slo.get("baseline", {}).get("tpot_s_by_bucket") else "")
     )
 
 
@@ -312,12 +313,13 @@ def render_markdown(summary: Mapping[str, Any], plots: Sequence[Path]) -> str:
         "",
         f"## Isolated baseline (on {summary['reference_mode']}, one request at a time)",
         "",
-        f"TPOT {iso['tpot_ms']:.1f} ms.",
+        f"TPOT {iso['tpot_ms']:.1f} ms (median of all).",
         "",
-        "| prompt tokens | TTFT (ms) |",
-        "|---|---|",
+        "| prompt tokens | TTFT (ms) | TPOT (ms) |",
+        "|---|---|---|",
     ]
-    lines += [f"| {bucket} | {ttft:.1f} |" for bucket, ttft in iso["ttft_ms"].items()]
+    tpots = iso.get("tpot_ms_by_bucket", {})
+    lines += [f"| {bucket} | {ttft:.1f} | {_fmt(tpots.get(bucket))} |" for bucket, ttft in iso["ttft_ms"].items()]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
     lines += ["", "Raw data: `compare.json`, `isolated.json`, and `<mode>/rate_<R>.json` (vLLM result keys).", ""]
     return "\n".join(lines)

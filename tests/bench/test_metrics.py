@@ -200,6 +200,9 @@ def test_isolated_baseline_takes_medians_and_round_trips() -> None:
     assert [b for b, _ in baseline.ttft_s] == [0, 1]
     assert [t for _, t in baseline.ttft_s] == pytest.approx([0.2, 0.9])
     assert baseline.tpot_s == pytest.approx(0.025)  # median of 0.01, 0.03, 0.02, 0.05
+    assert [b for b, _ in baseline.tpot_by_bucket] == [0, 1]
+    assert [t for _, t in baseline.tpot_by_bucket] == pytest.approx([0.02, 0.05])
+    assert baseline.tpot_for(65) == pytest.approx(0.02) and baseline.tpot_for(250) == pytest.approx(0.05)
     again = IsolatedBaseline.from_dict(baseline.to_dict())
     assert again == baseline
     with pytest.raises(ValueError, match="no successful"):
@@ -246,3 +249,19 @@ def test_tpots_rebuilt_from_result_lists_match_the_outcomes() -> None:
 def test_duration_must_be_positive() -> None:
     with pytest.raises(ValueError, match="duration"):
         compute_metrics([outcome()], duration_s=0.0)
+
+
+def test_tpot_limit_follows_the_prompt_bucket_and_old_baselines_keep_one_tpot() -> None:
+    buckets = PromptBuckets((128, 1024))
+    baseline = IsolatedBaseline(ttft_s=((0, 0.2), (2, 4.0)), tpot_s=0.019, buckets=buckets,
+                                tpot_by_bucket=((0, 0.018), (2, 0.030)))
+    slo = RelativeSLO(baseline)
+    long_alone = outcome(ttft=4.0, gaps=(0.030,) * 4, prompt_len=2000)  # a long prompt sent alone meets its SLO
+    assert slo.limits(2000)[1] == pytest.approx(0.045) and meets_slo(long_alone, slo)
+    assert slo.limits(100)[1] == pytest.approx(0.027)
+    assert not meets_slo(outcome(ttft=0.2, gaps=(0.030,), prompt_len=100), slo)  # the same gaps on a short one
+    old = baseline.to_dict()
+    del old["tpot_s_by_bucket"], old["tpot_ms_by_bucket"]  # isolated.json written before per-bucket TPOTs
+    assert IsolatedBaseline.from_dict(old).tpot_for(2000) == pytest.approx(0.019)
+    with pytest.raises(ValueError, match="per-bucket TPOTs"):
+        IsolatedBaseline(ttft_s=((0, 0.2),), tpot_s=0.019, tpot_by_bucket=((0, 0.0),))
