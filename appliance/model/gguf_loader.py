@@ -93,7 +93,10 @@ def load_gguf(path: str | Path) -> Checkpoint:
         w = _dequantize(tensor)
         add_hf_tensor(weights, name, w, arch, config.num_heads, config.num_kv_heads)
         if tensor.tensor_type.name in Q4_TYPES and w.dim() == 2:  # kept packed too (``q4_blocks``)
-            blocks = q4_from_gguf(tensor.data, tensor.tensor_type.name, tuple(w.shape))
+            try:
+                blocks = q4_from_gguf(tensor.data, tensor.tensor_type.name, tuple(w.shape))
+            except ValueError as exc:  # raw bytes that are not whole blocks of this shape
+                raise ModelLoadError(f"{path}: GGUF tensor {name!r}: {exc}") from exc
             add_hf_q4(q4, name, blocks, arch, config.num_heads, config.num_kv_heads)
     types = list(_field(reader, "tokenizer.ggml.token_type", []))
     return Checkpoint(

@@ -118,7 +118,7 @@ class LlamaModel:
             return t.to(device=device, dtype=dt or dtype).contiguous()
 
         def linear(t: torch.Tensor, blocks: Q4Blocks | None = None) -> Any:
-            return backend.pack_linear(cast(t), blocks) if blocks is not None else backend.pack_linear(cast(t))
+            return backend.pack_linear(cast(t), blocks)
 
         def q4_of(*parts: tuple[str, tuple[int, int] | None, tuple[int, int] | None]) -> Q4Blocks | None:
             """The 4-bit blocks of these ``(name, rows, cols)`` slices stacked by rows, or ``None`` when
