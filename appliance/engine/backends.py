@@ -8,8 +8,9 @@ import torch
 from appliance.engine.attention import AttentionBackend, TorchAttentionBackend
 
 
-def create_backend(name: str, device: torch.device) -> AttentionBackend:
-    """``auto`` -> ``triton`` on CUDA, ``cpu`` otherwise. Imports the Triton path lazily."""
+def create_backend(name: str, device: torch.device, native_attention: bool = True) -> AttentionBackend:
+    """``auto`` -> ``triton`` on CUDA, ``cpu`` otherwise. Imports the Triton path lazily.
+    ``native_attention``: the ``cpu`` backend's bf16 prefill runs pdbox's C kernel where it builds."""
     if name == "auto":
         name = "triton" if device.type == "cuda" else "cpu"
     if name == "torch":
@@ -17,7 +18,7 @@ def create_backend(name: str, device: torch.device) -> AttentionBackend:
     if name == "cpu":
         from appliance.engine.attention_cpu import CpuAttentionBackend
 
-        return CpuAttentionBackend()
+        return CpuAttentionBackend(native_attention=native_attention)
     if name == "triton":
         from appliance.engine.attention_triton import TritonAttentionBackend
 

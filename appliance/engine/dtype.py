@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-from functools import cache
+from kernels.cpu.build import cpu_flags
 
 # NOTE: without these a CPU runs bf16 GEMMs through a conversion fallback: 9.5 GFLOP/s against fp32's
 # ~40 on a 2-core Zen 1 (AVX2 only), so a 256-token prefill took 5.7x longer in bf16 than in fp32.
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-@cache
-def cpu_flags() -> frozenset[str]:
-    """The instruction-set flags of this machine's CPU (empty where /proc/cpuinfo is unreadable)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            line = next((ln for ln in f if ln.startswith("flags")), "")
-    except OSError:
-        return frozenset()
-    return frozenset(line.partition(":")[2].split())
 
 
 def cpu_has_native_bf16(flags: frozenset[str] | None = None) -> bool:

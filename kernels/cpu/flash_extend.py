@@ -1,0 +1,79 @@
+"""Causal prefill attention of one request over its paged KV cache, bf16, in pdbox's own C kernel
+(``flash_extend.c``: AVX-512 BF16, flash-style, reads K and V from the pages in place).
+
+The same function as ``kernels.extend_attention_ref`` for one request; the reference stays the oracle.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from kernels.cpu.build import Native, load
+
+MAX_HEAD_DIM = 256  # the kernel's MAX_D
+_I64, _I32, _P = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+
+
+def native() -> Native:
+    """The kernel's library, or why this machine has none (built on the first call in a process)."""
+    built = load("flash_extend")
+    if built.lib is not None and not getattr(built.lib.pdbox_flash_extend, "argtypes", None):
+        fn = built.lib.pdbox_flash_extend
+        fn.argtypes = [_P, _I64, _I64, _P, _P, _I64, _I32, _P, _I32, _I32, _I32, _I32, _I32, ctypes.c_float,
+                       _P, _I64, _I64, _I32]
+        fn.restype = _I32
+    return built
+
+
+def check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, prefix: int,
+          out: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming what the kernel cannot take (it reads raw memory: nothing is assumed)."""
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
+        raise ValueError(f"q must be (tokens, heads, head_dim) and the caches equal (pages, page_size, kv_heads, "
+                         f"head_dim): got q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
+        if t.dtype != torch.bfloat16 or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a bfloat16 CPU tensor, got {t.dtype} on {t.device}")
+    n_new, hq, d = q.shape
+    _, page_size, hkv, kd = k_cache.shape
+    if kd != d or d % 32 or d > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must match (q {d}, cache {kd}) and be a multiple of 32 up to {MAX_HEAD_DIM}")
+    if hq % hkv:
+        raise ValueError(f"{hq} query heads do not group over {hkv} KV heads")
+    if page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two, got {page_size}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("the KV caches must be contiguous")
+    if q.stride(2) != 1 or out.stride(2) != 1 or out.shape != q.shape:
+        raise ValueError(f"q and out must be {tuple(q.shape)} with unit head_dim stride")
+    if n_new < 1 or prefix < 0:
+        raise ValueError(f"need at least one new token and a prefix >= 0, got {n_new} and {prefix}")
+    needed = -(-(prefix + n_new) // page_size)
+    if pages.dim() != 1 or pages.dtype != torch.int64 or not pages.is_contiguous() or pages.numel() < needed:
+        raise ValueError(f"pages must be a contiguous int64 vector of at least {needed} page ids, "
+                         f"got {pages.dtype} {tuple(pages.shape)}")
+    used = pages[:needed]
+    if int(used.min()) < 0 or int(used.max()) >= k_cache.shape[0]:
+        raise ValueError(f"page ids must lie in [0, {k_cache.shape[0]}): got {used.tolist()}")
+
+
+def flash_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, prefix: int,
+                 scale: float, threads: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of ``q`` (``n_new`` tokens at positions ``prefix ..``) over cache rows ``[0, prefix + i]``
+    of the request whose page ids are ``pages``; written into ``out`` (made if ``None``) and returned.
+    GQA: query head ``h`` reads KV head ``h // (heads / kv_heads)``. ``threads`` threads split the work."""
+    built = native()
+    if built.lib is None:
+        raise RuntimeError(f"the native CPU attention kernel is unavailable: {built.reason}")
+    out = torch.empty(q.shape, dtype=q.dtype) if out is None else out
+    check(q, k_cache, v_cache, pages, prefix, out)
+    n_new, hq, d = q.shape
+    rc = built.lib.pdbox_flash_extend(
+        q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
+        k_cache.shape[1], pages.data_ptr(), prefix, n_new, hq, k_cache.shape[2], d, scale, out.data_ptr(),
+        out.stride(0), out.stride(1), max(1, threads))
+    if rc != 0:
+        raise RuntimeError(f"flash_extend refused its arguments (code {rc}) after they passed the checks")
+    return out

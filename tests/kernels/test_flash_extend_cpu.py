@@ -1,0 +1,138 @@
+"""pdbox's C prefill attention (kernels/cpu/flash_extend.c) against the torch reference, its argument
+checks, its build, and the CPU backend's use of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from appliance.engine.attention_cpu import CpuAttentionBackend
+from kernels.cpu import build
+from kernels.cpu.flash_extend import flash_extend, native
+from kernels.extend_attention import extend_attention_ref
+from tests.kernels.conftest import build_paged_kv
+
+BUILT = native()
+needs_kernel = pytest.mark.skipif(BUILT.lib is None, reason=f"native attention unavailable: {BUILT.reason}")
+BF16 = {"atol": 3e-2, "rtol": 3e-2}
+
+
+def _case(prefix: int, n_new: int, hq: int, hkv: int, d: int, page_size: int, seed: int = 0):
+    kv = build_paged_kv([prefix + n_new], hkv, d, page_size, torch.bfloat16, torch.device("cpu"), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    # q as the engine has it: a view of a fused QKV row, heads not contiguous with the next token's
+    q = torch.randn(n_new, hq + 2 * hkv, d, generator=g).to(torch.bfloat16)[:, :hq]
+    return kv, q
+
+
+def _reference(kv, q: torch.Tensor, prefix: int, scale: float) -> torch.Tensor:
+    k, v, table = kv.for_ref()
+    return extend_attention_ref(q.float(), k.float(), v.float(), table, torch.tensor([prefix]),
+                                torch.tensor([q.shape[0]]), scale)
+
+
+@needs_kernel
+@pytest.mark.parametrize("prefix,n_new,hq,hkv,d,page_size", [
+    (0, 1, 9, 3, 64, 16),
+    (0, 31, 9, 3, 64, 16),
+    (0, 33, 4, 4, 64, 4),
+    (5, 64, 8, 1, 64, 16),
+    (70, 100, 9, 3, 64, 8),  # a key block cut by the diagonal and by the end of the context
+    (130, 1, 6, 2, 128, 16),  # one new token after a long prefix (a chunk's last token)
+    (3, 77, 2, 1, 32, 1),
+    (0, 200, 9, 3, 64, 64),
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_equals_reference(prefix, n_new, hq, hkv, d, page_size, threads) -> None:
+    kv, q = _case(prefix, n_new, hq, hkv, d, page_size)
+    scale = d ** -0.5
+    out = flash_extend(q, kv.k_cache, kv.v_cache, kv.page_table[0].long(), prefix, scale, threads)
+    assert not out.isnan().any()  # every cache row outside the request is NaN: none was read
+    torch.testing.assert_close(out.float(), _reference(kv, q, prefix, scale), **BF16)
+
+
+@needs_kernel
+def test_thread_count_does_not_change_a_bit() -> None:
+    """Each (tile, head) is computed whole by one thread, so the schedule cannot reorder a sum."""
+    kv, q = _case(40, 150, 9, 3, 64, 16, seed=3)
+    pages = kv.page_table[0].long()
+    one = flash_extend(q, kv.k_cache, kv.v_cache, pages, 40, 0.125, 1)
+    for threads in (2, 3, 8):
+        assert torch.equal(one, flash_extend(q, kv.k_cache, kv.v_cache, pages, 40, 0.125, threads))
+
+
+@needs_kernel
+def test_writes_into_out_rows_only() -> None:
+    kv, q = _case(0, 20, 9, 3, 64, 16)
+    big = torch.full((30, 9, 64), 7.0, dtype=torch.bfloat16)
+    flash_extend(q, kv.k_cache, kv.v_cache, kv.page_table[0].long(), 0, 0.125, 2, out=big[5:25])
+    assert (big[:5] == 7).all() and (big[25:] == 7).all() and not (big[5:25] == 7).all()
+
+
+@needs_kernel
+@pytest.mark.parametrize("change,match", [
+    ("fp32 q", "bfloat16"),
+    ("head dim 48", "multiple of 32"),
+    ("page out of range", r"page ids must lie in \[0, "),
+    ("short page table", "at least 3 page ids"),
+    ("int32 pages", "int64"),
+    ("page size 12", "power of two"),
+    ("5 over 2 heads", "do not group"),
+    ("no new tokens", "at least one new token"),
+])
+def test_bad_arguments_are_named(change: str, match: str) -> None:
+    kv, q = _case(10, 30, 9, 3, 64, 16)
+    k, v, pages, prefix = kv.k_cache, kv.v_cache, kv.page_table[0].long(), 10
+    if change == "fp32 q":
+        q = q.float()
+    elif change == "head dim 48":
+        q, k, v = q[..., :48], k[..., :48].contiguous(), v[..., :48].contiguous()
+    elif change == "page out of range":
+        pages = pages.clone()
+        pages[1] = k.shape[0]
+    elif change == "short page table":
+        pages = pages[:2]
+    elif change == "int32 pages":
+        pages = pages.int()
+    elif change == "page size 12":
+        k, v = k[:, :12].contiguous(), v[:, :12].contiguous()
+    elif change == "5 over 2 heads":
+        q, k, v = q[:, :5], k[:, :, :2].contiguous(), v[:, :, :2].contiguous()
+    elif change == "no new tokens":
+        q = q[:0]
+    with pytest.raises(ValueError, match=match):
+        flash_extend(q, k, v, pages, prefix, 0.125, 1)
+
+
+def test_unbuildable_machine_gives_a_reason(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("PDBOX_CACHE_DIR", str(tmp_path))
+    lacking = build.load.__wrapped__("flash_extend", needs=("avx512_bf16", "no_such_flag"))
+    assert lacking.lib is None and "lacks no_such_flag" in lacking.reason
+    monkeypatch.setenv("CC", "pdbox-no-such-cc")
+    no_cc = build.load.__wrapped__("flash_extend")
+    assert no_cc.lib is None and ("no C compiler" in no_cc.reason or "lacks" in no_cc.reason)
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_kernel
+def test_builds_into_the_cache_dir_once(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("PDBOX_CACHE_DIR", str(tmp_path))
+    first = build.load.__wrapped__("flash_extend")
+    assert first.lib is not None and first.path is not None and first.path.parent == tmp_path
+    stamp = first.path.stat().st_mtime_ns
+    again = build.load.__wrapped__("flash_extend")
+    assert again.path == first.path and again.path.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.path.name]  # no temporary file left behind
+
+
+@needs_kernel
+def test_cpu_backend_extend_runs_it_in_bf16_and_matches_sdpa() -> None:
+    """A batch of three (fresh, cached prefix, nothing new): the native path beside torch's SDPA."""
+    fast, sdpa = CpuAttentionBackend(), CpuAttentionBackend(native_attention=False)
+    assert fast.native_attention and not sdpa.native_attention and sdpa.native_reason == "off"
+    kv = build_paged_kv([7, 13, 2], 3, 64, 4, torch.bfloat16, torch.device("cpu"), seed=4)
+    k, v, table = kv.for_ref()
+    prefix, extend = torch.tensor([0, 5, 2]), torch.tensor([7, 8, 0])
+    q = torch.randn(15, 9, 64, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    out = fast.extend(q, k, v, table, prefix, extend, 0.125)
+    torch.testing.assert_close(out.float(), sdpa.extend(q, k, v, table, prefix, extend, 0.125).float(), **BF16)
