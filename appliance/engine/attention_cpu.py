@@ -11,9 +11,11 @@ The references in ``kernels`` are written to be obviously right; they stay the t
   reads the pages in place; ~3x torch's SDPA here), one call per request covering the cached prefix and
   the causal part of the new tokens; in fp32, or where the kernel cannot be built, through torch's fused
   SDPA with a lower-right causal bias;
-- decode attention at batch 1 reads the request's leading run of consecutive pages in place and
-  gathers only the rest (``decode_runs``): fused SDPA with a KV head's query heads as the query
-  length; larger batches gather and go batched by length, as the reference does;
+- decode attention in bf16 through the same library (``kernels.cpu.flash_decode``: a KV head's query
+  heads share each key read, pages read in place; 2-5x the torch path here); in fp32 (or without the
+  kernel) at batch 1 it reads the request's leading run of consecutive pages in place and gathers only
+  the rest (``decode_runs``): fused SDPA with a KV head's query heads as the query length; larger
+  batches gather and go batched by length, as the reference does;
 - no dtype round trips when the engine runs fp32;
 - a GGUF's 4-bit weights (Q4_0, Q4_1) also kept packed as int4 (``q4_blocks``): steps of up to
   ``INT4_MAX_ROWS`` rows (decode) run torch's int4 kernel on them in bf16, reading a quarter of the
@@ -33,6 +35,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from appliance.engine.decode_runs import RunSplit, attend_decode, decode_way, supports
 from appliance.model.q4_blocks import GROUP, Q4Blocks
+from kernels.cpu.flash_decode import MAX_GROUP, DecodeTable, decode_table, flash_decode
 from kernels.cpu.flash_extend import flash_extend
 from kernels.cpu.flash_extend import native as native_attention_lib
 from kernels.decode_attention import DecodePlan
@@ -62,7 +65,7 @@ class DecodeRows:
     q_rows: torch.Tensor
     table: torch.Tensor
     lens: torch.Tensor
-    way: RunSplit | DecodePlan
+    way: RunSplit | DecodePlan | DecodeTable
 
 
 def onednn_available() -> bool:
@@ -113,7 +116,7 @@ class CpuAttentionBackend:
         self._rope_key: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rope: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0))
         self._way_key: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._way: RunSplit | DecodePlan = []
+        self._way: RunSplit | DecodePlan | DecodeTable = []
         self._lens_key: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lens: list[tuple[int, int]] = []
         self._table = torch.empty(0, dtype=torch.int64)
@@ -165,10 +168,30 @@ class CpuAttentionBackend:
         """One query token per request over its paged context (see ``decode_attention_ref``)."""
         key = self._way_key
         if key is None or key[0] is not page_table or key[1] is not seq_lens:
-            in_place = q.dtype if not softcap and supports(q, k_cache) else None
-            self._way = decode_way(page_table, seq_lens, k_cache.shape[1], in_place)
+            self._way = self._decode_way(q, k_cache, page_table, seq_lens, softcap)
             self._way_key = (page_table, seq_lens)
-        return attend_decode(q, k_cache, v_cache, page_table, seq_lens, self._way, scale, softcap)
+        return self._attend_decode(q, k_cache, v_cache, page_table, seq_lens, self._way, scale, softcap)
+
+    def _native_decode(self, q: torch.Tensor, k_cache: torch.Tensor, softcap: float) -> bool:
+        return (self.native_attention and not softcap and q.dtype == torch.bfloat16 == k_cache.dtype
+                and q.shape[-1] % 64 == 0 and q.shape[1] // k_cache.shape[2] <= MAX_GROUP)
+
+    def _decode_way(self, q: torch.Tensor, k_cache: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
+                    softcap: float = 0.0) -> RunSplit | DecodePlan | DecodeTable:
+        """How a decode batch attends, for every layer of one pass: the native kernel's checked table, or
+        the torch way ``decode_way`` picks."""
+        if self._native_decode(q, k_cache, softcap):
+            return decode_table(page_table, seq_lens, k_cache.shape[0], k_cache.shape[1])
+        in_place = q.dtype if not softcap and supports(q, k_cache) else None
+        return decode_way(page_table, seq_lens, k_cache.shape[1], in_place)
+
+    @staticmethod
+    def _attend_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+                       seq_lens: torch.Tensor, way: RunSplit | DecodePlan | DecodeTable, scale: float,
+                       softcap: float = 0.0) -> torch.Tensor:
+        if isinstance(way, DecodeTable):
+            return flash_decode(q, k_cache, v_cache, way, scale, torch.get_num_threads())
+        return attend_decode(q, k_cache, v_cache, page_table, seq_lens, way, scale, softcap)
 
     def extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                prefix_lens: torch.Tensor, extend_lens: torch.Tensor, scale: float,
@@ -181,16 +204,15 @@ class CpuAttentionBackend:
             self._lens = list(zip(prefix_lens.tolist(), extend_lens.tolist()))
             self._lens_key = (prefix_lens, extend_lens)
             self._table = page_table.to(torch.int64).contiguous()
-            self._decode_rows = self._plan_decode_rows(page_table, k_cache.shape[1],
-                                                       q.dtype if supports(q, k_cache) else None)
+            self._decode_rows = self._plan_decode_rows(q, k_cache, page_table)
         out = torch.empty_like(q)
         skip: set[int] = set()
         if self._decode_rows is not None:
             # NOTE: a mixed step's decoding requests (one new token over a cached context) attend
             # together, as in a decode-only step, instead of one gathered call each
             d = self._decode_rows
-            out.index_copy_(0, d.q_rows, attend_decode(q.index_select(0, d.q_rows), k_cache, v_cache, d.table,
-                                                       d.lens, d.way, scale))
+            out.index_copy_(0, d.q_rows, self._attend_decode(q.index_select(0, d.q_rows), k_cache, v_cache,
+                                                             d.table, d.lens, d.way, scale))
             skip = set(d.rows)
         group = q.shape[1] // k_cache.shape[2]
         native = self.native_attention and q.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16
@@ -219,8 +241,7 @@ class CpuAttentionBackend:
             start += n_new
         return out
 
-    def _plan_decode_rows(self, page_table: torch.Tensor, page_size: int,
-                          in_place_dtype: torch.dtype | None) -> DecodeRows | None:
+    def _plan_decode_rows(self, q: torch.Tensor, k_cache: torch.Tensor, page_table: torch.Tensor) -> DecodeRows | None:
         """The requests of an extend batch that decode (one new token after a cached prefix), or
         ``None`` for fewer than two."""
         rows, q_rows, lens, start = [], [], [], 0
@@ -234,8 +255,7 @@ class CpuAttentionBackend:
             return None
         table = page_table.index_select(0, torch.tensor(rows, device=page_table.device))
         seq_lens = torch.tensor(lens)
-        return DecodeRows(rows, torch.tensor(q_rows), table, seq_lens,
-                          decode_way(table, seq_lens, page_size, in_place_dtype))
+        return DecodeRows(rows, torch.tensor(q_rows), table, seq_lens, self._decode_way(q, k_cache, table, seq_lens))
 
     # -- pointwise ----------------------------------------------------------------------------
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

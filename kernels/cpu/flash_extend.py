@@ -1,5 +1,6 @@
 """Causal prefill attention of one request over its paged KV cache, bf16, in pdbox's own C kernel
-(``flash_extend.c``: AVX-512 BF16, flash-style, reads K and V from the pages in place).
+(``pdbox_flash_extend`` in ``flash_attention.c``: AVX-512 BF16, flash-style, reads K and V from the pages
+in place).
 
 The same function as ``kernels.extend_attention_ref`` for one request; the reference stays the oracle.
 """
@@ -17,11 +18,15 @@ _I64, _I32, _P = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
 
 def native() -> Native:
-    """The kernel's library, or why this machine has none (built on the first call in a process)."""
-    built = load("flash_extend")
+    """The kernels' library, or why this machine has none (built on the first call in a process)."""
+    built = load("flash_attention")
     if built.lib is not None and not getattr(built.lib.pdbox_flash_extend, "argtypes", None):
         fn = built.lib.pdbox_flash_extend
         fn.argtypes = [_P, _I64, _I64, _P, _P, _I64, _I32, _P, _I32, _I32, _I32, _I32, _I32, ctypes.c_float,
+                       _P, _I64, _I64, _I32]
+        fn.restype = _I32
+        fn = built.lib.pdbox_flash_decode
+        fn.argtypes = [_P, _I64, _I64, _P, _P, _I64, _I32, _P, _I64, _P, _I32, _I32, _I32, _I32, ctypes.c_float,
                        _P, _I64, _I64, _I32]
         fn.restype = _I32
     return built

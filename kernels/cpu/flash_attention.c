@@ -1,6 +1,8 @@
-/* Causal attention of one request's new tokens over its paged KV cache, bf16, for CPUs with
- * AVX-512 BF16 (the `cpu` backend's prefill path; kernels/cpu/native.py builds and loads it).
+/* Paged attention in bf16 for CPUs with AVX-512 BF16: the `cpu` backend's prefill (pdbox_flash_extend)
+ * and decode (pdbox_flash_decode, at the end). kernels/cpu/build.py builds it; kernels/cpu/flash_*.py
+ * check the arguments and call it.
  *
+ * pdbox_flash_extend: causal attention of one request's new tokens over its paged KV cache,
  * out[i, h] = softmax_j(scale * q[i, h] . k[j, g]) . v[j, g] over j <= prefix + i, g = h / (hq / hkv).
  *
  * Flash-style: 32 query rows of one head (a tile) at a time, keys in blocks of 64 with an online
@@ -17,6 +19,7 @@
  * so a causal mask's uneven rows balance.
  */
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -251,5 +254,203 @@ int pdbox_flash_extend(const bf16 *q, int64_t q_row, int64_t q_head, const bf16 
 #pragma omp parallel num_threads(threads)
     worker(&jb);
     free(jb.vp);
+    return 0;
+}
+
+/* ---- decode: one new token per request over its whole paged context ---------------------------------
+ *
+ * A unit is one request. Its context is cold when a step reaches it (the step has streamed every layer's
+ * weights and KV since), and reading one KV head's rows in place (128 of every hkv * 128 bytes) ran at
+ * ~4 GB/s here. So each block of 64 keys is first copied whole, every KV head at once, into a per-thread
+ * buffer (whole page runs: memcpy streams them), the next block prefetched a slice per 8 keys computed. Then per KV head:
+ * its query heads (at most 16) are the rows of one score vector, so each key's (k[2p], k[2p+1])
+ * broadcast serves them all, as in a tile above; p . v runs in fp32 on the staged V rows (widened
+ * exactly from bf16), out[g][d] accumulated 64 dims at a time, an online softmax per head.
+ */
+#define DR 16 /* query heads per KV head, at most */
+
+typedef struct {
+    const bf16 *q;
+    int64_t q_row, q_head;
+    const bf16 *k, *v;
+    int64_t page_stride;
+    const int64_t *table; /* [batch][table_stride] page ids */
+    int64_t table_stride;
+    const int64_t *lens;
+    int page_shift, batch, hq, hkv, d;
+    float scale;
+    bf16 *out;
+    int64_t o_row, o_head;
+    char *scratch; /* per thread: scratch_bytes each */
+    size_t scratch_bytes;
+    int next;
+} djob_t;
+
+static inline __m512 widen(const bf16 *x) { /* 16 bf16 -> fp32, exact */
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
+}
+
+/* rows [j0, j0 + n) of request b, all KV heads, from `cache` into dst (contiguous, slot-major) */
+static void stage(const djob_t *jb, const bf16 *cache, int b, int j0, int n, bf16 *dst) {
+    const int ps = 1 << jb->page_shift;
+    const int64_t row = (int64_t)jb->hkv * jb->d;
+    for (int j = j0; j < j0 + n;) {
+        const int slot = j & (ps - 1), run = ps - slot < j0 + n - j ? ps - slot : j0 + n - j;
+        const bf16 *src = cache + jb->table[b * jb->table_stride + (j >> jb->page_shift)] * jb->page_stride + slot * row;
+        memcpy(dst + (j - j0) * row, src, sizeof(bf16) * run * row);
+        j += run;
+    }
+}
+
+/* prefetch part `part` of `parts` of rows [j0, j0 + n) of request b (K and V), so a block's compute
+ * streams in the next block a little at a time (a burst of prefetches stalls on the miss buffers) */
+static void prefetch_part(const djob_t *jb, int b, int j0, int n, int part, int parts) {
+    const int64_t row = (int64_t)jb->hkv * jb->d;
+    const int a = j0 + (int)((int64_t)n * part / parts), e = j0 + (int)((int64_t)n * (part + 1) / parts);
+    for (int j = a; j < e; j++) {
+        const int64_t off = jb->table[b * jb->table_stride + (j >> jb->page_shift)] * jb->page_stride
+                          + (int64_t)(j & ((1 << jb->page_shift) - 1)) * row;
+        for (int64_t i = 0; i < row; i += 32) {
+            _mm_prefetch((const char *)(jb->k + off + i), _MM_HINT_T1);
+            _mm_prefetch((const char *)(jb->v + off + i), _MM_HINT_T1);
+        }
+    }
+}
+
+static size_t decode_scratch(int hkv, int group, int d) {
+    return sizeof(uint32_t) * hkv * (d / 2) * DR  /* qp */
+         + sizeof(float) * hkv * group * d        /* o */
+         + sizeof(float) * 2 * hkv * DR           /* m, l */
+         + sizeof(float) * KB * DR                /* s */
+         + sizeof(bf16) * 2 * KB * hkv * d;       /* staged K, V */
+}
+
+static inline __attribute__((always_inline)) void decode_request(const djob_t *jb, int b, char *scratch, const int d) {
+    const int hkv = jb->hkv, group = jb->hq / hkv, len = (int)jb->lens[b];
+    const int64_t row = (int64_t)hkv * d;
+    uint32_t *qp = (uint32_t *)scratch;                  /* [hkv][d/2][DR] */
+    float *o = (float *)(qp + (size_t)hkv * (d / 2) * DR); /* [hkv][group][d] */
+    float *ms = o + (size_t)hkv * group * d;               /* [hkv][DR] */
+    float *ls = ms + (size_t)hkv * DR;
+    float *s = ls + (size_t)hkv * DR; /* [KB][DR] */
+    bf16 *kst = (bf16 *)(s + KB * DR), *vst = kst + KB * row;
+    for (int g = 0; g < hkv; g++) {
+        for (int r = 0; r < DR; r++) {
+            const uint32_t *src = r < group ? (const uint32_t *)(jb->q + b * jb->q_row + (g * group + r) * jb->q_head) : 0;
+            for (int p = 0; p < d / 2; p++) qp[((size_t)g * (d / 2) + p) * DR + r] = src ? src[p] : 0;
+        }
+        _mm512_store_ps(ms + g * DR, _mm512_set1_ps(-1e30f));
+        _mm512_store_ps(ls + g * DR, _mm512_setzero_ps());
+    }
+    memset(o, 0, sizeof(float) * hkv * group * d);
+    const __m512 scale = _mm512_set1_ps(jb->scale);
+    for (int j0 = 0; j0 < len; j0 += KB) {
+        const int nk = len - j0 < KB ? len - j0 : KB;
+        stage(jb, jb->k, b, j0, nk, kst);
+        stage(jb, jb->v, b, j0, nk, vst);
+        const int nn = len - j0 - KB < KB ? len - j0 - KB : KB; /* the next block: prefetched meanwhile */
+        const int parts = hkv * ((nk + KC - 1) / KC);
+        for (int g = 0; g < hkv; g++) {
+            const uint32_t *qg = qp + (size_t)g * (d / 2) * DR;
+            for (int c = 0; c < nk; c += KC) {
+                if (nn > 0) prefetch_part(jb, b, j0 + KB, nn, g * ((nk + KC - 1) / KC) + c / KC, parts);
+                const uint32_t *kr[KC];
+                for (int x = 0; x < KC; x++)
+                    kr[x] = (const uint32_t *)(c + x < nk ? kst + (c + x) * row + g * d : ZERO_ROW);
+                __m512 acc[KC];
+                for (int x = 0; x < KC; x++) acc[x] = _mm512_setzero_ps();
+                for (int p = 0; p < d / 2; p++) {
+                    __m512i qv = _mm512_load_si512(qg + p * DR);
+                    for (int x = 0; x < KC; x++) acc[x] = dp(acc[x], qv, _mm512_set1_epi32((int)kr[x][p]));
+                }
+                for (int x = 0; x < KC; x++) _mm512_store_ps(&s[(c + x) * DR], _mm512_mul_ps(acc[x], scale));
+            }
+            const __m512 m = _mm512_load_ps(ms + g * DR);
+            __m512 n = m;
+            for (int x = 0; x < nk; x++) n = _mm512_max_ps(n, _mm512_load_ps(&s[x * DR]));
+            const __m512 alpha = exp_ps(_mm512_sub_ps(m, n));
+            __m512 sum = _mm512_setzero_ps();
+            for (int x = 0; x < nk; x++) {
+                __m512 p = exp_ps(_mm512_sub_ps(_mm512_load_ps(&s[x * DR]), n));
+                sum = _mm512_add_ps(sum, p);
+                _mm512_store_ps(&s[x * DR], p);
+            }
+            _mm512_store_ps(ms + g * DR, n);
+            _mm512_store_ps(ls + g * DR, _mm512_fmadd_ps(_mm512_load_ps(ls + g * DR), alpha, sum));
+            float al[DR] __attribute__((aligned(64)));
+            _mm512_store_ps(al, alpha);
+            float *og = o + (size_t)g * group * d;
+            for (int c = 0; c < d; c += 64) /* 4 rows x 64 dims of out in registers; each V row widened once */
+                for (int r0 = 0; r0 < group; r0 += 4) {
+                    const int nr = group - r0 < 4 ? group - r0 : 4;
+                    __m512 acc[4][4];
+                    for (int r = 0; r < nr; r++)
+                        for (int v = 0; v < 4; v++)
+                            acc[r][v] = _mm512_mul_ps(_mm512_loadu_ps(og + (r0 + r) * d + c + 16 * v),
+                                                      _mm512_set1_ps(al[r0 + r]));
+                    for (int x = 0; x < nk; x++) {
+                        const bf16 *vr = vst + x * row + g * d + c;
+                        const __m512 v0 = widen(vr), v1 = widen(vr + 16), v2 = widen(vr + 32), v3 = widen(vr + 48);
+                        for (int r = 0; r < nr; r++) {
+                            const __m512 p = _mm512_set1_ps(s[x * DR + r0 + r]);
+                            acc[r][0] = _mm512_fmadd_ps(p, v0, acc[r][0]);
+                            acc[r][1] = _mm512_fmadd_ps(p, v1, acc[r][1]);
+                            acc[r][2] = _mm512_fmadd_ps(p, v2, acc[r][2]);
+                            acc[r][3] = _mm512_fmadd_ps(p, v3, acc[r][3]);
+                        }
+                    }
+                    for (int r = 0; r < nr; r++)
+                        for (int v = 0; v < 4; v++) _mm512_storeu_ps(og + (r0 + r) * d + c + 16 * v, acc[r][v]);
+                }
+        }
+    }
+    for (int g = 0; g < hkv; g++)
+        for (int r = 0; r < group; r++) {
+            const float inv = 1.0f / ls[g * DR + r];
+            const float *src = o + ((size_t)g * group + r) * d;
+            bf16 *dst = jb->out + b * jb->o_row + (g * group + r) * jb->o_head;
+            for (int c = 0; c < d; c += 32) {
+                __m512 lo = _mm512_mul_ps(_mm512_loadu_ps(src + c), _mm512_set1_ps(inv));
+                __m512 hi = _mm512_mul_ps(_mm512_loadu_ps(src + c + 16), _mm512_set1_ps(inv));
+                _mm512_storeu_si512(dst + c, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+            }
+        }
+}
+
+static void decode_worker(djob_t *jb, int thread) {
+    char *scratch = jb->scratch + thread * jb->scratch_bytes;
+    for (int b; (b = __atomic_fetch_add(&jb->next, 1, __ATOMIC_RELAXED)) < jb->batch;) {
+        switch (jb->d) {
+        case 64: decode_request(jb, b, scratch, 64); break;
+        case 128: decode_request(jb, b, scratch, 128); break;
+        default: decode_request(jb, b, scratch, jb->d); break;
+        }
+    }
+}
+
+int pdbox_flash_decode(const bf16 *q, int64_t q_row, int64_t q_head, const bf16 *k_cache, const bf16 *v_cache,
+                       int64_t page_stride, int page_size, const int64_t *table, int64_t table_stride,
+                       const int64_t *lens, int batch, int hq, int hkv, int d, float scale, bf16 *out, int64_t o_row,
+                       int64_t o_head, int threads) {
+    if (d % 64 || d > MAX_D || d <= 0 || hkv <= 0 || hq % hkv || hq / hkv > DR || batch <= 0) return -1;
+    if (page_size <= 0 || (page_size & (page_size - 1))) return -2;
+    for (int b = 0; b < batch; b++)
+        if (lens[b] < 1) return -4;
+    djob_t jb = {.q = q, .q_row = q_row, .q_head = q_head, .k = k_cache, .v = v_cache, .page_stride = page_stride,
+                 .table = table, .table_stride = table_stride, .lens = lens, .page_shift = __builtin_ctz(page_size),
+                 .batch = batch, .hq = hq, .hkv = hkv, .d = d, .scale = scale, .out = out, .o_row = o_row,
+                 .o_head = o_head};
+    if (threads > batch) threads = batch;
+    if (threads < 1) threads = 1;
+    jb.scratch_bytes = (decode_scratch(hkv, hq / hkv, d) + 63) & ~(size_t)63;
+    jb.scratch = aligned_alloc(64, jb.scratch_bytes * threads);
+    if (!jb.scratch) return -3;
+    if (threads == 1) {
+        decode_worker(&jb, 0);
+    } else {
+#pragma omp parallel num_threads(threads)
+        decode_worker(&jb, omp_get_thread_num());
+    }
+    free(jb.scratch);
     return 0;
 }

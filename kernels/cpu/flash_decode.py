@@ -1,0 +1,87 @@
+"""Decode attention (one new token per request over its whole paged context), bf16, in pdbox's own C
+kernel (``pdbox_flash_decode`` in ``flash_attention.c``): a KV head's query heads share each key read,
+K and V are read from the pages in place, nothing is gathered.
+
+The same function as ``kernels.decode_attention_ref``; the reference stays the oracle. The page table is
+checked once per forward pass (:func:`decode_table`), the per-layer call only checks shapes and dtypes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.cpu.flash_extend import MAX_HEAD_DIM, native
+
+MAX_GROUP = 16  # query heads per KV head the kernel takes (its DR)
+
+
+@dataclass(frozen=True)
+class DecodeTable:
+    """A batch's page table and lengths as the kernel reads them (int64, contiguous), checked against a
+    cache of ``num_pages`` pages of ``page_size`` rows."""
+
+    table: torch.Tensor
+    lens: torch.Tensor
+    num_pages: int
+    page_size: int
+
+
+def decode_table(page_table: torch.Tensor, seq_lens: torch.Tensor, num_pages: int, page_size: int) -> DecodeTable:
+    """Check every page id a request's ``seq_lens`` rows need lies in ``[0, num_pages)``; ``ValueError`` names
+    what does not."""
+    if page_table.dim() != 2 or seq_lens.dim() != 1 or seq_lens.numel() > page_table.shape[0]:
+        raise ValueError(f"page_table must be (batch, pages) and seq_lens (batch,): got {tuple(page_table.shape)} "
+                         f"and {tuple(seq_lens.shape)}")
+    if page_size < 1 or page_size & (page_size - 1):
+        raise ValueError(f"page_size must be a power of two, got {page_size}")
+    lens = seq_lens.to(torch.int64).contiguous()
+    table = page_table[: lens.numel()].to(torch.int64).contiguous()
+    if lens.numel() == 0:
+        raise ValueError("an empty batch")
+    if int(lens.min()) < 1:
+        raise ValueError(f"every request needs at least one cached row, got lengths {lens.tolist()}")
+    need = (lens + page_size - 1) // page_size
+    if int(need.max()) > table.shape[1]:
+        raise ValueError(f"a request of {int(lens.max())} rows needs {int(need.max())} pages; the table has "
+                         f"{table.shape[1]}")
+    used = table[torch.arange(table.shape[1]) < need[:, None]]
+    if int(used.min()) < 0 or int(used.max()) >= num_pages:
+        raise ValueError(f"page ids must lie in [0, {num_pages}): got {sorted(set(used.tolist()))[:8]} ...")
+    return DecodeTable(table, lens, num_pages, page_size)
+
+
+def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: DecodeTable, scale: float,
+                 threads: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of ``q`` ``(batch, heads, head_dim)`` over each request's ``plan.lens`` cache rows; into ``out``
+    (made if ``None``) and returned. ``threads`` threads split the (request, KV head) units."""
+    built = native()
+    if built.lib is None:
+        raise RuntimeError(f"the native CPU attention kernel is unavailable: {built.reason}")
+    out = torch.empty(q.shape, dtype=q.dtype) if out is None else out
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape or out.shape != q.shape:
+        raise ValueError(f"q must be (batch, heads, head_dim), out alike, the caches equal (pages, page_size, "
+                         f"kv_heads, head_dim): got q {tuple(q.shape)}, out {tuple(out.shape)}, "
+                         f"k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
+        if t.dtype != torch.bfloat16 or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a bfloat16 CPU tensor, got {t.dtype} on {t.device}")
+    batch, hq, d = q.shape
+    pages, page_size, hkv, kd = k_cache.shape
+    if kd != d or d % 64 or d > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must match (q {d}, cache {kd}) and be a multiple of 64 up to {MAX_HEAD_DIM}")
+    if hq % hkv or hq // hkv > MAX_GROUP:
+        raise ValueError(f"{hq} query heads over {hkv} KV heads: need a whole group of at most {MAX_GROUP}")
+    if (pages, page_size) != (plan.num_pages, plan.page_size) or plan.lens.numel() != batch:
+        raise ValueError(f"the table was checked for {plan.lens.numel()} requests over {plan.num_pages} pages of "
+                         f"{plan.page_size}; this call has {batch} over {pages} of {page_size}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or q.stride(2) != 1 or out.stride(2) != 1:
+        raise ValueError("the caches must be contiguous, q and out of unit head_dim stride")
+    rc = built.lib.pdbox_flash_decode(
+        q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), page_size,
+        plan.table.data_ptr(), plan.table.stride(0), plan.lens.data_ptr(), batch, hq, hkv, d, scale, out.data_ptr(),
+        out.stride(0), out.stride(1), max(1, threads))
+    if rc != 0:
+        raise RuntimeError(f"flash_decode refused its arguments (code {rc}) after they passed the checks")
+    return out
