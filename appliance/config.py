@@ -185,8 +185,8 @@ class EngineConfig:
                                   choices=ATTENTION_BACKENDS)
     q4_kernels: bool = flag(True, "CPU, bf16: decode steps of up to 4 rows read a GGUF's Q4_0/Q4_1 weights "
                                   "packed (torch's int4 kernel) instead of their bf16 copies.")
-    native_attention: bool = flag(True, "CPU, bf16: prefill attention in pdbox's own AVX-512 BF16 kernel (built "
-                                        "with the machine's C compiler on first use) instead of torch's SDPA.")
+    native_kernels: bool = flag(True, "CPU, bf16: attention, RMSNorm, rotary and SiLU in pdbox's own AVX-512 BF16 C "
+                                      "kernels (built with the machine's cc on first use) instead of torch's ops.")
     tp_size: int = 1
     threads: int = 0
     seed: int = 0

@@ -6,6 +6,16 @@ import os
 import platform
 
 
+def native_kernels() -> dict:
+    """pdbox's C kernels for the CPU backend in bf16: built and loaded here, or why not."""
+    from kernels.cpu.flash_extend import native as attention
+    from kernels.cpu.pointwise import native as pointwise
+
+    built = {"attention": attention(), "pointwise": pointwise()}
+    return {name: {"ok": b.lib is not None, "reason": b.reason, "path": str(b.path) if b.path else None}
+            for name, b in built.items()}
+
+
 def report() -> dict:
     import torch
 
@@ -27,10 +37,11 @@ def report() -> dict:
     elif cuda:
         kernel = {"backend": "triton", "reason": "CUDA device present: Triton kernels compile for it"}
     else:
-        kernel = {"backend": "cpu", "reason": "no CUDA device: the engine runs its CPU kernels (oneDNN linear layers, "
-                  "fused SDPA prefill); Triton kernels run only under TRITON_INTERPRET=1 "
-                  f"(tests){' — on now' if interpreter_enabled() else ''}"}
+        kernel = {"backend": "cpu", "reason": "no CUDA device: the engine runs its CPU kernels (oneDNN linear layers; "
+                  "in bf16 pdbox's C attention and pointwise kernels below, else torch's SDPA); Triton kernels run "
+                  f"only under TRITON_INTERPRET=1 (tests){' — on now' if interpreter_enabled() else ''}"}
     kernel["dtype"] = default_dtype(device)
+    kernel["native"] = native_kernels()
     try:
         from appliance.model.loader import default_model_path
 
@@ -51,5 +62,8 @@ def render(rep: dict) -> str:
         lines.append(f"  {'ok  ' if t['ok'] else 'skip'} {t['backend']:9s} {t['reason']}")
     k = rep["attention_backend"]
     lines.append(f"attention backend: {k['backend']} ({k['reason']}); default dtype {k['dtype']}")
+    for name, n in k.get("native", {}).items():
+        lines.append(f"  {'ok  ' if n['ok'] else 'skip'} C kernels ({name}, CPU bf16): {n['reason']}"
+                     + (f" [{n['path']}]" if n["ok"] else ""))
     lines.append(f"default model: {rep['default_model']}")
     return "\n".join(lines)

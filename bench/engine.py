@@ -83,22 +83,22 @@ def floors(engine, prefill_chunk: int) -> dict:
             "prefill_floor_tok_s": round(gemm_flops / (2 * layer_params), 1)}
 
 
-def _native_attention(backend: object) -> str:
-    """Whether the prefill ran pdbox's C attention kernel, and why not."""
+def _native_kernels(backend: object) -> str:
+    """Whether the engine ran pdbox's C kernels, and why not."""
     if getattr(backend, "native_attention", False):
         return "on"
     return f"off ({getattr(backend, 'native_reason', 'not the cpu backend')})"
 
 
 def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: int, long_batch: int = 6,
-        backend: str = "auto", q4_kernels: bool = True, native_attention: bool = True) -> dict:
+        backend: str = "auto", q4_kernels: bool = True, native_kernels: bool = True) -> dict:
     from appliance.config import EngineConfig
     from appliance.engine.engine import Engine
 
     torch.set_num_threads(threads)
     cfg = EngineConfig(dtype=dtype, threads=threads, enable_prefix_cache=False, max_prefill_tokens=prefill_len,
                        kv_cache_mb=512, attention_backend=backend, q4_kernels=q4_kernels,
-                       native_attention=native_attention)
+                       native_kernels=native_kernels)
     engine = Engine(model, cfg)
     tok = engine.tokenizer
     base = tok.encode("Write a long story about a lighthouse keeper who finds a message in a bottle. " * 4)[:64]
@@ -118,7 +118,7 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
     return {
         "model": engine.model_name, "dtype": cfg.dtype, "backend": engine.runner.backend.name, "threads": threads,
         "q4_kernels": q4_kernels,
-        "native_attention": _native_attention(engine.runner.backend),
+        "native_kernels": _native_kernels(engine.runner.backend),
         "cpu_count": os.cpu_count(),
         "decode_ms_per_token_b1": round(ms_b1, 2),
         "decode_floor_ms": floor["decode_floor_ms"],
@@ -151,8 +151,8 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
 @click.option("--steps", type=int, default=48)
 @click.option("--q4-kernels/--no-q4-kernels", default=True,
               help="CPU, bf16: decode reads a GGUF's 4-bit weights packed (the engine's default)")
-@click.option("--native-attention/--no-native-attention", default=True,
-              help="CPU, bf16: prefill attention in pdbox's C kernel (the engine's default), else torch's SDPA")
+@click.option("--native-kernels/--no-native-kernels", default=True,
+              help="CPU, bf16: attention and pointwise ops in pdbox's C kernels (the engine's default), else torch's")
 @click.option("--prefill-len", type=int, default=1024)
 @click.option("--long-batch", type=int, default=6, help="requests in the long-context decode figure")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object only")
@@ -165,7 +165,7 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
 @click.option("--no-cuda-graphs", is_flag=True, help="cuda: eager decode only")
 @click.option("--out", default=None, help="cuda: also write the JSON here, after every figure")
 def command(model: str | None, threads: int, dtype: str, backend: str, steps: int, q4_kernels: bool,
-            native_attention: bool, prefill_len: int, long_batch: int, as_json: bool, device: str, context: int,
+            native_kernels: bool, prefill_len: int, long_batch: int, as_json: bool, device: str, context: int,
             batches: str, prefill_lens: str, no_cuda_graphs: bool, out: str | None) -> None:
     if device == "cuda":
         from bench.engine_gpu import run_cuda
@@ -175,7 +175,7 @@ def command(model: str | None, threads: int, dtype: str, backend: str, steps: in
                           tuple(int(x) for x in prefill_lens.split(",")), context,
                           20 if steps == 48 else steps, graphs=not no_cuda_graphs, out_path=out)
     else:
-        result = run(model, threads, dtype, steps, prefill_len, long_batch, backend, q4_kernels, native_attention)
+        result = run(model, threads, dtype, steps, prefill_len, long_batch, backend, q4_kernels, native_kernels)
     if as_json:
         print(json.dumps(result))
         return

@@ -38,6 +38,8 @@ from appliance.model.q4_blocks import GROUP, Q4Blocks
 from kernels.cpu.flash_decode import MAX_GROUP, DecodeTable, decode_table, flash_decode
 from kernels.cpu.flash_extend import flash_extend
 from kernels.cpu.flash_extend import native as native_attention_lib
+from kernels.cpu.pointwise import add_rmsnorm, rotary, silu_and_mul
+from kernels.cpu.pointwise import native as native_pointwise_lib
 from kernels.decode_attention import DecodePlan
 from kernels.extend_attention import extend_attention_ref, gather_pages
 from kernels.kv_store import store_kv_ref
@@ -105,16 +107,20 @@ class CpuAttentionBackend:
     name = "cpu"
     store_kv = staticmethod(store_kv_ref)
 
-    def __init__(self, pack_weights: bool = True, native_attention: bool = True) -> None:
+    def __init__(self, pack_weights: bool = True, native_kernels: bool = True) -> None:
         self.pack_weights = pack_weights and onednn_available()
-        # the native prefill kernel (bf16 only), or why not: "off" when not asked for
-        built = native_attention_lib() if native_attention else None
-        self.native_attention = built is not None and built.lib is not None
-        self.native_reason = "off" if built is None else built.reason
+        # pdbox's C kernels (bf16 only), or why not: "off" when not asked for
+        attention = native_attention_lib() if native_kernels else None
+        pointwise = native_pointwise_lib() if native_kernels else None
+        self.native_attention = attention is not None and attention.lib is not None
+        self.native_pointwise = pointwise is not None and pointwise.lib is not None
+        self.native_reason = "off" if attention is None or pointwise is None else (
+            attention.reason if attention.lib is None else pointwise.reason)
         # NOTE: per-forward caches keyed by the batch's own tensors (identity), like the reference
         # backend's decode plan: every layer of one pass sees the same positions / page table.
         self._rope_key: tuple[torch.Tensor, torch.Tensor] | None = None
         self._rope: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0))
+        self._rope_fresh = True  # positions not yet checked against the cache (the C rotary reads by them)
         self._way_key: tuple[torch.Tensor, torch.Tensor] | None = None
         self._way: RunSplit | DecodePlan | DecodeTable = []
         self._lens_key: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -267,6 +273,11 @@ class CpuAttentionBackend:
 
     def fused_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                           eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """In a bf16 model (``x`` bf16, the residual fp32) with the C kernels, one pass, and the normed
+        rows come back bf16: the next linear layer reads them so."""
+        if (self.native_pointwise and x.dtype == torch.bfloat16 and residual.dtype == weight.dtype == torch.float32
+                and x.dim() == 2 and x.shape == residual.shape and x.shape[1] % 16 == 0):
+            return add_rmsnorm(x, residual, weight, eps, torch.get_num_threads())
         residual = x + residual
         return self.rmsnorm(residual, weight, eps), residual
 
@@ -277,14 +288,22 @@ class CpuAttentionBackend:
             cos, sin = cos_sin_cache.index_select(0, positions).unsqueeze(1).float().chunk(2, dim=-1)
             self._rope = (torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1))
             self._rope_key = (positions, cos_sin_cache)
+            self._rope_fresh = True
         cos, sin = self._rope
         qk = _joined(q, k)
+        if (qk is not None and self.native_pointwise and q.dtype == torch.bfloat16 and q.shape[-1] % 32 == 0
+                and cos_sin_cache.dtype == torch.float32 and positions.dtype == torch.int64):
+            out = rotary(qk, positions, cos_sin_cache, torch.get_num_threads(), check_positions=self._rope_fresh)
+            self._rope_fresh = False  # checked once per forward pass
+            return out.split([q.shape[1], k.shape[1]], dim=1)
         if qk is not None:  # q then k in one buffer (the fused QKV output): rotate them as one tensor
             return _rotate(qk, cos, sin).split([q.shape[1], k.shape[1]], dim=1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
-    @staticmethod
-    def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        if (self.native_pointwise and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[1] % 32 == 0
+                and x.stride(1) == 1):
+            return silu_and_mul(x, torch.get_num_threads())
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate).mul_(up)
 

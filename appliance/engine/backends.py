@@ -8,9 +8,10 @@ import torch
 from appliance.engine.attention import AttentionBackend, TorchAttentionBackend
 
 
-def create_backend(name: str, device: torch.device, native_attention: bool = True) -> AttentionBackend:
+def create_backend(name: str, device: torch.device, native_kernels: bool = True) -> AttentionBackend:
     """``auto`` -> ``triton`` on CUDA, ``cpu`` otherwise. Imports the Triton path lazily.
-    ``native_attention``: the ``cpu`` backend's bf16 prefill runs pdbox's C kernel where it builds."""
+    ``native_kernels``: the ``cpu`` backend runs bf16 attention and pointwise ops in pdbox's C kernels where
+    they build."""
     if name == "auto":
         name = "triton" if device.type == "cuda" else "cpu"
     if name == "torch":
@@ -18,7 +19,7 @@ def create_backend(name: str, device: torch.device, native_attention: bool = Tru
     if name == "cpu":
         from appliance.engine.attention_cpu import CpuAttentionBackend
 
-        return CpuAttentionBackend(native_attention=native_attention)
+        return CpuAttentionBackend(native_kernels=native_kernels)
     if name == "triton":
         from appliance.engine.attention_triton import TritonAttentionBackend
 

@@ -64,7 +64,7 @@ class ModelRunner:
         self.model_config = ckpt.config
         if self.rank.world_size > 1:
             tp.init_group(self.rank, self.device)
-        self.backend = create_backend(cfg.attention_backend, self.device, cfg.native_attention)
+        self.backend = create_backend(cfg.attention_backend, self.device, cfg.native_kernels)
         self.model = LlamaModel(
             ckpt.config, ckpt.weights, self.backend, DTYPES[cfg.dtype], self.device, self.rank,
             all_reduce=tp.all_reduce if self.rank.world_size > 1 else None,

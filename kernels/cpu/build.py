@@ -1,5 +1,5 @@
-"""Building pdbox's C kernels (the ``*.c`` files beside this one) with the machine's C compiler on first
-use, and loading them with ctypes.
+"""Building pdbox's C kernels (the ``*.c`` files beside this one, with the ``*.h`` they share) with the
+machine's C compiler on first use, and loading them with ctypes.
 
 A library is cached under ``$PDBOX_CACHE_DIR`` (else ``$XDG_CACHE_HOME/pdbox``, else
 ``~/.cache/pdbox``), named by a hash of its source, flags and compiler, so an edit or another
@@ -28,7 +28,8 @@ BUILD_TIMEOUT_S = 120.0
 # AVX-512 with the BF16 dot product (VDPBF16PS): Zen 4 and later, Intel Cooper Lake / Sapphire Rapids and later
 AVX512_BF16_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
 AVX512_BF16_CFLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma")
-CFLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-std=gnu11")
+# NOTE: no FMA contraction: the kernels say where they fuse (the rotary matches torch's separate ops)
+CFLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-std=gnu11", "-ffp-contract=off")
 
 
 @cache
@@ -81,7 +82,8 @@ def load(name: str, needs: tuple[str, ...] = AVX512_BF16_FLAGS, cflags: tuple[st
         return Native(None, None, f"no C compiler ({os.environ.get('CC') or 'cc'}) on PATH")
     source = SOURCE_DIR / f"{name}.c"
     flags = (*CFLAGS, *cflags)
-    digest = hashlib.sha256(source.read_bytes() + " ".join(flags).encode() + _compiler_id(cc).encode())
+    headers = b"".join(h.read_bytes() for h in sorted(SOURCE_DIR.glob("*.h")))
+    digest = hashlib.sha256(source.read_bytes() + headers + " ".join(flags).encode() + _compiler_id(cc).encode())
     target = cache_dir() / f"{name}-{digest.hexdigest()[:16]}.so"
     if not target.exists():
         try:

@@ -18,19 +18,18 @@
  * Work units are (tile, head), longest first, taken off one atomic counter by `threads` OpenMP threads,
  * so a causal mask's uneven rows balance.
  */
-#include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "bf16_avx512.h"
 
 #define QT 32 /* query rows per tile: two vectors of 16 */
 #define KB 64 /* keys per softmax block */
 #define KC 8  /* keys per q.k register block */
 #define MAX_D 256
 #define PACK_PAIRS 256 /* key pairs per V packing unit */
-
-typedef uint16_t bf16;
 
 typedef struct {
     const bf16 *q;
@@ -54,23 +53,6 @@ static inline const bf16 *kv_row(const job_t *jb, const bf16 *cache, int j, int 
     int64_t page = jb->pages[j >> jb->page_shift];
     int64_t slot = j & ((1 << jb->page_shift) - 1);
     return cache + page * jb->page_stride + (slot * jb->hkv + g) * jb->d;
-}
-
-/* exp(x) for x <= 0, fp32 (Cephes' expf polynomial; ~1 ulp); x below -87 gives ~0. */
-static inline __m512 exp_ps(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
 }
 
 static inline __m512 dp(__m512 acc, __m512i a, __m512i b) {
@@ -286,9 +268,6 @@ typedef struct {
     int next;
 } djob_t;
 
-static inline __m512 widen(const bf16 *x) { /* 16 bf16 -> fp32, exact */
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
-}
 
 /* rows [j0, j0 + n) of request b, all KV heads, from `cache` into dst (contiguous, slot-major) */
 static void stage(const djob_t *jb, const bf16 *cache, int b, int j0, int n, bf16 *dst) {

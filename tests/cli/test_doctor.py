@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -19,3 +20,7 @@ def test_doctor_reports_transports_and_reasons() -> None:
     assert all(t["reason"] for t in rep["transports"])  # every verdict says why
     if not rep["devices"]["cuda"]:
         assert rep["transport"] == "shm" and rep["attention_backend"]["backend"] == "cpu"
+    native = rep["attention_backend"]["native"]
+    assert set(native) == {"attention", "pointwise"} and all(n["reason"] for n in native.values())
+    if "avx512_bf16" in open("/proc/cpuinfo").read() and shutil.which("cc"):  # this CI machine (Zen 4, gcc)
+        assert all(n["ok"] and n["path"].endswith(".so") for n in native.values())

@@ -130,7 +130,7 @@ def test_builds_into_the_cache_dir_once(monkeypatch, tmp_path) -> None:
 @needs_kernel
 def test_cpu_backend_extend_runs_it_in_bf16_and_matches_sdpa() -> None:
     """A batch of three (fresh, cached prefix, nothing new): the native path beside torch's SDPA."""
-    fast, sdpa = CpuAttentionBackend(), CpuAttentionBackend(native_attention=False)
+    fast, sdpa = CpuAttentionBackend(), CpuAttentionBackend(native_kernels=False)
     assert fast.native_attention and not sdpa.native_attention and sdpa.native_reason == "off"
     kv = build_paged_kv([7, 13, 2], 3, 64, 4, torch.bfloat16, torch.device("cpu"), seed=4)
     k, v, table = kv.for_ref()
@@ -225,7 +225,7 @@ def test_decode_names_bad_arguments(change: str, match: str) -> None:
 
 @needs_kernel
 def test_cpu_backend_decode_runs_it_in_bf16_and_matches_the_torch_path() -> None:
-    fast, torch_path = CpuAttentionBackend(), CpuAttentionBackend(native_attention=False)
+    fast, torch_path = CpuAttentionBackend(), CpuAttentionBackend(native_kernels=False)
     kv, q = _decode_case([5, 70, 130, 1], 9, 3, 64, 16, seed=6)
     k, v, table = kv.for_ref()
     out = fast.decode(q, k, v, table, kv.lens, 0.125)

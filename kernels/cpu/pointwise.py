@@ -1,0 +1,108 @@
+"""A bf16 layer's pointwise pieces in pdbox's own C kernels (``pointwise.c``, AVX-512): residual add with
+RMSNorm, rotary, SiLU-and-mul, each one pass and one call where torch takes several ops.
+
+The same functions as ``kernels.fused_add_rmsnorm_ref``, ``rotary_ref`` and ``silu_and_mul_ref`` (fp32
+math, one rounding to bf16 at the end); the references stay the oracle.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from kernels.cpu.build import Native, load
+
+_I64, _I32, _P, _F = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p, ctypes.c_float
+
+
+def native() -> Native:
+    """The kernels' library, or why this machine has none (built on the first call in a process)."""
+    built = load("pointwise")
+    if built.lib is not None and not getattr(built.lib.pdbox_rotary, "argtypes", None):
+        lib = built.lib
+        lib.pdbox_add_rmsnorm.argtypes = [_P, _I64, _P, _I64, _P, _P, _P, _I32, _I32, _F, _I32]
+        lib.pdbox_silu_and_mul.argtypes = [_P, _I64, _P, _I32, _I32, _I32]
+        lib.pdbox_rotary.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _I32, _I32, _I32, _I32]
+        for fn in (lib.pdbox_add_rmsnorm, lib.pdbox_silu_and_mul, lib.pdbox_rotary):
+            fn.restype = _I32
+    return built
+
+
+def _lib() -> ctypes.CDLL:
+    built = native()
+    if built.lib is None:
+        raise RuntimeError(f"the native CPU pointwise kernels are unavailable: {built.reason}")
+    return built.lib
+
+
+def _rows(name: str, t: torch.Tensor, dtype: torch.dtype, width: int | None = None) -> None:
+    """``t`` must be a 2-D CPU tensor of ``dtype`` with unit column stride (rows may be strided)."""
+    if t.dtype != dtype or t.device.type != "cpu" or t.dim() != 2 or t.stride(1) != 1:
+        raise ValueError(f"{name} must be a 2-D {dtype} CPU tensor with contiguous rows, got {t.dtype} "
+                         f"{tuple(t.shape)} strides {t.stride()} on {t.device}")
+    if width is not None and t.shape[1] != width:
+        raise ValueError(f"{name} must be {width} wide, got {t.shape[1]}")
+
+
+def add_rmsnorm(x: torch.Tensor | None, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                threads: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(bf16(rmsnorm(residual + x) * weight), residual + x)``: ``x`` bf16 ``(T, H)`` or ``None`` (no add),
+    ``residual`` and ``weight`` fp32; the new residual is a new fp32 tensor."""
+    h = residual.shape[-1]
+    _rows("residual", residual, torch.float32)
+    if x is not None:
+        _rows("x", x, torch.bfloat16, h)
+        if x.shape[0] != residual.shape[0]:
+            raise ValueError(f"x has {x.shape[0]} rows, residual {residual.shape[0]}")
+    if weight.dtype != torch.float32 or weight.shape != (h,) or not weight.is_contiguous() or h % 16:
+        raise ValueError(f"weight must be a contiguous fp32 ({h},) and {h} a multiple of 16")
+    rows = residual.shape[0]
+    new_residual = torch.empty(rows, h, dtype=torch.float32)
+    out = torch.empty(rows, h, dtype=torch.bfloat16)
+    rc = _lib().pdbox_add_rmsnorm(None if x is None else x.data_ptr(), 0 if x is None else x.stride(0),
+                                  residual.data_ptr(), residual.stride(0), new_residual.data_ptr(), weight.data_ptr(),
+                                  out.data_ptr(), rows, h, eps, max(1, threads))
+    if rc != 0:
+        raise RuntimeError(f"pdbox_add_rmsnorm refused its arguments (code {rc})")
+    return out, new_residual
+
+
+def silu_and_mul(x: torch.Tensor, threads: int = 1) -> torch.Tensor:
+    """``bf16(silu(gate) * up)`` for ``x = [gate, up]`` bf16 ``(T, 2n)``."""
+    _rows("x", x, torch.bfloat16)
+    n = x.shape[1] // 2
+    if x.shape[1] % 32:
+        raise ValueError(f"x's width must be 2n with n a multiple of 16, got {x.shape[1]}")
+    out = torch.empty(x.shape[0], n, dtype=torch.bfloat16)
+    rc = _lib().pdbox_silu_and_mul(x.data_ptr(), x.stride(0), out.data_ptr(), x.shape[0], n, max(1, threads))
+    if rc != 0:
+        raise RuntimeError(f"pdbox_silu_and_mul refused its arguments (code {rc})")
+    return out
+
+
+def rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor, threads: int = 1,
+           check_positions: bool = True) -> torch.Tensor:
+    """Rotate-half rotary of ``x`` bf16 ``(T, heads, D)`` (rows and heads may be strided) at ``positions``
+    into a new contiguous tensor; ``cos_sin_cache`` fp32 ``(max_position, D)``, cos then sin.
+    ``check_positions=False`` skips the range check (a caller that checked these positions already)."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() != 3 or x.stride(2) != 1:
+        raise ValueError(f"x must be a (tokens, heads, head_dim) bf16 CPU tensor with contiguous heads, got "
+                         f"{x.dtype} {tuple(x.shape)} strides {x.stride()}")
+    t, heads, d = x.shape
+    if d % 32:
+        raise ValueError(f"head_dim must be a multiple of 32, got {d}")
+    if (cos_sin_cache.dtype != torch.float32 or cos_sin_cache.dim() != 2 or cos_sin_cache.shape[1] != d
+            or cos_sin_cache.stride(1) != 1):
+        raise ValueError(f"cos_sin_cache must be fp32 (positions, {d}) with contiguous rows, got "
+                         f"{cos_sin_cache.dtype} {tuple(cos_sin_cache.shape)}")
+    if positions.dtype != torch.int64 or positions.shape != (t,) or not positions.is_contiguous():
+        raise ValueError(f"positions must be a contiguous int64 ({t},), got {positions.dtype} {tuple(positions.shape)}")
+    if check_positions and t and (int(positions.min()) < 0 or int(positions.max()) >= cos_sin_cache.shape[0]):
+        raise ValueError(f"positions must lie in [0, {cos_sin_cache.shape[0]})")
+    out = torch.empty(t, heads, d, dtype=torch.bfloat16)
+    rc = _lib().pdbox_rotary(x.data_ptr(), x.stride(0), x.stride(1), positions.data_ptr(), cos_sin_cache.data_ptr(),
+                             cos_sin_cache.stride(0), out.data_ptr(), t, heads, d, max(1, threads))
+    if rc != 0:
+        raise RuntimeError(f"pdbox_rotary refused its arguments (code {rc})")
+    return out
