@@ -38,7 +38,7 @@ from appliance.model.q4_blocks import GROUP, Q4Blocks
 from kernels.cpu.flash_decode import MAX_GROUP, DecodeTable, decode_table, flash_decode
 from kernels.cpu.flash_extend import flash_extend
 from kernels.cpu.flash_extend import native as native_attention_lib
-from kernels.cpu.pointwise import add_rmsnorm, rotary, silu_and_mul
+from kernels.cpu.pointwise import add_rmsnorm, rotary, silu_and_mul, store_kv
 from kernels.cpu.pointwise import native as native_pointwise_lib
 from kernels.decode_attention import DecodePlan
 from kernels.extend_attention import extend_attention_ref, gather_pages
@@ -105,7 +105,6 @@ class CpuAttentionBackend:
     """Fast CPU kernels; same functions as the references (``appliance.engine.attention``)."""
 
     name = "cpu"
-    store_kv = staticmethod(store_kv_ref)
 
     def __init__(self, pack_weights: bool = True, native_kernels: bool = True) -> None:
         self.pack_weights = pack_weights and onednn_available()
@@ -169,6 +168,15 @@ class CpuAttentionBackend:
         return buf
 
     # -- attention ----------------------------------------------------------------------------
+    def store_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 slot_mapping: torch.Tensor) -> None:
+        if (self.native_pointwise and k.dtype == v.dtype == k_cache.dtype == torch.bfloat16
+                and slot_mapping.dtype == torch.int64 and k.stride(-1) == v.stride(-1) == 1
+                and k.stride(1) == v.stride(1) == k.shape[2]):
+            store_kv(k_cache, v_cache, k, v, slot_mapping)
+        else:
+            store_kv_ref(k_cache, v_cache, k, v, slot_mapping)
+
     def decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                seq_lens: torch.Tensor, scale: float, softcap: float = 0.0) -> torch.Tensor:
         """One query token per request over its paged context (see ``decode_attention_ref``)."""

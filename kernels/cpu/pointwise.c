@@ -1,10 +1,11 @@
 /* The pointwise pieces of a bf16 layer on AVX-512, each one pass over memory where torch takes several
- * ops (and a Python call each): the residual add with RMSNorm, rotary, SiLU-and-mul. fp32 math, one
- * rounding to bf16 at the end. kernels/cpu/build.py builds it; kernels/cpu/pointwise.py checks the
+ * ops (and a Python call each): the residual add with RMSNorm, rotary, SiLU-and-mul (fp32 math, one
+ * rounding to bf16 at the end), and the KV store. kernels/cpu/build.py builds it; kernels/cpu/pointwise.py checks the
  * arguments and calls it. Rows go to `threads` OpenMP threads when there are enough of them.
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "bf16_avx512.h"
 
@@ -71,6 +72,20 @@ int pdbox_rotary(const bf16 *x, int64_t x_row, int64_t x_head, const int64_t *po
                 narrow(dst + half + i, _mm512_add_ps(_mm512_mul_ps(x2, c), _mm512_mul_ps(x1, s)));
             }
         }
+    }
+    return 0;
+}
+
+/* k_cache/v_cache rows slots[t] = k/v row t (kv_heads * d elements each, bf16): the KV store. Returns
+ * -2 without writing anything if a slot lies outside [0, total_slots). */
+int pdbox_store_kv(const bf16 *k, int64_t k_row, const bf16 *v, int64_t v_row, const int64_t *slots, int rows,
+                   int64_t width, bf16 *k_cache, bf16 *v_cache, int64_t total_slots) {
+    if (width <= 0 || rows < 0) return -1;
+    for (int t = 0; t < rows; t++)
+        if (slots[t] < 0 || slots[t] >= total_slots) return -2;
+    for (int t = 0; t < rows; t++) {
+        memcpy(k_cache + slots[t] * width, k + t * k_row, sizeof(bf16) * width);
+        memcpy(v_cache + slots[t] * width, v + t * v_row, sizeof(bf16) * width);
     }
     return 0;
 }

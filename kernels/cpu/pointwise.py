@@ -1,5 +1,5 @@
 """A bf16 layer's pointwise pieces in pdbox's own C kernels (``pointwise.c``, AVX-512): residual add with
-RMSNorm, rotary, SiLU-and-mul, each one pass and one call where torch takes several ops.
+RMSNorm, rotary, SiLU-and-mul, each one pass and one call where torch takes several ops, and the KV store.
 
 The same functions as ``kernels.fused_add_rmsnorm_ref``, ``rotary_ref`` and ``silu_and_mul_ref`` (fp32
 math, one rounding to bf16 at the end); the references stay the oracle.
@@ -24,7 +24,8 @@ def native() -> Native:
         lib.pdbox_add_rmsnorm.argtypes = [_P, _I64, _P, _I64, _P, _P, _P, _I32, _I32, _F, _I32]
         lib.pdbox_silu_and_mul.argtypes = [_P, _I64, _P, _I32, _I32, _I32]
         lib.pdbox_rotary.argtypes = [_P, _I64, _P, _P, _P, _I64, _P, _I32, _I32, _I32, _I32]
-        for fn in (lib.pdbox_add_rmsnorm, lib.pdbox_silu_and_mul, lib.pdbox_rotary):
+        lib.pdbox_store_kv.argtypes = [_P, _I64, _P, _I64, _P, _I32, _I64, _P, _P, _I64]
+        for fn in (lib.pdbox_add_rmsnorm, lib.pdbox_silu_and_mul, lib.pdbox_rotary, lib.pdbox_store_kv):
             fn.restype = _I32
     return built
 
@@ -106,3 +107,29 @@ def rotary(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor
     if rc != 0:
         raise RuntimeError(f"pdbox_rotary refused its arguments (code {rc})")
     return out
+
+
+def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Write ``k``/``v`` ``(T, kv_heads, head_dim)`` bf16 rows into cache slots ``slot_mapping`` (int64,
+    ``page * page_size + offset``) of the contiguous ``(pages, page_size, kv_heads, head_dim)`` caches;
+    nothing is written when a slot lies outside them."""
+    t = k.shape[0]
+    for name, x in (("k", k), ("v", v)):
+        if x.dtype != torch.bfloat16 or x.dim() != 3 or x.shape != (t, *k_cache.shape[2:]) or x.stride(2) != 1 \
+                or x.stride(1) != x.shape[2]:
+            raise ValueError(f"{name} must be bf16 (tokens, {k_cache.shape[2]}, {k_cache.shape[3]}) with contiguous "
+                             f"heads, got {x.dtype} {tuple(x.shape)} strides {x.stride()}")
+    if (k_cache.dtype != torch.bfloat16 or v_cache.shape != k_cache.shape or v_cache.dtype != k_cache.dtype
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous())):
+        raise ValueError("the caches must be equal contiguous bf16 tensors")
+    if slot_mapping.dtype != torch.int64 or slot_mapping.shape != (t,) or not slot_mapping.is_contiguous():
+        raise ValueError(f"slot_mapping must be a contiguous int64 ({t},), got {slot_mapping.dtype} "
+                         f"{tuple(slot_mapping.shape)}")
+    total = k_cache.shape[0] * k_cache.shape[1]
+    rc = _lib().pdbox_store_kv(k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slot_mapping.data_ptr(), t,
+                               k_cache.shape[2] * k_cache.shape[3], k_cache.data_ptr(), v_cache.data_ptr(), total)
+    if rc == -2:
+        raise ValueError(f"a slot lies outside the caches' {total} slots: {slot_mapping.tolist()[:16]}")
+    if rc != 0:
+        raise RuntimeError(f"pdbox_store_kv refused its arguments (code {rc})")

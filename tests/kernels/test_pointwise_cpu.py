@@ -8,7 +8,8 @@ import torch
 
 from appliance.engine.attention_cpu import CpuAttentionBackend
 from kernels.activation import silu_and_mul_ref
-from kernels.cpu.pointwise import add_rmsnorm, native, rotary, silu_and_mul
+from kernels.cpu.pointwise import add_rmsnorm, native, rotary, silu_and_mul, store_kv
+from kernels.kv_store import store_kv_ref
 from kernels.norm import fused_add_rmsnorm_ref, rmsnorm_ref
 from kernels.rotary import rotary_cos_sin_cache
 
@@ -103,3 +104,18 @@ def test_bad_arguments_are_named(call: str, match: str) -> None:
                    rotary_cos_sin_cache(64, 16, 1e4))
         elif call == "rotary fp32 x":
             rotary(torch.zeros(2, 3, 64), torch.tensor([0, 1]), rotary_cos_sin_cache(64, 16, 1e4))
+
+
+def test_store_kv_writes_the_slots_the_reference_writes() -> None:
+    g = _g(11)
+    caches = [torch.randn(6, 4, 3, 64, generator=g).to(torch.bfloat16) for _ in range(2)]
+    qkv = torch.randn(5, 15, 64, generator=g).to(torch.bfloat16)
+    k, v = qkv[:, 9:12], qkv[:, 12:15]  # strided rows, as the engine passes them
+    slots = torch.tensor([23, 0, 7, 8, 12])
+    ref = [c.clone() for c in caches]
+    store_kv_ref(*ref, k, v, slots)
+    store_kv(*caches, k, v, slots)
+    assert torch.equal(caches[0], ref[0]) and torch.equal(caches[1], ref[1])
+    with pytest.raises(ValueError, match="outside the caches' 24 slots"):
+        store_kv(*caches, k, v, torch.tensor([1, 2, 24, 3, 4]))
+    assert torch.equal(caches[0], ref[0])  # nothing written
