@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.cpu.flash_extend import MAX_HEAD_DIM, native
+from kernels.cpu.flash_extend import check_tensors, native
 
 MAX_GROUP = 16  # query heads per KV head the kernel takes (its DR)
 
@@ -60,24 +60,14 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     if built.lib is None:
         raise RuntimeError(f"the native CPU attention kernel is unavailable: {built.reason}")
     out = torch.empty(q.shape, dtype=q.dtype) if out is None else out
-    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape or out.shape != q.shape:
-        raise ValueError(f"q must be (batch, heads, head_dim), out alike, the caches equal (pages, page_size, "
-                         f"kv_heads, head_dim): got q {tuple(q.shape)}, out {tuple(out.shape)}, "
-                         f"k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
-        if t.dtype != torch.bfloat16 or t.device.type != "cpu":
-            raise ValueError(f"{name} must be a bfloat16 CPU tensor, got {t.dtype} on {t.device}")
+    check_tensors(q, k_cache, v_cache, out, 64)
     batch, hq, d = q.shape
-    pages, page_size, hkv, kd = k_cache.shape
-    if kd != d or d % 64 or d > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must match (q {d}, cache {kd}) and be a multiple of 64 up to {MAX_HEAD_DIM}")
-    if hq % hkv or hq // hkv > MAX_GROUP:
-        raise ValueError(f"{hq} query heads over {hkv} KV heads: need a whole group of at most {MAX_GROUP}")
+    pages, page_size, hkv, _ = k_cache.shape
+    if hq // hkv > MAX_GROUP:
+        raise ValueError(f"{hq} query heads over {hkv} KV heads: the kernel takes groups of at most {MAX_GROUP}")
     if (pages, page_size) != (plan.num_pages, plan.page_size) or plan.lens.numel() != batch:
         raise ValueError(f"the table was checked for {plan.lens.numel()} requests over {plan.num_pages} pages of "
                          f"{plan.page_size}; this call has {batch} over {pages} of {page_size}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or q.stride(2) != 1 or out.stride(2) != 1:
-        raise ValueError("the caches must be contiguous, q and out of unit head_dim stride")
     rc = built.lib.pdbox_flash_decode(
         q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), page_size,
         plan.table.data_ptr(), plan.table.stride(0), plan.lens.data_ptr(), batch, hq, hkv, d, scale, out.data_ptr(),

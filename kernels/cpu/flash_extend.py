@@ -32,27 +32,35 @@ def native() -> Native:
     return built
 
 
-def check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, prefix: int,
-          out: torch.Tensor) -> None:
-    """Raise ``ValueError`` naming what the kernel cannot take (it reads raw memory: nothing is assumed)."""
-    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        raise ValueError(f"q must be (tokens, heads, head_dim) and the caches equal (pages, page_size, kv_heads, "
-                         f"head_dim): got q {tuple(q.shape)}, k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
+def check_tensors(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                  head_dim_multiple: int) -> None:
+    """What both attention kernels need of their tensors: q ``(rows, heads, head_dim)`` and ``out`` alike,
+    contiguous ``(pages, page_size, kv_heads, head_dim)`` caches, all bf16 on the CPU, whole head groups.
+    ``ValueError`` names what is off (the kernels read raw memory: nothing is assumed)."""
+    if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape or out.shape != q.shape:
+        raise ValueError(f"q must be (rows, heads, head_dim), out alike, the caches equal (pages, page_size, "
+                         f"kv_heads, head_dim): got q {tuple(q.shape)}, out {tuple(out.shape)}, "
+                         f"k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
         if t.dtype != torch.bfloat16 or t.device.type != "cpu":
             raise ValueError(f"{name} must be a bfloat16 CPU tensor, got {t.dtype} on {t.device}")
-    n_new, hq, d = q.shape
-    _, page_size, hkv, kd = k_cache.shape
-    if kd != d or d % 32 or d > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must match (q {d}, cache {kd}) and be a multiple of 32 up to {MAX_HEAD_DIM}")
+    d, kd, hq, hkv = q.shape[2], k_cache.shape[3], q.shape[1], k_cache.shape[2]
+    if kd != d or d % head_dim_multiple or d > MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must match (q {d}, cache {kd}) and be a multiple of {head_dim_multiple} "
+                         f"up to {MAX_HEAD_DIM}")
     if hq % hkv:
         raise ValueError(f"{hq} query heads do not group over {hkv} KV heads")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or q.stride(2) != 1 or out.stride(2) != 1:
+        raise ValueError("the KV caches must be contiguous, q and out of unit head_dim stride")
+
+
+def check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, prefix: int,
+          out: torch.Tensor) -> None:
+    """:func:`check_tensors`, then the request's page ids and lengths."""
+    check_tensors(q, k_cache, v_cache, out, 32)
+    n_new, page_size = q.shape[0], k_cache.shape[1]
     if page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of two, got {page_size}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("the KV caches must be contiguous")
-    if q.stride(2) != 1 or out.stride(2) != 1 or out.shape != q.shape:
-        raise ValueError(f"q and out must be {tuple(q.shape)} with unit head_dim stride")
     if n_new < 1 or prefix < 0:
         raise ValueError(f"need at least one new token and a prefix >= 0, got {n_new} and {prefix}")
     needed = -(-(prefix + n_new) // page_size)
