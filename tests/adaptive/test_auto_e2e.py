@@ -92,7 +92,9 @@ def test_roles_follow_a_chat_to_rag_shift_under_traffic_and_lose_nothing() -> No
                                capture_output=True, text=True, timeout=60).stdout
         # each engine's leaning now (the quiet window may already have turned the prefill one back)
         assert "auto:decode" in frame, frame
-        switches = re.search(r"auto: disagg \d+ local \d+, (\d+) role switches, \d+ decodes moved; last: \w+", frame)
+        # a move the source refuses ("not decoding here") leaves the request in place: "(M failed)"
+        switches = re.search(r"auto: disagg \d+ local \d+, (\d+) role switches, \d+ decodes moved"
+                             r"(?: \(\d+ failed\))?; last: \w+", frame)
         assert switches and int(switches.group(1)) >= 2, frame
         assert asyncio.run(chat_wave(url, 4, 16)) == [16] * 4  # new requests after the switches succeed
         assert_pools_idle(url)
