@@ -118,8 +118,7 @@ class CpuAttentionBackend:
         # NOTE: per-forward caches keyed by the batch's own tensors (identity), like the reference
         # backend's decode plan: every layer of one pass sees the same positions / page table.
         self._rope_key: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._rope: tuple[torch.Tensor, torch.Tensor] = (torch.empty(0), torch.empty(0))
-        self._rope_fresh = True  # positions not yet checked against the cache (the C rotary reads by them)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._way_key: tuple[torch.Tensor, torch.Tensor] | None = None
         self._way: RunSplit | DecodePlan | DecodeTable = []
         self._lens_key: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -292,18 +291,20 @@ class CpuAttentionBackend:
     def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = self._rope_key
-        if key is None or key[0] is not positions or key[1] is not cos_sin_cache:
-            cos, sin = cos_sin_cache.index_select(0, positions).unsqueeze(1).float().chunk(2, dim=-1)
-            self._rope = (torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1))
+        first = key is None or key[0] is not positions or key[1] is not cos_sin_cache  # a new forward pass
+        if first:
             self._rope_key = (positions, cos_sin_cache)
-            self._rope_fresh = True
-        cos, sin = self._rope
+            self._rope = None  # cos/sin gathered on first use, by the torch path only
         qk = _joined(q, k)
         if (qk is not None and self.native_pointwise and q.dtype == torch.bfloat16 and q.shape[-1] % 32 == 0
                 and cos_sin_cache.dtype == torch.float32 and positions.dtype == torch.int64):
-            out = rotary(qk, positions, cos_sin_cache, torch.get_num_threads(), check_positions=self._rope_fresh)
-            self._rope_fresh = False  # checked once per forward pass
+            # the positions are checked against the cache once per pass
+            out = rotary(qk, positions, cos_sin_cache, torch.get_num_threads(), check_positions=first)
             return out.split([q.shape[1], k.shape[1]], dim=1)
+        if self._rope is None:
+            cos, sin = cos_sin_cache.index_select(0, positions).unsqueeze(1).float().chunk(2, dim=-1)
+            self._rope = (torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1))
+        cos, sin = self._rope
         if qk is not None:  # q then k in one buffer (the fused QKV output): rotate them as one tensor
             return _rotate(qk, cos, sin).split([q.shape[1], k.shape[1]], dim=1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
