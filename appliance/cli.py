@@ -67,6 +67,8 @@ def generate(engine: EngineFlags, prompt: str, max_tokens: int, temperature: flo
 @click.option("--cpus", default="", help="CPU cores for unified engines (CPU mode).")
 @click.option("--cores-per-engine", default=0, help="Unified on CPU: cores (threads) of each engine; 0: one engine "
               "per core (per --tp cores with --tp). `--cpus 0-1 --cores-per-engine 2`: one engine on both cores.")
+@click.option("--share-cores/--no-share-cores", default=True, show_default=True,
+              help="CPU: engines pair up (0+1, 2+3 …) and each borrows the other's cores while it has no work.")
 @click.option("--transport", default="auto", show_default=True,
               type=click.Choice(["auto", "nvshmem", "cuda_ipc", "shm", "tcp"]))
 @config_options(RouterConfig, ("api_key",))

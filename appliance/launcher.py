@@ -45,6 +45,7 @@ class UpConfig:
     decode_cpus: str = ""
     cpus: str = ""
     cores_per_engine: int = 0  # unified on CPU: cores (torch threads) of each engine; 0: 1, or --tp
+    share_cores: bool = True  # CPU, TP 1: engines 0+1, 2+3 … borrow each other's cores while the other idles
     transport: str = "auto"
     api_key: str = RouterConfig.api_key
     engine: EngineFlags = field(default_factory=EngineFlags)
@@ -138,6 +139,7 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str, run_dir: Path | None = 
         counts[leaning] = k + 1
         names.append(f"{leaning}-{k}")
     gpu_plans = gpu_views(cfg.mode, names, groups) if use_gpu else ()
+    partners = core_partners(cfg, groups, run_dir) if not use_gpu else {}
     pe_jobs = {}
     if transport == "nvshmem" and cfg.mode != "unified":   # every prefill and decode rank is a PE
         if run_dir is None:
@@ -167,9 +169,29 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str, run_dir: Path | None = 
         else:
             argv += ["--cpus", format_ids(ids)]
             devices = "cpu:" + format_ids(ids)
+            if i in partners:
+                board, j = partners[i]
+                argv += ["--core-board", str(board), "--core-slot", str(i), "--partner-slot", str(j),
+                         "--partner-cpus", format_ids(groups[j][1])]
         specs.append(WorkerSpec(name=name, role=role, argv=argv, env=env, devices=devices, port=port,
                                 extra={"leaning": leaning}))
     return specs, transport
+
+
+def core_partners(cfg: UpConfig, groups: list[tuple[str, list[int], int]],
+                  run_dir: Path | None) -> dict[int, tuple[Path, int]]:
+    """CPU engines paired in order (0 with 1, 2 with 3 …): engine -> (the board file, its partner's index).
+    None when sharing is off, some engine runs TP (its ranks are processes of their own), or one engine
+    holds every core. Writes the board (every engine idle) into the run's folder."""
+    from appliance.engine.core_share import make_board
+
+    if not cfg.share_cores or len(groups) < 2 or any(tp > 1 for _, _, tp in groups):
+        return {}
+    if run_dir is None:
+        raise ValueError("core sharing needs the run's folder for its board (or --no-share-cores)")
+    board = run_dir / "cores.board"
+    make_board(board, len(groups))
+    return {i: (board, i ^ 1) for i in range(len(groups)) if i ^ 1 < len(groups)}
 
 
 def gpu_views(mode: str, names: list[str], groups: list[tuple[str, list[int], int]]) -> tuple[WorkerGpus, ...]:

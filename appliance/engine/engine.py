@@ -11,6 +11,7 @@ import torch
 
 from appliance.config import EngineConfig, RankInfo
 from appliance.engine import fork
+from appliance.engine.core_share import SharedCores
 from appliance.engine.grammar import GrammarCompiler, consume
 from appliance.engine.prefix_cache import RadixCache
 from appliance.engine.rank_device import bind_device
@@ -78,6 +79,7 @@ class Engine:
         if graphs:
             self.warm_up()
         self.handoff = handoff
+        self.cores: SharedCores | None = None  # a CPU worker's partner cores (`appliance.engine.core_share`)
 
     def warm_up(self) -> None:
         """CUDA start-up: capture the decode graphs (every Triton compile and autotune of decode runs
@@ -158,6 +160,9 @@ class Engine:
             return []
         t0 = time.perf_counter()
         hook, extra = self.handoff.before_forward(sb) if self.handoff else (None, b"")
+        if self.cores is not None:  # borrow an idle partner's cores, give them back when it wakes
+            self.cores.fit()
+            hook = self.cores.layer_hook(hook)
         logits = self.runner.step(sb, hook, extra)
         sampling = [r for r, s in zip(sb.requests, sb.sample) if s]
         mask = self.grammars.mask([r.matcher for r in sampling]) if sampling else None

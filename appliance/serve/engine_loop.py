@@ -254,8 +254,11 @@ class EngineLoop:
 
     # -- the thread ----------------------------------------------------------------------------
     def _run(self) -> None:
+        cores = self.engine.cores  # a partner's cores to borrow while it idles; ours are lent while we do
         while not self._stop.is_set():
             idle = not self.engine.has_unfinished()
+            if idle and cores is not None:
+                cores.set_busy(False)
             try:
                 wait = 0.1  # finished rooms wake it (on_room_finished); this bounds noticing a deadline
                 cmd = self.inbox.get(timeout=wait) if idle else self.inbox.get_nowait()
@@ -275,6 +278,8 @@ class EngineLoop:
                 if self.quarantine:
                     self._release_quarantine()
                 if self.engine.has_unfinished():
+                    if cores is not None:
+                        cores.set_busy(True)
                     t0 = time.perf_counter()
                     pre, dec = self.engine.stats_prefill_tokens, self.engine.stats_decode_tokens
                     outputs = self.engine.step()

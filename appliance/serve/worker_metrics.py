@@ -213,6 +213,11 @@ class WorkerMetrics:
         r.gauge("pdbox_decode_tokens_per_second", "Decoded tokens/s, last 10 s").set(self.window.rate(now, "decode"))
         r.total("pdbox_preemptions_total", "Requests preempted (recompute)").set_total(s.num_preemptions)
         r.gauge("pdbox_uptime_seconds", "Seconds since the process started").set(time.time() - w.started)
+        if e.cores is not None:
+            r.total("pdbox_borrowed_core_seconds_total", "Seconds this engine ran on its partner's cores too "
+                    "(the partner had no work)").set_total(e.cores.borrowed_seconds())
+            r.total("pdbox_core_borrows_total", "Times this engine's threads spread onto its partner's cores"
+                    ).set_total(e.cores.borrows)
         if w.transport is not None:
             self._refresh_transfer(now)
 

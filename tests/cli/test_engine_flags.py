@@ -79,10 +79,11 @@ def test_the_argv_reads_back_into_the_same_engine_config() -> None:
     assert default == worker_config(["--role", "unified"])[0].engine
 
 
-def test_pdbox_up_hands_every_flag_to_every_worker(monkeypatch) -> None:
+def test_pdbox_up_hands_every_flag_to_every_worker(monkeypatch, tmp_path) -> None:
     flags = all_changed()
     assert up_config(monkeypatch, ["--mode", "disagg", *engine_argv(flags)]).engine == flags
-    specs, _ = plan_workers(UpConfig(mode="disagg", monitor=False, engine=flags), token="t", run_id="r")
+    specs, _ = plan_workers(UpConfig(mode="disagg", monitor=False, engine=flags), token="t", run_id="r",
+                            run_dir=tmp_path)
     assert len(specs) == 2
     for spec in specs:
         cfg = worker_config(spec.argv[3:])[0].engine
@@ -132,3 +133,8 @@ def test_pdbox_up_router_options_come_from_router_config(monkeypatch) -> None:
     monkeypatch.setenv("PDBOX_API_KEY", "from-env")
     got = up_config(monkeypatch, ["--port", "9123", "--decode-policy", "round_robin", "--lease-s", "2.5"])
     assert (got.port, got.decode_policy, got.lease_s, got.api_key) == (9123, "round_robin", 2.5, "from-env")
+
+
+def test_pdbox_up_shares_cores_unless_told_not_to(monkeypatch) -> None:
+    assert up_config(monkeypatch, ["--mode", "unified"]).share_cores is True
+    assert up_config(monkeypatch, ["--mode", "unified", "--no-share-cores"]).share_cores is False

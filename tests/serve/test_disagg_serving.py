@@ -76,6 +76,20 @@ def test_greedy_outputs_identical_across_modes(offline_answers, args) -> None:
     with running_appliance("--dtype", "float32", *args) as url:
         assert chat_greedy(url) == offline_answers
         assert_pools_idle(url)
+        if args == ["--mode", "unified"]:  # one request at a time: the idle engine lent its core every time
+            with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+                served = Metrics.from_text(resp.read().decode())
+            assert served.value("pdbox_core_borrows_total") >= len(QUESTIONS)
+            assert served.value("pdbox_borrowed_core_seconds_total") > 0
+
+
+def test_unified_without_core_sharing_borrows_nothing(offline_answers) -> None:
+    with running_appliance("--dtype", "float32", "--mode", "unified", "--no-share-cores") as url:
+        assert chat_greedy(url)[:2] == offline_answers[:2]
+        with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
+            served = Metrics.from_text(resp.read().decode())
+        assert not served.has("pdbox_core_borrows_total")
+        assert served.value("pdbox_decode_tokens_total") > 0  # the workers' series are there
 
 
 def test_32_concurrent_streams_complete() -> None:

@@ -1,0 +1,136 @@
+"""Two CPU engines on one node lend each other their cores while idle.
+
+Unified mode on a small CPU node runs one engine per core (a long prefill on one engine does not stall
+the other's decodes), which leaves a lone prompt one core even while the other sits idle. Partners
+fix that: each engine publishes whether it has work on a shared board (one byte per engine, a file in
+the run's folder); before every step and between layers an engine reads its partner's byte and runs
+its OpenMP team over its own cores plus, while the partner is idle, the partner's. The borrowed
+threads are pinned to the partner's cores, so when the partner wakes it shares its core with them
+for at most one layer, then has it back.
+
+The partner's cores are used only while it has nothing to run, so each engine's own work never waits
+on the other's; greedy answers may differ in near ties between a step at one thread and at two (the
+GEMMs split their sums differently), as between any two thread counts.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class CoreShare:
+    """An engine's place on the board: ``slot`` its byte, ``partner`` the partner's, ``home`` the cores it
+    owns, ``lent`` the partner's cores it may borrow."""
+
+    board: str
+    slot: int
+    partner: int
+    home: tuple[int, ...]
+    lent: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.board:
+            raise ValueError("core sharing needs the board's path")
+        if self.slot < 0 or self.partner < 0 or self.slot == self.partner:
+            raise ValueError(f"core sharing: slot {self.slot} and partner {self.partner} must be distinct, >= 0")
+        if not self.home or not self.lent:
+            raise ValueError("core sharing: an engine needs its own cores and its partner's")
+        if set(self.home) & set(self.lent):
+            raise ValueError(f"core sharing: cores {sorted(set(self.home) & set(self.lent))} are both home and lent")
+
+
+def make_board(path: Path, engines: int) -> None:
+    """The board file for ``engines`` engines, every engine idle (the launcher, before any worker starts)."""
+    path.write_bytes(bytes(max(1, engines)))
+
+
+class SharedCores:
+    """One engine's side: publish busy or idle, size the OpenMP team to what is free.
+
+    Called only from the engine thread (the thread whose OpenMP team does the engine's work).
+    """
+
+    def __init__(self, share: CoreShare) -> None:
+        import torch
+
+        from kernels.cpu.team import native, pin_team
+
+        built = native()
+        if built.lib is None:
+            raise RuntimeError(f"core sharing needs pdbox's team-pinning library: {built.reason}")
+        self.share = share
+        self._torch, self._pin = torch, pin_team
+        fd = os.open(share.board, os.O_RDWR)
+        try:
+            size = os.fstat(fd).st_size
+            if size <= max(share.slot, share.partner):
+                raise ValueError(f"core board {share.board} holds {size} engines, slot {share.slot} and partner "
+                                 f"{share.partner} need {max(share.slot, share.partner) + 1}")
+            self._board = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.home_threads = len(share.home)
+        self.all_threads = len(share.home) + len(share.lent)
+        self.threads = self.home_threads
+        torch.set_num_threads(self.threads)
+        self._busy = False
+        self._board[share.slot] = 0
+        self.borrowed_s = 0.0  # seconds run with the partner's cores
+        self.borrows = 0  # times the team grew onto them
+        self._since = 0.0
+
+    @property
+    def borrowing(self) -> bool:
+        return self.threads > self.home_threads
+
+    def borrowed_seconds(self) -> float:
+        """Seconds run with the partner's cores so far (the stretch under way included)."""
+        return self.borrowed_s + (time.perf_counter() - self._since if self.borrowing else 0.0)
+
+    def set_busy(self, busy: bool) -> None:
+        """Tell the partner whether this engine has work (its cores are lent only while it has none)."""
+        if busy != self._busy:
+            self._board[self.share.slot] = 1 if busy else 0
+            self._busy = busy
+            if not busy:
+                self.fit_to(self.home_threads)
+
+    def fit(self, _layer: int = -1) -> None:
+        """Before a step and after each layer: borrow the partner's cores if it is idle, else give them back."""
+        self.fit_to(self.home_threads if self._board[self.share.partner] else self.all_threads)
+
+    def fit_to(self, threads: int) -> None:
+        if threads == self.threads:
+            return
+        now = time.perf_counter()
+        if threads > self.home_threads:
+            # libgomp may have let the extra threads go while the team was small: pin afresh each time
+            self._pin(self.share.home, self.share.lent)
+            self.borrows += 1
+            self._since = now
+        else:
+            self.borrowed_s += now - self._since
+        self._torch.set_num_threads(threads)
+        self.threads = threads
+
+    def layer_hook(self, hook: Callable[[int], None] | None) -> Callable[[int], None]:
+        """``hook`` (a handoff's, or none), then :meth:`fit`, after every layer."""
+        if hook is None:
+            return self.fit
+
+        def both(layer: int) -> None:
+            hook(layer)
+            self.fit(layer)
+
+        return both
+
+    def close(self) -> None:
+        if not self._board.closed:
+            self.set_busy(False)
+            self._board.close()
