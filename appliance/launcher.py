@@ -181,8 +181,9 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str, run_dir: Path | None = 
 def core_partners(cfg: UpConfig, groups: list[tuple[str, list[int], int]],
                   run_dir: Path | None) -> dict[int, tuple[Path, int]]:
     """CPU engines paired in order (0 with 1, 2 with 3 …): engine -> (the board file, its partner's index).
-    None when sharing is off, some engine runs TP (its ranks are processes of their own), or one engine
-    holds every core. Writes the board (every engine idle) into the run's folder."""
+    Empty when sharing is off, some engine runs TP (its ranks are processes of their own), or one engine
+    holds every core; a pair that shares a core (a one-core machine's prefill and decode) is left out.
+    Writes the board (every engine idle) into the run's folder."""
     from appliance.engine.core_share import make_board
 
     if not cfg.share_cores or len(groups) < 2 or any(tp > 1 for _, _, tp in groups):
@@ -191,7 +192,8 @@ def core_partners(cfg: UpConfig, groups: list[tuple[str, list[int], int]],
         raise ValueError("core sharing needs the run's folder for its board (or --no-share-cores)")
     board = run_dir / "cores.board"
     make_board(board, len(groups))
-    return {i: (board, i ^ 1) for i in range(len(groups)) if i ^ 1 < len(groups)}
+    return {i: (board, i ^ 1) for i in range(len(groups))
+            if i ^ 1 < len(groups) and not set(groups[i][1]) & set(groups[i ^ 1][1])}  # one core: nothing to lend
 
 
 def gpu_views(mode: str, names: list[str], groups: list[tuple[str, list[int], int]]) -> tuple[WorkerGpus, ...]:

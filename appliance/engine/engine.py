@@ -72,6 +72,7 @@ class Engine:
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
         self.requests: dict[str, Request] = {}
         self.handoff: StepHooks | None = None  # set after the warm-up, which is no one's handoff
+        self.cores: SharedCores | None = None  # a CPU worker's partner cores (`appliance.engine.core_share`)
         self.decode_step_s = 0.05  # EMA of decode-only step time (kept current by step())
         self.stats_prefill_tokens = 0
         self.stats_decode_tokens = 0
@@ -79,7 +80,6 @@ class Engine:
         if graphs:
             self.warm_up()
         self.handoff = handoff
-        self.cores: SharedCores | None = None  # a CPU worker's partner cores (`appliance.engine.core_share`)
 
     def warm_up(self) -> None:
         """CUDA start-up: capture the decode graphs (every Triton compile and autotune of decode runs

@@ -33,6 +33,7 @@ def test_cpu_engines_pair_up_to_share_cores(tmp_path) -> None:
     assert [c.home for c in shares(tmp_path, mode="unified", cpus="0-3", cores_per_engine=2)] == [(0, 1), (2, 3)]
     assert [(c.home, c.lent) for c in shares(tmp_path, mode="disagg", prefill_cpus="0", decode_cpus="1")] == [
         ((0,), (1,)), ((1,), (0,))]
+    assert shares(tmp_path, mode="disagg", prefill_cpus="0", decode_cpus="0") == [None, None]  # nothing to lend
 
 
 @pytest.mark.parametrize("kw", [{"share_cores": False}, {"cores_per_engine": 2}, {"tp": 2}],
