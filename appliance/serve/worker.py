@@ -104,7 +104,10 @@ class Worker:
         if cfg.cores is not None:
             from appliance.engine.core_share import SharedCores
 
-            self.engine.cores = SharedCores(cfg.cores)
+            try:
+                self.engine.cores = SharedCores(cfg.cores)
+            except (RuntimeError, OSError, ValueError) as exc:  # e.g. no C compiler: serve on its own cores
+                log.warning("worker %s: core sharing is off: %s", cfg.name, exc)
 
     def _nvshmem_job(self):
         """The launcher's PE plan for this worker (nvshmem only); refuses nvshmem without one."""

@@ -84,3 +84,18 @@ def test_borrows_while_the_partner_idles_and_gives_back_when_it_wakes(tmp_path) 
     busy_byte, seen = on_thread(run)
     assert busy_byte == 1
     assert seen == [1, 2, 2, [(home,), (lent,)], [7], 1, 1, 2, 2, True, 1, 0]
+
+
+def test_a_worker_that_cannot_share_serves_on_its_own_cores(tiny_model, tmp_path, caplog) -> None:
+    from appliance.config import EngineConfig
+    from appliance.serve.worker import Worker
+    from appliance.serve.worker_config import WorkerConfig
+
+    share = CoreShare(str(tmp_path / "no-board"), 0, 1, (0,), (1,))
+    w = Worker(WorkerConfig(role="unified", name="u0", model=str(tiny_model), cpus=(0,), cores=share,
+                            engine=EngineConfig(threads=1, dtype="float32")))
+    with caplog.at_level("WARNING", logger="pdbox.worker"):
+        on_thread(w.build_engine)
+    assert w.engine.cores is None
+    assert "core sharing is off" in caplog.text and "no-board" in caplog.text
+    w.engine.shutdown()
