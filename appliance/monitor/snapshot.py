@@ -87,6 +87,7 @@ class WorkerRow:
     kv_total: int
     tok_s: float | None  # None: no figure yet (the worker's metrics were not scraped)
     hit_rate: float
+    borrowed: float | None = None  # share of the last window run on its partner's cores too; None: not sharing
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ class _Point:
     tokens: dict[str, float]  # worker -> prompt + decoded tokens
     sent: dict[str, float]  # backend -> bytes sent
     hist: dict[str, Histogram]
+    borrowed: dict[str, float] = field(default_factory=dict)  # worker -> seconds on its partner's cores
 
 
 def _nan_if_empty(h: Histogram, q: float) -> float:
@@ -174,7 +176,9 @@ class Monitor:
         for b in sent:
             hist[f"write:{b}"] = m.histogram("pdbox_transfer_write_seconds", backend=b)
             hist[f"handoff:{b}"] = m.histogram("pdbox_kv_handoff_seconds", backend=b)
-        return _Point(snap.at, answered, m.value("pdbox_errors_total", **ROUTER), tokens, sent, hist)
+        borrowed = {name: m.value("pdbox_borrowed_core_seconds_total", worker=name)
+                    for name in m.label_values("pdbox_borrowed_core_seconds_total", "worker")}
+        return _Point(snap.at, answered, m.value("pdbox_errors_total", **ROUTER), tokens, sent, hist, borrowed)
 
     def _base(self, now: float, window_s: float) -> _Point | None:
         """The newest earlier point at least ``window_s`` old (else the oldest earlier one)."""
@@ -287,6 +291,12 @@ class Monitor:
             else:
                 tok_s = m.value("pdbox_prefill_tokens_per_second", worker=name) + m.value(
                     "pdbox_decode_tokens_per_second", worker=name)
+        borrowed: float | None = None
+        if name in cur.borrowed:  # a CPU engine that shares cores with its partner
+            if base is not None and name in base.borrowed and cur.at > base.at:
+                borrowed = min(1.0, max(0.0, cur.borrowed[name] - base.borrowed[name]) / (cur.at - base.at))
+            else:
+                borrowed = 0.0
         role = str(w.get("role", "?"))
         if w.get("leaning"):  # --mode auto: every engine is "auto"; show which way it leans now
             role = f"auto:{w['leaning']}"
@@ -296,7 +306,7 @@ class Monitor:
                          waiting=figure("pdbox_waiting_requests", load.waiting),
                          batch=int(m.value("pdbox_batch_requests", worker=name)), kv_used=used,
                          kv_cached=figure("pdbox_kv_pages_cached", load.cached_pages), kv_total=total, tok_s=tok_s,
-                         hit_rate=m.value("pdbox_prefix_cache_hit_rate", worker=name))
+                         hit_rate=m.value("pdbox_prefix_cache_hit_rate", worker=name), borrowed=borrowed)
 
     @staticmethod
     def _transfer_row(m: Metrics, backend: str, cur: _Point, base: _Point | None,

@@ -171,6 +171,18 @@ def transfer_table(rows: Sequence[TransferRow]) -> Table:
     return t
 
 
+def sharing_line(frame: Frame) -> Text | None:
+    """CPU core sharing: the share of the window each engine also ran on its partner's cores."""
+    shares = [(w.name, w.borrowed) for w in frame.workers if w.borrowed is not None]
+    if not shares:
+        return None
+    t = Text("on the partner's cores too: ", style="dim")
+    for name, share in shares:
+        t.append(f"{name} ")
+        t.append(f"{share * 100:.0f}%  ", style="cyan" if share else "dim")
+    return t
+
+
 def errors_line(frame: Frame) -> Text:
     t = Text("errors by kind: ", style="dim")
     if not frame.errors:
@@ -186,6 +198,8 @@ def render(frame: Frame) -> RenderableType:
     if frame.problem:
         parts.append(Text(f"! {frame.problem} (showing the last good scrape)", style="bold red"))
     parts.append(workers_table(frame))
+    if (sharing := sharing_line(frame)) is not None:
+        parts.append(sharing)
     if frame.adaptive:
         parts.append(Text(frame.adaptive, style="yellow", overflow="ellipsis", no_wrap=True))
     grid = Table.grid(padding=(0, 2))

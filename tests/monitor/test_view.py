@@ -112,3 +112,22 @@ def test_a_worker_the_router_could_not_scrape_shows_its_load_and_down() -> None:
     assert row[4] == f"{load['running']}/{load['waiting']}"
     assert row[7] == f"{load['total_pages'] - load['free_pages']}/{load['total_pages']}"
     assert row[8:] == ["–", "down", "↻1"]
+
+
+def test_a_worker_sharing_cores_shows_its_borrowed_share_of_the_window() -> None:
+    workers = json.loads((DATA / "workers.json").read_text())
+    base = (DATA / "metrics.txt").read_text()
+
+    def scrape(prefill_s: float) -> str:
+        return base + (f'pdbox_borrowed_core_seconds_total{{role="prefill",worker="prefill-0"}} {prefill_s}\n'
+                       'pdbox_borrowed_core_seconds_total{role="decode",worker="decode-0"} 3.0\n')
+
+    mon = Monitor("http://127.0.0.1:8000")
+    mon.update(Snapshot.parse(scrape(10.0), workers, at=1000.0))
+    console = Console(record=True, width=80, color_system=None)
+    console.print(render(mon.update(Snapshot.parse(scrape(15.0), workers, at=1010.0))))
+    text = console.export_text()
+    assert all(len(ln) <= 80 for ln in text.splitlines())
+    line = next(ln for ln in text.splitlines() if ln.startswith("on the partner's cores too:"))
+    assert line.split(":", 1)[1].split() == ["prefill-0", "50%", "decode-0", "0%"]  # 5 of the last 10 s
+    assert "partner's cores" not in recorded_frame_text()  # no sharing, no line
