@@ -61,9 +61,7 @@ class SharedCores:
 
         from kernels.cpu.team import native, pin_team
 
-        built = native()
-        if built.lib is None:
-            raise RuntimeError(f"core sharing needs pdbox's team-pinning library: {built.reason}")
+        native().required("core sharing needs pdbox's team-pinning library")
         self.share = share
         self._torch, self._pin = torch, pin_team
         fd = os.open(share.board, os.O_RDWR)

@@ -51,6 +51,12 @@ class Native:
     path: Path | None
     reason: str
 
+    def required(self, what: str) -> ctypes.CDLL:
+        """The library, or ``RuntimeError`` naming ``what`` is unavailable and why."""
+        if self.lib is None:
+            raise RuntimeError(f"{what}: not available here ({self.reason})")
+        return self.lib
+
 
 def cache_dir() -> Path:
     if os.environ.get("PDBOX_CACHE_DIR"):

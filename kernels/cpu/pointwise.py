@@ -31,10 +31,7 @@ def native() -> Native:
 
 
 def _lib() -> ctypes.CDLL:
-    built = native()
-    if built.lib is None:
-        raise RuntimeError(f"the native CPU pointwise kernels are unavailable: {built.reason}")
-    return built.lib
+    return native().required("the native CPU pointwise kernels")
 
 
 def _rows(name: str, t: torch.Tensor, dtype: torch.dtype, width: int | None = None) -> None:

@@ -22,10 +22,7 @@ def native() -> Native:
 
 
 def _lib() -> ctypes.CDLL:
-    built = native()
-    if built.lib is None:
-        raise RuntimeError(f"the team-pinning library is unavailable: {built.reason}")
-    return built.lib
+    return native().required("the team-pinning library")
 
 
 def pin_team(home: Sequence[int], lent: Sequence[int]) -> None:
