@@ -176,7 +176,7 @@ def sharing_line(frame: Frame) -> Text | None:
     shares = [(w.name, w.borrowed) for w in frame.workers if w.borrowed is not None]
     if not shares:
         return None
-    t = Text("on the partner's cores too: ", style="dim")
+    t = Text("on the partner's cores too: ", style="dim", overflow="ellipsis", no_wrap=True)  # one line
     for name, share in shares:
         t.append(f"{name} ")
         t.append(f"{share * 100:.0f}%  ", style="cyan" if share else "dim")
