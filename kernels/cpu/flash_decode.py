@@ -56,9 +56,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  threads: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of ``q`` ``(batch, heads, head_dim)`` over each request's ``plan.lens`` cache rows; into ``out``
     (made if ``None``) and returned. ``threads`` threads split the (request, KV head) units."""
-    built = native()
-    if built.lib is None:
-        raise RuntimeError(f"the native CPU attention kernel is unavailable: {built.reason}")
+    lib = native().required("the native CPU attention kernel")
     out = torch.empty(q.shape, dtype=q.dtype) if out is None else out
     check_tensors(q, k_cache, v_cache, out, 64)
     batch, hq, d = q.shape
@@ -68,7 +66,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     if (pages, page_size) != (plan.num_pages, plan.page_size) or plan.lens.numel() != batch:
         raise ValueError(f"the table was checked for {plan.lens.numel()} requests over {plan.num_pages} pages of "
                          f"{plan.page_size}; this call has {batch} over {pages} of {page_size}")
-    rc = built.lib.pdbox_flash_decode(
+    rc = lib.pdbox_flash_decode(
         q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), page_size,
         plan.table.data_ptr(), plan.table.stride(0), plan.lens.data_ptr(), batch, hq, hkv, d, scale, out.data_ptr(),
         out.stride(0), out.stride(1), max(1, threads))

@@ -77,13 +77,11 @@ def flash_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     """Attention of ``q`` (``n_new`` tokens at positions ``prefix ..``) over cache rows ``[0, prefix + i]``
     of the request whose page ids are ``pages``; written into ``out`` (made if ``None``) and returned.
     GQA: query head ``h`` reads KV head ``h // (heads / kv_heads)``. ``threads`` threads split the work."""
-    built = native()
-    if built.lib is None:
-        raise RuntimeError(f"the native CPU attention kernel is unavailable: {built.reason}")
+    lib = native().required("the native CPU attention kernel")
     out = torch.empty(q.shape, dtype=q.dtype) if out is None else out
     check(q, k_cache, v_cache, pages, prefix, out)
     n_new, hq, d = q.shape
-    rc = built.lib.pdbox_flash_extend(
+    rc = lib.pdbox_flash_extend(
         q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
         k_cache.shape[1], pages.data_ptr(), prefix, n_new, hq, k_cache.shape[2], d, scale, out.data_ptr(),
         out.stride(0), out.stride(1), max(1, threads))
