@@ -190,7 +190,7 @@ class EngineConfig:
     tp_size: int = 1
     threads: int = 0
     seed: int = 0
-    prefill_order: str = flag("fifo", "Prefill queue order: least TTFT slack first, or arrival "
+    prefill_order: str = flag("fifo", "Prefill queue order: earliest TTFT deadline first, or arrival "
                               "(auto: slack on prefill engines).", choices=("auto", "fifo", "slack"),
                               cli_default="auto")
     # decode under CUDA graphs; used only on CUDA (triton backend, tp 1)

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from appliance.engine.kv_cache import PagePool
 from appliance.engine.prefix_cache import RadixCache
 from appliance.engine.request import Request, RequestStatus
-from appliance.engine.slack import SLACK_K, ttft_slack
+from appliance.engine.slack import SLACK_K, ttft_deadline
 
 
 @dataclass
@@ -42,13 +40,11 @@ class Scheduler:
     """
 
     def __init__(self, pool: PagePool, cache: RadixCache, max_running: int, max_prefill_tokens: int,
-                 prefill_order: str = "fifo", slack_k: float = SLACK_K, clock: Callable[[], float] = time.monotonic,
-                 ) -> None:
+                 prefill_order: str = "fifo", slack_k: float = SLACK_K) -> None:
         if prefill_order not in ("fifo", "slack"):
             raise ValueError(f"prefill_order must be fifo or slack, got {prefill_order!r}")
         self.prefill_order = prefill_order
         self.slack_k = slack_k
-        self.clock = clock
         self.prefill_rate = 1000.0  # tokens/s; the engine keeps it current from measured steps
         self.pool = pool
         self.cache = cache
@@ -134,9 +130,9 @@ class Scheduler:
     def _is_decode(self, req: Request) -> bool:
         return bool(req.output_ids) and req.remaining_prefill == 1
 
-    def slack(self, req: Request, now: float) -> float:
-        """Seconds to spare before ``req`` misses its TTFT goal if its prefill started now (:func:`ttft_slack`)."""
-        return ttft_slack(req.arrival, req.prompt_len, req.remaining_prefill, self.prefill_rate, now, self.slack_k)
+    def deadline(self, req: Request) -> float:
+        """When ``req`` should have its first token (:func:`ttft_deadline`)."""
+        return ttft_deadline(req.arrival, req.prompt_len, self.prefill_rate, self.slack_k)
 
     def _grow(self, req: Request, n: int, scheduled: set[int]) -> bool:
         """Pages for ``n`` more tokens of a running request, preempting newer ones if needed."""
@@ -158,7 +154,7 @@ class Scheduler:
         """Decodes first (one token each), then prefill chunks under the token budget.
 
         Prefill order: ``fifo`` (running chunks in arrival order, then the queue) or ``slack``
-        (running and waiting requests together, least TTFT slack first; a partially prefilled
+        (running and waiting requests together, earliest TTFT deadline first; a partially prefilled
         long prompt simply gets no budget this step, so a short prompt never waits behind it).
         """
         batch = ScheduledBatch([], [], [], [])
@@ -173,8 +169,7 @@ class Scheduler:
         cands += list(self.waiting)
         strict = self.prefill_order == "fifo"
         if not strict:
-            now = self.clock()
-            cands.sort(key=lambda r: self.slack(r, now))
+            cands.sort(key=self.deadline)
         for req in cands:
             if budget <= 0:
                 break

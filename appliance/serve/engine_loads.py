@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from appliance.engine.slack import ttft_slack
+from appliance.engine.slack import ttft_deadline
 from appliance.serve.adaptive import CostModel, EngineLoad, decode_slack_s
 from appliance.serve.dispatch import Eligible
 from appliance.serve.policies import WorkerHandle
@@ -69,15 +69,15 @@ class EngineLoads:
 
     def queued_ahead(self, w: WorkerHandle, tokens: int) -> int:
         """Prompt tokens ``w`` will prefill before a new prompt of ``tokens``. Auto engines prefill in
-        slack order (the scheduler's): a queued prompt goes first when its TTFT slack is the smaller,
+        slack order (the scheduler's): a queued prompt goes first when its TTFT deadline is the earlier,
         so a short prompt passes long ones that have not waited long - but not the chunk the engine
         is running now, which finishes first. Queued prompts count whole."""
-        now, rate = self.clock(), self.cost().prefill_tok_s
-        mine = ttft_slack(now, tokens, tokens, rate, now)
+        rate = self.cost().prefill_tok_s
+        mine = ttft_deadline(self.clock(), tokens, rate)
         ahead, passed = 0, 0
         for p in self.active.values():
             if p.prefill_on == w.name and p.first_at is None:
-                if ttft_slack(p.sent_at, p.tokens, p.tokens, rate, now) <= mine:
+                if ttft_deadline(p.sent_at, p.tokens, rate) <= mine:
                     ahead += p.tokens
                 else:
                     passed = max(passed, p.tokens)

@@ -115,7 +115,7 @@ def test_queued_tokens_count_what_was_sent_since_the_last_load_report() -> None:
     assert r.est.queued_prefill_tokens(r.pool.workers["e0"]) == 300
 
 
-def test_a_short_prompt_waits_only_for_queued_prompts_with_less_ttft_slack() -> None:
+def test_a_short_prompt_waits_only_for_queued_prompts_with_earlier_ttft_deadlines() -> None:
     r, clock = router()
     r.active["rag"] = Progress("e0", "e1", 1500, 32, clock.t - 1.0)  # a RAG prompt queued 1 s ago
     e0 = r.pool.workers["e0"]
@@ -124,7 +124,7 @@ def test_a_short_prompt_waits_only_for_queued_prompts_with_less_ttft_slack() -> 
     assert r.est.queued_ahead(e0, 150) == 256  # ... after the chunk of the RAG prompt running now
     e0.load = LOAD
     assert r.est.queued_ahead(e0, 2000) == 1500  # a longer one waits behind it
-    clock.t += 9.0  # the RAG prompt has aged 10 s: now it goes before anyone
+    clock.t += 11.0  # the RAG prompt has aged 12 s, past a new short one's deadline: it goes first
     assert r.est.queued_ahead(e0, 150) == 1500
     decoding(r, "a", "e1", 48, 10, 0.25)
     kind, choice, dec, _ = r.choose(list(range(150)))

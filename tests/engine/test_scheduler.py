@@ -1,4 +1,4 @@
-"""Scheduler policy: decode first, chunked prefill budget, slack ordering with aging."""
+"""Scheduler policy: decode first, chunked prefill budget, earliest-TTFT-deadline order with aging."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def make(order: str, budget: int = 64) -> tuple[Scheduler, FakeClock]:
     pool = PagePool(torch.zeros(2, 1, 512, 16, 1, 1))
     clock = FakeClock()
     s = Scheduler(pool, RadixCache(pool, enabled=False), max_running=16, max_prefill_tokens=budget,
-                  prefill_order=order, clock=clock)
+                  prefill_order=order)
     s.prefill_rate = 100.0  # tokens/s
     return s, clock
 
@@ -58,6 +58,16 @@ def test_slack_short_prompt_overtakes_a_chunked_long_one() -> None:
     assert run_step(s)[0] == (2, 20)  # short first, the long one gets the rest of the budget
     clock.t += 0.1
     assert run_step(s) == [(2, 1), (1, 64)]  # the short one decodes; the long one gets the prefill budget
+
+
+def test_slack_two_long_prompts_arriving_together_do_not_take_turns() -> None:
+    s, clock = make("slack")
+    s.add(req(300, clock.t, tag=1))
+    s.add(req(300, clock.t + 0.2, tag=2))  # 3 s of prefill each at 100 tokens/s
+    for _ in range(4):
+        clock.t += 0.64  # a chunk's time: the first prompt's deadline stays the earlier one
+        assert run_step(s) == [(1, 64)]
+    assert run_step(s) == [(1, 44), (2, 20)]  # the first prompt done, its first token 2.5 s sooner
 
 
 def test_slack_ages_long_prompts_in() -> None:
