@@ -4,7 +4,7 @@
 # Runs with the machine's own python3 (no venv, no registry): the pinned wheels of
 # scripts/gpu-wheels.txt install offline from wheels/gpu/ (filled beforehand by
 # scripts/fetch-gpu-wheels.sh and carried along) into .gpu-site/, skipping those already installed.
-# `--dry-run` lists every step and every wheel, and exits 3 when a wheel is missing (0 otherwise).
+# `--dry-run` lists every step and every wheel, exits 3 when one is missing (not `# image` pins), else 0.
 #
 # Steps (each with its own timeout, clipped to the budget; the script carries on past failures):
 #   env             nvidia-smi, python / torch / triton / CUDA versions
@@ -56,6 +56,7 @@ GPU_TESTS=(
 # -- the wheels ------------------------------------------------------------------------------------
 WHEELS=()    # name==version, in list order
 FILES=()     # the matching file, or "" when missing
+IMAGE=()     # 1: the machines' image holds it (`# image` in the list): a missing wheel is no error
 MISSING=0
 norm() { tr 'A-Z.-' 'a-z__' <<<"$1"; }   # a distribution name as wheel file names spell it
 declare -A HAVE=()                      # "name-version" -> the wheel file in WHEELS_DIR
@@ -66,13 +67,16 @@ for f in "$WHEELS_DIR"/*.whl; do
     HAVE["$(norm "$wname")-$wver"]="$f"
 done
 while read -r line; do
+    image=0
+    [[ "$line" == *"# image"* ]] && image=1
     line="${line%%#*}"
     line="${line//[[:space:]]/}"
     [[ -z "$line" ]] && continue
     WHEELS+=("$line")
+    IMAGE+=("$image")
     f="${HAVE["$(norm "${line%%==*}")-${line#*==}"]:-}"
     FILES+=("$f")
-    [[ -n "$f" ]] || MISSING=$((MISSING + 1))
+    [[ -n "$f" || $image == 1 ]] || MISSING=$((MISSING + 1))
 done <"$WHEEL_LIST"
 
 list_wheels() {
@@ -83,6 +87,8 @@ list_wheels() {
             size=$(stat -c %s "${FILES[$i]}")
             total=$((total + size))
             printf '  ok       %-32s %s (%d KB)\n' "${WHEELS[$i]}" "$(basename "${FILES[$i]}")" $((size / 1024))
+        elif [[ ${IMAGE[$i]} == 1 ]]; then
+            printf '  image    %-32s not carried: the machines'"'"' image has it\n' "${WHEELS[$i]}"
         else
             printf '  MISSING  %-32s run scripts/fetch-gpu-wheels.sh\n' "${WHEELS[$i]}"
         fi
@@ -99,8 +105,8 @@ if ((DRY_RUN)); then
     echo "  bench-kernels   $PY -m bench.kernels --out kernels-bf16.json"
     echo "  transfer-cuda_ipc  $PY -m bench.transfer --backend cuda_ipc --pages 512 --pages 2048 --out transfer-cuda_ipc.json"
     echo "  transfer-nvshmem   $PY -m bench.transfer --backend nvshmem --pages 512 --pages 2048 --layout contiguous"
-    echo "  serve-cuda_ipc  $PY scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport cuda_ipc"
-    echo "  serve-nvshmem   $PY scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport nvshmem"
+    echo "  serve-cuda_ipc  PDBOX_TRITON_AUTOTUNE=0 $PY scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport cuda_ipc"
+    echo "  serve-nvshmem   PDBOX_TRITON_AUTOTUNE=0 $PY scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport nvshmem"
     echo "  ttft-8k         $PY scripts/ttft_check.py --prompt-tokens 8192 (unified vs disagg TTFT, cuda_ipc)"
     echo "  serve-cross-gpu (2+ GPUs)  scripts/serve_check.py --prefill-gpus 0 --decode-gpus 1 --transport cuda_ipc"
     echo "  serve-tp2-nccl  (2+ GPUs)  scripts/serve_check.py --prefill-gpus 0-1 --prefill-tp 2 --decode-gpus 1 --transport cuda_ipc"
@@ -165,25 +171,38 @@ run_step env 20 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sy
 
 # Offline install of the wheels whose distribution this python lacks (the machine's own stay).
 install_wheels() {
-    local todo=() i name
+    local todo=() lacking=() i name rc=0
     mkdir -p "$SITE_DIR"
     for i in "${!WHEELS[@]}"; do
         name="${WHEELS[$i]%%==*}"
         if PYTHONPATH="$SITE_DIR" "$PY" -c "import importlib.metadata as m, sys; m.distribution(sys.argv[1])" "$name" 2>/dev/null; then
             echo "present  ${WHEELS[$i]%%==*}"
-        else
+        elif [[ -n "${FILES[$i]}" ]]; then
             todo+=("${FILES[$i]}")
+        else  # an `# image` pin whose wheel was not carried, and this machine lacks it after all
+            lacking+=("${WHEELS[$i]}")
         fi
     done
-    ((${#todo[@]})) || { echo "nothing to install"; return 0; }
+    if ((${#lacking[@]})); then
+        echo "MISSING: this machine lacks ${lacking[*]} and no wheel was carried" \
+             "(GPU_WHEELS_ALL=1 scripts/fetch-gpu-wheels.sh fetches those too)" >&2
+        rc=1
+    fi
+    ((${#todo[@]})) || { echo "nothing to install"; return "$rc"; }
     if "$PY" -m pip --version >/dev/null 2>&1; then
-        "$PY" -m pip install --disable-pip-version-check --no-index --no-deps --no-compile --target "$SITE_DIR" "${todo[@]}"
+        "$PY" -m pip install --disable-pip-version-check --no-index --no-deps --no-compile --target "$SITE_DIR" \
+            "${todo[@]}" || return 1
     else  # no pip here: a wheel is a zip laid out for site-packages
         for i in "${todo[@]}"; do "$PY" -m zipfile -e "$i" "$SITE_DIR" || return 1; done
     fi
+    return "$rc"
 }
 run_step install 90 bash -c "$(declare -p PY SITE_DIR WHEELS FILES); $(declare -f install_wheels); install_wheels"
 export PYTHONPATH="$PWD:$SITE_DIR${PYTHONPATH:+:$PYTHONPATH}"
+# One node: NVSHMEM bootstraps over loopback and probes no InfiniBand (as tests/transport's workers set it);
+# the benches and `pdbox up` inherit this environment.
+export NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME="${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo}"
+export NVSHMEM_REMOTE_TRANSPORT="${NVSHMEM_REMOTE_TRANSPORT:-none}"
 
 # Autotuning every specialization the tests hit would cost minutes of compiles: tests use each
 # kernel's fixed first config; the bench below autotunes.
@@ -199,19 +218,23 @@ run_step transfer-cuda_ipc 60 "$PY" -m bench.transfer --backend cuda_ipc --pages
 run_step transfer-nvshmem 90 "$PY" -m bench.transfer --backend nvshmem --pages 512 --pages 2048 --layout contiguous \
     --out "$OUT_DIR/transfer-nvshmem.json"
 
-run_step serve-cuda_ipc 75 "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport cuda_ipc \
-    --out "$OUT_DIR/serve-cuda_ipc.json" --log-dir "$OUT_DIR/serve-cuda_ipc-logs"
-run_step serve-nvshmem 75 "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport nvshmem \
-    --out "$OUT_DIR/serve-nvshmem.json" --log-dir "$OUT_DIR/serve-nvshmem-logs"
+# The serving steps compare unified and disaggregated answers token for token: every engine launches each
+# kernel's fixed first config, as the tests do. Autotuned, each process would time its own pick (another
+# BLOCK_N sums in another order, enough to flip a near-tie of the random model) and compile every config.
+SERVE_ENV=(env PDBOX_TRITON_AUTOTUNE=0)
+run_step serve-cuda_ipc 75 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 \
+    --transport cuda_ipc --out "$OUT_DIR/serve-cuda_ipc.json" --log-dir "$OUT_DIR/serve-cuda_ipc-logs"
+run_step serve-nvshmem 75 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 \
+    --transport nvshmem --out "$OUT_DIR/serve-nvshmem.json" --log-dir "$OUT_DIR/serve-nvshmem-logs"
 
 run_step ttft-8k 150 "$PY" scripts/ttft_check.py --prompt-tokens 8192 --out "$OUT_DIR/ttft-8k.json" \
     --log-dir "$OUT_DIR/ttft-8k-logs"
 
 if ((NGPU >= 2)); then
-    run_step serve-cross-gpu 75 "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 1 --transport cuda_ipc \
-        --out "$OUT_DIR/serve-cross-gpu.json" --log-dir "$OUT_DIR/serve-cross-gpu-logs"
-    run_step serve-tp2-nccl 90 "$PY" scripts/serve_check.py --prefill-gpus 0-1 --prefill-tp 2 --decode-gpus 1 \
-        --transport cuda_ipc --out "$OUT_DIR/serve-tp2-nccl.json" --log-dir "$OUT_DIR/serve-tp2-nccl-logs"
+    run_step serve-cross-gpu 75 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 1 \
+        --transport cuda_ipc --out "$OUT_DIR/serve-cross-gpu.json" --log-dir "$OUT_DIR/serve-cross-gpu-logs"
+    run_step serve-tp2-nccl 90 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --prefill-gpus 0-1 --prefill-tp 2 \
+        --decode-gpus 1 --transport cuda_ipc --out "$OUT_DIR/serve-tp2-nccl.json" --log-dir "$OUT_DIR/serve-tp2-nccl-logs"
 else
     skip_step serve-cross-gpu "one GPU: cross-GPU cuda_ipc needs 2"
     skip_step serve-tp2-nccl "one GPU: TP 2 over NCCL needs 2"
