@@ -347,13 +347,17 @@ def command(backends: tuple[str, ...], pages: tuple[int, ...], layout: str | Non
                 json.dump(result, f, indent=2)
         return 0
     layouts = ["contiguous", "scattered"] if layout in (None, "both") else [layout]
-    results = [measure(b, n, shape=shape, layout=lay, repeats=repeats, threads=threads, copy=copy)
-               for b in backends for n in (pages or DEFAULT_PAGES) for lay in layouts
-               if not (n == 1 and lay == "scattered")]
+    results: list[Result] = []
+    for b in backends:
+        for n in pages or DEFAULT_PAGES:
+            for lay in layouts:
+                if n == 1 and lay == "scattered":
+                    continue
+                results.append(measure(b, n, shape=shape, layout=lay, repeats=repeats, threads=threads, copy=copy))
+                if out:  # after every figure: a later size that fails or times out keeps the earlier ones
+                    with open(out, "w") as f:
+                        json.dump([asdict(r) for r in results], f, indent=2)
     _table(results)
-    if out:
-        with open(out, "w") as f:
-            json.dump([asdict(r) for r in results], f, indent=2)
     return 0
 
 

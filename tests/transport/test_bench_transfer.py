@@ -23,3 +23,23 @@ def test_json_mode_reports_one_object(capsys: pytest.CaptureFixture[str]) -> Non
 def test_scattered_tcp_is_verified() -> None:
     r = transfer.measure("tcp", 5, shape=transfer.Shape(layers=2, head_dim=8), layout="scattered", repeats=1)
     assert r.verified and r.gbps > 0 and r.baseline_gbps > 0
+
+
+def test_table_mode_writes_each_figure_as_it_comes(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU check measures two sizes in one run: the second failing must not lose the first."""
+    real, calls = transfer.measure, []
+
+    def measure(backend: str, pages: int, **kw):
+        calls.append(pages)
+        if len(calls) == 2:
+            raise RuntimeError("the second size fails")
+        return real(backend, pages, **kw)
+
+    monkeypatch.setattr(transfer, "measure", measure)
+    out = tmp_path / "t.json"
+    args = ["--backend", "shm", "--pages", "4", "--pages", "8", "--layout", "contiguous", "--layers", "2",
+            "--head-dim", "8", "--repeats", "1", "--out", str(out)]
+    with pytest.raises(RuntimeError, match="second size"):
+        transfer.main(args)
+    assert calls == [4, 8]
+    assert [r["pages"] for r in json.loads(out.read_text())] == [4]
