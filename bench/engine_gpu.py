@@ -4,6 +4,12 @@ Floors are measured in the same run: a decode step reads every weight once plus 
 (bytes / the device-to-device copy bandwidth of a 2 GB buffer, read + write bytes counted), a
 prefill runs 2 x linear params FLOPs per token plus causal attention (FLOPs / the rate of an
 8192^3 bf16 ``torch.matmul``). Decode is timed with CUDA graphs on and off (off: the eager step).
+
+Where a step's wall time goes: ``decode_gpu_ms_b*`` times the graph replay alone on the device
+(the rest of the wall time is the host's: scheduling, metadata, reading the sampled ids), and
+``--profile`` adds, for the first batch size, the kernels of one replayed and one eager step from
+the profiler (device time and calls per step, the largest first; ``gaps_us`` = replay time - the
+kernels' busy time, the launch gaps a graph leaves).
 """
 
 from __future__ import annotations
@@ -67,6 +73,43 @@ def _decode_ms(engine, prompts: list[list[int]], steps: int, graphs: bool) -> fl
     return statistics.median(times) * 1000
 
 
+def kernel_profile(fn, steps: int = 5, top: int = 20) -> dict:
+    """The kernels ``fn`` runs on the device, per call: busy us, kernel count, the ``top`` by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    rows = sorted((e for e in prof.key_averages() if e.self_device_time_total > 0),
+                  key=lambda e: -e.self_device_time_total)
+    return {"busy_us": round(sum(e.self_device_time_total for e in rows) / steps, 1),
+            "kernels": round(sum(e.count for e in rows) / steps, 1),
+            "top": [{"name": e.key[:100], "us": round(e.self_device_time_total / steps, 1),
+                     "calls": round(e.count / steps, 1)} for e in rows[:top]]}
+
+
+def _replay_profile(engine, b: int, steps: int, profile: bool) -> dict:
+    """Device time of batch ``b``'s graph replay alone (the buffers hold the last step's rows), and with
+    ``profile`` its kernels and the same step's run eagerly on the same buffers."""
+    graphs = engine.runner.decode_graphs
+    bucket = graphs.plan.bucket_for(b)
+    replay = graphs.graphs[bucket].replay
+    out: dict = {f"decode_gpu_ms_b{b}": round(_cuda_ms(replay, steps), 3)}
+    if profile:
+        try:
+            prof = kernel_profile(replay)
+            prof["gaps_us"] = round(out[f"decode_gpu_ms_b{b}"] * 1000 - prof["busy_us"], 1)
+            out[f"profile_b{b}_graphs"] = prof
+            with graphs._splits(bucket):
+                out[f"profile_b{b}_eager"] = kernel_profile(lambda: graphs._forward(bucket))
+        except Exception as e:  # a profiler that cannot start here must not cost the figures
+            out[f"profile_b{b}_error"] = f"{type(e).__name__}: {e}"
+    return out
+
+
 def _prefill_s(engine, prompt: list[int], repeats: int) -> float:
     from appliance.engine.request import SamplingParams
 
@@ -84,7 +127,7 @@ def _prefill_s(engine, prompt: list[int], repeats: int) -> float:
 
 def run_cuda(model: str, dtype: str = "bfloat16", batches: tuple[int, ...] = (1, 16, 64, 256),
              prefill_lens: tuple[int, ...] = (1024, 8192), context: int = 512, steps: int = 20,
-             graphs: bool = True, kv_cache_mb: int = 0, out_path: str | None = None) -> dict:
+             graphs: bool = True, kv_cache_mb: int = 0, out_path: str | None = None, profile: bool = False) -> dict:
     """All figures in one dict; with ``out_path`` it is rewritten after each figure, so a run cut short
     by a timeout still leaves what it measured."""
     from appliance.config import EngineConfig
@@ -150,6 +193,9 @@ def run_cuda(model: str, dtype: str = "bfloat16", batches: tuple[int, ...] = (1,
             save()
         if len(modes) == 2:
             out[f"graph_speedup_b{b}"] = round(out[f"decode_ms_b{b}_eager"] / out[f"decode_ms_b{b}_graphs"], 2)
+            out.update(_replay_profile(engine, b, steps, profile and b == batches[0]))
+            out[f"decode_gpu_over_floor_b{b}"] = round(out[f"decode_gpu_ms_b{b}"] / floor, 2)
+            save()
     engine.shutdown()
     out["total_s"] = round(time.perf_counter() - t0, 1)
     save()

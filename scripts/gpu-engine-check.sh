@@ -9,6 +9,7 @@
 #                fallback beyond the ladder, the device sampler), PDBOX_TRITON_AUTOTUNE=0
 #   bench-1b     python -m bench.engine --device cuda --model random:llama-1b  -> bench-llama-1b.json
 #   bench-8b     the same for random:llama-8b                                  -> bench-llama-8b.json
+#                (both with --profile: the replay's device time, batch 1's kernels graphed and eager)
 # The benches write their JSON after every figure, so one cut short by its timeout keeps what it
 # measured (and fails the step). Kernels run their fixed first config (PDBOX_TRITON_AUTOTUNE=0): the
 # autotuner's compiles would not fit the budget; set GPU_ENGINE_AUTOTUNE=1 to tune anyway.
@@ -57,7 +58,8 @@ run_step pytest-gpu 65 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cachepr
     --junitxml "$OUT_DIR/pytest-gpu-engine.xml" tests/engine/test_gpu_engine.py
 
 # Small enough to finish in the budget: 12 timed steps a batch, 256-token contexts.
-BENCH=(--device cuda --json --steps 12 --context 256 --batches 1,64,16,256 --prefill-lens 8192,1024)
+# --profile: batch 1's kernels (graph replay and eager) and the replay's device time, beside the wall step.
+BENCH=(--device cuda --json --steps 12 --context 256 --batches 1,64,16,256 --prefill-lens 8192,1024 --profile)
 run_step bench-1b 45 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" "$PY" -m bench.engine --model random:llama-1b \
     "${BENCH[@]}" --out "$OUT_DIR/bench-llama-1b.json"
 run_step bench-8b 60 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" "$PY" -m bench.engine --model random:llama-8b \
@@ -73,8 +75,14 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 print(f"{r['model']}: copy {r['copy_gb_s']} GB/s, matmul {r['matmul_tflop_s']} TFLOP/s, warm-up {r['warmup_s']} s")
 for k, v in r.items():
-    if k.startswith(("decode_ms_", "decode_floor_", "graph_speedup", "prefill_tok_s", "prefill_share")):
+    if k.startswith(("decode_ms_", "decode_gpu_", "decode_floor_", "graph_speedup", "prefill_tok_s", "prefill_share")):
         print(f"  {k:32s} {v}")
+    elif k.startswith("profile_") and isinstance(v, dict):
+        print(f"  {k}: {v['kernels']} kernels, busy {v['busy_us']} us, gaps {v.get('gaps_us', '-')} us")
+        for row in v["top"][:8]:
+            print(f"    {row['us']:9.1f} us {row['calls']:6.1f}x  {row['name'][:70]}")
+    elif k.startswith("profile_"):
+        print(f"  {k}: {v}")
 EOF
     done
 } | tee "$OUT_DIR/engine-summary.txt"
