@@ -77,6 +77,7 @@ class Result:
     copy_gbps: float | None = None
     d2d_gbps: float | None = None        # GPU: one contiguous device-to-device copy of the same bytes
     copy_vs_d2d: float | None = None
+    copy_config: str | None = None       # GPU, kernel path: the page copy's tuned config(s)
 
 
 def page_lists(pages: int, pool_pages: int, layout: str, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -278,12 +279,15 @@ def measure(backend: str, pages: int, *, shape: Shape = Shape(), layout: str = "
         if proc.is_alive():
             proc.kill()
     secs, base = statistics.median(times[1:]), statistics.median(base_times[1:])
-    gpu_figures: dict[str, float | None] = {}
+    gpu_figures: dict[str, float | str | None] = {}
     if gpu and span_times:
         span = statistics.median(span_times)
         d2d = _d2d_seconds(nbytes, device, repeats)
         gpu_figures = {"copy_seconds": span, "copy_gbps": nbytes / span / 1e9, "d2d_gbps": nbytes / d2d / 1e9,
                        "copy_vs_d2d": d2d / span}
+        from kernels.page_copy import copy_pages_configs
+
+        gpu_figures["copy_config"] = "; ".join(f"{k}: {v}" for k, v in copy_pages_configs().items()) or None
     return Result(backend, device, pages, layout, shape.dtype, nbytes, repeats, threads, secs, nbytes / secs / 1e9,
                   base, nbytes / base / 1e9, base / secs, verified, shape.layers, shape.page_size, shape.kv_heads,
                   shape.head_dim, **gpu_figures)

@@ -121,6 +121,11 @@ class LazyKernel:
             self._build()
         return self._tuned
 
+    def tuned_configs(self) -> dict[str, str]:
+        """The autotuner's choice per key (``{}`` when untuned, or before the first launch)."""
+        cache = getattr(self._compiled, "cache", None) if self._tuned else None
+        return {str(k): str(c) for k, c in (cache or {}).items()}
+
     def __getitem__(self, grid: Any) -> Callable[..., Any]:
         if self._compiled is None:
             self._build()

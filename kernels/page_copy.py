@@ -25,9 +25,12 @@ def copy_pages_ref(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Triton: program ``(i, chunk)`` copies ``BLOCK`` words of page ``src_pages[i]`` to
-# ``dst_base_ptrs[dst_index[i]] + dst_pages[i] * page_bytes``. Pages move as opaque words (the widest
-# of 8/4/2/1 bytes that the page size and source alignment allow), so every dtype copies bit-exactly.
+# Triton: program ``(i, chunk)`` copies ``BLOCK`` words of each of the ``PAGES`` copies ``i * PAGES ...``:
+# page ``src_pages[j]`` to ``dst_base_ptrs[dst_index[j]] + dst_pages[j] * page_bytes``. Pages move as
+# opaque words (the widest of 8/4/2/1 bytes that the page size and source alignment allow), so every
+# dtype copies bit-exactly. A KV page is small (6 KB for SmolLM2's), so a program that copies one page
+# spends much of its life on the three dependent index loads; ``PAGES`` > 1 keeps several pages' loads
+# in flight per program (the autotuner chooses; the first config, used untuned, copies one page).
 
 _WORD_DTYPES = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
 
@@ -39,31 +42,44 @@ def _copy_pages_kernel(
     src_pages_ptr,
     dst_pages_ptr,
     stride_src_page,
+    num_copies,
     PAGE_WORDS: tl.constexpr,
     BLOCK: tl.constexpr,
+    PAGES: tl.constexpr,
 ):
-    """Copy one ``BLOCK``-word chunk of one page through a raw destination address."""
-    i = tl.program_id(0).to(tl.int64)
+    """Copy one ``BLOCK``-word chunk of each of ``PAGES`` pages through raw destination addresses."""
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < PAGE_WORDS
-    src_page = tl.load(src_pages_ptr + i).to(tl.int64)
-    dst_page = tl.load(dst_pages_ptr + i).to(tl.int64)
-    pool = tl.load(dst_index_ptr + i).to(tl.int64)
+    in_page = offs < PAGE_WORDS
     word = src_ptr.dtype.element_ty
-    addr = tl.load(dst_base_ptr + pool) + dst_page * (PAGE_WORDS * word.primitive_bitwidth // 8)
-    dst = addr.to(tl.pointer_type(word), bitcast=True)
-    vals = tl.load(src_ptr + src_page * stride_src_page + offs, mask=mask)
-    tl.store(dst + offs, vals, mask=mask)
+    for p in tl.static_range(PAGES):
+        j = tl.program_id(0).to(tl.int64) * PAGES + p
+        live = j + tl.zeros([BLOCK], dtype=tl.int64) < num_copies  # a vector: the interpreter's & needs one
+        j = tl.minimum(j, num_copies - 1)  # past the end: read the last copy's entries, store nothing
+        src_page = tl.load(src_pages_ptr + j).to(tl.int64)
+        dst_page = tl.load(dst_pages_ptr + j).to(tl.int64)
+        pool = tl.load(dst_index_ptr + j).to(tl.int64)
+        addr = tl.load(dst_base_ptr + pool) + dst_page * (PAGE_WORDS * word.primitive_bitwidth // 8)
+        dst = addr.to(tl.pointer_type(word), bitcast=True)
+        mask = in_page & live
+        vals = tl.load(src_ptr + src_page * stride_src_page + offs, mask=mask)
+        tl.store(dst + offs, vals, mask=mask)
 
 
 _copy_pages = LazyKernel(
     _copy_pages_kernel,
     configs=[
-        config(BLOCK=b, num_warps=w, num_stages=1) for b, w in ((2048, 8), (1024, 4), (4096, 8), (512, 4))
+        config(BLOCK=b, num_warps=w, num_stages=1, PAGES=p)
+        for b, w, p in ((2048, 8, 1), (1024, 4, 1), (4096, 8, 1), (512, 4, 1), (1024, 4, 4), (1024, 8, 8),
+                        (512, 4, 8))
     ],
     key=["PAGE_WORDS"],
-    interpret={"BLOCK": 4096},
+    interpret={"BLOCK": 512, "PAGES": 3},  # several pages a program and a tail: the CPU tests cover both
 )
+
+
+def copy_pages_configs() -> dict[str, str]:
+    """The page copy's tuned config per page size in words (``{}`` when untuned): what the benches report."""
+    return _copy_pages.tuned_configs()
 
 
 def page_word_dtype(src: torch.Tensor) -> torch.dtype:
@@ -116,8 +132,8 @@ def copy_pages(
     words = src.flatten(1).view(word)
 
     def grid(meta: dict) -> tuple[int, int]:
-        return (n, -(-words.shape[1] // meta["BLOCK"]))
+        return (-(-n // meta["PAGES"]), -(-words.shape[1] // meta["BLOCK"]))
 
     _copy_pages[grid](
-        words, dst_base_ptrs, dst_index, src_pages, dst_pages, words.stride(0), PAGE_WORDS=words.shape[1]
+        words, dst_base_ptrs, dst_index, src_pages, dst_pages, words.stride(0), n, PAGE_WORDS=words.shape[1]
     )

@@ -17,6 +17,7 @@ from kernels.page_copy import copy_pages, copy_pages_ref, page_word_dtype
         (torch.float16, (4, 3, 5)),  # 120-byte pages: int64 words
         (torch.bfloat16, (2, 1, 3)),  # 12-byte pages: int32 words
         (torch.float16, (1, 1, 3)),  # 6-byte pages: int16 words
+        (torch.bfloat16, (16, 3, 64)),  # SmolLM2's 6 KB page: 768 words, two chunks of the interpreter's 512
     ],
 )
 def test_matches_reference(device, dtype, page_shape):
@@ -90,3 +91,19 @@ def test_cpu_shared_memory_pool_of_another_process():
             proc.kill()
     assert torch.equal(seen[1], src[2]) and torch.equal(seen[3], src[0])
     assert torch.all(seen[0] == 0) and torch.all(seen[2] == 0)
+
+
+def test_untuned_copy_reports_no_config(device):
+    from kernels._triton import autotune_enabled, interpreter_enabled
+    from kernels.page_copy import copy_pages_configs
+
+    src = torch.randn(3, 4, device=device)
+    dst = torch.zeros_like(src)
+    idx = torch.arange(3, device=device)
+    copy_pages(src, torch.tensor([dst.data_ptr()], device=device), torch.zeros_like(idx), idx, idx)
+    assert torch.equal(dst, src)
+    tuned = copy_pages_configs()
+    if interpreter_enabled() or not autotune_enabled():
+        assert tuned == {}  # fixed configs: nothing to report
+    else:
+        assert any("PAGES" in c for c in tuned.values())  # the page size's choice, named with its meta
