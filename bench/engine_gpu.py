@@ -193,6 +193,7 @@ def run_cuda(model: str, dtype: str = "bfloat16", batches: tuple[int, ...] = (1,
             save()
         if len(modes) == 2:
             out[f"graph_speedup_b{b}"] = round(out[f"decode_ms_b{b}_eager"] / out[f"decode_ms_b{b}_graphs"], 2)
+        if len(modes) == 2 and engine.runner.decode_graphs.graphs:  # captured (none after a failed capture)
             out.update(_replay_profile(engine, b, steps, profile and b == batches[0]))
             out[f"decode_gpu_over_floor_b{b}"] = round(out[f"decode_gpu_ms_b{b}"] / floor, 2)
             save()
