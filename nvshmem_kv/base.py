@@ -148,6 +148,11 @@ class KVTransport(ABC):
     def signal(self, peer: Peer, room: str, payload: bytes = b"") -> None:
         """Complete this rank's part of ``room``; delivered after all its prior writes are visible."""
 
+    def warm(self, kv: torch.Tensor, local: PoolDescriptor) -> float:
+        """Before serving, on the sending side: compile (and tune) what the first write to a peer would,
+        for a pool like ``kv``. Returns the seconds it took; 0 where there is nothing to compile."""
+        return 0.0
+
     def fence_compute(self) -> None:
         """Make the current compute stream wait (on the device, not the host) for every copy this
         transport issued so far, so pages freed after the first token are overwritten only after

@@ -42,6 +42,27 @@ def make_plan(local: PoolDescriptor, remote: PoolDescriptor, dst_ptr: int, src_p
                       torch.zeros(len(src_base), dtype=torch.int64, device=device), ints([dst_ptr]))
 
 
+def warm_kernel_copy(src_kv: torch.Tensor, local: PoolDescriptor, pages: int = 1024) -> int:
+    """Compile the page copy for this pool's page size (and on a GPU autotune it) before serving, so
+    the first handoff pays no compile: ``pages`` of the pool, then one fewer (Triton specializes the
+    copy count on divisibility by 16), into a scratch pool of the same page shape, with index tensors
+    of the dtypes a real plan uses (the autotuner's key includes them). The pool is only read.
+    Returns the pages copied in the first launch."""
+    from kernels import copy_pages
+
+    view = src_kv.view(2 * local.num_layers * local.num_pages, local.page_size, local.kv_heads_local,
+                       local.head_dim)
+    n = max(2, min(pages, view.shape[0]))
+    scratch = torch.empty((n, *view.shape[1:]), dtype=view.dtype, device=view.device)
+    table = torch.tensor([scratch.data_ptr()], dtype=torch.int64, device=view.device)
+    for count in (n, n - 1):
+        idx = torch.arange(count, dtype=torch.int64, device=view.device)
+        copy_pages(view, table, torch.zeros_like(idx), idx, idx)
+    if view.is_cuda:
+        torch.cuda.synchronize(view.device)
+    return n
+
+
 def kernel_copy(src_kv: torch.Tensor, local: PoolDescriptor, remote: PoolDescriptor, plan: KernelPlan,
                 layer: int) -> int:
     """Copy K and V of ``layer`` for the plan's pages; returns the bytes moved."""

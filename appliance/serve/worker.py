@@ -99,6 +99,7 @@ class Worker:
             self.handoff = PrefillHandoff(self.transport, self.engine.pool.kv, mc.num_kv_heads, cfg.engine.page_size,
                                           cfg.engine.tp_size)
             self.engine.handoff = self.handoff
+            self.engine.warmup_s += self.handoff.sender.warm_s  # `pdbox up` reports the whole warm-up
         if cfg.role == "auto":
             self.engine.calibrate()  # adaptive mode's cost model: this device's prefill rate and step time
         if cfg.cores is not None:

@@ -9,6 +9,7 @@ allocations cannot be exported this way); the decode GPU must be visible to the 
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +29,7 @@ from nvshmem_kv.backends._cuda import (
 from nvshmem_kv.copy_order import CopyOrder
 from nvshmem_kv.descriptor import PoolDescriptor
 from nvshmem_kv.errors import BackendUnavailable, TransportError
+from nvshmem_kv.page_copy import warm_kernel_copy
 from nvshmem_kv.pages import PageRun
 from nvshmem_kv.transport import ChannelPeer, ChannelTransport
 
@@ -120,6 +122,15 @@ class CudaIpcTransport(ChannelTransport):
                     d.copy_(s, non_blocking=True)
                     moved += s.numel() * s.element_size()
         return moved
+
+    def warm(self, kv: torch.Tensor, local: PoolDescriptor) -> float:
+        """The page-copy kernel's compile and autotuning, on the copy stream (unless ``copy="torch"``)."""
+        if self._copy == "torch":
+            return 0.0
+        t0 = time.perf_counter()
+        with torch.cuda.stream(self._stream):
+            warm_kernel_copy(kv, local)
+        return time.perf_counter() - t0
 
     def _compute_stream(self) -> torch.cuda.Stream:
         return torch.cuda.current_stream(self._device)

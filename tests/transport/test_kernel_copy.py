@@ -48,3 +48,17 @@ def test_kernel_copy_refuses_partial_head_slices(receivers: list[nk.KVTransport]
         tx.write(peer, "p", 0, torch.zeros(peer.local.shape, dtype=torch.bfloat16), [0], [0])
     with pytest.raises(ValueError, match="copy"):
         nk.create("shm", copy="memcpy")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_warm_kernel_copy_compiles_on_a_scratch_copy_and_only_reads_the_pool() -> None:
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    from nvshmem_kv.page_copy import warm_kernel_copy
+
+    desc = make_desc(5, layers=2, page_size=2, heads=2, head_dim=4)
+    kv = global_kv(desc, 3)
+    before = bits(kv).clone()
+    assert warm_kernel_copy(kv, desc) == 2 * 2 * 5  # a small pool: every page (K and V, each layer)
+    assert warm_kernel_copy(kv, desc, pages=4) == 4
+    assert torch.equal(bits(kv), before)
