@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from appliance.engine.core_share import make_board, mark_idle
 from appliance.engine_flags import EngineFlags, engine_argv
 from appliance.gpu_plan import PEER_DEVICES_ENV, RANK_DEVICES_ENV, GpuGroup, WorkerGpus, parse_visible, plan_gpus
 from appliance.nvshmem_job import plan_job
@@ -159,6 +160,7 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str, run_dir: Path | None = 
         env = dict(os.environ, PDBOX_CLUSTER_TOKEN=token)
         if name in pe_jobs:
             env.update(pe_jobs[name].to_env())
+        extra: dict = {"leaning": leaning}
         if use_gpu:
             view = gpu_plans[i]  # own GPUs first (rank r on local r), then the pools it pushes into
             env["CUDA_VISIBLE_DEVICES"] = view.cuda_visible_devices
@@ -173,8 +175,8 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str, run_dir: Path | None = 
                 board, j = partners[i]
                 argv += ["--core-board", str(board), "--core-slot", str(i), "--partner-slot", str(j),
                          "--partner-cpus", format_ids(groups[j][1])]
-        specs.append(WorkerSpec(name=name, role=role, argv=argv, env=env, devices=devices, port=port,
-                                extra={"leaning": leaning}))
+                extra["core_slot"] = (board, i)  # cleared when the process is gone (see supervise)
+        specs.append(WorkerSpec(name=name, role=role, argv=argv, env=env, devices=devices, port=port, extra=extra))
     return specs, transport
 
 
@@ -184,8 +186,6 @@ def core_partners(cfg: UpConfig, groups: list[tuple[str, list[int], int]],
     Empty when sharing is off, some engine runs TP (its ranks are processes of their own), or one engine
     holds every core; a pair that shares a core (a one-core machine's prefill and decode) is left out.
     Writes the board (every engine idle) into the run's folder."""
-    from appliance.engine.core_share import make_board
-
     if not cfg.share_cores or len(groups) < 2 or any(tp > 1 for _, _, tp in groups):
         return {}
     if run_dir is None:
@@ -314,6 +314,8 @@ class Launcher:
                         self.router.pool.mark_down(spec.name, f"process exited with code {code}")  # fails its requests
                         w.restarts += 1
                     spec.restarts += 1
+                    if "core_slot" in spec.extra:  # a process that died busy would keep its partner off its cores
+                        mark_idle(*spec.extra["core_slot"])
                     due = spec.extra["restart_at"] = now + delay
                 if now >= due:
                     del spec.extra["restart_at"]

@@ -50,6 +50,14 @@ def make_board(path: Path, engines: int) -> None:
     path.write_bytes(bytes(max(1, engines)))
 
 
+def mark_idle(path: Path, slot: int) -> None:
+    """Clear ``slot``'s byte (the launcher, once that engine's process is gone): an engine that died
+    with work would otherwise keep its partner off its cores until its restart had started."""
+    with open(path, "r+b") as f:
+        f.seek(slot)
+        f.write(b"\0")
+
+
 class SharedCores:
     """One engine's side: publish busy or idle, size the OpenMP team to what is free.
 
