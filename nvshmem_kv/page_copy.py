@@ -42,6 +42,11 @@ def make_plan(local: PoolDescriptor, remote: PoolDescriptor, dst_ptr: int, src_p
                       torch.zeros(len(src_base), dtype=torch.int64, device=device), ints([dst_ptr]))
 
 
+def _pages(src_kv: torch.Tensor, local: PoolDescriptor) -> torch.Tensor:
+    """The pool as the kernel indexes it: ``(2 * layers * pages, page_size, kv_heads_local, head_dim)``."""
+    return src_kv.view(2 * local.num_layers * local.num_pages, local.page_size, local.kv_heads_local, local.head_dim)
+
+
 def warm_kernel_copy(src_kv: torch.Tensor, local: PoolDescriptor, pages: int = 1024) -> int:
     """Compile the page copy for this pool's page size (and on a GPU autotune it) before serving, so
     the first handoff pays no compile: ``pages`` of the pool, then one fewer (Triton specializes the
@@ -50,8 +55,7 @@ def warm_kernel_copy(src_kv: torch.Tensor, local: PoolDescriptor, pages: int = 1
     Returns the pages copied in the first launch."""
     from kernels import copy_pages
 
-    view = src_kv.view(2 * local.num_layers * local.num_pages, local.page_size, local.kv_heads_local,
-                       local.head_dim)
+    view = _pages(src_kv, local)
     n = max(2, min(pages, view.shape[0]))
     scratch = torch.empty((n, *view.shape[1:]), dtype=view.dtype, device=view.device)
     table = torch.tensor([scratch.data_ptr()], dtype=torch.int64, device=view.device)
@@ -72,8 +76,6 @@ def kernel_copy(src_kv: torch.Tensor, local: PoolDescriptor, remote: PoolDescrip
         raise TransportError(f"copy='kernel' needs the kernels package: {exc}") from exc
     if local.kv_heads_local != remote.kv_heads_local:
         raise TransportError("the page-copy kernel moves whole pages: head slices must be full")
-    pages = src_kv.view(2 * local.num_layers * local.num_pages, local.page_size, local.kv_heads_local,
-                        local.head_dim)
-    copy_pages(pages, plan.table, plan.pool_index, plan.src_base + layer * local.num_pages,
+    copy_pages(_pages(src_kv, local), plan.table, plan.pool_index, plan.src_base + layer * local.num_pages,
                plan.dst_base + layer * remote.num_pages)
     return len(plan.src_base) * local.page_bytes

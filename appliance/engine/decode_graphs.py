@@ -70,6 +70,10 @@ class DecodeGraphs:
         with self._splits(b):
             return self.model.logits(self.model.forward(batch or self._batch(b), self.kv))
 
+    def eager(self, b: int) -> torch.Tensor:
+        """Bucket ``b``'s step run eagerly on the static buffers as they are (benches: graph against eager)."""
+        return self._forward(b)
+
     def _fill_warmup(self, b: int) -> None:
         """Every row reads ``warmup_context`` tokens of the scratch page, over and over (realistic
         lengths for the autotuner) and writes only the scratch slot."""
