@@ -62,3 +62,17 @@ def test_warm_kernel_copy_compiles_on_a_scratch_copy_and_only_reads_the_pool() -
     assert warm_kernel_copy(kv, desc) == 2 * 2 * 5  # a small pool: every page (K and V, each layer)
     assert warm_kernel_copy(kv, desc, pages=4) == 4
     assert torch.equal(bits(kv), before)
+
+
+def test_plan_rows_address_each_layers_k_and_v_pages_in_both_pools() -> None:
+    from nvshmem_kv.page_copy import make_plan
+
+    src, dst = make_desc(6, layers=3), make_desc(9, layers=3)
+    plan = make_plan(src, dst, 4096, (5, 0), (8, 2), torch.device("cpu"))
+    for layer in range(3):  # the pools flattened to (2 * layers * pages): K of layer l at l * pages, V after all K
+        assert plan.src_rows[layer].tolist() == [layer * 6 + 5, layer * 6, 18 + layer * 6 + 5, 18 + layer * 6]
+        assert plan.dst_rows[layer].tolist() == [layer * 9 + 8, layer * 9 + 2, 27 + layer * 9 + 8, 27 + layer * 9 + 2]
+        assert plan.src_rows[layer].is_contiguous() and plan.dst_rows[layer].is_contiguous()
+    assert plan.pool_index.tolist() == [0, 0, 0, 0] and plan.table.tolist() == [4096]
+    with pytest.raises(nk.TransportError, match="layers"):
+        make_plan(src, make_desc(9, layers=2), 4096, (5,), (8,), torch.device("cpu"))
