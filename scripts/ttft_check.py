@@ -2,7 +2,7 @@
 `pdbox up` on the same GPU, one at a time, on a random-weight Llama-shaped model written here.
 
     python3 scripts/ttft_check.py --prompt-tokens 8192 --out ttft.json          # on a GPU (cuda_ipc)
-    python3 scripts/ttft_check.py --cpu --prompt-tokens 256 --layers 2 --hidden 128   # CPU smoke test
+    python3 scripts/ttft_check.py --cpu --prompt-tokens 256 --layers 2 --hidden 128 --heads 4 --kv-heads 2  # CPU smoke
 
 Each request is a fresh prompt (a distinct number leads it, so no prefix-cache hit) asking for one
 token. Figures come from the router's own histograms, diffed over the timed requests (means):
@@ -37,6 +37,16 @@ class Report:
     disagg_ttft_ms: float
     handoff_tail_ms: float
     handoff_share: float
+    # where TTFT goes, per timed request (means): the engine's own TTFT (arrival at the worker to its
+    # first token), the forward steps' wall time inside it, and the step count. Router TTFT minus the
+    # engine's is the router's part (in disaggregated mode, decode's page reservation first); the
+    # engine's minus its steps is queueing and the host's work between steps.
+    unified_engine_ttft_ms: float
+    unified_step_ms: float
+    unified_steps: float
+    prefill_engine_ttft_ms: float
+    prefill_step_ms: float
+    prefill_steps: float
     unified_latency_ms: list[float]     # client-side, per request (one token: about its TTFT)
     disagg_latency_ms: list[float]
     max_share: float
@@ -63,12 +73,18 @@ def scrape(url: str):
         return Metrics.from_text(r.read().decode())
 
 
-def mean_ms(before, after, name: str) -> float:
-    """Mean of histogram ``name`` (the router's series) over the requests between two scrapes, in ms."""
-    h = after.histogram(name, role="router").minus(before.histogram(name, role="router"))
+def mean_ms(before, after, name: str, role: str = "router") -> float:
+    """Mean of histogram ``name`` (``role``'s series) over the requests between two scrapes, in ms."""
+    h = after.histogram(name, role=role).minus(before.histogram(name, role=role))
     if h.count <= 0:
-        raise RuntimeError(f"the router recorded no {name} over the timed requests")
+        raise RuntimeError(f"the {role} series recorded no {name} over the timed requests")
     return h.total / h.count * 1e3
+
+
+def steps(before, after, role: str, requests: int) -> tuple[float, float]:
+    """Forward-step wall time (ms) and step count of ``role``'s engines per timed request."""
+    h = after.histogram("pdbox_step_seconds", role=role).minus(before.histogram("pdbox_step_seconds", role=role))
+    return round(h.total / requests * 1e3, 2), round(h.count / requests, 2)
 
 
 def run(url: str, texts: list[str], warmup: int) -> tuple[list[float], object, object]:
@@ -133,7 +149,9 @@ def command(prompt_tokens: int, requests: int, layers: int, hidden: int, heads: 
     tail = mean_ms(d0, d1, "pdbox_handoff_tail_seconds")
     share = tail / d_ttft
     report = Report(prompt_tokens, requests, shape, round(u_ttft, 2), round(d_ttft, 2), round(tail, 3),
-                    round(share, 4), uni, dis, max_share, share <= max_share)
+                    round(share, 4), round(mean_ms(u0, u1, "pdbox_ttft_seconds", "unified"), 2),
+                    *steps(u0, u1, "unified", requests), round(mean_ms(d0, d1, "pdbox_ttft_seconds", "prefill"), 2),
+                    *steps(d0, d1, "prefill", requests), uni, dis, max_share, share <= max_share)
     text = json.dumps(asdict(report), indent=1)
     print(text)
     if out:
@@ -141,6 +159,9 @@ def command(prompt_tokens: int, requests: int, layers: int, hidden: int, heads: 
     print(f"{prompt_tokens}-token prompts, mean of {requests}: TTFT unified {u_ttft:.1f} ms, disagg "
           f"{d_ttft:.1f} ms; the handoff after prefill's first token {tail:.2f} ms = {100 * share:.2f}% of "
           f"disagg TTFT (target <= {100 * max_share:.0f}%)")
+    print(f"engine TTFT unified {report.unified_engine_ttft_ms:.1f} ms ({report.unified_steps:g} steps, "
+          f"{report.unified_step_ms:.1f} ms), prefill {report.prefill_engine_ttft_ms:.1f} ms "
+          f"({report.prefill_steps:g} steps, {report.prefill_step_ms:.1f} ms)")
     return 0 if report.ok else 1
 
 
