@@ -88,6 +88,20 @@ def store_kv(
     """
     op = "store_kv"
     check_device(op, k_cache=k_cache, v_cache=v_cache, k=k, v=v, slot_mapping=slot_mapping)
+    check_store_inputs(op, k_cache, v_cache, k, v, slot_mapping)
+    if k.shape[0] == 0:
+        return
+    heads, dim = k_cache.shape[2:]
+    _store_kv[(k.shape[0],)](
+        k_cache, v_cache, k, v, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        KV_HEADS=heads, HEAD_DIM=dim, BLOCK_H=next_pow2(heads), BLOCK_D=next_pow2(dim),
+    )
+
+
+def check_store_inputs(op: str, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       slot_mapping: torch.Tensor) -> None:
+    """Shapes, dtypes and strides of a store into the paged caches (devices are the caller's check)."""
     check(k_cache.dim() == 4, f"{op}: k_cache must be (num_pages, page_size, kv_heads, head_dim), "
           f"got {tuple(k_cache.shape)}")
     check(v_cache.shape == k_cache.shape, f"{op}: v_cache shape {tuple(v_cache.shape)} != k_cache "
@@ -106,10 +120,3 @@ def store_kv(
     check(slot_mapping.shape[0] == k.shape[0],
           f"{op}: slot_mapping has {slot_mapping.shape[0]} entries for {k.shape[0]} tokens")
     check(slot_mapping.is_contiguous(), f"{op}: slot_mapping must be contiguous")
-    if k.shape[0] == 0:
-        return
-    _store_kv[(k.shape[0],)](
-        k_cache, v_cache, k, v, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        KV_HEADS=heads, HEAD_DIM=dim, BLOCK_H=next_pow2(heads), BLOCK_D=next_pow2(dim),
-    )

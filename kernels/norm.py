@@ -24,11 +24,14 @@ def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
 
 
 def fused_add_rmsnorm_ref(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``residual = x + residual``; returns ``(rmsnorm(residual), residual)``."""
+    """``residual = x + residual``; returns ``(rmsnorm(residual), residual)``. ``out_dtype``: the normed
+    rows' dtype (default the sum's), rounded once from fp32: a bf16 linear layer's input comes out so."""
     residual = x + residual
-    return rmsnorm_ref(residual, weight, eps), residual
+    if out_dtype is None or out_dtype == residual.dtype:
+        return rmsnorm_ref(residual, weight, eps), residual
+    return rmsnorm_ref(residual.float(), weight, eps).to(out_dtype), residual
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,12 +108,14 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def fused_add_rmsnorm(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton :func:`fused_add_rmsnorm_ref`: one pass returns ``(rmsnorm(x + residual), x + residual)``.
 
     ``x`` and ``residual`` share a shape; as in the reference, both results take the promoted dtype
-    of the two (e.g. a bf16 ``x`` into an fp32 residual stream stays fp32). Inputs are not modified.
+    of the two (e.g. a bf16 ``x`` into an fp32 residual stream stays fp32); ``out_dtype`` sets the normed
+    rows' own (bf16 for a bf16 linear layer: the cast it would make is then not a kernel of its own).
+    Inputs are not modified.
     """
     op = "fused_add_rmsnorm"
     check_device(op, x=x, residual=residual, weight=weight)
@@ -119,7 +124,10 @@ def fused_add_rmsnorm(
     check(residual.shape == x.shape, f"{op}: residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     check_last_dim_contiguous(op, "residual", residual)
     dtype = torch.promote_types(x.dtype, residual.dtype)
-    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    if out_dtype is not None:
+        check(out_dtype in (torch.float16, torch.bfloat16, torch.float32),
+              f"{op}: out_dtype must be float16, bfloat16 or float32, got {out_dtype}")
+    out = torch.empty(x.shape, dtype=out_dtype or dtype, device=x.device)
     res_out = torch.empty(x.shape, dtype=dtype, device=x.device)
     hidden = x.shape[-1]
     x2, r2 = _rows(x), _rows(residual)

@@ -115,6 +115,24 @@ def rotary(
     unit-stride last dim. Returns new contiguous tensors; positions are not range-checked."""
     op = "rotary"
     check_device(op, q=q, k=k, positions=positions, cos_sin_cache=cos_sin_cache)
+    check_rotary_inputs(op, q, k, positions, cos_sin_cache)
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    if q.shape[0] == 0:
+        return q_out, k_out
+    _rotary[(q.shape[0],)](
+        q, k, positions, cos_sin_cache, q_out, k_out,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
+        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+        Q_HEADS=q.shape[1], K_HEADS=k.shape[1], HALF=q.shape[2] // 2,
+        BLOCK_QH=next_pow2(q.shape[1]), BLOCK_KH=next_pow2(k.shape[1]), BLOCK_HALF=next_pow2(q.shape[2] // 2),
+    )
+    return q_out, k_out
+
+
+def check_rotary_inputs(op: str, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                        cos_sin_cache: torch.Tensor) -> None:
+    """Shapes, dtypes and strides of a rotary call (devices are the caller's check)."""
     check(q.dim() == 3 and k.dim() == 3, f"{op}: q and k must be (tokens, heads, head_dim), "
           f"got {tuple(q.shape)} and {tuple(k.shape)}")
     check(q.shape[0] == k.shape[0], f"{op}: q has {q.shape[0]} tokens but k has {k.shape[0]}")
@@ -129,15 +147,3 @@ def rotary(
     check_index_tensor(op, "positions", positions, 1)
     check(positions.is_contiguous() and positions.shape[0] == q.shape[0],
           f"{op}: positions must be contiguous with {q.shape[0]} entries, got {tuple(positions.shape)}")
-    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    if q.shape[0] == 0:
-        return q_out, k_out
-    _rotary[(q.shape[0],)](
-        q, k, positions, cos_sin_cache, q_out, k_out,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos_sin_cache.stride(0),
-        q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-        Q_HEADS=q.shape[1], K_HEADS=k.shape[1], HALF=head_dim // 2,
-        BLOCK_QH=next_pow2(q.shape[1]), BLOCK_KH=next_pow2(k.shape[1]), BLOCK_HALF=next_pow2(head_dim // 2),
-    )
-    return q_out, k_out

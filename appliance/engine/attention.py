@@ -51,12 +51,31 @@ class AttentionBackend(Protocol):
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 
     def fused_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                          eps: float) -> tuple[torch.Tensor, torch.Tensor]: ...
+                          eps: float, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``out_dtype``: the normed rows' dtype when the next linear layer takes another (see
+        `kernels.fused_add_rmsnorm_ref`); the residual keeps the promoted dtype."""
+        ...
 
     def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
+    def rotary_store_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> torch.Tensor:
+        """`rotary` of q and k, then `store_kv` of the rotated k and v; returns the rotated q (see
+        `rotary_then_store`; the Triton backend does both in one kernel)."""
+        ...
+
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+def rotary_then_store(be: AttentionBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      positions: torch.Tensor, cos_sin_cache: torch.Tensor, k_cache: torch.Tensor,
+                      v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> torch.Tensor:
+    """`AttentionBackend.rotary_store_kv` as the backend's own two calls."""
+    q, k = be.rotary(q, k, positions, cos_sin_cache)
+    be.store_kv(k_cache, v_cache, k, v, slot_mapping)
+    return q
 
 
 def plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -94,4 +113,5 @@ class TorchAttentionBackend:
     rmsnorm = staticmethod(rmsnorm_ref)
     fused_add_rmsnorm = staticmethod(fused_add_rmsnorm_ref)
     rotary = staticmethod(rotary_ref)
+    rotary_store_kv = rotary_then_store
     silu_and_mul = staticmethod(silu_and_mul_ref)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from appliance.engine.attention import rotary_then_store
 from appliance.engine.decode_runs import RunSplit, attend_decode, decode_way, supports
 from appliance.model.q4_blocks import GROUP, Q4Blocks
 from kernels.cpu.flash_decode import MAX_GROUP, DecodeTable, decode_table, flash_decode
@@ -279,14 +280,16 @@ class CpuAttentionBackend:
         return out.mul_(weight).to(x.dtype)
 
     def fused_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                          eps: float, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """In a bf16 model (``x`` bf16, the residual fp32) with the C kernels, one pass, and the normed
         rows come back bf16: the next linear layer reads them so."""
         if (self.native_pointwise and x.dtype == torch.bfloat16 and residual.dtype == weight.dtype == torch.float32
-                and x.dim() == 2 and x.shape == residual.shape and x.shape[1] % 16 == 0):
+                and x.dim() == 2 and x.shape == residual.shape and x.shape[1] % 16 == 0
+                and out_dtype in (None, torch.bfloat16)):
             return add_rmsnorm(x, residual, weight, eps, torch.get_num_threads())
         residual = x + residual
-        return self.rmsnorm(residual, weight, eps), residual
+        out = self.rmsnorm(residual, weight, eps)
+        return (out if out_dtype is None else out.to(out_dtype)), residual
 
     def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,6 +311,8 @@ class CpuAttentionBackend:
         if qk is not None:  # q then k in one buffer (the fused QKV output): rotate them as one tensor
             return _rotate(qk, cos, sin).split([q.shape[1], k.shape[1]], dim=1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+    rotary_store_kv = rotary_then_store  # the C kernels' rotary and store, one after the other
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         if (self.native_pointwise and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[1] % 32 == 0

@@ -16,6 +16,7 @@ from kernels.extend_attention import extend_attention
 from kernels.kv_store import store_kv
 from kernels.norm import fused_add_rmsnorm, rmsnorm
 from kernels.rotary import rotary
+from kernels.rotary_store import rotary_store_kv
 
 
 class TritonAttentionBackend:
@@ -68,12 +69,17 @@ class TritonAttentionBackend:
         return rmsnorm(x, weight, eps)
 
     def fused_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return fused_add_rmsnorm(x, residual, weight, eps)
+                          eps: float, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return fused_add_rmsnorm(x, residual, weight, eps, out_dtype)
 
     def rotary(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
                cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rotary(q, k, positions, cos_sin_cache)
+
+    def rotary_store_kv(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                        cos_sin_cache: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        slot_mapping: torch.Tensor) -> torch.Tensor:
+        return rotary_store_kv(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slot_mapping)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(x)

@@ -200,6 +200,12 @@ class LlamaModel:
                               if cfg.local_rope_layers else self.cos_sin)
         self.q_size = self.shard.num_q_heads * D
         self.kv_size = self.shard.num_kv_heads * D
+        # The normed rows feed a linear layer that casts them to its weights' dtype: plain bf16/fp16 weights
+        # (the GPU path) get them in that dtype straight from the norm, one kernel fewer each time (the same
+        # bits: fp32 math, one rounding). Packed or quantized weights (CPU) keep the backend's own choice.
+        qkv = self.layers[0].qkv if self.layers else None
+        self.norm_out_dtype = (qkv.dtype if isinstance(qkv, torch.Tensor) and qkv.dtype != torch.float32
+                               else None)
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: torch.Tensor,
@@ -222,15 +228,16 @@ class LlamaModel:
                 residual = x
                 h = be.rmsnorm(x, lw.input_norm, cfg.rms_eps)
             else:
-                h, residual = be.fused_add_rmsnorm(x, residual, lw.input_norm, cfg.rms_eps)
+                h, residual = be.fused_add_rmsnorm(x, residual, lw.input_norm, cfg.rms_eps, self.norm_out_dtype)
             qkv = be.linear(h, lw.qkv, lw.qkv_bias)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q, k = q.view(T, -1, D), k.view(T, -1, D)
             if lw.q_norm is not None and lw.k_norm is not None:
                 q, k = be.rmsnorm(q, lw.q_norm, cfg.rms_eps), be.rmsnorm(k, lw.k_norm, cfg.rms_eps)
-            q, k = be.rotary(q, k, batch.positions, self.cos_sin_local if lw.local_rope else self.cos_sin)
             k_cache, v_cache = kv[0, i], kv[1, i]
-            be.store_kv(k_cache, v_cache, k, v.view(T, -1, D), batch.slot_mapping)
+            q = be.rotary_store_kv(q, k, v.view(T, -1, D), batch.positions,
+                                   self.cos_sin_local if lw.local_rope else self.cos_sin, k_cache, v_cache,
+                                   batch.slot_mapping)
             if layer_hook is not None:
                 layer_hook(i)
             if batch.decode_only:
@@ -243,7 +250,9 @@ class LlamaModel:
                 self.all_reduce(x)
             if lw.post_attn_norm is not None:
                 x = be.rmsnorm(x, lw.post_attn_norm, cfg.rms_eps)
-            h, residual = be.fused_add_rmsnorm(x, residual, lw.post_norm, cfg.rms_eps)
+            # NOTE: a mixture-of-experts layer routes on fp32 rows (`moe.route`): no early rounding there
+            h, residual = be.fused_add_rmsnorm(x, residual, lw.post_norm, cfg.rms_eps,
+                                               None if lw.moe is not None else self.norm_out_dtype)
             if lw.moe is not None:
                 x = moe_forward(be, h, lw.moe)
             elif cfg.mlp_activation == "gelu_tanh":

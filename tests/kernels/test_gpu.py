@@ -107,6 +107,16 @@ def test_pointwise(dtype):
     want = kernels.rotary_ref(qkv[:, :32], qkv[:, 32:40], pos, cache)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **tol)
+    # the decode step's fusions: the same bits as the kernels they stand for
+    if dtype != torch.float32:
+        normed, _ = kernels.fused_add_rmsnorm(x, r32, w32, 1e-6)
+        assert torch.equal(kernels.fused_add_rmsnorm(x, r32, w32, 1e-6, dtype)[0], normed.to(dtype))
+    k_cache, v_cache = (torch.zeros(64, 16, 8, 128, device="cuda", dtype=dtype) for _ in range(2))
+    k2, v2 = k_cache.clone(), v_cache.clone()
+    slots = torch.randperm(64 * 16, device="cuda")[:512]
+    q_rot = kernels.rotary_store_kv(qkv[:, :32], qkv[:, 32:40], qkv[:, 40:], pos, cache, k_cache, v_cache, slots)
+    kernels.store_kv(k2, v2, got[1], qkv[:, 40:], slots)
+    assert torch.equal(q_rot, got[0]) and torch.equal(k_cache, k2) and torch.equal(v_cache, v2)
 
     h = torch.randn(257, 2 * 11008, device="cuda", dtype=dtype)
     torch.testing.assert_close(kernels.silu_and_mul(h), kernels.silu_and_mul_ref(h), **tol)

@@ -84,3 +84,23 @@ def test_fused_add_rmsnorm_promotes_like_the_reference(device, tol):
     assert out.dtype == res.dtype == torch.float32
     torch.testing.assert_close(res.cpu(), ref_res, **tol(torch.float32))
     torch.testing.assert_close(out.cpu(), ref_out, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16])
+def test_fused_add_rmsnorm_out_dtype_is_the_promoted_result_rounded_once(device, out_dtype):
+    # the engine's bf16 linear layers take the normed rows in their dtype: no cast kernel between
+    x = _randn(5, 64, dtype=out_dtype, device=device)
+    residual = _randn(5, 64, dtype=torch.float32, device=device, seed=1)
+    w = _randn(64, dtype=torch.float32, device=device, seed=2)
+    out, res = fused_add_rmsnorm(x, residual, w, 1e-6, out_dtype)
+    full, full_res = fused_add_rmsnorm(x, residual, w, 1e-6)
+    assert out.dtype == out_dtype and res.dtype == torch.float32 and torch.equal(res, full_res)
+    if out.is_cuda:  # rounded to nearest, as the cast it replaces
+        assert torch.equal(out, full.to(out_dtype))
+    else:  # NOTE: the Triton interpreter truncates fp32 to bf16: one unit in the last place at most
+        torch.testing.assert_close(out, full.to(out_dtype), atol=0, rtol=2 ** -7 if out_dtype == torch.bfloat16 else 0)
+    ref_out, ref_res = fused_add_rmsnorm_ref(x.cpu(), residual.cpu(), w.cpu(), 1e-6, out_dtype)
+    assert ref_out.dtype == out_dtype
+    assert torch.equal(ref_out, fused_add_rmsnorm_ref(x.cpu(), residual.cpu(), w.cpu(), 1e-6)[0].to(out_dtype))
+    with pytest.raises(ValueError, match="out_dtype"):
+        fused_add_rmsnorm(x, residual, w, 1e-6, torch.int32)
