@@ -15,14 +15,23 @@ from nvshmem_kv.wire import Message, send_frame
 _INLINE_BYTES = 64 << 10
 
 
+@dataclass(frozen=True)
+class Fence:
+    """What a frame must wait for before it leaves (e.g. a CUDA event after earlier GPU writes):
+    ``wait`` blocks until then; ``done`` says, without blocking, whether it has already passed."""
+
+    wait: Callable[[], None]
+    done: Callable[[], bool]
+
+
 @dataclass
 class Outgoing:
-    """A frame to send. ``before`` runs on the sender thread first (e.g. a CUDA event sync that
-    makes earlier GPU writes visible before their signal leaves)."""
+    """A frame to send. ``before`` is waited for on the sender thread first, unless it has passed
+    when the frame is queued (see `SendQueue.put`)."""
 
     msg: Message
     payload: Sequence[memoryview | bytes] = ()
-    before: Callable[[], None] | None = None
+    before: Fence | None = None
     keepalive: object = None          # holds staging buffers alive until sent
 
 
@@ -42,13 +51,15 @@ class SendQueue:
         self._thread.start()
 
     def put(self, item: Outgoing, timeout_s: float) -> None:
-        """Queue ``item``; a small frame with nothing ahead of it is sent on the caller's thread
-        (same order, one thread handoff less on the signal path)."""
+        """Queue ``item``; a small frame with nothing ahead of it and nothing left to wait for is sent
+        on the caller's thread (same order, one thread handoff less on the signal path: on a GPU the
+        copies have usually finished by the time prefill has sampled the first token)."""
         end = time.monotonic() + timeout_s
         with self._cond:
             while True:
                 self._raise_if_failed()
-                if not self._items and not self._busy and item.before is None and _small(item):
+                if not self._items and not self._busy and _small(item) and (item.before is None
+                                                                            or item.before.done()):
                     self._busy = True
                     break
                 if len(self._items) < self._max_items:
@@ -109,7 +120,7 @@ class SendQueue:
         """Send one item (``_busy`` is set by the caller); False once the queue has failed."""
         try:
             if item.before is not None:
-                item.before()
+                item.before.wait()
             sent = send_frame(self._sock, item.msg, item.payload)
         except Exception as exc:  # any failure ends this peer
             with self._cond:

@@ -28,7 +28,7 @@ from nvshmem_kv.errors import ProtocolError, TransportError
 from nvshmem_kv.page_copy import KernelPlan, kernel_copy, make_plan
 from nvshmem_kv.pages import PageRun, as_page_tuple, check_layer, check_pages, check_pool, coalesce_runs
 from nvshmem_kv.rooms import RoomTable
-from nvshmem_kv.sender import Outgoing, SendQueue
+from nvshmem_kv.sender import Fence, Outgoing, SendQueue
 from nvshmem_kv.wire import (
     MAX_SIGNAL_PAYLOAD,
     PROTOCOL_VERSION,
@@ -110,8 +110,8 @@ class ChannelTransport(KVTransport):
     def _signal_message(self, peer: ChannelPeer, room: str) -> Signal:
         return Signal(room)
 
-    def _signal_fence(self, peer: ChannelPeer) -> Callable[[], None] | None:
-        """Called on the send thread before a Signal leaves: wait for earlier writes to land."""
+    def _signal_fence(self, peer: ChannelPeer) -> Fence | None:
+        """What a Signal waits for before it leaves: earlier writes landing (GPU backends)."""
         return None
 
     def _sync_device(self, peer: ChannelPeer) -> None:

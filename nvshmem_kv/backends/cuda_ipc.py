@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ from nvshmem_kv.descriptor import PoolDescriptor
 from nvshmem_kv.errors import BackendUnavailable, TransportError
 from nvshmem_kv.page_copy import warm_kernel_copy
 from nvshmem_kv.pages import PageRun
+from nvshmem_kv.sender import Fence
 from nvshmem_kv.transport import ChannelPeer, ChannelTransport
 
 
@@ -135,10 +135,10 @@ class CudaIpcTransport(ChannelTransport):
     def _compute_stream(self) -> torch.cuda.Stream:
         return torch.cuda.current_stream(self._device)
 
-    def _signal_fence(self, peer: ChannelPeer) -> Callable[[], None] | None:
+    def _signal_fence(self, peer: ChannelPeer) -> Fence | None:
         event = torch.cuda.Event()
         event.record(self._stream)
-        return event.synchronize
+        return Fence(event.synchronize, event.query)
 
     def _sync_device(self, peer: ChannelPeer) -> None:
         self._stream.synchronize()

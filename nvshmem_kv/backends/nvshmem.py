@@ -15,7 +15,7 @@ Only put/signal/quiet/barrier_all are used, so two PEs on ONE GPU (limited MPG) 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -26,6 +26,7 @@ from nvshmem_kv.copy_order import CopyOrder
 from nvshmem_kv.descriptor import HeadSlice, PoolDescriptor
 from nvshmem_kv.errors import BackendUnavailable, ProtocolError, TransportError
 from nvshmem_kv.pages import PageRun
+from nvshmem_kv.sender import Fence
 from nvshmem_kv.transport import ChannelPeer, ChannelTransport
 from nvshmem_kv.wire import Signal
 
@@ -182,11 +183,11 @@ class NvshmemTransport(ChannelTransport):
     def _signal_message(self, peer: ChannelPeer, room: str) -> Signal:
         return Signal(room, puts=self._puts.get(peer.handle.pe, 0), src_pe=self.pe)
 
-    def _signal_fence(self, peer: ChannelPeer) -> Callable[[], None] | None:
+    def _signal_fence(self, peer: ChannelPeer) -> Fence | None:
         self._nb.quiet_on_stream(int(self._stream.cuda_stream))
         event = torch.cuda.Event()
         event.record(self._stream)
-        return event.synchronize
+        return Fence(event.synchronize, event.query)
 
     def _sync_device(self, peer: ChannelPeer) -> None:
         self._nb.quiet_on_stream(int(self._stream.cuda_stream))
