@@ -46,7 +46,11 @@ class AttentionBackend(Protocol):
 
     def extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                page_table: torch.Tensor, prefix_lens: torch.Tensor, extend_lens: torch.Tensor,
-               scale: float, softcap: float = 0.0) -> torch.Tensor: ...
+               scale: float, softcap: float = 0.0, *, extend_start: torch.Tensor | None = None,
+               max_extend: int | None = None) -> torch.Tensor:
+        """``extend_start``/``max_extend``: each request's first packed row and the longest extend, when
+        the caller knows them on the host (`ForwardBatch`); a backend may use them or derive its own."""
+        ...
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
 
@@ -109,7 +113,11 @@ class TorchAttentionBackend:
             self._plan_key = (page_table, seq_lens)
         return decode_attention_ref(q, k_cache, v_cache, page_table, seq_lens, scale, self._plan, softcap)
 
-    extend = staticmethod(extend_attention_ref)
+    @staticmethod
+    def extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
+               prefix_lens: torch.Tensor, extend_lens: torch.Tensor, scale: float, softcap: float = 0.0, *,
+               extend_start: torch.Tensor | None = None, max_extend: int | None = None) -> torch.Tensor:
+        return extend_attention_ref(q, k_cache, v_cache, page_table, prefix_lens, extend_lens, scale, softcap)
     rmsnorm = staticmethod(rmsnorm_ref)
     fused_add_rmsnorm = staticmethod(fused_add_rmsnorm_ref)
     rotary = staticmethod(rotary_ref)

@@ -209,7 +209,8 @@ class CpuAttentionBackend:
 
     def extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                prefix_lens: torch.Tensor, extend_lens: torch.Tensor, scale: float,
-               softcap: float = 0.0) -> torch.Tensor:
+               softcap: float = 0.0, *, extend_start: torch.Tensor | None = None,
+               max_extend: int | None = None) -> torch.Tensor:
         """Causal attention of each request's new tokens over its cache rows ``[0, prefix + i]``."""
         if softcap:
             return extend_attention_ref(q, k_cache, v_cache, page_table, prefix_lens, extend_lens, scale, softcap)

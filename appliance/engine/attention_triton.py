@@ -48,8 +48,12 @@ class TritonAttentionBackend:
 
     def extend(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, page_table: torch.Tensor,
                prefix_lens: torch.Tensor, extend_lens: torch.Tensor, scale: float,
-               softcap: float = 0.0) -> torch.Tensor:
-        start_loc, max_len = self._metadata(q, extend_lens)
+               softcap: float = 0.0, *, extend_start: torch.Tensor | None = None,
+               max_extend: int | None = None) -> torch.Tensor:
+        if extend_start is not None and max_extend is not None:  # from the host: no device read
+            start_loc, max_len = extend_start, max_extend
+        else:
+            start_loc, max_len = self._metadata(q, extend_lens)
         return extend_attention(q, k_cache, v_cache, page_table, prefix_lens, extend_lens, scale,
                                 extend_start_loc=start_loc, max_extend_len=max_len, softcap=softcap)
 

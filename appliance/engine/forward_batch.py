@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+HEADER_LEN = 6  # tokens, requests, page-table width, logit rows, decode_only, the longest extend
+
 
 @dataclass
 class ForwardBatch:
@@ -15,6 +17,8 @@ class ForwardBatch:
     the step its context length is ``seq_lens[b] = prefix_lens[b] + extend_lens[b]``. Token ``t``
     writes its K/V into slot ``slot_mapping[t]`` (``page * page_size + offset``). ``logit_rows`` are
     the packed-token rows whose logits are wanted (the last token of requests that sample).
+    ``extend_start``/``max_extend``, where the builder knew them: each request's first row in the
+    packed tokens and the longest extend, so attention needs no device-to-host read for them.
     """
 
     input_ids: torch.Tensor
@@ -26,6 +30,9 @@ class ForwardBatch:
     seq_lens: torch.Tensor
     logit_rows: torch.Tensor
     decode_only: bool
+    extend_start: torch.Tensor | None = None
+    max_extend: int | None = None
+    packed: torch.Tensor | None = None  # the one int64 tensor every field above views (see `build`)
 
     @property
     def num_tokens(self) -> int:
@@ -35,24 +42,53 @@ class ForwardBatch:
     def batch_size(self) -> int:
         return int(self.seq_lens.shape[0])
 
-    # NOTE: tensor-parallel ranks receive the batch as ONE int64 tensor (no pickle on any wire).
-    def pack(self) -> torch.Tensor:
-        b, t = self.batch_size, self.num_tokens
-        header = torch.tensor(
-            [t, b, int(self.page_table.shape[1]), int(self.logit_rows.shape[0]), int(self.decode_only)],
-            dtype=torch.int64, device=self.input_ids.device,  # NOTE: one device for the cat (CUDA under NCCL)
-        )
-        parts = [header, self.input_ids, self.positions, self.slot_mapping, self.page_table.flatten(),
-                 self.prefix_lens, self.extend_lens, self.seq_lens, self.logit_rows]
-        return torch.cat([p.to(torch.int64) for p in parts])
+    @staticmethod
+    def flat_values(ids: list[int], positions: list[int], slots: list[int], table: list[list[int]],
+                    prefix: list[int], extend: list[int], logit_rows: list[int], decode_only: bool) -> list[int]:
+        """A step's metadata as the flat int64 layout `from_flat` reads: a header, then every field."""
+        b = len(prefix)
+        width = len(table[0]) if table else 0
+        seq = [p + e for p, e in zip(prefix, extend)]
+        start, at = [], 0
+        for e in extend:
+            start.append(at)
+            at += e
+        header = [len(ids), b, width, len(logit_rows), int(decode_only), max(extend, default=0)]
+        return [*header, *ids, *positions, *slots, *(p for row in table for p in row), *prefix, *extend, *seq,
+                *logit_rows, *start]
 
     @classmethod
-    def unpack(cls, flat: torch.Tensor) -> ForwardBatch:
-        t, b, w, n_logits, decode_only = (int(x) for x in flat[:5].tolist())
-        sizes = [t, t, t, b * w, b, b, b, n_logits]
-        chunks = flat[5:].split(sizes)
+    def from_flat(cls, flat: torch.Tensor, header: list[int]) -> ForwardBatch:
+        """Views of ``flat`` (int64, laid out by `flat_values`) given its header, known on the host."""
+        t, b, w, n_logits, decode_only, max_extend = header
+        chunks = flat[HEADER_LEN:].split([t, t, t, b * w, b, b, b, n_logits, b])
         return cls(
             input_ids=chunks[0], positions=chunks[1], slot_mapping=chunks[2],
             page_table=chunks[3].view(b, w), prefix_lens=chunks[4], extend_lens=chunks[5],
             seq_lens=chunks[6], logit_rows=chunks[7], decode_only=bool(decode_only),
+            extend_start=chunks[8], max_extend=None if max_extend < 0 else max_extend, packed=flat,
         )
+
+    # NOTE: tensor-parallel ranks receive the batch as ONE int64 tensor (no pickle on any wire).
+    def pack(self) -> torch.Tensor:
+        """The batch as one int64 tensor on its device: the buffer it was built from, or a new one."""
+        if self.packed is not None:
+            return self.packed
+        dev = self.input_ids.device
+        b, t = self.batch_size, self.num_tokens
+        start = self.extend_start
+        if start is None:
+            start = torch.cumsum(self.extend_lens, 0) - self.extend_lens
+        longest = -1 if self.max_extend is None else self.max_extend  # -1: unknown (read no device value here)
+        header = torch.tensor(
+            [t, b, int(self.page_table.shape[1]), int(self.logit_rows.shape[0]), int(self.decode_only), longest],
+            dtype=torch.int64, device=dev,  # NOTE: one device for the cat (CUDA under NCCL)
+        )
+        parts = [header, self.input_ids, self.positions, self.slot_mapping, self.page_table.flatten(),
+                 self.prefix_lens, self.extend_lens, self.seq_lens, self.logit_rows, start]
+        return torch.cat([p.to(torch.int64) for p in parts])
+
+    @classmethod
+    def unpack(cls, flat: torch.Tensor) -> ForwardBatch:
+        """`pack`'s inverse (the header is read back to the host: TP followers only)."""
+        return cls.from_flat(flat, [int(x) for x in flat[:HEADER_LEN].tolist()])

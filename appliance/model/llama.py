@@ -243,8 +243,9 @@ class LlamaModel:
             if batch.decode_only:
                 o = be.decode(q, k_cache, v_cache, batch.page_table, batch.seq_lens, self.scale, **self.attn_kw)
             else:
-                o = be.extend(q, k_cache, v_cache, batch.page_table, batch.prefix_lens,
-                              batch.extend_lens, self.scale, **self.attn_kw)
+                o = be.extend(q, k_cache, v_cache, batch.page_table, batch.prefix_lens, batch.extend_lens,
+                              self.scale, **self.attn_kw, extend_start=batch.extend_start,
+                              max_extend=batch.max_extend)
             x = be.linear(o.reshape(T, -1), lw.o_proj, lw.o_bias)
             if self.all_reduce is not None:
                 self.all_reduce(x)

@@ -11,7 +11,7 @@ import torch
 
 from appliance.config import RankInfo
 from appliance.engine import tp
-from appliance.engine.forward_batch import ForwardBatch
+from appliance.engine.forward_batch import HEADER_LEN, ForwardBatch
 from appliance.engine.rank_device import RANK_DEVICES_ENV, bind_device, parse_rank_devices, rank_device
 
 
@@ -78,6 +78,20 @@ def test_pack_roundtrip_with_extra_bytes() -> None:
     assert got.input_ids.tolist() == [5, 6, 7] and got.slot_mapping.tolist() == [0, 1, 20]
     assert got.page_table.tolist() == [[0, 0], [5, 1]] and got.logit_rows.tolist() == [1, 2]
     assert got.seq_lens.tolist() == [2, 5] and got.decode_only is False
+    assert got.extend_start.tolist() == [0, 2] and got.max_extend is None  # left to the backend: unknown here
+    assert got.pack() is body  # a follower's batch is the tensor it came in
+
+
+def test_flat_values_lay_out_what_from_flat_reads() -> None:
+    values = ForwardBatch.flat_values([5, 6, 7], [0, 1, 4], [0, 1, 20], [[0, 0], [5, 1]], [0, 4], [2, 1], [1, 2],
+                                      False)
+    got = ForwardBatch.from_flat(torch.tensor(values), values[:HEADER_LEN])
+    want = _batch("cpu")
+    for name in ("input_ids", "positions", "slot_mapping", "prefix_lens", "extend_lens", "seq_lens", "logit_rows"):
+        assert getattr(got, name).tolist() == getattr(want, name).tolist(), name
+    assert got.page_table.tolist() == [[0, 0], [5, 1]] and got.extend_start.tolist() == [0, 2]
+    assert got.max_extend == 2 and got.decode_only is False and got.num_tokens == 3 and got.batch_size == 2
+    assert torch.equal(ForwardBatch.unpack(got.pack()).extend_start, got.extend_start)
 
 
 def test_broadcast_and_receive_use_the_comm_device(monkeypatch) -> None:
