@@ -31,6 +31,10 @@ def copy_pages_ref(
 # dtype copies bit-exactly. A KV page is small (6 KB for SmolLM2's), so a program that copies one page
 # spends much of its life on the three dependent index loads; ``PAGES`` > 1 keeps several pages' loads
 # in flight per program (the autotuner chooses; the first config, used untuned, copies one page).
+# NOTE: the destination is addressed from ``src_ptr`` (a distance in words, declared a multiple of
+# ``ALIGN`` words): a pointer made from an integer carries no alignment, and its stores compiled to
+# 8-byte ones (sm_90 PTX: st.global.b64); from a 16-byte aligned pointer they are 16-byte
+# (st.global.v2.b64), like the loads. ``ALIGN`` > 1 needs 16-byte aligned pages at both ends.
 
 _WORD_DTYPES = ((8, torch.int64), (4, torch.int32), (2, torch.int16), (1, torch.uint8))
 
@@ -46,11 +50,13 @@ def _copy_pages_kernel(
     PAGE_WORDS: tl.constexpr,
     BLOCK: tl.constexpr,
     PAGES: tl.constexpr,
+    ALIGN: tl.constexpr,
 ):
     """Copy one ``BLOCK``-word chunk of each of ``PAGES`` pages through raw destination addresses."""
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     in_page = offs < PAGE_WORDS
-    word = src_ptr.dtype.element_ty
+    word_bytes: tl.constexpr = src_ptr.dtype.element_ty.primitive_bitwidth // 8
+    src_addr = src_ptr.to(tl.int64, bitcast=True)
     for p in tl.static_range(PAGES):
         j = tl.program_id(0).to(tl.int64) * PAGES + p
         live = j + tl.zeros([BLOCK], dtype=tl.int64) < num_copies  # a vector: the interpreter's & needs one
@@ -58,11 +64,10 @@ def _copy_pages_kernel(
         src_page = tl.load(src_pages_ptr + j).to(tl.int64)
         dst_page = tl.load(dst_pages_ptr + j).to(tl.int64)
         pool = tl.load(dst_index_ptr + j).to(tl.int64)
-        addr = tl.load(dst_base_ptr + pool) + dst_page * (PAGE_WORDS * word.primitive_bitwidth // 8)
-        dst = addr.to(tl.pointer_type(word), bitcast=True)
+        rel = tl.multiple_of((tl.load(dst_base_ptr + pool) - src_addr) // word_bytes + dst_page * PAGE_WORDS, ALIGN)
         mask = in_page & live
         vals = tl.load(src_ptr + src_page * stride_src_page + offs, mask=mask)
-        tl.store(dst + offs, vals, mask=mask)
+        tl.store(src_ptr + rel + offs, vals, mask=mask)
 
 
 _copy_pages = LazyKernel(
@@ -105,9 +110,10 @@ def copy_pages(
     NVSHMEM peer pointers, CUDA-IPC-opened pointers or CPU shared memory (under the interpreter).
     Each destination pool holds pages of ``src``'s page size packed back to back; copy ``i`` writes
     ``src[src_pages[i]]`` to page ``dst_pages[i]`` of pool ``dst_index[i]``. Page bodies of ``src``
-    must be contiguous. Destination addresses must be aligned to the copy word (16 bytes always
-    suffices) and in range: raw pointers are not checked. Runs on the current stream; completion is
-    the caller's business (an event or flag after the launch).
+    must be contiguous. Destination addresses must be 16-byte aligned (the copy word's alignment
+    suffices where ``src`` pages are not 16-byte aligned themselves) and in range: raw pointers are not
+    checked on a GPU. Runs on the current stream; completion is the caller's business (an event or
+    flag after the launch).
     """
     op = "copy_pages"
     device = check_device(op, src=src, dst_base_ptrs=dst_base_ptrs, dst_index=dst_index,
@@ -125,15 +131,18 @@ def copy_pages(
     if n == 0 or src.shape[0] == 0:
         return
     word = page_word_dtype(src)
-    if device.type == "cpu":  # only a host table can be checked without a device sync
-        wsize = torch.empty((), dtype=word).element_size()
-        bad = [hex(a) for a in dst_base_ptrs.tolist() if a == 0 or a % wsize]
-        check(not bad, f"{op}: destination bases {bad} are null or not {wsize}-byte aligned")
+    wsize = torch.empty((), dtype=word).element_size()
     words = src.flatten(1).view(word)
+    aligned = (words.shape[1] * wsize) % 16 == 0 and (words.stride(0) * wsize) % 16 == 0 and src.data_ptr() % 16 == 0
+    if device.type == "cpu":  # only a host table can be checked without a device sync
+        need = 16 if aligned else wsize
+        bad = [hex(a) for a in dst_base_ptrs.tolist() if a == 0 or a % need]
+        check(not bad, f"{op}: destination bases {bad} are null or not {need}-byte aligned")
 
     def grid(meta: dict) -> tuple[int, int]:
         return (-(-n // meta["PAGES"]), -(-words.shape[1] // meta["BLOCK"]))
 
     _copy_pages[grid](
-        words, dst_base_ptrs, dst_index, src_pages, dst_pages, words.stride(0), n, PAGE_WORDS=words.shape[1]
+        words, dst_base_ptrs, dst_index, src_pages, dst_pages, words.stride(0), n, PAGE_WORDS=words.shape[1],
+        ALIGN=16 // wsize if aligned else 1,
     )

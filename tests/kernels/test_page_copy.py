@@ -107,3 +107,13 @@ def test_untuned_copy_reports_no_config(device):
         assert tuned == {}  # fixed configs: nothing to report
     else:
         assert any("PAGES" in c for c in tuned.values())  # the page size's choice, named with its meta
+
+
+def test_destination_below_the_source(device):
+    # the kernel addresses destinations from the source pointer: a negative distance must work too
+    buf = torch.zeros(8, 4, 2, 8, device=device)
+    dst, src = buf[:4], buf[4:]
+    src.copy_(torch.randn(4, 4, 2, 8).to(device))
+    idx = torch.arange(4, device=device)
+    copy_pages(src, torch.tensor([dst.data_ptr()], device=device), torch.zeros_like(idx), idx, idx.flip(0))
+    assert torch.equal(dst.cpu(), src.cpu().flip(0))

@@ -98,8 +98,11 @@ def test_copy_pages(device):
     with pytest.raises(ValueError, match="src must be"):
         kernels.copy_pages(src[:, 0, 0], bases, idx, idx, idx)
     if device.type == "cpu":
-        with pytest.raises(ValueError, match="null or not 8-byte aligned"):
-            kernels.copy_pages(src, torch.tensor([src.data_ptr() + 4]), idx, idx, idx)
+        with pytest.raises(ValueError, match="null or not 16-byte aligned"):  # 16-byte pages: 16-byte stores
+            kernels.copy_pages(src, torch.tensor([src.data_ptr() + 8]), idx, idx, idx)
+        odd = torch.zeros(3, 3, device=device)  # 12-byte pages: 4-byte words, stored one by one
+        with pytest.raises(ValueError, match="null or not 4-byte aligned"):
+            kernels.copy_pages(odd, torch.tensor([odd.data_ptr() + 2]), idx, idx, idx)
 
 
 def test_norms_rotary_activation(device):
