@@ -1,0 +1,162 @@
+"""Compile the engine's Triton kernels for Hopper (sm_90) on a machine without a GPU.
+
+The interpreter runs the kernels' logic on CPU but accepts programs the GPU compiler refuses, and the
+GPU check runs only when a machine is lent. Triton compiles ahead of time for a named target with
+the LLVM and ptxas in its wheel, so each wrapper's launch is captured on CPU tensors at the engine's
+bf16 shapes (its arguments, the kernel's first GPU config) and compiled for sm_90; the PTX says what
+a GPU would run, e.g. whether global loads and stores are 16-byte vectors.
+
+Run as ``python -m tests.kernels.sm90`` WITHOUT ``TRITON_INTERPRET`` (triton builds its own library
+functions for the interpreter when that is set at import, and they cannot be compiled): it prints one
+JSON object, per case the kernels launched and the widths of their global loads and stores.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+BF16 = torch.bfloat16
+HEADS, KV_HEADS, DIM, PAGE = 32, 8, 128, 16  # Llama-3-8B's attention
+_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int64: "*i64",
+        torch.int32: "*i32", torch.int16: "*i16", torch.uint8: "*u8"}
+
+
+@dataclass
+class Launch:
+    """One captured launch: the kernel function, its runtime arguments and its meta-parameters."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    meta: dict[str, Any]
+
+
+def _capture(call: Callable[[], Any]) -> list[Launch]:
+    """The launches ``call`` makes, not run, each with its kernel's first GPU config."""
+    from kernels._triton import LazyKernel
+
+    seen: list[Launch] = []
+
+    def getitem(self: LazyKernel, grid: Any) -> Callable[..., None]:
+        def launch(*args: Any, **kwargs: Any) -> None:
+            first = next((c for c in self.configs if c is not None), None)
+            meta = dict(kwargs)
+            if first is not None:
+                meta.update(first.kwargs, num_warps=first.num_warps, num_stages=first.num_stages)
+            seen.append(Launch(self.fn, args, meta))
+
+        return launch
+
+    original = LazyKernel.__getitem__
+    LazyKernel.__getitem__ = getitem  # type: ignore[method-assign]
+    try:
+        call()
+    finally:
+        LazyKernel.__getitem__ = original  # type: ignore[method-assign]
+    return seen
+
+
+def _arg_type(value: Any) -> tuple[str, bool]:
+    """Triton's signature type of a runtime argument, and whether Triton would mark it 16-divisible."""
+    if isinstance(value, torch.Tensor):
+        return _PTR[value.dtype], value.data_ptr() % 16 == 0
+    if isinstance(value, bool):
+        return "i1", False
+    if isinstance(value, int):
+        return ("i64" if abs(value) >= 2**31 else "i32"), value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", False
+    raise TypeError(f"no Triton type for {type(value).__name__}")
+
+
+def compile_ptx(launch: Launch) -> str:
+    """The PTX of ``launch``'s kernel for sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    meta = dict(launch.meta)
+    options = {"num_warps": meta.pop("num_warps", 4), "num_stages": meta.pop("num_stages", 2),
+               "enable_fp_fusion": True}
+    names = list(inspect.signature(launch.fn).parameters)
+    runtime = [n for n in names if n not in meta]
+    if len(runtime) != len(launch.args):
+        raise TypeError(f"{launch.fn.__name__}: {len(launch.args)} arguments for parameters {runtime}")
+    values = dict(zip(runtime, launch.args))
+    signature: dict[str, str] = {}
+    constexprs: dict[tuple[int, ...], Any] = {}
+    attrs: dict[tuple[int, ...], list] = {}
+    for i, name in enumerate(names):
+        if name in meta:
+            signature[name], constexprs[(i,)] = "constexpr", meta[name]
+            continue
+        signature[name], divisible = _arg_type(values[name])
+        if divisible:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    src = ASTSource(fn=triton.jit(launch.fn), signature=signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+def _widths(ptx: str, op: str) -> list[str]:
+    """The widths of the PTX's global ``op`` (ld/st) instructions: b16, b64, v2.b64, v4.b32, ..."""
+    return sorted(set(re.findall(rf"\b{op}\.global(?:\.[a-z]+)*\.(v[24]\.b\d+|b\d+)", ptx)))
+
+
+def _cases() -> dict[str, Callable[[], Any]]:
+    import kernels
+
+    def cache(pages: int = 8) -> torch.Tensor:
+        return torch.zeros(pages, PAGE, KV_HEADS, DIM, dtype=BF16)
+
+    q4, table, lens = torch.zeros(4, HEADS, DIM, dtype=BF16), torch.zeros(4, 4, dtype=torch.int32), torch.full((4,), 40)
+    q32 = torch.zeros(32, HEADS, DIM, dtype=BF16)
+    qkv = torch.zeros(4, HEADS + 2 * KV_HEADS, DIM, dtype=BF16)
+    q, k, v = qkv[:, :HEADS], qkv[:, HEADS:HEADS + KV_HEADS], qkv[:, HEADS + KV_HEADS:]
+    pos, slots, cos_sin = torch.arange(4), torch.tensor([3, 17, 40, 99]), torch.zeros(128, DIM)
+    x, r, w = torch.zeros(4, 4096, dtype=BF16), torch.zeros(4, 4096), torch.zeros(4096)
+    pool = torch.zeros(2 * 4 * 64, PAGE, 3, 64, dtype=BF16)  # SmolLM2's 6 KB pages
+    dst, idx = torch.zeros_like(pool), torch.arange(256)
+    return {
+        "decode_attention": lambda: kernels.decode_attention(q4, cache(), cache(), table, lens, 0.1, num_splits=4),
+        "extend_attention": lambda: kernels.extend_attention(
+            q32, cache(), cache(), table[:2], torch.tensor([0, 32]), torch.tensor([24, 8]), 0.1,
+            extend_start_loc=torch.tensor([0, 24]), max_extend_len=24),
+        "fused_add_rmsnorm": lambda: kernels.fused_add_rmsnorm(x, r, w, 1e-6, BF16),
+        "rotary_store_kv": lambda: kernels.rotary_store_kv(q, k, v, pos, cos_sin, cache(), cache(), slots),
+        "rotary": lambda: kernels.rotary(q, k, pos, cos_sin),
+        "store_kv": lambda: kernels.store_kv(cache(), cache(), k, v, slots),
+        "silu_and_mul": lambda: kernels.silu_and_mul(torch.zeros(4, 2 * 14336, dtype=BF16)),
+        "copy_pages": lambda: kernels.copy_pages(pool, torch.tensor([dst.data_ptr()]), torch.zeros_like(idx), idx, idx),
+    }
+
+
+def main() -> int:
+    import kernels._triton as kt
+
+    if kt.interpreter_enabled():
+        print("run without TRITON_INTERPRET: the interpreter's library functions cannot be compiled", file=sys.stderr)
+        return 2
+    kt.interpreter_enabled = lambda: True  # the wrappers' device checks take CPU tensors ...
+    for name in ("kernels.decode_attention", "kernels.extend_attention"):
+        importlib.import_module(name).interpreter_enabled = lambda: False  # ... and pick the GPU's meta
+    report: dict[str, list[dict[str, Any]]] = {}
+    for case, call in _cases().items():
+        report[case] = []
+        for launch in _capture(call):
+            ptx = compile_ptx(launch)
+            report[case].append({"kernel": launch.fn.__name__, "entries": ptx.count(".entry"), "mma": "mma" in ptx,
+                                 "ld": _widths(ptx, "ld"), "st": _widths(ptx, "st")})
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

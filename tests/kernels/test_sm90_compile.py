@@ -1,0 +1,65 @@
+"""Every Triton kernel of the GPU engine compiles for Hopper (sm_90), from its wrapper's real launch at
+the engine's bf16 shapes, with no GPU (`tests/kernels/sm90.py`): what the interpreter cannot say before a
+machine is lent. Attention runs on tensor cores; copies and pointwise kernels move 16-byte vectors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _why_not() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        return "this triton has no CUDA backend to compile with"
+    return None
+
+
+pytestmark = [pytest.mark.skipif(_why_not() is not None, reason=str(_why_not())), pytest.mark.timeout(600)]
+
+
+@pytest.fixture(scope="module")
+def report() -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-m", "tests.kernels.sm90"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=540)
+    assert run.returncode == 0, run.stderr[-4000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_every_kernel_compiles_to_one_sm90_entry(report: dict) -> None:
+    kernels = {case: [k["kernel"] for k in launches] for case, launches in report.items()}
+    assert kernels == {
+        "decode_attention": ["_decode_partial_kernel", "_decode_reduce_kernel"],  # 4 splits: partials, then merge
+        "extend_attention": ["_extend_kernel"],
+        "fused_add_rmsnorm": ["_rmsnorm_kernel"],
+        "rotary_store_kv": ["_rotary_store_kernel"],
+        "rotary": ["_rotary_kernel"],
+        "store_kv": ["_store_kv_kernel"],
+        "silu_and_mul": ["_silu_and_mul_kernel"],
+        "copy_pages": ["_copy_pages_kernel"],
+    }
+    assert all(k["entries"] == 1 for launches in report.values() for k in launches)
+
+
+def test_attention_runs_on_tensor_cores_and_reads_kv_in_16_byte_vectors(report: dict) -> None:
+    partial, extend = report["decode_attention"][0], report["extend_attention"][0]
+    assert partial["mma"] and extend["mma"]
+    assert "v4.b32" in partial["ld"] and "v4.b32" in extend["ld"]
+
+
+def test_page_copy_and_pointwise_kernels_move_16_byte_vectors(report: dict) -> None:
+    copy = report["copy_pages"][0]
+    assert "v2.b64" in copy["ld"] and copy["st"] == ["v2.b64"]  # a destination made from an integer stored 8 bytes
+    for case in ("fused_add_rmsnorm", "rotary_store_kv", "store_kv", "silu_and_mul"):
+        k = report[case][0]
+        assert "v4.b32" in k["ld"] and "v4.b32" in k["st"], case
