@@ -36,22 +36,20 @@ class Launch:
 
     fn: Callable[..., Any]
     args: tuple[Any, ...]
-    meta: dict[str, Any]
+    metas: list[dict[str, Any]]  # one per GPU config (the autotuner compiles them all), first config first
 
 
 def _capture(call: Callable[[], Any]) -> list[Launch]:
-    """The launches ``call`` makes, not run, each with its kernel's first GPU config."""
+    """The launches ``call`` makes, not run, each with every GPU config of its kernel."""
     from kernels._triton import LazyKernel
 
     seen: list[Launch] = []
 
     def getitem(self: LazyKernel, grid: Any) -> Callable[..., None]:
         def launch(*args: Any, **kwargs: Any) -> None:
-            first = next((c for c in self.configs if c is not None), None)
-            meta = dict(kwargs)
-            if first is not None:
-                meta.update(first.kwargs, num_warps=first.num_warps, num_stages=first.num_stages)
-            seen.append(Launch(self.fn, args, meta))
+            configs = [c for c in self.configs if c is not None]
+            metas = [{**kwargs, **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in configs]
+            seen.append(Launch(self.fn, args, metas or [dict(kwargs)]))
 
         return launch
 
@@ -77,13 +75,13 @@ def _arg_type(value: Any) -> tuple[str, bool]:
     raise TypeError(f"no Triton type for {type(value).__name__}")
 
 
-def compile_ptx(launch: Launch) -> str:
-    """The PTX of ``launch``'s kernel for sm_90."""
+def compile_ptx(launch: Launch, meta: dict[str, Any]) -> str:
+    """The PTX of ``launch``'s kernel with meta-parameters ``meta`` for sm_90."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    meta = dict(launch.meta)
+    meta = dict(meta)
     options = {"num_warps": meta.pop("num_warps", 4), "num_stages": meta.pop("num_stages", 2),
                "enable_fp_fusion": True}
     names = list(inspect.signature(launch.fn).parameters)
@@ -151,9 +149,11 @@ def main() -> int:
     for case, call in _cases().items():
         report[case] = []
         for launch in _capture(call):
-            ptx = compile_ptx(launch)
+            ptx = compile_ptx(launch, launch.metas[0])  # the config the engine runs untuned
+            compiled = 1 + sum(bool(compile_ptx(launch, meta)) for meta in launch.metas[1:])
             report[case].append({"kernel": launch.fn.__name__, "entries": ptx.count(".entry"), "mma": "mma" in ptx,
-                                 "ld": _widths(ptx, "ld"), "st": _widths(ptx, "st")})
+                                 "ld": _widths(ptx, "ld"), "st": _widths(ptx, "st"), "configs": len(launch.metas),
+                                 "compiled": compiled})
     print(json.dumps(report))
     return 0
 

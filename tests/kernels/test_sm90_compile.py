@@ -49,6 +49,9 @@ def test_every_kernel_compiles_to_one_sm90_entry(report: dict) -> None:
         "copy_pages": ["_copy_pages_kernel"],
     }
     assert all(k["entries"] == 1 for launches in report.values() for k in launches)
+    # every autotuning config too: a GPU's warm-up compiles them all
+    assert all(k["compiled"] == k["configs"] >= 1 for launches in report.values() for k in launches)
+    assert report["copy_pages"][0]["configs"] == 7 and report["decode_attention"][0]["configs"] == 4
 
 
 def test_attention_runs_on_tensor_cores_and_reads_kv_in_16_byte_vectors(report: dict) -> None:
