@@ -15,8 +15,7 @@ from kernels.decode_attention import decode_attention
 from kernels.extend_attention import extend_attention
 from kernels.kv_store import store_kv
 from kernels.norm import fused_add_rmsnorm, rmsnorm
-from kernels.rotary import rotary
-from kernels.rotary_store import rotary_store_kv
+from kernels.rotary import rotary, rotary_store_kv
 
 
 class TritonAttentionBackend:

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from kernels.kv_store import store_kv
-from kernels.rotary import rotary, rotary_cos_sin_cache
-from kernels.rotary_store import rotary_store_kv, rotary_store_kv_ref
+from kernels.rotary import rotary, rotary_cos_sin_cache, rotary_store_kv, rotary_store_kv_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
