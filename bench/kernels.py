@@ -205,6 +205,19 @@ def build_cases(device: torch.device, dtype: torch.dtype, tiny: bool) -> list[Ca
     cases.append(Case("rotary", f"T={t} h={qh}+{kvh} d={d}", lambda: K.rotary(qv, kv_, pos, cache),
                       lambda: _err(K.rotary(qv, kv_, pos, cache), K.rotary_ref(qv, kv_, pos, cache)),
                       bytes=2 * t * (qh + kvh) * d * es + t * d * 4))
+    vv = qkv[:, qh + kvh:]
+    kc2, vc2 = (torch.zeros(-(-t // ps) * 2, ps, kvh, d, device=device, dtype=dtype) for _ in range(2))
+    slots2 = torch.randperm(kc2.shape[0] * ps, device=device)[:t]
+
+    def rotary_store_check() -> float:
+        rk, rv = kc2.clone(), vc2.clone()
+        q_got = K.rotary_store_kv(qv, kv_, vv, pos, cache, kc2, vc2, slots2)
+        q_want = K.rotary_store_kv_ref(qv, kv_, vv, pos, cache, rk, rv, slots2)
+        return max(_err(q_got, q_want), _err(kc2, rk), _err(vc2, rv))
+
+    cases.append(Case("rotary_store_kv", f"T={t} h={qh}+{kvh} d={d}",
+                      lambda: K.rotary_store_kv(qv, kv_, vv, pos, cache, kc2, vc2, slots2), rotary_store_check,
+                      bytes=2 * t * (qh + 2 * kvh) * d * es + t * d * 4 + t * 8))
     gu = torch.randn(t, 2 * inter, device=device, dtype=dtype)
     cases.append(Case("silu_and_mul", f"T={t} inter={inter}", lambda: K.silu_and_mul(gu),
                       lambda: _err(K.silu_and_mul(gu), K.silu_and_mul_ref(gu)), bytes=1.5 * gu.numel() * es))
