@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -163,7 +164,9 @@ def run_cuda(model: str, dtype: str = "bfloat16", batches: tuple[int, ...] = (1,
                  "device": torch.cuda.get_device_name(), "autotune": autotune_enabled(),
                  "startup_s": round(start_s, 1), "warmup_s": round(engine.warmup_s, 1),
                  "copy_gb_s": round(copy, 1), "matmul_tflop_s": round(tflops, 1),
-                 "weight_gb": round(weight_bytes / 1e9, 3), "context": context, "steps": steps}
+                 "weight_gb": round(weight_bytes / 1e9, 3), "context": context, "steps": steps,
+                 # cuBLAS against pdbox's GEMV per weight kind and row count, as the warm-up measured them
+                 "linear_choice": [asdict(t) | {"gemv": t.gemv_wins} for t in engine.runner.linear_timings]}
 
     def save() -> None:
         if out_path:

@@ -83,6 +83,9 @@ for k, v in r.items():
             print(f"    {row['us']:9.1f} us {row['calls']:6.1f}x  {row['name'][:70]}")
     elif k.startswith("profile_"):
         print(f"  {k}: {v}")
+for t in r.get("linear_choice", []):
+    print(f"  linear {t['name']:8s} rows {t['rows']:2d}: cuBLAS {t['cublas_us']:7.1f} us, GEMV {t['gemv_us']:7.1f} us"
+          f"{'  <- GEMV' if t['gemv'] else ''}")
 EOF
     done
 } | tee "$OUT_DIR/engine-summary.txt"

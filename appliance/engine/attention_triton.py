@@ -13,6 +13,7 @@ from appliance.engine.attention import keep_weight, plain_linear
 from kernels.activation import silu_and_mul
 from kernels.decode_attention import decode_attention
 from kernels.extend_attention import extend_attention
+from kernels.gemv import MAX_ROWS, gemv
 from kernels.kv_store import store_kv
 from kernels.norm import fused_add_rmsnorm, rmsnorm
 from kernels.rotary import rotary, rotary_store_kv
@@ -23,9 +24,11 @@ class TritonAttentionBackend:
 
     name = "triton"
     pack_linear = staticmethod(keep_weight)
-    linear = staticmethod(plain_linear)
 
     def __init__(self) -> None:
+        # (N, K, rows) of the linear layers that run on `kernels.gemv`: measured at start-up, where it
+        # beat cuBLAS (`appliance.engine.linear_choice`); empty (all cuBLAS) until then.
+        self.gemv_for: frozenset[tuple[int, int, int]] = frozenset()
         # Decode attention's split count: None picks it from the shapes; CUDA-graph decode fixes it
         # per captured bucket (appliance.engine.decode_graphs), so serving never meets a new one.
         self.decode_splits: int | None = None
@@ -35,6 +38,12 @@ class TritonAttentionBackend:
         self._extend_key: tuple[int, int, int] | None = None
         self._extend_lens: torch.Tensor | None = None
         self._extend_meta: tuple[torch.Tensor, int] | None = None
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if (self.gemv_for and x.dim() == 2 and x.shape[0] <= MAX_ROWS
+                and (weight.shape[0], weight.shape[1], x.shape[0]) in self.gemv_for):
+            return gemv(x, weight, bias)
+        return plain_linear(x, weight, bias)
 
     def store_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:

@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 
 import torch
 
 from appliance.config import EngineConfig, ModelConfig, RankInfo
 from appliance.engine import tp
+from appliance.engine.attention import plain_linear
 from appliance.engine.backends import create_backend
 from appliance.engine.decode_graphs import DecodeGraphs
 from appliance.engine.forward_batch import HEADER_LEN, ForwardBatch
 from appliance.engine.graph_plan import LADDER, DecodeRow, plan_graphs
 from appliance.engine.kv_cache import PagePool
+from appliance.engine.linear_choice import LinearTiming, choose_linears, gemv_shapes, summary
 from appliance.engine.rank_device import bind_device
 from appliance.engine.scheduler import ScheduledBatch
 from appliance.model.llama import LlamaModel
 from appliance.model.loader import load_checkpoint
 from appliance.model.random_model import is_random_spec, random_checkpoint
 from appliance.model.weights import Checkpoint
+from kernels.gemv import MAX_ROWS, gemv
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -83,6 +87,7 @@ class ModelRunner:
         # Ranks > 0: turns a step's ``extra`` bytes into (layer hook, after-step callback).
         self.follower_hook: Callable[[bytes, torch.Tensor], tuple] | None = None
         self.decode_graphs: DecodeGraphs | None = None
+        self.linear_timings: list[LinearTiming] = []  # cuBLAS vs `kernels.gemv`, when measured (CUDA graphs)
 
     # -- CUDA-graph decode ----------------------------------------------------------------------
     def wants_decode_graphs(self) -> bool:
@@ -100,6 +105,7 @@ class ModelRunner:
         sms = torch.cuda.get_device_properties(self.device).multi_processor_count
         plan = plan_graphs(max_running, max_model_len, self.cfg.page_size, self.model.shard.num_kv_heads, sms,
                            ladder=tuple(sorted(set(self.cfg.cuda_graph_batches))) or LADDER)
+        self.choose_linears([b for b in plan.buckets if b <= MAX_ROWS])
         # NOTE: warm-up positions stay inside the rotary table (max_model_len <= max_position)
         graphs = DecodeGraphs(self.model, self.pool.kv, plan, scratch[0], warmup_context=min(1024, max_model_len))
         try:
@@ -109,6 +115,22 @@ class ModelRunner:
             graphs.drop_graphs()
         self.decode_graphs = graphs
         return graphs
+
+    def choose_linears(self, rows: list[int]) -> None:
+        """Measure cuBLAS against `kernels.gemv` for each weight kind at these row counts and tell the
+        backend where the GEMV won (before graph capture: the graphs replay whichever was chosen)."""
+        if not hasattr(self.backend, "gemv_for") or not rows:
+            return
+        t0 = time.perf_counter()
+        try:
+            self.linear_timings = choose_linears(self.model, rows, plain_linear, gemv)
+        except Exception as exc:  # e.g. a Triton that cannot build the GEMV: cuBLAS everywhere, as before
+            print(f"pdbox engine: GEMV timing failed, every linear layer on cuBLAS: {exc}", file=sys.stderr,
+                  flush=True)
+            return
+        self.backend.gemv_for = gemv_shapes(self.linear_timings)
+        print(f"pdbox engine: linear layers at rows {rows} ({time.perf_counter() - t0:.1f} s to measure): "
+              f"{summary(self.linear_timings)}", file=sys.stderr, flush=True)
 
     def step(self, sb: ScheduledBatch, layer_hook: Callable[[int], None] | None = None,
              extra: bytes = b"") -> torch.Tensor:

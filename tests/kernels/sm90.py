@@ -108,6 +108,12 @@ def _widths(ptx: str, op: str) -> list[str]:
     return sorted(set(re.findall(rf"\b{op}\.global(?:\.[a-z]+)*\.(v[24]\.b\d+|b\d+)", ptx)))
 
 
+def _async_bytes(ptx: str) -> list[int]:
+    """The sizes of the PTX's pipelined global-to-shared copies (cp.async), in bytes."""
+    return sorted({int(n, 16) for n in re.findall(r"cp\.async\.\w+\.shared\.global \[[^]]*\], \[[^]]*\], (0x[0-9a-f]+)",
+                                                  ptx)})
+
+
 def _cases() -> dict[str, Callable[[], Any]]:
     import kernels
 
@@ -133,6 +139,8 @@ def _cases() -> dict[str, Callable[[], Any]]:
         "store_kv": lambda: kernels.store_kv(cache(), cache(), k, v, slots),
         "silu_and_mul": lambda: kernels.silu_and_mul(torch.zeros(4, 2 * 14336, dtype=BF16)),
         "copy_pages": lambda: kernels.copy_pages(pool, torch.tensor([dst.data_ptr()]), torch.zeros_like(idx), idx, idx),
+        "gemv": lambda: [kernels.gemv(torch.zeros(m, 4096, dtype=dt), torch.zeros(6144, 4096, dtype=dt))
+                         for m, dt in ((1, BF16), (16, BF16), (4, torch.float32))],
     }
 
 
@@ -152,7 +160,8 @@ def main() -> int:
             ptx = compile_ptx(launch, launch.metas[0])  # the config the engine runs untuned
             compiled = 1 + sum(bool(compile_ptx(launch, meta)) for meta in launch.metas[1:])
             report[case].append({"kernel": launch.fn.__name__, "entries": ptx.count(".entry"), "mma": "mma" in ptx,
-                                 "ld": _widths(ptx, "ld"), "st": _widths(ptx, "st"), "configs": len(launch.metas),
+                                 "ld": _widths(ptx, "ld"), "st": _widths(ptx, "st"), "async": _async_bytes(ptx),
+                                 "configs": len(launch.metas),
                                  "compiled": compiled})
     print(json.dumps(report))
     return 0

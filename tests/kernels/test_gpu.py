@@ -118,5 +118,12 @@ def test_pointwise(dtype):
     kernels.store_kv(k2, v2, got[1], qkv[:, 40:], slots)
     assert torch.equal(q_rot, got[0]) and torch.equal(k_cache, k2) and torch.equal(v_cache, v2)
 
+    # the few-row linear layer at Llama-3-8B's o_proj and down shapes, one and sixteen rows
+    for n, k in ((4096, 4096), (4096, 14336)):
+        w = torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5
+        for m in (1, 16):
+            xs = torch.randn(m, k, device="cuda", dtype=dtype)
+            torch.testing.assert_close(kernels.gemv(xs, w), kernels.gemv_ref(xs, w), **tol)
+
     h = torch.randn(257, 2 * 11008, device="cuda", dtype=dtype)
     torch.testing.assert_close(kernels.silu_and_mul(h), kernels.silu_and_mul_ref(h), **tol)

@@ -47,6 +47,7 @@ def test_every_kernel_compiles_to_one_sm90_entry(report: dict) -> None:
         "store_kv": ["_store_kv_kernel"],
         "silu_and_mul": ["_silu_and_mul_kernel"],
         "copy_pages": ["_copy_pages_kernel"],
+        "gemv": ["_gemv_kernel"] * 3,  # bf16 at one row (Triton specializes 1) and sixteen, fp32
     }
     assert all(k["entries"] == 1 for launches in report.values() for k in launches)
     # every autotuning config too: a GPU's warm-up compiles them all
@@ -58,6 +59,9 @@ def test_attention_runs_on_tensor_cores_and_reads_kv_in_16_byte_vectors(report: 
     partial, extend = report["decode_attention"][0], report["extend_attention"][0]
     assert partial["mma"] and extend["mma"]
     assert "v4.b32" in partial["ld"] and "v4.b32" in extend["ld"]
+    one, sixteen, fp32 = report["gemv"]
+    # the weight streams through shared memory in 16-byte asynchronous copies, pipelined
+    assert one["mma"] and sixteen["mma"] and one["async"] == sixteen["async"] == fp32["async"] == [16]
 
 
 def test_page_copy_and_pointwise_kernels_move_16_byte_vectors(report: dict) -> None:

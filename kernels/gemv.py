@@ -1,0 +1,118 @@
+"""Linear layers of a few rows (decode): ``x @ weight.T``, streaming the weight once."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels._triton import (
+    LazyKernel,
+    check,
+    check_device,
+    check_float_dtype,
+    config,
+    interpreter_enabled,
+    tl,
+)
+
+MAX_ROWS = 16  # one tl.dot tile of rows: a decode step of up to 16 requests
+
+
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x (M, K) @ weight (N, K).T (+ bias)`` in the weight's dtype (``x`` cast to it first)."""
+    return F.linear(x.to(weight.dtype), weight, bias)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Triton: program ``i`` computes output columns ``[i * BLOCK_N, (i + 1) * BLOCK_N)`` of every row,
+# walking K in ``BLOCK_K`` steps: each weight tile is read once, for all rows at once (the rows are
+# padded to one 16-row tl.dot tile), fp32 accumulation. At one to sixteen rows a linear layer reads
+# its weight and little else: the kernel is a stream of the weight, pipelined ``num_stages`` deep.
+
+
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    stride_x,
+    stride_w,
+    stride_y,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_mask = offs_k < K
+        w = tl.load(w_ptr + offs_n[:, None] * stride_w + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
+                    other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
+                    other=0.0).to(w.dtype)  # x cast to the weight's dtype, as F.linear's input is
+        if UPCAST:  # the interpreter's low-precision tl.dot is wrong: multiply in fp32
+            x, w = x.to(tl.float32), w.to(tl.float32)
+        acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & n_mask[None, :])
+
+
+_gemv = LazyKernel(
+    _gemv_kernel,
+    configs=[
+        config(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
+        for n, k, w, s in ((16, 512, 4, 3), (32, 256, 4, 3), (64, 128, 4, 4), (16, 256, 4, 4), (32, 512, 8, 3),
+                           (64, 256, 8, 3))
+    ],
+    key=["N", "K", "HAS_BIAS"],
+    interpret={"BLOCK_N": 16, "BLOCK_K": 32},
+)
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton :func:`gemv_ref` for ``x`` of at most :data:`MAX_ROWS` rows. ``x`` rows and ``weight``
+    rows must be unit-stride; the result is a new contiguous ``(M, N)`` tensor in the weight's dtype.
+    Not bit-equal to cuBLAS (another summation order), as no two GEMM kernels are."""
+    op = "gemv"
+    tensors = {"x": x, "weight": weight} | ({"bias": bias} if bias is not None else {})
+    device = check_device(op, **tensors)
+    check(x.dim() == 2 and weight.dim() == 2, f"{op}: x must be (M, K) and weight (N, K), got {tuple(x.shape)} and "
+          f"{tuple(weight.shape)}")
+    m, k = x.shape
+    n = weight.shape[0]
+    check(weight.shape[1] == k, f"{op}: x has K={k} but weight has K={weight.shape[1]}")
+    check(m <= MAX_ROWS, f"{op}: at most {MAX_ROWS} rows, got {m}")
+    check_float_dtype(op, "x", x)
+    check_float_dtype(op, "weight", weight)
+    check(x.stride(1) == 1 and weight.stride(1) == 1, f"{op}: x and weight rows must be unit-stride")
+    if bias is not None:
+        check(bias.shape == (n,) and bias.is_contiguous(), f"{op}: bias must be contiguous ({n},), got "
+              f"{tuple(bias.shape)}")
+    y = torch.empty(m, n, dtype=weight.dtype, device=device)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
+    interp = interpreter_enabled()
+
+    def grid(meta: dict) -> tuple[int]:
+        return (-(-n // meta["BLOCK_N"]),)
+
+    _gemv[grid](
+        x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, UPCAST=interp, BLOCK_M=MAX_ROWS,
+        DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
+    )
+    return y

@@ -1,0 +1,88 @@
+"""Choosing cuBLAS or pdbox's GEMV per linear layer shape: the weight kinds found in a model, the choice
+from timings (a fake timer here; CUDA graphs on a GPU), and the Triton backend's dispatch on it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import appliance.engine.attention_triton as attention_triton
+from appliance.config import EngineConfig
+from appliance.engine.attention import plain_linear
+from appliance.engine.attention_triton import TritonAttentionBackend
+from appliance.engine.linear_choice import MARGIN, LinearTiming, choose_linears, gemv_shapes, summary, weight_groups
+from appliance.engine.runner import ModelRunner
+
+
+@pytest.fixture(scope="module")
+def runner() -> ModelRunner:
+    return ModelRunner("random:tiny", EngineConfig(device="cpu", dtype="bfloat16", attention_backend="torch",
+                                                   kv_cache_mb=4, max_model_len=256))
+
+
+def test_weight_groups_are_every_layers_dense_weights(runner: ModelRunner) -> None:
+    groups = weight_groups(runner.model)
+    assert list(groups) == ["qkv", "o_proj", "gate_up", "down", "lm_head"]
+    assert [len(ws) for ws in groups.values()] == [2, 2, 2, 2, 1]  # tiny: two layers, one head
+    assert groups["qkv"][0].shape == (16 * (4 + 2 * 2), 64) and groups["lm_head"][0].shape == (512, 64)
+
+
+def test_the_gemv_is_kept_only_where_it_beats_cublas_by_the_margin(runner: ModelRunner) -> None:
+    groups = weight_groups(runner.model)
+    kind = {tuple(ws[0].shape): name for name, ws in groups.items()}
+    assert len(kind) == len(groups)  # tiny's kinds have distinct shapes: the fake timer tells them apart
+    ran: dict = {}
+
+    def cublas(x, w):
+        ran.update(path="cublas", rows=x.shape[0])
+
+    def gemv(x, w):
+        ran.update(path="gemv", rows=x.shape[0])
+
+    # a fake device: the GEMV's time over cuBLAS's; 20% faster on gate_up at one row, 1% (noise) on down
+    speed = {("gate_up", 1): 0.8, ("down", 1): 0.99, ("down", 4): 0.99}
+
+    def timer(fn, weights) -> float:
+        fn(weights[0])
+        if ran["path"] == "cublas":
+            return 10.0
+        return 10.0 * speed.get((kind[tuple(weights[0].shape)], ran["rows"]), 1.2)
+
+    timings = choose_linears(runner.model, [1, 4], cublas, gemv, timer=timer)
+    assert [(t.name, t.rows) for t in timings] == [(name, m) for name in groups for m in (1, 4)]
+    assert {(t.name, t.rows) for t in timings if t.gemv_wins} == {("gate_up", 1)}  # down's 1% is inside MARGIN
+    assert 0.99 > MARGIN
+    n, k = groups["gate_up"][0].shape
+    assert gemv_shapes(timings) == frozenset({(n, k, 1)})
+    assert summary(timings) == "qkv cuBLAS; o_proj cuBLAS; gate_up GEMV at rows 1: 0.80x; down cuBLAS; lm_head cuBLAS"
+
+
+def test_the_triton_backend_dispatches_on_the_chosen_shapes(monkeypatch) -> None:
+    used: list[tuple] = []
+    monkeypatch.setattr(attention_triton, "gemv", lambda x, w, b=None: used.append((tuple(x.shape), tuple(w.shape)))
+                        or plain_linear(x, w, b))
+    be = TritonAttentionBackend()
+    x, w = torch.randn(2, 8), torch.randn(6, 8)
+    assert torch.equal(be.linear(x, w), plain_linear(x, w)) and used == []  # nothing chosen: cuBLAS
+    be.gemv_for = frozenset({(6, 8, 2)})
+    be.linear(x, w)
+    be.linear(torch.randn(3, 8), w)  # 3 rows were not chosen
+    assert used == [((2, 8), (6, 8))]
+
+
+def test_a_failed_timing_leaves_every_layer_on_cublas(runner: ModelRunner, monkeypatch, capsys) -> None:
+    import appliance.engine.runner as runner_mod
+
+    def boom(*_a, **_k):
+        raise RuntimeError("no GEMV here")
+
+    monkeypatch.setattr(runner_mod, "choose_linears", boom)
+    be = TritonAttentionBackend()
+    monkeypatch.setattr(runner, "backend", be)
+    runner.choose_linears([1, 2])
+    assert be.gemv_for == frozenset() and "GEMV timing failed" in capsys.readouterr().err
+
+
+def test_timings_report_their_ratio() -> None:
+    t = LinearTiming("o_proj", 4096, 4096, 1, cublas_us=10.0, gemv_us=9.6)
+    assert t.gemv_wins and not LinearTiming("o_proj", 4096, 4096, 1, 10.0, 9.8).gemv_wins

@@ -1,0 +1,57 @@
+"""The few-row linear layer (decode) against F.linear: dtypes, bias, row counts, ragged K and N, strided
+rows, and the inputs it refuses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.gemv import MAX_ROWS, gemv, gemv_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _randn(*shape, dtype, device, seed=0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) / shape[-1] ** 0.5).to(dtype).to(device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 40, 70), (5, 64, 96), (MAX_ROWS, 33, 130)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_f_linear(device, tol, dtype, m, n, k, with_bias):
+    x = _randn(m, k, dtype=dtype, device=device)
+    w = _randn(n, k, dtype=dtype, device=device, seed=1)
+    b = _randn(n, dtype=dtype, device=device, seed=2) if with_bias else None
+    y = gemv(x, w, b)
+    assert y.shape == (m, n) and y.dtype == dtype and y.is_contiguous()
+    torch.testing.assert_close(y.cpu(), gemv_ref(x.cpu(), w.cpu(), None if b is None else b.cpu()), **tol(dtype))
+
+
+def test_fp32_rows_into_a_bf16_weight_are_cast_first(device, tol):
+    x = _randn(3, 64, dtype=torch.float32, device=device)
+    w = _randn(48, 64, dtype=torch.bfloat16, device=device, seed=1)
+    y = gemv(x, w)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.cpu(), gemv_ref(x.cpu(), w.cpu()), **tol(torch.bfloat16))
+
+
+def test_strided_rows_and_edges(device, tol):
+    wide = _randn(4, 96, dtype=torch.float32, device=device)
+    x = wide[:, :64]  # row stride 96
+    w = _randn(20, 64, dtype=torch.float32, device=device, seed=1)
+    torch.testing.assert_close(gemv(x, w).cpu(), gemv_ref(x.cpu(), w.cpu()), **tol(torch.float32))
+    assert gemv(x[:0], w).shape == (0, 20)
+    b = torch.arange(20, dtype=torch.float32, device=device)
+    assert torch.equal(gemv(x[:, :0], w[:, :0], b).cpu(), b.cpu().expand(4, 20))  # K = 0: the bias alone
+
+
+def test_bad_inputs_are_named(device):
+    w = torch.zeros(8, 16, device=device)
+    with pytest.raises(ValueError, match=f"at most {MAX_ROWS} rows"):
+        gemv(torch.zeros(MAX_ROWS + 1, 16, device=device), w)
+    with pytest.raises(ValueError, match="K=12 but weight has K=16"):
+        gemv(torch.zeros(2, 12, device=device), w)
+    with pytest.raises(ValueError, match="unit-stride"):
+        gemv(torch.zeros(16, 2, device=device).t(), w)
+    with pytest.raises(ValueError, match="bias must be contiguous"):
+        gemv(torch.zeros(2, 16, device=device), w, torch.zeros(9, device=device))
