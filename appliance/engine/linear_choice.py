@@ -39,12 +39,14 @@ Timer = Callable[[Callable[[torch.Tensor], object], Sequence[torch.Tensor]], flo
 
 
 def weight_groups(model) -> dict[str, list[torch.Tensor]]:
-    """The model's dense linear weights by kind, every layer's (plain tensors only: no packed form)."""
+    """The model's dense 16-bit linear weights by kind, every layer's (plain tensors only: no packed form).
+    fp32 stays on cuBLAS: it is the dtype of the exact-token tests, not of serving."""
     kinds = {"qkv": "qkv", "o_proj": "o_proj", "gate_up": "gate_up", "down": "down"}
     groups = {name: [getattr(lw, attr) for lw in model.layers] for name, attr in kinds.items()}
     groups["lm_head"] = [model.lm_head]
     return {name: ws for name, ws in groups.items()
-            if ws and all(isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape == ws[0].shape for w in ws)}
+            if ws and all(isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape == ws[0].shape
+                          and w.dtype in (torch.bfloat16, torch.float16) for w in ws)}
 
 
 def graph_timer(fn: Callable[[torch.Tensor], object], weights: Sequence[torch.Tensor]) -> float:

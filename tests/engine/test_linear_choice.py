@@ -27,6 +27,12 @@ def test_weight_groups_are_every_layers_dense_weights(runner: ModelRunner) -> No
     assert groups["qkv"][0].shape == (16 * (4 + 2 * 2), 64) and groups["lm_head"][0].shape == (512, 64)
 
 
+def test_fp32_weights_stay_on_cublas() -> None:
+    fp32 = ModelRunner("random:tiny", EngineConfig(device="cpu", dtype="float32", attention_backend="torch",
+                                                   kv_cache_mb=4, max_model_len=256))
+    assert weight_groups(fp32.model) == {}
+
+
 def test_the_gemv_is_kept_only_where_it_beats_cublas_by_the_margin(runner: ModelRunner) -> None:
     groups = weight_groups(runner.model)
     kind = {tuple(ws[0].shape): name for name, ws in groups.items()}
