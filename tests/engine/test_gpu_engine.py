@@ -71,6 +71,11 @@ def test_bf16_graph_step_logits_match_the_eager_step() -> None:
     from appliance.engine.request import SamplingParams
 
     engine = _engine(dtype="bfloat16")
+    # the warm-up timed cuBLAS against the GEMV for every weight kind at every bucket (all <= 16 here)
+    timings = engine.runner.linear_timings
+    assert {(t.name, t.rows) for t in timings} == {(k, b) for k in ("qkv", "o_proj", "gate_up", "down", "lm_head")
+                                                   for b in (1, 2, 4, 8)}
+    assert all(t.cublas_us > 0 and t.gemv_us > 0 for t in timings)
     reqs = [engine.add_request(p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)) for p in PROMPTS]
     while any(len(r.output_ids) < 2 for r in reqs):
         engine.step()
