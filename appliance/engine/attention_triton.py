@@ -40,7 +40,7 @@ class TritonAttentionBackend:
         self._extend_meta: tuple[torch.Tensor, int] | None = None
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if (self.gemv_for and x.dim() == 2 and x.shape[0] <= MAX_ROWS
+        if (self.gemv_for and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.stride(1) == 1
                 and (weight.shape[0], weight.shape[1], x.shape[0]) in self.gemv_for):
             return gemv(x, weight, bias)
         return plain_linear(x, weight, bias)

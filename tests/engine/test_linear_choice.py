@@ -73,6 +73,7 @@ def test_the_triton_backend_dispatches_on_the_chosen_shapes(monkeypatch) -> None
     be.gemv_for = frozenset({(6, 8, 2)})
     be.linear(x, w)
     be.linear(torch.randn(3, 8), w)  # 3 rows were not chosen
+    be.linear(torch.randn(8, 2).t(), w)  # rows that are not unit-stride: cuBLAS takes any layout
     assert used == [((2, 8), (6, 8))]
 
 
