@@ -41,8 +41,7 @@ Timer = Callable[[Callable[[torch.Tensor], object], Sequence[torch.Tensor]], flo
 def weight_groups(model) -> dict[str, list[torch.Tensor]]:
     """The model's dense 16-bit linear weights by kind, every layer's (plain tensors only: no packed form).
     fp32 stays on cuBLAS: it is the dtype of the exact-token tests, not of serving."""
-    kinds = {"qkv": "qkv", "o_proj": "o_proj", "gate_up": "gate_up", "down": "down"}
-    groups = {name: [getattr(lw, attr) for lw in model.layers] for name, attr in kinds.items()}
+    groups = {name: [getattr(lw, name) for lw in model.layers] for name in ("qkv", "o_proj", "gate_up", "down")}
     groups["lm_head"] = [model.lm_head]
     return {name: ws for name, ws in groups.items()
             if ws and all(isinstance(w, torch.Tensor) and w.dim() == 2 and w.shape == ws[0].shape
