@@ -188,6 +188,28 @@ def build_cases(device: torch.device, dtype: torch.dtype, tiny: bool) -> list[Ca
                       lambda: K.copy_pages(src, bases, di, sp, dp), copy_check,
                       bytes=2 * src.numel() * es, target="d2d:0.80"))
 
+    # a KV handoff's layer: SmolLM2's 6 KB pages, consecutive at both ends (a fresh decode pool's), page by
+    # page and as the transport's runs of up to 64 KB (10 pages); the same bytes, one pool
+    n6, run = (12, 5) if tiny else (4096, 10)
+    src6 = torch.randn(n6, 16, 3, 64, device=device, dtype=dtype)
+    dst6 = torch.zeros_like(src6)
+    base6 = torch.tensor([dst6.data_ptr()], dtype=torch.int64, device=device)
+    pages6 = torch.arange(n6, device=device)
+    starts6 = torch.arange(0, n6, run, device=device)
+    runs6 = torch.clamp(n6 - starts6, max=run)
+    shape6 = f"pages={n6} page_bytes={src6[0].numel() * es}"
+    for name, shape, call in (
+        ("copy_pages_6k", shape6, lambda: K.copy_pages(src6, base6, torch.zeros_like(pages6), pages6, pages6)),
+        ("copy_pages_6k_runs", f"{shape6} run={run}",
+         lambda: K.copy_pages(src6, base6, torch.zeros_like(starts6), starts6, starts6, runs6, run)),
+    ):
+        def check6(call=call) -> float:
+            dst6.zero_()
+            call()
+            return _err(dst6, src6)
+
+        cases.append(Case(name, shape, call, check6, bytes=2 * src6.numel() * es))
+
     # pointwise kernels at prefill-chunk shapes
     t, hidden, inter = (16, 64, 96) if tiny else (8192, 4096, 14336)
     x = torch.randn(t, hidden, device=device, dtype=dtype)

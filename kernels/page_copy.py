@@ -13,24 +13,30 @@ def copy_pages_ref(
     dst_index: torch.Tensor,
     src_pages: torch.Tensor,
     dst_pages: torch.Tensor,
+    run_pages: torch.Tensor | None = None,
 ) -> None:
-    """Copy ``src[src_pages[i]]`` to ``dst_pools[dst_index[i]][dst_pages[i]]``.
+    """Copy ``src[src_pages[i]]`` to ``dst_pools[dst_index[i]][dst_pages[i]]``; with ``run_pages``, copy
+    ``i`` moves ``run_pages[i]`` consecutive pages from there.
 
     ``src`` and every destination are ``(num_pages, page_elems...)`` with equal page shape and dtype.
     The Triton version takes the destinations as an int64 table of base addresses instead of tensors,
     so the same kernel writes through NVSHMEM peer pointers, CUDA IPC pointers or CPU shared memory.
     """
-    for i, (s, d) in enumerate(zip(src_pages.tolist(), dst_pages.tolist())):
-        dst_pools[int(dst_index[i])][d].copy_(src[s])
+    runs = run_pages.tolist() if run_pages is not None else [1] * src_pages.shape[0]
+    for i, (s, d, n) in enumerate(zip(src_pages.tolist(), dst_pages.tolist(), runs)):
+        dst_pools[int(dst_index[i])][d:d + n].copy_(src[s:s + n])
 
 
 # ---------------------------------------------------------------------------------------------------
 # Triton: program ``(i, chunk)`` copies ``BLOCK`` words of each of the ``PAGES`` copies ``i * PAGES ...``:
-# page ``src_pages[j]`` to ``dst_base_ptrs[dst_index[j]] + dst_pages[j] * page_bytes``. Pages move as
-# opaque words (the widest of 8/4/2/1 bytes that the page size and source alignment allow), so every
-# dtype copies bit-exactly. A KV page is small (6 KB for SmolLM2's), so a program that copies one page
-# spends much of its life on the three dependent index loads; ``PAGES`` > 1 keeps several pages' loads
-# in flight per program (the autotuner chooses; the first config, used untuned, copies one page).
+# page ``src_pages[j]`` to ``dst_base_ptrs[dst_index[j]] + dst_pages[j] * page_bytes`` (with ``RUNS``,
+# the ``run_pages[j]`` pages from there: one contiguous span at both ends, since source pages are packed
+# then). Pages move as opaque words (the widest of 8/4/2/1 bytes that the page size and source
+# alignment allow), so every dtype copies bit-exactly. A KV page is small (6 KB for SmolLM2's), so a
+# program that copies one page spends much of its life on the three dependent index loads and leaves
+# lanes idle; ``PAGES`` > 1 keeps several pages' loads in flight per program (the autotuner chooses;
+# the first config, used untuned, copies one page), and a run of pages consecutive at both ends (a
+# fresh pool hands out such runs) moves as one span, in full ``BLOCK``-word chunks.
 # NOTE: the destination is addressed from ``src_ptr`` (a distance in words, declared a multiple of
 # ``ALIGN`` words): a pointer made from an integer carries no alignment, and its stores compiled to
 # 8-byte ones (sm_90 PTX: st.global.b64); from a 16-byte aligned pointer they are 16-byte
@@ -45,16 +51,18 @@ def _copy_pages_kernel(
     dst_index_ptr,
     src_pages_ptr,
     dst_pages_ptr,
+    run_pages_ptr,
     stride_src_page,
     num_copies,
     PAGE_WORDS: tl.constexpr,
     BLOCK: tl.constexpr,
     PAGES: tl.constexpr,
     ALIGN: tl.constexpr,
+    RUNS: tl.constexpr,
 ):
-    """Copy one ``BLOCK``-word chunk of each of ``PAGES`` pages through raw destination addresses."""
+    """Copy one ``BLOCK``-word chunk of each of ``PAGES`` copies (a page, or with ``RUNS`` a run of
+    pages) through raw destination addresses."""
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    in_page = offs < PAGE_WORDS
     word_bytes: tl.constexpr = src_ptr.dtype.element_ty.primitive_bitwidth // 8
     src_addr = src_ptr.to(tl.int64, bitcast=True)
     for p in tl.static_range(PAGES):
@@ -65,7 +73,10 @@ def _copy_pages_kernel(
         dst_page = tl.load(dst_pages_ptr + j).to(tl.int64)
         pool = tl.load(dst_index_ptr + j).to(tl.int64)
         rel = tl.multiple_of((tl.load(dst_base_ptr + pool) - src_addr) // word_bytes + dst_page * PAGE_WORDS, ALIGN)
-        mask = in_page & live
+        if RUNS:
+            mask = (offs < tl.load(run_pages_ptr + j) * PAGE_WORDS) & live
+        else:
+            mask = (offs < PAGE_WORDS) & live
         vals = tl.load(src_ptr + src_page * stride_src_page + offs, mask=mask)
         tl.store(src_ptr + rel + offs, vals, mask=mask)
 
@@ -75,9 +86,9 @@ _copy_pages = LazyKernel(
     configs=[
         config(BLOCK=b, num_warps=w, num_stages=1, PAGES=p)
         for b, w, p in ((2048, 8, 1), (1024, 4, 1), (4096, 8, 1), (512, 4, 1), (1024, 4, 4), (1024, 8, 8),
-                        (512, 4, 8))
+                        (512, 4, 8), (8192, 8, 1), (4096, 8, 2))
     ],
-    key=["PAGE_WORDS"],
+    key=["PAGE_WORDS", "RUNS"],
     interpret={"BLOCK": 512, "PAGES": 3},  # several pages a program and a tail: the CPU tests cover both
 )
 
@@ -103,6 +114,8 @@ def copy_pages(
     dst_index: torch.Tensor,
     src_pages: torch.Tensor,
     dst_pages: torch.Tensor,
+    run_pages: torch.Tensor | None = None,
+    max_run: int = 1,
 ) -> None:
     """Triton :func:`copy_pages_ref` with the destination pools given as raw base addresses.
 
@@ -114,6 +127,10 @@ def copy_pages(
     suffices where ``src`` pages are not 16-byte aligned themselves) and in range: raw pointers are not
     checked on a GPU. Runs on the current stream; completion is the caller's business (an event or
     flag after the launch).
+
+    ``run_pages`` (one count >= 1 per copy, with ``max_run`` >= every count: the launch is sized by it,
+    and on a GPU a longer run would be cut short unnoticed) makes copy ``i`` a run of consecutive pages
+    at both ends; ``src``'s pages must then be packed (page stride = page size).
     """
     op = "copy_pages"
     device = check_device(op, src=src, dst_base_ptrs=dst_base_ptrs, dst_index=dst_index,
@@ -128,6 +145,17 @@ def copy_pages(
         check_index_tensor(op, name, t, 1)
         check(t.is_contiguous() and t.shape[0] == n,
               f"{op}: {name} must be contiguous with {n} entries (one per copy), got {tuple(t.shape)}")
+    if run_pages is not None:
+        check_index_tensor(op, "run_pages", run_pages, 1)
+        check(run_pages.is_contiguous() and run_pages.shape[0] == n,
+              f"{op}: run_pages must be contiguous with {n} entries (one per copy), got {tuple(run_pages.shape)}")
+        check(isinstance(max_run, int) and max_run >= 1, f"{op}: max_run must be an int >= 1, got {max_run!r}")
+        check(src.shape[0] == 0 or src.stride(0) == src[0].numel(),
+              f"{op}: runs of pages need packed source pages (page stride {src.stride(0)}, page {src[0].numel()})")
+        check(max_run * src[0].numel() < 2**31, f"{op}: a run of {max_run} pages is over 2**31 elements")
+        if device.type == "cpu" and n:
+            lo, hi = int(run_pages.min()), int(run_pages.max())
+            check(lo >= 1 and hi <= max_run, f"{op}: run_pages must lie in [1, max_run={max_run}], got [{lo}, {hi}]")
     if n == 0 or src.shape[0] == 0:
         return
     word = page_word_dtype(src)
@@ -139,10 +167,13 @@ def copy_pages(
         bad = [hex(a) for a in dst_base_ptrs.tolist() if a == 0 or a % need]
         check(not bad, f"{op}: destination bases {bad} are null or not {need}-byte aligned")
 
+    span = words.shape[1] * (max_run if run_pages is not None else 1)
+
     def grid(meta: dict) -> tuple[int, int]:
-        return (-(-n // meta["PAGES"]), -(-words.shape[1] // meta["BLOCK"]))
+        return (-(-n // meta["PAGES"]), -(-span // meta["BLOCK"]))
 
     _copy_pages[grid](
-        words, dst_base_ptrs, dst_index, src_pages, dst_pages, words.stride(0), n, PAGE_WORDS=words.shape[1],
-        ALIGN=16 // wsize if aligned else 1,
+        words, dst_base_ptrs, dst_index, src_pages, dst_pages, src_pages if run_pages is None else run_pages,
+        words.stride(0), n, PAGE_WORDS=words.shape[1], ALIGN=16 // wsize if aligned else 1,
+        RUNS=run_pages is not None,
     )

@@ -1,5 +1,6 @@
 """Optional copy path: a layer's K and V pages in ONE launch of `kernels.copy_pages` (Triton),
-written through the raw base address of the destination pool.
+written through the raw base address of the destination pool. Pages consecutive at both ends move as
+runs (of at most ``RUN_BYTES``): one span each, not one small page per program.
 
 The same kernel serves an IPC-opened GPU pool (cuda_ipc) and a CPU shared-memory pool (shm, under
 ``TRITON_INTERPRET=1``). It pays off when pages are scattered: the torch path issues one copy per
@@ -14,20 +15,27 @@ import torch
 
 from nvshmem_kv.descriptor import PoolDescriptor
 from nvshmem_kv.errors import TransportError
+from nvshmem_kv.pages import coalesce_runs
+
+RUN_BYTES = 64 << 10  # a copy's longest run: long enough for full-width chunks, short enough to spread over the SMs
 
 
 @dataclass
 class KernelPlan:
     """Index tensors for one room's page lists, on the source device, for every layer at once: a
     layer's write is then one launch on row views, with no index arithmetic on the copy stream
-    (which had cost two small kernels and their launch gaps per layer, beside a copy of ~10 us)."""
+    (which had cost two small kernels and their launch gaps per layer, beside a copy of ~10 us).
+    Each of the ``n`` copies is a run of pages consecutive at both ends (``run_pages``; None where
+    every run is one page, which the kernel's per-page variant copies)."""
 
     src_pages: tuple[int, ...]
     dst_pages: tuple[int, ...]
-    src_rows: torch.Tensor      # (layers, 2n): layer l's K then V page indices in the flattened source pool
+    src_rows: torch.Tensor      # (layers, 2n): layer l's K then V run starts in the flattened source pool
     dst_rows: torch.Tensor      # the same for the destination pool
     pool_index: torch.Tensor    # zeros: every copy goes to table entry 0
     table: torch.Tensor         # int64 [destination pool base address]
+    run_pages: torch.Tensor | None  # (2n,) pages per copy
+    max_run: int
 
 
 def _rows(desc: PoolDescriptor, pages: tuple[int, ...]) -> torch.Tensor:
@@ -39,21 +47,41 @@ def _rows(desc: PoolDescriptor, pages: tuple[int, ...]) -> torch.Tensor:
     return base[None, :] + (torch.arange(desc.num_layers, dtype=torch.int64) * desc.num_pages)[:, None]
 
 
+def split_runs(src_pages: tuple[int, ...], dst_pages: tuple[int, ...],
+               longest: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(src starts, dst starts, lengths)`` of the runs of pages consecutive at both ends, in order,
+    each cut to at most ``longest`` pages."""
+    out: tuple[list[int], list[int], list[int]] = ([], [], [])
+    for run in coalesce_runs(src_pages, dst_pages):
+        for off in range(0, run.length, longest):
+            out[0].append(run.src + off)
+            out[1].append(run.dst + off)
+            out[2].append(min(longest, run.length - off))
+    return tuple(out[0]), tuple(out[1]), tuple(out[2])
+
+
 def make_plan(local: PoolDescriptor, remote: PoolDescriptor, dst_ptr: int, src_pages: tuple[int, ...],
               dst_pages: tuple[int, ...], device: torch.device) -> KernelPlan:
     """Build the plan on the host and move it in ONE copy from pinned memory (on a GPU), which never
     waits for the streams: a copy from pageable memory may, and this runs inside the forward pass."""
     if local.num_layers != remote.num_layers:
         raise TransportError(f"the pools have {local.num_layers} and {remote.num_layers} layers")
-    src, dst = _rows(local, src_pages), _rows(remote, dst_pages)
+    src_starts, dst_starts, lengths = split_runs(src_pages, dst_pages, max(1, RUN_BYTES // local.page_bytes))
+    src, dst = _rows(local, src_starts), _rows(remote, dst_starts)
     n = src.shape[1]
-    flat = torch.cat([src.flatten(), dst.flatten(), torch.zeros(n, dtype=torch.int64),
+    max_run = max(lengths, default=1)
+    runs = [torch.tensor(lengths + lengths, dtype=torch.int64)] if max_run > 1 else []
+    # NOTE: the table last: every other part then starts 16-byte aligned (n is even), as the warm-up's
+    # tensors do, so serving reuses the warm-up's compiles (Triton specializes on pointer alignment).
+    flat = torch.cat([src.flatten(), dst.flatten(), torch.zeros(n, dtype=torch.int64), *runs,
                       torch.tensor([dst_ptr], dtype=torch.int64)])
     if device.type == "cuda":
         flat = flat.pin_memory().to(device, non_blocking=True)
     cells = src.numel()
+    at = 2 * cells + n
+    end = at + (n if runs else 0)
     return KernelPlan(src_pages, dst_pages, flat[:cells].view(src.shape), flat[cells:2 * cells].view(dst.shape),
-                      flat[2 * cells:2 * cells + n], flat[2 * cells + n:])
+                      flat[2 * cells:at], flat[end:], flat[at:end] if runs else None, max_run)
 
 
 def _pages(src_kv: torch.Tensor, local: PoolDescriptor) -> torch.Tensor:
@@ -65,7 +93,8 @@ def warm_kernel_copy(src_kv: torch.Tensor, local: PoolDescriptor, pages: int = 1
     """Compile the page copy for this pool's page size (and on a GPU autotune it) before serving, so
     the first handoff pays no compile: ``pages`` of the pool, then one fewer (Triton specializes the
     copy count on divisibility by 16), into a scratch pool of the same page shape, with index tensors
-    of the dtypes a real plan uses (the autotuner's key includes them). The pool is only read.
+    of the dtypes a real plan uses (the autotuner's key includes them); then the same as runs of
+    pages (a plan's runs are at most ``RUN_BYTES``). The pool is only read.
     Returns the pages copied in the first launch."""
     from kernels import copy_pages
 
@@ -76,6 +105,11 @@ def warm_kernel_copy(src_kv: torch.Tensor, local: PoolDescriptor, pages: int = 1
     for count in (n, n - 1):
         idx = torch.arange(count, dtype=torch.int64, device=view.device)
         copy_pages(view, table, torch.zeros_like(idx), idx, idx)
+    longest = min(RUN_BYTES // local.page_bytes, n // 17)  # the runs' variant: tuned on the first, larger launch
+    if longest > 1:
+        for count in (n // longest, 16, 17):
+            starts = torch.arange(count, dtype=torch.int64, device=view.device) * longest
+            copy_pages(view, table, torch.zeros_like(starts), starts, starts, torch.full_like(starts, longest), longest)
     if view.is_cuda:
         torch.cuda.synchronize(view.device)
     return n
@@ -90,5 +124,6 @@ def kernel_copy(src_kv: torch.Tensor, local: PoolDescriptor, remote: PoolDescrip
         raise TransportError(f"copy='kernel' needs the kernels package: {exc}") from exc
     if local.kv_heads_local != remote.kv_heads_local:
         raise TransportError("the page-copy kernel moves whole pages: head slices must be full")
-    copy_pages(_pages(src_kv, local), plan.table, plan.pool_index, plan.src_rows[layer], plan.dst_rows[layer])
-    return plan.src_rows.shape[1] * local.page_bytes
+    copy_pages(_pages(src_kv, local), plan.table, plan.pool_index, plan.src_rows[layer], plan.dst_rows[layer],
+               plan.run_pages, plan.max_run)
+    return 2 * len(plan.src_pages) * local.page_bytes

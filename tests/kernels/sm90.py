@@ -139,6 +139,8 @@ def _cases() -> dict[str, Callable[[], Any]]:
         "store_kv": lambda: kernels.store_kv(cache(), cache(), k, v, slots),
         "silu_and_mul": lambda: kernels.silu_and_mul(torch.zeros(4, 2 * 14336, dtype=BF16)),
         "copy_pages": lambda: kernels.copy_pages(pool, torch.tensor([dst.data_ptr()]), torch.zeros_like(idx), idx, idx),
+        "copy_pages_runs": lambda: kernels.copy_pages(pool, torch.tensor([dst.data_ptr()]), torch.zeros_like(idx[:128]),
+                                                      2 * idx[:128], 2 * idx[:128], torch.full((128,), 2), 2),
         "gemv": lambda: [kernels.gemv(torch.zeros(m, 4096, dtype=dt), torch.zeros(6144, 4096, dtype=dt))
                          for m, dt in ((1, BF16), (16, BF16), (4, torch.float32))],
     }

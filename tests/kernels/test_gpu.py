@@ -84,6 +84,13 @@ def test_store_kv_and_copy_pages_are_exact(dtype):
     kernels.copy_pages_ref(k_cache, expect, dst_index, src_pages, dst_pages)
     assert all(torch.equal(a, b) for a, b in zip(pools, expect))
 
+    # runs of 1-3 pages consecutive at both ends (the transport's plan for a fresh pool), max_run above them
+    starts = torch.arange(0, 60, 4, device="cuda")
+    runs = torch.randint(1, 4, starts.shape, device="cuda")
+    kernels.copy_pages(k_cache, bases, dst_index[:15], starts, starts.flip(0), runs, 4)
+    kernels.copy_pages_ref(k_cache, expect, dst_index[:15], starts, starts.flip(0), runs)
+    assert all(torch.equal(a, b) for a, b in zip(pools, expect))
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pointwise(dtype):

@@ -117,3 +117,39 @@ def test_destination_below_the_source(device):
     idx = torch.arange(4, device=device)
     copy_pages(src, torch.tensor([dst.data_ptr()], device=device), torch.zeros_like(idx), idx, idx.flip(0))
     assert torch.equal(dst.cpu(), src.cpu().flip(0))
+
+
+@pytest.mark.parametrize("dtype,page_shape", [(torch.float32, (4, 2, 8)), (torch.bfloat16, (16, 3, 64))])
+def test_runs_of_pages_match_reference(device, dtype, page_shape):
+    # runs of 1-3 pages, consecutive at both ends; max_run above the longest (the launch is sized by it);
+    # SmolLM2's 6 KB pages: a 3-page run is 2304 words, five chunks of the interpreter's 512
+    g = torch.Generator().manual_seed(1)
+    src = torch.randn(9, *page_shape, generator=g).to(dtype).to(device)
+    pools = [torch.zeros(8, *page_shape, dtype=dtype, device=device) for _ in range(2)]
+    expect = [p.cpu().clone() for p in pools]
+    dst_index = torch.tensor([1, 0, 1, 0], device=device)
+    src_pages = torch.tensor([6, 0, 2, 5], device=device)
+    dst_pages = torch.tensor([0, 5, 4, 1], device=device)
+    runs = torch.tensor([3, 2, 1, 3], dtype=torch.int32, device=device)
+    bases = torch.tensor([p.data_ptr() for p in pools], dtype=torch.int64, device=device)
+    copy_pages(src, bases, dst_index, src_pages, dst_pages, runs, max_run=4)
+    copy_pages_ref(src.cpu(), expect, dst_index.cpu(), src_pages.cpu(), dst_pages.cpu(), runs.cpu())
+    for got, want in zip(pools, expect):
+        assert torch.equal(got.cpu(), want)
+    assert torch.equal(expect[1][0:3], src.cpu()[6:9]) and not expect[1][3].any()  # the reference itself
+
+
+def test_runs_are_checked():
+    src, dst = torch.randn(6, 4, 2), torch.zeros(6, 4, 2)
+    bases, idx = torch.tensor([dst.data_ptr()]), torch.tensor([0, 3])
+    with pytest.raises(ValueError, match=r"run_pages must lie in \[1, max_run=2\], got \[1, 3\]"):
+        copy_pages(src, bases, torch.zeros_like(idx), idx, idx, torch.tensor([1, 3]), max_run=2)
+    with pytest.raises(ValueError, match="run_pages must lie"):
+        copy_pages(src, bases, torch.zeros_like(idx), idx, idx, torch.tensor([0, 1]), max_run=2)
+    with pytest.raises(ValueError, match="run_pages must be contiguous with 2 entries"):
+        copy_pages(src, bases, torch.zeros_like(idx), idx, idx, torch.tensor([1]), max_run=2)
+    with pytest.raises(ValueError, match="max_run must be an int >= 1"):
+        copy_pages(src, bases, torch.zeros_like(idx), idx, idx, torch.tensor([1, 1]), max_run=0)
+    with pytest.raises(ValueError, match="packed source pages"):
+        copy_pages(torch.randn(12, 4, 2)[::2], bases, torch.zeros_like(idx), idx, idx, torch.tensor([1, 1]), max_run=2)
+    assert not dst.any()  # nothing was written by a refused call

@@ -47,12 +47,14 @@ def test_every_kernel_compiles_to_one_sm90_entry(report: dict) -> None:
         "store_kv": ["_store_kv_kernel"],
         "silu_and_mul": ["_silu_and_mul_kernel"],
         "copy_pages": ["_copy_pages_kernel"],
+        "copy_pages_runs": ["_copy_pages_kernel"],  # runs of pages consecutive at both ends: one span each
         "gemv": ["_gemv_kernel"] * 3,  # bf16 at one row (Triton specializes 1) and sixteen, fp32
     }
     assert all(k["entries"] == 1 for launches in report.values() for k in launches)
     # every autotuning config too: a GPU's warm-up compiles them all
     assert all(k["compiled"] == k["configs"] >= 1 for launches in report.values() for k in launches)
-    assert report["copy_pages"][0]["configs"] == 7 and report["decode_attention"][0]["configs"] == 4
+    assert report["copy_pages"][0]["configs"] == report["copy_pages_runs"][0]["configs"] == 9
+    assert report["decode_attention"][0]["configs"] == 4
 
 
 def test_attention_runs_on_tensor_cores_and_reads_kv_in_16_byte_vectors(report: dict) -> None:
@@ -65,8 +67,8 @@ def test_attention_runs_on_tensor_cores_and_reads_kv_in_16_byte_vectors(report: 
 
 
 def test_page_copy_and_pointwise_kernels_move_16_byte_vectors(report: dict) -> None:
-    copy = report["copy_pages"][0]
-    assert "v2.b64" in copy["ld"] and copy["st"] == ["v2.b64"]  # a destination made from an integer stored 8 bytes
+    for copy in (report["copy_pages"][0], report["copy_pages_runs"][0]):
+        assert "v2.b64" in copy["ld"] and copy["st"] == ["v2.b64"]  # a destination made from an integer stored 8 bytes
     for case in ("fused_add_rmsnorm", "rotary_store_kv", "store_kv", "silu_and_mul"):
         k = report[case][0]
         assert "v4.b32" in k["ld"] and "v4.b32" in k["st"], case

@@ -27,15 +27,18 @@ def test_shm_kernel_copy_is_bit_exact(receivers: list[nk.KVTransport]) -> None:
     pool = rx.allocate_pool(dst_desc)
     peer = tx.connect(rx.register_pool(pool, dst_desc), src_desc)
     src = global_kv(src_desc, 7)
-    rx.expect("k", 1, 30.0)
-    src_pages, dst_pages = [5, 0, 1, 3], [2, 8, 4, 0]
-    for layer in range(src_desc.num_layers):
-        tx.write(peer, "k", layer, src, src_pages, dst_pages)
-    tx.signal(peer, "k", b"")
-    assert rx.wait("k", 30.0).done
-    assert torch.equal(bits(pool[:, :, dst_pages]), bits(src[:, :, src_pages]))
-    untouched = [p for p in range(dst_desc.num_pages) if p not in dst_pages]
-    assert not bits(pool[:, :, untouched]).any()
+    # room "k": scattered pages (the per-page kernel); room "r": two runs of pages consecutive at both
+    # ends and a lone page (the runs' kernel); each into its own destination pages
+    for room, src_pages, dst_pages in (("k", [5, 0, 1, 3], [2, 8, 4, 0]), ("r", [1, 2, 3, 0, 4], [5, 6, 7, 3, 1])):
+        pool.zero_()
+        rx.expect(room, 1, 30.0)
+        for layer in range(src_desc.num_layers):
+            tx.write(peer, room, layer, src, src_pages, dst_pages)
+        tx.signal(peer, room, b"")
+        assert rx.wait(room, 30.0).done
+        assert torch.equal(bits(pool[:, :, dst_pages]), bits(src[:, :, src_pages]))
+        untouched = [p for p in range(dst_desc.num_pages) if p not in dst_pages]
+        assert not bits(pool[:, :, untouched]).any()
 
 
 def test_kernel_copy_refuses_partial_head_slices(receivers: list[nk.KVTransport]) -> None:
@@ -62,6 +65,11 @@ def test_warm_kernel_copy_compiles_on_a_scratch_copy_and_only_reads_the_pool() -
     assert warm_kernel_copy(kv, desc) == 2 * 2 * 5  # a small pool: every page (K and V, each layer)
     assert warm_kernel_copy(kv, desc, pages=4) == 4
     assert torch.equal(bits(kv), before)
+    big = make_desc(40, layers=1, page_size=2, heads=2, head_dim=4)  # 80 pages: the runs' variant warms too
+    kv = global_kv(big, 5)
+    before = bits(kv).clone()
+    assert warm_kernel_copy(kv, big) == 80
+    assert torch.equal(bits(kv), before)
 
 
 def test_plan_rows_address_each_layers_k_and_v_pages_in_both_pools() -> None:
@@ -76,3 +84,25 @@ def test_plan_rows_address_each_layers_k_and_v_pages_in_both_pools() -> None:
     assert plan.pool_index.tolist() == [0, 0, 0, 0] and plan.table.tolist() == [4096]
     with pytest.raises(nk.TransportError, match="layers"):
         make_plan(src, make_desc(9, layers=2), 4096, (5,), (8,), torch.device("cpu"))
+
+
+def test_plan_copies_runs_of_pages_consecutive_at_both_ends() -> None:
+    from nvshmem_kv.page_copy import RUN_BYTES, make_plan, split_runs
+
+    assert split_runs((4, 5, 6, 7, 9, 1, 2), (0, 1, 2, 3, 4, 8, 7), 3) == ((4, 7, 9, 1, 2), (0, 3, 4, 8, 7),
+                                                                           (3, 1, 1, 1, 1))
+    assert split_runs((), (), 4) == ((), (), ())
+    src, dst = make_desc(8, layers=2), make_desc(9, layers=2)
+    longest = RUN_BYTES // src.page_bytes
+    plan = make_plan(src, dst, 4096, (2, 3, 4, 0), (5, 6, 7, 1), torch.device("cpu"))
+    for layer in range(2):  # runs start at pages 2 and 0 (source), 5 and 1 (destination); K runs, then V
+        assert plan.src_rows[layer].tolist() == [layer * 8 + 2, layer * 8, 16 + layer * 8 + 2, 16 + layer * 8]
+        assert plan.dst_rows[layer].tolist() == [layer * 9 + 5, layer * 9 + 1, 18 + layer * 9 + 5, 18 + layer * 9 + 1]
+    assert plan.run_pages.tolist() == [3, 1, 3, 1] and plan.max_run == 3
+    assert plan.pool_index.tolist() == [0] * 4 and plan.table.tolist() == [4096]
+    for part in (plan.src_rows, plan.dst_rows, plan.pool_index, plan.run_pages):  # aligned as the warm-up's
+        assert part.data_ptr() % 16 == 0
+    many = make_plan(src, dst, 4096, tuple(range(8)), tuple(range(8)), torch.device("cpu"))
+    assert many.run_pages.tolist() == [min(8, longest)] * 2 and many.max_run == min(8, longest)
+    scattered = make_plan(src, dst, 4096, (3, 1), (1, 3), torch.device("cpu"))
+    assert scattered.run_pages is None and scattered.max_run == 1  # the per-page kernel
