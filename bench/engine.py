@@ -166,16 +166,19 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
 @click.option("--out", default=None, help="cuda: also write the JSON here, after every figure")
 @click.option("--profile", is_flag=True, help="cuda: the kernels of one decode step at the first batch size "
                                               "(graph replay and eager), from torch's profiler")
+@click.option("--profile-batches", default="", help="cuda: profile these batch sizes instead (e.g. 1,64)")
 def command(model: str | None, threads: int, dtype: str, backend: str, steps: int, q4_kernels: bool,
             native_kernels: bool, prefill_len: int, long_batch: int, as_json: bool, device: str, context: int,
-            batches: str, prefill_lens: str, no_cuda_graphs: bool, out: str | None, profile: bool) -> None:
+            batches: str, prefill_lens: str, no_cuda_graphs: bool, out: str | None, profile: bool,
+            profile_batches: str) -> None:
     if device == "cuda":
         from bench.engine_gpu import run_cuda
 
-        result = run_cuda(model or "random:llama-1b", "bfloat16" if dtype == "auto" else dtype,
-                          tuple(int(x) for x in batches.split(",")),
+        sizes = tuple(int(x) for x in batches.split(","))
+        profiled = tuple(int(x) for x in profile_batches.split(",") if x) or (sizes[:1] if profile else ())
+        result = run_cuda(model or "random:llama-1b", "bfloat16" if dtype == "auto" else dtype, sizes,
                           tuple(int(x) for x in prefill_lens.split(",")), context,
-                          20 if steps == 48 else steps, graphs=not no_cuda_graphs, out_path=out, profile=profile)
+                          20 if steps == 48 else steps, graphs=not no_cuda_graphs, out_path=out, profile=profiled)
     else:
         result = run(model, threads, dtype, steps, prefill_len, long_batch, backend, q4_kernels, native_kernels)
     if as_json:

@@ -7,9 +7,9 @@ prefill runs 2 x linear params FLOPs per token plus causal attention (FLOPs / th
 
 Where a step's wall time goes: ``decode_gpu_ms_b*`` times the graph replay alone on the device
 (the rest of the wall time is the host's: scheduling, metadata, reading the sampled ids), and
-``--profile`` adds, for the first batch size, the kernels of one replayed and one eager step from
-the profiler (device time and calls per step, the largest first; ``gaps_us`` = replay time - the
-kernels' busy time, the launch gaps a graph leaves).
+``--profile`` adds, for the first batch size (``--profile-batches 1,64``: those sizes), the kernels of
+one replayed and one eager step from the profiler (device time and calls per step, the largest first;
+``gaps_us`` = replay time - the kernels' busy time, the launch gaps a graph leaves).
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ def _prefill_s(engine, prompt: list[int], repeats: int) -> float:
 
 def run_cuda(model: str, dtype: str = "bfloat16", batches: tuple[int, ...] = (1, 16, 64, 256),
              prefill_lens: tuple[int, ...] = (1024, 8192), context: int = 512, steps: int = 20,
-             graphs: bool = True, kv_cache_mb: int = 0, out_path: str | None = None, profile: bool = False) -> dict:
+             graphs: bool = True, kv_cache_mb: int = 0, out_path: str | None = None,
+             profile: tuple[int, ...] = ()) -> dict:
     """All figures in one dict; with ``out_path`` it is rewritten after each figure, so a run cut short
     by a timeout still leaves what it measured."""
     from appliance.config import EngineConfig
@@ -196,7 +197,7 @@ def run_cuda(model: str, dtype: str = "bfloat16", batches: tuple[int, ...] = (1,
         if len(modes) == 2:
             out[f"graph_speedup_b{b}"] = round(out[f"decode_ms_b{b}_eager"] / out[f"decode_ms_b{b}_graphs"], 2)
         if len(modes) == 2 and engine.runner.decode_graphs.graphs:  # captured (none after a failed capture)
-            out.update(_replay_profile(engine, b, steps, profile and b == batches[0]))
+            out.update(_replay_profile(engine, b, steps, b in profile))
             out[f"decode_gpu_over_floor_b{b}"] = round(out[f"decode_gpu_ms_b{b}"] / floor, 2)
             save()
     engine.shutdown()

@@ -9,7 +9,7 @@
 #                fallback beyond the ladder, the device sampler), PDBOX_TRITON_AUTOTUNE=0
 #   bench-1b     python -m bench.engine --device cuda --model random:llama-1b  -> bench-llama-1b.json
 #   bench-8b     the same for random:llama-8b                                  -> bench-llama-8b.json
-#                (both with --profile: the replay's device time, batch 1's kernels graphed and eager)
+#                (both profiled: the replay's device time, batch 1's and 64's kernels graphed and eager)
 # The benches write their JSON after every figure, so one cut short by its timeout keeps what it
 # measured (and fails the step). Kernels run their fixed first config (PDBOX_TRITON_AUTOTUNE=0): the
 # autotuner's compiles would not fit the budget; set GPU_ENGINE_AUTOTUNE=1 to tune anyway.
@@ -58,8 +58,10 @@ run_step pytest-gpu 65 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cachepr
     --junitxml "$OUT_DIR/pytest-gpu-engine.xml" tests/engine/test_gpu_engine.py
 
 # Small enough to finish in the budget: 12 timed steps a batch, 256-token contexts.
-# --profile: batch 1's kernels (graph replay and eager) and the replay's device time, beside the wall step.
-BENCH=(--device cuda --json --steps 12 --context 256 --batches 1,64,16,256 --prefill-lens 8192,1024 --profile)
+# --profile-batches: the kernels of batch 1's and 64's step (graph replay and eager; the two sizes with targets)
+# and every replay's device time, beside the wall step.
+BENCH=(--device cuda --json --steps 12 --context 256 --batches 1,64,16,256 --prefill-lens 8192,1024
+       --profile-batches 1,64)
 run_step bench-1b 45 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" "$PY" -m bench.engine --model random:llama-1b \
     "${BENCH[@]}" --out "$OUT_DIR/bench-llama-1b.json"
 run_step bench-8b 60 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" "$PY" -m bench.engine --model random:llama-8b \

@@ -144,17 +144,20 @@ def test_device_sampler_on_cuda_logits() -> None:
 
 
 def test_bench_splits_a_decode_step_into_device_time_and_kernels(tmp_path) -> None:
-    """``python -m bench.engine --device cuda --profile``: the replay's device time and its kernels."""
+    """``python -m bench.engine --device cuda --profile-batches 4``: every replay's device time, the
+    profiled size's kernels."""
     import json
 
     from bench.engine_gpu import run_cuda
 
-    out = run_cuda(MODEL, "bfloat16", batches=(1,), prefill_lens=(64,), context=32, steps=3,
-                   out_path=str(tmp_path / "r.json"), profile=True)
+    out = run_cuda(MODEL, "bfloat16", batches=(1, 4), prefill_lens=(64,), context=32, steps=3,
+                   out_path=str(tmp_path / "r.json"), profile=(4,))
     assert json.loads((tmp_path / "r.json").read_text()) == out
     assert 0 < out["decode_gpu_ms_b1"] <= out["decode_ms_b1_graphs"]
-    assert "profile_b1_error" not in out, out.get("profile_b1_error")
-    graphs, eager = out["profile_b1_graphs"], out["profile_b1_eager"]
+    assert 0 < out["decode_gpu_ms_b4"] <= out["decode_ms_b4_graphs"]
+    assert "profile_b4_error" not in out, out.get("profile_b4_error")
+    assert "profile_b1_graphs" not in out  # only the sizes asked for
+    graphs, eager = out["profile_b4_graphs"], out["profile_b4_eager"]
     # random:small has 2 layers: a step is at least their GEMMs, the LM head and attention
     assert graphs["kernels"] >= 8 and graphs["top"] and graphs["busy_us"] > 0
     assert eager["kernels"] >= graphs["kernels"]  # the same forward, launched one kernel at a time
