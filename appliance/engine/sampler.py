@@ -36,7 +36,7 @@ class Sampler:
         tokens: list[int] = [0] * len(reqs)
         greedy_rows = [i for i, r in enumerate(reqs) if r.params.greedy]
         if greedy_rows:
-            picked = logits[greedy_rows].argmax(dim=-1).tolist()
+            picked = (logits if len(greedy_rows) == len(reqs) else logits[greedy_rows]).argmax(dim=-1).tolist()
             for i, t in zip(greedy_rows, picked):
                 tokens[i] = int(t)
         for i, r in enumerate(reqs):
