@@ -133,7 +133,7 @@ def run_cuda(model: str, dtype: str = "bfloat16", batches: tuple[int, ...] = (1,
     by a timeout still leaves what it measured."""
     from appliance.config import EngineConfig
     from appliance.engine.engine import Engine
-    from kernels._triton import autotune_enabled
+    from kernels._triton import autotune_enabled, pdl_enabled
 
     if not torch.cuda.is_available():
         raise SystemExit("bench.engine --device cuda: no CUDA device")
@@ -162,7 +162,7 @@ def run_cuda(model: str, dtype: str = "bfloat16", batches: tuple[int, ...] = (1,
     kv_elem = engine.pool.kv.element_size()
     kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * kv_elem
     out: dict = {"model": engine.model_name, "dtype": cfg.dtype, "backend": engine.runner.backend.name,
-                 "device": torch.cuda.get_device_name(), "autotune": autotune_enabled(),
+                 "device": torch.cuda.get_device_name(), "autotune": autotune_enabled(), "pdl": pdl_enabled(),
                  "startup_s": round(start_s, 1), "warmup_s": round(engine.warmup_s, 1),
                  "copy_gb_s": round(copy, 1), "matmul_tflop_s": round(tflops, 1),
                  "weight_gb": round(weight_bytes / 1e9, 3), "context": context, "steps": steps,

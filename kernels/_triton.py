@@ -8,6 +8,15 @@ it launches with its fixed ``interpret`` config instead. ``PDBOX_TRITON_AUTOTUNE
 a GPU too and launches each kernel's first config (quick test runs, CUDA-graph capture without a
 warm-up).
 
+Programmatic dependent launch (PDL, Hopper and later): a kernel built with ``pdl=True`` takes a
+``USE_GDC`` constexpr and opens with ``if USE_GDC: gdc_wait(); gdc_launch_dependents()``. Launched
+with ``launch_pdl``, the GPU may then start it while the kernel before it in the stream finishes (its
+launch latency and ramp hidden behind the other's tail, a few microseconds per kernel boundary, of
+which a decode step has ~10 per layer), and it waits at ``gdc_wait`` for that kernel's memory before
+touching anything. Every such kernel waits before its first load or store, so the stream's order still
+holds, transitively, and across kernels launched without PDL (cuBLAS, torch's). On by default where
+the GPU and this Triton support it; ``PDBOX_TRITON_PDL=0`` turns it off.
+
 Triton itself is optional: the torch references (the CPU path) import without it, and a Triton
 wrapper called without it raises a clear error.
 """
@@ -30,10 +39,19 @@ except ImportError:  # pragma: no cover - exercised only on installs without tri
     tl = None  # type: ignore[assignment]
     HAS_TRITON = False
 
+try:  # grid dependency control: Triton 3.3 and later
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_GDC = True
+except ImportError:  # pragma: no cover - an older or absent triton: kernels launch without PDL
+    gdc_wait = gdc_launch_dependents = None  # type: ignore[assignment]
+    HAS_GDC = False
+
 __all__ = [
     "AUTOTUNE_ENV",
     "HAS_TRITON",
     "LazyKernel",
+    "PDL_ENV",
     "autotune_enabled",
     "check",
     "check_device",
@@ -41,9 +59,13 @@ __all__ = [
     "check_index_tensor",
     "check_last_dim_contiguous",
     "config",
+    "gdc_launch_dependents",
+    "gdc_wait",
     "interpreter_enabled",
     "next_pow2",
     "num_sms",
+    "pdl_enabled",
+    "pdl_wanted",
     "tl",
     "tl_dtype",
     "triton",
@@ -51,6 +73,7 @@ __all__ = [
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 AUTOTUNE_ENV = "PDBOX_TRITON_AUTOTUNE"
+PDL_ENV = "PDBOX_TRITON_PDL"
 
 
 def interpreter_enabled() -> bool:
@@ -65,6 +88,19 @@ def autotune_enabled() -> bool:
     return os.environ.get(AUTOTUNE_ENV, "1").lower() not in ("0", "false", "no", "off")
 
 
+def pdl_wanted(capability: tuple[int, int] | None, env: str | None, has_gdc: bool, interpreted: bool) -> bool:
+    """Whether kernels launch with PDL: a GPU of compute capability 9.0 or later, a Triton with grid
+    dependency control, not the interpreter, and ``PDBOX_TRITON_PDL`` (``env``) not 0/false/no/off."""
+    off = (env or "1").lower() in ("0", "false", "no", "off")
+    return has_gdc and not interpreted and not off and capability is not None and capability >= (9, 0)
+
+
+def pdl_enabled() -> bool:
+    """:func:`pdl_wanted` for the current CUDA device (False without one)."""
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    return pdl_wanted(capability, os.environ.get(PDL_ENV), HAS_GDC and HAS_TRITON, interpreter_enabled())
+
+
 def next_pow2(n: int) -> int:
     """Smallest power of two ``>= max(n, 1)``."""
     return 1 << max(int(n) - 1, 0).bit_length()
@@ -76,7 +112,8 @@ class LazyKernel:
     ``configs``/``key`` are the GPU autotuning space, whose first config is also the fixed GPU
     config when autotuning is off; ``interpret`` is the fixed meta-parameter dict used under the
     interpreter. Launch as ``kernel[grid](*args, **kw)``; a callable ``grid`` receives the
-    meta-parameters (tuned or fixed) like with plain Triton.
+    meta-parameters (tuned or fixed) like with plain Triton. ``pdl``: the kernel has a ``USE_GDC``
+    constexpr (the module's note) and launches with PDL where :func:`pdl_enabled`.
     """
 
     def __init__(
@@ -85,8 +122,11 @@ class LazyKernel:
         configs: Sequence[Any] = (),
         key: Sequence[str] = (),
         interpret: dict[str, Any] | None = None,
+        pdl: bool = False,
     ) -> None:
         self.fn = fn
+        self.pdl = pdl
+        self.uses_pdl = False
         self.configs = list(configs)
         self.key = list(key)
         self.interpret = dict(interpret or {})
@@ -113,6 +153,11 @@ class LazyKernel:
             self._fixed = {**first.kwargs, "num_warps": first.num_warps, "num_stages": first.num_stages}
         else:
             self._fixed = {}
+        if self.pdl:
+            self.uses_pdl = pdl_enabled()
+            self._fixed["USE_GDC"] = self.uses_pdl
+            if self.uses_pdl:
+                self._fixed["launch_pdl"] = True  # a compile option: the launcher sets the PDL attribute
 
     @property
     def autotuned(self) -> bool:

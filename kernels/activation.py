@@ -5,7 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels._triton import LazyKernel, check, check_device, check_float_dtype, check_last_dim_contiguous, config, tl
+from kernels._triton import (
+    LazyKernel,
+    check,
+    check_device,
+    check_float_dtype,
+    check_last_dim_contiguous,
+    config,
+    gdc_launch_dependents,
+    gdc_wait,
+    tl,
+)
 
 
 def silu_and_mul_ref(x: torch.Tensor) -> torch.Tensor:
@@ -25,8 +35,12 @@ def _silu_and_mul_kernel(
     stride_o,
     D: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     """``out[r, j] = silu(x[r, j]) * x[r, D + j]``."""
+    if USE_GDC:  # PDL (kernels/_triton.py): the kernel before has finished writing; the next may launch
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < D
@@ -41,6 +55,7 @@ _silu_and_mul = LazyKernel(
     configs=[config(BLOCK=b, num_warps=w, num_stages=1) for b, w in ((1024, 4), (512, 4), (2048, 8))],
     key=["D"],
     interpret={"BLOCK": 1024},
+    pdl=True,
 )
 
 

@@ -12,6 +12,8 @@ from kernels._triton import (
     check_index_tensor,
     check_last_dim_contiguous,
     config,
+    gdc_launch_dependents,
+    gdc_wait,
     interpreter_enabled,
     next_pow2,
     num_sms,
@@ -157,12 +159,16 @@ def _decode_partial_kernel(
     BLOCK_H: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     """Program ``(b, kv_head, split)``: the GQA group of ``kv_head`` over one chunk of request ``b``.
 
     With ``SOFTCAP`` the scores are capped (``softcap * tanh(s / softcap)``) and ``sm_scale_log2`` is the
     plain scale: the log2(e) factor comes after the cap.
     """
+    if USE_GDC:  # PDL (kernels/_triton.py): the kernel before has finished writing; the next may launch
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
@@ -245,8 +251,12 @@ def _decode_reduce_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     """Program ``(b, q_head)``: merge the splits' partial outputs weighted by their log-sum-exp."""
+    if USE_GDC:  # PDL (kernels/_triton.py): the kernel before has finished writing; the next may launch
+        gdc_wait()
+        gdc_launch_dependents()
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
@@ -273,8 +283,9 @@ _decode_partial = LazyKernel(
     ],
     key=["GROUP", "HEAD_DIM", "PAGE_SIZE", "NUM_SPLITS", "BLOCK_H"],
     interpret={"BLOCK_N": 32},
+    pdl=True,
 )
-_decode_reduce = LazyKernel(_decode_reduce_kernel)
+_decode_reduce = LazyKernel(_decode_reduce_kernel, pdl=True)
 
 
 def default_num_splits(batch: int, kv_heads: int, max_context: int, device: torch.device) -> int:

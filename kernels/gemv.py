@@ -11,6 +11,8 @@ from kernels._triton import (
     check_device,
     check_float_dtype,
     config,
+    gdc_launch_dependents,
+    gdc_wait,
     interpreter_enabled,
     tl,
 )
@@ -47,7 +49,11 @@ def _gemv_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
+    if USE_GDC:  # PDL (kernels/_triton.py): the kernel before has finished writing; the next may launch
+        gdc_wait()
+        gdc_launch_dependents()
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = offs_m < M
@@ -78,6 +84,7 @@ _gemv = LazyKernel(
     ],
     key=["N", "K", "HAS_BIAS"],
     interpret={"BLOCK_N": 16, "BLOCK_K": 32},
+    pdl=True,
 )
 
 

@@ -11,6 +11,8 @@ from kernels._triton import (
     check_float_dtype,
     check_last_dim_contiguous,
     config,
+    gdc_launch_dependents,
+    gdc_wait,
     next_pow2,
     tl,
 )
@@ -52,8 +54,12 @@ def _rmsnorm_kernel(
     HIDDEN: tl.constexpr,
     ADD_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     """Row ``r``: optionally ``x += residual`` (rounded to the output dtype, stored), then RMSNorm."""
+    if USE_GDC:  # PDL (kernels/_triton.py): the kernel before has finished writing; the next may launch
+        gdc_wait()
+        gdc_launch_dependents()
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < HIDDEN
@@ -72,6 +78,7 @@ _rmsnorm = LazyKernel(
     _rmsnorm_kernel,
     configs=[config(num_warps=w, num_stages=1) for w in (4, 2, 8, 16)],
     key=["HIDDEN", "ADD_RESIDUAL"],
+    pdl=True,
 )
 
 

@@ -13,6 +13,8 @@ from kernels._triton import (
     check_index_tensor,
     check_last_dim_contiguous,
     config,
+    gdc_launch_dependents,
+    gdc_wait,
     next_pow2,
     tl,
 )
@@ -99,8 +101,12 @@ def _rotary_kernel(
     BLOCK_QH: tl.constexpr,
     BLOCK_KH: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    USE_GDC: tl.constexpr,
 ):
     """Token ``t``: ``[x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]`` for every head of q and k."""
+    if USE_GDC:  # PDL (kernels/_triton.py): the kernel before has finished writing; the next may launch
+        gdc_wait()
+        gdc_launch_dependents()
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     offs = tl.arange(0, BLOCK_HALF)
@@ -138,6 +144,7 @@ _rotary = LazyKernel(
     _rotary_kernel,
     configs=[config(num_warps=w, num_stages=1) for w in (4, 2, 8)],
     key=["Q_HEADS", "K_HEADS", "HALF", "TO_CACHE"],
+    pdl=True,
 )
 
 

@@ -48,6 +48,8 @@ def _capture(call: Callable[[], Any]) -> list[Launch]:
     def getitem(self: LazyKernel, grid: Any) -> Callable[..., None]:
         def launch(*args: Any, **kwargs: Any) -> None:
             configs = [c for c in self.configs if c is not None]
+            if self.pdl:  # as on a Hopper GPU: the PDL guard compiled in, the launch option set
+                kwargs = {**kwargs, "USE_GDC": True, "launch_pdl": True}
             metas = [{**kwargs, **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in configs]
             seen.append(Launch(self.fn, args, metas or [dict(kwargs)]))
 
@@ -83,7 +85,7 @@ def compile_ptx(launch: Launch, meta: dict[str, Any]) -> str:
 
     meta = dict(meta)
     options = {"num_warps": meta.pop("num_warps", 4), "num_stages": meta.pop("num_stages", 2),
-               "enable_fp_fusion": True}
+               "enable_fp_fusion": True, "launch_pdl": meta.pop("launch_pdl", False)}
     names = list(inspect.signature(launch.fn).parameters)
     runtime = [n for n in names if n not in meta]
     if len(runtime) != len(launch.args):
@@ -162,6 +164,7 @@ def main() -> int:
             ptx = compile_ptx(launch, launch.metas[0])  # the config the engine runs untuned
             compiled = 1 + sum(bool(compile_ptx(launch, meta)) for meta in launch.metas[1:])
             report[case].append({"kernel": launch.fn.__name__, "entries": ptx.count(".entry"), "mma": "mma" in ptx,
+                                 "gdc": [op for op in ("wait", "launch_dependents") if f"griddepcontrol.{op}" in ptx],
                                  "ld": _widths(ptx, "ld"), "st": _widths(ptx, "st"), "async": _async_bytes(ptx),
                                  "configs": len(launch.metas),
                                  "compiled": compiled})

@@ -134,3 +134,35 @@ def test_pointwise(dtype):
 
     h = torch.randn(257, 2 * 11008, device="cuda", dtype=dtype)
     torch.testing.assert_close(kernels.silu_and_mul(h), kernels.silu_and_mul_ref(h), **tol)
+
+
+def test_a_chain_of_pdl_kernels_replays_from_a_graph_as_it_runs_eagerly():
+    """Decode's kernels launch with programmatic dependent launch on Hopper (kernels/_triton.py): each
+    one reads what the one before wrote, eagerly and replayed from a CUDA graph (PDL edges captured)."""
+    from kernels._triton import pdl_enabled
+
+    assert pdl_enabled() == (torch.cuda.get_device_capability() >= (9, 0))
+    x = torch.randn(4, 2048, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(4, 2048, device="cuda", dtype=torch.float32)
+    norm_w = torch.randn(2048, device="cuda", dtype=torch.bfloat16)
+    up = torch.randn(2 * 4096, 2048, device="cuda", dtype=torch.bfloat16) / 45
+    down = torch.randn(2048, 4096, device="cuda", dtype=torch.bfloat16) / 64
+
+    def chain() -> torch.Tensor:
+        h, r = kernels.fused_add_rmsnorm(x, res, norm_w, 1e-6, torch.bfloat16)
+        return kernels.gemv(kernels.silu_and_mul(kernels.gemv(h, up)), down)
+
+    eager = chain()
+    chain()  # warm (compiles, autotuning) before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain()
+    for _ in range(3):
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, eager)
+    h, _ = kernels.fused_add_rmsnorm_ref(x, res, norm_w, 1e-6, torch.bfloat16)
+    ref = kernels.gemv_ref(kernels.silu_and_mul_ref(kernels.gemv_ref(h, up)), down)
+    torch.testing.assert_close(eager.float(), ref.float(), atol=0.1, rtol=0.05)

@@ -72,3 +72,15 @@ def test_page_copy_and_pointwise_kernels_move_16_byte_vectors(report: dict) -> N
     for case in ("fused_add_rmsnorm", "rotary_store_kv", "store_kv", "silu_and_mul"):
         k = report[case][0]
         assert "v4.b32" in k["ld"] and "v4.b32" in k["st"], case
+
+
+def test_decode_kernels_wait_for_the_kernel_before_and_release_the_next(report: dict) -> None:
+    """PDL (kernels/_triton.py): every kernel of a decode step opens with griddepcontrol.wait (so the
+    stream's order holds) and launch_dependents; the page copy (on its own stream) and prefill's kernels
+    launch plainly."""
+    pdl = {"_decode_partial_kernel", "_decode_reduce_kernel", "_rmsnorm_kernel", "_rotary_kernel",
+           "_silu_and_mul_kernel", "_gemv_kernel"}
+    for case, launches in report.items():
+        for k in launches:
+            want = ["wait", "launch_dependents"] if k["kernel"] in pdl else []
+            assert k["gdc"] == want, (case, k["kernel"], k["gdc"])
