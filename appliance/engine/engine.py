@@ -252,7 +252,7 @@ class Engine:
             self.scheduler.finish(req, reason)
             self.requests.pop(req.request_id, None)
         return RequestOutput(
-            request_id=req.request_id, new_token_ids=[token], output_ids=list(req.output_ids),
+            request_id=req.request_id, new_token_ids=[token],
             text=text, finished=reason is not None, finish_reason=reason, prompt_len=req.prompt_len,
             cached_len=req.cached_len, logprobs=[logprob] if logprob else [], group=req.group, index=req.index,
         )

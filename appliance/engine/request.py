@@ -133,11 +133,11 @@ class Request:
 
 @dataclass
 class RequestOutput:
-    """What one step produced for one request."""
+    """What one step produced for one request (the whole answer so far is the request's ``output_ids``;
+    a copy here per token would cost O(length) a step)."""
 
     request_id: str
     new_token_ids: list[int]
-    output_ids: list[int]
     text: str
     finished: bool
     finish_reason: str | None

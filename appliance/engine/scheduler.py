@@ -160,10 +160,19 @@ class Scheduler:
         batch = ScheduledBatch([], [], [], [])
         budget = self.max_prefill_tokens
         scheduled: set[int] = set()
-        for req in list(self.running):
-            if req.status is RequestStatus.RUNNING and self._is_decode(req) and self._grow(req, 1, scheduled):
-                scheduled.add(id(req))
-                self._add_to_batch(batch, req, 1)
+        ps = self.page_size
+        for req in list(self.running):  # NOTE: _is_decode, _grow and _add_to_batch inlined: ~5 us a request a step
+            computed = req.computed_len
+            if (req.status is not RequestStatus.RUNNING or not req.output_ids
+                    or len(req.prompt_ids) + len(req.output_ids) - computed != 1):
+                continue
+            if computed >= len(req.pages) * ps and not self._grow(req, 1, scheduled):  # its next token needs a page
+                continue
+            scheduled.add(id(req))
+            batch.requests.append(req)
+            batch.prefix_lens.append(computed)
+            batch.extend_lens.append(1)
+            batch.sample.append(True)
         cands = [r for r in self.running if r.status is RequestStatus.RUNNING and id(r) not in scheduled
                  and not self._is_decode(r)]
         cands += list(self.waiting)
