@@ -21,6 +21,8 @@ import torch
 
 from appliance.cli_support import HELP_OPTIONS, run_command
 
+MODEL = "random:tiny"  # a forward that costs next to nothing, and is stubbed out anyway
+
 
 def host_step_ms(batches: tuple[int, ...], context: int, steps: int) -> dict:
     """Median host ms per decode step and us per request, per batch size."""
@@ -33,7 +35,7 @@ def host_step_ms(batches: tuple[int, ...], context: int, steps: int) -> dict:
     torch.set_num_threads(1)
     top = max(batches)
     max_len = context + steps + 16
-    engine = Engine("random:tiny", EngineConfig(device="cpu", dtype="float32", enable_prefix_cache=False,
+    engine = Engine(MODEL, EngineConfig(device="cpu", dtype="float32", enable_prefix_cache=False,
                                                 max_running=top, max_model_len=max_len,
                                                 max_prefill_tokens=top * context,  # every prompt in one step
                                                 kv_cache_mb=max(64, top * max_len // 256)))
@@ -82,9 +84,15 @@ def host_step_ms(batches: tuple[int, ...], context: int, steps: int) -> dict:
 @click.option("--steps", type=int, default=40, help="timed decode steps per batch size")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object only")
 def command(batches: str, context: int, steps: int, as_json: bool) -> None:
+    from appliance.model.random_model import parse_spec
+
     sizes = tuple(int(x) for x in batches.split(","))
     if not sizes or min(sizes) < 1 or context < 1 or steps < 1:
         raise click.BadParameter("batches, --context and --steps must be >= 1")
+    room = parse_spec(MODEL).max_position
+    if context + steps + 16 > room:
+        raise click.BadParameter(f"--context + --steps + 16 must fit {MODEL}'s {room} positions, "
+                                 f"got {context + steps + 16}")
     result = host_step_ms(sizes, context, steps)
     if as_json:
         print(json.dumps(result))

@@ -22,3 +22,5 @@ def test_json_and_bad_options(capsys: pytest.CaptureFixture[str]) -> None:
     assert json.loads(capsys.readouterr().out)["host_ms_b2"] > 0
     assert main(["--batches", "0"]) == 2
     assert "must be >= 1" in capsys.readouterr().err
+    assert main(["--context", "4000"]) == 2
+    assert "must fit random:tiny's 1024 positions, got 4056" in capsys.readouterr().err
