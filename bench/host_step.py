@@ -28,7 +28,7 @@ def host_step_ms(batches: tuple[int, ...], context: int, steps: int) -> dict:
     """Median host ms per decode step and us per request, per batch size."""
     from appliance.config import EngineConfig
     from appliance.engine.engine import Engine
-    from appliance.engine.graph_plan import fill_meta, plan_graphs
+    from appliance.engine.graph_plan import TableMemo, fill_meta, plan_graphs
     from appliance.engine.request import SamplingParams
     from appliance.engine.runner import decode_rows
 
@@ -40,14 +40,14 @@ def host_step_ms(batches: tuple[int, ...], context: int, steps: int) -> dict:
                                                 max_prefill_tokens=top * context,  # every prompt in one step
                                                 kv_cache_mb=max(64, top * max_len // 256)))
     plan = plan_graphs(top, max_len, engine.config.page_size, engine.model_config.num_kv_heads, 132)
-    meta = torch.zeros(plan.buffer_len, dtype=torch.int64)
+    meta, memo = torch.zeros(plan.buffer_len, dtype=torch.int64), TableMemo()
     real_step = engine.runner.step
     logits: dict[int, torch.Tensor] = {}
 
     def replay(sb, hook=None, extra=b""):
         if not sb.decode_only:
             return real_step(sb, hook, extra)  # the prompts' prefill: the real forward, untimed
-        fill_meta(meta, plan, plan.bucket_for(len(sb.requests)), decode_rows(sb), 0)
+        fill_meta(meta, plan, plan.bucket_for(len(sb.requests)), decode_rows(sb), 0, memo)  # as DecodeGraphs.run
         n = len(sb.requests)
         if n not in logits:
             logits[n] = torch.randn(n, engine.model_config.vocab_size, generator=torch.Generator().manual_seed(n))

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from appliance.engine.forward_batch import ForwardBatch
-from appliance.engine.graph_plan import DecodeRow, GraphPlan, fill_meta, meta_views
+from appliance.engine.graph_plan import DecodeRow, GraphPlan, TableMemo, fill_meta, meta_views
 
 
 class DecodeGraphs:
@@ -33,6 +33,7 @@ class DecodeGraphs:
         self.scratch_slot = scratch_page * plan.page_size
         dev = model.device
         self.host = torch.zeros(plan.buffer_len, dtype=torch.int64, pin_memory=dev.type == "cuda")
+        self.memo = TableMemo()  # what the host buffer's page table holds (fill_meta's alone: reset on other writes)
         self.flat = torch.zeros(plan.buffer_len, dtype=torch.int64, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self._captured: dict[int, ForwardBatch] = {}
@@ -77,6 +78,7 @@ class DecodeGraphs:
     def _fill_warmup(self, b: int) -> None:
         """Every row reads ``warmup_context`` tokens of the scratch page, over and over (realistic
         lengths for the autotuner) and writes only the scratch slot."""
+        self.memo.reset()
         v = meta_views(self.host, self.plan, b)
         ctx = self.warmup_context
         v["input_ids"].fill_(0)
@@ -130,7 +132,7 @@ class DecodeGraphs:
         b = self.plan.bucket_for(len(rows))
         if b is None:
             raise ValueError(f"{len(rows)} requests exceed the largest captured bucket {self.plan.max_bucket}")
-        used = fill_meta(self.host, self.plan, b, rows, self.scratch_slot)
+        used = fill_meta(self.host, self.plan, b, rows, self.scratch_slot, self.memo)
         self.flat[:used].copy_(self.host[:used], non_blocking=True)
         if self.use_graphs:
             self.graphs[b].replay()

@@ -89,6 +89,8 @@ class Request:
     arrival: float = 0.0
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list[dict[str, Any]] = field(default_factory=list)
+    # NOTE: grown in place (extend) or rebound, never edited in place: CUDA-graph decode copies only a
+    # list's new entries into its page table (graph_plan.TableMemo)
     pages: list[int] = field(default_factory=list)
     computed_len: int = 0
     cached_len: int = 0

@@ -8,7 +8,15 @@ import dataclasses
 import pytest
 import torch
 
-from appliance.engine.graph_plan import DecodeRow, GraphPlan, bucket_ladder, fill_meta, meta_views, plan_graphs
+from appliance.engine.graph_plan import (
+    DecodeRow,
+    GraphPlan,
+    TableMemo,
+    bucket_ladder,
+    fill_meta,
+    meta_views,
+    plan_graphs,
+)
 
 
 def test_ladder_stops_at_max_running() -> None:
@@ -74,6 +82,61 @@ def test_fill_meta_pads_rows_into_the_scratch_slot() -> None:
         fill_meta(buf, plan, 1, rows, 40)
     with pytest.raises(ValueError, match="needs 4 pages"):
         fill_meta(buf, plan, 4, [DecodeRow(1, 12, [1, 2, 3, 4])], 40)
+
+
+def test_the_table_memo_writes_new_pages_only_and_never_leaves_a_stale_row() -> None:
+    """400 steps of a changing batch (requests growing, finishing, rebinding their pages, reordering;
+    the bucket changing): every row reads as a fill without the memo would write it, while a row whose
+    list merely grew gets only its new entries."""
+    import random
+
+    plan = GraphPlan((2, 4, 8), (1, 1, 1), width=12, page_size=4)
+    rng = random.Random(3)
+    fresh, kept = torch.zeros(plan.buffer_len, dtype=torch.int64), torch.zeros(plan.buffer_len, dtype=torch.int64)
+    memo = TableMemo()
+    reqs = [{"pages": [rng.randrange(500)], "pos": 0} for _ in range(5)]
+    for step in range(400):
+        for r in reqs:
+            r["pos"] += 1
+            if r["pos"] // 4 + 1 > len(r["pages"]):
+                r["pages"].extend([rng.randrange(500)])  # in place, as the scheduler grows a request
+        if rng.random() < 0.1:  # one finishes; a new one (or a preempted one, its pages rebound) takes its place
+            reqs[rng.randrange(len(reqs))] = {"pages": [rng.randrange(500) for _ in range(3)], "pos": 9}
+        if rng.random() < 0.1:
+            rng.shuffle(reqs)
+        if rng.random() < 0.05 and len(reqs) < 8:
+            reqs.append({"pages": [rng.randrange(500)], "pos": 0})
+        if rng.random() < 0.05 and len(reqs) > 1:
+            reqs.pop()
+        reqs = [r for r in reqs if r["pos"] < 40] or [{"pages": [1], "pos": 0}]
+        rows = [DecodeRow(step, r["pos"], r["pages"]) for r in reqs]
+        bucket = plan.bucket_for(len(rows))
+        used = fill_meta(kept, plan, bucket, rows, 0, memo)
+        assert fill_meta(fresh, plan, bucket, rows, 0) == used
+        assert torch.equal(kept[:4 * bucket], fresh[:4 * bucket])
+        got, want = meta_views(kept, plan, bucket)["page_table"], meta_views(fresh, plan, bucket)["page_table"]
+        for i, r in enumerate(rows):
+            need = r.position // 4 + 1
+            assert got[i, :need].tolist() == want[i, :need].tolist() == list(r.pages[:need])
+    assert memo.bucket == bucket
+
+
+def test_a_grown_list_gets_only_its_new_entries_and_a_rebound_one_all() -> None:
+    plan = GraphPlan((1, 2), (1, 1), width=4, page_size=4)
+    buf, memo = torch.zeros(plan.buffer_len, dtype=torch.int64), TableMemo()
+    pages = [7, 8]
+    fill_meta(buf, plan, 1, [DecodeRow(1, 5, pages)], 0, memo)
+    table = meta_views(buf, plan, 1)["page_table"]
+    table[0, 0] = -1  # a mark: an entry the next fill has no reason to write
+    pages.append(9)
+    fill_meta(buf, plan, 1, [DecodeRow(1, 8, pages)], 0, memo)
+    assert table[0, :3].tolist() == [-1, 8, 9]  # only the new page went in
+    fill_meta(buf, plan, 1, [DecodeRow(1, 8, list(pages))], 0, memo)  # rebound (a copy): written whole
+    assert table[0, :3].tolist() == [7, 8, 9]
+    fill_meta(buf, plan, 2, [DecodeRow(1, 8, pages), DecodeRow(2, 0, [3])], 0, memo)  # another bucket's layout
+    assert memo.bucket == 2 and meta_views(buf, plan, 2)["page_table"][0, :3].tolist() == [7, 8, 9]
+    memo.reset()
+    assert memo.bucket is None
 
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.skipif(
