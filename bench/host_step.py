@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 
 import click
 import torch
@@ -29,8 +28,8 @@ def host_step_ms(batches: tuple[int, ...], context: int, steps: int) -> dict:
     from appliance.config import EngineConfig
     from appliance.engine.engine import Engine
     from appliance.engine.graph_plan import TableMemo, fill_meta, plan_graphs
-    from appliance.engine.request import SamplingParams
     from appliance.engine.runner import decode_rows
+    from bench.engine_steps import decode_steps
 
     torch.set_num_threads(1)
     top = max(batches)
@@ -57,20 +56,8 @@ def host_step_ms(batches: tuple[int, ...], context: int, steps: int) -> dict:
     out: dict = {"context": context, "steps": steps}
     try:
         for b in batches:
-            params = SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True)
-            reqs = [engine.add_request([3 + (7 * i + 11 * j) % 250 for j in range(context)], params) for i in range(b)]
-            while any(not r.output_ids for r in reqs):
-                engine.step()
-            if sum(not r.is_finished for r in reqs) != b:
-                raise RuntimeError(f"batch {b}: only {sum(not r.is_finished for r in reqs)} requests decode")
-            times = []
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                engine.step()
-                times.append(time.perf_counter() - t0)
-            for r in reqs:
-                engine.abort(r.request_id)
-            ms = statistics.median(times) * 1000
+            prompts = [[3 + (7 * i + 11 * j) % 250 for j in range(context)] for i in range(b)]
+            ms = statistics.median(decode_steps(engine, prompts, steps)) * 1000
             out[f"host_ms_b{b}"] = round(ms, 4)
             out[f"host_us_per_request_b{b}"] = round(1000 * ms / b, 2)
     finally:
