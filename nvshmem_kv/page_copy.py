@@ -67,6 +67,8 @@ def make_plan(local: PoolDescriptor, remote: PoolDescriptor, dst_ptr: int, src_p
     if local.num_layers != remote.num_layers:
         raise TransportError(f"the pools have {local.num_layers} and {remote.num_layers} layers")
     src_starts, dst_starts, lengths = split_runs(src_pages, dst_pages, max(1, RUN_BYTES // local.page_bytes))
+    if len(src_pages) < 2 * len(lengths):  # mostly lone pages: the launch, sized by the longest run, would idle
+        src_starts, dst_starts, lengths = tuple(src_pages), tuple(dst_pages), (1,) * len(src_pages)
     src, dst = _rows(local, src_starts), _rows(remote, dst_starts)
     n = src.shape[1]
     max_run = max(lengths, default=1)

@@ -27,9 +27,9 @@ def test_shm_kernel_copy_is_bit_exact(receivers: list[nk.KVTransport]) -> None:
     pool = rx.allocate_pool(dst_desc)
     peer = tx.connect(rx.register_pool(pool, dst_desc), src_desc)
     src = global_kv(src_desc, 7)
-    # room "k": scattered pages (the per-page kernel); room "r": two runs of pages consecutive at both
+    # room "k": scattered pages (the per-page kernel); room "r": a run of four pages consecutive at both
     # ends and a lone page (the runs' kernel); each into its own destination pages
-    for room, src_pages, dst_pages in (("k", [5, 0, 1, 3], [2, 8, 4, 0]), ("r", [1, 2, 3, 0, 4], [5, 6, 7, 3, 1])):
+    for room, src_pages, dst_pages in (("k", [5, 0, 1, 3], [2, 8, 4, 0]), ("r", [1, 2, 3, 4, 0], [5, 6, 7, 8, 2])):
         pool.zero_()
         rx.expect(room, 1, 30.0)
         for layer in range(src_desc.num_layers):
@@ -106,3 +106,6 @@ def test_plan_copies_runs_of_pages_consecutive_at_both_ends() -> None:
     assert many.run_pages.tolist() == [min(8, longest)] * 2 and many.max_run == min(8, longest)
     scattered = make_plan(src, dst, 4096, (3, 1), (1, 3), torch.device("cpu"))
     assert scattered.run_pages is None and scattered.max_run == 1  # the per-page kernel
+    # one pair among lone pages: runs would average under 2 pages, so page by page
+    mostly_lone = make_plan(src, dst, 4096, (0, 1, 3, 5, 7), (0, 1, 4, 2, 6), torch.device("cpu"))
+    assert mostly_lone.run_pages is None and mostly_lone.src_rows[0].tolist()[:5] == [0, 1, 3, 5, 7]
