@@ -9,8 +9,9 @@
 #                fallback beyond the ladder, the device sampler), PDBOX_TRITON_AUTOTUNE=0
 #   bench-1b     python -m bench.engine --device cuda --model random:llama-1b  -> bench-llama-1b.json
 #   bench-8b     the same for random:llama-8b                                  -> bench-llama-8b.json
-#   bench-8b-nopdl  batch 1 and 64 again with PDBOX_TRITON_PDL=0 (kernels launched without programmatic
-#                dependent launch): the A/B of PDL on the same machine       -> bench-llama-8b-nopdl.json
+#   bench-8b-nopdl, bench-1b-nopdl  batch 1 and 64 again with PDBOX_TRITON_PDL=0 (kernels launched
+#                without programmatic dependent launch): PDL's A/B on the same machine
+#                                                       -> bench-llama-8b-nopdl.json, bench-llama-1b-nopdl.json
 #                (both profiled: the replay's device time, batch 1's and 64's kernels graphed and eager)
 # The benches write their JSON after every figure, so one cut short by its timeout keeps what it
 # measured (and fails the step). Kernels run their fixed first config (PDBOX_TRITON_AUTOTUNE=0): the
@@ -68,9 +69,11 @@ run_step bench-1b 45 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" "$PY" -m bench.engine
     "${BENCH[@]}" --out "$OUT_DIR/bench-llama-1b.json"
 run_step bench-8b 60 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" "$PY" -m bench.engine --model random:llama-8b \
     "${BENCH[@]}" --out "$OUT_DIR/bench-llama-8b.json"
+NOPDL=(--device cuda --json --steps 12 --context 256 --batches 1,64 --prefill-lens 1024)
 run_step bench-8b-nopdl 40 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" PDBOX_TRITON_PDL=0 "$PY" -m bench.engine \
-    --model random:llama-8b --device cuda --json --steps 12 --context 256 --batches 1,64 --prefill-lens 1024 \
-    --out "$OUT_DIR/bench-llama-8b-nopdl.json"
+    --model random:llama-8b "${NOPDL[@]}" --out "$OUT_DIR/bench-llama-8b-nopdl.json"
+run_step bench-1b-nopdl 30 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" PDBOX_TRITON_PDL=0 "$PY" -m bench.engine \
+    --model random:llama-1b "${NOPDL[@]}" --out "$OUT_DIR/bench-llama-1b-nopdl.json"
 
 {
     echo "gpu-engine-check ($(date -u +%FT%TZ), $(($(date +%s) - START_S)) s)"
