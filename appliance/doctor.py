@@ -35,7 +35,12 @@ def report() -> dict:
     if not HAS_TRITON:
         kernel = {"backend": "torch", "reason": "triton is not installed: the torch references run everything"}
     elif cuda:
-        kernel = {"backend": "triton", "reason": "CUDA device present: Triton kernels compile for it"}
+        from kernels._triton import pdl_status
+
+        why_not = pdl_status()
+        kernel = {"backend": "triton", "reason": "CUDA device present: Triton kernels compile for it",
+                  "pdl": {"ok": why_not is None, "reason": why_not or "decode's kernels launch with programmatic "
+                          "dependent launch (PDBOX_TRITON_PDL=0 turns it off)"}}
     else:
         kernel = {"backend": "cpu", "reason": "no CUDA device: the engine runs its CPU kernels (oneDNN linear layers; "
                   "in bf16 pdbox's C attention and pointwise kernels below, else torch's SDPA); Triton kernels run "
@@ -62,6 +67,8 @@ def render(rep: dict) -> str:
         lines.append(f"  {'ok  ' if t['ok'] else 'skip'} {t['backend']:9s} {t['reason']}")
     k = rep["attention_backend"]
     lines.append(f"attention backend: {k['backend']} ({k['reason']}); default dtype {k['dtype']}")
+    if "pdl" in k:
+        lines.append(f"  {'ok  ' if k['pdl']['ok'] else 'skip'} PDL: {k['pdl']['reason']}")
     for name, n in k.get("native", {}).items():
         lines.append(f"  {'ok  ' if n['ok'] else 'skip'} C kernels ({name}, CPU bf16): {n['reason']}"
                      + (f" [{n['path']}]" if n["ok"] else ""))

@@ -65,7 +65,8 @@ __all__ = [
     "next_pow2",
     "num_sms",
     "pdl_enabled",
-    "pdl_wanted",
+    "pdl_refusal",
+    "pdl_status",
     "tl",
     "tl_dtype",
     "triton",
@@ -88,17 +89,32 @@ def autotune_enabled() -> bool:
     return os.environ.get(AUTOTUNE_ENV, "1").lower() not in ("0", "false", "no", "off")
 
 
-def pdl_wanted(capability: tuple[int, int] | None, env: str | None, has_gdc: bool, interpreted: bool) -> bool:
-    """Whether kernels launch with PDL: a GPU of compute capability 9.0 or later, a Triton with grid
-    dependency control, not the interpreter, and ``PDBOX_TRITON_PDL`` (``env``) not 0/false/no/off."""
-    off = (env or "1").lower() in ("0", "false", "no", "off")
-    return has_gdc and not interpreted and not off and capability is not None and capability >= (9, 0)
+def pdl_refusal(capability: tuple[int, int] | None, env: str | None, has_gdc: bool, interpreted: bool) -> str | None:
+    """Why kernels launch without PDL, or None when they launch with it: that needs a GPU of compute
+    capability 9.0 or later, a Triton with grid dependency control, not the interpreter, and
+    ``PDBOX_TRITON_PDL`` (``env``) not 0/false/no/off."""
+    if (env or "1").lower() in ("0", "false", "no", "off"):
+        return f"{PDL_ENV}={env}"
+    if interpreted:
+        return "the Triton interpreter"
+    if not has_gdc:
+        return "this Triton has no grid dependency control (3.3+)"
+    if capability is None:
+        return "no CUDA device"
+    if capability < (9, 0):
+        return f"compute capability {capability[0]}.{capability[1]} (PDL needs 9.0, Hopper)"
+    return None
+
+
+def pdl_status() -> str | None:
+    """:func:`pdl_refusal` for the current CUDA device."""
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    return pdl_refusal(capability, os.environ.get(PDL_ENV), HAS_GDC and HAS_TRITON, interpreter_enabled())
 
 
 def pdl_enabled() -> bool:
-    """:func:`pdl_wanted` for the current CUDA device (False without one)."""
-    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
-    return pdl_wanted(capability, os.environ.get(PDL_ENV), HAS_GDC and HAS_TRITON, interpreter_enabled())
+    """Whether this process's PDL kernels launch with programmatic dependent launch."""
+    return pdl_status() is None
 
 
 def next_pow2(n: int) -> int:

@@ -20,6 +20,12 @@ def test_doctor_reports_transports_and_reasons() -> None:
     assert all(t["reason"] for t in rep["transports"])  # every verdict says why
     if not rep["devices"]["cuda"]:
         assert rep["transport"] == "shm" and rep["attention_backend"]["backend"] == "cpu"
+        assert "pdl" not in rep["attention_backend"]  # a GPU-only line
+    else:  # PDL on where the GPU is Hopper or later, else the reason (e.g. the compute capability)
+        import torch
+
+        pdl = rep["attention_backend"]["pdl"]
+        assert pdl["reason"] and pdl["ok"] == (torch.cuda.get_device_capability() >= (9, 0))
     native = rep["attention_backend"]["native"]
     assert set(native) == {"attention", "pointwise"} and all(n["reason"] for n in native.values())
     if "avx512_bf16" in open("/proc/cpuinfo").read() and shutil.which("cc"):  # this CI machine (Zen 4, gcc)

@@ -7,18 +7,18 @@ import pytest
 import torch
 
 import kernels
-from kernels._triton import PDL_ENV, LazyKernel, interpreter_enabled, pdl_enabled, pdl_wanted
+from kernels._triton import PDL_ENV, LazyKernel, interpreter_enabled, pdl_enabled, pdl_refusal
 
 
 def test_only_hopper_or_later_with_gdc_and_not_switched_off() -> None:
-    assert pdl_wanted((9, 0), None, True, False)
-    assert pdl_wanted((10, 0), "1", True, False)
-    assert not pdl_wanted((8, 9), None, True, False)  # Ada: no griddepcontrol
-    assert not pdl_wanted(None, None, True, False)  # no GPU
-    assert not pdl_wanted((9, 0), None, False, False)  # a Triton without grid dependency control
-    assert not pdl_wanted((9, 0), None, True, True)  # the interpreter
+    assert pdl_refusal((9, 0), None, True, False) is None
+    assert pdl_refusal((10, 0), "1", True, False) is None
+    assert pdl_refusal((8, 9), None, True, False) == "compute capability 8.9 (PDL needs 9.0, Hopper)"  # Ada
+    assert pdl_refusal(None, None, True, False) == "no CUDA device"
+    assert "grid dependency control" in pdl_refusal((9, 0), None, False, False)  # an older Triton
+    assert pdl_refusal((9, 0), None, True, True) == "the Triton interpreter"
     for off in ("0", "false", "No", "OFF"):
-        assert not pdl_wanted((9, 0), off, True, False)
+        assert pdl_refusal((9, 0), off, True, False) == f"PDBOX_TRITON_PDL={off}"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU interpreter's launch")
