@@ -21,11 +21,11 @@ def test_doctor_reports_transports_and_reasons() -> None:
     if not rep["devices"]["cuda"]:
         assert rep["transport"] == "shm" and rep["attention_backend"]["backend"] == "cpu"
         assert "pdl" not in rep["attention_backend"]  # a GPU-only line
-    else:  # PDL on where the GPU is Hopper or later, else the reason (e.g. the compute capability)
-        import torch
+    else:  # PDL on where the GPU is Hopper or later (and not switched off), else the reason
+        from kernels._triton import pdl_enabled
 
         pdl = rep["attention_backend"]["pdl"]
-        assert pdl["reason"] and pdl["ok"] == (torch.cuda.get_device_capability() >= (9, 0))
+        assert pdl["reason"] and pdl["ok"] == pdl_enabled()
     native = rep["attention_backend"]["native"]
     assert set(native) == {"attention", "pointwise"} and all(n["reason"] for n in native.values())
     if "avx512_bf16" in open("/proc/cpuinfo").read() and shutil.which("cc"):  # this CI machine (Zen 4, gcc)
