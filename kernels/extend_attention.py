@@ -79,9 +79,13 @@ def capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: 
 
 
 # ---------------------------------------------------------------------------------------------------
-# Triton: one program per (request, q head, block of BLOCK_M new tokens). The new tokens' K/V are in
-# the cache already, so a single loop over cache rows [0, prefix + last query of the block] covers the
-# cached prefix and the causal part alike; the causal mask only bites in the last BLOCK_M rows.
+# Triton: one program per (request, KV head, block of BLOCK_M new tokens), whose query rows are the
+# block's tokens times the KV head's GROUP query heads (GQA packed: row r is token r // GPAD, head
+# r % GPAD of the group, GPAD = GROUP rounded up to a power of two, the padding rows masked). Each K/V
+# tile is then read once for the whole group, not once per query head. The new tokens' K/V are in the
+# cache already, so a single loop over cache rows [0, prefix + last query of the block] covers the
+# cached prefix and the causal part alike; the causal mask only bites in the block's last rows.
+# ``BLOCK_R`` (a config) is the rows a program aims at: BLOCK_M = BLOCK_R // GPAD tokens (at least 1).
 
 _LOG2E = 1.4426950408889634
 
@@ -109,36 +113,42 @@ def _extend_kernel(
     stride_o_t,
     stride_o_h,
     GROUP: tl.constexpr,
+    GPAD: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """Program ``(b, q_head, m_block)``: new tokens ``[m_block*BLOCK_M, +BLOCK_M)`` of request ``b``.
+    """Program ``(b, kv_head, m_block)``: new tokens ``[m_block*BLOCK_M, +BLOCK_M)`` of request ``b``,
+    for every query head of ``kv_head``'s group.
 
     With ``SOFTCAP`` the scores are capped (``softcap * tanh(s / softcap)``) and ``sm_scale_log2`` is the
     plain scale: the log2(e) factor comes after the cap.
     """
+    BLOCK_M: tl.constexpr = (BLOCK_R + GPAD - 1) // GPAD  # tokens a program (both are powers of two)
+    ROWS: tl.constexpr = BLOCK_M * GPAD
     b = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1).to(tl.int64)
+    kv_head = tl.program_id(1).to(tl.int64)
     m_block = tl.program_id(2)
     n_new = tl.load(extend_lens_ptr + b).to(tl.int32)
     if m_block * BLOCK_M >= n_new:
         return
     prefix = tl.load(prefix_lens_ptr + b).to(tl.int32)
     start = tl.load(start_loc_ptr + b).to(tl.int64)
-    kv_head = head // GROUP
 
-    offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, ROWS)
+    offs_m = m_block * BLOCK_M + offs_r // GPAD  # each row's token (of the request's new ones) ...
+    in_group = offs_r % GPAD  # ... and its query head within the group
+    head = kv_head * GROUP + in_group
     offs_d = tl.arange(0, BLOCK_D)
-    m_mask = offs_m < n_new
+    m_mask = (offs_m < n_new) & (in_group < GROUP)
     d_mask = offs_d < HEAD_DIM
     q = tl.load(
-        q_ptr + (start + offs_m)[:, None] * stride_q_t + head * stride_q_h + offs_d[None, :],
+        q_ptr + (start + offs_m)[:, None] * stride_q_t + head[:, None] * stride_q_h + offs_d[None, :],
         mask=m_mask[:, None] & d_mask[None, :],
         other=0.0,
     )
@@ -147,9 +157,9 @@ def _extend_kernel(
     pos = prefix + offs_m  # absolute position of each query row
     end = prefix + tl.minimum((m_block + 1) * BLOCK_M, n_new)  # keys past the block's last query are masked
 
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([ROWS, BLOCK_D], dtype=tl.float32)
     pt_row = page_table_ptr + b * stride_pt_b
     for n0 in range(0, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -185,7 +195,7 @@ def _extend_kernel(
 
     out = acc / l_i[:, None]
     tl.store(
-        o_ptr + (start + offs_m)[:, None] * stride_o_t + head * stride_o_h + offs_d[None, :],
+        o_ptr + (start + offs_m)[:, None] * stride_o_t + head[:, None] * stride_o_h + offs_d[None, :],
         out.to(o_ptr.dtype.element_ty),
         mask=m_mask[:, None] & d_mask[None, :],
     )
@@ -194,11 +204,11 @@ def _extend_kernel(
 _extend = LazyKernel(
     _extend_kernel,
     configs=[  # the first is the fixed GPU config when autotuning is off
-        config(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
-        for m, n, w, s in ((64, 64, 4, 2), (128, 64, 8, 2), (128, 32, 8, 3), (64, 32, 4, 3))
+        config(BLOCK_R=r, BLOCK_N=n, num_warps=w, num_stages=s)
+        for r, n, w, s in ((128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 3), (64, 32, 4, 3))
     ],
     key=["GROUP", "HEAD_DIM", "PAGE_SIZE", "BLOCK_D"],
-    interpret={"BLOCK_M": 32, "BLOCK_N": 32},
+    interpret={"BLOCK_R": 32, "BLOCK_N": 32},
 )
 
 
@@ -255,8 +265,11 @@ def extend_attention(
     # NOTE: tl.dot needs every dim >= 16 on a GPU (the interpreter does not care): pad and mask.
     block_d = next_pow2(head_dim) if interp else max(16, next_pow2(head_dim))
 
+    group = q_heads // kv_heads
+    gpad = next_pow2(group)
+
     def grid(meta: dict) -> tuple[int, int, int]:
-        return (batch, q_heads, triton_cdiv(max_extend_len, meta["BLOCK_M"]))
+        return (batch, kv_heads, triton_cdiv(max_extend_len, triton_cdiv(meta["BLOCK_R"], gpad)))
 
     _extend[grid](
         q, k_cache, v_cache, page_table, prefix_lens, extend_lens, extend_start_loc, out,
@@ -266,7 +279,7 @@ def extend_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         page_table.stride(0),
         out.stride(0), out.stride(1),
-        GROUP=q_heads // kv_heads, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
+        GROUP=group, GPAD=gpad, PAGE_SIZE=page_size, HEAD_DIM=head_dim,
         UPCAST=interp, DOT_PRECISION=dot_precision(q.dtype), SOFTCAP=bool(softcap), BLOCK_D=block_d,
     )
     return out

@@ -34,6 +34,14 @@ def test_mixed_batch(paged_kv, device, tol, dtype, q_heads, kv_heads):
     torch.testing.assert_close(out.cpu(), ref, **tol(dtype))
 
 
+@pytest.mark.parametrize("q_heads,kv_heads", [(12, 4), (16, 1), (64, 1)])
+def test_query_heads_of_a_group_share_their_program(paged_kv, device, tol, q_heads, kv_heads):
+    # GQA packed: a program's rows are tokens x the group's heads. Group 3 pads to 4 rows a token; 16
+    # leaves the interpreter's 32-row tile 2 tokens; 64 is more heads than rows (one token a program)
+    out, ref = _run(paged_kv, device, [0, 9], [11, 6], q_heads, kv_heads, 16, 4, torch.float32, seed=3)
+    torch.testing.assert_close(out.cpu(), ref, **tol(torch.float32))
+
+
 @pytest.mark.parametrize(
     "prefix,extend,page_size,head_dim",
     [
