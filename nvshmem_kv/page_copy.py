@@ -15,7 +15,7 @@ import torch
 
 from nvshmem_kv.descriptor import PoolDescriptor
 from nvshmem_kv.errors import TransportError
-from nvshmem_kv.pages import coalesce_runs
+from nvshmem_kv.pages import PageRun, coalesce_runs
 
 RUN_BYTES = 64 << 10  # a copy's longest run: long enough for full-width chunks, short enough to spread over the SMs
 
@@ -47,12 +47,11 @@ def _rows(desc: PoolDescriptor, pages: tuple[int, ...]) -> torch.Tensor:
     return base[None, :] + (torch.arange(desc.num_layers, dtype=torch.int64) * desc.num_pages)[:, None]
 
 
-def split_runs(src_pages: tuple[int, ...], dst_pages: tuple[int, ...],
-               longest: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
-    """``(src starts, dst starts, lengths)`` of the runs of pages consecutive at both ends, in order,
+def cut_runs(runs: list[PageRun], longest: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+    """``(src starts, dst starts, lengths)`` of ``runs`` (pages consecutive at both ends), in order,
     each cut to at most ``longest`` pages."""
     out: tuple[list[int], list[int], list[int]] = ([], [], [])
-    for run in coalesce_runs(src_pages, dst_pages):
+    for run in runs:
         for off in range(0, run.length, longest):
             out[0].append(run.src + off)
             out[1].append(run.dst + off)
@@ -61,29 +60,31 @@ def split_runs(src_pages: tuple[int, ...], dst_pages: tuple[int, ...],
 
 
 def make_plan(local: PoolDescriptor, remote: PoolDescriptor, dst_ptr: int, src_pages: tuple[int, ...],
-              dst_pages: tuple[int, ...], device: torch.device) -> KernelPlan:
+              dst_pages: tuple[int, ...], device: torch.device, runs: list[PageRun] | None = None) -> KernelPlan:
     """Build the plan on the host and move it in ONE copy from pinned memory (on a GPU), which never
-    waits for the streams: a copy from pageable memory may, and this runs inside the forward pass."""
+    waits for the streams: a copy from pageable memory may, and this runs inside the forward pass.
+    ``runs``: the page lists already coalesced (the transport has them), else coalesced here."""
     if local.num_layers != remote.num_layers:
         raise TransportError(f"the pools have {local.num_layers} and {remote.num_layers} layers")
-    src_starts, dst_starts, lengths = split_runs(src_pages, dst_pages, max(1, RUN_BYTES // local.page_bytes))
+    runs = coalesce_runs(src_pages, dst_pages) if runs is None else runs
+    src_starts, dst_starts, lengths = cut_runs(runs, max(1, RUN_BYTES // local.page_bytes))
     if len(src_pages) < 2 * len(lengths):  # mostly lone pages: the launch, sized by the longest run, would idle
         src_starts, dst_starts, lengths = tuple(src_pages), tuple(dst_pages), (1,) * len(src_pages)
     src, dst = _rows(local, src_starts), _rows(remote, dst_starts)
     n = src.shape[1]
     max_run = max(lengths, default=1)
-    runs = [torch.tensor(lengths + lengths, dtype=torch.int64)] if max_run > 1 else []
+    run_lens = [torch.tensor(lengths + lengths, dtype=torch.int64)] if max_run > 1 else []
     # NOTE: the table last: every other part then starts 16-byte aligned (n is even), as the warm-up's
     # tensors do, so serving reuses the warm-up's compiles (Triton specializes on pointer alignment).
-    flat = torch.cat([src.flatten(), dst.flatten(), torch.zeros(n, dtype=torch.int64), *runs,
+    flat = torch.cat([src.flatten(), dst.flatten(), torch.zeros(n, dtype=torch.int64), *run_lens,
                       torch.tensor([dst_ptr], dtype=torch.int64)])
     if device.type == "cuda":
         flat = flat.pin_memory().to(device, non_blocking=True)
     cells = src.numel()
     at = 2 * cells + n
-    end = at + (n if runs else 0)
+    end = at + (n if run_lens else 0)
     return KernelPlan(src_pages, dst_pages, flat[:cells].view(src.shape), flat[cells:2 * cells].view(dst.shape),
-                      flat[2 * cells:at], flat[end:], flat[at:end] if runs else None, max_run)
+                      flat[2 * cells:at], flat[end:], flat[at:end] if run_lens else None, max_run)
 
 
 def _pages(src_kv: torch.Tensor, local: PoolDescriptor) -> torch.Tensor:

@@ -351,10 +351,10 @@ class ChannelTransport(KVTransport):
         """One `kernels.copy_pages` launch for the layer (shm, cuda_ipc with ``copy="kernel"``)."""
         if p.remote_pool is None:
             raise TransportError(f"{p!r} is closed")
-        src, dst, _ = p.runs[room]
+        src, dst, runs = p.runs[room]
         plan = p.kernel_plans.get(room)
         if plan is None or plan.src_pages != src or plan.dst_pages != dst:
-            plan = make_plan(p.local, p.remote, p.remote_pool.data_ptr(), src, dst, src_kv.device)
+            plan = make_plan(p.local, p.remote, p.remote_pool.data_ptr(), src, dst, src_kv.device, runs)
             p.kernel_plans[room] = plan
             if len(p.kernel_plans) > _RUN_CACHE:
                 p.kernel_plans.popitem(last=False)

@@ -102,7 +102,7 @@ class DeviceSampler:
                 ids = ids.index_copy(0, rows, drawn)
         want = [i for i, p in enumerate(ps) if p.logprobs is not None]
         if not want:  # ids only: one copy, no cast and concatenation kernels
-            return [int(t) for t in ids.tolist()], [None] * n
+            return ids.tolist(), [None] * n
         parts = [ids.double()]
         top_k = max((ps[i].logprobs or 0 for i in want), default=0)
         if want:

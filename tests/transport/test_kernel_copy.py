@@ -87,11 +87,12 @@ def test_plan_rows_address_each_layers_k_and_v_pages_in_both_pools() -> None:
 
 
 def test_plan_copies_runs_of_pages_consecutive_at_both_ends() -> None:
-    from nvshmem_kv.page_copy import RUN_BYTES, make_plan, split_runs
+    from nvshmem_kv.page_copy import RUN_BYTES, cut_runs, make_plan
+    from nvshmem_kv.pages import coalesce_runs
 
-    assert split_runs((4, 5, 6, 7, 9, 1, 2), (0, 1, 2, 3, 4, 8, 7), 3) == ((4, 7, 9, 1, 2), (0, 3, 4, 8, 7),
-                                                                           (3, 1, 1, 1, 1))
-    assert split_runs((), (), 4) == ((), (), ())
+    assert cut_runs(coalesce_runs((4, 5, 6, 7, 9, 1, 2), (0, 1, 2, 3, 4, 8, 7)), 3) == (
+        (4, 7, 9, 1, 2), (0, 3, 4, 8, 7), (3, 1, 1, 1, 1))
+    assert cut_runs(coalesce_runs((), ()), 4) == ((), (), ())
     src, dst = make_desc(8, layers=2), make_desc(9, layers=2)
     longest = RUN_BYTES // src.page_bytes
     plan = make_plan(src, dst, 4096, (2, 3, 4, 0), (5, 6, 7, 1), torch.device("cpu"))
