@@ -2,25 +2,28 @@
 
 Same semantics as the host :class:`~appliance.engine.sampler.Sampler` (greedy, temperature, top-k,
 top-p, min-p, logprobs of the raw logits), vectorized over the batch: the filters are masks over one
-sort, and a token is drawn by an exponential race (``argmax(probs / E)``, ``E ~ Exp(1)``), which picks
-token ``i`` with probability ``probs[i]``. A seeded request draws its ``E`` from its own generator keyed
-by (seed, position), so its tokens do not depend on its batch neighbours, nor on which engine samples
-which position; they are NOT the host sampler's tokens for the same seed (another draw). Works on any
-device (the CPU tests run it on CPU tensors); the engine uses it on CUDA only, so CPU answers are the
-host sampler's.
+sort, and a token is drawn by inverse CDF, the first whose cumulative probability reaches ``u`` times
+the row's total, which picks token ``i`` with probability ``probs[i]``. Each row needs ONE uniform
+``u``, made on the host and shipped with the row's temperature and filters: a seeded request's is a
+hash of (seed, position) (`appliance.engine.counter_rng`), so its tokens do not depend on its batch
+neighbours, nor on which engine samples which position; they are NOT the host sampler's tokens for the
+same seed (another draw). Works on any device (the CPU tests run it on CPU tensors); the engine uses it
+on CUDA only, so CPU answers are the host sampler's.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from appliance.engine.counter_rng import uniform
 from appliance.engine.request import Request
 from appliance.engine.token_mask import TokenMask
 
-SEED_MIX = 1_000_003  # the host sampler's (seed, position) key
+SEED_MIX = 1_000_003  # (seed, position) -> one key
 
 
 def seed_key(seed: int, position: int) -> int:
@@ -28,9 +31,9 @@ def seed_key(seed: int, position: int) -> int:
 
 
 def filtered_probs(logits: torch.Tensor, params: torch.Tensor, top_k: bool, top_p: bool, min_p: bool) -> torch.Tensor:
-    """Probabilities after temperature, top-k, top-p and min-p; ``params`` ``(B, 4)``: temperature,
-    top_k (<= 0: off), top_p, min_p per row. The flags say whether any row uses that filter (host
-    knowledge: no sync to find out)."""
+    """Probabilities after temperature, top-k, top-p and min-p; ``params`` ``(B, 4+)``: temperature,
+    top_k (<= 0: off), top_p, min_p per row (more columns are ignored). The flags say whether any row
+    uses that filter (host knowledge: no sync to find out)."""
     temp, k, p, mp = (params[:, i] for i in range(4))
     scaled = logits.float() / temp.clamp_min(1e-5)[:, None]
     vocab = scaled.shape[-1]
@@ -55,17 +58,29 @@ def filtered_probs(logits: torch.Tensor, params: torch.Tensor, top_k: bool, top_
     return probs
 
 
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per row, the first token whose cumulative probability reaches ``u`` (in (0, 1]) times the row's
+    total. The target is above zero and at most the total, so it is always found, and a run of
+    zero-probability tokens shares its cumulative value with the token before it, which is found first.
+    A parallel scan's rounding can still break that tie by one ulp: such a row takes its argmax."""
+    cum = probs.cumsum(dim=-1)
+    target = (u * cum[:, -1]).clamp_min(torch.finfo(cum.dtype).tiny)[:, None]
+    ids = torch.searchsorted(cum, target).clamp_max(probs.shape[-1] - 1)
+    return torch.where(probs.gather(1, ids) > 0, ids, probs.argmax(dim=-1, keepdim=True)).squeeze(1)
+
+
 class DeviceSampler:
-    """Samples one token per row of device ``logits``; unseeded rows share one device generator."""
+    """Samples one token per row of device ``logits``; unseeded rows draw their uniform from one host RNG."""
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
-        self._generators: dict[torch.device, torch.Generator] = {}
+        self._rng = random.Random(seed)
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generators[device]
+    def _uniform(self, req: Request) -> float:
+        """The row's ``u`` in (0, 1]: from its (seed, position) key when seeded, else from the shared RNG."""
+        if req.params.seed is not None:
+            return uniform(seed_key(req.params.seed, len(req.output_ids)))
+        return 1.0 - self._rng.random()
 
     def sample(self, logits: torch.Tensor, reqs: Sequence[Request],
                mask: TokenMask | None = None) -> tuple[list[int], list[dict[str, Any] | None]]:
@@ -84,18 +99,13 @@ class DeviceSampler:
         if random_rows:
             rows = torch.tensor(random_rows, device=dev) if len(random_rows) < n else None
             sub = logits if rows is None else logits.index_select(0, rows)
-            host = torch.tensor([[ps[i].temperature, ps[i].top_k, ps[i].top_p, ps[i].min_p] for i in random_rows],
-                                dtype=torch.float32, pin_memory=dev.type == "cuda")
+            host = torch.tensor([[ps[i].temperature, ps[i].top_k, ps[i].top_p, ps[i].min_p, self._uniform(reqs[i])]
+                                 for i in random_rows], dtype=torch.float32, pin_memory=dev.type == "cuda")
             params = host.to(dev, non_blocking=True)
             probs = filtered_probs(sub, params, any(ps[i].top_k > 0 for i in random_rows),
                                    any(ps[i].top_p < 1.0 for i in random_rows),
                                    any(ps[i].min_p > 0.0 for i in random_rows))
-            race = torch.empty_like(probs).exponential_(generator=self._generator(dev))
-            for j, i in enumerate(random_rows):
-                if ps[i].seed is not None:
-                    g = torch.Generator(device=dev).manual_seed(seed_key(ps[i].seed, len(reqs[i].output_ids)))
-                    race[j].exponential_(generator=g)
-            drawn = (probs / race.clamp_min(1e-30)).argmax(dim=-1)
+            drawn = inverse_cdf(probs, params[:, 4])
             if rows is None:
                 ids = drawn
             else:

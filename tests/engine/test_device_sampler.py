@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from appliance.engine.device_sampler import DeviceSampler, filtered_probs
+from appliance.engine.device_sampler import DeviceSampler, filtered_probs, inverse_cdf
 from appliance.engine.request import Request, SamplingParams
 from appliance.engine.sampler import Sampler, filtered_row
 
@@ -74,3 +74,34 @@ def test_logprobs_equal_the_host_samplers() -> None:
     assert abs(got_lp[0]["logprob"] - want_lp[0]["logprob"]) < 1e-6
     assert [t for t, _ in got_lp[0]["top"]] == [t for t, _ in want_lp[0]["top"]]
     assert all(abs(a - b) < 1e-6 for (_, a), (_, b) in zip(got_lp[0]["top"], want_lp[0]["top"]))
+
+
+def test_seeded_draws_follow_the_probabilities() -> None:
+    """Seeded rows draw from their (seed, position) hash: over many seeds the frequencies are the probabilities."""
+    logits = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    reqs = [_req(SamplingParams(temperature=1.0, seed=s), 3) for s in range(4000)]
+    tokens, _ = DeviceSampler().sample(logits.expand(4000, 4).contiguous(), reqs)
+    freq = torch.bincount(torch.tensor(tokens), minlength=4).float() / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.03, rtol=0)
+
+
+def test_seeded_and_unseeded_rows_mix() -> None:
+    """A batch of seeded, unseeded and greedy rows: each seeded row's token is the one it draws alone."""
+    logits = torch.randn(6, 500, generator=torch.Generator().manual_seed(5))
+    params = [SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=0.8), SamplingParams(temperature=0),
+              SamplingParams(temperature=1.2, top_k=50, seed=2), SamplingParams(top_p=0.9), SamplingParams(seed=3)]
+    reqs = [_req(p, 4) for p in params]
+    batch, _ = DeviceSampler(seed=11).sample(logits, reqs)
+    for i in (0, 3, 5):
+        alone, _ = DeviceSampler(seed=0).sample(logits[i:i + 1], [reqs[i]])
+        assert batch[i] == alone[0], f"row {i}"
+    assert batch[2] == int(logits[2].argmax())
+
+
+def test_inverse_cdf_edges_never_pick_a_zero_probability_token() -> None:
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0], [0.25, 0.25, 0.0, 0.25, 0.25]])
+    for u, want in ((1.0, [3, 2, 4]), (2.0 ** -24, [1, 2, 0]), (0.5, [1, 2, 1]), (0.5000001, [3, 2, 3])):
+        got = inverse_cdf(probs, torch.full((3,), u)).tolist()
+        assert got == want, f"u={u}: {got}"
+    unnormalized = probs * 3  # a total other than one: the target scales with it
+    assert inverse_cdf(unnormalized, torch.tensor([1.0, 1.0, 0.3])).tolist() == [3, 2, 1]

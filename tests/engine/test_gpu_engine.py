@@ -133,6 +133,10 @@ def test_device_sampler_on_cuda_logits() -> None:
     tokens, _ = Sampler(seed=5).sample(logits, reqs)
     freq = torch.bincount(torch.tensor(tokens), minlength=4).float() / 4000
     torch.testing.assert_close(freq, torch.tensor([0.1, 0.2, 0.3, 0.4]), atol=0.03, rtol=0)
+    seeded = [Request(prompt_ids=[1], params=SamplingParams(temperature=1.0, seed=s)) for s in range(200)]
+    on_gpu, _ = DeviceSampler().sample(logits[:200], seeded)
+    on_cpu, _ = DeviceSampler().sample(logits[:200].cpu(), seeded)
+    assert on_gpu == on_cpu, "a seeded row drew another token on the GPU than on the CPU (the same u)"
     rnd = torch.randn(3, 1000, device="cuda")
     lp_reqs = [Request(prompt_ids=[1], params=SamplingParams(temperature=0, logprobs=k)) for k in (0, 2, 5)]
     got_t, got_lp = DeviceSampler().sample(rnd, lp_reqs)
