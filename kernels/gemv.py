@@ -20,8 +20,14 @@ from kernels._triton import (
 MAX_ROWS = 16  # one tl.dot tile of rows: a decode step of up to 16 requests
 
 
-def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x (M, K) @ weight (N, K).T (+ bias)`` in the weight's dtype (``x`` cast to it first)."""
+def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+             silu_mul: bool = False) -> torch.Tensor:
+    """``x (M, K) @ weight (N, K).T (+ bias)`` in the weight's dtype (``x`` cast to it first).
+    ``silu_mul``: ``x`` is ``(M, 2K)``, a gate and an up half, and the input is ``silu(gate) * up`` in
+    ``x``'s dtype (the MLP's down projection after `kernels.activation.silu_and_mul`)."""
+    if silu_mul:
+        gate, up = x.chunk(2, dim=-1)
+        x = (F.silu(gate.float()) * up.float()).to(x.dtype)
     return F.linear(x.to(weight.dtype), weight, bias)
 
 
@@ -30,6 +36,9 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 # walking K in ``BLOCK_K`` steps: each weight tile is read once, for all rows at once (the rows are
 # padded to one 16-row tl.dot tile), fp32 accumulation. At one to sixteen rows a linear layer reads
 # its weight and little else: the kernel is a stream of the weight, pipelined ``num_stages`` deep.
+# ``SILU_MUL`` folds `kernels.activation.silu_and_mul` into the input's load (the same fp32 math and
+# the same rounding to the input's dtype): the MLP's down projection reads the gate/up rows directly,
+# one kernel boundary and one round trip of the activation fewer per layer.
 
 
 def _gemv_kernel(
@@ -44,6 +53,7 @@ def _gemv_kernel(
     stride_w,
     stride_y,
     HAS_BIAS: tl.constexpr,
+    SILU_MUL: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -64,8 +74,15 @@ def _gemv_kernel(
         k_mask = offs_k < K
         w = tl.load(w_ptr + offs_n[:, None] * stride_w + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
                     other=0.0)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :],
-                    other=0.0).to(w.dtype)  # x cast to the weight's dtype, as F.linear's input is
+        x_mask = m_mask[:, None] & k_mask[None, :]
+        if SILU_MUL:  # x rows are [gate | up], K each: silu(gate) * up in fp32, rounded as silu_and_mul rounds
+            gate = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=x_mask, other=0.0)
+            up = tl.load(x_ptr + offs_m[:, None] * stride_x + K + offs_k[None, :], mask=x_mask, other=0.0)
+            g = gate.to(tl.float32)
+            x = (g / (1.0 + tl.exp(-g)) * up.to(tl.float32)).to(x_ptr.dtype.element_ty).to(w.dtype)
+        else:
+            x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=x_mask,
+                        other=0.0).to(w.dtype)  # x cast to the weight's dtype, as F.linear's input is
         if UPCAST:  # the interpreter's low-precision tl.dot is wrong: multiply in fp32
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
@@ -82,23 +99,29 @@ _gemv = LazyKernel(
         for n, k, w, s in ((16, 512, 4, 3), (32, 256, 4, 3), (64, 128, 4, 4), (16, 256, 4, 4), (32, 512, 8, 3),
                            (64, 256, 8, 3))
     ],
-    key=["N", "K", "HAS_BIAS"],
+    key=["N", "K", "HAS_BIAS", "SILU_MUL"],
     interpret={"BLOCK_N": 16, "BLOCK_K": 32},
     pdl=True,
 )
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+         silu_mul: bool = False) -> torch.Tensor:
     """Triton :func:`gemv_ref` for ``x`` of at most :data:`MAX_ROWS` rows. ``x`` rows and ``weight``
     rows must be unit-stride; the result is a new contiguous ``(M, N)`` tensor in the weight's dtype.
-    Not bit-equal to cuBLAS (another summation order), as no two GEMM kernels are."""
-    op = "gemv"
+    Not bit-equal to cuBLAS (another summation order), as no two GEMM kernels are. With ``silu_mul``,
+    bit-equal to ``gemv(silu_and_mul(x), weight)``."""
+    op = "gemv_silu_mul" if silu_mul else "gemv"
     tensors = {"x": x, "weight": weight} | ({"bias": bias} if bias is not None else {})
     device = check_device(op, **tensors)
     check(x.dim() == 2 and weight.dim() == 2, f"{op}: x must be (M, K) and weight (N, K), got {tuple(x.shape)} and "
           f"{tuple(weight.shape)}")
     m, k = x.shape
     n = weight.shape[0]
+    if silu_mul:
+        check(k == 2 * weight.shape[1], f"{op}: x must hold a gate and an up half of K={weight.shape[1]} each "
+              f"(2K={2 * weight.shape[1]} columns), got {k}")
+        k //= 2
     check(weight.shape[1] == k, f"{op}: x has K={k} but weight has K={weight.shape[1]}")
     check(m <= MAX_ROWS, f"{op}: at most {MAX_ROWS} rows, got {m}")
     check_float_dtype(op, "x", x)
@@ -119,7 +142,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
 
     _gemv[grid](
         x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, UPCAST=interp, BLOCK_M=MAX_ROWS,
+        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, UPCAST=interp, BLOCK_M=MAX_ROWS,
         DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
     )
     return y

@@ -72,6 +72,10 @@ class AttentionBackend(Protocol):
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor: ...
 
+    def silu_mul_linear(self, x: torch.Tensor, weight: Any) -> torch.Tensor:
+        """The SwiGLU MLP's down projection: ``linear(silu_and_mul(x), weight)``, fused where a backend can."""
+        ...
+
 
 def rotary_then_store(be: AttentionBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       positions: torch.Tensor, cos_sin_cache: torch.Tensor, k_cache: torch.Tensor,
@@ -123,3 +127,7 @@ class TorchAttentionBackend:
     rotary = staticmethod(rotary_ref)
     rotary_store_kv = rotary_then_store
     silu_and_mul = staticmethod(silu_and_mul_ref)
+
+    @staticmethod
+    def silu_mul_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return plain_linear(silu_and_mul_ref(x), weight)

@@ -322,6 +322,9 @@ class CpuAttentionBackend:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate).mul_(up)
 
+    def silu_mul_linear(self, x: torch.Tensor, weight: torch.Tensor | PackedWeight) -> torch.Tensor:
+        return self.linear(self.silu_and_mul(x), weight)
+
 
 def _joined(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     """``q`` and ``k`` ``(T, heads, D)`` as one ``(T, q heads + k heads, D)`` view when ``k``'s heads

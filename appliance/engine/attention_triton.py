@@ -27,8 +27,10 @@ class TritonAttentionBackend:
 
     def __init__(self) -> None:
         # (N, K, rows) of the linear layers that run on `kernels.gemv`: measured at start-up, where it
-        # beat cuBLAS (`appliance.engine.linear_choice`); empty (all cuBLAS) until then.
+        # beat cuBLAS (`appliance.engine.linear_choice`); empty (all cuBLAS) until then. The MLP's down
+        # projection has its own set: there the GEMV also takes over the SiLU-and-mul kernel before it.
         self.gemv_for: frozenset[tuple[int, int, int]] = frozenset()
+        self.gemv_silu_mul_for: frozenset[tuple[int, int, int]] = frozenset()
         # Decode attention's split count: None picks it from the shapes; CUDA-graph decode fixes it
         # per captured bucket (appliance.engine.decode_graphs), so serving never meets a new one.
         self.decode_splits: int | None = None
@@ -40,10 +42,14 @@ class TritonAttentionBackend:
         self._extend_meta: tuple[torch.Tensor, int] | None = None
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if (self.gemv_for and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.stride(1) == 1
-                and (weight.shape[0], weight.shape[1], x.shape[0]) in self.gemv_for):
+        if _chosen(self.gemv_for, x, weight):
             return gemv(x, weight, bias)
         return plain_linear(x, weight, bias)
+
+    def silu_mul_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if _chosen(self.gemv_silu_mul_for, x, weight):
+            return gemv(x, weight, silu_mul=True)
+        return self.linear(silu_and_mul(x), weight)
 
     def store_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
@@ -95,3 +101,9 @@ class TritonAttentionBackend:
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(x)
+
+
+def _chosen(shapes: frozenset[tuple[int, int, int]], x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` runs on the GEMV: a shape measured faster there, unit-stride rows."""
+    return (bool(shapes) and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.stride(1) == 1
+            and (weight.shape[0], weight.shape[1], x.shape[0]) in shapes)

@@ -4,7 +4,9 @@ measured on the device at start-up, per weight shape and row count, never assume
 At one to sixteen rows a linear layer is a stream of its weight; which kernel streams it faster
 depends on the shape and the GPU. Each candidate runs every layer's weight of one kind in turn (so the
 weights come from HBM, not L2, as in a decode step) inside a CUDA graph (so the timing is the GPU's,
-not Python's launch rate), and the GEMV is kept only where it beats cuBLAS by ``MARGIN``.
+not Python's launch rate), and the GEMV is kept only where it beats cuBLAS by ``MARGIN``. The SwiGLU
+MLP's down projection is timed as what a step runs there: SiLU-and-mul then cuBLAS, against the GEMV
+that reads the gate/up rows itself (``silu_mul``).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ REPS = 7
 
 @dataclass(frozen=True)
 class LinearTiming:
-    """One weight kind at one row count: microseconds per weight on each path."""
+    """One weight kind at one row count: microseconds per weight on each path. ``silu_mul``: the
+    timings include the activation before the layer (cuBLAS's as its own kernel, the GEMV's fused)."""
 
     name: str
     n: int
@@ -29,6 +32,7 @@ class LinearTiming:
     rows: int
     cublas_us: float
     gemv_us: float
+    silu_mul: bool = False
 
     @property
     def gemv_wins(self) -> bool:
@@ -74,30 +78,40 @@ def graph_timer(fn: Callable[[torch.Tensor], object], weights: Sequence[torch.Te
     return statistics.median(times)
 
 
-def choose_linears(model, rows: Sequence[int], cublas: Callable, gemv: Callable,
-                   timer: Timer = graph_timer) -> list[LinearTiming]:
-    """Time ``cublas(x, w)`` against ``gemv(x, w)`` for every weight kind of ``model`` at each row count."""
+def choose_linears(model, rows: Sequence[int], cublas: Callable, gemv: Callable, timer: Timer = graph_timer,
+                   silu_and_mul: Callable | None = None) -> list[LinearTiming]:
+    """Time ``cublas(x, w)`` against ``gemv(x, w)`` for every weight kind of ``model`` at each row count.
+    ``silu_and_mul`` (a SwiGLU model): ``down`` is timed as ``cublas(silu_and_mul(x), w)`` against
+    ``gemv(x, w, silu_mul=True)`` on gate/up rows ``x``."""
     out = []
     for name, weights in weight_groups(model).items():
         n, k = weights[0].shape
+        fused = name == "down" and silu_and_mul is not None
         for m in rows:
-            x = torch.randn(m, k, dtype=weights[0].dtype, device=weights[0].device)
-            t_cublas = timer(lambda w, x=x: cublas(x, w), weights)
-            t_gemv = timer(lambda w, x=x: gemv(x, w), weights)
-            out.append(LinearTiming(name, n, k, m, round(t_cublas, 2), round(t_gemv, 2)))
+            x = torch.randn(m, 2 * k if fused else k, dtype=weights[0].dtype, device=weights[0].device)
+            if fused:
+                t_cublas = timer(lambda w, x=x: cublas(silu_and_mul(x), w), weights)
+                t_gemv = timer(lambda w, x=x: gemv(x, w, silu_mul=True), weights)
+            else:
+                t_cublas = timer(lambda w, x=x: cublas(x, w), weights)
+                t_gemv = timer(lambda w, x=x: gemv(x, w), weights)
+            out.append(LinearTiming(name, n, k, m, round(t_cublas, 2), round(t_gemv, 2), fused))
     return out
 
 
-def gemv_shapes(timings: Sequence[LinearTiming]) -> frozenset[tuple[int, int, int]]:
-    """``(n, k, rows)`` where the GEMV won: what the backend's ``linear`` dispatches on."""
-    return frozenset((t.n, t.k, t.rows) for t in timings if t.gemv_wins)
+def gemv_shapes(timings: Sequence[LinearTiming], silu_mul: bool = False) -> frozenset[tuple[int, int, int]]:
+    """``(n, k, rows)`` where the GEMV won: what the backend's ``linear`` dispatches on, or with
+    ``silu_mul`` its ``silu_mul_linear``."""
+    return frozenset((t.n, t.k, t.rows) for t in timings if t.gemv_wins and t.silu_mul == silu_mul)
 
 
 def summary(timings: Sequence[LinearTiming]) -> str:
     """One line: per weight kind, the rows where the GEMV won and its time against cuBLAS's."""
     parts = []
     for name in dict.fromkeys(t.name for t in timings):
-        won = [t for t in timings if t.name == name and t.gemv_wins]
+        mine = [t for t in timings if t.name == name]
+        won = [t for t in mine if t.gemv_wins]
         ratio = ", ".join(f"{t.rows}: {t.gemv_us / t.cublas_us:.2f}x" for t in won)
-        parts.append(f"{name} {'GEMV at rows ' + ratio if won else 'cuBLAS'}")
+        label = f"{name} (with SiLU)" if any(t.silu_mul for t in mine) else name
+        parts.append(f"{label} {'GEMV at rows ' + ratio if won else 'cuBLAS'}")
     return "; ".join(parts)

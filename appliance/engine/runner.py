@@ -23,6 +23,7 @@ from appliance.model.llama import LlamaModel
 from appliance.model.loader import load_checkpoint
 from appliance.model.random_model import is_random_spec, random_checkpoint
 from appliance.model.weights import Checkpoint
+from kernels.activation import silu_and_mul
 from kernels.gemv import MAX_ROWS, gemv
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -123,12 +124,16 @@ class ModelRunner:
             return
         t0 = time.perf_counter()
         try:
-            self.linear_timings = choose_linears(self.model, rows, plain_linear, gemv)
+            swiglu = self.model.cfg.mlp_activation == "silu"
+            self.linear_timings = choose_linears(self.model, rows, plain_linear, gemv,
+                                                 silu_and_mul=silu_and_mul if swiglu else None)
         except Exception as exc:  # e.g. a Triton that cannot build the GEMV: cuBLAS everywhere, as before
             print(f"pdbox engine: GEMV timing failed, every linear layer on cuBLAS: {exc}", file=sys.stderr,
                   flush=True)
             return
         self.backend.gemv_for = gemv_shapes(self.linear_timings)
+        if hasattr(self.backend, "gemv_silu_mul_for"):
+            self.backend.gemv_silu_mul_for = gemv_shapes(self.linear_timings, silu_mul=True)
         print(f"pdbox engine: linear layers at rows {rows} ({time.perf_counter() - t0:.1f} s to measure): "
               f"{summary(self.linear_timings)}", file=sys.stderr, flush=True)
 

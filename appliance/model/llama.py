@@ -259,7 +259,7 @@ class LlamaModel:
             elif cfg.mlp_activation == "gelu_tanh":
                 x = be.linear(gelu_tanh_and_mul(be.linear(h, lw.gate_up)), lw.down)
             else:
-                x = be.linear(be.silu_and_mul(be.linear(h, lw.gate_up)), lw.down)
+                x = be.silu_mul_linear(be.linear(h, lw.gate_up), lw.down)
             if self.all_reduce is not None:
                 self.all_reduce(x)
             if lw.post_ffn_norm is not None:

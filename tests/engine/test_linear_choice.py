@@ -93,3 +93,62 @@ def test_a_failed_timing_leaves_every_layer_on_cublas(runner: ModelRunner, monke
 def test_timings_report_their_ratio() -> None:
     t = LinearTiming("o_proj", 4096, 4096, 1, cublas_us=10.0, gemv_us=9.6)
     assert t.gemv_wins and not LinearTiming("o_proj", 4096, 4096, 1, 10.0, 9.8).gemv_wins
+
+
+def test_swiglu_down_is_timed_with_its_activation_and_dispatched_apart(runner: ModelRunner) -> None:
+    """``down`` on a SwiGLU model: cuBLAS's side runs SiLU-and-mul first, the GEMV's reads the gate/up
+    rows (2K wide) itself; a win lands in its own set, never in the plain ``linear`` one."""
+    groups = weight_groups(runner.model)
+    n, k = groups["down"][0].shape
+    seen: list[tuple] = []
+
+    def cublas(x, w):
+        seen.append(("cublas", tuple(x.shape)))
+
+    def gemv(x, w, silu_mul=False):
+        seen.append(("gemv", tuple(x.shape), silu_mul))
+
+    def act(x):
+        seen.append(("act", tuple(x.shape)))
+        return x[:, : x.shape[1] // 2]
+
+    def timer(fn, weights) -> float:
+        seen.clear()
+        fn(weights[0])
+        return 5.0 if seen[-1][0] == "gemv" and weights[0].shape == (n, k) else 10.0
+
+    timings = choose_linears(runner.model, [1], cublas, gemv, timer=timer, silu_and_mul=act)
+    down = next(t for t in timings if t.name == "down")
+    assert down.silu_mul and down.gemv_wins and not any(t.silu_mul for t in timings if t.name != "down")
+    assert gemv_shapes(timings) == frozenset() and gemv_shapes(timings, silu_mul=True) == frozenset({(n, k, 1)})
+    assert "down (with SiLU) GEMV at rows 1: 0.50x" in summary(timings)
+    calls: dict[tuple, list] = {}
+
+    def record(fn, weights) -> float:
+        seen.clear()
+        fn(weights[0])
+        calls.setdefault(tuple(weights[0].shape), []).append(list(seen))
+        return 1.0
+
+    choose_linears(runner.model, [2], cublas, gemv, timer=record, silu_and_mul=act)
+    assert calls[(n, k)] == [[("act", (2, 2 * k)), ("cublas", (2, k))], [("gemv", (2, 2 * k), True)]]
+    qkv = tuple(groups["qkv"][0].shape)
+    assert calls[qkv] == [[("cublas", (2, qkv[1]))], [("gemv", (2, qkv[1]), False)]]
+
+
+def test_the_triton_backend_fuses_down_only_where_chosen(monkeypatch) -> None:
+    from kernels.activation import silu_and_mul_ref
+
+    used: list[tuple] = []
+    monkeypatch.setattr(attention_triton, "gemv", lambda x, w, b=None, silu_mul=False: used.append(
+        (tuple(x.shape), silu_mul)) or plain_linear(silu_and_mul_ref(x) if silu_mul else x, w, b))
+    monkeypatch.setattr(attention_triton, "silu_and_mul", silu_and_mul_ref)
+    be = TritonAttentionBackend()
+    x, w = torch.randn(2, 16), torch.randn(6, 8)
+    want = plain_linear(silu_and_mul_ref(x), w)
+    assert torch.equal(be.silu_mul_linear(x, w), want) and used == []  # nothing chosen: the activation, cuBLAS
+    be.gemv_for = frozenset({(6, 8, 2)})  # the plain GEMV chosen for this shape: after the activation kernel
+    torch.testing.assert_close(be.silu_mul_linear(x, w), want)
+    be.gemv_silu_mul_for = frozenset({(6, 8, 2)})
+    torch.testing.assert_close(be.silu_mul_linear(x, w), want)
+    assert used == [((2, 8), False), ((2, 16), True)]

@@ -145,6 +145,8 @@ def _cases() -> dict[str, Callable[[], Any]]:
                                                       2 * idx[:128], 2 * idx[:128], torch.full((128,), 2), 2),
         "gemv": lambda: [kernels.gemv(torch.zeros(m, 4096, dtype=dt), torch.zeros(6144, 4096, dtype=dt))
                          for m, dt in ((1, BF16), (16, BF16), (4, torch.float32))],
+        "gemv_silu_mul": lambda: kernels.gemv(torch.zeros(4, 2 * 14336, dtype=BF16),
+                                              torch.zeros(4096, 14336, dtype=BF16), silu_mul=True),
     }
 
 

@@ -55,3 +55,26 @@ def test_bad_inputs_are_named(device):
         gemv(torch.zeros(16, 2, device=device).t(), w)
     with pytest.raises(ValueError, match="bias must be contiguous"):
         gemv(torch.zeros(2, 16, device=device), w, torch.zeros(9, device=device))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("m,n,k", [(1, 40, 70), (MAX_ROWS, 33, 130)])
+def test_silu_mul_folds_the_activation_into_the_load(device, tol, dtype, m, n, k):
+    """``silu_mul``: the down projection straight from the gate/up rows, bit-equal to the two kernels."""
+    from kernels.activation import silu_and_mul
+
+    x = _randn(m, 2 * k, dtype=dtype, device=device) * 4
+    w = _randn(n, k, dtype=dtype, device=device, seed=1)
+    y = gemv(x, w, silu_mul=True)
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert torch.equal(y, gemv(silu_and_mul(x), w)), "not the unfused pair's bits"
+    torch.testing.assert_close(y.cpu(), gemv_ref(x.cpu(), w.cpu(), silu_mul=True), **tol(dtype))
+    wide = _randn(m, 2 * k + 6, dtype=dtype, device=device, seed=3)[:, : 2 * k]  # strided rows
+    torch.testing.assert_close(gemv(wide, w, silu_mul=True).cpu(), gemv_ref(wide.cpu(), w.cpu(), silu_mul=True),
+                               **tol(dtype))
+
+
+def test_silu_mul_needs_both_halves(device):
+    w = torch.zeros(8, 16, device=device)
+    with pytest.raises(ValueError, match=r"gate and an up half of K=16 each \(2K=32 columns\), got 16"):
+        gemv(torch.zeros(2, 16, device=device), w, silu_mul=True)

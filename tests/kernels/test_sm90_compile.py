@@ -49,6 +49,7 @@ def test_every_kernel_compiles_to_one_sm90_entry(report: dict) -> None:
         "copy_pages": ["_copy_pages_kernel"],
         "copy_pages_runs": ["_copy_pages_kernel"],  # runs of pages consecutive at both ends: one span each
         "gemv": ["_gemv_kernel"] * 3,  # bf16 at one row (Triton specializes 1) and sixteen, fp32
+        "gemv_silu_mul": ["_gemv_kernel"],  # the down projection reading the gate/up rows
     }
     assert all(k["entries"] == 1 for launches in report.values() for k in launches)
     # every autotuning config too: a GPU's warm-up compiles them all
@@ -64,6 +65,8 @@ def test_attention_runs_on_tensor_cores_and_reads_kv_in_16_byte_vectors(report: 
     one, sixteen, fp32 = report["gemv"]
     # the weight streams through shared memory in 16-byte asynchronous copies, pipelined
     assert one["mma"] and sixteen["mma"] and one["async"] == sixteen["async"] == fp32["async"] == [16]
+    fused = report["gemv_silu_mul"][0]
+    assert fused["mma"] and fused["async"] == [16]
 
 
 def test_page_copy_and_pointwise_kernels_move_16_byte_vectors(report: dict) -> None:
