@@ -76,6 +76,12 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
+def onednn_bf16_available() -> bool:
+    """Whether oneDNN can pack and run bf16 weights on this CPU (it needs AVX512-BW/VL/DQ or AVX-NE-CONVERT;
+    without them bf16 weights stay unpacked, on torch's own kernels)."""
+    return onednn_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def int4_available() -> bool:
     """Whether this torch has the CPU int4 weight-only kernel."""
     return hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
