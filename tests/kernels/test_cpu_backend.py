@@ -12,6 +12,7 @@ from appliance.engine.attention_cpu import (
     PackedWeight,
     int4_available,
     onednn_available,
+    onednn_bf16_available,
 )
 from appliance.engine.backends import create_backend
 from appliance.engine.dtype import default_dtype
@@ -193,7 +194,10 @@ def _q4_weight(n: int, k: int, seed: int):
     return blocks, blocks.dequantize()
 
 
-@pytest.mark.skipif(not onednn_available() or not int4_available(), reason="this torch has no oneDNN / int4 kernel")
+NO_INT4 = "no oneDNN bf16 on this CPU (int4 weights ride on its packed bf16 ones) or no int4 kernel"
+
+
+@pytest.mark.skipif(not onednn_bf16_available() or not int4_available(), reason=NO_INT4)
 @pytest.mark.parametrize("rows", [1, 2, 4, 5, 64])
 def test_q4_weights_run_few_rows_through_int4_and_match_the_floats(rows: int) -> None:
     be = CpuAttentionBackend()
@@ -212,7 +216,7 @@ def test_q4_weights_run_few_rows_through_int4_and_match_the_floats(rows: int) ->
         assert torch.equal(be.linear(x, packed), int4)
 
 
-@pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
+@pytest.mark.skipif(not onednn_bf16_available(), reason="no oneDNN bf16 on this CPU")
 def test_q4_blocks_are_not_packed_for_fp32_or_another_shape() -> None:
     be = CpuAttentionBackend()
     blocks, w = _q4_weight(64, 64, 5)
@@ -224,8 +228,8 @@ def test_engine_packs_the_embedded_models_q4_weights_unless_told_not_to(smollm_p
     from appliance.config import EngineConfig
     from appliance.engine.runner import ModelRunner
 
-    if not onednn_available() or not int4_available():
-        pytest.skip("this torch has no oneDNN / int4 kernel")
+    if not onednn_bf16_available() or not int4_available():
+        pytest.skip(NO_INT4)
     for flag in (True, False):
         runner = ModelRunner(str(smollm_path), EngineConfig(dtype="bfloat16", q4_kernels=flag, kv_cache_mb=8))
         layer = runner.model.layers[0]
