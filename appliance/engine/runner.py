@@ -132,8 +132,7 @@ class ModelRunner:
                   flush=True)
             return
         self.backend.gemv_for = gemv_shapes(self.linear_timings)
-        if hasattr(self.backend, "gemv_silu_mul_for"):
-            self.backend.gemv_silu_mul_for = gemv_shapes(self.linear_timings, silu_mul=True)
+        self.backend.gemv_silu_mul_for = gemv_shapes(self.linear_timings, silu_mul=True)
         print(f"pdbox engine: linear layers at rows {rows} ({time.perf_counter() - t0:.1f} s to measure): "
               f"{summary(self.linear_timings)}", file=sys.stderr, flush=True)
 
