@@ -73,7 +73,6 @@ class DeviceSampler:
     """Samples one token per row of device ``logits``; unseeded rows draw their uniform from one host RNG."""
 
     def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
         self._rng = random.Random(seed)
 
     def _uniform(self, req: Request) -> float:
