@@ -183,8 +183,8 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     attention_backend: str = flag("auto", "Attention kernels (auto: by device).",
                                   choices=ATTENTION_BACKENDS)
-    q4_kernels: bool = flag(True, "CPU, bf16: decode steps of up to 4 rows read a GGUF's Q4_0/Q4_1 weights "
-                                  "packed (torch's int4 kernel) instead of their bf16 copies.")
+    q4_kernels: bool = flag(True, "CPU: decode steps of up to 4 rows read a GGUF's Q4_0/Q4_1 weights packed "
+                                  "(torch's int4 kernel, activations rounded to bf16) instead of their float copies.")
     native_kernels: bool = flag(True, "CPU, bf16: attention, RMSNorm, rotary and SiLU in pdbox's own AVX-512 BF16 C "
                                       "kernels (built with the machine's cc on first use) instead of torch's ops.")
     tp_size: int = 1

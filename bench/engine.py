@@ -9,7 +9,7 @@ together (what a decode engine does with RAG answers).
 Beside each figure, the floor this machine allows, measured in the same run through the engine's own
 linear layers: a batch-1 decode step reads every weight once (bytes / the bandwidth of one GEMV over
 a weight as large as the whole model), a prefill runs 2 x params FLOPs per token (at the GEMM rate of
-a prefill-shaped layer). Where a GGUF's 4-bit weights run packed (``--q4-kernels``, the default in bf16),
+a prefill-shaped layer). Where a GGUF's 4-bit weights run packed (``--q4-kernels``, the engine's default),
 the step reads their codes and scales instead: ``decode_floor_ms`` counts those bytes,
 ``decode_floor_ms_dense`` every weight in the engine's dtype.
 """
@@ -150,7 +150,7 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
               help="kernels: cpu (fast CPU path), torch (the references), triton")
 @click.option("--steps", type=int, default=48)
 @click.option("--q4-kernels/--no-q4-kernels", default=True,
-              help="CPU, bf16: decode reads a GGUF's 4-bit weights packed (the engine's default)")
+              help="CPU: decode reads a GGUF's 4-bit weights packed (the engine's default)")
 @click.option("--native-kernels/--no-native-kernels", default=True,
               help="CPU, bf16: attention and pointwise ops in pdbox's C kernels (the engine's default), else torch's")
 @click.option("--prefill-len", type=int, default=1024)

@@ -5,7 +5,7 @@
 Times the linear layers of one forward step (every layer's weights, packed as the engine packs
 them, read once per step in the engine's order) at each row count, through the engine's own
 ``linear``, through the raw oneDNN call on the dense weights without the backend's padding of few rows,
-and, for a GGUF's 4-bit weights in bf16, through torch's int4 kernel on their packed blocks (medians).
+and, for a GGUF's 4-bit weights, through torch's int4 kernel on their packed blocks (medians).
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from bench.engine_steps import median_s
 
 def run(model: str | None, threads: int, dtype: str, rows: list[int]) -> list[dict]:
     from appliance.config import EngineConfig
-    from appliance.engine.attention_cpu import PackedWeight
+    from appliance.engine.attention_cpu import PackedWeight, int4_linear
     from appliance.engine.engine import Engine
-    from appliance.model.q4_blocks import GROUP
 
     torch.set_num_threads(threads)
     engine = Engine(model, EngineConfig(dtype=dtype, threads=threads, kv_cache_mb=64, attention_backend="cpu"))
@@ -43,7 +42,7 @@ def run(model: str | None, threads: int, dtype: str, rows: list[int]) -> list[di
         return torch.nn.functional.linear(a, w)
 
     def int4(a: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(a, w.int4[0], GROUP, w.int4[1])
+        return int4_linear(a, w.int4)
 
     has_int4 = all(isinstance(w, PackedWeight) and w.int4 is not None for ws in layers for w in ws)
 

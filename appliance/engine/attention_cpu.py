@@ -18,8 +18,9 @@ The references in ``kernels`` are written to be obviously right; they stay the t
   batches gather and go batched by length, as the reference does;
 - no dtype round trips when the engine runs fp32;
 - a GGUF's 4-bit weights (Q4_0, Q4_1) also kept packed as int4 (``q4_blocks``): steps of up to
-  ``INT4_MAX_ROWS`` rows (decode) run torch's int4 kernel on them in bf16, reading a quarter of the
-  bytes; more rows (prefill) run oneDNN on the bf16 weights.
+  ``INT4_MAX_ROWS`` rows (decode) run torch's int4 kernel on them with bf16 activations (an fp32 engine
+  rounds its rows to bf16 for these calls, as llama.cpp rounds them to 8 bits), reading a quarter of
+  bf16's bytes and an eighth of fp32's; more rows (prefill) run oneDNN on the float weights.
 
 SDPA cannot soft-cap attention scores, so with ``softcap`` set (Gemma 2) both attention calls take the
 references' explicit matmul-tanh-softmax path instead.
@@ -56,7 +57,9 @@ PAD_MAX_ROWS = 2
 PADDED_ROWS = 4
 # NOTE: torch's int4 kernel pays for every added row while oneDNN's bf16 GEMM takes rows almost free; over
 # one SmolLM2 step's layers (2-core Zen 4, `python -m bench.linear_rows --threads 1`, ms for 1 / 2 / 4 / 5 /
-# 8 rows) int4 6.4 / 8.2 / 11.0 / 16.9 / 21.4 against oneDNN bf16 15.1 / 17.3 / 13.5 / 15.7 / 17.9
+# 8 rows) int4 6.4 / 8.2 / 11.0 / 16.9 / 21.4 against oneDNN bf16 15.1 / 17.3 / 13.5 / 15.7 / 17.9. On a
+# 2-core Zen 3 (AVX2, no bf16 instructions) against oneDNN fp32, 1 / 2 / 4 / 8 rows: int4 17.0 / 18.4 /
+# 23.3 / 47.0, fp32 29.5 / 31.2 / 39.6 / 50.4 (unpadded).
 INT4_MAX_ROWS = 4
 
 
@@ -88,9 +91,9 @@ def int4_available() -> bool:
 
 
 class PackedWeight:
-    """A ``(out, in)`` weight in oneDNN's blocked layout, with its logical shape and dtype; ``int4``,
-    where given, the same weight's 4-bit blocks packed for torch's int4 kernel with their bf16
-    ``(in / 32, out, 2)`` scales and zeros."""
+    """A ``(out, in)`` weight in oneDNN's blocked layout, with its logical shape and dtype (fp32 or bf16);
+    ``int4``, where given, the same weight's 4-bit blocks packed for torch's int4 kernel with their bf16
+    ``(in / 32, out, 2)`` scales and zeros (see `int4_linear`)."""
 
     __slots__ = ("packed", "shape", "dtype", "int4")
 
@@ -99,13 +102,20 @@ class PackedWeight:
         self.shape = tuple(weight.shape)
         self.dtype = weight.dtype
         self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
-        if q4 is not None and weight.dtype == torch.bfloat16 and q4.shape == self.shape and int4_available():
+        if q4 is not None and q4.shape == self.shape and int4_available():
             try:
                 codes = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.codes.to(torch.int32), 1)
-            except RuntimeError:  # a shape the kernel does not take: bf16 for every row count
+            except RuntimeError:  # a shape the kernel does not take: the floats for every row count
                 return
             scales = torch.stack([q4.scale.t(), q4.zero.t()], -1).to(torch.bfloat16).contiguous()
             self.int4 = (codes, scales)
+
+
+def int4_linear(x: torch.Tensor, int4: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``x @ w.T`` for a `PackedWeight`'s ``int4`` blocks, in ``x``'s dtype; the kernel takes bf16 rows (a
+    ``(rows, in)`` fp32 input is rounded to bf16 and the output widened back)."""
+    out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16).contiguous(), int4[0], GROUP, int4[1])
+    return out.to(x.dtype)
 
 
 class CpuAttentionBackend:
@@ -137,7 +147,7 @@ class CpuAttentionBackend:
     # -- linear layers ------------------------------------------------------------------------
     def pack_linear(self, weight: torch.Tensor, q4: Q4Blocks | None = None) -> torch.Tensor | PackedWeight:
         """The form :meth:`linear` takes: packed for oneDNN when it can run this dtype here, with
-        ``q4`` packed beside it for few-row steps in bf16."""
+        ``q4`` packed beside it for few-row steps."""
         if self.pack_weights and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
             try:
                 return PackedWeight(weight, q4)
@@ -152,8 +162,7 @@ class CpuAttentionBackend:
                 x = x.to(weight.dtype)
             rows = x.shape[0]
             if weight.int4 is not None and x.dim() == 2 and rows <= INT4_MAX_ROWS:
-                out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), weight.int4[0], GROUP,
-                                                                 weight.int4[1])
+                out = int4_linear(x, weight.int4)
                 return out if bias is None else out.add_(bias)
             if x.dim() == 2 and rows <= PAD_MAX_ROWS:  # one or two decode rows: padded (see PADDED_ROWS)
                 padded = self._pad_rows(x.shape[1], x.dtype)

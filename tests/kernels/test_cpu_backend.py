@@ -194,44 +194,50 @@ def _q4_weight(n: int, k: int, seed: int):
     return blocks, blocks.dequantize()
 
 
-NO_INT4 = "no oneDNN bf16 on this CPU (int4 weights ride on its packed bf16 ones) or no int4 kernel"
+NO_INT4 = "this torch has no oneDNN packing or no CPU int4 kernel"
+DTYPES_HERE = [torch.float32] + ([torch.bfloat16] if onednn_bf16_available() else [])
 
 
-@pytest.mark.skipif(not onednn_bf16_available() or not int4_available(), reason=NO_INT4)
+@pytest.mark.skipif(not onednn_available() or not int4_available(), reason=NO_INT4)
+@pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
 @pytest.mark.parametrize("rows", [1, 2, 4, 5, 64])
-def test_q4_weights_run_few_rows_through_int4_and_match_the_floats(rows: int) -> None:
+def test_q4_weights_run_few_rows_through_int4_and_match_the_floats(rows: int, dtype: torch.dtype) -> None:
     be = CpuAttentionBackend()
     blocks, w = _q4_weight(192, 128, 3)
-    packed = be.pack_linear(w.to(torch.bfloat16), blocks)
+    packed = be.pack_linear(w.to(dtype), blocks)
     assert isinstance(packed, PackedWeight) and packed.int4 is not None
-    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
-    bias = torch.randn(192).to(torch.bfloat16)
+    x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(4)).to(dtype)
+    bias = torch.randn(192).to(dtype)
     want = x.float() @ w.T
     for b in (None, bias):
         got = be.linear(x, packed, b)
-        assert got.shape == (rows, 192) and got.dtype == torch.bfloat16
+        assert got.shape == (rows, 192) and got.dtype == dtype
         torch.testing.assert_close(got.float(), want + (0 if b is None else b.float()), rtol=2e-2, atol=6e-2)
-    if rows <= INT4_MAX_ROWS:  # the int4 kernel's own answer, not oneDNN's on the bf16 copy
-        int4 = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed.int4[0], 32, packed.int4[1])
-        assert torch.equal(be.linear(x, packed), int4)
+    if rows <= INT4_MAX_ROWS:  # the int4 kernel's own answer (on bf16 rows), not oneDNN's on the float copy
+        int4 = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed.int4[0], 32, packed.int4[1])
+        assert torch.equal(be.linear(x, packed), int4.to(dtype))
+    else:  # prefill rows: oneDNN on the float weights, exact in fp32
+        dense = torch.ops.mkldnn._linear_pointwise(x, packed.packed, None, "none", [], "")
+        assert torch.equal(be.linear(x, packed), dense)
 
 
-@pytest.mark.skipif(not onednn_bf16_available(), reason="no oneDNN bf16 on this CPU")
-def test_q4_blocks_are_not_packed_for_fp32_or_another_shape() -> None:
+@pytest.mark.skipif(not onednn_available() or not int4_available(), reason=NO_INT4)
+def test_q4_blocks_of_another_shape_are_not_packed() -> None:
     be = CpuAttentionBackend()
     blocks, w = _q4_weight(64, 64, 5)
-    assert be.pack_linear(w, blocks).int4 is None  # fp32 engine: the exact floats only
-    assert be.pack_linear(w[:32].to(torch.bfloat16), blocks).int4 is None
+    assert be.pack_linear(w, blocks).int4 is not None
+    assert be.pack_linear(w[:32], blocks).int4 is None
+    assert be.pack_linear(w).int4 is None
 
 
 def test_engine_packs_the_embedded_models_q4_weights_unless_told_not_to(smollm_path) -> None:
     from appliance.config import EngineConfig
     from appliance.engine.runner import ModelRunner
 
-    if not onednn_bf16_available() or not int4_available():
+    if not onednn_available() or not int4_available():
         pytest.skip(NO_INT4)
     for flag in (True, False):
-        runner = ModelRunner(str(smollm_path), EngineConfig(dtype="bfloat16", q4_kernels=flag, kv_cache_mb=8))
+        runner = ModelRunner(str(smollm_path), EngineConfig(q4_kernels=flag, kv_cache_mb=8))  # fp32 or bf16
         layer = runner.model.layers[0]
         assert all((w.int4 is not None) == flag for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
         assert runner.model.lm_head.int4 is None  # the tied Q8_0 embedding has no 4-bit blocks
