@@ -183,10 +183,12 @@ class EngineConfig:
     enable_prefix_cache: bool = True
     attention_backend: str = flag("auto", "Attention kernels (auto: by device).",
                                   choices=ATTENTION_BACKENDS)
-    q4_kernels: bool = flag(True, "CPU: decode steps of up to 4 rows read a GGUF's Q4_0/Q4_1 weights packed "
-                                  "(torch's int4 kernel, activations rounded to bf16) instead of their float copies.")
-    native_kernels: bool = flag(True, "CPU, bf16: attention, RMSNorm, rotary and SiLU in pdbox's own AVX-512 BF16 C "
-                                      "kernels (built with the machine's cc on first use) instead of torch's ops.")
+    q4_kernels: bool = flag(True, "CPU: decode steps of a few rows read a GGUF's Q4_0/Q4_1 weights as 4-bit "
+                                  "blocks (pdbox's AVX2 kernel on rows rounded to int16, up to 8 rows in fp32 and 4 in "
+                                  "bf16; else torch's int4 kernel on bf16 rows, up to 4) instead of the floats.")
+    native_kernels: bool = flag(True, "CPU: pdbox's own C kernels (built with the machine's cc on first use): in bf16 "
+                                      "attention, RMSNorm, rotary and SiLU (AVX-512 BF16), and the 4-bit GEMV (AVX2), "
+                                      "instead of torch's ops.")
     tp_size: int = 1
     threads: int = 0
     seed: int = 0

@@ -55,9 +55,10 @@ def floors(engine, prefill_chunk: int) -> dict:
 
     elem = torch.empty(0, dtype=model.dtype).element_size()
 
-    def read_bytes(w) -> int:  # what a batch-1 step reads of it: the int4 codes and scales where it has them
-        int4 = getattr(w, "int4", None)
-        return numel(w) * elem if int4 is None else sum(t.numel() * t.element_size() for t in int4)
+    def read_bytes(w) -> int:  # what a batch-1 step reads of it: the 4-bit codes and scales where it has them
+        q4, int4 = getattr(w, "q4", None), getattr(w, "int4", None)
+        tensors = (q4.codes, q4.params) if q4 is not None else int4
+        return numel(w) * elem if tensors is None else sum(t.numel() * t.element_size() for t in tensors)
 
     dense_bytes = sum(numel(w) for w in weights) * elem
     weight_bytes = sum(read_bytes(w) for w in weights)
@@ -81,6 +82,14 @@ def floors(engine, prefill_chunk: int) -> dict:
             "decode_floor_ms_dense": round(dense_bytes / gemv_gbs / 1e6, 2),
             "gemm_gflop_s": round(gemm_flops / 1e9, 1),
             "prefill_floor_tok_s": round(gemm_flops / (2 * layer_params), 1)}
+
+
+def _q4_kernel(model) -> str:
+    """Which kernel decode reads a GGUF's 4-bit weights with: pdbox's, torch's int4, or none."""
+    w = model.layers[0].gate_up
+    if getattr(w, "q4", None) is not None:
+        return "pdbox-q4 (AVX2, int16 rows)"
+    return "torch-int4 (bf16 rows)" if getattr(w, "int4", None) is not None else "none (the float weights)"
 
 
 def _native_kernels(backend: object) -> str:
@@ -118,6 +127,7 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
     return {
         "model": engine.model_name, "dtype": cfg.dtype, "backend": engine.runner.backend.name, "threads": threads,
         "q4_kernels": q4_kernels,
+        "q4_kernel": _q4_kernel(engine.runner.model),
         "native_kernels": _native_kernels(engine.runner.backend),
         "cpu_count": os.cpu_count(),
         "decode_ms_per_token_b1": round(ms_b1, 2),

@@ -1,11 +1,13 @@
 """How the CPU backend's linear layers scale with the rows of their input, over cold weights.
 
     python -m bench.linear_rows [--threads N] [--dtype bfloat16] [--rows 1,2,3,4,5,6,8,16] [--model PATH]
+                                [--no-native-kernels]
 
 Times the linear layers of one forward step (every layer's weights, packed as the engine packs
 them, read once per step in the engine's order) at each row count, through the engine's own
 ``linear``, through the raw oneDNN call on the dense weights without the backend's padding of few rows,
-and, for a GGUF's 4-bit weights, through torch's int4 kernel on their packed blocks (medians).
+and, for a GGUF's 4-bit weights, through the 4-bit kernel the engine packed them for (pdbox's AVX2
+kernel, or with ``--no-native-kernels`` or where it cannot be built torch's int4 kernel), medians.
 """
 
 from __future__ import annotations
@@ -20,13 +22,15 @@ from appliance.cli_support import HELP_OPTIONS, run_command
 from bench.engine_steps import median_s
 
 
-def run(model: str | None, threads: int, dtype: str, rows: list[int]) -> list[dict]:
+def run(model: str | None, threads: int, dtype: str, rows: list[int], native_kernels: bool = True) -> list[dict]:
     from appliance.config import EngineConfig
     from appliance.engine.attention_cpu import PackedWeight, int4_linear
     from appliance.engine.engine import Engine
+    from kernels.cpu.q4_gemv import MAX_ROWS, q4_linear
 
     torch.set_num_threads(threads)
-    engine = Engine(model, EngineConfig(dtype=dtype, threads=threads, kv_cache_mb=64, attention_backend="cpu"))
+    engine = Engine(model, EngineConfig(dtype=dtype, threads=threads, kv_cache_mb=64, attention_backend="cpu",
+                                        native_kernels=native_kernels))
     m = engine.runner.model
     be = m.backend
     layers = [(lw.qkv, lw.o_proj, lw.gate_up, lw.down) for lw in m.layers]
@@ -41,10 +45,12 @@ def run(model: str | None, threads: int, dtype: str, rows: list[int]) -> list[di
             return torch.ops.mkldnn._linear_pointwise(a, w.packed, None, "none", [], "")
         return torch.nn.functional.linear(a, w)
 
-    def int4(a: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-        return int4_linear(a, w.int4)
+    def four_bit(a: torch.Tensor, w: PackedWeight) -> torch.Tensor:
+        return q4_linear(a.float(), w.q4, threads) if w.q4 is not None else int4_linear(a, w.int4)
 
-    has_int4 = all(isinstance(w, PackedWeight) and w.int4 is not None for ws in layers for w in ws)
+    packed = [w for ws in layers for w in ws if isinstance(w, PackedWeight)]
+    kernel = ("pdbox-q4" if packed and all(w.q4 is not None for w in packed) else
+              "torch-int4" if packed and all(w.int4 is not None for w in packed) else None)
 
     out = []
     with torch.inference_mode():
@@ -52,8 +58,9 @@ def run(model: str | None, threads: int, dtype: str, rows: list[int]) -> list[di
             x, xi = torch.randn(n, hidden, dtype=m.dtype), torch.randn(n, inner, dtype=m.dtype)
             out.append({"rows": n, "engine_ms": round(median_s(lambda: step(be.linear, x, xi), 9) * 1e3, 2),  # noqa: B023
                         "unpadded_ms": round(median_s(lambda: step(raw, x, xi), 9) * 1e3, 2),  # noqa: B023
-                        "int4_ms": (round(median_s(lambda: step(int4, x, xi), 9) * 1e3, 2)  # noqa: B023
-                                    if has_int4 else None)})
+                        "q4_kernel": kernel,
+                        "q4_ms": (round(median_s(lambda: step(four_bit, x, xi), 9) * 1e3, 2)  # noqa: B023
+                                  if kernel == "torch-int4" or (kernel and n <= MAX_ROWS) else None)})
     engine.shutdown()
     return out
 
@@ -73,9 +80,11 @@ def _row_counts(ctx: click.Context, param: click.Parameter, value: str) -> list[
 @click.option("--threads", type=int, default=len(os.sched_getaffinity(0)))
 @click.option("--dtype", default="auto", type=click.Choice(("auto", "float32", "bfloat16")))
 @click.option("--rows", default="1,2,3,4,5,6,8,16", callback=_row_counts, help="row counts, comma-separated")
-def command(model: str | None, threads: int, dtype: str, rows: list[int]) -> None:
-    for r in run(model, threads, dtype, rows):
-        int4 = "" if r["int4_ms"] is None else f", int4 {r['int4_ms']:7.2f} ms"
+@click.option("--native-kernels/--no-native-kernels", default=True,
+              help="4-bit weights in pdbox's AVX2 kernel (the engine's default), else torch's int4 kernel")
+def command(model: str | None, threads: int, dtype: str, rows: list[int], native_kernels: bool) -> None:
+    for r in run(model, threads, dtype, rows, native_kernels):
+        int4 = "" if r["q4_ms"] is None else f", {r['q4_kernel']} {r['q4_ms']:7.2f} ms"
         print(f"rows {r['rows']:3d}: engine linear {r['engine_ms']:7.2f} ms, "
               f"unpadded oneDNN {r['unpadded_ms']:7.2f} ms{int4} ({threads} threads, one step's layers)")
 

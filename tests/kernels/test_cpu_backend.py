@@ -8,6 +8,7 @@ import torch
 from appliance.engine.attention import TorchAttentionBackend
 from appliance.engine.attention_cpu import (
     INT4_MAX_ROWS,
+    Q4_MAX_ROWS,
     CpuAttentionBackend,
     PackedWeight,
     int4_available,
@@ -16,6 +17,8 @@ from appliance.engine.attention_cpu import (
 )
 from appliance.engine.backends import create_backend
 from appliance.engine.dtype import default_dtype
+from kernels.cpu.q4_gemv import native as native_q4
+from kernels.cpu.q4_gemv import q4_linear
 from tests.engine.greedy import tiny_greedy
 
 TOL = {"atol": 2e-5, "rtol": 2e-5}
@@ -196,16 +199,21 @@ def _q4_weight(n: int, k: int, seed: int):
 
 NO_INT4 = "this torch has no oneDNN packing or no CPU int4 kernel"
 DTYPES_HERE = [torch.float32] + ([torch.bfloat16] if onednn_bf16_available() else [])
+KERNELS_HERE = ["torch-int4"] + (["pdbox-q4"] if native_q4().lib is not None else [])
 
 
 @pytest.mark.skipif(not onednn_available() or not int4_available(), reason=NO_INT4)
+@pytest.mark.parametrize("kernel", KERNELS_HERE)
 @pytest.mark.parametrize("dtype", DTYPES_HERE, ids=str)
-@pytest.mark.parametrize("rows", [1, 2, 4, 5, 64])
-def test_q4_weights_run_few_rows_through_int4_and_match_the_floats(rows: int, dtype: torch.dtype) -> None:
-    be = CpuAttentionBackend()
+@pytest.mark.parametrize("rows", [1, 2, 4, 5, 8, 64])
+def test_q4_weights_run_few_rows_through_4_bits_and_match_the_floats(rows: int, dtype: torch.dtype,
+                                                                     kernel: str) -> None:
+    be = CpuAttentionBackend(native_kernels=kernel == "pdbox-q4")
     blocks, w = _q4_weight(192, 128, 3)
     packed = be.pack_linear(w.to(dtype), blocks)
-    assert isinstance(packed, PackedWeight) and packed.int4 is not None
+    assert isinstance(packed, PackedWeight)
+    native = kernel == "pdbox-q4"
+    assert (packed.q4 is not None, packed.int4 is not None) == (native, not native)
     x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(4)).to(dtype)
     bias = torch.randn(192).to(dtype)
     want = x.float() @ w.T
@@ -213,21 +221,25 @@ def test_q4_weights_run_few_rows_through_int4_and_match_the_floats(rows: int, dt
         got = be.linear(x, packed, b)
         assert got.shape == (rows, 192) and got.dtype == dtype
         torch.testing.assert_close(got.float(), want + (0 if b is None else b.float()), rtol=2e-2, atol=6e-2)
-    if rows <= INT4_MAX_ROWS:  # the int4 kernel's own answer (on bf16 rows), not oneDNN's on the float copy
+    if packed.q4 is not None and rows <= Q4_MAX_ROWS[dtype]:  # pdbox's kernel on int16-rounded rows
+        assert torch.equal(be.linear(x, packed), q4_linear(x.float(), packed.q4).to(dtype))
+    elif packed.int4 is not None and rows <= INT4_MAX_ROWS:  # torch's int4 kernel on bf16 rows
         int4 = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed.int4[0], 32, packed.int4[1])
         assert torch.equal(be.linear(x, packed), int4.to(dtype))
-    else:  # prefill rows: oneDNN on the float weights, exact in fp32
+    elif dtype == torch.float32 and rows > 4:  # prefill rows: oneDNN on the float weights, exact in fp32
         dense = torch.ops.mkldnn._linear_pointwise(x, packed.packed, None, "none", [], "")
         assert torch.equal(be.linear(x, packed), dense)
 
 
 @pytest.mark.skipif(not onednn_available() or not int4_available(), reason=NO_INT4)
-def test_q4_blocks_of_another_shape_are_not_packed() -> None:
-    be = CpuAttentionBackend()
+@pytest.mark.parametrize("native", [True, False])
+def test_q4_blocks_of_another_shape_are_not_packed(native: bool) -> None:
+    be = CpuAttentionBackend(native_kernels=native)
     blocks, w = _q4_weight(64, 64, 5)
-    assert be.pack_linear(w, blocks).int4 is not None
-    assert be.pack_linear(w[:32], blocks).int4 is None
-    assert be.pack_linear(w).int4 is None
+    got = be.pack_linear(w, blocks)
+    assert got.int4 is not None or got.q4 is not None
+    assert be.pack_linear(w[:32], blocks).int4 is None and be.pack_linear(w[:32], blocks).q4 is None
+    assert be.pack_linear(w).int4 is None and be.pack_linear(w).q4 is None
 
 
 def test_engine_packs_the_embedded_models_q4_weights_unless_told_not_to(smollm_path) -> None:
@@ -239,5 +251,7 @@ def test_engine_packs_the_embedded_models_q4_weights_unless_told_not_to(smollm_p
     for flag in (True, False):
         runner = ModelRunner(str(smollm_path), EngineConfig(q4_kernels=flag, kv_cache_mb=8))  # fp32 or bf16
         layer = runner.model.layers[0]
-        assert all((w.int4 is not None) == flag for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
-        assert runner.model.lm_head.int4 is None  # the tied Q8_0 embedding has no 4-bit blocks
+        assert all((w.int4 is not None or w.q4 is not None) == flag
+                   for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
+        head = runner.model.lm_head
+        assert head.int4 is None and head.q4 is None  # the tied Q8_0 embedding has no 4-bit blocks

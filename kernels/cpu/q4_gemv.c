@@ -1,0 +1,137 @@
+/* A few rows of fp32 activations times a GGUF-style 4-bit weight: decode's linear layers on CPUs with
+ * AVX2 and FMA (kernels/cpu/q4_gemv.py holds the layout and the Python side).
+ *
+ * The weight (n, k) comes in blocks of 32 weights along k: w = q * scale + offset, q in 0..15. Its
+ * codes are (n, k / 2) bytes, byte j of a block holding weight j in its low nibble and j + 16 in its
+ * high one (GGUF's own order); its parameters are (n, 2, k / 32) fp32: a column's block scales, then
+ * its block offsets.
+ *
+ * Each row of x is quantized per block of 32 to int16 (dx = max |x| / 32767: a relative step of 2^-15 of
+ * the block's largest value, finer than bf16's 2^-8 of each value; llama.cpp's 8 bits flip SmolLM2's
+ * greedy answers where this does not), so a block's dot product is dx * scale * sum(q * xq) +
+ * offset * sum(x): the integer sum by VPMADDWD on the codes widened to 16 bits (32 products of at most
+ * 15 * 32767 fit an int32 many times over), the float sum of x exact. One pass over the weight serves
+ * every row of x. */
+#include <immintrin.h>
+#include <omp.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define BLOCK 32
+#define MAX_ROWS 8
+#define PAR_N 256 /* output columns below which one thread does all */
+
+static inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* One row of x (k floats) into int16 blocks xq, their scales dx and their float sums sx. */
+static void quantize_row(const float *x, int k, int16_t *xq, float *dx, float *sx) {
+    for (int b = 0; b < k / BLOCK; b++) {
+        const float *xb = x + b * BLOCK;
+        float amax = 0.f, sum = 0.f;
+        for (int j = 0; j < BLOCK; j++) {
+            float a = fabsf(xb[j]);
+            amax = a > amax ? a : amax;
+            sum += xb[j];
+        }
+        float d = amax / 32767.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
+        for (int j = 0; j < BLOCK; j++) xq[b * BLOCK + j] = (int16_t)lrintf(xb[j] * inv);
+        dx[b] = d;
+        sx[b] = sum;
+    }
+}
+
+/* Columns [c0, c1) of out for R rows of x (a compile-time constant where inlined, so each row's
+ * accumulators stay in registers); two accumulators a row, for even and odd blocks, to halve the FMA
+ * chain; the offsets' part summed after the blocks, 8 blocks at a time. */
+static inline __attribute__((always_inline)) void columns(int R, const int16_t *xq, const float *dx, const float *sx,
+                                                          int k, const uint8_t *codes, const float *params, int c0,
+                                                          int c1, float *out, int64_t out_stride) {
+    const int blocks = k / BLOCK;
+    const __m256i low = _mm256_set1_epi8(0x0F);
+    for (int c = c0; c < c1; c++) {
+        const uint8_t *wc = codes + (size_t)c * (k / 2);
+        const float *scale = params + (size_t)c * blocks * 2, *offset = scale + blocks;
+        __m256 even[MAX_ROWS], odd[MAX_ROWS];
+        for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps();
+        int b = 0;
+        for (; b + 2 <= blocks; b += 2) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(wc + b * 16));
+            /* weights 0..15 of a block from its low nibbles, 16..31 from its high ones */
+            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low), lo = _mm256_and_si256(raw, low);
+            __m256i q0a = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo)),
+                    q0b = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi));
+            __m256i q1a = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1)),
+                    q1b = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1));
+            for (int r = 0; r < R; r++) {
+                const __m256i *xr = (const __m256i *)(xq + (size_t)r * k + b * BLOCK);
+                __m256i d0 = _mm256_add_epi32(_mm256_madd_epi16(q0a, _mm256_load_si256(xr)),
+                                              _mm256_madd_epi16(q0b, _mm256_load_si256(xr + 1)));
+                __m256i d1 = _mm256_add_epi32(_mm256_madd_epi16(q1a, _mm256_load_si256(xr + 2)),
+                                              _mm256_madd_epi16(q1b, _mm256_load_si256(xr + 3)));
+                even[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(scale[b] * dx[r * blocks + b]), even[r]);
+                odd[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(scale[b + 1] * dx[r * blocks + b + 1]),
+                                         odd[r]);
+            }
+        }
+        if (b < blocks) {
+            __m128i raw = _mm_loadu_si128((const __m128i *)(wc + b * 16)), low4 = _mm_set1_epi8(0x0F);
+            __m256i qa = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low4));
+            __m256i qb = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low4));
+            for (int r = 0; r < R; r++) {
+                const __m256i *xr = (const __m256i *)(xq + (size_t)r * k + b * BLOCK);
+                __m256i d = _mm256_add_epi32(_mm256_madd_epi16(qa, _mm256_load_si256(xr)),
+                                             _mm256_madd_epi16(qb, _mm256_load_si256(xr + 1)));
+                even[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(scale[b] * dx[r * blocks + b]), even[r]);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const float *sr = sx + r * blocks;
+            __m256 o = _mm256_setzero_ps();
+            int j = 0;
+            for (; j + 8 <= blocks; j += 8) o = _mm256_fmadd_ps(_mm256_loadu_ps(offset + j), _mm256_loadu_ps(sr + j), o);
+            float tail = 0.f;
+            for (; j < blocks; j++) tail += offset[j] * sr[j];
+            out[r * out_stride + c] = hsum(_mm256_add_ps(even[r], odd[r])) + hsum(o) + tail;
+        }
+    }
+}
+
+/* out[r, c] = sum_i x[r, i] * w[c, i] for r < rows (1..MAX_ROWS), c < n; params (n, 2, k / 32): each
+ * column's block scales, then its block offsets. Returns 0, or -1 for bad sizes, -2 when scratch
+ * memory could not be had. */
+int pdbox_q4_linear(const float *x, int64_t x_stride, int rows, int k, const uint8_t *codes,
+                    const float *params, int n, float *out, int64_t out_stride, int threads) {
+    if (rows < 1 || rows > MAX_ROWS || k < BLOCK || k % BLOCK || n < 1) return -1;
+    const int blocks = k / BLOCK;
+    int16_t *xq = aligned_alloc(32, sizeof(int16_t) * rows * k);
+    float *dx = malloc(sizeof(float) * rows * blocks), *sx = malloc(sizeof(float) * rows * blocks);
+    if (!xq || !dx || !sx) {
+        free(xq), free(dx), free(sx);
+        return -2;
+    }
+    for (int r = 0; r < rows; r++)
+        quantize_row(x + r * x_stride, k, xq + (size_t)r * k, dx + r * blocks, sx + r * blocks);
+    int team = n >= PAR_N && threads > 1 ? threads : 1;
+#pragma omp parallel num_threads(team)
+    {
+        int t = 0, size = 1;
+#ifdef _OPENMP
+        t = omp_get_thread_num(), size = omp_get_num_threads();
+#endif
+        int per = (n + size - 1) / size, c0 = t * per, c1 = c0 + per < n ? c0 + per : n;
+        if (c0 < c1) switch (rows) {
+#define ROWS(R) \
+    case R: columns(R, xq, dx, sx, k, codes, params, c0, c1, out, out_stride); break;
+                ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
+#undef ROWS
+            }
+    }
+    free(xq), free(dx), free(sx);
+    return 0;
+}

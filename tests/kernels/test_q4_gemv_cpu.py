@@ -1,0 +1,81 @@
+"""pdbox's AVX2 4-bit GEMV (``kernels.cpu.q4_gemv``) against the dequantized weight, and against its own
+int16 rounding of the rows computed here in torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from appliance.model.q4_blocks import GROUP, Q4Blocks
+from kernels.cpu.q4_gemv import MAX_ROWS, Q4Weight, native, q4_linear
+
+pytestmark = pytest.mark.skipif(native().lib is None, reason=f"no native 4-bit GEMV here: {native().reason}")
+
+
+def blocks(n: int, k: int, seed: int) -> Q4Blocks:
+    g = torch.Generator().manual_seed(seed)
+    return Q4Blocks(torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8),
+                    torch.rand(n, k // GROUP, generator=g) * 0.05, torch.randn(n, k // GROUP, generator=g) * 0.05)
+
+
+def int16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's rounding of ``x``: per block of 32, codes ``round(x * (32767 / max|x|))`` and scale
+    ``max|x| / 32767`` (fp32, as the kernel computes them)."""
+    xb = x.view(x.shape[0], -1, GROUP)
+    amax = xb.abs().amax(-1, keepdim=True)
+    q = torch.where(amax > 0, torch.round(xb * (32767 / amax)), torch.zeros_like(xb))
+    return q, amax / 32767
+
+
+def test_the_layout_holds_the_same_weights() -> None:
+    b = blocks(5, 96, 1)
+    w = Q4Weight.pack(b)
+    assert w.shape == (5, 96) and w.codes.dtype == torch.uint8 and w.params.shape == (5, 2, 3)
+    lo, hi = (w.codes & 0x0F).view(5, 3, 16), (w.codes >> 4).view(5, 3, 16)
+    q = torch.cat([lo, hi], -1).float()  # byte j: weight j low, weight j + 16 high
+    got = q * w.params[:, 0, :, None] + w.params[:, 1, :, None]
+    torch.testing.assert_close(got.view(5, 96), b.dequantize(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize(("n", "k", "threads"), [(7, 96, 1), (300, 576, 2), (64, 1536, 2)])
+def test_matches_the_dequantized_weight_on_int16_rows(rows: int, n: int, k: int, threads: int) -> None:
+    b = blocks(n, k, rows + n)
+    x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
+    got = q4_linear(x, Q4Weight.pack(b), threads)
+    assert got.shape == (rows, n) and got.dtype == torch.float32
+    # exactly the kernel's arithmetic, up to fp32 summation order: int16 rows times the 4-bit weight
+    q, dx = int16_rows(x)
+    w = Q4Weight.pack(b)
+    codes = torch.cat([(w.codes & 0x0F).view(n, -1, 16), (w.codes >> 4).view(n, -1, 16)], -1).double()
+    isum = torch.einsum("rbj,nbj->rnb", q.double(), codes)
+    xs = x.view(rows, -1, GROUP).sum(-1).double()
+    want = (isum * dx[:, None, :, 0].double() * w.params[None, :, 0].double()).sum(-1) + xs @ w.params[:, 1].double().T
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    # and close to the float weight: the rounding of x (half a step of 1/32767 of a block's largest value,
+    # per element) costs about 1e-5 of the output's largest value on these random rows
+    exact = x @ b.dequantize().T
+    assert (got - exact).abs().max() < 1e-4 * exact.abs().max()
+
+
+def test_a_row_of_zeros_gives_zeros() -> None:
+    b = blocks(16, 64, 3)
+    x = torch.zeros(2, 64)
+    x[1] = torch.randn(64)
+    got = q4_linear(x, Q4Weight.pack(b))
+    assert torch.equal(got[0], torch.zeros(16))
+    assert got[1].abs().sum() > 0
+
+
+def test_bad_inputs_are_named() -> None:
+    w = Q4Weight.pack(blocks(8, 64, 2))
+    with pytest.raises(ValueError, match="fp32"):
+        q4_linear(torch.randn(1, 64, dtype=torch.bfloat16), w)
+    with pytest.raises(ValueError, match="64 wide"):
+        q4_linear(torch.randn(1, 32), w)
+    with pytest.raises(ValueError, match=f"1 to {MAX_ROWS} rows"):
+        q4_linear(torch.randn(MAX_ROWS + 1, 64), w)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        q4_linear(torch.randn(64, 2).T, w)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        Q4Weight.pack(Q4Blocks(torch.zeros(2, 48, dtype=torch.uint8), torch.zeros(2, 1), torch.zeros(2, 1)))
