@@ -7,13 +7,13 @@ import platform
 
 
 def native_kernels() -> dict:
-    """pdbox's C kernels for the CPU backend (attention and pointwise in bf16, the 4-bit GEMV in any
-    dtype): built and loaded here, or why not."""
+    """pdbox's C kernels for the CPU backend (attention and pointwise in bf16, the GEMV on a GGUF's 4- and
+    8-bit blocks in any dtype): built and loaded here, or why not."""
     from kernels.cpu.flash_extend import native as attention
     from kernels.cpu.pointwise import native as pointwise
-    from kernels.cpu.q4_gemv import native as q4_gemv
+    from kernels.cpu.quant_gemv import native as quant_gemv
 
-    built = {"attention": attention(), "pointwise": pointwise(), "q4_gemv": q4_gemv()}
+    built = {"attention": attention(), "pointwise": pointwise(), "quant_gemv": quant_gemv()}
     return {name: {"ok": b.lib is not None, "reason": b.reason, "path": str(b.path) if b.path else None}
             for name, b in built.items()}
 
@@ -45,7 +45,7 @@ def report() -> dict:
                           "dependent launch (PDBOX_TRITON_PDL=0 turns it off)"}}
     else:
         kernel = {"backend": "cpu", "reason": "no CUDA device: the engine runs its CPU kernels (oneDNN linear layers; "
-                  "in bf16 pdbox's C attention and pointwise kernels below, else torch's SDPA; a GGUF's 4-bit "
+                  "in bf16 pdbox's C attention and pointwise kernels below, else torch's SDPA; a GGUF's 4-/8-bit "
                   "weights in pdbox's AVX2 GEMV below, else torch's int4 kernel); Triton kernels run "
                   f"only under TRITON_INTERPRET=1 (tests){' — on now' if interpreter_enabled() else ''}"}
     kernel["dtype"] = default_dtype(device)
@@ -73,7 +73,7 @@ def render(rep: dict) -> str:
     if "pdl" in k:
         lines.append(f"  {'ok  ' if k['pdl']['ok'] else 'skip'} PDL: {k['pdl']['reason']}")
     for name, n in k.get("native", {}).items():
-        what = "CPU, a GGUF's 4-bit weights" if name == "q4_gemv" else "CPU bf16"
+        what = "CPU, a GGUF's 4- and 8-bit weights" if name == "quant_gemv" else "CPU bf16"
         lines.append(f"  {'ok  ' if n['ok'] else 'skip'} C kernels ({name}, {what}): {n['reason']}"
                      + (f" [{n['path']}]" if n["ok"] else ""))
     lines.append(f"default model: {rep['default_model']}")

@@ -56,8 +56,8 @@ def floors(engine, prefill_chunk: int) -> dict:
     elem = torch.empty(0, dtype=model.dtype).element_size()
 
     def read_bytes(w) -> int:  # what a batch-1 step reads of it: the 4-bit codes and scales where it has them
-        q4, int4 = getattr(w, "q4", None), getattr(w, "int4", None)
-        tensors = (q4.codes, q4.params) if q4 is not None else int4
+        quant, int4 = getattr(w, "quant", None), getattr(w, "int4", None)
+        tensors = (quant.codes, quant.params if hasattr(quant, "params") else quant.scales) if quant else int4
         return numel(w) * elem if tensors is None else sum(t.numel() * t.element_size() for t in tensors)
 
     dense_bytes = sum(numel(w) for w in weights) * elem
@@ -85,10 +85,10 @@ def floors(engine, prefill_chunk: int) -> dict:
 
 
 def _q4_kernel(model) -> str:
-    """Which kernel decode reads a GGUF's 4-bit weights with: pdbox's, torch's int4, or none."""
+    """Which kernel decode reads a GGUF's quantized weights with: pdbox's, torch's int4, or none."""
     w = model.layers[0].gate_up
-    if getattr(w, "q4", None) is not None:
-        return "pdbox-q4 (AVX2, int16 rows)"
+    if getattr(w, "quant", None) is not None:
+        return "pdbox-quant (AVX2, int16 rows)"
     return "torch-int4 (bf16 rows)" if getattr(w, "int4", None) is not None else "none (the float weights)"
 
 

@@ -6,7 +6,7 @@
 Times the linear layers of one forward step (every layer's weights, packed as the engine packs
 them, read once per step in the engine's order) at each row count, through the engine's own
 ``linear``, through the raw oneDNN call on the dense weights without the backend's padding of few rows,
-and, for a GGUF's 4-bit weights, through the 4-bit kernel the engine packed them for (pdbox's AVX2
+and, for a GGUF's quantized weights, through the kernel the engine packed them for (pdbox's AVX2
 kernel, or with ``--no-native-kernels`` or where it cannot be built torch's int4 kernel), medians.
 """
 
@@ -26,7 +26,7 @@ def run(model: str | None, threads: int, dtype: str, rows: list[int], native_ker
     from appliance.config import EngineConfig
     from appliance.engine.attention_cpu import PackedWeight, int4_linear
     from appliance.engine.engine import Engine
-    from kernels.cpu.q4_gemv import MAX_ROWS, q4_linear
+    from kernels.cpu.quant_gemv import MAX_ROWS, quant_linear
 
     torch.set_num_threads(threads)
     engine = Engine(model, EngineConfig(dtype=dtype, threads=threads, kv_cache_mb=64, attention_backend="cpu",
@@ -46,10 +46,10 @@ def run(model: str | None, threads: int, dtype: str, rows: list[int], native_ker
         return torch.nn.functional.linear(a, w)
 
     def four_bit(a: torch.Tensor, w: PackedWeight) -> torch.Tensor:
-        return q4_linear(a.float(), w.q4, threads) if w.q4 is not None else int4_linear(a, w.int4)
+        return quant_linear(a.float(), w.quant, threads) if w.quant is not None else int4_linear(a, w.int4)
 
     packed = [w for ws in layers for w in ws if isinstance(w, PackedWeight)]
-    kernel = ("pdbox-q4" if packed and all(w.q4 is not None for w in packed) else
+    kernel = ("pdbox-quant" if packed and all(w.quant is not None for w in packed) else
               "torch-int4" if packed and all(w.int4 is not None for w in packed) else None)
 
     out = []
@@ -81,7 +81,7 @@ def _row_counts(ctx: click.Context, param: click.Parameter, value: str) -> list[
 @click.option("--dtype", default="auto", type=click.Choice(("auto", "float32", "bfloat16")))
 @click.option("--rows", default="1,2,3,4,5,6,8,16", callback=_row_counts, help="row counts, comma-separated")
 @click.option("--native-kernels/--no-native-kernels", default=True,
-              help="4-bit weights in pdbox's AVX2 kernel (the engine's default), else torch's int4 kernel")
+              help="quantized weights in pdbox's AVX2 kernel (the engine's default), else torch's int4 kernel")
 def command(model: str | None, threads: int, dtype: str, rows: list[int], native_kernels: bool) -> None:
     for r in run(model, threads, dtype, rows, native_kernels):
         int4 = "" if r["q4_ms"] is None else f", {r['q4_kernel']} {r['q4_ms']:7.2f} ms"

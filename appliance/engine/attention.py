@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from appliance.model.q4_blocks import Q4Blocks
+from appliance.model.q8_blocks import Q8Blocks
 from kernels.activation import silu_and_mul_ref
 from kernels.decode_attention import DecodePlan, decode_attention_ref, decode_plan
 from kernels.extend_attention import extend_attention_ref
@@ -26,9 +27,9 @@ class AttentionBackend(Protocol):
 
     name: str
 
-    def pack_linear(self, weight: torch.Tensor, q4: Q4Blocks | None = None) -> Any:
-        """A ``(out, in)`` weight in the form :meth:`linear` takes (called once, at load); ``q4``, the
-        same weight's 4-bit GGUF blocks where the file has them, for a backend that can run those."""
+    def pack_linear(self, weight: torch.Tensor, blocks: Q4Blocks | Q8Blocks | None = None) -> Any:
+        """A ``(out, in)`` weight in the form :meth:`linear` takes (called once, at load); ``blocks``, the
+        same weight's quantized GGUF blocks where the file has them, for a backend that can run those."""
         ...
 
     def linear(self, x: torch.Tensor, weight: Any, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,7 +92,7 @@ def plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return F.linear(x.to(weight.dtype), weight, bias)
 
 
-def keep_weight(weight: torch.Tensor, q4: Q4Blocks | None = None) -> torch.Tensor:
+def keep_weight(weight: torch.Tensor, blocks: Q4Blocks | Q8Blocks | None = None) -> torch.Tensor:
     return weight
 
 

@@ -17,11 +17,11 @@ The references in ``kernels`` are written to be obviously right; they stay the t
   the rest (``decode_runs``): fused SDPA with a KV head's query heads as the query length; larger
   batches gather and go batched by length, as the reference does;
 - no dtype round trips when the engine runs fp32;
-- a GGUF's 4-bit weights (Q4_0, Q4_1) also kept as their 4-bit blocks (``q4_blocks``) for decode's few
-  rows, reading a quarter of bf16's bytes and an eighth of fp32's: through pdbox's own AVX2 kernel
-  (``kernels.cpu.q4_gemv``: rows rounded to int16 per block of 32; up to
-  ``Q4_MAX_ROWS`` rows), or where it cannot be built through torch's int4 kernel (rows rounded to
-  bf16; up to ``INT4_MAX_ROWS``); more rows (prefill) run oneDNN on the float weights.
+- a GGUF's 4- and 8-bit weights (Q4_0, Q4_1, Q8_0) also kept as their blocks (``q4_blocks``,
+  ``q8_blocks``) for decode's few rows, reading a quarter of fp32's bytes or less: through pdbox's own
+  AVX2 kernel (``kernels.cpu.quant_gemv``: rows rounded to int16 per block of 32; up to
+  ``QUANT_MAX_ROWS`` rows), or where it cannot be built the 4-bit ones through torch's int4 kernel (rows
+  rounded to bf16; up to ``INT4_MAX_ROWS``); more rows (prefill) run oneDNN on the float weights.
 
 SDPA cannot soft-cap attention scores, so with ``softcap`` set (Gemma 2) both attention calls take the
 references' explicit matmul-tanh-softmax path instead.
@@ -38,13 +38,14 @@ from torch.nn.attention.bias import causal_lower_right
 from appliance.engine.attention import rotary_then_store
 from appliance.engine.decode_runs import RunSplit, attend_decode, decode_way, supports
 from appliance.model.q4_blocks import GROUP, Q4Blocks
+from appliance.model.q8_blocks import Q8Blocks
 from kernels.cpu.flash_decode import MAX_GROUP, DecodeTable, decode_table, flash_decode
 from kernels.cpu.flash_extend import flash_extend
 from kernels.cpu.flash_extend import native as native_attention_lib
 from kernels.cpu.pointwise import add_rmsnorm, rotary, silu_and_mul, store_kv
 from kernels.cpu.pointwise import native as native_pointwise_lib
-from kernels.cpu.q4_gemv import Q4Weight, q4_linear
-from kernels.cpu.q4_gemv import native as native_q4_lib
+from kernels.cpu.quant_gemv import Q4Weight, Q8Weight, pack, quant_linear
+from kernels.cpu.quant_gemv import native as native_quant_lib
 from kernels.decode_attention import DecodePlan
 from kernels.extend_attention import extend_attention_ref, gather_pages
 from kernels.kv_store import store_kv_ref
@@ -67,7 +68,7 @@ INT4_MAX_ROWS = 4
 # NOTE: pdbox's AVX2 kernel over the same layers on the Zen 3, 1 thread, 1 / 2 / 4 / 8 rows: 7.3 / 10.5 / 16.8 /
 # 30.7 ms (2 threads 5.2 / 6.5 / 10.1 / 17.8), so an fp32 engine takes it up to 8 rows (oneDNN fp32 there: 50);
 # bf16 keeps int4's bound, where oneDNN bf16 takes added rows almost free
-Q4_MAX_ROWS = {torch.float32: 8, torch.bfloat16: INT4_MAX_ROWS}
+QUANT_MAX_ROWS = {torch.float32: 8, torch.bfloat16: INT4_MAX_ROWS}
 
 
 @dataclass(frozen=True)
@@ -99,26 +100,29 @@ def int4_available() -> bool:
 
 class PackedWeight:
     """A ``(out, in)`` weight in oneDNN's blocked layout, with its logical shape and dtype (fp32 or bf16),
-    and where ``q4`` gives its 4-bit blocks, one of: ``q4``, those blocks in pdbox's AVX2 kernel's layout
-    (``native_q4``); ``int4``, packed for torch's int4 kernel with their bf16 ``(in / 32, out, 2)`` scales
-    and zeros (see `int4_linear`)."""
+    and where ``blocks`` gives its quantized GGUF blocks, one of: ``quant``, those blocks in pdbox's AVX2
+    kernel's layout (``native_quant``); ``int4``, 4-bit ones packed for torch's int4 kernel with their bf16
+    ``(in / 32, out, 2)`` scales and zeros (see `int4_linear`)."""
 
-    __slots__ = ("packed", "shape", "dtype", "int4", "q4")
+    __slots__ = ("packed", "shape", "dtype", "int4", "quant")
 
-    def __init__(self, weight: torch.Tensor, q4: Q4Blocks | None = None, native_q4: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor, blocks: Q4Blocks | Q8Blocks | None = None,
+                 native_quant: bool = False) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
         self.shape = tuple(weight.shape)
         self.dtype = weight.dtype
         self.int4: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.q4: Q4Weight | None = None
-        if q4 is not None and q4.shape == self.shape and native_q4:
-            self.q4 = Q4Weight.pack(q4)
-        elif q4 is not None and q4.shape == self.shape and int4_available():
+        self.quant: Q4Weight | Q8Weight | None = None
+        if blocks is None or blocks.shape != self.shape:
+            return
+        if native_quant:
+            self.quant = pack(blocks)
+        elif isinstance(blocks, Q4Blocks) and int4_available():
             try:
-                codes = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q4.codes.to(torch.int32), 1)
+                codes = torch.ops.aten._convert_weight_to_int4pack_for_cpu(blocks.codes.to(torch.int32), 1)
             except RuntimeError:  # a shape the kernel does not take: the floats for every row count
                 return
-            scales = torch.stack([q4.scale.t(), q4.zero.t()], -1).to(torch.bfloat16).contiguous()
+            scales = torch.stack([blocks.scale.t(), blocks.zero.t()], -1).to(torch.bfloat16).contiguous()
             self.int4 = (codes, scales)
 
 
@@ -143,10 +147,10 @@ class CpuAttentionBackend:
         self.native_pointwise = pointwise is not None and pointwise.lib is not None
         self.native_reason = "off" if attention is None or pointwise is None else (
             attention.reason if attention.lib is None else pointwise.reason)
-        # pdbox's AVX2 kernel for a GGUF's 4-bit weights (any dtype), or why not
-        q4 = native_q4_lib() if native_kernels else None
-        self.native_q4 = q4 is not None and q4.lib is not None
-        self.native_q4_reason = "off" if q4 is None else q4.reason
+        # pdbox's AVX2 kernel for a GGUF's quantized weights (any dtype), or why not
+        quant = native_quant_lib() if native_kernels else None
+        self.native_quant = quant is not None and quant.lib is not None
+        self.native_quant_reason = "off" if quant is None else quant.reason
         # NOTE: per-forward caches keyed by the batch's own tensors (identity), like the reference
         # backend's decode plan: every layer of one pass sees the same positions / page table.
         self._rope_key: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -160,12 +164,13 @@ class CpuAttentionBackend:
         self._pads: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
     # -- linear layers ------------------------------------------------------------------------
-    def pack_linear(self, weight: torch.Tensor, q4: Q4Blocks | None = None) -> torch.Tensor | PackedWeight:
+    def pack_linear(self, weight: torch.Tensor,
+                    blocks: Q4Blocks | Q8Blocks | None = None) -> torch.Tensor | PackedWeight:
         """The form :meth:`linear` takes: packed for oneDNN when it can run this dtype here, with
-        ``q4`` packed beside it for few-row steps."""
+        ``blocks`` packed beside it for few-row steps."""
         if self.pack_weights and weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16):
             try:
-                return PackedWeight(weight, q4, self.native_q4)
+                return PackedWeight(weight, blocks, self.native_quant)
             except RuntimeError:  # a oneDNN build without this layout: every layer goes unpacked
                 self.pack_weights = False
         return weight
@@ -176,8 +181,8 @@ class CpuAttentionBackend:
             if x.dtype != weight.dtype:
                 x = x.to(weight.dtype)
             rows = x.shape[0]
-            if weight.q4 is not None and x.dim() == 2 and rows <= Q4_MAX_ROWS[x.dtype]:
-                out = q4_linear(x.float().contiguous(), weight.q4, torch.get_num_threads()).to(x.dtype)
+            if weight.quant is not None and x.dim() == 2 and rows <= QUANT_MAX_ROWS[x.dtype]:
+                out = quant_linear(x.float().contiguous(), weight.quant, torch.get_num_threads()).to(x.dtype)
                 return out if bias is None else out.add_(bias)
             if weight.int4 is not None and x.dim() == 2 and rows <= INT4_MAX_ROWS:
                 out = int4_linear(x, weight.int4)

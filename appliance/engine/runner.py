@@ -73,9 +73,9 @@ class ModelRunner:
         self.model = LlamaModel(
             ckpt.config, ckpt.weights, self.backend, DTYPES[cfg.dtype], self.device, self.rank,
             all_reduce=tp.all_reduce if self.rank.world_size > 1 else None,
-            q4=ckpt.q4 if cfg.q4_kernels else None,
+            quant=ckpt.quant if cfg.q4_kernels else None,
         )
-        ckpt.weights, ckpt.q4 = {}, {}  # the model holds its own (cast, sharded) copies now
+        ckpt.weights, ckpt.quant = {}, {}  # the model holds its own (cast, sharded) copies now
         shard = self.model.shard
         num_pages = pages_for(cfg, ckpt.config, cfg.page_size)
         shape = (2, ckpt.config.num_layers, num_pages, cfg.page_size, shard.num_kv_heads, ckpt.config.head_dim)

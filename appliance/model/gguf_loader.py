@@ -12,9 +12,11 @@ import torch
 from appliance.model.errors import ModelLoadError
 from appliance.model.gguf_config import GGUF_ARCHS, config_from_gguf, end_ids
 from appliance.model.gguf_spm import adds_bos, check_tokenizer_model, spm_tokenizer
-from appliance.model.gguf_tensors import CONFIG_TENSORS, add_hf_q4, add_hf_tensor, unpermute_rotary
+from appliance.model.gguf_tensors import CONFIG_TENSORS, add_hf_blocks, add_hf_tensor, unpermute_rotary
 from appliance.model.q4_blocks import Q4_TYPES, Q4Blocks
 from appliance.model.q4_blocks import from_gguf as q4_from_gguf
+from appliance.model.q8_blocks import Q8_TYPES, Q8Blocks
+from appliance.model.q8_blocks import from_gguf as q8_from_gguf
 from appliance.model.weights import Checkpoint
 
 __all__ = ["SUPPORTED_TENSOR_TYPES", "load_gguf", "unpermute_rotary"]
@@ -86,23 +88,24 @@ def load_gguf(path: str | Path) -> Checkpoint:
     special = {"bos": bos, "eos": end_ids(lambda k: _field(reader, k))}
     config = config_from_gguf(arch, key, tensors, len(vocab), factors, special, path)
     weights: dict[str, torch.Tensor] = {}
-    q4: dict[str, Q4Blocks] = {}
+    quant: dict[str, Q4Blocks | Q8Blocks] = {}
     for name, tensor in tensors.items():
         if name in CONFIG_TENSORS:
             continue
         w = _dequantize(tensor)
         add_hf_tensor(weights, name, w, arch, config.num_heads, config.num_kv_heads)
-        if tensor.tensor_type.name in Q4_TYPES and w.dim() == 2:  # kept packed too (``q4_blocks``)
+        qtype = tensor.tensor_type.name
+        if qtype in Q4_TYPES + Q8_TYPES and w.dim() == 2:  # kept packed too (``q4_blocks``, ``q8_blocks``)
             try:
-                blocks = q4_from_gguf(tensor.data, tensor.tensor_type.name, tuple(w.shape))
+                blocks = (q4_from_gguf if qtype in Q4_TYPES else q8_from_gguf)(tensor.data, qtype, tuple(w.shape))
             except ValueError as exc:  # raw bytes that are not whole blocks of this shape
                 raise ModelLoadError(f"{path}: GGUF tensor {name!r}: {exc}") from exc
-            add_hf_q4(q4, name, blocks, arch, config.num_heads, config.num_kv_heads)
+            add_hf_blocks(quant, name, blocks, arch, config.num_heads, config.num_kv_heads)
     types = list(_field(reader, "tokenizer.ggml.token_type", []))
     return Checkpoint(
         config=config,
         weights=weights,
-        q4=q4,
+        quant=quant,
         tokenizer_json=tokenizer_json,
         vocab=vocab,
         merges=list(_field(reader, "tokenizer.ggml.merges", [])),

@@ -11,6 +11,7 @@ import torch
 
 from appliance.model.errors import ModelLoadError
 from appliance.model.q4_blocks import Q4Blocks
+from appliance.model.q8_blocks import Q8Blocks
 
 _LAYER_NAMES = {
     "attn_q": "self_attn.q_proj",
@@ -74,13 +75,14 @@ def add_hf_tensor(weights: dict[str, torch.Tensor], name: str, w: torch.Tensor, 
     weights[hf_name(name, arch)] = w
 
 
-def add_hf_q4(q4: dict[str, Q4Blocks], name: str, blocks: Q4Blocks, arch: str, n_heads: int, n_kv: int) -> None:
-    """Put a 2-D GGUF tensor's 4-bit blocks into ``q4`` under its Hugging Face name, rows in the same
-    order as :func:`add_hf_tensor` puts its floats."""
+def add_hf_blocks(quant: dict[str, Q4Blocks | Q8Blocks], name: str, blocks: Q4Blocks | Q8Blocks, arch: str,
+                  n_heads: int, n_kv: int) -> None:
+    """Put a 2-D GGUF tensor's quantized blocks into ``quant`` under its Hugging Face name, rows in the
+    same order as :func:`add_hf_tensor` puts its floats."""
     heads = _permuted_heads(name, arch, n_heads, n_kv)
     if heads:
         blocks = blocks.map_rows(lambda t: unpermute_rotary(t, heads))
-    q4[hf_name(name, arch)] = blocks
+    quant[hf_name(name, arch)] = blocks
 
 
 def _permuted_heads(name: str, arch: str, n_heads: int, n_kv: int) -> int:

@@ -19,6 +19,7 @@ from appliance.engine.attention import AttentionBackend
 from appliance.engine.forward_batch import ForwardBatch
 from appliance.model.moe import MoEWeights, moe_forward
 from appliance.model.q4_blocks import Q4Blocks
+from appliance.model.q8_blocks import Q8Blocks
 from kernels.rotary import rotary_cos_sin_cache
 
 AllReduce = Callable[[torch.Tensor], None]
@@ -95,7 +96,7 @@ class LlamaModel:
         device: torch.device,
         rank: RankInfo | None = None,
         all_reduce: AllReduce | None = None,
-        q4: dict[str, Q4Blocks] | None = None,
+        quant: dict[str, Q4Blocks | Q8Blocks] | None = None,
     ) -> None:
         self.cfg = cfg
         self.backend = backend
@@ -117,15 +118,15 @@ class LlamaModel:
         def cast(t: torch.Tensor, dt: torch.dtype | None = None) -> torch.Tensor:
             return t.to(device=device, dtype=dt or dtype).contiguous()
 
-        def linear(t: torch.Tensor, blocks: Q4Blocks | None = None) -> Any:
+        def linear(t: torch.Tensor, blocks: Q4Blocks | Q8Blocks | None = None) -> Any:
             return backend.pack_linear(cast(t), blocks)
 
-        def q4_of(*parts: tuple[str, tuple[int, int] | None, tuple[int, int] | None]) -> Q4Blocks | None:
-            """The 4-bit blocks of these ``(name, rows, cols)`` slices stacked by rows, or ``None`` when
-            one has none (or its columns cut a block)."""
+        def blocks_of(*parts: tuple[str, tuple[int, int] | None, tuple[int, int] | None]) -> Q4Blocks | Q8Blocks | None:
+            """The quantized blocks of these ``(name, rows, cols)`` slices stacked by rows, or ``None`` when
+            one has none (or its columns cut a block, or the slices mix 4- and 8-bit blocks)."""
             got = []
             for name, rows, cols in parts:
-                b = (q4 or {}).get(name)
+                b = (quant or {}).get(name)
                 if b is not None and rows is not None:
                     b = b.rows(*rows)
                 if b is not None and cols is not None:
@@ -133,7 +134,8 @@ class LlamaModel:
                 if b is None:
                     return None
                 got.append(b)
-            return got[0] if len(got) == 1 else Q4Blocks.cat(got)
+            kind = type(got[0])
+            return None if any(type(b) is not kind for b in got) else got[0] if len(got) == 1 else kind.cat(got)
 
         def norm(name: str) -> torch.Tensor:  # fp32; Gemma stores w - 1
             t = cast(w(name), torch.float32)
@@ -170,12 +172,12 @@ class LlamaModel:
                 )
             self.layers.append(LayerWeights(
                 input_norm=norm(p + "input_layernorm.weight"),
-                qkv=linear(torch.cat([q, k, v]), q4_of((p + "self_attn.q_proj.weight", (q0 * D, q1 * D), None),
+                qkv=linear(torch.cat([q, k, v]), blocks_of((p + "self_attn.q_proj.weight", (q0 * D, q1 * D), None),
                                                        (p + "self_attn.k_proj.weight", (k0 * D, k1 * D), None),
                                                        (p + "self_attn.v_proj.weight", (k0 * D, k1 * D), None))),
                 qkv_bias=bias,
                 o_proj=linear(w(p + "self_attn.o_proj.weight")[:, q0 * D : q1 * D],
-                              q4_of((p + "self_attn.o_proj.weight", None, (q0 * D, q1 * D)))),
+                              blocks_of((p + "self_attn.o_proj.weight", None, (q0 * D, q1 * D)))),
                 post_norm=norm(p + ("pre_feedforward_layernorm.weight" if cfg.sandwich_norms
                                     else "post_attention_layernorm.weight")),
                 post_attn_norm=norm(p + "post_attention_layernorm.weight") if cfg.sandwich_norms else None,
@@ -183,10 +185,10 @@ class LlamaModel:
                 local_rope=i in cfg.local_rope_layers,
                 gate_up=None if moe else linear(torch.cat([w(p + "mlp.gate_proj.weight")[f0:f1],
                                                            w(p + "mlp.up_proj.weight")[f0:f1]]),
-                                                q4_of((p + "mlp.gate_proj.weight", (f0, f1), None),
+                                                blocks_of((p + "mlp.gate_proj.weight", (f0, f1), None),
                                                       (p + "mlp.up_proj.weight", (f0, f1), None))),
                 down=None if moe else linear(w(p + "mlp.down_proj.weight")[:, f0:f1],
-                                             q4_of((p + "mlp.down_proj.weight", None, (f0, f1)))),
+                                             blocks_of((p + "mlp.down_proj.weight", None, (f0, f1)))),
                 moe=moe,
                 o_bias=o_bias,
                 **qk_norm,
@@ -194,7 +196,9 @@ class LlamaModel:
         self.embed = cast(w("model.embed_tokens.weight"))
         self.norm = norm("model.norm.weight")
         head = weights.get("lm_head.weight")
-        self.lm_head = linear(self.embed if cfg.tie_embeddings or head is None else head)
+        tied = cfg.tie_embeddings or head is None
+        self.lm_head = linear(self.embed if tied else head,
+                              blocks_of(("model.embed_tokens.weight" if tied else "lm_head.weight", None, None)))
         self.cos_sin = rotary_cos_sin_cache(D, cfg.max_position, cfg.rope_theta, cfg.rope_scaling).to(device)
         self.cos_sin_local = (rotary_cos_sin_cache(D, cfg.max_position, cfg.local_rope_theta).to(device)
                               if cfg.local_rope_layers else self.cos_sin)

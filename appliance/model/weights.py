@@ -9,6 +9,7 @@ import torch
 from appliance.config import ModelConfig
 from appliance.model.generation import GenerationDefaults
 from appliance.model.q4_blocks import Q4Blocks
+from appliance.model.q8_blocks import Q8Blocks
 
 
 @dataclass
@@ -16,13 +17,14 @@ class Checkpoint:
     """Everything a loader hands the engine.
 
     ``weights`` use Hugging Face Llama names (``model.layers.{i}.self_attn.q_proj.weight`` …) in the
-    rotate-half rotary layout, fp32 or the file's float dtype; the model casts them. ``q4`` holds the
-    same names' 4-bit GGUF blocks where the file has them (``q4_blocks``), beside their floats.
+    rotate-half rotary layout, fp32 or the file's float dtype; the model casts them. ``quant`` holds
+    the same names' quantized GGUF blocks where the file has them (4-bit: ``q4_blocks``; 8-bit:
+    ``q8_blocks``), beside their floats.
     """
 
     config: ModelConfig
     weights: dict[str, torch.Tensor]
-    q4: dict[str, Q4Blocks] = field(default_factory=dict)
+    quant: dict[str, Q4Blocks | Q8Blocks] = field(default_factory=dict)
     tokenizer_json: str | None = None
     vocab: list[str] = field(default_factory=list)
     merges: list[str] = field(default_factory=list)

@@ -8,7 +8,7 @@ import pytest
 
 from appliance.engine.attention_cpu import int4_available, onednn_available
 from bench.linear_rows import main, run
-from kernels.cpu.q4_gemv import native as native_q4
+from kernels.cpu.quant_gemv import native as native_quant
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
@@ -24,7 +24,7 @@ def test_each_row_count_gets_both_timings(tiny_model: Path) -> None:
 def test_a_q4_gguf_also_gets_its_4_bit_timing(smollm_path: Path, native: bool) -> None:
     (got,) = run(str(smollm_path), threads=1, dtype="auto", rows=[1], native_kernels=native)  # fp32 or bf16
     assert got["q4_ms"] > 0 and got["engine_ms"] > 0
-    assert got["q4_kernel"] == ("pdbox-q4" if native and native_q4().lib is not None else "torch-int4")
+    assert got["q4_kernel"] == ("pdbox-quant" if native and native_quant().lib is not None else "torch-int4")
 
 
 def test_a_bad_row_list_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:

@@ -8,7 +8,7 @@ import torch
 from appliance.engine.attention import TorchAttentionBackend
 from appliance.engine.attention_cpu import (
     INT4_MAX_ROWS,
-    Q4_MAX_ROWS,
+    QUANT_MAX_ROWS,
     CpuAttentionBackend,
     PackedWeight,
     int4_available,
@@ -17,8 +17,8 @@ from appliance.engine.attention_cpu import (
 )
 from appliance.engine.backends import create_backend
 from appliance.engine.dtype import default_dtype
-from kernels.cpu.q4_gemv import native as native_q4
-from kernels.cpu.q4_gemv import q4_linear
+from kernels.cpu.quant_gemv import native as native_quant
+from kernels.cpu.quant_gemv import quant_linear
 from tests.engine.greedy import tiny_greedy
 
 TOL = {"atol": 2e-5, "rtol": 2e-5}
@@ -199,7 +199,7 @@ def _q4_weight(n: int, k: int, seed: int):
 
 NO_INT4 = "this torch has no oneDNN packing or no CPU int4 kernel"
 DTYPES_HERE = [torch.float32] + ([torch.bfloat16] if onednn_bf16_available() else [])
-KERNELS_HERE = ["torch-int4"] + (["pdbox-q4"] if native_q4().lib is not None else [])
+KERNELS_HERE = ["torch-int4"] + (["pdbox-quant"] if native_quant().lib is not None else [])
 
 
 @pytest.mark.skipif(not onednn_available() or not int4_available(), reason=NO_INT4)
@@ -208,12 +208,12 @@ KERNELS_HERE = ["torch-int4"] + (["pdbox-q4"] if native_q4().lib is not None els
 @pytest.mark.parametrize("rows", [1, 2, 4, 5, 8, 64])
 def test_q4_weights_run_few_rows_through_4_bits_and_match_the_floats(rows: int, dtype: torch.dtype,
                                                                      kernel: str) -> None:
-    be = CpuAttentionBackend(native_kernels=kernel == "pdbox-q4")
+    be = CpuAttentionBackend(native_kernels=kernel == "pdbox-quant")
     blocks, w = _q4_weight(192, 128, 3)
     packed = be.pack_linear(w.to(dtype), blocks)
     assert isinstance(packed, PackedWeight)
-    native = kernel == "pdbox-q4"
-    assert (packed.q4 is not None, packed.int4 is not None) == (native, not native)
+    native = kernel == "pdbox-quant"
+    assert (packed.quant is not None, packed.int4 is not None) == (native, not native)
     x = torch.randn(rows, 128, generator=torch.Generator().manual_seed(4)).to(dtype)
     bias = torch.randn(192).to(dtype)
     want = x.float() @ w.T
@@ -221,8 +221,8 @@ def test_q4_weights_run_few_rows_through_4_bits_and_match_the_floats(rows: int, 
         got = be.linear(x, packed, b)
         assert got.shape == (rows, 192) and got.dtype == dtype
         torch.testing.assert_close(got.float(), want + (0 if b is None else b.float()), rtol=2e-2, atol=6e-2)
-    if packed.q4 is not None and rows <= Q4_MAX_ROWS[dtype]:  # pdbox's kernel on int16-rounded rows
-        assert torch.equal(be.linear(x, packed), q4_linear(x.float(), packed.q4).to(dtype))
+    if packed.quant is not None and rows <= QUANT_MAX_ROWS[dtype]:  # pdbox's kernel on int16-rounded rows
+        assert torch.equal(be.linear(x, packed), quant_linear(x.float(), packed.quant).to(dtype))
     elif packed.int4 is not None and rows <= INT4_MAX_ROWS:  # torch's int4 kernel on bf16 rows
         int4 = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed.int4[0], 32, packed.int4[1])
         assert torch.equal(be.linear(x, packed), int4.to(dtype))
@@ -237,9 +237,9 @@ def test_q4_blocks_of_another_shape_are_not_packed(native: bool) -> None:
     be = CpuAttentionBackend(native_kernels=native)
     blocks, w = _q4_weight(64, 64, 5)
     got = be.pack_linear(w, blocks)
-    assert got.int4 is not None or got.q4 is not None
-    assert be.pack_linear(w[:32], blocks).int4 is None and be.pack_linear(w[:32], blocks).q4 is None
-    assert be.pack_linear(w).int4 is None and be.pack_linear(w).q4 is None
+    assert got.int4 is not None or got.quant is not None
+    assert be.pack_linear(w[:32], blocks).int4 is None and be.pack_linear(w[:32], blocks).quant is None
+    assert be.pack_linear(w).int4 is None and be.pack_linear(w).quant is None
 
 
 def test_engine_packs_the_embedded_models_q4_weights_unless_told_not_to(smollm_path) -> None:
@@ -251,7 +251,8 @@ def test_engine_packs_the_embedded_models_q4_weights_unless_told_not_to(smollm_p
     for flag in (True, False):
         runner = ModelRunner(str(smollm_path), EngineConfig(q4_kernels=flag, kv_cache_mb=8))  # fp32 or bf16
         layer = runner.model.layers[0]
-        assert all((w.int4 is not None or w.q4 is not None) == flag
+        assert all((w.int4 is not None or w.quant is not None) == flag
                    for w in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
         head = runner.model.lm_head
-        assert head.int4 is None and head.q4 is None  # the tied Q8_0 embedding has no 4-bit blocks
+        assert head.int4 is None  # the tied Q8_0 embedding has no 4-bit blocks; pdbox's kernel reads its 8-bit ones
+        assert (head.quant is not None) == (flag and native_quant().lib is not None)

@@ -61,7 +61,8 @@ def test_embedded_model_keeps_its_q4_1_blocks_equal_to_its_floats(smollm_path) -
     from appliance.model.loader import load_checkpoint
 
     ckpt = load_checkpoint(str(smollm_path))
-    assert len(ckpt.q4) == 7 * ckpt.config.num_layers  # q, k, v, o, gate, up, down; the Q8_0 embedding is not
+    q4 = {name: b for name, b in ckpt.quant.items() if isinstance(b, Q4Blocks)}
+    assert len(q4) == 7 * ckpt.config.num_layers  # q, k, v, o, gate, up, down
     for name in ("model.layers.0.self_attn.q_proj.weight", "model.layers.7.self_attn.k_proj.weight",
                  "model.layers.29.mlp.down_proj.weight"):  # q and k rows un-permuted like the floats
-        assert torch.equal(ckpt.q4[name].dequantize(), ckpt.weights[name])
+        assert torch.equal(q4[name].dequantize(), ckpt.weights[name])

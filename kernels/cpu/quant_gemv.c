@@ -1,17 +1,18 @@
-/* A few rows of fp32 activations times a GGUF-style 4-bit weight: decode's linear layers on CPUs with
- * AVX2 and FMA (kernels/cpu/q4_gemv.py holds the layout and the Python side).
+/* A few rows of fp32 activations times a GGUF-style 4- or 8-bit weight: decode's linear layers on CPUs
+ * with AVX2 and FMA (kernels/cpu/quant_gemv.py holds the layouts and the Python side).
  *
- * The weight (n, k) comes in blocks of 32 weights along k: w = q * scale + offset, q in 0..15. Its
- * codes are (n, k / 2) bytes, byte j of a block holding weight j in its low nibble and j + 16 in its
- * high one (GGUF's own order); its parameters are (n, 2, k / 32) fp32: a column's block scales, then
- * its block offsets.
+ * The weight (n, k) comes in blocks of 32 weights along k.
+ * - 4-bit: w = q * scale + offset, q in 0..15. Its codes are (n, k / 2) bytes, byte j of a block holding
+ *   weight j in its low nibble and j + 16 in its high one (GGUF's own order); its parameters are
+ *   (n, 2, k / 32) fp32: a column's block scales, then its block offsets.
+ * - 8-bit: w = q * scale, q int8. Its codes are (n, k) bytes, its scales (n, k / 32) fp32.
  *
  * Each row of x is quantized per block of 32 to int16 (dx = max |x| / 32767: a relative step of 2^-15 of
  * the block's largest value, finer than bf16's 2^-8 of each value; llama.cpp's 8 bits flip SmolLM2's
- * greedy answers where this does not), so a block's dot product is dx * scale * sum(q * xq) +
- * offset * sum(x): the integer sum by VPMADDWD on the codes widened to 16 bits (32 products of at most
- * 15 * 32767 fit an int32 many times over), the float sum of x exact. One pass over the weight serves
- * every row of x. */
+ * greedy answers where this does not), so a block's dot product is dx * scale * sum(q * xq)
+ * (+ offset * sum(x), 4-bit): the integer sum by VPMADDWD on the codes widened to 16 bits (32 products of
+ * at most 128 * 32768 fit an int32), the float sum of x exact. One pass over the weight serves every row
+ * of x. */
 #include <immintrin.h>
 #include <omp.h>
 #include <math.h>
@@ -49,7 +50,7 @@ static void quantize_row(const float *x, int k, int16_t *xq, float *dx, float *s
 /* Columns [c0, c1) of out for R rows of x (a compile-time constant where inlined, so each row's
  * accumulators stay in registers); two accumulators a row, for even and odd blocks, to halve the FMA
  * chain; the offsets' part summed after the blocks, 8 blocks at a time. */
-static inline __attribute__((always_inline)) void columns(int R, const int16_t *xq, const float *dx, const float *sx,
+static inline __attribute__((always_inline)) void q4_columns(int R, const int16_t *xq, const float *dx, const float *sx,
                                                           int k, const uint8_t *codes, const float *params, int c0,
                                                           int c1, float *out, int64_t out_stride) {
     const int blocks = k / BLOCK;
@@ -102,11 +103,42 @@ static inline __attribute__((always_inline)) void columns(int R, const int16_t *
     }
 }
 
-/* out[r, c] = sum_i x[r, i] * w[c, i] for r < rows (1..MAX_ROWS), c < n; params (n, 2, k / 32): each
- * column's block scales, then its block offsets. Returns 0, or -1 for bad sizes, -2 when scratch
- * memory could not be had. */
-int pdbox_q4_linear(const float *x, int64_t x_stride, int rows, int k, const uint8_t *codes,
-                    const float *params, int n, float *out, int64_t out_stride, int threads) {
+/* The same for 8-bit codes (n, k) int8 and scales (n, k / 32). */
+static inline __attribute__((always_inline)) void q8_columns(int R, const int16_t *xq, const float *dx, int k,
+                                                             const int8_t *codes, const float *scales, int c0,
+                                                             int c1, float *out, int64_t out_stride) {
+    const int blocks = k / BLOCK;
+    for (int c = c0; c < c1; c++) {
+        const int8_t *wc = codes + (size_t)c * k;
+        const float *scale = scales + (size_t)c * blocks;
+        __m256 even[MAX_ROWS], odd[MAX_ROWS];
+        for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps();
+        for (int b = 0; b < blocks; b++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(wc + b * BLOCK));
+            __m256i qa = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(raw));
+            __m256i qb = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(raw, 1));
+            for (int r = 0; r < R; r++) {
+                const __m256i *xr = (const __m256i *)(xq + (size_t)r * k + b * BLOCK);
+                __m256i d = _mm256_add_epi32(_mm256_madd_epi16(qa, _mm256_load_si256(xr)),
+                                             _mm256_madd_epi16(qb, _mm256_load_si256(xr + 1)));
+                __m256 f = _mm256_set1_ps(scale[b] * dx[r * blocks + b]);
+                /* even and odd blocks on two chains: half the FMA latency a block */
+                if (b & 1)
+                    odd[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), f, odd[r]);
+                else
+                    even[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), f, even[r]);
+            }
+        }
+        for (int r = 0; r < R; r++) out[r * out_stride + c] = hsum(_mm256_add_ps(even[r], odd[r]));
+    }
+}
+
+/* out[r, c] = sum_i x[r, i] * w[c, i] for r < rows (1..MAX_ROWS), c < n, w 4-bit (bits 4: codes uint8
+ * (n, k / 2), params (n, 2, k / 32)) or 8-bit (bits 8: codes int8 (n, k), params the scales (n, k / 32)).
+ * Returns 0, or -1 for bad sizes, -2 when scratch memory could not be had. */
+int pdbox_quant_linear(int bits, const float *x, int64_t x_stride, int rows, int k, const void *codes,
+                       const float *params, int n, float *out, int64_t out_stride, int threads) {
+    if ((bits != 4 && bits != 8) || rows < 1 || rows > MAX_ROWS || k < BLOCK || k % BLOCK || n < 1) return -1;
     if (rows < 1 || rows > MAX_ROWS || k < BLOCK || k % BLOCK || n < 1) return -1;
     const int blocks = k / BLOCK;
     int16_t *xq = aligned_alloc(32, sizeof(int16_t) * rows * k);
@@ -126,8 +158,13 @@ int pdbox_q4_linear(const float *x, int64_t x_stride, int rows, int k, const uin
 #endif
         int per = (n + size - 1) / size, c0 = t * per, c1 = c0 + per < n ? c0 + per : n;
         if (c0 < c1) switch (rows) {
-#define ROWS(R) \
-    case R: columns(R, xq, dx, sx, k, codes, params, c0, c1, out, out_stride); break;
+#define ROWS(R)                                                                         \
+    case R:                                                                             \
+        if (bits == 4)                                                                  \
+            q4_columns(R, xq, dx, sx, k, codes, params, c0, c1, out, out_stride);       \
+        else                                                                            \
+            q8_columns(R, xq, dx, k, codes, params, c0, c1, out, out_stride);           \
+        break;
                 ROWS(1) ROWS(2) ROWS(3) ROWS(4) ROWS(5) ROWS(6) ROWS(7) ROWS(8)
 #undef ROWS
             }

@@ -1,5 +1,5 @@
-"""pdbox's AVX2 4-bit GEMV (``kernels.cpu.q4_gemv``) against the dequantized weight, and against its own
-int16 rounding of the rows computed here in torch."""
+"""pdbox's AVX2 GEMV on 4- and 8-bit blocks (``kernels.cpu.quant_gemv``) against the dequantized weight,
+and against its own int16 rounding of the rows computed here in torch."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from appliance.model.q4_blocks import GROUP, Q4Blocks
-from kernels.cpu.q4_gemv import MAX_ROWS, Q4Weight, native, q4_linear
+from appliance.model.q8_blocks import Q8Blocks
+from kernels.cpu.quant_gemv import MAX_ROWS, Q4Weight, Q8Weight, native, pack, quant_linear
 
 pytestmark = pytest.mark.skipif(native().lib is None, reason=f"no native 4-bit GEMV here: {native().reason}")
 
@@ -42,7 +43,7 @@ def test_the_layout_holds_the_same_weights() -> None:
 def test_matches_the_dequantized_weight_on_int16_rows(rows: int, n: int, k: int, threads: int) -> None:
     b = blocks(n, k, rows + n)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-    got = q4_linear(x, Q4Weight.pack(b), threads)
+    got = quant_linear(x, Q4Weight.pack(b), threads)
     assert got.shape == (rows, n) and got.dtype == torch.float32
     # exactly the kernel's arithmetic, up to fp32 summation order: int16 rows times the 4-bit weight
     q, dx = int16_rows(x)
@@ -58,11 +59,30 @@ def test_matches_the_dequantized_weight_on_int16_rows(rows: int, n: int, k: int,
     assert (got - exact).abs().max() < 1e-4 * exact.abs().max()
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize(("n", "k", "threads"), [(7, 96, 1), (300, 576, 2)])
+def test_8_bit_blocks_match_their_weight_on_int16_rows(rows: int, n: int, k: int, threads: int) -> None:
+    g = torch.Generator().manual_seed(n + rows)
+    codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    b = Q8Blocks(codes, torch.rand(n, k // GROUP, generator=g))
+    w = pack(b)
+    assert isinstance(w, Q8Weight) and w.shape == (n, k)
+    x = torch.randn(rows, k, generator=g)
+    got = quant_linear(x, w, threads)
+    q, dx = int16_rows(x)
+    isum = torch.einsum("rbj,nbj->rnb", q.double(), b.codes.double().view(n, -1, GROUP))
+    want = (isum * dx[:, None, :, 0].double() * b.scale[None].double()).sum(-1)
+    # fp32 sums of products up to ~100 in another order: within 1e-5 of the output's scale
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * float(want.abs().max()))
+    exact = x @ b.dequantize().T
+    assert (got - exact).abs().max() < 1e-4 * exact.abs().max()
+
+
 def test_a_row_of_zeros_gives_zeros() -> None:
     b = blocks(16, 64, 3)
     x = torch.zeros(2, 64)
     x[1] = torch.randn(64)
-    got = q4_linear(x, Q4Weight.pack(b))
+    got = quant_linear(x, Q4Weight.pack(b))
     assert torch.equal(got[0], torch.zeros(16))
     assert got[1].abs().sum() > 0
 
@@ -70,12 +90,12 @@ def test_a_row_of_zeros_gives_zeros() -> None:
 def test_bad_inputs_are_named() -> None:
     w = Q4Weight.pack(blocks(8, 64, 2))
     with pytest.raises(ValueError, match="fp32"):
-        q4_linear(torch.randn(1, 64, dtype=torch.bfloat16), w)
+        quant_linear(torch.randn(1, 64, dtype=torch.bfloat16), w)
     with pytest.raises(ValueError, match="64 wide"):
-        q4_linear(torch.randn(1, 32), w)
+        quant_linear(torch.randn(1, 32), w)
     with pytest.raises(ValueError, match=f"1 to {MAX_ROWS} rows"):
-        q4_linear(torch.randn(MAX_ROWS + 1, 64), w)
+        quant_linear(torch.randn(MAX_ROWS + 1, 64), w)
     with pytest.raises(ValueError, match="contiguous rows"):
-        q4_linear(torch.randn(64, 2).T, w)
+        quant_linear(torch.randn(64, 2).T, w)
     with pytest.raises(ValueError, match="multiple of 32"):
         Q4Weight.pack(Q4Blocks(torch.zeros(2, 48, dtype=torch.uint8), torch.zeros(2, 1), torch.zeros(2, 1)))
