@@ -147,6 +147,9 @@ class CpuAttentionBackend:
         self.native_pointwise = pointwise is not None and pointwise.lib is not None
         self.native_reason = "off" if attention is None or pointwise is None else (
             attention.reason if attention.lib is None else pointwise.reason)
+        # pdbox's fp32 pointwise kernels (AVX2)
+        pointwise_f32 = native_pointwise_lib(torch.float32) if native_kernels else None
+        self.native_pointwise_f32 = pointwise_f32 is not None and pointwise_f32.lib is not None
         # pdbox's AVX2 kernel for a GGUF's quantized weights (any dtype), or why not
         quant = native_quant_lib() if native_kernels else None
         self.native_quant = quant is not None and quant.lib is not None
@@ -208,7 +211,7 @@ class CpuAttentionBackend:
     # -- attention ----------------------------------------------------------------------------
     def store_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:
-        if (self.native_pointwise and k.dtype == v.dtype == k_cache.dtype == torch.bfloat16
+        if (self._native_rows(k.dtype) and k.dtype == v.dtype == k_cache.dtype
                 and slot_mapping.dtype == torch.int64 and k.stride(-1) == v.stride(-1) == 1
                 and k.stride(1) == v.stride(1) == k.shape[2]):
             store_kv(k_cache, v_cache, k, v, slot_mapping)
@@ -311,21 +314,30 @@ class CpuAttentionBackend:
         return DecodeRows(rows, torch.tensor(q_rows), table, seq_lens, self._decode_way(q, k_cache, table, seq_lens))
 
     # -- pointwise ----------------------------------------------------------------------------
+    def _native_rows(self, dtype: torch.dtype) -> bool:
+        """Whether pdbox's pointwise C kernels take rows of ``dtype`` here."""
+        return self.native_pointwise if dtype == torch.bfloat16 else (dtype == torch.float32
+                                                                      and self.native_pointwise_f32)
+
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if x.dtype == torch.float32 and weight.dtype == torch.float32:  # one aten op, bit-equal to the below
-            return F.rms_norm(x, weight.shape, weight, eps)
+        if x.dtype == torch.float32 and weight.dtype == torch.float32:
+            if self.native_pointwise_f32 and x.dim() == 2 and x.stride(1) == 1 and x.shape[1] % 16 == 0:
+                return add_rmsnorm(None, x, weight, eps, torch.get_num_threads(), torch.float32,
+                                   checked=_check_norm(weight, x))[0]
+            return F.rms_norm(x, weight.shape, weight, eps)  # one aten op, bit-equal to the below
         xf = x.float()
         out = xf * torch.rsqrt(torch.mean(xf * xf, -1, keepdim=True).add_(eps))
         return out.mul_(weight).to(x.dtype)
 
     def fused_add_rmsnorm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                           eps: float, out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """In a bf16 model (``x`` bf16, the residual fp32) with the C kernels, one pass, and the normed
-        rows come back bf16: the next linear layer reads them so."""
-        if (self.native_pointwise and x.dtype == torch.bfloat16 and residual.dtype == weight.dtype == torch.float32
+        """With the C kernels, one pass; in a bf16 model (``x`` bf16, the residual fp32) the normed rows come
+        back bf16: the next linear layer reads them so."""
+        if (self._native_rows(x.dtype) and residual.dtype == weight.dtype == torch.float32
                 and x.dim() == 2 and x.shape == residual.shape and x.shape[1] % 16 == 0
-                and out_dtype in (None, torch.bfloat16)):
-            return add_rmsnorm(x, residual, weight, eps, torch.get_num_threads())
+                and out_dtype in (None, x.dtype) and x.stride(1) == 1 and residual.stride(1) == 1):
+            return add_rmsnorm(x, residual, weight, eps, torch.get_num_threads(), x.dtype,
+                               checked=_check_norm(weight, x))
         residual = x + residual
         out = self.rmsnorm(residual, weight, eps)
         return (out if out_dtype is None else out.to(out_dtype)), residual
@@ -338,10 +350,10 @@ class CpuAttentionBackend:
             self._rope_key = (positions, cos_sin_cache)
             self._rope = None  # cos/sin gathered on first use, by the torch path only
         qk = _joined(q, k)
-        if (qk is not None and self.native_pointwise and q.dtype == torch.bfloat16 and q.shape[-1] % 32 == 0
+        if (qk is not None and self._native_rows(q.dtype) and q.shape[-1] % 32 == 0
                 and cos_sin_cache.dtype == torch.float32 and positions.dtype == torch.int64):
-            # the positions are checked against the cache once per pass
-            out = rotary(qk, positions, cos_sin_cache, torch.get_num_threads(), check_positions=first)
+            # the positions are checked against the cache, and the rest, once per pass
+            out = rotary(qk, positions, cos_sin_cache, torch.get_num_threads(), check_positions=first, checked=first)
             return out.split([q.shape[1], k.shape[1]], dim=1)
         if self._rope is None:
             cos, sin = cos_sin_cache.index_select(0, positions).unsqueeze(1).float().chunk(2, dim=-1)
@@ -354,14 +366,19 @@ class CpuAttentionBackend:
     rotary_store_kv = rotary_then_store  # the C kernels' rotary and store, one after the other
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.native_pointwise and x.dtype == torch.bfloat16 and x.dim() == 2 and x.shape[1] % 32 == 0
-                and x.stride(1) == 1):
-            return silu_and_mul(x, torch.get_num_threads())
+        if self._native_rows(x.dtype) and x.dim() == 2 and x.shape[1] % 32 == 0 and x.stride(1) == 1:
+            return silu_and_mul(x, torch.get_num_threads(), checked=False)  # all it checks, checked here
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate).mul_(up)
 
     def silu_mul_linear(self, x: torch.Tensor, weight: torch.Tensor | PackedWeight) -> torch.Tensor:
         return self.linear(self.silu_and_mul(x), weight)
+
+
+def _check_norm(weight: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether `add_rmsnorm` must check its arguments: the callers above checked the rows' dtypes, shapes
+    and strides, so only a weight that is not what the model keeps (a contiguous fp32 row) needs it."""
+    return not (weight.dtype == torch.float32 and weight.is_contiguous() and weight.shape == (x.shape[-1],))
 
 
 def _joined(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:

@@ -28,6 +28,9 @@ BUILD_TIMEOUT_S = 120.0
 # AVX-512 with the BF16 dot product (VDPBF16PS): Zen 4 and later, Intel Cooper Lake / Sapphire Rapids and later
 AVX512_BF16_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")
 AVX512_BF16_CFLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma")
+# AVX2 with FMA: every x86 server since Zen 1 / Haswell
+AVX2_FLAGS = ("avx2", "fma")
+AVX2_CFLAGS = ("-mavx2", "-mfma")
 # NOTE: no FMA contraction: the kernels say where they fuse (the rotary matches torch's separate ops)
 CFLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp", "-std=gnu11", "-ffp-contract=off")
 

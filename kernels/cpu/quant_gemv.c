@@ -21,7 +21,9 @@
 
 #define BLOCK 32
 #define MAX_ROWS 8
-#define PAR_N 256 /* output columns below which one thread does all */
+#ifndef PAR_WORK
+#define PAR_WORK (1 << 19) /* weights below which one thread does all */
+#endif
 
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -149,7 +151,7 @@ int pdbox_quant_linear(int bits, const float *x, int64_t x_stride, int rows, int
     }
     for (int r = 0; r < rows; r++)
         quantize_row(x + r * x_stride, k, xq + (size_t)r * k, dx + r * blocks, sx + r * blocks);
-    int team = n >= PAR_N && threads > 1 ? threads : 1;
+    int team = (int64_t)n * k >= PAR_WORK && threads > 1 ? threads : 1;
 #pragma omp parallel num_threads(team)
     {
         int t = 0, size = 1;

@@ -18,10 +18,8 @@ import torch
 
 from appliance.model.q4_blocks import GROUP, Q4Blocks
 from appliance.model.q8_blocks import Q8Blocks
-from kernels.cpu.build import Native, load
+from kernels.cpu.build import AVX2_CFLAGS, AVX2_FLAGS, Native, load
 
-AVX2_FLAGS = ("avx2", "fma")
-AVX2_CFLAGS = ("-mavx2", "-mfma")
 MAX_ROWS = 8  # the C kernel's own bound (MAX_ROWS in quant_gemv.c)
 _I64, _I32, _P = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 

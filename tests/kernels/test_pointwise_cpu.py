@@ -61,7 +61,7 @@ def test_rotary_is_bit_equal_to_the_torch_path(rows: int, threads: int) -> None:
     assert torch.equal(out[:, :9], torch_q) and torch.equal(out[:, 9:], torch_k)
 
 
-def test_backend_uses_them_in_bf16_and_keeps_torch_in_fp32() -> None:
+def test_backend_uses_them_in_bf16() -> None:
     fast, slow = CpuAttentionBackend(), CpuAttentionBackend(native_kernels=False)
     assert fast.native_pointwise and not slow.native_pointwise
     x = torch.randn(4, 576, generator=_g(7)).to(torch.bfloat16)
@@ -71,26 +71,27 @@ def test_backend_uses_them_in_bf16_and_keeps_torch_in_fp32() -> None:
     assert h.dtype == torch.bfloat16 and h_torch.dtype == torch.float32  # bf16 goes straight to the next linear
     assert torch.equal(r, r_torch)
     torch.testing.assert_close(h.float(), h_torch, **BF16)
-    h32, _ = fast.fused_add_rmsnorm(x.float(), residual, weight, 1e-5)  # fp32 model: torch, unchanged
-    assert torch.equal(h32, slow.fused_add_rmsnorm(x.float(), residual, weight, 1e-5)[0])
+    h32, _ = fast.fused_add_rmsnorm(x.float(), residual, weight, 1e-5)  # fp32 model: fp32 rows (pointwise_f32)
+    assert h32.dtype == torch.float32
+    torch.testing.assert_close(h32, slow.fused_add_rmsnorm(x.float(), residual, weight, 1e-5)[0])
     gu = torch.randn(3, 3072, generator=_g(10)).to(torch.bfloat16)
     torch.testing.assert_close(fast.silu_and_mul(gu).float(), slow.silu_and_mul(gu).float(), **BF16)
 
 
 @pytest.mark.parametrize("call,match", [
-    ("norm fp32 x", "bfloat16"),
+    ("norm fp16 x", "bfloat16"),
     ("norm rows differ", "x has 2 rows, residual 3"),
     ("norm odd width", "multiple of 16"),
     ("silu odd width", "multiple of 16"),
     ("rotary position past the cache", r"positions must lie in \[0, 16\)"),
     ("rotary int32 positions", "int64"),
-    ("rotary fp32 x", "bf16 CPU tensor"),
+    ("rotary fp16 x", "bf16 or fp32 CPU tensor"),
 ])
 def test_bad_arguments_are_named(call: str, match: str) -> None:
     bf = torch.bfloat16
     with pytest.raises(ValueError, match=match):
-        if call == "norm fp32 x":
-            add_rmsnorm(torch.zeros(3, 32), torch.zeros(3, 32), torch.ones(32), 1e-5)
+        if call == "norm fp16 x":
+            add_rmsnorm(torch.zeros(3, 32, dtype=torch.float16), torch.zeros(3, 32), torch.ones(32), 1e-5)
         elif call == "norm rows differ":
             add_rmsnorm(torch.zeros(2, 32, dtype=bf), torch.zeros(3, 32), torch.ones(32), 1e-5)
         elif call == "norm odd width":
@@ -102,8 +103,8 @@ def test_bad_arguments_are_named(call: str, match: str) -> None:
         elif call == "rotary int32 positions":
             rotary(torch.zeros(2, 3, 64, dtype=bf), torch.tensor([0, 1], dtype=torch.int32),
                    rotary_cos_sin_cache(64, 16, 1e4))
-        elif call == "rotary fp32 x":
-            rotary(torch.zeros(2, 3, 64), torch.tensor([0, 1]), rotary_cos_sin_cache(64, 16, 1e4))
+        elif call == "rotary fp16 x":
+            rotary(torch.zeros(2, 3, 64, dtype=torch.float16), torch.tensor([0, 1]), rotary_cos_sin_cache(64, 16, 1e4))
 
 
 def test_store_kv_writes_the_slots_the_reference_writes() -> None:
