@@ -40,7 +40,8 @@ from appliance.engine.decode_runs import RunSplit, attend_decode, decode_way, su
 from appliance.model.q4_blocks import GROUP, Q4Blocks
 from appliance.model.q8_blocks import Q8Blocks
 from kernels.cpu.flash_decode import MAX_GROUP, DecodeTable, decode_table, flash_decode
-from kernels.cpu.flash_extend import flash_extend
+from kernels.cpu.flash_decode import native_f32 as native_decode_f32
+from kernels.cpu.flash_extend import MAX_HEAD_DIM, flash_extend
 from kernels.cpu.flash_extend import native as native_attention_lib
 from kernels.cpu.pointwise import add_rmsnorm, rotary, silu_and_mul, store_kv
 from kernels.cpu.pointwise import native as native_pointwise_lib
@@ -147,9 +148,10 @@ class CpuAttentionBackend:
         self.native_pointwise = pointwise is not None and pointwise.lib is not None
         self.native_reason = "off" if attention is None or pointwise is None else (
             attention.reason if attention.lib is None else pointwise.reason)
-        # pdbox's fp32 pointwise kernels (AVX2)
+        # pdbox's fp32 pointwise and decode attention kernels (AVX2)
         pointwise_f32 = native_pointwise_lib(torch.float32) if native_kernels else None
         self.native_pointwise_f32 = pointwise_f32 is not None and pointwise_f32.lib is not None
+        self.native_decode_f32 = native_kernels and native_decode_f32().lib is not None
         # pdbox's AVX2 kernel for a GGUF's quantized weights (any dtype), or why not
         quant = native_quant_lib() if native_kernels else None
         self.native_quant = quant is not None and quant.lib is not None
@@ -228,14 +230,17 @@ class CpuAttentionBackend:
         return self._attend_decode(q, k_cache, v_cache, page_table, seq_lens, self._way, scale, softcap)
 
     def _native_decode(self, q: torch.Tensor, k_cache: torch.Tensor, softcap: float) -> bool:
-        return (self.native_attention and not softcap and q.dtype == torch.bfloat16 == k_cache.dtype
-                and q.shape[-1] % 64 == 0 and q.shape[1] // k_cache.shape[2] <= MAX_GROUP)
+        if softcap or q.dtype != k_cache.dtype or q.shape[1] // k_cache.shape[2] > MAX_GROUP:
+            return False
+        if q.dtype == torch.float32:
+            return self.native_decode_f32 and q.shape[-1] % 8 == 0 and q.shape[-1] <= MAX_HEAD_DIM
+        return self.native_attention and q.dtype == torch.bfloat16 and q.shape[-1] % 64 == 0
 
     def _decode_way(self, q: torch.Tensor, k_cache: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor,
                     softcap: float = 0.0) -> RunSplit | DecodePlan | DecodeTable:
         """How a decode batch attends, for every layer of one pass: the native kernel's checked table, or
         the torch way ``decode_way`` picks."""
-        if self._native_decode(q, k_cache, softcap):
+        if self._native_decode(q, k_cache, softcap) and int(seq_lens.min()) >= 1:  # an empty slot: torch's zeros
             return decode_table(page_table, seq_lens, k_cache.shape[0], k_cache.shape[1])
         in_place = q.dtype if not softcap and supports(q, k_cache) else None
         return decode_way(page_table, seq_lens, k_cache.shape[1], in_place)

@@ -1,6 +1,7 @@
-"""Decode attention (one new token per request over its whole paged context), bf16, in pdbox's own C
-kernel (``pdbox_flash_decode`` in ``flash_attention.c``): a KV head's query heads share each key read,
-K and V are read from the pages in place, nothing is gathered.
+"""Decode attention (one new token per request over its whole paged context) in pdbox's own C kernels:
+bf16 in ``pdbox_flash_decode`` (``flash_attention.c``, AVX-512 BF16), fp32 in ``pdbox_decode_f32``
+(``decode_f32.c``, AVX2). A KV head's query heads share each key read, K and V are read from the pages in
+place, nothing is gathered.
 
 The same function as ``kernels.decode_attention_ref``; the reference stays the oracle. The page table is
 checked once per forward pass (:func:`decode_table`), the per-layer call only checks shapes and dtypes.
@@ -8,13 +9,26 @@ checked once per forward pass (:func:`decode_table`), the per-layer call only ch
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 
 import torch
 
+from kernels.cpu.build import AVX2_CFLAGS, AVX2_FLAGS, Native, load
 from kernels.cpu.flash_extend import check_tensors, native
 
-MAX_GROUP = 16  # query heads per KV head the kernel takes (its DR)
+MAX_GROUP = 16  # query heads per KV head the kernels take (flash_attention.c's DR, decode_f32.c's MAX_G)
+_I64, _I32, _P = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+
+
+def native_f32() -> Native:
+    """The fp32 kernel's library, or why this machine has none (built on the first call in a process)."""
+    built = load("decode_f32", needs=AVX2_FLAGS, cflags=AVX2_CFLAGS)
+    if built.lib is not None and not getattr(built.lib.pdbox_decode_f32, "argtypes", None):
+        built.lib.pdbox_decode_f32.argtypes = [_P, _I64, _I64, _P, _P, _I64, _I32, _P, _I64, _P, _I32, _I32, _I32,
+                                               _I32, ctypes.c_float, _P, _I64, _I64, _I32]
+        built.lib.pdbox_decode_f32.restype = _I32
+    return built
 
 
 @dataclass(frozen=True)
@@ -54,11 +68,15 @@ def decode_table(page_table: torch.Tensor, seq_lens: torch.Tensor, num_pages: in
 
 def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, plan: DecodeTable, scale: float,
                  threads: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Attention of ``q`` ``(batch, heads, head_dim)`` over each request's ``plan.lens`` cache rows; into ``out``
-    (made if ``None``) and returned. ``threads`` threads split the (request, KV head) units."""
-    lib = native().required("the native CPU attention kernel")
+    """Attention of ``q`` ``(batch, heads, head_dim)`` over each request's ``plan.lens`` cache rows, bf16 or fp32;
+    into ``out`` (made if ``None``) and returned. ``threads`` threads split the (request, KV head) units."""
+    f32 = q.dtype == torch.float32
+    if f32:
+        fn = native_f32().required("the native CPU fp32 decode attention kernel").pdbox_decode_f32
+    else:
+        fn = native().required("the native CPU attention kernel").pdbox_flash_decode
     out = torch.empty(q.shape, dtype=q.dtype) if out is None else out
-    check_tensors(q, k_cache, v_cache, out, 64)
+    check_tensors(q, k_cache, v_cache, out, 8 if f32 else 64, torch.float32 if f32 else torch.bfloat16)
     batch, hq, d = q.shape
     pages, page_size, hkv, _ = k_cache.shape
     if hq // hkv > MAX_GROUP:
@@ -66,7 +84,7 @@ def flash_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     if (pages, page_size) != (plan.num_pages, plan.page_size) or plan.lens.numel() != batch:
         raise ValueError(f"the table was checked for {plan.lens.numel()} requests over {plan.num_pages} pages of "
                          f"{plan.page_size}; this call has {batch} over {pages} of {page_size}")
-    rc = lib.pdbox_flash_decode(
+    rc = fn(
         q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), page_size,
         plan.table.data_ptr(), plan.table.stride(0), plan.lens.data_ptr(), batch, hq, hkv, d, scale, out.data_ptr(),
         out.stride(0), out.stride(1), max(1, threads))

@@ -33,17 +33,17 @@ def native() -> Native:
 
 
 def check_tensors(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
-                  head_dim_multiple: int) -> None:
-    """What both attention kernels need of their tensors: q ``(rows, heads, head_dim)`` and ``out`` alike,
-    contiguous ``(pages, page_size, kv_heads, head_dim)`` caches, all bf16 on the CPU, whole head groups.
+                  head_dim_multiple: int, dtype: torch.dtype = torch.bfloat16) -> None:
+    """What the attention kernels need of their tensors: q ``(rows, heads, head_dim)`` and ``out`` alike,
+    contiguous ``(pages, page_size, kv_heads, head_dim)`` caches, all ``dtype`` on the CPU, whole head groups.
     ``ValueError`` names what is off (the kernels read raw memory: nothing is assumed)."""
     if q.dim() != 3 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape or out.shape != q.shape:
         raise ValueError(f"q must be (rows, heads, head_dim), out alike, the caches equal (pages, page_size, "
                          f"kv_heads, head_dim): got q {tuple(q.shape)}, out {tuple(out.shape)}, "
                          f"k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out)):
-        if t.dtype != torch.bfloat16 or t.device.type != "cpu":
-            raise ValueError(f"{name} must be a bfloat16 CPU tensor, got {t.dtype} on {t.device}")
+        if t.dtype != dtype or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a {dtype} CPU tensor, got {t.dtype} on {t.device}")
     d, kd, hq, hkv = q.shape[2], k_cache.shape[3], q.shape[1], k_cache.shape[2]
     if kd != d or d % head_dim_multiple or d > MAX_HEAD_DIM:
         raise ValueError(f"head_dim must match (q {d}, cache {kd}) and be a multiple of {head_dim_multiple} "

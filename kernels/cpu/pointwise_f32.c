@@ -1,42 +1,17 @@
 /* The pointwise pieces of an fp32 layer on AVX2, each one pass and one call where torch takes several ops
  * (and a Python call each): the residual add with RMSNorm, rotary, SiLU-and-mul, and the KV store. A
  * decode step of SmolLM2 makes about 150 of these calls, each over a row of 576 to 3072 floats, so the
- * calls, not the bytes, are their cost. kernels/cpu/pointwise_f32.py checks the arguments and calls them.
+ * calls, not the bytes, are their cost. kernels/cpu/pointwise.py checks the arguments and calls them.
  * Rows go to `threads` OpenMP threads when there are enough of them.
  *
  * Every row is computed alone, so a row's result does not depend on the batch it came in. */
-#include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
 
+#include "f32_avx2.h"
+
 #define PAR_ROWS 16 /* fewer rows run on the calling thread */
-
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
-
-/* exp(x), fp32 (Cephes' expf polynomial; ~1 ulp); below -87 gives ~0, above 88 gives inf */
-static inline __m256 exp_ps(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.3f));
-    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    /* times 2^n: n added to the exponent bits (n in -126..127 after the clamp above) */
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
-}
 
 /* residual_out = residual + x (x absent when NULL); out = rmsnorm(residual_out) * weight */
 int pdbox_add_rmsnorm_f32(const float *x, int64_t x_row, const float *residual, int64_t r_row, float *residual_out,

@@ -109,7 +109,7 @@ def test_backend_reads_long_runs_in_place(monkeypatch) -> None:
     lens = torch.tensor([130, 100, 97])
     q = torch.randn(3, 9, DIM, generator=g)
     monkeypatch.setattr(decode_runs, "IN_PLACE_MAX_BATCH", 2)
-    be = CpuAttentionBackend()
+    be = CpuAttentionBackend(native_kernels=False)  # the torch ways (decode_runs), not the C kernels
     for rows in (2, 3):
         for _ in range(2):  # the second call reuses the forward pass's split
             out = be.decode(q[:rows], k_cache, v_cache, table[:rows], lens[:rows], 0.25)
@@ -135,7 +135,7 @@ def test_mixed_extend_batches_its_decoding_requests(decoding: int, monkeypatch) 
                          dtype=torch.int32)
     q = torch.randn(int(new.sum()), 9, DIM, generator=g)
     monkeypatch.setattr(decode_runs, "IN_PLACE_MAX_BATCH", 2)
-    be = CpuAttentionBackend()
+    be = CpuAttentionBackend(native_kernels=False)  # the torch ways (decode_runs), not the C kernels
     for _ in range(2):
         out = be.extend(q, k_cache, v_cache, table, prefix, new, 0.25)
     assert be._decode_rows is not None and be._decode_rows.rows == [1, 2, 4][:decoding]
