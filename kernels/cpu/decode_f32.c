@@ -3,9 +3,10 @@
  * pdbox_flash_decode (flash_attention.c, bf16 on AVX-512) with the same arguments.
  *
  * One unit of work is a (request, KV head): its query heads share each K and V row read, straight from
- * the pages; blocks of BLK rows get their scores, then one online-softmax update (running max and sum
- * per head, the accumulator rescaled once a block), then their V rows. Each unit is computed alone, so
- * a request's result does not depend on the batch it came in. */
+ * the pages; blocks of BLK rows get their scores (eight rows' dot products reduced across lanes
+ * together), then one online-softmax update (running max and sum per head, the accumulator rescaled
+ * once a block), then their V rows (64 output columns at a time in registers). Each unit is computed
+ * alone, so a request's result does not depend on the batch it came in. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
@@ -26,12 +27,26 @@ typedef struct {
     float *out;
 } job_t;
 
+/* The sums of eight vectors' lanes, as one vector: lane r holds the sum of a[r]. */
+static inline __m256 sum8(const __m256 a[8]) {
+    __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+static inline float dot(const float *a, const float *b, int nv) {
+    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
+    for (int c = 1; c < nv; c++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + 8 * c), _mm256_loadu_ps(b + 8 * c), acc);
+    return hsum(acc);
+}
+
 static void unit(const job_t *jb, int b, int g) {
     const int G = jb->hq / jb->hkv, d = jb->d, nv = d / 8, len = (int)jb->lens[b];
     const int64_t *pages = jb->table + b * jb->table_row;
-    const int64_t row = (int64_t)jb->hkv * d;
+    const int64_t row = (int64_t)jb->hkv * d, off = (int64_t)g * d;
     float acc[MAX_G][MAX_D] __attribute__((aligned(32)));
     float s[MAX_G][BLK] __attribute__((aligned(32)));
+    const float *kp[BLK], *vp[BLK];
     float m[MAX_G], l[MAX_G];
     const float *q[MAX_G];
     for (int i = 0; i < G; i++) {
@@ -43,13 +58,22 @@ static void unit(const job_t *jb, int b, int g) {
         const int n = len - j0 < BLK ? len - j0 : BLK;
         for (int jj = 0; jj < n; jj++) {
             const int j = j0 + jj;
-            const float *kr = jb->k + pages[j / jb->page_size] * jb->page_stride + (j % jb->page_size) * row + g * d;
-            for (int i = 0; i < G; i++) {
-                __m256 dot = _mm256_mul_ps(_mm256_loadu_ps(q[i]), _mm256_loadu_ps(kr));
-                for (int c = 1; c < nv; c++)
-                    dot = _mm256_fmadd_ps(_mm256_loadu_ps(q[i] + 8 * c), _mm256_loadu_ps(kr + 8 * c), dot);
-                s[i][jj] = hsum(dot) * jb->scale;
+            const int64_t at = pages[j / jb->page_size] * jb->page_stride + (j % jb->page_size) * row + off;
+            kp[jj] = jb->k + at, vp[jj] = jb->v + at;
+        }
+        /* scores: eight rows at a time, their dot products summed across lanes together */
+        for (int i = 0; i < G; i++) {
+            int jj = 0;
+            for (; jj + 8 <= n; jj += 8) {
+                __m256 a[8];
+                for (int r = 0; r < 8; r++) a[r] = _mm256_mul_ps(_mm256_loadu_ps(q[i]), _mm256_loadu_ps(kp[jj + r]));
+                for (int c = 1; c < nv; c++) {
+                    const __m256 qc = _mm256_loadu_ps(q[i] + 8 * c);
+                    for (int r = 0; r < 8; r++) a[r] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(kp[jj + r] + 8 * c), a[r]);
+                }
+                _mm256_store_ps(s[i] + jj, _mm256_mul_ps(sum8(a), _mm256_set1_ps(jb->scale)));
             }
+            for (; jj < n; jj++) s[i][jj] = dot(q[i], kp[jj], nv) * jb->scale;
         }
         for (int i = 0; i < G; i++) {
             float mx = m[i];
@@ -67,17 +91,17 @@ static void unit(const job_t *jb, int b, int g) {
             for (; jj < n; jj++) tail += (s[i][jj] = expf(s[i][jj] - mx));
             l[i] = l[i] * alpha + hsum(sum) + tail;
             m[i] = mx;
+            /* the block's V rows, 64 columns at a time held in registers */
             const __m256 av = _mm256_set1_ps(alpha);
-            for (int c = 0; c < nv; c++) _mm256_store_ps(acc[i] + 8 * c, _mm256_mul_ps(_mm256_load_ps(acc[i] + 8 * c), av));
-        }
-        for (int jj = 0; jj < n; jj++) {
-            const int j = j0 + jj;
-            const float *vr = jb->v + pages[j / jb->page_size] * jb->page_stride + (j % jb->page_size) * row + g * d;
-            for (int i = 0; i < G; i++) {
-                const __m256 p = _mm256_set1_ps(s[i][jj]);
-                for (int c = 0; c < nv; c++)
-                    _mm256_store_ps(acc[i] + 8 * c, _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * c),
-                                                                    _mm256_load_ps(acc[i] + 8 * c)));
+            for (int c0 = 0; c0 < nv; c0 += 8) {
+                const int cn = nv - c0 < 8 ? nv - c0 : 8;
+                __m256 o[8];
+                for (int c = 0; c < cn; c++) o[c] = _mm256_mul_ps(_mm256_load_ps(acc[i] + 8 * (c0 + c)), av);
+                for (jj = 0; jj < n; jj++) {
+                    const __m256 p = _mm256_set1_ps(s[i][jj]);
+                    for (int c = 0; c < cn; c++) o[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp[jj] + 8 * (c0 + c)), o[c]);
+                }
+                for (int c = 0; c < cn; c++) _mm256_store_ps(acc[i] + 8 * (c0 + c), o[c]);
             }
         }
     }
