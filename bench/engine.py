@@ -93,10 +93,13 @@ def _q4_kernel(model) -> str:
 
 
 def _native_kernels(backend: object) -> str:
-    """Whether the engine ran pdbox's C kernels, and why not."""
-    if getattr(backend, "native_attention", False):
-        return "on"
-    return f"off ({getattr(backend, 'native_reason', 'not the cpu backend')})"
+    """Which of pdbox's C kernels the engine could run (bf16's on AVX-512 BF16, fp32's on AVX2), and why not."""
+    if not hasattr(backend, "native_attention"):
+        return "off (not the cpu backend)"
+    reason = "--no-native-kernels" if backend.native_reason == "off" else backend.native_reason
+    bf16 = "on" if backend.native_attention else f"off ({reason})"
+    f32 = "on" if backend.native_pointwise_f32 and backend.native_decode_f32 else "off"
+    return f"bf16: {bf16}; fp32 (AVX2): {f32}"
 
 
 def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: int, long_batch: int = 6,
