@@ -9,7 +9,7 @@ steps through them, a quarter of the bf16 bytes (``appliance.engine.attention_cp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -19,8 +19,40 @@ _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}
 Q4_TYPES = tuple(_BLOCK_BYTES)
 
 
+class Blocks:
+    """What a quantized weight's blocks share (a frozen dataclass whose first field is ``codes``, one per
+    weight ``(out, in)``, and whose other fields are per block ``(out, in / 32)``): slicing and stacking
+    rows and columns as the loader slices the floats."""
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[attr-defined, return-value]
+
+    def _parts(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]  # type: ignore[arg-type]
+
+    def rows(self, start: int, end: int):
+        return type(self)(*[t[start:end] for t in self._parts()])
+
+    def cols(self, start: int, end: int):
+        """Columns ``[start, end)``, or ``None`` when they cut a block."""
+        if start % GROUP or end % GROUP:
+            return None
+        codes, *params = self._parts()
+        return type(self)(codes[:, start:end], *[t[:, start // GROUP : end // GROUP] for t in params])
+
+    def map_rows(self, fn):
+        """The same row permutation (``fn`` of a row-major tensor) on codes and block parameters."""
+        return type(self)(*[fn(t) for t in self._parts()])
+
+    @classmethod
+    def cat(cls, parts: list):
+        """Row-wise concatenation (the fused QKV and gate/up weights)."""
+        return cls(*[torch.cat(ts) for ts in zip(*[p._parts() for p in parts], strict=True)])
+
+
 @dataclass(frozen=True)
-class Q4Blocks:
+class Q4Blocks(Blocks):
     """A ``(out, in)`` weight as 4-bit codes ``(out, in)`` uint8 and per-block ``scale``/``zero``
     ``(out, in / 32)`` fp32: ``w = (codes - 8) * scale + zero``."""
 
@@ -28,35 +60,11 @@ class Q4Blocks:
     scale: torch.Tensor
     zero: torch.Tensor
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)  # type: ignore[return-value]
-
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight these blocks stand for."""
         n, k = self.shape
         q = self.codes.float().view(n, k // GROUP, GROUP) - 8
         return (q * self.scale[..., None] + self.zero[..., None]).view(n, k)
-
-    def rows(self, start: int, end: int) -> Q4Blocks:
-        return Q4Blocks(self.codes[start:end], self.scale[start:end], self.zero[start:end])
-
-    def cols(self, start: int, end: int) -> Q4Blocks | None:
-        """Columns ``[start, end)``, or ``None`` when they cut a block."""
-        if start % GROUP or end % GROUP:
-            return None
-        return Q4Blocks(self.codes[:, start:end], self.scale[:, start // GROUP : end // GROUP],
-                        self.zero[:, start // GROUP : end // GROUP])
-
-    def map_rows(self, fn) -> Q4Blocks:
-        """The same row permutation (``fn`` of a row-major tensor) on codes and block parameters."""
-        return Q4Blocks(fn(self.codes), fn(self.scale), fn(self.zero))
-
-    @staticmethod
-    def cat(parts: list[Q4Blocks]) -> Q4Blocks:
-        """Row-wise concatenation (the fused QKV and gate/up weights)."""
-        return Q4Blocks(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]),
-                        torch.cat([p.zero for p in parts]))
 
 
 def from_gguf(raw: np.ndarray, qtype: str, shape: tuple[int, int]) -> Q4Blocks:

@@ -2,7 +2,7 @@
 
 A Q8_0 block holds 32 weights of one row as ``w = d * q`` (``q`` int8, ``d`` fp16): 34 bytes, about a
 quarter of fp32's. The loader keeps these beside the dequantized floats, as it keeps 4-bit blocks
-(``q4_blocks``, the same interface); the CPU backend runs few-row steps through them
+(``q4_blocks``, the same `Blocks` interface); the CPU backend runs few-row steps through them
 (``appliance.engine.attention_cpu``).
 """
 
@@ -13,46 +13,24 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from appliance.model.q4_blocks import GROUP
+from appliance.model.q4_blocks import GROUP, Blocks
 
 Q8_TYPES = ("Q8_0",)
 _BLOCK_BYTES = 34
 
 
 @dataclass(frozen=True)
-class Q8Blocks:
+class Q8Blocks(Blocks):
     """A ``(out, in)`` weight as int8 codes ``(out, in)`` and per-block ``scale`` ``(out, in / 32)`` fp32:
     ``w = codes * scale``."""
 
     codes: torch.Tensor
     scale: torch.Tensor
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(self.codes.shape)  # type: ignore[return-value]
-
     def dequantize(self) -> torch.Tensor:
         """The fp32 weight these blocks stand for."""
         n, k = self.shape
         return (self.codes.float().view(n, k // GROUP, GROUP) * self.scale[..., None]).view(n, k)
-
-    def rows(self, start: int, end: int) -> Q8Blocks:
-        return Q8Blocks(self.codes[start:end], self.scale[start:end])
-
-    def cols(self, start: int, end: int) -> Q8Blocks | None:
-        """Columns ``[start, end)``, or ``None`` when they cut a block."""
-        if start % GROUP or end % GROUP:
-            return None
-        return Q8Blocks(self.codes[:, start:end], self.scale[:, start // GROUP : end // GROUP])
-
-    def map_rows(self, fn) -> Q8Blocks:
-        """The same row permutation (``fn`` of a row-major tensor) on codes and scales."""
-        return Q8Blocks(fn(self.codes), fn(self.scale))
-
-    @staticmethod
-    def cat(parts: list[Q8Blocks]) -> Q8Blocks:
-        """Row-wise concatenation (the fused QKV and gate/up weights)."""
-        return Q8Blocks(torch.cat([p.codes for p in parts]), torch.cat([p.scale for p in parts]))
 
 
 def from_gguf(raw: np.ndarray, qtype: str, shape: tuple[int, int]) -> Q8Blocks:
