@@ -99,3 +99,14 @@ def test_bad_inputs_are_named() -> None:
         quant_linear(torch.randn(64, 2).T, w)
     with pytest.raises(ValueError, match="multiple of 32"):
         Q4Weight.pack(Q4Blocks(torch.zeros(2, 48, dtype=torch.uint8), torch.zeros(2, 1), torch.zeros(2, 1)))
+
+
+def test_a_tp_shards_column_slice_packs_and_multiplies() -> None:
+    """TP slices a row-parallel weight's columns (o_proj, down): the packed slice is that slice's weight."""
+    g = torch.Generator().manual_seed(9)
+    q4 = blocks(16, 128, 9).cols(32, 96)
+    q8 = Q8Blocks(torch.randint(-128, 128, (16, 128), generator=g, dtype=torch.int8), torch.rand(16, 4, generator=g))
+    x = torch.randn(2, 64, generator=g)
+    for b in (q4, q8.cols(32, 96)):
+        exact = x @ b.dequantize().T
+        assert (quant_linear(x, pack(b)) - exact).abs().max() < 1e-4 * exact.abs().max()
