@@ -45,7 +45,7 @@ from kernels.cpu.flash_extend import MAX_HEAD_DIM, flash_extend
 from kernels.cpu.flash_extend import native as native_attention_lib
 from kernels.cpu.pointwise import add_rmsnorm, rotary, silu_and_mul, store_kv
 from kernels.cpu.pointwise import native as native_pointwise_lib
-from kernels.cpu.quant_gemv import Q4Weight, Q8Weight, pack, quant_linear
+from kernels.cpu.quant_gemv import Q4Weight, Q8Weight, quant_linear
 from kernels.cpu.quant_gemv import native as native_quant_lib
 from kernels.decode_attention import DecodePlan
 from kernels.extend_attention import extend_attention_ref, gather_pages
@@ -117,7 +117,7 @@ class PackedWeight:
         if blocks is None or blocks.shape != self.shape:
             return
         if native_quant:
-            self.quant = pack(blocks)
+            self.quant = pack_blocks(blocks)
         elif isinstance(blocks, Q4Blocks) and int4_available():
             try:
                 codes = torch.ops.aten._convert_weight_to_int4pack_for_cpu(blocks.codes.to(torch.int32), 1)
@@ -125,6 +125,13 @@ class PackedWeight:
                 return
             scales = torch.stack([blocks.scale.t(), blocks.zero.t()], -1).to(torch.bfloat16).contiguous()
             self.int4 = (codes, scales)
+
+
+def pack_blocks(blocks: Q4Blocks | Q8Blocks) -> Q4Weight | Q8Weight:
+    """A GGUF weight's 4- or 8-bit blocks in the layout of pdbox's quantized GEMV (``kernels.cpu.quant_gemv``)."""
+    if isinstance(blocks, Q4Blocks):
+        return Q4Weight.pack(blocks.codes, blocks.scale, blocks.zero)
+    return Q8Weight.pack(blocks.codes, blocks.scale)
 
 
 def int4_linear(x: torch.Tensor, int4: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

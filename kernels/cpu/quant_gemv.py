@@ -16,11 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from appliance.model.q4_blocks import GROUP, Q4Blocks
-from appliance.model.q8_blocks import Q8Blocks
 from kernels.cpu.build import AVX2_CFLAGS, AVX2_FLAGS, Native, load
 
 MAX_ROWS = 8  # the C kernel's own bound (MAX_ROWS in quant_gemv.c)
+GROUP = 32  # weights per block along k (GGUF's, and the kernel's BLOCK)
 _I64, _I32, _P = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 
 
@@ -47,16 +46,16 @@ class Q4Weight:
         return self.codes.shape[0], self.codes.shape[1] * 2
 
     @staticmethod
-    def pack(blocks: Q4Blocks) -> Q4Weight:
-        """``blocks`` (``w = (q - 8) * scale + zero``) in the kernel's layout."""
-        n, k = blocks.shape
+    def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Q4Weight:
+        """A weight ``w = (codes - 8) * scale + zero`` (codes ``(n, k)`` in 0..15, one per weight; ``scale``
+        and ``zero`` ``(n, k / 32)``, one per block) in the kernel's layout."""
+        n, k = codes.shape
         if k % GROUP:
             raise ValueError(f"k must be a multiple of {GROUP}, got {k}")
-        q = blocks.codes.to(torch.uint8).view(n, k // GROUP, 2, GROUP // 2)
-        codes = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-        scale = blocks.scale.float()
-        params = torch.stack([scale, blocks.zero.float() - 8 * scale], 1).contiguous()
-        return Q4Weight(codes, params)
+        q = codes.to(torch.uint8).reshape(n, k // GROUP, 2, GROUP // 2)
+        packed = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+        params = torch.stack([scale.float(), zero.float() - 8 * scale.float()], 1).contiguous()
+        return Q4Weight(packed, params)
 
 
 @dataclass(frozen=True)
@@ -72,16 +71,12 @@ class Q8Weight:
         return self.codes.shape[0], self.codes.shape[1]
 
     @staticmethod
-    def pack(blocks: Q8Blocks) -> Q8Weight:
-        n, k = blocks.shape
+    def pack(codes: torch.Tensor, scale: torch.Tensor) -> Q8Weight:
+        """A weight ``w = codes * scale`` (codes ``(n, k)`` int8; ``scale`` ``(n, k / 32)``) in the kernel's layout."""
+        n, k = codes.shape
         if k % GROUP:
             raise ValueError(f"k must be a multiple of {GROUP}, got {k}")
-        return Q8Weight(blocks.codes.to(torch.int8).contiguous(), blocks.scale.float().contiguous())
-
-
-def pack(blocks: Q4Blocks | Q8Blocks) -> Q4Weight | Q8Weight:
-    """``blocks`` in the kernel's layout for their width."""
-    return Q4Weight.pack(blocks) if isinstance(blocks, Q4Blocks) else Q8Weight.pack(blocks)
+        return Q8Weight(codes.to(torch.int8).contiguous(), scale.float().contiguous())
 
 
 def quant_linear(x: torch.Tensor, weight: Q4Weight | Q8Weight, threads: int = 1) -> torch.Tensor:

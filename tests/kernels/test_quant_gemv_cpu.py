@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from appliance.engine.attention_cpu import pack_blocks
 from appliance.model.q4_blocks import GROUP, Q4Blocks
 from appliance.model.q8_blocks import Q8Blocks
-from kernels.cpu.quant_gemv import MAX_ROWS, Q4Weight, Q8Weight, native, pack, quant_linear
+from kernels.cpu.quant_gemv import MAX_ROWS, Q4Weight, Q8Weight, native, quant_linear
 
-pytestmark = pytest.mark.skipif(native().lib is None, reason=f"no native 4-bit GEMV here: {native().reason}")
+pytestmark = pytest.mark.skipif(native().lib is None, reason=f"no native quantized GEMV here: {native().reason}")
 
 
 def blocks(n: int, k: int, seed: int) -> Q4Blocks:
@@ -30,7 +31,7 @@ def int16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_the_layout_holds_the_same_weights() -> None:
     b = blocks(5, 96, 1)
-    w = Q4Weight.pack(b)
+    w = pack_blocks(b)
     assert w.shape == (5, 96) and w.codes.dtype == torch.uint8 and w.params.shape == (5, 2, 3)
     lo, hi = (w.codes & 0x0F).view(5, 3, 16), (w.codes >> 4).view(5, 3, 16)
     q = torch.cat([lo, hi], -1).float()  # byte j: weight j low, weight j + 16 high
@@ -43,11 +44,11 @@ def test_the_layout_holds_the_same_weights() -> None:
 def test_matches_the_dequantized_weight_on_int16_rows(rows: int, n: int, k: int, threads: int) -> None:
     b = blocks(n, k, rows + n)
     x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
-    got = quant_linear(x, Q4Weight.pack(b), threads)
+    got = quant_linear(x, pack_blocks(b), threads)
     assert got.shape == (rows, n) and got.dtype == torch.float32
     # exactly the kernel's arithmetic, up to fp32 summation order: int16 rows times the 4-bit weight
     q, dx = int16_rows(x)
-    w = Q4Weight.pack(b)
+    w = pack_blocks(b)
     codes = torch.cat([(w.codes & 0x0F).view(n, -1, 16), (w.codes >> 4).view(n, -1, 16)], -1).double()
     isum = torch.einsum("rbj,nbj->rnb", q.double(), codes)
     xs = x.view(rows, -1, GROUP).sum(-1).double()
@@ -65,7 +66,7 @@ def test_8_bit_blocks_match_their_weight_on_int16_rows(rows: int, n: int, k: int
     g = torch.Generator().manual_seed(n + rows)
     codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
     b = Q8Blocks(codes, torch.rand(n, k // GROUP, generator=g))
-    w = pack(b)
+    w = pack_blocks(b)
     assert isinstance(w, Q8Weight) and w.shape == (n, k)
     x = torch.randn(rows, k, generator=g)
     got = quant_linear(x, w, threads)
@@ -82,13 +83,13 @@ def test_a_row_of_zeros_gives_zeros() -> None:
     b = blocks(16, 64, 3)
     x = torch.zeros(2, 64)
     x[1] = torch.randn(64)
-    got = quant_linear(x, Q4Weight.pack(b))
+    got = quant_linear(x, pack_blocks(b))
     assert torch.equal(got[0], torch.zeros(16))
     assert got[1].abs().sum() > 0
 
 
 def test_bad_inputs_are_named() -> None:
-    w = Q4Weight.pack(blocks(8, 64, 2))
+    w = pack_blocks(blocks(8, 64, 2))
     with pytest.raises(ValueError, match="fp32"):
         quant_linear(torch.randn(1, 64, dtype=torch.bfloat16), w)
     with pytest.raises(ValueError, match="64 wide"):
@@ -98,7 +99,7 @@ def test_bad_inputs_are_named() -> None:
     with pytest.raises(ValueError, match="contiguous rows"):
         quant_linear(torch.randn(64, 2).T, w)
     with pytest.raises(ValueError, match="multiple of 32"):
-        Q4Weight.pack(Q4Blocks(torch.zeros(2, 48, dtype=torch.uint8), torch.zeros(2, 1), torch.zeros(2, 1)))
+        Q4Weight.pack(torch.zeros(2, 48, dtype=torch.uint8), torch.zeros(2, 1), torch.zeros(2, 1))
 
 
 def test_a_tp_shards_column_slice_packs_and_multiplies() -> None:
@@ -109,4 +110,4 @@ def test_a_tp_shards_column_slice_packs_and_multiplies() -> None:
     x = torch.randn(2, 64, generator=g)
     for b in (q4, q8.cols(32, 96)):
         exact = x @ b.dequantize().T
-        assert (quant_linear(x, pack(b)) - exact).abs().max() < 1e-4 * exact.abs().max()
+        assert (quant_linear(x, pack_blocks(b)) - exact).abs().max() < 1e-4 * exact.abs().max()
