@@ -57,8 +57,9 @@ def floors(engine, prefill_chunk: int) -> dict:
 
     def read_bytes(w) -> int:  # what a batch-1 step reads of it: the 4-bit codes and scales where it has them
         quant, int4 = getattr(w, "quant", None), getattr(w, "int4", None)
-        tensors = (quant.codes, quant.params if hasattr(quant, "params") else quant.scales) if quant else int4
-        return numel(w) * elem if tensors is None else sum(t.numel() * t.element_size() for t in tensors)
+        if quant is not None:
+            return quant.nbytes
+        return numel(w) * elem if int4 is None else sum(t.nbytes for t in int4)
 
     dense_bytes = sum(numel(w) for w in weights) * elem
     weight_bytes = sum(read_bytes(w) for w in weights)

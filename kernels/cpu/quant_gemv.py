@@ -45,6 +45,11 @@ class Q4Weight:
     def shape(self) -> tuple[int, int]:
         return self.codes.shape[0], self.codes.shape[1] * 2
 
+    @property
+    def nbytes(self) -> int:
+        """What one pass over the weight reads."""
+        return self.codes.nbytes + self.params.nbytes
+
     @staticmethod
     def pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> Q4Weight:
         """A weight ``w = (codes - 8) * scale + zero`` (codes ``(n, k)`` in 0..15, one per weight; ``scale``
@@ -69,6 +74,11 @@ class Q8Weight:
     @property
     def shape(self) -> tuple[int, int]:
         return self.codes.shape[0], self.codes.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        """What one pass over the weight reads."""
+        return self.codes.nbytes + self.scales.nbytes
 
     @staticmethod
     def pack(codes: torch.Tensor, scale: torch.Tensor) -> Q8Weight:

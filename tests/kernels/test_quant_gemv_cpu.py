@@ -33,6 +33,7 @@ def test_the_layout_holds_the_same_weights() -> None:
     b = blocks(5, 96, 1)
     w = pack_blocks(b)
     assert w.shape == (5, 96) and w.codes.dtype == torch.uint8 and w.params.shape == (5, 2, 3)
+    assert w.nbytes == 5 * 48 + 5 * 2 * 3 * 4  # half a byte a weight, two fp32 a block
     lo, hi = (w.codes & 0x0F).view(5, 3, 16), (w.codes >> 4).view(5, 3, 16)
     q = torch.cat([lo, hi], -1).float()  # byte j: weight j low, weight j + 16 high
     got = q * w.params[:, 0, :, None] + w.params[:, 1, :, None]
