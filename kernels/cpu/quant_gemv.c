@@ -12,7 +12,9 @@
  * greedy answers where this does not), so a block's dot product is dx * scale * sum(q * xq)
  * (+ offset * sum(x), 4-bit): the integer sum by VPMADDWD on the codes widened to 16 bits (32 products of
  * at most 128 * 32768 fit an int32), the float sum of x exact. One pass over the weight serves every row
- * of x. */
+ * of x. The codes are split out of their bytes by 16-bit shifts and masks, with x's codes stored in the
+ * matching order (x_slot), so no byte shuffles or widenings: 1.55x the VPMOVZXBW way at one row on the
+ * Zen 3 (75 vs 116 us for a 3072 x 576 4-bit weight, one thread, hot). */
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
@@ -26,9 +28,24 @@
  * always-split measured the same on the Zen 3, while single-threaded gate/up and down cost 3 ms a step) */
 #define PAR_WORK (1 << 19)
 
-/* One row of x (k floats) into int16 blocks xq, their scales dx and their float sums sx. */
-static void quantize_row(const float *x, int k, int16_t *xq, float *dx, float *sx) {
-    for (int b = 0; b < k / BLOCK; b++) {
+/* The order x's int16 codes take, so that each code meets its weight with no shuffle: the weight bytes are
+ * read as 16-bit words and split by shifts and masks alone (see q4_columns, q8_columns).
+ * - 4-bit: word i (i < 8) of a block's 16 bytes holds weights 2i, 2i + 16 (byte 2i's nibbles) and 2i + 1,
+ *   2i + 17 (byte 2i + 1's); a pair of blocks is one 256-bit load, a block per 128-bit half. So the codes of
+ *   a pair come as four vectors of 16 (groups g = 0..3 for weights 2i, 2i + 16, 2i + 1, 2i + 17), each the
+ *   first block's 8 then the second's; a last, unpaired block as four groups of 8.
+ * - 8-bit: word i (i < 16) of a block's 32 bytes holds weights 2i and 2i + 1: two vectors of 16. */
+static inline int x_slot(int bits, int blocks, int b, int j) {
+    if (bits == 8) return b * BLOCK + (j & 1) * 16 + j / 2;
+    int g = j < 16 ? ((j & 1) ? 2 : 0) : ((j & 1) ? 3 : 1), i = (j % 16) / 2;
+    int paired = b / 2 * 2 + 1 < blocks;
+    return b / 2 * 64 + (paired ? g * 16 + (b & 1) * 8 : g * 8) + i;
+}
+
+/* One row of x (k floats) into int16 blocks xq (in x_slot's order), their scales dx and float sums sx. */
+static void quantize_row(int bits, const float *x, int k, int16_t *xq, float *dx, float *sx) {
+    const int blocks = k / BLOCK;
+    for (int b = 0; b < blocks; b++) {
         const float *xb = x + b * BLOCK;
         float amax = 0.f, sum = 0.f;
         for (int j = 0; j < BLOCK; j++) {
@@ -37,54 +54,62 @@ static void quantize_row(const float *x, int k, int16_t *xq, float *dx, float *s
             sum += xb[j];
         }
         float d = amax / 32767.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
-        for (int j = 0; j < BLOCK; j++) xq[b * BLOCK + j] = (int16_t)lrintf(xb[j] * inv);
+        for (int j = 0; j < BLOCK; j++) xq[x_slot(bits, blocks, b, j)] = (int16_t)lrintf(xb[j] * inv);
         dx[b] = d;
         sx[b] = sum;
     }
 }
 
 /* Columns [c0, c1) of out for R rows of x (a compile-time constant where inlined, so each row's
- * accumulators stay in registers); two accumulators a row, for even and odd blocks, to halve the FMA
- * chain; the offsets' part summed after the blocks, 8 blocks at a time. */
-static inline __attribute__((always_inline)) void q4_columns(int R, const int16_t *xq, const float *dx, const float *sx,
-                                                          int k, const uint8_t *codes, const float *params, int c0,
+ * accumulators stay in registers). A pair of blocks is one load of 32 code bytes; its four nibbles per
+ * 16-bit word come out by shifts and masks; their products with x land in one vector of int32, the first
+ * block's in the low four lanes, the second's in the high four, scaled by a vector of the two blocks'
+ * scales. The offsets' part is summed after the blocks, 8 blocks at a time. */
+static inline __attribute__((always_inline)) void q4_columns(int R, const int16_t *xq, const float *dx,
+                                                          const float *dxv, const float *sx, int k,
+                                                          const uint8_t *codes, const float *params, int c0,
                                                           int c1, float *out, int64_t out_stride) {
-    const int blocks = k / BLOCK;
-    const __m256i low = _mm256_set1_epi8(0x0F);
+    const int blocks = k / BLOCK, pairs = blocks / 2;
+    const __m256i nib = _mm256_set1_epi16(0x0F);
+    const __m256i twice = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
     for (int c = c0; c < c1; c++) {
         const uint8_t *wc = codes + (size_t)c * (k / 2);
         const float *scale = params + (size_t)c * blocks * 2, *offset = scale + blocks;
-        __m256 even[MAX_ROWS], odd[MAX_ROWS];
-        for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps();
-        int b = 0;
-        for (; b + 2 <= blocks; b += 2) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(wc + b * 16));
-            /* weights 0..15 of a block from its low nibbles, 16..31 from its high ones */
-            __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), low), lo = _mm256_and_si256(raw, low);
-            __m256i q0a = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(lo)),
-                    q0b = _mm256_cvtepu8_epi16(_mm256_castsi256_si128(hi));
-            __m256i q1a = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(lo, 1)),
-                    q1b = _mm256_cvtepu8_epi16(_mm256_extracti128_si256(hi, 1));
+        __m256 acc[MAX_ROWS];
+        for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+        for (int p = 0; p < pairs; p++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(wc + p * 32));
+            __m256i q0 = _mm256_and_si256(raw, nib), q1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), nib);
+            __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(raw, 8), nib), q3 = _mm256_srli_epi16(raw, 12);
+            /* the pair's scales, each over its block's four lanes */
+            __m256 s = _mm256_permutevar8x32_ps(
+                _mm256_castps128_ps256(_mm_castpd_ps(_mm_load_sd((const double *)(scale + 2 * p)))), twice);
             for (int r = 0; r < R; r++) {
-                const __m256i *xr = (const __m256i *)(xq + (size_t)r * k + b * BLOCK);
-                __m256i d0 = _mm256_add_epi32(_mm256_madd_epi16(q0a, _mm256_load_si256(xr)),
-                                              _mm256_madd_epi16(q0b, _mm256_load_si256(xr + 1)));
-                __m256i d1 = _mm256_add_epi32(_mm256_madd_epi16(q1a, _mm256_load_si256(xr + 2)),
-                                              _mm256_madd_epi16(q1b, _mm256_load_si256(xr + 3)));
-                even[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_set1_ps(scale[b] * dx[r * blocks + b]), even[r]);
-                odd[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_set1_ps(scale[b + 1] * dx[r * blocks + b + 1]),
-                                         odd[r]);
+                const __m256i *xr = (const __m256i *)(xq + (size_t)r * k + p * 64);
+                __m256i d = _mm256_add_epi32(
+                    _mm256_add_epi32(_mm256_madd_epi16(q0, _mm256_load_si256(xr)),
+                                     _mm256_madd_epi16(q1, _mm256_load_si256(xr + 1))),
+                    _mm256_add_epi32(_mm256_madd_epi16(q2, _mm256_load_si256(xr + 2)),
+                                     _mm256_madd_epi16(q3, _mm256_load_si256(xr + 3))));
+                __m256 f = _mm256_mul_ps(s, _mm256_load_ps(dxv + ((size_t)r * pairs + p) * 8));
+                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), f, acc[r]);
             }
         }
-        if (b < blocks) {
-            __m128i raw = _mm_loadu_si128((const __m128i *)(wc + b * 16)), low4 = _mm_set1_epi8(0x0F);
-            __m256i qa = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low4));
-            __m256i qb = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low4));
+        float last[MAX_ROWS] = {0};
+        if (blocks & 1) {
+            const int b = blocks - 1;
+            const __m128i raw = _mm_loadu_si128((const __m128i *)(wc + b * 16)), n4 = _mm_set1_epi16(0x0F);
+            __m128i q0 = _mm_and_si128(raw, n4), q1 = _mm_and_si128(_mm_srli_epi16(raw, 4), n4);
+            __m128i q2 = _mm_and_si128(_mm_srli_epi16(raw, 8), n4), q3 = _mm_srli_epi16(raw, 12);
             for (int r = 0; r < R; r++) {
-                const __m256i *xr = (const __m256i *)(xq + (size_t)r * k + b * BLOCK);
-                __m256i d = _mm256_add_epi32(_mm256_madd_epi16(qa, _mm256_load_si256(xr)),
-                                             _mm256_madd_epi16(qb, _mm256_load_si256(xr + 1)));
-                even[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(scale[b] * dx[r * blocks + b]), even[r]);
+                const __m128i *xr = (const __m128i *)(xq + (size_t)r * k + b * BLOCK);
+                __m128i d = _mm_add_epi32(_mm_add_epi32(_mm_madd_epi16(q0, _mm_load_si128(xr)),
+                                                        _mm_madd_epi16(q1, _mm_load_si128(xr + 1))),
+                                          _mm_add_epi32(_mm_madd_epi16(q2, _mm_load_si128(xr + 2)),
+                                                        _mm_madd_epi16(q3, _mm_load_si128(xr + 3))));
+                d = _mm_add_epi32(d, _mm_shuffle_epi32(d, 0x4E));
+                d = _mm_add_epi32(d, _mm_shuffle_epi32(d, 0xB1));
+                last[r] = (float)_mm_cvtsi128_si32(d) * (scale[b] * dx[r * blocks + b]);
             }
         }
         for (int r = 0; r < R; r++) {
@@ -92,14 +117,15 @@ static inline __attribute__((always_inline)) void q4_columns(int R, const int16_
             __m256 o = _mm256_setzero_ps();
             int j = 0;
             for (; j + 8 <= blocks; j += 8) o = _mm256_fmadd_ps(_mm256_loadu_ps(offset + j), _mm256_loadu_ps(sr + j), o);
-            float tail = 0.f;
+            float tail = last[r];
             for (; j < blocks; j++) tail += offset[j] * sr[j];
-            out[r * out_stride + c] = hsum(_mm256_add_ps(even[r], odd[r])) + hsum(o) + tail;
+            out[r * out_stride + c] = hsum(_mm256_add_ps(acc[r], o)) + tail;
         }
     }
 }
 
-/* The same for 8-bit codes (n, k) int8 and scales (n, k / 32). */
+/* The same for 8-bit codes (n, k) int8 and scales (n, k / 32): a block is one load, its bytes
+ * sign-extended by shifts of the 16-bit words; even and odd blocks on two chains. */
 static inline __attribute__((always_inline)) void q8_columns(int R, const int16_t *xq, const float *dx, int k,
                                                              const int8_t *codes, const float *scales, int c0,
                                                              int c1, float *out, int64_t out_stride) {
@@ -111,14 +137,12 @@ static inline __attribute__((always_inline)) void q8_columns(int R, const int16_
         for (int r = 0; r < R; r++) even[r] = odd[r] = _mm256_setzero_ps();
         for (int b = 0; b < blocks; b++) {
             __m256i raw = _mm256_loadu_si256((const __m256i *)(wc + b * BLOCK));
-            __m256i qa = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(raw));
-            __m256i qb = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(raw, 1));
+            __m256i qa = _mm256_srai_epi16(_mm256_slli_epi16(raw, 8), 8), qb = _mm256_srai_epi16(raw, 8);
             for (int r = 0; r < R; r++) {
                 const __m256i *xr = (const __m256i *)(xq + (size_t)r * k + b * BLOCK);
                 __m256i d = _mm256_add_epi32(_mm256_madd_epi16(qa, _mm256_load_si256(xr)),
                                              _mm256_madd_epi16(qb, _mm256_load_si256(xr + 1)));
                 __m256 f = _mm256_set1_ps(scale[b] * dx[r * blocks + b]);
-                /* even and odd blocks on two chains: half the FMA latency a block */
                 if (b & 1)
                     odd[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), f, odd[r]);
                 else
@@ -135,16 +159,20 @@ static inline __attribute__((always_inline)) void q8_columns(int R, const int16_
 int pdbox_quant_linear(int bits, const float *x, int64_t x_stride, int rows, int k, const void *codes,
                        const float *params, int n, float *out, int64_t out_stride, int threads) {
     if ((bits != 4 && bits != 8) || rows < 1 || rows > MAX_ROWS || k < BLOCK || k % BLOCK || n < 1) return -1;
-    if (rows < 1 || rows > MAX_ROWS || k < BLOCK || k % BLOCK || n < 1) return -1;
     const int blocks = k / BLOCK;
+    const int pairs = blocks / 2;
     int16_t *xq = aligned_alloc(32, sizeof(int16_t) * rows * k);
     float *dx = malloc(sizeof(float) * rows * blocks), *sx = malloc(sizeof(float) * rows * blocks);
-    if (!xq || !dx || !sx) {
-        free(xq), free(dx), free(sx);
+    float *dxv = aligned_alloc(32, sizeof(float) * 8 * (rows * pairs + 1)); /* a pair's two dx, four lanes each */
+    if (!xq || !dx || !sx || !dxv) {
+        free(xq), free(dx), free(sx), free(dxv);
         return -2;
     }
-    for (int r = 0; r < rows; r++)
-        quantize_row(x + r * x_stride, k, xq + (size_t)r * k, dx + r * blocks, sx + r * blocks);
+    for (int r = 0; r < rows; r++) {
+        quantize_row(bits, x + r * x_stride, k, xq + (size_t)r * k, dx + r * blocks, sx + r * blocks);
+        for (int p = 0; p < pairs; p++)
+            for (int j = 0; j < 8; j++) dxv[((size_t)r * pairs + p) * 8 + j] = dx[r * blocks + 2 * p + j / 4];
+    }
     int team = (int64_t)n * k >= PAR_WORK && threads > 1 ? threads : 1;
 #pragma omp parallel num_threads(team)
     {
@@ -157,7 +185,7 @@ int pdbox_quant_linear(int bits, const float *x, int64_t x_stride, int rows, int
 #define ROWS(R)                                                                         \
     case R:                                                                             \
         if (bits == 4)                                                                  \
-            q4_columns(R, xq, dx, sx, k, codes, params, c0, c1, out, out_stride);       \
+            q4_columns(R, xq, dx, dxv, sx, k, codes, params, c0, c1, out, out_stride);       \
         else                                                                            \
             q8_columns(R, xq, dx, k, codes, params, c0, c1, out, out_stride);           \
         break;
@@ -165,6 +193,6 @@ int pdbox_quant_linear(int bits, const float *x, int64_t x_stride, int rows, int
 #undef ROWS
             }
     }
-    free(xq), free(dx), free(sx);
+    free(xq), free(dx), free(sx), free(dxv);
     return 0;
 }
