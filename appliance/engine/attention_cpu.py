@@ -194,7 +194,8 @@ class CpuAttentionBackend:
                 x = x.to(weight.dtype)
             rows = x.shape[0]
             if weight.quant is not None and x.dim() == 2 and rows <= QUANT_MAX_ROWS[x.dtype]:
-                out = quant_linear(x.float().contiguous(), weight.quant, torch.get_num_threads()).to(x.dtype)
+                out = quant_linear(x.float().contiguous(), weight.quant, torch.get_num_threads(), checked=False)
+                out = out if x.dtype == torch.float32 else out.to(x.dtype)
                 return out if bias is None else out.add_(bias)
             if weight.int4 is not None and x.dim() == 2 and rows <= INT4_MAX_ROWS:
                 out = int4_linear(x, weight.int4)
@@ -366,7 +367,8 @@ class CpuAttentionBackend:
                 and cos_sin_cache.dtype == torch.float32 and positions.dtype == torch.int64):
             # the positions are checked against the cache, and the rest, once per pass
             out = rotary(qk, positions, cos_sin_cache, torch.get_num_threads(), check_positions=first, checked=first)
-            return out.split([q.shape[1], k.shape[1]], dim=1)
+            hq = q.shape[1]
+            return out[:, :hq], out[:, hq:]  # slices: a tenth of Tensor.split's Python cost
         if self._rope is None:
             cos, sin = cos_sin_cache.index_select(0, positions).unsqueeze(1).float().chunk(2, dim=-1)
             self._rope = (torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1))
@@ -384,6 +386,12 @@ class CpuAttentionBackend:
         return F.silu(gate).mul_(up)
 
     def silu_mul_linear(self, x: torch.Tensor, weight: torch.Tensor | PackedWeight) -> torch.Tensor:
+        """In an fp32 model's few-row steps, one call: the quantized GEMV makes ``silu(gate) * up`` as it
+        reads its input, with the C SiLU's own formula (the same bits as the two calls)."""
+        if (isinstance(weight, PackedWeight) and weight.quant is not None and x.dtype == torch.float32
+                and self.native_pointwise_f32 and x.dim() == 2 and x.shape[0] <= QUANT_MAX_ROWS[torch.float32]
+                and x.stride(1) == 1):
+            return quant_linear(x, weight.quant, torch.get_num_threads(), silu_mul=True, checked=False)
         return self.linear(self.silu_and_mul(x), weight)
 
 

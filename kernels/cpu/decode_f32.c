@@ -22,7 +22,7 @@ typedef struct {
     const float *q, *k, *v;
     int64_t q_row, q_head, page_stride, table_row, out_row, out_head;
     const int64_t *table, *lens;
-    int page_size, hq, hkv, d;
+    int page_shift, hq, hkv, d; /* page_size = 1 << page_shift: a row's page by shift and mask, not a divide */
     float scale;
     float *out;
 } job_t;
@@ -38,6 +38,19 @@ static inline float dot(const float *a, const float *b, int nv) {
     __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
     for (int c = 1; c < nv; c++) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + 8 * c), _mm256_loadu_ps(b + 8 * c), acc);
     return hsum(acc);
+}
+
+/* acc[0, 8 cn) = acc * alpha + sum_j p[j] * v[j][col, col + 8 cn): cn vectors held in registers across the rows
+ * (inlined with cn = 8 a constant, so they stay there: a runtime count keeps them on the stack). */
+static inline __attribute__((always_inline)) void v_rows(float *acc, int cn, __m256 alpha, const float *p,
+                                                         const float *const *v, int col, int n) {
+    __m256 o[8];
+    for (int c = 0; c < cn; c++) o[c] = _mm256_mul_ps(_mm256_load_ps(acc + 8 * c), alpha);
+    for (int j = 0; j < n; j++) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        for (int c = 0; c < cn; c++) o[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v[j] + col + 8 * c), o[c]);
+    }
+    for (int c = 0; c < cn; c++) _mm256_store_ps(acc + 8 * c, o[c]);
 }
 
 static void unit(const job_t *jb, int b, int g) {
@@ -58,7 +71,8 @@ static void unit(const job_t *jb, int b, int g) {
         const int n = len - j0 < BLK ? len - j0 : BLK;
         for (int jj = 0; jj < n; jj++) {
             const int j = j0 + jj;
-            const int64_t at = pages[j / jb->page_size] * jb->page_stride + (j % jb->page_size) * row + off;
+            const int64_t at = pages[j >> jb->page_shift] * jb->page_stride
+                               + (j & ((1 << jb->page_shift) - 1)) * row + off;
             kp[jj] = jb->k + at, vp[jj] = jb->v + at;
         }
         /* scores: eight rows at a time, their dot products summed across lanes together */
@@ -77,7 +91,17 @@ static void unit(const job_t *jb, int b, int g) {
         }
         for (int i = 0; i < G; i++) {
             float mx = m[i];
-            for (int jj = 0; jj < n; jj++) mx = s[i][jj] > mx ? s[i][jj] : mx;
+            int jm = 0;
+            if (n >= 8) { /* eight lanes at a time: a scalar max is a 64-long dependency chain a block */
+                __m256 mv8 = _mm256_load_ps(s[i]);
+                for (jm = 8; jm + 8 <= n; jm += 8) mv8 = _mm256_max_ps(mv8, _mm256_load_ps(s[i] + jm));
+                __m128 h = _mm_max_ps(_mm256_castps256_ps128(mv8), _mm256_extractf128_ps(mv8, 1));
+                h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+                h = _mm_max_ss(h, _mm_movehdup_ps(h));
+                const float bm = _mm_cvtss_f32(h);
+                mx = bm > mx ? bm : mx;
+            }
+            for (; jm < n; jm++) mx = s[i][jm] > mx ? s[i][jm] : mx;
             const float alpha = expf(m[i] - mx); /* 0 on the first block (m = -inf) */
             const __m256 mv = _mm256_set1_ps(mx);
             __m256 sum = _mm256_setzero_ps();
@@ -93,16 +117,9 @@ static void unit(const job_t *jb, int b, int g) {
             m[i] = mx;
             /* the block's V rows, 64 columns at a time held in registers */
             const __m256 av = _mm256_set1_ps(alpha);
-            for (int c0 = 0; c0 < nv; c0 += 8) {
-                const int cn = nv - c0 < 8 ? nv - c0 : 8;
-                __m256 o[8];
-                for (int c = 0; c < cn; c++) o[c] = _mm256_mul_ps(_mm256_load_ps(acc[i] + 8 * (c0 + c)), av);
-                for (jj = 0; jj < n; jj++) {
-                    const __m256 p = _mm256_set1_ps(s[i][jj]);
-                    for (int c = 0; c < cn; c++) o[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vp[jj] + 8 * (c0 + c)), o[c]);
-                }
-                for (int c = 0; c < cn; c++) _mm256_store_ps(acc[i] + 8 * (c0 + c), o[c]);
-            }
+            int c0 = 0;
+            for (; c0 + 8 <= nv; c0 += 8) v_rows(acc[i] + 8 * c0, 8, av, s[i], (const float *const *)vp, 8 * c0, n);
+            if (c0 < nv) v_rows(acc[i] + 8 * c0, nv - c0, av, s[i], (const float *const *)vp, 8 * c0, n);
         }
     }
     for (int i = 0; i < G; i++) {
@@ -112,14 +129,17 @@ static void unit(const job_t *jb, int b, int g) {
     }
 }
 
-/* Returns 0, or -1 for sizes the kernel does not take (the Python side checks them first). */
+/* Returns 0, or -1 for sizes the kernel does not take (the Python side checks them first; page_size a power
+ * of two). */
 int pdbox_decode_f32(const float *q, int64_t q_row, int64_t q_head, const float *k_cache, const float *v_cache,
                      int64_t page_stride, int page_size, const int64_t *table, int64_t table_row, const int64_t *lens,
                      int batch, int hq, int hkv, int d, float scale, float *out, int64_t out_row, int64_t out_head,
                      int threads) {
-    if (d % 8 || d > MAX_D || hkv < 1 || hq % hkv || hq / hkv > MAX_G || batch < 1 || page_size < 1) return -1;
+    if (d % 8 || d > MAX_D || hkv < 1 || hq % hkv || hq / hkv > MAX_G || batch < 1 || page_size < 1
+        || page_size & (page_size - 1))
+        return -1;
     job_t jb = {q, k_cache, v_cache, q_row, q_head, page_stride, table_row, out_row, out_head, table, lens,
-                page_size, hq, hkv, d, scale, out};
+                __builtin_ctz(page_size), hq, hkv, d, scale, out};
     int64_t work = 0;
     for (int b = 0; b < batch; b++) work += lens[b] * hq;
     const int units = batch * hkv;

@@ -42,11 +42,8 @@ int pdbox_silu_and_mul_f32(const float *x, int64_t x_row, float *out, int rows, 
 #pragma omp parallel for num_threads(threads) if (rows >= PAR_ROWS && threads > 1) schedule(static)
     for (int t = 0; t < rows; t++) {
         const float *g = x + t * x_row, *u = g + n;
-        for (int i = 0; i < n; i += 8) {
-            const __m256 gv = _mm256_loadu_ps(g + i);
-            const __m256 s = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), gv))));
-            _mm256_storeu_ps(out + (int64_t)t * n + i, _mm256_mul_ps(s, _mm256_loadu_ps(u + i)));
-        }
+        for (int i = 0; i < n; i += 8)
+            _mm256_storeu_ps(out + (int64_t)t * n + i, silu_mul_ps(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
     }
     return 0;
 }

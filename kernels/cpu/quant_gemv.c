@@ -155,21 +155,30 @@ static inline __attribute__((always_inline)) void q8_columns(int R, const int16_
 
 /* out[r, c] = sum_i x[r, i] * w[c, i] for r < rows (1..MAX_ROWS), c < n, w 4-bit (bits 4: codes uint8
  * (n, k / 2), params (n, 2, k / 32)) or 8-bit (bits 8: codes int8 (n, k), params the scales (n, k / 32)).
- * Returns 0, or -1 for bad sizes, -2 when scratch memory could not be had. */
+ * silu_mul: each row of x is [gate (k), up (k)] and the input is silu(gate) * up (SwiGLU's down
+ * projection), made as pdbox_silu_and_mul_f32 makes it. Returns 0, or -1 for bad sizes, -2 when scratch
+ * memory could not be had. */
 int pdbox_quant_linear(int bits, const float *x, int64_t x_stride, int rows, int k, const void *codes,
-                       const float *params, int n, float *out, int64_t out_stride, int threads) {
+                       const float *params, int n, float *out, int64_t out_stride, int threads, int silu_mul) {
     if ((bits != 4 && bits != 8) || rows < 1 || rows > MAX_ROWS || k < BLOCK || k % BLOCK || n < 1) return -1;
     const int blocks = k / BLOCK;
     const int pairs = blocks / 2;
     int16_t *xq = aligned_alloc(32, sizeof(int16_t) * rows * k);
     float *dx = malloc(sizeof(float) * rows * blocks), *sx = malloc(sizeof(float) * rows * blocks);
     float *dxv = aligned_alloc(32, sizeof(float) * 8 * (rows * pairs + 1)); /* a pair's two dx, four lanes each */
-    if (!xq || !dx || !sx || !dxv) {
-        free(xq), free(dx), free(sx), free(dxv);
+    float *act = silu_mul ? malloc(sizeof(float) * k) : NULL;
+    if (!xq || !dx || !sx || !dxv || (silu_mul && !act)) {
+        free(xq), free(dx), free(sx), free(dxv), free(act);
         return -2;
     }
     for (int r = 0; r < rows; r++) {
-        quantize_row(bits, x + r * x_stride, k, xq + (size_t)r * k, dx + r * blocks, sx + r * blocks);
+        const float *xr = x + r * x_stride;
+        if (silu_mul) {
+            for (int i = 0; i < k; i += 8)
+                _mm256_storeu_ps(act + i, silu_mul_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(xr + k + i)));
+            xr = act;
+        }
+        quantize_row(bits, xr, k, xq + (size_t)r * k, dx + r * blocks, sx + r * blocks);
         for (int p = 0; p < pairs; p++)
             for (int j = 0; j < 8; j++) dxv[((size_t)r * pairs + p) * 8 + j] = dx[r * blocks + 2 * p + j / 4];
     }
@@ -193,6 +202,6 @@ int pdbox_quant_linear(int bits, const float *x, int64_t x_stride, int rows, int
 #undef ROWS
             }
     }
-    free(xq), free(dx), free(sx), free(dxv);
+    free(xq), free(dx), free(sx), free(dxv), free(act);
     return 0;
 }

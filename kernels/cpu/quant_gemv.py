@@ -12,7 +12,9 @@ two.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
@@ -27,7 +29,7 @@ def native() -> Native:
     """The kernel's library, or why this machine has none (built on the first call in a process)."""
     built = load("quant_gemv", needs=AVX2_FLAGS, cflags=AVX2_CFLAGS)
     if built.lib is not None and not getattr(built.lib.pdbox_quant_linear, "argtypes", None):
-        built.lib.pdbox_quant_linear.argtypes = [_I32, _P, _I64, _I32, _I32, _P, _P, _I32, _P, _I64, _I32]
+        built.lib.pdbox_quant_linear.argtypes = [_I32, _P, _I64, _I32, _I32, _P, _P, _I32, _P, _I64, _I32, _I32]
         built.lib.pdbox_quant_linear.restype = _I32
     return built
 
@@ -89,23 +91,32 @@ class Q8Weight:
         return Q8Weight(codes.to(torch.int8).contiguous(), scale.float().contiguous())
 
 
-def quant_linear(x: torch.Tensor, weight: Q4Weight | Q8Weight, threads: int = 1) -> torch.Tensor:
+def quant_linear(x: torch.Tensor, weight: Q4Weight | Q8Weight, threads: int = 1, silu_mul: bool = False,
+                 checked: bool = True) -> torch.Tensor:
     """``x @ w.T`` for ``x`` ``(rows, k)`` fp32 with contiguous rows, ``rows`` in 1..``MAX_ROWS``: a new
-    ``(rows, n)`` fp32 tensor."""
+    ``(rows, n)`` fp32 tensor. ``silu_mul``: ``x`` is ``(rows, 2k)``, ``[gate, up]``, and the product is of
+    ``silu(gate) * up`` (SwiGLU's down projection; the same bits as ``pointwise.silu_and_mul`` then this).
+    ``checked=False`` skips the dtype, device and stride checks (a caller that made them); the sizes are
+    always checked."""
     n, k = weight.shape
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1 or x.shape[1] != k:
-        raise ValueError(f"x must be a 2-D fp32 CPU tensor ({k} wide, contiguous rows), got {x.dtype} "
-                         f"{tuple(x.shape)} strides {x.stride()} on {x.device}")
-    rows = x.shape[0]
-    if not 1 <= rows <= MAX_ROWS:
-        raise ValueError(f"x must have 1 to {MAX_ROWS} rows, got {rows}")
+    width = 2 * k if silu_mul else k
+    if checked and (x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 2 or x.stride(1) != 1):
+        raise ValueError(f"x must be a 2-D fp32 CPU tensor with contiguous rows, got {x.dtype} {tuple(x.shape)} "
+                         f"strides {x.stride()} on {x.device}")
+    rows, cols = x.shape
+    if cols != width or not 1 <= rows <= MAX_ROWS:
+        raise ValueError(f"x must be 1 to {MAX_ROWS} rows of {width}, got {tuple(x.shape)}")
     out = torch.empty(rows, n, dtype=torch.float32)
-    lib = native().required("the native CPU quantized GEMV")
-    bits, params = (4, weight.params) if isinstance(weight, Q4Weight) else (8, weight.scales)
-    rc = lib.pdbox_quant_linear(bits, x.data_ptr(), x.stride(0), rows, k, weight.codes.data_ptr(), params.data_ptr(),
-                                n, out.data_ptr(), out.stride(0), max(1, threads))
+    rc = _kernel()(4 if isinstance(weight, Q4Weight) else 8, x.data_ptr(), x.stride(0), rows, k,
+                   weight.codes.data_ptr(), weight.params.data_ptr() if isinstance(weight, Q4Weight)
+                   else weight.scales.data_ptr(), n, out.data_ptr(), n, max(1, threads), silu_mul)
     if rc == -2:
         raise MemoryError("pdbox_quant_linear could not allocate its scratch rows")
     if rc != 0:
         raise RuntimeError(f"pdbox_quant_linear refused its arguments (code {rc})")
     return out
+
+
+@cache
+def _kernel() -> Callable[..., int]:
+    return native().required("the native CPU quantized GEMV").pdbox_quant_linear

@@ -231,6 +231,22 @@ def test_q4_weights_run_few_rows_through_4_bits_and_match_the_floats(rows: int, 
         assert torch.equal(be.linear(x, packed), dense)
 
 
+@pytest.mark.skipif(not onednn_available() or native_quant().lib is None, reason="no oneDNN or no pdbox-quant here")
+@pytest.mark.parametrize("rows", [1, 8, 9])
+def test_the_down_projection_reads_silu_of_gate_and_up_in_the_gemv(rows: int) -> None:
+    """fp32, few rows: one call (the GEMV makes silu(gate) * up itself), bit-equal to the two; more rows
+    than the GEMV takes: the two calls."""
+    be = CpuAttentionBackend()
+    blocks, w = _q4_weight(192, 128, 3)
+    packed = be.pack_linear(w, blocks)
+    x = torch.randn(rows, 256, generator=torch.Generator().manual_seed(rows))
+    calls = []
+    be.silu_and_mul = lambda t: calls.append(t) or CpuAttentionBackend.silu_and_mul(be, t)  # type: ignore[method-assign]
+    got = be.silu_mul_linear(x, packed)
+    assert len(calls) == (0 if rows <= QUANT_MAX_ROWS[torch.float32] and be.native_pointwise_f32 else 1)
+    assert torch.equal(got, be.linear(CpuAttentionBackend.silu_and_mul(be, x), packed))
+
+
 @pytest.mark.skipif(not onednn_available() or not int4_available(), reason=NO_INT4)
 @pytest.mark.parametrize("native", [True, False])
 def test_q4_blocks_of_another_shape_are_not_packed(native: bool) -> None:

@@ -9,6 +9,8 @@ import torch
 from appliance.engine.attention_cpu import pack_blocks
 from appliance.model.q4_blocks import GROUP, Q4Blocks
 from appliance.model.q8_blocks import Q8Blocks
+from kernels.cpu.pointwise import native as pointwise_native
+from kernels.cpu.pointwise import silu_and_mul
 from kernels.cpu.quant_gemv import MAX_ROWS, Q4Weight, Q8Weight, native, quant_linear
 
 pytestmark = pytest.mark.skipif(native().lib is None, reason=f"no native quantized GEMV here: {native().reason}")
@@ -94,14 +96,33 @@ def test_bad_inputs_are_named() -> None:
     w = pack_blocks(blocks(8, 64, 2))
     with pytest.raises(ValueError, match="fp32"):
         quant_linear(torch.randn(1, 64, dtype=torch.bfloat16), w)
-    with pytest.raises(ValueError, match="64 wide"):
+    with pytest.raises(ValueError, match="rows of 64, got \\(1, 32\\)"):
         quant_linear(torch.randn(1, 32), w)
+    with pytest.raises(ValueError, match="rows of 128, got \\(1, 64\\)"):  # silu_mul reads [gate, up]
+        quant_linear(torch.randn(1, 64), w, silu_mul=True)
     with pytest.raises(ValueError, match=f"1 to {MAX_ROWS} rows"):
         quant_linear(torch.randn(MAX_ROWS + 1, 64), w)
     with pytest.raises(ValueError, match="contiguous rows"):
         quant_linear(torch.randn(64, 2).T, w)
     with pytest.raises(ValueError, match="multiple of 32"):
         Q4Weight.pack(torch.zeros(2, 48, dtype=torch.uint8), torch.zeros(2, 1), torch.zeros(2, 1))
+
+
+@pytest.mark.skipif(pointwise_native(torch.float32).lib is None, reason="no fp32 pointwise kernels here")
+@pytest.mark.parametrize(("rows", "threads"), [(1, 1), (3, 2), (8, 2)])
+def test_silu_mul_input_gives_the_two_calls_bits(rows: int, threads: int) -> None:
+    """SwiGLU's down projection in one call: the same bits as the C SiLU-and-mul, then the GEMV."""
+    g = torch.Generator().manual_seed(rows)
+    gate_up = torch.randn(rows, 2 * 576, generator=g) * 3
+    for w in (pack_blocks(blocks(300, 576, 4)),
+              pack_blocks(Q8Blocks(torch.randint(-128, 128, (64, 576), generator=g, dtype=torch.int8),
+                                   torch.rand(64, 18, generator=g)))):
+        two_calls = quant_linear(silu_and_mul(gate_up, threads), w, threads)
+        assert torch.equal(quant_linear(gate_up, w, threads, silu_mul=True), two_calls)
+        # strided rows (a view into a wider buffer) read the same
+        wide = torch.zeros(rows, 2 * 576 + 64)
+        wide[:, : 2 * 576] = gate_up
+        assert torch.equal(quant_linear(wide[:, : 2 * 576], w, threads, silu_mul=True), two_calls)
 
 
 def test_a_tp_shards_column_slice_packs_and_multiplies() -> None:
