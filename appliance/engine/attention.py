@@ -7,6 +7,7 @@ path). ``auto`` picks triton on CUDA and cpu elsewhere.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -20,6 +21,26 @@ from kernels.extend_attention import extend_attention_ref
 from kernels.kv_store import store_kv_ref
 from kernels.norm import fused_add_rmsnorm_ref, rmsnorm_ref
 from kernels.rotary import rotary_ref
+
+
+@dataclass(frozen=True)
+class PlainLayer:
+    """A decoder layer with nothing but its two RMSNorms and four linear layers (no biases, no q/k norms,
+    SwiGLU), with its rotary table and this engine's KV cache: what a backend's one-call decode layer
+    (``decode_layers``, where it has one) takes. The linear weights are in the form ``pack_linear`` made."""
+
+    input_norm: torch.Tensor
+    qkv: Any
+    o_proj: Any
+    post_norm: torch.Tensor
+    gate_up: Any
+    down: Any
+    cos_sin: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    num_q_heads: int
+    eps: float
+    scale: float
 
 
 class AttentionBackend(Protocol):

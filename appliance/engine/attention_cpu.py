@@ -23,6 +23,10 @@ The references in ``kernels`` are written to be obviously right; they stay the t
   ``QUANT_MAX_ROWS`` rows), or where it cannot be built the 4-bit ones through torch's int4 kernel (rows
   rounded to bf16; up to ``INT4_MAX_ROWS``); more rows (prefill) run oneDNN on the float weights.
 
+In an fp32 model whose layers are plain (``PlainLayer``) and whose linear weights are all quantized, a
+decode step of up to ``QUANT_MAX_ROWS`` rows runs each layer as one call (``decode_layers``: the same
+kernels called from C, the same bits; ``kernels.cpu.decode_layer``).
+
 SDPA cannot soft-cap attention scores, so with ``softcap`` set (Gemma 2) both attention calls take the
 references' explicit matmul-tanh-softmax path instead.
 """
@@ -35,10 +39,12 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from appliance.engine.attention import rotary_then_store
+from appliance.engine.attention import PlainLayer, rotary_then_store
 from appliance.engine.decode_runs import RunSplit, attend_decode, decode_way, supports
 from appliance.model.q4_blocks import GROUP, Q4Blocks
 from appliance.model.q8_blocks import Q8Blocks
+from kernels.cpu.decode_layer import DecodeLayer, DecodeStep, decode_layer
+from kernels.cpu.decode_layer import native as native_decode_layer
 from kernels.cpu.flash_decode import MAX_GROUP, DecodeTable, decode_table, flash_decode
 from kernels.cpu.flash_decode import native_f32 as native_decode_f32
 from kernels.cpu.flash_extend import MAX_HEAD_DIM, flash_extend
@@ -163,6 +169,8 @@ class CpuAttentionBackend:
         quant = native_quant_lib() if native_kernels else None
         self.native_quant = quant is not None and quant.lib is not None
         self.native_quant_reason = "off" if quant is None else quant.reason
+        # the one-call fp32 decode layer (those kernels, called from C)
+        self.native_decode_layer = native_kernels and native_decode_layer().lib is not None
         # NOTE: per-forward caches keyed by the batch's own tensors (identity), like the reference
         # backend's decode plan: every layer of one pass sees the same positions / page table.
         self._rope_key: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -325,6 +333,40 @@ class CpuAttentionBackend:
         table = page_table.index_select(0, torch.tensor(rows, device=page_table.device))
         seq_lens = torch.tensor(lens)
         return DecodeRows(rows, torch.tensor(q_rows), table, seq_lens, self._decode_way(q, k_cache, table, seq_lens))
+
+    # -- whole decode layers ------------------------------------------------------------------
+    def decode_layers(self, layers: list[PlainLayer]) -> list[DecodeLayer] | None:
+        """The layers as one-call fp32 decode layers, or ``None`` where they cannot be: the kernels are not
+        here, a weight is not quantized (or not fp32), or the kernels refuse a shape."""
+        if not self.native_decode_layer or not layers:
+            return None
+        built = []
+        for lay in layers:
+            ws = (lay.qkv, lay.o_proj, lay.gate_up, lay.down)
+            if not all(isinstance(w, PackedWeight) and w.quant is not None and w.dtype == torch.float32 for w in ws):
+                return None
+            try:
+                built.append(DecodeLayer.build(lay.input_norm, lay.post_norm, *(w.quant for w in ws), lay.cos_sin,
+                                               lay.k_cache, lay.v_cache, lay.num_q_heads, lay.eps, lay.scale))
+            except ValueError:
+                return None
+        return built
+
+    def decode_step(self, layers: list[DecodeLayer], x: torch.Tensor, positions: torch.Tensor,
+                    slot_mapping: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor) -> DecodeStep | None:
+        """A decode step's rows for :meth:`decode_layer`, or ``None`` where it runs op by op: more rows than the
+        quantized GEMV takes, rows that are not fp32, or a request with no cached row (attention's zeros)."""
+        rows = x.shape[0]
+        if x.dtype != torch.float32 or not 1 <= rows <= QUANT_MAX_ROWS[torch.float32] or int(seq_lens.min()) < 1:
+            return None
+        first = layers[0]
+        plan = decode_table(page_table, seq_lens, first.num_pages, first.page_size)
+        return DecodeStep.build(first, positions, slot_mapping, plan)
+
+    def decode_layer(self, layer: DecodeLayer, step: DecodeStep, x: torch.Tensor | None,
+                     residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer of a decode step in one call: ``(its output, the residual)``; ``x`` ``None`` for the first."""
+        return decode_layer(layer, step, x, residual, torch.get_num_threads())
 
     # -- pointwise ----------------------------------------------------------------------------
     def _native_rows(self, dtype: torch.dtype) -> bool:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from appliance.config import ModelConfig, RankInfo
-from appliance.engine.attention import AttentionBackend
+from appliance.engine.attention import AttentionBackend, PlainLayer
 from appliance.engine.forward_batch import ForwardBatch
 from appliance.model.moe import MoEWeights, moe_forward
 from appliance.model.q4_blocks import Q4Blocks
@@ -210,6 +210,8 @@ class LlamaModel:
         qkv = self.layers[0].qkv if self.layers else None
         self.norm_out_dtype = (qkv.dtype if isinstance(qkv, torch.Tensor) and qkv.dtype != torch.float32
                                else None)
+        # the backend's one-call decode layers per KV tensor (data pointer and shape), or None: see decode_layers
+        self._decode_layers: dict[tuple[int, ...], list[Any] | None] = {}
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: torch.Tensor,
@@ -227,7 +229,14 @@ class LlamaModel:
         if cfg.embed_scale != 1.0:
             x = x * cfg.embed_scale
         residual: torch.Tensor | None = None
-        for i, lw in enumerate(self.layers):
+        fused = self.decode_layers(kv) if batch.decode_only and layer_hook is None else None
+        step = None if fused is None else be.decode_step(  # type: ignore[attr-defined]
+            fused, x, batch.positions, batch.slot_mapping, batch.page_table, batch.seq_lens)
+        if fused is not None and step is not None:  # a call a layer: the kernels below, called from C
+            x, residual = be.decode_layer(fused[0], step, None, x)  # type: ignore[attr-defined]
+            for layer in fused[1:]:
+                x, residual = be.decode_layer(layer, step, x, residual)  # type: ignore[attr-defined]
+        for i, lw in enumerate(self.layers if step is None else ()):
             if residual is None:
                 residual = x
                 h = be.rmsnorm(x, lw.input_norm, cfg.rms_eps)
@@ -272,6 +281,27 @@ class LlamaModel:
             raise RuntimeError("model has no layers")
         last = (x + residual).index_select(0, batch.logit_rows)
         return be.rmsnorm(last, self.norm, cfg.rms_eps)
+
+    def decode_layers(self, kv: torch.Tensor) -> list[Any] | None:
+        """The backend's one-call decode layers over this KV tensor (built once), or ``None``: the backend has
+        none, or a layer is not plain (biases, q/k norms, sandwich norms, experts, GeGLU, soft-capped
+        attention, tensor parallelism)."""
+        make = getattr(self.backend, "decode_layers", None)
+        if make is None:
+            return None
+        key = (kv.data_ptr(), *kv.shape)
+        if key not in self._decode_layers:
+            cfg = self.cfg
+            plain = (self.all_reduce is None and not self.attn_kw and cfg.mlp_activation == "silu"
+                     and all(lw.qkv_bias is None and lw.o_bias is None and lw.q_norm is None and lw.k_norm is None
+                             and lw.post_attn_norm is None and lw.post_ffn_norm is None and lw.moe is None
+                             for lw in self.layers))
+            self._decode_layers[key] = make([
+                PlainLayer(lw.input_norm, lw.qkv, lw.o_proj, lw.post_norm, lw.gate_up, lw.down,
+                           self.cos_sin_local if lw.local_rope else self.cos_sin, kv[0, i], kv[1, i],
+                           self.shard.num_q_heads, cfg.rms_eps, self.scale)
+                for i, lw in enumerate(self.layers)]) if plain else None
+        return self._decode_layers[key]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits ``(rows, vocab)`` from final hidden states."""

@@ -1,0 +1,103 @@
+/* One decode layer of an fp32 Llama-family model in one call: the residual add and RMSNorm, the QKV
+ * projection, rotary and the KV store, paged decode attention, the output projection, the second norm, the
+ * gate/up projection and the SwiGLU down projection. kernels/cpu/decode_layer.py checks the arguments and
+ * calls it.
+ *
+ * It computes nothing itself: it calls pdbox's own kernels (pointwise_f32.c, quant_gemv.c, decode_f32.c)
+ * through the function pointers it is given, with the arguments the `cpu` backend's per-op calls pass, so
+ * its result has the same bits as theirs. What it saves is the Python between them: a SmolLM2 layer is
+ * nine such calls, each ~10-25 us of Python and ctypes around a few microseconds of work at batch 1. */
+#include <stdint.h>
+#include <stdlib.h>
+
+typedef int (*add_rmsnorm_fn)(const float *x, int64_t x_row, const float *residual, int64_t r_row,
+                              float *residual_out, const float *weight, float *out, int rows, int h, float eps,
+                              int threads);
+typedef int (*quant_linear_fn)(int bits, const float *x, int64_t x_stride, int rows, int k, const void *codes,
+                               const float *params, int n, float *out, int64_t out_stride, int threads, int silu_mul);
+typedef int (*rotary_fn)(const float *x, int64_t x_row, int64_t x_head, const int64_t *pos, const float *cache,
+                         int64_t cache_row, float *out, int rows, int heads, int d, int threads);
+typedef int (*store_kv_fn)(const float *k, int64_t k_row, const float *v, int64_t v_row, const int64_t *slots,
+                           int rows, int64_t width, float *k_cache, float *v_cache, int64_t total_slots);
+typedef int (*decode_fn)(const float *q, int64_t q_row, int64_t q_head, const float *k_cache, const float *v_cache,
+                         int64_t page_stride, int page_size, const int64_t *table, int64_t table_row,
+                         const int64_t *lens, int batch, int hq, int hkv, int d, float scale, float *out,
+                         int64_t out_row, int64_t out_head, int threads);
+
+/* The kernels, as addresses from their libraries (kernels/cpu/decode_layer.py fills it once). */
+typedef struct {
+    add_rmsnorm_fn add_rmsnorm;
+    quant_linear_fn quant_linear;
+    rotary_fn rotary;
+    store_kv_fn store_kv;
+    decode_fn decode;
+} kernels_t;
+
+/* A quantized weight (n, k) as pdbox_quant_linear takes it: bits 4 or 8, codes, params. */
+typedef struct {
+    const void *codes;
+    const float *params;
+    int bits, n, k;
+} qweight_t;
+
+/* What stays the same from step to step: a layer's sizes, weights, rotary table and KV cache. */
+typedef struct {
+    int hidden, hq, hkv, d, inter, page_size;
+    float eps, scale;
+    const float *input_norm, *post_norm;
+    qweight_t qkv, o, gate_up, down;
+    const float *cos_sin;
+    int64_t cos_sin_row;
+    float *k_cache, *v_cache;
+    int64_t page_stride, total_slots;
+} layer_t;
+
+/* A step's rows: positions, cache slots, the checked page table (int64) and lengths. */
+typedef struct {
+    int rows;
+    const int64_t *positions, *slots, *table, *lens;
+    int64_t table_row;
+} step_t;
+
+enum { E_ARGS = 1, E_ALLOC, E_NORM1, E_QKV, E_ROTARY, E_STORE, E_ATTEND, E_O, E_NORM2, E_GATE_UP, E_DOWN };
+
+/* x (rows, hidden) is the previous layer's output, or NULL for the first layer (then residual_in is the
+ * embedding); residual_out (rows, hidden) gets residual_in + x, then residual_out + the attention's output;
+ * out (rows, hidden) gets the MLP's output. residual_out may be residual_in. Returns 0, or the E_* step
+ * that failed times 100 minus that kernel's own code (E_ALLOC: scratch memory). */
+int pdbox_decode_layer_f32(const kernels_t *kn, const layer_t *L, const step_t *st, const float *x,
+                           const float *residual_in, float *residual_out, float *out, int threads) {
+    const int rows = st->rows, H = L->hidden, D = L->d, hq = L->hq, hkv = L->hkv;
+    const int64_t qkv_w = (int64_t)(hq + 2 * hkv) * D, rot_w = (int64_t)(hq + hkv) * D, o_w = (int64_t)hq * D;
+    if (rows < 1 || H < 1 || D < 1 || hq < 1 || hkv < 1 || L->inter < 1) return E_ARGS * 100;
+    float *scratch = malloc(sizeof(float) * rows * (H + qkv_w + rot_w + o_w + H + 2 * (int64_t)L->inter));
+    if (!scratch) return E_ALLOC * 100;
+    float *h = scratch, *qkv = h + rows * H, *rot = qkv + rows * qkv_w, *o = rot + rows * rot_w;
+    float *attn = o + rows * o_w, *gu = attn + rows * H;
+    int rc, step;
+#define RUN(S, CALL)      \
+    do {                  \
+        step = (S);       \
+        if ((rc = (CALL))) goto done; \
+    } while (0)
+    RUN(E_NORM1, kn->add_rmsnorm(x, H, residual_in, H, residual_out, L->input_norm, h, rows, H, L->eps, threads));
+    RUN(E_QKV, kn->quant_linear(L->qkv.bits, h, H, rows, L->qkv.k, L->qkv.codes, L->qkv.params, L->qkv.n, qkv, qkv_w,
+                                threads, 0));
+    /* q and k heads rotated together into rot (rows, hq + hkv, D); v stays in qkv */
+    RUN(E_ROTARY, kn->rotary(qkv, qkv_w, D, st->positions, L->cos_sin, L->cos_sin_row, rot, rows, hq + hkv, D,
+                             threads));
+    RUN(E_STORE, kn->store_kv(rot + o_w, rot_w, qkv + rot_w, qkv_w, st->slots, rows, (int64_t)hkv * D, L->k_cache,
+                              L->v_cache, L->total_slots));
+    RUN(E_ATTEND, kn->decode(rot, rot_w, D, L->k_cache, L->v_cache, L->page_stride, L->page_size, st->table,
+                             st->table_row, st->lens, rows, hq, hkv, D, L->scale, o, o_w, D, threads));
+    RUN(E_O, kn->quant_linear(L->o.bits, o, o_w, rows, L->o.k, L->o.codes, L->o.params, L->o.n, attn, H, threads, 0));
+    RUN(E_NORM2, kn->add_rmsnorm(attn, H, residual_out, H, residual_out, L->post_norm, h, rows, H, L->eps, threads));
+    RUN(E_GATE_UP, kn->quant_linear(L->gate_up.bits, h, H, rows, L->gate_up.k, L->gate_up.codes, L->gate_up.params,
+                                    L->gate_up.n, gu, 2 * (int64_t)L->inter, threads, 0));
+    RUN(E_DOWN, kn->quant_linear(L->down.bits, gu, 2 * (int64_t)L->inter, rows, L->down.k, L->down.codes,
+                                 L->down.params, L->down.n, out, H, threads, 1));
+#undef RUN
+done:
+    free(scratch);
+    return rc ? step * 100 - rc : 0;
+}
