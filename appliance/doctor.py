@@ -5,15 +5,26 @@ from __future__ import annotations
 import os
 import platform
 
+# what each library serves, for the report's lines
+KERNEL_USE = {"attention": "CPU bf16", "pointwise": "CPU bf16", "quant_gemv": "CPU, a GGUF's 4- and 8-bit weights",
+              "pointwise_f32": "CPU fp32", "decode_f32": "CPU fp32",
+              "decode_layer_f32": "CPU fp32, a decode layer a call"}
+
 
 def native_kernels() -> dict:
-    """pdbox's C kernels for the CPU backend (attention and pointwise in bf16, the GEMV on a GGUF's 4- and
-    8-bit blocks in any dtype): built and loaded here, or why not."""
+    """pdbox's C kernels for the CPU backend (attention and pointwise in bf16 on AVX-512 BF16; the GEMV on a
+    GGUF's 4- and 8-bit blocks in any dtype, fp32 pointwise ops, decode attention and the one-call decode
+    layer on AVX2): built and loaded here, or why not."""
+    import torch
+
+    from kernels.cpu.decode_layer import native as decode_layer
+    from kernels.cpu.flash_decode import native_f32 as decode_f32
     from kernels.cpu.flash_extend import native as attention
     from kernels.cpu.pointwise import native as pointwise
     from kernels.cpu.quant_gemv import native as quant_gemv
 
-    built = {"attention": attention(), "pointwise": pointwise(), "quant_gemv": quant_gemv()}
+    built = {"attention": attention(), "pointwise": pointwise(), "quant_gemv": quant_gemv(),
+             "pointwise_f32": pointwise(torch.float32), "decode_f32": decode_f32(), "decode_layer_f32": decode_layer()}
     return {name: {"ok": b.lib is not None, "reason": b.reason, "path": str(b.path) if b.path else None}
             for name, b in built.items()}
 
@@ -73,7 +84,7 @@ def render(rep: dict) -> str:
     if "pdl" in k:
         lines.append(f"  {'ok  ' if k['pdl']['ok'] else 'skip'} PDL: {k['pdl']['reason']}")
     for name, n in k.get("native", {}).items():
-        what = "CPU, a GGUF's 4- and 8-bit weights" if name == "quant_gemv" else "CPU bf16"
+        what = KERNEL_USE.get(name, "CPU")
         lines.append(f"  {'ok  ' if n['ok'] else 'skip'} C kernels ({name}, {what}): {n['reason']}"
                      + (f" [{n['path']}]" if n["ok"] else ""))
     lines.append(f"default model: {rep['default_model']}")

@@ -100,7 +100,8 @@ def _native_kernels(backend: object) -> str:
     reason = "--no-native-kernels" if backend.native_reason == "off" else backend.native_reason
     bf16 = "on" if backend.native_attention else f"off ({reason})"
     f32 = "on" if backend.native_pointwise_f32 and backend.native_decode_f32 else "off"
-    return f"bf16: {bf16}; fp32 (AVX2): {f32}"
+    layer = "on" if backend.native_decode_layer else "off"
+    return f"bf16: {bf16}; fp32 (AVX2): {f32}, a decode layer a call: {layer}"
 
 
 def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: int, long_batch: int = 6,
