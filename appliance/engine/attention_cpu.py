@@ -74,8 +74,10 @@ PADDED_ROWS = 4
 INT4_MAX_ROWS = 4
 # NOTE: pdbox's AVX2 kernel over the same layers on the Zen 3, 1 thread, 1 / 2 / 4 / 8 rows: 7.3 / 10.5 / 16.8 /
 # 30.7 ms (2 threads 5.2 / 6.5 / 10.1 / 17.8), so an fp32 engine takes it up to 8 rows (oneDNN fp32 there: 50);
-# bf16 keeps int4's bound, where oneDNN bf16 takes added rows almost free
-QUANT_MAX_ROWS = {torch.float32: 8, torch.bfloat16: INT4_MAX_ROWS}
+# since it takes 16 rows in groups of 8 over cached columns, 2 threads, 9 / 12 / 16 rows: 19.3 / 23.7 / 34.3 ms
+# against oneDNN fp32's 29.6 / 33.5 / 39.8, so up to 16. bf16 keeps int4's bound, where oneDNN bf16 takes added
+# rows almost free
+QUANT_MAX_ROWS = {torch.float32: 16, torch.bfloat16: INT4_MAX_ROWS}
 
 
 @dataclass(frozen=True)

@@ -17,11 +17,10 @@ import torch
 from kernels.cpu.build import AVX2_CFLAGS, AVX2_FLAGS, Native, load
 from kernels.cpu.flash_decode import MAX_GROUP, DecodeTable, native_f32
 from kernels.cpu.pointwise import native as pointwise_native
-from kernels.cpu.quant_gemv import Q4Weight, Q8Weight
+from kernels.cpu.quant_gemv import MAX_ROWS, Q4Weight, Q8Weight
 from kernels.cpu.quant_gemv import native as quant_native
 
 _P, _I32, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-MAX_ROWS = 8  # the quantized GEMV's rows (quant_gemv.MAX_ROWS)
 MAX_HEAD_DIM = 256  # decode_f32.c's MAX_D
 STEPS = ("", "its arguments", "scratch memory", "the input norm", "the QKV projection", "rotary", "the KV store",
          "attention", "the output projection", "the post-attention norm", "the gate/up projection",

@@ -20,7 +20,7 @@ import torch
 
 from kernels.cpu.build import AVX2_CFLAGS, AVX2_FLAGS, Native, load
 
-MAX_ROWS = 8  # the C kernel's own bound (MAX_ROWS in quant_gemv.c)
+MAX_ROWS = 16  # the C kernel's own bound (MAX_ROWS in quant_gemv.c; 8 at a time share a pass through cache)
 GROUP = 32  # weights per block along k (GGUF's, and the kernel's BLOCK)
 _I64, _I32, _P = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 

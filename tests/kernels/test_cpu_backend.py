@@ -232,7 +232,7 @@ def test_q4_weights_run_few_rows_through_4_bits_and_match_the_floats(rows: int, 
 
 
 @pytest.mark.skipif(not onednn_available() or native_quant().lib is None, reason="no oneDNN or no pdbox-quant here")
-@pytest.mark.parametrize("rows", [1, 8, 9])
+@pytest.mark.parametrize("rows", [1, 9, QUANT_MAX_ROWS[torch.float32] + 1])
 def test_the_down_projection_reads_silu_of_gate_and_up_in_the_gemv(rows: int) -> None:
     """fp32, few rows: one call (the GEMV makes silu(gate) * up itself), bit-equal to the two; more rows
     than the GEMV takes: the two calls."""

@@ -9,7 +9,7 @@ import torch
 from kernels.cpu.decode_layer import DecodeLayer, DecodeStep, decode_layer, native
 from kernels.cpu.flash_decode import decode_table, flash_decode
 from kernels.cpu.pointwise import add_rmsnorm, rotary, store_kv
-from kernels.cpu.quant_gemv import Q4Weight, Q8Weight, quant_linear
+from kernels.cpu.quant_gemv import MAX_ROWS, Q4Weight, Q8Weight, quant_linear
 from kernels.rotary import rotary_cos_sin_cache
 
 pytestmark = pytest.mark.skipif(native().lib is None, reason=f"no fused fp32 decode layer here: {native().reason}")
@@ -68,7 +68,7 @@ def step_rows(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return positions, slots, table.to(torch.int32), lens.to(torch.int32)
 
 
-@pytest.mark.parametrize(("rows", "threads"), [(1, 1), (3, 2), (8, 2)])
+@pytest.mark.parametrize(("rows", "threads"), [(1, 1), (3, 2), (8, 2), (MAX_ROWS, 2)])
 @pytest.mark.parametrize("first", [True, False])
 def test_one_call_gives_the_bits_of_the_calls_one_by_one(rows: int, threads: int, first: bool) -> None:
     g = torch.Generator().manual_seed(rows)
@@ -104,8 +104,8 @@ def test_bad_layers_and_steps_are_named() -> None:
         DecodeLayer.build(lay.input_norm, lay.post_norm[:64], lay.qkv, lay.o, lay.gate_up, lay.down, lay.cos_sin,
                           lay.k_cache, lay.v_cache, HQ, EPS, SCALE)
     layer = lay.build()
-    positions, slots, table, lens = step_rows(9, 1)
-    with pytest.raises(ValueError, match="1 to 8 rows, got 9"):
+    positions, slots, table, lens = step_rows(MAX_ROWS + 1, 1)
+    with pytest.raises(ValueError, match=f"1 to {MAX_ROWS} rows, got {MAX_ROWS + 1}"):
         DecodeStep.build(layer, positions, slots, decode_table(table, lens, PAGES, PAGE))
     positions, slots, table, lens = step_rows(2, 1)
     plan = decode_table(table, lens, PAGES, PAGE)

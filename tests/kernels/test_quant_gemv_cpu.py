@@ -42,7 +42,7 @@ def test_the_layout_holds_the_same_weights() -> None:
     torch.testing.assert_close(got.view(5, 96), b.dequantize(), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 16])  # past 8: groups of 8 over cached columns
 # k = 32 and 96: a last block without a pair (the kernel loads blocks two at a time); the last on 2 threads
 @pytest.mark.parametrize(("n", "k", "threads"), [(5, 32, 1), (7, 96, 1), (300, 576, 2), (400, 1536, 2)])
 def test_matches_the_dequantized_weight_on_int16_rows(rows: int, n: int, k: int, threads: int) -> None:
@@ -64,7 +64,7 @@ def test_matches_the_dequantized_weight_on_int16_rows(rows: int, n: int, k: int,
     assert (got - exact).abs().max() < 1e-4 * exact.abs().max()
 
 
-@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
 @pytest.mark.parametrize(("n", "k", "threads"), [(7, 96, 1), (1024, 576, 2)])  # the last on 2 threads
 def test_8_bit_blocks_match_their_weight_on_int16_rows(rows: int, n: int, k: int, threads: int) -> None:
     g = torch.Generator().manual_seed(n + rows)
