@@ -9,6 +9,7 @@ positions, slots and page table once per step (:meth:`DecodeStep.build`); each c
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 
@@ -69,6 +70,11 @@ def _kernels() -> _Kernels:
 
     return _Kernels(addr(pw.pdbox_add_rmsnorm_f32), addr(quant.pdbox_quant_linear), addr(pw.pdbox_rotary_f32),
                     addr(pw.pdbox_store_kv_f32), addr(attend.pdbox_decode_f32))
+
+
+@cache
+def _layer_fn() -> Callable[..., int]:
+    return native().required("the fused fp32 decode layer").pdbox_decode_layer_f32
 
 
 def _qweight(name: str, w: Q4Weight | Q8Weight, shape: tuple[int, int]) -> _QWeight:
@@ -170,14 +176,14 @@ def decode_layer(layer: DecodeLayer, step: DecodeStep, x: torch.Tensor | None, r
                          f"{step.positions}; this layer has {layer.num_pages} of {layer.page_size} and "
                          f"{layer.positions} positions")
     shape = (step.rows, layer.hidden)
-    if x is not None:
-        _fp32("x", x, shape)
-    _fp32("residual", residual, shape)
+    for name, t in (("x", x), ("residual", residual)):  # the cheap test first: this runs once a layer
+        if t is not None and not (t.dtype == torch.float32 and t.is_cpu and t.shape == shape and t.is_contiguous()):
+            _fp32(name, t, shape)
     out = torch.empty(shape)
     res_out = residual if x is not None else torch.empty(shape)
-    rc = native().required("the fused fp32 decode layer").pdbox_decode_layer_f32(
-        ctypes.addressof(_kernels()), ctypes.addressof(layer.struct), ctypes.addressof(step.struct),
-        None if x is None else x.data_ptr(), residual.data_ptr(), res_out.data_ptr(), out.data_ptr(), max(1, threads))
+    rc = _layer_fn()(ctypes.addressof(_kernels()), ctypes.addressof(layer.struct), ctypes.addressof(step.struct),
+                     None if x is None else x.data_ptr(), residual.data_ptr(), res_out.data_ptr(), out.data_ptr(),
+                     max(1, threads))
     if rc:
         what = STEPS[rc // 100] if rc // 100 < len(STEPS) else f"code {rc}"
         if rc % 100 == 2 and rc // 100 == 6:
