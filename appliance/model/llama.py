@@ -233,9 +233,9 @@ class LlamaModel:
         fused = self.decode_layers(kv) if batch.decode_only and layer_hook is None else None
         step = None if fused is None else be.decode_step(  # type: ignore[attr-defined]
             fused, x, batch.positions, batch.slot_mapping, batch.page_table, batch.seq_lens)
-        if fused is not None and step is not None:  # a call a layer: the kernels below, called from C
-            x, residual = be.decode_layer(fused[0], step, None, x)  # type: ignore[attr-defined]
-            for layer in fused[1:]:
+        if step is not None:  # a call a layer (fused is set): the kernels below, called from C
+            x, residual = be.decode_layer(fused[0], step, None, x)  # type: ignore[attr-defined,index]
+            for layer in fused[1:]:  # type: ignore[index]
                 x, residual = be.decode_layer(layer, step, x, residual)  # type: ignore[attr-defined]
         for i, lw in enumerate(self.layers if step is None else ()):
             if residual is None:

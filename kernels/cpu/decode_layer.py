@@ -186,7 +186,7 @@ def decode_layer(layer: DecodeLayer, step: DecodeStep, x: torch.Tensor | None, r
                      max(1, threads))
     if rc:
         what = STEPS[rc // 100] if rc // 100 < len(STEPS) else f"code {rc}"
-        if rc % 100 == 2 and rc // 100 == 6:
+        if rc == 100 * STEPS.index("the KV store") + 2:  # pdbox_store_kv_f32's -2: nothing written
             raise ValueError("a slot lies outside the KV cache")
         raise RuntimeError(f"the fused decode layer failed in {what} (code {rc})")
     return out, res_out
