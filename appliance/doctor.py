@@ -7,24 +7,26 @@ import platform
 
 # what each library serves, for the report's lines
 KERNEL_USE = {"attention": "CPU bf16", "pointwise": "CPU bf16", "quant_gemv": "CPU, a GGUF's 4- and 8-bit weights",
-              "pointwise_f32": "CPU fp32", "decode_f32": "CPU fp32",
+              "pointwise_f32": "CPU fp32", "decode_f32": "CPU fp32", "extend_f32": "CPU fp32, prefill attention",
               "decode_layer_f32": "CPU fp32, a decode layer a call"}
 
 
 def native_kernels() -> dict:
     """pdbox's C kernels for the CPU backend (attention and pointwise in bf16 on AVX-512 BF16; the GEMV on a
-    GGUF's 4- and 8-bit blocks in any dtype, fp32 pointwise ops, decode attention and the one-call decode
-    layer on AVX2): built and loaded here, or why not."""
+    GGUF's 4- and 8-bit blocks in any dtype, fp32 pointwise ops, decode and prefill attention and the one-call
+    decode layer on AVX2): built and loaded here, or why not."""
     import torch
 
     from kernels.cpu.decode_layer import native as decode_layer
     from kernels.cpu.flash_decode import native_f32 as decode_f32
     from kernels.cpu.flash_extend import native as attention
+    from kernels.cpu.flash_extend import native_f32 as extend_f32
     from kernels.cpu.pointwise import native as pointwise
     from kernels.cpu.quant_gemv import native as quant_gemv
 
     built = {"attention": attention(), "pointwise": pointwise(), "quant_gemv": quant_gemv(),
-             "pointwise_f32": pointwise(torch.float32), "decode_f32": decode_f32(), "decode_layer_f32": decode_layer()}
+             "pointwise_f32": pointwise(torch.float32), "decode_f32": decode_f32(), "extend_f32": extend_f32(),
+             "decode_layer_f32": decode_layer()}
     return {name: {"ok": b.lib is not None, "reason": b.reason, "path": str(b.path) if b.path else None}
             for name, b in built.items()}
 
@@ -56,8 +58,9 @@ def report() -> dict:
                           "dependent launch (PDBOX_TRITON_PDL=0 turns it off)"}}
     else:
         kernel = {"backend": "cpu", "reason": "no CUDA device: the engine runs its CPU kernels (oneDNN linear layers; "
-                  "in bf16 pdbox's C attention and pointwise kernels below, else torch's SDPA; a GGUF's 4-/8-bit "
-                  "weights in pdbox's AVX2 GEMV below, else torch's int4 kernel); Triton kernels run "
+                  "pdbox's C attention and pointwise kernels below (bf16 on AVX-512 BF16, fp32 on AVX2), else "
+                  "torch's SDPA; a GGUF's 4-/8-bit weights in pdbox's AVX2 GEMV below, else torch's int4 kernel); "
+                  "Triton kernels run "
                   f"only under TRITON_INTERPRET=1 (tests){' — on now' if interpreter_enabled() else ''}"}
     kernel["dtype"] = default_dtype(device)
     kernel["native"] = native_kernels()

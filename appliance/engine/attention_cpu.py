@@ -7,10 +7,10 @@ The references in ``kernels`` are written to be obviously right; they stay the t
   slow path for few-row inputs on some CPUs (4-8x slower than oneDNN at 4-16 rows on a Zen 1 here);
   one or two rows go in padded to four, since oneDNN's own 1- and 2-row kernels are slower still;
 - rotary cos/sin gathered once per forward pass, not once per layer;
-- prefill attention in bf16 through pdbox's own C kernel (``kernels.cpu.flash_extend``: AVX-512 BF16,
-  reads the pages in place; ~3x torch's SDPA here), one call per request covering the cached prefix and
-  the causal part of the new tokens; in fp32, or where the kernel cannot be built, through torch's fused
-  SDPA with a lower-right causal bias;
+- prefill attention through pdbox's own C kernels (``kernels.cpu.flash_extend``: bf16 on AVX-512 BF16,
+  ~3x torch's SDPA on a Zen 4; fp32 on AVX2, 1.4-2.6x SDPA on a Zen 3; both read the pages in place), one
+  call per request covering the cached prefix and the causal part of the new tokens; where the kernel
+  cannot be built, through torch's fused SDPA with a lower-right causal bias;
 - decode attention in bf16 through the same library (``kernels.cpu.flash_decode``: a KV head's query
   heads share each key read, pages read in place; 2-5x the torch path here); in fp32 (or without the
   kernel) at batch 1 it reads the request's leading run of consecutive pages in place and gathers only
@@ -49,6 +49,7 @@ from kernels.cpu.flash_decode import MAX_GROUP, DecodeTable, decode_table, flash
 from kernels.cpu.flash_decode import native_f32 as native_decode_f32
 from kernels.cpu.flash_extend import MAX_HEAD_DIM, flash_extend
 from kernels.cpu.flash_extend import native as native_attention_lib
+from kernels.cpu.flash_extend import native_f32 as native_extend_f32
 from kernels.cpu.pointwise import add_rmsnorm, rotary, silu_and_mul, store_kv
 from kernels.cpu.pointwise import native as native_pointwise_lib
 from kernels.cpu.quant_gemv import Q4Weight, Q8Weight, quant_linear
@@ -167,6 +168,7 @@ class CpuAttentionBackend:
         pointwise_f32 = native_pointwise_lib(torch.float32) if native_kernels else None
         self.native_pointwise_f32 = pointwise_f32 is not None and pointwise_f32.lib is not None
         self.native_decode_f32 = native_kernels and native_decode_f32().lib is not None
+        self.native_extend_f32 = native_kernels and native_extend_f32().lib is not None
         # pdbox's AVX2 kernel for a GGUF's quantized weights (any dtype), or why not
         quant = native_quant_lib() if native_kernels else None
         self.native_quant = quant is not None and quant.lib is not None
@@ -294,7 +296,7 @@ class CpuAttentionBackend:
                                                              d.table, d.lens, d.way, scale))
             skip = set(d.rows)
         group = q.shape[1] // k_cache.shape[2]
-        native = self.native_attention and q.dtype == torch.bfloat16 and k_cache.dtype == torch.bfloat16
+        native = self._native_extend(q, k_cache)
         threads = torch.get_num_threads()
         start = 0
         for b, (prefix, n_new) in enumerate(self._lens):
@@ -319,6 +321,14 @@ class CpuAttentionBackend:
             out[start : start + n_new] = o[0].transpose(0, 1)
             start += n_new
         return out
+
+    def _native_extend(self, q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+        page_size = k_cache.shape[1]
+        if q.dtype != k_cache.dtype or q.shape[-1] > MAX_HEAD_DIM or page_size & (page_size - 1):
+            return False
+        if q.dtype == torch.float32:
+            return self.native_extend_f32 and q.shape[-1] % 8 == 0
+        return self.native_attention and q.dtype == torch.bfloat16 and q.shape[-1] % 32 == 0
 
     def _plan_decode_rows(self, q: torch.Tensor, k_cache: torch.Tensor, page_table: torch.Tensor) -> DecodeRows | None:
         """The requests of an extend batch that decode (one new token after a cached prefix), or

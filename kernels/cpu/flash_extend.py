@@ -1,6 +1,6 @@
-"""Causal prefill attention of one request over its paged KV cache, bf16, in pdbox's own C kernel
-(``pdbox_flash_extend`` in ``flash_attention.c``: AVX-512 BF16, flash-style, reads K and V from the pages
-in place).
+"""Causal prefill attention of one request over its paged KV cache in pdbox's own C kernels: bf16 in
+``pdbox_flash_extend`` (``flash_attention.c``, AVX-512 BF16), fp32 in ``pdbox_extend_f32`` (``extend_f32.c``,
+AVX2). Both are flash-style and read K and V from the pages in place.
 
 The same function as ``kernels.extend_attention_ref`` for one request; the reference stays the oracle.
 """
@@ -11,7 +11,7 @@ import ctypes
 
 import torch
 
-from kernels.cpu.build import Native, load
+from kernels.cpu.build import AVX2_CFLAGS, AVX2_FLAGS, Native, load
 
 MAX_HEAD_DIM = 256  # the kernel's MAX_D
 _I64, _I32, _P = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
@@ -29,6 +29,16 @@ def native() -> Native:
         fn.argtypes = [_P, _I64, _I64, _P, _P, _I64, _I32, _P, _I64, _P, _I32, _I32, _I32, _I32, ctypes.c_float,
                        _P, _I64, _I64, _I32]
         fn.restype = _I32
+    return built
+
+
+def native_f32() -> Native:
+    """The fp32 kernel's library, or why this machine has none (built on the first call in a process)."""
+    built = load("extend_f32", needs=AVX2_FLAGS, cflags=AVX2_CFLAGS)
+    if built.lib is not None and not getattr(built.lib.pdbox_extend_f32, "argtypes", None):
+        built.lib.pdbox_extend_f32.argtypes = [_P, _I64, _I64, _P, _P, _I64, _I32, _P, _I32, _I32, _I32, _I32, _I32,
+                                               ctypes.c_float, _P, _I64, _I64, _I32]
+        built.lib.pdbox_extend_f32.restype = _I32
     return built
 
 
@@ -56,8 +66,10 @@ def check_tensors(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
 
 def check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, prefix: int,
           out: torch.Tensor) -> None:
-    """:func:`check_tensors`, then the request's page ids and lengths."""
-    check_tensors(q, k_cache, v_cache, out, 32)
+    """:func:`check_tensors` (bf16 with head_dim a multiple of 32, or fp32 with a multiple of 8, as ``q``
+    is), then the request's page ids and lengths."""
+    f32 = q.dtype == torch.float32
+    check_tensors(q, k_cache, v_cache, out, 8 if f32 else 32, torch.float32 if f32 else torch.bfloat16)
     n_new, page_size = q.shape[0], k_cache.shape[1]
     if page_size & (page_size - 1):
         raise ValueError(f"page_size must be a power of two, got {page_size}")
@@ -75,13 +87,16 @@ def check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: 
 def flash_extend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pages: torch.Tensor, prefix: int,
                  scale: float, threads: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of ``q`` (``n_new`` tokens at positions ``prefix ..``) over cache rows ``[0, prefix + i]``
-    of the request whose page ids are ``pages``; written into ``out`` (made if ``None``) and returned.
-    GQA: query head ``h`` reads KV head ``h // (heads / kv_heads)``. ``threads`` threads split the work."""
-    lib = native().required("the native CPU attention kernel")
+    of the request whose page ids are ``pages``, bf16 or fp32; written into ``out`` (made if ``None``) and
+    returned. GQA: query head ``h`` reads KV head ``h // (heads / kv_heads)``. ``threads`` threads split the work."""
+    if q.dtype == torch.float32:
+        fn = native_f32().required("the native CPU fp32 prefill attention kernel").pdbox_extend_f32
+    else:
+        fn = native().required("the native CPU attention kernel").pdbox_flash_extend
     out = torch.empty(q.shape, dtype=q.dtype) if out is None else out
     check(q, k_cache, v_cache, pages, prefix, out)
     n_new, hq, d = q.shape
-    rc = lib.pdbox_flash_extend(
+    rc = fn(
         q.data_ptr(), q.stride(0), q.stride(1), k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0),
         k_cache.shape[1], pages.data_ptr(), prefix, n_new, hq, k_cache.shape[2], d, scale, out.data_ptr(),
         out.stride(0), out.stride(1), max(1, threads))

@@ -27,11 +27,12 @@ def test_doctor_reports_transports_and_reasons() -> None:
         pdl = rep["attention_backend"]["pdl"]
         assert pdl["reason"] and pdl["ok"] == pdl_enabled()
     native = rep["attention_backend"]["native"]
-    assert set(native) == {"attention", "pointwise", "quant_gemv", "pointwise_f32", "decode_f32", "decode_layer_f32"}
+    assert set(native) == {"attention", "pointwise", "quant_gemv", "pointwise_f32", "decode_f32", "extend_f32",
+                           "decode_layer_f32"}
     assert all(n["reason"] for n in native.values())
     flags = open("/proc/cpuinfo").read()
     if "avx512_bf16" in flags and shutil.which("cc"):  # a Zen 4 CI machine with gcc
         assert all(n["ok"] and n["path"].endswith(".so") for n in native.values())
     if " avx2 " in flags and " fma " in flags and shutil.which("cc"):  # any x86 CI machine since Zen 1
-        for name in ("quant_gemv", "pointwise_f32", "decode_f32", "decode_layer_f32"):
+        for name in ("quant_gemv", "pointwise_f32", "decode_f32", "extend_f32", "decode_layer_f32"):
             assert native[name]["ok"] and native[name]["path"].endswith(".so")
