@@ -4,7 +4,8 @@
 
 Medians over timed steps, prefix cache off (no accidental hits). Same engine code path as serving.
 Long-context decode: ``--long-batch`` requests whose contexts are the ``--prefill-len`` prompt decode
-together (what a decode engine does with RAG answers).
+together (what a decode engine does with RAG answers). The prompt prefills in one step, or in chunks of
+``--prefill-chunk`` tokens each over the cached rest, as a server does (``--max-prefill-tokens``: 256 on CPU).
 
 Beside each figure, the floor this machine allows, measured in the same run through the engine's own
 linear layers: a batch-1 decode step reads every weight once (bytes / the bandwidth of one GEMV over
@@ -104,13 +105,22 @@ def _native_kernels(backend: object) -> str:
     return f"bf16: {bf16}; fp32 (AVX2): {f32}, a decode layer a call: {layer}"
 
 
+def prompt_tokens(tok, n: int) -> list[int]:
+    """The prefill figure's prompt: ``n`` tokens of numbered sentences (~16 tokens each, so long enough for
+    any ``n``; the first 200 sentences are the text every earlier run used)."""
+    text = " ".join(f"Sentence number {i} talks about the weather, the sea and the mountains."
+                    for i in range(max(200, n // 8)))
+    return tok.encode(text)[:n]
+
+
 def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: int, long_batch: int = 6,
-        backend: str = "auto", q4_kernels: bool = True, native_kernels: bool = True) -> dict:
+        backend: str = "auto", q4_kernels: bool = True, native_kernels: bool = True, prefill_chunk: int = 0) -> dict:
     from appliance.config import EngineConfig
     from appliance.engine.engine import Engine
 
     torch.set_num_threads(threads)
-    cfg = EngineConfig(dtype=dtype, threads=threads, enable_prefix_cache=False, max_prefill_tokens=prefill_len,
+    cfg = EngineConfig(dtype=dtype, threads=threads, enable_prefix_cache=False,
+                       max_prefill_tokens=prefill_chunk or prefill_len,
                        kv_cache_mb=512, attention_backend=backend, q4_kernels=q4_kernels,
                        native_kernels=native_kernels)
     engine = Engine(model, cfg)
@@ -119,8 +129,7 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
     _decode_steps(engine, [base], 8)  # warm-up
     b1 = _decode_steps(engine, [base], steps)
     b16 = _decode_steps(engine, [base + [100 + i] for i in range(16)], steps)
-    text = " ".join(f"Sentence number {i} talks about the weather, the sea and the mountains." for i in range(200))
-    long_prompt = tok.encode(text)[:prefill_len]
+    long_prompt = prompt_tokens(tok, prefill_len)
     _prefill_times(engine, long_prompt[:128], 1)
     pre = _prefill_times(engine, long_prompt, 3)
     long_steps = _decode_steps(engine, [long_prompt[:-1] + [100 + i] for i in range(long_batch)], max(8, steps // 2))
@@ -146,6 +155,7 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
         "b16_over_b1": round((16 / step16) / (1000 / ms_b1), 2),
         f"decode_ms_per_step_b{long_batch}_ctx{len(long_prompt)}": round(statistics.median(long_steps) * 1000, 2),
         "prefill_tokens": len(long_prompt),
+        "prefill_chunk": cfg.max_prefill_tokens,
         "prefill_s": round(statistics.median(pre), 3),
         "prefill_tok_s": round(prefill_tok_s, 1),
         "prefill_floor_tok_s": floor["prefill_floor_tok_s"],
@@ -169,6 +179,8 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
 @click.option("--native-kernels/--no-native-kernels", default=True,
               help="CPU, bf16: attention and pointwise ops in pdbox's C kernels (the engine's default), else torch's")
 @click.option("--prefill-len", type=int, default=1024)
+@click.option("--prefill-chunk", type=click.IntRange(min=0), default=0,
+              help="prefill in chunks of this many tokens, as a server does (0: the whole prompt in one step)")
 @click.option("--long-batch", type=int, default=6, help="requests in the long-context decode figure")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object only")
 @click.option("--device", default="cpu", type=click.Choice(("cpu", "cuda")),
@@ -183,7 +195,8 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
                                               "(graph replay and eager), from torch's profiler")
 @click.option("--profile-batches", default="", help="cuda: profile these batch sizes instead (e.g. 1,64)")
 def command(model: str | None, threads: int, dtype: str, backend: str, steps: int, q4_kernels: bool,
-            native_kernels: bool, prefill_len: int, long_batch: int, as_json: bool, device: str, context: int,
+            native_kernels: bool, prefill_len: int, prefill_chunk: int, long_batch: int, as_json: bool, device: str,
+            context: int,
             batches: str, prefill_lens: str, no_cuda_graphs: bool, out: str | None, profile: bool,
             profile_batches: str) -> None:
     if device == "cuda":
@@ -195,7 +208,8 @@ def command(model: str | None, threads: int, dtype: str, backend: str, steps: in
                           tuple(int(x) for x in prefill_lens.split(",")), context,
                           20 if steps == 48 else steps, graphs=not no_cuda_graphs, out_path=out, profile=profiled)
     else:
-        result = run(model, threads, dtype, steps, prefill_len, long_batch, backend, q4_kernels, native_kernels)
+        result = run(model, threads, dtype, steps, prefill_len, long_batch, backend, q4_kernels, native_kernels,
+                     prefill_chunk)
     if as_json:
         print(json.dumps(result))
         return

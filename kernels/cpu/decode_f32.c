@@ -16,7 +16,10 @@
 #define MAX_D 256
 #define MAX_G 16
 #define BLK 64
-#define PAR_WORK (1 << 16) /* context rows x query heads below which one thread does all */
+/* context rows x query heads below which one thread does all. A serving step finds the KV cold (it has
+ * streamed every layer's weights since), and cold rows come at ~7 GB/s to one core here, so two threads
+ * pay from a few hundred rows on; a step's team is awake from its GEMVs. */
+#define PAR_WORK (1 << 11)
 
 typedef struct {
     const float *q, *k, *v;
