@@ -5,10 +5,16 @@
  * One unit of work is a (request, KV head): its query heads share each K and V row read, straight from
  * the pages; blocks of BLK rows get their scores (eight rows' dot products reduced across lanes
  * together), then one online-softmax update (running max and sum per head, the accumulator rescaled
- * once a block), then their V rows (64 output columns at a time in registers). Each unit is computed
- * alone, so a request's result does not depend on the batch it came in. */
+ * once a block), then their V rows (64 output columns at a time in registers).
+ *
+ * A context longer than SPLIT rows is cut into parts of SPLIT rows, each a unit of its own (a batch of one
+ * has as few units as KV heads, too few to keep two cores busy); each part leaves its running max, sum
+ * and unnormalised output, and a second pass merges a request's parts. Each unit is computed alone and
+ * the parts depend only on the request's own length, so a request's result does not depend on the batch
+ * it came in nor on the thread count. */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "f32_avx2.h"
@@ -20,6 +26,7 @@
  * streamed every layer's weights since), and cold rows come at ~7 GB/s to one core here, so two threads
  * pay from a few hundred rows on; a step's team is awake from its GEMVs. */
 #define PAR_WORK (1 << 11)
+#define SPLIT 512 /* context rows per unit, at most (a multiple of BLK) */
 
 typedef struct {
     const float *q, *k, *v;
@@ -56,8 +63,10 @@ static inline __attribute__((always_inline)) void v_rows(float *acc, int cn, __m
     for (int c = 0; c < cn; c++) _mm256_store_ps(acc + 8 * c, o[c]);
 }
 
-static void unit(const job_t *jb, int b, int g) {
-    const int G = jb->hq / jb->hkv, d = jb->d, nv = d / 8, len = (int)jb->lens[b];
+/* Rows [begin, end) of request b for KV head g: into out, normalised, when part is NULL; else each query
+ * head's max, sum and unnormalised output into part[i * (d + 2) ...], for merge(). */
+static void unit(const job_t *jb, int b, int g, int begin, int end, float *part) {
+    const int G = jb->hq / jb->hkv, d = jb->d, nv = d / 8;
     const int64_t *pages = jb->table + b * jb->table_row;
     const int64_t row = (int64_t)jb->hkv * d, off = (int64_t)g * d;
     float acc[MAX_G][MAX_D] __attribute__((aligned(32)));
@@ -70,8 +79,8 @@ static void unit(const job_t *jb, int b, int g) {
         m[i] = -INFINITY, l[i] = 0.f;
         memset(acc[i], 0, sizeof(float) * d);
     }
-    for (int j0 = 0; j0 < len; j0 += BLK) {
-        const int n = len - j0 < BLK ? len - j0 : BLK;
+    for (int j0 = begin; j0 < end; j0 += BLK) {
+        const int n = end - j0 < BLK ? end - j0 : BLK;
         for (int jj = 0; jj < n; jj++) {
             const int j = j0 + jj;
             const int64_t at = pages[j >> jb->page_shift] * jb->page_stride
@@ -126,14 +135,44 @@ static void unit(const job_t *jb, int b, int g) {
         }
     }
     for (int i = 0; i < G; i++) {
+        if (part) {
+            float *at = part + (int64_t)i * (d + 2);
+            at[0] = m[i], at[1] = l[i];
+            memcpy(at + 2, acc[i], sizeof(float) * d);
+            continue;
+        }
         float *o = jb->out + b * jb->out_row + (int64_t)(g * G + i) * jb->out_head;
         const __m256 inv = _mm256_set1_ps(1.f / l[i]);
         for (int c = 0; c < nv; c++) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(_mm256_load_ps(acc[i] + 8 * c), inv));
     }
 }
 
-/* Returns 0, or -1 for sizes the kernel does not take (the Python side checks them first; page_size a power
- * of two). */
+/* The n parts of request b, KV head g (parts[p * G * (d + 2)]): softmax's sums rescaled to the largest max. */
+static void merge(const job_t *jb, int b, int g, int n, const float *parts) {
+    const int G = jb->hq / jb->hkv, d = jb->d;
+    const int64_t stride = (int64_t)G * (d + 2);
+    for (int i = 0; i < G; i++) {
+        const float *first = parts + (int64_t)i * (d + 2);
+        float mx = first[0], l = 0.f;
+        for (int p = 1; p < n; p++) mx = fmaxf(mx, first[p * stride]);
+        float acc[MAX_D] __attribute__((aligned(32))) = {0};
+        for (int p = 0; p < n; p++) {
+            const float *at = first + p * stride, w = expf(at[0] - mx);
+            l += at[1] * w;
+            const __m256 wv = _mm256_set1_ps(w);
+            for (int c = 0; c < d; c += 8)
+                _mm256_store_ps(acc + c, _mm256_fmadd_ps(_mm256_loadu_ps(at + 2 + c), wv, _mm256_load_ps(acc + c)));
+        }
+        float *o = jb->out + b * jb->out_row + (int64_t)(g * G + i) * jb->out_head;
+        const __m256 inv = _mm256_set1_ps(1.f / l);
+        for (int c = 0; c < d; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_load_ps(acc + c), inv));
+    }
+}
+
+static inline int parts_of(int64_t len) { return len > SPLIT ? (int)((len + SPLIT - 1) / SPLIT) : 1; }
+
+/* Returns 0, -1 for sizes the kernel does not take (the Python side checks them first; page_size a power
+ * of two), or -3 when its scratch could not be allocated. */
 int pdbox_decode_f32(const float *q, int64_t q_row, int64_t q_head, const float *k_cache, const float *v_cache,
                      int64_t page_stride, int page_size, const int64_t *table, int64_t table_row, const int64_t *lens,
                      int batch, int hq, int hkv, int d, float scale, float *out, int64_t out_row, int64_t out_head,
@@ -143,11 +182,46 @@ int pdbox_decode_f32(const float *q, int64_t q_row, int64_t q_head, const float 
         return -1;
     job_t jb = {q, k_cache, v_cache, q_row, q_head, page_stride, table_row, out_row, out_head, table, lens,
                 __builtin_ctz(page_size), hq, hkv, d, scale, out};
+    const int G = hq / hkv;
     int64_t work = 0;
-    for (int b = 0; b < batch; b++) work += lens[b] * hq;
-    const int units = batch * hkv;
+    int units = 0, split = 0; /* units in all; (request, KV head) pairs whose context is cut */
+    for (int b = 0; b < batch; b++) {
+        work += lens[b] * hq;
+        units += hkv * parts_of(lens[b]);
+        split += parts_of(lens[b]) > 1 ? hkv : 0;
+    }
+    /* per unit: request, KV head, part, and where its partial result goes (-1: straight to out) */
+    int *plan = malloc(sizeof(int) * 4 * (size_t)units + sizeof(int) * 3 * (size_t)(split ? split : 1));
+    float *scratch = malloc(sizeof(float) * (size_t)(units * G * (d + 2)));
+    if (!plan || !scratch) {
+        free(plan);
+        free(scratch);
+        return -3;
+    }
+    int *merges = plan + 4 * units, u = 0, nm = 0;
+    for (int b = 0; b < batch; b++)
+        for (int g = 0; g < hkv; g++) {
+            const int n = parts_of(lens[b]);
+            if (n > 1) merges[3 * nm] = b, merges[3 * nm + 1] = g, merges[3 * nm + 2] = u, nm++;
+            for (int p = 0; p < n; p++, u++)
+                plan[4 * u] = b, plan[4 * u + 1] = g, plan[4 * u + 2] = p, plan[4 * u + 3] = n > 1 ? u : -1;
+        }
     const int team = work >= PAR_WORK && threads > 1 && units > 1 ? threads : 1;
-#pragma omp parallel for num_threads(team) schedule(static)
-    for (int u = 0; u < units; u++) unit(&jb, u / hkv, u % hkv);
+    const int64_t part_floats = (int64_t)G * (d + 2);
+#pragma omp parallel num_threads(team)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int x = 0; x < units; x++) {
+            const int *w = plan + 4 * x;
+            const int begin = w[2] * SPLIT, end = (int)(lens[w[0]] < begin + SPLIT ? lens[w[0]] : begin + SPLIT);
+            unit(&jb, w[0], w[1], begin, end, w[3] < 0 ? NULL : scratch + w[3] * part_floats);
+        }
+#pragma omp for schedule(static)
+        for (int x = 0; x < nm; x++)
+            merge(&jb, merges[3 * x], merges[3 * x + 1], parts_of(lens[merges[3 * x]]),
+                  scratch + merges[3 * x + 2] * part_floats);
+    }
+    free(plan);
+    free(scratch);
     return 0;
 }

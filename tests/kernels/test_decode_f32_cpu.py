@@ -36,12 +36,24 @@ def test_equals_the_reference(hq: int, hkv: int, d: int, threads: int) -> None:
     torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
 
 
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(9, 3, 64), (4, 4, 128), (6, 2, 72)])
+def test_long_contexts_in_parts_equal_the_reference(hq: int, hkv: int, d: int) -> None:
+    """Contexts over 512 rows run as parts of 512 merged after: one row over, one part and a tail, many."""
+    lens = [513, 1100, 2048, 40]
+    q, k, v, table, seq_lens = case(hq, hkv, d, 16, lens, 5)
+    want = decode_attention_ref(q, k, v, table, seq_lens, d**-0.5)
+    for threads in (1, 2, 3):
+        got = flash_decode(q, k, v, decode_table(table, seq_lens, k.shape[0], 16), d**-0.5, threads)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+
+
 def test_a_request_gets_the_same_bits_alone_or_in_a_batch() -> None:
-    q, k, v, table, lens = case(9, 3, 64, 4, [5, 290, 33], 1)
+    q, k, v, table, lens = case(9, 3, 64, 4, [5, 290, 33, 1300], 1)
     together = flash_decode(q, k, v, decode_table(table, lens, k.shape[0], 4), 0.125, 2)
-    for b in range(3):
-        alone = flash_decode(q[b : b + 1], k, v, decode_table(table[b : b + 1], lens[b : b + 1], k.shape[0], 4), 0.125)
-        assert torch.equal(alone[0], together[b])
+    for b in range(4):
+        for threads in (1, 2):
+            plan = decode_table(table[b : b + 1], lens[b : b + 1], k.shape[0], 4)
+            assert torch.equal(flash_decode(q[b : b + 1], k, v, plan, 0.125, threads)[0], together[b])
 
 
 def test_bad_arguments_are_named() -> None:
