@@ -8,14 +8,14 @@ The references in ``kernels`` are written to be obviously right; they stay the t
   one or two rows go in padded to four, since oneDNN's own 1- and 2-row kernels are slower still;
 - rotary cos/sin gathered once per forward pass, not once per layer;
 - prefill attention through pdbox's own C kernels (``kernels.cpu.flash_extend``: bf16 on AVX-512 BF16,
-  ~3x torch's SDPA on a Zen 4; fp32 on AVX2, 1.4-2.6x SDPA on a Zen 3; both read the pages in place), one
+  ~3x torch's SDPA on a Zen 4; fp32 on AVX2, 1.4-1.6x SDPA on a Zen 3; both read the pages in place), one
   call per request covering the cached prefix and the causal part of the new tokens; where the kernel
   cannot be built, through torch's fused SDPA with a lower-right causal bias;
-- decode attention in bf16 through the same library (``kernels.cpu.flash_decode``: a KV head's query
-  heads share each key read, pages read in place; 2-5x the torch path here); in fp32 (or without the
-  kernel) at batch 1 it reads the request's leading run of consecutive pages in place and gathers only
-  the rest (``decode_runs``): fused SDPA with a KV head's query heads as the query length; larger
-  batches gather and go batched by length, as the reference does;
+- decode attention through the same libraries (``kernels.cpu.flash_decode``: a KV head's query heads
+  share each key read, pages read in place; bf16 2-5x the torch path on a Zen 4, fp32 on AVX2 2-5x on a
+  Zen 3); without the kernel, at batch 1 it reads the request's leading run of consecutive pages in place
+  and gathers only the rest (``decode_runs``): fused SDPA with a KV head's query heads as the query
+  length; larger batches gather and go batched by length, as the reference does;
 - no dtype round trips when the engine runs fp32;
 - a GGUF's 4- and 8-bit weights (Q4_0, Q4_1, Q8_0) also kept as their blocks (``q4_blocks``,
   ``q8_blocks``) for decode's few rows, reading a quarter of fp32's bytes or less: through pdbox's own
