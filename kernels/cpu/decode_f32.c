@@ -190,9 +190,15 @@ int pdbox_decode_f32(const float *q, int64_t q_row, int64_t q_head, const float 
         units += hkv * parts_of(lens[b]);
         split += parts_of(lens[b]) > 1 ? hkv : 0;
     }
+    const int team = work >= PAR_WORK && threads > 1 && units > 1 ? threads : 1;
+    if (!split) { /* no context is cut: a unit per (request, KV head), straight to out */
+#pragma omp parallel for num_threads(team) schedule(static)
+        for (int u = 0; u < units; u++) unit(&jb, u / hkv, u % hkv, 0, (int)lens[u / hkv], NULL);
+        return 0;
+    }
     /* per unit: request, KV head, part, and where its partial result goes (-1: straight to out) */
-    int *plan = malloc(sizeof(int) * 4 * (size_t)units + sizeof(int) * 3 * (size_t)(split ? split : 1));
-    float *scratch = malloc(sizeof(float) * (size_t)(units * G * (d + 2)));
+    int *plan = malloc(sizeof(int) * (4 * (size_t)units + 3 * (size_t)split));
+    float *scratch = malloc(sizeof(float) * (size_t)units * G * (d + 2));
     if (!plan || !scratch) {
         free(plan);
         free(scratch);
@@ -206,7 +212,6 @@ int pdbox_decode_f32(const float *q, int64_t q_row, int64_t q_head, const float 
             for (int p = 0; p < n; p++, u++)
                 plan[4 * u] = b, plan[4 * u + 1] = g, plan[4 * u + 2] = p, plan[4 * u + 3] = n > 1 ? u : -1;
         }
-    const int team = work >= PAR_WORK && threads > 1 && units > 1 ? threads : 1;
     const int64_t part_floats = (int64_t)G * (d + 2);
 #pragma omp parallel num_threads(team)
     {
