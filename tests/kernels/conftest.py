@@ -84,6 +84,24 @@ def build_paged_kv(
     )
 
 
+def extend_case(prefix: int, n_new: int, hq: int, hkv: int, d: int, page_size: int, dtype: torch.dtype,
+                seed: int = 0) -> tuple[PagedKV, torch.Tensor]:
+    """One request's paged cache of ``prefix + n_new`` rows on the CPU and its ``n_new`` new queries, as the
+    engine has them: a view of a fused QKV row (heads not contiguous with the next token's)."""
+    kv = build_paged_kv([prefix + n_new], hkv, d, page_size, dtype, torch.device("cpu"), seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    return kv, torch.randn(n_new, hq + 2 * hkv, d, generator=g).to(dtype)[:, :hq]
+
+
+def extend_reference(kv: PagedKV, q: torch.Tensor, prefix: int, scale: float) -> torch.Tensor:
+    """The request's causal attention by the torch reference, in fp32."""
+    from kernels.extend_attention import extend_attention_ref
+
+    k, v, table = kv.for_ref()
+    return extend_attention_ref(q.float(), k.float(), v.float(), table, torch.tensor([prefix]),
+                                torch.tensor([q.shape[0]]), scale)
+
+
 @pytest.fixture
 def paged_kv() -> Callable[..., PagedKV]:
     return build_paged_kv

@@ -9,8 +9,7 @@ import torch
 import appliance.engine.attention_cpu as backend_module
 from appliance.engine.attention_cpu import CpuAttentionBackend
 from kernels.cpu.flash_extend import flash_extend, native_f32
-from kernels.extend_attention import extend_attention_ref
-from tests.kernels.conftest import build_paged_kv
+from tests.kernels.conftest import build_paged_kv, extend_case, extend_reference
 
 BUILT = native_f32()
 pytestmark = pytest.mark.skipif(BUILT.lib is None, reason=f"fp32 prefill kernel unavailable: {BUILT.reason}")
@@ -18,16 +17,7 @@ F32 = {"atol": 2e-6, "rtol": 2e-5}
 
 
 def _case(prefix: int, n_new: int, hq: int, hkv: int, d: int, page_size: int, seed: int = 0):
-    kv = build_paged_kv([prefix + n_new], hkv, d, page_size, torch.float32, torch.device("cpu"), seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    # q as the engine has it: a view of a fused QKV row, heads not contiguous with the next token's
-    q = torch.randn(n_new, hq + 2 * hkv, d, generator=g)[:, :hq]
-    return kv, q
-
-
-def _reference(kv, q: torch.Tensor, prefix: int, scale: float) -> torch.Tensor:
-    k, v, table = kv.for_ref()
-    return extend_attention_ref(q, k, v, table, torch.tensor([prefix]), torch.tensor([q.shape[0]]), scale)
+    return extend_case(prefix, n_new, hq, hkv, d, page_size, torch.float32, seed)
 
 
 @pytest.mark.parametrize("prefix,n_new,hq,hkv,d,page_size", [
@@ -49,7 +39,7 @@ def test_equals_reference(prefix, n_new, hq, hkv, d, page_size, threads) -> None
     out = flash_extend(q, kv.k_cache, kv.v_cache, kv.page_table[0].long(), prefix, scale, threads)
     assert out.dtype == torch.float32
     assert not out.isnan().any()  # every cache row outside the request is NaN: none was read
-    torch.testing.assert_close(out, _reference(kv, q, prefix, scale), **F32)
+    torch.testing.assert_close(out, extend_reference(kv, q, prefix, scale), **F32)
 
 
 def test_thread_count_does_not_change_a_bit() -> None:

@@ -11,8 +11,7 @@ from kernels.cpu import build
 from kernels.cpu.flash_decode import DecodeTable, decode_table, flash_decode
 from kernels.cpu.flash_extend import flash_extend, native
 from kernels.decode_attention import decode_attention_ref
-from kernels.extend_attention import extend_attention_ref
-from tests.kernels.conftest import build_paged_kv
+from tests.kernels.conftest import build_paged_kv, extend_case, extend_reference
 
 BUILT = native()
 needs_kernel = pytest.mark.skipif(BUILT.lib is None, reason=f"native attention unavailable: {BUILT.reason}")
@@ -20,17 +19,7 @@ BF16 = {"atol": 3e-2, "rtol": 3e-2}
 
 
 def _case(prefix: int, n_new: int, hq: int, hkv: int, d: int, page_size: int, seed: int = 0):
-    kv = build_paged_kv([prefix + n_new], hkv, d, page_size, torch.bfloat16, torch.device("cpu"), seed=seed)
-    g = torch.Generator().manual_seed(seed + 1)
-    # q as the engine has it: a view of a fused QKV row, heads not contiguous with the next token's
-    q = torch.randn(n_new, hq + 2 * hkv, d, generator=g).to(torch.bfloat16)[:, :hq]
-    return kv, q
-
-
-def _reference(kv, q: torch.Tensor, prefix: int, scale: float) -> torch.Tensor:
-    k, v, table = kv.for_ref()
-    return extend_attention_ref(q.float(), k.float(), v.float(), table, torch.tensor([prefix]),
-                                torch.tensor([q.shape[0]]), scale)
+    return extend_case(prefix, n_new, hq, hkv, d, page_size, torch.bfloat16, seed)
 
 
 @needs_kernel
@@ -50,7 +39,7 @@ def test_equals_reference(prefix, n_new, hq, hkv, d, page_size, threads) -> None
     scale = d ** -0.5
     out = flash_extend(q, kv.k_cache, kv.v_cache, kv.page_table[0].long(), prefix, scale, threads)
     assert not out.isnan().any()  # every cache row outside the request is NaN: none was read
-    torch.testing.assert_close(out.float(), _reference(kv, q, prefix, scale), **BF16)
+    torch.testing.assert_close(out.float(), extend_reference(kv, q, prefix, scale), **BF16)
 
 
 @needs_kernel
