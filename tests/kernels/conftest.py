@@ -102,6 +102,36 @@ def extend_reference(kv: PagedKV, q: torch.Tensor, prefix: int, scale: float) ->
                                 torch.tensor([q.shape[0]]), scale)
 
 
+def broken_extend_args(kv: PagedKV, q: torch.Tensor, change: str) -> tuple[torch.Tensor, ...]:
+    """``(q, k_cache, v_cache, pages)`` for an extend kernel with one thing wrong, by name: ``head dim N``,
+    ``fp32 q``, ``bf16 cache``, ``page out of range``, ``short page table``, ``int32 pages``, ``page size 12``,
+    ``5 over 2 heads`` or ``no new tokens``."""
+    k, v, pages = kv.k_cache, kv.v_cache, kv.page_table[0].long()
+    if change.startswith("head dim "):
+        d = int(change.removeprefix("head dim "))
+        q, k, v = q[..., :d], k[..., :d].contiguous(), v[..., :d].contiguous()
+    elif change == "fp32 q":
+        q = q.float()
+    elif change == "bf16 cache":
+        k = k.to(torch.bfloat16)
+    elif change == "page out of range":
+        pages = pages.clone()
+        pages[1] = k.shape[0]
+    elif change == "short page table":
+        pages = pages[:2]
+    elif change == "int32 pages":
+        pages = pages.int()
+    elif change == "page size 12":
+        k, v = k[:, :12].contiguous(), v[:, :12].contiguous()
+    elif change == "5 over 2 heads":
+        q, k, v = q[:, :5], k[:, :, :2].contiguous(), v[:, :, :2].contiguous()
+    elif change == "no new tokens":
+        q = q[:0]
+    else:
+        raise ValueError(f"no such change: {change}")
+    return q, k, v, pages
+
+
 @pytest.fixture
 def paged_kv() -> Callable[..., PagedKV]:
     return build_paged_kv

@@ -9,7 +9,7 @@ import torch
 import appliance.engine.attention_cpu as backend_module
 from appliance.engine.attention_cpu import CpuAttentionBackend
 from kernels.cpu.flash_extend import flash_extend, native_f32
-from tests.kernels.conftest import build_paged_kv, extend_case, extend_reference
+from tests.kernels.conftest import broken_extend_args, build_paged_kv, extend_case, extend_reference
 
 BUILT = native_f32()
 pytestmark = pytest.mark.skipif(BUILT.lib is None, reason=f"fp32 prefill kernel unavailable: {BUILT.reason}")
@@ -73,27 +73,15 @@ def test_writes_into_out_rows_only() -> None:
     ("head dim 60", "multiple of 8"),
     ("page out of range", r"page ids must lie in \[0, "),
     ("short page table", "at least 3 page ids"),
+    ("int32 pages", "int64"),
     ("page size 12", "power of two"),
     ("5 over 2 heads", "do not group"),
+    ("no new tokens", "at least one new token"),
 ])
 def test_bad_arguments_are_named(change: str, match: str) -> None:
     kv, q = _case(10, 30, 9, 3, 64, 16)
-    k, v, pages = kv.k_cache, kv.v_cache, kv.page_table[0].long()
-    if change == "bf16 cache":
-        k = k.to(torch.bfloat16)
-    elif change == "head dim 60":
-        q, k, v = q[..., :60], k[..., :60].contiguous(), v[..., :60].contiguous()
-    elif change == "page out of range":
-        pages = pages.clone()
-        pages[1] = k.shape[0]
-    elif change == "short page table":
-        pages = pages[:2]
-    elif change == "page size 12":
-        k, v = k[:, :12].contiguous(), v[:, :12].contiguous()
-    elif change == "5 over 2 heads":
-        q, k, v = q[:, :5], k[:, :, :2].contiguous(), v[:, :, :2].contiguous()
     with pytest.raises(ValueError, match=match):
-        flash_extend(q, k, v, pages, 10, 0.125, 1)
+        flash_extend(*broken_extend_args(kv, q, change), 10, 0.125, 1)
 
 
 def test_cpu_backend_extend_runs_it_in_fp32_and_matches_sdpa(monkeypatch) -> None:

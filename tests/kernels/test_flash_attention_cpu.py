@@ -11,7 +11,7 @@ from kernels.cpu import build
 from kernels.cpu.flash_decode import DecodeTable, decode_table, flash_decode
 from kernels.cpu.flash_extend import flash_extend, native
 from kernels.decode_attention import decode_attention_ref
-from tests.kernels.conftest import build_paged_kv, extend_case, extend_reference
+from tests.kernels.conftest import broken_extend_args, build_paged_kv, extend_case, extend_reference
 
 BUILT = native()
 needs_kernel = pytest.mark.skipif(BUILT.lib is None, reason=f"native attention unavailable: {BUILT.reason}")
@@ -73,26 +73,8 @@ def test_writes_into_out_rows_only() -> None:
 ])
 def test_bad_arguments_are_named(change: str, match: str) -> None:
     kv, q = _case(10, 30, 9, 3, 64, 16)
-    k, v, pages, prefix = kv.k_cache, kv.v_cache, kv.page_table[0].long(), 10
-    if change == "fp32 q":
-        q = q.float()
-    elif change == "head dim 48":
-        q, k, v = q[..., :48], k[..., :48].contiguous(), v[..., :48].contiguous()
-    elif change == "page out of range":
-        pages = pages.clone()
-        pages[1] = k.shape[0]
-    elif change == "short page table":
-        pages = pages[:2]
-    elif change == "int32 pages":
-        pages = pages.int()
-    elif change == "page size 12":
-        k, v = k[:, :12].contiguous(), v[:, :12].contiguous()
-    elif change == "5 over 2 heads":
-        q, k, v = q[:, :5], k[:, :, :2].contiguous(), v[:, :, :2].contiguous()
-    elif change == "no new tokens":
-        q = q[:0]
     with pytest.raises(ValueError, match=match):
-        flash_extend(q, k, v, pages, prefix, 0.125, 1)
+        flash_extend(*broken_extend_args(kv, q, change), 10, 0.125, 1)
 
 
 def test_unbuildable_machine_gives_a_reason(monkeypatch, tmp_path) -> None:
