@@ -190,7 +190,7 @@ int pdbox_decode_f32(const float *q, int64_t q_row, int64_t q_head, const float 
         units += hkv * parts_of(lens[b]);
         split += parts_of(lens[b]) > 1 ? hkv : 0;
     }
-    const int team = work >= PAR_WORK && threads > 1 && units > 1 ? threads : 1;
+    const int team = work >= PAR_WORK && threads > 1 && units > 1 ? (threads < units ? threads : units) : 1;
     if (!split) { /* no context is cut: a unit per (request, KV head), straight to out */
 #pragma omp parallel for num_threads(team) schedule(static)
         for (int u = 0; u < units; u++) unit(&jb, u / hkv, u % hkv, 0, (int)lens[u / hkv], NULL);
