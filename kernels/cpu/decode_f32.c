@@ -147,9 +147,11 @@ static void unit(const job_t *jb, int b, int g, int begin, int end, float *part)
     }
 }
 
-/* The n parts of request b, KV head g (parts[p * G * (d + 2)]): softmax's sums rescaled to the largest max. */
-static void merge(const job_t *jb, int b, int g, int n, const float *parts) {
-    const int G = jb->hq / jb->hkv, d = jb->d;
+static inline int parts_of(int64_t len) { return len > SPLIT ? (int)((len + SPLIT - 1) / SPLIT) : 1; }
+
+/* The parts of request b, KV head g (parts[p * G * (d + 2)]): softmax's sums rescaled to the largest max. */
+static void merge(const job_t *jb, int b, int g, const float *parts) {
+    const int G = jb->hq / jb->hkv, d = jb->d, n = parts_of(jb->lens[b]);
     const int64_t stride = (int64_t)G * (d + 2);
     for (int i = 0; i < G; i++) {
         const float *first = parts + (int64_t)i * (d + 2);
@@ -168,8 +170,6 @@ static void merge(const job_t *jb, int b, int g, int n, const float *parts) {
         for (int c = 0; c < d; c += 8) _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_load_ps(acc + c), inv));
     }
 }
-
-static inline int parts_of(int64_t len) { return len > SPLIT ? (int)((len + SPLIT - 1) / SPLIT) : 1; }
 
 /* Returns 0, -1 for sizes the kernel does not take (the Python side checks them first; page_size a power
  * of two), or -3 when its scratch could not be allocated. */
@@ -196,35 +196,34 @@ int pdbox_decode_f32(const float *q, int64_t q_row, int64_t q_head, const float 
         for (int u = 0; u < units; u++) unit(&jb, u / hkv, u % hkv, 0, (int)lens[u / hkv], NULL);
         return 0;
     }
-    /* per unit: request, KV head, part, and where its partial result goes (-1: straight to out) */
-    int *plan = malloc(sizeof(int) * (4 * (size_t)units + 3 * (size_t)split));
+    /* per unit: request, KV head, part (a cut context's unit x leaves its part at scratch[x]); per merge:
+     * request, KV head, its first unit */
+    int *plan = malloc(sizeof(int) * (3 * (size_t)units + 3 * (size_t)split));
     float *scratch = malloc(sizeof(float) * (size_t)units * G * (d + 2));
     if (!plan || !scratch) {
         free(plan);
         free(scratch);
         return -3;
     }
-    int *merges = plan + 4 * units, u = 0, nm = 0;
+    int *merges = plan + 3 * units, u = 0, nm = 0;
     for (int b = 0; b < batch; b++)
         for (int g = 0; g < hkv; g++) {
             const int n = parts_of(lens[b]);
             if (n > 1) merges[3 * nm] = b, merges[3 * nm + 1] = g, merges[3 * nm + 2] = u, nm++;
-            for (int p = 0; p < n; p++, u++)
-                plan[4 * u] = b, plan[4 * u + 1] = g, plan[4 * u + 2] = p, plan[4 * u + 3] = n > 1 ? u : -1;
+            for (int p = 0; p < n; p++, u++) plan[3 * u] = b, plan[3 * u + 1] = g, plan[3 * u + 2] = p;
         }
     const int64_t part_floats = (int64_t)G * (d + 2);
 #pragma omp parallel num_threads(team)
     {
 #pragma omp for schedule(dynamic, 1)
         for (int x = 0; x < units; x++) {
-            const int *w = plan + 4 * x;
+            const int *w = plan + 3 * x;
             const int begin = w[2] * SPLIT, end = (int)(lens[w[0]] < begin + SPLIT ? lens[w[0]] : begin + SPLIT);
-            unit(&jb, w[0], w[1], begin, end, w[3] < 0 ? NULL : scratch + w[3] * part_floats);
+            unit(&jb, w[0], w[1], begin, end, parts_of(lens[w[0]]) > 1 ? scratch + x * part_floats : NULL);
         }
 #pragma omp for schedule(static)
         for (int x = 0; x < nm; x++)
-            merge(&jb, merges[3 * x], merges[3 * x + 1], parts_of(lens[merges[3 * x]]),
-                  scratch + merges[3 * x + 2] * part_floats);
+            merge(&jb, merges[3 * x], merges[3 * x + 1], scratch + merges[3 * x + 2] * part_floats);
     }
     free(plan);
     free(scratch);
