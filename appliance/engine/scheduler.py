@@ -10,6 +10,15 @@ from appliance.engine.prefix_cache import RadixCache
 from appliance.engine.request import Request, RequestStatus
 from appliance.engine.slack import SLACK_K, ttft_deadline
 
+# A prompt whose rest after this step's chunk would be at most 1/TAIL_SHARE of a chunk runs whole now:
+# a 286-token chat prompt is one step of 286 tokens on CPU (chunk 256), not 256 now and 30 later
+# beside the next prompt's first chunk, which would hold its first token for that chunk's time.
+TAIL_SHARE = 4
+# Once a step holds a prompt's last chunk, every further prefill token delays that prompt's first token.
+# Only a prompt that ends in 1/JOIN_SHARE of a chunk still joins (about one step's fixed cost: 16
+# tokens on CPU, 128 on CUDA); the rest start in the next step, which is no later for them.
+JOIN_SHARE = 16
+
 
 @dataclass
 class ScheduledBatch:
@@ -153,6 +162,11 @@ class Scheduler:
     def schedule(self) -> ScheduledBatch | None:
         """Decodes first (one token each), then prefill chunks under the token budget.
 
+        A prompt's last chunk may run over the budget by up to 1/TAIL_SHARE of it rather than leave a
+        sliver for the next step, and a step that ends a prompt takes no more prefill tokens beyond
+        1/JOIN_SHARE of a chunk: the tokens of a prompt that cannot end in this step would only delay
+        this one's first token.
+
         Prefill order: ``fifo`` (running chunks in arrival order, then the queue) or ``slack``
         (running and waiting requests together, earliest TTFT deadline first; a partially prefilled
         long prompt simply gets no budget this step, so a short prompt never waits behind it).
@@ -179,16 +193,21 @@ class Scheduler:
         strict = self.prefill_order == "fifo"
         if not strict:
             cands.sort(key=self.deadline)
+        ends = False  # the step holds a prompt's last chunk
         for req in cands:
             if budget <= 0:
                 break
+            if ends and req.remaining_prefill > budget:  # would not end in this step: it starts in the next
+                if strict:
+                    break
+                continue
             if req.status is RequestStatus.WAITING:
                 if len(self.running) >= self.max_running or not self._admit(req, budget):
                     if strict:
                         break
                     continue
                 self.waiting.remove(req)
-                n = min(req.remaining_prefill, budget)
+                n = self._chunk(req.remaining_prefill, budget)
                 # NOTE: pages for the whole prompt at once (_admit counted them): consecutive pages that
                 # the CPU backend's decode attention reads in place, not interleaved with other chunks'.
                 pages = self._alloc(self._pages_needed(req, req.remaining_prefill))
@@ -200,13 +219,23 @@ class Scheduler:
             else:
                 if req.status is not RequestStatus.RUNNING or req.remaining_prefill < 1:
                     continue  # preempted earlier in this step, or waiting for its sampled token
-                n = min(req.remaining_prefill, budget)
+                n = self._chunk(req.remaining_prefill, budget)
                 if not self._grow(req, n, scheduled):
                     continue
             budget -= n
+            if n == req.remaining_prefill:
+                ends = True
+                budget = min(budget, self.max_prefill_tokens // JOIN_SHARE)
             scheduled.add(id(req))
             self._add_to_batch(batch, req, n)
         return batch if batch.requests else None
+
+    def _chunk(self, remaining: int, budget: int) -> int:
+        """This step's tokens of a prompt with ``remaining`` left: up to ``budget``, or all of them when
+        the rest would be a sliver (at most 1/TAIL_SHARE of a chunk)."""
+        if remaining <= budget + self.max_prefill_tokens // TAIL_SHARE:
+            return remaining
+        return budget
 
     def _admit(self, req: Request, budget: int) -> bool:
         """Match the prefix cache and check that the WHOLE prompt fits before taking the request."""

@@ -67,7 +67,36 @@ def test_slack_two_long_prompts_arriving_together_do_not_take_turns() -> None:
     for _ in range(4):
         clock.t += 0.64  # a chunk's time: the first prompt's deadline stays the earlier one
         assert run_step(s) == [(1, 64)]
-    assert run_step(s) == [(1, 44), (2, 20)]  # the first prompt done, its first token 2.5 s sooner
+    assert run_step(s) == [(1, 44)]  # the first prompt done, its first token 2.5 s sooner
+    assert run_step(s) == [(1, 1), (2, 64)]  # the second starts in the next step, no later than beside it
+
+
+def test_a_prompt_runs_whole_rather_than_leave_a_sliver() -> None:
+    s, clock = make("fifo")  # budget 64: a rest of up to 16 tokens joins the chunk
+    s.add(req(80, clock.t, tag=1))
+    s.add(req(81, clock.t, tag=2))
+    assert run_step(s) == [(1, 80)]
+    assert run_step(s) == [(1, 1), (2, 64)]  # 17 would be left over 81: more than a sliver
+    assert run_step(s) == [(1, 1), (2, 17)]
+
+
+def test_a_step_that_ends_a_prompt_starts_no_other() -> None:
+    s, clock = make("fifo")
+    s.add(req(100, clock.t, tag=1))
+    assert run_step(s) == [(1, 64)]
+    s.add(req(50, clock.t, tag=2))  # its 28-token head beside 1's last 36 would hold 1's first token
+    assert run_step(s) == [(1, 36)]
+    assert run_step(s) == [(1, 1), (2, 50)]
+
+
+def test_a_tiny_prompt_still_joins_a_step_that_ends_another() -> None:
+    s, clock = make("slack")
+    s.add(req(100, clock.t, tag=1))
+    assert run_step(s) == [(1, 64)]
+    s.add(req(4, clock.t + 5.0, tag=2))  # 4 tokens: at most 64 // 16, less than a step of its own costs
+    s.add(req(30, clock.t + 5.0, tag=3))
+    assert run_step(s) == [(1, 36), (2, 4)]
+    assert run_step(s) == [(1, 1), (2, 1), (3, 30)]
 
 
 def test_slack_ages_long_prompts_in() -> None:
