@@ -178,7 +178,8 @@ class EngineConfig:
     num_pages: int = 0
     kv_cache_mb: int = flag(DEFAULT_KV_CACHE_MB, "KV pool size per engine rank.")
     max_running: int = flag(64, "Requests an engine runs at once.")
-    max_prefill_tokens: int = flag(0, "Chunked-prefill token budget per step (0: 256 on CPU, 2048 on CUDA).")
+    max_prefill_tokens: int = flag(0, "Chunked-prefill token budget per step (0: 256 on CPU, 2048 on CUDA); "
+                                   "a prompt's last chunk may run a quarter over it rather than leave a sliver.")
     max_model_len: int = 0
     enable_prefix_cache: bool = True
     attention_backend: str = flag("auto", "Attention kernels (auto: by device).",
