@@ -15,8 +15,9 @@ from appliance.engine.slack import SLACK_K, ttft_deadline
 # beside the next prompt's first chunk, which would hold its first token for that chunk's time.
 TAIL_SHARE = 4
 # Once a step holds a prompt's last chunk, every further prefill token delays that prompt's first token.
-# Only a prompt that ends in 1/JOIN_SHARE of a chunk still joins (about one step's fixed cost: 16
-# tokens on CPU, 128 on CUDA); the rest start in the next step, which is no later for them.
+# Only a prompt that ends within 1/JOIN_SHARE of a chunk still joins (its tokens cost about what a step
+# of its own would: 16 tokens on CPU, 128 on CUDA; a forked sample's last partial page is such a
+# prompt); the rest start in the next step, which is no later for them.
 JOIN_SHARE = 16
 
 
@@ -163,9 +164,9 @@ class Scheduler:
         """Decodes first (one token each), then prefill chunks under the token budget.
 
         A prompt's last chunk may run over the budget by up to 1/TAIL_SHARE of it rather than leave a
-        sliver for the next step, and a step that ends a prompt takes no more prefill tokens beyond
-        1/JOIN_SHARE of a chunk: the tokens of a prompt that cannot end in this step would only delay
-        this one's first token.
+        sliver for the next step, and a step that ends a prompt takes only prompts that end within
+        1/JOIN_SHARE of a chunk: the tokens of a longer one would delay this one's first token by more
+        than they save its own.
 
         Prefill order: ``fifo`` (running chunks in arrival order, then the queue) or ``slack``
         (running and waiting requests together, earliest TTFT deadline first; a partially prefilled
@@ -194,10 +195,11 @@ class Scheduler:
         if not strict:
             cands.sort(key=self.deadline)
         ends = False  # the step holds a prompt's last chunk
+        join = self.max_prefill_tokens // JOIN_SHARE
         for req in cands:
             if budget <= 0:
                 break
-            if ends and req.remaining_prefill > budget:  # would not end in this step: it starts in the next
+            if ends and self._left(req) > min(budget, join):  # it starts in the next step
                 if strict:
                     break
                 continue
@@ -223,12 +225,14 @@ class Scheduler:
                 if not self._grow(req, n, scheduled):
                     continue
             budget -= n
-            if n == req.remaining_prefill:
-                ends = True
-                budget = min(budget, self.max_prefill_tokens // JOIN_SHARE)
+            ends = ends or n == req.remaining_prefill
             scheduled.add(id(req))
             self._add_to_batch(batch, req, n)
         return batch if batch.requests else None
+
+    def _left(self, req: Request) -> int:
+        """Prompt tokens ``req`` has yet to compute; a queued forked sample's held prompt pages excluded."""
+        return req.remaining_prefill - len(req.fork_hold) * self.page_size
 
     def _chunk(self, remaining: int, budget: int) -> int:
         """This step's tokens of a prompt with ``remaining`` left: up to ``budget``, or all of them when

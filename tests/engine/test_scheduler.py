@@ -123,3 +123,17 @@ def test_prefill_chunk_defaults_by_device_and_keeps_an_explicit_budget() -> None
     assert EngineConfig(max_prefill_tokens=40, device="cuda:0").prefill_chunk == 40
     with pytest.raises(ValueError, match="max_prefill_tokens must be >= 0"):
         EngineConfig(max_prefill_tokens=-1)
+
+
+def test_forked_samples_join_the_step_that_ends_the_first() -> None:
+    from appliance.engine import fork
+
+    pool = PagePool(torch.zeros(2, 1, 512, 16, 1, 1))
+    cache = RadixCache(pool)
+    s = Scheduler(pool, cache, max_running=16, max_prefill_tokens=256)
+    parent = Request(prompt_ids=list(range(40)), params=SamplingParams(max_tokens=4, n=4), arrival=0.0)
+    s.add(parent)
+    assert run_step(s) == [(0, 40)]
+    s.add_front(fork.children(parent, fork.publish_prompt(cache, parent), cache))
+    # each sample shares the two full pages and computes the last 8 tokens: all three in one step
+    assert run_step(s) == [(0, 1), (0, 8), (0, 8), (0, 8)]
