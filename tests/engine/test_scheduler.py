@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from appliance.engine import fork
 from appliance.engine.kv_cache import PagePool
 from appliance.engine.prefix_cache import RadixCache
 from appliance.engine.request import Request, SamplingParams
@@ -126,8 +127,6 @@ def test_prefill_chunk_defaults_by_device_and_keeps_an_explicit_budget() -> None
 
 
 def test_forked_samples_join_the_step_that_ends_the_first() -> None:
-    from appliance.engine import fork
-
     pool = PagePool(torch.zeros(2, 1, 512, 16, 1, 1))
     cache = RadixCache(pool)
     s = Scheduler(pool, cache, max_running=16, max_prefill_tokens=256)
