@@ -16,8 +16,8 @@ from appliance.engine.slack import SLACK_K, ttft_deadline
 TAIL_SHARE = 4
 # Once a step holds a prompt's last chunk, every further prefill token delays that prompt's first token.
 # Only a prompt that ends within 1/JOIN_SHARE of a chunk still joins (its tokens cost about what a step
-# of its own would: 16 tokens on CPU, 128 on CUDA; a forked sample's last partial page is such a
-# prompt); the rest start in the next step, which is no later for them.
+# of its own would: 16 tokens on CPU, 128 on CUDA), counted past its cached prefix (a forked sample's
+# last partial page is such a prompt); the rest start in the next step, which is no later for them.
 JOIN_SHARE = 16
 
 
@@ -199,12 +199,13 @@ class Scheduler:
         for req in cands:
             if budget <= 0:
                 break
-            if ends and self._left(req) > min(budget, join):  # it starts in the next step
+            most = min(budget, join) if ends else None  # a prompt joining a step that ends one must end too
+            if most is not None and req.status is RequestStatus.RUNNING and req.remaining_prefill > most:
                 if strict:
                     break
                 continue
             if req.status is RequestStatus.WAITING:
-                if len(self.running) >= self.max_running or not self._admit(req, budget):
+                if len(self.running) >= self.max_running or not self._admit(req, most):
                     if strict:
                         break
                     continue
@@ -230,10 +231,6 @@ class Scheduler:
             self._add_to_batch(batch, req, n)
         return batch if batch.requests else None
 
-    def _left(self, req: Request) -> int:
-        """Prompt tokens ``req`` has yet to compute; a queued forked sample's held prompt pages excluded."""
-        return req.remaining_prefill - len(req.fork_hold) * self.page_size
-
     def _chunk(self, remaining: int, budget: int) -> int:
         """This step's tokens of a prompt with ``remaining`` left: up to ``budget``, or all of them when
         the rest would be a sliver (at most 1/TAIL_SHARE of a chunk)."""
@@ -241,9 +238,12 @@ class Scheduler:
             return remaining
         return budget
 
-    def _admit(self, req: Request, budget: int) -> bool:
-        """Match the prefix cache and check that the WHOLE prompt fits before taking the request."""
+    def _admit(self, req: Request, most: int | None = None) -> bool:
+        """Match the prefix cache and check that the WHOLE prompt fits before taking the request; with
+        ``most``, only if at most that many of its tokens are left to compute past the cached prefix."""
         path = self.cache.match_prefix(req.all_ids, max_pages=(req.total_len - 1) // self.page_size)
+        if most is not None and req.total_len - len(path) * self.page_size > most:
+            return False
         whole = -(-(req.total_len + 1) // self.page_size) - len(path)
         headroom = len(self.running)  # one page of decode growth per running request
         self.cache.lock(path)
