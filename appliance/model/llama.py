@@ -230,13 +230,15 @@ class LlamaModel:
         if cfg.embed_scale != 1.0:
             x = x * cfg.embed_scale
         residual: torch.Tensor | None = None
-        fused = self.decode_layers(kv) if batch.decode_only and layer_hook is None else None
+        fused = self.decode_layers(kv) if batch.decode_only else None
         step = None if fused is None else be.decode_step(  # type: ignore[attr-defined]
             fused, x, batch.positions, batch.slot_mapping, batch.page_table, batch.seq_lens)
         if step is not None:  # a call a layer (fused is set): the kernels below, called from C
-            x, residual = be.decode_layer(fused[0], step, None, x)  # type: ignore[attr-defined,index]
-            for layer in fused[1:]:  # type: ignore[index]
-                x, residual = be.decode_layer(layer, step, x, residual)  # type: ignore[attr-defined]
+            for i, layer in enumerate(fused):  # type: ignore[arg-type]
+                # the first call takes the embeddings as its residual (x None: no add before the norm)
+                x, residual = be.decode_layer(layer, step, x if i else None, residual if i else x)  # type: ignore
+                if layer_hook is not None:  # layer i's K/V are in the cache (its whole layer has run)
+                    layer_hook(i)
         for i, lw in enumerate(self.layers if step is None else ()):
             if residual is None:
                 residual = x

@@ -3,12 +3,17 @@ decodes through them, to the same tokens as op by op; models they cannot take ru
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from appliance.config import EngineConfig
+from appliance.engine.core_share import CoreShare, SharedCores, make_board
 from appliance.engine.engine import Engine
 from appliance.engine.request import SamplingParams
 from kernels.cpu.decode_layer import native
+from kernels.cpu.team import native as team_native
+from tests.engine.test_core_share import on_thread
 
 pytestmark = pytest.mark.skipif(native().lib is None, reason=f"no fused fp32 decode layer here: {native().reason}")
 
@@ -38,6 +43,40 @@ def test_the_embedded_model_decodes_a_call_a_layer_to_the_same_tokens() -> None:
             by_ops, none = greedy(engine, batch, False)
             assert fused == by_ops
             assert calls == 30 * 11 and none == 0  # SmolLM2's 30 layers, every decode step after the first token
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2 or team_native().lib is None,
+                    reason="needs two cores and the team library")
+def test_an_engine_sharing_cores_still_decodes_a_call_a_layer(tmp_path) -> None:
+    """Core sharing (auto mode's engines, unified mode's one-core engines) hooks every layer to borrow or give
+    back the partner's cores: its decode steps still run a call a layer, with the hook between layers, to
+    the same tokens as a two-thread engine (an idle partner lends its core for every step)."""
+    prompts = ["The capital of France is", "Three colors:"]
+    engine = Engine(None, EngineConfig(dtype="float32", threads=2, enable_prefix_cache=False, kv_cache_mb=64))
+    board = tmp_path / "cores.board"
+    make_board(board, 2)
+    home, lent = sorted(os.sched_getaffinity(0))[:2]
+
+    def shared() -> tuple[list[list[int]], int, int, list[int]]:
+        engine.cores = cores = SharedCores(CoreShare(str(board), 0, 1, (home,), (lent,)))
+        fits: list[int] = []
+        fit = cores.fit
+        cores.fit = lambda layer=-1: fits.append(layer) or fit(layer)  # type: ignore[method-assign]
+        try:
+            tokens, calls = greedy(engine, prompts, True)
+            return tokens, calls, cores.borrows, fits
+        finally:
+            engine.cores = None
+            cores.close()
+
+    try:
+        alone, _ = greedy(engine, prompts, True)
+        tokens, calls, borrows, fits = on_thread(shared)
+        assert tokens == alone
+        assert calls == 30 * 11 and borrows >= 1
+        assert fits.count(29) == 12 and fits.count(-1) == 12  # each step: a fit before it and after every layer
     finally:
         engine.shutdown()
 
