@@ -52,30 +52,42 @@ def test_the_embedded_model_decodes_a_call_a_layer_to_the_same_tokens() -> None:
 def test_an_engine_sharing_cores_still_decodes_a_call_a_layer(tmp_path) -> None:
     """Core sharing (auto mode's engines, unified mode's one-core engines) hooks every layer to borrow or give
     back the partner's cores: its decode steps still run a call a layer, with the hook between layers, to
-    the same tokens as a two-thread engine (an idle partner lends its core for every step)."""
+    the same tokens as a two-thread engine. The partner wakes after layer 9 and idles again after layer 19
+    of every step, so each step gives the core back and borrows it again mid-step."""
     prompts = ["The capital of France is", "Three colors:"]
     engine = Engine(None, EngineConfig(dtype="float32", threads=2, enable_prefix_cache=False, kv_cache_mb=64))
     board = tmp_path / "cores.board"
     make_board(board, 2)
     home, lent = sorted(os.sched_getaffinity(0))[:2]
 
-    def shared() -> tuple[list[list[int]], int, int, list[int]]:
+    def shared() -> tuple[list[list[int]], int, int, list[int], set[int]]:
         engine.cores = cores = SharedCores(CoreShare(str(board), 0, 1, (home,), (lent,)))
         fits: list[int] = []
+        threads: set[int] = set()
         fit = cores.fit
-        cores.fit = lambda layer=-1: fits.append(layer) or fit(layer)  # type: ignore[method-assign]
+
+        def partner_wakes_mid_step(layer: int = -1) -> None:
+            if layer in (9, 19):
+                with open(board, "r+b") as f:
+                    f.seek(1)
+                    f.write(b"\x01" if layer == 9 else b"\x00")
+            fits.append(layer)
+            fit(layer)
+            threads.add(cores.threads)
+
+        cores.fit = partner_wakes_mid_step  # type: ignore[method-assign]
         try:
             tokens, calls = greedy(engine, prompts, True)
-            return tokens, calls, cores.borrows, fits
+            return tokens, calls, cores.borrows, fits, threads
         finally:
             engine.cores = None
             cores.close()
 
     try:
         alone, _ = greedy(engine, prompts, True)
-        tokens, calls, borrows, fits = on_thread(shared)
+        tokens, calls, borrows, fits, threads = on_thread(shared)
         assert tokens == alone
-        assert calls == 30 * 11 and borrows >= 1
+        assert calls == 30 * 11 and threads == {1, 2} and borrows >= 11  # borrowed again in every decode step
         assert fits.count(29) == 12 and fits.count(-1) == 12  # each step: a fit before it and after every layer
     finally:
         engine.shutdown()
