@@ -11,6 +11,7 @@ import torch
 
 from appliance.model.errors import ModelLoadError
 from appliance.model.gguf_config import GGUF_ARCHS, config_from_gguf, end_ids
+from appliance.model.gguf_file import GGUFFile, GGUFTensor, read_gguf
 from appliance.model.gguf_spm import adds_bos, check_tokenizer_model, spm_tokenizer
 from appliance.model.gguf_tensors import CONFIG_TENSORS, add_hf_blocks, add_hf_tensor, unpermute_rotary
 from appliance.model.q4_blocks import Q4_TYPES, Q4Blocks
@@ -24,14 +25,11 @@ __all__ = ["SUPPORTED_TENSOR_TYPES", "load_gguf", "unpermute_rotary"]
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K", "Q4_K")
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    return reader.fields.get(key, default)
 
 
-def _dequantize(tensor: Any) -> torch.Tensor:
+def _dequantize(tensor: GGUFTensor) -> torch.Tensor:
     from gguf import quants
 
     qtype = tensor.tensor_type.name
@@ -59,10 +57,8 @@ def load_gguf(path: str | Path) -> Checkpoint:
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
     try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path))
-    except Exception as exc:  # gguf raises ValueError/struct.error/IndexError on junk
+        reader = read_gguf(path)
+    except (ValueError, OSError) as exc:  # not GGUF, cut short, another version
         raise ModelLoadError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
     arch = _field(reader, "general.architecture")
     if arch not in GGUF_ARCHS:

@@ -45,16 +45,15 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
         """Build only the tokenizer of a GGUF file (no weights are dequantized)."""
-        from gguf import GGUFReader
+        from appliance.model.gguf_file import read_gguf
 
         try:
-            reader = GGUFReader(str(path))
-        except Exception as exc:
+            fields = read_gguf(path).fields
+        except (ValueError, OSError) as exc:  # not GGUF, cut short, another version
             raise ModelLoadError(f"{path} is not a readable GGUF file ({exc})") from exc
 
         def get(key: str, default: Any = None) -> Any:
-            f = reader.fields.get(key)
-            return default if f is None else f.contents()
+            return fields.get(key, default)
 
         from appliance.model.gguf_config import end_ids
         from appliance.model.gguf_spm import check_tokenizer_model, spm_tokenizer
