@@ -37,7 +37,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.bias import causal_lower_right
 
 from appliance.engine.attention import PlainLayer, rotary_then_store
 from appliance.engine.decode_runs import RunSplit, attend_decode, decode_way, supports
@@ -314,6 +313,10 @@ class CpuAttentionBackend:
             if group > 1:  # SDPA's fused CPU kernel wants equal head counts
                 k, v = k.repeat_interleave(group, 0), v.repeat_interleave(group, 0)
             qb = q[start : start + n_new].transpose(0, 1)
+            # imported here: torch.nn.attention.bias imports torch._dynamo (~1.7 s of every worker's start-up),
+            # and the native kernel takes most extends
+            from torch.nn.attention.bias import causal_lower_right
+
             o = F.scaled_dot_product_attention(
                 qb[None], k[None].to(q.dtype), v[None].to(q.dtype), attn_mask=causal_lower_right(n_new, total),
                 scale=scale,
