@@ -17,6 +17,7 @@ a u64 byte count and UTF-8 bytes; an array is its element type (u32), count (u64
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,6 +75,13 @@ class _Cursor:
         (value,) = struct.unpack_from("<" + fmt, self.take(struct.calcsize(fmt)))
         return value
 
+    def count(self, n: int, each: int, what: str) -> int:
+        """``n`` items of at least ``each`` bytes: fail at once when the rest of the file cannot hold them."""
+        if n * each > len(self.buf) - self.pos:
+            raise ValueError(f"truncated: {n} {what} at offset {self.pos} need {n * each} bytes or more, "
+                             f"{len(self.buf) - self.pos} are left")
+        return n
+
     def string(self) -> str:
         return str(self.take(self.scalar("Q")), "utf-8")
 
@@ -83,9 +91,9 @@ class _Cursor:
         if vtype == ARRAY:
             etype, count = self.scalar("I"), self.scalar("Q")
             if etype == STRING:
-                return [self.string() for _ in range(count)]
+                return [self.string() for _ in range(self.count(count, 8, "strings"))]
             if etype == ARRAY:
-                return [self.value(self.scalar("I")) for _ in range(count)]
+                return [self.value(self.scalar("I")) for _ in range(self.count(count, 12, "arrays"))]
             fmt = _scalar_format(etype)
             return np.frombuffer(self.take(count * struct.calcsize(fmt)), dtype="<" + fmt).tolist()
         return self.scalar(_scalar_format(vtype))
@@ -111,14 +119,15 @@ def read_gguf(path: str | Path) -> GGUFFile:
         why = "a big-endian file" if swapped in VERSIONS else f"version {version}"
         raise ValueError(f"{why}; pdbox reads little-endian GGUF v{' and v'.join(map(str, VERSIONS))}")
     n_tensors, n_fields = cur.scalar("Q"), cur.scalar("Q")
+    cur.count(n_fields, 12, "metadata items")  # a key's length and a value's type at least
     fields: dict[str, Any] = {}
     for _ in range(n_fields):
         key = cur.string()
         fields[key] = cur.value(cur.scalar("I"))
     index = []
-    for _ in range(n_tensors):
+    for _ in range(cur.count(n_tensors, 24, "tensor entries")):  # a name's length, a type and an offset at least
         name = cur.string()
-        dims = tuple(cur.scalar("Q") for _ in range(cur.scalar("I")))
+        dims = tuple(cur.scalar("Q") for _ in range(cur.count(cur.scalar("I"), 8, "dimensions")))
         index.append((name, dims, cur.scalar("I"), cur.scalar("Q")))
     align = int(fields.get("general.alignment", DEFAULT_ALIGNMENT))
     if align <= 0:
@@ -135,7 +144,7 @@ def read_gguf(path: str | Path) -> GGUFFile:
             raise ValueError(f"tensor {name!r} has unknown type {raw_type}") from None
         rows = tuple(reversed(dims))  # row-major: the fastest-moving dimension last
         block, type_size = GGML_QUANT_SIZES[ttype]
-        elements = int(np.prod(dims, dtype=np.int64))
+        elements = math.prod(dims)  # Python ints: no overflow on a mangled dimension
         if ttype in ELEMENTS:
             dtype, count, shape = np.dtype(ELEMENTS[ttype]), elements, rows
         else:

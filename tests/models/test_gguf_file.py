@@ -93,12 +93,37 @@ def header(version: int = 3, order: str = "<") -> bytes:
     (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<IQ", 8, 10**9), "truncated"),
     (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<IIQ", 9, 4, 10**12),
      "truncated"),
+    # counts no file could hold fail at once, before any item is read
+    (b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<IIQ", 9, 8, 2**62),
+     "truncated: 4611686018427387904 strings"),
+    (b"GGUF" + struct.pack("<IQQ", 3, 0, 2**40), "truncated: 1099511627776 metadata items"),
+    (b"GGUF" + struct.pack("<IQQ", 3, 2**40, 0), "truncated: 1099511627776 tensor entries"),
 ])
 def test_malformed_headers_are_named(tmp_path, data, needle) -> None:
     path = tmp_path / "bad.gguf"
     path.write_bytes(data)
     with pytest.raises(ValueError, match=needle):
         read_gguf(path)
+
+
+def test_mangled_headers_read_or_are_refused(tmp_path) -> None:
+    """Random bytes of a real header overwritten: every read returns or raises ValueError, none hangs."""
+    full = bytearray(every_type(tmp_path / "every.gguf").read_bytes())
+    end = read_gguf(tmp_path / "every.gguf").tensors[0].offset  # the header: everything before the data
+    rng = np.random.default_rng(11)
+    path = tmp_path / "mangled.gguf"
+    outcomes = set()
+    for _ in range(300):
+        mangled = bytearray(full)
+        for at in rng.integers(4, end, size=int(rng.integers(1, 4))):
+            mangled[at] = int(rng.integers(0, 256))
+        path.write_bytes(bytes(mangled))
+        try:
+            read_gguf(path)
+            outcomes.add("read")
+        except ValueError:
+            outcomes.add("refused")
+    assert outcomes == {"read", "refused"}
 
 
 def tensor_entry(name: bytes, dims: tuple[int, ...], ttype: int, offset: int) -> bytes:
