@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from appliance.config import ModelConfig
 from appliance.model.errors import ModelLoadError
 from appliance.model.gguf_config import GGUF_ARCHS, config_from_gguf, end_ids
 from appliance.model.gguf_file import GGUFFile, GGUFTensor, read_gguf
@@ -20,7 +21,7 @@ from appliance.model.q8_blocks import Q8_TYPES, Q8Blocks
 from appliance.model.q8_blocks import from_gguf as q8_from_gguf
 from appliance.model.weights import Checkpoint
 
-__all__ = ["SUPPORTED_TENSOR_TYPES", "load_gguf", "unpermute_rotary"]
+__all__ = ["SUPPORTED_TENSOR_TYPES", "gguf_config", "load_gguf", "unpermute_rotary"]
 
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K", "Q4_K")
 
@@ -51,8 +52,8 @@ def _dequantize(tensor: GGUFTensor) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
-def load_gguf(path: str | Path) -> Checkpoint:
-    """Read a GGUF file into a :class:`Checkpoint` (weights dequantized to fp32)."""
+def _open(path: str | Path) -> tuple[Path, GGUFFile, str]:
+    """The file's header and its architecture, or a :class:`ModelLoadError` naming what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
@@ -65,9 +66,27 @@ def load_gguf(path: str | Path) -> Checkpoint:
         raise ModelLoadError(
             f"{path}: unsupported architecture {arch!r} in GGUF; pdbox reads {', '.join(GGUF_ARCHS)} from GGUF"
         )
+    return path, reader, arch
 
-    def key(name: str, default: Any = None) -> Any:
-        return _field(reader, f"{arch}.{name}", default)
+
+def _config(path: Path, reader: GGUFFile, arch: str) -> ModelConfig:
+    tensors = {t.name: t for t in reader.tensors}
+    freqs = tensors.get("rope_freqs.weight")
+    factors = None if freqs is None else tuple(_dequantize(freqs).flatten().tolist())
+    special = {"bos": _field(reader, "tokenizer.ggml.bos_token_id"), "eos": end_ids(lambda k: _field(reader, k))}
+    vocab_len = len(_field(reader, "tokenizer.ggml.tokens", []))
+    return config_from_gguf(arch, lambda name, default=None: _field(reader, f"{arch}.{name}", default), tensors,
+                            vocab_len, factors, special, path)
+
+
+def gguf_config(path: str | Path) -> ModelConfig:
+    """A GGUF file's model config alone: no weight is read."""
+    return _config(*_open(path))
+
+
+def load_gguf(path: str | Path) -> Checkpoint:
+    """Read a GGUF file into a :class:`Checkpoint` (weights dequantized to fp32)."""
+    path, reader, arch = _open(path)
 
     def meta(name: str, default: Any = None) -> Any:
         return _field(reader, name, default)
@@ -79,10 +98,7 @@ def load_gguf(path: str | Path) -> Checkpoint:
     tensors = {t.name: t for t in reader.tensors}
     vocab = list(_field(reader, "tokenizer.ggml.tokens", []))
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
-    freqs = tensors.get("rope_freqs.weight")
-    factors = None if freqs is None else tuple(_dequantize(freqs).flatten().tolist())
-    special = {"bos": bos, "eos": end_ids(lambda k: _field(reader, k))}
-    config = config_from_gguf(arch, key, tensors, len(vocab), factors, special, path)
+    config = _config(path, reader, arch)
     weights: dict[str, torch.Tensor] = {}
     quant: dict[str, Q4Blocks | Q8Blocks] = {}
     for name, tensor in tensors.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from appliance.config import ModelConfig
 from appliance.model.errors import ModelLoadError
 from appliance.model.generation import GenerationDefaults, read_generation_config
 from appliance.model.weights import Checkpoint
@@ -53,6 +54,24 @@ def load_checkpoint(model: str | Path | None) -> Checkpoint:
     if path.name == DEFAULT_MODEL_FILE:
         ckpt.name = DEFAULT_MODEL_NAME
     return ckpt
+
+
+def load_config(model: str | Path | None) -> ModelConfig:
+    """The model's config WITHOUT loading weights: a ``random:`` spec's, a folder's config.json, a GGUF's header."""
+    from appliance.model.random_model import is_random_spec, model_config, parse_spec
+
+    if is_random_spec(model):
+        return model_config(parse_spec(str(model)))
+    path = resolve_model_path(model)
+    if path.is_dir():
+        from appliance.model.hf_loader import read_hf_metadata
+
+        return read_hf_metadata(path).config
+    if path.suffix.lower() != ".gguf":
+        raise ModelLoadError(f"{path}: expected a .gguf file or a Hugging Face model folder")
+    from appliance.model.gguf_loader import gguf_config
+
+    return gguf_config(path)
 
 
 def load_tokenizer(model: str | Path | None):  # -> tuple[Tokenizer, int, str]

@@ -83,9 +83,9 @@ class Worker:
                 self._desc = desc
                 return self.transport.allocate_pool(desc, device)
 
-            from appliance.model.loader import load_checkpoint
+            from appliance.model.loader import load_config
 
-            self._total_kv_heads = load_checkpoint(cfg.model).config.num_kv_heads
+            self._total_kv_heads = load_config(cfg.model).num_kv_heads  # the header alone: no weight is read
         if cfg.role == "prefill" and cfg.engine.tp_size > 1:
             tp_transport = cfg.transport
         self.engine = Engine(cfg.model, cfg.engine, kv_allocator=kv_allocator, tp_transport=tp_transport,

@@ -15,7 +15,8 @@ from transformers import (
     Qwen3MoeForCausalLM,
 )
 
-from appliance.model.loader import load_checkpoint, load_tokenizer
+from appliance.model.errors import ModelLoadError
+from appliance.model.loader import load_checkpoint, load_config, load_tokenizer
 from tests.models.compare import compare
 from tests.models.gguf_tiny import convert
 from tests.models.hf_tiny import save_tiny
@@ -92,6 +93,25 @@ def test_gguf_settings_in_the_loaded_config(tmp_path) -> None:
     gemma = (c.arch, c.local_rope_layers, c.max_position, c.final_logit_softcap, c.attn_logit_softcap,
              c.norm_offset, c.attn_scale, c.qk_norm, c.sandwich_norms)
     assert gemma == ("gemma2", (), 64, 3.0, 5.0, 0.0, 32**-0.5, False, True)
+
+
+def test_the_config_alone_is_the_loaded_one(tmp_path) -> None:
+    """`load_config` (a decode worker's KV head count, before its engine loads) reads no weight and gives
+    the config the full load gives: every GGUF family here (rope_freqs, experts, Gemma's patterns), their
+    transformers folders, the embedded model and a ``random:`` spec."""
+    from appliance.model.random_model import random_checkpoint
+
+    for family in FAMILIES:
+        path = gguf_of(tmp_path, family)[0]
+        for model in (path, tmp_path / family):  # the GGUF, and the folder it was converted from
+            assert load_config(str(model)) == load_checkpoint(str(model)).config, model
+    assert load_config(None) == load_checkpoint(None).config
+    assert load_config("random:tiny") == random_checkpoint("random:tiny").config
+    with pytest.raises(ModelLoadError, match="not found"):
+        load_config(str(tmp_path / "nope.gguf"))
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="expected a .gguf file"):
+        load_config(str(tmp_path / "weights.bin"))
 
 
 @pytest.mark.slow  # spawns a second rank (a fresh Python with torch)
