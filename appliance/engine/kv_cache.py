@@ -16,7 +16,7 @@ def zeroed_kv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) 
     and the whole budget resident from the start)."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
     pages = mmap.mmap(-1, nbytes)  # the tensor keeps the mapping alive

@@ -129,9 +129,9 @@ def read_gguf(path: str | Path) -> GGUFFile:
         name = cur.string()
         dims = tuple(cur.scalar("Q") for _ in range(cur.count(cur.scalar("I"), 8, "dimensions")))
         index.append((name, dims, cur.scalar("I"), cur.scalar("Q")))
-    align = int(fields.get("general.alignment", DEFAULT_ALIGNMENT))
-    if align <= 0:
-        raise ValueError(f"general.alignment must be > 0, got {align}")
+    align = fields.get("general.alignment", DEFAULT_ALIGNMENT)
+    if type(align) is not int or align <= 0:
+        raise ValueError(f"general.alignment must be an integer > 0, got {align!r}")
     start = -(-cur.pos // align) * align
     tensors, seen = [], set()
     for name, dims, raw_type, offset in index:

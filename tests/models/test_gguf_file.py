@@ -126,6 +126,19 @@ def test_mangled_headers_read_or_are_refused(tmp_path) -> None:
     assert outcomes == {"read", "refused"}
 
 
+@pytest.mark.parametrize("alignment,vtype", [(0, "UINT32"), ("32", "STRING"), ([32], "ARRAY")])
+def test_a_bad_alignment_is_named(tmp_path, alignment, vtype) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "a.gguf"), "llama")
+    w.add_key_value("general.alignment", alignment, gguf.GGUFValueType[vtype])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    with pytest.raises(ValueError, match="general.alignment must be an integer > 0"):
+        read_gguf(tmp_path / "a.gguf")
+
+
 def tensor_entry(name: bytes, dims: tuple[int, ...], ttype: int, offset: int) -> bytes:
     return (struct.pack("<Q", len(name)) + name + struct.pack("<I", len(dims)) + struct.pack(f"<{len(dims)}Q", *dims)
             + struct.pack("<IQ", ttype, offset))
