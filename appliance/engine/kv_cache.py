@@ -19,7 +19,8 @@ def zeroed_kv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) 
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes == 0:
         return torch.zeros(shape, dtype=dtype)
-    pages = mmap.mmap(-1, nbytes)  # the tensor keeps the mapping alive
+    # private, as malloc's memory is (a forked child gets its own copy on write); the tensor keeps it alive
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)
 
 

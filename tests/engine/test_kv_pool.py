@@ -40,3 +40,15 @@ def test_views_keep_the_pool_alive_and_other_dtypes() -> None:
     layer.fill_(2.0)
     assert layer.dtype == torch.bfloat16 and float(layer.float().sum()) == 2.0 * 4 * 16 * 8
     assert zeroed_kv((2, 1, 0, 16, 1, 8), torch.float32, CPU).numel() == 0
+
+
+def test_a_forked_child_writes_its_own_copy() -> None:
+    """The pool is private memory, as torch.zeros' is: what a forked process writes stays in that process."""
+    kv = zeroed_kv((2, 1, 4, 16, 1, 8), torch.float32, CPU)
+    pid = os.fork()
+    if pid == 0:  # the child: write, and exit without running the parent's cleanup
+        kv.fill_(7.0)
+        os._exit(0 if float(kv.sum()) == 7.0 * kv.numel() else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert not kv.any()
