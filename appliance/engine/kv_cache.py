@@ -2,26 +2,9 @@
 
 from __future__ import annotations
 
-import math
-import mmap
 from collections.abc import Iterable
 
 import torch
-
-
-def zeroed_kv(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """An engine's KV tensor, all zeros. On CPU in fresh anonymous memory, which the kernel maps to zero
-    pages as they are first touched: the pool costs no start-up time and no resident memory until its
-    pages are used (``torch.zeros`` writes every byte: 0.57 s of a worker's start-up for 1 GB on a Zen 3,
-    and the whole budget resident from the start)."""
-    if device.type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes == 0:
-        return torch.zeros(shape, dtype=dtype)
-    # private, as malloc's memory is (a forked child gets its own copy on write); the tensor keeps it alive
-    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)
 
 
 class PagePool:
@@ -39,6 +22,12 @@ class PagePool:
         self.page_size = int(kv.shape[3])
         self._free: list[int] = list(range(self.num_pages - 1, -1, -1))
         self._is_free = [True] * self.num_pages
+
+    @classmethod
+    def allocate(cls, num_layers: int, num_pages: int, page_size: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> PagePool:
+        kv = torch.zeros(2, num_layers, num_pages, page_size, kv_heads, head_dim, dtype=dtype, device=device)
+        return cls(kv)
 
     @staticmethod
     def pages_for_budget(budget_mb: int, num_layers: int, page_size: int, kv_heads: int, head_dim: int,

@@ -15,7 +15,7 @@ from appliance.engine.backends import create_backend
 from appliance.engine.decode_graphs import DecodeGraphs
 from appliance.engine.forward_batch import HEADER_LEN, ForwardBatch
 from appliance.engine.graph_plan import LADDER, DecodeRow, plan_graphs
-from appliance.engine.kv_cache import PagePool, zeroed_kv
+from appliance.engine.kv_cache import PagePool
 from appliance.engine.linear_choice import LinearTiming, choose_linears, gemv_shapes, summary
 from appliance.engine.rank_device import bind_device
 from appliance.engine.scheduler import ScheduledBatch
@@ -83,7 +83,7 @@ class ModelRunner:
         if kv_allocator is not None:
             kv = kv_allocator(shape, dtype, self.device)
         else:
-            kv = zeroed_kv(shape, dtype, self.device)
+            kv = torch.zeros(shape, dtype=dtype, device=self.device)
         self.pool = PagePool(kv)
         # Ranks > 0: turns a step's ``extra`` bytes into (layer hook, after-step callback).
         self.follower_hook: Callable[[bytes, torch.Tensor], tuple] | None = None
