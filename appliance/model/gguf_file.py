@@ -26,7 +26,9 @@ from typing import Any
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-__all__ = ["GGUFFile", "GGUFTensor", "read_gguf"]
+from appliance.model.errors import ModelLoadError
+
+__all__ = ["GGUFFile", "GGUFTensor", "open_gguf", "read_gguf"]
 
 MAGIC = b"GGUF"
 VERSIONS = (2, 3)
@@ -158,3 +160,11 @@ def read_gguf(path: str | Path) -> GGUFFile:
         data = np.ndarray(shape, dtype=dtype, buffer=mm, offset=begin) if count else np.empty(shape, dtype)
         tensors.append(GGUFTensor(name, ttype, dims, begin, data))
     return GGUFFile(version, fields, tensors)
+
+
+def open_gguf(path: str | Path) -> GGUFFile:
+    """:func:`read_gguf` for a model: what is wrong with the file as a :class:`ModelLoadError`."""
+    try:
+        return read_gguf(path)
+    except (ValueError, OSError) as exc:  # not GGUF, cut short, another version, unreadable
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from exc

@@ -4,7 +4,6 @@ and the tokenizer's pieces."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -12,7 +11,7 @@ import torch
 from appliance.config import ModelConfig
 from appliance.model.errors import ModelLoadError
 from appliance.model.gguf_config import GGUF_ARCHS, config_from_gguf, end_ids
-from appliance.model.gguf_file import GGUFFile, GGUFTensor, read_gguf
+from appliance.model.gguf_file import GGUFFile, GGUFTensor, open_gguf
 from appliance.model.gguf_spm import adds_bos, check_tokenizer_model, spm_tokenizer
 from appliance.model.gguf_tensors import CONFIG_TENSORS, add_hf_blocks, add_hf_tensor, unpermute_rotary
 from appliance.model.q4_blocks import Q4_TYPES, Q4Blocks
@@ -24,10 +23,6 @@ from appliance.model.weights import Checkpoint
 __all__ = ["SUPPORTED_TENSOR_TYPES", "gguf_config", "load_gguf", "unpermute_rotary"]
 
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_K", "Q4_K")
-
-
-def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
-    return reader.fields.get(key, default)
 
 
 def _dequantize(tensor: GGUFTensor) -> torch.Tensor:
@@ -57,11 +52,8 @@ def _open(path: str | Path) -> tuple[Path, GGUFFile, str]:
     path = Path(path)
     if not path.is_file():
         raise ModelLoadError(f"model file not found: {path}")
-    try:
-        reader = read_gguf(path)
-    except (ValueError, OSError) as exc:  # not GGUF, cut short, another version
-        raise ModelLoadError(f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
-    arch = _field(reader, "general.architecture")
+    reader = open_gguf(path)
+    arch = reader.fields.get("general.architecture")
     if arch not in GGUF_ARCHS:
         raise ModelLoadError(
             f"{path}: unsupported architecture {arch!r} in GGUF; pdbox reads {', '.join(GGUF_ARCHS)} from GGUF"
@@ -69,36 +61,33 @@ def _open(path: str | Path) -> tuple[Path, GGUFFile, str]:
     return path, reader, arch
 
 
-def _config(path: Path, reader: GGUFFile, arch: str) -> ModelConfig:
-    tensors = {t.name: t for t in reader.tensors}
+def _config(path: Path, reader: GGUFFile, arch: str, tensors: dict[str, GGUFTensor]) -> ModelConfig:
+    get = reader.fields.get
     freqs = tensors.get("rope_freqs.weight")
     factors = None if freqs is None else tuple(_dequantize(freqs).flatten().tolist())
-    special = {"bos": _field(reader, "tokenizer.ggml.bos_token_id"), "eos": end_ids(lambda k: _field(reader, k))}
-    vocab_len = len(_field(reader, "tokenizer.ggml.tokens", []))
-    return config_from_gguf(arch, lambda name, default=None: _field(reader, f"{arch}.{name}", default), tensors,
-                            vocab_len, factors, special, path)
+    special = {"bos": get("tokenizer.ggml.bos_token_id"), "eos": end_ids(get)}
+    return config_from_gguf(arch, lambda name, default=None: get(f"{arch}.{name}", default), tensors,
+                            len(get("tokenizer.ggml.tokens", [])), factors, special, path)
 
 
 def gguf_config(path: str | Path) -> ModelConfig:
     """A GGUF file's model config alone: no weight is read."""
-    return _config(*_open(path))
+    path, reader, arch = _open(path)
+    return _config(path, reader, arch, {t.name: t for t in reader.tensors})
 
 
 def load_gguf(path: str | Path) -> Checkpoint:
     """Read a GGUF file into a :class:`Checkpoint` (weights dequantized to fp32)."""
     path, reader, arch = _open(path)
-
-    def meta(name: str, default: Any = None) -> Any:
-        return _field(reader, name, default)
-
+    meta = reader.fields.get
     model_kind = meta("tokenizer.ggml.model")
     check_tokenizer_model(model_kind, path)
     spm = model_kind == "llama"  # SentencePiece: built here, carried as tokenizer.json text
     tokenizer_json = spm_tokenizer(meta, arch).to_str() if spm else None
     tensors = {t.name: t for t in reader.tensors}
-    vocab = list(_field(reader, "tokenizer.ggml.tokens", []))
-    bos = _field(reader, "tokenizer.ggml.bos_token_id")
-    config = _config(path, reader, arch)
+    vocab = list(meta("tokenizer.ggml.tokens", []))
+    bos = meta("tokenizer.ggml.bos_token_id")
+    config = _config(path, reader, arch, tensors)
     weights: dict[str, torch.Tensor] = {}
     quant: dict[str, Q4Blocks | Q8Blocks] = {}
     for name, tensor in tensors.items():
@@ -113,18 +102,18 @@ def load_gguf(path: str | Path) -> Checkpoint:
             except ValueError as exc:  # raw bytes that are not whole blocks of this shape
                 raise ModelLoadError(f"{path}: GGUF tensor {name!r}: {exc}") from exc
             add_hf_blocks(quant, name, blocks, arch, config.num_heads, config.num_kv_heads)
-    types = list(_field(reader, "tokenizer.ggml.token_type", []))
+    types = list(meta("tokenizer.ggml.token_type", []))
     return Checkpoint(
         config=config,
         weights=weights,
         quant=quant,
         tokenizer_json=tokenizer_json,
         vocab=vocab,
-        merges=list(_field(reader, "tokenizer.ggml.merges", [])),
+        merges=list(meta("tokenizer.ggml.merges", [])),
         special_tokens=[tok for tok, kind in zip(vocab, types) if kind in (3, 4)],
-        pre_tokenizer=str(_field(reader, "tokenizer.ggml.pre", "default")),
-        chat_template=_field(reader, "tokenizer.chat_template"),
-        name=str(_field(reader, "general.name", path.stem)),
+        pre_tokenizer=str(meta("tokenizer.ggml.pre", "default")),
+        chat_template=meta("tokenizer.chat_template"),
+        name=str(meta("general.name", path.stem)),
         bos_token=vocab[int(bos)] if bos is not None and int(bos) < len(vocab) else "",
         add_bos=adds_bos(meta) if spm else bool(meta("tokenizer.ggml.add_bos_token", False)) and bos is not None,
     )

@@ -45,15 +45,9 @@ class Tokenizer:
     @classmethod
     def from_gguf(cls, path: str | Path) -> Tokenizer:
         """Build only the tokenizer of a GGUF file (no weights are dequantized)."""
-        from appliance.model.gguf_file import read_gguf
+        from appliance.model.gguf_file import open_gguf
 
-        try:
-            fields = read_gguf(path).fields
-        except (ValueError, OSError) as exc:  # not GGUF, cut short, another version
-            raise ModelLoadError(f"{path} is not a readable GGUF file ({exc})") from exc
-
-        def get(key: str, default: Any = None) -> Any:
-            return fields.get(key, default)
+        get = open_gguf(path).fields.get
 
         from appliance.model.gguf_config import end_ids
         from appliance.model.gguf_spm import check_tokenizer_model, spm_tokenizer
