@@ -137,6 +137,7 @@ CPU_PREFILL_CHUNK = 256  # tokens per prefill step on CPU (see EngineConfig.pref
 GPU_PREFILL_CHUNK = 2048
 DEFAULT_PAGE_SIZE = 16  # tokens per KV page: the engine's (EngineConfig) and the router's (cache-aware routing)
 ATTENTION_BACKENDS = ("auto", "cpu", "torch", "triton")
+TP_BACKENDS = ("auto", "nccl", "gloo")  # auto: NCCL on CUDA, gloo on CPU (appliance.engine.tp.group_backend)
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,8 @@ class EngineConfig:
                                       "attention, RMSNorm, rotary and SiLU (AVX-512 BF16), and the 4-bit GEMV (AVX2), "
                                       "instead of torch's ops.")
     tp_size: int = 1
+    # the TP group's collectives; under gloo a CUDA engine's ranks may share one GPU (checks on one GPU)
+    tp_backend: str = "auto"
     threads: int = 0
     seed: int = 0
     prefill_order: str = flag("fifo", "Prefill queue order: earliest TTFT deadline first, or arrival "
@@ -217,6 +220,8 @@ class EngineConfig:
             raise ValueError(f"max_running must be >= 1, got {self.max_running}")
         if self.max_prefill_tokens < 0:
             raise ValueError(f"max_prefill_tokens must be >= 0 (0: by device), got {self.max_prefill_tokens}")
+        if self.tp_backend not in TP_BACKENDS:
+            raise ValueError(f"tp_backend must be one of {', '.join(TP_BACKENDS)}, got {self.tp_backend!r}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
                              f"got {self.attention_backend!r}")

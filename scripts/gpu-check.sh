@@ -10,7 +10,8 @@
 #   env             nvidia-smi, python / torch / triton / CUDA versions
 #   install         the wheels (offline, --no-deps, --target .gpu-site)
 #   pytest-gpu      the GPU tests, selected by file (never all of tests/): kernels against their
-#                   references, engine greedy tokens triton == torch on a random-weight model, transport
+#                   references, engine greedy tokens triton == torch on a random-weight model, transport,
+#                   TP 2 on one GPU over gloo (tokens == TP 1; NCCL itself needs 2 GPUs)
 #   bench-kernels   python -m bench.kernels (decode >= 70%, page copy >= 80% of the d2d copy)
 #   transfer-*      python -m bench.transfer --backend cuda_ipc, then nvshmem
 #   serve-cuda_ipc  pdbox up --prefill-gpus 0 --decode-gpus 0 --transport cuda_ipc: answers == unified
@@ -31,7 +32,7 @@ DRY_RUN=0
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        -h | --help) sed -n '2,26p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
         *) echo "gpu-check: unknown argument $arg (use --dry-run)" >&2; exit 64 ;;
     esac
 done
@@ -51,6 +52,7 @@ GPU_TESTS=(
     tests/kernels/test_gpu.py
     tests/kernels/test_engine_backend_gpu.py::test_tiny_model_fp32
     tests/transport/test_gpu.py
+    tests/engine/test_tp_gpu.py
 )
 
 # -- the wheels ------------------------------------------------------------------------------------

@@ -48,7 +48,8 @@ class Engine:
         random = is_random_spec(model)
         self.model_path = str(model) if random else str(resolve_model_path(model))
         # NOTE: a random spec's weights are drawn on the engine's device (cuda:N for TP rank 0).
-        where = bind_device(cfg.device, RankInfo(world_size=cfg.tp_size)) if random else "cpu"
+        where = bind_device(cfg.device, RankInfo(world_size=cfg.tp_size), share_gpu=cfg.tp_backend == "gloo") \
+            if random else "cpu"
         ckpt = checkpoint_for(self.model_path, where, cfg.dtype)
         self.model_name = ckpt.name
         self.tokenizer = Tokenizer.from_checkpoint(ckpt)

@@ -63,12 +63,12 @@ class ModelRunner:
                  kv_allocator=None) -> None:
         self.cfg = cfg
         self.rank = rank or RankInfo()
-        self.device = bind_device(cfg.device, self.rank)  # each TP rank on its own GPU, bound before NCCL
+        # each TP rank on its own GPU (bound before NCCL); under gloo they may share one
+        self.device = bind_device(cfg.device, self.rank, share_gpu=cfg.tp_backend == "gloo")
         ckpt = model if isinstance(model, Checkpoint) else checkpoint_for(model, self.device, cfg.dtype)
         self.checkpoint = ckpt
         self.model_config = ckpt.config
-        if self.rank.world_size > 1:
-            tp.init_group(self.rank, self.device)
+        self.tp_group = tp.init_group(self.rank, self.device, cfg.tp_backend) if self.rank.world_size > 1 else None
         self.backend = create_backend(cfg.attention_backend, self.device, cfg.native_kernels)
         self.model = LlamaModel(
             ckpt.config, ckpt.weights, self.backend, DTYPES[cfg.dtype], self.device, self.rank,
@@ -183,8 +183,8 @@ class ModelRunner:
         ``extra`` (JSON bytes) reaches the other ranks' :attr:`follower_hook` with the batch: the
         handoff plan that tells each prefill rank which pages to push where.
         """
-        if self.rank.world_size > 1:
-            tp.broadcast_command(tp.CMD_FORWARD, tp.attach_bytes(batch.pack(), extra))
+        if self.tp_group is not None:
+            self.tp_group.broadcast_command(tp.CMD_FORWARD, tp.attach_bytes(batch.pack(), extra))
         hidden = self.model.forward(batch, self.pool.kv, layer_hook)
         if batch.logit_rows.numel() == 0:
             return torch.empty(0, self.model_config.vocab_size)
@@ -193,8 +193,10 @@ class ModelRunner:
     # -- ranks > 0 ----------------------------------------------------------------------------
     def follow(self) -> None:
         """Execute rank 0's commands until it says stop."""
+        if self.tp_group is None:
+            raise RuntimeError("only a TP rank > 0 follows rank 0's commands; this runner is in no TP group")
         while True:
-            cmd, payload = tp.receive_command()
+            cmd, payload = self.tp_group.receive_command()
             if cmd == tp.CMD_STOP:
                 return
             if cmd == tp.CMD_FORWARD and payload is not None:
@@ -209,7 +211,7 @@ class ModelRunner:
                     after()
 
     def close(self) -> None:
-        if self.rank.world_size > 1 and torch.distributed.is_initialized():
+        if self.tp_group is not None and torch.distributed.is_initialized():
             if self.rank.rank == 0:
-                tp.broadcast_command(tp.CMD_STOP)
+                self.tp_group.broadcast_command(tp.CMD_STOP)
             torch.distributed.destroy_process_group()

@@ -2,22 +2,21 @@
 
 The plan travels as int64 tensors over torch.distributed (gloo on CPU, NCCL on CUDA); nothing is
 pickled. Ranks > 0 run `tp_worker.tp_worker_main` in their own process until rank 0 says stop.
+Each process joins its engine's group once (:func:`init_group`) and keeps the :class:`TpGroup` it gets.
 """
 
 from __future__ import annotations
 
 import socket
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from appliance.config import RankInfo
+from appliance.config import TP_BACKENDS, RankInfo
 
 CMD_STOP = 0
 CMD_FORWARD = 1
-
-# Where command tensors live: NCCL moves only CUDA tensors (on the rank's own device), gloo CPU ones.
-_comm_device = torch.device("cpu")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -26,7 +25,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
-def group_backend(device: torch.device, nccl_available: bool) -> str:
+def group_backend(device: torch.device, nccl_available: bool, choice: str = "auto") -> str:
+    """The collective backend: ``auto`` is NCCL on CUDA (where built) and gloo otherwise. Gloo also moves
+    CUDA tensors (through the host), which lets the ranks of one engine share a GPU for checks."""
+    if choice not in TP_BACKENDS:
+        raise ValueError(f"tp_backend must be one of {', '.join(TP_BACKENDS)}, got {choice!r}")
+    if choice == "nccl" and not (device.type == "cuda" and nccl_available):
+        raise ValueError(f"tp_backend nccl needs CUDA and a torch built with NCCL (device {device}, "
+                         f"NCCL {'available' if nccl_available else 'not available'})")
+    if choice != "auto":
+        return choice
     return "nccl" if device.type == "cuda" and nccl_available else "gloo"
 
 
@@ -39,30 +47,49 @@ def comm_device(backend: str, device: torch.device) -> torch.device:
     return torch.device("cpu")
 
 
-def init_group(rank: RankInfo, device: torch.device, timeout_s: float = 60.0) -> None:
-    """Join the engine's process group (one per process). ``device`` is this rank's bound device."""
+@dataclass(frozen=True)
+class TpGroup:
+    """This process's membership of its engine's TP group: the backend, and where commands travel."""
+
+    backend: str
+    comm_device: torch.device
+
+    def broadcast_command(self, cmd: int, payload: torch.Tensor | None = None) -> None:
+        """Rank 0: send a command header (and its int64 payload) to every other rank."""
+        size = 0 if payload is None else int(payload.numel())
+        dist.broadcast(torch.tensor([cmd, size], dtype=torch.int64, device=self.comm_device), src=0)
+        if payload is not None:
+            dist.broadcast(payload.to(self.comm_device), src=0)
+
+    def receive_command(self) -> tuple[int, torch.Tensor | None]:
+        """Ranks > 0: the next command from rank 0 (blocks until it comes)."""
+        header = torch.empty(2, dtype=torch.int64, device=self.comm_device)
+        dist.broadcast(header, src=0)
+        cmd, size = (int(x) for x in header.tolist())
+        if size == 0:
+            return cmd, None
+        payload = torch.empty(size, dtype=torch.int64, device=self.comm_device)
+        dist.broadcast(payload, src=0)
+        return cmd, payload
+
+
+def init_group(rank: RankInfo, device: torch.device, choice: str = "auto", timeout_s: float = 60.0) -> TpGroup:
+    """Join the engine's process group (once per process). ``device`` is this rank's bound device;
+    ``choice`` the configured backend (`EngineConfig.tp_backend`)."""
     import datetime
 
-    global _comm_device
-    backend = group_backend(device, dist.is_nccl_available())
-    _comm_device = comm_device(backend, device)
+    backend = group_backend(device, dist.is_nccl_available(), choice)
+    group = TpGroup(backend, comm_device(backend, device))
     dist.init_process_group(
         backend, init_method=rank.dist_init, rank=rank.rank, world_size=rank.world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=device if backend == "nccl" else None,  # NCCL binds this rank's own GPU
     )
+    return group
 
 
 def all_reduce(x: torch.Tensor) -> None:
     dist.all_reduce(x)
-
-
-def broadcast_command(cmd: int, payload: torch.Tensor | None = None) -> None:
-    """Rank 0: send a command header (and its int64 payload) to every other rank."""
-    size = 0 if payload is None else int(payload.numel())
-    dist.broadcast(torch.tensor([cmd, size], dtype=torch.int64, device=_comm_device), src=0)
-    if payload is not None:
-        dist.broadcast(payload.to(_comm_device), src=0)
 
 
 def attach_bytes(flat: torch.Tensor, extra: bytes) -> torch.Tensor:
@@ -77,17 +104,6 @@ def detach_bytes(payload: torch.Tensor) -> tuple[torch.Tensor, bytes]:
     if n == 0:
         return body, b""
     return body[:-n], bytes(body[-n:].to("cpu", torch.uint8).tolist())
-
-
-def receive_command() -> tuple[int, torch.Tensor | None]:
-    header = torch.empty(2, dtype=torch.int64, device=_comm_device)
-    dist.broadcast(header, src=0)
-    cmd, size = (int(x) for x in header.tolist())
-    if size == 0:
-        return cmd, None
-    payload = torch.empty(size, dtype=torch.int64, device=_comm_device)
-    dist.broadcast(payload, src=0)
-    return cmd, payload
 
 
 def die_with_parent() -> None:

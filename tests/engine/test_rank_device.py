@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from appliance.config import RankInfo
+from appliance.config import EngineConfig, RankInfo
 from appliance.engine import tp
 from appliance.engine.forward_batch import HEADER_LEN, ForwardBatch
 from appliance.engine.rank_device import RANK_DEVICES_ENV, bind_device, parse_rank_devices, rank_device
@@ -97,8 +97,8 @@ def test_flat_values_lay_out_what_from_flat_reads() -> None:
 def test_broadcast_and_receive_use_the_comm_device(monkeypatch) -> None:
     seen: list[torch.device] = []
     monkeypatch.setattr(tp.dist, "broadcast", lambda t, src: seen.append(t.device))
-    monkeypatch.setattr(tp, "_comm_device", torch.device("meta"))
-    tp.broadcast_command(tp.CMD_FORWARD, torch.arange(4))  # a CPU payload is moved, not refused
+    group = tp.TpGroup("nccl", torch.device("meta"))
+    group.broadcast_command(tp.CMD_FORWARD, torch.arange(4))  # a CPU payload is moved, not refused
     assert seen == [torch.device("meta")] * 2
 
 
@@ -106,10 +106,38 @@ def test_init_group_binds_nccl_to_the_rank_gpu(monkeypatch) -> None:
     calls: list[dict] = []
     monkeypatch.setattr(tp.dist, "is_nccl_available", lambda: True)
     monkeypatch.setattr(tp.dist, "init_process_group", lambda backend, **kw: calls.append(dict(kw, backend=backend)))
-    monkeypatch.setattr(tp, "_comm_device", torch.device("cpu"))
-    tp.init_group(RankInfo(rank=1, world_size=2, dist_init="tcp://127.0.0.1:1"), torch.device("cuda", 1))
+    rank = RankInfo(rank=1, world_size=2, dist_init="tcp://127.0.0.1:1")
+    group = tp.init_group(rank, torch.device("cuda", 1))
     assert calls[-1]["backend"] == "nccl" and calls[-1]["device_id"] == torch.device("cuda", 1)
-    assert tp._comm_device == torch.device("cuda", 1)
-    tp.init_group(RankInfo(rank=1, world_size=2, dist_init="tcp://127.0.0.1:1"), torch.device("cpu"))
+    assert group == tp.TpGroup("nccl", torch.device("cuda", 1))
+    group = tp.init_group(rank, torch.device("cpu"))
     assert calls[-1]["backend"] == "gloo" and calls[-1]["device_id"] is None
-    assert tp._comm_device == torch.device("cpu")
+    assert group == tp.TpGroup("gloo", torch.device("cpu"))
+    group = tp.init_group(rank, torch.device("cuda", 0), "gloo")  # gloo on a GPU: commands through the host
+    assert calls[-1]["backend"] == "gloo" and calls[-1]["device_id"] is None
+    assert group == tp.TpGroup("gloo", torch.device("cpu"))
+
+
+def test_the_configured_tp_backend_is_kept_or_refused_by_name() -> None:
+    cuda = torch.device("cuda", 0)
+    assert tp.group_backend(cuda, True, "gloo") == "gloo"
+    assert tp.group_backend(cuda, True, "nccl") == "nccl"
+    with pytest.raises(ValueError, match="nccl needs CUDA"):
+        tp.group_backend(torch.device("cpu"), True, "nccl")
+    with pytest.raises(ValueError, match="NCCL not available"):
+        tp.group_backend(cuda, False, "nccl")
+    with pytest.raises(ValueError, match="tp_backend must be one of auto, nccl, gloo, got 'mpi'"):
+        tp.group_backend(cuda, True, "mpi")
+    with pytest.raises(ValueError, match="tp_backend must be one of auto, nccl, gloo, got 'mpi'"):
+        EngineConfig(tp_backend="mpi")
+
+
+def test_a_gloo_group_may_put_every_rank_on_one_gpu() -> None:
+    assert [rank_device("cuda:0", r, 2, share_gpu=True) for r in range(2)] == ["cuda:0", "cuda:0"]
+    assert [rank_device("cuda", r, 4, share_gpu=True) for r in range(4)] == ["cuda:0"] * 4
+    assert [rank_device("cuda", r, 2, (0, 0), share_gpu=True) for r in range(2)] == ["cuda:0", "cuda:0"]
+    assert [rank_device("cuda", r, 2, (1, 3), share_gpu=True) for r in range(2)] == ["cuda:1", "cuda:3"]
+    with pytest.raises(ValueError, match="outside"):
+        rank_device("cuda:0", 2, 2, share_gpu=True)
+    assert rank_device("cpu", 1, 2, share_gpu=True) == "cpu"
+
