@@ -1,14 +1,14 @@
 """Sampling where the logits are (the GPU): one step's ids and logprobs cross to the host in ONE copy.
 
-Same semantics as the host :class:`~appliance.engine.sampler.Sampler` (greedy, temperature, top-k,
-top-p, min-p, logprobs of the raw logits), vectorized over the batch: the filters are masks over one
-sort, and a token is drawn by inverse CDF, the first whose cumulative probability reaches ``u`` times
-the row's total, which picks token ``i`` with probability ``probs[i]``. Each row needs ONE uniform
-``u``, made on the host and shipped with the row's temperature and filters: a seeded request's is a
-hash of (seed, position) (`appliance.engine.counter_rng`), so its tokens do not depend on its batch
-neighbours, nor on which engine samples which position; they are NOT the host sampler's tokens for the
-same seed (another draw). Works on any device (the CPU tests run it on CPU tensors); the engine uses it
-on CUDA only, so CPU answers are the host sampler's.
+Same semantics as the host :class:`~appliance.engine.sampler.Sampler` (penalties and logit bias, greedy,
+temperature, top-k, top-p, min-p, logprobs of the raw logits), vectorized over the batch: the filters
+are masks over one sort, and a token is drawn by inverse CDF, the first whose cumulative probability
+reaches ``u`` times the row's total, which picks token ``i`` with probability ``probs[i]``. Each row
+needs ONE uniform ``u``, made on the host and shipped with the row's temperature and filters: a seeded
+request's is a hash of (seed, position) (`appliance.engine.counter_rng`), so its tokens do not depend on
+its batch neighbours, nor on which engine samples which position; they are NOT the host sampler's tokens
+for the same seed (another draw). Works on any device (the CPU tests run it on CPU tensors); the engine
+uses it on CUDA only, so CPU answers are the host sampler's.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from appliance.engine.counter_rng import uniform
+from appliance.engine.logit_adjust import adjust
 from appliance.engine.request import Request
 from appliance.engine.token_mask import TokenMask
 
@@ -84,13 +85,14 @@ class DeviceSampler:
     def sample(self, logits: torch.Tensor, reqs: Sequence[Request],
                mask: TokenMask | None = None) -> tuple[list[int], list[dict[str, Any] | None]]:
         """``mask``: the constrained rows' allowed tokens (moved to the device, unpacked there);
-        logprobs stay those of the raw logits."""
+        logprobs stay those of the raw logits, before penalties, bias and mask."""
         dev = logits.device
         n = len(reqs)
         if logits.shape[0] != n:
             raise ValueError(f"{logits.shape[0]} rows of logits for {n} requests")
         ps = [r.params for r in reqs]
         raw = logits
+        logits = adjust(logits, reqs)
         if mask is not None:
             logits = mask.apply(logits)
         ids = logits.argmax(dim=-1)

@@ -13,6 +13,10 @@ from appliance.engine.constraint import Constraint
 MAX_STOP = 16  # stop strings (and stop token ids) per request
 MAX_LOGPROBS = 20  # top logprobs per token
 MAX_SAMPLES = 64  # samples of one prompt (n); the OpenAI API allows fewer (appliance.serve.openai_schema)
+MAX_LOGIT_BIAS = 1024  # token ids one request may bias
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's: -100 bans a token, 100 all but forces it
+PENALTY_RANGE = (-2.0, 2.0)  # presence and frequency penalties (OpenAI's range)
+MAX_REPETITION_PENALTY = 10.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,11 @@ class SamplingParams:
     logprobs: int | None = None
     constraint: Constraint | None = None  # structured outputs: what the answer must match
     n: int = 1  # samples of the prompt (appliance.engine.fork): sample i draws with seed + i
+    # logit adjustments before the filters (appliance.engine.logit_adjust); logprobs stay the raw ones
+    presence_penalty: float = 0.0  # minus this on every token the answer already holds
+    frequency_penalty: float = 0.0  # minus this times how often the answer holds the token
+    repetition_penalty: float = 1.0  # CTRL's: tokens of the prompt or the answer, positive logits / this, others x
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
 
     MAX_N = MAX_SAMPLES
     MAX_LOGPROBS = MAX_LOGPROBS
@@ -56,13 +65,34 @@ class SamplingParams:
         check(isinstance(self.n, int) and 1 <= self.n <= self.MAX_N, f"n must be in [1, {self.MAX_N}], got {self.n!r}")
         check(self.constraint is None or isinstance(self.constraint, Constraint),
               f"constraint must be a Constraint or None, got {type(self.constraint).__name__}")
+        lo, hi = PENALTY_RANGE
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            check(math.isfinite(v) and lo <= v <= hi, f"{name} must be in [{lo:g}, {hi:g}], got {v!r}")
+        check(math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY,
+              f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty!r}")
+        bias = tuple(self.logit_bias.items()) if isinstance(self.logit_bias, dict) else tuple(self.logit_bias)
+        check(len(bias) <= MAX_LOGIT_BIAS, f"logit_bias may name at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}")
+        blo, bhi = LOGIT_BIAS_RANGE
+        for entry in bias:
+            check(isinstance(entry, tuple | list) and len(entry) == 2 and isinstance(entry[0], int)
+                  and entry[0] >= 0 and isinstance(entry[1], int | float) and math.isfinite(entry[1])
+                  and blo <= entry[1] <= bhi,
+                  f"logit_bias entries must be (token id >= 0, bias in [{blo:g}, {bhi:g}]), got {entry!r}")
         # NOTE: a frozen dataclass; normalize list inputs to tuples so params stay hashable.
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in bias))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether a penalty or a bias changes this request's logits before sampling."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
 
 class RequestStatus(enum.Enum):
@@ -111,6 +141,11 @@ class Request:
     index: int = 0
     forked: bool = False
     fork_hold: list[Any] = field(default_factory=list)
+    # Penalties (appliance.engine.logit_adjust): how often each token occurs in output_ids[:counted],
+    # kept up to date a step at a time; the prompt's distinct tokens, once (repetition_penalty).
+    token_counts: dict[int, int] = field(default_factory=dict)
+    counted: int = 0
+    prompt_tokens: frozenset[int] | None = None
 
     @property
     def prompt_len(self) -> int:

@@ -1,4 +1,5 @@
-"""Token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs."""
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, per-request seeds, logprobs; penalties and
+logit bias first (`appliance.engine.logit_adjust`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import torch
 
 from appliance.engine.device_sampler import DeviceSampler
+from appliance.engine.logit_adjust import adjust
 from appliance.engine.request import Request, SamplingParams
 from appliance.engine.token_mask import TokenMask
 
@@ -26,11 +28,12 @@ class Sampler:
     def sample(self, logits: torch.Tensor, reqs: Sequence[Request],
                mask: TokenMask | None = None) -> tuple[list[int], list[dict[str, Any] | None]]:
         """``mask``: the allowed tokens of the constrained rows (structured outputs); logprobs stay
-        those of the raw logits."""
+        those of the raw logits, before penalties, bias and mask."""
         if logits.is_cuda:
             return self.device_sampler.sample(logits, reqs, mask)
         logits = logits.float().cpu()
         raw = logits
+        logits = adjust(logits, reqs)
         if mask is not None:
             logits = mask.apply(logits)
         tokens: list[int] = [0] * len(reqs)

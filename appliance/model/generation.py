@@ -1,7 +1,8 @@
 """A checkpoint's generation settings: its ``generation_config.json`` (end-of-sequence ids, sampling defaults).
 
 The sampling defaults apply to what a request leaves unset, as vLLM does with ``--generation-config auto``:
-the stated ``temperature``, ``top_p`` and ``top_k`` are taken whatever ``do_sample`` says.
+the stated ``temperature``, ``top_p``, ``top_k`` and ``repetition_penalty`` are taken whatever ``do_sample``
+says.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.engine.request import MAX_REPETITION_PENALTY
 from appliance.model.errors import ModelLoadError
 
-FALLBACK_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": -1}  # SamplingParams' own defaults
+FALLBACK_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0}  # SamplingParams'
+
 
 
 @dataclass(frozen=True)
@@ -24,10 +27,11 @@ class GenerationDefaults:
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    repetition_penalty: float | None = None
 
     def sampling(self, **request: Any) -> dict[str, Any]:
-        """``temperature``, ``top_p``, ``top_k`` for a request: its own values where set (not None), else
-        the checkpoint's, else pdbox's fallbacks."""
+        """``temperature``, ``top_p``, ``top_k``, ``repetition_penalty`` for a request: its own values where
+        set (not None), else the checkpoint's, else pdbox's fallbacks."""
         out = {}
         for name, fallback in FALLBACK_SAMPLING.items():
             value = request.get(name)
@@ -67,9 +71,12 @@ def read_generation_config(folder: str | Path) -> GenerationDefaults:
             raise ModelLoadError(f"{path}: {key} must be a number, got {v!r}")
         return kind(v)
 
+    penalty = number("repetition_penalty", float)
+    if penalty is not None and not 0 < penalty <= MAX_REPETITION_PENALTY:
+        raise ModelLoadError(f"{path}: repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {penalty}")
     return GenerationDefaults(eos_token_ids=eos_ids(raw.get("eos_token_id"), str(path)),
                               temperature=number("temperature", float), top_p=number("top_p", float),
-                              top_k=number("top_k", int))
+                              top_k=number("top_k", int), repetition_penalty=penalty)
 
 
 def merge_ids(*groups: tuple[int, ...]) -> tuple[int, ...]:

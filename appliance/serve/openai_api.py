@@ -107,7 +107,6 @@ def _in_vocab(ids: Any, vocab_size: int, what: str, field: str) -> None:
 def _decoded(body: dict[str, Any], endpoint: str, vocab_size: int) -> tuple[Any, ConstraintSpec | None]:
     """The body as its Struct (`openai_schema`) and its constraint; every refusal a 400 naming the field."""
     _refuse(fields.refusal(body, endpoint))
-    _refuse(fields.penalty_refusal(body))
     bad = next((k for k, v in body.items() if isinstance(v, float) and not math.isfinite(v)), None)
     if bad is not None:  # e.g. 1e400, which JSON reads as infinity
         raise ApiError(400, f"{bad} must be finite", bad)
@@ -122,8 +121,22 @@ def _decoded(body: dict[str, Any], endpoint: str, vocab_size: int) -> tuple[Any,
         raise ApiError(400, str(exc), exc.field) from None
 
 
+def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> list[tuple[int, float]]:
+    """``{"token id": bias}`` as ``[(id, bias)]``; a key that is not a token id of the vocabulary is a 400."""
+    out = []
+    for key, value in (bias or {}).items():
+        token = int(key) if key.isascii() and key.isdigit() else None
+        if token is None or token >= vocab_size:
+            raise ApiError(400, f"logit_bias key {key!r} is not a token id in [0, {vocab_size})", "logit_bias")
+        out.append((token, float(value)))
+    if len({t for t, _ in out}) < len(out):
+        raise ApiError(400, "logit_bias names a token id twice", "logit_bias")
+    return out
+
+
 def _sampling(req: Any, constraint: ConstraintSpec | None, prompt_len: int, prompt_field: str, max_model_len: int,
-              logprobs: int | None, defaults: GenerationDefaults, tools: Tools | None = None) -> Sampling:
+              logprobs: int | None, defaults: GenerationDefaults, vocab_size: int,
+              tools: Tools | None = None) -> Sampling:
     """The checks no Struct can state (the context, the constraint with tools), then the sampling."""
     key = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     room = max_model_len - prompt_len
@@ -142,7 +155,8 @@ def _sampling(req: Any, constraint: ConstraintSpec | None, prompt_len: int, prom
                                 "response_format (other than text) and guided_regex", "tool_choice")
         constraint = tools.constraint
     # what the request leaves unset: the checkpoint's, else pdbox's
-    chosen = defaults.sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k)
+    chosen = defaults.sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                               repetition_penalty=req.repetition_penalty)
     top_k = chosen["top_k"]
     return Sampling(
         n=req.n or 1,
@@ -157,6 +171,10 @@ def _sampling(req: Any, constraint: ConstraintSpec | None, prompt_len: int, prom
         ignore_eos=bool(req.ignore_eos),
         logprobs=logprobs,
         constraint=constraint,
+        presence_penalty=float(req.presence_penalty or 0.0),
+        frequency_penalty=float(req.frequency_penalty or 0.0),
+        repetition_penalty=float(chosen["repetition_penalty"]),
+        logit_bias=_logit_bias(req.logit_bias, vocab_size),
     )
 
 
@@ -184,7 +202,7 @@ def parse_chat(body: dict, tokenizer: Any, served: str, max_model_len: int, alia
         raise ApiError(400, str(exc), "messages") from None
     want = bool(req.logprobs)
     sampling = _sampling(req, constraint, len(ids), "messages", max_model_len, (req.top_logprobs or 0) if want
-                         else None, defaults, tools)
+                         else None, defaults, tokenizer.vocab_size, tools)
     return ParsedRequest("chat", model, ids, sampling, *_streaming(req), want, tools)
 
 
@@ -215,7 +233,7 @@ def parse_completion(body: dict, tokenizer: Any, served: str, max_model_len: int
     if not ids:
         raise ApiError(400, "prompt encodes to zero tokens", "prompt")
     lp = req.logprobs
-    sampling = _sampling(req, constraint, len(ids), "prompt", max_model_len, lp, defaults)
+    sampling = _sampling(req, constraint, len(ids), "prompt", max_model_len, lp, defaults, vocab_size)
     stream, include = _streaming(req)
     best_of = req.best_of
     if best_of is None or best_of == sampling.n:

@@ -3,14 +3,14 @@
 Every field of OpenAI's chat and completions bodies falls in one of three sets:
 
 - **applied**: the fields of the Structs in `openai_schema`, read by `openai_api` and honoured
-  (sampling, stops, logprobs, streaming, ``n``, structured outputs: ``response_format`` text /
+  (sampling, penalties and ``logit_bias``, stops, logprobs, streaming, ``n``, structured outputs:
+  ``response_format`` text /
   json_object / json_schema and the ``guided_regex`` extension, checked in `response_format`, which
   refuses any other type naming the field; on chat, ``tools``, ``tool_choice`` and
   ``parallel_tool_calls``, checked in `tools`; on completions, ``best_of``);
 - **metadata**: fields that do not change the answer (``user``, ``metadata``, ...), accepted;
 - **unsupported**: fields that would change the answer, accepted only at their no-op value
-  (``"tools": []`` on /v1/completions, ``"logit_bias": {}``, ``"presence_penalty": 0``); any other
-  value is a 400 that names the field.
+  (``"tools": []`` on /v1/completions, ``"echo": false``); any other value is a 400 that names the field.
 
 A field in none of the sets is a 400 too (OpenAI answers an unknown argument the same way), so a
 typo such as ``max_token`` is caught instead of running with the default.
@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from appliance.serve.openai_schema import BODIES, PENALTY_RANGE
+from appliance.serve.openai_schema import BODIES
 
 APPLIED = {endpoint: frozenset(body.__struct_fields__) for endpoint, body in BODIES.items()}  # the Structs' fields
 METADATA = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"})
@@ -31,10 +31,6 @@ def _empty(v: Any) -> bool:
     return v is None or v == [] or v == {}
 
 
-def _zero(v: Any) -> bool:
-    return v is None or (isinstance(v, int | float) and not isinstance(v, bool) and v == 0)
-
-
 # field -> (is its value a no-op?, what pdbox cannot do)
 UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tools": (_empty, "tool calling is served on /v1/chat/completions only"),
@@ -42,7 +38,6 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "parallel_tool_calls": (lambda v: True, ""),  # says nothing without tools
     "functions": (_empty, "function calling is not supported"),
     "function_call": (lambda v: v in (None, "none", "auto"), "function calling is not supported"),
-    "logit_bias": (_empty, "logit_bias is not applied"),
     "best_of": (lambda v: v in (None, 1), "best_of is served on /v1/completions (as OpenAI's API has it); use n"),
     "echo": (lambda v: v in (None, False), "echo is not supported"),
     "suffix": (lambda v: v in (None, ""), "suffix (insertion) is not supported"),
@@ -52,9 +47,7 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "web_search_options": (lambda v: v is None, "web search is not supported"),
     "reasoning_effort": (lambda v: v is None, "reasoning_effort is not supported by this model"),
     "verbosity": (lambda v: v is None, "verbosity is not supported"),
-    "repetition_penalty": (lambda v: v in (None, 1, 1.0), "repetition_penalty is not applied"),
 }
-PENALTIES = ("presence_penalty", "frequency_penalty")  # typed in openai_schema, refused here unless 0
 
 
 def refusal(body: dict[str, Any], endpoint: str) -> tuple[str, str] | None:
@@ -68,20 +61,6 @@ def refusal(body: dict[str, Any], endpoint: str) -> tuple[str, str] | None:
                 return name, f"{name}: {why}"
         elif name not in METADATA:
             return name, f"unrecognized request field {name!r} for /v1/{_path(endpoint)}"
-    return None
-
-
-def penalty_refusal(body: dict[str, Any]) -> tuple[str, str] | None:
-    """Penalties other than 0 would change the answer, and pdbox does not apply them (a value that is not
-    a number is left to the Struct's type check)."""
-    lo, hi = PENALTY_RANGE
-    for name in PENALTIES:
-        v = body.get(name)
-        if isinstance(v, bool) or not isinstance(v, int | float) or _zero(v):
-            continue
-        if not lo <= v <= hi:
-            return name, f"{name} must be >= {lo} and <= {hi}, got {v}"
-        return name, f"{name} is not applied by pdbox: send 0 or leave it out"
     return None
 
 

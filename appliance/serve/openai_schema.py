@@ -17,7 +17,14 @@ from typing import Annotated, Any, Literal, get_args
 import msgspec
 from msgspec import Meta
 
-from appliance.engine.request import MAX_LOGPROBS, MAX_STOP
+from appliance.engine.request import (
+    LOGIT_BIAS_RANGE,
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_REPETITION_PENALTY,
+    MAX_STOP,
+    PENALTY_RANGE,
+)
 from appliance.serve.tools import MAX_TOOLS, NAME_RE
 
 MAX_N = 8  # choices per request; sample i runs with seed + i (mod 2^63) when a seed is given
@@ -25,7 +32,6 @@ MAX_STOP_CHARS = 1024  # one stop string; the stream holds back up to this many 
 MAX_TEMPERATURE = 100
 MAX_SEED = 2**63 - 1
 MIN_TOP_K = -1  # -1 and 0: off
-PENALTY_RANGE = (-2, 2)  # OpenAI's range; any value but 0 is refused as not applied (openai_fields)
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 ROLES: tuple[str, ...] = get_args(Role)
 
@@ -121,7 +127,8 @@ class StreamOptions(msgspec.Struct, kw_only=True):
 
 
 # -- the bodies -----------------------------------------------------------------------------------------
-Penalty = Annotated[float, Meta(ge=0, le=0, description="not applied: only 0")]
+Penalty = Annotated[float, Meta(ge=PENALTY_RANGE[0], le=PENALTY_RANGE[1])]
+Bias = Annotated[float, Meta(ge=LOGIT_BIAS_RANGE[0], le=LOGIT_BIAS_RANGE[1])]
 
 
 class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -133,8 +140,16 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
     top_k: Annotated[int, Meta(ge=MIN_TOP_K, description="-1 or 0: off")] | None = None
     min_p: Annotated[float, Meta(ge=0, le=1)] | None = None
-    presence_penalty: Penalty | None = None
-    frequency_penalty: Penalty | None = None
+    presence_penalty: Annotated[Penalty, Meta(description=(
+        "subtracted from the logit of every token the answer already holds"))] | None = None
+    frequency_penalty: Annotated[Penalty, Meta(description=(
+        "times how often the answer holds a token, subtracted from its logit"))] | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0, le=MAX_REPETITION_PENALTY, description=(
+        "vLLM's extension (CTRL's penalty): a token of the prompt or the answer has its logit divided by this when "
+        "positive, multiplied when negative; 1: off"))] | None = None
+    logit_bias: Annotated[dict[str, Bias], Meta(max_length=MAX_LOGIT_BIAS, description=(
+        "token id (as a string) -> added to that token's logit before sampling; -100 bans it, 100 all but forces "
+        "it"))] | None = None
     seed: Annotated[int, Meta(ge=0, le=MAX_SEED)] | None = None
     n: Annotated[int, Meta(ge=1, le=MAX_N, description=(
         "choices, sharing one prefill of the prompt (and one KV handoff); with a seed, choice i samples with "

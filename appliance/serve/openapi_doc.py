@@ -69,7 +69,7 @@ def openapi_document(model: str, max_body_bytes: int = 4 * 1024 * 1024) -> dict[
               "are refused. The prompt plus max_tokens must fit the model's context (GET /v1/models: max_model_len). "
               "A field not listed is refused (400 naming it), except metadata that cannot change the answer ("
               f"{', '.join(sorted(METADATA))}) and the no-op value of a field pdbox does not support ("
-              "logit_bias: {}, presence_penalty: 0, ...). "
+              "echo: false, suffix: \"\", ...). "
               "Errors use OpenAI's shape, with param naming the field. Past "
               "--max-inflight requests in flight the answer is 429 with Retry-After; 502 means a worker failed "
               "(in a stream: an error event), 503 that no worker is available.")

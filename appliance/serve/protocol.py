@@ -29,6 +29,10 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: int | None = None
     constraint: ConstraintSpec | None = None
     n: int = 1  # samples sharing the prompt's KV (sample i: seed + i); each streams with its index
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: list[tuple[int, float]] = []
 
     def to_params(self):  # -> SamplingParams (lazy import: the router must not import torch)
         from appliance.engine.constraint import Constraint
@@ -40,6 +44,8 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
             min_p=self.min_p, seed=self.seed, stop=tuple(self.stop), stop_token_ids=tuple(self.stop_token_ids),
             ignore_eos=self.ignore_eos, logprobs=self.logprobs,
             constraint=None if c is None else Constraint(c.kind, c.spec), n=self.n,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty, logit_bias=tuple(self.logit_bias),
         )
 
 

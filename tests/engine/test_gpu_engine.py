@@ -165,3 +165,17 @@ def test_bench_splits_a_decode_step_into_device_time_and_kernels(tmp_path) -> No
     # random:small has 2 layers: a step is at least their GEMMs, the LM head and attention
     assert graphs["kernels"] >= 8 and graphs["top"] and graphs["busy_us"] > 0
     assert eager["kernels"] >= graphs["kernels"]  # the same forward, launched one kernel at a time
+
+
+def test_penalties_and_bias_apply_on_the_device(graphs_fp32) -> None:
+    from appliance.engine.request import SamplingParams
+    from tests.engine.penalised import checked_penalised_steps
+
+    forced = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logit_bias=((77, 100.0),))
+    penalised = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=20, presence_penalty=1.0,
+                               frequency_penalty=0.5)
+    reqs = [graphs_fp32.add_request(PROMPTS[1], forced), graphs_fp32.add_request(PROMPTS[2], penalised)]
+    graphs_fp32.run_until_done(reqs)
+    assert reqs[0].output_ids == [77] * 6
+    got = reqs[1]
+    assert checked_penalised_steps(got.output_ids, got.output_logprobs, 1.0, 0.5) >= len(got.output_ids) - 2

@@ -41,13 +41,14 @@ def test_every_eos_id_of_config_and_generation_config_stops(tmp_path) -> None:
 def test_sampling_defaults_fill_what_the_request_leaves_unset(tmp_path) -> None:
     folder = write_tiny_model(tmp_path / "tiny")
     assert load_generation_defaults(str(folder)) == GenerationDefaults()
-    assert GenerationDefaults().sampling() == {"temperature": 1.0, "top_p": 1.0, "top_k": -1}
+    assert GenerationDefaults().sampling() == {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0}
     (folder / "generation_config.json").write_text(json.dumps(
         {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 20, "eos_token_id": 2}))
     d = load_generation_defaults(str(folder))
     assert d == GenerationDefaults(eos_token_ids=(2,), temperature=0.6, top_p=0.9, top_k=20)
-    assert d.sampling() == {"temperature": 0.6, "top_p": 0.9, "top_k": 20}
-    assert d.sampling(temperature=0.0, top_k=None) == {"temperature": 0.0, "top_p": 0.9, "top_k": 20}
+    assert d.sampling() == {"temperature": 0.6, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.0}
+    assert d.sampling(temperature=0.0, top_k=None) == {"temperature": 0.0, "top_p": 0.9, "top_k": 20,
+                                                       "repetition_penalty": 1.0}
     assert GenerationDefaults(top_k=0).sampling()["top_k"] == -1  # transformers' "off"
     (folder / "generation_config.json").write_text(json.dumps({"temperature": "hot"}))
     with pytest.raises(ModelLoadError, match="temperature must be a number"):

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from appliance.model.generation import GenerationDefaults
+import pytest
+
+from appliance.model.errors import ModelLoadError
+from appliance.model.generation import GenerationDefaults, read_generation_config
 from appliance.model.loader import load_generation_defaults
 from appliance.serve import openai_api as oai
 
@@ -33,3 +36,14 @@ def test_the_router_reads_them_from_the_folder_without_weights(tmp_path: Path) -
     assert (d.temperature, d.top_p, d.top_k, d.eos_token_ids) == (0.7, 0.8, None, (1, 2))
     assert parse(PROMPT, d).top_p == 0.8
     assert load_generation_defaults(None) == GenerationDefaults()  # the embedded GGUF states none
+
+
+def test_a_checkpoints_repetition_penalty_applies_unless_the_request_sets_one(tmp_path: Path) -> None:
+    (tmp_path / "generation_config.json").write_text(json.dumps({"repetition_penalty": 1.05}))
+    d = read_generation_config(tmp_path)
+    assert parse(PROMPT, d).repetition_penalty == 1.05  # Qwen2.5's, as vLLM applies it
+    assert parse({**PROMPT, "repetition_penalty": 1}, d).repetition_penalty == 1.0
+    assert parse(PROMPT).repetition_penalty == 1.0
+    (tmp_path / "generation_config.json").write_text(json.dumps({"repetition_penalty": 0}))
+    with pytest.raises(ModelLoadError, match="repetition_penalty must be in"):
+        read_generation_config(tmp_path)
