@@ -20,7 +20,7 @@ import msgspec
 from appliance.model.generation import GenerationDefaults
 from appliance.serve import openai_fields as fields
 from appliance.serve import openai_schema as schema
-from appliance.serve.openai_schema import MAX_N
+from appliance.serve.openai_schema import MAX_N, MAX_PROMPTS
 from appliance.serve.protocol import ConstraintSpec, Sampling
 from appliance.serve.response_format import FormatError, parse_constraint
 from appliance.serve.tools import ToolError, Tools, history_message, parse_tools, with_tools
@@ -218,14 +218,25 @@ def _message(m: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def split_prompts(body: dict) -> list[dict]:
+    """A /v1/completions body per prompt: ``prompt`` may list several (strings, or lists of token ids), each
+    answered as if sent alone, its choices after the previous prompt's (OpenAI's batch form)."""
+    prompt = body.get("prompt")
+    if not (isinstance(prompt, list) and prompt and all(isinstance(p, str | list) for p in prompt)):
+        return [body]  # one prompt (text, or token ids), or a shape the Struct names
+    if len(prompt) > MAX_PROMPTS:
+        raise ApiError(400, f"prompt lists {len(prompt)} prompts; at most {MAX_PROMPTS} are allowed", "prompt")
+    if not all(isinstance(p, type(prompt[0])) for p in prompt):
+        raise ApiError(400, "prompt must list strings or lists of token ids, not both", "prompt")
+    return [{**body, "prompt": p} for p in prompt]
+
+
 def parse_completion(body: dict, tokenizer: Any, served: str, max_model_len: int, vocab_size: int,
                      aliases: tuple[str, ...] = (), defaults: GenerationDefaults = NO_DEFAULTS) -> ParsedRequest:
+    """One prompt's request (:func:`split_prompts` makes a body per prompt of a batch)."""
     model = check_model(body, served, aliases)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-        body = {**body, "prompt": prompt[0]}  # one prompt, as a one-element list
-    elif isinstance(prompt, list) and any(isinstance(p, str | list) for p in prompt):
-        raise ApiError(400, "prompt must be a non-empty string or a list of token ids (one prompt per request)",
+    if isinstance(body.get("prompt"), list) and any(isinstance(p, str | list) for p in body["prompt"]):
+        raise ApiError(400, "prompt must be a string, a list of token ids, or a list of either (split first)",
                        "prompt")
     _in_vocab(body.get("prompt"), vocab_size, "prompt token id", "prompt")
     req, constraint = _decoded(body, "completions", vocab_size)

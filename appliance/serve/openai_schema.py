@@ -28,6 +28,7 @@ from appliance.engine.request import (
 from appliance.serve.tools import MAX_TOOLS, NAME_RE
 
 MAX_N = 8  # choices per request; sample i runs with seed + i (mod 2^63) when a seed is given
+MAX_PROMPTS = 64  # prompts of one /v1/completions request (each answered as its own request)
 MAX_STOP_CHARS = 1024  # one stop string; the stream holds back up to this many characters per token
 MAX_TEMPERATURE = 100
 MAX_SEED = 2**63 - 1
@@ -185,8 +186,8 @@ class CompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
 
     prompt: Annotated[
         Annotated[str, Meta(min_length=1)] | Annotated[list[TokenId], Meta(min_length=1)],
-        Meta(description="text or token ids (each below the vocabulary size); a one-element list of either is "
-                         "taken as that prompt")]
+        Meta(description=f"text or token ids (each below the vocabulary size); a list of up to {MAX_PROMPTS} of "
+                         "either is answered prompt by prompt, choice index = prompt index x n + sample index")]
     logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
     best_of: Annotated[int, Meta(ge=1, le=MAX_N, description=(
         "at least n; draws best_of samples (one prefill) and returns the n with the highest summed token "

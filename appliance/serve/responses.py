@@ -12,12 +12,13 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from appliance.serve import openai_api as oai
 from appliance.serve.choices import Choice, Piece
+from appliance.serve.merge_streams import merged
 from appliance.serve.protocol import Tokens
 from appliance.serve.relay import Outcome, Relayed
 from appliance.serve.router_config import RouterConfig
@@ -26,6 +27,7 @@ from appliance.serve.stream_write import eof_within, write_within
 from appliance.serve.worker_client import WorkerFailed
 
 Events = AsyncIterator[Relayed]
+T = TypeVar("T")
 
 
 class ResponseWriter:
@@ -78,57 +80,81 @@ class ResponseWriter:
             m.tpot.observe((end - first_at) / (n_tokens - 1))
         yield ends, Outcome(outcome.finish_reason, outcome.prompt_tokens, outcome.cached_tokens, n_tokens)
 
-    async def collect(self, parsed: oai.ParsedRequest, rid: str, gen: Events) -> web.Response:
-        """The whole answer as one JSON body."""
-        t0 = time.monotonic()
+    async def _collected(self, parsed: oai.ParsedRequest, gen: Events, t0: float) -> tuple[list[Choice], Outcome]:
+        """One prompt's choices, whole (``best_of``: the likeliest ``keep``), and its outcome."""
         final = Outcome()
         choices = self._choices(parsed)
-        try:
-            async for _, outcome in self._pieces(parsed, gen, t0, choices):
-                if outcome is not None:
-                    final = outcome
-        except WorkerFailed as exc:
-            self.m.requests.inc(endpoint=parsed.endpoint, outcome="error")
-            raise oai.ApiError(502, f"worker failed: {exc}", kind="server_error") from None
-        self.m.requests.inc(endpoint=parsed.endpoint, outcome="ok")
-        use = oai.usage(final.prompt_tokens, final.completion_tokens, final.cached_tokens)
+        async for _, outcome in self._pieces(parsed, gen, t0, choices):
+            if outcome is not None:
+                final = outcome
         if parsed.keep is not None:  # best_of: the likeliest samples (summed logprob of their tokens)
             choices = sorted(choices, key=lambda c: -sum(e["logprob"] for e in c.logprobs))[:parsed.keep]
             for i, c in enumerate(choices):
                 c.index = i
-        return web.json_response(oai.full_response(parsed, rid, [c.body(parsed, self.tok) for c in choices], use))
+        return choices, final
 
-    async def stream(self, request: web.Request, parsed: oai.ParsedRequest, rid: str,
-                     gen: Events) -> web.StreamResponse:
-        """The answer as Server-Sent Events, each chunk as soon as its tokens arrive."""
+    async def collect(self, parts: list[tuple[oai.ParsedRequest, Events]], rid: str) -> web.Response:
+        """The whole answer as one JSON body: each prompt's choices after the previous prompt's."""
+        t0 = time.monotonic()
+        parsed = parts[0][0]
+        tasks = [asyncio.ensure_future(self._collected(p, gen, t0)) for p, gen in parts]
+        try:
+            results = await asyncio.gather(*tasks)
+        except WorkerFailed as exc:
+            self.m.requests.inc(endpoint=parsed.endpoint, outcome="error")
+            raise oai.ApiError(502, f"worker failed: {exc}", kind="server_error") from None
+        finally:  # one prompt failed (or the client went): the others stop too, aborted on their engines
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.m.requests.inc(endpoint=parsed.endpoint, outcome="ok")
+        bodies = []
+        for (p, _), (choices, _) in zip(parts, results, strict=True):
+            offset = len(bodies)
+            for c in choices:
+                c.index += offset
+            bodies += [c.body(p, self.tok) for c in choices]
+        use = oai.usage(*_totals([outcome for _, outcome in results]))
+        return web.json_response(oai.full_response(parsed, rid, bodies, use))
+
+    async def stream(self, request: web.Request, parts: list[tuple[oai.ParsedRequest, Events]],
+                     rid: str) -> web.StreamResponse:
+        """The answer as Server-Sent Events, each chunk as soon as its tokens arrive; several prompts'
+        chunks interleave, each choice's index after the previous prompts' choices."""
         t0 = time.monotonic()
         created = int(time.time())
         resp: web.StreamResponse | None = None
         started: set[int] = set()  # choices whose first chunk (with the role) went out
+        parsed = parts[0][0]
         chat = parsed.endpoint == "chat"
-        pieces_it = self._pieces(parsed, gen, t0, self._choices(parsed))
+        offsets = [sum(p.n for p, _ in parts[:k]) for k in range(len(parts))]
+        streams = [self._pieces(p, gen, t0, self._choices(p)) for p, gen in parts]
+        pieces_it = merged(streams) if len(streams) > 1 else _tagged(streams[0])
+        outcomes: list[Outcome] = []
         try:
-            async for pieces, outcome in pieces_it:
+            async for k, (pieces, outcome) in pieces_it:
                 if resp is None:
                     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                        "X-Request-Id": rid})
                     await resp.prepare(request)
                 for p in pieces:
-                    first = p.index not in started
+                    index = offsets[k] + p.index
+                    first = index not in started
                     if p.text or p.logprobs or first:
                         logprobs = oai.format_logprobs(parsed, self.tok, p.logprobs)
-                        await self._sse(resp, oai.chunk(parsed, rid, created, p.text, None, first, logprobs, p.index))
-                        started.add(p.index)
+                        await self._sse(resp, oai.chunk(parsed, rid, created, p.text, None, first, logprobs, index))
+                        started.add(index)
                     if p.tool_calls:
-                        await self._sse(resp, oai.chunk(parsed, rid, created, None, None, index=p.index,
+                        await self._sse(resp, oai.chunk(parsed, rid, created, None, None, index=index,
                                                         tool_calls=p.tool_calls))
                     if p.finish is not None:
                         await self._sse(resp, oai.chunk(parsed, rid, created, None if chat else "", p.finish,
-                                                        index=p.index))
-                if outcome is not None and parsed.include_usage:
-                    use = oai.usage(outcome.prompt_tokens, outcome.completion_tokens, outcome.cached_tokens)
-                    await self._sse(resp, oai.usage_chunk(parsed, rid, created, use))
-            assert resp is not None  # _pieces always yields a last item with the outcome
+                                                        index=index))
+                if outcome is not None:
+                    outcomes.append(outcome)
+            assert resp is not None  # each prompt's pieces end with an item carrying its outcome
+            if parsed.include_usage:
+                await self._sse(resp, oai.usage_chunk(parsed, rid, created, oai.usage(*_totals(outcomes))))
             await self._done(resp)
             self.m.requests.inc(endpoint=parsed.endpoint, outcome="ok")
         except (WorkerFailed, oai.ApiError) as exc:
@@ -149,6 +175,8 @@ class ResponseWriter:
             # NOTE: on every way out, so a request whose client vanished is aborted on its engines now
             # (a dangling generator would keep decoding until the answer's end).
             await pieces_it.aclose()
+            for it in streams:
+                await it.aclose()
         return resp
 
     async def _done(self, resp: web.StreamResponse) -> None:
@@ -158,3 +186,18 @@ class ResponseWriter:
     async def _sse(self, resp: web.StreamResponse, obj: dict) -> None:
         data = b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
         await write_within(resp, data, self.cfg.client_stall_s)
+
+
+def _totals(outcomes: list[Outcome]) -> tuple[int, int, int]:
+    """Prompt, completion and cached tokens over several prompts' outcomes (``oai.usage``'s arguments)."""
+    return (sum(o.prompt_tokens for o in outcomes), sum(o.completion_tokens for o in outcomes),
+            sum(o.cached_tokens for o in outcomes))
+
+
+async def _tagged(it: AsyncGenerator[T, None]) -> AsyncGenerator[tuple[int, T], None]:
+    """One prompt's pieces as :func:`merged` tags them (no tasks: the common case stays direct)."""
+    try:
+        async for item in it:
+            yield 0, item
+    finally:
+        await it.aclose()

@@ -199,19 +199,30 @@ class Router:
             raise oai.ApiError(429, f"server is at capacity ({self.cfg.max_inflight} requests in flight); retry later",
                                kind="rate_limit_error", headers={"Retry-After": "1"})
         self.inflight += 1
+        held = 1  # in-flight slots this request holds: one per prompt
         try:
             body = oai.parse_json(await request.read())
             mml = self.pool.max_model_len or 2048
             if endpoint == "chat":
-                parsed = oai.parse_chat(body, self.tok, self.cfg.served_model_name, mml, defaults=self.cfg.generation)
+                requests = [oai.parse_chat(body, self.tok, self.cfg.served_model_name, mml,
+                                           defaults=self.cfg.generation)]
             else:
-                parsed = oai.parse_completion(body, self.tok, self.cfg.served_model_name, mml, self.vocab_size,
-                                              defaults=self.cfg.generation)
+                requests = [oai.parse_completion(b, self.tok, self.cfg.served_model_name, mml, self.vocab_size,
+                                                 defaults=self.cfg.generation) for b in oai.split_prompts(body)]
+            if self.inflight + len(requests) - 1 > self.cfg.max_inflight:
+                self.metrics.requests.inc(endpoint=endpoint, outcome="rejected")
+                raise oai.ApiError(429, f"{len(requests)} prompts would put the server over its capacity "
+                                        f"({self.cfg.max_inflight} requests in flight); retry later or send fewer",
+                                   kind="rate_limit_error", headers={"Retry-After": "1"})
+            self.inflight += len(requests) - 1
+            held = len(requests)
             rid = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
-            self.metrics.prompt.inc(len(parsed.prompt_ids))
-            gen = self.placement.generate(parsed, rid)
-            if parsed.stream:
-                return await self.answers.stream(request, parsed, rid, gen)
-            return await self.answers.collect(parsed, rid, gen)
+            parts = []
+            for k, parsed in enumerate(requests):
+                self.metrics.prompt.inc(len(parsed.prompt_ids))
+                parts.append((parsed, self.placement.generate(parsed, rid if k == 0 else f"{rid}-{k}")))
+            if requests[0].stream:
+                return await self.answers.stream(request, parts, rid)
+            return await self.answers.collect(parts, rid)
         finally:
-            self.inflight -= 1
+            self.inflight -= held

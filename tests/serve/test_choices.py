@@ -38,7 +38,7 @@ async def events(evs: list[Relayed]) -> AsyncIterator[Relayed]:
 
 def collect(parsed: ParsedRequest, evs: list[Relayed]) -> dict:
     writer = ResponseWriter(RouterConfig(), CharTokenizer(), RouterMetrics())
-    resp = asyncio.run(writer.collect(parsed, "chatcmpl-x", events(evs)))
+    resp = asyncio.run(writer.collect([(parsed, events(evs))], "chatcmpl-x"))
     return json.loads(resp.body)
 
 

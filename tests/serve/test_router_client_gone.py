@@ -26,24 +26,24 @@ from appliance.serve.router import Router
 from appliance.serve.router_config import RouterConfig
 
 
-async def _vanish_and_time(how: str, tok, vocab: int) -> tuple[float, str]:
+async def _vanish_and_time(how: str, tok, vocab: int, prompts: int) -> tuple[float, str]:
     router = Router(RouterConfig(client_stall_s=2.0), tok, vocab)
-    closed = asyncio.Event()
+    closed = [asyncio.Event() for _ in range(prompts)]
     word = tok.encode(" hello")[-1]
 
-    async def endless() -> AsyncIterator[Relayed]:
+    async def endless(k: int) -> AsyncIterator[Relayed]:
         try:
             while True:
                 yield Tokens(token_ids=[word] * 64, logprobs=[])
                 await asyncio.sleep(0)
         finally:
-            closed.set()
+            closed[k].set()
 
     async def handler(request: web.Request) -> web.StreamResponse:
         parsed = oai.ParsedRequest(endpoint="completions", model="m", prompt_ids=[1, 2, 3],
                                    sampling=Sampling(max_tokens=100000), stream=True, include_usage=False,
                                    want_logprobs=False)
-        return await router.answers.stream(request, parsed, "cmpl-test", endless())
+        return await router.answers.stream(request, [(parsed, endless(k)) for k in range(prompts)], "cmpl-test")
 
     app = web.Application()
     app.router.add_post("/v1/completions", handler)
@@ -64,7 +64,7 @@ async def _vanish_and_time(how: str, tok, vocab: int) -> tuple[float, str]:
         client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
         client.close()
     try:
-        await asyncio.wait_for(closed.wait(), 15)
+        await asyncio.wait_for(asyncio.gather(*(c.wait() for c in closed)), 15)
         took = time.monotonic() - t0
     finally:
         if how == "stalled":
@@ -73,10 +73,11 @@ async def _vanish_and_time(how: str, tok, vocab: int) -> tuple[float, str]:
     return took, router.metrics.reg.render()
 
 
+@pytest.mark.parametrize("prompts", [1, 2])  # 2: a /v1/completions batch, each prompt's request closed
 @pytest.mark.parametrize("how", ["killed", "reset", "stalled"])
-def test_a_vanished_streaming_client_closes_its_request(how: str, smollm_path) -> None:
+def test_a_vanished_streaming_client_closes_its_request(how: str, prompts: int, smollm_path) -> None:
     tok, vocab, _ = load_tokenizer(smollm_path)
-    took, metrics = asyncio.run(_vanish_and_time(how, tok, vocab))
+    took, metrics = asyncio.run(_vanish_and_time(how, tok, vocab, prompts))
     limit = 2.0 + 3.0 if how == "stalled" else 3.0  # a stalled client is dropped after client_stall_s
     assert took < limit, f"{how}: the request was closed only after {took:.1f} s"
     assert 'outcome="client_gone"' in metrics, metrics
