@@ -19,6 +19,7 @@ class Completion:
     finish_reason: str | None
     cached_len: int
     logprobs: list[dict[str, Any]]
+    prompt_logprobs: list[dict[str, Any]] | None = None  # params.prompt_logprobs: entry j scores prompt token j + 1
 
 
 class LLM:
@@ -53,8 +54,9 @@ class LLM:
         for r in reqs:
             for i in range(params.n):
                 s = r if i == 0 else samples[f"{r.request_id}~{i}"]
+                scored = list(r.prompt_logprobs) if params.prompt_logprobs is not None else None
                 out.append(Completion(s.prompt_ids, list(s.output_ids), s.text, s.finish_reason, s.cached_len,
-                                      list(s.output_logprobs)))
+                                      list(s.output_logprobs), scored))
         return out
 
     def chat(self, messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],

@@ -10,7 +10,7 @@ from typing import Protocol
 import torch
 
 from appliance.config import EngineConfig, RankInfo
-from appliance.engine import fork
+from appliance.engine import fork, prompt_logprobs
 from appliance.engine.core_share import SharedCores
 from appliance.engine.grammar import GrammarCompiler, consume
 from appliance.engine.prefix_cache import RadixCache
@@ -167,8 +167,12 @@ class Engine:
         if self.cores is not None:  # borrow an idle partner's cores, give them back when it wakes
             self.cores.fit()
             hook = self.cores.layer_hook(hook)
+        scoring = prompt_logprobs.spans(sb.requests, sb.prefix_lens, sb.extend_lens)  # before the step scores
         logits = self.runner.step(sb, hook, extra)
         sampling = [r for r, s in zip(sb.requests, sb.sample) if s]
+        if scoring:  # the prompt positions' rows follow the sampling rows (runner.build)
+            prompt_logprobs.score(logits[len(sampling):], scoring)
+            logits = logits[:len(sampling)]
         mask = self.grammars.mask([r.matcher for r in sampling]) if sampling else None
         tokens, logprobs = self.sampler.sample(logits, sampling, mask) if sampling else ([], [])
         prefill = 0
@@ -255,10 +259,13 @@ class Engine:
         if reason is not None:
             self.scheduler.finish(req, reason)
             self.requests.pop(req.request_id, None)
+        scored = (p.prompt_logprobs is not None and len(req.output_ids) == 1
+                  and len(req.prompt_logprobs) == req.prompt_len - 1)  # not on a decode engine after a handoff
         return RequestOutput(
             request_id=req.request_id, new_token_ids=[token],
             text=text, finished=reason is not None, finish_reason=reason, prompt_len=req.prompt_len,
             cached_len=req.cached_len, logprobs=[logprob] if logprob else [], group=req.group, index=req.index,
+            prompt_logprobs=req.prompt_logprobs if scored else None,
         )
 
     def calibrate(self, prompt_tokens: int = 256, decode_steps: int = 8) -> tuple[float, float]:

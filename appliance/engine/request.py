@@ -40,6 +40,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # minus this times how often the answer holds the token
     repetition_penalty: float = 1.0  # CTRL's: tokens of the prompt or the answer, positive logits / this, others x
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    prompt_logprobs: int | None = None  # score the prompt's tokens too, with this many top alternatives
 
     MAX_N = MAX_SAMPLES
     MAX_LOGPROBS = MAX_LOGPROBS
@@ -62,6 +63,8 @@ class SamplingParams:
               f"stop must be at most {self.MAX_STOP} non-empty strings")
         check(self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS,
               f"logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.logprobs!r}")
+        check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS,
+              f"prompt_logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.prompt_logprobs!r}")
         check(isinstance(self.n, int) and 1 <= self.n <= self.MAX_N, f"n must be in [1, {self.MAX_N}], got {self.n!r}")
         check(self.constraint is None or isinstance(self.constraint, Constraint),
               f"constraint must be a Constraint or None, got {type(self.constraint).__name__}")
@@ -146,6 +149,8 @@ class Request:
     token_counts: dict[int, int] = field(default_factory=dict)
     counted: int = 0
     prompt_tokens: frozenset[int] | None = None
+    # params.prompt_logprobs (appliance.engine.prompt_logprobs): entry j scores prompt token j + 1
+    prompt_logprobs: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def prompt_len(self) -> int:
@@ -183,3 +188,4 @@ class RequestOutput:
     logprobs: list[dict[str, Any]] = field(default_factory=list)
     group: str | None = None  # a forked sample's parent request id (n > 1)
     index: int = 0  # the sample's index (0: the request itself)
+    prompt_logprobs: list[dict[str, Any]] | None = None  # with the first token, when the params ask

@@ -17,6 +17,7 @@ from appliance.engine.forward_batch import HEADER_LEN, ForwardBatch
 from appliance.engine.graph_plan import LADDER, DecodeRow, plan_graphs
 from appliance.engine.kv_cache import PagePool
 from appliance.engine.linear_choice import LinearTiming, choose_linears, gemv_shapes, summary
+from appliance.engine.prompt_logprobs import positions as prompt_positions
 from appliance.engine.rank_device import bind_device
 from appliance.engine.scheduler import ScheduledBatch
 from appliance.model.llama import LlamaModel
@@ -154,7 +155,10 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         logit_rows: list[int] = []
+        scored: list[int] = []  # prompt logprobs: rows of positions that score a prompt token, after the samples'
         for req, start, n, sample in zip(sb.requests, sb.prefix_lens, sb.extend_lens, sb.sample):
+            base = len(ids) - start
+            scored += [base + p for p in prompt_positions(req, start, n)]
             if n == 1 and req.output_ids and start == req.total_len - 1:
                 ids.append(req.output_ids[-1])
             else:
@@ -165,6 +169,7 @@ class ModelRunner:
                 slots.append(pages[p // ps] * ps + p % ps)
             if sample:
                 logit_rows.append(len(ids) - 1)
+        logit_rows += scored
         width = max(len(r.pages) for r in sb.requests)
         table = [r.pages + [0] * (width - len(r.pages)) for r in sb.requests]
         values = ForwardBatch.flat_values(ids, positions, slots, table, list(sb.prefix_lens), list(sb.extend_lens),

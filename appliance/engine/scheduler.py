@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from appliance.engine.kv_cache import PagePool
 from appliance.engine.prefix_cache import RadixCache
+from appliance.engine.prompt_logprobs import scorable_prefix
 from appliance.engine.request import Request, RequestStatus
 from appliance.engine.slack import SLACK_K, ttft_deadline
 
@@ -241,7 +242,9 @@ class Scheduler:
     def _admit(self, req: Request, most: int | None = None) -> bool:
         """Match the prefix cache and check that the WHOLE prompt fits before taking the request; with
         ``most``, only if at most that many of its tokens are left to compute past the cached prefix."""
-        path = self.cache.match_prefix(req.all_ids, max_pages=(req.total_len - 1) // self.page_size)
+        reusable = scorable_prefix(req)  # prompt logprobs: a cached position is never scored
+        limit = req.total_len - 1 if reusable is None else reusable
+        path = self.cache.match_prefix(req.all_ids, max_pages=limit // self.page_size)
         if most is not None and req.total_len - len(path) * self.page_size > most:
             return False
         whole = -(-(req.total_len + 1) // self.page_size) - len(path)
