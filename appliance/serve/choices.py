@@ -37,8 +37,11 @@ class Choice:
         self.tokens = 0
         self.finish: str | None = None
         self.content: list[str] = []
-        self.logprobs: list[dict] = []
+        self.logprobs: list[dict] = []  # the generated tokens' (best_of ranks by them)
         self.calls: list[ToolCall] = []
+        self.echo = parsed.echo  # echo: the prompt's text, put before this choice's first piece
+        self.prompt_scores: list[dict] = []  # echo with logprobs: the prompt's entries, before the answer's
+        self.echoed: list[dict] = []  # the prompt entries that went out with the first piece
 
     @property
     def over(self) -> bool:
@@ -79,9 +82,14 @@ class Choice:
             delta = self.tools.feed(delta)
             if self.deltas is not None:
                 calls = self.deltas.feed(self.tools.text)
+        out = list(logprobs)
+        if self.echo is not None:  # the first piece: the prompt comes first
+            delta, self.echo = self.echo + delta, None
+            self.echoed = self.prompt_scores
+            out = self.echoed + out
         self.content.append(delta)
         self.logprobs.extend(logprobs)
-        return Piece(self.index, delta, list(logprobs), tool_calls=calls)
+        return Piece(self.index, delta, out, tool_calls=calls)
 
     def body(self, parsed: oai.ParsedRequest, tokenizer: Any) -> dict[str, Any]:
         """This choice in a whole (non-streamed) answer."""
@@ -89,5 +97,5 @@ class Choice:
         if self.calls and not text:
             text = None
         return oai.choice_body(parsed, self.index, text, self.finish,
-                               oai.format_logprobs(parsed, tokenizer, self.logprobs),
+                               oai.format_logprobs(parsed, tokenizer, self.echoed + self.logprobs),
                                [c.message() for c in self.calls] or None)

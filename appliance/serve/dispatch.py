@@ -182,11 +182,18 @@ class Dispatcher:
             # NOTE: never yield inside asyncio.timeout (the consumer's awaits would run under it).
             handoff_by = await self.await_handoff(p, d, room, lease, ptask, dtask, handoff_by, late)
             skip_first, prefill_first_at = False, 0.0
-            if not dtask.done():  # prefill answered first: the client gets the token now
+            scores = parsed.sampling.prompt_logprobs is not None  # only prefill's answer has the prompt's
+            if scores and not ptask.done():
+                try:
+                    async with asyncio.timeout_at(handoff_by):
+                        await asyncio.wait({ptask})
+                except TimeoutError:
+                    raise WorkerFailed(late) from None
+            if not dtask.done() or scores:  # prefill answered first: the client gets the token now
                 first = ptask.result()  # raises WorkerFailed / ApiError when prefill failed
                 prefill_first_at = time.monotonic()
                 cached = first.cached_tokens
-                yield Tokens(token_ids=first.token_ids, logprobs=first.logprobs)
+                yield Tokens(token_ids=first.token_ids, logprobs=first.logprobs, prompt_logprobs=first.prompt_logprobs)
                 skip_first = True
             else:  # decode's first token came before prefill's answer: no handoff time was left to wait
                 self.metrics.handoff_tail.observe(0.0)

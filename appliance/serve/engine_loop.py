@@ -308,8 +308,11 @@ class EngineLoop:
             if transfer.error:
                 self._emit(rid, Error(status=502, message=transfer.error))
                 return
-        cls = First if first else Tokens
-        self._emit(rid, cls(token_ids=out.new_token_ids, logprobs=out.logprobs))
+        if first:
+            self._emit(rid, First(token_ids=out.new_token_ids, logprobs=out.logprobs))
+        else:
+            self._emit(rid, Tokens(token_ids=out.new_token_ids, logprobs=out.logprobs,
+                                   prompt_logprobs=out.prompt_logprobs))
         if out.finished:
             self._emit(rid, Done(finish_reason=out.finish_reason, prompt_tokens=out.prompt_len,
                                  cached_tokens=out.cached_len))
@@ -320,7 +323,8 @@ class EngineLoop:
         if first and i == 0:
             self._emit(rid, First(token_ids=out.new_token_ids, logprobs=out.logprobs))
         else:
-            self._emit(rid, Tokens(token_ids=out.new_token_ids, logprobs=out.logprobs, index=i))
+            self._emit(rid, Tokens(token_ids=out.new_token_ids, logprobs=out.logprobs, index=i,
+                                   prompt_logprobs=out.prompt_logprobs))
         if not out.finished:
             return
         self._emit(rid, Tokens(finish_reason=out.finish_reason, index=i))

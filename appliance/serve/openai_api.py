@@ -72,6 +72,7 @@ class ParsedRequest:
     want_logprobs: bool
     tools: Tools | None = None
     keep: int | None = None  # best_of: return this many of the ``sampling.n`` samples, the likeliest
+    echo: str | None = None  # /v1/completions echo: the prompt's text, which each choice's text starts with
 
     @property
     def n(self) -> int:
@@ -245,10 +246,15 @@ def parse_completion(body: dict, tokenizer: Any, served: str, max_model_len: int
         raise ApiError(400, "prompt encodes to zero tokens", "prompt")
     lp = req.logprobs
     sampling = _sampling(req, constraint, len(ids), "prompt", max_model_len, lp, defaults, vocab_size)
+    echo = None
+    if req.echo:
+        echo = req.prompt if isinstance(req.prompt, str) else tokenizer.decode(ids, skip_special_tokens=False)
+        if lp is not None:  # the engine scores the prompt as it prefills it
+            sampling = msgspec.structs.replace(sampling, prompt_logprobs=lp)
     stream, include = _streaming(req)
     best_of = req.best_of
     if best_of is None or best_of == sampling.n:
-        return ParsedRequest("completions", model, ids, sampling, stream, include, lp is not None)
+        return ParsedRequest("completions", model, ids, sampling, stream, include, lp is not None, echo=echo)
     if best_of < sampling.n:
         raise ApiError(400, f"best_of must be between n ({sampling.n}) and {MAX_N}, got {best_of}", "best_of")
     if stream:
@@ -256,7 +262,8 @@ def parse_completion(body: dict, tokenizer: Any, served: str, max_model_len: int
                        "best_of")
     # best_of samples (each with its chosen token's logprob), the n with the highest sum returned
     ranked = msgspec.structs.replace(sampling, n=best_of, logprobs=lp or 0)
-    return ParsedRequest("completions", model, ids, ranked, stream, include, lp is not None, keep=sampling.n)
+    return ParsedRequest("completions", model, ids, ranked, stream, include, lp is not None, keep=sampling.n,
+                         echo=echo)
 
 
 # -- responses ---------------------------------------------------------------------------------------
@@ -318,5 +325,11 @@ def format_logprobs(req: ParsedRequest, tokenizer: Any, entries: list[dict]) -> 
         return {"content": content}
     toks = [tokenizer.decode([e["token_id"]], skip_special_tokens=False) for e in entries]
     return {"tokens": toks, "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{tokenizer.decode([t], skip_special_tokens=False): v for t, v in e["top"]}
+            "top_logprobs": [None if e["top"] is None else
+                             {tokenizer.decode([t], skip_special_tokens=False): v for t, v in e["top"]}
                              for e in entries]}
+
+
+def echoed_prompt(prompt_ids: list[int], scores: list[dict]) -> list[dict]:
+    """Logprob entries for an echoed prompt: its first token has none (nothing comes before it)."""
+    return [{"token_id": prompt_ids[0], "logprob": None, "top": None}, *scores]

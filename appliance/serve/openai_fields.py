@@ -10,7 +10,7 @@ Every field of OpenAI's chat and completions bodies falls in one of three sets:
   ``parallel_tool_calls``, checked in `tools`; on completions, ``best_of``);
 - **metadata**: fields that do not change the answer (``user``, ``metadata``, ...), accepted;
 - **unsupported**: fields that would change the answer, accepted only at their no-op value
-  (``"tools": []`` on /v1/completions, ``"echo": false``); any other value is a 400 that names the field.
+  (``"tools": []`` on /v1/completions, ``"suffix": ""``); any other value is a 400 that names the field.
 
 A field in none of the sets is a 400 too (OpenAI answers an unknown argument the same way), so a
 typo such as ``max_token`` is caught instead of running with the default.
@@ -39,7 +39,7 @@ UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
     "functions": (_empty, "function calling is not supported"),
     "function_call": (lambda v: v in (None, "none", "auto"), "function calling is not supported"),
     "best_of": (lambda v: v in (None, 1), "best_of is served on /v1/completions (as OpenAI's API has it); use n"),
-    "echo": (lambda v: v in (None, False), "echo is not supported"),
+    "echo": (lambda v: v in (None, False), "echo is served on /v1/completions"),
     "suffix": (lambda v: v in (None, ""), "suffix (insertion) is not supported"),
     "modalities": (lambda v: v in (None, ["text"]), "only text output is supported"),
     "audio": (lambda v: v is None, "audio output is not supported"),

@@ -189,6 +189,9 @@ class CompletionRequest(_Common, kw_only=True, forbid_unknown_fields=True):
         Meta(description=f"text or token ids (each below the vocabulary size); a list of up to {MAX_PROMPTS} of "
                          "either is answered prompt by prompt, choice index = prompt index x n + sample index")]
     logprobs: Annotated[int, Meta(ge=0, le=MAX_LOGPROBS)] | None = None
+    echo: Annotated[bool, Meta(description=(
+        "the answer's text starts with the prompt; with logprobs, so do its logprobs: each prompt token's given "
+        "the ones before it (the first has none), how a model is scored on a text"))] | None = None
     best_of: Annotated[int, Meta(ge=1, le=MAX_N, description=(
         "at least n; draws best_of samples (one prefill) and returns the n with the highest summed token "
         "logprob; not with stream when above n"))] | None = None

@@ -33,6 +33,7 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: list[tuple[int, float]] = []
+    prompt_logprobs: int | None = None  # score the prompt too (echo with logprobs), this many alternatives
 
     def to_params(self):  # -> SamplingParams (lazy import: the router must not import torch)
         from appliance.engine.constraint import Constraint
@@ -46,6 +47,7 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
             constraint=None if c is None else Constraint(c.kind, c.spec), n=self.n,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, logit_bias=tuple(self.logit_bias),
+            prompt_logprobs=self.prompt_logprobs,
         )
 
 
@@ -87,6 +89,7 @@ class PrefillAnswer(msgspec.Struct, frozen=True, kw_only=True):
     logprobs: list[dict] = []
     prompt_tokens: int = 0
     cached_tokens: int = 0
+    prompt_logprobs: list[dict] | None = None  # when the sampling asks: entry j scores prompt token j + 1
 
 
 class ExtendRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -126,6 +129,7 @@ class Tokens(_Event, tag="tokens"):
     logprobs: list[dict] = []
     finish_reason: str | None = None
     index: int = 0
+    prompt_logprobs: list[dict] | None = None  # with the first token, when the sampling asks
 
 
 class First(_Event, tag="first"):

@@ -62,6 +62,9 @@ class ResponseWriter:
                     m.itl.observe(now - last_at)
                 last_at = now
                 n_tokens += len(ev.token_ids)
+                if ev.prompt_logprobs is not None and parsed.echo is not None:  # with the first token
+                    for c in choices:
+                        c.prompt_scores = oai.echoed_prompt(parsed.prompt_ids, ev.prompt_logprobs)
                 if not 0 <= ev.index < len(choices) or choices[ev.index].over:
                     continue  # a sample a stop string already ended here
                 c = choices[ev.index]

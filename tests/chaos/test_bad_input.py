@@ -105,7 +105,8 @@ CASES: list[tuple[str, str, dict | bytes, int, str | None, str]] = [
     ("tool-choice-required", CHAT, {**MSG, "tool_choice": "required"}, 400, "tool_choice", "tool"),
     ("best-of-below-n", COMP, {**PROMPT, "best_of": 2, "n": 3}, 400, "best_of", "between n"),
     ("best-of-on-chat", CHAT, {**MSG, "best_of": 3}, 400, "best_of", "completions"),
-    ("echo", COMP, {**PROMPT, "echo": True}, 400, "echo", "echo"),
+    ("echo-on-chat", CHAT, {**MSG, "echo": True}, 400, "echo", "/v1/completions"),
+    ("echo-string", COMP, {**PROMPT, "echo": "yes"}, 400, "echo", "boolean"),
     ("unknown-field", CHAT, {**MSG, "max_token": 5}, 400, "max_token", "unrecognized"),
     ("chat-field-on-completions", COMP, {**PROMPT, "messages": []}, 400, "messages", "unrecognized"),
 ]

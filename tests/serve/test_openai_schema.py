@@ -33,6 +33,9 @@ class FakeTokenizer:
     def encode_prompt(self, text):
         return [1] * (1 + len(text) // 4)
 
+    def decode(self, ids, skip_special_tokens=True):
+        return "x" * len(ids)
+
 
 def parse(path: str, body: dict[str, Any]) -> oai.ParsedRequest:
     if path == "chat":
