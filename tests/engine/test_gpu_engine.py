@@ -179,3 +179,19 @@ def test_penalties_and_bias_apply_on_the_device(graphs_fp32) -> None:
     assert reqs[0].output_ids == [77] * 6
     got = reqs[1]
     assert checked_penalised_steps(got.output_ids, got.output_logprobs, 1.0, 0.5) >= len(got.output_ids) - 2
+
+
+def test_prompt_logprobs_on_the_device(graphs_fp32) -> None:
+    from appliance.engine.request import SamplingParams
+
+    prompt = PROMPTS[3]
+    scored = graphs_fp32.add_request(prompt, SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=3))
+    alone = [graphs_fp32.add_request(prompt[:j], SamplingParams(max_tokens=1, temperature=0, logprobs=3))
+             for j in range(1, len(prompt))]
+    graphs_fp32.run_until_done([scored, *alone])
+    got = scored.prompt_logprobs
+    assert [e["token_id"] for e in got] == prompt[1:]
+    for e, a in zip(got, alone, strict=True):  # each position's top 3 as a request for that prefix alone
+        top = a.output_logprobs[0]["top"]
+        assert [t for t, _ in e["top"]] == [t for t, _ in top]
+        assert [v for _, v in e["top"]] == pytest.approx([v for _, v in top], abs=1e-3)
