@@ -5,34 +5,17 @@ In order, as vLLM applies them: ``logit_bias`` adds to the named tokens' logits;
 and multiplies the negative ones; ``presence_penalty`` and ``frequency_penalty`` (OpenAI's) subtract
 ``presence + frequency * count`` from every token the answer holds ``count`` times. Rows that ask for
 none are untouched, and a batch with none returns its logits as they are (no copy). Works on CPU and
-CUDA tensors alike: the per-row lists are built on the host and applied with one indexed op each.
-Answer-token counts live on the request and grow a step at a time, so a step costs O(new tokens),
-not O(answer length).
+CUDA tensors alike: each adjustment is one indexed op over the (row, token) pairs it touches, which one
+``torch.unique`` over ``row * vocab + token`` keys finds for the whole batch (with the counts).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from appliance.engine.request import Request
-
-
-def answer_counts(req: Request) -> dict[int, int]:
-    """How often each token occurs in ``req``'s answer so far (brought up to date in place)."""
-    counts = req.token_counts
-    for t in req.output_ids[req.counted:]:
-        counts[t] = counts.get(t, 0) + 1
-    req.counted = len(req.output_ids)
-    return counts
-
-
-def seen_tokens(req: Request) -> set[int]:
-    """The distinct tokens of ``req``'s prompt and answer so far."""
-    if req.prompt_tokens is None:
-        req.prompt_tokens = frozenset(req.prompt_ids)
-    return set(req.prompt_tokens).union(answer_counts(req))
+from appliance.engine.request import Request, SamplingParams
 
 
 def adjust(logits: torch.Tensor, reqs: Sequence[Request]) -> torch.Tensor:
@@ -43,47 +26,62 @@ def adjust(logits: torch.Tensor, reqs: Sequence[Request]) -> torch.Tensor:
         return logits
     if logits.shape[0] != len(reqs):
         raise ValueError(f"{logits.shape[0]} rows of logits for {len(reqs)} requests")
-    bias: tuple[list[int], list[int], list[float]] = ([], [], [])
-    rep: tuple[list[int], list[int], list[float]] = ([], [], [])
-    pen: tuple[list[int], list[int], list[float]] = ([], [], [])
-    for i in rows:
-        r = reqs[i]
-        p = r.params
-        for t, b in p.logit_bias:
-            _put(bias, i, t, b)
-        if p.repetition_penalty != 1.0:
-            for t in seen_tokens(r):
-                _put(rep, i, t, p.repetition_penalty)
-        if p.presence_penalty or p.frequency_penalty:
-            for t, c in answer_counts(r).items():
-                _put(pen, i, t, -(p.presence_penalty + p.frequency_penalty * c))
     out = logits.float().clone()
     vocab = out.shape[-1]
-    for name, (_, toks, _) in (("logit_bias", bias), ("a prompt or answer", rep)):
-        bad = next((t for t in toks if not 0 <= t < vocab), None)
+    bias = [(i, t, b) for i in rows for t, b in reqs[i].params.logit_bias]
+    if bias:
+        bad = next((t for _, t, _ in bias if not 0 <= t < vocab), None)
         if bad is not None:
-            raise ValueError(f"token id {bad} of {name} is outside the {vocab}-token vocabulary")
-    if bias[0]:
-        r, t, v = _tensors(bias, out.device)
-        out.index_put_((r, t), v, accumulate=True)
-    if rep[0]:
-        r, t, f = _tensors(rep, out.device)
-        x = out[r, t]
-        out[r, t] = torch.where(x > 0, x / f, x * f)
-    if pen[0]:
-        r, t, v = _tensors(pen, out.device)
-        out.index_put_((r, t), v, accumulate=True)
+            raise ValueError(f"token id {bad} of logit_bias is outside the {vocab}-token vocabulary")
+        r, t, v = zip(*bias, strict=True)
+        out.index_put_(_on(out, r, t), torch.tensor(v, dtype=torch.float32).to(out.device), accumulate=True)
+    rep = [i for i in rows if reqs[i].params.repetition_penalty != 1.0]
+    if rep:
+        keys = _keys([(i, _prompt_tokens(reqs[i])) for i in rep] + [(i, _answer(reqs[i])) for i in rep], vocab)
+        r, t = _pairs(keys.unique(), vocab)
+        factor = _per_row(reqs, lambda p: p.repetition_penalty, 1.0)[r].to(out.device)
+        idx = (r.to(out.device), t.to(out.device))
+        x = out[idx]
+        out[idx] = torch.where(x > 0, x / factor, x * factor)
+    pen = [i for i in rows if reqs[i].params.presence_penalty or reqs[i].params.frequency_penalty]
+    if pen:
+        keys, counts = _keys([(i, _answer(reqs[i])) for i in pen], vocab).unique(return_counts=True)
+        r, t = _pairs(keys, vocab)
+        presence = _per_row(reqs, lambda p: p.presence_penalty, 0.0)[r]
+        frequency = _per_row(reqs, lambda p: p.frequency_penalty, 0.0)[r]
+        out.index_put_((r.to(out.device), t.to(out.device)), (-(presence + frequency * counts)).to(out.device),
+                       accumulate=True)
     return out
 
 
-def _put(lists: tuple[list[int], list[int], list[float]], row: int, token: int, value: float) -> None:
-    lists[0].append(row)
-    lists[1].append(token)
-    lists[2].append(value)
+def _answer(req: Request) -> torch.Tensor:
+    return torch.tensor(req.output_ids, dtype=torch.int64)
 
 
-def _tensors(lists: tuple[list[int], list[int], list[float]], device: torch.device
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    rows, toks, vals = lists
-    idx = torch.tensor([rows, toks], dtype=torch.int64).to(device, non_blocking=True)
-    return idx[0], idx[1], torch.tensor(vals, dtype=torch.float32).to(device, non_blocking=True)
+def _prompt_tokens(req: Request) -> torch.Tensor:
+    """The prompt's distinct tokens, found once per request."""
+    if req.prompt_tokens is None:
+        req.prompt_tokens = torch.tensor(req.prompt_ids, dtype=torch.int64).unique()
+    return req.prompt_tokens
+
+
+def _keys(parts: list[tuple[int, torch.Tensor]], vocab: int) -> torch.Tensor:
+    """``row * vocab + token`` for every (row, tokens) part, one flat int64 tensor on the host."""
+    for _, toks in parts:
+        if toks.numel() and int(toks.max()) >= vocab:
+            raise ValueError(f"token id {int(toks.max())} of a prompt or answer is outside the {vocab}-token "
+                             "vocabulary")
+    return torch.cat([row * vocab + toks for row, toks in parts])
+
+
+def _pairs(keys: torch.Tensor, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return keys // vocab, keys % vocab
+
+
+def _per_row(reqs: Sequence[Request], value: Callable[[SamplingParams], float], default: float) -> torch.Tensor:
+    """One value per row of the batch (``default`` for rows that adjust nothing), indexable by row."""
+    return torch.tensor([value(r.params) if r.params.adjusts_logits else default for r in reqs], dtype=torch.float32)
+
+
+def _on(out: torch.Tensor, rows, toks) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.tensor(rows, dtype=torch.int64).to(out.device), torch.tensor(toks, dtype=torch.int64).to(out.device))

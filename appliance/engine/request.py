@@ -144,11 +144,8 @@ class Request:
     index: int = 0
     forked: bool = False
     fork_hold: list[Any] = field(default_factory=list)
-    # Penalties (appliance.engine.logit_adjust): how often each token occurs in output_ids[:counted],
-    # kept up to date a step at a time; the prompt's distinct tokens, once (repetition_penalty).
-    token_counts: dict[int, int] = field(default_factory=dict)
-    counted: int = 0
-    prompt_tokens: frozenset[int] | None = None
+    # repetition_penalty (appliance.engine.logit_adjust): the prompt's distinct tokens, found once
+    prompt_tokens: Any = None
     # params.prompt_logprobs (appliance.engine.prompt_logprobs): entry j scores prompt token j + 1
     prompt_logprobs: list[dict[str, Any]] = field(default_factory=list)
 

@@ -1,15 +1,13 @@
 """Penalties and logit bias (`appliance.engine.logit_adjust`): each row's logits as vLLM adjusts them,
-counted a step at a time, through both samplers; raw logprobs untouched."""
+through both samplers; raw logprobs untouched."""
 
 from __future__ import annotations
-
-from collections import Counter
 
 import pytest
 import torch
 
 from appliance.engine.device_sampler import DeviceSampler
-from appliance.engine.logit_adjust import adjust, answer_counts
+from appliance.engine.logit_adjust import adjust
 from appliance.engine.request import Request, SamplingParams
 from appliance.engine.sampler import Sampler
 
@@ -54,14 +52,6 @@ def test_bias_then_repetition_then_penalties_as_vllm_orders_them() -> None:
     assert adjust(logits, [r])[0, 3].item() == pytest.approx((1.0 + 3.0) / 2.0 - 0.5)
 
 
-def test_answer_counts_grow_a_step_at_a_time() -> None:
-    r = req([1], [])
-    for t in [4, 4, 9, 4, 2, 9]:
-        r.output_ids.append(t)
-        assert answer_counts(r) == Counter(r.output_ids)
-        assert r.counted == len(r.output_ids)
-
-
 def test_a_token_outside_the_logits_is_named() -> None:
     with pytest.raises(ValueError, match="token id 40 of logit_bias is outside the 16-token vocabulary"):
         adjust(torch.zeros(1, VOCAB), [req([1], [], logit_bias=((40, 1.0),))])
@@ -102,3 +92,22 @@ def test_a_dict_of_biases_is_taken_as_pairs() -> None:
     p = SamplingParams(logit_bias={3: 1, 5: -2.5})
     assert p.logit_bias == ((3, 1.0), (5, -2.5)) and p.adjusts_logits
     assert not SamplingParams().adjusts_logits
+
+
+def test_many_rows_with_every_adjustment_match_a_row_by_row_reference() -> None:
+    torch.manual_seed(2)
+    vocab = 64
+    logits = torch.randn(6, vocab) * 4
+    reqs = [req([int(t) for t in torch.randint(0, vocab, (9,))], [int(t) for t in torch.randint(0, vocab, (20,))],
+                presence_penalty=0.3 * i - 0.5, frequency_penalty=0.1 * i, repetition_penalty=1.0 + 0.2 * (i % 3),
+                logit_bias=((i, 2.0),)) for i in range(5)] + [req([1], [2])]
+    want = logits.clone()
+    for i, r in enumerate(reqs[:5]):
+        p = r.params
+        want[i, i] += 2.0
+        for t in set(r.prompt_ids) | set(r.output_ids):
+            x = want[i, t]
+            want[i, t] = x / p.repetition_penalty if x > 0 else x * p.repetition_penalty
+        for t in set(r.output_ids):
+            want[i, t] -= p.presence_penalty + p.frequency_penalty * r.output_ids.count(t)
+    assert torch.allclose(adjust(logits, reqs), want, atol=1e-5)
