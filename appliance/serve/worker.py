@@ -270,7 +270,8 @@ class Worker:
         assert isinstance(last, Done)
         tokens = [t for ev in events if isinstance(ev, Tokens) for t in ev.token_ids]
         logprobs = [lp for ev in events if isinstance(ev, Tokens) for lp in ev.logprobs]
-        scored = next((ev.prompt_logprobs for ev in events if isinstance(ev, Tokens) and ev.prompt_logprobs), None)
+        scored = next((ev.prompt_logprobs for ev in events
+                       if isinstance(ev, Tokens) and ev.prompt_logprobs is not None), None)
         answer = PrefillAnswer(token_ids=tokens, logprobs=logprobs, prompt_tokens=last.prompt_tokens,
                                cached_tokens=last.cached_tokens, prompt_logprobs=scored)
         return web.Response(body=msgspec.json.encode(answer), content_type="application/json")
