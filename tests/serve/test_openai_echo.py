@@ -38,8 +38,9 @@ def scored(url: str, ids: list[int]) -> dict[str, object]:
     assert echo.text == PROMPT + plain.text and lp.token_logprobs[-2:] == pytest.approx(
         plain.logprobs.token_logprobs, abs=1e-3)
 
-    batch = complete([ids, ids[:6]], max_tokens=1, logprobs=1, echo=True)  # lm-eval's loglikelihood request
-    assert [len(c.logprobs.token_logprobs) for c in batch.choices] == [len(ids) + 1, 7]
+    batch = complete([ids, ids[:6], ids[:1]], max_tokens=1, logprobs=1, echo=True)  # lm-eval's loglikelihood form
+    assert [len(c.logprobs.token_logprobs) for c in batch.choices] == [len(ids) + 1, 7, 2]
+    assert batch.choices[2].logprobs.token_logprobs[0] is None  # a one-token prompt: nothing scores it
     # two prompts prefill in one step: other GEMM shapes, fp32 sums in another order (~1e-3 apart)
     assert batch.choices[0].logprobs.token_logprobs[:-1] == pytest.approx(lp.token_logprobs[:len(ids)], abs=1e-2)
 
