@@ -16,7 +16,8 @@ MAX_SAMPLES = 64  # samples of one prompt (n); the OpenAI API allows fewer (appl
 MAX_LOGIT_BIAS = 1024  # token ids one request may bias
 LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's: -100 bans a token, 100 all but forces it
 PENALTY_RANGE = (-2.0, 2.0)  # presence and frequency penalties (OpenAI's range)
-MAX_REPETITION_PENALTY = 10.0
+# repetition_penalty divides logits: a tiny one would make them infinite (1e-100 did, found by the fuzzer)
+REPETITION_PENALTY_RANGE = (0.01, 10.0)
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,9 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             check(math.isfinite(v) and lo <= v <= hi, f"{name} must be in [{lo:g}, {hi:g}], got {v!r}")
-        check(math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY,
-              f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty!r}")
+        rlo, rhi = REPETITION_PENALTY_RANGE
+        check(math.isfinite(self.repetition_penalty) and rlo <= self.repetition_penalty <= rhi,
+              f"repetition_penalty must be in [{rlo:g}, {rhi:g}], got {self.repetition_penalty!r}")
         bias = tuple(self.logit_bias.items()) if isinstance(self.logit_bias, dict) else tuple(self.logit_bias)
         check(len(bias) <= MAX_LOGIT_BIAS, f"logit_bias may name at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}")
         blo, bhi = LOGIT_BIAS_RANGE

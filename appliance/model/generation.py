@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.engine.request import MAX_REPETITION_PENALTY
+from appliance.engine.request import REPETITION_PENALTY_RANGE
 from appliance.model.errors import ModelLoadError
 
 FALLBACK_SAMPLING = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1.0}  # SamplingParams'
@@ -72,8 +72,9 @@ def read_generation_config(folder: str | Path) -> GenerationDefaults:
         return kind(v)
 
     penalty = number("repetition_penalty", float)
-    if penalty is not None and not 0 < penalty <= MAX_REPETITION_PENALTY:
-        raise ModelLoadError(f"{path}: repetition_penalty must be in (0, {MAX_REPETITION_PENALTY:g}], got {penalty}")
+    lo, hi = REPETITION_PENALTY_RANGE
+    if penalty is not None and not lo <= penalty <= hi:
+        raise ModelLoadError(f"{path}: repetition_penalty must be in [{lo:g}, {hi:g}], got {penalty}")
     return GenerationDefaults(eos_token_ids=eos_ids(raw.get("eos_token_id"), str(path)),
                               temperature=number("temperature", float), top_p=number("top_p", float),
                               top_k=number("top_k", int), repetition_penalty=penalty)

@@ -21,9 +21,9 @@ from appliance.engine.request import (
     LOGIT_BIAS_RANGE,
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
-    MAX_REPETITION_PENALTY,
     MAX_STOP,
     PENALTY_RANGE,
+    REPETITION_PENALTY_RANGE,
 )
 from appliance.serve.tools import MAX_TOOLS, NAME_RE
 
@@ -145,7 +145,8 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         "subtracted from the logit of every token the answer already holds"))] | None = None
     frequency_penalty: Annotated[Penalty, Meta(description=(
         "times how often the answer holds a token, subtracted from its logit"))] | None = None
-    repetition_penalty: Annotated[float, Meta(gt=0, le=MAX_REPETITION_PENALTY, description=(
+    repetition_penalty: Annotated[float, Meta(ge=REPETITION_PENALTY_RANGE[0], le=REPETITION_PENALTY_RANGE[1],
+                                              description=(
         "vLLM's extension (CTRL's penalty): a token of the prompt or the answer has its logit divided by this when "
         "positive, multiplied when negative; 1: off"))] | None = None
     logit_bias: Annotated[dict[str, Bias], Meta(max_length=MAX_LOGIT_BIAS, description=(

@@ -82,7 +82,9 @@ CASES: list[tuple[str, str, dict | bytes, int, str | None, str]] = [
     ("ignore-eos-int", CHAT, {**MSG, "ignore_eos": 1}, 400, "ignore_eos", "boolean"),
     ("presence-penalty-3", CHAT, {**MSG, "presence_penalty": 3}, 400, "presence_penalty", "<= 2"),
     ("frequency-penalty-string", COMP, {**PROMPT, "frequency_penalty": "x"}, 400, "frequency_penalty", "number"),
-    ("repetition-penalty-zero", CHAT, {**MSG, "repetition_penalty": 0}, 400, "repetition_penalty", "> 0"),
+    ("repetition-penalty-zero", CHAT, {**MSG, "repetition_penalty": 0}, 400, "repetition_penalty", ">= 0.01"),
+    ("repetition-penalty-tiny", COMP, {**PROMPT, "repetition_penalty": 5e-116}, 400, "repetition_penalty",
+     ">= 0.01"),  # divided the logits to infinity (the fuzzer's find)
     ("repetition-penalty-11", COMP, {**PROMPT, "repetition_penalty": 11}, 400, "repetition_penalty", "<= 10"),
     ("logit-bias-101", COMP, {**PROMPT, "logit_bias": {"50": 101}}, 400, "logit_bias", "<= 100"),
     ("logit-bias-not-an-id", CHAT, {**MSG, "logit_bias": {"hello": 1}}, 400, "logit_bias", "not a token id"),

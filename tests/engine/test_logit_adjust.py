@@ -77,7 +77,8 @@ def test_both_samplers_draw_from_the_adjusted_logits_and_report_raw_logprobs(sam
 @pytest.mark.parametrize(("params", "message"), [
     (dict(presence_penalty=2.5), "presence_penalty must be in \\[-2, 2\\]"),
     (dict(frequency_penalty=float("nan")), "frequency_penalty"),
-    (dict(repetition_penalty=0.0), "repetition_penalty must be in \\(0, 10\\]"),
+    (dict(repetition_penalty=0.0), "repetition_penalty must be in \\[0.01, 10\\]"),
+    (dict(repetition_penalty=1e-100), "repetition_penalty must be in \\[0.01, 10\\]"),
     (dict(logit_bias=((1, 101.0),)), "logit_bias entries"),
     (dict(logit_bias=((-1, 1.0),)), "logit_bias entries"),
     (dict(logit_bias=(1, 2)), "logit_bias entries"),
