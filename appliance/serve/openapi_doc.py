@@ -51,6 +51,27 @@ def request_schemas() -> dict[str, dict[str, Any]]:
     return bodies
 
 
+_TEXT_PART = {"type": "object", "required": ["type", "text"], "properties": {
+    "type": {"type": "string", "enum": ["input_text", "output_text"]}, "text": {"type": "string"}}}
+RESPONSES_BODY: dict[str, Any] = {
+    "type": "object", "required": ["input"], "description": "appliance/serve/responses_api.py: what is served",
+    "properties": {
+        "model": {"type": "string"},
+        "input": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {
+            "type": "object", "required": ["role", "content"], "properties": {
+                "type": {"type": "string", "enum": ["message"]},
+                "role": {"type": "string", "enum": ["user", "assistant", "system", "developer"]},
+                "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}}}]},
+        "instructions": {"type": "string", "nullable": True},
+        "max_output_tokens": {"type": "integer", "minimum": 1, "nullable": True},
+        "temperature": {"type": "number", "minimum": 0, "nullable": True},
+        "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1, "nullable": True},
+        "stream": {"type": "boolean", "nullable": True},
+        "text": {"type": "object", "nullable": True, "description": "format: text, json_object or json_schema"},
+        "metadata": {"type": "object", "nullable": True},
+        "store": {"type": "boolean", "enum": [False], "nullable": True},
+    }}
+
 _ERROR = {"description": "OpenAI-style error", "content": {"application/json": {"schema": {
     "type": "object", "properties": {"error": {"type": "object", "properties": {
         "message": {"type": "string"}, "type": {"type": "string"}, "param": {"type": "string", "nullable": True},
@@ -80,6 +101,9 @@ def openapi_document(model: str, max_body_bytes: int = 4 * 1024 * 1024) -> dict[
         "paths": {
             "/v1/chat/completions": {"post": _op("Chat completion", bodies["chat"], limits)},
             "/v1/completions": {"post": _op("Text completion", bodies["completions"], limits)},
+            "/v1/responses": {"post": _op("Response (OpenAI's Responses API, text)", RESPONSES_BODY,
+                                          limits + " A /v1/responses body is read as the chat request it "
+                                          "amounts to: the chat body's limits apply to its fields.")},
             "/v1/models": {"get": {"summary": "Served models", "responses": {"200": {"description": "model list"}}}},
             "/health": {"get": {"summary": "Health", "responses": {"200": {"description": "ok"},
                                                                     "503": {"description": "degraded"}}}},

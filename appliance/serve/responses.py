@@ -9,9 +9,8 @@ disconnected; on every way out the events' generator is closed, which aborts the
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -23,10 +22,12 @@ from appliance.serve.protocol import Tokens
 from appliance.serve.relay import Outcome, Relayed
 from appliance.serve.router_config import RouterConfig
 from appliance.serve.router_metrics import RouterMetrics
+from appliance.serve.sse_formats import ChatStream, StreamFormat, totals
 from appliance.serve.stream_write import eof_within, write_within
 from appliance.serve.worker_client import WorkerFailed
 
 Events = AsyncIterator[Relayed]
+Render = Callable[[list[tuple[list[Choice], Outcome]]], dict[str, Any]]
 T = TypeVar("T")
 
 
@@ -96,8 +97,10 @@ class ResponseWriter:
                 c.index = i
         return choices, final
 
-    async def collect(self, parts: list[tuple[oai.ParsedRequest, Events]], rid: str) -> web.Response:
-        """The whole answer as one JSON body: each prompt's choices after the previous prompt's."""
+    async def collect(self, parts: list[tuple[oai.ParsedRequest, Events]], rid: str,
+                      render: Render | None = None) -> web.Response:
+        """The whole answer as one JSON body: by default chat's or completions' (each prompt's choices after
+        the previous prompt's), else what ``render`` makes of each prompt's choices and outcome."""
         t0 = time.monotonic()
         parsed = parts[0][0]
         tasks = [asyncio.ensure_future(self._collected(p, gen, t0)) for p, gen in parts]
@@ -111,26 +114,25 @@ class ResponseWriter:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         self.m.requests.inc(endpoint=parsed.endpoint, outcome="ok")
+        if render is not None:
+            return web.json_response(render(results))
         bodies = []
         for (p, _), (choices, _) in zip(parts, results, strict=True):
             offset = len(bodies)
             for c in choices:
                 c.index += offset
             bodies += [c.body(p, self.tok) for c in choices]
-        use = oai.usage(*_totals([outcome for _, outcome in results]))
+        use = oai.usage(*totals([outcome for _, outcome in results]))
         return web.json_response(oai.full_response(parsed, rid, bodies, use))
 
     async def stream(self, request: web.Request, parts: list[tuple[oai.ParsedRequest, Events]],
-                     rid: str) -> web.StreamResponse:
-        """The answer as Server-Sent Events, each chunk as soon as its tokens arrive; several prompts'
-        chunks interleave, each choice's index after the previous prompts' choices."""
+                     rid: str, fmt: StreamFormat | None = None) -> web.StreamResponse:
+        """The answer as Server-Sent Events in ``fmt`` (default: chat and completions chunks), each as soon
+        as its tokens arrive; several prompts' pieces interleave."""
         t0 = time.monotonic()
-        created = int(time.time())
         resp: web.StreamResponse | None = None
-        started: set[int] = set()  # choices whose first chunk (with the role) went out
         parsed = parts[0][0]
-        chat = parsed.endpoint == "chat"
-        offsets = [sum(p.n for p, _ in parts[:k]) for k in range(len(parts))]
+        fmt = fmt or ChatStream(self.tok, [p for p, _ in parts], rid)
         streams = [self._pieces(p, gen, t0, self._choices(p)) for p, gen in parts]
         pieces_it = merged(streams) if len(streams) > 1 else _tagged(streams[0])
         outcomes: list[Outcome] = []
@@ -140,25 +142,13 @@ class ResponseWriter:
                     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                                        "X-Request-Id": rid})
                     await resp.prepare(request)
-                for p in pieces:
-                    index = offsets[k] + p.index
-                    first = index not in started
-                    if p.text or p.logprobs or first:
-                        logprobs = oai.format_logprobs(parsed, self.tok, p.logprobs)
-                        await self._sse(resp, oai.chunk(parsed, rid, created, p.text, None, first, logprobs, index))
-                        started.add(index)
-                    if p.tool_calls:
-                        await self._sse(resp, oai.chunk(parsed, rid, created, None, None, index=index,
-                                                        tool_calls=p.tool_calls))
-                    if p.finish is not None:
-                        await self._sse(resp, oai.chunk(parsed, rid, created, None if chat else "", p.finish,
-                                                        index=index))
+                    await self._write(resp, fmt.opening())
+                await self._write(resp, fmt.pieces(k, pieces))
                 if outcome is not None:
                     outcomes.append(outcome)
             assert resp is not None  # each prompt's pieces end with an item carrying its outcome
-            if parsed.include_usage:
-                await self._sse(resp, oai.usage_chunk(parsed, rid, created, oai.usage(*_totals(outcomes))))
-            await self._done(resp)
+            await self._write(resp, fmt.closing(outcomes))
+            await eof_within(resp, self.cfg.client_stall_s)
             self.m.requests.inc(endpoint=parsed.endpoint, outcome="ok")
         except (WorkerFailed, oai.ApiError) as exc:
             self.m.requests.inc(endpoint=parsed.endpoint, outcome="error")
@@ -169,8 +159,8 @@ class ResponseWriter:
             err = exc if isinstance(exc, oai.ApiError) else oai.ApiError(502, f"worker failed: {exc}",
                                                                           kind="server_error")
             self.m.errors.inc(kind=str(err.status))  # after the first byte: the middleware never sees it
-            await self._sse(resp, err.body())
-            await self._done(resp)
+            await self._write(resp, fmt.failure(err))
+            await eof_within(resp, self.cfg.client_stall_s)
         except (ConnectionError, asyncio.CancelledError):  # reset, broken pipe, stalled: the client is gone
             self.m.requests.inc(endpoint=parsed.endpoint, outcome="client_gone")
             raise
@@ -182,19 +172,9 @@ class ResponseWriter:
                 await it.aclose()
         return resp
 
-    async def _done(self, resp: web.StreamResponse) -> None:
-        await write_within(resp, b"data: [DONE]\n\n", self.cfg.client_stall_s)
-        await eof_within(resp, self.cfg.client_stall_s)
-
-    async def _sse(self, resp: web.StreamResponse, obj: dict) -> None:
-        data = b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
-        await write_within(resp, data, self.cfg.client_stall_s)
-
-
-def _totals(outcomes: list[Outcome]) -> tuple[int, int, int]:
-    """Prompt, completion and cached tokens over several prompts' outcomes (``oai.usage``'s arguments)."""
-    return (sum(o.prompt_tokens for o in outcomes), sum(o.completion_tokens for o in outcomes),
-            sum(o.cached_tokens for o in outcomes))
+    async def _write(self, resp: web.StreamResponse, events: list[bytes]) -> None:
+        for data in events:
+            await write_within(resp, data, self.cfg.client_stall_s)
 
 
 async def _tagged(it: AsyncGenerator[T, None]) -> AsyncGenerator[tuple[int, T], None]:

@@ -36,6 +36,7 @@ from typing import Any
 from aiohttp import web
 
 from appliance.serve import openai_api as oai
+from appliance.serve import responses_api
 from appliance.serve.adaptive_placement import AdaptivePlacement
 from appliance.serve.auth import bearer_ok
 from appliance.serve.dispatch import Dispatcher
@@ -81,6 +82,7 @@ class Router:
         app = web.Application(middlewares=[self._errors, self._auth], client_max_size=self.cfg.max_body_bytes)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/responses", self.responses)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_text)
@@ -192,6 +194,9 @@ class Router:
     async def completions(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "completions")
 
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "responses")
+
     async def _serve(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         # NOTE: the slot is taken before the body is read, so at most max_inflight bodies are buffered.
         if self.inflight >= self.cfg.max_inflight:
@@ -206,6 +211,9 @@ class Router:
             if endpoint == "chat":
                 requests = [oai.parse_chat(body, self.tok, self.cfg.served_model_name, mml,
                                            defaults=self.cfg.generation)]
+            elif endpoint == "responses":
+                requests = [responses_api.parse(body, self.tok, self.cfg.served_model_name, mml,
+                                                defaults=self.cfg.generation)]
             else:
                 requests = [oai.parse_completion(b, self.tok, self.cfg.served_model_name, mml, self.vocab_size,
                                                  defaults=self.cfg.generation) for b in oai.split_prompts(body)]
@@ -216,12 +224,19 @@ class Router:
                                    kind="rate_limit_error", headers={"Retry-After": "1"})
             self.inflight += len(requests) - 1
             held = len(requests)
-            rid = f"{'chatcmpl' if endpoint == 'chat' else 'cmpl'}-{secrets.token_hex(12)}"
+            rid = {"chat": "chatcmpl-", "completions": "cmpl-", "responses": "resp_"}[endpoint] + secrets.token_hex(12)
             parts = []
             for k, parsed in enumerate(requests):
                 self.metrics.prompt.inc(len(parsed.prompt_ids))
                 parts.append((parsed, self.placement.generate(parsed, rid if k == 0 else f"{rid}-{k}")))
-            if requests[0].stream:
+            first = requests[0]
+            if endpoint == "responses":
+                if first.stream:
+                    events = responses_api.ResponsesStream(rid, first, body)
+                    return await self.answers.stream(request, parts, rid, events)
+                return await self.answers.collect(parts, rid, lambda results: responses_api.whole(
+                    rid, first, body, results[0][0][0], results[0][1]))
+            if first.stream:
                 return await self.answers.stream(request, parts, rid)
             return await self.answers.collect(parts, rid)
         finally:
