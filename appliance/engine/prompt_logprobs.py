@@ -17,6 +17,17 @@ import torch
 
 from appliance.engine.request import Request
 
+# positions a step scores per request: the step's logits are rows x vocabulary floats (512 x 128K x 4 B =
+# 256 MB on an 8B model's GPU; a whole 2048-token chunk would be 1 GB, and log-softmax doubles it)
+MAX_SCORED_ROWS = 512
+
+
+def chunk_budget(req: Request, budget: int) -> int:
+    """A prefill chunk's budget for ``req``: at most MAX_SCORED_ROWS while it still scores its prompt."""
+    if scorable_prefix(req) is None:
+        return budget
+    return min(budget, MAX_SCORED_ROWS)
+
 
 def positions(req: Request, start: int, n: int) -> range:
     """The positions of a chunk ``[start, start + n)`` whose logits score a prompt token not scored yet."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from appliance.engine.kv_cache import PagePool
 from appliance.engine.prefix_cache import RadixCache
-from appliance.engine.prompt_logprobs import scorable_prefix
+from appliance.engine.prompt_logprobs import chunk_budget, scorable_prefix
 from appliance.engine.request import Request, RequestStatus
 from appliance.engine.slack import SLACK_K, ttft_deadline
 
@@ -211,7 +211,7 @@ class Scheduler:
                         break
                     continue
                 self.waiting.remove(req)
-                n = self._chunk(req.remaining_prefill, budget)
+                n = self._chunk(req.remaining_prefill, chunk_budget(req, budget))
                 # NOTE: pages for the whole prompt at once (_admit counted them): consecutive pages that
                 # the CPU backend's decode attention reads in place, not interleaved with other chunks'.
                 pages = self._alloc(self._pages_needed(req, req.remaining_prefill))
@@ -223,7 +223,7 @@ class Scheduler:
             else:
                 if req.status is not RequestStatus.RUNNING or req.remaining_prefill < 1:
                     continue  # preempted earlier in this step, or waiting for its sampled token
-                n = self._chunk(req.remaining_prefill, budget)
+                n = self._chunk(req.remaining_prefill, chunk_budget(req, budget))
                 if not self._grow(req, n, scheduled):
                     continue
             budget -= n

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from appliance.config import EngineConfig
-from appliance.engine.prompt_logprobs import positions, scorable_prefix
+from appliance.engine.prompt_logprobs import MAX_SCORED_ROWS, positions, scorable_prefix
 from appliance.engine.request import Request, SamplingParams
 from appliance.llm import LLM
 
@@ -87,3 +87,16 @@ def test_a_recomputed_request_scores_only_what_it_has_not() -> None:
     assert scorable_prefix(req) is None and positions(req, 0, 10) == range(9, 9)
     plain = Request(prompt_ids=list(range(10)), params=SamplingParams())
     assert positions(plain, 0, 10) == range(0) and scorable_prefix(plain) is None
+
+
+def test_a_scoring_prompt_prefills_in_chunks_of_at_most_512() -> None:
+    cfg = EngineConfig(dtype="float32", page_size=16, num_pages=512, threads=1, max_prefill_tokens=2048)
+    with LLM("random:small", cfg) as llm:  # a 4096-token context
+        engine = llm.engine
+        ids = [5 + i % 200 for i in range(1500)]
+        scored = engine.add_request(ids, SamplingParams(max_tokens=1, prompt_logprobs=0))
+        plain = engine.add_request(ids[:900], SamplingParams(max_tokens=1))
+        sb = engine.scheduler.schedule()
+        assert sb.requests == [scored, plain] and sb.extend_lens == [MAX_SCORED_ROWS, 900]
+        engine.abort(scored.request_id)
+        engine.abort(plain.request_id)
