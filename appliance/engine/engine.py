@@ -129,9 +129,16 @@ class Engine:
             req.request_id = request_id
         if params.constraint is not None:
             req.matcher = self.grammars.matcher(params.constraint)
+        self._early_stops(req)
         self.requests[req.request_id] = req
         self.scheduler.add(req)
         return req
+
+    def _early_stops(self, req: Request) -> None:
+        """min_tokens: what the sampler bans while the answer is shorter."""
+        p = req.params
+        if p.min_tokens:
+            req.early_stops = tuple(dict.fromkeys((*(() if p.ignore_eos else self.eos_ids), *p.stop_token_ids)))
 
     def abort(self, request_id: str) -> bool:
         """Stop a request (and its forked samples) wherever it is and free its pages. False if unknown
@@ -222,6 +229,7 @@ class Engine:
             req.matcher = self.grammars.matcher(params.constraint, replay=earlier)
         req.pages = list(pages)
         req.output_ids = list(earlier)
+        self._early_stops(req)
         req.computed_len = req.total_len
         req.status = RequestStatus.RUNNING
         self.requests[request_id] = req
@@ -236,16 +244,19 @@ class Engine:
             req.output_logprobs.append(logprob)
         p = req.params
         reason: str | None = None
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
+        early = len(req.output_ids) < p.min_tokens  # min_tokens: nothing but the length ends it yet
+        if not early and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids)):
             reason = "stop"
         if req.matcher is not None and consume(req.matcher, token):
             reason = "stop"  # the constrained answer is complete: only EOS could follow
         # NOTE: detokenize only when a stop string needs the text or the request ends: the serving
         # path streams token ids (the router detokenizes), so a per-token decode here is wasted work.
         text: str | None = None
-        if p.stop:
+        if p.stop and not early:
             text = self.tokenizer.decode(req.output_ids)
-            cut = min((i for i in (text.find(s) for s in p.stop) if i >= 0), default=-1)
+            if req.stop_from is None:  # the first min_tokens - 1 tokens' text cannot hold a stop string's start
+                req.stop_from = len(self.tokenizer.decode(req.output_ids[:p.min_tokens - 1])) if p.min_tokens > 1 else 0
+            cut = min((i for i in (text.find(s, req.stop_from) for s in p.stop) if i >= 0), default=-1)
             if cut >= 0:
                 text, reason = text[:cut], "stop"
         if reason is None and (len(req.output_ids) >= p.max_tokens or req.total_len >= self.max_model_len):

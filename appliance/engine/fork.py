@@ -50,6 +50,7 @@ def children(parent: Request, path: list[RadixNode], cache: RadixCache) -> list[
     for i in range(1, p.n):
         seed = None if p.seed is None else (p.seed + i) % SEED_MOD
         child = Request(prompt_ids=list(parent.prompt_ids), params=replace(p, n=1, seed=seed, prompt_logprobs=None),
+                        early_stops=parent.early_stops,
                         request_id=f"{parent.request_id}~{i}", arrival=time.monotonic())
         child.group, child.index = parent.request_id, i
         cache.lock(path)

@@ -3,7 +3,8 @@
 In order, as vLLM applies them: ``logit_bias`` adds to the named tokens' logits; ``repetition_penalty``
 (CTRL's) divides the positive logits of every token in the prompt or the answer so far by the penalty
 and multiplies the negative ones; ``presence_penalty`` and ``frequency_penalty`` (OpenAI's) subtract
-``presence + frequency * count`` from every token the answer holds ``count`` times. Rows that ask for
+``presence + frequency * count`` from every token the answer holds ``count`` times; while an answer is
+shorter than its ``min_tokens``, its ``early_stops`` (EOS, the stop tokens) are banned. Rows that ask for
 none are untouched, and a batch with none returns its logits as they are (no copy). Works on CPU and
 CUDA tensors alike: each adjustment is one indexed op over the (row, token) pairs it touches, which one
 ``torch.unique`` over ``row * vocab + token`` keys finds for the whole batch (with the counts).
@@ -51,6 +52,11 @@ def adjust(logits: torch.Tensor, reqs: Sequence[Request]) -> torch.Tensor:
         frequency = _per_row(reqs, lambda p: p.frequency_penalty, 0.0)[r]
         out.index_put_((r.to(out.device), t.to(out.device)), (-(presence + frequency * counts)).to(out.device),
                        accumulate=True)
+    early = [(i, t) for i in rows if len(reqs[i].output_ids) < reqs[i].params.min_tokens
+             for t in reqs[i].early_stops if t < vocab]
+    if early:
+        r, t = zip(*early, strict=True)
+        out.index_put_(_on(out, r, t), torch.tensor(float("-inf"), device=out.device))
     return out
 
 

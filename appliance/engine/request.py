@@ -42,6 +42,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # CTRL's: tokens of the prompt or the answer, positive logits / this, others x
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     prompt_logprobs: int | None = None  # score the prompt's tokens too, with this many top alternatives
+    min_tokens: int = 0  # vLLM's: no EOS, stop token or stop string ends the answer before this many tokens
 
     MAX_N = MAX_SAMPLES
     MAX_LOGPROBS = MAX_LOGPROBS
@@ -64,6 +65,8 @@ class SamplingParams:
               f"stop must be at most {self.MAX_STOP} non-empty strings")
         check(self.logprobs is None or 0 <= self.logprobs <= self.MAX_LOGPROBS,
               f"logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.logprobs!r}")
+        check(isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+              f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
         check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= self.MAX_LOGPROBS,
               f"prompt_logprobs must be between 0 and {self.MAX_LOGPROBS}, got {self.prompt_logprobs!r}")
         check(isinstance(self.n, int) and 1 <= self.n <= self.MAX_N, f"n must be in [1, {self.MAX_N}], got {self.n!r}")
@@ -97,7 +100,7 @@ class SamplingParams:
     def adjusts_logits(self) -> bool:
         """Whether a penalty or a bias changes this request's logits before sampling."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias)
+                    or self.logit_bias or self.min_tokens)
 
 
 class RequestStatus(enum.Enum):
@@ -148,6 +151,11 @@ class Request:
     fork_hold: list[Any] = field(default_factory=list)
     # repetition_penalty (appliance.engine.logit_adjust): the prompt's distinct tokens, found once
     prompt_tokens: Any = None
+    # min_tokens: the tokens banned while the answer is shorter (EOS unless ignored, the stop tokens), set by
+    # the engine; and where in the answer's text a stop string may start (the text of its first
+    # min_tokens - 1 tokens cannot end it), found once the answer is that long
+    early_stops: tuple[int, ...] = ()
+    stop_from: int | None = None
     # params.prompt_logprobs (appliance.engine.prompt_logprobs): entry j scores prompt token j + 1
     prompt_logprobs: list[dict[str, Any]] = field(default_factory=list)
 

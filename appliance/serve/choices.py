@@ -30,7 +30,7 @@ class Piece:
 class Choice:
     def __init__(self, index: int, parsed: oai.ParsedRequest, tokenizer: Any) -> None:
         self.index = index
-        self.text = IncrementalText(tokenizer, parsed.sampling.stop)
+        self.text = IncrementalText(tokenizer, parsed.sampling.stop, parsed.sampling.min_tokens)
         tools = parsed.tools
         self.tools = ToolStream(tools) if tools is not None and tools.parses else None
         self.deltas = CallDeltas() if tools is not None and tools.enforced else None  # streamed as generated

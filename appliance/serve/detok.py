@@ -6,7 +6,8 @@ and never a tail that could still grow into a stop string.
 Cost per token is constant, not the answer's length: each step decodes only the ids since the last
 stable point plus the few before it (``prefix``), which give the tokenizer its context (a
 SentencePiece word's leading space, a byte-level character split across tokens); the new text is
-the window's text minus the prefix's text. Stop strings are searched in the new tail only.
+the window's text minus the prefix's text. Stop strings are searched in the new tail only, and with
+``min_tokens`` only once that many tokens are in, from the end of the first ``min_tokens - 1`` tokens' text.
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ from typing import Any
 
 
 class IncrementalText:
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Any, stop: Sequence[str] = (), min_tokens: int = 0) -> None:
         self.tok = tokenizer
         self.stop = tuple(s for s in stop if s)
+        self.min_tokens = min_tokens
+        self.stop_from: int | None = None if min_tokens > 1 else 0  # where a stop string may start
         self.longest_stop = max((len(s) for s in self.stop), default=0)
         self.ids: list[int] = []
         self.prefix = 0  # ids[prefix:read] give context; their text is already in self.text
@@ -55,6 +58,11 @@ class IncrementalText:
         start = max(0, len(self.text) - self.longest_stop + 1)
         self.text += new
         self.prefix, self.read = self.read, len(self.ids)
+        if len(self.ids) < self.min_tokens:
+            return  # too short to stop yet
+        if self.stop_from is None:
+            self.stop_from = len(self.tok.decode(self.ids[:self.min_tokens - 1]))
+        start = max(start, self.stop_from)
         for s in self.stop:
             i = self.text.find(s, start)
             if i >= 0:

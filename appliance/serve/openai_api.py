@@ -150,11 +150,17 @@ def _sampling(req: Any, constraint: ConstraintSpec | None, prompt_len: int, prom
     if max_tokens > room:
         raise ApiError(400, f"{key} is {max_tokens} but only {room} tokens fit after the {prompt_len}-token "
                             f"prompt in the {max_model_len}-token context", key)
+    min_tokens = req.min_tokens or 0
+    if min_tokens > max_tokens:
+        raise ApiError(400, f"min_tokens ({min_tokens}) must be at most {key} ({max_tokens})", "min_tokens")
     if tools is not None and tools.enforced:
         if constraint is not None:
             raise ApiError(400, f"tool_choice {tools.choice} constrains the answer to a tool call, which excludes "
                                 "response_format (other than text) and guided_regex", "tool_choice")
         constraint = tools.constraint
+    if min_tokens and constraint is not None:  # the grammar may end the answer where EOS is banned
+        raise ApiError(400, "min_tokens cannot hold an answer the structured output or tool call constrains open",
+                       "min_tokens")
     # what the request leaves unset: the checkpoint's, else pdbox's
     chosen = defaults.sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                                repetition_penalty=req.repetition_penalty)
@@ -176,6 +182,7 @@ def _sampling(req: Any, constraint: ConstraintSpec | None, prompt_len: int, prom
         frequency_penalty=float(req.frequency_penalty or 0.0),
         repetition_penalty=float(chosen["repetition_penalty"]),
         logit_bias=_logit_bias(req.logit_bias, vocab_size),
+        min_tokens=min_tokens,
     )
 
 

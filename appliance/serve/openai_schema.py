@@ -159,6 +159,9 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stop: StopString | Annotated[list[StopString], Meta(max_length=MAX_STOP)] | None = None
     stop_token_ids: Annotated[list[TokenId], Meta(max_length=MAX_STOP)] | None = None
     ignore_eos: bool | None = None
+    min_tokens: Annotated[int, Meta(ge=0, description=(
+        "vLLM's extension: no EOS, stop token or stop string ends the answer before this many tokens; at most "
+        "max_tokens; not with structured outputs or an enforced tool call"))] | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None

@@ -34,6 +34,7 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
     repetition_penalty: float = 1.0
     logit_bias: list[tuple[int, float]] = []
     prompt_logprobs: int | None = None  # score the prompt too (echo with logprobs), this many alternatives
+    min_tokens: int = 0
 
     def to_params(self):  # -> SamplingParams (lazy import: the router must not import torch)
         from appliance.engine.constraint import Constraint
@@ -47,7 +48,7 @@ class Sampling(msgspec.Struct, frozen=True, kw_only=True):
             constraint=None if c is None else Constraint(c.kind, c.spec), n=self.n,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, logit_bias=tuple(self.logit_bias),
-            prompt_logprobs=self.prompt_logprobs,
+            prompt_logprobs=self.prompt_logprobs, min_tokens=self.min_tokens,
         )
 
 

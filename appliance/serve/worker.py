@@ -245,7 +245,10 @@ class Worker:
         self._check_role("prefill", "auto")
         body: PrefillRequest = await self._decode_body(request, PrefillRequest)
         try:
-            params = replace(body.sampling.to_params(), max_tokens=1, stop=(), stop_token_ids=())
+            params = body.sampling.to_params()
+            # the first token only; the stop tokens stay while min_tokens bans them from it
+            params = replace(params, max_tokens=1, stop=(), stop_token_ids=params.stop_token_ids if params.min_tokens
+                             else ())
         except ValueError as exc:
             raise web.HTTPBadRequest(text=str(exc)) from None
         _check_handles(body.handles)

@@ -86,6 +86,10 @@ CASES: list[tuple[str, str, dict | bytes, int, str | None, str]] = [
     ("repetition-penalty-tiny", COMP, {**PROMPT, "repetition_penalty": 5e-116}, 400, "repetition_penalty",
      ">= 0.01"),  # divided the logits to infinity (the fuzzer's find)
     ("repetition-penalty-11", COMP, {**PROMPT, "repetition_penalty": 11}, 400, "repetition_penalty", "<= 10"),
+    ("min-tokens-over-max", COMP, {**PROMPT, "min_tokens": 3}, 400, "min_tokens", "at most max_tokens (2)"),
+    ("min-tokens-negative", CHAT, {**MSG, "min_tokens": -1}, 400, "min_tokens", ">= 0"),
+    ("min-tokens-constrained", CHAT, {**MSG, "min_tokens": 1, "response_format": {"type": "json_object"}}, 400,
+     "min_tokens", "constrains"),
     ("logit-bias-101", COMP, {**PROMPT, "logit_bias": {"50": 101}}, 400, "logit_bias", "<= 100"),
     ("logit-bias-not-an-id", CHAT, {**MSG, "logit_bias": {"hello": 1}}, 400, "logit_bias", "not a token id"),
     ("logit-bias-negative-id", CHAT, {**MSG, "logit_bias": {"-5": 1}}, 400, "logit_bias", "not a token id"),

@@ -112,3 +112,13 @@ def test_many_rows_with_every_adjustment_match_a_row_by_row_reference() -> None:
         for t in set(r.output_ids):
             want[i, t] -= p.presence_penalty + p.frequency_penalty * r.output_ids.count(t)
     assert torch.allclose(adjust(logits, reqs), want, atol=1e-5)
+
+
+def test_early_stops_are_banned_only_while_the_answer_is_short() -> None:
+    logits = torch.zeros(2, VOCAB)
+    short, done = req([1], [4], min_tokens=3), req([1], [4, 5, 6], min_tokens=3)
+    for r in (short, done):
+        r.early_stops = (2, 9)
+    out = adjust(logits, [short, done])
+    assert out[0, 2] == out[0, 9] == float("-inf") and torch.isfinite(out[0, :2]).all()
+    assert torch.equal(out[1], logits[1])  # three tokens in: EOS and the stop tokens are allowed again

@@ -26,20 +26,22 @@ def tok(smollm_path):
     return load_tokenizer(smollm_path)[0]
 
 
-def stream(tok, ids: list[int], stop: tuple[str, ...], rng: random.Random) -> str:
-    inc = IncrementalText(tok, stop)
+def stream(tok, ids: list[int], stop: tuple[str, ...], rng: random.Random, min_tokens: int = 0) -> str:
+    inc = IncrementalText(tok, stop, min_tokens)
     out, i = [], 0
     while i < len(ids) and not inc.stopped:
-        n = rng.choice([1, 1, 1, 2, 3, 7])
+        n = 1 if min_tokens else rng.choice([1, 1, 1, 2, 3, 7])  # with min_tokens: a token an event, as served
         out.append(inc.feed(ids[i : i + n]))
         i += n
     out.append(inc.finish())
     return "".join(out)
 
 
-def reference(tok, ids: list[int], stop: tuple[str, ...]) -> str:
+def reference(tok, ids: list[int], stop: tuple[str, ...], min_tokens: int = 0) -> str:
+    """The whole text cut at the first stop string that starts after the first min_tokens - 1 tokens' text."""
     text = tok.decode(ids)
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
+    start = len(tok.decode(ids[:min_tokens - 1])) if min_tokens > 1 else 0
+    cut = min((i for i in (text.find(s, start) for s in stop) if i >= 0), default=len(text))
     return text[:cut]
 
 
@@ -72,3 +74,15 @@ def test_no_text_is_released_before_it_is_stable(tok) -> None:
     assert "\ufffd" not in released
     assert not released.endswith("b")  # may still grow into the stop string "b!"
     assert released + inc.finish() == "a 🎉 b"
+
+
+@pytest.mark.parametrize("min_tokens", [0, 1, 2, 5, 12])
+def test_min_tokens_holds_stop_strings_off_until_the_answer_is_long_enough(tok, min_tokens: int) -> None:
+    text = "one, two, three, four, five, six, seven, eight"
+    ids = tok.encode(text)
+    got = stream(tok, ids, (",",), random.Random(0), min_tokens)
+    assert got == reference(tok, ids, (",",), min_tokens)
+    if min_tokens <= 2:
+        assert got == "one"  # the first comma ends it
+    if min_tokens == 12:
+        assert len(got) > len("one, two, three")  # held past the first commas
