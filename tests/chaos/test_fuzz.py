@@ -173,6 +173,11 @@ def _documented(schema: dict, body: dict) -> dict:
         body.pop("max_tokens", None)
     elif body.get("max_tokens") is None:
         body["max_tokens"] = SMALL["max_tokens"]  # the default (up to 1024 tokens) would take a minute here
+    # min_tokens is at most the answer's length and leaves constrained answers alone (documented)
+    most = body.get("max_completion_tokens") or body.get("max_tokens")
+    constrained = body.get("response_format") not in (None, {"type": "text"}) or body.get("guided_regex") is not None
+    if body.get("min_tokens") is not None and (constrained or not isinstance(most, int) or body["min_tokens"] > most):
+        body.pop("min_tokens")
     return body
 
 

@@ -44,8 +44,9 @@ def answers(url: str, tok: Tokenizer) -> dict[str, object]:
             model=MODEL, messages=[{"role": "user", "content": "Say hello twice."}], max_tokens=16, temperature=0,
             extra_body=extra).choices[0].message.content
 
-    out = {"plain": plain, "banned": banned, "held": held.choices[0].text, "forced": forced.text, "penalised": penalised.text,
-           "chat": chat(repetition_penalty=1.3), "chat_plain": chat(), "blue": tok.decode(blue * 3)}
+    out = {"plain": plain, "banned": banned, "held": held.choices[0].text, "forced": forced.text,
+           "penalised": penalised.text, "chat": chat(repetition_penalty=1.3), "chat_plain": chat(),
+           "blue": tok.decode(blue * 3)}
     assert_pools_idle(url)
     return out
 
