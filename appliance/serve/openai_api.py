@@ -200,7 +200,7 @@ def parse_chat(body: dict, tokenizer: Any, served: str, max_model_len: int, alia
         raise ApiError(400, str(exc), exc.field) from None
     req, constraint = _decoded(body, "chat", tokenizer.vocab_size)
     try:
-        clean = [history_message(_message(m), i, template) for i, m in enumerate(body["messages"])]
+        clean = [history_message(message_dict(m), i, template) for i, m in enumerate(body["messages"])]
         msgs, variable = with_tools(clean, tools, template)
     except ToolError as exc:
         raise ApiError(400, str(exc), exc.field) from None
@@ -214,7 +214,7 @@ def parse_chat(body: dict, tokenizer: Any, served: str, max_model_len: int, alia
     return ParsedRequest("chat", model, ids, sampling, *_streaming(req), want, tools)
 
 
-def _message(m: dict[str, Any]) -> dict[str, Any]:
+def message_dict(m: dict[str, Any]) -> dict[str, Any]:
     """A message the Struct accepted: text content (parts joined), tool-call fields kept as sent."""
     content = m.get("content") or ""
     if isinstance(content, list):  # [{"type": "text", "text": ...}]

@@ -104,6 +104,12 @@ def openapi_document(model: str, max_body_bytes: int = 4 * 1024 * 1024) -> dict[
             "/v1/responses": {"post": _op("Response (OpenAI's Responses API, text)", RESPONSES_BODY,
                                           limits + " A /v1/responses body is read as the chat request it "
                                           "amounts to: the chat body's limits apply to its fields.")},
+            "/tokenize": {"post": {"summary": "Token ids of a prompt or a chat (vLLM's extension): "
+                                              "appliance/serve/tokenize_api.py",
+                                   "responses": {"200": {"description": "count, max_model_len, tokens"},
+                                                 "400": _ERROR}}},
+            "/detokenize": {"post": {"summary": "Text of token ids (vLLM's extension)",
+                                     "responses": {"200": {"description": "prompt"}, "400": _ERROR}}},
             "/v1/models": {"get": {"summary": "Served models", "responses": {"200": {"description": "model list"}}}},
             "/health": {"get": {"summary": "Health", "responses": {"200": {"description": "ok"},
                                                                     "503": {"description": "degraded"}}}},

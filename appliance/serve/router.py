@@ -36,7 +36,7 @@ from typing import Any
 from aiohttp import web
 
 from appliance.serve import openai_api as oai
-from appliance.serve import responses_api
+from appliance.serve import responses_api, tokenize_api
 from appliance.serve.adaptive_placement import AdaptivePlacement
 from appliance.serve.auth import bearer_ok
 from appliance.serve.dispatch import Dispatcher
@@ -83,6 +83,8 @@ class Router:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/responses", self.responses)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_text)
@@ -196,6 +198,15 @@ class Router:
 
     async def responses(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "responses")
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = oai.parse_json(await request.read())
+        mml = self.pool.max_model_len or 2048
+        return web.json_response(tokenize_api.tokenize(body, self.tok, self.cfg.served_model_name, mml))
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        body = oai.parse_json(await request.read())
+        return web.json_response(tokenize_api.detokenize(body, self.tok, self.cfg.served_model_name, self.vocab_size))
 
     async def _serve(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         # NOTE: the slot is taken before the body is read, so at most max_inflight bodies are buffered.

@@ -1,9 +1,13 @@
 """Several prompts in one /v1/completions request, end to end: `pdbox up` (adaptive, the default), the
 embedded SmolLM2, the real `openai` client. Each prompt's choices are what it gets alone (greedy, and
 seeded samples with n=2), numbered prompt by prompt; streamed, the same texts under the same indexes;
-token-id prompts too; bad batches are 400s naming `prompt`; no page is left behind."""
+the ids /tokenize gives answer as their texts do; bad batches are 400s naming `prompt`; no page is left
+behind."""
 
 from __future__ import annotations
+
+import json
+import urllib.request
 
 import openai
 import pytest
@@ -42,8 +46,17 @@ def test_a_batch_of_prompts_answers_each_as_alone() -> None:
                 streamed[c.index] += c.text
         assert [streamed[i] for i in range(3)] == [c.text for c in batch.choices]
 
-        ids = complete([[1, 504, 3237, 314], [1, 7042, 314]], temperature=0)
-        assert [c.index for c in ids.choices] == [0, 1] and ids.usage.prompt_tokens == 7
+        def post(path: str, body: dict) -> dict:
+            req = urllib.request.Request(url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return json.loads(r.read())
+
+        tokenized = [post("/tokenize", {"model": MODEL, "prompt": p})["tokens"] for p in PROMPTS]
+        assert post("/detokenize", {"model": MODEL, "tokens": tokenized[0]})["prompt"] == PROMPTS[0]
+        by_ids = complete(tokenized, temperature=0)  # the server's own ids: the same answers as the texts'
+        assert [c.text for c in by_ids.choices] == [c.text for c in batch.choices]
+        assert by_ids.usage.prompt_tokens == sum(len(t) for t in tokenized)
 
         for bad, message in ((["a", [1, 2]], "not both"), (["a"] * 65, "at most 64")):
             with pytest.raises(openai.BadRequestError, match=message) as info:
