@@ -174,8 +174,9 @@ class Engine:
         if self.cores is not None:  # borrow an idle partner's cores, give them back when it wakes
             self.cores.fit()
             hook = self.cores.layer_hook(hook)
-        scoring = prompt_logprobs.spans(sb.requests, sb.prefix_lens, sb.extend_lens)  # before the step scores
-        logits = self.runner.step(sb, hook, extra)
+        # prompt logprobs: the positions this step scores (never in a decode step), found before it scores them
+        scoring = [] if sb.decode_only else prompt_logprobs.spans(sb.requests, sb.prefix_lens, sb.extend_lens)
+        logits = self.runner.step(sb, hook, extra, scoring)
         sampling = [r for r, s in zip(sb.requests, sb.sample) if s]
         if scoring:  # the prompt positions' rows follow the sampling rows (runner.build)
             prompt_logprobs.score(logits[len(sampling):], scoring)

@@ -3,8 +3,9 @@ alternatives (``SamplingParams.prompt_logprobs``). It is how a served model is s
 (``echo`` with ``logprobs`` on /v1/completions; lm-eval's loglikelihood tasks).
 
 Position ``p``'s logits score prompt token ``p + 1``. A prefill chunk over positions ``[start, start + n)``
-asks the model for the logits of those of its positions not scored yet (after the step's sampling rows,
-`runner.build`), and :func:`score` appends their entries to ``req.prompt_logprobs`` in order. The
+asks the model for the logits of those of its positions not scored yet (:func:`spans`, found once a step
+by the engine and handed to `runner.build`, which puts their rows after the sampling rows), and
+:func:`score` appends their entries to ``req.prompt_logprobs`` in order. The
 scheduler reuses a cached prefix only as far as the prompt is already scored, so no position is
 skipped; a preempted request keeps what it scored.
 """

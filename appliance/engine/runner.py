@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -17,8 +17,8 @@ from appliance.engine.forward_batch import HEADER_LEN, ForwardBatch
 from appliance.engine.graph_plan import LADDER, DecodeRow, plan_graphs
 from appliance.engine.kv_cache import PagePool
 from appliance.engine.linear_choice import LinearTiming, choose_linears, gemv_shapes, summary
-from appliance.engine.prompt_logprobs import positions as prompt_positions
 from appliance.engine.rank_device import bind_device
+from appliance.engine.request import Request
 from appliance.engine.scheduler import ScheduledBatch
 from appliance.model.llama import LlamaModel
 from appliance.model.loader import load_checkpoint
@@ -138,16 +138,17 @@ class ModelRunner:
               f"{summary(self.linear_timings)}", file=sys.stderr, flush=True)
 
     def step(self, sb: ScheduledBatch, layer_hook: Callable[[int], None] | None = None,
-             extra: bytes = b"") -> torch.Tensor:
-        """Logits of one scheduled step: a captured graph for a decode batch that fits, else eager."""
+             extra: bytes = b"", scoring: Sequence[tuple[Request, range]] = ()) -> torch.Tensor:
+        """Logits of one scheduled step: a captured graph for a decode batch that fits, else eager.
+        ``scoring``: prompt positions to score (`prompt_logprobs.spans`), whose rows follow the samples'."""
         g = self.decode_graphs
         if (g is not None and sb.decode_only and layer_hook is None and not extra and g.fits(len(sb.requests))
                 and max(sb.prefix_lens) < g.plan.width * g.plan.page_size):
             return g.run(decode_rows(sb))
-        return self.forward(self.build(sb), layer_hook, extra)
+        return self.forward(self.build(sb, scoring), layer_hook, extra)
 
     # -- rank 0 -------------------------------------------------------------------------------
-    def build(self, sb: ScheduledBatch) -> ForwardBatch:
+    def build(self, sb: ScheduledBatch, scoring: Sequence[tuple[Request, range]] = ()) -> ForwardBatch:
         """The step's metadata, built on the host and moved in ONE copy from pinned memory that never
         waits for the GPU (a copy per field from pageable memory waited for the step before)."""
         ps = self.cfg.page_size
@@ -155,10 +156,10 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         logit_rows: list[int] = []
-        scored: list[int] = []  # prompt logprobs: rows of positions that score a prompt token, after the samples'
+        base: dict[int, int] = {}  # with scoring: each request's row of position 0
         for req, start, n, sample in zip(sb.requests, sb.prefix_lens, sb.extend_lens, sb.sample):
-            base = len(ids) - start
-            scored += [base + p for p in prompt_positions(req, start, n)]
+            if scoring:
+                base[id(req)] = len(ids) - start
             if n == 1 and req.output_ids and start == req.total_len - 1:
                 ids.append(req.output_ids[-1])
             else:
@@ -169,7 +170,7 @@ class ModelRunner:
                 slots.append(pages[p // ps] * ps + p % ps)
             if sample:
                 logit_rows.append(len(ids) - 1)
-        logit_rows += scored
+        logit_rows += [base[id(req)] + p for req, rng in scoring for p in rng]  # after the samples' rows
         width = max(len(r.pages) for r in sb.requests)
         table = [r.pages + [0] * (width - len(r.pages)) for r in sb.requests]
         values = ForwardBatch.flat_values(ids, positions, slots, table, list(sb.prefix_lens), list(sb.extend_lens),

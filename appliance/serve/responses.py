@@ -167,9 +167,7 @@ class ResponseWriter:
         finally:
             # NOTE: on every way out, so a request whose client vanished is aborted on its engines now
             # (a dangling generator would keep decoding until the answer's end).
-            await pieces_it.aclose()
-            for it in streams:
-                await it.aclose()
+            await pieces_it.aclose()  # closes each prompt's pieces, and they their events
         return resp
 
     async def _write(self, resp: web.StreamResponse, events: list[bytes]) -> None:
