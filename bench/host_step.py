@@ -43,9 +43,9 @@ def host_step_ms(batches: tuple[int, ...], context: int, steps: int) -> dict:
     real_step = engine.runner.step
     logits: dict[int, torch.Tensor] = {}
 
-    def replay(sb, hook=None, extra=b""):
+    def replay(sb, hook=None, extra=b"", scoring=()):
         if not sb.decode_only:
-            return real_step(sb, hook, extra)  # the prompts' prefill: the real forward, untimed
+            return real_step(sb, hook, extra, scoring)  # the prompts' prefill: the real forward, untimed
         fill_meta(meta, plan, plan.bucket_for(len(sb.requests)), decode_rows(sb), 0, memo)  # as DecodeGraphs.run
         n = len(sb.requests)
         if n not in logits:
