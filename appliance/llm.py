@@ -20,6 +20,7 @@ class Completion:
     cached_len: int
     logprobs: list[dict[str, Any]]
     prompt_logprobs: list[dict[str, Any]] | None = None  # params.prompt_logprobs: entry j scores prompt token j + 1
+    error: str | None = None  # finish_reason "error": why (the other prompts' completions are unaffected)
 
 
 class LLM:
@@ -53,10 +54,11 @@ class LLM:
         out = []
         for r in reqs:
             for i in range(params.n):
-                s = r if i == 0 else samples[f"{r.request_id}~{i}"]
+                # a request that failed before its samples were forked stands for all of them
+                s = r if i == 0 else samples.get(f"{r.request_id}~{i}", r)
                 scored = list(r.prompt_logprobs) if params.prompt_logprobs is not None else None
                 out.append(Completion(s.prompt_ids, list(s.output_ids), s.text, s.finish_reason, s.cached_len,
-                                      list(s.output_logprobs), scored))
+                                      list(s.output_logprobs), scored, s.error))
         return out
 
     def chat(self, messages: Sequence[dict[str, Any]] | Sequence[Sequence[dict[str, Any]]],

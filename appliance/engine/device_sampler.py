@@ -22,6 +22,7 @@ import torch
 from appliance.engine.counter_rng import uniform
 from appliance.engine.logit_adjust import adjust
 from appliance.engine.request import Request
+from appliance.engine.row_failure import failed_rows
 from appliance.engine.token_mask import TokenMask
 
 SEED_MIX = 1_000_003  # (seed, position) -> one key
@@ -95,7 +96,8 @@ class DeviceSampler:
         logits = adjust(logits, reqs)
         if mask is not None:
             logits = mask.apply(logits)
-        ids = logits.argmax(dim=-1)
+        top, ids = logits.max(dim=-1)
+        fails = failed_rows(top)  # < 0: the row cannot be sampled (appliance.engine.sampler); no sync here
         random_rows = [i for i, p in enumerate(ps) if not p.greedy]
         if random_rows:
             rows = torch.tensor(random_rows, device=dev) if len(random_rows) < n else None
@@ -111,6 +113,7 @@ class DeviceSampler:
                 ids = drawn
             else:
                 ids = ids.index_copy(0, rows, drawn)
+        ids = torch.where(fails < 0, fails, ids)
         want = [i for i, p in enumerate(ps) if p.logprobs is not None]
         if not want:  # ids only: one copy, no cast and concatenation kernels
             return ids.tolist(), [None] * n
@@ -119,7 +122,7 @@ class DeviceSampler:
         if want:
             w = torch.tensor(want, device=dev) if len(want) < n else None
             lp = torch.log_softmax((raw if w is None else raw.index_select(0, w)).float(), dim=-1)
-            chosen = lp.gather(1, (ids if w is None else ids.index_select(0, w))[:, None])[:, 0]
+            chosen = lp.gather(1, (ids if w is None else ids.index_select(0, w)).clamp_min(0)[:, None])[:, 0]
             parts.append(chosen.double())
             if top_k:
                 top = lp.topk(top_k, dim=-1)
@@ -130,6 +133,8 @@ class DeviceSampler:
         m = len(want)
         vals, idx = flat[n + m:n + m + m * top_k], flat[n + m + m * top_k:]
         for j, i in enumerate(want):
+            if tokens[i] < 0:  # a failed row has no logprobs (they may be NaN)
+                continue
             k = ps[i].logprobs or 0
             logprobs[i] = {
                 "token_id": tokens[i],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from appliance.engine.grammar import GrammarCompiler, consume
 from appliance.engine.prefix_cache import RadixCache
 from appliance.engine.rank_device import bind_device
 from appliance.engine.request import Request, RequestOutput, RequestStatus, SamplingParams
+from appliance.engine.row_failure import failure_status, row_failure
 from appliance.engine.runner import ModelRunner, checkpoint_for
 from appliance.engine.sampler import Sampler
 from appliance.engine.scheduler import ScheduledBatch, Scheduler
@@ -23,6 +25,8 @@ from appliance.engine.tp_worker import spawn_tp_workers
 from appliance.model.loader import resolve_model_path
 from appliance.model.random_model import is_random_spec
 from appliance.model.tokenizer import Tokenizer
+
+log = logging.getLogger("pdbox.engine")
 
 
 class StepHooks(Protocol):
@@ -196,15 +200,39 @@ class Engine:
             self.scheduler.prefill_rate = 0.8 * self.scheduler.prefill_rate + 0.2 * rate
         elif sb.decode_only:
             self.decode_step_s = 0.9 * self.decode_step_s + 0.1 * (time.perf_counter() - t0)
-        outputs = []
+        outputs: list[RequestOutput] = []
+        failed: set[str] = set()  # requests (by their samples' root) failed in this step, once each
+        for req, tok in zip(sampling, tokens):
+            if tok < 0 and (req.group or req.request_id) not in failed:
+                failed.add(req.group or req.request_id)
+                outputs.append(self._fail(req, tok))
         for req in sampling:
-            if fork.wants_fork(req):
+            if fork.wants_fork(req) and (req.group or req.request_id) not in failed:
                 self._fork(req)
         for req, tok, lp in zip(sampling, tokens, logprobs):
+            if (req.group or req.request_id) in failed:
+                continue
             if self.handoff is not None and req.prefill_only:
                 self.handoff.after_first_token(req, tok, lp)
             outputs.append(self._append_token(req, tok, lp))
         return outputs
+
+    def _fail(self, req: Request, code: int) -> RequestOutput:
+        """End ``req`` (and, with n > 1, its sibling samples) with finish_reason "error": its row sampled
+        to failure ``code`` (`appliance.engine.row_failure`); the others in the step go on. A prefill
+        leg's transfer stops: its room is never signalled."""
+        why = row_failure(code)
+        if req.transfer is not None and req.transfer.error is None:
+            req.transfer.error = why
+        root = req.group or req.request_id
+        ended = [r for k, r in self.requests.items() if k == root or k.startswith(f"{root}~")]
+        self.abort(root)  # the request, or its samples' root and every sibling still here
+        for r in {id(r): r for r in (*ended, req)}.values():
+            r.status, r.finish_reason, r.error = RequestStatus.FINISHED, "error", why
+        log.warning("request %s failed: %s", root, why)
+        return RequestOutput(request_id=req.request_id, new_token_ids=[], text=req.text, finished=True,
+                             finish_reason="error", prompt_len=req.prompt_len, cached_len=req.cached_len,
+                             group=req.group, index=req.index, error=why, error_status=failure_status(code))
 
     # -- disaggregation: the decode side --------------------------------------------------------
     def reserve_pages(self, num_tokens: int) -> list[int] | None:

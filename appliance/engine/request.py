@@ -158,6 +158,8 @@ class Request:
     stop_from: int | None = None
     # params.prompt_logprobs (appliance.engine.prompt_logprobs): entry j scores prompt token j + 1
     prompt_logprobs: list[dict[str, Any]] = field(default_factory=list)
+    # finish_reason "error": why (a row that could not be sampled, `appliance.engine.row_failure`)
+    error: str | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -196,3 +198,5 @@ class RequestOutput:
     group: str | None = None  # a forked sample's parent request id (n > 1)
     index: int = 0  # the sample's index (0: the request itself)
     prompt_logprobs: list[dict[str, Any]] | None = None  # with the first token, when the params ask
+    error: str | None = None  # finish_reason "error": why this request failed (its group's, with n > 1)
+    error_status: int = 500  # with ``error``: 400 when the request's own parameters left no token

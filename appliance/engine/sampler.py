@@ -11,6 +11,7 @@ import torch
 from appliance.engine.device_sampler import DeviceSampler
 from appliance.engine.logit_adjust import adjust
 from appliance.engine.request import Request, SamplingParams
+from appliance.engine.row_failure import failure_code
 from appliance.engine.token_mask import TokenMask
 
 
@@ -18,7 +19,8 @@ class Sampler:
     """Samples one token per row of ``logits``; greedy rows skip all randomness.
 
     CUDA logits are sampled where they are (:class:`~appliance.engine.device_sampler.DeviceSampler`:
-    only ids and requested logprobs reach the host); CPU logits here, on the host.
+    only ids and requested logprobs reach the host); CPU logits here, on the host. A row that cannot be
+    sampled gets a negative id instead of a token (`appliance.engine.row_failure`).
     """
 
     def __init__(self, seed: int = 0) -> None:
@@ -36,17 +38,13 @@ class Sampler:
         logits = adjust(logits, reqs)
         if mask is not None:
             logits = mask.apply(logits)
-        tokens: list[int] = [0] * len(reqs)
-        greedy_rows = [i for i, r in enumerate(reqs) if r.params.greedy]
-        if greedy_rows:
-            picked = (logits if len(greedy_rows) == len(reqs) else logits[greedy_rows]).argmax(dim=-1).tolist()
-            for i, t in zip(greedy_rows, picked):
-                tokens[i] = int(t)
+        top, ids = logits.max(dim=-1)  # greedy's tokens (the first maximum, as argmax) and each row's health
+        tokens: list[int] = [failure_code(t) or i for t, i in zip(top.tolist(), ids.tolist())]
         for i, r in enumerate(reqs):
-            if not r.params.greedy:
+            if not r.params.greedy and tokens[i] >= 0:
                 tokens[i] = self._sample_one(logits[i], r)
         logprobs: list[dict[str, Any] | None] = [None] * len(reqs)
-        want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None]
+        want = [i for i, r in enumerate(reqs) if r.params.logprobs is not None and tokens[i] >= 0]
         if want:
             lp = torch.log_softmax(raw[want], dim=-1)
             for j, i in enumerate(want):

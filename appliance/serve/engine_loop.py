@@ -299,6 +299,12 @@ class EngineLoop:
     def _emit_output(self, out: RequestOutput, first: bool = False) -> None:
         """``first``: decode's first token after a KV handoff (a `First` event)."""
         rid = out.group or out.request_id
+        if out.error is not None:  # this request alone failed (its samples with it); the engine goes on
+            self.open_samples.pop(rid, None)
+            self._sample0_cached.pop(rid, None)
+            self.transfers.pop(rid, None)
+            self._emit(rid, Error(status=out.error_status, message=out.error))
+            return
         if rid in self.open_samples:
             self._emit_sample(rid, out, first)
             return
