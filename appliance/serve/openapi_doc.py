@@ -57,17 +57,31 @@ RESPONSES_BODY: dict[str, Any] = {
     "type": "object", "required": ["input"], "description": "appliance/serve/responses_api.py: what is served",
     "properties": {
         "model": {"type": "string"},
-        "input": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {
-            "type": "object", "required": ["role", "content"], "properties": {
+        "input": {"oneOf": [{"type": "string"}, {"type": "array", "minItems": 1, "items": {"oneOf": [
+            {"type": "object", "required": ["role", "content"], "properties": {
                 "type": {"type": "string", "enum": ["message"]},
                 "role": {"type": "string", "enum": ["user", "assistant", "system", "developer"]},
-                "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}}}]},
+                "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}},
+            {"type": "object", "required": ["type", "call_id", "name", "arguments"], "properties": {
+                "type": {"type": "string", "enum": ["function_call"]}, "call_id": {"type": "string"},
+                "name": {"type": "string"}, "arguments": {"type": "string", "description": "JSON"}}},
+            {"type": "object", "required": ["type", "call_id", "output"], "properties": {
+                "type": {"type": "string", "enum": ["function_call_output"]}, "call_id": {"type": "string"},
+                "output": {"oneOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}}]}}]},
         "instructions": {"type": "string", "nullable": True},
         "max_output_tokens": {"type": "integer", "minimum": 1, "nullable": True},
         "temperature": {"type": "number", "minimum": 0, "nullable": True},
         "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1, "nullable": True},
         "stream": {"type": "boolean", "nullable": True},
         "text": {"type": "object", "nullable": True, "description": "format: text, json_object or json_schema"},
+        "tools": {"type": "array", "nullable": True, "items": {
+            "type": "object", "required": ["type", "name"], "properties": {
+                "type": {"type": "string", "enum": ["function"]}, "name": {"type": "string"},
+                "description": {"type": "string"}, "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}},
+        "tool_choice": {"nullable": True, "oneOf": [{"type": "string", "enum": ["none", "auto", "required"]}, {
+            "type": "object", "required": ["type", "name"], "properties": {
+                "type": {"type": "string", "enum": ["function"]}, "name": {"type": "string"}}}]},
+        "parallel_tool_calls": {"type": "boolean", "nullable": True},
         "metadata": {"type": "object", "nullable": True},
         "store": {"type": "boolean", "enum": [False], "nullable": True},
     }}
@@ -101,7 +115,7 @@ def openapi_document(model: str, max_body_bytes: int = 4 * 1024 * 1024) -> dict[
         "paths": {
             "/v1/chat/completions": {"post": _op("Chat completion", bodies["chat"], limits)},
             "/v1/completions": {"post": _op("Text completion", bodies["completions"], limits)},
-            "/v1/responses": {"post": _op("Response (OpenAI's Responses API, text)", RESPONSES_BODY,
+            "/v1/responses": {"post": _op("Response (OpenAI's Responses API: text, function tools)", RESPONSES_BODY,
                                           limits + " A /v1/responses body is read as the chat request it "
                                           "amounts to: the chat body's limits apply to its fields.")},
             "/tokenize": {"post": {"summary": "Token ids of a prompt or a chat (vLLM's extension): "

@@ -1,13 +1,15 @@
-"""/v1/responses, OpenAI's Responses API, for text: a body is read as the chat request it amounts to
-(the same checks, sampling, placement and engines), and the answer comes back as a Response object or,
-streamed, as its typed events (``response.created`` ... ``response.output_text.delta`` ...
+"""/v1/responses, OpenAI's Responses API, for text and function tools: a body is read as the chat request
+it amounts to (the same checks, sampling, placement and engines), and the answer comes back as a Response
+object or, streamed, as its typed events (``response.created`` ... ``response.output_text.delta`` ...
 ``response.completed``).
 
 Served: ``input`` (a string, or messages whose content is a string or ``input_text``/``output_text``
-parts), ``instructions`` (a system message first), ``max_output_tokens``, ``temperature``, ``top_p``,
-``text.format`` (text, json_object, json_schema: structured outputs), ``stream``, and the metadata
-fields. pdbox keeps no responses, so ``previous_response_id``, ``conversation`` and ``store: true``
-are refused, as are tools, reasoning and other input types: a 400 that names the field, never dropped.
+parts, and ``function_call``/``function_call_output`` items), ``instructions`` (a system message first),
+``max_output_tokens``, ``temperature``, ``top_p``, ``text.format`` (text, json_object, json_schema:
+structured outputs), function ``tools`` with ``tool_choice`` and ``parallel_tool_calls``
+(`appliance.serve.responses_tools`), ``stream``, and the metadata fields. pdbox keeps no responses, so
+``previous_response_id``, ``conversation`` and ``store: true`` are refused, as are hosted tools,
+reasoning and other input types: a 400 that names the field, never dropped.
 """
 
 from __future__ import annotations
@@ -17,24 +19,26 @@ import time
 from typing import Any
 
 from appliance.serve import openai_api as oai
+from appliance.serve import responses_tools as rt
 from appliance.serve.choices import Choice, Piece
 from appliance.serve.relay import Outcome
 from appliance.serve.sse_formats import sse, totals
+from appliance.serve.tool_calls import ToolCall
 
 CHAT_PARAMS = {"max_tokens": "max_output_tokens", "messages": "input", "response_format": "text"}
-COPIED = ("model", "temperature", "top_p", "stream")
-METADATA = frozenset({"metadata", "user", "safety_identifier", "prompt_cache_key", "service_tier"})
+COPIED = ("model", "temperature", "top_p", "stream", "parallel_tool_calls")
+METADATA = frozenset({"metadata", "user", "safety_identifier", "prompt_cache_key", "service_tier"})  # echoed or unused
+MAX_METADATA = 16  # OpenAI's limits on metadata: pairs, key and value characters
+MAX_METADATA_KEY, MAX_METADATA_VALUE = 64, 512
 # field -> (is its value a no-op?, why pdbox refuses any other)
 NOOP: dict[str, tuple[Any, str]] = {
-    "store": (lambda v: v in (None, False), "pdbox keeps no responses: send store false or leave it out"),
+    "store": (lambda v: v is None or v is False, "pdbox keeps no responses: send store false or leave it out"),
     "previous_response_id": (lambda v: v is None, "pdbox keeps no responses to continue from; send the "
                                                   "conversation in input"),
     "conversation": (lambda v: v is None, "pdbox keeps no conversations; send the messages in input"),
-    "background": (lambda v: v in (None, False), "background responses are not supported"),
-    "tools": (lambda v: v in (None, []), "tools are served on /v1/chat/completions"),
-    "tool_choice": (lambda v: v in (None, "none", "auto"), "tools are served on /v1/chat/completions"),
-    "parallel_tool_calls": (lambda v: True, ""),
-    "max_tool_calls": (lambda v: v is None, "tools are served on /v1/chat/completions"),
+    "background": (lambda v: v is None or v is False, "background responses are not supported"),
+    "max_tool_calls": (lambda v: v is None, "max_tool_calls is not supported (an enforced tool_choice makes "
+                                            "one call)"),
     "reasoning": (lambda v: v is None, "reasoning is not supported by this model"),
     "include": (lambda v: v in (None, []), "include: pdbox adds nothing to a response"),
     "truncation": (lambda v: v in (None, "disabled"), "truncation: a prompt over the context is refused"),
@@ -48,7 +52,10 @@ ROLES = ("user", "assistant", "system", "developer")
 def chat_body(body: dict[str, Any]) -> dict[str, Any]:
     """The chat request a Responses body amounts to; a field pdbox would not honour is a 400 naming it."""
     for name, value in body.items():
-        if name in (*COPIED, "input", "instructions", "max_output_tokens", "text") or name in METADATA:
+        if name in METADATA:
+            _check_metadata(name, value)
+            continue
+        if name in (*COPIED, "input", "instructions", "max_output_tokens", "text", "tools", "tool_choice"):
             continue
         if name not in NOOP:
             raise oai.ApiError(400, f"unrecognized request field {name!r} for /v1/responses", name)
@@ -69,7 +76,29 @@ def chat_body(body: dict[str, Any]) -> dict[str, Any]:
     fmt = _format(body.get("text"))
     if fmt is not None:
         chat["response_format"] = fmt
+    tools = rt.chat_tools(body.get("tools"))
+    if tools is not None:
+        chat["tools"] = tools
+    if body.get("tool_choice") is not None:
+        chat["tool_choice"] = rt.chat_tool_choice(body["tool_choice"])
     return chat
+
+
+def _check_metadata(name: str, value: Any) -> None:
+    """``metadata`` (an object of up to 16 strings, echoed in the response) and the other fields pdbox takes
+    and does not use (strings): a 400 naming the field when the value is not of that shape."""
+    if value is None:
+        return
+    if name != "metadata":
+        if not isinstance(value, str):
+            raise oai.ApiError(400, f"{name} must be a string", name)
+        return
+    if not isinstance(value, dict) or len(value) > MAX_METADATA:
+        raise oai.ApiError(400, f"metadata must be an object of at most {MAX_METADATA} string values", name)
+    for k, v in value.items():
+        if len(k) > MAX_METADATA_KEY or not isinstance(v, str) or len(v) > MAX_METADATA_VALUE:
+            raise oai.ApiError(400, f"metadata[{k[:MAX_METADATA_KEY]!r}]: keys are at most {MAX_METADATA_KEY} "
+                                    f"characters, values strings of at most {MAX_METADATA_VALUE}", name)
 
 
 def _messages(value: Any) -> list[dict[str, Any]]:
@@ -77,13 +106,20 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         return [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
         raise oai.ApiError(400, "input must be a string or a non-empty list of messages", "input")
-    out = []
+    out: list[dict[str, Any]] = []
     for i, item in enumerate(value):
         where = f"input[{i}]"
-        if not isinstance(item, dict) or item.get("type", "message") != "message" or item.get("role") not in ROLES:
-            kind = item.get("type") if isinstance(item, dict) else type(item).__name__
-            raise oai.ApiError(400, f"{where} must be a message with a role among {', '.join(ROLES)} (pdbox serves "
-                                    f"text messages; got {kind!r})", "input")
+        kind = item.get("type", "message") if isinstance(item, dict) else type(item).__name__
+        if kind == "function_call":
+            rt.add_call(out, item, where)
+            continue
+        if kind == "function_call_output":
+            out.append(rt.call_output(item, where))
+            continue
+        if kind != "message" or item.get("role") not in ROLES:
+            raise oai.ApiError(400, f"{where} must be a message with a role among {', '.join(ROLES)}, a function_call "
+                                    f"or a function_call_output (pdbox serves text and function tools; got "
+                                    f"{kind!r})", "input")
         content = item.get("content")
         if isinstance(content, list):
             texts = []
@@ -129,7 +165,7 @@ def parse(body: dict[str, Any], tokenizer: Any, served: str, max_model_len: int,
         return oai.parse_chat(chat, tokenizer, served, max_model_len, **kw)
     except oai.ApiError as exc:  # in the chat body's words
         param = CHAT_PARAMS.get((exc.param or "").split("[")[0].split(".")[0], exc.param)
-        message = exc.message
+        message = exc.message.replace(".function", "")  # chat nests a tool under "function"
         for chat, ours in CHAT_PARAMS.items():
             message = message.replace(chat, ours)
         raise oai.ApiError(exc.status, message, param, exc.kind, exc.headers) from None
@@ -139,19 +175,29 @@ def new_id() -> str:
     return f"resp_{secrets.token_hex(12)}"
 
 
-def response(rid: str, parsed: oai.ParsedRequest, body: dict[str, Any], created: int, text: str | None,
-             outcome: Outcome | None) -> dict[str, Any]:
-    """A Response object: in progress (``outcome`` None) or done, its text the message's one part."""
-    status = "in_progress" if outcome is None else (
-        "incomplete" if outcome.finish_reason == "length" else "completed")
-    output = [] if text is None else [message(rid, text, status)]
+def status_of(outcome: Outcome | None) -> str:
+    if outcome is None:
+        return "in_progress"
+    return "incomplete" if outcome.finish_reason == "length" else "completed"
+
+
+def output_items(rid: str, text: str, calls: list[ToolCall], status: str) -> list[dict[str, Any]]:
+    """The answer's items: its message (when it has text, or made no call), then one per call."""
+    return ([message(rid, text, status)] if text or not calls else []) + rt.call_items(calls)
+
+
+def response(rid: str, parsed: oai.ParsedRequest, body: dict[str, Any], created: int,
+             output: list[dict[str, Any]], outcome: Outcome | None) -> dict[str, Any]:
+    """A Response object: in progress (``outcome`` None) or done, with its ``output`` items."""
+    status = status_of(outcome)
     out: dict[str, Any] = {
         "id": rid, "object": "response", "created_at": created, "status": status, "error": None,
         "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
-        "model": parsed.model, "output": output, "parallel_tool_calls": False, "previous_response_id": None,
-        "temperature": parsed.sampling.temperature, "top_p": parsed.sampling.top_p, "tool_choice": "none",
-        "tools": [], "text": body.get("text") or {"format": {"type": "text"}}, "truncation": "disabled",
+        "model": parsed.model, "output": output, "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "previous_response_id": None, "temperature": parsed.sampling.temperature, "top_p": parsed.sampling.top_p,
+        "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
+        "text": body.get("text") or {"format": {"type": "text"}}, "truncation": "disabled",
         "metadata": body.get("metadata") or {}, "store": False, "usage": None,
     }
     if outcome is not None:
@@ -174,13 +220,16 @@ def output_text(text: str) -> dict[str, Any]:
 def whole(rid: str, parsed: oai.ParsedRequest, body: dict[str, Any], choice: Choice, outcome: Outcome
           ) -> dict[str, Any]:
     """The whole answer (not streamed)."""
-    return response(rid, parsed, body, int(time.time()), "".join(choice.content), outcome)
+    output = output_items(rid, "".join(choice.content), choice.calls, status_of(outcome))
+    return response(rid, parsed, body, int(time.time()), output, outcome)
 
 
 class ResponsesStream:
     """The Responses API's events (`appliance.serve.sse_formats.StreamFormat`): the response created, its
-    message and text part added, a delta per piece of text, then each done, and the response completed
-    (or incomplete, at max_output_tokens) with its usage."""
+    items added as the answer makes them (a message and its text part, a delta per piece of text; a call
+    when its name is known, closing the message before it, then deltas of its arguments), each done, and
+    the response completed (or incomplete, at max_output_tokens) with its usage. Without tools the message
+    is added at once, before the first token."""
 
     def __init__(self, rid: str, parsed: oai.ParsedRequest, body: dict[str, Any]) -> None:
         self.rid, self.parsed, self.body = rid, parsed, body
@@ -188,6 +237,10 @@ class ResponsesStream:
         self.seq = 0
         self.text: list[str] = []
         self.item_id = message(rid, "", "in_progress")["id"]
+        self.items: list[dict[str, Any]] = []  # the output items so far, in order
+        self.msg: int | None = None  # the open message's output index
+        self.calls: dict[int, int] = {}  # a call's index in the answer -> its output index
+        self.eager = parsed.tools is None or not parsed.tools.parses
 
     def _event(self, kind: str, **fields: Any) -> bytes:
         obj = {"type": kind, **fields, "sequence_number": self.seq}
@@ -195,34 +248,75 @@ class ResponsesStream:
         return sse(obj, event=kind)
 
     def _part(self, kind: str, text: str) -> bytes:
-        return self._event(kind, item_id=self.item_id, output_index=0, content_index=0, part=output_text(text))
+        return self._event(kind, item_id=self.item_id, output_index=self.msg, content_index=0, part=output_text(text))
 
     def opening(self) -> list[bytes]:
-        start = response(self.rid, self.parsed, self.body, self.created, None, None)
+        start = response(self.rid, self.parsed, self.body, self.created, [], None)
+        out = [self._event("response.created", response=start), self._event("response.in_progress", response=start)]
+        return out + (self._open_message() if self.eager else [])
+
+    def _open_message(self) -> list[bytes]:
+        self.msg = len(self.items)
         item = message(self.rid, "", "in_progress")
         item["content"] = []
-        return [self._event("response.created", response=start), self._event("response.in_progress", response=start),
-                self._event("response.output_item.added", output_index=0, item=item),
+        self.items.append(item)
+        return [self._event("response.output_item.added", output_index=self.msg, item=item),
                 self._part("response.content_part.added", "")]
+
+    def _close_message(self, status: str) -> list[bytes]:
+        if self.msg is None:
+            return []
+        text = "".join(self.text)
+        self.items[self.msg] = item = message(self.rid, text, status)
+        out = [self._event("response.output_text.done", item_id=self.item_id, output_index=self.msg, content_index=0,
+                           text=text, logprobs=[]),
+               self._part("response.content_part.done", text),
+               self._event("response.output_item.done", output_index=self.msg, item=item)]
+        self.msg = None
+        return out
+
+    def _call(self, delta: dict[str, Any]) -> list[bytes]:
+        """One of chat's ``tool_calls`` deltas: the call's item added at its first, its arguments' delta."""
+        i, fn = delta.get("index", 0), delta.get("function") or {}
+        out = []
+        if i not in self.calls:
+            out += self._close_message("completed")
+            self.calls[i] = len(self.items)
+            self.items.append(rt.call_item(delta["id"], fn.get("name", ""), "", "in_progress"))
+            out.append(self._event("response.output_item.added", output_index=self.calls[i], item=self.items[-1]))
+        args = fn.get("arguments") or ""
+        if args:
+            item = self.items[self.calls[i]]
+            item["arguments"] += args
+            out.append(self._event("response.function_call_arguments.delta", item_id=item["id"],
+                                   output_index=self.calls[i], delta=args))
+        return out
 
     def pieces(self, k: int, pieces: list[Piece]) -> list[bytes]:
         out = []
         for p in pieces:
             if p.text:
+                if self.msg is None:
+                    out += self._open_message()
                 self.text.append(p.text)
-                out.append(self._event("response.output_text.delta", item_id=self.item_id, output_index=0,
+                out.append(self._event("response.output_text.delta", item_id=self.item_id, output_index=self.msg,
                                        content_index=0, delta=p.text, logprobs=[]))
+            for delta in p.tool_calls:
+                out += self._call(delta)
         return out
 
     def closing(self, outcomes: list[Outcome]) -> list[bytes]:
-        text = "".join(self.text)
-        final = response(self.rid, self.parsed, self.body, self.created, text, outcomes[0])
+        out = [] if self.items else self._open_message()  # an empty answer is an empty message
+        out += self._close_message(status_of(outcomes[0]))
+        for i in sorted(self.calls.values()):
+            item = {**self.items[i], "status": "completed"}
+            self.items[i] = item
+            out += [self._event("response.function_call_arguments.done", item_id=item["id"], output_index=i,
+                                arguments=item["arguments"]),
+                    self._event("response.output_item.done", output_index=i, item=item)]
+        final = response(self.rid, self.parsed, self.body, self.created, self.items, outcomes[0])
         kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
-        return [self._event("response.output_text.done", item_id=self.item_id, output_index=0, content_index=0,
-                            text=text, logprobs=[]),
-                self._part("response.content_part.done", text),
-                self._event("response.output_item.done", output_index=0, item=final["output"][0]),
-                self._event(kind, response=final)]
+        return out + [self._event(kind, response=final)]
 
     def failure(self, err: oai.ApiError) -> list[bytes]:
         return [self._event("error", code=str(err.status), message=err.message, param=err.param)]
