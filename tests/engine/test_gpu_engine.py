@@ -195,3 +195,26 @@ def test_prompt_logprobs_on_the_device(graphs_fp32) -> None:
         top = a.output_logprobs[0]["top"]
         assert [t for t, _ in e["top"]] == [t for t, _ in top]
         assert [v for _, v in e["top"]] == pytest.approx([v for _, v in top], abs=1e-3)
+
+
+def test_a_nan_row_fails_its_request_alone_on_the_device(graphs_fp32) -> None:
+    """NaN logits for one request in a graph-replayed decode batch: it ends with an error, its neighbours'
+    greedy tokens are those of a clean run, with logprobs, and no page leaks."""
+    from appliance.engine.request import SamplingParams
+    from tests.engine.test_row_failure import poison
+
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
+    clean = [graphs_fp32.add_request(p, params) for p in PROMPTS[:3]]
+    graphs_fp32.run_until_done(clean)
+    undo = poison(graphs_fp32, "victim", after=3)
+    try:
+        reqs = [graphs_fp32.add_request(p, params, request_id=rid)
+                for p, rid in zip(PROMPTS[:3], ("a", "victim", "b"))]
+        graphs_fp32.run_until_done(reqs)
+    finally:
+        undo()
+    assert reqs[1].finish_reason == "error" and len(reqs[1].output_ids) == 3 and "not finite" in reqs[1].error
+    for got, want in ((reqs[0], clean[0]), (reqs[2], clean[2])):
+        assert got.output_ids == want.output_ids and len(got.output_logprobs) == 8
+    graphs_fp32.cache.reset()
+    assert graphs_fp32.pool.num_free == graphs_fp32.pool.num_pages - 1  # the graphs' scratch page stays
