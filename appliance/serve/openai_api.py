@@ -113,7 +113,7 @@ def _decoded(body: dict[str, Any], endpoint: str, vocab_size: int) -> tuple[Any,
         raise ApiError(400, f"{bad} must be finite", bad)
     _in_vocab(body.get("stop_token_ids"), vocab_size, "stop_token_ids entry", "stop_token_ids")
     try:
-        constraint = parse_constraint(body)  # response_format and guided_regex, in their own words
+        constraint = parse_constraint(body)  # response_format and the guided_* fields, in their own words
     except FormatError as exc:
         raise ApiError(400, str(exc), exc.field) from None
     try:
@@ -156,7 +156,7 @@ def _sampling(req: Any, constraint: ConstraintSpec | None, prompt_len: int, prom
     if tools is not None and tools.enforced:
         if constraint is not None:
             raise ApiError(400, f"tool_choice {tools.choice} constrains the answer to a tool call, which excludes "
-                                "response_format (other than text) and guided_regex", "tool_choice")
+                                "response_format (other than text) and the guided_* fields", "tool_choice")
         constraint = tools.constraint
     if min_tokens and constraint is not None:  # the grammar may end the answer where EOS is banned
         raise ApiError(400, "min_tokens cannot hold an answer the structured output or tool call constrains open",

@@ -5,7 +5,8 @@ Every field of OpenAI's chat and completions bodies falls in one of three sets:
 - **applied**: the fields of the Structs in `openai_schema`, read by `openai_api` and honoured
   (sampling, penalties and ``logit_bias``, stops, logprobs, streaming, ``n``, structured outputs:
   ``response_format`` text /
-  json_object / json_schema and the ``guided_regex`` extension, checked in `response_format`, which
+  json_object / json_schema and vLLM's ``guided_regex``/``guided_json``/``guided_choice``, checked in
+  `response_format`, which
   refuses any other type naming the field; on chat, ``tools``, ``tool_choice`` and
   ``parallel_tool_calls``, checked in `tools`; on completions, ``best_of``);
 - **metadata**: fields that do not change the answer (``user``, ``metadata``, ...), accepted;

@@ -166,8 +166,15 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = None
     guided_regex: Annotated[str, Meta(min_length=1, extra_json_schema={"format": "regex"}, description=(
-        "pdbox extension (vLLM's name): the answer must match this regex in full; excludes a response_format "
-        "other than text"))] | None = None
+        "vLLM's extension: the answer must match this regex in full; excludes a response_format other than text "
+        "and the other guided_* fields"))] | None = None
+    guided_json: Annotated[dict[str, Any] | str, Meta(description=(
+        "vLLM's extension: the answer is JSON matching this schema (an object, or its JSON text; as "
+        "response_format json_schema); excludes a response_format other than text and the other guided_* "
+        "fields"))] | None = None
+    guided_choice: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, max_length=256, description=(
+        "vLLM's extension: the answer is exactly one of these strings; excludes a response_format other than text "
+        "and the other guided_* fields"))] | None = None
 
 
 class ChatRequest(_Common, kw_only=True, forbid_unknown_fields=True):

@@ -1,10 +1,14 @@
-"""Structured outputs in a request body: OpenAI's ``response_format`` and pdbox's ``guided_regex``.
+"""Structured outputs in a request body: OpenAI's ``response_format`` and vLLM's ``guided_*`` extensions.
 
 - ``{"type": "text"}`` (or no field): free text;
 - ``{"type": "json_object"}``: any JSON object;
 - ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}``: JSON
   matching the schema. It is always enforced strictly (``strict`` is accepted, either value);
-- ``guided_regex`` (an extension, vLLM's name): a string, the answer must match the regex in full.
+- ``guided_regex``: a string, the answer must match the regex in full;
+- ``guided_json``: a JSON schema (an object, or its JSON text), as ``json_schema`` above;
+- ``guided_choice``: a list of strings, the answer is exactly one of them.
+
+At most one of them constrains a request (the others' refusal names the field).
 
 The answer is constrained token by token (llguidance, `appliance.engine.grammar`). Everything is
 checked here, before any engine sees the request: a bad schema or regex is a 400 naming the field.
@@ -20,6 +24,9 @@ from appliance.serve.protocol import ConstraintSpec
 
 TYPES = ("text", "json_object", "json_schema")
 REGEX_FIELD = "guided_regex"
+GUIDED = (REGEX_FIELD, "guided_json", "guided_choice")  # vLLM's extensions, checked in this order
+MAX_CHOICES = 256
+REGEX_META = set("\\.+*?()|[]{}^$#&-~")  # what llguidance's regex syntax (Rust regex-syntax) reads as syntax
 
 
 class FormatError(ValueError):
@@ -33,22 +40,53 @@ class FormatError(ValueError):
 def parse_constraint(body: dict[str, Any]) -> ConstraintSpec | None:
     """The request's constraint (wire form), None for free text; raises :class:`FormatError`."""
     found = _from_response_format(body.get("response_format"))
-    regex = body.get(REGEX_FIELD)
-    if regex is not None:
-        if not isinstance(regex, str) or not regex:
-            raise FormatError(REGEX_FIELD, f"{REGEX_FIELD} must be a non-empty string (a regex)")
+    field = "response_format"
+    for name in GUIDED:
+        value = body.get(name)
+        if value is None:
+            continue
+        guided = _guided(name, value)
         if found is not None:
-            raise FormatError(REGEX_FIELD, f"{REGEX_FIELD} and a response_format other than text exclude each other")
-        found = ("regex", regex)
+            raise FormatError(name, f"{name} and {field if field in GUIDED else 'a response_format other than text'} "
+                                    "exclude each other")
+        found, field = guided, name
     if found is None:
         return None
     kind, spec = found
-    field = REGEX_FIELD if kind == "regex" else "response_format"
     try:
         Constraint(kind, spec)  # compiles the grammar once (cached): a bad schema or regex fails here
     except ValueError as exc:
         raise FormatError(field, f"{field}: {exc}") from None
     return ConstraintSpec(kind=kind, spec=spec)
+
+
+def _guided(name: str, value: Any) -> tuple[str, str]:
+    """One of vLLM's ``guided_*`` fields as (kind, spec)."""
+    if name == REGEX_FIELD:
+        if not isinstance(value, str) or not value:
+            raise FormatError(name, f"{name} must be a non-empty string (a regex)")
+        return "regex", value
+    if name == "guided_json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise FormatError(name, f"guided_json is not valid JSON: {exc.msg} at column {exc.colno}") from None
+        if not isinstance(value, dict):
+            raise FormatError(name, "guided_json must be a JSON schema object (or its JSON text)")
+        spec = json.dumps(value, separators=(",", ":"))
+        if len(spec) > MAX_SPEC_CHARS:
+            raise FormatError(name, f"guided_json is {len(spec)} characters as JSON; at most {MAX_SPEC_CHARS}")
+        return "json_schema", spec
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_CHOICES \
+            or not all(isinstance(c, str) and c for c in value):
+        raise FormatError(name, f"guided_choice must be a list of 1 to {MAX_CHOICES} non-empty strings")
+    return "regex", choice_regex(value)
+
+
+def choice_regex(choices: list[str]) -> str:
+    """A regex matching exactly one of ``choices`` (their characters literal)."""
+    return "(" + "|".join("".join("\\" + c if c in REGEX_META else c for c in s) for s in choices) + ")"
 
 
 def _from_response_format(rf: Any) -> tuple[str, str] | None:

@@ -153,8 +153,10 @@ def break_field(body: dict, key: str, value: Any) -> None:
 
 def _documented(schema: dict, body: dict) -> dict:
     body = {**body, "model": MODEL}
-    if body.get("response_format") not in (None, {"type": "text"}):
-        body.pop("guided_regex", None)  # the two constraints exclude each other (documented)
+    # one constraint at most: response_format (other than text) or one of the guided_* fields (documented)
+    guided = [k for k in ("guided_regex", "guided_json", "guided_choice") if body.get(k) is not None]
+    for k in guided[1:] if body.get("response_format") in (None, {"type": "text"}) else guided:
+        body.pop(k)
     # documented cross-field rules: a required or named tool_choice needs tools (and names one of them),
     # function names are unique, best_of is at least n and does not stream
     if body.get("tool_choice") not in (None, "none", "auto"):
@@ -162,6 +164,8 @@ def _documented(schema: dict, body: dict) -> dict:
     for i, tool in enumerate(body.get("tools") or []):
         if isinstance(tool, dict) and isinstance(tool.get("function"), dict):
             tool["function"]["name"] = f"f{i}"
+    if isinstance(body.get("guided_json"), str):  # a schema's JSON text (documented)
+        body["guided_json"] = json.dumps({"type": "string", "maxLength": len(body["guided_json"])})
     for m in body.get("messages") or []:  # an earlier call's arguments are a JSON text (documented)
         for call in (m.get("tool_calls") or []) if isinstance(m, dict) else []:
             if isinstance(call, dict) and isinstance(call.get("function"), dict):
@@ -175,7 +179,8 @@ def _documented(schema: dict, body: dict) -> dict:
         body["max_tokens"] = SMALL["max_tokens"]  # the default (up to 1024 tokens) would take a minute here
     # min_tokens is at most the answer's length and leaves constrained answers alone (documented)
     most = body.get("max_completion_tokens") or body.get("max_tokens")
-    constrained = body.get("response_format") not in (None, {"type": "text"}) or body.get("guided_regex") is not None
+    constrained = body.get("response_format") not in (None, {"type": "text"}) or any(
+        body.get(k) is not None for k in ("guided_regex", "guided_json", "guided_choice"))
     if body.get("min_tokens") is not None and (constrained or not isinstance(most, int) or body["min_tokens"] > most):
         body.pop("min_tokens")
     return body

@@ -1,6 +1,6 @@
 """Structured outputs end to end: `pdbox up` (unified and disaggregated), the embedded SmolLM2, the real
-`openai` client's ``chat.completions.parse`` with a nested pydantic model, json_object, the
-guided_regex extension on /v1/completions, and bad schemas refused with a 400 naming the field."""
+`openai` client's ``chat.completions.parse`` with a nested pydantic model, json_object, vLLM's
+guided_regex, guided_choice and guided_json extensions, and bad schemas refused with a 400 naming the field."""
 
 from __future__ import annotations
 
@@ -54,11 +54,22 @@ def check_structured(url: str) -> None:
                                        temperature=0.7, seed=1, extra_body={"guided_regex": " ?(yes|no)"})
     assert re.fullmatch(" ?(yes|no)", yes_no.choices[0].text), yes_no.choices[0].text
 
+    options = ["Paris", "Lyon (France)", "Rome|Italy"]  # a choice is literal text, not a regex
+    picked = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=1.0, seed=3,
+                                            n=4, extra_body={"guided_choice": options})
+    assert all(c.message.content in options and c.finish_reason == "stop" for c in picked.choices), picked
+    guided = client.completions.create(model=MODEL, prompt="The capital of France as JSON:", max_tokens=MAX_TOKENS,
+                                       temperature=0, extra_body={"guided_json": Capital.model_json_schema()})
+    assert guided.choices[0].finish_reason == "stop"
+    assert isinstance(Capital.model_validate_json(guided.choices[0].text), Capital), guided.choices[0].text
+
     for bad, param in ((dict(response_format={"type": "json_schema", "json_schema": {
                            "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nosuch"}}}}}),
                         "response_format"),
                        (dict(response_format={"type": "xml"}), "response_format"),
-                       (dict(extra_body={"guided_regex": "[a-"}), "guided_regex")):
+                       (dict(extra_body={"guided_regex": "[a-"}), "guided_regex"),
+                       (dict(extra_body={"guided_choice": []}), "guided_choice"),
+                       (dict(extra_body={"guided_json": {"type": "object"}, "guided_regex": "a"}), "guided_json")):
         with pytest.raises(openai.BadRequestError) as info:
             client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=5, **bad)
         assert info.value.status_code == 400 and info.value.body["param"] == param, info.value.body

@@ -1,4 +1,5 @@
-"""response_format and guided_regex in an OpenAI body: applied, or a 400 naming the field."""
+"""response_format and vLLM's guided_regex, guided_json and guided_choice in an OpenAI body: applied (a
+choice's characters literal, whatever regex syntax they hold), or a 400 naming the field."""
 
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ def test_json_object_json_schema_and_regex_are_applied() -> None:
                               "json_schema": {"name": "A", "schema": NESTED, "strict": True}}).sampling.constraint
     assert c.kind == "json_schema" and json.loads(c.spec) == NESTED
     assert chat(guided_regex="(yes|no)").sampling.constraint.spec == "(yes|no)"
+    for schema in (NESTED, json.dumps(NESTED)):  # vLLM takes the schema or its JSON text
+        c = chat(guided_json=schema).sampling.constraint
+        assert c.kind == "json_schema" and json.loads(c.spec) == NESTED
+    c = chat(guided_choice=["yes", "no"]).sampling.constraint
+    assert (c.kind, c.spec) == ("regex", "(yes|no)")
     comp = parse_completion({"prompt": "x", "response_format": {"type": "json_object"}}, FakeTokenizer(), "m", 64,
                             100)
     assert comp.sampling.constraint.kind == "json_object"
@@ -68,9 +74,42 @@ def test_json_object_json_schema_and_regex_are_applied() -> None:
     ({"guided_regex": "[a-"}, "guided_regex", "unclosed"),
     ({"guided_regex": 5}, "guided_regex", "non-empty string"),
     ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex", "exclude each other"),
+    ({"guided_json": {"type": "object"}, "guided_regex": "a"}, "guided_json", "guided_regex exclude each other"),
+    ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "guided_choice", "exclude each other"),
+    ({"guided_json": "{"}, "guided_json", "not valid JSON"),
+    ({"guided_json": [1]}, "guided_json", "schema object"),
+    ({"guided_json": {"type": "wat"}}, "guided_json", "invalid type"),
+    ({"guided_choice": []}, "guided_choice", "list of 1 to 256"),
+    ({"guided_choice": ["a", ""]}, "guided_choice", "non-empty strings"),
+    ({"guided_choice": "yes"}, "guided_choice", "list of"),
+    ({"guided_choice": ["x"] * 257}, "guided_choice", "list of 1 to 256"),
 ])
 def test_bad_structured_output_fields_are_400_naming_them(extra, param, words) -> None:
     with pytest.raises(ApiError) as info:
         chat(**extra)
     assert info.value.status == 400 and info.value.param == param
     assert words.lower() in info.value.message.lower(), info.value.message
+
+
+CHOICES = ["a.b (c)", "x|y", "[1-2]*", "50% off? $3 {ok} ^_^ #tag & more~", "back\\slash", "héllo wörld"]
+
+
+def test_a_guided_choice_answer_is_exactly_one_choice(smollm_path) -> None:
+    """Each choice's tokens take the matcher to its end; a choice's regex reading (``a.b`` matching ``axb``)
+    does not."""
+    from appliance.engine.constraint import Constraint
+    from appliance.engine.grammar import GrammarCompiler
+    from appliance.model.tokenizer import Tokenizer
+    from appliance.serve.response_format import choice_regex
+
+    tok = Tokenizer.from_gguf(str(smollm_path))
+    grammars = GrammarCompiler(tok, tok.vocab_size, tok.eos_token_ids)
+    constraint = Constraint.regex(choice_regex(CHOICES))
+
+    def accepts(text: str) -> bool:
+        m = grammars.matcher(constraint)
+        return m.consume_tokens(tok.encode(text)) and m.is_accepting()
+
+    assert all(accepts(c) for c in CHOICES)
+    for wrong in ("axb (c)", "x", "y", "12", "[1-2]", "a.b (c)x", "back\\\\slash", "hello world"):
+        assert not accepts(wrong), wrong
