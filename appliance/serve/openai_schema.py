@@ -123,6 +123,17 @@ class NamedToolChoice(msgspec.Struct):
     function: NamedFunction
 
 
+class StructuredOutputs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's ``structured_outputs`` (checked in detail by `response_format`): exactly one of json, regex,
+    choice or json_object."""
+
+    json: Annotated[dict[str, Any] | str, Meta(description="a JSON schema, or its JSON text")] | None = None
+    regex: Annotated[str, Meta(min_length=1, extra_json_schema={"format": "regex"})] | None = None
+    choice: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, max_length=256)] | None = None
+    json_object: bool | None = None
+    disable_fallback: bool | None = None
+
+
 class StreamOptions(msgspec.Struct, kw_only=True):
     include_usage: bool | None = None
 
@@ -175,6 +186,9 @@ class _Common(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     guided_choice: Annotated[list[Annotated[str, Meta(min_length=1)]], Meta(min_length=1, max_length=256, description=(
         "vLLM's extension: the answer is exactly one of these strings; excludes a response_format other than text "
         "and the other guided_* fields"))] | None = None
+    structured_outputs: Annotated[StructuredOutputs, Meta(description=(
+        "vLLM's structured outputs (its name since 0.12): exactly one of json, regex, choice, json_object; "
+        "excludes a response_format other than text and the guided_* fields"))] | None = None
 
 
 class ChatRequest(_Common, kw_only=True, forbid_unknown_fields=True):

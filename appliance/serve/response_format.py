@@ -1,4 +1,4 @@
-"""Structured outputs in a request body: OpenAI's ``response_format`` and vLLM's ``guided_*`` extensions.
+"""Structured outputs in a request body: OpenAI's ``response_format`` and vLLM's extensions.
 
 - ``{"type": "text"}`` (or no field): free text;
 - ``{"type": "json_object"}``: any JSON object;
@@ -6,7 +6,10 @@
   matching the schema. It is always enforced strictly (``strict`` is accepted, either value);
 - ``guided_regex``: a string, the answer must match the regex in full;
 - ``guided_json``: a JSON schema (an object, or its JSON text), as ``json_schema`` above;
-- ``guided_choice``: a list of strings, the answer is exactly one of them.
+- ``guided_choice``: a list of strings, the answer is exactly one of them;
+- ``structured_outputs`` (vLLM's name since 0.12, which dropped the three above): an object with one of
+  ``json``, ``regex``, ``choice`` (as above) or ``json_object: true``; ``disable_fallback`` is accepted
+  (pdbox has one backend), a ``grammar``, ``structural_tag`` or whitespace option is refused.
 
 At most one of them constrains a request (the others' refusal names the field).
 
@@ -24,7 +27,10 @@ from appliance.serve.protocol import ConstraintSpec
 
 TYPES = ("text", "json_object", "json_schema")
 REGEX_FIELD = "guided_regex"
-GUIDED = (REGEX_FIELD, "guided_json", "guided_choice")  # vLLM's extensions, checked in this order
+GUIDED = (REGEX_FIELD, "guided_json", "guided_choice", "structured_outputs")  # vLLM's, checked in this order
+SO_KEYS = {"json": "guided_json", "regex": REGEX_FIELD, "choice": "guided_choice"}  # structured_outputs' own
+SO_REFUSED = ("grammar", "structural_tag", "whitespace_pattern", "disable_any_whitespace",
+              "disable_additional_properties")
 MAX_CHOICES = 256
 REGEX_META = set("\\.+*?()|[]{}^$#&-~")  # what llguidance's regex syntax (Rust regex-syntax) reads as syntax
 
@@ -47,8 +53,8 @@ def parse_constraint(body: dict[str, Any]) -> ConstraintSpec | None:
             continue
         guided = _guided(name, value)
         if found is not None:
-            raise FormatError(name, f"{name} and {field if field in GUIDED else 'a response_format other than text'} "
-                                    "exclude each other")
+            other = field if field in GUIDED else "a response_format other than text"
+            raise FormatError(name, f"{name} and {other} exclude each other")
         found, field = guided, name
     if found is None:
         return None
@@ -60,28 +66,57 @@ def parse_constraint(body: dict[str, Any]) -> ConstraintSpec | None:
     return ConstraintSpec(kind=kind, spec=spec)
 
 
-def _guided(name: str, value: Any) -> tuple[str, str]:
-    """One of vLLM's ``guided_*`` fields as (kind, spec)."""
-    if name == REGEX_FIELD:
+def _guided(name: str, value: Any, field: str | None = None) -> tuple[str, str]:
+    """One of vLLM's fields as (kind, spec); ``field`` (default ``name``) is the one a refusal names,
+    ``name`` what it calls the value (``structured_outputs.json`` ...)."""
+    field = field or name
+    if name == "structured_outputs":
+        return _structured_outputs(value)
+    if field == REGEX_FIELD or name.endswith("regex"):
         if not isinstance(value, str) or not value:
-            raise FormatError(name, f"{name} must be a non-empty string (a regex)")
+            raise FormatError(field, f"{name} must be a non-empty string (a regex)")
         return "regex", value
-    if name == "guided_json":
+    if name.endswith("json"):
         if isinstance(value, str):
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as exc:
-                raise FormatError(name, f"guided_json is not valid JSON: {exc.msg} at column {exc.colno}") from None
+                raise FormatError(field, f"{name} is not valid JSON: {exc.msg} at column {exc.colno}") from None
         if not isinstance(value, dict):
-            raise FormatError(name, "guided_json must be a JSON schema object (or its JSON text)")
+            raise FormatError(field, f"{name} must be a JSON schema object (or its JSON text)")
         spec = json.dumps(value, separators=(",", ":"))
         if len(spec) > MAX_SPEC_CHARS:
-            raise FormatError(name, f"guided_json is {len(spec)} characters as JSON; at most {MAX_SPEC_CHARS}")
+            raise FormatError(field, f"{name} is {len(spec)} characters as JSON; at most {MAX_SPEC_CHARS}")
         return "json_schema", spec
     if not isinstance(value, list) or not 0 < len(value) <= MAX_CHOICES \
             or not all(isinstance(c, str) and c for c in value):
-        raise FormatError(name, f"guided_choice must be a list of 1 to {MAX_CHOICES} non-empty strings")
+        raise FormatError(field, f"{name} must be a list of 1 to {MAX_CHOICES} non-empty strings")
     return "regex", choice_regex(value)
+
+
+def _structured_outputs(value: Any) -> tuple[str, str]:
+    field = "structured_outputs"
+    if not isinstance(value, dict):
+        raise FormatError(field, "structured_outputs must be an object with one of json, regex, choice or json_object")
+    unknown = sorted(set(value) - {*SO_KEYS, "json_object", "disable_fallback", *SO_REFUSED})
+    if unknown:
+        raise FormatError(field, f"structured_outputs has unknown fields: {', '.join(unknown)}")
+    refused = next((k for k in SO_REFUSED if value.get(k) not in (None, False, "")), None)
+    if refused is not None:
+        raise FormatError(field, f"structured_outputs.{refused} is not supported (pdbox serves json, regex, choice "
+                                 "and json_object)")
+    if value.get("disable_fallback") not in (None, True, False):
+        raise FormatError(field, "structured_outputs.disable_fallback must be a boolean")
+    json_object = value.get("json_object")
+    if json_object not in (None, True, False):
+        raise FormatError(field, "structured_outputs.json_object must be a boolean")
+    chosen = [k for k in SO_KEYS if value.get(k) is not None] + (["json_object"] if json_object else [])
+    if len(chosen) != 1:
+        raise FormatError(field, "structured_outputs must set exactly one of json, regex, choice or json_object"
+                                 + (f" (it sets {', '.join(chosen)})" if chosen else ""))
+    if chosen[0] == "json_object":
+        return "json_object", ""
+    return _guided(f"structured_outputs.{chosen[0]}", value[chosen[0]], field)
 
 
 def choice_regex(choices: list[str]) -> str:

@@ -26,6 +26,7 @@ FUZZ = settings(deadline=None, database=None, derandomize=True, print_blob=True,
 SEEN: dict[str, int] = {"bodies": 0, "5xx": 0, "fuzzers": 0}
 FUZZERS = 6  # the parametrized fuzz tests above test_fuzzing_left_the_server_serving
 REGEXES = ["[a-z]{1,8}", " ?(yes|no)", "[0-9]+"]  # a string documented as a regex (guided_regex)
+CONSTRAINTS = ("guided_regex", "guided_json", "guided_choice", "structured_outputs")  # vLLM's, one at most
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +154,21 @@ def break_field(body: dict, key: str, value: Any) -> None:
 
 def _documented(schema: dict, body: dict) -> dict:
     body = {**body, "model": MODEL}
-    # one constraint at most: response_format (other than text) or one of the guided_* fields (documented)
-    guided = [k for k in ("guided_regex", "guided_json", "guided_choice") if body.get(k) is not None]
+    # structured_outputs sets exactly one of json, regex, choice, json_object; json (there and as guided_json)
+    # may be a schema's JSON text; one constraint at most: response_format (other than text), a guided_* field
+    # or structured_outputs (documented)
+    so = body.get("structured_outputs")
+    if isinstance(so, dict):
+        kinds = [k for k in ("json", "regex", "choice") if so.get(k) is not None] + (
+            ["json_object"] if so.get("json_object") else [])
+        for k in kinds[1:]:
+            so.pop(k)
+        if not kinds:
+            body.pop("structured_outputs")
+    for holder, key in ((body, "guided_json"), (so if isinstance(so, dict) else {}, "json")):
+        if isinstance(holder.get(key), str):
+            holder[key] = json.dumps({"type": "string", "maxLength": len(holder[key])})
+    guided = [k for k in CONSTRAINTS if body.get(k) is not None]
     for k in guided[1:] if body.get("response_format") in (None, {"type": "text"}) else guided:
         body.pop(k)
     # documented cross-field rules: a required or named tool_choice needs tools (and names one of them),
@@ -164,8 +178,6 @@ def _documented(schema: dict, body: dict) -> dict:
     for i, tool in enumerate(body.get("tools") or []):
         if isinstance(tool, dict) and isinstance(tool.get("function"), dict):
             tool["function"]["name"] = f"f{i}"
-    if isinstance(body.get("guided_json"), str):  # a schema's JSON text (documented)
-        body["guided_json"] = json.dumps({"type": "string", "maxLength": len(body["guided_json"])})
     for m in body.get("messages") or []:  # an earlier call's arguments are a JSON text (documented)
         for call in (m.get("tool_calls") or []) if isinstance(m, dict) else []:
             if isinstance(call, dict) and isinstance(call.get("function"), dict):
@@ -180,7 +192,7 @@ def _documented(schema: dict, body: dict) -> dict:
     # min_tokens is at most the answer's length and leaves constrained answers alone (documented)
     most = body.get("max_completion_tokens") or body.get("max_tokens")
     constrained = body.get("response_format") not in (None, {"type": "text"}) or any(
-        body.get(k) is not None for k in ("guided_regex", "guided_json", "guided_choice"))
+        body.get(k) is not None for k in CONSTRAINTS)
     if body.get("min_tokens") is not None and (constrained or not isinstance(most, int) or body["min_tokens"] > most):
         body.pop("min_tokens")
     return body

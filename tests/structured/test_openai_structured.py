@@ -1,6 +1,7 @@
 """Structured outputs end to end: `pdbox up` (unified and disaggregated), the embedded SmolLM2, the real
 `openai` client's ``chat.completions.parse`` with a nested pydantic model, json_object, vLLM's
-guided_regex, guided_choice and guided_json extensions, and bad schemas refused with a 400 naming the field."""
+structured_outputs (and its older guided_regex, guided_choice and guided_json), and bad schemas refused with a
+400 naming the field."""
 
 from __future__ import annotations
 
@@ -58,6 +59,9 @@ def check_structured(url: str) -> None:
     picked = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=1.0, seed=3,
                                             n=4, extra_body={"guided_choice": options})
     assert all(c.message.content in options and c.finish_reason == "stop" for c in picked.choices), picked
+    current = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, temperature=0,
+                                             extra_body={"structured_outputs": {"choice": options}})
+    assert current.choices[0].message.content in options  # vLLM's name since 0.12
     guided = client.completions.create(model=MODEL, prompt="The capital of France as JSON:", max_tokens=MAX_TOKENS,
                                        temperature=0, extra_body={"guided_json": Capital.model_json_schema()})
     assert guided.choices[0].finish_reason == "stop"

@@ -1,5 +1,6 @@
-"""response_format and vLLM's guided_regex, guided_json and guided_choice in an OpenAI body: applied (a
-choice's characters literal, whatever regex syntax they hold), or a 400 naming the field."""
+"""response_format and vLLM's structured_outputs (and its older guided_regex, guided_json, guided_choice) in
+an OpenAI body: applied (a choice's characters literal, whatever regex syntax they hold), or a 400 naming
+the field."""
 
 from __future__ import annotations
 
@@ -50,6 +51,11 @@ def test_json_object_json_schema_and_regex_are_applied() -> None:
         assert c.kind == "json_schema" and json.loads(c.spec) == NESTED
     c = chat(guided_choice=["yes", "no"]).sampling.constraint
     assert (c.kind, c.spec) == ("regex", "(yes|no)")
+    so = {"json": NESTED, "regex": "(yes|no)", "choice": ["yes", "no"]}
+    for key, older in (("json", "guided_json"), ("regex", "guided_regex"), ("choice", "guided_choice")):
+        got = chat(structured_outputs={key: so[key], "disable_fallback": True}).sampling.constraint
+        assert got == chat(**{older: so[key]}).sampling.constraint
+    assert chat(structured_outputs={"json_object": True}).sampling.constraint.kind == "json_object"
     comp = parse_completion({"prompt": "x", "response_format": {"type": "json_object"}}, FakeTokenizer(), "m", 64,
                             100)
     assert comp.sampling.constraint.kind == "json_object"
@@ -83,6 +89,18 @@ def test_json_object_json_schema_and_regex_are_applied() -> None:
     ({"guided_choice": ["a", ""]}, "guided_choice", "non-empty strings"),
     ({"guided_choice": "yes"}, "guided_choice", "list of"),
     ({"guided_choice": ["x"] * 257}, "guided_choice", "list of 1 to 256"),
+    ({"structured_outputs": {}}, "structured_outputs", "exactly one of json, regex, choice or json_object"),
+    ({"structured_outputs": {"json_object": False}}, "structured_outputs", "exactly one"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "it sets regex, choice"),
+    ({"structured_outputs": {"grammar": "root ::= 'a'"}}, "structured_outputs", "grammar is not supported"),
+    ({"structured_outputs": {"regex": "a", "whitespace_pattern": " "}}, "structured_outputs", "whitespace_pattern"),
+    ({"structured_outputs": {"regex": "a", "backend": "xgrammar"}}, "structured_outputs", "unknown fields: backend"),
+    ({"structured_outputs": {"json": "{"}}, "structured_outputs", "structured_outputs.json is not valid JSON"),
+    ({"structured_outputs": {"regex": "[a-"}}, "structured_outputs", "unclosed"),
+    ({"structured_outputs": {"choice": [""]}}, "structured_outputs", "structured_outputs.choice must be a list"),
+    ({"structured_outputs": "json"}, "structured_outputs", "must be an object"),
+    ({"structured_outputs": {"regex": "a"}, "guided_choice": ["a"]}, "structured_outputs",
+     "guided_choice exclude each other"),
 ])
 def test_bad_structured_output_fields_are_400_naming_them(extra, param, words) -> None:
     with pytest.raises(ApiError) as info:
