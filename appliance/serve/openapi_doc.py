@@ -82,6 +82,10 @@ RESPONSES_BODY: dict[str, Any] = {
             "type": "object", "required": ["type", "name"], "properties": {
                 "type": {"type": "string", "enum": ["function"]}, "name": {"type": "string"}}}]},
         "parallel_tool_calls": {"type": "boolean", "nullable": True},
+        "include": {"type": "array", "nullable": True, "items": {
+            "type": "string", "enum": ["message.output_text.logprobs"]}},
+        "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20, "nullable": True,
+                         "description": "with include's message.output_text.logprobs (or alone, when > 0)"},
         "metadata": {"type": "object", "nullable": True},
         "store": {"type": "boolean", "enum": [False], "nullable": True},
     }}

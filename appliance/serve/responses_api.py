@@ -7,7 +7,8 @@ Served: ``input`` (a string, or messages whose content is a string or ``input_te
 parts, and ``function_call``/``function_call_output`` items), ``instructions`` (a system message first),
 ``max_output_tokens``, ``temperature``, ``top_p``, ``text.format`` (text, json_object, json_schema:
 structured outputs), function ``tools`` with ``tool_choice`` and ``parallel_tool_calls``
-(`appliance.serve.responses_tools`), ``stream``, and the metadata fields. pdbox keeps no responses, so
+(`appliance.serve.responses_tools`), the text's logprobs (``include: ["message.output_text.logprobs"]``
+and ``top_logprobs``), ``stream``, and the metadata fields. pdbox keeps no responses, so
 ``previous_response_id``, ``conversation`` and ``store: true`` are refused, as are hosted tools,
 reasoning and other input types: a 400 that names the field, never dropped.
 """
@@ -40,13 +41,12 @@ NOOP: dict[str, tuple[Any, str]] = {
     "max_tool_calls": (lambda v: v is None, "max_tool_calls is not supported (an enforced tool_choice makes "
                                             "one call)"),
     "reasoning": (lambda v: v is None, "reasoning is not supported by this model"),
-    "include": (lambda v: v in (None, []), "include: pdbox adds nothing to a response"),
     "truncation": (lambda v: v in (None, "disabled"), "truncation: a prompt over the context is refused"),
-    "top_logprobs": (lambda v: v in (None, 0), "top_logprobs is served on /v1/chat/completions"),
     "stream_options": (lambda v: v is None, "stream_options: usage comes with response.completed"),
     "prompt": (lambda v: v is None, "stored prompts are not supported"),
 }
 ROLES = ("user", "assistant", "system", "developer")
+LOGPROBS = "message.output_text.logprobs"  # the one thing ``include`` can add
 
 
 def chat_body(body: dict[str, Any]) -> dict[str, Any]:
@@ -55,7 +55,8 @@ def chat_body(body: dict[str, Any]) -> dict[str, Any]:
         if name in METADATA:
             _check_metadata(name, value)
             continue
-        if name in (*COPIED, "input", "instructions", "max_output_tokens", "text", "tools", "tool_choice"):
+        if name in (*COPIED, "input", "instructions", "max_output_tokens", "text", "tools", "tool_choice", "include",
+                    "top_logprobs"):
             continue
         if name not in NOOP:
             raise oai.ApiError(400, f"unrecognized request field {name!r} for /v1/responses", name)
@@ -81,7 +82,25 @@ def chat_body(body: dict[str, Any]) -> dict[str, Any]:
         chat["tools"] = tools
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = rt.chat_tool_choice(body["tool_choice"])
+    if _wants_logprobs(body):
+        if tools is not None:
+            raise oai.ApiError(400, "logprobs are not served with tools on /v1/responses (they are on "
+                                    "/v1/chat/completions)", "include" if body.get("include") else "top_logprobs")
+        chat["logprobs"] = True
+        chat["top_logprobs"] = body.get("top_logprobs") or 0
+    elif body.get("top_logprobs") is not None:
+        chat["top_logprobs"] = body["top_logprobs"]  # 0: checked as chat checks it, asks for nothing
     return chat
+
+
+def _wants_logprobs(body: dict[str, Any]) -> bool:
+    """``include`` lists the text's logprobs, or ``top_logprobs`` asks for alternatives (never dropped)."""
+    include = body.get("include")
+    if include is not None and (not isinstance(include, list) or any(i != LOGPROBS for i in include)):
+        raise oai.ApiError(400, f"include may list only {LOGPROBS!r}: pdbox adds nothing else to a response",
+                           "include")
+    top = body.get("top_logprobs")
+    return bool(include) or (isinstance(top, int) and not isinstance(top, bool) and top > 0)
 
 
 def _check_metadata(name: str, value: Any) -> None:
@@ -181,9 +200,10 @@ def status_of(outcome: Outcome | None) -> str:
     return "incomplete" if outcome.finish_reason == "length" else "completed"
 
 
-def output_items(rid: str, text: str, calls: list[ToolCall], status: str) -> list[dict[str, Any]]:
+def output_items(rid: str, text: str, calls: list[ToolCall], status: str,
+                 logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The answer's items: its message (when it has text, or made no call), then one per call."""
-    return ([message(rid, text, status)] if text or not calls else []) + rt.call_items(calls)
+    return ([message(rid, text, status, logprobs)] if text or not calls else []) + rt.call_items(calls)
 
 
 def response(rid: str, parsed: oai.ParsedRequest, body: dict[str, Any], created: int,
@@ -208,19 +228,34 @@ def response(rid: str, parsed: oai.ParsedRequest, body: dict[str, Any], created:
     return out
 
 
-def message(rid: str, text: str, status: str) -> dict[str, Any]:
+def message(rid: str, text: str, status: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     return {"type": "message", "id": "msg_" + rid.removeprefix("resp_"), "status": status, "role": "assistant",
-            "content": [output_text(text)]}
+            "content": [output_text(text, logprobs)]}
 
 
-def output_text(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def output_text(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
 
 
-def whole(rid: str, parsed: oai.ParsedRequest, body: dict[str, Any], choice: Choice, outcome: Outcome
-          ) -> dict[str, Any]:
+def text_logprobs(parsed: oai.ParsedRequest, tokenizer: Any, entries: list[dict]) -> list[dict[str, Any]]:
+    """The Responses API's logprobs of generated tokens (chat's, with each token's UTF-8 bytes, as vLLM
+    gives them)."""
+    chat = oai.format_logprobs(parsed, tokenizer, entries)
+    if chat is None:
+        return []
+
+    def with_bytes(e: dict[str, Any]) -> dict[str, Any]:
+        return {"token": e["token"], "bytes": list(e["token"].encode("utf-8", errors="replace")),
+                "logprob": e["logprob"]}
+
+    return [{**with_bytes(e), "top_logprobs": [with_bytes(t) for t in e["top_logprobs"]]} for e in chat["content"]]
+
+
+def whole(rid: str, parsed: oai.ParsedRequest, body: dict[str, Any], choice: Choice, outcome: Outcome,
+          tokenizer: Any) -> dict[str, Any]:
     """The whole answer (not streamed)."""
-    output = output_items(rid, "".join(choice.content), choice.calls, status_of(outcome))
+    output = output_items(rid, "".join(choice.content), choice.calls, status_of(outcome),
+                          text_logprobs(parsed, tokenizer, choice.logprobs))
     return response(rid, parsed, body, int(time.time()), output, outcome)
 
 
@@ -231,11 +266,12 @@ class ResponsesStream:
     the response completed (or incomplete, at max_output_tokens) with its usage. Without tools the message
     is added at once, before the first token."""
 
-    def __init__(self, rid: str, parsed: oai.ParsedRequest, body: dict[str, Any]) -> None:
-        self.rid, self.parsed, self.body = rid, parsed, body
+    def __init__(self, rid: str, parsed: oai.ParsedRequest, body: dict[str, Any], tokenizer: Any = None) -> None:
+        self.rid, self.parsed, self.body, self.tok = rid, parsed, body, tokenizer
         self.created = int(time.time())
         self.seq = 0
         self.text: list[str] = []
+        self.logprobs: list[dict[str, Any]] = []  # the text's, when asked for
         self.item_id = message(rid, "", "in_progress")["id"]
         self.items: list[dict[str, Any]] = []  # the output items so far, in order
         self.msg: int | None = None  # the open message's output index
@@ -267,9 +303,9 @@ class ResponsesStream:
         if self.msg is None:
             return []
         text = "".join(self.text)
-        self.items[self.msg] = item = message(self.rid, text, status)
+        self.items[self.msg] = item = message(self.rid, text, status, self.logprobs)
         out = [self._event("response.output_text.done", item_id=self.item_id, output_index=self.msg, content_index=0,
-                           text=text, logprobs=[]),
+                           text=text, logprobs=self.logprobs),
                self._part("response.content_part.done", text),
                self._event("response.output_item.done", output_index=self.msg, item=item)]
         self.msg = None
@@ -295,12 +331,14 @@ class ResponsesStream:
     def pieces(self, k: int, pieces: list[Piece]) -> list[bytes]:
         out = []
         for p in pieces:
-            if p.text:
+            logprobs = text_logprobs(self.parsed, self.tok, p.logprobs) if p.logprobs else []
+            self.logprobs += logprobs
+            if p.text or logprobs:
                 if self.msg is None:
                     out += self._open_message()
                 self.text.append(p.text)
                 out.append(self._event("response.output_text.delta", item_id=self.item_id, output_index=self.msg,
-                                       content_index=0, delta=p.text, logprobs=[]))
+                                       content_index=0, delta=p.text, logprobs=logprobs))
             for delta in p.tool_calls:
                 out += self._call(delta)
         return out

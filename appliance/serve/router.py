@@ -243,10 +243,10 @@ class Router:
             first = requests[0]
             if endpoint == "responses":
                 if first.stream:
-                    events = responses_api.ResponsesStream(rid, first, body)
+                    events = responses_api.ResponsesStream(rid, first, body, self.tok)
                     return await self.answers.stream(request, parts, rid, events)
                 return await self.answers.collect(parts, rid, lambda results: responses_api.whole(
-                    rid, first, body, results[0][0][0], results[0][1]))
+                    rid, first, body, results[0][0][0], results[0][1], self.tok))
             if first.stream:
                 return await self.answers.stream(request, parts, rid)
             return await self.answers.collect(parts, rid)

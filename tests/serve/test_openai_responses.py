@@ -61,6 +61,19 @@ def test_the_responses_api_with_the_openai_client(url) -> None:
     assert kinds[-1] in ("response.completed", "response.incomplete") and final is not None
     assert "".join(deltas) == final.output_text and final.usage.output_tokens <= 6
 
+    scored = client.responses.create(model=MODEL, input="Say hello.", max_output_tokens=8, temperature=0,
+                                     include=["message.output_text.logprobs"], top_logprobs=2)
+    chat_lp = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2,
+                                             messages=[{"role": "user", "content": "Say hello."}])
+    lps = scored.output[0].content[0].logprobs
+    want = chat_lp.choices[0].logprobs.content
+    assert lps and [(e.token, round(e.logprob, 4)) for e in lps] == [(e.token, round(e.logprob, 4)) for e in want]
+    assert all(len(e.top_logprobs) == 2 and e.bytes == list(e.token.encode()) for e in lps)
+    streamed_lp = [lp for ev in client.responses.create(model=MODEL, input="Say hello.", max_output_tokens=8,
+                                                        temperature=0, top_logprobs=2, stream=True)
+                   if ev.type == "response.output_text.delta" for lp in ev.logprobs]
+    assert [e.token for e in streamed_lp] == [e.token for e in lps]
+
     with client.responses.stream(model=MODEL, input="Say hi.", max_output_tokens=64, temperature=0) as stream:
         for _ in stream:
             pass

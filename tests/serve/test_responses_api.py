@@ -218,3 +218,29 @@ def test_the_stream_adds_a_call_s_item_and_streams_its_arguments() -> None:
     evs = events(s.opening() + s.closing([Outcome("stop", 2, 0, 1)]))
     assert [i["type"] for i in evs[-1]["response"]["output"]] == ["message"]
     assert [e["output_index"] for e in evs if "output_index" in e] == [0, 0, 0, 0, 0]
+
+
+class LetterTok:
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join("abcdé"[i] for i in ids)
+
+
+def test_logprobs_come_with_the_text_and_its_bytes() -> None:
+    body = {"input": "x", "include": ["message.output_text.logprobs"], "top_logprobs": 1}
+    assert ra.chat_body(body)["logprobs"] is True and ra.chat_body(body)["top_logprobs"] == 1
+    assert ra.chat_body({"input": "x", "top_logprobs": 2})["logprobs"] is True  # alone, it asks too
+    assert "logprobs" not in ra.chat_body({"input": "x", "top_logprobs": 0})
+    p = replace(parsed(), want_logprobs=True)
+    entries = [{"token_id": 4, "logprob": -0.5, "top": [(4, -0.5)]},
+               {"token_id": 1, "logprob": -1.0, "top": [(0, -0.2)]}]
+    s = ra.ResponsesStream("resp_l", p, body, LetterTok())
+    evs = events(s.opening() + s.pieces(0, [Piece(0, "é", logprobs=entries[:1])])
+                 + s.pieces(0, [Piece(0, "b", logprobs=entries[1:])]) + s.closing([Outcome("stop", 2, 0, 2)]))
+    deltas = [e["logprobs"] for e in evs if e["type"] == "response.output_text.delta"]
+    assert deltas == [[{"token": "é", "bytes": [0xC3, 0xA9], "logprob": -0.5,
+                        "top_logprobs": [{"token": "é", "bytes": [0xC3, 0xA9], "logprob": -0.5}]}],
+                      [{"token": "b", "bytes": [98], "logprob": -1.0,
+                        "top_logprobs": [{"token": "a", "bytes": [97], "logprob": -0.2}]}]]
+    done = next(e for e in evs if e["type"] == "response.output_text.done")
+    assert done["logprobs"] == deltas[0] + deltas[1] == evs[-1]["response"]["output"][0]["content"][0]["logprobs"]
+    assert ra.text_logprobs(parsed(), LetterTok(), entries) == []  # not asked for
