@@ -73,7 +73,7 @@ def generate(engine: EngineFlags, prompt: str, max_tokens: int, temperature: flo
               type=click.Choice(["auto", "nvshmem", "cuda_ipc", "shm", "tcp"]))
 @config_options(RouterConfig, ("api_key",))
 @engine_options()
-@config_options(RouterConfig, ("prefill_policy", "decode_policy", "lease_s", "max_inflight"))
+@config_options(RouterConfig, ("prefill_policy", "decode_policy", "lease_s", "max_inflight", "responses_store"))
 @click.option("--log-dir", default="", help="Where worker logs go (default: a new temp folder).")
 @click.option("--monitor/--no-monitor", default=True, show_default=True,
               help="On a terminal, show start-up progress and then the live dashboard.")

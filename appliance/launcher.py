@@ -55,6 +55,7 @@ class UpConfig:
     lease_s: float = RouterConfig.lease_s
     log_dir: str = ""
     max_inflight: int = RouterConfig.max_inflight
+    responses_store: int = RouterConfig.responses_store
     auto: AutoConfig = AutoConfig()  # --mode auto's settings (pdbox up's options from its flagged fields)
     monitor: bool = True  # on a TTY: start-up progress, then the live dashboard
 
@@ -284,6 +285,7 @@ class Launcher:
                             cluster_token=self.token, prefill_policy=self.cfg.prefill_policy,
                             decode_policy=self.cfg.decode_policy, lease_s=self.cfg.lease_s,
                             page_size=self.cfg.engine["page_size"], max_inflight=self.cfg.max_inflight,
+                            responses_store=self.cfg.responses_store,
                             generation=load_generation_defaults(self.cfg.model))
         prefill = tuple(s.name for s in self.specs if s.extra.get("leaning") == "prefill")  # they start so
         auto = replace(self.cfg.auto, initial_prefill=prefill) if self.cfg.mode == "auto" else None

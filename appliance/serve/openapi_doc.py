@@ -87,7 +87,9 @@ RESPONSES_BODY: dict[str, Any] = {
         "top_logprobs": {"type": "integer", "minimum": 0, "maximum": 20, "nullable": True,
                          "description": "with include's message.output_text.logprobs (or alone, when > 0)"},
         "metadata": {"type": "object", "nullable": True},
-        "store": {"type": "boolean", "enum": [False], "nullable": True},
+        "store": {"type": "boolean", "nullable": True,
+                  "description": "default true: kept in memory (--responses-store)"},
+        "previous_response_id": {"type": "string", "nullable": True, "description": "a stored response to continue"},
     }}
 
 _ERROR = {"description": "OpenAI-style error", "content": {"application/json": {"schema": {

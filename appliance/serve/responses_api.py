@@ -8,15 +8,16 @@ parts, and ``function_call``/``function_call_output`` items), ``instructions`` (
 ``max_output_tokens``, ``temperature``, ``top_p``, ``text.format`` (text, json_object, json_schema:
 structured outputs), function ``tools`` with ``tool_choice`` and ``parallel_tool_calls``
 (`appliance.serve.responses_tools`), the text's logprobs (``include: ["message.output_text.logprobs"]``
-and ``top_logprobs``), ``stream``, and the metadata fields. pdbox keeps no responses, so
-``previous_response_id``, ``conversation`` and ``store: true`` are refused, as are hosted tools,
-reasoning and other input types: a 400 that names the field, never dropped.
+and ``top_logprobs``), ``stream``, the metadata fields, and ``store``/``previous_response_id``: the router
+keeps the last responses in memory (`appliance.serve.response_store`). ``conversation`` objects, hosted
+tools, reasoning and other input types are refused: a 400 that names the field, never dropped.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from appliance.serve import openai_api as oai
@@ -33,10 +34,8 @@ MAX_METADATA = 16  # OpenAI's limits on metadata: pairs, key and value character
 MAX_METADATA_KEY, MAX_METADATA_VALUE = 64, 512
 # field -> (is its value a no-op?, why pdbox refuses any other)
 NOOP: dict[str, tuple[Any, str]] = {
-    "store": (lambda v: v is None or v is False, "pdbox keeps no responses: send store false or leave it out"),
-    "previous_response_id": (lambda v: v is None, "pdbox keeps no responses to continue from; send the "
-                                                  "conversation in input"),
-    "conversation": (lambda v: v is None, "pdbox keeps no conversations; send the messages in input"),
+    "conversation": (lambda v: v is None, "pdbox keeps no conversation objects; name the last response in "
+                                          "previous_response_id or send the messages in input"),
     "background": (lambda v: v is None or v is False, "background responses are not supported"),
     "max_tool_calls": (lambda v: v is None, "max_tool_calls is not supported (an enforced tool_choice makes "
                                             "one call)"),
@@ -49,14 +48,15 @@ ROLES = ("user", "assistant", "system", "developer")
 LOGPROBS = "message.output_text.logprobs"  # the one thing ``include`` can add
 
 
-def chat_body(body: dict[str, Any]) -> dict[str, Any]:
-    """The chat request a Responses body amounts to; a field pdbox would not honour is a 400 naming it."""
+def chat_body(body: dict[str, Any], previous: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """The chat request a Responses body amounts to (``previous``: the conversation its
+    ``previous_response_id`` ends, after the instructions); a field pdbox would not honour is a 400 naming it."""
     for name, value in body.items():
         if name in METADATA:
             _check_metadata(name, value)
             continue
         if name in (*COPIED, "input", "instructions", "max_output_tokens", "text", "tools", "tool_choice", "include",
-                    "top_logprobs"):
+                    "top_logprobs", "store", "previous_response_id"):  # the last two: the router's store
             continue
         if name not in NOOP:
             raise oai.ApiError(400, f"unrecognized request field {name!r} for /v1/responses", name)
@@ -69,7 +69,7 @@ def chat_body(body: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(instructions, str):
             raise oai.ApiError(400, "instructions must be a string", "instructions")
         messages.append({"role": "system", "content": instructions})
-    messages += _messages(body.get("input"))
+    messages += [*previous, *input_messages(body)]
     chat: dict[str, Any] = {k: body[k] for k in COPIED if body.get(k) is not None}
     chat["messages"] = messages
     if body.get("max_output_tokens") is not None:
@@ -118,6 +118,11 @@ def _check_metadata(name: str, value: Any) -> None:
         if len(k) > MAX_METADATA_KEY or not isinstance(v, str) or len(v) > MAX_METADATA_VALUE:
             raise oai.ApiError(400, f"metadata[{k[:MAX_METADATA_KEY]!r}]: keys are at most {MAX_METADATA_KEY} "
                                     f"characters, values strings of at most {MAX_METADATA_VALUE}", name)
+
+
+def input_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The body's ``input`` as chat messages (what a stored response keeps of its request)."""
+    return _messages(body.get("input"))
 
 
 def _messages(value: Any) -> list[dict[str, Any]]:
@@ -177,9 +182,11 @@ def _format(text: Any) -> dict[str, Any] | None:
                        "text")
 
 
-def parse(body: dict[str, Any], tokenizer: Any, served: str, max_model_len: int, **kw: Any) -> oai.ParsedRequest:
-    """The body as a parsed chat request, its errors named in the Responses API's words."""
-    chat = chat_body(body)
+def parse(body: dict[str, Any], tokenizer: Any, served: str, max_model_len: int,
+          previous: Sequence[dict[str, Any]] = (), **kw: Any) -> oai.ParsedRequest:
+    """The body as a parsed chat request (after the ``previous`` conversation), its errors named in the
+    Responses API's words."""
+    chat = chat_body(body, previous)
     try:
         return oai.parse_chat(chat, tokenizer, served, max_model_len, **kw)
     except oai.ApiError as exc:  # in the chat body's words
@@ -207,7 +214,7 @@ def output_items(rid: str, text: str, calls: list[ToolCall], status: str,
 
 
 def response(rid: str, parsed: oai.ParsedRequest, body: dict[str, Any], created: int,
-             output: list[dict[str, Any]], outcome: Outcome | None) -> dict[str, Any]:
+             output: list[dict[str, Any]], outcome: Outcome | None, stored: bool = False) -> dict[str, Any]:
     """A Response object: in progress (``outcome`` None) or done, with its ``output`` items."""
     status = status_of(outcome)
     out: dict[str, Any] = {
@@ -215,10 +222,11 @@ def response(rid: str, parsed: oai.ParsedRequest, body: dict[str, Any], created:
         "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         "instructions": body.get("instructions"), "max_output_tokens": body.get("max_output_tokens"),
         "model": parsed.model, "output": output, "parallel_tool_calls": body.get("parallel_tool_calls", True),
-        "previous_response_id": None, "temperature": parsed.sampling.temperature, "top_p": parsed.sampling.top_p,
+        "previous_response_id": body.get("previous_response_id"), "temperature": parsed.sampling.temperature,
+        "top_p": parsed.sampling.top_p,
         "tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or [],
         "text": body.get("text") or {"format": {"type": "text"}}, "truncation": "disabled",
-        "metadata": body.get("metadata") or {}, "store": False, "usage": None,
+        "metadata": body.get("metadata") or {}, "store": stored, "usage": None,
     }
     if outcome is not None:
         prompt, completion, cached = totals([outcome])
@@ -251,12 +259,18 @@ def text_logprobs(parsed: oai.ParsedRequest, tokenizer: Any, entries: list[dict]
     return [{**with_bytes(e), "top_logprobs": [with_bytes(t) for t in e["top_logprobs"]]} for e in chat["content"]]
 
 
+Keep = Callable[[dict[str, Any]], None]  # stores a finished Response object
+
+
 def whole(rid: str, parsed: oai.ParsedRequest, body: dict[str, Any], choice: Choice, outcome: Outcome,
-          tokenizer: Any) -> dict[str, Any]:
-    """The whole answer (not streamed)."""
+          tokenizer: Any, keep: Keep | None = None) -> dict[str, Any]:
+    """The whole answer (not streamed); ``keep`` (when it is stored) gets it."""
     output = output_items(rid, "".join(choice.content), choice.calls, status_of(outcome),
                           text_logprobs(parsed, tokenizer, choice.logprobs))
-    return response(rid, parsed, body, int(time.time()), output, outcome)
+    out = response(rid, parsed, body, int(time.time()), output, outcome, keep is not None)
+    if keep is not None:
+        keep(out)
+    return out
 
 
 class ResponsesStream:
@@ -266,8 +280,9 @@ class ResponsesStream:
     the response completed (or incomplete, at max_output_tokens) with its usage. Without tools the message
     is added at once, before the first token."""
 
-    def __init__(self, rid: str, parsed: oai.ParsedRequest, body: dict[str, Any], tokenizer: Any = None) -> None:
-        self.rid, self.parsed, self.body, self.tok = rid, parsed, body, tokenizer
+    def __init__(self, rid: str, parsed: oai.ParsedRequest, body: dict[str, Any], tokenizer: Any = None,
+                 keep: Keep | None = None) -> None:
+        self.rid, self.parsed, self.body, self.tok, self.keep = rid, parsed, body, tokenizer, keep
         self.created = int(time.time())
         self.seq = 0
         self.text: list[str] = []
@@ -287,7 +302,7 @@ class ResponsesStream:
         return self._event(kind, item_id=self.item_id, output_index=self.msg, content_index=0, part=output_text(text))
 
     def opening(self) -> list[bytes]:
-        start = response(self.rid, self.parsed, self.body, self.created, [], None)
+        start = response(self.rid, self.parsed, self.body, self.created, [], None, self.keep is not None)
         out = [self._event("response.created", response=start), self._event("response.in_progress", response=start)]
         return out + (self._open_message() if self.eager else [])
 
@@ -352,7 +367,10 @@ class ResponsesStream:
             out += [self._event("response.function_call_arguments.done", item_id=item["id"], output_index=i,
                                 arguments=item["arguments"]),
                     self._event("response.output_item.done", output_index=i, item=item)]
-        final = response(self.rid, self.parsed, self.body, self.created, self.items, outcomes[0])
+        final = response(self.rid, self.parsed, self.body, self.created, self.items, outcomes[0],
+                         self.keep is not None)
+        if self.keep is not None:
+            self.keep(final)
         kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
         return out + [self._event(kind, response=final)]
 

@@ -43,6 +43,7 @@ from appliance.serve.dispatch import Dispatcher
 from appliance.serve.load_report import listed
 from appliance.serve.metrics_merge import merge_prometheus
 from appliance.serve.placement import FixedPlacement, Placement
+from appliance.serve.response_store import ResponseStore
 from appliance.serve.responses import ResponseWriter
 from appliance.serve.router_config import AutoConfig, RouterConfig
 from appliance.serve.router_metrics import RouterMetrics
@@ -73,6 +74,7 @@ class Router:
             self.placement = FixedPlacement(cfg, self.pool, Dispatcher(cfg, self.client, self.metrics,
                                                                        self.pool.healthy))
         self.answers = ResponseWriter(cfg, tokenizer, self.metrics)
+        self.stored = ResponseStore(cfg.responses_store)  # /v1/responses' store and previous_response_id
         self.inflight = 0
         self.started = time.time()
         self._health_task: asyncio.Task | None = None
@@ -83,6 +85,8 @@ class Router:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/responses", self.responses)
+        app.router.add_get("/v1/responses/{rid}", self.stored_response)
+        app.router.add_delete("/v1/responses/{rid}", self.delete_response)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/v1/models", self.models)
@@ -199,6 +203,20 @@ class Router:
     async def responses(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "responses")
 
+    async def stored_response(self, request: web.Request) -> web.Response:
+        rid = request.match_info["rid"]
+        stored = self.stored.get(rid)
+        if stored is None:
+            raise oai.ApiError(404, f"no stored response {rid!r} (this server keeps the last "
+                                    f"{self.cfg.responses_store}, in memory)", "response_id")
+        return web.json_response(stored.response)
+
+    async def delete_response(self, request: web.Request) -> web.Response:
+        rid = request.match_info["rid"]
+        if not self.stored.delete(rid):
+            raise oai.ApiError(404, f"no stored response {rid!r}", "response_id")
+        return web.json_response({"id": rid, "object": "response", "deleted": True})
+
     async def tokenize(self, request: web.Request) -> web.Response:
         body = oai.parse_json(await request.read())
         mml = self.pool.max_model_len or 2048
@@ -207,6 +225,10 @@ class Router:
     async def detokenize(self, request: web.Request) -> web.Response:
         body = oai.parse_json(await request.read())
         return web.json_response(tokenize_api.detokenize(body, self.tok, self.cfg.served_model_name, self.vocab_size))
+
+    def _keeper(self, rid: str, body: dict, previous: tuple[dict, ...]) -> responses_api.Keep:
+        """Stores response ``rid`` once it is answered: the Response and its conversation."""
+        return lambda response: self.stored.put(rid, response, [*previous, *responses_api.input_messages(body)])
 
     async def _serve(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         # NOTE: the slot is taken before the body is read, so at most max_inflight bodies are buffered.
@@ -223,7 +245,9 @@ class Router:
                 requests = [oai.parse_chat(body, self.tok, self.cfg.served_model_name, mml,
                                            defaults=self.cfg.generation)]
             elif endpoint == "responses":
-                requests = [responses_api.parse(body, self.tok, self.cfg.served_model_name, mml,
+                previous = self.stored.previous(body)
+                keep = self.stored.wants(body)
+                requests = [responses_api.parse(body, self.tok, self.cfg.served_model_name, mml, previous,
                                                 defaults=self.cfg.generation)]
             else:
                 requests = [oai.parse_completion(b, self.tok, self.cfg.served_model_name, mml, self.vocab_size,
@@ -242,11 +266,12 @@ class Router:
                 parts.append((parsed, self.placement.generate(parsed, rid if k == 0 else f"{rid}-{k}")))
             first = requests[0]
             if endpoint == "responses":
+                kept = self._keeper(rid, body, previous) if keep else None
                 if first.stream:
-                    events = responses_api.ResponsesStream(rid, first, body, self.tok)
+                    events = responses_api.ResponsesStream(rid, first, body, self.tok, kept)
                     return await self.answers.stream(request, parts, rid, events)
                 return await self.answers.collect(parts, rid, lambda results: responses_api.whole(
-                    rid, first, body, results[0][0][0], results[0][1], self.tok))
+                    rid, first, body, results[0][0][0], results[0][1], self.tok, kept))
             if first.stream:
                 return await self.answers.stream(request, parts, rid)
             return await self.answers.collect(parts, rid)

@@ -30,6 +30,8 @@ class RouterConfig:
     decode_policy: str = flag("least_load", "How the router picks a decode engine.", choices=DECODE_POLICIES)
     unified_policy: str = "cache_aware"
     max_inflight: int = flag(256, "Requests in flight before 429.")
+    responses_store: int = flag(256, "/v1/responses answers kept in memory for previous_response_id and GET "
+                                     "/v1/responses/ID (0: none; store true is then refused).")
     request_timeout_s: float = 600.0
     connect_timeout_s: float = 5.0
     lease_s: float = flag(5.0, "Base lease of reserved decode pages.")
@@ -49,6 +51,8 @@ class RouterConfig:
             raise ValueError(f"mode must be disagg, unified or auto, got {self.mode!r}")
         if self.kv_wait_s < 0:
             raise ValueError(f"kv_wait_s must be >= 0, got {self.kv_wait_s}")
+        if self.responses_store < 0:
+            raise ValueError(f"--responses-store must be >= 0, got {self.responses_store}")
 
 
 @dataclass(frozen=True)

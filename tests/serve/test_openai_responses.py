@@ -1,6 +1,8 @@
 """/v1/responses end to end: `pdbox up` (disaggregated), the embedded SmolLM2, the real `openai` client's
 `responses.create`, its stream, its stream helper and `responses.parse` with a pydantic model. A greedy
-response is the chat completion of the same messages; a refused field is a 400 naming it. Function tools:
+response is the chat completion of the same messages; a refused field is a 400 naming it; a stored response
+is retrieved, continued by previous_response_id (as chat continues the whole conversation) and deleted.
+Function tools:
 an enforced call comes back as a `function_call` item whose arguments match the tool's schema (streamed:
 its arguments' deltas join to them), and its output sent back as input items gets a text answer equal to
 the chat completion of the same conversation."""
@@ -86,6 +88,28 @@ def test_the_responses_api_with_the_openai_client(url) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         client.responses.create(model=MODEL, input="hi", previous_response_id="resp_0")
     assert info.value.body["param"] == "previous_response_id"
+
+    # stored (the default): a next request continues it, as chat would with the whole conversation
+    first = client.responses.create(model=MODEL, input="My name is Ada.", max_output_tokens=12, temperature=0)
+    assert first.store and client.responses.retrieve(first.id).output_text == first.output_text
+    again = client.responses.create(model=MODEL, input="What is my name?", previous_response_id=first.id,
+                                    instructions="Answer briefly.", max_output_tokens=12, temperature=0)
+    whole = client.chat.completions.create(model=MODEL, max_tokens=12, temperature=0, messages=[
+        {"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "My name is Ada."},
+        {"role": "assistant", "content": first.output_text}, {"role": "user", "content": "What is my name?"}])
+    assert again.previous_response_id == first.id and again.output_text == whole.choices[0].message.content
+    assert again.usage.input_tokens == whole.usage.prompt_tokens
+    streamed = [ev.response for ev in client.responses.create(model=MODEL, input="Hi.", max_output_tokens=4,
+                                                               temperature=0, stream=True)
+                if ev.type in ("response.completed", "response.incomplete")][0]
+    assert client.responses.retrieve(streamed.id).output_text == streamed.output_text
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+    unstored = client.responses.create(model=MODEL, input="Hi.", max_output_tokens=2, store=False)
+    assert not unstored.store
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(unstored.id)
     assert_pools_idle(url)
 
 

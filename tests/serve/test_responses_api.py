@@ -47,14 +47,11 @@ def test_a_body_becomes_the_chat_request_it_amounts_to() -> None:
 
 
 @pytest.mark.parametrize(("body", "param", "message"), [
-    ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id", "keeps no responses"),
-    ({"input": "x", "store": True}, "store", "store false"),
-    ({"input": "x", "store": 0}, "store", "store false"),
     ({"input": "x", "metadata": 5}, "metadata", "an object of at most 16"),
     ({"input": "x", "metadata": {"k": 1}}, "metadata", "values strings"),
     ({"input": "x", "metadata": {f"k{i}": "v" for i in range(17)}}, "metadata", "at most 16"),
     ({"input": "x", "user": 7}, "user", "user must be a string"),
-    ({"input": "x", "conversation": "c"}, "conversation", "keeps no conversations"),
+    ({"input": "x", "conversation": "c"}, "conversation", "keeps no conversation objects"),
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools", "'web_search' tool: pdbox serves function tools"),
     ({"input": "x", "tools": [{"type": "function", "name": "f", "function": {}}]}, "tools", "unknown fields: function"),
     ({"input": "x", "tools": [{"type": "function", "name": "f g"}]}, "tools", r"tools\[0\]\.name must be 1-64"),

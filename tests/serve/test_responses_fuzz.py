@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from appliance.serve import openai_api as oai
 from appliance.serve import responses_api as ra
 from appliance.serve.openapi_doc import openapi_document
+from appliance.serve.response_store import ResponseStore
 from tests.chaos.test_fuzz import JSON_VALUES, break_field, conforming, violating
 
 FUZZ = settings(deadline=None, database=None, derandomize=True, print_blob=True,
@@ -30,8 +31,12 @@ def tok(smollm_path):
 
 
 def read(body: dict, tok) -> oai.ParsedRequest | oai.ApiError:
+    """What the router does with a body, before any engine: the store's checks, then the parse."""
+    store = ResponseStore(4)
     try:
-        return ra.parse(body, tok, "m", 2048)
+        previous = store.previous(body)
+        store.wants(body)
+        return ra.parse(body, tok, "m", 2048, previous)
     except oai.ApiError as exc:
         assert 400 <= exc.status < 500, (body, exc.status, exc.message)
         return exc
