@@ -36,7 +36,7 @@ from typing import Any
 from aiohttp import web
 
 from appliance.serve import openai_api as oai
-from appliance.serve import responses_api, tokenize_api
+from appliance.serve import responses_api, responses_out, tokenize_api
 from appliance.serve.adaptive_placement import AdaptivePlacement
 from appliance.serve.auth import bearer_ok
 from appliance.serve.dispatch import Dispatcher
@@ -226,7 +226,7 @@ class Router:
         body = oai.parse_json(await request.read())
         return web.json_response(tokenize_api.detokenize(body, self.tok, self.cfg.served_model_name, self.vocab_size))
 
-    def _keeper(self, rid: str, body: dict, previous: tuple[dict, ...]) -> responses_api.Keep:
+    def _keeper(self, rid: str, body: dict, previous: tuple[dict, ...]) -> responses_out.Keep:
         """Stores response ``rid`` once it is answered: the Response and its conversation."""
         return lambda response: self.stored.put(rid, response, [*previous, *responses_api.input_messages(body)])
 
@@ -268,9 +268,9 @@ class Router:
             if endpoint == "responses":
                 kept = self._keeper(rid, body, previous) if keep else None
                 if first.stream:
-                    events = responses_api.ResponsesStream(rid, first, body, self.tok, kept)
+                    events = responses_out.ResponsesStream(rid, first, body, self.tok, kept)
                     return await self.answers.stream(request, parts, rid, events)
-                return await self.answers.collect(parts, rid, lambda results: responses_api.whole(
+                return await self.answers.collect(parts, rid, lambda results: responses_out.whole(
                     rid, first, body, results[0][0][0], results[0][1], self.tok, kept))
             if first.stream:
                 return await self.answers.stream(request, parts, rid)

@@ -11,6 +11,7 @@ import pytest
 
 from appliance.serve import openai_api as oai
 from appliance.serve import responses_api as ra
+from appliance.serve import responses_out as ro
 from appliance.serve.choices import Piece
 from appliance.serve.protocol import Sampling
 from appliance.serve.relay import Outcome
@@ -101,7 +102,7 @@ def events(raw: list[bytes]) -> list[dict]:
 
 
 def test_the_stream_sends_the_lifecycle_in_order_with_the_text_and_usage() -> None:
-    s = ra.ResponsesStream("resp_abc", parsed(), {"input": "hi"})
+    s = ro.ResponsesStream("resp_abc", parsed(), {"input": "hi"})
     raw = s.opening() + s.pieces(0, [Piece(0, "Hel"), Piece(0, "")]) + s.pieces(0, [Piece(0, "lo", finish="stop")])
     raw += s.closing([Outcome("stop", 2, 1, 3)])
     evs = events(raw)
@@ -116,11 +117,11 @@ def test_the_stream_sends_the_lifecycle_in_order_with_the_text_and_usage() -> No
     assert final["usage"] == {"input_tokens": 2, "input_tokens_details": {"cached_tokens": 1}, "output_tokens": 3,
                               "output_tokens_details": {"reasoning_tokens": 0}, "total_tokens": 5}
     assert evs[0]["response"]["status"] == "in_progress" and evs[0]["response"]["id"] == final["id"] == "resp_abc"
-    cut = ra.ResponsesStream("resp_x", parsed(), {"input": "hi", "max_output_tokens": 1})
+    cut = ro.ResponsesStream("resp_x", parsed(), {"input": "hi", "max_output_tokens": 1})
     last = events(cut.opening() + cut.closing([Outcome("length", 2, 0, 1)]))[-1]
     assert last["type"] == "response.incomplete"
     assert last["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
-    failed = events(ra.ResponsesStream("resp_y", parsed(), {}).failure(oai.ApiError(502, "worker failed: x")))
+    failed = events(ro.ResponsesStream("resp_y", parsed(), {}).failure(oai.ApiError(502, "worker failed: x")))
     assert failed == [{"type": "error", "code": "502", "message": "worker failed: x", "param": None,
                        "sequence_number": 0}]
 
@@ -163,20 +164,20 @@ def test_a_whole_answer_s_calls_are_function_call_items_after_its_text() -> None
 
     call = ToolCall("weather", '{"city": "Paris"}', "call_abc")
     body = {"input": "x", "tools": [WEATHER]}
-    with_text = ra.output_items("resp_1", "Let me check.", [call], "completed")
+    with_text = ro.output_items("resp_1", "Let me check.", [call], "completed")
     assert [i["type"] for i in with_text] == ["message", "function_call"]
     assert with_text[1] == {"type": "function_call", "id": "fc_abc", "call_id": "call_abc", "name": "weather",
                             "arguments": '{"city": "Paris"}', "status": "completed"}
-    assert [i["type"] for i in ra.output_items("resp_1", "", [call], "completed")] == ["function_call"]
-    assert [i["type"] for i in ra.output_items("resp_1", "", [], "completed")] == ["message"]
-    r = ra.response("resp_1", tool_parsed(), body, 0, with_text, Outcome("tool_calls", 2, 0, 9))
+    assert [i["type"] for i in ro.output_items("resp_1", "", [call], "completed")] == ["function_call"]
+    assert [i["type"] for i in ro.output_items("resp_1", "", [], "completed")] == ["message"]
+    r = ro.response("resp_1", tool_parsed(), body, 0, with_text, Outcome("tool_calls", 2, 0, 9))
     assert r["status"] == "completed" and r["tools"] == [WEATHER] and r["tool_choice"] == "auto"
     assert r["parallel_tool_calls"] is True
 
 
 def test_the_stream_adds_a_call_s_item_and_streams_its_arguments() -> None:
     # auto: text first, then the call parsed at the end (chat's whole-call delta)
-    s = ra.ResponsesStream("resp_t", tool_parsed(), {"input": "x", "tools": [WEATHER]})
+    s = ro.ResponsesStream("resp_t", tool_parsed(), {"input": "x", "tools": [WEATHER]})
     whole = {"index": 0, "id": "call_abc", "type": "function",
              "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}
     evs = events(s.opening() + s.pieces(0, [Piece(0, "Let me check.")])
@@ -197,7 +198,7 @@ def test_the_stream_adds_a_call_s_item_and_streams_its_arguments() -> None:
     assert evs[11]["item"] == final[1] and evs[10]["arguments"] == '{"city": "Paris"}'
 
     # enforced: no message at all; the name first, then the arguments as they grow
-    s = ra.ResponsesStream("resp_e", tool_parsed("required"), {"input": "x"})
+    s = ro.ResponsesStream("resp_e", tool_parsed("required"), {"input": "x"})
     head = {"index": 0, "id": "call_e", "type": "function", "function": {"name": "weather", "arguments": ""}}
     parts = ['{"city": ', '"Ro', 'me"}']
     raw = s.opening() + s.pieces(0, [Piece(0, tool_calls=[head])])
@@ -211,7 +212,7 @@ def test_the_stream_adds_a_call_s_item_and_streams_its_arguments() -> None:
     assert evs[-1]["response"]["output"][0]["arguments"] == '{"city": "Rome"}'
 
     # tools, but the answer is empty: one empty message
-    s = ra.ResponsesStream("resp_0", tool_parsed(), {"input": "x"})
+    s = ro.ResponsesStream("resp_0", tool_parsed(), {"input": "x"})
     evs = events(s.opening() + s.closing([Outcome("stop", 2, 0, 1)]))
     assert [i["type"] for i in evs[-1]["response"]["output"]] == ["message"]
     assert [e["output_index"] for e in evs if "output_index" in e] == [0, 0, 0, 0, 0]
@@ -230,7 +231,7 @@ def test_logprobs_come_with_the_text_and_its_bytes() -> None:
     p = replace(parsed(), want_logprobs=True)
     entries = [{"token_id": 4, "logprob": -0.5, "top": [(4, -0.5)]},
                {"token_id": 1, "logprob": -1.0, "top": [(0, -0.2)]}]
-    s = ra.ResponsesStream("resp_l", p, body, LetterTok())
+    s = ro.ResponsesStream("resp_l", p, body, LetterTok())
     evs = events(s.opening() + s.pieces(0, [Piece(0, "é", logprobs=entries[:1])])
                  + s.pieces(0, [Piece(0, "b", logprobs=entries[1:])]) + s.closing([Outcome("stop", 2, 0, 2)]))
     deltas = [e["logprobs"] for e in evs if e["type"] == "response.output_text.delta"]
@@ -240,4 +241,4 @@ def test_logprobs_come_with_the_text_and_its_bytes() -> None:
                         "top_logprobs": [{"token": "a", "bytes": [97], "logprob": -0.2}]}]]
     done = next(e for e in evs if e["type"] == "response.output_text.done")
     assert done["logprobs"] == deltas[0] + deltas[1] == evs[-1]["response"]["output"][0]["content"][0]["logprobs"]
-    assert ra.text_logprobs(parsed(), LetterTok(), entries) == []  # not asked for
+    assert ro.text_logprobs(parsed(), LetterTok(), entries) == []  # not asked for
