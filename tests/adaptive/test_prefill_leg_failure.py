@@ -14,8 +14,8 @@ from appliance.engine.request import SamplingParams
 from appliance.serve.engine_loop import EngineLoop
 from appliance.serve.protocol import Done, Error
 from tests.adaptive import test_move_engine as mv
+from tests.engine.faults import poison
 from tests.engine.reference import NaiveLlama
-from tests.engine.test_row_failure import poison
 
 GOOD = [7 + (i * 5) % 240 for i in range(21)]
 BAD = [9 + (i * 3) % 200 for i in range(17)]

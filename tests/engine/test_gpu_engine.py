@@ -201,7 +201,7 @@ def test_a_nan_row_fails_its_request_alone_on_the_device(graphs_fp32) -> None:
     """NaN logits for one request in a graph-replayed decode batch: it ends with an error, its neighbours'
     greedy tokens are those of a clean run, with logprobs, and no page leaks."""
     from appliance.engine.request import SamplingParams
-    from tests.engine.test_row_failure import poison
+    from tests.engine.faults import poison
 
     params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
     clean = [graphs_fp32.add_request(p, params) for p in PROMPTS[:3]]

@@ -21,6 +21,8 @@ from appliance.engine.sampler import Sampler
 from appliance.engine.token_mask import TokenMask
 from appliance.serve.engine_loop import EngineLoop
 from appliance.serve.protocol import Done, Error, Event
+from tests.engine.faults import assert_idle as idle
+from tests.engine.faults import poison
 
 INF = float("inf")
 PROMPT = [10, 20, 30, 40, 50, 60, 70]
@@ -71,30 +73,6 @@ def test_a_row_with_no_allowed_token_fails_alone(make: Callable[[], Sampler | De
 @pytest.fixture(scope="module")
 def engine(tiny_model) -> Engine:
     return Engine(str(tiny_model), EngineConfig(dtype="float32", page_size=4, num_pages=128))
-
-
-def idle(engine: Engine) -> None:
-    assert not engine.requests and not engine.has_unfinished()
-    engine.cache.reset()
-    assert engine.pool.num_free == engine.pool.num_pages, "KV pages leaked"
-
-
-def poison(engine: Engine, victim: str, after: int, index: int | None = None) -> Callable[[], None]:
-    """Make the model's logits NaN for ``victim``'s row (sample ``index`` only, if given) once it has
-    ``after`` tokens; returns the undo."""
-    real = engine.runner.step
-
-    def step(sb, hook, extra, scoring):
-        logits = real(sb, hook, extra, scoring).clone()
-        rows = [r for r, s in zip(sb.requests, sb.sample) if s]
-        for j, r in enumerate(rows):
-            if ((r.group or r.request_id) == victim and len(r.output_ids) >= after
-                    and (index is None or r.index == index)):
-                logits[j] = float("nan")
-        return logits
-
-    engine.runner.step = step
-    return lambda: setattr(engine.runner, "step", real)
 
 
 def test_the_engine_fails_the_request_and_the_others_go_on(engine) -> None:

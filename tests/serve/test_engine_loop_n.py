@@ -13,6 +13,7 @@ from appliance.engine.engine import Engine
 from appliance.engine.request import SamplingParams
 from appliance.serve.engine_loop import EngineLoop
 from appliance.serve.protocol import Done, Error, Event
+from tests.engine.faults import assert_idle as idle
 
 PROMPT = list(range(10, 31))  # 21 tokens: five full pages of 4 and one token
 PARAMS = SamplingParams(max_tokens=5, temperature=1.0, seed=3, ignore_eos=True, n=3)
@@ -21,12 +22,6 @@ PARAMS = SamplingParams(max_tokens=5, temperature=1.0, seed=3, ignore_eos=True, 
 @pytest.fixture(scope="module")
 def engine(tiny_model) -> Engine:
     return Engine(str(tiny_model), EngineConfig(dtype="float32", page_size=4, num_pages=128))
-
-
-def idle(engine: Engine) -> None:
-    assert not engine.requests and not engine.has_unfinished()
-    engine.cache.reset()
-    assert engine.pool.num_free == engine.pool.num_pages, "KV pages leaked"
 
 
 async def drain(q: asyncio.Queue[Event]) -> list[Event]:
