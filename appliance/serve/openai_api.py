@@ -324,12 +324,12 @@ def format_logprobs(req: ParsedRequest, tokenizer: Any, entries: list[dict]) -> 
     if not req.want_logprobs or not entries:
         return None
     if req.endpoint == "chat":
-        content = []
-        for e in entries:
-            tok = tokenizer.decode([e["token_id"]], skip_special_tokens=False)
-            top = [{"token": tokenizer.decode([t], skip_special_tokens=False), "logprob": v} for t, v in e["top"]]
-            content.append({"token": tok, "logprob": e["logprob"], "top_logprobs": top})
-        return {"content": content}
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:  # bytes: the text's UTF-8, as vLLM gives it
+            text = tokenizer.decode([token_id], skip_special_tokens=False)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", errors="replace"))}
+
+        return {"content": [{**entry(e["token_id"], e["logprob"]), "top_logprobs": [entry(t, v) for t, v in e["top"]]}
+                            for e in entries]}
     toks = [tokenizer.decode([e["token_id"]], skip_special_tokens=False) for e in entries]
     return {"tokens": toks, "token_logprobs": [e["logprob"] for e in entries],
             "top_logprobs": [None if e["top"] is None else

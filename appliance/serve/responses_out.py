@@ -61,17 +61,9 @@ def output_text(text: str, logprobs: list[dict[str, Any]] | None = None) -> dict
 
 
 def text_logprobs(parsed: oai.ParsedRequest, tokenizer: Any, entries: list[dict]) -> list[dict[str, Any]]:
-    """The Responses API's logprobs of generated tokens (chat's, with each token's UTF-8 bytes, as vLLM
-    gives them)."""
+    """The Responses API's logprobs of generated tokens: chat's entries (token, logprob, bytes, top_logprobs)."""
     chat = oai.format_logprobs(parsed, tokenizer, entries)
-    if chat is None:
-        return []
-
-    def with_bytes(e: dict[str, Any]) -> dict[str, Any]:
-        return {"token": e["token"], "bytes": list(e["token"].encode("utf-8", errors="replace")),
-                "logprob": e["logprob"]}
-
-    return [{**with_bytes(e), "top_logprobs": [with_bytes(t) for t in e["top_logprobs"]]} for e in chat["content"]]
+    return [] if chat is None else chat["content"]
 
 
 Keep = Callable[[dict[str, Any]], None]  # stores a finished Response object
