@@ -24,7 +24,8 @@
 # Knobs: PYTHON (default python3), GPU_WHEELS_DIR, GPU_SITE_DIR, GPU_CHECK_BUDGET_S (default 460),
 # GPU_CHECK_STEPS (comma-separated step names to run, e.g. "install,transfer-nvshmem"; default all;
 # env always runs).
-# On the device tool: carry wheels/gpu (and .gpu-site when it was built on an earlier call).
+# On the device tool: carry wheels/gpu (and .gpu-site when it was built on an earlier call), and run it
+# through scripts/gpu-pack.sh, which packs $OUT into one archive (the tool brings back at most 8 files).
 set -u -o pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

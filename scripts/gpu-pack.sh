@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs one device check and packs everything it wrote into ONE archive under $OUT, because the device
+# tool brings back at most 8 files from $OUT (a check writes a log a step, JSON, JUnit XML and log folders).
+#
+#   OUT=... bash scripts/gpu-pack.sh NAME -- COMMAND [ARGS...]
+#
+# COMMAND runs with OUT=gpu-out/NAME (in the repository); when it ends, however it ends short of a kill,
+# $OUT/NAME.tgz holds that folder and $OUT/NAME-summary.txt its summary (the check's *summary.txt), so the
+# figures come back even if the archive were left out. Exit: COMMAND's.
+set -u -o pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+if [ $# -lt 3 ] || [ "$2" != "--" ]; then
+    echo "usage: OUT=DIR bash scripts/gpu-pack.sh NAME -- COMMAND [ARGS...]" >&2
+    exit 64
+fi
+NAME="$1"
+shift 2
+case "$NAME" in
+    *[!A-Za-z0-9._-]* | "") echo "gpu-pack: NAME must be letters, digits, '.', '_' or '-', got '$NAME'" >&2; exit 64 ;;
+esac
+DEST="${OUT:?gpu-pack: set OUT (the device tool sets it)}"
+WORK="gpu-out/$NAME"
+rm -rf "$WORK"
+mkdir -p "$WORK" "$DEST"
+
+pack() {
+    tar czf "$DEST/$NAME.tgz" -C gpu-out "$NAME"
+    for f in "$WORK"/*summary.txt; do
+        [ -f "$f" ] && cp "$f" "$DEST/$NAME-$(basename "$f")"
+    done
+    echo "gpu-pack: $DEST/$NAME.tgz ($(du -h "$DEST/$NAME.tgz" | cut -f1))" >&2
+}
+trap pack EXIT
+OUT="$PWD/$WORK" "$@"
