@@ -4,7 +4,7 @@
 #
 #   OUT=... bash scripts/gpu-pack.sh NAME -- COMMAND [ARGS...]
 #
-# COMMAND runs with OUT=gpu-out/NAME (in the repository); when it ends, however it ends short of a kill,
+# COMMAND runs with OUT=gpu-out/NAME (in the repository; GPU_PACK_WORK names another folder than gpu-out); when it ends, however it ends short of a kill,
 # $OUT/NAME.tgz holds that folder and $OUT/NAME-summary.txt its summary (the check's *summary.txt), so the
 # figures come back even if the archive were left out. Exit: COMMAND's.
 set -u -o pipefail
@@ -20,16 +20,17 @@ case "$NAME" in
     *[!A-Za-z0-9._-]* | "") echo "gpu-pack: NAME must be letters, digits, '.', '_' or '-', got '$NAME'" >&2; exit 64 ;;
 esac
 DEST="${OUT:?gpu-pack: set OUT (the device tool sets it)}"
-WORK="gpu-out/$NAME"
+ROOT_WORK="${GPU_PACK_WORK:-gpu-out}"
+WORK="$ROOT_WORK/$NAME"
 rm -rf "$WORK"
 mkdir -p "$WORK" "$DEST"
 
 pack() {
-    tar czf "$DEST/$NAME.tgz" -C gpu-out "$NAME"
+    tar czf "$DEST/$NAME.tgz" -C "$ROOT_WORK" "$NAME"
     for f in "$WORK"/*summary.txt; do
         [ -f "$f" ] && cp "$f" "$DEST/$NAME-$(basename "$f")"
     done
     echo "gpu-pack: $DEST/$NAME.tgz ($(du -h "$DEST/$NAME.tgz" | cut -f1))" >&2
 }
 trap pack EXIT
-OUT="$PWD/$WORK" "$@"
+OUT="$(cd "$WORK" && pwd)" "$@"

@@ -99,3 +99,24 @@ def test_every_project_dependency_is_pinned() -> None:
 
     pinned = {norm(n) for n, _ in _pins()}
     assert not [d for d in deps if norm(d) not in pinned]
+
+
+def test_gpu_pack_brings_a_check_back_as_one_archive(tmp_path: Path) -> None:
+    """The device tool returns at most 8 files from $OUT: a check that writes 12 comes back as one archive
+    and its summary, with the check's exit status."""
+    import tarfile
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    check = "for i in $(seq 12); do echo $i > $OUT/step-$i.log; done; echo all ok > $OUT/summary.txt; exit 5"
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-pack.sh"), "check", "--", "bash", "-c", check],
+                       capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "OUT": str(out), "GPU_PACK_WORK": str(work)})
+    assert r.returncode == 5, r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["check-summary.txt", "check.tgz"]
+    assert (out / "check-summary.txt").read_text() == "all ok\n"
+    with tarfile.open(out / "check.tgz") as tar:
+        names = tar.getnames()
+    assert len([n for n in names if n.startswith("check/step-")]) == 12 and "check/summary.txt" in names
+    bad = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-pack.sh"), "a/b", "--", "true"], capture_output=True,
+                         text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "OUT": str(out)})
+    assert bad.returncode == 64 and "NAME must be" in bad.stderr
