@@ -90,6 +90,7 @@ class Router:
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model}", self.model)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_text)
         app.router.add_get("/workers", self.list_workers)
@@ -144,10 +145,17 @@ class Router:
         return await handler(request)
 
     # -- handlers ----------------------------------------------------------------------------------
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self.cfg.served_model_name, "object": "model", "created": int(self.started), "owned_by": "pdbox",
+                "max_model_len": self.pool.max_model_len}
+
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
-            {"id": self.cfg.served_model_name, "object": "model", "created": int(self.started), "owned_by": "pdbox",
-             "max_model_len": self.pool.max_model_len}]})
+        return web.json_response({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """``GET /v1/models/{model}`` (the openai client's ``models.retrieve``)."""
+        oai.check_model({"model": request.match_info["model"]}, self.cfg.served_model_name)
+        return web.json_response(self._model_card())
 
     async def health(self, request: web.Request) -> web.Response:
         roles, healthy = self.placement.roles(), self.placement.healthy

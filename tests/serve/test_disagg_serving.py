@@ -65,6 +65,10 @@ def test_openai_client_paris_streaming_and_not(offline_answers) -> None:
         comp = client.completions.create(model="smollm2-135m-instruct", prompt="The capital of France is",
                                          max_tokens=5, temperature=0)
         assert comp.choices[0].text
+        listed = client.models.list().data[0]
+        assert client.models.retrieve(listed.id).id == listed.id == "smollm2-135m-instruct"
+        with pytest.raises(openai.NotFoundError):
+            client.models.retrieve("no-such-model")
         assert chat_greedy(url) == offline_answers
         assert_pools_idle(url)
         with urllib.request.urlopen(url + "/metrics", timeout=30) as resp:
