@@ -131,6 +131,13 @@ def openapi_document(model: str, max_body_bytes: int = 4 * 1024 * 1024) -> dict[
             "/detokenize": {"post": {"summary": "Text of token ids (vLLM's extension)",
                                      "responses": {"200": {"description": "prompt"}, "400": _ERROR}}},
             "/v1/models": {"get": {"summary": "Served models", "responses": {"200": {"description": "model list"}}}},
+            "/v1/models/{model}": {"get": {"summary": "The served model", "responses": {
+                "200": {"description": "model"}, "404": _ERROR}}},
+            "/v1/responses/{id}": {
+                "get": {"summary": "A stored response (the router keeps the last --responses-store, in memory)",
+                        "responses": {"200": {"description": "Response object"}, "404": _ERROR}},
+                "delete": {"summary": "Forget a stored response",
+                           "responses": {"200": {"description": "deleted"}, "404": _ERROR}}},
             "/health": {"get": {"summary": "Health", "responses": {"200": {"description": "ok"},
                                                                     "503": {"description": "degraded"}}}},
         },
