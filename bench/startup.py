@@ -10,52 +10,19 @@ registered with the router.
 from __future__ import annotations
 
 import json
-import signal
 import statistics
-import subprocess
-import sys
-import tempfile
-import time
-import urllib.error
-import urllib.request
 
 import click
 
 from appliance.cli_support import HELP_OPTIONS, run_command
-from appliance.engine.tp import free_port
+from bench.up_process import running_up
 
 
 def ready_s(up_args: tuple[str, ...], timeout_s: float, stop_timeout_s: float) -> float:
     """Seconds from launching ``pdbox up`` until its router lists the model; raises when it exits first or
     is not ready within ``timeout_s``."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "appliance.cli", "up", "--port", str(port), "--no-monitor", *up_args]
-    log = tempfile.TemporaryFile("w+")  # its console lines, shown if it fails
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
-    try:
-        while True:
-            if proc.poll() is not None:
-                log.seek(0)
-                raise RuntimeError(f"pdbox up exited with {proc.returncode} before serving:\n{log.read()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1.0) as r:
-                    if r.status == 200:
-                        return time.perf_counter() - t0
-            except (urllib.error.URLError, ConnectionError, TimeoutError):
-                pass
-            if time.perf_counter() - t0 > timeout_s:
-                raise RuntimeError(f"pdbox up did not serve within {timeout_s:.0f} s")
-            time.sleep(0.05)
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(stop_timeout_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(stop_timeout_s)
-        log.close()
+    with running_up(up_args, timeout_s, stop_timeout_s) as up:
+        return up.ready_s
 
 
 @click.command(context_settings=HELP_OPTIONS)
