@@ -70,7 +70,7 @@ RESPONSES_BODY: dict[str, Any] = {
                 "output": {"oneOf": [{"type": "string"}, {"type": "array", "items": _TEXT_PART}]}}}]}}]},
         "instructions": {"type": "string", "nullable": True},
         "max_output_tokens": {"type": "integer", "minimum": 1, "nullable": True},
-        "temperature": {"type": "number", "minimum": 0, "nullable": True},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 100, "nullable": True},
         "top_p": {"type": "number", "minimum": 0, "exclusiveMinimum": True, "maximum": 1, "nullable": True},
         "stream": {"type": "boolean", "nullable": True},
         "text": {"type": "object", "nullable": True, "description": "format: text, json_object or json_schema"},
