@@ -66,6 +66,8 @@ def label(pid: int) -> str:
         argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
     if "--name" in argv[:-1]:
         return argv[argv.index("--name") + 1]
+    if any("multiprocessing.resource_tracker" in a for a in argv):
+        return "resource_tracker"  # torch.multiprocessing's helper (shared memory bookkeeping)
     if "up" in argv and any(a.endswith("appliance.cli") or a.endswith("pdbox") for a in argv):
         return "router"
     return " ".join(argv)[:60]
