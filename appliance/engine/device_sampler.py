@@ -97,7 +97,7 @@ class DeviceSampler:
         if mask is not None:
             logits = mask.apply(logits)
         top, ids = logits.max(dim=-1)
-        fails = failed_rows(top)  # < 0: the row cannot be sampled (appliance.engine.sampler); no sync here
+        fails = failed_rows(top)  # < 0: the row cannot be sampled (appliance.engine.row_failure); no sync here
         random_rows = [i for i, p in enumerate(ps) if not p.greedy]
         if random_rows:
             rows = torch.tensor(random_rows, device=dev) if len(random_rows) < n else None
