@@ -227,7 +227,7 @@ class Engine:
         root = req.group or req.request_id
         ended = [r for k, r in self.requests.items() if k == root or k.startswith(f"{root}~")]
         self.abort(root)  # the request, or its samples' root and every sibling still here
-        for r in {id(r): r for r in (*ended, req)}.values():
+        for r in (*ended, req):  # req is among them; a sample already finished keeps its answer
             r.status, r.finish_reason, r.error = RequestStatus.FINISHED, "error", why
         log.warning("request %s failed: %s", root, why)
         return RequestOutput(request_id=req.request_id, new_token_ids=[], text=req.text, finished=True,

@@ -28,7 +28,8 @@ from appliance.serve.protocol import ConstraintSpec
 TYPES = ("text", "json_object", "json_schema")
 REGEX_FIELD = "guided_regex"
 GUIDED = (REGEX_FIELD, "guided_json", "guided_choice", "structured_outputs")  # vLLM's, checked in this order
-SO_KEYS = {"json": "guided_json", "regex": REGEX_FIELD, "choice": "guided_choice"}  # structured_outputs' own
+KIND_OF = {REGEX_FIELD: "regex", "guided_json": "json", "guided_choice": "choice"}  # a guided_* field's kind
+SO_KEYS = ("json", "regex", "choice")  # structured_outputs' own names for the same kinds
 SO_REFUSED = ("grammar", "structural_tag", "whitespace_pattern", "disable_any_whitespace",
               "disable_additional_properties")
 MAX_CHOICES = 256
@@ -51,7 +52,7 @@ def parse_constraint(body: dict[str, Any]) -> ConstraintSpec | None:
         value = body.get(name)
         if value is None:
             continue
-        guided = _guided(name, value)
+        guided = _structured_outputs(value) if name == "structured_outputs" else _guided(KIND_OF[name], value, name)
         if found is not None:
             other = field if field in GUIDED else "a response_format other than text"
             raise FormatError(name, f"{name} and {other} exclude each other")
@@ -66,17 +67,15 @@ def parse_constraint(body: dict[str, Any]) -> ConstraintSpec | None:
     return ConstraintSpec(kind=kind, spec=spec)
 
 
-def _guided(name: str, value: Any, field: str | None = None) -> tuple[str, str]:
-    """One of vLLM's fields as (kind, spec); ``field`` (default ``name``) is the one a refusal names,
-    ``name`` what it calls the value (``structured_outputs.json`` ...)."""
-    field = field or name
-    if name == "structured_outputs":
-        return _structured_outputs(value)
-    if field == REGEX_FIELD or name.endswith("regex"):
+def _guided(kind: str, value: Any, field: str, name: str | None = None) -> tuple[str, str]:
+    """A regex, json or choice constraint of vLLM's as (constraint kind, spec); ``field`` is the request field
+    a refusal names, ``name`` (default ``field``) what it calls the value (``structured_outputs.json`` ...)."""
+    name = name or field
+    if kind == "regex":
         if not isinstance(value, str) or not value:
             raise FormatError(field, f"{name} must be a non-empty string (a regex)")
         return "regex", value
-    if name.endswith("json"):
+    if kind == "json":
         if isinstance(value, str):
             try:
                 value = json.loads(value)
@@ -116,7 +115,7 @@ def _structured_outputs(value: Any) -> tuple[str, str]:
                                  + (f" (it sets {', '.join(chosen)})" if chosen else ""))
     if chosen[0] == "json_object":
         return "json_object", ""
-    return _guided(f"structured_outputs.{chosen[0]}", value[chosen[0]], field)
+    return _guided(chosen[0], value[chosen[0]], field, f"structured_outputs.{chosen[0]}")
 
 
 def choice_regex(choices: list[str]) -> str:
