@@ -78,6 +78,22 @@ INT4_MAX_ROWS = 4
 # against oneDNN fp32's 29.6 / 33.5 / 39.8, so up to 16. bf16 keeps int4's bound, where oneDNN bf16 takes added
 # rows almost free
 QUANT_MAX_ROWS = {torch.float32: 16, torch.bfloat16: INT4_MAX_ROWS}
+# NOTE: oneDNN builds (JIT) and caches a primitive per input shape, and each holds its own scratch memory,
+# ~0.6 MiB for a 1536 x 576 weight at 1-400 rows (`_linear_pointwise`, 1 thread, Zen 3). A prefill engine
+# sees nearly every row count up to its chunk, so its resident memory grew by ~190 MiB a round of a
+# 150-request soak (`python -m bench.soak`) until the cache (1024 primitives) filled; evicting and rebuilding
+# them grows it further. Rows past ``EXACT_ROWS`` go in padded (zeros) up to `onednn_rows`, which bounds
+# the shapes to ~110 per weight up to 1024 rows, for at most 15 padded rows or a 16th of the rows.
+EXACT_ROWS = 64
+
+
+def onednn_rows(rows: int) -> int:
+    """The rows a oneDNN linear call runs ``rows`` input rows at: exact up to ``EXACT_ROWS``, then rounded
+    up to a multiple of a 32nd of the next power of two (at least 16): 80, 96, ... 512, 544, ... 1024, 1088 ..."""
+    if rows <= EXACT_ROWS:
+        return rows
+    step = max(16, (1 << (rows - 1).bit_length()) // 32)
+    return -(-rows // step) * step
 
 
 @dataclass(frozen=True)
@@ -215,7 +231,11 @@ class CpuAttentionBackend:
                 padded = self._pad_rows(x.shape[1], x.dtype)
                 padded[:rows].copy_(x)
                 return torch.ops.mkldnn._linear_pointwise(padded, weight.packed, bias, "none", [], "")[:rows]
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.packed, bias, "none", [], "")
+            padded = onednn_rows(rows) if x.dim() == 2 else rows
+            if padded == rows:
+                return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.packed, bias, "none", [], "")
+            x = F.pad(x, (0, 0, 0, padded - rows))
+            return torch.ops.mkldnn._linear_pointwise(x, weight.packed, bias, "none", [], "")[:rows]
         return F.linear(x.to(weight.dtype), weight, bias)
 
     def _pad_rows(self, width: int, dtype: torch.dtype) -> torch.Tensor:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 from appliance.engine.attention import TorchAttentionBackend
 from appliance.engine.attention_cpu import (
@@ -272,3 +276,37 @@ def test_engine_packs_the_embedded_models_q4_weights_unless_told_not_to(smollm_p
         head = runner.model.lm_head
         assert head.int4 is None  # the tied Q8_0 embedding has no 4-bit blocks; pdbox's kernel reads its 8-bit ones
         assert (head.quant is not None) == (flag and native_quant().lib is not None)
+
+
+def test_onednn_rows_are_few_shapes_and_little_padding() -> None:
+    from appliance.engine.attention_cpu import EXACT_ROWS, onednn_rows
+
+    seen = [onednn_rows(rows) for rows in range(1, 1025)]
+    assert seen[:EXACT_ROWS] == list(range(1, EXACT_ROWS + 1))
+    for rows, padded in enumerate(seen, start=1):
+        assert rows <= padded and padded - rows < max(16, rows / 16)
+        assert onednn_rows(padded) == padded  # a bucket is its own bucket
+    assert len(set(seen)) <= EXACT_ROWS + 44
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
+def test_many_row_counts_come_out_right_and_hold_no_memory() -> None:
+    """A prefill engine's linear layers see nearly every row count; oneDNN keeps a primitive (and its scratch
+    memory) per shape it sees, so each count unbucketed added ~0.6 MiB here (~200 MiB over these 336)."""
+    be = CpuAttentionBackend()
+    g = torch.Generator().manual_seed(3)
+    w, bias = torch.randn(1536, 576, generator=g), torch.randn(1536, generator=g)
+    packed = be.pack_linear(w)
+    x = torch.randn(400, 576, generator=g)
+    for rows in (65, 100, 257, 400):
+        got = be.linear(x[:rows], packed, bias)
+        assert got.shape == (rows, 1536) and got.is_contiguous()
+        torch.testing.assert_close(got, F.linear(x[:rows], w, bias), rtol=1e-4, atol=1e-3)
+
+    def rss_mib() -> float:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    before = rss_mib()
+    for rows in range(65, 401):
+        be.linear(x[:rows], packed)
+    assert rss_mib() - before < 80
