@@ -78,21 +78,24 @@ INT4_MAX_ROWS = 4
 # against oneDNN fp32's 29.6 / 33.5 / 39.8, so up to 16. bf16 keeps int4's bound, where oneDNN bf16 takes added
 # rows almost free
 QUANT_MAX_ROWS = {torch.float32: 16, torch.bfloat16: INT4_MAX_ROWS}
-# NOTE: oneDNN builds (JIT) and caches a primitive per input shape, and each holds its own scratch memory,
-# ~0.6 MiB for a 1536 x 576 weight at 1-400 rows (`_linear_pointwise`, 1 thread, Zen 3). A prefill engine
-# sees nearly every row count up to its chunk, so its resident memory grew by ~190 MiB a round of a
-# 150-request soak (`python -m bench.soak`) until the cache (1024 primitives) filled; evicting and rebuilding
-# them grows it further. Rows past ``EXACT_ROWS`` go in padded (zeros) up to `onednn_rows`, which bounds
-# the shapes to ~110 per weight up to 1024 rows, for at most 15 padded rows or a 16th of the rows.
+# NOTE: oneDNN builds (JIT, ~1 ms) and caches a primitive per input shape, and each keeps its own memory:
+# ~0.65 MiB a row count for SmolLM2's weights, 3 MiB for the 3072-wide gate/up at 200-300 rows
+# (`_linear_pointwise`, 1 thread, Zen 3). A prefill engine sees nearly every row count up to its chunk, so
+# its resident memory grew ~190 MiB a round of a 150-request soak (`python -m bench.soak`) toward the
+# caches' 1024 primitives, and evicting and rebuilding them grows it further. Rows past ``EXACT_ROWS`` go
+# in padded (zeros) up to `onednn_rows`: ~80 shapes per weight up to the CPU chunk (320 rows), ~200 up to
+# 1024, at most 7 padded rows or a 32nd of them. Prefill-only, 15 batches of 1-3 random prompts of 20-1200
+# tokens (19,355 tokens), 1 thread, alternating: 292 / 292 tok/s padded against 276 / 287 with every
+# count's own primitive (the builds cost more than the padding).
 EXACT_ROWS = 64
 
 
 def onednn_rows(rows: int) -> int:
     """The rows a oneDNN linear call runs ``rows`` input rows at: exact up to ``EXACT_ROWS``, then rounded
-    up to a multiple of a 32nd of the next power of two (at least 16): 80, 96, ... 512, 544, ... 1024, 1088 ..."""
+    up to a multiple of a 64th of the next power of two (at least 8): 72, 80, ... 512, 528, ... 1024, 1056 ..."""
     if rows <= EXACT_ROWS:
         return rows
-    step = max(16, (1 << (rows - 1).bit_length()) // 32)
+    step = max(8, (1 << (rows - 1).bit_length()) // 64)
     return -(-rows // step) * step
 
 

@@ -284,9 +284,9 @@ def test_onednn_rows_are_few_shapes_and_little_padding() -> None:
     seen = [onednn_rows(rows) for rows in range(1, 1025)]
     assert seen[:EXACT_ROWS] == list(range(1, EXACT_ROWS + 1))
     for rows, padded in enumerate(seen, start=1):
-        assert rows <= padded and padded - rows < max(16, rows / 16)
+        assert rows <= padded and padded - rows < max(8, rows / 32)
         assert onednn_rows(padded) == padded  # a bucket is its own bucket
-    assert len(set(seen)) <= EXACT_ROWS + 44
+    assert len(set(seen)) <= EXACT_ROWS + 140
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this torch has no oneDNN")
