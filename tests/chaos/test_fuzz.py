@@ -1,4 +1,4 @@
-"""Property-based fuzzing of /v1/chat/completions and /v1/completions on a live appliance.
+"""Property-based fuzzing of /v1/chat/completions, /v1/completions and /v1/responses on a live appliance.
 
 Bodies come from the router's own /openapi.json (a small schema-to-hypothesis translation, the idea
 of schemathesis without its dependency tree): documented bodies must succeed, a body with one field
@@ -14,6 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.chaos import responses_rules
 from tests.chaos.chaos_util import CHAT, COMP, MODEL, Appliance, error_of, http_call, wait_pools_idle
 from tests.chaos.conftest import record
 
@@ -24,7 +25,8 @@ SMALL = {"max_tokens": 3, "max_completion_tokens": 3}  # keep generated answers 
 FUZZ = settings(deadline=None, database=None, derandomize=True, print_blob=True,
                 suppress_health_check=list(HealthCheck))
 SEEN: dict[str, int] = {"bodies": 0, "5xx": 0, "fuzzers": 0}
-FUZZERS = 6  # the parametrized fuzz tests above test_fuzzing_left_the_server_serving
+RESP = "/v1/responses"
+FUZZERS = 9  # the parametrized fuzz tests above test_fuzzing_left_the_server_serving
 REGEXES = ["[a-z]{1,8}", " ?(yes|no)", "[0-9]+"]  # a string documented as a regex (guided_regex)
 CONSTRAINTS = ("guided_regex", "guided_json", "guided_choice", "structured_outputs")  # vLLM's, one at most
 
@@ -34,7 +36,8 @@ def schemas(guarded: Appliance) -> dict[str, dict]:
     status, _, raw = http_call("GET", guarded.url + "/openapi.json", headers=guarded.headers())
     assert status == 200
     doc = json.loads(raw)
-    return {p: doc["paths"][p]["post"]["requestBody"]["content"]["application/json"]["schema"] for p in (CHAT, COMP)}
+    return {p: doc["paths"][p]["post"]["requestBody"]["content"]["application/json"]["schema"]
+            for p in (CHAT, COMP, RESP)}
 
 
 # -- schema -> strategies ------------------------------------------------------------------------------
@@ -198,38 +201,65 @@ def _documented(schema: dict, body: dict) -> dict:
     return body
 
 
-@pytest.mark.parametrize("path", [CHAT, COMP])
-def test_documented_bodies_are_accepted(guarded: Appliance, schemas: dict, path: str) -> None:
+@pytest.fixture(scope="module")
+def kept(guarded: Appliance) -> str:
+    """The id of a stored response, which a documented previous_response_id names."""
+    body = {"model": MODEL, "input": "Hi", "max_output_tokens": 2, "store": True}
+    status, _, raw = guarded.post(RESP, body)
+    assert status == 200, raw[:400]
+    return json.loads(raw)["id"]
+
+
+def documented(path: str, schema: dict, body: dict, kept: str) -> dict:
+    if path == RESP:
+        return {**responses_rules.documented(body, kept, SMALL["max_tokens"]), "model": MODEL}
+    return _documented(schema, body)
+
+
+def answered(path: str, resp: bytes) -> bool:
+    """Whether an answer (whole or streamed) finished without an error."""
+    if path != RESP:
+        return b'"error"' not in resp
+    if resp.lstrip().startswith(b"{"):  # the Response object (its "error" field is null)
+        return json.loads(resp)["status"] in ("completed", "incomplete")
+    events = [json.loads(line[5:]) for line in resp.splitlines() if line.startswith(b"data:")]
+    return bool(events) and events[-1]["type"] in ("response.completed", "response.incomplete")
+
+
+@pytest.mark.parametrize("path", [CHAT, COMP, RESP])
+def test_documented_bodies_are_accepted(guarded: Appliance, schemas: dict, kept: str, path: str) -> None:
     @settings(FUZZ, max_examples=60)
     @given(data=st.data())
     def run(data: st.DataObject) -> None:
-        body = _documented(schemas[path], data.draw(conforming(schemas[path])))
+        body = documented(path, schemas[path], data.draw(conforming(schemas[path])), kept)
         status, resp = send(guarded, path, json.dumps(body).encode())
         assert status == 200, (body, resp[:400])
-        assert b'"error"' not in resp, (body, resp[-400:])
+        assert answered(path, resp), (body, resp[-400:])
 
     run()
     SEEN["fuzzers"] += 1
     wait_pools_idle(guarded)
 
 
-@pytest.mark.parametrize("path", [CHAT, COMP])
-def test_one_broken_field_is_refused_by_name(guarded: Appliance, schemas: dict, path: str) -> None:
+@pytest.mark.parametrize("path", [CHAT, COMP, RESP])
+def test_one_broken_field_is_refused_by_name(guarded: Appliance, schemas: dict, kept: str, path: str) -> None:
     props = schemas[path]["properties"]
 
     @settings(FUZZ, max_examples=110)
     @given(data=st.data())
     def run(data: st.DataObject) -> None:
-        body = _documented(schemas[path], data.draw(conforming(schemas[path])))
+        body = documented(path, schemas[path], data.draw(conforming(schemas[path])), kept)
         key = data.draw(st.sampled_from(sorted(props)))
         break_field(body, key, data.draw(violating(props[key])))
+        if path == RESP:
+            body.pop("logprobs", None)  # break_field's companion for chat's top_logprobs
         status, resp = send(guarded, path, json.dumps(body).encode())
         err = error_of(resp)
         if key == "model" and isinstance(body[key], str):
             assert status == 404, (body, err)
         else:
             assert status == 400, (body, err)
-        assert err["param"] is not None and err["param"].split("[")[0] == key, (key, body[key], err)
+        assert err["param"] is not None and err["param"].split("[")[0].split(".")[0] == key, (key, body[key], err)
 
     run()
     SEEN["fuzzers"] += 1
@@ -244,7 +274,7 @@ JSON_VALUES = st.recursive(
     max_leaves=12)
 
 
-@pytest.mark.parametrize("path", [CHAT, COMP])
+@pytest.mark.parametrize("path", [CHAT, COMP, RESP])
 def test_arbitrary_json_and_bytes_never_5xx(guarded: Appliance, path: str) -> None:
     @settings(FUZZ, max_examples=90)
     @given(value=JSON_VALUES, mode=st.sampled_from(["json", "body-with", "bytes"]), junk=st.binary(max_size=64))
@@ -252,9 +282,10 @@ def test_arbitrary_json_and_bytes_never_5xx(guarded: Appliance, path: str) -> No
         if mode == "json":
             raw = json.dumps(value).encode()
         elif mode == "body-with":  # a plausible request with one arbitrary field
-            base = {"model": MODEL, "max_tokens": 2} | (
-                {"messages": [{"role": "user", "content": "Hi"}]} if path == CHAT else {"prompt": "Hi"})
-            field = "stop" if not isinstance(value, dict) else "messages"
+            bases = {CHAT: {"max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]},
+                     COMP: {"max_tokens": 2, "prompt": "Hi"}, RESP: {"max_output_tokens": 2, "input": "Hi"}}
+            base = {"model": MODEL, **bases[path]}
+            field = "input" if path == RESP else "stop" if not isinstance(value, dict) else "messages"
             raw = json.dumps({**base, field: value}).encode()
         else:
             raw = junk

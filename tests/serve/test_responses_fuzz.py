@@ -15,6 +15,7 @@ from appliance.serve import openai_api as oai
 from appliance.serve import responses_api as ra
 from appliance.serve.openapi_doc import openapi_document
 from appliance.serve.response_store import ResponseStore
+from tests.chaos import responses_rules as rules
 from tests.chaos.test_fuzz import JSON_VALUES, break_field, conforming, violating
 
 FUZZ = settings(deadline=None, database=None, derandomize=True, print_blob=True,
@@ -34,26 +35,7 @@ KEPT = "resp_kept"  # the one stored response a documented previous_response_id 
 
 
 def documented(body: dict) -> dict:
-    """The rules the schema cannot state (as the chaos tier's `_documented` does for chat): a stored
-    previous_response_id, JSON arguments, tool names of the documented form and unique, an enforced
-    tool_choice only with tools, logprobs only without them, an answer that fits the context."""
-    if isinstance(body.get("previous_response_id"), str):
-        body["previous_response_id"] = KEPT
-    items = body["input"] if isinstance(body.get("input"), list) else []
-    for item in items:
-        if isinstance(item, dict) and item.get("type") == "function_call":
-            item["arguments"] = "{}"
-    tools = body.get("tools") or []
-    for i, tool in enumerate(tools):
-        tool["name"] = f"f{i}"
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        body.pop("tool_choice")
-    if tools:
-        body.pop("include", None)
-        body.pop("top_logprobs", None)
-    if isinstance(body.get("max_output_tokens"), int):
-        body["max_output_tokens"] = min(body["max_output_tokens"], 16)
-    return body
+    return rules.documented(body, KEPT)
 
 
 def read(body: dict, tok) -> oai.ParsedRequest | oai.ApiError:
