@@ -95,7 +95,8 @@ class CacheAware(LeastLoad):
     A match counts only when it covers at least ``min_match`` of the prompt (SGLang's
     cache_threshold): a short shared system prompt alone must not pull every request onto one
     engine. The router remembers, per worker, the page-aligned prefixes it sent there (a hash chain over
-    ``page_size``-token blocks, LRU-bounded): an approximation of each engine's radix cache.
+    ``page_size``-token blocks, LRU-bounded by the worker's KV pages once it has reported them): an
+    approximation of each engine's radix cache.
     """
 
     name = "cache_aware"
@@ -153,7 +154,11 @@ class CacheAware(LeastLoad):
         for h in self._chain(prompt_ids):
             seen[h] = now
             seen.move_to_end(h)
-        while len(seen) > self.capacity:
+        # NOTE: the engine's pool holds at most its pages, so older prefixes than that are gone there (its
+        # cache evicts least recently used first, as this does); a worker not yet reported keeps `capacity`
+        pages = worker.load.total_pages
+        most = min(self.capacity, pages) if pages else self.capacity
+        while len(seen) > most:
             seen.popitem(last=False)
 
 

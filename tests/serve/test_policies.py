@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from appliance.serve.load_report import LoadReport
 from appliance.serve.policies import CacheAware, LeastLoad, WorkerHandle
 
 
@@ -39,3 +40,16 @@ def test_imbalance_falls_back_to_least_load() -> None:
     ws[0].inflight = 5
     assert pol.pick(ws, doc) is ws[1]
     assert LeastLoad().pick(ws, doc) is ws[1]
+
+
+def test_a_worker_is_remembered_holding_at_most_its_kv_pages() -> None:
+    ws = workers()
+    pol = CacheAware(page_size=4)
+    old, new = list(range(100, 132)), list(range(200, 232))  # 8 pages each
+    pol.record(ws[0], old)
+    pol.record(ws[0], new)
+    assert pol.matched_tokens(ws[0], old) == 32  # no report yet: the policy's own bound
+    ws[0].load = LoadReport(total_pages=10, free_pages=10)
+    pol.record(ws[0], new)  # the pool holds 10 pages: the old prompt's are gone there
+    assert len(pol.seen[ws[0].url]) == 10
+    assert pol.matched_tokens(ws[0], new) == 32 and pol.matched_tokens(ws[0], old) == 0
