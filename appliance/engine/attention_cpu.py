@@ -234,10 +234,10 @@ class CpuAttentionBackend:
                 padded = self._pad_rows(x.shape[1], x.dtype)
                 padded[:rows].copy_(x)
                 return torch.ops.mkldnn._linear_pointwise(padded, weight.packed, bias, "none", [], "")[:rows]
-            padded = onednn_rows(rows) if x.dim() == 2 else rows
-            if padded == rows:
+            run_rows = onednn_rows(rows) if x.dim() == 2 else rows
+            if run_rows == rows:
                 return torch.ops.mkldnn._linear_pointwise(x.contiguous(), weight.packed, bias, "none", [], "")
-            x = F.pad(x, (0, 0, 0, padded - rows))
+            x = F.pad(x, (0, 0, 0, run_rows - rows))
             return torch.ops.mkldnn._linear_pointwise(x, weight.packed, bias, "none", [], "")[:rows]
         return F.linear(x.to(weight.dtype), weight, bias)
 

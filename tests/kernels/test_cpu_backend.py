@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from appliance.engine.attention import TorchAttentionBackend
 from appliance.engine.attention_cpu import (
+    EXACT_ROWS,
     INT4_MAX_ROWS,
     QUANT_MAX_ROWS,
     CpuAttentionBackend,
@@ -18,6 +19,7 @@ from appliance.engine.attention_cpu import (
     int4_available,
     onednn_available,
     onednn_bf16_available,
+    onednn_rows,
 )
 from appliance.engine.backends import create_backend
 from appliance.engine.dtype import default_dtype
@@ -279,8 +281,6 @@ def test_engine_packs_the_embedded_models_q4_weights_unless_told_not_to(smollm_p
 
 
 def test_onednn_rows_are_few_shapes_and_little_padding() -> None:
-    from appliance.engine.attention_cpu import EXACT_ROWS, onednn_rows
-
     seen = [onednn_rows(rows) for rows in range(1, 1025)]
     assert seen[:EXACT_ROWS] == list(range(1, EXACT_ROWS + 1))
     for rows, padded in enumerate(seen, start=1):
