@@ -81,7 +81,8 @@ def chat_body(body: dict[str, Any], previous: Sequence[dict[str, Any]] = ()) -> 
             raise oai.ApiError(400, "logprobs are not served with tools on /v1/responses (they are on "
                                     "/v1/chat/completions)", "include" if body.get("include") else "top_logprobs")
         chat["logprobs"] = True
-        chat["top_logprobs"] = body.get("top_logprobs") or 0
+        top = body.get("top_logprobs")
+        chat["top_logprobs"] = 0 if top is None else top  # as given (0.0, false ...): checked as chat checks it
     elif body.get("top_logprobs") is not None:
         chat["top_logprobs"] = body["top_logprobs"]  # 0: checked as chat checks it, asks for nothing
     return chat

@@ -80,6 +80,8 @@ def test_a_body_becomes_the_chat_request_it_amounts_to() -> None:
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens", "max_output_tokens must be >= 1"),
     ({"input": "x", "max_output_tokens": 10**6}, "max_output_tokens", "max_output_tokens is 1000000"),
     ({"input": "x", "temperature": -1}, "temperature", "temperature"),
+    # a falsy top_logprobs of the wrong type beside include: refused, not read as 0 (the fuzzer's 0.0)
+    ({"input": "x", "include": ["message.output_text.logprobs"], "top_logprobs": 0.0}, "top_logprobs", "top_logprobs"),
 ])
 def test_refusals_name_the_responses_field(body: dict, param: str, message: str) -> None:
     with pytest.raises(oai.ApiError, match=message) as info:
