@@ -147,7 +147,7 @@ def test_documented_bodies_parse_and_one_broken_field_is_named(bodies: dict, pat
         body["model"] = MODEL
         parse(path, body)
         key = data.draw(st.sampled_from(sorted(props)))
-        break_field(body, key, data.draw(violating(props[key])))
+        break_field(body, key, data.draw(violating(props[key])), props)
         if key == "model" and isinstance(body[key], str):
             return  # a 404 (unknown model), checked in tests/chaos/test_bad_input.py
         err = refused(path, body)
