@@ -19,7 +19,11 @@
 #   with 2+ GPUs:   serve-cross-gpu (prefill on GPU 0, decode on GPU 1) and serve-tp2-nccl
 # No step needs the SmolLM2 GGUF (a random-weight Llama-shaped model is written on the machine).
 # Logs, JUnit XML and JSON go to $OUT (or ./gpu-check-out/); summary.txt / summary.json at the end.
-# Exit: 0 when every step that ran passed, 1 otherwise, 2 without a CUDA device, 3 with a wheel missing.
+# Each step's timeout is clipped to what is left of the budget; a step with under half its timeout left is
+# skipped, and whatever a step leaves running (a `pdbox up` killed with its check) is stopped after it
+# (scripts/gpu-steps.sh).
+# Exit: 0 when every step that ran passed (skips fail nothing), 1 otherwise, 2 without a CUDA device,
+# 3 with a wheel missing.
 #   ttft-8k         scripts/ttft_check.py: 8K-token prompts, unified vs disagg TTFT (the handoff's share)
 # Knobs: PYTHON (default python3), GPU_WHEELS_DIR, GPU_SITE_DIR, GPU_CHECK_BUDGET_S (default 460),
 # GPU_CHECK_STEPS (comma-separated step names to run, e.g. "install,transfer-nvshmem"; default all;
@@ -125,43 +129,9 @@ if ((MISSING)); then
     exit 3
 fi
 
-# run_step NAME TIMEOUT_S CMD...: run with a timeout clipped to the remaining budget, log, record.
-run_step() {
-    local name="$1" limit="$2"
-    shift 2
-    local now left rc t0 t1 status
-    if [[ -n "${GPU_CHECK_STEPS:-}" && "$name" != env && ",$GPU_CHECK_STEPS," != *",$name,"* ]]; then
-        SUMMARY+=("$(printf '%-18s %-7s %6s  %s' "$name" "SKIP" "-" "not in GPU_CHECK_STEPS")")
-        return 0
-    fi
-    now=$(date +%s)
-    left=$((BUDGET_S - (now - START_S)))
-    if ((left < 10)); then
-        SUMMARY+=("$(printf '%-18s %-7s %6s  %s' "$name" "SKIP" "-" "out of time budget")")
-        return 0
-    fi
-    ((limit > left)) && limit=$left
-    echo "=== [$name] (timeout ${limit}s): $*"
-    t0=$(date +%s)
-    timeout -k 10 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
-    rc=$?
-    t1=$(date +%s)
-    tail -n 25 "$OUT_DIR/$name.log"
-    if ((rc == 0)); then
-        status=PASS
-    elif ((rc == 124 || rc == 137)); then
-        status=TIMEOUT
-        FAILED=1
-    else
-        status=FAIL
-        FAILED=1
-    fi
-    SUMMARY+=("$(printf '%-18s %-7s %5ss  rc=%s  %s' "$name" "$status" "$((t1 - t0))" "$rc" "$OUT_DIR/$name.log")")
-}
-
-skip_step() {
-    SUMMARY+=("$(printf '%-18s %-7s %6s  %s' "$1" "SKIP" "-" "$2")")
-}
+STEPS_FILTER="${GPU_CHECK_STEPS:-}"
+# shellcheck source=scripts/gpu-steps.sh
+source scripts/gpu-steps.sh
 
 if ! timeout 60 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "gpu-check: $PY's torch sees no CUDA device; nothing to check." | tee "$OUT_DIR/summary.txt" >&2

@@ -16,9 +16,11 @@
 # The benches write their JSON after every figure, so one cut short by its timeout keeps what it
 # measured (and fails the step). Kernels run their fixed first config (PDBOX_TRITON_AUTOTUNE=0): the
 # autotuner's compiles would not fit the budget; set GPU_ENGINE_AUTOTUNE=1 to tune anyway.
-# Every step's timeout is clipped to what is left of GPU_ENGINE_BUDGET_S (default 170 s).
+# Every step's timeout is clipped to what is left of GPU_ENGINE_BUDGET_S (default 170 s); a step with under
+# half its timeout left is skipped (which fails nothing); GPU_ENGINE_STEPS (comma-separated) runs only those.
+# What a step leaves running is stopped after it (scripts/gpu-steps.sh).
 # Output: logs, JUnit XML and JSON under $OUT (or ./gpu-check-out/); a summary table at the end.
-# Exit: 0 when every step passed, 1 otherwise, 2 without a CUDA device.
+# Exit: 0 when every step that ran passed, 1 otherwise, 2 without a CUDA device.
 set -u -o pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -31,24 +33,9 @@ START_S=$(date +%s)
 SUMMARY=()
 FAILED=0
 
-run_step() {  # name timeout_s command...  (the timeout is clipped to what is left of the budget)
-    local name=$1 limit=$2 t0 rc status left
-    shift 2
-    t0=$(date +%s)
-    left=$((BUDGET_S - (t0 - START_S)))
-    if ((left < 5)); then
-        SUMMARY+=("$(printf '%-11s %-7s %4s   budget of %ss spent' "$name" "SKIP" "-" "$BUDGET_S")")
-        FAILED=1
-        return
-    fi
-    ((limit > left)) && limit=$left
-    echo "== $name (timeout ${limit}s)"
-    timeout --kill-after=5 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
-    rc=$?
-    tail -n 25 "$OUT_DIR/$name.log"
-    if ((rc == 0)); then status=PASS; elif ((rc == 124 || rc == 137)); then status=TIMEOUT; FAILED=1; else status=FAIL; FAILED=1; fi
-    SUMMARY+=("$(printf '%-11s %-7s %4ss  rc=%-3s %s' "$name" "$status" "$(($(date +%s) - t0))" "$rc" "$OUT_DIR/$name.log")")
-}
+STEPS_FILTER="${GPU_ENGINE_STEPS:-}"
+# shellcheck source=scripts/gpu-steps.sh
+source scripts/gpu-steps.sh
 
 if ! timeout 15 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "gpu-engine-check: $PY's torch sees no CUDA device; nothing to check." | tee "$OUT_DIR/engine-summary.txt" >&2

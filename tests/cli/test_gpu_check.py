@@ -120,3 +120,66 @@ def test_gpu_pack_brings_a_check_back_as_one_archive(tmp_path: Path) -> None:
     bad = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-pack.sh"), "a/b", "--", "true"], capture_output=True,
                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "OUT": str(out)})
     assert bad.returncode == 64 and "NAME must be" in bad.stderr
+
+
+def _steps(script: str, tmp_path: Path, budget: int = 60) -> subprocess.CompletedProcess[str]:
+    """``script`` after sourcing scripts/gpu-steps.sh, then the summary rows and FAILED, one a line."""
+    prelude = (f"set -u -o pipefail; OUT_DIR={tmp_path}; BUDGET_S={budget}; START_S=$(date +%s); SUMMARY=(); "
+               "FAILED=0; STEPS_FILTER=${STEPS_FILTER:-}; source scripts/gpu-steps.sh; ")
+    epilogue = '; printf "row %s\\n" "${SUMMARY[@]}"; echo "failed $FAILED"'
+    return subprocess.run(["bash", "-c", prelude + script + epilogue], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, env={"PATH": "/usr/bin:/bin", "STEPS_FILTER": ""})
+
+
+def _rows(r: subprocess.CompletedProcess[str]) -> dict[str, list[str]]:
+    return {ln.split()[1]: ln.split()[2:] for ln in r.stdout.splitlines() if ln.startswith("row ")}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_a_step_passes_fails_or_times_out_and_a_spent_budget_fails_nothing(tmp_path: Path) -> None:
+    r = _steps("run_step ok 20 true; run_step late 200 true; run_step bad 20 false; run_step slow 2 sleep 30",
+               tmp_path)
+    rows = _rows(r)
+    assert rows["ok"][0] == "PASS" and rows["bad"][0] == "FAIL" and rows["slow"][0] == "TIMEOUT", r.stdout
+    assert rows["late"][0] == "SKIP" and "under half its 200s" in " ".join(rows["late"]), r.stdout
+    assert "failed 1" in r.stdout
+    r = _steps("run_step ok 20 true; run_step late 200 false", tmp_path)  # the skip alone fails nothing
+    assert _rows(r)["late"][0] == "SKIP" and "failed 0" in r.stdout, r.stdout
+    r = _steps("STEPS_FILTER=b,c; run_step a 20 false; run_step b 20 true; run_step env 20 true", tmp_path)
+    rows = _rows(r)
+    assert rows["a"][0] == "SKIP" and rows["b"][0] == "PASS" and rows["env"][0] == "PASS", r.stdout
+    assert "failed 0" in r.stdout
+
+
+def test_what_a_step_leaves_running_is_stopped_after_it(tmp_path: Path) -> None:
+    """A check killed by its timeout cannot stop the `pdbox up` it started in a session of its own (it
+    would hold the GPU through the steps after it): the runner stops whatever carries the step's marker."""
+    pids = tmp_path / "pids"
+    r = _steps(f"run_step quick 20 bash -c 'setsid sleep 300 & echo $! >> {pids}'; "
+               f"run_step hung 3 bash -c 'setsid sleep 300 & echo $! >> {pids}; sleep 60'", tmp_path)
+    rows = _rows(r)
+    assert rows["quick"][0] == "PASS" and rows["hung"][0] == "TIMEOUT", r.stdout + r.stderr
+    left = [int(p) for p in pids.read_text().split()]
+    assert len(left) == 2 and not [p for p in left if _alive(p)]
+    for name in ("quick", "hung"):
+        assert "stopped 1 process(es) it left running" in (tmp_path / f"{name}.log").read_text()
+
+
+def test_the_lease_runs_both_checks_in_one_call(tmp_path: Path) -> None:
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-lease.sh"), "--dry-run"], capture_output=True, text=True,
+                       timeout=60, env={"PATH": "/usr/bin:/bin", "GPU_WHEELS_DIR": str(tmp_path),
+                                        "GPU_LEASE_BUDGET_S": "500", "GPU_LEASE_ENGINE_S": "150"})
+    assert r.returncode == 3, r.stdout  # no wheel in tmp_path: gpu-check's dry run says so
+    assert "gpu-check.sh with 350s" in r.stdout and "budget=350s" in r.stdout
+    assert "gpu-engine-check.sh with what is left (>= 150s)" in r.stdout
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-lease.sh")], capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "GPU_LEASE_BUDGET_S": "100", "OUT": str(tmp_path / "o")})
+    assert r.returncode == 64 and "too little" in r.stderr
+    readme = (ROOT / "docs" / "bench" / "gpu" / "README.md").read_text()
+    assert "bash scripts/gpu-pack.sh lease -- bash scripts/gpu-lease.sh" in readme

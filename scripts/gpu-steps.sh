@@ -1,0 +1,76 @@
+# The step runner of the device checks (sourced by scripts/gpu-check.sh and scripts/gpu-engine-check.sh).
+#
+# The caller sets OUT_DIR, BUDGET_S, START_S, and SUMMARY=() FAILED=0; STEPS_FILTER (comma-separated
+# step names, empty: all) runs only those, and `env` always. `run_step NAME LIMIT_S CMD...` runs CMD under
+# `timeout` with its limit clipped to what is left of BUDGET_S, output to $OUT_DIR/NAME.log, one row in
+# SUMMARY. A step starts only with at least half its limit left: else it is a SKIP, which fails nothing
+# (a spent budget says nothing of the code), while a failure or a timeout sets FAILED=1.
+# A step's processes carry PDBOX_GPU_STEP=<its name and this shell's pid> in their environment; when the
+# step ends, whatever of them still runs is stopped (TERM, then KILL): a step killed by its timeout
+# cannot stop the `pdbox up` it started, which runs in a session of its own and holds the GPU.
+
+STEP_WIDTH=${STEP_WIDTH:-18}
+
+step_row() {  # NAME STATUS SECONDS REST
+    SUMMARY+=("$(printf "%-${STEP_WIDTH}s %-7s %6s  %s" "$1" "$2" "$3" "$4")")
+}
+
+skip_step() {  # NAME WHY
+    step_row "$1" SKIP - "$2"
+}
+
+step_pids() {  # MARKER: the pids whose environment holds it
+    local p
+    for p in /proc/[0-9]*; do
+        grep -qzx -- "$1" "$p/environ" 2>/dev/null && echo "${p#/proc/}"
+    done
+}
+
+reap_step() {  # MARKER: stop what a step left running; echoes how many it found
+    local pids n i
+    mapfile -t pids < <(step_pids "$1")
+    n=${#pids[@]}
+    ((n)) && kill -TERM "${pids[@]}" 2>/dev/null
+    for ((i = 0; i < 30 && n; i++)); do  # 15 s for a graceful stop (an appliance stops its engines)
+        sleep 0.5
+        mapfile -t pids < <(step_pids "$1")
+        ((${#pids[@]})) || break
+    done
+    ((${#pids[@]})) && kill -KILL "${pids[@]}" 2>/dev/null
+    echo "$n"
+}
+
+run_step() {  # NAME LIMIT_S CMD...
+    local name="$1" limit="$2"
+    shift 2
+    local left rc t0 t1 status marker left_over
+    if [[ -n "${STEPS_FILTER:-}" && "$name" != env && ",$STEPS_FILTER," != *",$name,"* ]]; then
+        skip_step "$name" "not among the steps asked for"
+        return 0
+    fi
+    left=$((BUDGET_S - ($(date +%s) - START_S)))
+    if ((2 * left < limit)); then
+        skip_step "$name" "${left}s of the ${BUDGET_S}s budget left, under half its ${limit}s"
+        return 0
+    fi
+    ((limit > left)) && limit=$left
+    echo "=== [$name] (timeout ${limit}s): $*"
+    marker="PDBOX_GPU_STEP=$name.$$"
+    t0=$(date +%s)
+    env "$marker" timeout -k 10 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
+    rc=$?
+    left_over=$(reap_step "$marker")
+    t1=$(date +%s)
+    ((left_over)) && echo "[$name] stopped $left_over process(es) it left running" >>"$OUT_DIR/$name.log"
+    tail -n 25 "$OUT_DIR/$name.log"
+    if ((rc == 0)); then
+        status=PASS
+    elif ((rc == 124 || rc == 137)); then
+        status=TIMEOUT
+        FAILED=1
+    else
+        status=FAIL
+        FAILED=1
+    fi
+    step_row "$name" "$status" "$((t1 - t0))s" "rc=$rc  $OUT_DIR/$name.log"
+}
