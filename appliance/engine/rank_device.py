@@ -58,3 +58,22 @@ def bind_device(device: str, rank: RankInfo, env: dict[str, str] | None = None,
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     return chosen
+
+
+def lead_device(device: str, world_size: int, env: dict[str, str] | None = None,
+                share_gpu: bool = False) -> str | None:
+    """The GPU of an engine's TP rank 0, which drives it and copies its KV (``cuda:N``), without making it
+    current; None off CUDA. A GPU transport built before the engine binds its device takes this, not
+    the current device (a copy stream on another GPU would order nothing against the engine's work)."""
+    if not device.startswith("cuda"):
+        return None
+    planned = parse_rank_devices((os.environ if env is None else env).get(RANK_DEVICES_ENV, ""))
+    return rank_device(device, 0, world_size, planned, share_gpu)
+
+
+def enter_device(device: torch.device) -> None:
+    """Make ``device`` this thread's current CUDA device (nothing on CPU). The current device is a
+    thread's own: a thread other than the one that bound it starts on cuda:0, where torch ops still go
+    to their tensors' device but Triton launches on the current device and its stream."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)

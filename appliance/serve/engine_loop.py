@@ -26,6 +26,7 @@ import msgspec
 
 from appliance.engine.engine import Engine
 from appliance.engine.handoff import Transfer
+from appliance.engine.rank_device import enter_device
 from appliance.engine.request import RequestOutput, SamplingParams
 from appliance.serve.protocol import Done, Error, Event, First, Moved, Tokens
 
@@ -254,6 +255,7 @@ class EngineLoop:
 
     # -- the thread ----------------------------------------------------------------------------
     def _run(self) -> None:
+        enter_device(self.engine.runner.device)  # this thread launches the engine's kernels
         cores = self.engine.cores  # a partner's cores to borrow while it idles; ours are lent while we do
         while not self._stop.is_set():
             idle = not self.engine.has_unfinished()

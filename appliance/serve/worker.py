@@ -68,8 +68,12 @@ class Worker:
         job = self._nvshmem_job()
         if cfg.role in ("prefill", "decode", "auto") and job is None:
             import nvshmem_kv
+            from appliance.engine.rank_device import lead_device
+            from nvshmem_kv.registry import DEVICE_BOUND
 
-            self.transport = nvshmem_kv.create(cfg.transport, **opts)
+            lead = lead_device(cfg.engine.device, cfg.engine.tp_size, share_gpu=cfg.engine.tp_backend == "gloo")
+            bound = {"device": lead} if lead and cfg.transport in DEVICE_BOUND else {}
+            self.transport = nvshmem_kv.create(cfg.transport, **opts, **bound)
         if cfg.role in ("decode", "auto") or job is not None:
             from nvshmem_kv import PoolDescriptor
 

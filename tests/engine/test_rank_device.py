@@ -12,7 +12,14 @@ import torch
 from appliance.config import EngineConfig, RankInfo
 from appliance.engine import tp
 from appliance.engine.forward_batch import HEADER_LEN, ForwardBatch
-from appliance.engine.rank_device import RANK_DEVICES_ENV, bind_device, parse_rank_devices, rank_device
+from appliance.engine.rank_device import (
+    RANK_DEVICES_ENV,
+    bind_device,
+    enter_device,
+    lead_device,
+    parse_rank_devices,
+    rank_device,
+)
 
 
 def _batch(device: str) -> ForwardBatch:
@@ -52,6 +59,24 @@ def test_bad_rank_plans_are_refused() -> None:
 
 def test_bind_device_on_cpu_reads_the_plan_but_sets_no_gpu() -> None:
     assert bind_device("cpu", RankInfo(rank=1, world_size=2), {RANK_DEVICES_ENV: "0,1"}) == torch.device("cpu")
+
+
+def test_a_gpu_transport_binds_to_the_engines_lead_gpu_not_the_current_one() -> None:
+    """The worker builds its transport before the engine binds its device: it names the GPU itself."""
+    assert lead_device("cpu", 1, {}) is None
+    assert lead_device("cuda:3", 1, {}) == "cuda:3"
+    assert lead_device("cuda", 1, {}) == "cuda:0"
+    assert lead_device("cuda", 2, {RANK_DEVICES_ENV: "4,5"}) == "cuda:4"
+
+
+def test_a_thread_enters_its_engines_gpu(monkeypatch) -> None:
+    """The current CUDA device is per thread: the engine thread sets its own (Triton launches there)."""
+    calls: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    enter_device(torch.device("cpu"))
+    assert calls == []
+    enter_device(torch.device("cuda", 2))
+    assert calls == [torch.device("cuda", 2)]
 
 
 def test_commands_travel_on_the_rank_gpu_under_nccl_and_on_cpu_under_gloo() -> None:

@@ -68,3 +68,26 @@ def test_an_abort_ends_every_sample(engine) -> None:
 
     asyncio.run(scenario())
     idle(engine)
+
+
+def test_the_engine_thread_enters_the_engines_device(engine, monkeypatch) -> None:
+    """The thread that steps the engine makes the engine's device its current one before any step (a new
+    thread starts on cuda:0, where Triton would launch an engine's kernels bound to another GPU)."""
+    import threading
+
+    import appliance.serve.engine_loop as engine_loop
+
+    entered: list[tuple[str, object]] = []
+    monkeypatch.setattr(engine_loop, "enter_device", lambda d: entered.append((threading.current_thread().name, d)))
+
+    async def scenario() -> list[Event]:
+        loop = EngineLoop(engine, asyncio.get_running_loop())
+        loop.start()
+        try:
+            return await drain(loop.submit("r", PROMPT, SamplingParams(max_tokens=2, ignore_eos=True)))
+        finally:
+            loop.stop()
+
+    assert isinstance(asyncio.run(scenario())[-1], Done)
+    assert entered == [("pdbox-engine", engine.runner.device)]
+    idle(engine)
