@@ -290,7 +290,9 @@ _decode_reduce = LazyKernel(_decode_reduce_kernel, pdl=True)
 
 def default_num_splits(batch: int, kv_heads: int, max_context: int, device: torch.device) -> int:
     """Splits per request so ``batch * kv_heads * splits`` fills the GPU about 4 times over, with each
-    split covering at least 256 tokens of the longest possible context (``max_context``); 1 on CPU."""
+    split covering at least 256 tokens of the longest possible context (``max_context``), rounded down to
+    a power of two; 1 on CPU. The count is part of the kernel's compile key: eager decode, whose table
+    width follows the batch's longest context, then meets at most 7 counts, not one per width."""
     if device.type != "cuda":
         return 1
     return num_splits_for(batch, kv_heads, max_context, num_sms(device))
@@ -299,7 +301,7 @@ def default_num_splits(batch: int, kv_heads: int, max_context: int, device: torc
 def num_splits_for(batch: int, kv_heads: int, max_context: int, sms: int) -> int:
     """:func:`default_num_splits` on a GPU of ``sms`` multiprocessors (pure: CUDA graphs plan with it)."""
     want = -(-4 * sms // max(batch * kv_heads, 1))
-    return max(1, min(want, -(-max_context // 256), 64))
+    return 1 << (max(1, min(want, -(-max_context // 256), 64)).bit_length() - 1)
 
 
 def decode_attention(

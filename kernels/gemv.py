@@ -69,11 +69,11 @@ def _gemv_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w  # int64: a weight may pass 2**31 elements
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
-        w = tl.load(w_ptr + offs_n[:, None] * stride_w + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :],
-                    other=0.0)
+        w = tl.load(w_rows + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
         x_mask = m_mask[:, None] & k_mask[None, :]
         if SILU_MUL:  # x rows are [gate | up], K each: silu(gate) * up in fp32, rounded as silu_and_mul rounds
             gate = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=x_mask, other=0.0)

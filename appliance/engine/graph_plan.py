@@ -80,8 +80,8 @@ def plan_graphs(max_running: int, max_model_len: int, page_size: int, kv_heads: 
         raise ValueError(f"max_model_len, kv_heads and sms must be >= 1, got {max_model_len}, {kv_heads}, {sms}")
     buckets = bucket_ladder(max_running, ladder)
     width = -(-max_model_len // page_size)
-    # NOTE: rounded down to a power of two: each distinct count is one more Triton compile at start-up.
-    splits = tuple(1 << (num_splits_for(b, kv_heads, width * page_size, sms).bit_length() - 1) for b in buckets)
+    # NOTE: a power of two (num_splits_for rounds down): each distinct count is one more Triton compile.
+    splits = tuple(num_splits_for(b, kv_heads, width * page_size, sms) for b in buckets)
     return GraphPlan(buckets, splits, width, page_size)
 
 

@@ -64,8 +64,8 @@ def graph_timer(fn: Callable[[torch.Tensor], object], weights: Sequence[torch.Te
         every()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        every()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):  # as the decode graphs: another
+        every()                                                         # thread's CUDA call cannot void it
     graph.replay()
     times = []
     for _ in range(REPS):

@@ -72,6 +72,17 @@ def test_default_num_splits():
     assert default_num_splits(64, 8, 4096, cpu) == 1
 
 
+def test_split_counts_are_few_powers_of_two():
+    """Eager decode picks its count from the step's table width, and each count is a compile: every
+    width and batch gives a power of two, at most 7 counts in all (1..64)."""
+    from kernels.decode_attention import num_splits_for
+
+    seen = {num_splits_for(b, 8, w * 16, 132) for b in range(1, 300) for w in range(1, 2100, 13)}
+    assert seen == {1, 2, 4, 8, 16, 32, 64}
+    assert num_splits_for(4, 8, 8192, 132) == 16  # ceil(4 * 132 / 32) = 17, rounded down
+    assert num_splits_for(1, 8, 300, 132) == 2  # never more than the context's 256-token chunks
+
+
 @pytest.mark.parametrize("q_heads,kv_heads", [(9, 3), (4, 4), (16, 8), (8, 1)])  # block-diagonal and per-head paths
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_reference_matches_naive_softmax_attention(q_heads, kv_heads, dtype):
