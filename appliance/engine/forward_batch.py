@@ -9,6 +9,18 @@ import torch
 HEADER_LEN = 6  # tokens, requests, page-table width, logit rows, decode_only, the longest extend
 
 
+def _even(n: int) -> int:
+    """A field's length in the flat layout: padded to an even count of int64s, so every field's view starts
+    16-byte aligned. Triton specializes a pointer argument on 16-byte alignment: views at offsets that
+    follow the step's token count would compile the prefill kernels afresh while serving."""
+    return n + (n & 1)
+
+
+def _sizes(header: list[int]) -> list[int]:
+    t, b, w, n_logits = header[:4]
+    return [t, t, t, b * w, b, b, b, n_logits, b]
+
+
 @dataclass
 class ForwardBatch:
     """A step's tokens, packed back to back in request order.
@@ -53,15 +65,19 @@ class ForwardBatch:
         for e in extend:
             start.append(at)
             at += e
-        header = [len(ids), b, width, len(logit_rows), int(decode_only), max(extend, default=0)]
-        return [*header, *ids, *positions, *slots, *(p for row in table for p in row), *prefix, *extend, *seq,
-                *logit_rows, *start]
+        out = [len(ids), b, width, len(logit_rows), int(decode_only), max(extend, default=0)]
+        for field in (ids, positions, slots, [p for row in table for p in row], prefix, extend, seq, logit_rows, start):
+            out += field
+            if len(field) & 1:
+                out.append(0)
+        return out
 
     @classmethod
     def from_flat(cls, flat: torch.Tensor, header: list[int]) -> ForwardBatch:
         """Views of ``flat`` (int64, laid out by `flat_values`) given its header, known on the host."""
-        t, b, w, n_logits, decode_only, max_extend = header
-        chunks = flat[HEADER_LEN:].split([t, t, t, b * w, b, b, b, n_logits, b])
+        b, w, decode_only, max_extend = header[1], header[2], header[4], header[5]
+        sizes = _sizes(header)
+        chunks = [c[:n] for c, n in zip(flat[HEADER_LEN:].split([_even(n) for n in sizes]), sizes)]
         return cls(
             input_ids=chunks[0], positions=chunks[1], slot_mapping=chunks[2],
             page_table=chunks[3].view(b, w), prefix_lens=chunks[4], extend_lens=chunks[5],
@@ -84,9 +100,13 @@ class ForwardBatch:
             [t, b, int(self.page_table.shape[1]), int(self.logit_rows.shape[0]), int(self.decode_only), longest],
             dtype=torch.int64, device=dev,  # NOTE: one device for the cat (CUDA under NCCL)
         )
-        parts = [header, self.input_ids, self.positions, self.slot_mapping, self.page_table.flatten(),
-                 self.prefix_lens, self.extend_lens, self.seq_lens, self.logit_rows, start]
-        return torch.cat([p.to(torch.int64) for p in parts])
+        parts = [header]
+        for p in (self.input_ids, self.positions, self.slot_mapping, self.page_table.flatten(), self.prefix_lens,
+                  self.extend_lens, self.seq_lens, self.logit_rows, start):
+            parts.append(p.to(torch.int64))
+            if p.numel() & 1:
+                parts.append(header.new_zeros(1))
+        return torch.cat(parts)
 
     @classmethod
     def unpack(cls, flat: torch.Tensor) -> ForwardBatch:

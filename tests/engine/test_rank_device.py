@@ -119,6 +119,23 @@ def test_flat_values_lay_out_what_from_flat_reads() -> None:
     assert torch.equal(ForwardBatch.unpack(got.pack()).extend_start, got.extend_start)
 
 
+def test_every_field_of_the_flat_layout_starts_16_byte_aligned() -> None:
+    """Triton specializes pointers on 16-byte alignment: a field at an offset that follows the step's token
+    count would compile the prefill kernels again while serving. Odd counts everywhere here."""
+    ids, pos, slots = [5, 6, 7, 8, 9], [0, 1, 2, 3, 4], [0, 1, 2, 3, 40]
+    table = [[0, 0, 0], [9, 1, 2], [3, 0, 0]]
+    values = ForwardBatch.flat_values(ids, pos, slots, table, [0, 4, 1], [2, 2, 1], [1, 3, 4], False)
+    flat = torch.tensor(values)
+    got = ForwardBatch.from_flat(flat, values[:HEADER_LEN])
+    fields = ("input_ids", "positions", "slot_mapping", "page_table", "prefix_lens", "extend_lens", "seq_lens",
+              "logit_rows", "extend_start")
+    assert all((getattr(got, f).data_ptr() - flat.data_ptr()) % 16 == 0 for f in fields)
+    assert got.input_ids.tolist() == ids and got.slot_mapping.tolist() == slots and got.page_table.tolist() == table
+    assert got.seq_lens.tolist() == [2, 6, 2] and got.extend_start.tolist() == [0, 2, 4]
+    fresh = ForwardBatch(**{f: getattr(got, f) for f in fields}, decode_only=False, max_extend=2)
+    assert fresh.pack().tolist() == values  # a batch built elsewhere packs to the same layout
+
+
 def test_broadcast_and_receive_use_the_comm_device(monkeypatch) -> None:
     seen: list[torch.device] = []
     monkeypatch.setattr(tp.dist, "broadcast", lambda t, src: seen.append(t.device))
