@@ -11,12 +11,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from appliance.engine.core_share import make_board, mark_idle
 from appliance.engine_flags import EngineFlags, engine_argv
-from appliance.gpu_plan import PEER_DEVICES_ENV, RANK_DEVICES_ENV, GpuGroup, WorkerGpus, parse_visible, plan_gpus
+from appliance.gpu_peers import PeerAccess, choose_transport, handoff_pairs, peer_access
+from appliance.gpu_plan import PEER_DEVICES_ENV, RANK_DEVICES_ENV, GpuGroup, parse_visible, plan_gpus
 from appliance.nvshmem_job import plan_job
 from appliance.serve.router_config import AutoConfig, RouterConfig
 from appliance.topology import available_cpus, format_ids, parse_ids, split_groups
@@ -95,9 +97,18 @@ def _cuda_count() -> int:
         return 0
 
 
-def plan_workers(cfg: UpConfig, token: str, run_id: str, run_dir: Path | None = None) -> tuple[list[WorkerSpec], str]:
+# One node: NVSHMEM's unique-id bootstrap listens on loopback (not an interface the other PEs may not reach,
+# such as a container bridge) and probes no InfiniBand; peers on one node use P2P regardless.
+SINGLE_NODE_NVSHMEM = {"NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME": "lo", "NVSHMEM_REMOTE_TRANSPORT": "none"}
+
+
+def plan_workers(cfg: UpConfig, token: str, run_id: str, run_dir: Path | None = None,
+                 ask_peers: PeerAccess | None = None, say: Callable[[str], None] | None = None
+                 ) -> tuple[list[WorkerSpec], str]:
     """Turn device flags into worker specs. Returns the specs and the transport chosen. ``run_dir``
-    (the run's log folder) holds the NVSHMEM unique id when the transport is nvshmem."""
+    (the run's log folder) holds the NVSHMEM unique id when the transport is nvshmem. ``ask_peers``
+    (`appliance.gpu_peers.peer_access`; None: not asked) checks that GPUs handing KV to each other have
+    peer access for a GPU transport; ``say`` gets the line when that changes the transport."""
     from appliance.engine.tp import free_port
 
     gpu_flags = cfg.prefill_gpus or cfg.decode_gpus or cfg.gpus
@@ -140,7 +151,14 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str, run_dir: Path | None = 
         k = counts.get(leaning, 0)
         counts[leaning] = k + 1
         names.append(f"{leaning}-{k}")
-    gpu_plans = gpu_views(cfg.mode, names, groups) if use_gpu else ()
+    gpu_groups = [GpuGroup(n, leaning, tuple(ids)) for n, (leaning, ids, _) in zip(names, groups)]
+    if use_gpu and ask_peers is not None and cfg.mode != "unified":
+        transport, line = choose_transport(transport, cfg.transport != "auto", handoff_pairs(cfg.mode, gpu_groups),
+                                           ask_peers)
+        if line and say is not None:
+            say(line)
+    gpu_plans = plan_gpus(gpu_groups, cfg.mode, parse_visible(os.environ.get("CUDA_VISIBLE_DEVICES"))) \
+        if use_gpu else ()
     partners = core_partners(cfg, groups, run_dir) if not use_gpu else {}
     pe_jobs = {}
     if transport == "nvshmem" and cfg.mode != "unified":   # every prefill and decode rank is a PE
@@ -161,6 +179,8 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str, run_dir: Path | None = 
         env = dict(os.environ, PDBOX_CLUSTER_TOKEN=token)
         if name in pe_jobs:
             env.update(pe_jobs[name].to_env())
+            for key, value in SINGLE_NODE_NVSHMEM.items():  # the user's own settings win
+                env.setdefault(key, value)
         extra: dict = {"leaning": leaning}
         if use_gpu:
             view = gpu_plans[i]  # own GPUs first (rank r on local r), then the pools it pushes into
@@ -197,12 +217,6 @@ def core_partners(cfg: UpConfig, groups: list[tuple[str, list[int], int]],
             if i ^ 1 < len(groups) and not set(groups[i][1]) & set(groups[i ^ 1][1])}  # one core: nothing to lend
 
 
-def gpu_views(mode: str, names: list[str], groups: list[tuple[str, list[int], int]]) -> tuple[WorkerGpus, ...]:
-    """Each worker's CUDA_VISIBLE_DEVICES, TP rank devices and peer devices (`appliance.gpu_plan`)."""
-    spec = [GpuGroup(n, leaning, tuple(ids)) for n, (leaning, ids, _) in zip(names, groups)]
-    return plan_gpus(spec, mode, parse_visible(os.environ.get("CUDA_VISIBLE_DEVICES")))
-
-
 class Launcher:
     """Owns the worker processes and the in-process router."""
 
@@ -213,7 +227,7 @@ class Launcher:
         self.token = secrets.token_urlsafe(24)
         self.log_dir = Path(cfg.log_dir) if cfg.log_dir else Path(tempfile.mkdtemp(prefix=f"{self.run_id}-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.specs, self.transport = plan_workers(cfg, self.token, self.run_id, self.log_dir)
+        self.specs, self.transport = plan_workers(cfg, self.token, self.run_id, self.log_dir, peer_access, self.say)
         self.stopping = False
         self.router = None
 

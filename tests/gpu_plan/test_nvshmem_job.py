@@ -79,6 +79,10 @@ def test_launcher_numbers_pes_and_puts_the_uid_file_in_the_run_folder(monkeypatc
     assert [jobs[s.name].pe_base for s in specs] == [0, 2, 3, 4, 5, 6, 7]
     assert {(j.npes, j.uid_file, j.symmetric_bytes) for j in jobs.values()} == {
         (8, str(tmp_path / "nvshmem-uid-run-7.bin"), 64 << 20)}
+    assert all(s.env["NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME"] == "lo" and s.env["NVSHMEM_REMOTE_TRANSPORT"] == "none"
+               for s in specs)  # one node: loopback bootstrap, no InfiniBand probed
+    monkeypatch.setenv("NVSHMEM_REMOTE_TRANSPORT", "ibrc")
+    assert {s.env["NVSHMEM_REMOTE_TRANSPORT"] for s in plan_workers(cfg, "token", "run-7", tmp_path)[0]} == {"ibrc"}
     with pytest.raises(ValueError, match="run's folder"):
         plan_workers(cfg, "token", "run-7")
     plain, _ = plan_workers(UpConfig(mode="disagg", prefill_gpus="0", decode_gpus="1", transport="cuda_ipc"),
