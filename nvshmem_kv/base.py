@@ -148,6 +148,12 @@ class KVTransport(ABC):
     def signal(self, peer: Peer, room: str, payload: bytes = b"") -> None:
         """Complete this rank's part of ``room``; delivered after all its prior writes are visible."""
 
+    def abandon(self, peer: Peer, room: str) -> None:
+        """Stop writing ``room`` without signalling it (its request was aborted or failed): the receiver
+        hears it after every earlier write to it has landed, and may then reuse its pages (`quiet`).
+        Nothing is sent for a room never written to ``peer``; a dead peer raises `TransportError`."""
+        return None
+
     def warm(self, kv: torch.Tensor, local: PoolDescriptor) -> float:
         """Before serving, on the sending side: compile (and tune) what the first write to a peer would,
         for a pool like ``kv``. Returns the seconds it took; 0 where there is nothing to compile."""
@@ -193,6 +199,12 @@ class KVTransport(ABC):
     @abstractmethod
     def release(self, room: str) -> None:
         """Forget a room; later signals for it are dropped."""
+
+    def quiet(self, room: str) -> bool:
+        """Whether a released room's pages are safe to reuse: every sender that began writing it has
+        signalled it, abandoned it or is gone (one-sided writes land in the pool without asking).
+        A room no sender began counts as quiet; so does every room on a backend that cannot tell."""
+        return True
 
     @abstractmethod
     def on_room_finished(self, fn: Callable[[], None] | None) -> None:

@@ -1,7 +1,9 @@
 """Receiver-side bookkeeping of rooms: expected signals, deadlines, writer connections.
 
-Thread-safe: connection reader threads report opens, signals and lost connections; the engine
+Thread-safe: connection reader threads report opens, signals, closes and lost connections; the engine
 thread expects, polls, waits and releases. Every state change goes PENDING -> DONE | FAILED once.
+A released room whose writers had not all signalled or closed it stays *draining* until they have (or
+their connections are gone): one-sided writes may still be landing in its pages until then.
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ class _Room:
     deadline: float
     writers: set[int] = field(default_factory=set)                    # connection ids that opened it
     signals: dict[int, tuple[int, bytes]] = field(default_factory=dict)  # conn id -> (src rank, payload)
+    closed: set[int] = field(default_factory=set)                     # writers that gave it up (Close)
     status: RoomStatus = PENDING
+
+    def busy_writers(self) -> set[int]:
+        """Writers that may still be writing: opened, neither signalled nor closed."""
+        return self.writers - self.closed - self.signals.keys()
 
 
 class RoomTable:
@@ -32,6 +39,7 @@ class RoomTable:
         self._rooms: dict[str, _Room] = {}
         self._deadlines: list[tuple[float, str]] = []     # heap; stale entries skipped lazily
         self._completed: dict[str, None] = {}             # ordered set of finished, undrained rooms
+        self._draining: dict[str, set[int]] = {}          # released rooms -> writers not done with them
         self._cond = threading.Condition()
         self._clock = clock
         self.max_rooms = max_rooms
@@ -102,11 +110,25 @@ class RoomTable:
 
     def release(self, room: str) -> None:
         with self._cond:
-            self._rooms.pop(room, None)
+            r = self._rooms.pop(room, None)
             self._completed.pop(room, None)
+            busy = r.busy_writers() if r is not None else set()
+            if busy:
+                self._draining[room] = busy
+                if len(self._draining) > self.max_rooms:  # bounded: the oldest is taken as quiet
+                    del self._draining[next(iter(self._draining))]
             if len(self._deadlines) > 2 * len(self._rooms) + 1024:
                 self._deadlines = [(d, n) for d, n in self._deadlines if n in self._rooms]
                 heapq.heapify(self._deadlines)
+
+    def quiet(self, room: str) -> bool:
+        """False while a released room still has writers that neither signalled nor closed it."""
+        with self._cond:
+            return room not in self._draining
+
+    def draining_count(self) -> int:
+        with self._cond:
+            return len(self._draining)
 
     def pending_count(self) -> int:
         with self._cond:
@@ -130,7 +152,10 @@ class RoomTable:
         """Record a signal; returns False (and counts it) when it was dropped."""
         with self._cond:
             self._expire()
+            self._writer_done(room, conn_id)
             r = self._rooms.get(room)
+            if r is not None and not r.status.pending and conn_id in r.writers:
+                r.closed.add(conn_id)  # a late signal: dropped, but this writer's writes have landed
             if r is None or not r.status.pending or conn_id in r.signals:
                 self.signals_dropped += 1
                 return False
@@ -140,12 +165,27 @@ class RoomTable:
                 self._finish(room, r, RoomStatus(RoomState.DONE, payloads))
             return True
 
+    def on_close(self, room: str, conn_id: int) -> None:
+        """A writer gave ``room`` up, its writes landed: the room fails now (its signal will not come)."""
+        with self._cond:
+            self._writer_done(room, conn_id)
+            r = self._rooms.get(room)
+            if r is None or conn_id not in r.writers:
+                return
+            r.closed.add(conn_id)
+            if r.status.pending:
+                self._finish(room, r, RoomStatus(RoomState.FAILED, reason="the sender gave the room up"))
+
     def on_conn_lost(self, conn_id: int, reason: str) -> None:
-        """Fail the rooms this connection opened and had not signalled yet."""
+        """Fail the rooms this connection opened and had not signalled yet; it writes no more."""
         with self._cond:
             for name, r in self._rooms.items():
                 if r.status.pending and conn_id in r.writers and conn_id not in r.signals:
                     self._finish(name, r, RoomStatus(RoomState.FAILED, reason=reason))
+                if conn_id in r.writers:
+                    r.closed.add(conn_id)
+            for name in [n for n, busy in self._draining.items() if conn_id in busy]:
+                self._writer_done(name, conn_id)
 
     def fail_all(self, reason: str) -> None:
         with self._cond:
@@ -154,6 +194,13 @@ class RoomTable:
                     self._finish(name, r, RoomStatus(RoomState.FAILED, reason=reason))
 
     # -- internals (lock held) ---------------------------------------------------------------
+    def _writer_done(self, room: str, conn_id: int) -> None:
+        busy = self._draining.get(room)
+        if busy is not None:
+            busy.discard(conn_id)
+            if not busy:
+                del self._draining[room]
+
     def _get(self, room: str) -> _Room:
         r = self._rooms.get(room)
         if r is None:

@@ -32,6 +32,7 @@ from nvshmem_kv.sender import Fence, Outgoing, SendQueue
 from nvshmem_kv.wire import (
     MAX_SIGNAL_PAYLOAD,
     PROTOCOL_VERSION,
+    Close,
     Hello,
     Message,
     Open,
@@ -197,6 +198,15 @@ class ChannelTransport(KVTransport):
         with self._lock:
             self._counts["signals_sent"] += 1
 
+    def abandon(self, peer: Peer, room: str) -> None:
+        p = self._peer(peer)
+        p.runs.pop(room, None)
+        p.kernel_plans.pop(room, None)
+        if room not in p.opened:  # nothing of it went to this peer (or so long ago its Open aged out)
+            return
+        p.send(Outgoing(Close(room), (), self._signal_fence(p)), self._send_timeout_s)
+        p.opened.pop(room, None)
+
     def fence_compute(self) -> None:
         if self._order is not None:
             self._order.fence(self._compute_stream())
@@ -242,6 +252,9 @@ class ChannelTransport(KVTransport):
     def release(self, room: str) -> None:
         self._rooms.release(room)
 
+    def quiet(self, room: str) -> bool:
+        return self._rooms.quiet(room)
+
     # -- control-channel handler (reader threads) -----------------------------------------
     def accept_hello(self, hello: Hello) -> str | None:
         if hello.version != PROTOCOL_VERSION:
@@ -283,6 +296,9 @@ class ChannelTransport(KVTransport):
             raise ProtocolError(f"{type(msg).__name__} frames carry no payload")
         if isinstance(msg, Open):
             self._rooms.on_open(msg.room, conn.id)
+            return
+        if isinstance(msg, Close):
+            self._rooms.on_close(msg.room, conn.id)
             return
         raise ProtocolError(f"unexpected {type(msg).__name__} frame")
 

@@ -16,7 +16,7 @@ import msgspec
 from nvshmem_kv.descriptor import PoolDescriptor
 from nvshmem_kv.errors import ProtocolError, TransportError
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: `Close`
 PREFIX = struct.Struct("!IQ")
 MAX_HEADER_BYTES = 1 << 20
 MAX_SIGNAL_PAYLOAD = 1 << 20
@@ -44,6 +44,14 @@ class Open(msgspec.Struct, frozen=True, tag="open"):
     room: str
 
 
+class Close(msgspec.Struct, frozen=True, tag="close"):
+    """The sender stops writing ``room`` without signalling it (the request was aborted or failed): sent
+    behind the same fence as a Signal, so every write it made has landed. The room fails at once, and
+    once every sender that opened it has signalled or closed it (or is gone), its pages may be reused."""
+
+    room: str
+
+
 class Write(msgspec.Struct, frozen=True, tag="write"):
     """Page data for one layer (tcp backend). Payload: K runs then V runs, each run
     ``(n, page_size, head_count, head_dim)`` contiguous, in ``runs`` order."""
@@ -65,7 +73,7 @@ class Signal(msgspec.Struct, frozen=True, tag="signal"):
     src_pe: int = -1
 
 
-Message = Hello | HelloAck | Open | Write | Signal
+Message = Hello | HelloAck | Open | Close | Write | Signal
 M = TypeVar("M", Hello, HelloAck)
 
 _encoder = msgspec.msgpack.Encoder()

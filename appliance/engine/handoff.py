@@ -36,6 +36,7 @@ class Transfer:
     dst_pages: list[int]
     sent_pages: int = 0
     error: str | None = None
+    signalled: bool = False  # its signal left: the decode side has the room whole
 
 
 class StepPlan(msgspec.Struct, frozen=True):
@@ -108,6 +109,20 @@ class _Sender:
         except (TransportError, OSError):
             self.forget_broken(handles)
             raise
+
+    def abandon(self, handles: list[str], room: str) -> None:
+        """Tell each pool this rank wrote part of ``room`` into that no more is coming (after the writes
+        land): its pages are reusable. Never connects; a dead connection is left to the receiver, which
+        saw it close."""
+        self.started.pop(room, None)
+        for h in handles:
+            peer = self.peers.get(h)
+            if peer is None:
+                continue
+            try:
+                self.transport.abandon(peer, room)
+            except (TransportError, OSError):
+                self.forget_broken([h])
 
     def forget_broken(self, handles: list[str]) -> bool:
         """Drop connections that died, so the next room to that pool reconnects instead of failing too.
@@ -214,8 +229,14 @@ class PrefillHandoff:
         payload = msgspec.json.encode({"token": token, "logprob": logprob})
         try:
             self.sender.signal(t.handles, t.room, payload)
+            t.signalled = True
         except (TransportError, OSError) as exc:
             t.error = f"KV transfer signal failed: {exc}"
+
+    def abandon(self, t: Transfer) -> None:
+        """``t``'s request ended without its signal (aborted, failed): tell the decode pools it wrote into."""
+        if not t.signalled:
+            self.sender.abandon(t.handles, t.room)
 
     def push_request(self, req: Request, room: str, handles: list[str], dst_pages: list[int],
                      payload: bytes) -> None:
@@ -229,6 +250,7 @@ class PrefillHandoff:
         for layer in range(self.sender.local.num_layers):
             self.sender.write([plan], layer, failed)
             if failed:
+                self.sender.abandon(handles, room)
                 raise TransportError(failed[room])
         self.pages_sent += n
         self.sender.transport.fence_compute()  # the mover frees these pages next

@@ -4,15 +4,17 @@ Every command (add, abort, reserve …) runs on the engine thread between steps,
 the page pool and the prefix cache are only ever touched by one thread.
 
 Decode side: a reserved room ends DONE (its request joins the batch) or not (lease passed, sender
-lost, aborted). Pages of a room that did not end DONE sit in quarantine for ``HANDOFF_GRACE_S``
-before they are free again: shm, cuda_ipc and nvshmem senders write one-sided, and a prefill rank
-learns that a room is over only when the router cancels it, so its last layer may still land.
+lost, aborted). Pages of a room that did not end DONE sit in quarantine before they are free again:
+shm, cuda_ipc and nvshmem senders write one-sided, and a prefill rank learns that a room is over only
+when the router cancels it, so copies it issued before (on a GPU, up to a forward pass of them) may
+still land. They leave once every sender that wrote into them abandoned the room behind its copies or
+is gone (the transport's `quiet`), and ``HANDOFF_GRACE_S`` has passed; at the latest after
+``HANDOFF_QUIET_MAX_S``. Prefill side: a leg that ends without its signal abandons its room.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import logging
 import queue
@@ -31,7 +33,22 @@ from appliance.engine.request import RequestOutput, SamplingParams
 from appliance.serve.protocol import Done, Error, Event, First, Moved, Tokens
 
 log = logging.getLogger("pdbox.engine")
+# A failed room's pages are reused once every sender that wrote into them said it stopped (its signal or
+# `abandon`, behind its copies) or is gone, and at least HANDOFF_GRACE_S after the failure (a sender that had
+# not begun yet hears of the abort by then); at the latest after HANDOFF_QUIET_MAX_S (a prefill TP follower
+# never abandons: it stops within its step).
 HANDOFF_GRACE_S = 1.0
+HANDOFF_QUIET_MAX_S = 10.0
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """A failed room's pages: reusable after ``earliest`` once the room is quiet, after ``latest`` anyway."""
+
+    room: str
+    pages: list[int]
+    earliest: float
+    latest: float
 
 
 @dataclass
@@ -61,7 +78,7 @@ class EngineLoop:
         self._room_of: dict[str, str] = {}
         self.open_samples: dict[str, int] = {}  # rid -> its samples not yet finished (n > 1 only)
         self._sample0_cached: dict[str, int] = {}  # rid -> sample 0's cached prompt tokens, once it ended
-        self.quarantine: collections.deque[tuple[float, list[int]]] = collections.deque()  # (free at, pages)
+        self.quarantine: list[Quarantined] = []  # failed rooms' pages, until their senders are done
         self.quarantined_pages = 0
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="pdbox-engine", daemon=True)
@@ -149,7 +166,7 @@ class EngineLoop:
         def run() -> None:
             self._drop_room(rid)
             self.engine.abort(rid)
-            self.transfers.pop(rid, None)
+            self._end_transfer(rid)
             self.open_samples.pop(rid, None)
             self._sample0_cached.pop(rid, None)
 
@@ -189,18 +206,36 @@ class EngineLoop:
         if room is None or pending is None:
             return
         self.transport.release(room)
-        self._quarantine(pending.pages)
+        self._quarantine(room, pending.pages)
 
-    def _quarantine(self, pages: list[int]) -> None:
-        self.quarantine.append((time.monotonic() + HANDOFF_GRACE_S, pages))
+    def _end_transfer(self, rid: str) -> None:
+        """A prefill leg's request is over: if its room was never signalled, tell the decode pools it wrote
+        into that no more is coming (engine thread, between steps: every copy of it is already issued)."""
+        transfer = self.transfers.pop(rid, None)
+        handoff = self.engine.handoff
+        if transfer is not None and not transfer.signalled and hasattr(handoff, "abandon"):
+            try:
+                handoff.abandon(transfer)
+            except Exception:  # the receiver still frees the pages at HANDOFF_QUIET_MAX_S
+                log.exception("abandoning room %s failed", transfer.room)
+
+    def _quarantine(self, room: str, pages: list[int]) -> None:
+        now = time.monotonic()
+        self.quarantine.append(Quarantined(room, pages, now + HANDOFF_GRACE_S, now + HANDOFF_QUIET_MAX_S))
         self.quarantined_pages += len(pages)
 
     def _release_quarantine(self) -> None:
+        if not self.quarantine:
+            return
         now = time.monotonic()
-        while self.quarantine and self.quarantine[0][0] <= now:
-            _, pages = self.quarantine.popleft()
-            self.quarantined_pages -= len(pages)
-            self.engine.unreserve_pages(pages)
+        keep = []
+        for q in self.quarantine:
+            if now >= q.latest or (now >= q.earliest and self.transport.quiet(q.room)):
+                self.quarantined_pages -= len(q.pages)
+                self.engine.unreserve_pages(q.pages)
+            else:
+                keep.append(q)
+        self.quarantine = keep
 
     def _poll_rooms(self) -> None:
         if not self.rooms:
@@ -212,7 +247,7 @@ class EngineLoop:
             self._room_of.pop(pending.rid, None)
             self.transport.release(room)
             if not status.done:
-                self._quarantine(pending.pages)
+                self._quarantine(room, pending.pages)
                 self._emit(pending.rid, Error(status=502,
                                               message=f"KV handoff failed: {status.reason or 'deadline passed'}"))
                 continue
@@ -304,7 +339,7 @@ class EngineLoop:
         if out.error is not None:  # this request alone failed (its samples with it); the engine goes on
             self.open_samples.pop(rid, None)
             self._sample0_cached.pop(rid, None)
-            self.transfers.pop(rid, None)
+            self._end_transfer(rid)
             self._emit(rid, Error(status=out.error_status, message=out.error))
             return
         if rid in self.open_samples:
@@ -312,7 +347,7 @@ class EngineLoop:
             return
         transfer = self.transfers.get(rid)
         if transfer is not None and out.finished:
-            self.transfers.pop(rid, None)
+            self._end_transfer(rid)
             if transfer.error:
                 self._emit(rid, Error(status=502, message=transfer.error))
                 return

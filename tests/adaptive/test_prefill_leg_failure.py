@@ -1,7 +1,8 @@
 """A prefill leg whose row cannot be sampled (the worker's engine loops, the shm transport, a tiny model):
-that prompt's leg answers an error and never signals its room, the prompt handed over beside it in the
-same steps arrives whole with the tokens a lone engine gives, and once the router drops the failed
-room (it closes decode's stream) neither engine holds a page."""
+that prompt's leg answers an error and never signals its room but abandons it (decode fails the room at
+once), the prompt handed over beside it in the same steps arrives whole with the tokens a lone engine
+gives, and once the router drops the failed room (it closes decode's stream) neither engine holds a
+page; a dropped room's pages wait for its writer to stop."""
 
 from __future__ import annotations
 
@@ -52,23 +53,72 @@ def test_a_failed_prefill_leg_signals_nothing_and_leaks_nothing(pair, tiny_model
             bad = await mv.until(qa_bad, (Done, Error))
             prefill_good = await mv.until(qa_good, (Done, Error))
             decode_good = await mv.until(legs["good"][0], (Done, Error))
-            await asyncio.sleep(0.3)  # a signal for the failed room would have landed by now
-            signalled = not legs["bad"][0].empty()
+            # the failed leg abandons its room: decode fails it at once (a signal would have landed by now too)
+            early = await mv.until(legs["bad"][0], (Done, Error), timeout_s=5.0)
             lb.abort("bad")  # what the router does when a leg fails: decode drops the room
             await asyncio.sleep(1.2)  # the dropped room's pages leave quarantine (HANDOFF_GRACE_S)
             await lb.call(lb._release_quarantine)
-            return bad, prefill_good, decode_good, signalled
+            return bad, prefill_good, decode_good, early
         finally:
             la.stop()
             lb.stop()
 
     try:
-        bad, prefill_good, decode_good, signalled = asyncio.run(scenario())
+        bad, prefill_good, decode_good, early = asyncio.run(scenario())
     finally:
         undo()
     assert len(bad) == 1 and isinstance(bad[0], Error) and bad[0].status == 500, bad
-    assert not signalled, "the failed leg's room was signalled"
+    assert len(early) == 1 and isinstance(early[0], Error), f"the failed leg's room was signalled: {early}"
+    assert early[0].status == 502 and "gave the room up" in early[0].message
     assert isinstance(prefill_good[-1], Done) and isinstance(decode_good[-1], Done)
     expected = NaiveLlama(str(tiny_model)).greedy(GOOD, PARAMS.max_tokens)
     assert mv.tokens(prefill_good) == expected[:1] and mv.tokens(decode_good) == expected
     assert mv.idle(a) and mv.idle(b)
+
+
+
+def test_a_dropped_rooms_pages_wait_until_its_writer_stops(pair, monkeypatch) -> None:
+    """The decode side drops a room a sender has begun writing (the router aborted the request): its pages
+    stay quarantined past HANDOFF_GRACE_S until the sender abandons the room, behind its writes; a sender
+    that never says so holds them until HANDOFF_QUIET_MAX_S. One-sided writes may land until then."""
+    import appliance.serve.engine_loop as engine_loop
+    from nvshmem_kv import PoolHandle
+    from tests.waiting import wait_until
+
+    a, b = pair
+    monkeypatch.setattr(engine_loop, "HANDOFF_GRACE_S", 0.2)
+    monkeypatch.setattr(engine_loop, "HANDOFF_QUIET_MAX_S", 30.0)
+    peer = a.transport.connect(PoolHandle.from_json(b.handle_json), a.handoff.sender.local)
+
+    async def scenario(abandon: bool) -> tuple[int, int, int]:
+        lb = EngineLoop(b.engine, asyncio.get_running_loop(), b.transport)
+        lb.start()
+        try:
+            lb.open_stream("r")
+            pages = await lb.call(lambda: lb.reserve("r", "room-r", GOOD, PARAMS, 1, 10.0))
+            a.transport.write(peer, "room-r", 0, a.engine.pool.kv, [0, 1], pages[:2])  # the room is opened
+            b.transport.expect("marker", 1, 10.0)  # frames arrive in order: once this signal is in, so is the Open
+            a.transport.signal(peer, "marker")
+            assert b.transport.wait("marker", 5.0).done
+            b.transport.release("marker")
+            lb.abort("r")
+            await asyncio.sleep(0.5)  # past the grace
+            await lb.call(lb._release_quarantine)
+            held = lb.quarantined_pages
+            if abandon:
+                a.transport.abandon(peer, "room-r")
+                wait_until(lambda: b.transport.quiet("room-r"), 5.0, 0.01, what="the abandon")
+            else:
+                await asyncio.sleep(engine_loop.HANDOFF_QUIET_MAX_S)  # past the cap
+                assert not b.transport.quiet("room-r")
+            await lb.call(lb._release_quarantine)
+            return len(pages), held, lb.quarantined_pages
+        finally:
+            lb.stop()
+
+    reserved, held, left = asyncio.run(scenario(abandon=True))
+    assert held == reserved and left == 0 and mv.idle(b)
+    monkeypatch.setattr(engine_loop, "HANDOFF_QUIET_MAX_S", 1.0)
+    reserved, held, left = asyncio.run(scenario(abandon=False))
+    assert held == reserved and left == 0 and mv.idle(b)
+    a.transport.disconnect(peer)

@@ -120,6 +120,34 @@ def test_fake_backend_completes_and_moves_nothing(receivers: list[nk.KVTransport
     assert not pool.any()
 
 
+@pytest.mark.parametrize("backend", ["shm", "tcp"])
+def test_an_abandoned_room_fails_at_once_and_is_quiet_once_the_close_lands(backend: str,
+                                                                           receivers: list[nk.KVTransport]) -> None:
+    """One-sided writes land in the decode pool unasked: a room's pages are reusable only when its sender
+    says it stopped (Close, behind its copies) or is gone. A room it never wrote gets no Close."""
+    d = make_desc(8)
+    rx, _, handle, tx = pair(backend, d, receivers)
+    peer = tx.connect(handle, d)
+    rx.expect("r", 1, 30.0)
+    tx.write(peer, "r", 0, torch.ones(d.shape, dtype=torch.bfloat16), [0, 1], [2, 3])
+    rx.expect("marker", 1, 30.0)  # frames arrive in order: once this signal is in, so is r's Open
+    tx.signal(peer, "marker")
+    assert rx.wait("marker", 5.0).done
+    rx.release("r")  # the decode side gave up on it (a lease passed, the router aborted it) ...
+    assert not rx.quiet("r")  # ... but the sender may still be writing
+    tx.abandon(peer, "r")
+    wait_until(lambda: rx.quiet("r"), 5.0, 0.01, what="the close")
+    rx.expect("s", 1, 30.0)
+    tx.write(peer, "s", 0, torch.ones(d.shape, dtype=torch.bfloat16), [0], [4])
+    tx.abandon(peer, "s")  # before the receiver gave up: the room fails at once, not at its deadline
+    st = rx.wait("s", 5.0)
+    assert st.failed and "gave the room up" in st.reason
+    tx.abandon(peer, "never-written")  # sends nothing: the next frame is the one the receiver sees
+    rx.expect("t", 1, 30.0)
+    tx.signal(peer, "t", b"ok")
+    assert rx.wait("t", 5.0).done and rx.stats().signals_dropped == 0
+
+
 def test_write_argument_checks(receivers: list[nk.KVTransport]) -> None:
     d = make_desc(8)
     _, _, handle, tx = pair("shm", d, receivers)

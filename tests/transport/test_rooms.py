@@ -164,3 +164,54 @@ def test_extend_of_a_done_room_changes_nothing() -> None:
     assert t.on_signal("r", 1, 0, b"a")
     assert not t.extend("r", 5.0)
     assert t.poll("r").state is RoomState.DONE
+
+
+def test_a_released_room_drains_until_each_writer_is_done_with_it() -> None:
+    """One-sided writes may still land after a room failed: its pages are reusable (quiet) only once every
+    writer that opened it signalled it, gave it up (Close) or lost its connection."""
+    t = RoomTable()
+    t.expect("r", 2, 5.0)
+    assert t.on_open("r", 1) and t.on_open("r", 2) and t.on_open("r", 3)
+    assert t.on_signal("r", 1, 0, b"")
+    t.on_close("r", 2)  # a writer gives up: the room fails now, not at its deadline
+    st = t.poll("r")
+    assert st.failed and st.reason == "the sender gave the room up"
+    t.release("r")
+    assert not t.quiet("r") and t.draining_count() == 1  # writer 3 may still be writing
+    t.on_conn_lost(3, "gone")
+    assert t.quiet("r") and t.draining_count() == 0
+
+
+def test_a_close_or_late_signal_after_release_ends_the_drain() -> None:
+    t = RoomTable()
+    for room in ("a", "b", "c"):
+        t.expect(room, 1, 5.0)
+        assert t.on_open(room, 4)
+        t.release(room)
+        assert not t.quiet(room)
+    t.on_close("a", 4)
+    assert not t.on_signal("b", 4, 0, b"late")  # dropped as before, but the writer is done
+    assert t.quiet("a") and t.quiet("b") and not t.quiet("c")
+    t.on_close("c", 9)  # another connection's close says nothing of writer 4
+    assert not t.quiet("c")
+    t.expect("late", 1, 5.0)
+    assert t.on_open("late", 5)
+    t.on_close("late", 6)  # not a writer of it: nothing changes
+    t.fail_all("deadline")
+    assert not t.on_signal("late", 5, 0, b"")  # after the room failed: dropped, yet the writer is done
+    t.release("late")
+    assert t.quiet("late")
+    t.expect("none", 1, 5.0)
+    t.release("none")
+    assert t.quiet("none")  # nobody began writing it
+    t.on_close("ghost", 4)  # unknown rooms are not stored
+    assert t.draining_count() == 1
+
+
+def test_draining_rooms_are_bounded() -> None:
+    t = RoomTable(max_rooms=4)
+    for i in range(10):
+        t.expect(f"r{i}", 1, 5.0)
+        t.on_open(f"r{i}", 1)
+        t.release(f"r{i}")
+    assert t.draining_count() == 4 and t.quiet("r0") and not t.quiet("r9")
