@@ -39,6 +39,13 @@ class Transfer:
     signalled: bool = False  # its signal left: the decode side has the room whole
 
 
+class Abandoned(msgspec.Struct, frozen=True):
+    """A room rank 0 gave up, for the other ranks of its TP group to abandon too."""
+
+    room: str
+    handles: list[str]
+
+
 class StepPlan(msgspec.Struct, frozen=True):
     room: str
     handles: list[str]
@@ -178,8 +185,9 @@ class PrefillHandoff:
     """Step hooks of a prefill engine's rank 0 (see ``Engine.StepHooks``)."""
 
     def __init__(self, transport: KVTransport, kv: torch.Tensor, total_kv_heads: int, page_size: int,
-                 tp_size: int = 1) -> None:
+                 tp_size: int = 1, followers: Callable[[bytes], None] | None = None) -> None:
         self.sender = _Sender(transport, kv, total_kv_heads, 0, tp_size)
+        self.followers = followers  # TP > 1: tells the other ranks which rooms to abandon (ModelRunner's)
         self.page_size = page_size
         self.tp_size = tp_size
         self.bytes_per_page_layer = 2 * int(kv[0, 0, 0].numel()) * kv.element_size()
@@ -237,6 +245,8 @@ class PrefillHandoff:
         """``t``'s request ended without its signal (aborted, failed): tell the decode pools it wrote into."""
         if not t.signalled:
             self.sender.abandon(t.handles, t.room)
+            if self.followers is not None:
+                self.followers(msgspec.json.encode([Abandoned(t.room, t.handles)]))
 
     def push_request(self, req: Request, room: str, handles: list[str], dst_pages: list[int],
                      payload: bytes) -> None:
@@ -288,6 +298,11 @@ class FollowerHandoff:
                         pass  # the decode side fails the room on its deadline
 
         return hook, after
+
+    def abandon_rooms(self, extra: bytes) -> None:
+        """Rank 0 gave these rooms up: abandon this rank's part of them too (behind its copies)."""
+        for a in msgspec.json.decode(extra, type=list[Abandoned]):
+            self.sender.abandon(a.handles, a.room)
 
     def close(self) -> None:
         self.sender.close()

@@ -88,6 +88,8 @@ class ModelRunner:
         self.pool = PagePool(kv)
         # Ranks > 0: turns a step's ``extra`` bytes into (layer hook, after-step callback).
         self.follower_hook: Callable[[bytes, torch.Tensor], tuple] | None = None
+        # Ranks > 0: takes rank 0's list of rooms abandoned between steps (`abandon_on_followers`).
+        self.follower_abandon: Callable[[bytes], None] | None = None
         self.decode_graphs: DecodeGraphs | None = None
         self.linear_timings: list[LinearTiming] = []  # cuBLAS vs `kernels.gemv`, when measured (CUDA graphs)
 
@@ -196,6 +198,12 @@ class ModelRunner:
             return torch.empty(0, self.model_config.vocab_size)
         return self.model.logits(hidden)
 
+    def abandon_on_followers(self, rooms: bytes) -> None:
+        """Rank 0, between steps: the other ranks abandon these rooms too (``rooms``: the handoff's JSON),
+        after the writes of every step they ran before (commands are followed in order)."""
+        if self.tp_group is not None:
+            self.tp_group.broadcast_command(tp.CMD_ABANDON, tp.attach_bytes(torch.empty(0, dtype=torch.int64), rooms))
+
     # -- ranks > 0 ----------------------------------------------------------------------------
     def follow(self) -> None:
         """Execute rank 0's commands until it says stop."""
@@ -215,6 +223,8 @@ class ModelRunner:
                 self.model.forward(batch, self.pool.kv, hook)
                 if after is not None:
                     after()
+            elif cmd == tp.CMD_ABANDON and payload is not None and self.follower_abandon is not None:
+                self.follower_abandon(tp.detach_bytes(payload)[1])
 
     def close(self) -> None:
         if self.tp_group is not None and torch.distributed.is_initialized():

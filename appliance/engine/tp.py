@@ -17,6 +17,7 @@ from appliance.config import TP_BACKENDS, RankInfo
 
 CMD_STOP = 0
 CMD_FORWARD = 1
+CMD_ABANDON = 2  # a prefill engine's rooms that its ranks stop writing (JSON bytes)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

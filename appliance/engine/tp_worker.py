@@ -51,6 +51,7 @@ def tp_worker_main(launch: TPLaunch) -> None:
         sender = FollowerHandoff(launch.transport, dict(launch.transport_opts), runner,
                                  transport=joined[0] if joined else None)
         runner.follower_hook = sender.plan_step
+        runner.follower_abandon = sender.abandon_rooms
     try:
         runner.follow()
     finally:

@@ -35,8 +35,8 @@ from appliance.serve.protocol import Done, Error, Event, First, Moved, Tokens
 log = logging.getLogger("pdbox.engine")
 # A failed room's pages are reused once every sender that wrote into them said it stopped (its signal or
 # `abandon`, behind its copies) or is gone, and at least HANDOFF_GRACE_S after the failure (a sender that had
-# not begun yet hears of the abort by then); at the latest after HANDOFF_QUIET_MAX_S (a prefill TP follower
-# never abandons: it stops within its step).
+# not begun yet hears of the abort by then); at the latest after HANDOFF_QUIET_MAX_S (a sender whose word
+# never comes, its connection still open: a hung process).
 HANDOFF_GRACE_S = 1.0
 HANDOFF_QUIET_MAX_S = 10.0
 

@@ -101,7 +101,7 @@ class Worker:
 
             mc = self.engine.model_config
             self.handoff = PrefillHandoff(self.transport, self.engine.pool.kv, mc.num_kv_heads, cfg.engine.page_size,
-                                          cfg.engine.tp_size)
+                                          cfg.engine.tp_size, followers=self.engine.runner.abandon_on_followers)
             self.engine.handoff = self.handoff
             self.engine.warmup_s += self.handoff.sender.warm_s  # `pdbox up` reports the whole warm-up
         if cfg.role == "auto":

@@ -122,3 +122,69 @@ def test_a_dropped_rooms_pages_wait_until_its_writer_stops(pair, monkeypatch) ->
     reserved, held, left = asyncio.run(scenario(abandon=False))
     assert held == reserved and left == 0 and mv.idle(b)
     a.transport.disconnect(peer)
+
+
+def test_every_rank_of_a_tp2_prefill_abandons_an_aborted_room(tiny_model) -> None:
+    """A TP 2 prefill leg aborted mid-prompt: rank 0 abandons its room and tells rank 1, which abandons its
+    own writes; decode's pages leave quarantine after the grace, not after HANDOFF_QUIET_MAX_S."""
+    import secrets
+    import time
+
+    from appliance.config import EngineConfig
+    from appliance.serve.worker import Worker
+    from appliance.serve.worker_config import WorkerConfig
+    from tests.waiting import wait_until
+
+    a = Worker(WorkerConfig(role="prefill", name="a", model=str(tiny_model), transport="shm",
+                            run_id=f"tp2-{secrets.token_hex(4)}",
+                            engine=EngineConfig(dtype="float32", page_size=4, num_pages=128, tp_size=2,
+                                                max_prefill_tokens=8)))
+    a.build_engine()
+    b = mv.worker(str(tiny_model), "b")
+    real = a.engine.runner.step
+
+    def slow(*args, **kw):  # chunks of 8 tokens, 0.2 s each: the abort lands mid-prompt
+        out = real(*args, **kw)
+        time.sleep(0.2)
+        return out
+
+    a.engine.runner.step = slow
+    prompt = [11 + (i * 7) % 230 for i in range(48)]
+
+    async def scenario() -> tuple[int, float]:
+        aio = asyncio.get_running_loop()
+        la, lb = EngineLoop(a.engine, aio, a.transport), EngineLoop(b.engine, aio, b.transport)
+        la.start()
+        lb.start()
+        try:
+            lb.open_stream("r")
+            pages = await lb.call(lambda: lb.reserve("r", "room-tp", prompt, PARAMS, 2, 30.0))
+            la.submit("r", prompt, LEG, Transfer(room="room-tp", handles=[b.handle_json], dst_pages=pages))
+            table = b.transport._rooms._rooms  # both ranks have opened the room: each has written
+            wait_until(lambda: len(table["room-tp"].writers) == 2, 20.0, 0.02, what="both ranks writing")
+            la.abort("r")
+            lb.abort("r")
+            start = time.monotonic()
+            await lb.call(lambda: None)  # the decode side dropped the room: its pages are quarantined
+            held = lb.quarantined_pages
+
+            async def released() -> bool:
+                await lb.call(lb._release_quarantine)
+                return lb.quarantined_pages == 0
+
+            while not await released() and time.monotonic() - start < 8.0:
+                await asyncio.sleep(0.1)
+            return held, time.monotonic() - start
+        finally:
+            la.stop()
+            lb.stop()
+
+    try:
+        held, took = asyncio.run(scenario())
+        assert held > 0 and took < 4.0, (held, took)  # the grace is 1 s; the cap 10 s
+        assert b.transport.quiet("room-tp") and mv.idle(b)
+    finally:
+        a.handoff.close()
+        a.engine.shutdown()
+        b.handoff.close()
+        b.engine.shutdown()
