@@ -19,7 +19,7 @@ from appliance.engine.core_share import make_board, mark_idle
 from appliance.engine_flags import EngineFlags, engine_argv
 from appliance.gpu_peers import PeerAccess, choose_transport, handoff_pairs, peer_access
 from appliance.gpu_plan import PEER_DEVICES_ENV, RANK_DEVICES_ENV, GpuGroup, parse_visible, plan_gpus
-from appliance.nvshmem_job import plan_job
+from appliance.nvshmem_job import NVSHMEM_ENV, plan_job
 from appliance.serve.router_config import AutoConfig, RouterConfig
 from appliance.topology import available_cpus, format_ids, parse_ids, split_groups
 
@@ -229,6 +229,7 @@ class Launcher:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.specs, self.transport = plan_workers(cfg, self.token, self.run_id, self.log_dir, peer_access, self.say)
         self.stopping = False
+        self.fatal: str | None = None  # why the appliance stopped itself (`serve` raises it at the end)
         self.router = None
 
     def say(self, msg: str) -> None:
@@ -309,15 +310,27 @@ class Launcher:
                                          transport=self.transport if spec.role != "unified" else ""))
         return router
 
-    async def supervise(self) -> None:
+    async def supervise(self, stop: asyncio.Event | None = None) -> None:
         """Restart workers that exit. One that keeps dying within ``CRASH_WINDOW_S`` of its start waits
-        1, 2, 4 … (at most ``MAX_BACKOFF_S``) seconds before the next start, instead of spinning."""
+        1, 2, 4 … (at most ``MAX_BACKOFF_S``) seconds before the next start, instead of spinning.
+        An NVSHMEM PE is not restarted: a running job cannot take a PE back (a new one would wait in the
+        collective start-up forever, and the others hold the dead one's heap): every worker stops, and
+        ``stop`` is set with `fatal` saying why."""
         while not self.stopping:
             now = time.monotonic()
             for spec in self.specs:
                 if self.stopping or spec.proc is None or spec.proc.poll() is None:
                     continue
                 due = spec.extra.get("restart_at")
+                if due is None and NVSHMEM_ENV in spec.env:
+                    self.fatal = (f"worker {spec.name} (an NVSHMEM PE) exited with code {spec.proc.returncode}: a "
+                                  "running NVSHMEM job cannot take a PE back, so every worker stops; start pdbox "
+                                  "up again (or use --transport cuda_ipc, whose workers restart alone)")
+                    self.say(self.fatal)
+                    self.stopping = True
+                    if stop is not None:
+                        stop.set()
+                    return
                 if due is None:
                     code = spec.proc.returncode
                     quick = now - spec.extra.get("started_at", now) < CRASH_WINDOW_S
@@ -380,7 +393,7 @@ class Launcher:
                 ready.set()
             if fg is not None:
                 fg.ready()
-            sup = asyncio.create_task(self.supervise())
+            sup = asyncio.create_task(self.supervise(stop))
             await stop.wait()
         finally:
             if fg is not None:
@@ -392,6 +405,8 @@ class Launcher:
                 await runner.cleanup()
             await asyncio.to_thread(self.stop_workers)
             logs()
+        if self.fatal:
+            raise RuntimeError(self.fatal)
 
     def _router_logging(self):
         """The router's own lines (decisions, role switches, moves, retries) go to ``router.log`` in the

@@ -145,3 +145,39 @@ def test_worker_refuses_nvshmem_without_a_pe_plan(monkeypatch, tmp_path) -> None
     monkeypatch.setenv(NVSHMEM_ENV, job.to_env()[NVSHMEM_ENV])
     assert w._nvshmem_job() == job
     assert Worker(WorkerConfig(role="decode", name="d", transport="shm"))._nvshmem_job() is None
+
+
+def test_a_dead_nvshmem_pe_stops_the_appliance_instead_of_a_lone_restart(monkeypatch, tmp_path) -> None:
+    """A restarted PE would wait in NVSHMEM's collective start-up forever (the job's other PEs never join
+    again): the supervisor stops everything and says why, instead of restarting it alone."""
+    import asyncio
+    import io
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(launcher, "_cuda_count", lambda: 2)
+    monkeypatch.setattr(launcher, "peer_access", lambda pairs: dict.fromkeys(pairs, True))
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    said = io.StringIO()
+    up = launcher.Launcher(UpConfig(mode="disagg", prefill_gpus="0", decode_gpus="1", transport="nvshmem",
+                                    log_dir=str(tmp_path), engine=EngineFlags(kv_cache_mb=64)), err=said)
+    assert up.transport == "nvshmem" and all(NVSHMEM_ENV in s.env for s in up.specs)
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(7)"])
+    dead.wait(10)
+    up.specs[0].proc, up.specs[1].proc = alive, dead
+    restarted: list = []
+    up.start = restarted.append  # type: ignore[method-assign]
+
+    async def run() -> bool:
+        stop = asyncio.Event()
+        await asyncio.wait_for(up.supervise(stop), 5)
+        return stop.is_set()
+
+    try:
+        stopped = asyncio.run(run())
+    finally:
+        alive.kill()
+        alive.wait()
+    assert stopped and not restarted
+    assert up.fatal and "decode-0 (an NVSHMEM PE) exited with code 7" in up.fatal and up.fatal in said.getvalue()
