@@ -19,7 +19,7 @@ from appliance.engine.core_share import make_board, mark_idle
 from appliance.engine_flags import EngineFlags, engine_argv
 from appliance.gpu_peers import PeerAccess, choose_transport, handoff_pairs, peer_access
 from appliance.gpu_plan import PEER_DEVICES_ENV, RANK_DEVICES_ENV, GpuGroup, parse_visible, plan_gpus
-from appliance.nvshmem_job import NVSHMEM_ENV, plan_job
+from appliance.nvshmem_job import plan_job
 from appliance.serve.router_config import AutoConfig, RouterConfig
 from appliance.topology import available_cpus, format_ids, parse_ids, split_groups
 
@@ -181,7 +181,7 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str, run_dir: Path | None = 
             env.update(pe_jobs[name].to_env())
             for key, value in SINGLE_NODE_NVSHMEM.items():  # the user's own settings win
                 env.setdefault(key, value)
-        extra: dict = {"leaning": leaning}
+        extra: dict = {"leaning": leaning, "nvshmem_pe": name in pe_jobs}
         if use_gpu:
             view = gpu_plans[i]  # own GPUs first (rank r on local r), then the pools it pushes into
             env["CUDA_VISIBLE_DEVICES"] = view.cuda_visible_devices
@@ -322,7 +322,7 @@ class Launcher:
                 if self.stopping or spec.proc is None or spec.proc.poll() is None:
                     continue
                 due = spec.extra.get("restart_at")
-                if due is None and NVSHMEM_ENV in spec.env:
+                if due is None and spec.extra.get("nvshmem_pe"):
                     self.fatal = (f"worker {spec.name} (an NVSHMEM PE) exited with code {spec.proc.returncode}: a "
                                   "running NVSHMEM job cannot take a PE back, so every worker stops; start pdbox "
                                   "up again (or use --transport cuda_ipc, whose workers restart alone)")

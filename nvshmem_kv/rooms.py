@@ -3,7 +3,11 @@
 Thread-safe: connection reader threads report opens, signals, closes and lost connections; the engine
 thread expects, polls, waits and releases. Every state change goes PENDING -> DONE | FAILED once.
 A released room whose writers had not all signalled or closed it stays *draining* until they have (or
-their connections are gone): one-sided writes may still be landing in its pages until then.
+their connections are gone): one-sided writes may still be landing in its pages until then. Limits: a
+writer that opens a room only after it was released is not seen (the router cancels a leg as the room
+fails, and the decode side waits 1 s regardless); a lost connection counts as a writer that stopped (a
+live sender whose socket dropped may still have copies queued); a room whose writer never answers
+drains until the bound on draining rooms evicts it (the decode side frees the pages at its own cap).
 """
 
 from __future__ import annotations
@@ -141,12 +145,14 @@ class RoomTable:
             return r is not None and r.status.pending
 
     def on_open(self, room: str, conn_id: int) -> bool:
+        """Record a writer of ``room``; False when the room is unknown or no longer pending (a writer of a
+        failed room that is not yet released is recorded all the same: its writes may still land)."""
         with self._cond:
             r = self._rooms.get(room)
-            if r is None or not r.status.pending:
+            if r is None:
                 return False
             r.writers.add(conn_id)
-            return True
+            return r.status.pending
 
     def on_signal(self, room: str, conn_id: int, src_rank: int, payload: bytes) -> bool:
         """Record a signal; returns False (and counts it) when it was dropped."""

@@ -10,7 +10,8 @@
 # GPU_LEASE_BUDGET_S (default 540 s): gpu-check gets it less GPU_LEASE_ENGINE_S (default 140 s), the
 # engine check whatever is left then. Output: $OUT/check/, $OUT/engine/, and $OUT/summary.txt holding both
 # summaries. `--dry-run`: the plan, then gpu-check's dry run (its exit status: 3 with a wheel missing).
-# Exit: 0 when both checks passed; else gpu-check's status when it failed, then the engine check's.
+# Exit: 0 when both checks passed; else gpu-check's status when it failed, then the engine check's (5: it
+# had no time to run a step).
 set -u -o pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -44,6 +45,11 @@ else
     OUT="$OUT_DIR/engine" GPU_ENGINE_BUDGET_S=$left PYTHONPATH="$PWD:$SITE_DIR${PYTHONPATH:+:$PYTHONPATH}" \
         bash scripts/gpu-engine-check.sh
     engine_rc=$?
+    if ! grep -Eq '^[a-z0-9-]+ +(PASS|FAIL|TIMEOUT) ' <(grep -v '^env ' "$OUT_DIR/engine/engine-summary.txt"); then
+        echo "gpu-lease: the engine check ran no step (${left}s were left of ${BUDGET_S}s)" \
+            | tee -a "$OUT_DIR/engine/engine-summary.txt"
+        ((engine_rc)) || engine_rc=5
+    fi
 fi
 cat "$OUT_DIR/check/summary.txt" "$OUT_DIR/engine/engine-summary.txt" >"$OUT_DIR/summary.txt" 2>/dev/null
 ((check_rc)) && exit "$check_rc"

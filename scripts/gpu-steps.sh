@@ -2,7 +2,8 @@
 #
 # The caller sets OUT_DIR, BUDGET_S, START_S, and SUMMARY=() FAILED=0; STEPS_FILTER (comma-separated
 # step names, empty: all) runs only those, and `env` always. `run_step NAME LIMIT_S CMD...` runs CMD under
-# `timeout` with its limit clipped to what is left of BUDGET_S, output to $OUT_DIR/NAME.log, one row in
+# `timeout` with its limit clipped to what is left of BUDGET_S (less STEP_RESERVE_S, so that a step killed at
+# its limit and reaped still ends within the budget), output to $OUT_DIR/NAME.log, one row in
 # SUMMARY. A step starts only with at least half its limit left: else it is a SKIP, which fails nothing
 # (a spent budget says nothing of the code), while a failure or a timeout sets FAILED=1.
 # A step's processes carry PDBOX_GPU_STEP=<its name and this shell's pid> in their environment; when the
@@ -10,6 +11,7 @@
 # cannot stop the `pdbox up` it started, which runs in a session of its own and holds the GPU.
 
 STEP_WIDTH=${STEP_WIDTH:-18}
+STEP_RESERVE_S=25  # kept back from each step's limit: timeout's kill-after (10 s) and the reaping (15 s)
 
 step_row() {  # NAME STATUS SECONDS REST
     SUMMARY+=("$(printf "%-${STEP_WIDTH}s %-7s %6s  %s" "$1" "$2" "$3" "$4")")
@@ -48,7 +50,7 @@ run_step() {  # NAME LIMIT_S CMD...
         skip_step "$name" "not among the steps asked for"
         return 0
     fi
-    left=$((BUDGET_S - ($(date +%s) - START_S)))
+    left=$((BUDGET_S - ($(date +%s) - START_S) - STEP_RESERVE_S))
     if ((2 * left < limit)); then
         skip_step "$name" "${left}s of the ${BUDGET_S}s budget left, under half its ${limit}s"
         return 0

@@ -241,11 +241,12 @@ class PrefillHandoff:
         except (TransportError, OSError) as exc:
             t.error = f"KV transfer signal failed: {exc}"
 
-    def abandon(self, t: Transfer) -> None:
-        """``t``'s request ended without its signal (aborted, failed): tell the decode pools it wrote into."""
+    def abandon(self, t: Transfer, followers: bool = True) -> None:
+        """``t``'s request ended without its signal (aborted, failed): tell the decode pools it wrote into;
+        ``followers``: have the other TP ranks do the same for their writes."""
         if not t.signalled:
             self.sender.abandon(t.handles, t.room)
-            if self.followers is not None:
+            if followers and self.followers is not None:
                 self.followers(msgspec.json.encode([Abandoned(t.room, t.handles)]))
 
     def push_request(self, req: Request, room: str, handles: list[str], dst_pages: list[int],
@@ -300,9 +301,13 @@ class FollowerHandoff:
         return hook, after
 
     def abandon_rooms(self, extra: bytes) -> None:
-        """Rank 0 gave these rooms up: abandon this rank's part of them too (behind its copies)."""
-        for a in msgspec.json.decode(extra, type=list[Abandoned]):
-            self.sender.abandon(a.handles, a.room)
+        """Rank 0 gave these rooms up: abandon this rank's part of them too (behind its copies). Best
+        effort: a failure is logged (the decode side frees the pages at its cap), never ends this rank."""
+        try:
+            for a in msgspec.json.decode(extra, type=list[Abandoned]):
+                self.sender.abandon(a.handles, a.room)
+        except Exception:
+            log.exception("abandoning rooms on a TP follower failed")
 
     def close(self) -> None:
         self.sender.close()

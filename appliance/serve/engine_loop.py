@@ -208,14 +208,15 @@ class EngineLoop:
         self.transport.release(room)
         self._quarantine(room, pending.pages)
 
-    def _end_transfer(self, rid: str) -> None:
+    def _end_transfer(self, rid: str, followers: bool = True) -> None:
         """A prefill leg's request is over: if its room was never signalled, tell the decode pools it wrote
-        into that no more is coming (engine thread, between steps: every copy of it is already issued)."""
+        into that no more is coming (engine thread, between steps: every copy of it is already issued);
+        ``followers``: the other TP ranks too."""
         transfer = self.transfers.pop(rid, None)
         handoff = self.engine.handoff
         if transfer is not None and not transfer.signalled and hasattr(handoff, "abandon"):
             try:
-                handoff.abandon(transfer)
+                handoff.abandon(transfer, followers)
             except Exception:  # the receiver still frees the pages at HANDOFF_QUIET_MAX_S
                 log.exception("abandoning room %s failed", transfer.room)
 
@@ -331,6 +332,8 @@ class EngineLoop:
                 log.exception("engine step failed")
                 for rid, req in list(self.engine.requests.items()):
                     self.engine.abort(rid)
+                    # NOTE: rank 0's own abandon only: the failure may be in the TP group's collectives
+                    self._end_transfer(req.group or rid, followers=False)
                     self._emit(req.group or rid, Error(status=500, message=f"engine error: {exc}"))
 
     def _emit_output(self, out: RequestOutput, first: bool = False) -> None:

@@ -161,7 +161,7 @@ def test_a_dead_nvshmem_pe_stops_the_appliance_instead_of_a_lone_restart(monkeyp
     said = io.StringIO()
     up = launcher.Launcher(UpConfig(mode="disagg", prefill_gpus="0", decode_gpus="1", transport="nvshmem",
                                     log_dir=str(tmp_path), engine=EngineFlags(kv_cache_mb=64)), err=said)
-    assert up.transport == "nvshmem" and all(NVSHMEM_ENV in s.env for s in up.specs)
+    assert up.transport == "nvshmem" and all(NVSHMEM_ENV in s.env and s.extra["nvshmem_pe"] for s in up.specs)
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(7)"])
     dead.wait(10)
@@ -181,3 +181,7 @@ def test_a_dead_nvshmem_pe_stops_the_appliance_instead_of_a_lone_restart(monkeyp
         alive.wait()
     assert stopped and not restarted
     assert up.fatal and "decode-0 (an NVSHMEM PE) exited with code 7" in up.fatal and up.fatal in said.getvalue()
+    monkeypatch.setenv(NVSHMEM_ENV, "{}")  # inherited by a cuda_ipc run's workers: they are no PEs
+    plain = launcher.Launcher(UpConfig(mode="disagg", prefill_gpus="0", decode_gpus="1", transport="cuda_ipc",
+                                       log_dir=str(tmp_path)), err=io.StringIO())
+    assert not any(s.extra["nvshmem_pe"] for s in plain.specs)

@@ -201,6 +201,13 @@ def test_a_close_or_late_signal_after_release_ends_the_drain() -> None:
     assert not t.on_signal("late", 5, 0, b"")  # after the room failed: dropped, yet the writer is done
     t.release("late")
     assert t.quiet("late")
+    t.expect("failed-first", 1, 5.0)
+    t.fail_all("deadline")
+    assert not t.on_open("failed-first", 8)  # it opens a room that already failed: its writes may still land
+    t.release("failed-first")
+    assert not t.quiet("failed-first")
+    t.on_conn_lost(8, "gone")
+    assert t.quiet("failed-first")
     t.expect("none", 1, 5.0)
     t.release("none")
     assert t.quiet("none")  # nobody began writing it
