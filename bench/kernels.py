@@ -268,13 +268,28 @@ def _gemv_cases(K: Any, device: torch.device, dtype: torch.dtype, hidden: int, i
                   bytes=down_bytes)]
 
 
-def run(device: torch.device, dtype: torch.dtype, tiny: bool, only: list[str] | None) -> dict[str, Any]:
-    """Measure every case; returns the JSON-ready report."""
+def run(device: torch.device, dtype: torch.dtype, tiny: bool, only: list[str] | None,
+        save: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Measure every case; returns the JSON-ready report, also handed to ``save`` after every case (a run
+    cut short by a timeout keeps what it measured)."""
     name, hbm_peak, flops_peak = device_peaks(device)
     copy_bytes = (1 << 20) if tiny else (1 << 30)
     d2d = d2d_copy_gbps(device, copy_bytes)
     peak_gbps = hbm_peak / 1e9 if hbm_peak else d2d
     results: list[Result] = []
+
+    def report() -> dict[str, Any]:
+        return {
+            "device": name,
+            "dtype": str(dtype).removeprefix("torch."),
+            "interpreter": tiny,
+            "peak_gbps": peak_gbps,
+            "peak_source": "device table" if hbm_peak else "measured d2d copy",
+            "peak_bf16_tflops": flops_peak / 1e12 if flops_peak else None,
+            "d2d_copy_gbps": d2d,
+            "results": [asdict(r) for r in results],
+        }
+
     for case in build_cases(device, dtype, tiny):
         if only and case.name not in only:
             continue
@@ -294,16 +309,9 @@ def run(device: torch.device, dtype: torch.dtype, tiny: bool, only: list[str] | 
             tflops, 100 * tflops * 1e12 / flops_peak if tflops and flops_peak else None, err,
             case.target, met, extra,
         ))
-    return {
-        "device": name,
-        "dtype": str(dtype).removeprefix("torch."),
-        "interpreter": tiny,
-        "peak_gbps": peak_gbps,
-        "peak_source": "device table" if hbm_peak else "measured d2d copy",
-        "peak_bf16_tflops": flops_peak / 1e12 if flops_peak else None,
-        "d2d_copy_gbps": d2d,
-        "results": [asdict(r) for r in results],
-    }
+        if save is not None:
+            save(report())
+    return report()
 
 
 def print_table(report: dict[str, Any]) -> None:
@@ -355,10 +363,13 @@ def command(cpu: bool, as_json: bool, out: Path | None, dtype: str, only: tuple[
               "Run `python -m bench.kernels --cpu` for a tiny interpreter smoke.", file=sys.stderr)
         return 2
     torch.manual_seed(0)
-    report = run(device, getattr(torch, dtype), cpu, [*only, *more_only] or None)
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=1))
+    def save(partial: dict[str, Any]) -> None:
+        if out:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(partial, indent=1))
+
+    report = run(device, getattr(torch, dtype), cpu, [*only, *more_only] or None, save)
+    save(report)
     if as_json:
         print(json.dumps(report, indent=1))
     else:

@@ -183,7 +183,7 @@ run_step pytest-gpu 150 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cachep
     --timeout 120 --junitxml "$OUT_DIR/pytest-gpu.xml" "${GPU_TESTS[@]}"
 
 # The benches first: bounded, and they give the figures the targets are measured on.
-run_step bench-kernels 60 "$PY" -m bench.kernels --out "$OUT_DIR/kernels-bf16.json"
+run_step bench-kernels 90 "$PY" -m bench.kernels --out "$OUT_DIR/kernels-bf16.json"
 # SmolLM2's KV shape at 8K and 32K tokens, contiguous and scattered destination pages; nvshmem starts a
 # two-PE job per size (seconds each), so it measures the contiguous layout only.
 run_step transfer-cuda_ipc 60 "$PY" -m bench.transfer --backend cuda_ipc --pages 512 --pages 2048 \
@@ -195,16 +195,16 @@ run_step transfer-nvshmem 90 "$PY" -m bench.transfer --backend nvshmem --pages 5
 # kernel's fixed first config, as the tests do. Autotuned, each process would time its own pick (another
 # BLOCK_N sums in another order, enough to flip a near-tie of the random model) and compile every config.
 SERVE_ENV=(env PDBOX_TRITON_AUTOTUNE=0)
-run_step serve-cuda_ipc 75 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 \
+run_step serve-cuda_ipc 90 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 \
     --transport cuda_ipc --out "$OUT_DIR/serve-cuda_ipc.json" --log-dir "$OUT_DIR/serve-cuda_ipc-logs"
-run_step serve-nvshmem 75 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 \
+run_step serve-nvshmem 90 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 \
     --transport nvshmem --out "$OUT_DIR/serve-nvshmem.json" --log-dir "$OUT_DIR/serve-nvshmem-logs"
 
 run_step ttft-8k 150 "$PY" scripts/ttft_check.py --prompt-tokens 8192 --out "$OUT_DIR/ttft-8k.json" \
     --log-dir "$OUT_DIR/ttft-8k-logs"
 
 if ((NGPU >= 2)); then
-    run_step serve-cross-gpu 75 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 1 \
+    run_step serve-cross-gpu 90 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 1 \
         --transport cuda_ipc --out "$OUT_DIR/serve-cross-gpu.json" --log-dir "$OUT_DIR/serve-cross-gpu-logs"
     run_step serve-tp2-nccl 90 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --prefill-gpus 0-1 --prefill-tp 2 \
         --decode-gpus 1 --transport cuda_ipc --out "$OUT_DIR/serve-tp2-nccl.json" --log-dir "$OUT_DIR/serve-tp2-nccl-logs"

@@ -56,7 +56,7 @@ run_step bench-1b 45 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" "$PY" -m bench.engine
     "${BENCH[@]}" --out "$OUT_DIR/bench-llama-1b.json"
 run_step bench-8b 60 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" "$PY" -m bench.engine --model random:llama-8b \
     "${BENCH[@]}" --out "$OUT_DIR/bench-llama-8b.json"
-NOPDL=(--device cuda --json --steps 12 --context 256 --batches 1,64 --prefill-lens 1024)
+NOPDL=(--device cuda --json --steps 12 --context 256 --batches 1,64 --prefill-lens 1024 --profile-batches 1,64)
 run_step bench-8b-nopdl 40 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" PDBOX_TRITON_PDL=0 "$PY" -m bench.engine \
     --model random:llama-8b "${NOPDL[@]}" --out "$OUT_DIR/bench-llama-8b-nopdl.json"
 run_step bench-1b-nopdl 30 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" PDBOX_TRITON_PDL=0 "$PY" -m bench.engine \
@@ -76,7 +76,8 @@ for k, v in r.items():
     if k.startswith(("decode_ms_", "decode_gpu_", "decode_floor_", "graph_speedup", "prefill_tok_s", "prefill_share")):
         print(f"  {k:32s} {v}")
     elif k.startswith("profile_") and isinstance(v, dict):
-        print(f"  {k}: {v['kernels']} kernels, busy {v['busy_us']} us, gaps {v.get('gaps_us', '-')} us")
+        print(f"  {k}: {v['kernels']} kernels, busy {v['busy_us']} us (covered {v.get('covered_us', '-')}, "
+              f"overlapped {v.get('overlap_us', '-')}), gaps {v.get('gaps_us', '-')} us")
         for row in v["top"][:8]:
             print(f"    {row['us']:9.1f} us {row['calls']:6.1f}x  {row['name'][:70]}")
     elif k.startswith("profile_"):

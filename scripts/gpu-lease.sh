@@ -5,9 +5,9 @@
 # One call, because the device tool gives an idle machine back within seconds (its idle_release_s), and a
 # second call on a fresh machine finds no .gpu-site. On the device tool, carrying wheels/gpu:
 #
-#   GPU_LEASE_BUDGET_S=540 bash scripts/gpu-pack.sh lease -- bash scripts/gpu-lease.sh     # timeout_s 595
+#   GPU_LEASE_BUDGET_S=560 bash scripts/gpu-pack.sh lease -- bash scripts/gpu-lease.sh     # timeout_s 595
 #
-# GPU_LEASE_BUDGET_S (default 540 s): gpu-check gets it less GPU_LEASE_ENGINE_S (default 140 s), the
+# GPU_LEASE_BUDGET_S (default 560 s): gpu-check gets it less GPU_LEASE_ENGINE_S (default 130 s), the
 # engine check whatever is left then. Output: $OUT/check/, $OUT/engine/, and $OUT/summary.txt holding both
 # summaries. `--dry-run`: the plan, then gpu-check's dry run (its exit status: 3 with a wheel missing).
 # Exit: 0 when both checks passed; else gpu-check's status when it failed, then the engine check's (5: it
@@ -15,8 +15,8 @@
 set -u -o pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-BUDGET_S="${GPU_LEASE_BUDGET_S:-540}"
-ENGINE_S="${GPU_LEASE_ENGINE_S:-140}"
+BUDGET_S="${GPU_LEASE_BUDGET_S:-560}"
+ENGINE_S="${GPU_LEASE_ENGINE_S:-130}"
 OUT_DIR="${OUT:-$PWD/gpu-check-out}"
 SITE_DIR="${GPU_SITE_DIR:-$PWD/.gpu-site}"
 case "${1:-}" in

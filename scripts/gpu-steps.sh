@@ -5,7 +5,8 @@
 # `timeout` with its limit clipped to what is left of BUDGET_S (less STEP_RESERVE_S, so that a step killed at
 # its limit and reaped still ends within the budget), output to $OUT_DIR/NAME.log, one row in
 # SUMMARY. A step starts only with at least half its limit left: else it is a SKIP, which fails nothing
-# (a spent budget says nothing of the code), while a failure or a timeout sets FAILED=1.
+# (a spent budget says nothing of the code), while a failure, a timeout or a MISS (exit 3: it ran and a
+# target was missed) sets FAILED=1.
 # A step's processes carry PDBOX_GPU_STEP=<its name and this shell's pid> in their environment; when the
 # step ends, whatever of them still runs is stopped (TERM, then KILL): a step killed by its timeout
 # cannot stop the `pdbox up` it started, which runs in a session of its own and holds the GPU.
@@ -69,6 +70,9 @@ run_step() {  # NAME LIMIT_S CMD...
         status=PASS
     elif ((rc == 124 || rc == 137)); then
         status=TIMEOUT
+        FAILED=1
+    elif ((rc == 3)); then  # the step ran and measured; a target was missed (scripts/ttft_check.py)
+        status=MISS
         FAILED=1
     else
         status=FAIL

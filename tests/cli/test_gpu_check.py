@@ -149,6 +149,8 @@ def test_a_step_passes_fails_or_times_out_and_a_spent_budget_fails_nothing(tmp_p
     assert rows["ok"][0] == "PASS" and rows["bad"][0] == "FAIL" and rows["slow"][0] == "TIMEOUT", r.stdout
     assert rows["late"][0] == "SKIP" and "under half its 200s" in " ".join(rows["late"]), r.stdout
     assert "failed 1" in r.stdout
+    r = _steps("run_step missed 20 bash -c 'exit 3'", tmp_path)  # it ran; a target was missed
+    assert _rows(r)["missed"][0] == "MISS" and "failed 1" in r.stdout, r.stdout
     r = _steps("run_step ok 20 true; run_step late 200 false", tmp_path)  # the skip alone fails nothing
     assert _rows(r)["late"][0] == "SKIP" and "failed 0" in r.stdout, r.stdout
     r = _steps("STEPS_FILTER=b,c; run_step a 20 false; run_step b 20 true; run_step env 20 true", tmp_path)
