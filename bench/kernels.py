@@ -363,6 +363,7 @@ def command(cpu: bool, as_json: bool, out: Path | None, dtype: str, only: tuple[
               "Run `python -m bench.kernels --cpu` for a tiny interpreter smoke.", file=sys.stderr)
         return 2
     torch.manual_seed(0)
+
     def save(partial: dict[str, Any]) -> None:
         if out:
             out.parent.mkdir(parents=True, exist_ok=True)
