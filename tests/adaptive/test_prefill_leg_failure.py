@@ -77,6 +77,43 @@ def test_a_failed_prefill_leg_signals_nothing_and_leaks_nothing(pair, tiny_model
 
 
 
+def test_a_failed_engine_step_abandons_the_rooms_it_was_writing(pair) -> None:
+    """An engine step that raises after its KV writes fails every request in flight; a prefill leg among them
+    abandons its room, so decode fails it at once instead of at its lease."""
+    a, b = pair
+    real = a.engine.runner.step
+
+    def boom(*args, **kw):
+        real(*args, **kw)  # the layers ran and pushed their pages: the room is opened
+        raise RuntimeError("boom")
+
+    async def scenario() -> tuple[list, list]:
+        aio = asyncio.get_running_loop()
+        la, lb = EngineLoop(a.engine, aio, a.transport), EngineLoop(b.engine, aio, b.transport)
+        la.start()
+        lb.start()
+        try:
+            qb = lb.open_stream("r")
+            pages = await lb.call(lambda: lb.reserve("r", "room-boom", GOOD, PARAMS, 1, 30.0))
+            a.engine.runner.step = boom
+            qa = la.submit("r", GOOD, LEG, Transfer(room="room-boom", handles=[b.handle_json], dst_pages=pages))
+            prefill = await mv.until(qa, (Done, Error))
+            decode = await mv.until(qb, (Done, Error), timeout_s=5.0)  # the lease is 30 s
+            lb.abort("r")
+            await asyncio.sleep(1.2)
+            await lb.call(lb._release_quarantine)
+            return prefill, decode
+        finally:
+            a.engine.runner.step = real
+            la.stop()
+            lb.stop()
+
+    prefill, decode = asyncio.run(scenario())
+    assert isinstance(prefill[-1], Error) and prefill[-1].status == 500 and "boom" in prefill[-1].message
+    assert isinstance(decode[-1], Error) and "gave the room up" in decode[-1].message
+    assert mv.idle(a) and mv.idle(b)
+
+
 def test_a_dropped_rooms_pages_wait_until_its_writer_stops(pair, monkeypatch) -> None:
     """The decode side drops a room a sender has begun writing (the router aborted the request): its pages
     stay quarantined past HANDOFF_GRACE_S until the sender abandons the room, behind its writes; a sender
