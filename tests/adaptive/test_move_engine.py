@@ -5,7 +5,9 @@ and no page leaks on either side."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -28,6 +30,20 @@ def worker(model: str, name: str) -> Worker:
                             engine=EngineConfig(dtype="float32", page_size=4, num_pages=128)))
     w.build_engine()
     return w
+
+
+@contextlib.asynccontextmanager
+async def loops(*workers: Worker) -> AsyncIterator[list[EngineLoop]]:
+    """Each worker's engine loop, started; stopped on the way out."""
+    aio = asyncio.get_running_loop()
+    started = [EngineLoop(w.engine, aio, w.transport) for w in workers]
+    for loop in started:
+        loop.start()
+    try:
+        yield started
+    finally:
+        for loop in started:
+            loop.stop()
 
 
 async def until(q: asyncio.Queue[Event], kinds: tuple[type, ...], timeout_s: float = 30.0) -> list[Event]:
@@ -78,16 +94,9 @@ def test_a_request_moved_mid_decode_goes_on_with_the_same_tokens(pair, tiny_mode
     expected = NaiveLlama(str(tiny_model)).greedy(PROMPT, STEPS)
 
     async def scenario() -> tuple[list[int], list[int], Event]:
-        aio = asyncio.get_running_loop()
-        la, lb = EngineLoop(a.engine, aio, a.transport), EngineLoop(b.engine, aio, b.transport)
-        la.start()
-        lb.start()
-        try:
+        async with loops(a, b) as (la, lb):
             before, after = await move_midway(la, lb, b)
             return tokens(before), tokens(after), before[-1]
-        finally:
-            la.stop()
-            lb.stop()
 
     before, after, moved = asyncio.run(scenario())
     assert isinstance(moved, Moved) and moved.prompt_tokens == len(PROMPT)
@@ -101,11 +110,7 @@ def test_bad_moves_are_refused_and_the_request_stays(pair, tiny_model) -> None:
     expected = NaiveLlama(str(tiny_model)).greedy(PROMPT, STEPS)
 
     async def scenario() -> list[int]:
-        aio = asyncio.get_running_loop()
-        la, lb = EngineLoop(a.engine, aio, a.transport), EngineLoop(b.engine, aio, b.transport)
-        la.start()
-        lb.start()
-        try:
+        async with loops(a, b) as (la, lb):
             with pytest.raises(ValueError, match="not decoding here"):
                 await la.call(lambda: la.move_out("nobody", "room-x", [b.handle_json], [0, 1]))
             qa = la.submit("s", PROMPT, PARAMS)
@@ -123,9 +128,6 @@ def test_bad_moves_are_refused_and_the_request_stays(pair, tiny_model) -> None:
             await asyncio.sleep(1.2)  # the dropped room's pages leave quarantine (HANDOFF_GRACE_S)
             await lb.call(lb._release_quarantine)
             return tokens(got)
-        finally:
-            la.stop()
-            lb.stop()
 
     assert asyncio.run(scenario()) == expected  # refused moves changed nothing
     assert idle(a) and idle(b)
@@ -154,11 +156,7 @@ def test_a_move_after_a_prefill_handoff_to_the_same_engine(fresh_pair, tiny_mode
     async def scenario() -> tuple[list[int], list[int]]:
         from appliance.engine.handoff import Transfer
 
-        aio = asyncio.get_running_loop()
-        la, lb = EngineLoop(a.engine, aio, a.transport), EngineLoop(b.engine, aio, b.transport)
-        la.start()
-        lb.start()
-        try:
+        async with loops(a, b) as (la, lb):
             one = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
             qb1 = lb.open_stream("h")
             room = await lb.call(lambda: lb.reserve("h", "room-h", handed, one, 1, 10.0))
@@ -168,9 +166,6 @@ def test_a_move_after_a_prefill_handoff_to_the_same_engine(fresh_pair, tiny_mode
             await until(qb1, (Done,))
             before, after = await move_midway(la, lb, b)
             return tokens(before), tokens(after)
-        finally:
-            la.stop()
-            lb.stop()
 
     before, after = asyncio.run(scenario())
     assert after[0] == before[-1] and before + after[1:] == expected

@@ -38,11 +38,7 @@ def test_a_failed_prefill_leg_signals_nothing_and_leaks_nothing(pair, tiny_model
     undo = poison(a.engine, "bad", after=0)
 
     async def scenario() -> tuple[list, list, list, bool]:
-        aio = asyncio.get_running_loop()
-        la, lb = EngineLoop(a.engine, aio, a.transport), EngineLoop(b.engine, aio, b.transport)
-        la.start()
-        lb.start()
-        try:
+        async with mv.loops(a, b) as (la, lb):
             legs = {}
             for rid, prompt in (("bad", BAD), ("good", GOOD)):
                 qb = lb.open_stream(rid)
@@ -59,9 +55,6 @@ def test_a_failed_prefill_leg_signals_nothing_and_leaks_nothing(pair, tiny_model
             await asyncio.sleep(1.2)  # the dropped room's pages leave quarantine (HANDOFF_GRACE_S)
             await lb.call(lb._release_quarantine)
             return bad, prefill_good, decode_good, early
-        finally:
-            la.stop()
-            lb.stop()
 
     try:
         bad, prefill_good, decode_good, early = asyncio.run(scenario())
@@ -88,11 +81,7 @@ def test_a_failed_engine_step_abandons_the_rooms_it_was_writing(pair) -> None:
         raise RuntimeError("boom")
 
     async def scenario() -> tuple[list, list]:
-        aio = asyncio.get_running_loop()
-        la, lb = EngineLoop(a.engine, aio, a.transport), EngineLoop(b.engine, aio, b.transport)
-        la.start()
-        lb.start()
-        try:
+        async with mv.loops(a, b) as (la, lb):
             qb = lb.open_stream("r")
             pages = await lb.call(lambda: lb.reserve("r", "room-boom", GOOD, PARAMS, 1, 30.0))
             a.engine.runner.step = boom
@@ -103,12 +92,11 @@ def test_a_failed_engine_step_abandons_the_rooms_it_was_writing(pair) -> None:
             await asyncio.sleep(1.2)
             await lb.call(lb._release_quarantine)
             return prefill, decode
-        finally:
-            a.engine.runner.step = real
-            la.stop()
-            lb.stop()
 
-    prefill, decode = asyncio.run(scenario())
+    try:
+        prefill, decode = asyncio.run(scenario())
+    finally:
+        a.engine.runner.step = real
     assert isinstance(prefill[-1], Error) and prefill[-1].status == 500 and "boom" in prefill[-1].message
     assert isinstance(decode[-1], Error) and "gave the room up" in decode[-1].message
     assert mv.idle(a) and mv.idle(b)
@@ -189,11 +177,7 @@ def test_every_rank_of_a_tp2_prefill_abandons_an_aborted_room(tiny_model) -> Non
     prompt = [11 + (i * 7) % 230 for i in range(48)]
 
     async def scenario() -> tuple[int, float]:
-        aio = asyncio.get_running_loop()
-        la, lb = EngineLoop(a.engine, aio, a.transport), EngineLoop(b.engine, aio, b.transport)
-        la.start()
-        lb.start()
-        try:
+        async with mv.loops(a, b) as (la, lb):
             lb.open_stream("r")
             pages = await lb.call(lambda: lb.reserve("r", "room-tp", prompt, PARAMS, 2, 30.0))
             la.submit("r", prompt, LEG, Transfer(room="room-tp", handles=[b.handle_json], dst_pages=pages))
@@ -212,9 +196,6 @@ def test_every_rank_of_a_tp2_prefill_abandons_an_aborted_room(tiny_model) -> Non
             while not await released() and time.monotonic() - start < 8.0:
                 await asyncio.sleep(0.1)
             return held, time.monotonic() - start
-        finally:
-            la.stop()
-            lb.stop()
 
     try:
         held, took = asyncio.run(scenario())
