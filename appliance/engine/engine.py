@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -26,6 +26,9 @@ from appliance.model.loader import resolve_model_path
 from appliance.model.random_model import is_random_spec
 from appliance.model.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from appliance.engine.handoff import Transfer
+
 log = logging.getLogger("pdbox.engine")
 
 
@@ -35,6 +38,8 @@ class StepHooks(Protocol):
     def before_forward(self, sb: ScheduledBatch) -> tuple[Callable[[int], None] | None, bytes]: ...
 
     def after_first_token(self, req: Request, token: int, logprob: dict | None) -> None: ...
+
+    def abandon(self, t: Transfer, followers: bool = True) -> None: ...
 
 
 class Engine:

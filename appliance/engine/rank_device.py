@@ -53,8 +53,7 @@ def rank_device(device: str, rank: int, world_size: int, rank_devices: tuple[int
 def bind_device(device: str, rank: RankInfo, env: dict[str, str] | None = None,
                 share_gpu: bool = False) -> torch.device:
     """This rank's device; on CUDA also made the current one (before any NCCL or CUDA state)."""
-    planned = parse_rank_devices((os.environ if env is None else env).get(RANK_DEVICES_ENV, ""))
-    chosen = torch.device(rank_device(device, rank.rank, rank.world_size, planned, share_gpu))
+    chosen = torch.device(rank_device(device, rank.rank, rank.world_size, _planned(env), share_gpu))
     if chosen.type == "cuda":
         torch.cuda.set_device(chosen)
     return chosen
@@ -67,8 +66,7 @@ def lead_device(device: str, world_size: int, env: dict[str, str] | None = None,
     the current device (a copy stream on another GPU would order nothing against the engine's work)."""
     if not device.startswith("cuda"):
         return None
-    planned = parse_rank_devices((os.environ if env is None else env).get(RANK_DEVICES_ENV, ""))
-    return rank_device(device, 0, world_size, planned, share_gpu)
+    return rank_device(device, 0, world_size, _planned(env), share_gpu)
 
 
 def enter_device(device: torch.device) -> None:
@@ -77,3 +75,8 @@ def enter_device(device: torch.device) -> None:
     to their tensors' device but Triton launches on the current device and its stream."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
+
+
+def _planned(env: dict[str, str] | None) -> tuple[int, ...]:
+    """The launcher's plan of each TP rank's local device (``PDBOX_RANK_DEVICES``; ``env`` None: this process's)."""
+    return parse_rank_devices((os.environ if env is None else env).get(RANK_DEVICES_ENV, ""))

@@ -209,14 +209,13 @@ class EngineLoop:
         self._quarantine(room, pending.pages)
 
     def _end_transfer(self, rid: str, followers: bool = True) -> None:
-        """A prefill leg's request is over: if its room was never signalled, tell the decode pools it wrote
-        into that no more is coming (engine thread, between steps: every copy of it is already issued);
+        """A prefill leg's request is over: if its room was never signalled (the handoff knows), tell the decode
+        pools it wrote into that no more is coming (engine thread, between steps: every copy of it is already issued);
         ``followers``: the other TP ranks too."""
         transfer = self.transfers.pop(rid, None)
-        handoff = self.engine.handoff
-        if transfer is not None and not transfer.signalled and hasattr(handoff, "abandon"):
+        if transfer is not None and self.engine.handoff is not None:
             try:
-                handoff.abandon(transfer, followers)
+                self.engine.handoff.abandon(transfer, followers)
             except Exception:  # the receiver still frees the pages at HANDOFF_QUIET_MAX_S
                 log.exception("abandoning room %s failed", transfer.room)
 
