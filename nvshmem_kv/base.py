@@ -165,6 +165,12 @@ class KVTransport(ABC):
         their copies read them. Call before the next step writes KV. A no-op on CPU backends."""
         return None
 
+    def wait_copies(self, timeout_s: float = 10.0) -> None:
+        """Block until every device copy this transport issued has read its source pages, so freed pages
+        may go to a writer no stream orders (a remote engine's one-sided copies into a room reserved
+        here). Raises `TransportError` after ``timeout_s``. A no-op on CPU backends (they copy in place)."""
+        return None
+
     @abstractmethod
     def flush(self, peer: Peer, timeout_s: float = 10.0) -> None:
         """Block until everything queued for ``peer`` has left (GPU: device copies finished too);

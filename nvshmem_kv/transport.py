@@ -211,6 +211,14 @@ class ChannelTransport(KVTransport):
         if self._order is not None:
             self._order.fence(self._compute_stream())
 
+    def wait_copies(self, timeout_s: float = 10.0) -> None:
+        if self._order is None:
+            return
+        try:
+            self._order.wait(timeout_s)
+        except TimeoutError as exc:
+            raise TransportError(str(exc)) from None
+
     def flush(self, peer: Peer, timeout_s: float = 10.0) -> None:
         p = self._peer(peer)
         if p.queue is None:

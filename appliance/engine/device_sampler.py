@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from appliance.engine.counter_rng import uniform
+from appliance.engine.host_copy import to_device
 from appliance.engine.logit_adjust import adjust
 from appliance.engine.request import Request
 from appliance.engine.row_failure import failed_rows
@@ -100,11 +101,10 @@ class DeviceSampler:
         fails = failed_rows(top)  # < 0: the row cannot be sampled (appliance.engine.row_failure); no sync here
         random_rows = [i for i, p in enumerate(ps) if not p.greedy]
         if random_rows:
-            rows = torch.tensor(random_rows, device=dev) if len(random_rows) < n else None
+            rows = to_device(random_rows, dev, torch.int64) if len(random_rows) < n else None
             sub = logits if rows is None else logits.index_select(0, rows)
-            host = torch.tensor([[ps[i].temperature, ps[i].top_k, ps[i].top_p, ps[i].min_p, self._uniform(reqs[i])]
-                                 for i in random_rows], dtype=torch.float32, pin_memory=dev.type == "cuda")
-            params = host.to(dev, non_blocking=True)
+            params = to_device([[ps[i].temperature, ps[i].top_k, ps[i].top_p, ps[i].min_p, self._uniform(reqs[i])]
+                                for i in random_rows], dev, torch.float32)
             probs = filtered_probs(sub, params, any(ps[i].top_k > 0 for i in random_rows),
                                    any(ps[i].top_p < 1.0 for i in random_rows),
                                    any(ps[i].min_p > 0.0 for i in random_rows))
@@ -120,7 +120,7 @@ class DeviceSampler:
         parts = [ids.double()]
         top_k = max((ps[i].logprobs or 0 for i in want), default=0)
         if want:
-            w = torch.tensor(want, device=dev) if len(want) < n else None
+            w = to_device(want, dev, torch.int64) if len(want) < n else None
             lp = torch.log_softmax((raw if w is None else raw.index_select(0, w)).float(), dim=-1)
             chosen = lp.gather(1, (ids if w is None else ids.index_select(0, w)).clamp_min(0)[:, None])[:, 0]
             parts.append(chosen.double())

@@ -41,6 +41,8 @@ class StepHooks(Protocol):
 
     def abandon(self, t: Transfer, followers: bool = True) -> None: ...
 
+    def wait_copies(self) -> None: ...
+
 
 class Engine:
     """Continuous-batching inference over a paged KV cache.

@@ -24,6 +24,7 @@ from appliance.engine.scheduler import ScheduledBatch
 from nvshmem_kv import KVTransport, Peer, PoolDescriptor, PoolHandle, TransportError
 
 _STARTED_MEMORY = 4096
+COPY_WAIT_S = 10.0  # the longest a reservation waits for this engine's own copies to read freed pages
 log = logging.getLogger("pdbox.handoff")
 
 
@@ -88,6 +89,8 @@ class _Sender:
         return out
 
     def write(self, plans: list[StepPlan], layer: int, failed: dict[str, str]) -> None:
+        if layer == 0:
+            self.fail_closed(plans, failed)
         for p in plans:
             if p.room in failed or not p.src:
                 continue
@@ -106,6 +109,19 @@ class _Sender:
                 if len(self.started) > _STARTED_MEMORY:
                     self.started.popitem(last=False)
                 break
+
+    def fail_closed(self, plans: list[StepPlan], failed: dict[str, str]) -> None:
+        """Once a step: a room begun on a connection that is gone fails. The receiver failed it when the
+        connection closed (a bad frame ends it, e.g. nvshmem's signal check) and reuses its pages after a
+        grace; the copies are one-sided, so nothing else would stop them landing there. Rooms not begun
+        reconnect on their first write."""
+        dead = [h for h, peer in self.peers.items() if not _alive(peer)]
+        if not dead:
+            return
+        for p in plans:
+            if p.room in self.started and p.room not in failed and any(h in dead for h in p.handles):
+                failed[p.room] = "KV transfer failed: the decode side closed the connection"
+        self.forget_broken(dead)
 
     def signal(self, handles: list[str], room: str, payload: bytes) -> None:
         self.started.pop(room, None)
@@ -248,6 +264,12 @@ class PrefillHandoff:
             self.sender.abandon(t.handles, t.room)
             if followers and self.followers is not None:
                 self.followers(msgspec.json.encode([Abandoned(t.room, t.handles)]))
+
+    def wait_copies(self) -> None:
+        """Block until this rank's copies have read their pages: an engine that also receives (auto) may
+        then reserve pages it freed for another engine to write into (the streams order only its own
+        compute after its copies; a move queues a whole request's KV at once). Raises `TransportError`."""
+        self.sender.transport.wait_copies(COPY_WAIT_S)
 
     def push_request(self, req: Request, room: str, handles: list[str], dst_pages: list[int],
                      payload: bytes) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from appliance.engine.host_copy import to_device
 from appliance.engine.request import Request, SamplingParams
 
 
@@ -35,13 +36,13 @@ def adjust(logits: torch.Tensor, reqs: Sequence[Request]) -> torch.Tensor:
         if bad is not None:
             raise ValueError(f"token id {bad} of logit_bias is outside the {vocab}-token vocabulary")
         r, t, v = zip(*bias, strict=True)
-        out.index_put_(_on(out, r, t), torch.tensor(v, dtype=torch.float32).to(out.device), accumulate=True)
+        out.index_put_(_on(out, r, t), to_device(v, out.device, torch.float32), accumulate=True)
     rep = [i for i in rows if reqs[i].params.repetition_penalty != 1.0]
     if rep:
         keys = _keys([(i, _prompt_tokens(reqs[i])) for i in rep] + [(i, _answer(reqs[i])) for i in rep], vocab)
         r, t = _pairs(keys.unique(), vocab)
-        factor = _per_row(reqs, lambda p: p.repetition_penalty, 1.0)[r].to(out.device)
-        idx = (r.to(out.device), t.to(out.device))
+        factor = to_device(_per_row(reqs, lambda p: p.repetition_penalty, 1.0)[r], out.device)
+        idx = (to_device(r, out.device), to_device(t, out.device))
         x = out[idx]
         out[idx] = torch.where(x > 0, x / factor, x * factor)
     pen = [i for i in rows if reqs[i].params.presence_penalty or reqs[i].params.frequency_penalty]
@@ -50,13 +51,13 @@ def adjust(logits: torch.Tensor, reqs: Sequence[Request]) -> torch.Tensor:
         r, t = _pairs(keys, vocab)
         presence = _per_row(reqs, lambda p: p.presence_penalty, 0.0)[r]
         frequency = _per_row(reqs, lambda p: p.frequency_penalty, 0.0)[r]
-        out.index_put_((r.to(out.device), t.to(out.device)), (-(presence + frequency * counts)).to(out.device),
-                       accumulate=True)
+        out.index_put_((to_device(r, out.device), to_device(t, out.device)),
+                       to_device(-(presence + frequency * counts), out.device), accumulate=True)
     early = [(i, t) for i in rows if len(reqs[i].output_ids) < reqs[i].params.min_tokens
              for t in reqs[i].early_stops if t < vocab]
     if early:
         r, t = zip(*early, strict=True)
-        out.index_put_(_on(out, r, t), torch.tensor(float("-inf"), device=out.device))
+        out.index_put_(_on(out, r, t), torch.full((), float("-inf"), device=out.device))
     return out
 
 
@@ -90,4 +91,4 @@ def _per_row(reqs: Sequence[Request], value: Callable[[SamplingParams], float], 
 
 
 def _on(out: torch.Tensor, rows, toks) -> tuple[torch.Tensor, torch.Tensor]:
-    return (torch.tensor(rows, dtype=torch.int64).to(out.device), torch.tensor(toks, dtype=torch.int64).to(out.device))
+    return to_device(rows, out.device, torch.int64), to_device(toks, out.device, torch.int64)

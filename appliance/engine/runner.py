@@ -15,6 +15,7 @@ from appliance.engine.backends import create_backend
 from appliance.engine.decode_graphs import DecodeGraphs
 from appliance.engine.forward_batch import HEADER_LEN, ForwardBatch
 from appliance.engine.graph_plan import LADDER, DecodeRow, plan_graphs
+from appliance.engine.host_copy import to_device
 from appliance.engine.kv_cache import PagePool
 from appliance.engine.linear_choice import LinearTiming, choose_linears, gemv_shapes, summary
 from appliance.engine.rank_device import bind_device
@@ -28,6 +29,15 @@ from kernels.activation import silu_and_mul
 from kernels.gemv import MAX_ROWS, gemv
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TABLE_ALIGN = 16  # an eager step's page table on a GPU is a multiple of this many pages wide
+
+
+def table_width(longest: int, device: torch.device) -> int:
+    """The page-table width of an eager step whose longest request holds ``longest`` pages. On a GPU it
+    is rounded up: the table's row stride reaches the attention kernels as an int, which Triton compiles
+    apart when it is 1, a multiple of 16 or neither (so a first short or odd-sized prompt compiled while
+    serving)."""
+    return -(-longest // TABLE_ALIGN) * TABLE_ALIGN if device.type == "cuda" else longest
 
 
 def checkpoint_for(model: str | None, device: torch.device | str, dtype: str) -> Checkpoint:
@@ -173,13 +183,11 @@ class ModelRunner:
             if sample:
                 logit_rows.append(len(ids) - 1)
         logit_rows += [base[id(req)] + p for req, rng in scoring for p in rng]  # after the samples' rows
-        width = max(len(r.pages) for r in sb.requests)
+        width = table_width(max(len(r.pages) for r in sb.requests), self.device)
         table = [r.pages + [0] * (width - len(r.pages)) for r in sb.requests]
         values = ForwardBatch.flat_values(ids, positions, slots, table, list(sb.prefix_lens), list(sb.extend_lens),
                                           logit_rows, sb.decode_only)
-        flat = torch.tensor(values, dtype=torch.int64)
-        if self.device.type == "cuda":
-            flat = flat.pin_memory().to(self.device, non_blocking=True)
+        flat = to_device(values, self.device, torch.int64)
         batch = ForwardBatch.from_flat(flat, values[:HEADER_LEN])
         batch.page_table = batch.page_table.to(torch.int32)
         return batch

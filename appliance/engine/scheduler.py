@@ -65,6 +65,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.turns = 0  # decode rows scheduled so far (each row's stamp: who decoded longest ago)
 
     # -- queue --------------------------------------------------------------------------------
     def add(self, req: Request) -> None:
@@ -177,7 +178,8 @@ class Scheduler:
         budget = self.max_prefill_tokens
         scheduled: set[int] = set()
         ps = self.page_size
-        for req in list(self.running):  # NOTE: _is_decode, _grow and _add_to_batch inlined: ~5 us a request a step
+        ready = self.running if len(self.running) <= self.max_running else self._decode_turns()
+        for req in list(ready):  # NOTE: _is_decode, _grow and _add_to_batch inlined: ~5 us a request a step
             computed = req.computed_len
             if (req.status is not RequestStatus.RUNNING or not req.output_ids
                     or len(req.prompt_ids) + len(req.output_ids) - computed != 1):
@@ -185,6 +187,8 @@ class Scheduler:
             if computed >= len(req.pages) * ps and not self._grow(req, 1, scheduled):  # its next token needs a page
                 continue
             scheduled.add(id(req))
+            self.turns += 1
+            req.decoded_at = self.turns
             batch.requests.append(req)
             batch.prefix_lens.append(computed)
             batch.extend_lens.append(1)
@@ -231,6 +235,17 @@ class Scheduler:
             scheduled.add(id(req))
             self._add_to_batch(batch, req, n)
         return batch if batch.requests else None
+
+    def _decode_turns(self) -> list[Request]:
+        """The running requests this step may decode when more than ``max_running`` run: a decode engine
+        takes in handed-over requests (``Engine.inject``) as their KV lands, past ``max_running``. At most
+        ``max_running`` decode in a step (the largest CUDA graph; a larger batch would run eagerly and
+        compile while serving): those that decoded longest ago, in that order (round robin)."""
+        ready = [r for r in self.running if r.status is RequestStatus.RUNNING and r.output_ids
+                 and r.remaining_prefill == 1]
+        if len(ready) <= self.max_running:
+            return self.running
+        return sorted(ready, key=lambda r: r.decoded_at)[:self.max_running]
 
     def _chunk(self, remaining: int, budget: int) -> int:
         """This step's tokens of a prompt with ``remaining`` left: up to ``budget``, or all of them when

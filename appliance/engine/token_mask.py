@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from appliance.engine.host_copy import to_device
+
 MAX_MASK_THREADS = 8
 _TABLES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
@@ -25,7 +27,7 @@ def _byte_table(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     key = (device, dtype)
     if key not in _TABLES:
         bits = (torch.arange(256)[:, None] >> torch.arange(8)) & 1
-        _TABLES[key] = torch.where(bits.bool(), 0.0, float("-inf")).to(device=device, dtype=dtype)
+        _TABLES[key] = to_device(torch.where(bits.bool(), 0.0, float("-inf")), device, dtype)
     return _TABLES[key]
 
 
@@ -44,7 +46,7 @@ class TokenMask:
         words = self.bitmask.clone()
         words[(words == 0).all(dim=-1)] = -1  # host side, a few KB
         device = torch.device(device)
-        raw = words.contiguous().view(torch.uint8).to(device, non_blocking=True)  # little-endian: byte t // 8
+        raw = to_device(words.contiguous().view(torch.uint8), device)  # little-endian: byte t // 8
         bias = _byte_table(device, dtype).index_select(0, raw.flatten().long()).view(len(self.rows), -1)
         if bias.shape[1] < vocab:  # tokens past llguidance's vocabulary: never allowed
             bias = torch.nn.functional.pad(bias, (0, vocab - bias.shape[1]), value=float("-inf"))
@@ -59,7 +61,7 @@ class TokenMask:
         bias = self.bias(logits.shape[-1], logits.device, logits.dtype)
         if len(self.rows) == logits.shape[0]:
             return logits + bias
-        idx = torch.tensor(self.rows, device=logits.device)
+        idx = to_device(self.rows, logits.device, torch.int64)
         return logits.index_add(0, idx, bias)
 
 

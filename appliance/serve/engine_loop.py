@@ -181,6 +181,8 @@ class EngineLoop:
         if reserve_tokens and not len(prompt_ids) <= reserve_tokens < self.engine.max_model_len:
             raise ValueError(f"reserve_tokens must be in [{len(prompt_ids)}, {self.engine.max_model_len}), "
                              f"got {reserve_tokens}")
+        if self.engine.handoff is not None:  # NOTE: this engine sends too: its freed pages go out once read
+            self.engine.handoff.wait_copies()
         pages = self.engine.reserve_pages(max(reserve_tokens, len(prompt_ids)))
         if pages is None:
             return None

@@ -218,3 +218,82 @@ def test_a_nan_row_fails_its_request_alone_on_the_device(graphs_fp32) -> None:
         assert got.output_ids == want.output_ids and len(got.output_logprobs) == 8
     graphs_fp32.cache.reset()
     assert graphs_fp32.pool.num_free == graphs_fp32.pool.num_pages - 1  # the graphs' scratch page stays
+
+
+def _host_syncs(fn):  # type: ignore[no-untyped-def]
+    """``fn()``'s result and where it made the host wait for the GPU (torch's sync debug mode)."""
+    import warnings
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            out = fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return out, [f"{w.filename}:{w.lineno}: {w.message}" for w in seen if "synchroniz" in str(w.message)]
+
+
+def _mixed_params() -> list:  # type: ignore[type-arg]
+    """Every sampling feature the device sampler has, one or two a row (logprobs on some rows only)."""
+    from appliance.engine.request import SamplingParams
+
+    return [
+        SamplingParams(max_tokens=12, temperature=0, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=1.0, top_k=20, min_p=0.05, ignore_eos=True, logprobs=2),
+        SamplingParams(max_tokens=12, temperature=0, logit_bias=((77, 5.0),), ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0, presence_penalty=0.5, frequency_penalty=0.3,
+                       repetition_penalty=1.2, ignore_eos=True),
+        SamplingParams(max_tokens=12, temperature=0.7, min_tokens=10, stop_token_ids=(3,)),
+    ]
+
+
+def test_the_device_sampler_waits_for_the_gpu_once() -> None:
+    """Penalties, bias, a token mask, filters, seeded draws and logprobs for some rows: the host waits for
+    the GPU once, for the step's one copy of ids and logprobs (a list made into a CUDA tensor waited for
+    the whole stream, a replayed decode step included)."""
+    from appliance.engine.device_sampler import DeviceSampler
+    from appliance.engine.request import Request
+    from appliance.engine.token_mask import TokenMask
+
+    vocab = 1000
+    reqs = [Request(prompt_ids=[1, 2, 3], params=p) for p in _mixed_params()]
+    for r in reqs:
+        r.output_ids = [4, 5, 4]
+    reqs[5].early_stops = (3, 0)
+    bits = torch.zeros(2, -(-vocab // 32), dtype=torch.int32)
+    bits[:, :4] = -1  # tokens 0..127 allowed in rows 1 and 4
+    mask = TokenMask(rows=(1, 4), bitmask=bits)
+    logits = torch.randn(len(reqs), vocab, device="cuda")
+    sampler = DeviceSampler(seed=3)
+    sampler.sample(logits, reqs, mask)  # first use: the mask's byte table goes to the device
+    (tokens, logprobs), syncs = _host_syncs(lambda: sampler.sample(logits, reqs, mask))
+    assert len(syncs) == 1, "the device sampler made the host wait more than once:\n" + "\n".join(syncs)
+    assert tokens[1] < 128 and tokens[4] < 128 and tokens[5] not in (3, 0)
+    assert logprobs[2] is not None and len(logprobs[2]["top"]) == 2 and logprobs[0] is None
+
+
+def test_a_graph_decode_step_waits_for_the_gpu_once(graphs_fp32) -> None:
+    """A replayed decode step of requests with every sampling feature: one host wait, the sampled ids'."""
+    reqs = [graphs_fp32.add_request(PROMPTS[i % len(PROMPTS)], p) for i, p in enumerate(_mixed_params())]
+    while any(len(r.output_ids) < 2 for r in reqs):  # every request decoding
+        graphs_fp32.step()
+    sb = graphs_fp32.scheduler.schedule
+    seen = []
+
+    def spy():  # type: ignore[no-untyped-def]
+        out = sb()
+        seen.append(out)
+        return out
+
+    graphs_fp32.scheduler.schedule = spy  # type: ignore[method-assign]
+    try:
+        _, syncs = _host_syncs(graphs_fp32.step)
+    finally:
+        del graphs_fp32.scheduler.schedule
+    assert seen[0].decode_only and len(seen[0].requests) == len(reqs)
+    assert graphs_fp32.runner.decode_graphs.fits(len(reqs))
+    assert len(syncs) == 1, "a graph decode step made the host wait more than once:\n" + "\n".join(syncs)
+    graphs_fp32.run_until_done(reqs)

@@ -6,9 +6,11 @@ store_kv only after the copy that reads it; without the fence the executor shows
 
 from __future__ import annotations
 
+import threading
 import time
 
 import msgspec
+import pytest
 import torch
 
 import nvshmem_kv as nk
@@ -22,6 +24,9 @@ from nvshmem_kv.copy_order import CopyOrder
 class Event:
     def __init__(self) -> None:
         self.done = False
+
+    def query(self) -> bool:
+        return self.done
 
 
 class Stream:
@@ -102,6 +107,22 @@ def test_drain_is_enqueued_before_the_fence_event() -> None:
     assert [k for k, _ in copy.ops] == ["op", "record"] and copy.ops[0] == ("op", "quiet")
 
 
+def test_wait_holds_the_host_until_the_copies_ran() -> None:
+    """Before freed pages go to a writer no stream orders (another engine's one-sided copies), the host
+    sees every copy so far finish; with none since the last wait there is nothing to wait for."""
+    compute, copy, order = store_then_copy()
+    with pytest.raises(TimeoutError, match="did not finish"):
+        order.wait(0.02)  # nothing runs the streams
+    runner = threading.Timer(0.05, lambda: execute(compute, copy))
+    runner.start()
+    try:
+        assert order.wait(10.0) is True
+    finally:
+        runner.join()
+    assert copy.ops[-1][0] == "record" and copy.ops[-1][1].done  # type: ignore[union-attr]
+    assert order.wait(0.0) is False
+
+
 class StreamedFake(FakeTransport):
     """The fake backend with a copy stream: each write enqueues one read per page on it."""
 
@@ -155,9 +176,38 @@ def test_prefill_handoff_fences_before_the_next_step_writes_freed_pages() -> Non
         recv.close()
 
 
+def test_a_reservation_waits_for_the_copies_of_a_sending_engine() -> None:
+    """An engine that both sends and receives (auto) reserves pages for a remote writer only after its own
+    copies ran: a move queues a whole request's KV, whose pages are freed at once."""
+    compute, copy = Stream("compute"), Stream("copy")
+    recv, send = nk.create("fake", run_id="dst"), StreamedFake(compute, copy, run_id="src")
+    try:
+        kv = _pool()
+        desc = nk.PoolDescriptor.from_tensor(kv, 2)
+        handle = recv.register_pool(recv.allocate_pool(desc), desc).to_json().decode()
+        handoff = PrefillHandoff(send, kv, total_kv_heads=2, page_size=4)
+        req = Request(prompt_ids=list(range(8)), params=SamplingParams(max_tokens=1))
+        req.pages, req.computed_len = [3, 4], 8
+        recv.expect("moved", 1, time.monotonic() + 30)
+        handoff.push_request(req, "moved", [handle], [0, 1], b"{}")
+        with pytest.raises(nk.TransportError, match="did not finish"):
+            send.wait_copies(0.02)
+        runner = threading.Timer(0.05, lambda: execute(compute, copy))
+        runner.start()
+        try:
+            handoff.wait_copies()
+        finally:
+            runner.join()
+        assert all(op[1].done for op in copy.ops if op[0] == "record")  # type: ignore[union-attr]
+    finally:
+        send.close()
+        recv.close()
+
+
 def test_cpu_backends_need_no_fence() -> None:
     t = nk.create("fake", run_id="x")
     try:
         t.fence_compute()  # no copy stream: a no-op, never an error
+        t.wait_copies(0.0)
     finally:
         t.close()
