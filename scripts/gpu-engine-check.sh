@@ -20,10 +20,19 @@
 # half its timeout left is skipped (which fails nothing); GPU_ENGINE_STEPS (comma-separated) runs only those.
 # What a step leaves running is stopped after it (scripts/gpu-steps.sh).
 # Output: logs, JUnit XML and JSON under $OUT (or ./gpu-check-out/); a summary table at the end.
-# Exit: 0 when every step that ran passed, 1 otherwise, 2 without a CUDA device.
+# `--dry-run`: the steps and the budget, touching nothing. Exit: 0 when every step that ran passed,
+# 1 otherwise, 2 without a CUDA device.
 set -u -o pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+case "${1:-}" in
+    "") ;;
+    --dry-run)
+        echo "gpu-engine-check --dry-run: ${GPU_ENGINE_BUDGET_S:-170}s; steps${GPU_ENGINE_STEPS:+ (asked: $GPU_ENGINE_STEPS)}:" \
+             "env, pytest-gpu (tests/engine/test_gpu_engine.py), bench-1b, bench-8b, bench-8b-nopdl, bench-1b-nopdl"
+        exit 0 ;;
+    *) echo "gpu-engine-check: unknown argument $1 (use --dry-run)" >&2; exit 64 ;;
+esac
 PY="${PYTHON:-python3}"
 OUT_DIR="${OUT:-$PWD/gpu-check-out}"
 AUTOTUNE="${GPU_ENGINE_AUTOTUNE:-0}"
@@ -37,14 +46,14 @@ STEPS_FILTER="${GPU_ENGINE_STEPS:-}"
 # shellcheck source=scripts/gpu-steps.sh
 source scripts/gpu-steps.sh
 
-if ! timeout 15 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+if ! timeout 45 "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
     echo "gpu-engine-check: $PY's torch sees no CUDA device; nothing to check." | tee "$OUT_DIR/engine-summary.txt" >&2
     exit 2
 fi
 
 run_step env 10 "$PY" -c 'import sys, torch, triton; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__); print(torch.cuda.get_device_name(0))'
 
-run_step pytest-gpu 65 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -q -rs \
+run_step pytest-gpu 65 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -q -rs --timeout 40 \
     --junitxml "$OUT_DIR/pytest-gpu-engine.xml" tests/engine/test_gpu_engine.py
 
 # Small enough to finish in the budget: 12 timed steps a batch, 256-token contexts.

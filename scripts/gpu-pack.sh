@@ -6,7 +6,8 @@
 #
 # COMMAND runs with OUT=gpu-out/NAME (in the repository; GPU_PACK_WORK names another folder than gpu-out); when it ends, however it ends short of a kill,
 # $OUT/NAME.tgz holds that folder and $OUT/NAME-summary.txt its summary (the check's *summary.txt), so the
-# figures come back even if the archive were left out. Exit: COMMAND's.
+# figures come back even if the archive were left out; $OUT/NAME-progress.txt gets each step's row as it
+# ends, so a command killed outright still says how far it got. Exit: COMMAND's.
 set -u -o pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -33,4 +34,6 @@ pack() {
     echo "gpu-pack: $DEST/$NAME.tgz ($(du -h "$DEST/$NAME.tgz" | cut -f1))" >&2
 }
 trap pack EXIT
+export GPU_PACK_PROGRESS="$DEST/$NAME-progress.txt"  # each step's row as it ends (scripts/gpu-steps.sh)
+: >"$GPU_PACK_PROGRESS"
 OUT="$(cd "$WORK" && pwd)" "$@"

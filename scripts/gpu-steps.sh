@@ -12,7 +12,7 @@
 # cannot stop the `pdbox up` it started, which runs in a session of its own and holds the GPU.
 
 STEP_WIDTH=${STEP_WIDTH:-18}
-STEP_RESERVE_S=25  # kept back from each step's limit: timeout's kill-after (10 s) and the reaping (15 s)
+STEP_RESERVE_S=30  # kept back from each step's limit: timeout's kill-after (10 s), the reaping (15 s), slack
 
 step_row() {  # NAME STATUS SECONDS REST
     SUMMARY+=("$(printf "%-${STEP_WIDTH}s %-7s %6s  %s" "$1" "$2" "$3" "$4")")
@@ -68,8 +68,11 @@ run_step() {  # NAME LIMIT_S CMD...
     tail -n 25 "$OUT_DIR/$name.log"
     if ((rc == 0)); then
         status=PASS
-    elif ((rc == 124 || rc == 137)); then
+    elif ((rc == 124 || (rc == 137 && t1 - t0 >= limit))); then
         status=TIMEOUT
+        FAILED=1
+    elif ((rc == 137)); then  # killed before its limit: the OOM killer, or a signal from outside
+        status=KILLED
         FAILED=1
     elif ((rc == 3)); then  # the step ran and measured; a target was missed (scripts/ttft_check.py)
         status=MISS
@@ -79,4 +82,8 @@ run_step() {  # NAME LIMIT_S CMD...
         FAILED=1
     fi
     step_row "$name" "$status" "$((t1 - t0))s" "rc=$rc  $OUT_DIR/$name.log"
+    # NOTE: each row also straight to the device tool's $OUT (scripts/gpu-pack.sh): a check killed outright
+    # (SIGKILL: no EXIT trap packs its folder) still brings back how far it got
+    [[ -n "${GPU_PACK_PROGRESS:-}" ]] && printf '%s\n' "${SUMMARY[-1]}" >>"$GPU_PACK_PROGRESS"
+    return 0
 }

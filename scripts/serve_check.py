@@ -80,6 +80,8 @@ def command(prefill_gpus: str, decode_gpus: str, prefill_tp: int, transport: str
     try:
         with running_appliance(*unified, log_dir=logs / "unified") as url:
             want = answers(url, max_tokens)
+        if out:  # NOTE: unified mode's answers now, in case the disaggregated run is cut off
+            out.write_text(json.dumps({"partial": "unified mode only", "unified": unified, "want": want}, indent=1))
         with running_appliance(*disagg, log_dir=logs / "disagg") as url:
             got = answers(url, max_tokens)
     finally:

@@ -143,6 +143,15 @@ def command(prompt_tokens: int, requests: int, layers: int, hidden: int, heads: 
     try:
         with running_appliance(*unified, log_dir=logs / "unified") as url:
             uni, u0, u1 = run(url, texts, warmup)
+        # NOTE: unified mode's figures now, in case the disaggregated run is cut off (a device check's timeout)
+        partial = {"partial": "unified mode only", "prompt_tokens": prompt_tokens, "requests": requests,
+                   "unified_ttft_ms": round(mean_ms(u0, u1, "pdbox_ttft_seconds"), 2),
+                   "unified_engine_ttft_ms": round(mean_ms(u0, u1, "pdbox_ttft_seconds", "unified"), 2),
+                   "unified_latency_ms": uni}
+        print(f"unified: TTFT {partial['unified_ttft_ms']:.1f} ms (engine {partial['unified_engine_ttft_ms']:.1f})",
+              flush=True)
+        if out:
+            out.write_text(json.dumps(partial, indent=1))
         with running_appliance(*disagg, log_dir=logs / "disagg") as url:
             dis, d0, d1 = run(url, texts, warmup)
     finally:

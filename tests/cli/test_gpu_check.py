@@ -112,7 +112,8 @@ def test_gpu_pack_brings_a_check_back_as_one_archive(tmp_path: Path) -> None:
                        capture_output=True, text=True, timeout=60,
                        env={"PATH": "/usr/bin:/bin", "OUT": str(out), "GPU_PACK_WORK": str(work)})
     assert r.returncode == 5, r.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["check-summary.txt", "check.tgz"]
+    assert sorted(p.name for p in out.iterdir()) == ["check-progress.txt", "check-summary.txt", "check.tgz"]
+    assert (out / "check-progress.txt").read_text() == ""  # no step of gpu-steps.sh ran
     assert (out / "check-summary.txt").read_text() == "all ok\n"
     with tarfile.open(out / "check.tgz") as tar:
         names = tar.getnames()
@@ -120,6 +121,20 @@ def test_gpu_pack_brings_a_check_back_as_one_archive(tmp_path: Path) -> None:
     bad = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-pack.sh"), "a/b", "--", "true"], capture_output=True,
                          text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "OUT": str(out)})
     assert bad.returncode == 64 and "NAME must be" in bad.stderr
+
+
+def test_a_check_killed_outright_still_says_how_far_it_got(tmp_path: Path) -> None:
+    """SIGKILL leaves gpu-pack no EXIT trap to pack with: each step's row went to $OUT as the step ended."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    check = ("SUMMARY=(); FAILED=0; OUT_DIR=$OUT; BUDGET_S=60; START_S=$(date +%s); source scripts/gpu-steps.sh; "
+             "run_step first 20 true; run_step second 20 false; kill -KILL $PPID $$")
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-pack.sh"), "lease", "--", "bash", "-c", check],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60,
+                       env={"PATH": "/usr/bin:/bin", "OUT": str(out), "GPU_PACK_WORK": str(work)})
+    assert r.returncode == -9, r.stderr
+    rows = (out / "lease-progress.txt").read_text().splitlines()
+    assert [ln.split()[:2] for ln in rows] == [["first", "PASS"], ["second", "FAIL"]]
+    assert not (out / "lease.tgz").exists()
 
 
 def _steps(script: str, tmp_path: Path, budget: int = 60) -> subprocess.CompletedProcess[str]:
@@ -151,6 +166,8 @@ def test_a_step_passes_fails_or_times_out_and_a_spent_budget_fails_nothing(tmp_p
     assert "failed 1" in r.stdout
     r = _steps("run_step missed 20 bash -c 'exit 3'", tmp_path)  # it ran; a target was missed
     assert _rows(r)["missed"][0] == "MISS" and "failed 1" in r.stdout, r.stdout
+    r = _steps("run_step oom 20 bash -c 'kill -KILL $$'", tmp_path)  # killed long before its limit: not a timeout
+    assert _rows(r)["oom"][0] == "KILLED" and "failed 1" in r.stdout, r.stdout
     r = _steps("run_step ok 20 true; run_step late 200 false", tmp_path)  # the skip alone fails nothing
     assert _rows(r)["late"][0] == "SKIP" and "failed 0" in r.stdout, r.stdout
     r = _steps("STEPS_FILTER=b,c; run_step a 20 false; run_step b 20 true; run_step env 20 true", tmp_path)
