@@ -4,8 +4,8 @@ Pure host logic (tested on CPU); :mod:`appliance.engine.decode_graphs` captures 
 
 Every captured graph reads its step metadata from one flat int64 device buffer laid out for its
 bucket ``B`` as ``[ids B | positions B | slots B | seq_lens B | page table B x width]`` from offset 0,
-so a step is ONE host-to-device copy of ``4B + B*width`` values from a pinned buffer of the same
-layout. Padded rows (``n <= row < B``) feed token 0 at position 0 into a scratch slot with
+so a step is ONE host-to-device copy of ``4B + n*width`` values (``n`` real rows) from a pinned buffer
+of the same layout. Padded rows (``n <= row < B``) feed token 0 at position 0 into a scratch slot with
 ``seq_len`` 0: attention reads nothing for them and their logits are dropped.
 """
 
@@ -113,7 +113,8 @@ class TableMemo:
 def fill_meta(buf: torch.Tensor, plan: GraphPlan, bucket: int, rows: Sequence[DecodeRow], scratch_slot: int,
               memo: TableMemo | None = None) -> int:
     """Write ``rows`` padded to ``bucket`` into the int64 CPU tensor ``buf`` (the layout above); returns
-    how many leading values the step must copy. Page-table entries past a row's pages are left as
+    how many leading values the step must copy: the four vectors and the real rows' table (a padded row's
+    ``seq_len`` is 0, so its table row is never read). Page-table entries past a row's pages are left as
     they were: the kernel never reads past ``seq_len``. With ``memo`` (which only this function may
     keep, over one buffer that nothing else writes), a row whose pages list it already copied gets
     only the entries appended since."""
@@ -147,7 +148,7 @@ def fill_meta(buf: torch.Tensor, plan: GraphPlan, bucket: int, rows: Sequence[De
         seg = arr[k * bucket:(k + 1) * bucket]
         seg[:n] = vals
         seg[n:] = fill
-    return used
+    return 4 * bucket + n * w
 
 
 def meta_views(flat: torch.Tensor, plan: GraphPlan, bucket: int) -> dict[str, torch.Tensor]:

@@ -71,7 +71,7 @@ def test_fill_meta_pads_rows_into_the_scratch_slot() -> None:
     buf = torch.full((plan.buffer_len,), -7, dtype=torch.int64)
     rows = [DecodeRow(11, 5, [9, 2]), DecodeRow(12, 0, [6])]
     used = fill_meta(buf, plan, 4, rows, scratch_slot=40)
-    assert used == 4 * (4 + 3)
+    assert used == 4 * 4 + 2 * 3  # the vectors, then the two real rows' table: the padded rows' is never read
     v = meta_views(buf, plan, 4)
     assert v["input_ids"].tolist() == [11, 12, 0, 0]
     assert v["positions"].tolist() == [5, 0, 0, 0]
@@ -87,12 +87,14 @@ def test_fill_meta_pads_rows_into_the_scratch_slot() -> None:
 def test_the_table_memo_writes_new_pages_only_and_never_leaves_a_stale_row() -> None:
     """400 steps of a changing batch (requests growing, finishing, rebinding their pages, reordering;
     the bucket changing): every row reads as a fill without the memo would write it, while a row whose
-    list merely grew gets only its new entries."""
+    list merely grew gets only its new entries; and the device buffer, which gets each step's leading
+    values alone, holds every real row's pages."""
     import random
 
     plan = GraphPlan((2, 4, 8), (1, 1, 1), width=12, page_size=4)
     rng = random.Random(3)
     fresh, kept = torch.zeros(plan.buffer_len, dtype=torch.int64), torch.zeros(plan.buffer_len, dtype=torch.int64)
+    device = torch.zeros(plan.buffer_len, dtype=torch.int64)
     memo = TableMemo()
     reqs = [{"pages": [rng.randrange(500)], "pos": 0} for _ in range(5)]
     for step in range(400):
@@ -113,11 +115,13 @@ def test_the_table_memo_writes_new_pages_only_and_never_leaves_a_stale_row() -> 
         bucket = plan.bucket_for(len(rows))
         used = fill_meta(kept, plan, bucket, rows, 0, memo)
         assert fill_meta(fresh, plan, bucket, rows, 0) == used
+        device[:used] = kept[:used]  # DecodeGraphs.run's one copy
         assert torch.equal(kept[:4 * bucket], fresh[:4 * bucket])
         got, want = meta_views(kept, plan, bucket)["page_table"], meta_views(fresh, plan, bucket)["page_table"]
+        seen = meta_views(device, plan, bucket)["page_table"]
         for i, r in enumerate(rows):
             need = r.position // 4 + 1
-            assert got[i, :need].tolist() == want[i, :need].tolist() == list(r.pages[:need])
+            assert got[i, :need].tolist() == want[i, :need].tolist() == seen[i, :need].tolist() == list(r.pages[:need])
     assert memo.bucket == bucket
 
 
