@@ -194,6 +194,9 @@ class EngineConfig:
     tp_size: int = 1
     # the TP group's collectives; under gloo a CUDA engine's ranks may share one GPU (checks on one GPU)
     tp_backend: str = "auto"
+    # the longest a TP step's collectives, or a follower's wait for rank 0's next command, may take (rank 0
+    # pings while idle: `appliance.engine.tp.Keepalive`); the ranks' rendezvous waits longer (TP_JOIN_S)
+    tp_timeout_s: float = 300.0
     threads: int = 0
     seed: int = 0
     prefill_order: str = flag("fifo", "Prefill queue order: earliest TTFT deadline first, or arrival "
@@ -229,6 +232,8 @@ class EngineConfig:
             raise ValueError(f"prefill_order must be fifo or slack, got {self.prefill_order!r}")
         if self.tp_size < 1:
             raise ValueError(f"tp_size must be >= 1, got {self.tp_size}")
+        if not self.tp_timeout_s > 0:
+            raise ValueError(f"tp_timeout_s must be > 0, got {self.tp_timeout_s}")
         if any(not isinstance(b, int) or b < 1 for b in self.cuda_graph_batches):
             raise ValueError(f"cuda_graph_batches must be integers >= 1, got {self.cuda_graph_batches!r}")
 

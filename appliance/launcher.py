@@ -68,6 +68,13 @@ class UpConfig:
             raise ValueError(f"--port must be in 1..65535, got {self.port}")
         if self.cores_per_engine < 0 or (self.cores_per_engine and self.cores_per_engine % self.tp):
             raise ValueError(f"--cores-per-engine must be a multiple of --tp ({self.tp}), got {self.cores_per_engine}")
+        # NOTE: here, not in each worker: a worker refusing its TP size would crash, be restarted, and crash again
+        if self.decode_tp != 1:
+            raise ValueError(f"--decode-tp must be 1, got {self.decode_tp}: a decode engine runs one rank "
+                             "(use more decode GPUs for more decode engines; prefill may use any --prefill-tp)")
+        if self.mode == "auto" and self.prefill_tp != 1:
+            raise ValueError(f"--mode auto needs --prefill-tp 1, got {self.prefill_tp}: every engine of auto mode "
+                             "decodes too, on one rank (--mode disagg takes a larger --prefill-tp)")
 
 
 @dataclass
@@ -120,12 +127,15 @@ def plan_workers(cfg: UpConfig, token: str, run_id: str, run_dir: Path | None = 
             ids = parse_ids(cfg.gpus) if cfg.gpus else list(range(n))
             groups = [("unified", g, cfg.tp) for g in split_groups(ids, cfg.tp, "--gpus")]
         else:
-            if not (cfg.prefill_gpus and cfg.decode_gpus):
+            pre = parse_ids(cfg.prefill_gpus) if cfg.prefill_gpus else []
+            dec = parse_ids(cfg.decode_gpus) if cfg.decode_gpus else []
+            if not (pre or dec):  # the first half prefills, the rest decodes (one GPU: both on it)
                 half = max(1, n // 2)
-                pre = parse_ids(cfg.prefill_gpus) if cfg.prefill_gpus else list(range(half))
-                dec = parse_ids(cfg.decode_gpus) if cfg.decode_gpus else list(range(half, n)) or pre
-            else:
-                pre, dec = parse_ids(cfg.prefill_gpus), parse_ids(cfg.decode_gpus)
+                pre, dec = list(range(half)), list(range(half, n)) or list(range(half))
+            elif not dec:  # one side named: the other takes the GPUs it left (all of them shared when none)
+                dec = [i for i in range(n) if i not in pre] or pre
+            elif not pre:
+                pre = [i for i in range(n) if i not in dec] or dec
             groups = [("prefill", g, cfg.prefill_tp) for g in split_groups(pre, cfg.prefill_tp, "--prefill-gpus")]
             groups += [("decode", g, cfg.decode_tp) for g in split_groups(dec, cfg.decode_tp, "--decode-gpus")]
     else:

@@ -58,17 +58,17 @@ class Engine:
             torch.set_num_threads(cfg.threads)
         random = is_random_spec(model)
         self.model_path = str(model) if random else str(resolve_model_path(model))
+        self._tp_procs: list = []
+        rank = RankInfo()
+        if cfg.tp_size > 1:  # NOTE: before rank 0 loads its checkpoint: every rank loads its own at once
+            init, self._tp_procs = spawn_tp_workers(self.model_path, cfg, tp_transport, tp_transport_opts)
+            rank = RankInfo(rank=0, world_size=cfg.tp_size, dist_init=init)
         # NOTE: a random spec's weights are drawn on the engine's device (cuda:N for TP rank 0).
         where = bind_device(cfg.device, RankInfo(world_size=cfg.tp_size), share_gpu=cfg.tp_backend == "gloo") \
             if random else "cpu"
         ckpt = checkpoint_for(self.model_path, where, cfg.dtype)
         self.model_name = ckpt.name
         self.tokenizer = Tokenizer.from_checkpoint(ckpt)
-        self._tp_procs: list = []
-        rank = RankInfo()
-        if cfg.tp_size > 1:
-            init, self._tp_procs = spawn_tp_workers(self.model_path, cfg, tp_transport, tp_transport_opts)
-            rank = RankInfo(rank=0, world_size=cfg.tp_size, dist_init=init)
         self.runner = ModelRunner(ckpt, cfg, rank, kv_allocator=kv_allocator)
         self.model_config = self.runner.model_config
         self.pool = self.runner.pool
@@ -340,8 +340,16 @@ class Engine:
         while any(r.status is not RequestStatus.FINISHED for r in reqs):
             self.step()
 
+    def tp_failure(self) -> str | None:
+        """Why this engine's TP group can step no more (a rank's process exited; a rank stopped answering
+        rank 0's keepalive), or None. Rank 0 alone cannot go on: every step's collectives need them all."""
+        dead = [f"{p.name} (exit code {p.exitcode})" for p in self._tp_procs if not p.is_alive()]
+        if dead:
+            return f"tensor-parallel rank process {', '.join(dead)} exited"
+        return self.runner.group_failure()
+
     def shutdown(self) -> None:
-        self.runner.close()
+        self.runner.close(broken=self.tp_failure() is not None)
         for p in self._tp_procs:
             p.join(timeout=10)
             if p.is_alive():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -79,7 +80,11 @@ class ModelRunner:
         ckpt = model if isinstance(model, Checkpoint) else checkpoint_for(model, self.device, cfg.dtype)
         self.checkpoint = ckpt
         self.model_config = ckpt.config
-        self.tp_group = tp.init_group(self.rank, self.device, cfg.tp_backend) if self.rank.world_size > 1 else None
+        self.tp_group = tp.init_group(self.rank, self.device, cfg.tp_backend, cfg.tp_timeout_s) \
+            if self.rank.world_size > 1 else None
+        # rank 0 pings its followers while idle (from now: they wait for commands while it builds, too)
+        self.keepalive = tp.Keepalive(self.tp_group, self.device, min(tp.KEEPALIVE_S, cfg.tp_timeout_s / 6)) \
+            if self.tp_group is not None and self.rank.rank == 0 else None
         self.backend = create_backend(cfg.attention_backend, self.device, cfg.native_kernels)
         self.model = LlamaModel(
             ckpt.config, ckpt.weights, self.backend, DTYPES[cfg.dtype], self.device, self.rank,
@@ -199,9 +204,12 @@ class ModelRunner:
         ``extra`` (JSON bytes) reaches the other ranks' :attr:`follower_hook` with the batch: the
         handoff plan that tells each prefill rank which pages to push where.
         """
-        if self.tp_group is not None:
-            self.tp_group.broadcast_command(tp.CMD_FORWARD, tp.attach_bytes(batch.pack(), extra))
-        hidden = self.model.forward(batch, self.pool.kv, layer_hook)
+        if self.tp_group is None:
+            hidden = self.model.forward(batch, self.pool.kv, layer_hook)
+        else:
+            with self._group_step():
+                self.tp_group.broadcast_command(tp.CMD_FORWARD, tp.attach_bytes(batch.pack(), extra))
+                hidden = self.model.forward(batch, self.pool.kv, layer_hook)
         if batch.logit_rows.numel() == 0:
             return torch.empty(0, self.model_config.vocab_size)
         return self.model.logits(hidden)
@@ -210,7 +218,17 @@ class ModelRunner:
         """Rank 0, between steps: the other ranks abandon these rooms too (``rooms``: the handoff's JSON),
         after the writes of every step they ran before (commands are followed in order)."""
         if self.tp_group is not None:
-            self.tp_group.broadcast_command(tp.CMD_ABANDON, tp.attach_bytes(torch.empty(0, dtype=torch.int64), rooms))
+            with self._group_step():
+                self.tp_group.broadcast_command(tp.CMD_ABANDON,
+                                                tp.attach_bytes(torch.empty(0, dtype=torch.int64), rooms))
+
+    def _group_step(self) -> contextlib.AbstractContextManager:
+        """Rank 0: a command and its collectives, with no keepalive ping between them."""
+        return self.keepalive.step() if self.keepalive is not None else contextlib.nullcontext()
+
+    def group_failure(self) -> str | None:
+        """Rank 0: why its TP group is broken (a keepalive ping failed), or None."""
+        return self.keepalive.error if self.keepalive is not None else None
 
     # -- ranks > 0 ----------------------------------------------------------------------------
     def follow(self) -> None:
@@ -221,6 +239,8 @@ class ModelRunner:
             cmd, payload = self.tp_group.receive_command()
             if cmd == tp.CMD_STOP:
                 return
+            if cmd == tp.CMD_PING:
+                continue
             if cmd == tp.CMD_FORWARD and payload is not None:
                 flat, extra = tp.detach_bytes(payload)
                 batch = ForwardBatch.unpack(flat.to(self.device))
@@ -234,8 +254,12 @@ class ModelRunner:
             elif cmd == tp.CMD_ABANDON and payload is not None and self.follower_abandon is not None:
                 self.follower_abandon(tp.detach_bytes(payload)[1])
 
-    def close(self) -> None:
-        if self.tp_group is not None and torch.distributed.is_initialized():
+    def close(self, broken: bool = False) -> None:
+        """``broken``: a rank of the group is gone; no collective is tried (it could wait for that rank)."""
+        if self.keepalive is not None:
+            self.keepalive.stop()
+        if self.tp_group is not None and torch.distributed.is_initialized() and not broken:
             if self.rank.rank == 0:
-                self.tp_group.broadcast_command(tp.CMD_STOP)
+                with self._group_step():
+                    self.tp_group.broadcast_command(tp.CMD_STOP)
             torch.distributed.destroy_process_group()

@@ -7,17 +7,30 @@ Each process joins its engine's group once (:func:`init_group`) and keeps the :c
 
 from __future__ import annotations
 
+import contextlib
+import datetime
+import logging
 import socket
+import threading
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import urlparse
 
 import torch
 import torch.distributed as dist
 
 from appliance.config import TP_BACKENDS, RankInfo
+from appliance.engine.rank_device import enter_device
 
 CMD_STOP = 0
 CMD_FORWARD = 1
 CMD_ABANDON = 2  # a prefill engine's rooms that its ranks stop writing (JSON bytes)
+CMD_PING = 3  # nothing to do: rank 0 is idle (`Keepalive`)
+
+TP_JOIN_S = 600.0  # the rendezvous: every rank loads its checkpoint first (a large model takes minutes)
+KEEPALIVE_S = 10.0  # rank 0 pings this often while it sends nothing else (at most a sixth of the timeout)
+log = logging.getLogger("pdbox.tp")
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -74,19 +87,72 @@ class TpGroup:
         return cmd, payload
 
 
-def init_group(rank: RankInfo, device: torch.device, choice: str = "auto", timeout_s: float = 60.0) -> TpGroup:
+def init_group(rank: RankInfo, device: torch.device, choice: str = "auto", timeout_s: float = 300.0,
+               join_s: float = TP_JOIN_S) -> TpGroup:
     """Join the engine's process group (once per process). ``device`` is this rank's bound device;
-    ``choice`` the configured backend (`EngineConfig.tp_backend`)."""
-    import datetime
-
+    ``choice`` the configured backend (`EngineConfig.tp_backend`); ``timeout_s`` bounds each collective
+    (`EngineConfig.tp_timeout_s`), ``join_s`` the rendezvous, where rank 0 waits for ranks still loading."""
     backend = group_backend(device, dist.is_nccl_available(), choice)
     group = TpGroup(backend, comm_device(backend, device))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    url = urlparse(rank.dist_init)
+    store = None
+    if url.scheme == "tcp" and url.hostname and url.port:  # NOTE: the store's own timeout is the join's
+        store = dist.TCPStore(url.hostname, url.port, rank.world_size, is_master=rank.rank == 0,
+                              timeout=datetime.timedelta(seconds=join_s))
     dist.init_process_group(
-        backend, init_method=rank.dist_init, rank=rank.rank, world_size=rank.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        backend, init_method=None if store else rank.dist_init, store=store, rank=rank.rank,
+        world_size=rank.world_size, timeout=timeout,
         device_id=device if backend == "nccl" else None,  # NCCL binds this rank's own GPU
     )
     return group
+
+
+class Keepalive:
+    """Rank 0's guard over its group's command stream. A follower waits for the next command inside a
+    collective, which fails after the group's timeout: an engine idle that long (no requests; its own
+    start-up after the group formed; a user's pause between ``LLM.generate`` calls) lost its followers.
+    While rank 0 sends nothing, a thread pings them every ``every_s``. `step` holds the lock for a command
+    and every collective of its step, so a ping never lands between them."""
+
+    def __init__(self, group: TpGroup, device: torch.device, every_s: float = KEEPALIVE_S) -> None:
+        self.group, self.device, self.every_s = group, device, every_s
+        self.lock = threading.Lock()
+        self.sent_at = time.monotonic()
+        self.error: str | None = None  # why a ping failed (a follower died): the group is broken
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pdbox-tp-keepalive", daemon=True)
+        self._thread.start()
+
+    @contextlib.contextmanager
+    def step(self) -> Iterator[None]:
+        """Around a command and its step's collectives (engine thread)."""
+        with self.lock:
+            try:
+                yield
+            finally:
+                self.sent_at = time.monotonic()
+
+    def _run(self) -> None:
+        enter_device(self.device)  # NCCL: the ping goes out on this rank's GPU
+        while not self._stop.wait(self.every_s / 4):
+            if time.monotonic() - self.sent_at < self.every_s or not self.lock.acquire(blocking=False):
+                continue
+            try:
+                if self._stop.is_set():
+                    return
+                self.group.broadcast_command(CMD_PING)
+                self.sent_at = time.monotonic()
+            except Exception as exc:  # a follower is gone: rank 0's next step fails on the group too
+                self.error = f"a tensor-parallel rank stopped answering: {type(exc).__name__}: {exc}"
+                log.error("TP keepalive: %s", self.error)
+                return
+            finally:
+                self.lock.release()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout=timeout_s)
 
 
 def all_reduce(x: torch.Tensor) -> None:

@@ -81,6 +81,7 @@ class EngineLoop:
         self.quarantine: list[Quarantined] = []  # failed rooms' pages, until their senders are done
         self.quarantined_pages = 0
         self._stop = threading.Event()
+        self.fatal: str | None = None  # why the engine can serve no more (its TP group broke): the worker exits
         self.thread = threading.Thread(target=self._run, name="pdbox-engine", daemon=True)
         self.steps = 0
         self.busy_s = 0.0
@@ -294,6 +295,7 @@ class EngineLoop:
     def _run(self) -> None:
         enter_device(self.engine.runner.device)  # this thread launches the engine's kernels
         cores = self.engine.cores  # a partner's cores to borrow while it idles; ours are lent while we do
+        tp = self.engine.config.tp_size > 1
         while not self._stop.is_set():
             idle = not self.engine.has_unfinished()
             if idle and cores is not None:
@@ -312,6 +314,10 @@ class EngineLoop:
                     cmd = self.inbox.get_nowait()
                 except queue.Empty:
                     cmd = None
+            why = self.engine.tp_failure() if tp else None  # NOTE: after the commands: before any step
+            if why is not None:
+                self._fail_fatal(why)
+                return
             try:
                 self._poll_rooms()
                 if self.quarantine:
@@ -331,11 +337,25 @@ class EngineLoop:
                         self._emit_output(out)
             except Exception as exc:  # an engine bug: fail what is in flight, keep serving
                 log.exception("engine step failed")
+                if tp:  # NOTE: rank 0 may have left its followers inside a collective: the group is out of step
+                    self._fail_fatal(self.engine.tp_failure() or f"a tensor-parallel step failed: {exc}")
+                    return
                 for rid, req in list(self.engine.requests.items()):
                     self.engine.abort(rid)
                     # NOTE: rank 0's own abandon only: the failure may be in the TP group's collectives
                     self._end_transfer(req.group or rid, followers=False)
                     self._emit(req.group or rid, Error(status=500, message=f"engine error: {exc}"))
+
+    def _fail_fatal(self, why: str) -> None:
+        """The engine can serve no more: fail what is in flight and stop; the worker process then exits
+        (``/health`` answers 503 meanwhile) and its launcher starts it afresh, TP ranks and all."""
+        log.error("the engine cannot go on: %s", why)
+        self.fatal = why
+        for rid, req in list(self.engine.requests.items()):
+            self.engine.abort(rid)
+            self._end_transfer(req.group or rid, followers=False)
+            self._emit(req.group or rid, Error(status=500, message=f"engine error: {why}"))
+        self._stop.set()
 
     def _emit_output(self, out: RequestOutput, first: bool = False) -> None:
         """``first``: decode's first token after a KV handoff (a `First` event)."""

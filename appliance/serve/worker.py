@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 import time
 from dataclasses import replace
 
@@ -382,10 +383,25 @@ def main(argv: list[str] | None = None) -> None:
         os.sched_setaffinity(0, cfg.cpus)
     worker = Worker(cfg)
     build_engine_for_serving(worker)
-    run_app(worker, register)
+    sys.exit(run_app(worker, register))
 
 
-def run_app(worker: Worker, register_url: str = "") -> None:
+EXIT_ENGINE_FATAL = 70  # the engine could serve no more (a TP rank died): the launcher restarts the worker
+
+
+def run_app(worker: Worker, register_url: str = "") -> int:
+    """Serve until a signal (exit status 0), or until the engine can serve no more (`EXIT_ENGINE_FATAL`)."""
+    fatal: list[str] = []
+
+    async def watch_engine(stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            await asyncio.sleep(0.5)
+            if worker.loop is not None and worker.loop.fatal is not None:
+                print(f"worker {worker.cfg.name}: {worker.loop.fatal}; exiting, to be started afresh",
+                      file=sys.stderr, flush=True)
+                fatal.append(worker.loop.fatal)
+                stop.set()
+
     async def serve() -> None:
         runner = web.AppRunner(worker.app(), handler_cancellation=True, access_log=None)
         await runner.setup()
@@ -402,7 +418,9 @@ def run_app(worker: Worker, register_url: str = "") -> None:
             from appliance.serve.registration import register_worker
 
             await register_worker(register_url, worker.cfg, url)
+        watcher = asyncio.ensure_future(watch_engine(stop))
         await stop.wait()
+        watcher.cancel()
         if register_url:
             from appliance.serve.registration import deregister_worker
 
@@ -410,6 +428,7 @@ def run_app(worker: Worker, register_url: str = "") -> None:
         await runner.cleanup()
 
     asyncio.run(serve())
+    return EXIT_ENGINE_FATAL if fatal else 0
 
 
 if __name__ == "__main__":

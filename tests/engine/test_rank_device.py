@@ -6,6 +6,8 @@ CPU/CUDA mix does, so a header built on the wrong device fails here too.
 
 from __future__ import annotations
 
+import datetime
+
 import pytest
 import torch
 
@@ -148,9 +150,15 @@ def test_init_group_binds_nccl_to_the_rank_gpu(monkeypatch) -> None:
     calls: list[dict] = []
     monkeypatch.setattr(tp.dist, "is_nccl_available", lambda: True)
     monkeypatch.setattr(tp.dist, "init_process_group", lambda backend, **kw: calls.append(dict(kw, backend=backend)))
+    stores: list[tuple] = []
+    monkeypatch.setattr(tp.dist, "TCPStore", lambda *a, **kw: stores.append((a, kw)) or "store")
     rank = RankInfo(rank=1, world_size=2, dist_init="tcp://127.0.0.1:1")
-    group = tp.init_group(rank, torch.device("cuda", 1))
+    group = tp.init_group(rank, torch.device("cuda", 1), timeout_s=30, join_s=900)
     assert calls[-1]["backend"] == "nccl" and calls[-1]["device_id"] == torch.device("cuda", 1)
+    # the rendezvous waits for ranks still loading their checkpoint; each collective has the shorter timeout
+    assert stores[-1] == (("127.0.0.1", 1, 2), {"is_master": False, "timeout": datetime.timedelta(seconds=900)})
+    assert calls[-1]["store"] == "store" and calls[-1]["init_method"] is None
+    assert calls[-1]["timeout"] == datetime.timedelta(seconds=30)
     assert group == tp.TpGroup("nccl", torch.device("cuda", 1))
     group = tp.init_group(rank, torch.device("cpu"))
     assert calls[-1]["backend"] == "gloo" and calls[-1]["device_id"] is None

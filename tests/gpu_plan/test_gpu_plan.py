@@ -84,3 +84,31 @@ def test_launcher_puts_the_plan_in_each_worker_env(monkeypatch) -> None:
     assert env["prefill-0"]["PDBOX_PEER_DEVICES"] == "decode-0=4;decode-1=5;decode-2=6;decode-3=7"
     assert env["decode-2"]["CUDA_VISIBLE_DEVICES"] == "6" and env["decode-2"]["PDBOX_RANK_DEVICES"] == "0"
     assert {s.name: s.devices for s in specs}["prefill-0"] == "gpu:0,1,2,3"   # the label keeps its own GPUs
+
+
+def test_one_side_named_the_other_takes_the_gpus_it_left(monkeypatch) -> None:
+    """`--prefill-gpus 2-3` alone on 4 GPUs decodes on 0 and 1 (a fixed half had put decode on 2 and 3,
+    beside the prefill ranks, with 0 and 1 idle); the same the other way round; one GPU is shared."""
+    monkeypatch.setattr(launcher, "_cuda_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+    def devices(**flags: object) -> dict[str, str]:
+        specs, _ = plan_workers(UpConfig(mode="disagg", transport="cuda_ipc", **flags), "token", "run")  # type: ignore[arg-type]
+        return {s.name: s.devices for s in specs}
+
+    assert devices(prefill_gpus="2-3", prefill_tp=2) == {"prefill-0": "gpu:2,3", "decode-0": "gpu:0",
+                                                         "decode-1": "gpu:1"}
+    assert devices(decode_gpus="0-1") == {"prefill-0": "gpu:2", "prefill-1": "gpu:3", "decode-0": "gpu:0",
+                                          "decode-1": "gpu:1"}
+    assert devices(prefill_gpus="0-3") == {f"prefill-{k}": f"gpu:{k}" for k in range(4)} | {
+        f"decode-{k}": f"gpu:{k}" for k in range(4)}  # none left: decode shares them
+    assert devices() == {"prefill-0": "gpu:0", "prefill-1": "gpu:1", "decode-0": "gpu:2", "decode-1": "gpu:3"}
+
+
+def test_tp_sizes_a_worker_would_refuse_are_refused_by_pdbox_up() -> None:
+    """A worker refusing its TP size crashed at start-up, was restarted and crashed again: say it up front."""
+    with pytest.raises(ValueError, match="--decode-tp must be 1, got 2"):
+        UpConfig(mode="disagg", decode_tp=2)
+    with pytest.raises(ValueError, match="--mode auto needs --prefill-tp 1, got 2"):
+        UpConfig(mode="auto", prefill_tp=2)
+    assert UpConfig(mode="disagg", prefill_tp=2).prefill_tp == 2
