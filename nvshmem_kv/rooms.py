@@ -3,11 +3,13 @@
 Thread-safe: connection reader threads report opens, signals, closes and lost connections; the engine
 thread expects, polls, waits and releases. Every state change goes PENDING -> DONE | FAILED once.
 A released room whose writers had not all signalled or closed it stays *draining* until they have (or
-their connections are gone): one-sided writes may still be landing in its pages until then. Limits: a
-writer that opens a room only after it was released is not seen (the router cancels a leg as the room
-fails, and the decode side waits 1 s regardless); a lost connection counts as a writer that stopped (a
-live sender whose socket dropped may still have copies queued); a room whose writer never answers
-drains until the bound on draining rooms evicts it (the decode side frees the pages at its own cap).
+their connections are gone): one-sided writes may still be landing in its pages until then. A writer that
+opens a room within ``late_open_s`` after its release (a prefill step that began before it heard of the
+failure: a TP follower writes the whole step) makes it drain too. Limits: a writer that opens a room later
+still is not seen (the decode side has freed the pages at its own cap by then); a lost connection counts
+as a writer that stopped (a live sender whose socket dropped may still have copies queued); a room whose
+writer never answers drains until the bound on draining rooms evicts it (the decode side frees the pages
+at its own cap).
 """
 
 from __future__ import annotations
@@ -39,8 +41,11 @@ class _Room:
 class RoomTable:
     """All rooms one receiver knows about; unknown rooms are never stored."""
 
-    def __init__(self, max_rooms: int = 65536, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, max_rooms: int = 65536, clock: Callable[[], float] = time.monotonic,
+                 late_open_s: float = 10.0) -> None:
         self._rooms: dict[str, _Room] = {}
+        self._released: dict[str, float] = {}             # recently released rooms -> when (oldest first)
+        self.late_open_s = late_open_s
         self._deadlines: list[tuple[float, str]] = []     # heap; stale entries skipped lazily
         self._completed: dict[str, None] = {}             # ordered set of finished, undrained rooms
         self._draining: dict[str, set[int]] = {}          # released rooms -> writers not done with them
@@ -116,11 +121,16 @@ class RoomTable:
         with self._cond:
             r = self._rooms.pop(room, None)
             self._completed.pop(room, None)
+            if r is not None:
+                now = self._clock()
+                self._released.pop(room, None)
+                self._released[room] = now
+                while self._released and (now - next(iter(self._released.values())) >= self.late_open_s
+                                          or len(self._released) > self.max_rooms):
+                    del self._released[next(iter(self._released))]
             busy = r.busy_writers() if r is not None else set()
             if busy:
-                self._draining[room] = busy
-                if len(self._draining) > self.max_rooms:  # bounded: the oldest is taken as quiet
-                    del self._draining[next(iter(self._draining))]
+                self._drain(room, busy)
             if len(self._deadlines) > 2 * len(self._rooms) + 1024:
                 self._deadlines = [(d, n) for d, n in self._deadlines if n in self._rooms]
                 heapq.heapify(self._deadlines)
@@ -146,10 +156,14 @@ class RoomTable:
 
     def on_open(self, room: str, conn_id: int) -> bool:
         """Record a writer of ``room``; False when the room is unknown or no longer pending (a writer of a
-        failed room that is not yet released is recorded all the same: its writes may still land)."""
+        failed room that is not yet released is recorded all the same: its writes may still land; one of a
+        room released within ``late_open_s`` makes it drain)."""
         with self._cond:
             r = self._rooms.get(room)
             if r is None:
+                at = self._released.get(room)
+                if at is not None and self._clock() - at < self.late_open_s:
+                    self._drain(room, {conn_id})
                 return False
             r.writers.add(conn_id)
             return r.status.pending
@@ -200,6 +214,11 @@ class RoomTable:
                     self._finish(name, r, RoomStatus(RoomState.FAILED, reason=reason))
 
     # -- internals (lock held) ---------------------------------------------------------------
+    def _drain(self, room: str, writers: set[int]) -> None:
+        self._draining.setdefault(room, set()).update(writers)
+        if len(self._draining) > self.max_rooms:  # bounded: the oldest is taken as quiet
+            del self._draining[next(iter(self._draining))]
+
     def _writer_done(self, room: str, conn_id: int) -> None:
         busy = self._draining.get(room)
         if busy is not None:

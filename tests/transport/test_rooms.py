@@ -215,6 +215,34 @@ def test_a_close_or_late_signal_after_release_ends_the_drain() -> None:
     assert t.draining_count() == 1
 
 
+def test_a_writer_that_opens_a_room_soon_after_its_release_makes_it_drain() -> None:
+    """A prefill step that began before it heard of the failure opens the room late (a TP follower writes
+    the whole step): its one-sided writes may land, so the pages wait for its Close. Long after the
+    release (the decode side has freed the pages at its own cap) an Open is only dropped."""
+    clock = Clock()
+    t = RoomTable(clock=clock, late_open_s=10.0)
+    t.expect("r", 2, 5.0)
+    t.fail_all("deadline")
+    t.release("r")
+    assert t.quiet("r")  # nobody had begun writing it
+    clock.now += 2.0
+    assert not t.on_open("r", 7)  # dropped as before (the room is gone), but counted as a writer
+    assert not t.quiet("r") and t.draining_count() == 1
+    t.on_close("r", 7)  # the leg abandoned it: its writes have landed
+    assert t.quiet("r")
+    t.expect("s", 1, 5.0)
+    t.release("s")
+    clock.now += 10.0
+    assert not t.on_open("s", 7) and t.quiet("s")
+    for i in range(50):  # remembered for late_open_s only
+        t.expect(f"x{i}", 1, 5.0)
+        t.release(f"x{i}")
+    clock.now += 11.0
+    t.expect("y", 1, 5.0)
+    t.release("y")
+    assert list(t._released) == ["y"]
+
+
 def test_draining_rooms_are_bounded() -> None:
     t = RoomTable(max_rooms=4)
     for i in range(10):
