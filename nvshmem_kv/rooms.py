@@ -4,9 +4,10 @@ Thread-safe: connection reader threads report opens, signals, closes and lost co
 thread expects, polls, waits and releases. Every state change goes PENDING -> DONE | FAILED once.
 A released room whose writers had not all signalled or closed it stays *draining* until they have (or
 their connections are gone): one-sided writes may still be landing in its pages until then. A writer that
-opens a room within ``late_open_s`` after its release (a prefill step that began before it heard of the
-failure: a TP follower writes the whole step) makes it drain too. Limits: a writer that opens a room later
-still is not seen (the decode side has freed the pages at its own cap by then); a lost connection counts
+opens a room after its release (a prefill step that began before it heard of the failure: a TP follower
+writes the whole step) makes it drain too, for ``late_open_s`` after the release (at least the receiver's
+own wait before it reuses a failed room's pages: 1 s in `appliance.serve.engine_loop`). Limits: an Open
+that comes after the receiver reused the pages protects nothing; a lost connection counts
 as a writer that stopped (a live sender whose socket dropped may still have copies queued); a room whose
 writer never answers drains until the bound on draining rooms evicts it (the decode side frees the pages
 at its own cap).

@@ -62,8 +62,8 @@ run_step() {  # NAME LIMIT_S CMD...
     t0=$(date +%s)
     env "$marker" timeout -k 10 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
     rc=$?
+    t1=$(date +%s)  # NOTE: before the reaping (up to 15 s): a kill well before the limit is not a timeout
     left_over=$(reap_step "$marker")
-    t1=$(date +%s)
     ((left_over)) && echo "[$name] stopped $left_over process(es) it left running" >>"$OUT_DIR/$name.log"
     tail -n 25 "$OUT_DIR/$name.log"
     if ((rc == 0)); then

@@ -59,9 +59,9 @@ class Engine:
         random = is_random_spec(model)
         self.model_path = str(model) if random else str(resolve_model_path(model))
         self._tp_procs: list = []
-        rank = RankInfo()
+        rank, store = RankInfo(), None
         if cfg.tp_size > 1:  # NOTE: before rank 0 loads its checkpoint: every rank loads its own at once
-            init, self._tp_procs = spawn_tp_workers(self.model_path, cfg, tp_transport, tp_transport_opts)
+            init, self._tp_procs, store = spawn_tp_workers(self.model_path, cfg, tp_transport, tp_transport_opts)
             rank = RankInfo(rank=0, world_size=cfg.tp_size, dist_init=init)
         # NOTE: a random spec's weights are drawn on the engine's device (cuda:N for TP rank 0).
         where = bind_device(cfg.device, RankInfo(world_size=cfg.tp_size), share_gpu=cfg.tp_backend == "gloo") \
@@ -69,7 +69,7 @@ class Engine:
         ckpt = checkpoint_for(self.model_path, where, cfg.dtype)
         self.model_name = ckpt.name
         self.tokenizer = Tokenizer.from_checkpoint(ckpt)
-        self.runner = ModelRunner(ckpt, cfg, rank, kv_allocator=kv_allocator)
+        self.runner = ModelRunner(ckpt, cfg, rank, kv_allocator=kv_allocator, tp_store=store)
         self.model_config = self.runner.model_config
         self.pool = self.runner.pool
         self.cache = RadixCache(self.pool, enabled=cfg.enable_prefix_cache)
@@ -98,6 +98,8 @@ class Engine:
         here) and run one throw-away prefill (the prefill kernels'), so serving compiles nothing."""
         t0 = time.perf_counter()
         g = self.runner.setup_decode_graphs(self.config.max_running, self.max_model_len)
+        if g.use_graphs:  # a decode step never outgrows the largest graph (the others take turns)
+            self.scheduler.max_decode = g.plan.max_bucket
         n = max(1, min(512, self.max_model_len - 2, self.config.prefill_chunk))
         ids = [(7 * i + 3) % self.model_config.vocab_size for i in range(n)]
         req = self.add_request(ids, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
@@ -341,16 +343,20 @@ class Engine:
             self.step()
 
     def tp_failure(self) -> str | None:
-        """Why this engine's TP group can step no more (a rank's process exited; a rank stopped answering
-        rank 0's keepalive), or None. Rank 0 alone cannot go on: every step's collectives need them all."""
+        """Why this engine's TP group can step no more (a rank's process exited; a step failed on rank 0,
+        which may have left the others inside a collective; under gloo, a keepalive ping failed), or None.
+        Rank 0 alone cannot go on: every step's collectives need them all."""
         dead = [f"{p.name} (exit code {p.exitcode})" for p in self._tp_procs if not p.is_alive()]
         if dead:
             return f"tensor-parallel rank process {', '.join(dead)} exited"
         return self.runner.group_failure()
 
     def shutdown(self) -> None:
-        self.runner.close(broken=self.tp_failure() is not None)
+        broken = self.tp_failure() is not None
+        self.runner.close(broken=broken)
         for p in self._tp_procs:
+            if broken:  # it may wait inside a collective that rank 0 left
+                p.kill()
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()

@@ -64,7 +64,8 @@ class _Sender:
         self.kv = kv
         self.local = PoolDescriptor.from_tensor(kv, total_kv_heads, tp_rank, tp_size)
         self.peers: dict[str, Peer] = {}
-        self.started: OrderedDict[str, None] = OrderedDict()  # rooms with bytes on the wire (bounded)
+        # rooms with bytes on the wire -> the connection to each of their handles they began on (bounded)
+        self.started: OrderedDict[str, tuple[Peer, ...]] = OrderedDict()
         self.warm_s = self._warm()
 
     def _warm(self) -> float:
@@ -89,14 +90,21 @@ class _Sender:
         return out
 
     def write(self, plans: list[StepPlan], layer: int, failed: dict[str, str]) -> None:
-        if layer == 0:
-            self.fail_closed(plans, failed)
+        if layer == 0:  # once a step: drop the connections the receivers closed (they failed those rooms)
+            self.forget_broken(list(self.peers))
         for p in plans:
             if p.room in failed or not p.src:
                 continue
+            began = self.started.get(p.room)
+            if began is not None and any(self.peers.get(h) is not peer for h, peer in zip(p.handles, began)):
+                # NOTE: the receiver failed the room when that connection closed and reuses its pages after a
+                # grace; the copies are one-sided, so on a new connection they would land there all the same
+                failed[p.room] = "KV transfer failed: the decode side closed the connection"
+                continue
             for attempt in (0, 1):
                 try:
-                    for peer in self.peers_for(p.handles):
+                    peers = self.peers_for(p.handles)
+                    for peer in peers:
                         if peer.slices:
                             self.transport.write(peer, p.room, layer, self.kv, p.src, p.dst)
                 except (TransportError, OSError) as exc:
@@ -105,23 +113,11 @@ class _Sender:
                         continue  # nothing of this room went out on the dead connection: use a new one
                     failed[p.room] = f"KV transfer failed: {exc}"
                     break
-                self.started[p.room] = None
-                if len(self.started) > _STARTED_MEMORY:
-                    self.started.popitem(last=False)
+                if began is None:
+                    self.started[p.room] = tuple(peers)
+                    if len(self.started) > _STARTED_MEMORY:
+                        self.started.popitem(last=False)
                 break
-
-    def fail_closed(self, plans: list[StepPlan], failed: dict[str, str]) -> None:
-        """Once a step: a room begun on a connection that is gone fails. The receiver failed it when the
-        connection closed (a bad frame ends it, e.g. nvshmem's signal check) and reuses its pages after a
-        grace; the copies are one-sided, so nothing else would stop them landing there. Rooms not begun
-        reconnect on their first write."""
-        dead = [h for h, peer in self.peers.items() if not _alive(peer)]
-        if not dead:
-            return
-        for p in plans:
-            if p.room in self.started and p.room not in failed and any(h in dead for h in p.handles):
-                failed[p.room] = "KV transfer failed: the decode side closed the connection"
-        self.forget_broken(dead)
 
     def signal(self, handles: list[str], room: str, payload: bytes) -> None:
         self.started.pop(room, None)

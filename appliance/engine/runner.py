@@ -72,7 +72,8 @@ class ModelRunner:
     """One TP rank's model and KV pool. Rank 0 drives; other ranks :meth:`follow`."""
 
     def __init__(self, model: str | None | Checkpoint, cfg: EngineConfig, rank: RankInfo | None = None,
-                 kv_allocator=None) -> None:
+                 kv_allocator=None, tp_store=None) -> None:
+        """``tp_store``: rank 0's rendezvous store, made before its followers started (`tp.master_store`)."""
         self.cfg = cfg
         self.rank = rank or RankInfo()
         # each TP rank on its own GPU (bound before NCCL); under gloo they may share one
@@ -80,7 +81,7 @@ class ModelRunner:
         ckpt = model if isinstance(model, Checkpoint) else checkpoint_for(model, self.device, cfg.dtype)
         self.checkpoint = ckpt
         self.model_config = ckpt.config
-        self.tp_group = tp.init_group(self.rank, self.device, cfg.tp_backend, cfg.tp_timeout_s) \
+        self.tp_group = tp.init_group(self.rank, self.device, cfg.tp_backend, cfg.tp_timeout_s, store=tp_store) \
             if self.rank.world_size > 1 else None
         # rank 0 pings its followers while idle (from now: they wait for commands while it builds, too)
         self.keepalive = tp.Keepalive(self.tp_group, self.device, min(tp.KEEPALIVE_S, cfg.tp_timeout_s / 6)) \
@@ -227,7 +228,7 @@ class ModelRunner:
         return self.keepalive.step() if self.keepalive is not None else contextlib.nullcontext()
 
     def group_failure(self) -> str | None:
-        """Rank 0: why its TP group is broken (a keepalive ping failed), or None."""
+        """Rank 0: why its TP group is broken (a step raised inside it; a keepalive ping failed), or None."""
         return self.keepalive.error if self.keepalive is not None else None
 
     # -- ranks > 0 ----------------------------------------------------------------------------
@@ -255,11 +256,12 @@ class ModelRunner:
                 self.follower_abandon(tp.detach_bytes(payload)[1])
 
     def close(self, broken: bool = False) -> None:
-        """``broken``: a rank of the group is gone; no collective is tried (it could wait for that rank)."""
+        """``broken``: the group is out of step (a rank died, a step failed inside it): no collective is
+        tried (it would wait for a rank that never joins it); the group is torn down all the same."""
         if self.keepalive is not None:
             self.keepalive.stop()
-        if self.tp_group is not None and torch.distributed.is_initialized() and not broken:
-            if self.rank.rank == 0:
+        if self.tp_group is not None and torch.distributed.is_initialized():
+            if self.rank.rank == 0 and not broken:
                 with self._group_step():
                     self.tp_group.broadcast_command(tp.CMD_STOP)
             torch.distributed.destroy_process_group()

@@ -61,6 +61,7 @@ class Scheduler:
         self.cache = cache
         self.page_size = pool.page_size
         self.max_running = max_running
+        self.max_decode = max_running  # decode rows a step; the engine lowers it to its largest CUDA graph
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -178,7 +179,7 @@ class Scheduler:
         budget = self.max_prefill_tokens
         scheduled: set[int] = set()
         ps = self.page_size
-        ready = self.running if len(self.running) <= self.max_running else self._decode_turns()
+        ready = self.running if len(self.running) <= self.max_decode else self._decode_turns()
         for req in list(ready):  # NOTE: _is_decode, _grow and _add_to_batch inlined: ~5 us a request a step
             computed = req.computed_len
             if (req.status is not RequestStatus.RUNNING or not req.output_ids
@@ -237,15 +238,16 @@ class Scheduler:
         return batch if batch.requests else None
 
     def _decode_turns(self) -> list[Request]:
-        """The running requests this step may decode when more than ``max_running`` run: a decode engine
-        takes in handed-over requests (``Engine.inject``) as their KV lands, past ``max_running``. At most
-        ``max_running`` decode in a step (the largest CUDA graph; a larger batch would run eagerly and
-        compile while serving): those that decoded longest ago, in that order (round robin)."""
+        """The running requests this step may decode when more than ``max_decode`` run (a decode engine
+        takes in handed-over requests, ``Engine.inject``, as their KV lands, past ``max_running``; the
+        largest CUDA graph may hold fewer than ``max_running``): at most ``max_decode`` of them, those that
+        decoded longest ago, in that order (round robin). A larger step would run eagerly, which on a GPU
+        compiles while serving and launches kernel by kernel."""
         ready = [r for r in self.running if r.status is RequestStatus.RUNNING and r.output_ids
                  and r.remaining_prefill == 1]
-        if len(ready) <= self.max_running:
+        if len(ready) <= self.max_decode:
             return self.running
-        return sorted(ready, key=lambda r: r.decoded_at)[:self.max_running]
+        return sorted(ready, key=lambda r: r.decoded_at)[:self.max_decode]
 
     def _chunk(self, remaining: int, budget: int) -> int:
         """This step's tokens of a prompt with ``remaining`` left: up to ``budget``, or all of them when

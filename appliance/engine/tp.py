@@ -30,6 +30,7 @@ CMD_PING = 3  # nothing to do: rank 0 is idle (`Keepalive`)
 
 TP_JOIN_S = 600.0  # the rendezvous: every rank loads its checkpoint first (a large model takes minutes)
 KEEPALIVE_S = 10.0  # rank 0 pings this often while it sends nothing else (at most a sixth of the timeout)
+_JOINED, _ALL_JOINED = "pdbox/tp-joined", "pdbox/tp-all-joined"  # the rendezvous' store keys
 log = logging.getLogger("pdbox.tp")
 
 
@@ -87,8 +88,8 @@ class TpGroup:
         return cmd, payload
 
 
-def init_group(rank: RankInfo, device: torch.device, choice: str = "auto", timeout_s: float = 300.0,
-               join_s: float = TP_JOIN_S) -> TpGroup:
+def init_group(rank: RankInfo, device: torch.device, choice: str, timeout_s: float, join_s: float = TP_JOIN_S,
+               store: dist.Store | None = None) -> TpGroup:
     """Join the engine's process group (once per process). ``device`` is this rank's bound device;
     ``choice`` the configured backend (`EngineConfig.tp_backend`); ``timeout_s`` bounds each collective
     (`EngineConfig.tp_timeout_s`), ``join_s`` the rendezvous, where rank 0 waits for ranks still loading."""
@@ -96,16 +97,27 @@ def init_group(rank: RankInfo, device: torch.device, choice: str = "auto", timeo
     group = TpGroup(backend, comm_device(backend, device))
     timeout = datetime.timedelta(seconds=timeout_s)
     url = urlparse(rank.dist_init)
-    store = None
-    if url.scheme == "tcp" and url.hostname and url.port:  # NOTE: the store's own timeout is the join's
+    if store is None and url.scheme == "tcp" and url.hostname and url.port:
         store = dist.TCPStore(url.hostname, url.port, rank.world_size, is_master=rank.rank == 0,
                               timeout=datetime.timedelta(seconds=join_s))
+    if store is not None:  # NOTE: meet first, under the join's deadline: the group's own set-up waits only timeout_s
+        if store.add(_JOINED, 1) == rank.world_size:
+            store.set(_ALL_JOINED, "1")
+        store.wait([_ALL_JOINED], datetime.timedelta(seconds=join_s))
     dist.init_process_group(
         backend, init_method=None if store else rank.dist_init, store=store, rank=rank.rank,
         world_size=rank.world_size, timeout=timeout,
         device_id=device if backend == "nccl" else None,  # NCCL binds this rank's own GPU
     )
     return group
+
+
+def master_store(world_size: int, join_s: float = TP_JOIN_S) -> dist.TCPStore:
+    """Rank 0's rendezvous store, listening from now on a port the OS picked: the ranks load their
+    checkpoints before they meet (minutes for a large model), and a port picked free but bound only then
+    could be taken meanwhile. The other ranks connect to ``tcp://127.0.0.1:<its port>``."""
+    return dist.TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=join_s))
 
 
 class Keepalive:
@@ -126,10 +138,14 @@ class Keepalive:
 
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
-        """Around a command and its step's collectives (engine thread)."""
+        """Around a command and its step's collectives (engine thread). One that raises leaves the group
+        broken: the other ranks may be waiting inside a collective rank 0 will not join."""
         with self.lock:
             try:
                 yield
+            except BaseException as exc:
+                self.error = self.error or f"a tensor-parallel step failed: {type(exc).__name__}: {exc}"
+                raise
             finally:
                 self.sent_at = time.monotonic()
 
@@ -143,7 +159,7 @@ class Keepalive:
                     return
                 self.group.broadcast_command(CMD_PING)
                 self.sent_at = time.monotonic()
-            except Exception as exc:  # a follower is gone: rank 0's next step fails on the group too
+            except Exception as exc:  # gloo: a follower is gone (NCCL's ping is asynchronous: its watchdog says)
                 self.error = f"a tensor-parallel rank stopped answering: {type(exc).__name__}: {exc}"
                 log.error("TP keepalive: %s", self.error)
                 return

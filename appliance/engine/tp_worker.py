@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from appliance.config import EngineConfig, RankInfo
-from appliance.engine.tp import die_with_parent, free_port
+from appliance.engine.tp import die_with_parent, master_store
 
 
 @dataclass(frozen=True)
@@ -61,9 +61,12 @@ def tp_worker_main(launch: TPLaunch) -> None:
 
 
 def spawn_tp_workers(model: str | None, cfg: EngineConfig, transport: str = "",
-                     transport_opts: dict[str, str] | None = None) -> tuple[str, list[mp.process.BaseProcess]]:
-    """Start ranks 1..tp-1 (spawn, not fork: torch state must not be inherited)."""
-    init = f"tcp://127.0.0.1:{free_port()}"
+                     transport_opts: dict[str, str] | None = None
+                     ) -> tuple[str, list[mp.process.BaseProcess], torch.distributed.TCPStore]:
+    """Start ranks 1..tp-1 (spawn, not fork: torch state must not be inherited); also rank 0's rendezvous
+    store, which they connect to (`tp.master_store`)."""
+    store = master_store(cfg.tp_size)
+    init = f"tcp://127.0.0.1:{store.port}"
     ctx = mp.get_context("spawn")
     procs = []
     for r in range(1, cfg.tp_size):
@@ -72,4 +75,4 @@ def spawn_tp_workers(model: str | None, cfg: EngineConfig, transport: str = "",
         p = ctx.Process(target=tp_worker_main, args=(launch,), name=f"pdbox-tp{r}", daemon=True)
         p.start()
         procs.append(p)
-    return init, procs
+    return init, procs, store

@@ -93,8 +93,8 @@ class EngineLoop:
 
     @property
     def alive(self) -> bool:
-        """Whether the engine thread is running (the worker's ``/health`` answers 503 once it is not)."""
-        return self.thread.is_alive() and not self._stop.is_set()
+        """Whether the engine thread is serving (the worker's ``/health`` answers 503 once it is not)."""
+        return self.thread.is_alive() and not self._stop.is_set() and self.fatal is None
 
     def stop(self, timeout_s: float = 10.0) -> None:
         self._stop.set()
@@ -314,10 +314,12 @@ class EngineLoop:
                     cmd = self.inbox.get_nowait()
                 except queue.Empty:
                     cmd = None
-            why = self.engine.tp_failure() if tp else None  # NOTE: after the commands: before any step
+            why = self.engine.tp_failure() if tp and self.fatal is None else None  # after the commands, before a step
             if why is not None:
                 self._fail_fatal(why)
-                return
+            if self.fatal is not None:  # NOTE: commands still run (a /load, a submit): their requests fail at once
+                self._fail_in_flight(f"engine error: {self.fatal}")
+                continue
             try:
                 self._poll_rooms()
                 if self.quarantine:
@@ -337,25 +339,26 @@ class EngineLoop:
                         self._emit_output(out)
             except Exception as exc:  # an engine bug: fail what is in flight, keep serving
                 log.exception("engine step failed")
-                if tp:  # NOTE: rank 0 may have left its followers inside a collective: the group is out of step
-                    self._fail_fatal(self.engine.tp_failure() or f"a tensor-parallel step failed: {exc}")
-                    return
-                for rid, req in list(self.engine.requests.items()):
-                    self.engine.abort(rid)
-                    # NOTE: rank 0's own abandon only: the failure may be in the TP group's collectives
-                    self._end_transfer(req.group or rid, followers=False)
-                    self._emit(req.group or rid, Error(status=500, message=f"engine error: {exc}"))
+                why = self.engine.tp_failure() if tp else None  # the step broke its TP group: no more steps
+                if why is not None:
+                    self._fail_fatal(why)
+                else:
+                    self._fail_in_flight(f"engine error: {exc}")
 
-    def _fail_fatal(self, why: str) -> None:
-        """The engine can serve no more: fail what is in flight and stop; the worker process then exits
-        (``/health`` answers 503 meanwhile) and its launcher starts it afresh, TP ranks and all."""
-        log.error("the engine cannot go on: %s", why)
-        self.fatal = why
+    def _fail_in_flight(self, message: str) -> None:
         for rid, req in list(self.engine.requests.items()):
             self.engine.abort(rid)
+            # NOTE: rank 0's own abandon only: the failure may be in the TP group's collectives
             self._end_transfer(req.group or rid, followers=False)
-            self._emit(req.group or rid, Error(status=500, message=f"engine error: {why}"))
-        self._stop.set()
+            self._emit(req.group or rid, Error(status=500, message=message))
+
+    def _fail_fatal(self, why: str) -> None:
+        """The engine can step no more: fail what is in flight, and from now on every request at once; the
+        worker process exits (``/health`` answers 503 meanwhile) and its launcher starts it afresh, TP ranks
+        and all."""
+        log.error("the engine cannot go on: %s", why)
+        self.fatal = why
+        self._fail_in_flight(f"engine error: {why}")
 
     def _emit_output(self, out: RequestOutput, first: bool = False) -> None:
         """``first``: decode's first token after a KV handoff (a `First` event)."""

@@ -43,3 +43,30 @@ def test_injected_requests_past_max_running_take_turns() -> None:
         assert not live or max(live) - min(live) <= 1, (done, batches)
     assert len(batches) == 15  # 5 x 6 decodes, 2 a step
     assert engine.pool.num_free == engine.pool.num_pages  # no page leaks
+
+
+def test_a_step_never_outgrows_the_largest_graph() -> None:
+    """With CUDA graphs the engine lowers ``max_decode`` to the largest captured bucket (here by hand: no
+    GPU): five requests within ``max_running`` decode three at a time, and answer as they would together."""
+    def run(max_decode: int) -> tuple[list[list[int]], int]:
+        engine = Engine("random:tiny", EngineConfig(device="cpu", dtype="float32", max_running=8, num_pages=64,
+                                                    page_size=16))
+        engine.scheduler.max_decode = max_decode
+        params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+        reqs = [engine.add_request([5 + i, 6, 7], params) for i in range(5)]
+        schedule, decodes = engine.scheduler.schedule, []
+
+        def recorded():  # type: ignore[no-untyped-def]
+            sb = schedule()
+            if sb is not None and sb.decode_only:
+                decodes.append(len(sb.requests))
+            return sb
+
+        engine.scheduler.schedule = recorded  # type: ignore[method-assign]
+        while engine.has_unfinished():
+            engine.step()
+        return [r.output_ids for r in reqs], max(decodes)
+
+    together, widest = run(8)
+    turns, narrow = run(3)
+    assert widest == 5 and narrow == 3 and turns == together

@@ -263,3 +263,13 @@ def test_failed_capture_falls_back_to_eager_static_decode(monkeypatch, capsys) -
     engine.run_until_done([req])
     assert len(req.output_ids) == 4
     engine.shutdown()
+
+
+def test_an_eager_step_table_on_a_gpu_is_16_pages_wide_or_a_multiple() -> None:
+    """Its row stride reaches the attention kernels as an int that Triton compiles apart when it is 1, a
+    multiple of 16 or neither: a first one-page prompt compiled the prefill kernel while serving."""
+    from appliance.engine.runner import table_width
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert [table_width(n, cuda) for n in (1, 15, 16, 17, 32, 33)] == [16, 16, 16, 32, 32, 48]
+    assert [table_width(n, cpu) for n in (1, 17)] == [1, 17]  # the CPU kernels take any width

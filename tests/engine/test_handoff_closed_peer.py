@@ -1,6 +1,7 @@
 """A prefill rank stops writing a room whose decode connection is gone: the decode side failed the room
 when it lost the connection and reuses its pages after a grace, and the copies are one-sided (cuda_ipc,
-nvshmem, shm), so the writes would land in pages another request holds. Real shm pools and sockets."""
+nvshmem, shm), so the writes would land in pages another request holds, on a new connection as well.
+Real shm pools and sockets."""
 
 from __future__ import annotations
 
@@ -12,38 +13,90 @@ import nvshmem_kv as nk
 from appliance.engine.handoff import PrefillHandoff, Transfer, _alive
 from appliance.engine.request import Request, SamplingParams
 from appliance.engine.scheduler import ScheduledBatch
+from nvshmem_kv.sender import Outgoing
+from nvshmem_kv.wire import Write
 
-LAYERS, PAGES, PAGE, HEADS, DIM = 2, 8, 4, 2, 8
+LAYERS, PAGES, PAGE, HEADS, DIM = 2, 16, 4, 2, 8
+CLOSED = "KV transfer failed: the decode side closed the connection"
 
 
-def _step(handoff: PrefillHandoff, req: Request, start: int, n: int) -> None:
-    """One prefill step of ``n`` prompt tokens from ``start``: every layer's hook, as the forward pass calls them."""
-    hook, _ = handoff.before_forward(ScheduledBatch([req], [start], [n], [start + n == req.prompt_len]))
+def _step(handoff: PrefillHandoff, reqs: list[Request], start: int, n: int) -> None:
+    """One prefill step of ``n`` prompt tokens from ``start`` of each request: every layer's hook."""
+    sb = ScheduledBatch(reqs, [start] * len(reqs), [n] * len(reqs), [start + n == r.prompt_len for r in reqs])
+    hook, _ = handoff.before_forward(sb)
     assert hook is not None
     for layer in range(LAYERS):
         hook(layer)
 
 
-def test_a_room_begun_on_a_closed_connection_fails_at_the_next_step() -> None:
+def _request(room: str, handle: str, src: list[int], dst: list[int]) -> Request:
+    req = Request(prompt_ids=list(range(16)), params=SamplingParams(max_tokens=1))
+    req.pages, req.transfer = src, Transfer(room, [handle], dst)
+    return req
+
+
+def _wait_closed(handoff: PrefillHandoff, handle: str) -> None:
+    peer, end = handoff.sender.peers[handle], time.monotonic() + 10
+    while _alive(peer) and time.monotonic() < end:  # until the close reaches the sender's socket
+        time.sleep(0.01)
+
+
+def _setup() -> tuple[nk.KVTransport, nk.KVTransport, torch.Tensor, str, PrefillHandoff]:
     rx, tx = nk.create("shm"), nk.create("shm")
+    kv = torch.ones(2, LAYERS, PAGES, PAGE, HEADS, DIM)
+    desc = nk.PoolDescriptor.from_tensor(kv, HEADS)
+    pool = rx.allocate_pool(desc)
+    handle = rx.register_pool(pool, desc).to_json().decode()
+    return rx, tx, pool, handle, PrefillHandoff(tx, kv, total_kv_heads=HEADS, page_size=PAGE)
+
+
+def test_a_room_begun_on_a_closed_connection_fails_at_the_next_step() -> None:
+    rx, tx, _, handle, handoff = _setup()
     try:
-        kv = torch.ones(2, LAYERS, PAGES, PAGE, HEADS, DIM)
-        desc = nk.PoolDescriptor.from_tensor(kv, HEADS)
-        handle = rx.register_pool(rx.allocate_pool(desc), desc).to_json().decode()
         rx.expect("room", 1, 30.0)
-        handoff = PrefillHandoff(tx, kv, total_kv_heads=HEADS, page_size=PAGE)
-        req = Request(prompt_ids=list(range(16)), params=SamplingParams(max_tokens=1))
-        req.pages, req.transfer = [0, 1, 2, 3], Transfer("room", [handle], [4, 5, 6, 7])
-        _step(handoff, req, 0, 8)  # the first chunk: pages 0-1 pushed, the room begun
+        req = _request("room", handle, [0, 1, 2, 3], [4, 5, 6, 7])
+        _step(handoff, [req], 0, 8)  # the first chunk: pages 0-1 pushed, the room begun
         assert req.transfer.error is None and tx.stats().writes == LAYERS
-        rx.close()  # the decode side goes away (or drops the connection: a bad frame ends it)
-        peer, end = handoff.sender.peers[handle], time.monotonic() + 10
-        while _alive(peer) and time.monotonic() < end:  # until the close reaches the sender's socket
-            time.sleep(0.01)
-        _step(handoff, req, 8, 8)  # the last chunk
-        assert req.transfer.error == "KV transfer failed: the decode side closed the connection"
+        rx.close()  # the decode side goes away
+        _wait_closed(handoff, handle)
+        _step(handoff, [req], 8, 8)  # the last chunk
+        assert req.transfer.error == CLOSED
         assert tx.stats().writes == LAYERS, "the second chunk was written into a room the receiver had dropped"
         assert handle not in handoff.sender.peers  # the next room to that pool connects afresh
+    finally:
+        tx.close()
+        rx.close()
+
+
+def test_rooms_begun_on_a_dropped_connection_never_go_out_on_a_new_one() -> None:
+    """The receiver drops the connection (a bad frame ends it) while two rooms are half written; a step of
+    the one, then a step of the other: neither is written again, though the pool is up and a new
+    connection to it opens for a new room."""
+    rx, tx, pool, handle, handoff = _setup()
+    try:
+        rx.expect("a", 1, 30.0)
+        rx.expect("b", 1, 30.0)
+        a = _request("a", handle, [0, 1, 2, 3], [4, 5, 6, 7])
+        b = _request("b", handle, [8, 9, 10, 11], [12, 13, 14, 15])
+        _step(handoff, [a, b], 0, 8)
+        assert tx.stats().writes == 2 * LAYERS
+        handoff.sender.peers[handle].send(Outgoing(Write("a", 0, 0, HEADS, [])), 5.0)  # shm takes no Write frame
+        end = time.monotonic() + 10
+        while rx.poll("a").state is nk.RoomState.PENDING and time.monotonic() < end:
+            time.sleep(0.01)
+        assert rx.poll("a").failed and rx.poll("b").failed  # both rooms failed with their connection
+        _wait_closed(handoff, handle)
+        pool[:, :, 6:8].zero_()  # their pages go to other requests
+        pool[:, :, 14:16].zero_()
+        _step(handoff, [b], 8, 8)
+        _step(handoff, [a], 8, 8)  # after the step of b dropped the dead connection
+        assert a.transfer.error == b.transfer.error == CLOSED
+        assert tx.stats().writes == 2 * LAYERS and not pool[:, :, 6:8].any() and not pool[:, :, 14:16].any()
+        rx.expect("c", 1, 30.0)
+        c = _request("c", handle, [0, 1, 2, 3], [0, 1, 2, 3])
+        _step(handoff, [c], 0, 16)  # a new room opens a new connection and completes
+        handoff.after_first_token(c, 7, None)
+        assert c.transfer.error is None and rx.wait("c", 10).done
     finally:
         tx.close()
         rx.close()

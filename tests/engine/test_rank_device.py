@@ -151,19 +151,34 @@ def test_init_group_binds_nccl_to_the_rank_gpu(monkeypatch) -> None:
     monkeypatch.setattr(tp.dist, "is_nccl_available", lambda: True)
     monkeypatch.setattr(tp.dist, "init_process_group", lambda backend, **kw: calls.append(dict(kw, backend=backend)))
     stores: list[tuple] = []
-    monkeypatch.setattr(tp.dist, "TCPStore", lambda *a, **kw: stores.append((a, kw)) or "store")
+
+    class Store:  # every rank has joined: the rendezvous' wait returns at once
+        def add(self, key: str, n: int) -> int:
+            return 2
+
+        def set(self, key: str, value: str) -> None:
+            pass
+
+        def wait(self, keys: list[str], timeout: datetime.timedelta) -> None:
+            stores.append(("wait", timeout))
+
+    store = Store()
+    monkeypatch.setattr(tp.dist, "TCPStore", lambda *a, **kw: stores.append((a, kw)) or store)
     rank = RankInfo(rank=1, world_size=2, dist_init="tcp://127.0.0.1:1")
-    group = tp.init_group(rank, torch.device("cuda", 1), timeout_s=30, join_s=900)
+    group = tp.init_group(rank, torch.device("cuda", 1), "auto", 30, join_s=900)
     assert calls[-1]["backend"] == "nccl" and calls[-1]["device_id"] == torch.device("cuda", 1)
     # the rendezvous waits for ranks still loading their checkpoint; each collective has the shorter timeout
-    assert stores[-1] == (("127.0.0.1", 1, 2), {"is_master": False, "timeout": datetime.timedelta(seconds=900)})
-    assert calls[-1]["store"] == "store" and calls[-1]["init_method"] is None
+    assert stores[0] == (("127.0.0.1", 1, 2), {"is_master": False, "timeout": datetime.timedelta(seconds=900)})
+    assert stores[1] == ("wait", datetime.timedelta(seconds=900))  # the ranks meet under the join's deadline
+    assert calls[-1]["store"] is store and calls[-1]["init_method"] is None
     assert calls[-1]["timeout"] == datetime.timedelta(seconds=30)
     assert group == tp.TpGroup("nccl", torch.device("cuda", 1))
-    group = tp.init_group(rank, torch.device("cpu"))
+    given = Store()
+    group = tp.init_group(rank, torch.device("cpu"), "auto", 30, store=given)  # type: ignore[arg-type]
+    assert calls[-1]["store"] is given and len(stores) == 3  # rank 0's own, made before its followers: no new one
     assert calls[-1]["backend"] == "gloo" and calls[-1]["device_id"] is None
     assert group == tp.TpGroup("gloo", torch.device("cpu"))
-    group = tp.init_group(rank, torch.device("cuda", 0), "gloo")  # gloo on a GPU: commands through the host
+    group = tp.init_group(rank, torch.device("cuda", 0), "gloo", 30)  # gloo on a GPU: commands through the host
     assert calls[-1]["backend"] == "gloo" and calls[-1]["device_id"] is None
     assert group == tp.TpGroup("gloo", torch.device("cpu"))
 
