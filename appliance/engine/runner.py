@@ -208,8 +208,9 @@ class ModelRunner:
         if self.tp_group is None:
             hidden = self.model.forward(batch, self.pool.kv, layer_hook)
         else:
+            command = tp.attach_bytes(batch.pack(), extra)  # NOTE: outside: a failure here leaves the group in step
             with self._group_step():
-                self.tp_group.broadcast_command(tp.CMD_FORWARD, tp.attach_bytes(batch.pack(), extra))
+                self.tp_group.broadcast_command(tp.CMD_FORWARD, command)
                 hidden = self.model.forward(batch, self.pool.kv, layer_hook)
         if batch.logit_rows.numel() == 0:
             return torch.empty(0, self.model_config.vocab_size)
