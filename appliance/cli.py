@@ -58,8 +58,9 @@ def generate(engine: EngineFlags, prompt: str, max_tokens: int, temperature: flo
 @config_options(RouterConfig, ("served_model_name", "host", "port"))
 @click.option("--prefill-gpus", default="", help='GPU ids for prefill engines, e.g. "0-3".')
 @click.option("--decode-gpus", default="", help='GPU ids for decode engines, e.g. "4-7".')
-@click.option("--prefill-tp", default=1, show_default=True, help="TP size of each prefill engine.")
-@click.option("--decode-tp", default=1, show_default=True, help="TP size of each decode engine.")
+@click.option("--prefill-tp", default=1, show_default=True,
+              help="TP size of each prefill engine (--mode disagg: auto mode's engines decode too, on one rank).")
+@click.option("--decode-tp", default=1, show_default=True, help="TP size of each decode engine: 1 (one rank).")
 @click.option("--gpus", default="", help="GPU ids for unified engines.")
 @click.option("--tp", default=1, show_default=True, help="TP size of each unified engine.")
 @click.option("--prefill-cpus", default="", help="CPU cores for the prefill worker (CPU mode).")
