@@ -6,8 +6,10 @@ store_kv only after the copy that reads it; without the fence the executor shows
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 
 import msgspec
 import pytest
@@ -145,17 +147,26 @@ def _pool(layers: int = 2, pages: int = 8) -> torch.Tensor:
     return torch.zeros(2, layers, pages, 4, 2, 8)
 
 
-def test_prefill_handoff_fences_before_the_next_step_writes_freed_pages() -> None:
-    """Step 1 prefills a prompt in pages 3-4 and pushes them; they are freed with the first token;
-    step 2 stores another request's KV into page 3. Its store must follow every copy of page 3."""
+@contextlib.contextmanager
+def _streamed() -> Iterator[tuple[Stream, Stream, nk.KVTransport, StreamedFake, str, PrefillHandoff]]:
+    """A fake decode pool, a sender whose copies go on a logged stream, and a prefill handoff over them."""
     compute, copy = Stream("compute"), Stream("copy")
     recv, send = nk.create("fake", run_id="dst"), StreamedFake(compute, copy, run_id="src")
     try:
         kv = _pool()
         desc = nk.PoolDescriptor.from_tensor(kv, 2)
         handle = recv.register_pool(recv.allocate_pool(desc), desc).to_json().decode()
+        yield compute, copy, recv, send, handle, PrefillHandoff(send, kv, total_kv_heads=2, page_size=4)
+    finally:
+        send.close()
+        recv.close()
+
+
+def test_prefill_handoff_fences_before_the_next_step_writes_freed_pages() -> None:
+    """Step 1 prefills a prompt in pages 3-4 and pushes them; they are freed with the first token;
+    step 2 stores another request's KV into page 3. Its store must follow every copy of page 3."""
+    with _streamed() as (compute, copy, recv, _, handle, handoff):
         recv.expect("room", 1, time.monotonic() + 30)
-        handoff = PrefillHandoff(send, kv, total_kv_heads=2, page_size=4)
         req = Request(prompt_ids=list(range(8)), params=SamplingParams(max_tokens=1))
         req.pages, req.transfer = [3, 4], Transfer("room", [handle], [0, 1])
         hook, _ = handoff.before_forward(ScheduledBatch([req], [0], [8], [True]))
@@ -171,21 +182,12 @@ def test_prefill_handoff_fences_before_the_next_step_writes_freed_pages() -> Non
         reads = [i for i, op in enumerate(ran) if op.startswith("copy:read") and "page 3" in op]
         assert len(reads) == 2 and max(reads) < ran.index("compute:store L0 page 3 (step 2)")
         assert ran.index("compute:store L1 pages 3-4") < ran.index("copy:read L1 page 3")  # copies after stores
-    finally:
-        send.close()
-        recv.close()
 
 
 def test_a_reservation_waits_for_the_copies_of_a_sending_engine() -> None:
     """An engine that both sends and receives (auto) reserves pages for a remote writer only after its own
     copies ran: a move queues a whole request's KV, whose pages are freed at once."""
-    compute, copy = Stream("compute"), Stream("copy")
-    recv, send = nk.create("fake", run_id="dst"), StreamedFake(compute, copy, run_id="src")
-    try:
-        kv = _pool()
-        desc = nk.PoolDescriptor.from_tensor(kv, 2)
-        handle = recv.register_pool(recv.allocate_pool(desc), desc).to_json().decode()
-        handoff = PrefillHandoff(send, kv, total_kv_heads=2, page_size=4)
+    with _streamed() as (compute, copy, recv, send, handle, handoff):
         req = Request(prompt_ids=list(range(8)), params=SamplingParams(max_tokens=1))
         req.pages, req.computed_len = [3, 4], 8
         recv.expect("moved", 1, time.monotonic() + 30)
@@ -199,9 +201,6 @@ def test_a_reservation_waits_for_the_copies_of_a_sending_engine() -> None:
         finally:
             runner.join()
         assert all(op[1].done for op in copy.ops if op[0] == "record")  # type: ignore[union-attr]
-    finally:
-        send.close()
-        recv.close()
 
 
 def test_cpu_backends_need_no_fence() -> None:
