@@ -43,9 +43,9 @@ from nvshmem_kv.wire import (
 )
 
 _OPENED_MEMORY = 4096        # rooms per peer whose Open was sent (bounded: aborted rooms age out)
-# rooms per peer whose coalesced runs (and kernel plans) are kept across layers: more than a step holds (an
-# engine's max_running, at most 256 with CUDA graphs), else a step's rooms evict each other layer by layer and
-# every write rebuilds its plan; entries go when their room is signalled or abandoned
+# rooms per peer whose coalesced runs (and kernel plans) are kept across layers: more than one prefill step
+# holds (its prompts, at most the engine's max_running), else a step's rooms evict each other layer by layer
+# and every write rebuilds its plan; entries go when their room is signalled or abandoned
 _RUN_CACHE = 512
 
 

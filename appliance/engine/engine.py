@@ -69,7 +69,8 @@ class Engine:
         ckpt = checkpoint_for(self.model_path, where, cfg.dtype)
         self.model_name = ckpt.name
         self.tokenizer = Tokenizer.from_checkpoint(ckpt)
-        self.runner = ModelRunner(ckpt, cfg, rank, kv_allocator=kv_allocator, tp_store=store)
+        self.runner = ModelRunner(ckpt, cfg, rank, kv_allocator=kv_allocator, tp_store=store,
+                                  ranks_failed=self._dead_ranks)
         self.model_config = self.runner.model_config
         self.pool = self.runner.pool
         self.cache = RadixCache(self.pool, enabled=cfg.enable_prefix_cache)
@@ -100,6 +101,10 @@ class Engine:
         g = self.runner.setup_decode_graphs(self.config.max_running, self.max_model_len)
         if g.use_graphs:  # a decode step never outgrows the largest graph (the others take turns)
             self.scheduler.max_decode = g.plan.max_bucket
+            if g.plan.max_bucket < self.config.max_running:
+                print(f"pdbox engine: the largest CUDA graph holds {g.plan.max_bucket} requests, under max_running "
+                      f"{self.config.max_running}: decode steps take {g.plan.max_bucket} at a time, in turns",
+                      file=sys.stderr, flush=True)
         n = max(1, min(512, self.max_model_len - 2, self.config.prefill_chunk))
         ids = [(7 * i + 3) % self.model_config.vocab_size for i in range(n)]
         req = self.add_request(ids, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
@@ -342,21 +347,23 @@ class Engine:
         while any(r.status is not RequestStatus.FINISHED for r in reqs):
             self.step()
 
+    def _dead_ranks(self) -> str | None:
+        dead = [f"{p.name} (exit code {p.exitcode})" for p in self._tp_procs if not p.is_alive()]
+        return f"tensor-parallel rank process {', '.join(dead)} exited" if dead else None
+
     def tp_failure(self) -> str | None:
         """Why this engine's TP group can step no more (a rank's process exited; a step failed on rank 0,
         which may have left the others inside a collective; under gloo, a keepalive ping failed), or None.
         Rank 0 alone cannot go on: every step's collectives need them all."""
-        dead = [f"{p.name} (exit code {p.exitcode})" for p in self._tp_procs if not p.is_alive()]
-        if dead:
-            return f"tensor-parallel rank process {', '.join(dead)} exited"
-        return self.runner.group_failure()
+        return self._dead_ranks() or self.runner.group_failure()
 
     def shutdown(self) -> None:
         broken = self.tp_failure() is not None
+        if broken:  # NOTE: first: they may wait inside a collective that rank 0 left
+            for p in self._tp_procs:
+                p.kill()
         self.runner.close(broken=broken)
         for p in self._tp_procs:
-            if broken:  # it may wait inside a collective that rank 0 left
-                p.kill()
             p.join(timeout=10)
             if p.is_alive():
                 p.kill()

@@ -136,7 +136,7 @@ class Request:
     finish_reason: str | None = None
     text: str = ""
     num_preemptions: int = 0
-    decoded_at: int = 0  # the scheduler's turn count when it last decoded (turns past max_running)
+    decoded_at: int = 0  # the scheduler's turn count when it last decoded (turns past Scheduler.max_decode)
     prefix_nodes: list[Any] = field(default_factory=list)
     # Disaggregation hooks: a prefill-only request stops after its first token and keeps its pages
     # until the transfer is done; a decode request arrives with its KV already written.

@@ -72,8 +72,9 @@ class ModelRunner:
     """One TP rank's model and KV pool. Rank 0 drives; other ranks :meth:`follow`."""
 
     def __init__(self, model: str | None | Checkpoint, cfg: EngineConfig, rank: RankInfo | None = None,
-                 kv_allocator=None, tp_store=None) -> None:
-        """``tp_store``: rank 0's rendezvous store, made before its followers started (`tp.master_store`)."""
+                 kv_allocator=None, tp_store=None, ranks_failed: Callable[[], str | None] | None = None) -> None:
+        """``tp_store``: rank 0's rendezvous store, made before its followers started (`tp.master_store`);
+        ``ranks_failed``: why a follower cannot join any more (its process exited), asked while rank 0 waits."""
         self.cfg = cfg
         self.rank = rank or RankInfo()
         # each TP rank on its own GPU (bound before NCCL); under gloo they may share one
@@ -81,8 +82,8 @@ class ModelRunner:
         ckpt = model if isinstance(model, Checkpoint) else checkpoint_for(model, self.device, cfg.dtype)
         self.checkpoint = ckpt
         self.model_config = ckpt.config
-        self.tp_group = tp.init_group(self.rank, self.device, cfg.tp_backend, cfg.tp_timeout_s, store=tp_store) \
-            if self.rank.world_size > 1 else None
+        self.tp_group = tp.init_group(self.rank, self.device, cfg.tp_backend, cfg.tp_timeout_s, store=tp_store,
+                                      ranks_failed=ranks_failed) if self.rank.world_size > 1 else None
         # rank 0 pings its followers while idle (from now: they wait for commands while it builds, too)
         self.keepalive = tp.Keepalive(self.tp_group, self.device, min(tp.KEEPALIVE_S, cfg.tp_timeout_s / 6)) \
             if self.tp_group is not None and self.rank.rank == 0 else None
@@ -219,7 +220,7 @@ class ModelRunner:
     def abandon_on_followers(self, rooms: bytes) -> None:
         """Rank 0, between steps: the other ranks abandon these rooms too (``rooms``: the handoff's JSON),
         after the writes of every step they ran before (commands are followed in order)."""
-        if self.tp_group is not None:
+        if self.tp_group is not None and self.group_failure() is None:  # a broken group takes no command
             with self._group_step():
                 self.tp_group.broadcast_command(tp.CMD_ABANDON,
                                                 tp.attach_bytes(torch.empty(0, dtype=torch.int64), rooms))
@@ -258,11 +259,12 @@ class ModelRunner:
 
     def close(self, broken: bool = False) -> None:
         """``broken``: the group is out of step (a rank died, a step failed inside it): no collective is
-        tried (it would wait for a rank that never joins it); the group is torn down all the same."""
+        tried (it would wait for a rank that never joins it), and NCCL's communicators are aborted, not
+        finalized (which waits for the kernels of collectives that will never complete)."""
         if self.keepalive is not None:
             self.keepalive.stop()
         if self.tp_group is not None and torch.distributed.is_initialized():
             if self.rank.rank == 0 and not broken:
                 with self._group_step():
                     self.tp_group.broadcast_command(tp.CMD_STOP)
-            torch.distributed.destroy_process_group()
+            tp.leave_group(self.tp_group, broken)

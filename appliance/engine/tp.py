@@ -13,7 +13,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -29,6 +29,7 @@ CMD_ABANDON = 2  # a prefill engine's rooms that its ranks stop writing (JSON by
 CMD_PING = 3  # nothing to do: rank 0 is idle (`Keepalive`)
 
 TP_JOIN_S = 600.0  # the rendezvous: every rank loads its checkpoint first (a large model takes minutes)
+JOIN_POLL_S = 2.0  # how often rank 0, waiting at the rendezvous, asks whether a rank died loading
 KEEPALIVE_S = 10.0  # rank 0 pings this often while it sends nothing else (at most a sixth of the timeout)
 _JOINED, _ALL_JOINED = "pdbox/tp-joined", "pdbox/tp-all-joined"  # the rendezvous' store keys
 log = logging.getLogger("pdbox.tp")
@@ -89,10 +90,11 @@ class TpGroup:
 
 
 def init_group(rank: RankInfo, device: torch.device, choice: str, timeout_s: float, join_s: float = TP_JOIN_S,
-               store: dist.Store | None = None) -> TpGroup:
+               store: dist.Store | None = None, ranks_failed: Callable[[], str | None] | None = None) -> TpGroup:
     """Join the engine's process group (once per process). ``device`` is this rank's bound device;
     ``choice`` the configured backend (`EngineConfig.tp_backend`); ``timeout_s`` bounds each collective
-    (`EngineConfig.tp_timeout_s`), ``join_s`` the rendezvous, where rank 0 waits for ranks still loading."""
+    (`EngineConfig.tp_timeout_s`), ``join_s`` the rendezvous, where rank 0 waits for ranks still loading;
+    ``ranks_failed`` (rank 0): why a rank cannot come any more (its process exited), asked while it waits."""
     backend = group_backend(device, dist.is_nccl_available(), choice)
     group = TpGroup(backend, comm_device(backend, device))
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -101,15 +103,31 @@ def init_group(rank: RankInfo, device: torch.device, choice: str, timeout_s: flo
         store = dist.TCPStore(url.hostname, url.port, rank.world_size, is_master=rank.rank == 0,
                               timeout=datetime.timedelta(seconds=join_s))
     if store is not None:  # NOTE: meet first, under the join's deadline: the group's own set-up waits only timeout_s
-        if store.add(_JOINED, 1) == rank.world_size:
-            store.set(_ALL_JOINED, "1")
-        store.wait([_ALL_JOINED], datetime.timedelta(seconds=join_s))
+        _meet(store, rank.world_size, join_s, ranks_failed)
     dist.init_process_group(
         backend, init_method=None if store else rank.dist_init, store=store, rank=rank.rank,
         world_size=rank.world_size, timeout=timeout,
         device_id=device if backend == "nccl" else None,  # NCCL binds this rank's own GPU
     )
     return group
+
+
+def _meet(store: dist.Store, world_size: int, join_s: float, ranks_failed: Callable[[], str | None] | None) -> None:
+    """Wait until every rank has come (a counter in the store), in slices: a rank whose process exited
+    while loading ends the wait at once, not after ``join_s``."""
+    if store.add(_JOINED, 1) == world_size:
+        store.set(_ALL_JOINED, "1")
+    end = time.monotonic() + join_s
+    while True:
+        try:
+            store.wait([_ALL_JOINED], datetime.timedelta(seconds=max(0.1, min(JOIN_POLL_S, end - time.monotonic()))))
+            return
+        except dist.DistStoreError:
+            why = ranks_failed() if ranks_failed is not None else None
+            if why is not None:
+                raise RuntimeError(f"the tensor-parallel group cannot form: {why}") from None
+            if time.monotonic() >= end:
+                raise
 
 
 def master_store(world_size: int, join_s: float = TP_JOIN_S) -> dist.TCPStore:
@@ -131,7 +149,7 @@ class Keepalive:
         self.group, self.device, self.every_s = group, device, every_s
         self.lock = threading.Lock()
         self.sent_at = time.monotonic()
-        self.error: str | None = None  # why a ping failed (a follower died): the group is broken
+        self.error: str | None = None  # why the group is broken (a step raised inside it; a ping failed)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pdbox-tp-keepalive", daemon=True)
         self._thread.start()
@@ -155,12 +173,12 @@ class Keepalive:
             if time.monotonic() - self.sent_at < self.every_s or not self.lock.acquire(blocking=False):
                 continue
             try:
-                if self._stop.is_set():
+                if self._stop.is_set() or self.error is not None:  # a broken group takes no more commands
                     return
                 self.group.broadcast_command(CMD_PING)
                 self.sent_at = time.monotonic()
             except Exception as exc:  # gloo: a follower is gone (NCCL's ping is asynchronous: its watchdog says)
-                self.error = f"a tensor-parallel rank stopped answering: {type(exc).__name__}: {exc}"
+                self.error = self.error or f"a tensor-parallel rank stopped answering: {type(exc).__name__}: {exc}"
                 log.error("TP keepalive: %s", self.error)
                 return
             finally:
@@ -169,6 +187,16 @@ class Keepalive:
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
         self._thread.join(timeout=timeout_s)
+
+
+def leave_group(group: TpGroup, broken: bool) -> None:
+    """Tear this process's group down. A broken NCCL group is aborted (``ncclCommAbort``): a destroy
+    finalizes the communicators, waiting for collectives the other ranks will never join."""
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)  # NOTE: private; torch >= 2.5
+    if broken and group.backend == "nccl" and abort is not None:
+        abort()
+    else:
+        dist.destroy_process_group()
 
 
 def all_reduce(x: torch.Tensor) -> None:

@@ -214,11 +214,11 @@ class EngineLoop:
     def _end_transfer(self, rid: str, followers: bool = True) -> None:
         """A prefill leg's request is over: if its room was never signalled (the handoff knows), tell the decode
         pools it wrote into that no more is coming (engine thread, between steps: every copy of it is already issued);
-        ``followers``: the other TP ranks too."""
+        ``followers``: the other TP ranks too (never once the group is broken: it takes no more commands)."""
         transfer = self.transfers.pop(rid, None)
         if transfer is not None and self.engine.handoff is not None:
             try:
-                self.engine.handoff.abandon(transfer, followers)
+                self.engine.handoff.abandon(transfer, followers and self.fatal is None)
             except Exception:  # the receiver still frees the pages at HANDOFF_QUIET_MAX_S
                 log.exception("abandoning room %s failed", transfer.room)
 
@@ -342,14 +342,13 @@ class EngineLoop:
                 why = self.engine.tp_failure() if tp else None  # the step broke its TP group: no more steps
                 if why is not None:
                     self._fail_fatal(why)
-                else:
+                else:  # NOTE: outside the group's collectives (they would have broken it): it is in step
                     self._fail_in_flight(f"engine error: {exc}")
 
     def _fail_in_flight(self, message: str) -> None:
         for rid, req in list(self.engine.requests.items()):
             self.engine.abort(rid)
-            # NOTE: rank 0's own abandon only: the failure may be in the TP group's collectives
-            self._end_transfer(req.group or rid, followers=False)
+            self._end_transfer(req.group or rid)
             self._emit(req.group or rid, Error(status=500, message=message))
 
     def _fail_fatal(self, why: str) -> None:

@@ -169,7 +169,7 @@ def test_init_group_binds_nccl_to_the_rank_gpu(monkeypatch) -> None:
     assert calls[-1]["backend"] == "nccl" and calls[-1]["device_id"] == torch.device("cuda", 1)
     # the rendezvous waits for ranks still loading their checkpoint; each collective has the shorter timeout
     assert stores[0] == (("127.0.0.1", 1, 2), {"is_master": False, "timeout": datetime.timedelta(seconds=900)})
-    assert stores[1] == ("wait", datetime.timedelta(seconds=900))  # the ranks meet under the join's deadline
+    assert stores[1] == ("wait", datetime.timedelta(seconds=tp.JOIN_POLL_S))  # the ranks meet, in slices
     assert calls[-1]["store"] is store and calls[-1]["init_method"] is None
     assert calls[-1]["timeout"] == datetime.timedelta(seconds=30)
     assert group == tp.TpGroup("nccl", torch.device("cuda", 1))
@@ -206,3 +206,29 @@ def test_a_gloo_group_may_put_every_rank_on_one_gpu() -> None:
         rank_device("cuda:0", 2, 2, share_gpu=True)
     assert rank_device("cpu", 1, 2, share_gpu=True) == "cpu"
 
+
+
+def test_rank_0_stops_waiting_at_the_rendezvous_once_a_rank_died_loading() -> None:
+    """A follower whose process exited while loading its checkpoint never comes: rank 0 says so within a
+    slice of its wait, not after the whole join deadline (600 s)."""
+    asked: list[int] = []
+
+    class Store:  # one rank of two has come
+        def add(self, key: str, n: int) -> int:
+            return 1
+
+        def set(self, key: str, value: str) -> None:
+            raise AssertionError("not every rank came")
+
+        def wait(self, keys: list[str], timeout: datetime.timedelta) -> None:
+            raise tp.dist.DistStoreError(f"wait timeout after {timeout}")
+
+    def failed() -> str | None:
+        asked.append(1)
+        return "tensor-parallel rank process pdbox-tp1 (exit code 1) exited" if len(asked) > 2 else None
+
+    with pytest.raises(RuntimeError, match="group cannot form: .*pdbox-tp1 .exit code 1. exited"):
+        tp._meet(Store(), 2, 600.0, failed)  # type: ignore[arg-type]
+    assert len(asked) == 3
+    with pytest.raises(tp.dist.DistStoreError):  # nobody says why: the deadline ends it
+        tp._meet(Store(), 2, 0.0, None)  # type: ignore[arg-type]
