@@ -39,7 +39,7 @@ class StepHooks(Protocol):
 
     def after_first_token(self, req: Request, token: int, logprob: dict | None) -> None: ...
 
-    def abandon(self, t: Transfer, followers: bool = True) -> None: ...
+    def abandon(self, t: Transfer) -> None: ...
 
     def wait_copies(self) -> None: ...
 
@@ -355,7 +355,7 @@ class Engine:
         """Why this engine's TP group can step no more (a rank's process exited; a step failed on rank 0,
         which may have left the others inside a collective; under gloo, a keepalive ping failed), or None.
         Rank 0 alone cannot go on: every step's collectives need them all."""
-        return self._dead_ranks() or self.runner.group_failure()
+        return self.runner.group_failure()
 
     def shutdown(self) -> None:
         broken = self.tp_failure() is not None

@@ -253,12 +253,12 @@ class PrefillHandoff:
         except (TransportError, OSError) as exc:
             t.error = f"KV transfer signal failed: {exc}"
 
-    def abandon(self, t: Transfer, followers: bool = True) -> None:
-        """``t``'s request ended without its signal (aborted, failed): tell the decode pools it wrote into;
-        ``followers``: have the other TP ranks do the same for their writes."""
+    def abandon(self, t: Transfer) -> None:
+        """``t``'s request ended without its signal (aborted, failed): tell the decode pools it wrote into,
+        and have the other TP ranks do the same for their writes (unless the group is broken)."""
         if not t.signalled:
             self.sender.abandon(t.handles, t.room)
-            if followers and self.followers is not None:
+            if self.followers is not None:
                 self.followers(msgspec.json.encode([Abandoned(t.room, t.handles)]))
 
     def wait_copies(self) -> None:

@@ -80,6 +80,7 @@ class ModelRunner:
         # each TP rank on its own GPU (bound before NCCL); under gloo they may share one
         self.device = bind_device(cfg.device, self.rank, share_gpu=cfg.tp_backend == "gloo")
         ckpt = model if isinstance(model, Checkpoint) else checkpoint_for(model, self.device, cfg.dtype)
+        self._ranks_failed = ranks_failed
         self.checkpoint = ckpt
         self.model_config = ckpt.config
         self.tp_group = tp.init_group(self.rank, self.device, cfg.tp_backend, cfg.tp_timeout_s, store=tp_store,
@@ -230,8 +231,11 @@ class ModelRunner:
         return self.keepalive.step() if self.keepalive is not None else contextlib.nullcontext()
 
     def group_failure(self) -> str | None:
-        """Rank 0: why its TP group is broken (a step raised inside it; a keepalive ping failed), or None."""
-        return self.keepalive.error if self.keepalive is not None else None
+        """Rank 0: why its TP group is broken (a rank's process exited; a step raised inside the group; a
+        keepalive ping failed), or None."""
+        if self.keepalive is None:
+            return None
+        return (self._ranks_failed() if self._ranks_failed is not None else None) or self.keepalive.error
 
     # -- ranks > 0 ----------------------------------------------------------------------------
     def follow(self) -> None:

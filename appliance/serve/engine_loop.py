@@ -211,14 +211,14 @@ class EngineLoop:
         self.transport.release(room)
         self._quarantine(room, pending.pages)
 
-    def _end_transfer(self, rid: str, followers: bool = True) -> None:
+    def _end_transfer(self, rid: str) -> None:
         """A prefill leg's request is over: if its room was never signalled (the handoff knows), tell the decode
-        pools it wrote into that no more is coming (engine thread, between steps: every copy of it is already issued);
-        ``followers``: the other TP ranks too (never once the group is broken: it takes no more commands)."""
+        pools it wrote into that no more is coming, from every TP rank while the group is whole (engine thread,
+        between steps: every copy of it is already issued)."""
         transfer = self.transfers.pop(rid, None)
         if transfer is not None and self.engine.handoff is not None:
             try:
-                self.engine.handoff.abandon(transfer, followers and self.fatal is None)
+                self.engine.handoff.abandon(transfer)
             except Exception:  # the receiver still frees the pages at HANDOFF_QUIET_MAX_S
                 log.exception("abandoning room %s failed", transfer.room)
 
