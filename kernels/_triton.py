@@ -129,7 +129,9 @@ class LazyKernel:
     config when autotuning is off; ``interpret`` is the fixed meta-parameter dict used under the
     interpreter. Launch as ``kernel[grid](*args, **kw)``; a callable ``grid`` receives the
     meta-parameters (tuned or fixed) like with plain Triton. ``pdl``: the kernel has a ``USE_GDC``
-    constexpr (the module's note) and launches with PDL where :func:`pdl_enabled`.
+    constexpr (the module's note) and launches with PDL where :func:`pdl_enabled`. ``do_not_specialize``:
+    integer arguments whose value must not pick a new compile (Triton's own specializes on 1 and on
+    multiples of 16).
     """
 
     def __init__(
@@ -139,9 +141,11 @@ class LazyKernel:
         key: Sequence[str] = (),
         interpret: dict[str, Any] | None = None,
         pdl: bool = False,
+        do_not_specialize: Sequence[str] = (),
     ) -> None:
         self.fn = fn
         self.pdl = pdl
+        self.do_not_specialize = tuple(do_not_specialize)
         self.uses_pdl = False
         self.configs = list(configs)
         self.key = list(key)
@@ -155,7 +159,7 @@ class LazyKernel:
     def _build(self) -> None:
         if not HAS_TRITON:
             raise RuntimeError(f"{self.__name__}: triton is not installed; use the torch reference instead")
-        jitted = triton.jit(self.fn)
+        jitted = triton.jit(self.fn, do_not_specialize=self.do_not_specialize or None)
         configs = [c for c in self.configs if c is not None]
         self._compiled = jitted
         if interpreter_enabled():

@@ -118,9 +118,13 @@ def decode_attention_ref(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Triton: flash-decoding. Kernel 1 splits each request's context into NUM_SPLITS chunks and computes a
-# normalized partial output + log-sum-exp per (request, q head, split); kernel 2 merges the splits.
-# With NUM_SPLITS == 1 kernel 1 writes the final output directly and kernel 2 is skipped.
+# Triton: flash-decoding. Kernel 1 splits each request's context into as many chunks as its grid's third
+# dimension and computes a normalized partial output + log-sum-exp per (request, q head, split); kernel 2
+# merges the splits. Unsplit (one chunk) kernel 1 writes the final output directly and kernel 2 is skipped.
+# NOTE: the split count is a launch value, not a constexpr: every count runs the same two compiled kernels
+# (split or not), so an eager step that meets a new count compiles nothing while serving.
+
+MAX_SPLITS = 64  # the most chunks a context is cut into (the merge kernel's fixed block)
 
 _LOG2E = 1.4426950408889634
 
@@ -152,7 +156,7 @@ def _decode_partial_kernel(
     GROUP: tl.constexpr,
     PAGE_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
+    SPLIT: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     SOFTCAP: tl.constexpr,
@@ -173,7 +177,7 @@ def _decode_partial_kernel(
     kv_head = tl.program_id(1).to(tl.int64)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    split_len = tl.cdiv(tl.cdiv(seq_len, tl.num_programs(2)), BLOCK_N) * BLOCK_N
     start = split * split_len
     end = tl.minimum(start + split_len, seq_len)
 
@@ -231,7 +235,7 @@ def _decode_partial_kernel(
     o_mask = h_mask[:, None] & d_mask[None, :]
     o_offs = b * stride_o_b + head[:, None] * stride_o_h + split * stride_o_s + offs_d[None, :]
     tl.store(o_ptr + o_offs, out.to(o_ptr.dtype.element_ty), mask=o_mask)
-    if NUM_SPLITS > 1:
+    if SPLIT:
         lse = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))
         tl.store(lse_ptr + b * stride_lse_b + head * stride_lse_h + split, lse, mask=h_mask)
 
@@ -247,7 +251,7 @@ def _decode_reduce_kernel(
     stride_lse_h,
     stride_out_b,
     stride_out_h,
-    NUM_SPLITS: tl.constexpr,
+    num_splits,
     HEAD_DIM: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -261,7 +265,7 @@ def _decode_reduce_kernel(
     h = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < num_splits
     lse = tl.load(lse_ptr + b * stride_lse_b + h * stride_lse_h + offs_s, mask=s_mask, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
@@ -281,18 +285,17 @@ _decode_partial = LazyKernel(
     configs=[  # the first is the fixed GPU config when autotuning is off
         config(BLOCK_N=n, num_warps=w, num_stages=s) for n, w, s in ((64, 4, 2), (32, 4, 2), (128, 8, 2), (64, 8, 3))
     ],
-    key=["GROUP", "HEAD_DIM", "PAGE_SIZE", "NUM_SPLITS", "BLOCK_H"],
+    key=["GROUP", "HEAD_DIM", "PAGE_SIZE", "SPLIT", "BLOCK_H"],
     interpret={"BLOCK_N": 32},
     pdl=True,
 )
-_decode_reduce = LazyKernel(_decode_reduce_kernel, pdl=True)
+_decode_reduce = LazyKernel(_decode_reduce_kernel, pdl=True, do_not_specialize=("num_splits",))
 
 
 def default_num_splits(batch: int, kv_heads: int, max_context: int, device: torch.device) -> int:
     """Splits per request so ``batch * kv_heads * splits`` fills the GPU about 4 times over, with each
     split covering at least 256 tokens of the longest possible context (``max_context``), rounded down to
-    a power of two; 1 on CPU. The count is part of the kernel's compile key: eager decode, whose table
-    width follows the batch's longest context, then meets at most 7 counts, not one per width."""
+    a power of two, at most :data:`MAX_SPLITS`; 1 on CPU."""
     if device.type != "cuda":
         return 1
     return num_splits_for(batch, kv_heads, max_context, num_sms(device))
@@ -301,7 +304,7 @@ def default_num_splits(batch: int, kv_heads: int, max_context: int, device: torc
 def num_splits_for(batch: int, kv_heads: int, max_context: int, sms: int) -> int:
     """:func:`default_num_splits` on a GPU of ``sms`` multiprocessors (pure: CUDA graphs plan with it)."""
     want = -(-4 * sms // max(batch * kv_heads, 1))
-    return 1 << (max(1, min(want, -(-max_context // 256), 64)).bit_length() - 1)
+    return 1 << (max(1, min(want, -(-max_context // 256), MAX_SPLITS)).bit_length() - 1)
 
 
 def decode_attention(
@@ -328,7 +331,8 @@ def decode_attention(
     _, page_size, kv_heads, _ = k_cache.shape
     if num_splits is None:
         num_splits = default_num_splits(batch, kv_heads, page_table.shape[1] * page_size, device)
-    check(isinstance(num_splits, int) and num_splits >= 1, f"{op}: num_splits must be an int >= 1, got {num_splits}")
+    check(isinstance(num_splits, int) and 1 <= num_splits <= MAX_SPLITS,
+          f"{op}: num_splits must be an int in [1, {MAX_SPLITS}], got {num_splits}")
     check(softcap >= 0.0, f"{op}: softcap must be >= 0 (0: off), got {softcap}")
     out = torch.empty(q.shape, dtype=q.dtype, device=device)
     if batch == 0:
@@ -355,15 +359,15 @@ def decode_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         page_table.stride(0),
         *p_strides, *lse_strides,
-        GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+        GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=head_dim, SPLIT=num_splits > 1,
         UPCAST=interp, DOT_PRECISION=dot_precision(q.dtype), SOFTCAP=bool(softcap),
         BLOCK_H=block_h, BLOCK_D=block_d,
     )
     if num_splits > 1:
         _decode_reduce[(batch, q_heads)](
             partial, lse, out,
-            *partial.stride()[:3], *lse.stride()[:2], out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, HEAD_DIM=head_dim, BLOCK_S=next_pow2(num_splits), BLOCK_D=block_d,
+            *partial.stride()[:3], *lse.stride()[:2], out.stride(0), out.stride(1), num_splits,
+            HEAD_DIM=head_dim, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d,
         )
     return out
 

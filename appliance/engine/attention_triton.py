@@ -32,7 +32,7 @@ class TritonAttentionBackend:
         self.gemv_for: frozenset[tuple[int, int, int]] = frozenset()
         self.gemv_silu_mul_for: frozenset[tuple[int, int, int]] = frozenset()
         # Decode attention's split count: None picks it from the shapes; CUDA-graph decode fixes it
-        # per captured bucket (appliance.engine.decode_graphs), so serving never meets a new one.
+        # per captured bucket (appliance.engine.decode_graphs). Any count runs one of two compiles.
         self.decode_splits: int | None = None
         # NOTE: every layer of one forward pass gets the same ``extend_lens`` tensor; its host-side
         # metadata (start offsets, max length) is computed once and reused while the tensor is

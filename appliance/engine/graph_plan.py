@@ -62,6 +62,14 @@ class GraphPlan:
     def splits_for(self, bucket: int) -> int:
         return self.num_splits[self.buckets.index(bucket)]
 
+    @property
+    def unwarmed_splits(self) -> tuple[int, ...]:
+        """Split counts for start-up to run besides the buckets' own so both decode-attention compiles
+        exist (unsplit, split: any count >= 2 runs the same one, `kernels.decode_attention`): an eager
+        step (beyond the ladder, graphs off) may meet either, and must compile nothing while serving."""
+        split = any(n > 1 for n in self.num_splits)
+        return (() if 1 in self.num_splits else (1,)) + (() if split else (2,))
+
     def meta_len(self, bucket: int) -> int:
         """int64 values a step of ``bucket`` copies to the device."""
         return bucket * (4 + self.width)
@@ -80,7 +88,6 @@ def plan_graphs(max_running: int, max_model_len: int, page_size: int, kv_heads: 
         raise ValueError(f"max_model_len, kv_heads and sms must be >= 1, got {max_model_len}, {kv_heads}, {sms}")
     buckets = bucket_ladder(max_running, ladder)
     width = -(-max_model_len // page_size)
-    # NOTE: a power of two (num_splits_for rounds down): each distinct count is one more Triton compile.
     splits = tuple(num_splits_for(b, kv_heads, width * page_size, sms) for b in buckets)
     return GraphPlan(buckets, splits, width, page_size)
 

@@ -57,6 +57,16 @@ def test_splits_fixed_per_bucket_fill_the_gpu_and_shrink_with_batch() -> None:
     assert short.num_splits == (2, 2, 2)  # never more splits than 256-token chunks of the context
 
 
+def test_start_up_warms_the_decode_attention_compile_no_bucket_runs() -> None:
+    """Unsplit and split decode attention are two compiles (any count >= 2 shares one): whichever no
+    bucket's count runs, start-up runs with a count that picks it, so an eager step compiles nothing."""
+    assert GraphPlan((1, 2, 4, 8), (4, 4, 2, 2), 4, 16).unwarmed_splits == (1,)
+    assert GraphPlan((1, 2), (1, 1), 4, 16).unwarmed_splits == (2,)
+    assert GraphPlan((1, 256), (32, 1), 4, 16).unwarmed_splits == ()
+    assert plan_graphs(256, 8192, 16, 8, 132).unwarmed_splits == ()  # batch 256 at 8 KV heads: unsplit
+    assert plan_graphs(64, 8192, 16, 8, 132).unwarmed_splits == (1,)
+
+
 def test_plan_validation() -> None:
     with pytest.raises(ValueError):
         GraphPlan((2, 1), (1, 1), 4, 16)
@@ -174,7 +184,6 @@ def test_static_buffer_decode_equals_the_eager_step(backend: str) -> None:
     plan = plan_graphs(8, engine.max_model_len, 4, engine.model_config.num_kv_heads, sms=8)
     plan = dataclasses.replace(plan, num_splits=(4, 4, 2, 2))  # > 1: the kernel merges splits (70 tokens)
     static = DecodeGraphs(runner.model, engine.pool.kv, plan, scratch, use_graphs=False, warmup_context=8)
-    static.capture()  # warm-up only: writes just the scratch slot
     seen: list = []
     be = runner.model.backend
     real_decode = be.decode
@@ -184,9 +193,14 @@ def test_static_buffer_decode_equals_the_eager_step(backend: str) -> None:
         return real_decode(*args, **kwargs)
 
     be.decode = spy
+    static.capture()  # warm-up only: writes just the scratch slot
+    layers = engine.model_config.num_layers
+    if backend == "triton":  # buckets 8, 4, 2, 1, then unsplit: both decode-attention compiles
+        assert seen == [n for n in (2, 2, 4, 4, 1) for _ in range(layers)]
+    seen.clear()
     got = static.run(decode_rows(sb))
     be.decode = real_decode
-    assert seen == [2 if backend == "triton" else None] * engine.model_config.num_layers  # bucket 4's count
+    assert seen == [2 if backend == "triton" else None] * layers  # bucket 4's count
     if backend == "triton":
         assert be.decode_splits is None  # restored after the step
     assert got.shape == eager.shape

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -72,15 +74,49 @@ def test_default_num_splits():
     assert default_num_splits(64, 8, 4096, cpu) == 1
 
 
-def test_split_counts_are_few_powers_of_two():
-    """Eager decode picks its count from the step's table width, and each count is a compile: every
-    width and batch gives a power of two, at most 7 counts in all (1..64)."""
-    from kernels.decode_attention import num_splits_for
+def test_split_counts_are_powers_of_two_up_to_the_cap():
+    from kernels.decode_attention import MAX_SPLITS, num_splits_for
 
     seen = {num_splits_for(b, 8, w * 16, 132) for b in range(1, 300) for w in range(1, 2100, 13)}
-    assert seen == {1, 2, 4, 8, 16, 32, 64}
+    assert seen == {1, 2, 4, 8, 16, 32, 64} and max(seen) == MAX_SPLITS
     assert num_splits_for(4, 8, 8192, 132) == 16  # ceil(4 * 132 / 32) = 17, rounded down
     assert num_splits_for(1, 8, 300, 132) == 2  # never more than the context's 256-token chunks
+
+
+def test_every_split_count_launches_the_same_two_compiles(paged_kv, device, monkeypatch):
+    """Eager decode picks its count from the step's batch and table width: a count that picked a new
+    compile would compile (and autotune) while serving. Each count launches the unsplit kernel or the
+    split kernel and the merge with the same constexprs; the count itself is the grid and a runtime
+    argument Triton is told not to specialize on."""
+    from kernels._triton import LazyKernel
+
+    da = importlib.import_module("kernels.decode_attention")  # the package's name is the function
+
+    kv = paged_kv([40, 7], 2, 16, 4, torch.float32, device)
+    q = torch.randn(2, 4, 16).to(device)
+    seen: dict[str, set] = {}
+    original = LazyKernel.__getitem__
+
+    def spy(self, grid):
+        run = original(self, grid)
+
+        def launch(*args, **kwargs):
+            seen.setdefault(self.__name__, set()).add(tuple(sorted(kwargs.items())))
+            return run(*args, **kwargs)
+
+        return launch
+
+    monkeypatch.setattr(LazyKernel, "__getitem__", spy)
+    ref = decode_attention_ref(q.cpu(), *kv.for_ref(), kv.lens.cpu(), 0.25)
+    for n in (1, 2, 3, 8, 13, da.MAX_SPLITS):
+        out = decode_attention(q, kv.k_cache, kv.v_cache, kv.page_table, kv.lens, 0.25, num_splits=n)
+        torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
+    partial = sorted(dict(k)["SPLIT"] for k in seen["_decode_partial_kernel"])
+    assert partial == [False, True]  # one compile unsplit, one split: for 2..64 splits alike
+    assert len(seen["_decode_reduce_kernel"]) == 1
+    assert da._decode_reduce.do_not_specialize == ("num_splits",)
+    with pytest.raises(ValueError, match="num_splits"):
+        decode_attention(q, kv.k_cache, kv.v_cache, kv.page_table, kv.lens, 0.25, num_splits=da.MAX_SPLITS + 1)
 
 
 @pytest.mark.parametrize("q_heads,kv_heads", [(9, 3), (4, 4), (16, 8), (8, 1)])  # block-diagonal and per-head paths
