@@ -241,6 +241,7 @@ def measure(backend: str, pages: int, *, shape: Shape = Shape(), layout: str = "
             room = f"bench-{i}"
             conn.send(("expect", room))
             conn.recv()
+            tx.open(peer, room)  # as the handoff does before a step computes: the answer is back by layer 0
             conn.send(("wait", room))
             start_ns = time.monotonic_ns()
             for layer in range(shape.layers):
@@ -254,6 +255,7 @@ def measure(backend: str, pages: int, *, shape: Shape = Shape(), layout: str = "
                 room = f"bench-span-{i}"
                 conn.send(("expect", room))
                 conn.recv()
+                tx.open(peer, room)
 
                 def enqueue(room: str = room) -> None:
                     for layer in range(shape.layers):

@@ -21,7 +21,10 @@ Invariants every backend keeps:
   room's bytes are visible in its pool;
 - a room completes exactly once (DONE or FAILED), and never after its deadline has passed;
 - signals for rooms that were not ``expect``-ed (or were released) are dropped and counted;
-- a sender whose connection dies fails the rooms it had opened and not yet signalled.
+- a sender whose connection dies fails the rooms it had opened and not yet signalled;
+- a sender writes a room only once the receiver accepted it (pending, the sender recorded as a
+  writer), and stops when the receiver cancels it: a released room's pages are reused only after
+  every accepted writer signalled, closed or is gone.
 
 NOTE: shm, cuda_ipc and nvshmem write one-sided, straight into the receiver's pages; only tcp
 can refuse bytes for a room that is no longer expected. After a room FAILS on its deadline its
@@ -134,11 +137,18 @@ class KVTransport(ABC):
         not answer within ``timeout_s``.
         """
 
+    def open(self, peer: Peer, room: str) -> None:
+        """Ask ``peer`` ahead to let this rank write ``room`` (the receiver records the writer and answers),
+        so the first `write`, which waits for that answer, seldom waits. Sent once per room; optional."""
+        return None
+
     @abstractmethod
     def write(self, peer: Peer, room: str, layer: int, src_kv: torch.Tensor,
               src_pages: Sequence[int], dst_pages: Sequence[int]) -> None:
         """Copy this rank's head slice of K and V of ``layer`` from ``src_pages`` of ``src_kv`` into
-        ``dst_pages`` of the peer. May return before the bytes land; ordered per room.
+        ``dst_pages`` of the peer. May return before the bytes land; ordered per room. Writes nothing
+        until the receiver accepted the room (`open`), and raises `TransportError` when it refused or
+        cancelled it: the caller then abandons the room.
 
         Source pages may be reused as soon as this returns on CPU backends (shm copies in place,
         tcp stages); GPU backends copy on a transfer stream, ordered after the current stream, so

@@ -1,11 +1,13 @@
 """The control channel: a TCP listener on the receiver (ephemeral port, one reader thread per
 sender) and the sender's handshake. Every backend uses it for Hello/Open/Signal; tcp also
-carries page data over it."""
+carries page data over it. The receiver answers on the same socket (`Opened`, `Cancel`: small
+frames, sent under a per-connection lock with a send deadline; the sender's `Answers` reads them)."""
 
 from __future__ import annotations
 
 import itertools
 import socket
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ from nvshmem_kv.wire import Hello, HelloAck, Message, check_ack, expect_message,
 
 _ACCEPT_POLL_S = 0.2
 _SOCK_BUF = 4 << 20
+ANSWER_SEND_S = 10  # the longest an answer to a sender may block (a sender that reads nothing is dropped)
 MAX_CONNECTIONS = 1024          # senders per receiver (a prefill rank keeps one connection)
 
 
@@ -65,7 +68,7 @@ class ControlServer:
         self.port: int = self._sock.getsockname()[1]
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._conns: dict[int, tuple[socket.socket, threading.Thread]] = {}
+        self._conns: dict[int, tuple[socket.socket, threading.Thread, threading.Lock]] = {}
         self._ids = itertools.count(1)
         self._name = name
         self._thread = threading.Thread(target=self._accept_loop, name=f"kv-listen-{name}", daemon=True)
@@ -83,12 +86,12 @@ class ControlServer:
         self._sock.close()
         with self._lock:
             conns = list(self._conns.values())
-        for sock, _ in conns:
+        for sock, _, _ in conns:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        for _, thread in conns:
+        for _, thread, _ in conns:
             thread.join(timeout=max(0.0, end - time.monotonic()))
 
     def _accept_loop(self) -> None:
@@ -111,8 +114,27 @@ class ControlServer:
                 if self._stop.is_set():
                     sock.close()
                     return
-                self._conns[conn_id] = (sock, thread)
+                self._conns[conn_id] = (sock, thread, threading.Lock())
             thread.start()
+
+    def send(self, conn_id: int, msg: Message) -> bool:
+        """Send ``msg`` to one sender (any thread); False when that connection is gone or the send failed
+        (the connection is then shut down: its reader ends it, `ChannelHandler.on_closed`)."""
+        with self._lock:
+            entry = self._conns.get(conn_id)
+        if entry is None:
+            return False
+        sock, _, lock = entry
+        try:
+            with lock:
+                send_frame(sock, msg)
+        except OSError:  # reset, or the send deadline passed (SO_SNDTIMEO): a sender that reads nothing
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            return False
+        return True
 
     def _serve(self, conn_id: int, sock: socket.socket, addr: str) -> None:
         conn: ConnInfo | None = None
@@ -126,6 +148,7 @@ class ControlServer:
             if refusal is not None:
                 return
             sock.settimeout(None)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", ANSWER_SEND_S, 0))
             conn = ConnInfo(conn_id, hello.src, addr)
             while not self._stop.is_set():
                 msg, payload_len = recv_header(sock)

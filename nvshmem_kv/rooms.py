@@ -2,15 +2,15 @@
 
 Thread-safe: connection reader threads report opens, signals, closes and lost connections; the engine
 thread expects, polls, waits and releases. Every state change goes PENDING -> DONE | FAILED once.
-A released room whose writers had not all signalled or closed it stays *draining* until they have (or
-their connections are gone): one-sided writes may still be landing in its pages until then. A writer that
-opens a room after its release (a prefill step that began before it heard of the failure: a TP follower
-writes the whole step) makes it drain too, for ``late_open_s`` after the release (at least the receiver's
-own wait before it reuses a failed room's pages: 1 s in `appliance.serve.engine_loop`). Limits: an Open
-that comes after the receiver reused the pages protects nothing; a lost connection counts
-as a writer that stopped (a live sender whose socket dropped may still have copies queued); a room whose
-writer never answers drains until the bound on draining rooms evicts it (the decode side frees the pages
-at its own cap).
+
+A sender writes a room only after its Open was accepted here (`on_open`: the room was pending, and the
+sender is now one of its writers), so every writer of a room's pages is known. A released room whose
+writers had not all signalled or closed it stays *draining* until they have (or their connections are
+gone): one-sided writes may still be landing in its pages until then; `release` names those writers, whom
+the transport tells to stop (`Cancel`) and close the room. Limits: a lost connection counts as a writer
+that stopped (a live sender whose socket dropped may still have copies queued: the receiver's grace
+covers them); a room whose writer never answers drains until the bound on draining rooms evicts it (the
+decode side frees the pages at its own cap).
 """
 
 from __future__ import annotations
@@ -42,11 +42,8 @@ class _Room:
 class RoomTable:
     """All rooms one receiver knows about; unknown rooms are never stored."""
 
-    def __init__(self, max_rooms: int = 65536, clock: Callable[[], float] = time.monotonic,
-                 late_open_s: float = 10.0) -> None:
+    def __init__(self, max_rooms: int = 65536, clock: Callable[[], float] = time.monotonic) -> None:
         self._rooms: dict[str, _Room] = {}
-        self._released: dict[str, float] = {}             # recently released rooms -> when (oldest first)
-        self.late_open_s = late_open_s
         self._deadlines: list[tuple[float, str]] = []     # heap; stale entries skipped lazily
         self._completed: dict[str, None] = {}             # ordered set of finished, undrained rooms
         self._draining: dict[str, set[int]] = {}          # released rooms -> writers not done with them
@@ -118,23 +115,19 @@ class RoomTable:
             self._completed.clear()
             return out
 
-    def release(self, room: str) -> None:
+    def release(self, room: str) -> set[int]:
+        """Forget ``room``; returns its writers still busy with it (opened, neither signalled nor closed):
+        the room drains until each is done, and they should be told to stop."""
         with self._cond:
             r = self._rooms.pop(room, None)
             self._completed.pop(room, None)
-            if r is not None:
-                now = self._clock()
-                self._released.pop(room, None)
-                self._released[room] = now
-                while self._released and (now - next(iter(self._released.values())) >= self.late_open_s
-                                          or len(self._released) > self.max_rooms):
-                    del self._released[next(iter(self._released))]
             busy = r.busy_writers() if r is not None else set()
             if busy:
                 self._drain(room, busy)
             if len(self._deadlines) > 2 * len(self._rooms) + 1024:
                 self._deadlines = [(d, n) for d, n in self._deadlines if n in self._rooms]
                 heapq.heapify(self._deadlines)
+            return busy
 
     def quiet(self, room: str) -> bool:
         """False while a released room still has writers that neither signalled nor closed it."""
@@ -155,19 +148,19 @@ class RoomTable:
             r = self._rooms.get(room)
             return r is not None and r.status.pending
 
-    def on_open(self, room: str, conn_id: int) -> bool:
-        """Record a writer of ``room``; False when the room is unknown or no longer pending (a writer of a
-        failed room that is not yet released is recorded all the same: its writes may still land; one of a
-        room released within ``late_open_s`` makes it drain)."""
+    def on_open(self, room: str, conn_id: int) -> str:
+        """A sender asks to write ``room``: "" when it may (the room is pending; it is recorded as a writer,
+        so the room's pages stay out of circulation until it is done), else why not (unknown, released,
+        finished): it then writes nothing."""
         with self._cond:
+            self._expire()
             r = self._rooms.get(room)
             if r is None:
-                at = self._released.get(room)
-                if at is not None and self._clock() - at < self.late_open_s:
-                    self._drain(room, {conn_id})
-                return False
+                return "the room is unknown here or was given up"
+            if not r.status.pending:
+                return f"the room already {'completed' if r.status.done else 'failed: ' + r.status.reason}"
             r.writers.add(conn_id)
-            return r.status.pending
+            return ""
 
     def on_signal(self, room: str, conn_id: int, src_rank: int, payload: bytes) -> bool:
         """Record a signal; returns False (and counts it) when it was dropped."""

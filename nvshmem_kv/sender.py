@@ -84,6 +84,15 @@ class SendQueue:
                 self._cond.wait(remaining)
             self._raise_if_failed()
 
+    def fail(self, reason: str) -> None:
+        """The connection is known gone (its reader saw it end): fail the queue and drop what it holds."""
+        with self._cond:
+            if self.error is None and not self._closing:
+                self.error = reason
+            self._items.clear()
+            self._cond.notify_all()
+        _shutdown(self._sock)
+
     def close(self, timeout_s: float) -> None:
         """Send what is queued (up to ``timeout_s``), then close the socket and join the thread."""
         try:

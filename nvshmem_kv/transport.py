@@ -2,8 +2,12 @@
 per-peer ordered send queues, argument checks and counters. A backend only says how pages move
 (`_write_runs`, `_receive_write`) and how a pool is exported and opened.
 
-Threading: the sending methods of one transport (connect/write/signal/flush) are called from one
+Threading: the sending methods of one transport (connect/open/write/signal/flush) are called from one
 thread at a time (the engine's); the receiving methods are thread-safe.
+
+A sender writes nothing of a room before the receiver accepted its Open (`open` sends it ahead, `write`
+waits for the answer), and stops writing a room the receiver cancelled (released while it was busy with
+it), so one-sided copies never land in pages the receiver gave to another request (`nvshmem_kv.rooms`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from nvshmem_kv.answers import Answers
 from nvshmem_kv.base import KVTransport, Peer, RoomStatus, TransportStats
 from nvshmem_kv.channel import ConnInfo, ControlServer, open_channel
 from nvshmem_kv.copy_order import CopyOrder
@@ -32,10 +37,12 @@ from nvshmem_kv.sender import Fence, Outgoing, SendQueue
 from nvshmem_kv.wire import (
     MAX_SIGNAL_PAYLOAD,
     PROTOCOL_VERSION,
+    Cancel,
     Close,
     Hello,
     Message,
     Open,
+    Opened,
     Signal,
     Write,
     discard,
@@ -61,6 +68,7 @@ class ChannelPeer(Peer):
     def __init__(self, handle: PoolHandle, local: PoolDescriptor, slices: Sequence[HeadSlice]) -> None:
         super().__init__(handle, local, slices)
         self.queue: SendQueue | None = None
+        self.answers: Answers | None = None               # what the receiver says back (Opened, Cancel)
         self.remote_pool: torch.Tensor | None = None      # shm / cuda_ipc: the peer's pool, mapped here
         self.closer: Callable[[], None] | None = None     # releases what `_open_peer` mapped
         self.opened: OrderedDict[str, None] = OrderedDict()
@@ -80,8 +88,10 @@ class ChannelTransport(KVTransport):
     accepts_data_frames: ClassVar[bool] = False
 
     def __init__(self, *, run_id: str = "", host: str = "127.0.0.1", advertise_host: str | None = None,
-                 max_rooms: int = 65536, send_timeout_s: float = 30.0, max_queue: int = 64) -> None:
+                 max_rooms: int = 65536, send_timeout_s: float = 30.0, max_queue: int = 64,
+                 answer_timeout_s: float = 10.0) -> None:
         self.run_id = safe_run_id(run_id)
+        self._answer_timeout_s = answer_timeout_s
         self._host = host
         self._advertise = advertise_host or (socket.getfqdn() if host in ("", "0.0.0.0", "::") else host)
         self._send_timeout_s = send_timeout_s
@@ -168,9 +178,18 @@ class ChannelTransport(KVTransport):
             self._unmap(peer)
             raise
         peer.queue = SendQueue(sock, f"{self.name}-{self.run_id}", self._max_queue)
+        peer.answers = Answers(sock, f"{self.name}-{self.run_id}", peer.queue.fail, _OPENED_MEMORY)
         with self._lock:
             self._peers.append(peer)
         return peer
+
+    def open(self, peer: Peer, room: str) -> None:
+        p = self._peer(peer)
+        if room not in p.opened:
+            p.send(Outgoing(Open(room)), self._send_timeout_s)
+            p.opened[room] = None
+            if len(p.opened) > _OPENED_MEMORY:
+                p.opened.popitem(last=False)
 
     def write(self, peer: Peer, room: str, layer: int, src_kv: torch.Tensor,
               src_pages: Sequence[int], dst_pages: Sequence[int]) -> None:
@@ -180,7 +199,9 @@ class ChannelTransport(KVTransport):
         runs = self._runs(p, room, src_pages, dst_pages)
         if not runs or not p.slices:
             return
-        self._announce(p, room)
+        self.open(p, room)
+        if p.answers is not None:
+            p.answers.wait_accepted(room, self._answer_timeout_s)
         if self._order is not None:
             self._order.before_copy(self._compute_stream())
         moved = self._write_runs(p, room, layer, src_kv, runs)
@@ -195,20 +216,17 @@ class ChannelTransport(KVTransport):
         if len(payload) > MAX_SIGNAL_PAYLOAD:
             raise TransportError(f"signal payload is {len(payload)} B; the limit is {MAX_SIGNAL_PAYLOAD} B")
         p.send(Outgoing(self._signal_message(p, room), [bytes(payload)], self._signal_fence(p)), self._send_timeout_s)
-        p.opened.pop(room, None)
-        p.runs.pop(room, None)
-        p.kernel_plans.pop(room, None)
+        self._forget(p, room)
         with self._lock:
             self._counts["signals_sent"] += 1
 
     def abandon(self, peer: Peer, room: str) -> None:
         p = self._peer(peer)
-        p.runs.pop(room, None)
-        p.kernel_plans.pop(room, None)
-        if room not in p.opened:  # nothing of it went to this peer (or so long ago its Open aged out)
+        opened = room in p.opened
+        self._forget(p, room)
+        if not opened:  # nothing of it went to this peer (or so long ago its Open aged out)
             return
         p.send(Outgoing(Close(room), (), self._signal_fence(p)), self._send_timeout_s)
-        p.opened.pop(room, None)
 
     def fence_compute(self) -> None:
         if self._order is not None:
@@ -237,6 +255,8 @@ class ChannelTransport(KVTransport):
         if p.queue is not None:
             p.queue.close(timeout_s)
             p.queue = None
+        if p.answers is not None:
+            p.answers.stop(timeout_s)
         self._unmap(p)
 
     # -- receiving (decode side) ----------------------------------------------------------
@@ -261,7 +281,10 @@ class ChannelTransport(KVTransport):
         self._rooms.on_finish = fn
 
     def release(self, room: str) -> None:
-        self._rooms.release(room)
+        busy = self._rooms.release(room)
+        server = self._server
+        for conn_id in busy if server is not None else ():  # stop writing; Close it behind what you wrote
+            server.send(conn_id, Cancel(room))
 
     def quiet(self, room: str) -> bool:
         return self._rooms.quiet(room)
@@ -306,7 +329,10 @@ class ChannelTransport(KVTransport):
         if payload_len:
             raise ProtocolError(f"{type(msg).__name__} frames carry no payload")
         if isinstance(msg, Open):
-            self._rooms.on_open(msg.room, conn.id)
+            why = self._rooms.on_open(msg.room, conn.id)
+            server = self._server
+            if server is not None:
+                server.send(conn.id, Opened(msg.room, ok=not why, error=why))
             return
         if isinstance(msg, Close):
             self._rooms.on_close(msg.room, conn.id)
@@ -387,10 +413,10 @@ class ChannelTransport(KVTransport):
                 p.kernel_plans.popitem(last=False)
         return kernel_copy(src_kv, p.local, p.remote, plan, layer)
 
-    def _announce(self, p: ChannelPeer, room: str) -> None:
-        if room in p.opened:
-            return
-        p.send(Outgoing(Open(room)), self._send_timeout_s)
-        p.opened[room] = None
-        if len(p.opened) > _OPENED_MEMORY:
-            p.opened.popitem(last=False)
+    @staticmethod
+    def _forget(p: ChannelPeer, room: str) -> None:
+        p.opened.pop(room, None)
+        p.runs.pop(room, None)
+        p.kernel_plans.pop(room, None)
+        if p.answers is not None:
+            p.answers.forget(room)

@@ -16,7 +16,7 @@ import msgspec
 from nvshmem_kv.descriptor import PoolDescriptor
 from nvshmem_kv.errors import ProtocolError, TransportError
 
-PROTOCOL_VERSION = 2  # 2: `Close`
+PROTOCOL_VERSION = 3  # 2: `Close`; 3: `Opened`, `Cancel` (the receiver answers)
 PREFIX = struct.Struct("!IQ")
 MAX_HEADER_BYTES = 1 << 20
 MAX_SIGNAL_PAYLOAD = 1 << 20
@@ -39,7 +39,26 @@ class HelloAck(msgspec.Struct, frozen=True, tag="ack"):
 
 
 class Open(msgspec.Struct, frozen=True, tag="open"):
-    """The sender starts writing ``room``: if its connection dies now, the room fails."""
+    """The sender asks to write ``room``; it writes nothing before the receiver's `Opened` accepts it.
+    Once accepted, the receiver keeps the room's pages until this sender signals or closes the room
+    (or its connection is gone), and if its connection dies while the room is pending, the room fails."""
+
+    room: str
+
+
+class Opened(msgspec.Struct, frozen=True, tag="opened"):
+    """Receiver -> sender: the answer to an `Open`. ``ok``: the room is pending and this sender is
+    recorded as its writer; otherwise ``error`` says why not (unknown, released, failed) and the
+    sender must not write it."""
+
+    room: str
+    ok: bool
+    error: str = ""
+
+
+class Cancel(msgspec.Struct, frozen=True, tag="cancel"):
+    """Receiver -> sender: the receiver gave ``room`` up (failed, aborted) while this sender had opened
+    it: write no more of it, and `Close` it (behind the writes already made) so its pages go back."""
 
     room: str
 
@@ -73,7 +92,7 @@ class Signal(msgspec.Struct, frozen=True, tag="signal"):
     src_pe: int = -1
 
 
-Message = Hello | HelloAck | Open | Close | Write | Signal
+Message = Hello | HelloAck | Open | Opened | Cancel | Close | Write | Signal
 M = TypeVar("M", Hello, HelloAck)
 
 _encoder = msgspec.msgpack.Encoder()

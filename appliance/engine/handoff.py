@@ -9,8 +9,6 @@ carries the first sampled token.
 from __future__ import annotations
 
 import logging
-import select
-import socket
 import sys
 from collections import OrderedDict
 from collections.abc import Callable
@@ -119,6 +117,21 @@ class _Sender:
                         self.started.popitem(last=False)
                 break
 
+    def open(self, plans: list[StepPlan]) -> None:
+        """Ask the pools of the step's new rooms ahead of its first write (`KVTransport.open`): their
+        answers come back while layer 0 computes, and the write waits only for what has not. A failure
+        here is left to the write, which reconnects or fails the room."""
+        self.forget_broken(list(self.peers))
+        for p in plans:
+            if not p.src or p.room in self.started:
+                continue
+            try:
+                for peer in self.peers_for(p.handles):
+                    if peer.slices:
+                        self.transport.open(peer, p.room)
+            except (TransportError, OSError):
+                pass
+
     def signal(self, handles: list[str], room: str, payload: bytes) -> None:
         self.started.pop(room, None)
         try:
@@ -170,27 +183,15 @@ class _Sender:
 
 
 def _alive(peer: Peer) -> bool:
-    """False once a peer's connection is known dead: its send queue failed, or the receiver closed the
-    control socket (it never sends after the handshake, so readable EOF means gone: a restarted decode).
+    """False once a peer's connection is known dead: its send queue failed, or its answer reader saw the
+    receiver close the control socket (a restarted decode) and failed the queue.
 
-    NOTE: reads `ChannelPeer.queue` and `SendQueue._sock` of nvshmem_kv; a backend without them counts
-    as alive (its failures still surface on the next write)."""
+    NOTE: reads `ChannelPeer.queue` of nvshmem_kv; a backend without one counts as alive (its failures
+    still surface on the next write)."""
     queue = getattr(peer, "queue", None)
-    if queue is None or queue.error is not None:
-        return False
-    sock = getattr(queue, "_sock", None)
-    if sock is None:
-        return True
-    try:
-        poller = select.poll()
-        poller.register(sock, select.POLLIN)
-        if not poller.poll(0):  # NOTE: never recv() unpolled: a socket with a timeout would wait for it
-            return True
-        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-    except BlockingIOError:
-        return True
-    except (OSError, ValueError):
-        return False
+    if queue is None:
+        return not hasattr(peer, "queue")
+    return queue.error is None
 
 
 class PrefillHandoff:
@@ -226,6 +227,7 @@ class PrefillHandoff:
             t.sent_pages = end // self.page_size
         if not plans:
             return None, b""
+        self.sender.open(plans)
         failed: dict[str, str] = {}
 
         def hook(layer: int) -> None:
@@ -302,6 +304,7 @@ class FollowerHandoff:
 
     def plan_step(self, extra: bytes, kv: torch.Tensor) -> tuple[Callable[[int], None], Callable[[], None]]:
         plans = msgspec.json.decode(extra, type=list[StepPlan])
+        self.sender.open(plans)
         failed: dict[str, str] = {}
 
         def hook(layer: int) -> None:

@@ -47,6 +47,7 @@ def test_kernel_copy_refuses_partial_head_slices(receivers: list[nk.KVTransport]
     receivers += [rx, tx]
     pool = rx.allocate_pool(dst)
     peer = tx.connect(rx.register_pool(pool, dst), make_desc(4, heads=2, tp_rank=1, tp_size=2))
+    rx.expect("p", 1, 10.0)
     with pytest.raises(nk.TransportError, match="whole pages"):
         tx.write(peer, "p", 0, torch.zeros(peer.local.shape, dtype=torch.bfloat16), [0], [0])
     with pytest.raises(ValueError, match="copy"):

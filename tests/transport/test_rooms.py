@@ -47,11 +47,12 @@ def test_unknown_and_released_rooms_are_dropped_without_growth() -> None:
     t = RoomTable()
     for i in range(1000):
         assert not t.on_signal(f"ghost-{i}", 1, 0, b"x")
-        assert not t.on_open(f"ghost-{i}", 1)
+        assert "unknown" in t.on_open(f"ghost-{i}", 1)
     assert t.signals_dropped == 1000 and not t._rooms
     t.expect("r", 1, 5.0)
     t.release("r")
     assert not t.on_signal("r", 1, 0, b"x")
+    assert "given up" in t.on_open("r", 1) and t.quiet("r")
     with pytest.raises(TransportError, match="never expected"):
         t.poll("r")
 
@@ -128,7 +129,7 @@ def test_on_finish_is_called_once_per_room_that_leaves_pending() -> None:
     t.expect("ok", 1, 5.0)
     t.expect("late", 1, 1.0)
     t.expect("cut", 1, 5.0)
-    assert t.on_open("cut", 9)
+    assert t.on_open("cut", 9) == ""
     assert t.on_signal("ok", 1, 0, b"x") and calls == [1]
     assert not t.on_signal("ok", 1, 0, b"again") and calls == [1]     # a duplicate finishes nothing
     t.on_conn_lost(9, "gone")
@@ -171,7 +172,7 @@ def test_a_released_room_drains_until_each_writer_is_done_with_it() -> None:
     writer that opened it signalled it, gave it up (Close) or lost its connection."""
     t = RoomTable()
     t.expect("r", 2, 5.0)
-    assert t.on_open("r", 1) and t.on_open("r", 2) and t.on_open("r", 3)
+    assert t.on_open("r", 1) == t.on_open("r", 2) == t.on_open("r", 3) == ""
     assert t.on_signal("r", 1, 0, b"")
     t.on_close("r", 2)  # a writer gives up: the room fails now, not at its deadline
     st = t.poll("r")
@@ -186,8 +187,8 @@ def test_a_close_or_late_signal_after_release_ends_the_drain() -> None:
     t = RoomTable()
     for room in ("a", "b", "c"):
         t.expect(room, 1, 5.0)
-        assert t.on_open(room, 4)
-        t.release(room)
+        assert t.on_open(room, 4) == ""
+        assert t.release(room) == {4}  # the writer still busy with it: the transport cancels it there
         assert not t.quiet(room)
     t.on_close("a", 4)
     assert not t.on_signal("b", 4, 0, b"late")  # dropped as before, but the writer is done
@@ -195,7 +196,7 @@ def test_a_close_or_late_signal_after_release_ends_the_drain() -> None:
     t.on_close("c", 9)  # another connection's close says nothing of writer 4
     assert not t.quiet("c")
     t.expect("late", 1, 5.0)
-    assert t.on_open("late", 5)
+    assert t.on_open("late", 5) == ""
     t.on_close("late", 6)  # not a writer of it: nothing changes
     t.fail_all("deadline")
     assert not t.on_signal("late", 5, 0, b"")  # after the room failed: dropped, yet the writer is done
@@ -203,11 +204,8 @@ def test_a_close_or_late_signal_after_release_ends_the_drain() -> None:
     assert t.quiet("late")
     t.expect("failed-first", 1, 5.0)
     t.fail_all("deadline")
-    assert not t.on_open("failed-first", 8)  # it opens a room that already failed: its writes may still land
-    t.release("failed-first")
-    assert not t.quiet("failed-first")
-    t.on_conn_lost(8, "gone")
-    assert t.quiet("failed-first")
+    assert t.on_open("failed-first", 8) == "the room already failed: deadline"  # refused: it writes nothing
+    assert t.release("failed-first") == set() and t.quiet("failed-first")
     t.expect("none", 1, 5.0)
     t.release("none")
     assert t.quiet("none")  # nobody began writing it
@@ -215,32 +213,22 @@ def test_a_close_or_late_signal_after_release_ends_the_drain() -> None:
     assert t.draining_count() == 1
 
 
-def test_a_writer_that_opens_a_room_soon_after_its_release_makes_it_drain() -> None:
-    """A prefill step that began before it heard of the failure opens the room late (a TP follower writes
-    the whole step): its one-sided writes may land, so the pages wait for its Close. Long after the
-    release (the decode side has freed the pages at its own cap) an Open is only dropped."""
+def test_an_open_is_accepted_only_while_the_room_is_pending() -> None:
+    """A writer that asks late (a prefill step that began before it heard of the failure) is refused and
+    recorded nowhere: it writes nothing, so the pages wait for nobody. A room past its deadline is
+    refused on the Open itself, before any poll noticed the deadline."""
     clock = Clock()
-    t = RoomTable(clock=clock, late_open_s=10.0)
+    t = RoomTable(clock=clock)
     t.expect("r", 2, 5.0)
-    t.fail_all("deadline")
-    t.release("r")
-    assert t.quiet("r")  # nobody had begun writing it
-    clock.now += 2.0
-    assert not t.on_open("r", 7)  # dropped as before (the room is gone), but counted as a writer
-    assert not t.quiet("r") and t.draining_count() == 1
-    t.on_close("r", 7)  # the leg abandoned it: its writes have landed
+    assert t.on_open("r", 1) == ""
+    clock.now += 6.0
+    assert t.on_open("r", 2).startswith("the room already failed: deadline passed")
+    assert t.release("r") == {1} and t.draining_count() == 1  # only the writer it accepted
+    assert "given up" in t.on_open("r", 3)
+    t.on_close("r", 1)
     assert t.quiet("r")
-    t.expect("s", 1, 5.0)
-    t.release("s")
-    clock.now += 10.0
-    assert not t.on_open("s", 7) and t.quiet("s")
-    for i in range(50):  # remembered for late_open_s only
-        t.expect(f"x{i}", 1, 5.0)
-        t.release(f"x{i}")
-    clock.now += 11.0
-    t.expect("y", 1, 5.0)
-    t.release("y")
-    assert list(t._released) == ["y"]
+    t.expect("d", 1, 5.0)
+    assert t.on_signal("d", 4, 0, b"") and t.on_open("d", 5) == "the room already completed"
 
 
 def test_draining_rooms_are_bounded() -> None:
