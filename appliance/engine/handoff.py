@@ -3,7 +3,9 @@
 Rank 0 (:class:`PrefillHandoff`) plans every step from the scheduled batch; the plan travels to the
 other TP ranks with the batch, where :class:`FollowerHandoff` pushes their own head slices. Every
 rank that owns heads for a decode rank signals it once the prompt is complete; rank 0's signal
-carries the first sampled token.
+carries the first sampled token. A rank writes a room only once its decode pool accepted it (the Open
+goes out as the leg arrives on rank 0, as the step begins on the others; `nvshmem_kv.transport`), and
+a room the pool refused or cancelled fails on this side instead.
 """
 
 from __future__ import annotations
@@ -117,18 +119,18 @@ class _Sender:
                         self.started.popitem(last=False)
                 break
 
-    def open(self, plans: list[StepPlan]) -> None:
-        """Ask the pools of the step's new rooms ahead of its first write (`KVTransport.open`): their
-        answers come back while layer 0 computes, and the write waits only for what has not. A failure
-        here is left to the write, which reconnects or fails the room."""
+    def open(self, rooms: list[tuple[str, list[str]]]) -> None:
+        """Ask the pools of these (room, handles) ahead of their first write (`KVTransport.open`): the
+        answers come back while the request queues or layer 0 computes, and the write waits only for what
+        has not. A failure here is left to the write, which reconnects or fails the room."""
         self.forget_broken(list(self.peers))
-        for p in plans:
-            if not p.src or p.room in self.started:
+        for room, handles in rooms:
+            if room in self.started:
                 continue
             try:
-                for peer in self.peers_for(p.handles):
+                for peer in self.peers_for(handles):
                     if peer.slices:
-                        self.transport.open(peer, p.room)
+                        self.transport.open(peer, room)
             except (TransportError, OSError):
                 pass
 
@@ -227,7 +229,7 @@ class PrefillHandoff:
             t.sent_pages = end // self.page_size
         if not plans:
             return None, b""
-        self.sender.open(plans)
+        self.sender.open([(p.room, p.handles) for p in plans if p.src])
         failed: dict[str, str] = {}
 
         def hook(layer: int) -> None:
@@ -243,6 +245,11 @@ class PrefillHandoff:
 
         extra = msgspec.json.encode(plans) if self.tp_size > 1 else b""
         return hook, extra
+
+    def open(self, t: Transfer) -> None:
+        """A prefill leg arrived: ask its decode pools now, so their answers are back before its first
+        write (rank 0's connections; the other TP ranks ask as their step begins)."""
+        self.sender.open([(t.room, t.handles)])
 
     def after_first_token(self, req: Request, token: int, logprob: dict | None) -> None:
         t: Transfer | None = req.transfer
@@ -304,7 +311,7 @@ class FollowerHandoff:
 
     def plan_step(self, extra: bytes, kv: torch.Tensor) -> tuple[Callable[[int], None], Callable[[], None]]:
         plans = msgspec.json.decode(extra, type=list[StepPlan])
-        self.sender.open(plans)
+        self.sender.open([(p.room, p.handles) for p in plans if p.src])
         failed: dict[str, str] = {}
 
         def hook(layer: int) -> None:

@@ -156,6 +156,8 @@ class EngineLoop:
                 req.prefill_only = True
                 req.transfer = transfer
                 self.transfers[rid] = transfer
+                if self.engine.handoff is not None:
+                    self.engine.handoff.open(transfer)
 
         self.inbox.put(add)
         return q

@@ -100,3 +100,34 @@ def test_rooms_begun_on_a_dropped_connection_never_go_out_on_a_new_one() -> None
     finally:
         tx.close()
         rx.close()
+
+
+def test_a_leg_asks_for_its_room_on_arrival_and_writes_nothing_of_a_room_given_up() -> None:
+    """`PrefillHandoff.open` on arrival (the engine loop calls it): from then on the decode pool counts this
+    rank as the room's writer. A room the receiver gave up since is cancelled: the step writes none of it,
+    and the leg's abandon (its Close) is what frees the pages. A room the receiver never had is refused."""
+    rx, tx, pool, handle, handoff = _setup()
+    try:
+        rx.expect("room", 1, 30.0)
+        req = _request("room", handle, [0, 1, 2, 3], [4, 5, 6, 7])
+        handoff.open(req.transfer)
+        peer = handoff.sender.peers[handle]
+        peer.answers.wait_accepted("room", 10.0)
+        rx.release("room")  # the decode side gives the room up (its lease, an abort) before the step
+        assert not rx.quiet("room")  # the writer it accepted may be writing
+        end = time.monotonic() + 10
+        while not peer.answers.cancelled("room") and time.monotonic() < end:
+            time.sleep(0.01)
+        _step(handoff, [req], 0, 16)
+        assert "gave room 'room' up" in req.transfer.error and tx.stats().writes == 0 and not pool.any()
+        handoff.abandon(req.transfer)
+        end = time.monotonic() + 10
+        while not rx.quiet("room") and time.monotonic() < end:
+            time.sleep(0.01)
+        assert rx.quiet("room")
+        ghost = _request("ghost", handle, [0, 1, 2, 3], [8, 9, 10, 11])
+        _step(handoff, [ghost], 0, 16)
+        assert "refused room 'ghost'" in ghost.transfer.error and tx.stats().writes == 0 and not pool.any()
+    finally:
+        tx.close()
+        rx.close()

@@ -43,3 +43,31 @@ def test_a_reservation_waits_for_the_engines_own_copies_and_a_late_one_reserves_
         receiver.close()
         engine.shutdown()
     assert len(seen) == 2
+
+
+def test_a_prefill_leg_asks_for_its_room_as_it_arrives(tiny_model) -> None:
+    """The engine thread sends a leg's Open when it takes the request, before any step: the decode pool's
+    answer is back while the request queues, and the pages count this writer from then on."""
+    from appliance.engine.handoff import Transfer
+
+    engine = Engine(str(tiny_model), EngineConfig(dtype="float32", page_size=4, num_pages=64))
+    sender, receiver = nk.create("fake", run_id="send"), nk.create("fake", run_id="recv")
+    engine.handoff = PrefillHandoff(sender, engine.pool.kv, engine.model_config.num_kv_heads, 4)
+    desc = nk.PoolDescriptor.from_tensor(engine.pool.kv, engine.model_config.num_kv_heads)
+    handle = receiver.register_pool(receiver.allocate_pool(desc), desc).to_json().decode()
+    aio = asyncio.new_event_loop()
+    try:
+        loop = EngineLoop(engine, aio, None)
+        receiver.expect("room", 1, 30.0)
+        loop.submit("leg", [5, 6, 7, 8, 9], SamplingParams(max_tokens=1), Transfer("room", [handle], [1, 2]))
+        loop.inbox.get_nowait()()  # the engine thread's command: add the request (no step runs)
+        assert not engine.scheduler.running and engine.has_unfinished()
+        peer = engine.handoff.sender.peers[handle]
+        peer.answers.wait_accepted("room", 10.0)  # asked and accepted before any step
+        receiver.release("room")
+        assert not receiver.quiet("room")
+    finally:
+        aio.close()
+        engine.handoff.close()
+        receiver.close()
+        engine.shutdown()
