@@ -148,6 +148,7 @@ def _decode_partial_kernel(
     stride_v_slot,
     stride_v_head,
     stride_pt_b,
+    stride_pt_n,
     stride_o_b,
     stride_o_h,
     stride_o_s,
@@ -201,7 +202,7 @@ def _decode_partial_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_mask = offs_n < end
-        page = tl.load(pt_row + offs_n // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        page = tl.load(pt_row + (offs_n // PAGE_SIZE) * stride_pt_n, mask=n_mask, other=0).to(tl.int64)
         slot = (offs_n % PAGE_SIZE).to(tl.int64)
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(
@@ -288,6 +289,9 @@ _decode_partial = LazyKernel(
     key=["GROUP", "HEAD_DIM", "PAGE_SIZE", "SPLIT", "BLOCK_H"],
     interpret={"BLOCK_N": 32},
     pdl=True,
+    # NOTE: an eager step's table is row-major, a graph's column-major (appliance.engine.graph_plan): one
+    # compile for both, whatever the strides' values (Triton would specialize on 1 and multiples of 16)
+    do_not_specialize=("stride_pt_b", "stride_pt_n"),
 )
 _decode_reduce = LazyKernel(_decode_reduce_kernel, pdl=True, do_not_specialize=("num_splits",))
 
@@ -321,7 +325,8 @@ def decode_attention(
 
     ``num_splits`` (default: :func:`default_num_splits`, decided from shapes only, so no host sync)
     is how many chunks each request's context is cut into; the chunks are merged by a second kernel.
-    ``q`` may be a strided view with a unit-stride last dim; ``page_table`` rows must be unit-stride.
+    ``q`` may be a strided view with a unit-stride last dim; ``page_table`` may have any strides (CUDA
+    graphs keep it column-major, so a step copies only the columns its contexts reach).
     """
     op = "decode_attention"
     device = check_device(op, q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table, seq_lens=seq_lens)
@@ -357,7 +362,7 @@ def decode_attention(
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        page_table.stride(0),
+        page_table.stride(0), page_table.stride(1),
         *p_strides, *lse_strides,
         GROUP=group, PAGE_SIZE=page_size, HEAD_DIM=head_dim, SPLIT=num_splits > 1,
         UPCAST=interp, DOT_PRECISION=dot_precision(q.dtype), SOFTCAP=bool(softcap),
@@ -403,7 +408,6 @@ def check_attention_inputs(
     check(kv_heads > 0 and q_heads % kv_heads == 0,
           f"{op}: q_heads ({q_heads}) must be a multiple of kv_heads ({kv_heads})")
     check_index_tensor(op, "page_table", page_table, 2)
-    check(page_table.shape[1] <= 1 or page_table.stride(1) == 1, f"{op}: page_table rows must be unit-stride")
     check_index_tensor(op, lens_name, lens, 1)
     check(lens.is_contiguous(), f"{op}: {lens_name} must be contiguous")
     check(lens.shape[0] == page_table.shape[0],

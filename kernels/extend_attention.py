@@ -237,6 +237,7 @@ def extend_attention(
     device = check_device(op, q=q, k_cache=k_cache, v_cache=v_cache, page_table=page_table,
                           prefix_lens=prefix_lens, extend_lens=extend_lens)
     check_attention_inputs(op, q, k_cache, v_cache, page_table, extend_lens, "extend_lens")
+    check(page_table.shape[1] <= 1 or page_table.stride(1) == 1, f"{op}: page_table rows must be unit-stride")
     check_index_tensor(op, "prefix_lens", prefix_lens, 1)
     check(prefix_lens.is_contiguous() and prefix_lens.shape == extend_lens.shape,
           f"{op}: prefix_lens must be contiguous with extend_lens' shape {tuple(extend_lens.shape)}, "

@@ -3,10 +3,13 @@
 Pure host logic (tested on CPU); :mod:`appliance.engine.decode_graphs` captures and replays.
 
 Every captured graph reads its step metadata from one flat int64 device buffer laid out for its
-bucket ``B`` as ``[ids B | positions B | slots B | seq_lens B | page table B x width]`` from offset 0,
-so a step is ONE host-to-device copy of ``4B + n*width`` values (``n`` real rows) from a pinned buffer
-of the same layout. Padded rows (``n <= row < B``) feed token 0 at position 0 into a scratch slot with
-``seq_len`` 0: attention reads nothing for them and their logits are dropped.
+bucket ``B`` as ``[ids B | positions B | slots B | seq_lens B | page table width x B]`` from offset 0,
+the table column-major (entry ``j`` of every row together), so a step is ONE host-to-device copy of
+``4B + B*k`` values from a pinned buffer of the same layout, ``k`` the most pages a real row of the
+step reaches: the table's width follows ``max_model_len``, the copy only the contexts in flight (a
+128K-token limit with 1K-token contexts: 64 columns of 8192). Padded rows (``n <= row < B``) feed
+token 0 at position 0 into a scratch slot with ``seq_len`` 0: attention reads nothing for them and their
+logits are dropped.
 """
 
 from __future__ import annotations
@@ -71,7 +74,7 @@ class GraphPlan:
         return (() if 1 in self.num_splits else (1,)) + (() if split else (2,))
 
     def meta_len(self, bucket: int) -> int:
-        """int64 values a step of ``bucket`` copies to the device."""
+        """int64 values of a ``bucket`` step's layout (a step copies a prefix of it, `fill_meta`)."""
         return bucket * (4 + self.width)
 
     @property
@@ -120,11 +123,11 @@ class TableMemo:
 def fill_meta(buf: torch.Tensor, plan: GraphPlan, bucket: int, rows: Sequence[DecodeRow], scratch_slot: int,
               memo: TableMemo | None = None) -> int:
     """Write ``rows`` padded to ``bucket`` into the int64 CPU tensor ``buf`` (the layout above); returns
-    how many leading values the step must copy: the four vectors and the real rows' table (a padded row's
-    ``seq_len`` is 0, so its table row is never read). Page-table entries past a row's pages are left as
-    they were: the kernel never reads past ``seq_len``. With ``memo`` (which only this function may
-    keep, over one buffer that nothing else writes), a row whose pages list it already copied gets
-    only the entries appended since."""
+    how many leading values the step must copy: the four vectors and the table's columns up to the most
+    pages a real row needs (a padded row's ``seq_len`` is 0, so its entries are never read). Entries past
+    a row's pages are left as they were: the kernel never reads past ``seq_len``. With ``memo`` (which
+    only this function may keep, over one buffer that nothing else writes), a row whose pages list it
+    already copied gets only the entries appended since."""
     n, w, ps = len(rows), plan.width, plan.page_size
     if not 1 <= n <= bucket:
         raise ValueError(f"{n} requests do not fit bucket {bucket}")
@@ -132,10 +135,11 @@ def fill_meta(buf: torch.Tensor, plan: GraphPlan, bucket: int, rows: Sequence[De
     if buf.dtype != torch.int64 or buf.dim() != 1 or buf.numel() < used:
         raise ValueError(f"metadata buffer must be 1-D int64 with >= {used} values")
     arr = buf.numpy()  # NOTE: numpy row writes cost ~1 us; torch indexing ~5 us a row, 1.3 ms at B=256
-    table = arr[4 * bucket:used].reshape(bucket, w)
+    table = arr[4 * bucket:used].reshape(w, bucket)  # column-major: table[j, i] is row i's page j
     if memo is not None and memo.bucket != bucket:
         memo.bucket, memo.rows = bucket, [(None, 0)] * bucket
     tok_l, pos_l, slot_l, len_l = [], [], [], []
+    cols = 0
     for i, r in enumerate(rows):
         need = r.position // ps + 1
         if need > w or len(r.pages) < need:
@@ -148,18 +152,19 @@ def fill_meta(buf: torch.Tensor, plan: GraphPlan, bucket: int, rows: Sequence[De
         held, done = memo.rows[i] if memo is not None else (None, 0)
         start = done if held is r.pages and done <= need else 0
         if start < need:
-            table[i, start:need] = r.pages[start:need]
+            table[start:need, i] = r.pages[start:need]
+        cols = max(cols, need)
         if memo is not None:
             memo.rows[i] = (r.pages, need)
     for k, (vals, fill) in enumerate(((tok_l, 0), (pos_l, 0), (slot_l, scratch_slot), (len_l, 0))):
         seg = arr[k * bucket:(k + 1) * bucket]
         seg[:n] = vals
         seg[n:] = fill
-    return 4 * bucket + n * w
+    return 4 * bucket + cols * bucket
 
 
 def meta_views(flat: torch.Tensor, plan: GraphPlan, bucket: int) -> dict[str, torch.Tensor]:
     """The named views of ``flat`` (device or host) that a ``bucket`` step reads."""
     b = bucket
     return {"input_ids": flat[0:b], "positions": flat[b:2 * b], "slot_mapping": flat[2 * b:3 * b],
-            "seq_lens": flat[3 * b:4 * b], "page_table": flat[4 * b:plan.meta_len(b)].view(b, plan.width)}
+            "seq_lens": flat[3 * b:4 * b], "page_table": flat[4 * b:plan.meta_len(b)].view(plan.width, b).t()}

@@ -81,7 +81,7 @@ def test_fill_meta_pads_rows_into_the_scratch_slot() -> None:
     buf = torch.full((plan.buffer_len,), -7, dtype=torch.int64)
     rows = [DecodeRow(11, 5, [9, 2]), DecodeRow(12, 0, [6])]
     used = fill_meta(buf, plan, 4, rows, scratch_slot=40)
-    assert used == 4 * 4 + 2 * 3  # the vectors, then the two real rows' table: the padded rows' is never read
+    assert used == 4 * 4 + 2 * 4  # the vectors, then the table's first 2 columns (row 0 reaches 2 pages)
     v = meta_views(buf, plan, 4)
     assert v["input_ids"].tolist() == [11, 12, 0, 0]
     assert v["positions"].tolist() == [5, 0, 0, 0]
@@ -92,6 +92,22 @@ def test_fill_meta_pads_rows_into_the_scratch_slot() -> None:
         fill_meta(buf, plan, 1, rows, 40)
     with pytest.raises(ValueError, match="needs 4 pages"):
         fill_meta(buf, plan, 4, [DecodeRow(1, 12, [1, 2, 3, 4])], 40)
+
+
+def test_a_step_copies_the_columns_its_contexts_reach_not_the_tables_width() -> None:
+    """A 128K-token limit makes the table 8192 pages wide; 64 requests of ~1K tokens reach 64 of them:
+    the step's one copy is the vectors and 64 columns (16K values), not 64 full rows (524K)."""
+    plan = plan_graphs(max_running=64, max_model_len=128 * 1024, page_size=16, kv_heads=8, sms=132)
+    assert plan.width == 8192
+    buf = torch.zeros(plan.buffer_len, dtype=torch.int64)
+    rows = [DecodeRow(1, 960 + i, list(range(100 * i, 100 * i + 64))) for i in range(64)]
+    used = fill_meta(buf, plan, 64, rows, 0)
+    assert used == 4 * 64 + 64 * 64 and used * 30 < 64 * plan.width  # 1023 // 16 + 1 = 64 columns
+    device = torch.zeros(plan.buffer_len, dtype=torch.int64)
+    device[:used] = buf[:used]  # DecodeGraphs.run's one copy
+    table = meta_views(device, plan, 64)["page_table"]
+    for i, r in enumerate(rows):  # what the copied prefix holds is every page each row reads
+        assert table[i, :(r.position // 16) + 1].tolist() == list(r.pages[:(r.position // 16) + 1])
 
 
 def test_the_table_memo_writes_new_pages_only_and_never_leaves_a_stale_row() -> None:

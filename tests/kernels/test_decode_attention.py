@@ -146,3 +146,15 @@ def test_reference_matches_naive_softmax_attention(q_heads, kv_heads, dtype):
             want = p @ v[:, h // group]
             torch.testing.assert_close(out[b, h].double(), want, atol=2e-2 if dtype == torch.bfloat16 else 1e-5,
                                        rtol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_a_column_major_page_table_reads_like_a_row_major_one(paged_kv, device, num_splits):
+    """CUDA-graph decode keeps its table column-major (a step copies only the columns in use)."""
+    kv = paged_kv([13, 1, 0, 40], 2, 16, 4, torch.float32, device, seed=5)
+    q = torch.randn(4, 4, 16).to(device)
+    cols = kv.page_table.t().contiguous().t()
+    assert cols.stride() == (1, kv.page_table.shape[0])
+    out = decode_attention(q, kv.k_cache, kv.v_cache, cols, kv.lens, 0.25, num_splits=num_splits)
+    ref = decode_attention_ref(q.cpu(), *kv.for_ref(), kv.lens.cpu(), 0.25)
+    torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
