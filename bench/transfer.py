@@ -241,7 +241,9 @@ def measure(backend: str, pages: int, *, shape: Shape = Shape(), layout: str = "
             room = f"bench-{i}"
             conn.send(("expect", room))
             conn.recv()
-            tx.open(peer, room)  # as the handoff does before a step computes: the answer is back by layer 0
+            # as rank 0's handoff does when a leg arrives: the answer is back by layer 0 (TP followers ask as the
+            # step begins and moves as they write: their first layer may wait one round trip more)
+            tx.open(peer, room)
             conn.send(("wait", room))
             start_ns = time.monotonic_ns()
             for layer in range(shape.layers):

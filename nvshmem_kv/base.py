@@ -23,8 +23,9 @@ Invariants every backend keeps:
 - signals for rooms that were not ``expect``-ed (or were released) are dropped and counted;
 - a sender whose connection dies fails the rooms it had opened and not yet signalled;
 - a sender writes a room only once the receiver accepted it (pending, the sender recorded as a
-  writer), and stops when the receiver cancels it: a released room's pages are reused only after
-  every accepted writer signalled, closed or is gone.
+  writer; tcp's receiver instead drops data for rooms it does not hold), and stops when the
+  receiver cancels it: a released room stays draining until every accepted writer signalled,
+  closed or is gone (`quiet`).
 
 NOTE: shm, cuda_ipc and nvshmem write one-sided, straight into the receiver's pages; only tcp
 can refuse bytes for a room that is no longer expected. After a room FAILS on its deadline its

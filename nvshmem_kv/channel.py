@@ -160,9 +160,13 @@ class ControlServer:
                 reason = "receiver closed"
             if conn is not None:
                 self._handler.on_closed(conn, f"{conn.describe()} disconnected ({reason})")
-            sock.close()
             with self._lock:
-                self._conns.pop(conn_id, None)
+                entry = self._conns.pop(conn_id, None)
+            if entry is not None:
+                with entry[2]:  # NOTE: not while `send` writes on it (a closed descriptor's number is reused)
+                    sock.close()
+            else:
+                sock.close()
 
 
 def open_channel(host: str, port: int, hello: Hello, timeout_s: float,

@@ -85,13 +85,15 @@ class SendQueue:
             self._raise_if_failed()
 
     def fail(self, reason: str) -> None:
-        """The connection is known gone (its reader saw it end): fail the queue and drop what it holds."""
+        """The connection is known gone (its reader saw it end, or an answer did not come): fail the queue
+        and drop what it holds. The socket is shut down, not closed: another thread may be sending on
+        it, and a closed descriptor's number may be reused; `close` closes it."""
         with self._cond:
             if self.error is None and not self._closing:
                 self.error = reason
             self._items.clear()
             self._cond.notify_all()
-        _shutdown(self._sock)
+        _shutdown(self._sock, close=False)
 
     def close(self, timeout_s: float) -> None:
         """Send what is queued (up to ``timeout_s``), then close the socket and join the thread."""
@@ -150,9 +152,10 @@ def _small(item: Outgoing) -> bool:
     return sum(memoryview(p).nbytes for p in item.payload) <= _INLINE_BYTES
 
 
-def _shutdown(sock: socket.socket) -> None:
+def _shutdown(sock: socket.socket, close: bool = True) -> None:
     try:
         sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
-    sock.close()
+    if close:
+        sock.close()

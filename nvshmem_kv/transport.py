@@ -6,8 +6,10 @@ Threading: the sending methods of one transport (connect/open/write/signal/flush
 thread at a time (the engine's); the receiving methods are thread-safe.
 
 A sender writes nothing of a room before the receiver accepted its Open (`open` sends it ahead, `write`
-waits for the answer), and stops writing a room the receiver cancelled (released while it was busy with
-it), so one-sided copies never land in pages the receiver gave to another request (`nvshmem_kv.rooms`).
+waits for the answer; tcp, whose receiver drops data for rooms it does not hold, does not wait), and
+stops writing a room the receiver cancelled (released while it was busy with it), so one-sided copies do
+not land in pages the receiver gave to another request; the limits (a dropped connection's queued
+copies, a sender stalled past the receiver's cap) are in `nvshmem_kv.rooms`.
 """
 
 from __future__ import annotations
@@ -186,6 +188,8 @@ class ChannelTransport(KVTransport):
     def open(self, peer: Peer, room: str) -> None:
         p = self._peer(peer)
         if room not in p.opened:
+            if p.answers is not None:
+                p.answers.asked(room)
             p.send(Outgoing(Open(room)), self._send_timeout_s)
             p.opened[room] = None
             if len(p.opened) > _OPENED_MEMORY:
@@ -200,8 +204,12 @@ class ChannelTransport(KVTransport):
         if not runs or not p.slices:
             return
         self.open(p, room)
-        if p.answers is not None:
+        # NOTE: tcp's receiver applies a Write only to a pending room, in order behind its Open: no wait
+        # (its Open may queue behind earlier rooms' data frames); a Cancel still stops the writes
+        if p.answers is not None and not self.accepts_data_frames:
             p.answers.wait_accepted(room, self._answer_timeout_s)
+        elif p.answers is not None and p.answers.cancelled(room):
+            raise TransportError(f"the decode side gave room {room!r} up")
         if self._order is not None:
             self._order.before_copy(self._compute_stream())
         moved = self._write_runs(p, room, layer, src_kv, runs)
@@ -252,11 +260,12 @@ class ChannelTransport(KVTransport):
         with self._lock:
             if p in self._peers:
                 self._peers.remove(p)
+        end = time.monotonic() + timeout_s
         if p.queue is not None:
             p.queue.close(timeout_s)
             p.queue = None
-        if p.answers is not None:
-            p.answers.stop(timeout_s)
+        if p.answers is not None:  # the socket is shut down: the reader ends at once
+            p.answers.stop(max(0.1, end - time.monotonic()))
         self._unmap(p)
 
     # -- receiving (decode side) ----------------------------------------------------------

@@ -110,7 +110,9 @@ class _Sender:
                 except (TransportError, OSError) as exc:
                     dropped = self.forget_broken(p.handles)
                     if attempt == 0 and dropped and p.room not in self.started:
-                        continue  # nothing of this room went out on the dead connection: use a new one
+                        # nothing of it was written on the dead connection: try a new one (if its Open reached
+                        # the receiver, the room failed with that connection and the new Open is refused)
+                        continue
                     failed[p.room] = f"KV transfer failed: {exc}"
                     break
                 if began is None:
@@ -320,7 +322,9 @@ class FollowerHandoff:
         def after() -> None:
             self.sender.transport.fence_compute()  # this rank's next step writes KV only after these copies
             for p in plans:
-                if p.final and p.room not in failed:
+                if p.room in failed:  # refused, cancelled, timed out here alone: rank 0 may have signalled, so
+                    self.sender.abandon(p.handles, p.room)  # no CMD_ABANDON comes; Close it behind its writes
+                elif p.final:
                     try:
                         self.sender.signal(p.handles, p.room, b"")
                     except (TransportError, OSError):

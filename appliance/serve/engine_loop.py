@@ -5,11 +5,12 @@ the page pool and the prefix cache are only ever touched by one thread.
 
 Decode side: a reserved room ends DONE (its request joins the batch) or not (lease passed, sender
 lost, aborted). Pages of a room that did not end DONE sit in quarantine before they are free again:
-shm, cuda_ipc and nvshmem senders write one-sided, and a prefill rank learns that a room is over only
-when the router cancels it, so copies it issued before (on a GPU, up to a forward pass of them) may
-still land. They leave once every sender that wrote into them abandoned the room behind its copies or
-is gone (the transport's `quiet`), and ``HANDOFF_GRACE_S`` has passed; at the latest after
-``HANDOFF_QUIET_MAX_S``. Prefill side: a leg that ends without its signal abandons its room.
+shm, cuda_ipc and nvshmem senders write one-sided, and a sender the pool accepted may have copies in
+flight (on a GPU, up to a forward pass of them) when it hears of the failure (the transport's Cancel,
+or the router's abort). They leave once every sender the pool accepted abandoned the room behind its
+copies or is gone (the transport's `quiet`), and ``HANDOFF_GRACE_S`` has passed; at the latest after
+``HANDOFF_QUIET_MAX_S``. A sender that asks after the release is refused and writes nothing. Prefill
+side: a leg asks for its room as it arrives, and one that ends without its signal abandons it.
 """
 
 from __future__ import annotations
@@ -33,10 +34,10 @@ from appliance.engine.request import RequestOutput, SamplingParams
 from appliance.serve.protocol import Done, Error, Event, First, Moved, Tokens
 
 log = logging.getLogger("pdbox.engine")
-# A failed room's pages are reused once every sender that wrote into them said it stopped (its signal or
-# `abandon`, behind its copies) or is gone, and at least HANDOFF_GRACE_S after the failure (a sender that had
-# not begun yet hears of the abort by then); at the latest after HANDOFF_QUIET_MAX_S (a sender whose word
-# never comes, its connection still open: a hung process).
+# A failed room's pages are reused once every sender the pool accepted said it stopped (its signal or
+# `abandon`, behind its copies) or is gone, and at least HANDOFF_GRACE_S after the failure (copies a sender
+# queued before its connection dropped); at the latest after HANDOFF_QUIET_MAX_S (a sender whose word never
+# comes, its connection still open: a hung process).
 HANDOFF_GRACE_S = 1.0
 HANDOFF_QUIET_MAX_S = 10.0
 

@@ -131,3 +131,44 @@ def test_a_leg_asks_for_its_room_on_arrival_and_writes_nothing_of_a_room_given_u
     finally:
         tx.close()
         rx.close()
+
+
+def test_a_tp_follower_closes_a_room_it_failed_alone() -> None:
+    """Rank 0 may have signalled a room (no CMD_ABANDON then comes) that the decode pool cancelled on this
+    follower mid-step: the follower writes no more of it and Closes it after the step, so the pool's pages
+    wait for nobody."""
+    from types import SimpleNamespace
+
+    import msgspec
+
+    from appliance.engine.handoff import FollowerHandoff, StepPlan
+
+    rx, tx = nk.create("shm"), nk.create("shm")
+    try:
+        pool = rx.allocate_pool(nk.PoolDescriptor.from_tensor(torch.zeros(2, LAYERS, PAGES, PAGE, HEADS, DIM), HEADS))
+        handle = rx.register_pool(pool, nk.PoolDescriptor.from_tensor(pool, HEADS)).to_json().decode()
+        kv = torch.ones(2, LAYERS, PAGES, PAGE, HEADS // 2, DIM)  # rank 1 of 2: the second head
+        runner = SimpleNamespace(model_config=SimpleNamespace(num_kv_heads=HEADS), pool=SimpleNamespace(kv=kv),
+                                 rank=SimpleNamespace(rank=1, world_size=2))
+        follower = FollowerHandoff("shm", {}, runner, transport=tx)
+        rx.expect("room", 2, 30.0)
+        hook, after = follower.plan_step(msgspec.json.encode([StepPlan("room", [handle], [0, 1], [4, 5], True)]), kv)
+        peer = follower.sender.peers[handle]
+        peer.answers.wait_accepted("room", 10.0)  # asked as the step began
+        hook(0)
+        assert pool[:, 0, 4:6, :, 1].all() and not pool[:, 0, 4:6, :, 0].any()
+        rx.release("room")  # the pool gives the room up (rank 0's leg failed there)
+        end = time.monotonic() + 10
+        while not peer.answers.cancelled("room") and time.monotonic() < end:
+            time.sleep(0.01)
+        hook(1)
+        assert not pool[:, 1].any()  # layer 1 never went out
+        assert not rx.quiet("room")
+        after()
+        end = time.monotonic() + 10
+        while not rx.quiet("room") and time.monotonic() < end:
+            time.sleep(0.01)
+        assert rx.quiet("room")
+    finally:
+        tx.close()
+        rx.close()

@@ -74,8 +74,10 @@ def test_a_receiver_that_never_answers_fails_the_write_at_its_deadline(receivers
 def test_answers_record_opens_and_cancels_and_a_closed_socket_ends_every_wait() -> None:
     a, b = socket.socketpair()
     lost: list[str] = []
-    answers = Answers(a, "test", lost.append, memory=2)
+    answers = Answers(a, "test", lost.append, memory=3)
     try:
+        answers.asked("yes")
+        answers.asked("no")
         send_frame(b, Opened("yes", ok=True))
         send_frame(b, Opened("no", ok=False, error="unknown"))
         answers.wait_accepted("yes", 5.0)
@@ -83,14 +85,25 @@ def test_answers_record_opens_and_cancels_and_a_closed_socket_ends_every_wait() 
             answers.wait_accepted("no", 5.0)
         send_frame(b, Cancel("yes"))
         wait_until(lambda: answers.cancelled("yes"), 5.0, 0.01, what="the Cancel")
+        send_frame(b, Opened("yes", ok=True))  # a Cancel is final
         with pytest.raises(nk.TransportError, match="gave room 'yes' up"):
             answers.wait_accepted("yes", 5.0)
         answers.forget("yes")
-        assert not answers.cancelled("yes")
-        for i in range(3):  # bounded: the oldest answer goes
+        send_frame(b, Cancel("yes"))  # late, after this sender closed the room: ignored, not kept
+        answers.asked("z")
+        send_frame(b, Opened("z", ok=True))
+        answers.wait_accepted("z", 5.0)
+        assert not answers.cancelled("yes") and "yes" not in answers._rooms  # noqa: SLF001
+        for i in range(4):  # bounded: the oldest asked room's state goes, and it reads as unanswered
+            answers.asked(f"x{i}")
             send_frame(b, Opened(f"x{i}", ok=True))
-        answers.wait_accepted("x2", 5.0)
-        assert list(answers._answers) == ["x1", "x2"]  # noqa: SLF001
+        answers.wait_accepted("x3", 5.0)
+        with pytest.raises(nk.TransportError, match="no Open waiting"):
+            answers.wait_accepted("x0", 5.0)
+        with pytest.raises(nk.TransportError, match="no Open waiting"):
+            answers.wait_accepted("never-asked", 5.0)
+        assert not lost
+        answers.asked("never")
         waiting: list[BaseException] = []
 
         def wait() -> None:
@@ -108,3 +121,21 @@ def test_answers_record_opens_and_cancels_and_a_closed_socket_ends_every_wait() 
     finally:
         answers.stop(2.0)
         a.close()
+
+
+def test_a_missing_answer_fails_the_connection_so_the_next_room_reconnects() -> None:
+    a, b = socket.socketpair()
+    lost: list[str] = []
+    answers = Answers(a, "test", lost.append)
+    try:
+        answers.asked("r")
+        with pytest.raises(nk.TransportError, match="did not answer room 'r'"):
+            answers.wait_accepted("r", 0.2)
+        assert lost and "did not answer" in lost[0] and answers.error == lost[0]
+        answers.asked("s")
+        with pytest.raises(nk.TransportError, match="did not answer room 'r'"):  # at once: the connection is done
+            answers.wait_accepted("s", 30.0)
+    finally:
+        answers.stop(2.0)
+        a.close()
+        b.close()

@@ -79,8 +79,11 @@ def test_unknown_room_signals_and_writes_are_dropped(backend: str, receivers: li
     rx, pool, handle, tx = pair(backend, d, receivers)
     peer = tx.connect(handle, d)
     src = torch.ones(d.shape, dtype=torch.bfloat16)
-    with pytest.raises(nk.TransportError, match="refused room 'ghost'"):  # asked first, written never
+    if backend == "tcp":  # its receiver drops the data frames of a room it does not hold: no wait for the answer
         tx.write(peer, "ghost", 0, src, [0], [1])
+    else:
+        with pytest.raises(nk.TransportError, match="refused room 'ghost'"):  # asked first, written never
+            tx.write(peer, "ghost", 0, src, [0], [1])
     tx.signal(peer, "ghost", b"x")
     rx.expect("late", 1, 10.0)
     rx.release("late")
@@ -91,7 +94,9 @@ def test_unknown_room_signals_and_writes_are_dropped(backend: str, receivers: li
         rx.poll("ghost")
     s = rx.stats()
     assert s.rooms_pending == 0 and s.rooms_done == 0 and not rx.drain_completed()
-    assert tx.stats().writes == 0 and not pool.any()  # one-sided backends too: nothing was written
+    assert tx.stats().writes == (backend == "tcp") and not pool.any()  # one-sided backends: nothing written
+    if backend == "tcp":
+        wait_until(lambda: rx.stats().writes_dropped == 1, 5.0, 0.01, what="the dropped data frame")
 
 
 def test_duplicate_signal_completes_once(receivers: list[nk.KVTransport]) -> None:
