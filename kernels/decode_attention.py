@@ -289,11 +289,14 @@ _decode_partial = LazyKernel(
     key=["GROUP", "HEAD_DIM", "PAGE_SIZE", "SPLIT", "BLOCK_H"],
     interpret={"BLOCK_N": 32},
     pdl=True,
-    # NOTE: an eager step's table is row-major, a graph's column-major (appliance.engine.graph_plan): one
-    # compile for both, whatever the strides' values (Triton would specialize on 1 and multiples of 16)
-    do_not_specialize=("stride_pt_b", "stride_pt_n"),
+    # NOTE: Triton compiles an int apart when it is 1 or a multiple of 16. An eager step's table is row-major,
+    # a graph's column-major (appliance.engine.graph_plan), and the partials' strides follow the split count
+    # (4 splits: a head's lse 4 apart, 16 splits: 16): none picks a compile
+    do_not_specialize=("stride_pt_b", "stride_pt_n", "stride_o_b", "stride_o_h", "stride_o_s", "stride_lse_b",
+                       "stride_lse_h"),
 )
-_decode_reduce = LazyKernel(_decode_reduce_kernel, pdl=True, do_not_specialize=("num_splits",))
+_decode_reduce = LazyKernel(_decode_reduce_kernel, pdl=True, do_not_specialize=(
+    "stride_p_b", "stride_p_h", "stride_p_s", "stride_lse_b", "stride_lse_h", "num_splits"))
 
 
 def default_num_splits(batch: int, kv_heads: int, max_context: int, device: torch.device) -> int:

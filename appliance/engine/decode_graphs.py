@@ -53,22 +53,22 @@ class DecodeGraphs:
         )
 
     @contextlib.contextmanager
-    def _splits(self, b: int, count: int | None = None) -> Iterator[None]:
+    def _splits(self, b: int) -> Iterator[None]:
         be = self.model.backend
         if not hasattr(be, "decode_splits"):  # the torch references (CPU tests) split nothing
             yield
             return
         before = be.decode_splits
-        be.decode_splits = count or self.plan.splits_for(b)
+        be.decode_splits = self.plan.splits_for(b)
         try:
             yield
         finally:
             be.decode_splits = before
 
-    def _forward(self, b: int, batch: ForwardBatch | None = None, splits: int | None = None) -> torch.Tensor:
+    def _forward(self, b: int, batch: ForwardBatch | None = None) -> torch.Tensor:
         # NOTE: eagerly, a fresh ForwardBatch of the same views each time: the torch backend caches its
         # decode plan by tensor identity, which must not survive new contents.
-        with self._splits(b, splits):
+        with self._splits(b):
             return self.model.logits(self.model.forward(batch or self._batch(b), self.kv))
 
     def eager(self, b: int) -> torch.Tensor:
@@ -95,9 +95,6 @@ class DecodeGraphs:
         for b in reversed(self.plan.buckets):
             self._fill_warmup(b)
             self._forward(b)
-        for count in self.plan.unwarmed_splits:  # the decode-attention compile no bucket ran (eager steps')
-            self._fill_warmup(self.plan.buckets[0])
-            self._forward(self.plan.buckets[0], splits=count)
         if self.flat.is_cuda:
             torch.cuda.synchronize(self.flat.device)
         t1 = time.perf_counter()

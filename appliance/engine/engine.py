@@ -94,6 +94,8 @@ class Engine:
         self.warmup_s = 0.0
         if graphs:
             self.warm_up()
+        elif self.runner.device.type == "cuda":
+            self.warm_up_eager()
         self.handoff = handoff
 
     def warm_up(self) -> None:
@@ -107,20 +109,36 @@ class Engine:
                 print(f"pdbox engine: the largest CUDA graph holds {g.plan.max_bucket} requests, under max_running "
                       f"{self.config.max_running}: decode steps take {g.plan.max_bucket} at a time, in turns",
                       file=sys.stderr, flush=True)
-        n = max(1, min(512, self.max_model_len - 2, self.config.prefill_chunk))
-        ids = [(7 * i + 3) % self.model_config.vocab_size for i in range(n)]
-        req = self.add_request(ids, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
-                               request_id=f"warm-up-{time.monotonic_ns()}")
-        rate, step_s = self.scheduler.prefill_rate, self.decode_step_s
-        self.run_until_done([req])
-        self.cache.reset()
-        # the warm-up's compiles must not bias the cost model nor the counters
-        self.scheduler.prefill_rate, self.decode_step_s = rate, step_s
-        self.stats_prefill_tokens = self.stats_decode_tokens = 0
+        self._throwaway((512,))
         self.warmup_s = time.perf_counter() - t0
         print(f"pdbox engine: warm-up {self.warmup_s:.1f} s (decode buckets {list(g.plan.buckets)}: "
               f"compile+autotune {g.warmup_s:.1f} s, graph capture {g.capture_s:.1f} s)",
               file=sys.stderr, flush=True)
+
+    def warm_up_eager(self) -> None:
+        """CUDA start-up without graphs (tensor parallel, mixture-of-experts, ``cuda_graphs`` off): throw-away
+        prompts through every rank, so the first requests do not compile the prefill and decode kernels.
+        The long prompt's decode step splits its context, the short one's does not (with 16-token pages:
+        its table is 256 tokens wide), which are decode attention's two compiles (`kernels.decode_attention`)."""
+        t0 = time.perf_counter()
+        self._throwaway((512, 8))
+        self.warmup_s = time.perf_counter() - t0
+        print(f"pdbox engine: warm-up {self.warmup_s:.1f} s (eager decode: no CUDA graphs)", file=sys.stderr,
+              flush=True)
+
+    def _throwaway(self, lengths: Sequence[int]) -> None:
+        """Run prompts of these lengths one after another (a prefill and a decode step each), then forget
+        them: their compiles must bias neither the cost model nor the counters, nor leave cached pages."""
+        rate, step_s = self.scheduler.prefill_rate, self.decode_step_s
+        for k, length in enumerate(lengths):
+            n = max(1, min(length, self.max_model_len - 2, self.config.prefill_chunk))
+            ids = [(7 * i + 3 + k) % self.model_config.vocab_size for i in range(n)]
+            req = self.add_request(ids, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
+                                   request_id=f"warm-up-{k}-{time.monotonic_ns()}")
+            self.run_until_done([req])
+        self.cache.reset()
+        self.scheduler.prefill_rate, self.decode_step_s = rate, step_s
+        self.stats_prefill_tokens = self.stats_decode_tokens = 0
 
     # -- requests -----------------------------------------------------------------------------
     def validate_prompt(self, prompt_ids: Sequence[int], params: SamplingParams) -> None:

@@ -65,14 +65,6 @@ class GraphPlan:
     def splits_for(self, bucket: int) -> int:
         return self.num_splits[self.buckets.index(bucket)]
 
-    @property
-    def unwarmed_splits(self) -> tuple[int, ...]:
-        """Split counts for start-up to run besides the buckets' own so both decode-attention compiles
-        exist (unsplit, split: any count >= 2 runs the same one, `kernels.decode_attention`): an eager
-        step (beyond the ladder, graphs off) may meet either, and must compile nothing while serving."""
-        split = any(n > 1 for n in self.num_splits)
-        return (() if 1 in self.num_splits else (1,)) + (() if split else (2,))
-
     def meta_len(self, bucket: int) -> int:
         """int64 values of a ``bucket`` step's layout (a step copies a prefix of it, `fill_meta`)."""
         return bucket * (4 + self.width)

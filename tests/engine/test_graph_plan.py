@@ -57,16 +57,6 @@ def test_splits_fixed_per_bucket_fill_the_gpu_and_shrink_with_batch() -> None:
     assert short.num_splits == (2, 2, 2)  # never more splits than 256-token chunks of the context
 
 
-def test_start_up_warms_the_decode_attention_compile_no_bucket_runs() -> None:
-    """Unsplit and split decode attention are two compiles (any count >= 2 shares one): whichever no
-    bucket's count runs, start-up runs with a count that picks it, so an eager step compiles nothing."""
-    assert GraphPlan((1, 2, 4, 8), (4, 4, 2, 2), 4, 16).unwarmed_splits == (1,)
-    assert GraphPlan((1, 2), (1, 1), 4, 16).unwarmed_splits == (2,)
-    assert GraphPlan((1, 256), (32, 1), 4, 16).unwarmed_splits == ()
-    assert plan_graphs(256, 8192, 16, 8, 132).unwarmed_splits == ()  # batch 256 at 8 KV heads: unsplit
-    assert plan_graphs(64, 8192, 16, 8, 132).unwarmed_splits == (1,)
-
-
 def test_plan_validation() -> None:
     with pytest.raises(ValueError):
         GraphPlan((2, 1), (1, 1), 4, 16)
@@ -211,8 +201,8 @@ def test_static_buffer_decode_equals_the_eager_step(backend: str) -> None:
     be.decode = spy
     static.capture()  # warm-up only: writes just the scratch slot
     layers = engine.model_config.num_layers
-    if backend == "triton":  # buckets 8, 4, 2, 1, then unsplit: both decode-attention compiles
-        assert seen == [n for n in (2, 2, 4, 4, 1) for _ in range(layers)]
+    if backend == "triton":  # buckets 8, 4, 2, 1, each with its own count
+        assert seen == [n for n in (2, 2, 4, 4) for _ in range(layers)]
     seen.clear()
     got = static.run(decode_rows(sb))
     be.decode = real_decode

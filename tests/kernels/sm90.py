@@ -37,6 +37,7 @@ class Launch:
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     metas: list[dict[str, Any]]  # one per GPU config (the autotuner compiles them all), first config first
+    nospec: tuple[str, ...] = ()  # the kernel's do_not_specialize: never marked 16-divisible
 
 
 def _capture(call: Callable[[], Any]) -> list[Launch]:
@@ -51,7 +52,7 @@ def _capture(call: Callable[[], Any]) -> list[Launch]:
             if self.pdl:  # as on a Hopper GPU: the PDL guard compiled in, the launch option set
                 kwargs = {**kwargs, "USE_GDC": True, "launch_pdl": True}
             metas = [{**kwargs, **c.kwargs, "num_warps": c.num_warps, "num_stages": c.num_stages} for c in configs]
-            seen.append(Launch(self.fn, args, metas or [dict(kwargs)]))
+            seen.append(Launch(self.fn, args, metas or [dict(kwargs)], tuple(self.do_not_specialize)))
 
         return launch
 
@@ -99,7 +100,7 @@ def compile_ptx(launch: Launch, meta: dict[str, Any]) -> str:
             signature[name], constexprs[(i,)] = "constexpr", meta[name]
             continue
         signature[name], divisible = _arg_type(values[name])
-        if divisible:
+        if divisible and name not in launch.nospec:
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=triton.jit(launch.fn), signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
@@ -132,6 +133,9 @@ def _cases() -> dict[str, Callable[[], Any]]:
     dst, idx = torch.zeros_like(pool), torch.arange(256)
     return {
         "decode_attention": lambda: kernels.decode_attention(q4, cache(), cache(), table, lens, 0.1, num_splits=4),
+        # a CUDA graph's step: the int64 table column-major (graph_plan), 16 splits
+        "decode_attention_graph": lambda: kernels.decode_attention(
+            q4, cache(), cache(), table.long().t().contiguous().t(), lens, 0.1, num_splits=16),
         "extend_attention": lambda: kernels.extend_attention(
             q32, cache(), cache(), table[:2], torch.tensor([0, 32]), torch.tensor([24, 8]), 0.1,
             extend_start_loc=torch.tensor([0, 24]), max_extend_len=24),

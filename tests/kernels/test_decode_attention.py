@@ -86,35 +86,46 @@ def test_split_counts_are_powers_of_two_up_to_the_cap():
 def test_every_split_count_launches_the_same_two_compiles(paged_kv, device, monkeypatch):
     """Eager decode picks its count from the step's batch and table width: a count that picked a new
     compile would compile (and autotune) while serving. Each count launches the unsplit kernel or the
-    split kernel and the merge with the same constexprs; the count itself is the grid and a runtime
-    argument Triton is told not to specialize on."""
+    split kernel and the merge with the same constexprs and the same specialization of every runtime
+    argument Triton specializes (an int: 1, a multiple of 16 or neither; a tensor: its dtype and 16-byte
+    alignment); the count itself is the grid, and the arguments that follow it are left unspecialized."""
+    import inspect
+
     from kernels._triton import LazyKernel
 
     da = importlib.import_module("kernels.decode_attention")  # the package's name is the function
-
     kv = paged_kv([40, 7], 2, 16, 4, torch.float32, device)
     q = torch.randn(2, 4, 16).to(device)
     seen: dict[str, set] = {}
     original = LazyKernel.__getitem__
 
+    def kind(v):
+        if isinstance(v, torch.Tensor):
+            return (str(v.dtype), v.data_ptr() % 16 == 0)
+        if isinstance(v, bool) or not isinstance(v, int):
+            return type(v).__name__
+        return "1" if v == 1 else "16k" if v % 16 == 0 else "int"
+
     def spy(self, grid):
         run = original(self, grid)
 
         def launch(*args, **kwargs):
-            seen.setdefault(self.__name__, set()).add(tuple(sorted(kwargs.items())))
+            names = [n for n in inspect.signature(self.fn).parameters if n not in kwargs][:len(args)]
+            runtime = tuple((n, kind(v)) for n, v in zip(names, args) if n not in self.do_not_specialize)
+            seen.setdefault(self.__name__, set()).add((tuple(sorted(kwargs.items())), runtime))
             return run(*args, **kwargs)
 
         return launch
 
     monkeypatch.setattr(LazyKernel, "__getitem__", spy)
     ref = decode_attention_ref(q.cpu(), *kv.for_ref(), kv.lens.cpu(), 0.25)
-    for n in (1, 2, 3, 8, 13, da.MAX_SPLITS):
+    for n in (1, 2, 3, 8, 13, 16, 32, da.MAX_SPLITS):
         out = decode_attention(q, kv.k_cache, kv.v_cache, kv.page_table, kv.lens, 0.25, num_splits=n)
         torch.testing.assert_close(out.cpu(), ref, rtol=1e-4, atol=1e-4)
-    partial = sorted(dict(k)["SPLIT"] for k in seen["_decode_partial_kernel"])
+    partial = sorted(dict(k)["SPLIT"] for k, _ in seen["_decode_partial_kernel"])
     assert partial == [False, True]  # one compile unsplit, one split: for 2..64 splits alike
     assert len(seen["_decode_reduce_kernel"]) == 1
-    assert da._decode_reduce.do_not_specialize == ("num_splits",)
+    assert "num_splits" in da._decode_reduce.do_not_specialize
     with pytest.raises(ValueError, match="num_splits"):
         decode_attention(q, kv.k_cache, kv.v_cache, kv.page_table, kv.lens, 0.25, num_splits=da.MAX_SPLITS + 1)
 

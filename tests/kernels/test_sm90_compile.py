@@ -40,6 +40,7 @@ def test_every_kernel_compiles_to_one_sm90_entry(report: dict) -> None:
     kernels = {case: [k["kernel"] for k in launches] for case, launches in report.items()}
     assert kernels == {
         "decode_attention": ["_decode_partial_kernel", "_decode_reduce_kernel"],  # 4 splits: partials, then merge
+        "decode_attention_graph": ["_decode_partial_kernel", "_decode_reduce_kernel"],
         "extend_attention": ["_extend_kernel"],
         "fused_add_rmsnorm": ["_rmsnorm_kernel"],
         "rotary_store_kv": ["_rotary_kernel"],
@@ -62,6 +63,8 @@ def test_attention_runs_on_tensor_cores_and_reads_kv_in_16_byte_vectors(report: 
     partial, extend = report["decode_attention"][0], report["extend_attention"][0]
     assert partial["mma"] and extend["mma"]
     assert "v4.b32" in partial["ld"] and "v4.b32" in extend["ld"]
+    graph = report["decode_attention_graph"][0]  # column-major int64 table, 16 splits: K/V reads unchanged
+    assert graph["mma"] and "v4.b32" in graph["ld"]
     one, sixteen, fp32 = report["gemv"]
     # the weight streams through shared memory in 16-byte asynchronous copies, pipelined
     assert one["mma"] and sixteen["mma"] and one["async"] == sixteen["async"] == fp32["async"] == [16]
