@@ -124,7 +124,8 @@ def decode_attention_ref(
 # NOTE: the split count is a launch value, not a constexpr: every count runs the same two compiled kernels
 # (split or not), so an eager step that meets a new count compiles nothing while serving.
 
-MAX_SPLITS = 64  # the most chunks a context is cut into (the merge kernel's fixed block)
+MAX_SPLITS = 64  # the most chunks a context is cut into
+MERGE_SPLITS = 16  # splits the merge kernel reads at a time (a 16 x head_dim fp32 tile, whatever the count)
 
 _LOG2E = 1.4426950408889634
 
@@ -258,7 +259,8 @@ def _decode_reduce_kernel(
     BLOCK_D: tl.constexpr,
     USE_GDC: tl.constexpr,
 ):
-    """Program ``(b, q_head)``: merge the splits' partial outputs weighted by their log-sum-exp."""
+    """Program ``(b, q_head)``: merge the splits' partial outputs weighted by their log-sum-exp, ``BLOCK_S``
+    splits at a time with a running maximum (the count is a launch value: one compile for every count)."""
     if USE_GDC:  # PDL (kernels/_triton.py): the kernel before has finished writing; the next may launch
         gdc_wait()
         gdc_launch_dependents()
@@ -266,17 +268,25 @@ def _decode_reduce_kernel(
     h = tl.program_id(1).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < num_splits
-    lse = tl.load(lse_ptr + b * stride_lse_b + h * stride_lse_h + offs_s, mask=s_mask, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))
-    part = tl.load(
-        partial_ptr + b * stride_p_b + h * stride_p_h + offs_s[:, None] * stride_p_s + offs_d[None, :],
-        mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM),
-        other=0.0,
-    )
-    den = tl.sum(w, 0)
-    out = tl.sum(part * w[:, None], 0) / tl.where(den > 0.0, den, 1.0)
+    lse_row = lse_ptr + b * stride_lse_b + h * stride_lse_h
+    part_row = partial_ptr + b * stride_p_b + h * stride_p_h
+    m = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)  # a 0-d fp32, as tl.max gives in the loop
+    den = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        s = s0 + offs_s
+        s_mask = s < num_splits
+        lse = tl.load(lse_row + s, mask=s_mask, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, 0))
+        base = tl.where(m_new == float("-inf"), 0.0, m_new)  # every split so far empty: weights 0, not NaN
+        alpha = tl.exp2(m - base)
+        w = tl.exp2(lse - base)
+        part = tl.load(part_row + s[:, None] * stride_p_s + offs_d[None, :],
+                       mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        acc = acc * alpha + tl.sum(part * w[:, None], 0)
+        den = den * alpha + tl.sum(w, 0)
+        m = m_new
+    out = acc / tl.where(den > 0.0, den, 1.0)
     tl.store(out_ptr + b * stride_out_b + h * stride_out_h + offs_d, out.to(out_ptr.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
 
@@ -375,7 +385,7 @@ def decode_attention(
         _decode_reduce[(batch, q_heads)](
             partial, lse, out,
             *partial.stride()[:3], *lse.stride()[:2], out.stride(0), out.stride(1), num_splits,
-            HEAD_DIM=head_dim, BLOCK_S=MAX_SPLITS, BLOCK_D=block_d,
+            HEAD_DIM=head_dim, BLOCK_S=MERGE_SPLITS, BLOCK_D=block_d,
         )
     return out
 
