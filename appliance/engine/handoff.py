@@ -192,10 +192,9 @@ def _alive(peer: Peer) -> bool:
 
     NOTE: reads `ChannelPeer.queue` of nvshmem_kv; a backend without one counts as alive (its failures
     still surface on the next write)."""
-    queue = getattr(peer, "queue", None)
-    if queue is None:
-        return not hasattr(peer, "queue")
-    return queue.error is None
+    if not hasattr(peer, "queue"):
+        return True
+    return peer.queue is not None and peer.queue.error is None
 
 
 class PrefillHandoff:

@@ -35,9 +35,9 @@ TABLE_ALIGN = 16  # an eager step's page table on a GPU is a multiple of this ma
 
 def table_width(longest: int, device: torch.device) -> int:
     """The page-table width of an eager step whose longest request holds ``longest`` pages. On a GPU it
-    is rounded up: the table's row stride reaches the attention kernels as an int, which Triton compiles
+    is rounded up: the table's row stride reaches prefill's extend kernel as an int, which Triton compiles
     apart when it is 1, a multiple of 16 or neither (so a first short or odd-sized prompt compiled while
-    serving)."""
+    serving); decode attention takes its strides unspecialized."""
     return -(-longest // TABLE_ALIGN) * TABLE_ALIGN if device.type == "cuda" else longest
 
 
