@@ -18,9 +18,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @needs_tmux
-def test_up_shows_progress_then_ready_then_the_dashboard() -> None:
+def test_up_shows_progress_then_ready_then_the_dashboard(tmp_path: Path) -> None:
     port = free_port()
-    pane = Pane([sys.executable, "-m", "appliance.cli", "up", "--port", str(port), "--dtype", "float32"],
+    pane = Pane([sys.executable, "-m", "appliance.cli", "up", "--port", str(port), "--dtype", "float32",
+                 "--log-dir", str(tmp_path)],
                 cwd=str(ROOT))
     try:
         pane.wait_for(lambda s: "loading model" in s and "prefill-0" in s, 60, "start-up progress")
