@@ -118,8 +118,9 @@ class Engine:
     def warm_up_eager(self) -> None:
         """CUDA start-up without graphs (tensor parallel, mixture-of-experts, ``cuda_graphs`` off): throw-away
         prompts through every rank, so the first requests do not compile the prefill and decode kernels.
-        The long prompt's decode step splits its context, the short one's does not (with 16-token pages:
-        its table is 256 tokens wide), which are decode attention's two compiles (`kernels.decode_attention`)."""
+        The long prompt's decode step splits its context, the short one's does not (an eager step splits by
+        its longest context, `ModelRunner._eager_splits`), which are decode attention's two compiles
+        (`kernels.decode_attention`)."""
         t0 = time.perf_counter()
         self._throwaway((512, 8))
         self.warmup_s = time.perf_counter() - t0

@@ -6,7 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-HEADER_LEN = 6  # tokens, requests, page-table width, logit rows, decode_only, the longest extend
+# tokens, requests, page-table width, logit rows, decode_only, the longest extend, the longest context, 0 (so the
+# fields after it start 16-byte aligned; see `_even`)
+HEADER_LEN = 8
 
 
 def _even(n: int) -> int:
@@ -29,8 +31,9 @@ class ForwardBatch:
     the step its context length is ``seq_lens[b] = prefix_lens[b] + extend_lens[b]``. Token ``t``
     writes its K/V into slot ``slot_mapping[t]`` (``page * page_size + offset``). ``logit_rows`` are
     the packed-token rows whose logits are wanted (the last token of requests that sample).
-    ``extend_start``/``max_extend``, where the builder knew them: each request's first row in the
-    packed tokens and the longest extend, so attention needs no device-to-host read for them.
+    ``extend_start``/``max_extend``/``max_seq``, where the builder knew them: each request's first row in the
+    packed tokens, the longest extend and the longest context, so attention needs no device-to-host read
+    for them.
     """
 
     input_ids: torch.Tensor
@@ -44,6 +47,7 @@ class ForwardBatch:
     decode_only: bool
     extend_start: torch.Tensor | None = None
     max_extend: int | None = None
+    max_seq: int | None = None
     packed: torch.Tensor | None = None  # the one int64 tensor every field above views (see `build`)
 
     @property
@@ -65,7 +69,7 @@ class ForwardBatch:
         for e in extend:
             start.append(at)
             at += e
-        out = [len(ids), b, width, len(logit_rows), int(decode_only), max(extend, default=0)]
+        out = [len(ids), b, width, len(logit_rows), int(decode_only), max(extend, default=0), max(seq, default=0), 0]
         for field in (ids, positions, slots, [p for row in table for p in row], prefix, extend, seq, logit_rows, start):
             out += field
             if len(field) & 1:
@@ -75,14 +79,15 @@ class ForwardBatch:
     @classmethod
     def from_flat(cls, flat: torch.Tensor, header: list[int]) -> ForwardBatch:
         """Views of ``flat`` (int64, laid out by `flat_values`) given its header, known on the host."""
-        b, w, decode_only, max_extend = header[1], header[2], header[4], header[5]
+        b, w, decode_only, max_extend, max_seq = header[1], header[2], header[4], header[5], header[6]
         sizes = _sizes(header)
         chunks = [c[:n] for c, n in zip(flat[HEADER_LEN:].split([_even(n) for n in sizes]), sizes)]
         return cls(
             input_ids=chunks[0], positions=chunks[1], slot_mapping=chunks[2],
             page_table=chunks[3].view(b, w), prefix_lens=chunks[4], extend_lens=chunks[5],
             seq_lens=chunks[6], logit_rows=chunks[7], decode_only=bool(decode_only),
-            extend_start=chunks[8], max_extend=None if max_extend < 0 else max_extend, packed=flat,
+            extend_start=chunks[8], max_extend=None if max_extend < 0 else max_extend,
+            max_seq=None if max_seq < 0 else max_seq, packed=flat,
         )
 
     # NOTE: tensor-parallel ranks receive the batch as ONE int64 tensor (no pickle on any wire).
@@ -96,8 +101,10 @@ class ForwardBatch:
         if start is None:
             start = torch.cumsum(self.extend_lens, 0) - self.extend_lens
         longest = -1 if self.max_extend is None else self.max_extend  # -1: unknown (read no device value here)
+        context = -1 if self.max_seq is None else self.max_seq
         header = torch.tensor(
-            [t, b, int(self.page_table.shape[1]), int(self.logit_rows.shape[0]), int(self.decode_only), longest],
+            [t, b, int(self.page_table.shape[1]), int(self.logit_rows.shape[0]), int(self.decode_only), longest,
+             context, 0],
             dtype=torch.int64, device=dev,  # NOTE: one device for the cat (CUDA under NCCL)
         )
         parts = [header]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -27,6 +27,7 @@ from appliance.model.loader import load_checkpoint
 from appliance.model.random_model import is_random_spec, random_checkpoint
 from appliance.model.weights import Checkpoint
 from kernels.activation import silu_and_mul
+from kernels.decode_attention import num_splits_for
 from kernels.gemv import MAX_ROWS, gemv
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -110,6 +111,7 @@ class ModelRunner:
         self.follower_abandon: Callable[[bytes], None] | None = None
         self.decode_graphs: DecodeGraphs | None = None
         self.linear_timings: list[LinearTiming] = []  # cuBLAS vs `kernels.gemv`, when measured (CUDA graphs)
+        self._sms: int | None = None  # the GPU's multiprocessor count, read at the first eager decode step
 
     # -- CUDA-graph decode ----------------------------------------------------------------------
     def wants_decode_graphs(self) -> bool:
@@ -208,15 +210,35 @@ class ModelRunner:
         handoff plan that tells each prefill rank which pages to push where.
         """
         if self.tp_group is None:
-            hidden = self.model.forward(batch, self.pool.kv, layer_hook)
+            with self._eager_splits(batch):
+                hidden = self.model.forward(batch, self.pool.kv, layer_hook)
         else:
             command = tp.attach_bytes(batch.pack(), extra)  # NOTE: outside: a failure here leaves the group in step
-            with self._group_step():
+            with self._group_step(), self._eager_splits(batch):
                 self.tp_group.broadcast_command(tp.CMD_FORWARD, command)
                 hidden = self.model.forward(batch, self.pool.kv, layer_hook)
         if batch.logit_rows.numel() == 0:
             return torch.empty(0, self.model_config.vocab_size)
         return self.model.logits(hidden)
+
+    @contextlib.contextmanager
+    def _eager_splits(self, batch: ForwardBatch) -> Iterator[None]:
+        """An eager decode step on a GPU cuts each context by its longest one, known on the host (every rank
+        reads it from the step's header), not by its table's width: that is a multiple of 16 pages, so with
+        pages over 16 tokens even a one-page context would split, and the unsplit compile would wait for a
+        batch big enough to fill the GPU (`Engine.warm_up_eager` runs a short prompt to make it)."""
+        be = self.backend
+        if not (batch.decode_only and batch.max_seq and self.device.type == "cuda" and hasattr(be, "decode_splits")):
+            yield
+            return
+        if self._sms is None:
+            self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        before = be.decode_splits
+        be.decode_splits = num_splits_for(batch.batch_size, self.model.shard.num_kv_heads, batch.max_seq, self._sms)
+        try:
+            yield
+        finally:
+            be.decode_splits = before
 
     def abandon_on_followers(self, rooms: bytes) -> None:
         """Rank 0, between steps: the other ranks abandon these rooms too (``rooms``: the handoff's JSON),
@@ -255,7 +277,8 @@ class ModelRunner:
                 hook = after = None
                 if extra and self.follower_hook is not None:
                     hook, after = self.follower_hook(extra, self.pool.kv)
-                self.model.forward(batch, self.pool.kv, hook)
+                with self._eager_splits(batch):
+                    self.model.forward(batch, self.pool.kv, hook)
                 if after is not None:
                     after()
             elif cmd == tp.CMD_ABANDON and payload is not None and self.follower_abandon is not None:

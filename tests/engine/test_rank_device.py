@@ -117,7 +117,8 @@ def test_flat_values_lay_out_what_from_flat_reads() -> None:
     for name in ("input_ids", "positions", "slot_mapping", "prefix_lens", "extend_lens", "seq_lens", "logit_rows"):
         assert getattr(got, name).tolist() == getattr(want, name).tolist(), name
     assert got.page_table.tolist() == [[0, 0], [5, 1]] and got.extend_start.tolist() == [0, 2]
-    assert got.max_extend == 2 and got.decode_only is False and got.num_tokens == 3 and got.batch_size == 2
+    assert got.max_extend == 2 and got.max_seq == 5 and got.decode_only is False and got.num_tokens == 3
+    assert got.batch_size == 2
     assert torch.equal(ForwardBatch.unpack(got.pack()).extend_start, got.extend_start)
 
 
@@ -134,7 +135,7 @@ def test_every_field_of_the_flat_layout_starts_16_byte_aligned() -> None:
     assert all((getattr(got, f).data_ptr() - flat.data_ptr()) % 16 == 0 for f in fields)
     assert got.input_ids.tolist() == ids and got.slot_mapping.tolist() == slots and got.page_table.tolist() == table
     assert got.seq_lens.tolist() == [2, 6, 2] and got.extend_start.tolist() == [0, 2, 4]
-    fresh = ForwardBatch(**{f: getattr(got, f) for f in fields}, decode_only=False, max_extend=2)
+    fresh = ForwardBatch(**{f: getattr(got, f) for f in fields}, decode_only=False, max_extend=2, max_seq=6)
     assert fresh.pack().tolist() == values  # a batch built elsewhere packs to the same layout
 
 
