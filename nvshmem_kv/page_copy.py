@@ -66,6 +66,10 @@ def make_plan(local: PoolDescriptor, remote: PoolDescriptor, dst_ptr: int, src_p
     ``runs``: the page lists already coalesced (the transport has them), else coalesced here."""
     if local.num_layers != remote.num_layers:
         raise TransportError(f"the pools have {local.num_layers} and {remote.num_layers} layers")
+    # NOTE: checked here, where it is an int: on a GPU the kernel cannot check its table without a sync, and
+    # it stores 16 bytes at a time where the source allows; a misaligned store kills the CUDA context
+    if dst_ptr == 0 or dst_ptr % 16:
+        raise TransportError(f"the remote pool's base {hex(dst_ptr)} is null or not 16-byte aligned")
     runs = coalesce_runs(src_pages, dst_pages) if runs is None else runs
     src_starts, dst_starts, lengths = cut_runs(runs, max(1, RUN_BYTES // local.page_bytes))
     if len(src_pages) < 2 * len(lengths):  # mostly lone pages: the launch, sized by the longest run, would idle

@@ -9,13 +9,19 @@
 # Steps (each with its own timeout, clipped to the budget; the script carries on past failures):
 #   env             nvidia-smi, python / torch / triton / CUDA versions
 #   install         the wheels (offline, --no-deps, --target .gpu-site)
+#   pdl-smoke       a chain of PDL kernels (Hopper's programmatic dependent launch, every decode kernel)
+#                   eagerly and replayed from a CUDA graph; when it fails, every later step (and the engine
+#                   check after it, scripts/gpu-lease.sh) runs with PDBOX_TRITON_PDL=0, not all failing on it
 #   pytest-gpu      the GPU tests, selected by file (never all of tests/): kernels against their
-#                   references, engine greedy tokens triton == torch on a random-weight model, transport,
+#                   references, engine greedy tokens triton == torch on a random-weight model,
 #                   TP 2 on one GPU over gloo (tokens == TP 1; NCCL itself needs 2 GPUs)
+#   pytest-transport  the transport's GPU tests (cuda_ipc, nvshmem between processes): a step of their own,
+#                   so a transport that hangs costs its step, not the kernel tests' results
 #   bench-kernels   python -m bench.kernels (decode >= 70%, page copy >= 80% of the d2d copy)
-#   transfer-*      python -m bench.transfer --backend cuda_ipc, then nvshmem
+#   transfer-cuda_ipc  python -m bench.transfer --backend cuda_ipc (the 32K handoff >= 0.8x the d2d copy)
 #   serve-cuda_ipc  pdbox up --prefill-gpus 0 --decode-gpus 0 --transport cuda_ipc: answers == unified
 #   serve-nvshmem   the same with --transport nvshmem (two PEs on one GPU)
+#   transfer-nvshmem  python -m bench.transfer --backend nvshmem (a figure, no target: last)
 #   with 2+ GPUs:   serve-cross-gpu (prefill on GPU 0, decode on GPU 1) and serve-tp2-nccl
 # No step needs the SmolLM2 GGUF (a random-weight Llama-shaped model is written on the machine).
 # Logs, JUnit XML and JSON go to $OUT (or ./gpu-check-out/); summary.txt / summary.json at the end.
@@ -37,7 +43,7 @@ DRY_RUN=0
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        -h | --help) sed -n '2,27p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,33p' "$0"; exit 0 ;;
         *) echo "gpu-check: unknown argument $arg (use --dry-run)" >&2; exit 64 ;;
     esac
 done
@@ -56,9 +62,10 @@ FAILED=0
 GPU_TESTS=(
     tests/kernels/test_gpu.py
     tests/kernels/test_engine_backend_gpu.py::test_tiny_model_fp32
-    tests/transport/test_gpu.py
     tests/engine/test_tp_gpu.py
 )
+TRANSPORT_TESTS=(tests/transport/test_gpu.py)
+PDL_TEST=tests/kernels/test_gpu.py::test_a_chain_of_pdl_kernels_replays_from_a_graph_as_it_runs_eagerly
 
 # -- the wheels ------------------------------------------------------------------------------------
 WHEELS=()    # name==version, in list order
@@ -108,13 +115,15 @@ if ((DRY_RUN)); then
     echo "steps:"
     echo "  env             nvidia-smi; $PY: torch, triton, CUDA versions, GPU count"
     echo "  install         $PY -m pip install --no-index --no-deps --target $SITE_DIR <the wheels not installed yet>"
+    echo "  pdl-smoke       $PY -m pytest $PDL_TEST (failing: PDBOX_TRITON_PDL=0 from then on)"
     echo "  pytest-gpu      $PY -m pytest -m 'gpu and not slow' ${GPU_TESTS[*]}"
+    echo "  pytest-transport  $PY -m pytest -m 'gpu and not slow' ${TRANSPORT_TESTS[*]}"
     echo "  bench-kernels   $PY -m bench.kernels --out kernels-bf16.json"
     echo "  transfer-cuda_ipc  $PY -m bench.transfer --backend cuda_ipc --pages 512 --pages 2048 --out transfer-cuda_ipc.json"
-    echo "  transfer-nvshmem   $PY -m bench.transfer --backend nvshmem --pages 512 --pages 2048 --layout contiguous"
     echo "  serve-cuda_ipc  PDBOX_TRITON_AUTOTUNE=0 $PY scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport cuda_ipc"
-    echo "  serve-nvshmem   PDBOX_TRITON_AUTOTUNE=0 $PY scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport nvshmem"
     echo "  ttft-8k         $PY scripts/ttft_check.py --prompt-tokens 8192 (unified vs disagg TTFT, cuda_ipc)"
+    echo "  serve-nvshmem   PDBOX_TRITON_AUTOTUNE=0 $PY scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport nvshmem"
+    echo "  transfer-nvshmem   $PY -m bench.transfer --backend nvshmem --pages 512 --pages 2048 --layout contiguous"
     echo "  serve-cross-gpu (2+ GPUs)  scripts/serve_check.py --prefill-gpus 0 --decode-gpus 1 --transport cuda_ipc"
     echo "  serve-tp2-nccl  (2+ GPUs)  scripts/serve_check.py --prefill-gpus 0-1 --prefill-tp 2 --decode-gpus 1 --transport cuda_ipc"
     list_wheels
@@ -177,10 +186,21 @@ export PYTHONPATH="$PWD:$SITE_DIR${PYTHONPATH:+:$PYTHONPATH}"
 export NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME="${NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME:-lo}"
 export NVSHMEM_REMOTE_TRANSPORT="${NVSHMEM_REMOTE_TRANSPORT:-none}"
 
+# PDL had never run on a GPU when this step was written: a chain that fails turns it off for what follows
+# (its compiles stay in Triton's cache for pytest-gpu).
+run_step pdl-smoke 60 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -q -rs --timeout 50 "$PDL_TEST"
+if [[ "$LAST_STATUS" != PASS && "$LAST_STATUS" != SKIP ]]; then
+    export PDBOX_TRITON_PDL=0
+    echo "pdl-smoke $LAST_STATUS" >"$OUT_DIR/pdl-off"
+    step_row pdl-off NOTE - "pdl-smoke $LAST_STATUS: every later step runs with PDBOX_TRITON_PDL=0"
+fi
+
 # Autotuning every specialization the tests hit would cost minutes of compiles: tests use each
 # kernel's fixed first config; the bench below autotunes.
-run_step pytest-gpu 150 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m "gpu and not slow" -q -rs \
+run_step pytest-gpu 130 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m "gpu and not slow" -q -rs \
     --timeout 60 --junitxml "$OUT_DIR/pytest-gpu.xml" "${GPU_TESTS[@]}"
+run_step pytest-transport 80 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m "gpu and not slow" \
+    -q -rs --junitxml "$OUT_DIR/pytest-transport.xml" "${TRANSPORT_TESTS[@]}"
 
 # The benches first: bounded, and they give the figures the targets are measured on.
 run_step bench-kernels 90 "$PY" -m bench.kernels --out "$OUT_DIR/kernels-bf16.json"
@@ -188,8 +208,6 @@ run_step bench-kernels 90 "$PY" -m bench.kernels --out "$OUT_DIR/kernels-bf16.js
 # two-PE job per size (seconds each), so it measures the contiguous layout only.
 run_step transfer-cuda_ipc 60 "$PY" -m bench.transfer --backend cuda_ipc --pages 512 --pages 2048 \
     --out "$OUT_DIR/transfer-cuda_ipc.json"
-run_step transfer-nvshmem 90 "$PY" -m bench.transfer --backend nvshmem --pages 512 --pages 2048 --layout contiguous \
-    --out "$OUT_DIR/transfer-nvshmem.json"
 
 # The serving steps compare unified and disaggregated answers token for token: every engine launches each
 # kernel's fixed first config, as the tests do. Autotuned, each process would time its own pick (another
@@ -197,11 +215,14 @@ run_step transfer-nvshmem 90 "$PY" -m bench.transfer --backend nvshmem --pages 5
 SERVE_ENV=(env PDBOX_TRITON_AUTOTUNE=0)
 run_step serve-cuda_ipc 90 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 \
     --transport cuda_ipc --out "$OUT_DIR/serve-cuda_ipc.json" --log-dir "$OUT_DIR/serve-cuda_ipc-logs"
-# The 8K TTFT before serve-nvshmem (which passed on both H200 runs): it measures a target (51 s on an H200).
+# The 8K TTFT before serve-nvshmem: it measures a target (51 s on an H200). nvshmem's bandwidth, a figure
+# with no target, comes last: the budget skips it first.
 run_step ttft-8k 100 "$PY" scripts/ttft_check.py --prompt-tokens 8192 --out "$OUT_DIR/ttft-8k.json" \
     --log-dir "$OUT_DIR/ttft-8k-logs"
 run_step serve-nvshmem 90 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 \
     --transport nvshmem --out "$OUT_DIR/serve-nvshmem.json" --log-dir "$OUT_DIR/serve-nvshmem-logs"
+run_step transfer-nvshmem 60 "$PY" -m bench.transfer --backend nvshmem --pages 512 --pages 2048 --layout contiguous \
+    --out "$OUT_DIR/transfer-nvshmem.json"
 
 if ((NGPU >= 2)); then
     run_step serve-cross-gpu 90 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 1 \

@@ -42,6 +42,10 @@ if ((check_rc == 2 || check_rc == 3)); then
         | tee "$OUT_DIR/engine/engine-summary.txt"
 else
     left=$((BUDGET_S - ($(date +%s) - START_S)))
+    if [[ -e "$OUT_DIR/check/pdl-off" ]]; then  # gpu-check's chain of PDL kernels failed: the engine check too
+        export PDBOX_TRITON_PDL=0
+        echo "gpu-lease: PDL off for the engine check ($(cat "$OUT_DIR/check/pdl-off"))"
+    fi
     OUT="$OUT_DIR/engine" GPU_ENGINE_BUDGET_S=$left PYTHONPATH="$PWD:$SITE_DIR${PYTHONPATH:+:$PYTHONPATH}" \
         bash scripts/gpu-engine-check.sh
     engine_rc=$?

@@ -7,7 +7,9 @@
 # COMMAND runs with OUT=gpu-out/NAME (in the repository; GPU_PACK_WORK names another folder than gpu-out); when it ends, however it ends short of a kill,
 # $OUT/NAME.tgz holds that folder and $OUT/NAME-summary.txt its summary (the check's *summary.txt), so the
 # figures come back even if the archive were left out; $OUT/NAME-progress.txt gets each step's row as it
-# ends, so a command killed outright still says how far it got. Exit: COMMAND's.
+# ends, and the archive is packed again after each step (scripts/gpu-steps.sh runs GPU_PACK_SNAPSHOT), so a
+# command killed outright (the device tool's limit: no EXIT trap runs) still brings back every step that
+# ended. Exit: COMMAND's.
 set -u -o pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -35,5 +37,10 @@ pack() {
 }
 trap pack EXIT
 export GPU_PACK_PROGRESS="$DEST/$NAME-progress.txt"  # each step's row as it ends (scripts/gpu-steps.sh)
+# after each step: the archive so far, written aside and renamed (a kill mid-pack leaves the last whole one)
+ABS_DEST="$(cd "$DEST" && pwd)" ABS_WORK="$(cd "$ROOT_WORK" && pwd)"
+printf -v GPU_PACK_SNAPSHOT 'tar czf %q -C %q %q && mv -f %q %q' "$ABS_DEST/.$NAME.tgz.part" "$ABS_WORK" "$NAME" \
+    "$ABS_DEST/.$NAME.tgz.part" "$ABS_DEST/$NAME.tgz"
+export GPU_PACK_SNAPSHOT
 : >"$GPU_PACK_PROGRESS"
 OUT="$(cd "$WORK" && pwd)" "$@"

@@ -4,7 +4,7 @@
 # step names, empty: all) runs only those, and `env` always. `run_step NAME LIMIT_S CMD...` runs CMD under
 # `timeout` with its limit clipped to what is left of BUDGET_S (less STEP_RESERVE_S, so that a step killed at
 # its limit and reaped still ends within the budget), output to $OUT_DIR/NAME.log, one row in
-# SUMMARY. A step starts only with at least half its limit left: else it is a SKIP, which fails nothing
+# SUMMARY (LAST_STATUS: the row's status). A step starts only with at least half its limit left: else it is a SKIP, which fails nothing
 # (a spent budget says nothing of the code), while a failure, a timeout or a MISS (exit 3: it ran and a
 # target was missed) sets FAILED=1.
 # A step's processes carry PDBOX_GPU_STEP=<its name and this shell's pid> in their environment; when the
@@ -20,6 +20,7 @@ step_row() {  # NAME STATUS SECONDS REST
 
 skip_step() {  # NAME WHY
     step_row "$1" SKIP - "$2"
+    LAST_STATUS=SKIP
 }
 
 step_pids() {  # MARKER: the pids whose environment holds it
@@ -82,8 +83,11 @@ run_step() {  # NAME LIMIT_S CMD...
         FAILED=1
     fi
     step_row "$name" "$status" "$((t1 - t0))s" "rc=$rc  $OUT_DIR/$name.log"
+    LAST_STATUS=$status
     # NOTE: each row also straight to the device tool's $OUT (scripts/gpu-pack.sh): a check killed outright
     # (SIGKILL: no EXIT trap packs its folder) still brings back how far it got
     [[ -n "${GPU_PACK_PROGRESS:-}" ]] && printf '%s\n' "${SUMMARY[-1]}" >>"$GPU_PACK_PROGRESS"
+    # and the archive of everything so far: a kill loses at most the step under way
+    [[ -n "${GPU_PACK_SNAPSHOT:-}" ]] && bash -c "$GPU_PACK_SNAPSHOT" >/dev/null 2>&1
     return 0
 }

@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ("env", "install", "pytest-gpu", "serve-cuda_ipc", "serve-nvshmem", "bench-kernels", "transfer-cuda_ipc",
+STEPS = ("env", "install", "pdl-smoke", "pytest-gpu", "pytest-transport", "serve-cuda_ipc", "serve-nvshmem", "bench-kernels", "transfer-cuda_ipc",
          "transfer-nvshmem", "ttft-8k", "serve-cross-gpu", "serve-tp2-nccl")
 
 
@@ -124,7 +124,10 @@ def test_gpu_pack_brings_a_check_back_as_one_archive(tmp_path: Path) -> None:
 
 
 def test_a_check_killed_outright_still_says_how_far_it_got(tmp_path: Path) -> None:
-    """SIGKILL leaves gpu-pack no EXIT trap to pack with: each step's row went to $OUT as the step ended."""
+    """SIGKILL leaves gpu-pack no EXIT trap to pack with: each step's row went to $OUT as the step ended, and
+    the archive was packed again after each step."""
+    import tarfile
+
     out, work = tmp_path / "out", tmp_path / "work"
     check = ("SUMMARY=(); FAILED=0; OUT_DIR=$OUT; BUDGET_S=60; START_S=$(date +%s); source scripts/gpu-steps.sh; "
              "run_step first 20 true; run_step second 20 false; kill -KILL $PPID $$")
@@ -134,7 +137,9 @@ def test_a_check_killed_outright_still_says_how_far_it_got(tmp_path: Path) -> No
     assert r.returncode == -9, r.stderr
     rows = (out / "lease-progress.txt").read_text().splitlines()
     assert [ln.split()[:2] for ln in rows] == [["first", "PASS"], ["second", "FAIL"]]
-    assert not (out / "lease.tgz").exists()
+    with tarfile.open(out / "lease.tgz") as tar:
+        assert {"lease/first.log", "lease/second.log"} <= set(tar.getnames())
+    assert not list(out.glob(".*part"))  # each pack written aside, then renamed
 
 
 def _steps(script: str, tmp_path: Path, budget: int = 60) -> subprocess.CompletedProcess[str]:
@@ -170,6 +175,9 @@ def test_a_step_passes_fails_or_times_out_and_a_spent_budget_fails_nothing(tmp_p
     assert _rows(r)["oom"][0] == "KILLED" and "failed 1" in r.stdout, r.stdout
     r = _steps("run_step ok 20 true; run_step late 200 false", tmp_path)  # the skip alone fails nothing
     assert _rows(r)["late"][0] == "SKIP" and "failed 0" in r.stdout, r.stdout
+    r = _steps("run_step bad 20 false; echo last $LAST_STATUS; run_step late 200 true; echo last $LAST_STATUS",
+               tmp_path)  # what gpu-check reads after pdl-smoke
+    assert [ln for ln in r.stdout.splitlines() if ln.startswith("last ")] == ["last FAIL", "last SKIP"], r.stdout
     r = _steps("STEPS_FILTER=b,c; run_step a 20 false; run_step b 20 true; run_step env 20 true", tmp_path)
     rows = _rows(r)
     assert rows["a"][0] == "SKIP" and rows["b"][0] == "PASS" and rows["env"][0] == "PASS", r.stdout

@@ -85,6 +85,9 @@ def test_plan_rows_address_each_layers_k_and_v_pages_in_both_pools() -> None:
     assert plan.pool_index.tolist() == [0, 0, 0, 0] and plan.table.tolist() == [4096]
     with pytest.raises(nk.TransportError, match="layers"):
         make_plan(src, make_desc(9, layers=2), 4096, (5,), (8,), torch.device("cpu"))
+    for base in (0, 4104):  # the kernel's 16-byte stores would fault on the GPU: refused on the host
+        with pytest.raises(nk.TransportError, match="not 16-byte aligned"):
+            make_plan(src, dst, base, (5,), (8,), torch.device("cpu"))
 
 
 def test_plan_copies_runs_of_pages_consecutive_at_both_ends() -> None:
