@@ -20,8 +20,10 @@
 #   bench-kernels   python -m bench.kernels (decode >= 70%, page copy >= 80% of the d2d copy)
 #   transfer-cuda_ipc  python -m bench.transfer --backend cuda_ipc (the 32K handoff >= 0.8x the d2d copy)
 #   serve-cuda_ipc  pdbox up --prefill-gpus 0 --decode-gpus 0 --transport cuda_ipc: answers == unified
-#   serve-nvshmem   the same with --transport nvshmem (two PEs on one GPU)
-#   transfer-nvshmem  python -m bench.transfer --backend nvshmem (a figure, no target: last)
+#   ttft-8k         scripts/ttft_check.py: 8K-token prompts, unified vs disagg TTFT (the handoff's share)
+#   serve-nvshmem   the same as serve-cuda_ipc with --transport nvshmem (two PEs on one GPU)
+#   transfer-nvshmem  python -m bench.transfer --backend nvshmem (a figure, no target: after the other
+#                   one-GPU steps, so the budget skips it first)
 #   with 2+ GPUs:   serve-cross-gpu (prefill on GPU 0, decode on GPU 1) and serve-tp2-nccl
 # No step needs the SmolLM2 GGUF (a random-weight Llama-shaped model is written on the machine).
 # Logs, JUnit XML and JSON go to $OUT (or ./gpu-check-out/); summary.txt / summary.json at the end.
@@ -30,10 +32,9 @@
 # (scripts/gpu-steps.sh).
 # Exit: 0 when every step that ran passed (skips fail nothing), 1 otherwise, 2 without a CUDA device,
 # 3 with a wheel missing.
-#   ttft-8k         scripts/ttft_check.py: 8K-token prompts, unified vs disagg TTFT (the handoff's share)
 # Knobs: PYTHON (default python3), GPU_WHEELS_DIR, GPU_SITE_DIR, GPU_CHECK_BUDGET_S (default 460),
 # GPU_CHECK_STEPS (comma-separated step names to run, e.g. "install,transfer-nvshmem"; default all;
-# env always runs).
+# env and pdl-smoke always run).
 # On the device tool: carry wheels/gpu (and .gpu-site when it was built on an earlier call), and run it
 # through scripts/gpu-pack.sh, which packs $OUT into one archive (the tool brings back at most 8 files).
 set -u -o pipefail
@@ -43,7 +44,7 @@ DRY_RUN=0
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        -h | --help) sed -n '2,33p' "$0"; exit 0 ;;
+        -h | --help) sed -n '2,39p' "$0"; exit 0 ;;
         *) echo "gpu-check: unknown argument $arg (use --dry-run)" >&2; exit 64 ;;
     esac
 done
@@ -139,6 +140,7 @@ if ((MISSING)); then
 fi
 
 STEPS_FILTER="${GPU_CHECK_STEPS:-}"
+ALWAYS_STEPS=env,pdl-smoke  # a rerun on a fresh machine decides PDL for itself
 # shellcheck source=scripts/gpu-steps.sh
 source scripts/gpu-steps.sh
 
@@ -188,6 +190,7 @@ export NVSHMEM_REMOTE_TRANSPORT="${NVSHMEM_REMOTE_TRANSPORT:-none}"
 
 # PDL had never run on a GPU when this step was written: a chain that fails turns it off for what follows
 # (its compiles stay in Triton's cache for pytest-gpu).
+rm -f "$OUT_DIR/pdl-off"
 run_step pdl-smoke 60 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -q -rs --timeout 50 "$PDL_TEST"
 if [[ "$LAST_STATUS" != PASS && "$LAST_STATUS" != SKIP ]]; then
     export PDBOX_TRITON_PDL=0
@@ -199,8 +202,9 @@ fi
 # kernel's fixed first config; the bench below autotunes.
 run_step pytest-gpu 130 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m "gpu and not slow" -q -rs \
     --timeout 60 --junitxml "$OUT_DIR/pytest-gpu.xml" "${GPU_TESTS[@]}"
+# NOTE: the session timeout starts no test after 50 s, so the step's limit never cuts off the JUnit XML
 run_step pytest-transport 80 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m "gpu and not slow" \
-    -q -rs --junitxml "$OUT_DIR/pytest-transport.xml" "${TRANSPORT_TESTS[@]}"
+    -q -rs --session-timeout 50 --junitxml "$OUT_DIR/pytest-transport.xml" "${TRANSPORT_TESTS[@]}"
 
 # The benches first: bounded, and they give the figures the targets are measured on.
 run_step bench-kernels 90 "$PY" -m bench.kernels --out "$OUT_DIR/kernels-bf16.json"

@@ -29,18 +29,20 @@ rm -rf "$WORK"
 mkdir -p "$WORK" "$DEST"
 
 pack() {
-    tar czf "$DEST/$NAME.tgz" -C "$ROOT_WORK" "$NAME"
+    bash -c "$GPU_PACK_SNAPSHOT"
     for f in "$WORK"/*summary.txt; do
         [ -f "$f" ] && cp "$f" "$DEST/$NAME-$(basename "$f")"
     done
     echo "gpu-pack: $DEST/$NAME.tgz ($(du -h "$DEST/$NAME.tgz" | cut -f1))" >&2
 }
+# The archive so far, written aside and renamed (a kill mid-pack leaves the last whole one): after each step
+# (scripts/gpu-steps.sh) and at the end. tar's status 1 is a file that changed while read (a log still
+# written by something the step left running): the archive is whole all the same.
+ABS_DEST="$(cd "$DEST" && pwd)" ABS_WORK="$(cd "$ROOT_WORK" && pwd)"
+printf -v GPU_PACK_SNAPSHOT 'tar czf %q -C %q %q; [ $? -le 1 ] && mv -f %q %q' "$ABS_DEST/.$NAME.tgz.part" \
+    "$ABS_WORK" "$NAME" "$ABS_DEST/.$NAME.tgz.part" "$ABS_DEST/$NAME.tgz"
+export GPU_PACK_SNAPSHOT
 trap pack EXIT
 export GPU_PACK_PROGRESS="$DEST/$NAME-progress.txt"  # each step's row as it ends (scripts/gpu-steps.sh)
-# after each step: the archive so far, written aside and renamed (a kill mid-pack leaves the last whole one)
-ABS_DEST="$(cd "$DEST" && pwd)" ABS_WORK="$(cd "$ROOT_WORK" && pwd)"
-printf -v GPU_PACK_SNAPSHOT 'tar czf %q -C %q %q && mv -f %q %q' "$ABS_DEST/.$NAME.tgz.part" "$ABS_WORK" "$NAME" \
-    "$ABS_DEST/.$NAME.tgz.part" "$ABS_DEST/$NAME.tgz"
-export GPU_PACK_SNAPSHOT
 : >"$GPU_PACK_PROGRESS"
 OUT="$(cd "$WORK" && pwd)" "$@"

@@ -1,7 +1,7 @@
 # The step runner of the device checks (sourced by scripts/gpu-check.sh and scripts/gpu-engine-check.sh).
 #
 # The caller sets OUT_DIR, BUDGET_S, START_S, and SUMMARY=() FAILED=0; STEPS_FILTER (comma-separated
-# step names, empty: all) runs only those, and `env` always. `run_step NAME LIMIT_S CMD...` runs CMD under
+# step names, empty: all) runs only those, and those of ALWAYS_STEPS (default `env`) always. `run_step NAME LIMIT_S CMD...` runs CMD under
 # `timeout` with its limit clipped to what is left of BUDGET_S (less STEP_RESERVE_S, so that a step killed at
 # its limit and reaped still ends within the budget), output to $OUT_DIR/NAME.log, one row in
 # SUMMARY (LAST_STATUS: the row's status). A step starts only with at least half its limit left: else it is a SKIP, which fails nothing
@@ -48,7 +48,7 @@ run_step() {  # NAME LIMIT_S CMD...
     local name="$1" limit="$2"
     shift 2
     local left rc t0 t1 status marker left_over
-    if [[ -n "${STEPS_FILTER:-}" && "$name" != env && ",$STEPS_FILTER," != *",$name,"* ]]; then
+    if [[ -n "${STEPS_FILTER:-}" && ",${ALWAYS_STEPS:-env}," != *",$name,"* && ",$STEPS_FILTER," != *",$name,"* ]]; then
         skip_step "$name" "not among the steps asked for"
         return 0
     fi

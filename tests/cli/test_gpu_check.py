@@ -182,6 +182,10 @@ def test_a_step_passes_fails_or_times_out_and_a_spent_budget_fails_nothing(tmp_p
     rows = _rows(r)
     assert rows["a"][0] == "SKIP" and rows["b"][0] == "PASS" and rows["env"][0] == "PASS", r.stdout
     assert "failed 0" in r.stdout
+    r = _steps("STEPS_FILTER=b; ALWAYS_STEPS=env,pdl-smoke; run_step pdl-smoke 20 true; run_step env 20 true; "
+               "run_step a 20 true", tmp_path)  # gpu-check's smoke step runs on every rerun
+    rows = _rows(r)
+    assert rows["pdl-smoke"][0] == "PASS" and rows["env"][0] == "PASS" and rows["a"][0] == "SKIP", r.stdout
 
 
 def test_what_a_step_leaves_running_is_stopped_after_it(tmp_path: Path) -> None:

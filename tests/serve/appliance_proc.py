@@ -30,7 +30,8 @@ def running_appliance(*args: str, timeout_s: float = 240.0, log_dir: Path | None
     cmd = [sys.executable, "-m", "appliance.cli", "up", "--port", str(port), *args]
     if not any(a == "--mode" or a.startswith("--mode=") for a in args):
         cmd += ["--mode", "disagg"]  # these tests are of the fixed split; `pdbox up` alone is --mode auto
-    own_logs = tempfile.TemporaryDirectory(prefix="pdbox-test-logs-") if log_dir is None else None
+    own_logs = tempfile.TemporaryDirectory(prefix="pdbox-test-logs-", ignore_cleanup_errors=True) \
+        if log_dir is None else None
     cmd += ["--log-dir", str(log_dir) if own_logs is None else own_logs.name]  # NOTE: not left behind in $TMPDIR
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env={**os.environ, **(env or {})})

@@ -13,9 +13,9 @@ import pytest
 from tests.transport.helpers import desc_dict, make_desc, reply
 from tests.transport.transport_workers import digest, global_kv, run_decode, run_prefill
 
-# a test's timeout under the device check's 80 s step (pytest-transport): each took 8-11 s on an H200, so a
-# hang loses one test, not the step's JUnit XML
-pytestmark = [pytest.mark.gpu, pytest.mark.timeout(40)]
+# a test's timeout under the device check's 80 s step (pytest-transport, which starts no test after 50 s):
+# each took 8-11 s on an H200, so a hang loses one test, not the step's JUnit XML
+pytestmark = [pytest.mark.gpu, pytest.mark.timeout(25)]
 SpawnWorker = Callable[[Callable[..., None], dict[str, Any]], tuple[Any, Any]]
 
 
