@@ -27,9 +27,14 @@ class Up:
 @contextmanager
 def running_up(up_args: tuple[str, ...], timeout_s: float, stop_timeout_s: float) -> Iterator[Up]:
     """``pdbox up --port P --no-monitor UP_ARGS``, serving; raises when it exits first or is not ready
-    within ``timeout_s`` (its console's last lines in the message)."""
+    within ``timeout_s`` (its console's last lines in the message). Its workers' logs go to a folder
+    removed after, unless ``UP_ARGS`` name one (``--log-dir``): a bench starts many."""
     port = free_port()
     cmd = [sys.executable, "-m", "appliance.cli", "up", "--port", str(port), "--no-monitor", *up_args]
+    logs = None
+    if not any(a == "--log-dir" or a.startswith("--log-dir=") for a in up_args):
+        logs = tempfile.TemporaryDirectory(prefix="pdbox-bench-logs-", ignore_cleanup_errors=True)
+        cmd += ["--log-dir", logs.name]
     log = tempfile.TemporaryFile("w+")
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
@@ -58,3 +63,5 @@ def running_up(up_args: tuple[str, ...], timeout_s: float, stop_timeout_s: float
                 proc.kill()
                 proc.wait(stop_timeout_s)
         log.close()
+        if logs is not None:
+            logs.cleanup()

@@ -155,7 +155,7 @@ def command(prompt_tokens: int, requests: int, layers: int, hidden: int, heads: 
         with running_appliance(*disagg, log_dir=logs / "disagg") as url:
             dis, d0, d1 = run(url, texts, warmup)
     finally:
-        shutil.rmtree(work / "llama", ignore_errors=True)
+        shutil.rmtree(work if log_dir is None else work / "llama", ignore_errors=True)  # logs kept only if asked
     u_ttft, d_ttft = mean_ms(u0, u1, "pdbox_ttft_seconds"), mean_ms(d0, d1, "pdbox_ttft_seconds")
     tail = mean_ms(d0, d1, "pdbox_handoff_tail_seconds")
     share = tail / d_ttft
