@@ -7,8 +7,8 @@
 #   pytest-gpu   tests/engine/test_gpu_engine.py (greedy tokens with CUDA graphs == eager == the torch
 #                references on random:small, bf16 graph logits == eager, sampling semantics, eager
 #                fallback beyond the ladder, the device sampler), PDBOX_TRITON_AUTOTUNE=0
-#   bench-1b     python -m bench.engine --device cuda --model random:llama-1b  -> bench-llama-1b.json
-#   bench-8b     the same for random:llama-8b                                  -> bench-llama-8b.json
+#   bench-8b     python -m bench.engine --device cuda --model random:llama-8b  -> bench-llama-8b.json
+#   bench-1b     the same for random:llama-1b                                  -> bench-llama-1b.json
 #   bench-8b-nopdl, bench-1b-nopdl  batch 1 and 64 again with PDBOX_TRITON_PDL=0 (kernels launched
 #                without programmatic dependent launch): PDL's A/B on the same machine
 #                                                       -> bench-llama-8b-nopdl.json, bench-llama-1b-nopdl.json
@@ -29,7 +29,7 @@ case "${1:-}" in
     "") ;;
     --dry-run)
         echo "gpu-engine-check --dry-run: ${GPU_ENGINE_BUDGET_S:-170}s; steps${GPU_ENGINE_STEPS:+ (asked: $GPU_ENGINE_STEPS)}:" \
-             "env, pytest-gpu (tests/engine/test_gpu_engine.py), bench-1b, bench-8b, bench-8b-nopdl, bench-1b-nopdl"
+             "env, pytest-gpu (tests/engine/test_gpu_engine.py), bench-8b, bench-1b, bench-8b-nopdl, bench-1b-nopdl"
         exit 0 ;;
     *) echo "gpu-engine-check: unknown argument $1 (use --dry-run)" >&2; exit 64 ;;
 esac
@@ -61,10 +61,11 @@ run_step pytest-gpu 65 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cachepr
 # and every replay's device time, beside the wall step.
 BENCH=(--device cuda --json --steps 12 --context 256 --batches 1,64,16,256 --prefill-lens 8192,1024
        --profile-batches 1,64)
-run_step bench-1b 45 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" "$PY" -m bench.engine --model random:llama-1b \
-    "${BENCH[@]}" --out "$OUT_DIR/bench-llama-1b.json"
+# The 8B shape first: its figures carry issue 21's targets (a budget cut short skips the 1B shape first)
 run_step bench-8b 60 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" "$PY" -m bench.engine --model random:llama-8b \
     "${BENCH[@]}" --out "$OUT_DIR/bench-llama-8b.json"
+run_step bench-1b 45 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" "$PY" -m bench.engine --model random:llama-1b \
+    "${BENCH[@]}" --out "$OUT_DIR/bench-llama-1b.json"
 NOPDL=(--device cuda --json --steps 12 --context 256 --batches 1,64 --prefill-lens 1024 --profile-batches 1,64)
 run_step bench-8b-nopdl 40 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" PDBOX_TRITON_PDL=0 "$PY" -m bench.engine \
     --model random:llama-8b "${NOPDL[@]}" --out "$OUT_DIR/bench-llama-8b-nopdl.json"
