@@ -132,7 +132,9 @@ class Engine:
         them: their compiles must bias neither the cost model nor the counters, nor leave cached pages."""
         rate, step_s = self.scheduler.prefill_rate, self.decode_step_s
         for k, length in enumerate(lengths):
-            n = max(1, min(length, self.max_model_len - 2, self.config.prefill_chunk))
+            # NOTE: not cut to a prefill step: a long prompt's decode must split (`warm_up_eager`), and its
+            # chunks run the extend kernels with a cached prefix, as serving does
+            n = max(1, min(length, self.max_model_len - 2, (self.pool.num_free - 1) * self.config.page_size))
             ids = [(7 * i + 3 + k) % self.model_config.vocab_size for i in range(n)]
             req = self.add_request(ids, SamplingParams(max_tokens=2, temperature=0, ignore_eos=True),
                                    request_id=f"warm-up-{k}-{time.monotonic_ns()}")

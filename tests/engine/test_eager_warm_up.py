@@ -7,6 +7,7 @@ from __future__ import annotations
 from appliance.config import EngineConfig
 from appliance.engine.engine import Engine
 from appliance.engine.request import SamplingParams
+from kernels.decode_attention import num_splits_for
 
 
 def test_the_eager_warm_up_leaves_nothing_behind(capsys) -> None:
@@ -28,3 +29,28 @@ def test_the_eager_warm_up_leaves_nothing_behind(capsys) -> None:
     finally:
         engine.shutdown()
         plain.shutdown()
+
+
+def test_the_eager_warm_up_decodes_a_context_long_enough_to_split_and_one_too_short() -> None:
+    """Decode attention's two compiles: its split count follows the step's longest context (on a GPU), so
+    the long prompt must reach past 256 tokens even when a prefill step takes fewer (it runs in chunks)."""
+    cfg = EngineConfig(dtype="float32", page_size=32, num_pages=64, attention_backend="torch",
+                       max_prefill_tokens=32)
+    engine = Engine("random:tiny", cfg)
+    decoded: list[int] = []
+    forward = engine.runner.forward
+
+    def spy(batch, *args, **kwargs):
+        if batch.decode_only:
+            decoded.append(batch.max_seq)
+        return forward(batch, *args, **kwargs)
+
+    engine.runner.forward = spy
+    try:
+        engine.warm_up_eager()
+    finally:
+        engine.shutdown()
+    kv = engine.runner.model.shard.num_kv_heads
+    splits = {num_splits_for(1, kv, n, 132) for n in decoded}  # an H100's or H200's 132 multiprocessors
+    assert splits == {1, 2}, decoded
+
