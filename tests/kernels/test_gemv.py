@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels._triton import autotune_enabled
 from kernels.gemv import MAX_ROWS, gemv, gemv_ref
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -67,7 +68,11 @@ def test_silu_mul_folds_the_activation_into_the_load(device, tol, dtype, m, n, k
     w = _randn(n, k, dtype=dtype, device=device, seed=1)
     y = gemv(x, w, silu_mul=True)
     assert y.shape == (m, n) and y.dtype == dtype
-    assert torch.equal(y, gemv(silu_and_mul(x), w)), "not the unfused pair's bits"
+    pair = gemv(silu_and_mul(x), w)
+    if y.is_cuda and autotune_enabled():  # each tuned apart (SILU_MUL is in the key): another tile, another sum order
+        torch.testing.assert_close(y, pair, **tol(dtype))
+    else:
+        assert torch.equal(y, pair), "not the unfused pair's bits"
     torch.testing.assert_close(y.cpu(), gemv_ref(x.cpu(), w.cpu(), silu_mul=True), **tol(dtype))
     wide = _randn(m, 2 * k + 6, dtype=dtype, device=device, seed=3)[:, : 2 * k]  # strided rows
     torch.testing.assert_close(gemv(wide, w, silu_mul=True).cpu(), gemv_ref(wide.cpu(), w.cpu(), silu_mul=True),

@@ -115,9 +115,15 @@ def test_pointwise(dtype):
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, **tol)
     # the decode step's fusions: the same bits as the kernels they stand for
-    if dtype != torch.float32:
+    if dtype != torch.float32:  # bit for bit under one config (autotuned, each output dtype picks its own)
+        from kernels._triton import autotune_enabled
+
         normed, _ = kernels.fused_add_rmsnorm(x, r32, w32, 1e-6)
-        assert torch.equal(kernels.fused_add_rmsnorm(x, r32, w32, 1e-6, dtype)[0], normed.to(dtype))
+        fused = kernels.fused_add_rmsnorm(x, r32, w32, 1e-6, dtype)[0]
+        if autotune_enabled():
+            torch.testing.assert_close(fused, normed.to(dtype), **tol)
+        else:
+            assert torch.equal(fused, normed.to(dtype))
     k_cache, v_cache = (torch.zeros(64, 16, 8, 128, device="cuda", dtype=dtype) for _ in range(2))
     k2, v2 = k_cache.clone(), v_cache.clone()
     slots = torch.randperm(64 * 16, device="cuda")[:512]
