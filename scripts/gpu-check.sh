@@ -201,7 +201,7 @@ fi
 # Autotuning every specialization the tests hit would cost minutes of compiles: tests use each
 # kernel's fixed first config; the bench below autotunes.
 run_step pytest-gpu 130 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m "gpu and not slow" -q -rs \
-    --timeout 60 --junitxml "$OUT_DIR/pytest-gpu.xml" "${GPU_TESTS[@]}"
+    --timeout 60 --session-timeout 95 --junitxml "$OUT_DIR/pytest-gpu.xml" "${GPU_TESTS[@]}"
 # NOTE: the session timeout starts no test after 50 s, so the step's limit never cuts off the JUnit XML
 run_step pytest-transport 80 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m "gpu and not slow" \
     -q -rs --session-timeout 50 --junitxml "$OUT_DIR/pytest-transport.xml" "${TRANSPORT_TESTS[@]}"
