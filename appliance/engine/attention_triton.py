@@ -7,6 +7,9 @@ for CPU tensors (slow: tests only).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from appliance.engine.attention import keep_weight, plain_linear
@@ -17,6 +20,21 @@ from kernels.gemv import MAX_ROWS, gemv
 from kernels.kv_store import store_kv
 from kernels.norm import fused_add_rmsnorm, rmsnorm
 from kernels.rotary import rotary, rotary_store_kv
+
+
+@contextlib.contextmanager
+def decode_splits(backend: object, count: int) -> Iterator[None]:
+    """Decode attention cuts each context in ``count`` inside the block (a CUDA graph's bucket, an eager
+    step's longest context), then as before; a backend without the knob (the torch references) splits nothing."""
+    if not hasattr(backend, "decode_splits"):
+        yield
+        return
+    before = backend.decode_splits
+    backend.decode_splits = count
+    try:
+        yield
+    finally:
+        backend.decode_splits = before
 
 
 class TritonAttentionBackend:

@@ -12,12 +12,12 @@ read on the host (sampled ids) after the copy, in stream order, before the next 
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 
+from appliance.engine.attention_triton import decode_splits
 from appliance.engine.forward_batch import ForwardBatch
 from appliance.engine.graph_plan import DecodeRow, GraphPlan, TableMemo, fill_meta, meta_views
 
@@ -52,23 +52,10 @@ class DecodeGraphs:
             logit_rows=torch.arange(b, dtype=torch.int64, device=dev), decode_only=True,
         )
 
-    @contextlib.contextmanager
-    def _splits(self, b: int) -> Iterator[None]:
-        be = self.model.backend
-        if not hasattr(be, "decode_splits"):  # the torch references (CPU tests) split nothing
-            yield
-            return
-        before = be.decode_splits
-        be.decode_splits = self.plan.splits_for(b)
-        try:
-            yield
-        finally:
-            be.decode_splits = before
-
     def _forward(self, b: int, batch: ForwardBatch | None = None) -> torch.Tensor:
         # NOTE: eagerly, a fresh ForwardBatch of the same views each time: the torch backend caches its
         # decode plan by tensor identity, which must not survive new contents.
-        with self._splits(b):
+        with decode_splits(self.model.backend, self.plan.splits_for(b)):
             return self.model.logits(self.model.forward(batch or self._batch(b), self.kv))
 
     def eager(self, b: int) -> torch.Tensor:

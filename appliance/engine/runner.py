@@ -12,6 +12,7 @@ import torch
 from appliance.config import EngineConfig, ModelConfig, RankInfo
 from appliance.engine import tp
 from appliance.engine.attention import plain_linear
+from appliance.engine.attention_triton import decode_splits
 from appliance.engine.backends import create_backend
 from appliance.engine.decode_graphs import DecodeGraphs
 from appliance.engine.forward_batch import HEADER_LEN, ForwardBatch
@@ -26,6 +27,7 @@ from appliance.model.llama import LlamaModel
 from appliance.model.loader import load_checkpoint
 from appliance.model.random_model import is_random_spec, random_checkpoint
 from appliance.model.weights import Checkpoint
+from kernels._triton import num_sms
 from kernels.activation import silu_and_mul
 from kernels.decode_attention import num_splits_for
 from kernels.gemv import MAX_ROWS, gemv
@@ -111,7 +113,6 @@ class ModelRunner:
         self.follower_abandon: Callable[[bytes], None] | None = None
         self.decode_graphs: DecodeGraphs | None = None
         self.linear_timings: list[LinearTiming] = []  # cuBLAS vs `kernels.gemv`, when measured (CUDA graphs)
-        self._sms: int | None = None  # the GPU's multiprocessor count, read at the first eager decode step
 
     # -- CUDA-graph decode ----------------------------------------------------------------------
     def wants_decode_graphs(self) -> bool:
@@ -126,7 +127,7 @@ class ModelRunner:
         scratch = self.pool.alloc(1)
         if scratch is None:
             raise RuntimeError("no free KV page for the CUDA graphs' scratch slot")
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        sms = num_sms(self.device)
         plan = plan_graphs(max_running, max_model_len, self.cfg.page_size, self.model.shard.num_kv_heads, sms,
                            ladder=tuple(sorted(set(self.cfg.cuda_graph_batches))) or LADDER)
         self.choose_linears([b for b in plan.buckets if b <= MAX_ROWS])
@@ -227,18 +228,12 @@ class ModelRunner:
         reads it from the step's header), not by its table's width: that is a multiple of 16 pages, so with
         pages over 16 tokens even a one-page context would split, and the unsplit compile would wait for a
         batch big enough to fill the GPU (`Engine.warm_up_eager` runs a short prompt to make it)."""
-        be = self.backend
-        if not (batch.decode_only and batch.max_seq and self.device.type == "cuda" and hasattr(be, "decode_splits")):
+        if not (batch.decode_only and batch.max_seq and self.device.type == "cuda"):
             yield
             return
-        if self._sms is None:
-            self._sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        before = be.decode_splits
-        be.decode_splits = num_splits_for(batch.batch_size, self.model.shard.num_kv_heads, batch.max_seq, self._sms)
-        try:
+        count = num_splits_for(batch.batch_size, self.model.shard.num_kv_heads, batch.max_seq, num_sms(self.device))
+        with decode_splits(self.backend, count):
             yield
-        finally:
-            be.decode_splits = before
 
     def abandon_on_followers(self, rooms: bytes) -> None:
         """Rank 0, between steps: the other ranks abandon these rooms too (``rooms``: the handoff's JSON),

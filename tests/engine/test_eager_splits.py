@@ -41,7 +41,7 @@ def test_an_eager_gpu_decode_step_splits_by_its_longest_context(runner: ModelRun
     backend = SimpleNamespace(decode_splits=None)
     monkeypatch.setattr(runner, "backend", backend)
     monkeypatch.setattr(runner, "device", torch.device("cuda"))  # the decision only: no kernel runs
-    monkeypatch.setattr(runner, "_sms", SMS)
+    monkeypatch.setattr("appliance.engine.runner.num_sms", lambda device: SMS)
     monkeypatch.setattr(runner.model, "forward", lambda batch, kv, hook: seen.append(backend.decode_splits))
     width_tokens = 16 * PAGE
     assert num_splits_for(1, kv_heads, width_tokens, SMS) == 2  # what the table's width alone would give
