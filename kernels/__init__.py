@@ -13,7 +13,7 @@ from kernels._triton import HAS_TRITON, interpreter_enabled
 from kernels.activation import silu_and_mul, silu_and_mul_ref
 from kernels.decode_attention import decode_attention, decode_attention_ref, default_num_splits
 from kernels.extend_attention import extend_attention, extend_attention_ref
-from kernels.gemv import gemv, gemv_ref
+from kernels.gemv import gemv, gemv_ref, rmsnorm_gemv, rmsnorm_gemv_ref
 from kernels.kv_store import store_kv, store_kv_ref
 from kernels.norm import fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref
 from kernels.page_copy import copy_pages, copy_pages_ref
@@ -34,6 +34,8 @@ __all__ = [
     "gemv_ref",
     "interpreter_enabled",
     "rmsnorm",
+    "rmsnorm_gemv",
+    "rmsnorm_gemv_ref",
     "rmsnorm_ref",
     "rotary",
     "rotary_cos_sin_cache",

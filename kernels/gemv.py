@@ -1,4 +1,5 @@
-"""Linear layers of a few rows (decode): ``x @ weight.T``, streaming the weight once."""
+"""Linear layers of a few rows (decode): ``x @ weight.T``, streaming the weight once; with the MLP's
+activation folded into the input's load (``silu_mul``), or the RMSNorm before the layer (`rmsnorm_gemv`)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,25 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
     return F.linear(x.to(weight.dtype), weight, bias)
 
 
+def rmsnorm_gemv_ref(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                     bias: torch.Tensor | None = None,
+                     residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear(rmsnorm(h), weight, bias)`` with ``h = x + residual`` (``x`` alone when ``residual`` is
+    None), computed as :func:`rmsnorm_gemv` computes it, and ``h`` (the new residual stream, in the
+    promoted dtype; ``x`` itself when there is no residual). RMSNorm's row scale is a factor of the
+    whole dot product, so it is applied to the sum: the linear layer's input is ``h * norm_weight``
+    rounded to the weight's dtype, and each output is scaled by ``1 / rms(h)`` in fp32 before its one
+    rounding. Within the weight dtype's rounding of ``linear(rmsnorm(h).to(weight.dtype), weight)``."""
+    h = x if residual is None else x + residual
+    hf = h.float()
+    inv_rms = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    scaled = (hf * norm_weight.float()).to(weight.dtype).float()
+    y = (scaled @ weight.float().t()) * inv_rms
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(weight.dtype), h
+
+
 # ---------------------------------------------------------------------------------------------------
 # Triton: program ``i`` computes output columns ``[i * BLOCK_N, (i + 1) * BLOCK_N)`` of every row,
 # walking K in ``BLOCK_K`` steps: each weight tile is read once, for all rows at once (the rows are
@@ -38,7 +58,11 @@ def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = 
 # its weight and little else: the kernel is a stream of the weight, pipelined ``num_stages`` deep.
 # ``SILU_MUL`` folds `kernels.activation.silu_and_mul` into the input's load (the same fp32 math and
 # the same rounding to the input's dtype): the MLP's down projection reads the gate/up rows directly,
-# one kernel boundary and one round trip of the activation fewer per layer.
+# one kernel boundary and one round trip of the activation fewer per layer. ``NORM`` folds RMSNorm (and
+# with ``ADD`` the residual add before it) into the load the same way: the rows' sum of squares
+# accumulates beside the dot product over the same K tiles and scales the result at the end, so the
+# norm's rows are never written and the layer after an attention or MLP block is one kernel, not two.
+# Program 0 stores the summed residual stream (every program computes it; one writes it).
 
 
 def _gemv_kernel(
@@ -46,14 +70,22 @@ def _gemv_kernel(
     w_ptr,
     b_ptr,
     y_ptr,
+    r_ptr,
+    g_ptr,
+    h_ptr,
     M,
     N,
     K,
     stride_x,
     stride_w,
     stride_y,
+    stride_r,
+    stride_h,
+    eps,
     HAS_BIAS: tl.constexpr,
     SILU_MUL: tl.constexpr,
+    NORM: tl.constexpr,
+    ADD: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -69,6 +101,8 @@ def _gemv_kernel(
     m_mask = offs_m < M
     n_mask = offs_n < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    sum_sq = tl.zeros([BLOCK_M], dtype=tl.float32)  # NORM: each row's sum of squares, over the K tiles
+    h_rows = tl.where(tl.program_id(0) == 0, M, 0)  # NORM with ADD: program 0 alone stores the summed residual
     w_rows = w_ptr + offs_n[:, None].to(tl.int64) * stride_w  # int64: a weight may pass 2**31 elements
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -80,12 +114,24 @@ def _gemv_kernel(
             up = tl.load(x_ptr + offs_m[:, None] * stride_x + K + offs_k[None, :], mask=x_mask, other=0.0)
             g = gate.to(tl.float32)
             x = (g / (1.0 + tl.exp(-g)) * up.to(tl.float32)).to(x_ptr.dtype.element_ty).to(w.dtype)
+        elif NORM:  # h = x (+ residual, rounded as fused_add_rmsnorm rounds it); the input is h * norm weight
+            h = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=x_mask, other=0.0)
+            if ADD:
+                r = tl.load(r_ptr + offs_m[:, None] * stride_r + offs_k[None, :], mask=x_mask, other=0.0)
+                h = (h.to(tl.float32) + r.to(tl.float32)).to(h_ptr.dtype.element_ty)
+                tl.store(h_ptr + offs_m[:, None] * stride_h + offs_k[None, :], h, mask=(offs_m < h_rows)[:, None] & k_mask[None, :])
+            h = h.to(tl.float32)
+            sum_sq += tl.sum(h * h, 1)
+            nw = tl.load(g_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+            x = (h * nw[None, :]).to(w.dtype)
         else:
             x = tl.load(x_ptr + offs_m[:, None] * stride_x + offs_k[None, :], mask=x_mask,
                         other=0.0).to(w.dtype)  # x cast to the weight's dtype, as F.linear's input is
         if UPCAST:  # the interpreter's low-precision tl.dot is wrong: multiply in fp32
             x, w = x.to(tl.float32), w.to(tl.float32)
         acc += tl.dot(x, tl.trans(w), input_precision=DOT_PRECISION)
+    if NORM:  # the norm's 1 / rms(h) of each row, a factor of its whole dot product
+        acc = acc * tl.rsqrt(sum_sq / K + eps)[:, None]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_y + offs_n[None, :], acc.to(y_ptr.dtype.element_ty),
@@ -99,7 +145,7 @@ _gemv = LazyKernel(
         for n, k, w, s in ((16, 512, 4, 3), (32, 256, 4, 3), (64, 128, 4, 4), (16, 256, 4, 4), (32, 512, 8, 3),
                            (64, 256, 8, 3))
     ],
-    key=["N", "K", "HAS_BIAS", "SILU_MUL"],
+    key=["N", "K", "HAS_BIAS", "SILU_MUL", "NORM", "ADD"],
     interpret={"BLOCK_N": 16, "BLOCK_K": 32},
     pdl=True,
 )
@@ -141,8 +187,59 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         return (-(-n // meta["BLOCK_N"]),)
 
     _gemv[grid](
-        x, weight, bias if bias is not None else weight, y, m, n, k, x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, SILU_MUL=silu_mul, UPCAST=interp, BLOCK_M=MAX_ROWS,
-        DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
+        x, weight, bias if bias is not None else weight, y, x, weight, y, m, n, k, x.stride(0), weight.stride(0),
+        y.stride(0), 0, 0, 0.0, HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=False, ADD=False, UPCAST=interp,
+        BLOCK_M=MAX_ROWS, DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
     )
     return y
+
+
+def rmsnorm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
+                 bias: torch.Tensor | None = None,
+                 residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton :func:`rmsnorm_gemv_ref`: RMSNorm (after the residual add, when ``residual`` is given) and
+    the linear layer after it in one kernel, for ``x`` of at most :data:`MAX_ROWS` rows. Returns ``(y,
+    h)``: ``y`` a new ``(M, N)`` tensor in the weight's dtype, ``h = x + residual`` a new tensor in their
+    promoted dtype (``x`` itself without a residual). Float16 weights are refused: the rows go into the
+    dot product before the norm's scale, and a residual stream's magnitudes can pass float16's range."""
+    op = "rmsnorm_gemv"
+    tensors = {"x": x, "norm_weight": norm_weight, "weight": weight}
+    tensors |= ({"bias": bias} if bias is not None else {}) | ({"residual": residual} if residual is not None else {})
+    device = check_device(op, **tensors)
+    check(x.dim() == 2 and weight.dim() == 2, f"{op}: x must be (M, K) and weight (N, K), got {tuple(x.shape)} and "
+          f"{tuple(weight.shape)}")
+    (m, k), n = x.shape, weight.shape[0]
+    check(k > 0 and weight.shape[1] == k, f"{op}: x has K={k} but weight has K={weight.shape[1]} (K must be > 0)")
+    check(m <= MAX_ROWS, f"{op}: at most {MAX_ROWS} rows, got {m}")
+    for name, t in tensors.items():
+        check_float_dtype(op, name, t)
+    check(weight.dtype != torch.float16, f"{op}: float16 weights keep RMSNorm a kernel of its own (the rows enter "
+          "the dot product before the norm's scale and could pass float16's range)")
+    check(x.stride(1) == 1 and weight.stride(1) == 1, f"{op}: x and weight rows must be unit-stride")
+    check(norm_weight.shape == (k,) and norm_weight.is_contiguous(),
+          f"{op}: norm_weight must be contiguous ({k},), got {tuple(norm_weight.shape)}")
+    if residual is not None:
+        check(residual.shape == x.shape and residual.stride(1) == 1,
+              f"{op}: residual must be {tuple(x.shape)} with unit-stride rows, got {tuple(residual.shape)}")
+    if bias is not None:
+        check(bias.shape == (n,) and bias.is_contiguous(), f"{op}: bias must be contiguous ({n},), got "
+              f"{tuple(bias.shape)}")
+    y = torch.empty(m, n, dtype=weight.dtype, device=device)
+    h = x if residual is None else torch.empty(m, k, dtype=torch.promote_types(x.dtype, residual.dtype),
+                                               device=device)
+    if m == 0:
+        return y, h
+    if n == 0:  # no program runs: the residual stream's sum still goes on
+        return y, h if residual is None else torch.add(x, residual, out=h)
+    r = residual if residual is not None else x
+
+    def grid(meta: dict) -> tuple[int]:
+        return (-(-n // meta["BLOCK_N"]),)
+
+    _gemv[grid](
+        x, weight, bias if bias is not None else weight, y, r, norm_weight, h, m, n, k, x.stride(0),
+        weight.stride(0), y.stride(0), r.stride(0), h.stride(0), float(eps), HAS_BIAS=bias is not None,
+        SILU_MUL=False, NORM=True, ADD=residual is not None, UPCAST=interpreter_enabled(), BLOCK_M=MAX_ROWS,
+        DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
+    )
+    return y, h
