@@ -250,7 +250,9 @@ def build_cases(device: torch.device, dtype: torch.dtype, tiny: bool) -> list[Ca
 def _gemv_cases(K: Any, device: torch.device, dtype: torch.dtype, hidden: int, inter: int) -> list[Case]:
     """A batch-1 decode step's linear layers at Llama-3-8B's MLP shapes (weights of 235 and 117 MB:
     every call streams them from HBM, past the L2): pdbox's GEMV beside cuBLAS, and the down projection
-    as SiLU-and-mul then the GEMV beside the GEMV that folds the activation into its load."""
+    as SiLU-and-mul then the GEMV beside the GEMV that folds the activation into its load; gate/up as
+    the residual-add RMSNorm then the GEMV beside `kernels.rmsnorm_gemv`, which folds both in (not for
+    float16 weights, which keep the norm apart)."""
     w_up = torch.randn(2 * inter, hidden, device=device, dtype=dtype) * hidden**-0.5
     w_down = torch.randn(hidden, inter, device=device, dtype=dtype) * inter**-0.5
     x = torch.randn(1, hidden, device=device, dtype=dtype)
@@ -265,7 +267,25 @@ def _gemv_cases(K: Any, device: torch.device, dtype: torch.dtype, hidden: int, i
                   bytes=down_bytes),
              Case("down_b1_gemv_silu_mul", f"M=1 N={hidden} K={inter}", lambda: K.gemv(gu, w_down, silu_mul=True),
                   lambda: _err(K.gemv(gu, w_down, silu_mul=True), K.gemv_ref(gu, w_down, silu_mul=True)),
-                  bytes=down_bytes)]
+                  bytes=down_bytes)] + ([] if dtype == torch.float16 else _norm_gemv_cases(K, x, w_up))
+
+
+def _norm_gemv_cases(K: Any, x: torch.Tensor, w_up: torch.Tensor) -> list[Case]:
+    """gate/up after its block's residual add and RMSNorm: two kernels, then one."""
+    r = torch.randn(x.shape, device=x.device, dtype=torch.float32)
+    g = torch.rand(x.shape[1], device=x.device) + 0.5
+    up_bytes = w_up.numel() * w_up.element_size()
+
+    def apart() -> torch.Tensor:
+        return K.gemv(K.fused_add_rmsnorm(x, r, g, 1e-6, w_up.dtype)[0], w_up)
+
+    def want() -> torch.Tensor:
+        return K.rmsnorm_gemv_ref(x, g, 1e-6, w_up, residual=r)[0]
+
+    shape = f"M={x.shape[0]} N={w_up.shape[0]} K={w_up.shape[1]}"
+    return [Case("gate_up_b1_norm_two_kernels", shape, apart, lambda: _err(apart(), want()), bytes=up_bytes),
+            Case("gate_up_b1_rmsnorm_gemv", shape, lambda: K.rmsnorm_gemv(x, g, 1e-6, w_up, residual=r),
+                 lambda: _err(K.rmsnorm_gemv(x, g, 1e-6, w_up, residual=r)[0], want()), bytes=up_bytes)]
 
 
 def run(device: torch.device, dtype: torch.dtype, tiny: bool, only: list[str] | None,

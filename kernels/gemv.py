@@ -119,7 +119,8 @@ def _gemv_kernel(
             if ADD:
                 r = tl.load(r_ptr + offs_m[:, None] * stride_r + offs_k[None, :], mask=x_mask, other=0.0)
                 h = (h.to(tl.float32) + r.to(tl.float32)).to(h_ptr.dtype.element_ty)
-                tl.store(h_ptr + offs_m[:, None] * stride_h + offs_k[None, :], h, mask=(offs_m < h_rows)[:, None] & k_mask[None, :])
+                tl.store(h_ptr + offs_m[:, None] * stride_h + offs_k[None, :], h,
+                         mask=(offs_m < h_rows)[:, None] & k_mask[None, :])
             h = h.to(tl.float32)
             sum_sq += tl.sum(h * h, 1)
             nw = tl.load(g_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)

@@ -94,7 +94,10 @@ for k, v in r.items():
     elif k.startswith("profile_"):
         print(f"  {k}: {v}")
 for t in r.get("linear_choice", []):
-    print(f"  linear {t['name']:8s} rows {t['rows']:2d}: cuBLAS {t['cublas_us']:7.1f} us, GEMV {t['gemv_us']:7.1f} us"
+    # SiLU and RMSNorm rows: the kernel before apart, then the layer, against the GEMV that folds it in
+    label = t['name'] + (' (with SiLU)' if t.get('silu_mul') else ' (with RMSNorm)' if t.get('norm') else '')
+    base = 'apart' if t.get('silu_mul') or t.get('norm') else 'cuBLAS'
+    print(f"  linear {label:22s} rows {t['rows']:2d}: {base} {t['cublas_us']:7.1f} us, GEMV {t['gemv_us']:7.1f} us"
           f"{'  <- GEMV' if t['gemv'] else ''}")
 EOF
     done

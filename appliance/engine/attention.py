@@ -98,6 +98,14 @@ class AttentionBackend(Protocol):
         """The SwiGLU MLP's down projection: ``linear(silu_and_mul(x), weight)``, fused where a backend can."""
         ...
 
+    def norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    weight: Any, bias: torch.Tensor | None = None,
+                    out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The linear layer after a block's RMSNorm: ``(linear(rmsnorm(h), weight, bias), h)`` with ``h = x +
+        residual`` (``x`` itself when ``residual`` is None), one kernel where a backend can; else
+        `norm_then_linear` (``out_dtype`` as in :meth:`fused_add_rmsnorm`)."""
+        ...
+
 
 def rotary_then_store(be: AttentionBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       positions: torch.Tensor, cos_sin_cache: torch.Tensor, k_cache: torch.Tensor,
@@ -106,6 +114,17 @@ def rotary_then_store(be: AttentionBackend, q: torch.Tensor, k: torch.Tensor, v:
     q, k = be.rotary(q, k, positions, cos_sin_cache)
     be.store_kv(k_cache, v_cache, k, v, slot_mapping)
     return q
+
+
+def norm_then_linear(be: AttentionBackend, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                     eps: float, weight: Any, bias: torch.Tensor | None = None,
+                     out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`AttentionBackend.norm_linear` as the backend's own calls: the (fused residual-add) RMSNorm, then
+    the linear layer."""
+    if residual is None:
+        return be.linear(be.rmsnorm(x, norm_weight, eps), weight, bias), x
+    h, residual = be.fused_add_rmsnorm(x, residual, norm_weight, eps, out_dtype)
+    return be.linear(h, weight, bias), residual
 
 
 def plain_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -148,6 +167,7 @@ class TorchAttentionBackend:
     fused_add_rmsnorm = staticmethod(fused_add_rmsnorm_ref)
     rotary = staticmethod(rotary_ref)
     rotary_store_kv = rotary_then_store
+    norm_linear = norm_then_linear
     silu_and_mul = staticmethod(silu_and_mul_ref)
 
     @staticmethod

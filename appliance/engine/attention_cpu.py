@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from appliance.engine.attention import PlainLayer, rotary_then_store
+from appliance.engine.attention import PlainLayer, norm_then_linear, rotary_then_store
 from appliance.engine.decode_runs import RunSplit, attend_decode, decode_way, supports
 from appliance.model.q4_blocks import GROUP, Q4Blocks
 from appliance.model.q8_blocks import Q8Blocks
@@ -458,6 +458,7 @@ class CpuAttentionBackend:
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
 
     rotary_store_kv = rotary_then_store  # the C kernels' rotary and store, one after the other
+    norm_linear = norm_then_linear
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         if self._native_rows(x.dtype) and x.dim() == 2 and x.shape[1] % 32 == 0 and x.stride(1) == 1:

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 
 import torch
 
-from appliance.engine.attention import keep_weight, plain_linear
+from appliance.engine.attention import keep_weight, norm_then_linear, plain_linear
 from kernels.activation import silu_and_mul
 from kernels.decode_attention import decode_attention
 from kernels.extend_attention import extend_attention
-from kernels.gemv import MAX_ROWS, gemv
+from kernels.gemv import MAX_ROWS, gemv, rmsnorm_gemv
 from kernels.kv_store import store_kv
 from kernels.norm import fused_add_rmsnorm, rmsnorm
 from kernels.rotary import rotary, rotary_store_kv
@@ -49,6 +49,9 @@ class TritonAttentionBackend:
         # projection has its own set: there the GEMV also takes over the SiLU-and-mul kernel before it.
         self.gemv_for: frozenset[tuple[int, int, int]] = frozenset()
         self.gemv_silu_mul_for: frozenset[tuple[int, int, int]] = frozenset()
+        # ... and the linear layers after a block's RMSNorm (QKV, gate/up) theirs: where the GEMV that
+        # computes the residual add and the norm itself beat the norm's kernel and the layer after it.
+        self.gemv_norm_for: frozenset[tuple[int, int, int]] = frozenset()
         # Decode attention's split count: None picks it from the shapes; CUDA-graph decode fixes it
         # per captured bucket (appliance.engine.decode_graphs). Any count runs one of two compiles.
         self.decode_splits: int | None = None
@@ -68,6 +71,14 @@ class TritonAttentionBackend:
         if _chosen(self.gemv_silu_mul_for, x, weight):
             return gemv(x, weight, silu_mul=True)
         return self.linear(silu_and_mul(x), weight)
+
+    def norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
+                    weight: torch.Tensor, bias: torch.Tensor | None = None,
+                    out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if (_chosen(self.gemv_norm_for, x, weight) and weight.dtype != torch.float16
+                and (residual is None or (residual.shape == x.shape and residual.stride(-1) == 1))):
+            return rmsnorm_gemv(x, norm_weight, eps, weight, bias, residual)
+        return norm_then_linear(self, x, residual, norm_weight, eps, weight, bias, out_dtype)
 
     def store_kv(self, k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  slot_mapping: torch.Tensor) -> None:

@@ -6,7 +6,9 @@ depends on the shape and the GPU. Each candidate runs every layer's weight of on
 weights come from HBM, not L2, as in a decode step) inside a CUDA graph (so the timing is the GPU's,
 not Python's launch rate), and the GEMV is kept only where it beats cuBLAS by ``MARGIN``. The SwiGLU
 MLP's down projection is timed as what a step runs there: SiLU-and-mul then cuBLAS, against the GEMV
-that reads the gate/up rows itself (``silu_mul``).
+that reads the gate/up rows itself (``silu_mul``). The layers after a block's RMSNorm (QKV, gate/up) are
+timed the same way (``norm``): the residual-add RMSNorm kernel then the layer as otherwise dispatched,
+against the GEMV that adds and norms the rows itself (`kernels.rmsnorm_gemv`; bf16 weights only).
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ REPS = 7
 @dataclass(frozen=True)
 class LinearTiming:
     """One weight kind at one row count: microseconds per weight on each path. ``silu_mul``: the
-    timings include the activation before the layer (cuBLAS's as its own kernel, the GEMV's fused)."""
+    timings include the activation before the layer (cuBLAS's as its own kernel, the GEMV's fused).
+    ``norm``: they include the residual add and RMSNorm before it; ``cublas_us`` is then the norm's
+    kernel followed by the layer as the plain row dispatches it (cuBLAS, or the GEMV where that won)."""
 
     name: str
     n: int
@@ -33,6 +37,11 @@ class LinearTiming:
     cublas_us: float
     gemv_us: float
     silu_mul: bool = False
+    norm: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.name + (" (with SiLU)" if self.silu_mul else " (with RMSNorm)" if self.norm else "")
 
     @property
     def gemv_wins(self) -> bool:
@@ -79,10 +88,13 @@ def graph_timer(fn: Callable[[torch.Tensor], object], weights: Sequence[torch.Te
 
 
 def choose_linears(model, rows: Sequence[int], cublas: Callable, gemv: Callable, timer: Timer = graph_timer,
-                   silu_and_mul: Callable | None = None) -> list[LinearTiming]:
+                   silu_and_mul: Callable | None = None, add_rmsnorm: Callable | None = None,
+                   rmsnorm_gemv: Callable | None = None) -> list[LinearTiming]:
     """Time ``cublas(x, w)`` against ``gemv(x, w)`` for every weight kind of ``model`` at each row count.
     ``silu_and_mul`` (a SwiGLU model): ``down`` is timed as ``cublas(silu_and_mul(x), w)`` against
-    ``gemv(x, w, silu_mul=True)`` on gate/up rows ``x``."""
+    ``gemv(x, w, silu_mul=True)`` on gate/up rows ``x``. ``add_rmsnorm`` and ``rmsnorm_gemv`` (the
+    kernels of `kernels.norm.fused_add_rmsnorm` and `kernels.rmsnorm_gemv`): QKV and gate/up are timed
+    once more with the RMSNorm before them (`norm_rows`)."""
     out = []
     for name, weights in weight_groups(model).items():
         n, k = weights[0].shape
@@ -96,22 +108,53 @@ def choose_linears(model, rows: Sequence[int], cublas: Callable, gemv: Callable,
                 t_cublas = timer(lambda w, x=x: cublas(x, w), weights)
                 t_gemv = timer(lambda w, x=x: gemv(x, w), weights)
             out.append(LinearTiming(name, n, k, m, round(t_cublas, 2), round(t_gemv, 2), fused))
+    if add_rmsnorm is not None and rmsnorm_gemv is not None:
+        out += norm_rows(model, out, cublas, gemv, timer, add_rmsnorm, rmsnorm_gemv)
     return out
 
 
-def gemv_shapes(timings: Sequence[LinearTiming], silu_mul: bool = False) -> frozenset[tuple[int, int, int]]:
-    """``(n, k, rows)`` where the GEMV won: what the backend's ``linear`` dispatches on, or with
-    ``silu_mul`` its ``silu_mul_linear``."""
-    return frozenset((t.n, t.k, t.rows) for t in timings if t.gemv_wins and t.silu_mul == silu_mul)
+NORMED = {"qkv": "input_norm", "gate_up": "post_norm"}  # weight kind: the norm before it (LayerWeights)
+
+
+def norm_rows(model, plain: Sequence[LinearTiming], cublas: Callable, gemv: Callable, timer: Timer,
+              add_rmsnorm: Callable, rmsnorm_gemv: Callable) -> list[LinearTiming]:
+    """For each bf16 weight kind after a norm, at each row count of its ``plain`` timings: the residual-add
+    RMSNorm kernel (bf16 rows out of an fp32 stream, as a step runs it) and then the layer as dispatched,
+    against ``rmsnorm_gemv``, which does all three."""
+    out = []
+    groups, eps = weight_groups(model), model.cfg.rms_eps
+    for name, attr in NORMED.items():
+        weights = groups.get(name)
+        if not weights or weights[0].dtype != torch.bfloat16:  # float16 keeps its norm (`kernels.rmsnorm_gemv`)
+            continue
+        g = getattr(model.layers[0], attr)
+        n, k = weights[0].shape
+        for t in plain:
+            if t.name != name or t.silu_mul or t.norm:
+                continue
+            linear = gemv if t.gemv_wins else cublas
+            x = torch.randn(t.rows, k, dtype=weights[0].dtype, device=weights[0].device)
+            r = torch.randn(t.rows, k, dtype=torch.float32, device=weights[0].device)
+            t_pair = timer(lambda w, x=x, r=r, g=g, linear=linear: linear(add_rmsnorm(x, r, g, eps, w.dtype)[0], w),
+                           weights)
+            t_fused = timer(lambda w, x=x, r=r, g=g: rmsnorm_gemv(x, g, eps, w, residual=r), weights)
+            out.append(LinearTiming(name, n, k, t.rows, round(t_pair, 2), round(t_fused, 2), norm=True))
+    return out
+
+
+def gemv_shapes(timings: Sequence[LinearTiming], silu_mul: bool = False,
+                norm: bool = False) -> frozenset[tuple[int, int, int]]:
+    """``(n, k, rows)`` where the GEMV won: what the backend's ``linear`` dispatches on, with ``silu_mul``
+    its ``silu_mul_linear``, with ``norm`` its ``norm_linear``."""
+    return frozenset((t.n, t.k, t.rows) for t in timings
+                     if t.gemv_wins and t.silu_mul == silu_mul and t.norm == norm)
 
 
 def summary(timings: Sequence[LinearTiming]) -> str:
     """One line: per weight kind, the rows where the GEMV won and its time against cuBLAS's."""
     parts = []
-    for name in dict.fromkeys(t.name for t in timings):
-        mine = [t for t in timings if t.name == name]
-        won = [t for t in mine if t.gemv_wins]
+    for label in dict.fromkeys(t.label for t in timings):
+        won = [t for t in timings if t.label == label and t.gemv_wins]
         ratio = ", ".join(f"{t.rows}: {t.gemv_us / t.cublas_us:.2f}x" for t in won)
-        label = f"{name} (with SiLU)" if any(t.silu_mul for t in mine) else name
         parts.append(f"{label} {'GEMV at rows ' + ratio if won else 'cuBLAS'}")
     return "; ".join(parts)

@@ -30,7 +30,8 @@ from appliance.model.weights import Checkpoint
 from kernels._triton import num_sms
 from kernels.activation import silu_and_mul
 from kernels.decode_attention import num_splits_for
-from kernels.gemv import MAX_ROWS, gemv
+from kernels.gemv import MAX_ROWS, gemv, rmsnorm_gemv
+from kernels.norm import fused_add_rmsnorm
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TABLE_ALIGN = 16  # an eager step's page table on a GPU is a multiple of this many pages wide
@@ -150,13 +151,15 @@ class ModelRunner:
         try:
             swiglu = self.model.cfg.mlp_activation == "silu"
             self.linear_timings = choose_linears(self.model, rows, plain_linear, gemv,
-                                                 silu_and_mul=silu_and_mul if swiglu else None)
+                                                 silu_and_mul=silu_and_mul if swiglu else None,
+                                                 add_rmsnorm=fused_add_rmsnorm, rmsnorm_gemv=rmsnorm_gemv)
         except Exception as exc:  # e.g. a Triton that cannot build the GEMV: cuBLAS everywhere, as before
             print(f"pdbox engine: GEMV timing failed, every linear layer on cuBLAS: {exc}", file=sys.stderr,
                   flush=True)
             return
         self.backend.gemv_for = gemv_shapes(self.linear_timings)
         self.backend.gemv_silu_mul_for = gemv_shapes(self.linear_timings, silu_mul=True)
+        self.backend.gemv_norm_for = gemv_shapes(self.linear_timings, norm=True)
         print(f"pdbox engine: linear layers at rows {rows} ({time.perf_counter() - t0:.1f} s to measure): "
               f"{summary(self.linear_timings)}", file=sys.stderr, flush=True)
 

@@ -240,12 +240,9 @@ class LlamaModel:
                 if layer_hook is not None:  # layer i's K/V are in the cache (its whole layer has run)
                     layer_hook(i)
         for i, lw in enumerate(self.layers if step is None else ()):
-            if residual is None:
-                residual = x
-                h = be.rmsnorm(x, lw.input_norm, cfg.rms_eps)
-            else:
-                h, residual = be.fused_add_rmsnorm(x, residual, lw.input_norm, cfg.rms_eps, self.norm_out_dtype)
-            qkv = be.linear(h, lw.qkv, lw.qkv_bias)
+            # the residual add, the input norm and QKV (one kernel where the backend can)
+            qkv, residual = be.norm_linear(x, residual, lw.input_norm, cfg.rms_eps, lw.qkv, lw.qkv_bias,
+                                           self.norm_out_dtype)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q, k = q.view(T, -1, D), k.view(T, -1, D)
             if lw.q_norm is not None and lw.k_norm is not None:
@@ -267,15 +264,16 @@ class LlamaModel:
                 self.all_reduce(x)
             if lw.post_attn_norm is not None:
                 x = be.rmsnorm(x, lw.post_attn_norm, cfg.rms_eps)
-            # NOTE: a mixture-of-experts layer routes on fp32 rows (`moe.route`): no early rounding there
-            h, residual = be.fused_add_rmsnorm(x, residual, lw.post_norm, cfg.rms_eps,
-                                               None if lw.moe is not None else self.norm_out_dtype)
-            if lw.moe is not None:
+            if lw.moe is not None:  # NOTE: it routes on fp32 rows (`moe.route`): no early rounding there
+                h, residual = be.fused_add_rmsnorm(x, residual, lw.post_norm, cfg.rms_eps)
                 x = moe_forward(be, h, lw.moe)
-            elif cfg.mlp_activation == "gelu_tanh":
-                x = be.linear(gelu_tanh_and_mul(be.linear(h, lw.gate_up)), lw.down)
-            else:
-                x = be.silu_mul_linear(be.linear(h, lw.gate_up), lw.down)
+            else:  # the residual add, the MLP's norm and gate/up (one kernel where the backend can)
+                gate_up, residual = be.norm_linear(x, residual, lw.post_norm, cfg.rms_eps, lw.gate_up, None,
+                                                   self.norm_out_dtype)
+                if cfg.mlp_activation == "gelu_tanh":
+                    x = be.linear(gelu_tanh_and_mul(gate_up), lw.down)
+                else:
+                    x = be.silu_mul_linear(gate_up, lw.down)
             if self.all_reduce is not None:
                 self.all_reduce(x)
             if lw.post_ffn_norm is not None:

@@ -152,3 +152,86 @@ def test_the_triton_backend_fuses_down_only_where_chosen(monkeypatch) -> None:
     be.gemv_silu_mul_for = frozenset({(6, 8, 2)})
     torch.testing.assert_close(be.silu_mul_linear(x, w), want)
     assert used == [((2, 8), False), ((2, 16), True)]
+
+
+def test_qkv_and_gate_up_are_timed_with_their_norm_against_the_layer_as_dispatched(runner: ModelRunner) -> None:
+    """``norm`` rows: the residual-add RMSNorm kernel (bf16 rows from an fp32 stream), then the layer as the
+    plain row chose it (the GEMV where it won), against the one kernel that does both; a win lands in its
+    own set."""
+    groups = weight_groups(runner.model)
+    qkv, gate_up = tuple(groups["qkv"][0].shape), tuple(groups["gate_up"][0].shape)
+    seen: list[tuple] = []
+
+    def cublas(x, w):
+        seen.append(("cublas", tuple(x.shape), x.dtype))
+
+    def gemv(x, w, silu_mul=False):
+        seen.append(("gemv", tuple(x.shape), x.dtype))
+
+    def add_rmsnorm(x, r, g, eps, out_dtype):
+        seen.append(("norm", tuple(x.shape), r.dtype, tuple(g.shape), eps, out_dtype))
+        return x.to(out_dtype), x + r
+
+    def rmsnorm_gemv(x, g, eps, w, residual=None):
+        seen.append(("fused", tuple(x.shape), residual.dtype, tuple(g.shape)))
+
+    calls: list[tuple] = []
+
+    def timer(fn, weights) -> float:
+        seen.clear()
+        fn(weights[0])
+        calls.append((tuple(weights[0].shape), list(seen)))
+        if seen[-1][0] == "fused":
+            return 4.0 if weights[0].shape == gate_up else 9.9
+        if seen[-1][0] == "gemv":  # the plain GEMV wins on QKV only
+            return 5.0 if weights[0].shape == qkv else 20.0
+        return 10.0
+
+    timings = choose_linears(runner.model, [2], cublas, gemv, timer=timer, add_rmsnorm=add_rmsnorm,
+                             rmsnorm_gemv=rmsnorm_gemv)
+    normed = [t for t in timings if t.norm]
+    assert [(t.name, t.rows) for t in normed] == [("qkv", 2), ("gate_up", 2)]
+    k, eps = qkv[1], runner.model.cfg.rms_eps
+    norm = ("norm", (2, k), torch.float32, (k,), eps, torch.bfloat16)
+    assert calls[-4:] == [(qkv, [norm, ("gemv", (2, k), torch.bfloat16)]),  # QKV's plain row chose the GEMV
+                          (qkv, [("fused", (2, k), torch.float32, (k,))]),
+                          (gate_up, [norm, ("cublas", (2, k), torch.bfloat16)]),
+                          (gate_up, [("fused", (2, k), torch.float32, (k,))])]
+    assert [(t.cublas_us, t.gemv_us, t.gemv_wins) for t in normed] == [(5.0, 9.9, False), (10.0, 4.0, True)]
+    assert gemv_shapes(timings, norm=True) == frozenset({(*gate_up, 2)})
+    assert gemv_shapes(timings) == frozenset({(*qkv, 2)})  # the plain set keeps its own
+    assert summary(timings).endswith("qkv (with RMSNorm) cuBLAS; gate_up (with RMSNorm) GEMV at rows 2: 0.40x")
+
+
+def test_float16_weights_keep_their_norm() -> None:
+    fp16 = ModelRunner("random:tiny", EngineConfig(device="cpu", dtype="float16", attention_backend="torch",
+                                                   kv_cache_mb=4, max_model_len=256))
+    timings = choose_linears(fp16.model, [1], lambda x, w: None, lambda x, w: None, timer=lambda fn, ws: 1.0,
+                             add_rmsnorm=lambda *a: (a[0], a[0]), rmsnorm_gemv=lambda *a, **k: None)
+    assert timings and not any(t.norm for t in timings)
+
+
+def test_the_triton_backend_folds_the_norm_only_where_chosen(monkeypatch) -> None:
+    from appliance.engine.attention import TorchAttentionBackend
+
+    used: list[tuple] = []
+
+    def fake(x, g, eps, w, b=None, residual=None):
+        used.append((tuple(x.shape), residual is not None))
+        return TorchAttentionBackend().norm_linear(x, residual, g, eps, w, b)
+
+    monkeypatch.setattr(attention_triton, "rmsnorm_gemv", fake)
+    be, ref = TritonAttentionBackend(), TorchAttentionBackend()
+    x, r, g, w = torch.randn(2, 8), torch.randn(2, 8), torch.rand(8) + 0.5, torch.randn(6, 8)
+    monkeypatch.setattr(be, "fused_add_rmsnorm", ref.fused_add_rmsnorm)  # the unfused path, on the references
+    monkeypatch.setattr(be, "rmsnorm", ref.rmsnorm)
+    want_y, want_h = ref.norm_linear(x, r, g, 1e-6, w)
+    got_y, got_h = be.norm_linear(x, r, g, 1e-6, w)
+    assert torch.equal(got_y, want_y) and torch.equal(got_h, want_h) and used == []  # nothing chosen: two calls
+    be.gemv_norm_for = frozenset({(6, 8, 2)})
+    be.norm_linear(x, r, g, 1e-6, w)
+    y, h = be.norm_linear(x, None, g, 1e-6, w)  # the first layer: no residual yet, x is the stream
+    assert h is x and torch.equal(y, plain_linear(ref.rmsnorm(x, g, 1e-6), w))
+    be.norm_linear(torch.randn(3, 8), torch.randn(3, 8), g, 1e-6, w)  # 3 rows were not chosen
+    be.norm_linear(x, r, g, 1e-6, w.half())  # float16 weights keep the norm apart
+    assert used == [((2, 8), True), ((2, 8), False)]

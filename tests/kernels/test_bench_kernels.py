@@ -42,3 +42,15 @@ def test_no_cuda_is_a_clear_exit(capsys):
         pytest.skip("a CUDA device is present")
     assert bench_kernels.main([]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="--cpu flips the interpreter on for this process")
+def test_cpu_smoke_times_gate_up_with_its_norm_apart_and_folded(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    names = ["gate_up_b1_norm_two_kernels", "gate_up_b1_rmsnorm_gemv"]
+    out = tmp_path / "kernels.json"
+    assert bench_kernels.main(["--cpu", "--dtype", "bfloat16", "--only", *names, "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["name"] for r in results] == names and all(r["max_err"] < 0.05 for r in results)
+    assert bench_kernels.main(["--cpu", "--dtype", "float16", "--only", *names, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["results"] == []  # float16 weights keep the norm apart: no such rows

@@ -174,3 +174,43 @@ def test_a_chain_of_pdl_kernels_replays_from_a_graph_as_it_runs_eagerly():
     h, _ = kernels.fused_add_rmsnorm_ref(x, res, norm_w, 1e-6, torch.bfloat16)
     ref = kernels.gemv_ref(kernels.silu_and_mul_ref(kernels.gemv_ref(h, up)), down)
     torch.testing.assert_close(eager.float(), ref.float(), atol=0.1, rtol=0.05)
+
+
+def test_the_gemv_with_the_norm_folded_in_at_llama_8b_shapes_and_from_a_graph():
+    """`kernels.rmsnorm_gemv` at Llama-3-8B's QKV and gate/up shapes, one and sixteen rows: the summed
+    residual bit-equal to the norm kernel's, the layer within bf16 of the norm kernel then the GEMV; and a
+    layer's MLP as a step runs it (folded gate/up, then down reading the gate/up rows) replayed from a
+    CUDA graph (PDL edges on Hopper) equal to its eager run."""
+    tol = TOL[torch.bfloat16]
+    g = torch.rand(4096, device="cuda") + 0.5
+    for n in (6144, 2 * 14336):
+        w = torch.randn(n, 4096, device="cuda", dtype=torch.bfloat16) / 64
+        for m in (1, 16):
+            x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16) * 4
+            res = torch.randn(m, 4096, device="cuda") * 20
+            y, h = kernels.rmsnorm_gemv(x, g, 1e-5, w, residual=res)
+            normed, summed = kernels.fused_add_rmsnorm(x, res, g, 1e-5, torch.bfloat16)
+            assert torch.equal(h, summed)
+            torch.testing.assert_close(y, kernels.gemv(normed, w), **tol)
+            torch.testing.assert_close(y, kernels.rmsnorm_gemv_ref(x, g, 1e-5, w, residual=res)[0], **tol)
+    up = torch.randn(2 * 14336, 4096, device="cuda", dtype=torch.bfloat16) / 64
+    down = torch.randn(4096, 14336, device="cuda", dtype=torch.bfloat16) / 120
+    x = torch.randn(4, 4096, device="cuda", dtype=torch.bfloat16)
+    res = torch.randn(4, 4096, device="cuda")
+
+    def mlp() -> tuple[torch.Tensor, torch.Tensor]:
+        gate_up, summed = kernels.rmsnorm_gemv(x, g, 1e-5, up, residual=res)
+        return kernels.gemv(gate_up, down, silu_mul=True), summed
+
+    eager = mlp()
+    mlp()  # compiles and autotuning before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mlp()
+    for _ in range(3):
+        out[0].zero_()
+        out[1].zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out[0], eager[0]) and torch.equal(out[1], eager[1])
