@@ -76,6 +76,8 @@ def test_bf16_graph_step_logits_match_the_eager_step() -> None:
     assert {(t.name, t.rows) for t in timings} == {(k, b) for k in ("qkv", "o_proj", "gate_up", "down", "lm_head")
                                                    for b in (1, 2, 4, 8)}
     assert all(t.cublas_us > 0 and t.gemv_us > 0 for t in timings)
+    # ... and QKV and gate/up once more with the RMSNorm before them (`kernels.rmsnorm_gemv` against the two)
+    assert {(t.name, t.rows) for t in timings if t.norm} == {(k, b) for k in ("qkv", "gate_up") for b in (1, 2, 4, 8)}
     reqs = [engine.add_request(p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)) for p in PROMPTS]
     while any(len(r.output_ids) < 2 for r in reqs):
         engine.step()
