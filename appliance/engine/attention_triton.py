@@ -76,6 +76,8 @@ class TritonAttentionBackend:
                     weight: torch.Tensor, bias: torch.Tensor | None = None,
                     out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         if (_chosen(self.gemv_norm_for, x, weight) and weight.dtype != torch.float16
+                and norm_weight.shape == (x.shape[1],) and norm_weight.is_contiguous()
+                and (bias is None or bias.is_contiguous())
                 and (residual is None or (residual.shape == x.shape and residual.stride(-1) == 1))):
             return rmsnorm_gemv(x, norm_weight, eps, weight, bias, residual)
         return norm_then_linear(self, x, residual, norm_weight, eps, weight, bias, out_dtype)

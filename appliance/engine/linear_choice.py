@@ -88,13 +88,10 @@ def graph_timer(fn: Callable[[torch.Tensor], object], weights: Sequence[torch.Te
 
 
 def choose_linears(model, rows: Sequence[int], cublas: Callable, gemv: Callable, timer: Timer = graph_timer,
-                   silu_and_mul: Callable | None = None, add_rmsnorm: Callable | None = None,
-                   rmsnorm_gemv: Callable | None = None) -> list[LinearTiming]:
+                   silu_and_mul: Callable | None = None) -> list[LinearTiming]:
     """Time ``cublas(x, w)`` against ``gemv(x, w)`` for every weight kind of ``model`` at each row count.
     ``silu_and_mul`` (a SwiGLU model): ``down`` is timed as ``cublas(silu_and_mul(x), w)`` against
-    ``gemv(x, w, silu_mul=True)`` on gate/up rows ``x``. ``add_rmsnorm`` and ``rmsnorm_gemv`` (the
-    kernels of `kernels.norm.fused_add_rmsnorm` and `kernels.rmsnorm_gemv`): QKV and gate/up are timed
-    once more with the RMSNorm before them (`norm_rows`)."""
+    ``gemv(x, w, silu_mul=True)`` on gate/up rows ``x``."""
     out = []
     for name, weights in weight_groups(model).items():
         n, k = weights[0].shape
@@ -108,19 +105,20 @@ def choose_linears(model, rows: Sequence[int], cublas: Callable, gemv: Callable,
                 t_cublas = timer(lambda w, x=x: cublas(x, w), weights)
                 t_gemv = timer(lambda w, x=x: gemv(x, w), weights)
             out.append(LinearTiming(name, n, k, m, round(t_cublas, 2), round(t_gemv, 2), fused))
-    if add_rmsnorm is not None and rmsnorm_gemv is not None:
-        out += norm_rows(model, out, cublas, gemv, timer, add_rmsnorm, rmsnorm_gemv)
     return out
 
 
 NORMED = {"qkv": "input_norm", "gate_up": "post_norm"}  # weight kind: the norm before it (LayerWeights)
 
 
-def norm_rows(model, plain: Sequence[LinearTiming], cublas: Callable, gemv: Callable, timer: Timer,
-              add_rmsnorm: Callable, rmsnorm_gemv: Callable) -> list[LinearTiming]:
-    """For each bf16 weight kind after a norm, at each row count of its ``plain`` timings: the residual-add
-    RMSNorm kernel (bf16 rows out of an fp32 stream, as a step runs it) and then the layer as dispatched,
-    against ``rmsnorm_gemv``, which does all three."""
+def norm_rows(model, plain: Sequence[LinearTiming], cublas: Callable, gemv: Callable, add_rmsnorm: Callable,
+              rmsnorm_gemv: Callable, timer: Timer = graph_timer) -> list[LinearTiming]:
+    """For each bf16 weight kind after a norm (`choose_linears`' ``plain`` timings say which and at which row
+    counts), the residual-add RMSNorm kernel (bf16 rows out of an fp32 stream, as a step runs it; the
+    kernels of `kernels.norm.fused_add_rmsnorm`), then the layer as dispatched, against ``rmsnorm_gemv``
+    (`kernels.rmsnorm_gemv`), which does all three. QKV's bias, where the model has one, goes in both; the
+    first layer's form (the fp32 embeddings, no residual) runs once too, untimed, so that it compiles here
+    and not in the middle of the decode graphs' capture."""
     out = []
     groups, eps = weight_groups(model), model.cfg.rms_eps
     for name, attr in NORMED.items():
@@ -128,6 +126,7 @@ def norm_rows(model, plain: Sequence[LinearTiming], cublas: Callable, gemv: Call
         if not weights or weights[0].dtype != torch.bfloat16:  # float16 keeps its norm (`kernels.rmsnorm_gemv`)
             continue
         g = getattr(model.layers[0], attr)
+        bias = getattr(model.layers[0], "qkv_bias", None) if name == "qkv" else None
         n, k = weights[0].shape
         for t in plain:
             if t.name != name or t.silu_mul or t.norm:
@@ -135,9 +134,11 @@ def norm_rows(model, plain: Sequence[LinearTiming], cublas: Callable, gemv: Call
             linear = gemv if t.gemv_wins else cublas
             x = torch.randn(t.rows, k, dtype=weights[0].dtype, device=weights[0].device)
             r = torch.randn(t.rows, k, dtype=torch.float32, device=weights[0].device)
-            t_pair = timer(lambda w, x=x, r=r, g=g, linear=linear: linear(add_rmsnorm(x, r, g, eps, w.dtype)[0], w),
-                           weights)
-            t_fused = timer(lambda w, x=x, r=r, g=g: rmsnorm_gemv(x, g, eps, w, residual=r), weights)
+            t_pair = timer(lambda w, x=x, r=r, g=g, b=bias, linear=linear:
+                           linear(add_rmsnorm(x, r, g, eps, w.dtype)[0], w, b), weights)
+            t_fused = timer(lambda w, x=x, r=r, g=g, b=bias: rmsnorm_gemv(x, g, eps, w, b, residual=r), weights)
+            if name == "qkv":  # layer 0: the embeddings normed alone
+                rmsnorm_gemv(x.float(), g, eps, weights[0], bias)
             out.append(LinearTiming(name, n, k, t.rows, round(t_pair, 2), round(t_fused, 2), norm=True))
     return out
 

@@ -19,7 +19,7 @@ from appliance.engine.forward_batch import HEADER_LEN, ForwardBatch
 from appliance.engine.graph_plan import LADDER, DecodeRow, plan_graphs
 from appliance.engine.host_copy import to_device
 from appliance.engine.kv_cache import PagePool
-from appliance.engine.linear_choice import LinearTiming, choose_linears, gemv_shapes, summary
+from appliance.engine.linear_choice import LinearTiming, choose_linears, gemv_shapes, norm_rows, summary
 from appliance.engine.rank_device import bind_device
 from appliance.engine.request import Request
 from appliance.engine.scheduler import ScheduledBatch
@@ -151,12 +151,17 @@ class ModelRunner:
         try:
             swiglu = self.model.cfg.mlp_activation == "silu"
             self.linear_timings = choose_linears(self.model, rows, plain_linear, gemv,
-                                                 silu_and_mul=silu_and_mul if swiglu else None,
-                                                 add_rmsnorm=fused_add_rmsnorm, rmsnorm_gemv=rmsnorm_gemv)
+                                                 silu_and_mul=silu_and_mul if swiglu else None)
         except Exception as exc:  # e.g. a Triton that cannot build the GEMV: cuBLAS everywhere, as before
             print(f"pdbox engine: GEMV timing failed, every linear layer on cuBLAS: {exc}", file=sys.stderr,
                   flush=True)
             return
+        try:  # apart: a norm-folded GEMV that fails keeps its norm kernel, not the choices above
+            self.linear_timings += norm_rows(self.model, self.linear_timings, plain_linear, gemv, fused_add_rmsnorm,
+                                             rmsnorm_gemv)
+        except Exception as exc:
+            print(f"pdbox engine: RMSNorm-folded GEMV timing failed, every norm a kernel of its own: {exc}",
+                  file=sys.stderr, flush=True)
         self.backend.gemv_for = gemv_shapes(self.linear_timings)
         self.backend.gemv_silu_mul_for = gemv_shapes(self.linear_timings, silu_mul=True)
         self.backend.gemv_norm_for = gemv_shapes(self.linear_timings, norm=True)

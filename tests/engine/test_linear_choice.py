@@ -10,7 +10,15 @@ import appliance.engine.attention_triton as attention_triton
 from appliance.config import EngineConfig
 from appliance.engine.attention import plain_linear
 from appliance.engine.attention_triton import TritonAttentionBackend
-from appliance.engine.linear_choice import MARGIN, LinearTiming, choose_linears, gemv_shapes, summary, weight_groups
+from appliance.engine.linear_choice import (
+    MARGIN,
+    LinearTiming,
+    choose_linears,
+    gemv_shapes,
+    norm_rows,
+    summary,
+    weight_groups,
+)
 from appliance.engine.runner import ModelRunner
 
 
@@ -162,17 +170,22 @@ def test_qkv_and_gate_up_are_timed_with_their_norm_against_the_layer_as_dispatch
     qkv, gate_up = tuple(groups["qkv"][0].shape), tuple(groups["gate_up"][0].shape)
     seen: list[tuple] = []
 
-    def cublas(x, w):
+    def cublas(x, w, b=None):
         seen.append(("cublas", tuple(x.shape), x.dtype))
 
-    def gemv(x, w, silu_mul=False):
+    def gemv(x, w, b=None, silu_mul=False):
         seen.append(("gemv", tuple(x.shape), x.dtype))
 
     def add_rmsnorm(x, r, g, eps, out_dtype):
         seen.append(("norm", tuple(x.shape), r.dtype, tuple(g.shape), eps, out_dtype))
         return x.to(out_dtype), x + r
 
-    def rmsnorm_gemv(x, g, eps, w, residual=None):
+    warmed: list[tuple] = []
+
+    def rmsnorm_gemv(x, g, eps, w, b=None, residual=None):
+        if residual is None:  # layer 0's form, run once untimed
+            warmed.append((tuple(x.shape), x.dtype, tuple(w.shape)))
+            return
         seen.append(("fused", tuple(x.shape), residual.dtype, tuple(g.shape)))
 
     calls: list[tuple] = []
@@ -187,8 +200,9 @@ def test_qkv_and_gate_up_are_timed_with_their_norm_against_the_layer_as_dispatch
             return 5.0 if weights[0].shape == qkv else 20.0
         return 10.0
 
-    timings = choose_linears(runner.model, [2], cublas, gemv, timer=timer, add_rmsnorm=add_rmsnorm,
-                             rmsnorm_gemv=rmsnorm_gemv)
+    timings = choose_linears(runner.model, [2], cublas, gemv, timer=timer)
+    assert not any(t.norm for t in timings)
+    timings += norm_rows(runner.model, timings, cublas, gemv, add_rmsnorm, rmsnorm_gemv, timer=timer)
     normed = [t for t in timings if t.norm]
     assert [(t.name, t.rows) for t in normed] == [("qkv", 2), ("gate_up", 2)]
     k, eps = qkv[1], runner.model.cfg.rms_eps
@@ -197,6 +211,7 @@ def test_qkv_and_gate_up_are_timed_with_their_norm_against_the_layer_as_dispatch
                           (qkv, [("fused", (2, k), torch.float32, (k,))]),
                           (gate_up, [norm, ("cublas", (2, k), torch.bfloat16)]),
                           (gate_up, [("fused", (2, k), torch.float32, (k,))])]
+    assert warmed == [((2, k), torch.float32, qkv)]  # the fp32 embeddings, no residual: compiled at start-up too
     assert [(t.cublas_us, t.gemv_us, t.gemv_wins) for t in normed] == [(5.0, 9.9, False), (10.0, 4.0, True)]
     assert gemv_shapes(timings, norm=True) == frozenset({(*gate_up, 2)})
     assert gemv_shapes(timings) == frozenset({(*qkv, 2)})  # the plain set keeps its own
@@ -206,9 +221,9 @@ def test_qkv_and_gate_up_are_timed_with_their_norm_against_the_layer_as_dispatch
 def test_float16_weights_keep_their_norm() -> None:
     fp16 = ModelRunner("random:tiny", EngineConfig(device="cpu", dtype="float16", attention_backend="torch",
                                                    kv_cache_mb=4, max_model_len=256))
-    timings = choose_linears(fp16.model, [1], lambda x, w: None, lambda x, w: None, timer=lambda fn, ws: 1.0,
-                             add_rmsnorm=lambda *a: (a[0], a[0]), rmsnorm_gemv=lambda *a, **k: None)
-    assert timings and not any(t.norm for t in timings)
+    timings = choose_linears(fp16.model, [1], lambda x, w: None, lambda x, w: None, timer=lambda fn, ws: 1.0)
+    assert timings and norm_rows(fp16.model, timings, lambda *a: None, lambda *a: None, lambda *a: (a[0], a[0]),
+                                 lambda *a, **k: None, timer=lambda fn, ws: 1.0) == []
 
 
 def test_the_triton_backend_folds_the_norm_only_where_chosen(monkeypatch) -> None:
@@ -235,3 +250,36 @@ def test_the_triton_backend_folds_the_norm_only_where_chosen(monkeypatch) -> Non
     be.norm_linear(torch.randn(3, 8), torch.randn(3, 8), g, 1e-6, w)  # 3 rows were not chosen
     be.norm_linear(x, r, g, 1e-6, w.half())  # float16 weights keep the norm apart
     assert used == [((2, 8), True), ((2, 8), False)]
+
+
+def test_qkv_bias_goes_into_both_sides_of_its_norm_timing(runner: ModelRunner, monkeypatch) -> None:
+    n = weight_groups(runner.model)["qkv"][0].shape[0]
+    bias = torch.zeros(n, dtype=torch.bfloat16)
+    monkeypatch.setattr(runner.model.layers[0], "qkv_bias", bias)  # a Qwen2-style layer
+    got: list[tuple] = []
+    plain = [LinearTiming(name, *runner.model.layers[0].__dict__[name].shape, 1, 10.0, 20.0)
+             for name in ("qkv", "gate_up")]
+    norm_rows(runner.model, plain, lambda x, w, b=None: got.append(("cublas", b is bias)), None,
+              lambda x, r, g, eps, dt: (x, x + r),
+              lambda x, g, eps, w, b=None, residual=None: got.append(("fused", b is bias, residual is None)),
+              timer=lambda fn, ws: fn(ws[0]) or 1.0)
+    assert got == [("cublas", True), ("fused", True, False), ("fused", True, True),  # QKV: timed, then layer 0's
+                   ("cublas", False), ("fused", False, False)]  # gate/up has no bias
+
+
+def test_a_failed_norm_timing_keeps_the_plain_choices(runner: ModelRunner, monkeypatch, capsys) -> None:
+    import appliance.engine.runner as runner_mod
+
+    won = [LinearTiming("o_proj", 6, 8, 1, cublas_us=10.0, gemv_us=5.0)]
+    monkeypatch.setattr(runner_mod, "choose_linears", lambda *a, **k: list(won))
+
+    def boom(*_a, **_k):
+        raise RuntimeError("the NORM variant does not compile here")
+
+    monkeypatch.setattr(runner_mod, "norm_rows", boom)
+    be = TritonAttentionBackend()
+    monkeypatch.setattr(runner, "backend", be)
+    runner.choose_linears([1])
+    assert be.gemv_for == frozenset({(6, 8, 1)}) and be.gemv_norm_for == frozenset()
+    assert runner.linear_timings == won
+    assert "RMSNorm-folded GEMV timing failed, every norm a kernel of its own" in capsys.readouterr().err

@@ -1,6 +1,6 @@
 """A decode step with RMSNorm folded into the GEMV after it (`kernels.rmsnorm_gemv`, where the start-up
 timing chose it): on the Triton kernels under the interpreter, the same logits as the step with the norm
-as its own kernel, within bf16's rounding, and the same residual stream."""
+as its own kernel, within bf16's rounding, and the same residual stream between the layers."""
 
 from __future__ import annotations
 
@@ -30,13 +30,26 @@ def test_a_decode_step_with_the_norms_folded_into_qkv_and_gate_up_matches_the_un
     runner = engine.runner
     be = create_backend("triton", torch.device("cpu"))
     runner.model.backend = be
+    streams: dict[str, list[torch.Tensor]] = {"apart": [], "folded": []}
+    real_norm = be.fused_add_rmsnorm
+
+    def norm_spy(*args, **kwargs):
+        out = real_norm(*args, **kwargs)
+        streams["apart"].append(out[1])
+        return out
+
+    be.fused_add_rmsnorm = norm_spy
     apart = runner.forward(runner.build(sb)).clone()
+    del be.fused_add_rmsnorm
 
     real, calls = attention_triton.rmsnorm_gemv, []
 
     def spy(x, g, eps, w, b=None, residual=None):
         calls.append((tuple(x.shape), tuple(w.shape), residual is not None))
-        return real(x, g, eps, w, b, residual)
+        y, h = real(x, g, eps, w, b, residual)
+        if residual is not None:
+            streams["folded"].append(h)
+        return y, h
 
     attention_triton.rmsnorm_gemv = spy
     try:
@@ -52,4 +65,9 @@ def test_a_decode_step_with_the_norms_folded_into_qkv_and_gate_up_matches_the_un
     assert folded.shape == apart.shape
     torch.testing.assert_close(folded.float(), apart.float(), rtol=0.05, atol=0.05)
     assert torch.equal(folded.float().argmax(-1), apart.float().argmax(-1))
+    # the residual stream after every block but the last (which the final norm takes), fp32 both ways
+    assert len(streams["apart"]) == len(streams["folded"]) == 2 * layers - 1
+    for got, want in zip(streams["folded"], streams["apart"], strict=True):
+        assert got.dtype == want.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=0.05, atol=0.05)
     engine.shutdown()

@@ -152,9 +152,11 @@ def _cases() -> dict[str, Callable[[], Any]]:
         "gemv_silu_mul": lambda: kernels.gemv(torch.zeros(4, 2 * 14336, dtype=BF16),
                                               torch.zeros(4096, 14336, dtype=BF16), silu_mul=True),
         # the residual add and RMSNorm folded in (a layer after its attention block), then the first
-        # layer's: the fp32 embeddings normed alone
+        # layer's: the fp32 embeddings normed alone; then with QKV's bias (Qwen2)
         "rmsnorm_gemv": lambda: [kernels.rmsnorm_gemv(x, w, 1e-6, torch.zeros(6144, 4096, dtype=BF16), residual=r),
-                                 kernels.rmsnorm_gemv(r, w, 1e-6, torch.zeros(6144, 4096, dtype=BF16))],
+                                 kernels.rmsnorm_gemv(r, w, 1e-6, torch.zeros(6144, 4096, dtype=BF16)),
+                                 kernels.rmsnorm_gemv(x, w, 1e-6, torch.zeros(6144, 4096, dtype=BF16),
+                                                      torch.zeros(6144, dtype=BF16), residual=r)],
     }
 
 

@@ -9,14 +9,18 @@ from appliance.engine.attention import TorchAttentionBackend
 from appliance.engine.attention_triton import TritonAttentionBackend
 from tests.engine.greedy import tiny_greedy
 
-METHODS = ("store_kv", "decode", "extend", "rmsnorm", "fused_add_rmsnorm", "rotary", "silu_and_mul")
+METHODS = ("store_kv", "decode", "extend", "rmsnorm", "fused_add_rmsnorm", "rotary", "silu_and_mul", "linear",
+           "silu_mul_linear", "norm_linear", "rotary_store_kv")
 
 
 def test_same_methods_as_the_torch_backend():
     triton_be, torch_be = TritonAttentionBackend(), TorchAttentionBackend()
     assert triton_be.name == "triton"
+    from appliance.engine.attention_cpu import CpuAttentionBackend
+
     for name in METHODS:
         assert callable(getattr(triton_be, name)) and callable(getattr(torch_be, name))
+        assert callable(getattr(CpuAttentionBackend, name)), name
 
 
 def test_one_layer_store_extend_decode(device, tol):

@@ -51,7 +51,7 @@ def test_every_kernel_compiles_to_one_sm90_entry(report: dict) -> None:
         "copy_pages_runs": ["_copy_pages_kernel"],  # runs of pages consecutive at both ends: one span each
         "gemv": ["_gemv_kernel"] * 3,  # bf16 at one row (Triton specializes 1) and sixteen, fp32
         "gemv_silu_mul": ["_gemv_kernel"],  # the down projection reading the gate/up rows
-        "rmsnorm_gemv": ["_gemv_kernel"] * 2,  # RMSNorm folded in: after a residual add, and alone
+        "rmsnorm_gemv": ["_gemv_kernel"] * 3,  # RMSNorm folded in: after a residual add, alone, with a bias
     }
     assert all(k["entries"] == 1 for launches in report.values() for k in launches)
     # every autotuning config too: a GPU's warm-up compiles them all
@@ -71,8 +71,8 @@ def test_attention_runs_on_tensor_cores_and_reads_kv_in_16_byte_vectors(report: 
     assert one["mma"] and sixteen["mma"] and one["async"] == sixteen["async"] == fp32["async"] == [16]
     fused = report["gemv_silu_mul"][0]
     assert fused["mma"] and fused["async"] == [16]
-    added, alone = report["rmsnorm_gemv"]
-    assert added["mma"] and alone["mma"] and added["async"] == alone["async"] == [16]
+    added, alone, biased = report["rmsnorm_gemv"]
+    assert added["mma"] and alone["mma"] and biased["mma"] and added["async"] == alone["async"] == [16]
     assert "v4.b32" in added["st"]  # program 0's summed residual rows, 16 bytes a store
 
 
