@@ -8,13 +8,14 @@ import platform
 # what each library serves, for the report's lines
 KERNEL_USE = {"attention": "CPU bf16", "pointwise": "CPU bf16", "quant_gemv": "CPU, a GGUF's 4- and 8-bit weights",
               "pointwise_f32": "CPU fp32", "decode_f32": "CPU fp32", "extend_f32": "CPU fp32, prefill attention",
-              "decode_layer_f32": "CPU fp32, a decode layer a call"}
+              "decode_layer_f32": "CPU fp32, a decode layer a call",
+              "decode_layer_bf16": "CPU bf16, a decode layer a call"}
 
 
 def native_kernels() -> dict:
     """pdbox's C kernels for the CPU backend (attention and pointwise in bf16 on AVX-512 BF16; the GEMV on a
     GGUF's 4- and 8-bit blocks in any dtype, fp32 pointwise ops, decode and prefill attention and the one-call
-    decode layer on AVX2): built and loaded here, or why not."""
+    decode layer on AVX2; the bf16 one-call decode layer on AVX-512 BF16): built and loaded here, or why not."""
     import torch
 
     from kernels.cpu.decode_layer import native as decode_layer
@@ -26,7 +27,7 @@ def native_kernels() -> dict:
 
     built = {"attention": attention(), "pointwise": pointwise(), "quant_gemv": quant_gemv(),
              "pointwise_f32": pointwise(torch.float32), "decode_f32": decode_f32(), "extend_f32": extend_f32(),
-             "decode_layer_f32": decode_layer()}
+             "decode_layer_f32": decode_layer(), "decode_layer_bf16": decode_layer(torch.bfloat16)}
     return {name: {"ok": b.lib is not None, "reason": b.reason, "path": str(b.path) if b.path else None}
             for name, b in built.items()}
 

@@ -102,7 +102,8 @@ def _native_kernels(backend: object) -> str:
     bf16 = "on" if backend.native_attention else f"off ({reason})"
     f32 = "on" if backend.native_pointwise_f32 and backend.native_decode_f32 else "off"
     layer = "on" if backend.native_decode_layer else "off"
-    return f"bf16: {bf16}; fp32 (AVX2): {f32}, a decode layer a call: {layer}"
+    layer16 = "on" if getattr(backend, "native_decode_layer_bf16", False) else "off"
+    return f"bf16: {bf16}, a decode layer a call: {layer16}; fp32 (AVX2): {f32}, a decode layer a call: {layer}"
 
 
 def prompt_tokens(tok, n: int) -> list[int]:

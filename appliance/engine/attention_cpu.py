@@ -191,8 +191,9 @@ class CpuAttentionBackend:
         quant = native_quant_lib() if native_kernels else None
         self.native_quant = quant is not None and quant.lib is not None
         self.native_quant_reason = "off" if quant is None else quant.reason
-        # the one-call fp32 decode layer (those kernels, called from C)
+        # the one-call decode layers (those kernels, called from C), by the layers' dtype
         self.native_decode_layer = native_kernels and native_decode_layer().lib is not None
+        self.native_decode_layer_bf16 = native_kernels and native_decode_layer(torch.bfloat16).lib is not None
         # NOTE: per-forward caches keyed by the batch's own tensors (identity), like the reference
         # backend's decode plan: every layer of one pass sees the same positions / page table.
         self._rope_key: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -374,14 +375,22 @@ class CpuAttentionBackend:
 
     # -- whole decode layers ------------------------------------------------------------------
     def decode_layers(self, layers: list[PlainLayer]) -> list[DecodeLayer] | None:
-        """The layers as one-call fp32 decode layers, or ``None`` where they cannot be: the kernels are not
-        here, a weight is not quantized (or not fp32), or the kernels refuse a shape."""
-        if not self.native_decode_layer or not layers:
+        """The layers as one-call decode layers, or ``None`` where they cannot be: the kernels are not here for
+        the model's dtype (fp32: AVX2; bf16: AVX-512 BF16), a weight is not quantized, or the kernels refuse a
+        shape."""
+        if not layers:
+            return None
+        first = layers[0].qkv
+        dtype = first.dtype if isinstance(first, PackedWeight) else None
+        if not (dtype == torch.float32 and self.native_decode_layer
+                or dtype == torch.bfloat16 and self.native_decode_layer_bf16):
             return None
         built = []
         for lay in layers:
             ws = (lay.qkv, lay.o_proj, lay.gate_up, lay.down)
-            if not all(isinstance(w, PackedWeight) and w.quant is not None and w.dtype == torch.float32 for w in ws):
+            if not all(isinstance(w, PackedWeight) and w.quant is not None and w.dtype == dtype for w in ws):
+                return None
+            if lay.k_cache.dtype != dtype:
                 return None
             try:
                 built.append(DecodeLayer.build(lay.input_norm, lay.post_norm, *(w.quant for w in ws), lay.cos_sin,
@@ -393,11 +402,11 @@ class CpuAttentionBackend:
     def decode_step(self, layers: list[DecodeLayer], x: torch.Tensor, positions: torch.Tensor,
                     slot_mapping: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor) -> DecodeStep | None:
         """A decode step's rows for :meth:`decode_layer`, or ``None`` where it runs op by op: more rows than the
-        quantized GEMV takes, rows that are not fp32, or a request with no cached row (attention's zeros)."""
-        rows = x.shape[0]
-        if x.dtype != torch.float32 or not 1 <= rows <= QUANT_MAX_ROWS[torch.float32] or int(seq_lens.min()) < 1:
+        op-by-op step gives the quantized GEMV in the layers' dtype (above it, oneDNN), embeddings that are not
+        fp32, or a request with no cached row (attention's zeros)."""
+        rows, first = x.shape[0], layers[0]
+        if x.dtype != torch.float32 or not 1 <= rows <= QUANT_MAX_ROWS[first.dtype] or int(seq_lens.min()) < 1:
             return None
-        first = layers[0]
         plan = decode_table(page_table, seq_lens, first.num_pages, first.page_size)
         return DecodeStep.build(first, positions, slot_mapping, plan)
 

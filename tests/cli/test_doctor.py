@@ -28,7 +28,7 @@ def test_doctor_reports_transports_and_reasons() -> None:
         assert pdl["reason"] and pdl["ok"] == pdl_enabled()
     native = rep["attention_backend"]["native"]
     assert set(native) == {"attention", "pointwise", "quant_gemv", "pointwise_f32", "decode_f32", "extend_f32",
-                           "decode_layer_f32"}
+                           "decode_layer_f32", "decode_layer_bf16"}
     assert all(n["reason"] for n in native.values())
     flags = open("/proc/cpuinfo").read()
     if "avx512_bf16" in flags and shutil.which("cc"):  # a Zen 4 CI machine with gcc

@@ -1,4 +1,4 @@
-"""The engine's one-call decode layers (fp32, quantized weights, ``cpu`` backend): the embedded model
+"""The engine's one-call decode layers (fp32 or bf16, quantized weights, ``cpu`` backend): the embedded model
 decodes through them, to the same tokens as op by op; models they cannot take run op by op."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from appliance.config import EngineConfig
 from appliance.engine.core_share import CoreShare, SharedCores, make_board
@@ -43,6 +44,23 @@ def test_the_embedded_model_decodes_a_call_a_layer_to_the_same_tokens() -> None:
             by_ops, none = greedy(engine, batch, False)
             assert fused == by_ops
             assert calls == 30 * 11 and none == 0  # SmolLM2's 30 layers, every decode step after the first token
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.skipif(native(torch.bfloat16).lib is None,
+                    reason=f"no fused bf16 decode layer here: {native(torch.bfloat16).reason}")
+def test_the_embedded_model_in_bf16_decodes_a_call_a_layer_to_the_same_tokens() -> None:
+    """bf16 (the default dtype on CPUs with AVX-512 BF16): up to 4 rows a step (past that the op-by-op step
+    runs oneDNN's bf16 GEMM, not the quantized GEMV, and so does this one)."""
+    prompts = ["The capital of France is", "def fibonacci(n):", "Three colors:", "List three fruits:", "Hello"]
+    engine = Engine(None, EngineConfig(dtype="bfloat16", threads=2, enable_prefix_cache=False, kv_cache_mb=64))
+    try:
+        for batch, steps in ((prompts[:1], 11), (prompts[:4], 11), (prompts, 0)):
+            fused, calls = greedy(engine, batch, True)
+            by_ops, none = greedy(engine, batch, False)
+            assert fused == by_ops
+            assert calls == 30 * steps and none == 0  # five rows: op by op
     finally:
         engine.shutdown()
 

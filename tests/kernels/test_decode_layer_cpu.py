@@ -96,7 +96,7 @@ def test_bad_layers_and_steps_are_named() -> None:
                           lay.k_cache, lay.v_cache, HQ, EPS, SCALE)
     with pytest.raises(ValueError, match="k_cache must be a contiguous fp32"):
         DecodeLayer.build(lay.input_norm, lay.post_norm, lay.qkv, lay.o, lay.gate_up, lay.down, lay.cos_sin,
-                          lay.k_cache.bfloat16(), lay.v_cache, HQ, EPS, SCALE)
+                          lay.k_cache.half(), lay.v_cache, HQ, EPS, SCALE)
     with pytest.raises(ValueError, match="power-of-two pages"):
         DecodeLayer.build(lay.input_norm, lay.post_norm, lay.qkv, lay.o, lay.gate_up, lay.down, lay.cos_sin,
                           torch.zeros(8, 3, HKV, D), torch.zeros(8, 3, HKV, D), HQ, EPS, SCALE)
