@@ -115,7 +115,8 @@ def prompt_tokens(tok, n: int) -> list[int]:
 
 
 def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: int, long_batch: int = 6,
-        backend: str = "auto", q4_kernels: bool = True, native_kernels: bool = True, prefill_chunk: int = 0) -> dict:
+        backend: str = "auto", q4_kernels: bool = True, native_kernels: bool = True, prefill_chunk: int = 0,
+        decode_batches: tuple[int, ...] = (), layer_max_rows: int | None = None) -> dict:
     from appliance.config import EngineConfig
     from appliance.engine.engine import Engine
 
@@ -125,11 +126,15 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
                        kv_cache_mb=512, attention_backend=backend, q4_kernels=q4_kernels,
                        native_kernels=native_kernels)
     engine = Engine(model, cfg)
+    be = engine.runner.backend
+    if layer_max_rows is not None and hasattr(be, "layer_max_rows"):  # the one-call decode layers' bound, moved
+        be.layer_max_rows[engine.runner.model.dtype] = layer_max_rows
     tok = engine.tokenizer
     base = tok.encode("Write a long story about a lighthouse keeper who finds a message in a bottle. " * 4)[:64]
     _decode_steps(engine, [base], 8)  # warm-up
     b1 = _decode_steps(engine, [base], steps)
     b16 = _decode_steps(engine, [base + [100 + i] for i in range(16)], steps)
+    more = {n: _decode_steps(engine, [base + [100 + i] for i in range(n)], steps) for n in decode_batches}
     long_prompt = prompt_tokens(tok, prefill_len)
     _prefill_times(engine, long_prompt[:128], 1)
     pre = _prefill_times(engine, long_prompt, 3)
@@ -154,6 +159,8 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
         "decode_ms_per_step_b16": round(step16 * 1000, 2),
         "decode_tok_s_b16": round(16 / step16, 1),
         "b16_over_b1": round((16 / step16) / (1000 / ms_b1), 2),
+        **{f"decode_ms_per_step_b{n}": round(statistics.median(t) * 1000, 2) for n, t in more.items()},
+        **({"layer_max_rows": be.layer_max_rows[engine.runner.model.dtype]} if hasattr(be, "layer_max_rows") else {}),
         f"decode_ms_per_step_b{long_batch}_ctx{len(long_prompt)}": round(statistics.median(long_steps) * 1000, 2),
         "prefill_tokens": len(long_prompt),
         "prefill_chunk": cfg.max_prefill_tokens,
@@ -183,6 +190,9 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
 @click.option("--prefill-chunk", type=click.IntRange(min=0), default=0,
               help="prefill in chunks of this many tokens, as a server does (0: the whole prompt in one step)")
 @click.option("--long-batch", type=int, default=6, help="requests in the long-context decode figure")
+@click.option("--decode-batches", default="", help="CPU: decode ms/step at these batch sizes too (e.g. 4,5,6,8)")
+@click.option("--layer-max-rows", type=click.IntRange(min=0), default=None,
+              help="CPU: decode steps of up to this many rows run a call a layer (default: the engine's own bound)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object only")
 @click.option("--device", default="cpu", type=click.Choice(("cpu", "cuda")),
               help="cuda: decode at batch 1/16/64/256 (graphs on and off), prefill 1K/8K, GPU floors "
@@ -196,7 +206,8 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
                                               "(graph replay and eager), from torch's profiler")
 @click.option("--profile-batches", default="", help="cuda: profile these batch sizes instead (e.g. 1,64)")
 def command(model: str | None, threads: int, dtype: str, backend: str, steps: int, q4_kernels: bool,
-            native_kernels: bool, prefill_len: int, prefill_chunk: int, long_batch: int, as_json: bool, device: str,
+            native_kernels: bool, prefill_len: int, prefill_chunk: int, long_batch: int, decode_batches: str,
+            layer_max_rows: int | None, as_json: bool, device: str,
             context: int,
             batches: str, prefill_lens: str, no_cuda_graphs: bool, out: str | None, profile: bool,
             profile_batches: str) -> None:
@@ -210,7 +221,7 @@ def command(model: str | None, threads: int, dtype: str, backend: str, steps: in
                           20 if steps == 48 else steps, graphs=not no_cuda_graphs, out_path=out, profile=profiled)
     else:
         result = run(model, threads, dtype, steps, prefill_len, long_batch, backend, q4_kernels, native_kernels,
-                     prefill_chunk)
+                     prefill_chunk, tuple(int(x) for x in decode_batches.split(",") if x), layer_max_rows)
     if as_json:
         print(json.dumps(result))
         return

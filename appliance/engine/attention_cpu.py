@@ -78,6 +78,12 @@ INT4_MAX_ROWS = 4
 # against oneDNN fp32's 29.6 / 33.5 / 39.8, so up to 16. bf16 keeps int4's bound, where oneDNN bf16 takes added
 # rows almost free
 QUANT_MAX_ROWS = {torch.float32: 16, torch.bfloat16: INT4_MAX_ROWS}
+# NOTE: a decode step of up to this many rows runs a call a layer (`decode_layers`), on the quantized GEMV. In
+# bf16 that passes the op-by-op bound above: at 5 and 6 rows the Python the one call saves outweighs oneDNN's
+# cheaper added rows, not past that (2-core Zen 4, SmolLM2, `python -m bench.engine --decode-batches 4,5,6,8
+# --layer-max-rows 4` against the default, docs/bench/engine/bf16-layer-3d80c07/). There the one call's
+# GEMV sums what the op-by-op step would give oneDNN, so the bits are the GEMV's, not oneDNN's.
+LAYER_MAX_ROWS = {torch.float32: QUANT_MAX_ROWS[torch.float32], torch.bfloat16: 6}
 # NOTE: oneDNN builds (JIT, ~1 ms) and caches a primitive per input shape, and each keeps its own memory:
 # ~0.65 MiB a row count for SmolLM2's weights, 3 MiB for the 3072-wide gate/up at 200-300 rows
 # (`_linear_pointwise`, 1 thread, Zen 3). A prefill engine sees nearly every row count up to its chunk, so
@@ -194,6 +200,7 @@ class CpuAttentionBackend:
         # the one-call decode layers (those kernels, called from C), by the layers' dtype
         self.native_decode_layer = native_kernels and native_decode_layer().lib is not None
         self.native_decode_layer_bf16 = native_kernels and native_decode_layer(torch.bfloat16).lib is not None
+        self.layer_max_rows = dict(LAYER_MAX_ROWS)  # by dtype (a bench may move it: `bench.engine --layer-max-rows`)
         # NOTE: per-forward caches keyed by the batch's own tensors (identity), like the reference
         # backend's decode plan: every layer of one pass sees the same positions / page table.
         self._rope_key: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -401,11 +408,11 @@ class CpuAttentionBackend:
 
     def decode_step(self, layers: list[DecodeLayer], x: torch.Tensor, positions: torch.Tensor,
                     slot_mapping: torch.Tensor, page_table: torch.Tensor, seq_lens: torch.Tensor) -> DecodeStep | None:
-        """A decode step's rows for :meth:`decode_layer`, or ``None`` where it runs op by op: more rows than the
-        op-by-op step gives the quantized GEMV in the layers' dtype (above it, oneDNN), embeddings that are not
-        fp32, or a request with no cached row (attention's zeros)."""
+        """A decode step's rows for :meth:`decode_layer`, or ``None`` where it runs op by op: more rows than
+        ``layer_max_rows`` in the layers' dtype, embeddings that are not fp32, or a request with no cached row
+        (attention's zeros)."""
         rows, first = x.shape[0], layers[0]
-        if x.dtype != torch.float32 or not 1 <= rows <= QUANT_MAX_ROWS[first.dtype] or int(seq_lens.min()) < 1:
+        if x.dtype != torch.float32 or not 1 <= rows <= self.layer_max_rows[first.dtype] or int(seq_lens.min()) < 1:
             return None
         plan = decode_table(page_table, seq_lens, first.num_pages, first.page_size)
         return DecodeStep.build(first, positions, slot_mapping, plan)

@@ -50,17 +50,25 @@ def test_the_embedded_model_decodes_a_call_a_layer_to_the_same_tokens() -> None:
 
 @pytest.mark.skipif(native(torch.bfloat16).lib is None,
                     reason=f"no fused bf16 decode layer here: {native(torch.bfloat16).reason}")
-def test_the_embedded_model_in_bf16_decodes_a_call_a_layer_to_the_same_tokens() -> None:
-    """bf16 (the default dtype on CPUs with AVX-512 BF16): up to 4 rows a step (past that the op-by-op step
-    runs oneDNN's bf16 GEMM, not the quantized GEMV, and so does this one)."""
-    prompts = ["The capital of France is", "def fibonacci(n):", "Three colors:", "List three fruits:", "Hello"]
+def test_the_embedded_model_in_bf16_decodes_a_call_a_layer_to_the_same_tokens(monkeypatch) -> None:
+    """bf16 (the default dtype on CPUs with AVX-512 BF16), up to ``LAYER_MAX_ROWS`` (6) rows a step. Past 4
+    rows the op-by-op step runs oneDNN's GEMM where the one call runs the quantized GEMV: compared there
+    with an op-by-op step that runs the GEMV too. Seven rows run op by op."""
+    import appliance.engine.attention_cpu as attention_cpu
+
+    assert attention_cpu.LAYER_MAX_ROWS[torch.bfloat16] == 6 and attention_cpu.QUANT_MAX_ROWS[torch.bfloat16] == 4
+    prompts = ["The capital of France is", "def fibonacci(n):", "Three colors:", "List three fruits:", "Hello",
+               "Once upon a time", "2 + 2 ="]
     engine = Engine(None, EngineConfig(dtype="bfloat16", threads=2, enable_prefix_cache=False, kv_cache_mb=64))
     try:
-        for batch, steps in ((prompts[:1], 11), (prompts[:4], 11), (prompts, 0)):
+        for batch, steps in ((prompts[:1], 11), (prompts[:4], 11), (prompts[:6], 11), (prompts, 0)):
             fused, calls = greedy(engine, batch, True)
-            by_ops, none = greedy(engine, batch, False)
+            with monkeypatch.context() as m:
+                if steps:  # the op-by-op GEMV bound raised to the batch: the GEMV on both sides
+                    m.setitem(attention_cpu.QUANT_MAX_ROWS, torch.bfloat16, max(4, len(batch)))
+                by_ops, none = greedy(engine, batch, False)
             assert fused == by_ops
-            assert calls == 30 * steps and none == 0  # five rows: op by op
+            assert calls == 30 * steps and none == 0  # seven rows: op by op
     finally:
         engine.shutdown()
 
