@@ -81,7 +81,7 @@ QUANT_MAX_ROWS = {torch.float32: 16, torch.bfloat16: INT4_MAX_ROWS}
 # NOTE: a decode step of up to this many rows runs a call a layer (`decode_layers`), on the quantized GEMV. In
 # bf16 that passes the op-by-op bound above: at 5 and 6 rows the Python the one call saves outweighs oneDNN's
 # cheaper added rows, not past that (2-core Zen 4, SmolLM2, `python -m bench.engine --decode-batches 4,5,6,8
-# --layer-max-rows 4` against the default, docs/bench/engine/bf16-layer-3d80c07/). There the one call's
+# --layer-max-rows 4` against the default, docs/bench/engine/bf16-layer-a0e8948/). There the one call's
 # GEMV sums what the op-by-op step would give oneDNN, so the bits are the GEMV's, not oneDNN's.
 LAYER_MAX_ROWS = {torch.float32: QUANT_MAX_ROWS[torch.float32], torch.bfloat16: 6}
 # NOTE: oneDNN builds (JIT, ~1 ms) and caches a primitive per input shape, and each keeps its own memory:
