@@ -191,7 +191,7 @@ def run(model: str | None, threads: int, dtype: str, steps: int, prefill_len: in
               help="prefill in chunks of this many tokens, as a server does (0: the whole prompt in one step)")
 @click.option("--long-batch", type=int, default=6, help="requests in the long-context decode figure")
 @click.option("--decode-batches", default="", help="CPU: decode ms/step at these batch sizes too (e.g. 4,5,6,8)")
-@click.option("--layer-max-rows", type=click.IntRange(min=0), default=None,
+@click.option("--layer-max-rows", type=click.IntRange(0, 16), default=None,
               help="CPU: decode steps of up to this many rows run a call a layer (default: the engine's own bound)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object only")
 @click.option("--device", default="cpu", type=click.Choice(("cpu", "cuda")),

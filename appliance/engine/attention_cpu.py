@@ -23,9 +23,11 @@ The references in ``kernels`` are written to be obviously right; they stay the t
   ``QUANT_MAX_ROWS`` rows), or where it cannot be built the 4-bit ones through torch's int4 kernel (rows
   rounded to bf16; up to ``INT4_MAX_ROWS``); more rows (prefill) run oneDNN on the float weights.
 
-In an fp32 model whose layers are plain (``PlainLayer``) and whose linear weights are all quantized, a
-decode step of up to ``QUANT_MAX_ROWS`` rows runs each layer as one call (``decode_layers``: the same
-kernels called from C, the same bits; ``kernels.cpu.decode_layer``).
+In an fp32 model, or a bf16 one on AVX-512 BF16, whose layers are plain (``PlainLayer``) and whose linear
+weights are all quantized, a decode step of up to ``LAYER_MAX_ROWS`` rows runs each layer as one call
+(``decode_layers``: the same kernels and conversions called from C; ``kernels.cpu.decode_layer``): the same
+bits as op by op up to ``QUANT_MAX_ROWS`` rows; past it (bf16's 5 and 6 rows) the one call keeps the
+quantized GEMV where the op-by-op step runs oneDNN, so the bits are the GEMV's.
 
 SDPA cannot soft-cap attention scores, so with ``softcap`` set (Gemma 2) both attention calls take the
 references' explicit matmul-tanh-softmax path instead.
@@ -42,6 +44,7 @@ from appliance.engine.attention import PlainLayer, norm_then_linear, rotary_then
 from appliance.engine.decode_runs import RunSplit, attend_decode, decode_way, supports
 from appliance.model.q4_blocks import GROUP, Q4Blocks
 from appliance.model.q8_blocks import Q8Blocks
+from kernels.cpu.decode_layer import MAX_ROWS as LAYER_ROWS_LIMIT
 from kernels.cpu.decode_layer import DecodeLayer, DecodeStep, decode_layer
 from kernels.cpu.decode_layer import native as native_decode_layer
 from kernels.cpu.flash_decode import MAX_GROUP, DecodeTable, decode_table, flash_decode
@@ -412,7 +415,8 @@ class CpuAttentionBackend:
         ``layer_max_rows`` in the layers' dtype, embeddings that are not fp32, or a request with no cached row
         (attention's zeros)."""
         rows, first = x.shape[0], layers[0]
-        if x.dtype != torch.float32 or not 1 <= rows <= self.layer_max_rows[first.dtype] or int(seq_lens.min()) < 1:
+        bound = min(self.layer_max_rows[first.dtype], LAYER_ROWS_LIMIT)
+        if x.dtype != torch.float32 or not 1 <= rows <= bound or int(seq_lens.min()) < 1:
             return None
         plan = decode_table(page_table, seq_lens, first.num_pages, first.page_size)
         return DecodeStep.build(first, positions, slot_mapping, plan)

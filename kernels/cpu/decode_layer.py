@@ -25,7 +25,7 @@ from kernels.cpu.quant_gemv import MAX_ROWS, Q4Weight, Q8Weight
 from kernels.cpu.quant_gemv import native as quant_native
 
 _P, _I32, _I64, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float
-MAX_HEAD_DIM = 256  # decode_f32.c's MAX_D
+MAX_HEAD_DIM = 256  # decode_f32.c's and flash_attention.c's MAX_D
 STEPS = ("", "its arguments", "scratch memory", "the input norm", "the QKV projection", "rotary", "the KV store",
          "attention", "the output projection", "the post-attention norm", "the gate/up projection",
          "the down projection", "SiLU-and-mul")  # decode_layer_*.c's E_* codes
@@ -110,8 +110,8 @@ def _qweight(name: str, w: Q4Weight | Q8Weight, shape: tuple[int, int]) -> _QWei
     return _QWeight(w.codes.data_ptr(), params.data_ptr(), 4 if isinstance(w, Q4Weight) else 8, shape[0], shape[1])
 
 
-def _fp32(name: str, t: torch.Tensor, shape: tuple[int, ...] | None = None,
-          dtype: torch.dtype = torch.float32) -> None:
+def _check(name: str, t: torch.Tensor, shape: tuple[int, ...] | None = None,
+           dtype: torch.dtype = torch.float32) -> None:
     if t.dtype != dtype or t.device.type != "cpu" or not t.is_contiguous() or (shape and t.shape != shape):
         raise ValueError(f"{name} must be a contiguous {_NAME.get(dtype, dtype)} CPU tensor"
                          f"{f' of shape {shape}' if shape else ''}, got {t.dtype} {tuple(t.shape)} on {t.device}")
@@ -136,12 +136,14 @@ class DecodeLayer:
         """``ValueError`` names what the kernels cannot take: weights of other shapes, caches that are not
         equal contiguous fp32 or bf16 ``(pages, page_size, kv_heads, head_dim)`` (their dtype is the layer's),
         and so on."""
-        dtype = k_cache.dtype if k_cache.dtype in DTYPES else torch.float32
-        _fp32("k_cache", k_cache, dtype=dtype)
+        if k_cache.dtype not in DTYPES:
+            raise ValueError(f"k_cache must be a contiguous fp32 or bf16 CPU tensor, got {k_cache.dtype}")
+        dtype = k_cache.dtype
+        _check("k_cache", k_cache, dtype=dtype)
         if k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
             raise ValueError(f"the caches must be equal (pages, page_size, kv_heads, head_dim), got "
                              f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-        _fp32("v_cache", v_cache, dtype=dtype)
+        _check("v_cache", v_cache, dtype=dtype)
         pages, page_size, hkv, d = k_cache.shape
         hq, hidden = num_q_heads, input_norm.shape[0] if input_norm.dim() == 1 else -1
         head = 64 if dtype == torch.bfloat16 else 32  # pdbox_flash_decode's multiple; decode_f32.c's
@@ -151,9 +153,9 @@ class DecodeLayer:
                              f"head_dim {d}, {hq} over {hkv}")
         if hidden < 16 or hidden % 16:
             raise ValueError(f"the hidden size must be a multiple of 16, got {hidden}")
-        _fp32("input_norm", input_norm, (hidden,))
-        _fp32("post_norm", post_norm, (hidden,))
-        _fp32("cos_sin", cos_sin)
+        _check("input_norm", input_norm, (hidden,))
+        _check("post_norm", post_norm, (hidden,))
+        _check("cos_sin", cos_sin)
         if cos_sin.dim() != 2 or cos_sin.shape[1] != d:
             raise ValueError(f"cos_sin must be (positions, {d}), got {tuple(cos_sin.shape)}")
         inter = down.shape[1]
@@ -211,7 +213,7 @@ def decode_layer(layer: DecodeLayer, step: DecodeStep, x: torch.Tensor | None, r
     shape, dtype = (step.rows, layer.hidden), layer.dtype
     for name, t, want in (("x", x, dtype), ("residual", residual, torch.float32)):  # the cheap test first: once a layer
         if t is not None and not (t.dtype == want and t.is_cpu and t.shape == shape and t.is_contiguous()):
-            _fp32(name, t, shape, want)
+            _check(name, t, shape, want)
     out = torch.empty(shape, dtype=dtype)
     res_out = residual if x is not None else torch.empty(shape)
     rc = _layer_fn(dtype)(ctypes.addressof(_kernels(dtype)), ctypes.addressof(layer.struct),
@@ -220,6 +222,9 @@ def decode_layer(layer: DecodeLayer, step: DecodeStep, x: torch.Tensor | None, r
                      max(1, threads))
     if rc:
         what = STEPS[rc // 100] if rc // 100 < len(STEPS) else f"code {rc}"
+        gemv = rc // 100 in [STEPS.index(s) for s in STEPS if s.endswith("projection")]
+        if rc == 100 * STEPS.index("scratch memory") or (gemv and rc % 100 == 2):  # the GEMV's -2: its scratch
+            raise MemoryError(f"the fused decode layer could not allocate its scratch memory (in {what})")
         if rc == 100 * STEPS.index("the KV store") + 2:  # pdbox_store_kv(_f32)'s -2: nothing written
             raise ValueError("a slot lies outside the KV cache")
         raise RuntimeError(f"the fused decode layer failed in {what} (code {rc})")

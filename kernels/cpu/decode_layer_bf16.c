@@ -70,13 +70,14 @@ typedef struct {
 
 enum { E_ARGS = 1, E_ALLOC, E_NORM1, E_QKV, E_ROTARY, E_STORE, E_ATTEND, E_O, E_NORM2, E_GATE_UP, E_DOWN, E_SILU };
 
-/* 16 fp32 -> bf16 as c10::BFloat16 rounds (to nearest even, NaN to 0x7fc0, subnormals kept): the bits of
- * torch's .to(bfloat16), which the per-op path applies to the GEMV's rows */
+/* 16 fp32 -> bf16 with the bits of torch's .to(bfloat16), which the per-op path applies to the GEMV's rows:
+ * rounded to nearest even, subnormals kept (narrow()'s VCVTNEPS2BF16 flushes them), every NaN 0xffff (checked
+ * against torch 2.13 over all 2^32 patterns) */
 static inline void round_bf16(bf16 *dst, __m512 x) {
     const __m512i u = _mm512_castps_si512(x);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
     __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32(0xffff));
     _mm256_storeu_si256((__m256i *)dst, _mm512_cvtepi32_epi16(r));
 }
 
@@ -110,6 +111,10 @@ int pdbox_decode_layer_bf16(const kernels_t *kn, const layer_t *L, const step_t 
     const int rows = st->rows, H = L->hidden, D = L->d, hq = L->hq, hkv = L->hkv, I = L->inter;
     const int64_t qkv_w = (int64_t)(hq + 2 * hkv) * D, rot_w = (int64_t)(hq + hkv) * D, o_w = (int64_t)hq * D;
     if (rows < 1 || H < 16 || H % 16 || D < 1 || D % 16 || hq < 1 || hkv < 1 || I < 16 || I % 16)
+        return E_ARGS * 100;
+    /* the scratch below is sized from these: weights of other shapes would write past it */
+    if (L->qkv.n != qkv_w || L->qkv.k != H || L->o.n != H || L->o.k != o_w || L->gate_up.n != 2 * I ||
+        L->gate_up.k != H || L->down.n != H || L->down.k != I)
         return E_ARGS * 100;
     int64_t widest_in = H > o_w ? H : o_w, widest_out = qkv_w > 2 * (int64_t)I ? qkv_w : 2 * (int64_t)I;
     if (I > widest_in) widest_in = I;

@@ -70,6 +70,10 @@ int pdbox_decode_layer_f32(const kernels_t *kn, const layer_t *L, const step_t *
     const int rows = st->rows, H = L->hidden, D = L->d, hq = L->hq, hkv = L->hkv;
     const int64_t qkv_w = (int64_t)(hq + 2 * hkv) * D, rot_w = (int64_t)(hq + hkv) * D, o_w = (int64_t)hq * D;
     if (rows < 1 || H < 1 || D < 1 || hq < 1 || hkv < 1 || L->inter < 1) return E_ARGS * 100;
+    /* the scratch below is sized from these: weights of other shapes would write past it */
+    if (L->qkv.n != qkv_w || L->qkv.k != H || L->o.n != H || L->o.k != o_w || L->gate_up.n != 2 * L->inter ||
+        L->gate_up.k != H || L->down.n != H || L->down.k != L->inter)
+        return E_ARGS * 100;
     float *scratch = malloc(sizeof(float) * rows * (H + qkv_w + rot_w + o_w + H + 2 * (int64_t)L->inter));
     if (!scratch) return E_ALLOC * 100;
     float *h = scratch, *qkv = h + rows * H, *rot = qkv + rows * qkv_w, *o = rot + rows * rot_w;

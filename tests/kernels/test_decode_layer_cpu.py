@@ -133,3 +133,6 @@ def test_a_slot_outside_the_cache_is_named_and_writes_nothing() -> None:
     with pytest.raises(ValueError, match="a slot lies outside the KV cache"):
         decode_layer(layer, step, None, torch.zeros(2, HIDDEN))
     assert torch.equal(lay.k_cache, before)
+    layer.struct.d = 48  # the C side checks the weights' shapes against the sizes its scratch is cut from
+    with pytest.raises(RuntimeError, match="failed in its arguments"):
+        decode_layer(layer, step, None, torch.zeros(2, HIDDEN))
