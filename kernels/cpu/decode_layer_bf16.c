@@ -14,15 +14,11 @@
 #include <stdlib.h>
 
 #include "bf16_avx512.h"
+#include "decode_layer.h"
 
 typedef int (*add_rmsnorm_fn)(const bf16 *x, int64_t x_row, const float *residual, int64_t r_row,
                               float *residual_out, const float *weight, bf16 *out, int rows, int h, float eps,
                               int threads);
-typedef int (*add_rmsnorm_f32_fn)(const float *x, int64_t x_row, const float *residual, int64_t r_row,
-                                  float *residual_out, const float *weight, float *out, int rows, int h, float eps,
-                                  int threads);
-typedef int (*quant_linear_fn)(int bits, const float *x, int64_t x_stride, int rows, int k, const void *codes,
-                               const float *params, int n, float *out, int64_t out_stride, int threads, int silu_mul);
 typedef int (*rotary_fn)(const bf16 *x, int64_t x_row, int64_t x_head, const int64_t *pos, const float *cache,
                          int64_t cache_row, bf16 *out, int rows, int heads, int d, int threads);
 typedef int (*store_kv_fn)(const bf16 *k, int64_t k_row, const bf16 *v, int64_t v_row, const int64_t *slots,
@@ -43,32 +39,6 @@ typedef struct {
     decode_fn decode;
     silu_fn silu_and_mul;
 } kernels_t;
-
-/* The same layouts as decode_layer_f32.c's (one ctypes structure fills both), the caches bf16. */
-typedef struct {
-    const void *codes;
-    const float *params;
-    int bits, n, k;
-} qweight_t;
-
-typedef struct {
-    int hidden, hq, hkv, d, inter, page_size;
-    float eps, scale;
-    const float *input_norm, *post_norm;
-    qweight_t qkv, o, gate_up, down;
-    const float *cos_sin;
-    int64_t cos_sin_row;
-    bf16 *k_cache, *v_cache;
-    int64_t page_stride, total_slots;
-} layer_t;
-
-typedef struct {
-    int rows;
-    const int64_t *positions, *slots, *table, *lens;
-    int64_t table_row;
-} step_t;
-
-enum { E_ARGS = 1, E_ALLOC, E_NORM1, E_QKV, E_ROTARY, E_STORE, E_ATTEND, E_O, E_NORM2, E_GATE_UP, E_DOWN, E_SILU };
 
 /* 16 fp32 -> bf16 with the bits of torch's .to(bfloat16), which the per-op path applies to the GEMV's rows:
  * rounded to nearest even, subnormals kept (narrow()'s VCVTNEPS2BF16 flushes them), every NaN 0xffff (checked
@@ -110,11 +80,7 @@ int pdbox_decode_layer_bf16(const kernels_t *kn, const layer_t *L, const step_t 
                             const float *residual_in, float *residual_out, bf16 *out, int threads) {
     const int rows = st->rows, H = L->hidden, D = L->d, hq = L->hq, hkv = L->hkv, I = L->inter;
     const int64_t qkv_w = (int64_t)(hq + 2 * hkv) * D, rot_w = (int64_t)(hq + hkv) * D, o_w = (int64_t)hq * D;
-    if (rows < 1 || H < 16 || H % 16 || D < 1 || D % 16 || hq < 1 || hkv < 1 || I < 16 || I % 16)
-        return E_ARGS * 100;
-    /* the scratch below is sized from these: weights of other shapes would write past it */
-    if (L->qkv.n != qkv_w || L->qkv.k != H || L->o.n != H || L->o.k != o_w || L->gate_up.n != 2 * I ||
-        L->gate_up.k != H || L->down.n != H || L->down.k != I)
+    if (rows < 1 || H < 16 || H % 16 || D < 1 || D % 16 || hq < 1 || hkv < 1 || I < 16 || I % 16 || !weights_fit(L))
         return E_ARGS * 100;
     int64_t widest_in = H > o_w ? H : o_w, widest_out = qkv_w > 2 * (int64_t)I ? qkv_w : 2 * (int64_t)I;
     if (I > widest_in) widest_in = I;

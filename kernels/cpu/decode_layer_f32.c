@@ -10,11 +10,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-typedef int (*add_rmsnorm_fn)(const float *x, int64_t x_row, const float *residual, int64_t r_row,
-                              float *residual_out, const float *weight, float *out, int rows, int h, float eps,
-                              int threads);
-typedef int (*quant_linear_fn)(int bits, const float *x, int64_t x_stride, int rows, int k, const void *codes,
-                               const float *params, int n, float *out, int64_t out_stride, int threads, int silu_mul);
+#include "decode_layer.h"
+
 typedef int (*rotary_fn)(const float *x, int64_t x_row, int64_t x_head, const int64_t *pos, const float *cache,
                          int64_t cache_row, float *out, int rows, int heads, int d, int threads);
 typedef int (*store_kv_fn)(const float *k, int64_t k_row, const float *v, int64_t v_row, const int64_t *slots,
@@ -26,40 +23,12 @@ typedef int (*decode_fn)(const float *q, int64_t q_row, int64_t q_head, const fl
 
 /* The kernels, as addresses from their libraries (kernels/cpu/decode_layer.py fills it once). */
 typedef struct {
-    add_rmsnorm_fn add_rmsnorm;
+    add_rmsnorm_f32_fn add_rmsnorm;
     quant_linear_fn quant_linear;
     rotary_fn rotary;
     store_kv_fn store_kv;
     decode_fn decode;
 } kernels_t;
-
-/* A quantized weight (n, k) as pdbox_quant_linear takes it: bits 4 or 8, codes, params. */
-typedef struct {
-    const void *codes;
-    const float *params;
-    int bits, n, k;
-} qweight_t;
-
-/* What stays the same from step to step: a layer's sizes, weights, rotary table and KV cache. */
-typedef struct {
-    int hidden, hq, hkv, d, inter, page_size;
-    float eps, scale;
-    const float *input_norm, *post_norm;
-    qweight_t qkv, o, gate_up, down;
-    const float *cos_sin;
-    int64_t cos_sin_row;
-    float *k_cache, *v_cache;
-    int64_t page_stride, total_slots;
-} layer_t;
-
-/* A step's rows: positions, cache slots, the checked page table (int64) and lengths. */
-typedef struct {
-    int rows;
-    const int64_t *positions, *slots, *table, *lens;
-    int64_t table_row;
-} step_t;
-
-enum { E_ARGS = 1, E_ALLOC, E_NORM1, E_QKV, E_ROTARY, E_STORE, E_ATTEND, E_O, E_NORM2, E_GATE_UP, E_DOWN };
 
 /* x (rows, hidden) is the previous layer's output, or NULL for the first layer (then residual_in is the
  * embedding); residual_out (rows, hidden) gets residual_in + x, then residual_out + the attention's output;
@@ -69,11 +38,7 @@ int pdbox_decode_layer_f32(const kernels_t *kn, const layer_t *L, const step_t *
                            const float *residual_in, float *residual_out, float *out, int threads) {
     const int rows = st->rows, H = L->hidden, D = L->d, hq = L->hq, hkv = L->hkv;
     const int64_t qkv_w = (int64_t)(hq + 2 * hkv) * D, rot_w = (int64_t)(hq + hkv) * D, o_w = (int64_t)hq * D;
-    if (rows < 1 || H < 1 || D < 1 || hq < 1 || hkv < 1 || L->inter < 1) return E_ARGS * 100;
-    /* the scratch below is sized from these: weights of other shapes would write past it */
-    if (L->qkv.n != qkv_w || L->qkv.k != H || L->o.n != H || L->o.k != o_w || L->gate_up.n != 2 * L->inter ||
-        L->gate_up.k != H || L->down.n != H || L->down.k != L->inter)
-        return E_ARGS * 100;
+    if (rows < 1 || H < 1 || D < 1 || hq < 1 || hkv < 1 || L->inter < 1 || !weights_fit(L)) return E_ARGS * 100;
     float *scratch = malloc(sizeof(float) * rows * (H + qkv_w + rot_w + o_w + H + 2 * (int64_t)L->inter));
     if (!scratch) return E_ALLOC * 100;
     float *h = scratch, *qkv = h + rows * H, *rot = qkv + rows * qkv_w, *o = rot + rows * rot_w;
