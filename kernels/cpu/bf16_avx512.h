@@ -12,7 +12,8 @@ static inline __m512 widen(const bf16 *x) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
 }
 
-/* 16 fp32 -> bf16, rounded to nearest even (as torch's .to(bfloat16)) */
+/* 16 fp32 -> bf16, rounded to nearest even (as torch's .to(bfloat16), but for subnormals, which VCVTNEPS2BF16
+ * flushes to zero, and NaN's bits; decode_layer_bf16.c's round_bf16 has torch's bits where it needs them) */
 static inline void narrow(bf16 *dst, __m512 x) { _mm256_storeu_si256((__m256i *)dst, (__m256i)_mm512_cvtneps_pbh(x)); }
 
 /* exp(x), fp32 (Cephes' expf polynomial; ~1 ulp); below -87 gives ~0, above 88 gives inf */
