@@ -17,7 +17,6 @@ from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m-instruct"
-CHAT_TOKENS = 160  # the RAG wave's answers (see rag_wave)
 LONG_TEXT = " ".join(f"Note {i}: the valve on line {i % 7} reads {i * 3} kPa." for i in range(70))  # ~1 K tokens
 
 
@@ -33,13 +32,32 @@ async def chat_wave(url: str, n: int, max_tokens: int) -> list[int]:
     return await asyncio.gather(*(one(client, f"Tell story number {i}.", max_tokens) for i in range(n)))
 
 
+async def streamed(client: openai.AsyncOpenAI, text: str, max_tokens: int, decoding: list[int]) -> int:
+    """``one``, streamed: appends to ``decoding`` when its first token arrives."""
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": text}], max_tokens=max_tokens, temperature=0,
+        stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    tokens = 0
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content and not tokens:
+            tokens = 1
+            decoding.append(1)
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return tokens
+
+
 async def rag_wave(url: str) -> tuple[list[int], list[int]]:
-    """Answers decoding (little TPOT slack) while long prompts arrive beside them. NOTE: the answers must
-    still be decoding when the prompts come, a second in: 48 tokens were, until a bf16 decode layer ran as
-    one call (6 rows ~16 ms a step on a 2-core Zen 4), so they are 160 now (~2.5 s)."""
+    """Short answers decoding (little TPOT slack) while long prompts arrive beside them. NOTE: the prompts
+    go out once every answer is decoding, not after a fixed wait: a faster decode step (a bf16 layer a call)
+    had the answers done within the second the test used to wait, and the prompts then found idle engines.
+    Short answers, so an engine drains in time for the first long prompt (the ``drain`` decision)."""
     client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
-    chats = [asyncio.create_task(one(client, f"Say hi {i}.", CHAT_TOKENS)) for i in range(6)]
-    await asyncio.sleep(1.0)
+    decoding: list[int] = []
+    chats = [asyncio.create_task(streamed(client, f"Say hi {i}.", 48, decoding)) for i in range(6)]
+    async with asyncio.timeout(60):
+        while len(decoding) < len(chats):
+            await asyncio.sleep(0.02)
     rags = [asyncio.create_task(one(client, f"Doc {i}. {LONG_TEXT} Summarize.", 8)) for i in range(3)]
     return list(await asyncio.gather(*chats)), list(await asyncio.gather(*rags))
 
@@ -81,7 +99,7 @@ def test_roles_follow_a_chat_to_rag_shift_under_traffic_and_lose_nothing() -> No
         # RAG arrives: long prompts beside decodes with little slack need a prefill engine again
         watch = SwitchWatch(url, 2)
         chats, rags = asyncio.run(rag_wave(url))
-        assert chats == [CHAT_TOKENS] * 6 and rags == [8] * 3
+        assert chats == [48] * 6 and rags == [8] * 3
         after = watch.wait(30)
         assert after is not None, "no switch back to a prefill engine when long prompts arrived"
         assert sorted(w["leaning"] for w in after["workers"]) == ["decode", "prefill"]
