@@ -159,40 +159,62 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     Not bit-equal to cuBLAS (another summation order), as no two GEMM kernels are. With ``silu_mul``,
     bit-equal to ``gemv(silu_and_mul(x), weight)``."""
     op = "gemv_silu_mul" if silu_mul else "gemv"
-    tensors = {"x": x, "weight": weight} | ({"bias": bias} if bias is not None else {})
-    device = check_device(op, **tensors)
-    check(x.dim() == 2 and weight.dim() == 2, f"{op}: x must be (M, K) and weight (N, K), got {tuple(x.shape)} and "
-          f"{tuple(weight.shape)}")
+    device = check_device(op, x=x, weight=weight, **({"bias": bias} if bias is not None else {}))
+    _check_dims(op, x, weight)
     m, k = x.shape
     n = weight.shape[0]
     if silu_mul:
         check(k == 2 * weight.shape[1], f"{op}: x must hold a gate and an up half of K={weight.shape[1]} each "
               f"(2K={2 * weight.shape[1]} columns), got {k}")
         k //= 2
+    _check_layer(op, x, weight, bias, k)
+    y = torch.empty(m, n, dtype=weight.dtype, device=device)
+    if m == 0 or n == 0:
+        return y
+    if k == 0:
+        return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
+    _launch(x, weight, bias, y, k, silu_mul=silu_mul)
+    return y
+
+
+def _check_dims(op: str, x: torch.Tensor, weight: torch.Tensor) -> None:
+    check(x.dim() == 2 and weight.dim() == 2, f"{op}: x must be (M, K) and weight (N, K), got {tuple(x.shape)} and "
+          f"{tuple(weight.shape)}")
+
+
+def _check_layer(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int) -> None:
+    """What every form of the kernel needs of ``x``'s rows (``k`` wide as the layer reads them), the weight
+    and the bias."""
+    n = weight.shape[0]
     check(weight.shape[1] == k, f"{op}: x has K={k} but weight has K={weight.shape[1]}")
-    check(m <= MAX_ROWS, f"{op}: at most {MAX_ROWS} rows, got {m}")
+    check(x.shape[0] <= MAX_ROWS, f"{op}: at most {MAX_ROWS} rows, got {x.shape[0]}")
     check_float_dtype(op, "x", x)
     check_float_dtype(op, "weight", weight)
     check(x.stride(1) == 1 and weight.stride(1) == 1, f"{op}: x and weight rows must be unit-stride")
     if bias is not None:
         check(bias.shape == (n,) and bias.is_contiguous(), f"{op}: bias must be contiguous ({n},), got "
               f"{tuple(bias.shape)}")
-    y = torch.empty(m, n, dtype=weight.dtype, device=device)
-    if m == 0 or n == 0:
-        return y
-    if k == 0:
-        return y.zero_() if bias is None else y.copy_(bias.expand(m, n))
-    interp = interpreter_enabled()
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor, k: int,
+            silu_mul: bool = False, residual: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+            h: torch.Tensor | None = None, eps: float = 0.0) -> None:
+    """One launch of ``_gemv_kernel``, a program per ``BLOCK_N`` output columns; ``norm_weight`` set: the
+    RMSNorm form (with ``residual`` and its sum ``h``: after the add)."""
+    m, n = y.shape
+    add = residual is not None
+    r, h = (residual, h) if add else (x, y)  # unread without the add: the strides passed are 0
+    g = norm_weight if norm_weight is not None else weight
 
     def grid(meta: dict) -> tuple[int]:
         return (-(-n // meta["BLOCK_N"]),)
 
     _gemv[grid](
-        x, weight, bias if bias is not None else weight, y, x, weight, y, m, n, k, x.stride(0), weight.stride(0),
-        y.stride(0), 0, 0, 0.0, HAS_BIAS=bias is not None, SILU_MUL=silu_mul, NORM=False, ADD=False, UPCAST=interp,
-        BLOCK_M=MAX_ROWS, DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
+        x, weight, bias if bias is not None else weight, y, r, g, h, m, n, k, x.stride(0), weight.stride(0),
+        y.stride(0), r.stride(0) if add else 0, h.stride(0) if add else 0, float(eps), HAS_BIAS=bias is not None,
+        SILU_MUL=silu_mul, NORM=norm_weight is not None, ADD=add, UPCAST=interpreter_enabled(), BLOCK_M=MAX_ROWS,
+        DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
     )
-    return y
 
 
 def rmsnorm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
@@ -204,27 +226,21 @@ def rmsnorm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight:
     promoted dtype (``x`` itself without a residual). Float16 weights are refused: the rows go into the
     dot product before the norm's scale, and a residual stream's magnitudes can pass float16's range."""
     op = "rmsnorm_gemv"
-    tensors = {"x": x, "norm_weight": norm_weight, "weight": weight}
-    tensors |= ({"bias": bias} if bias is not None else {}) | ({"residual": residual} if residual is not None else {})
-    device = check_device(op, **tensors)
-    check(x.dim() == 2 and weight.dim() == 2, f"{op}: x must be (M, K) and weight (N, K), got {tuple(x.shape)} and "
-          f"{tuple(weight.shape)}")
+    extra = ({"bias": bias} if bias is not None else {}) | ({"residual": residual} if residual is not None else {})
+    device = check_device(op, x=x, norm_weight=norm_weight, weight=weight, **extra)
+    _check_dims(op, x, weight)
     (m, k), n = x.shape, weight.shape[0]
-    check(k > 0 and weight.shape[1] == k, f"{op}: x has K={k} but weight has K={weight.shape[1]} (K must be > 0)")
-    check(m <= MAX_ROWS, f"{op}: at most {MAX_ROWS} rows, got {m}")
-    for name, t in tensors.items():
-        check_float_dtype(op, name, t)
+    _check_layer(op, x, weight, bias, k)
+    check(k > 0, f"{op}: K must be > 0 (a norm over no columns)")
+    check_float_dtype(op, "norm_weight", norm_weight)
     check(weight.dtype != torch.float16, f"{op}: float16 weights keep RMSNorm a kernel of its own (the rows enter "
           "the dot product before the norm's scale and could pass float16's range)")
-    check(x.stride(1) == 1 and weight.stride(1) == 1, f"{op}: x and weight rows must be unit-stride")
     check(norm_weight.shape == (k,) and norm_weight.is_contiguous(),
           f"{op}: norm_weight must be contiguous ({k},), got {tuple(norm_weight.shape)}")
     if residual is not None:
+        check_float_dtype(op, "residual", residual)
         check(residual.shape == x.shape and residual.stride(1) == 1,
               f"{op}: residual must be {tuple(x.shape)} with unit-stride rows, got {tuple(residual.shape)}")
-    if bias is not None:
-        check(bias.shape == (n,) and bias.is_contiguous(), f"{op}: bias must be contiguous ({n},), got "
-              f"{tuple(bias.shape)}")
     y = torch.empty(m, n, dtype=weight.dtype, device=device)
     h = x if residual is None else torch.empty(m, k, dtype=torch.promote_types(x.dtype, residual.dtype),
                                                device=device)
@@ -232,15 +248,5 @@ def rmsnorm_gemv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight:
         return y, h
     if n == 0:  # no program runs: the residual stream's sum still goes on
         return y, h if residual is None else torch.add(x, residual, out=h)
-    r = residual if residual is not None else x
-
-    def grid(meta: dict) -> tuple[int]:
-        return (-(-n // meta["BLOCK_N"]),)
-
-    _gemv[grid](
-        x, weight, bias if bias is not None else weight, y, r, norm_weight, h, m, n, k, x.stride(0),
-        weight.stride(0), y.stride(0), r.stride(0), h.stride(0), float(eps), HAS_BIAS=bias is not None,
-        SILU_MUL=False, NORM=True, ADD=residual is not None, UPCAST=interpreter_enabled(), BLOCK_M=MAX_ROWS,
-        DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
-    )
+    _launch(x, weight, bias, y, k, residual=residual, norm_weight=norm_weight, h=h, eps=eps)
     return y, h
