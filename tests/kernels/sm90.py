@@ -99,6 +99,9 @@ def compile_ptx(launch: Launch, meta: dict[str, Any]) -> str:
         if name in meta:
             signature[name], constexprs[(i,)] = "constexpr", meta[name]
             continue
+        if type(values[name]) is int and values[name] == 1 and name not in launch.nospec:
+            signature[name], constexprs[(i,)] = "constexpr", 1  # Triton compiles an int equal to 1 in as a constant
+            continue
         signature[name], divisible = _arg_type(values[name])
         if divisible and name not in launch.nospec:
             attrs[(i,)] = [["tt.divisibility", 16]]
@@ -131,15 +134,29 @@ def _cases() -> dict[str, Callable[[], Any]]:
     x, r, w = torch.zeros(4, 4096, dtype=BF16), torch.zeros(4, 4096), torch.zeros(4096)
     pool = torch.zeros(2 * 4 * 64, PAGE, 3, 64, dtype=BF16)  # SmolLM2's 6 KB pages
     dst, idx = torch.zeros_like(pool), torch.arange(256)
+    f32 = torch.float32
+
+    def tiny(pages: int = 8) -> torch.Tensor:  # the fp32 tests' tiny model: 4 heads of 16 over 2 KV heads
+        return torch.zeros(pages, PAGE, 2, 16, dtype=f32)
+
     return {
         "decode_attention": lambda: kernels.decode_attention(q4, cache(), cache(), table, lens, 0.1, num_splits=4),
         # a CUDA graph's step: the int64 table column-major (graph_plan), 16 splits
         "decode_attention_graph": lambda: kernels.decode_attention(
             q4, cache(), cache(), table.long().t().contiguous().t(), lens, 0.1, num_splits=16),
+        # one split (a bucket that fills the GPU, e.g. 128 and 256 rows on 132 SMs): the output written at once
+        "decode_attention_unsplit": lambda: kernels.decode_attention(q4, cache(), cache(), table, lens, 0.1,
+                                                                     num_splits=1),
+        "decode_attention_fp32": lambda: kernels.decode_attention(torch.zeros(4, 4, 16, dtype=f32), tiny(), tiny(),
+                                                                  table, lens, 0.25, num_splits=4),
+        "extend_attention_fp32": lambda: kernels.extend_attention(
+            torch.zeros(32, 4, 16, dtype=f32), tiny(), tiny(), table[:2], torch.tensor([0, 32]),
+            torch.tensor([24, 8]), 0.25, extend_start_loc=torch.tensor([0, 24]), max_extend_len=24),
         "extend_attention": lambda: kernels.extend_attention(
             q32, cache(), cache(), table[:2], torch.tensor([0, 32]), torch.tensor([24, 8]), 0.1,
             extend_start_loc=torch.tensor([0, 24]), max_extend_len=24),
         "fused_add_rmsnorm": lambda: kernels.fused_add_rmsnorm(x, r, w, 1e-6, BF16),
+        "rmsnorm": lambda: kernels.rmsnorm(r, w, 1e-6),  # the final norm, on the fp32 residual stream
         "rotary_store_kv": lambda: kernels.rotary_store_kv(q, k, v, pos, cos_sin, cache(), cache(), slots),
         "rotary": lambda: kernels.rotary(q, k, pos, cos_sin),
         "store_kv": lambda: kernels.store_kv(cache(), cache(), k, v, slots),
@@ -149,8 +166,11 @@ def _cases() -> dict[str, Callable[[], Any]]:
                                                       2 * idx[:128], 2 * idx[:128], torch.full((128,), 2), 2),
         "gemv": lambda: [kernels.gemv(torch.zeros(m, 4096, dtype=dt), torch.zeros(6144, 4096, dtype=dt))
                          for m, dt in ((1, BF16), (16, BF16), (4, torch.float32))],
-        "gemv_silu_mul": lambda: kernels.gemv(torch.zeros(4, 2 * 14336, dtype=BF16),
-                                              torch.zeros(4096, 14336, dtype=BF16), silu_mul=True),
+        # the LM head: the final norm's fp32 rows against bf16 weights (Llama-3's vocabulary divides by 16 too)
+        "gemv_lm_head": lambda: [kernels.gemv(torch.zeros(m, 4096, dtype=f32), torch.zeros(4096, 4096, dtype=BF16))
+                                 for m in (1, 16)],
+        "gemv_silu_mul": lambda: [kernels.gemv(torch.zeros(m, 2 * 14336, dtype=BF16),
+                                               torch.zeros(4096, 14336, dtype=BF16), silu_mul=True) for m in (4, 1)],
         # the residual add and RMSNorm folded in (a layer after its attention block), then the first
         # layer's: the fp32 embeddings normed alone; then with QKV's bias (Qwen2)
         "rmsnorm_gemv": lambda: [kernels.rmsnorm_gemv(x, w, 1e-6, torch.zeros(6144, 4096, dtype=BF16), residual=r),

@@ -41,16 +41,21 @@ def test_every_kernel_compiles_to_one_sm90_entry(report: dict) -> None:
     assert kernels == {
         "decode_attention": ["_decode_partial_kernel", "_decode_reduce_kernel"],  # 4 splits: partials, then merge
         "decode_attention_graph": ["_decode_partial_kernel", "_decode_reduce_kernel"],
+        "decode_attention_unsplit": ["_decode_partial_kernel"],  # one split: no merge
+        "decode_attention_fp32": ["_decode_partial_kernel", "_decode_reduce_kernel"],
+        "extend_attention_fp32": ["_extend_kernel"],
         "extend_attention": ["_extend_kernel"],
         "fused_add_rmsnorm": ["_rmsnorm_kernel"],
+        "rmsnorm": ["_rmsnorm_kernel"],
         "rotary_store_kv": ["_rotary_kernel"],
         "rotary": ["_rotary_kernel"],
         "store_kv": ["_store_kv_kernel"],
         "silu_and_mul": ["_silu_and_mul_kernel"],
         "copy_pages": ["_copy_pages_kernel"],
         "copy_pages_runs": ["_copy_pages_kernel"],  # runs of pages consecutive at both ends: one span each
-        "gemv": ["_gemv_kernel"] * 3,  # bf16 at one row (Triton specializes 1) and sixteen, fp32
-        "gemv_silu_mul": ["_gemv_kernel"],  # the down projection reading the gate/up rows
+        "gemv": ["_gemv_kernel"] * 3,  # bf16 at one row (M a constant, as Triton compiles a 1) and sixteen, fp32
+        "gemv_lm_head": ["_gemv_kernel"] * 2,  # fp32 rows, bf16 weight: one row (a constant) and sixteen
+        "gemv_silu_mul": ["_gemv_kernel"] * 2,  # the down projection reading the gate/up rows: 4 rows, then 1
         "rmsnorm_gemv": ["_gemv_kernel"] * 3,  # RMSNorm folded in: after a residual add, alone, with a bias
     }
     assert all(k["entries"] == 1 for launches in report.values() for k in launches)
@@ -65,12 +70,15 @@ def test_attention_runs_on_tensor_cores_and_reads_kv_in_16_byte_vectors(report: 
     assert partial["mma"] and extend["mma"]
     assert "v4.b32" in partial["ld"] and "v4.b32" in extend["ld"]
     graph = report["decode_attention_graph"][0]  # column-major int64 table, 16 splits: K/V reads unchanged
-    assert graph["mma"] and "v4.b32" in graph["ld"]
+    unsplit = report["decode_attention_unsplit"][0]  # the batch-256 bucket's, writing bf16 straight out
+    assert graph["mma"] and "v4.b32" in graph["ld"] and unsplit["mma"] and "v4.b32" in unsplit["ld"]
+    # fp32 (the tiny test model's): exact fp32 products, so no tensor cores, but the same pipelined K/V loads
+    assert not report["decode_attention_fp32"][0]["mma"] and report["decode_attention_fp32"][0]["async"] == [16]
     one, sixteen, fp32 = report["gemv"]
     # the weight streams through shared memory in 16-byte asynchronous copies, pipelined
     assert one["mma"] and sixteen["mma"] and one["async"] == sixteen["async"] == fp32["async"] == [16]
-    fused = report["gemv_silu_mul"][0]
-    assert fused["mma"] and fused["async"] == [16]
+    for fused in report["gemv_silu_mul"] + report["gemv_lm_head"]:  # the LM head casts its fp32 rows to bf16
+        assert fused["mma"] and fused["async"] == [16]
     added, alone, biased = report["rmsnorm_gemv"]
     assert added["mma"] and alone["mma"] and biased["mma"] and added["async"] == alone["async"] == [16]
     assert "v4.b32" in added["st"]  # program 0's summed residual rows, 16 bytes a store
@@ -79,7 +87,7 @@ def test_attention_runs_on_tensor_cores_and_reads_kv_in_16_byte_vectors(report: 
 def test_page_copy_and_pointwise_kernels_move_16_byte_vectors(report: dict) -> None:
     for copy in (report["copy_pages"][0], report["copy_pages_runs"][0]):
         assert "v2.b64" in copy["ld"] and copy["st"] == ["v2.b64"]  # a destination made from an integer stored 8 bytes
-    for case in ("fused_add_rmsnorm", "rotary_store_kv", "store_kv", "silu_and_mul"):
+    for case in ("fused_add_rmsnorm", "rmsnorm", "rotary_store_kv", "store_kv", "silu_and_mul"):
         k = report[case][0]
         assert "v4.b32" in k["ld"] and "v4.b32" in k["st"], case
 
