@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from appliance.cpu_load import busy_cores_line, worker_cpus
 from appliance.engine.core_share import make_board, mark_idle
 from appliance.engine_flags import EngineFlags, engine_argv
 from appliance.gpu_peers import PeerAccess, choose_transport, handoff_pairs, peer_access
@@ -379,6 +380,8 @@ class Launcher:
         try:
             self.say(f"pdbox: mode={self.cfg.mode} transport={self.transport if self.cfg.mode != 'unified' else '-'} "
                      f"workers={', '.join(f'{s.name}[{s.devices}]' for s in self.specs)} logs={self.log_dir}")
+            if line := await asyncio.to_thread(busy_cores_line, worker_cpus([s.devices for s in self.specs])):
+                self.say(line)  # before the engines start: only other work is counted
             for spec in self.specs:
                 self.start(spec)
             if fg is not None:
