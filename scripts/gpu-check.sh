@@ -153,15 +153,21 @@ echo "gpu-check: python=$PY gpus=$NGPU out=$OUT_DIR budget=${BUDGET_S}s"
 
 run_step env 20 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton; print(sys.version); print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__); print(torch.cuda.get_device_name(0), torch.cuda.device_count(), \"GPUs\")'"
 
-# Offline install of the wheels whose distribution this python lacks (the machine's own stay).
+# Offline install of the wheels whose distribution this python lacks (the machine's own stay, as the runs of
+# 2026-12-04 used them), and of those in AT_LEAST that it has below the pin (scripts/wheel_status.py): the
+# checks' `--session-timeout` needs pytest-timeout 2.3, which the image's version is not known to be.
+AT_LEAST=" pytest-timeout "
 install_wheels() {
-    local todo=() lacking=() i name rc=0
+    local todo=() lacking=() i name state rc=0
     mkdir -p "$SITE_DIR"
     for i in "${!WHEELS[@]}"; do
         name="${WHEELS[$i]%%==*}"
-        if PYTHONPATH="$SITE_DIR" "$PY" -c "import importlib.metadata as m, sys; m.distribution(sys.argv[1])" "$name" 2>/dev/null; then
-            echo "present  ${WHEELS[$i]%%==*}"
+        state=$(PYTHONPATH="$SITE_DIR" "$PY" scripts/wheel_status.py "$name" "${WHEELS[$i]#*==}" \
+            "$([[ -n "${FILES[$i]}" && "$AT_LEAST" == *" $name "* ]] && echo 1 || echo 0)" 2>/dev/null)
+        if [[ "$state" == present ]]; then
+            echo "present  $name"
         elif [[ -n "${FILES[$i]}" ]]; then
+            [[ "$state" == older ]] && echo "older    $name: the carried ${WHEELS[$i]} goes first on PYTHONPATH"
             todo+=("${FILES[$i]}")
         else  # an `# image` pin whose wheel was not carried, and this machine lacks it after all
             lacking+=("${WHEELS[$i]}")
@@ -181,7 +187,7 @@ install_wheels() {
     fi
     return "$rc"
 }
-run_step install 90 bash -c "$(declare -p PY SITE_DIR WHEELS FILES); $(declare -f install_wheels); install_wheels"
+run_step install 90 bash -c "$(declare -p PY SITE_DIR WHEELS FILES AT_LEAST); $(declare -f install_wheels); install_wheels"
 export PYTHONPATH="$PWD:$SITE_DIR${PYTHONPATH:+:$PYTHONPATH}"
 # One node: NVSHMEM bootstraps over loopback and probes no InfiniBand (as tests/transport's workers set it);
 # the benches and `pdbox up` inherit this environment.
