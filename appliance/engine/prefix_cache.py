@@ -36,6 +36,7 @@ class RadixCache:
         self.root = RadixNode(key=(), page=-1, parent=None, lock_ref=1)
         self._clock = itertools.count(1)
         self.num_cached_pages = 0
+        self._locked = 0  # nodes below the root with lock_ref > 0 (every one is in the tree: only unlocked go)
         self.hit_tokens = 0
         self.query_tokens = 0
 
@@ -61,17 +62,17 @@ class RadixCache:
         self.hit_tokens += len(path) * self.page_size
         return path
 
-    @staticmethod
-    def lock(path: Sequence[RadixNode]) -> None:
+    def lock(self, path: Sequence[RadixNode]) -> None:
         for n in path:
+            self._locked += n.lock_ref == 0
             n.lock_ref += 1
 
-    @staticmethod
-    def unlock(path: Sequence[RadixNode]) -> None:
+    def unlock(self, path: Sequence[RadixNode]) -> None:
         for n in path:
             if n.lock_ref <= 0:
                 raise RuntimeError("radix node unlocked more often than locked")
             n.lock_ref -= 1
+            self._locked -= n.lock_ref == 0
 
     def insert(self, ids: Sequence[int], pages: Sequence[int]) -> list[int]:
         """Hand the full pages of ``ids`` to the cache.
@@ -100,15 +101,10 @@ class RadixCache:
         return to_free
 
     def evictable_pages(self) -> int:
-        """Pages that :meth:`evict` could free right now (unlocked subtrees)."""
-        count = 0
-        stack = [self.root]
-        while stack:
-            node = stack.pop()
-            stack.extend(node.children.values())
-            if node is not self.root and node.lock_ref == 0:
-                count += 1
-        return count
+        """Pages that :meth:`evict` could free right now: the unlocked ones (a locked node's ancestors are
+        locked too, so every unlocked node heads an unlocked subtree). Counted as locks change, not by a
+        walk of the tree: the scheduler asks at every admission."""
+        return self.num_cached_pages - self._locked
 
     def evict(self, num_pages: int) -> int:
         """Free up to ``num_pages`` unlocked leaf pages, least recently used first."""

@@ -61,3 +61,40 @@ def test_double_free_raises() -> None:
     pool.free(p)
     with pytest.raises(RuntimeError, match="twice"):
         pool.free(p)
+
+
+def test_evictable_count_follows_locks_inserts_and_evictions() -> None:
+    """The counted evictable pages equal a walk of the tree through random inserts, locks, unlocks and
+    evictions (the scheduler asks at every admission, so it is counted, not walked)."""
+    import random
+
+    def walked(cache: RadixCache) -> int:
+        count, stack = 0, [cache.root]
+        while stack:
+            node = stack.pop()
+            stack.extend(node.children.values())
+            count += node is not cache.root and node.lock_ref == 0
+        return count
+
+    rng = random.Random(0)
+    pool, cache = make(num_pages=64, page_size=2)
+    held: list[list] = []
+    for _ in range(2000):
+        op = rng.random()
+        ids = [rng.randrange(3) for _ in range(2 * rng.randrange(1, 5))]
+        if op < 0.35 and pool.num_free >= len(ids) // 2:
+            pool.free(cache.insert(ids, pool.alloc(len(ids) // 2)))
+        elif op < 0.6:
+            path = cache.match_prefix(ids)
+            cache.lock(path)
+            held.append(path)
+        elif op < 0.85 and held:
+            cache.unlock(held.pop(rng.randrange(len(held))))
+        else:
+            cache.evict(rng.randrange(1, 4))
+        assert cache.evictable_pages() == walked(cache)
+    for path in held:
+        cache.unlock(path)
+    assert cache.evictable_pages() == cache.num_cached_pages == walked(cache)
+    cache.reset()
+    assert cache.evictable_pages() == 0 and pool.num_free == pool.num_pages
