@@ -22,7 +22,7 @@ def parse_stat(text: str) -> Times:
     """Each ``cpuN`` line of ``/proc/stat`` as (busy, all) jiffies; busy is all but idle and iowait."""
     out: Times = {}
     for line in text.splitlines():
-        name, *fields = line.split()
+        name, *fields = line.split() or [""]
         if not name.startswith("cpu") or name == "cpu" or not fields:
             continue
         ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
@@ -49,6 +49,8 @@ def worker_cpus(devices: Sequence[str]) -> list[int]:
 def busy_cores_line(cpus: Sequence[int], sample_s: float = SAMPLE_S, stat: Path = Path("/proc/stat"),
                     sleep: Callable[[float], None] = time.sleep) -> str | None:
     """A warning naming the cores of ``cpus`` that other work keeps busy, or None (none, or no /proc/stat)."""
+    if not cpus:  # GPU workers: nothing to sample
+        return None
     try:
         before = parse_stat(stat.read_text())
         sleep(sample_s)

@@ -21,6 +21,7 @@ ctxt 999
 
 def test_parse_stat_counts_all_but_idle_and_iowait_as_busy() -> None:
     assert parse_stat(STAT) == {0: (250, 760), 1: (350, 860)}
+    assert parse_stat("\n" + STAT + "\n") == parse_stat(STAT)  # blank lines are skipped
 
 
 def test_busy_fractions_over_an_interval() -> None:
@@ -43,6 +44,7 @@ def test_the_line_names_only_the_busy_cores(tmp_path: Path) -> None:
     stat.write_text(STAT)
     assert busy_cores_line([0], stat=stat, sleep=sleep) is None  # cpu 0 was idle
     assert busy_cores_line([0, 1], stat=tmp_path / "missing", sleep=sleep) is None  # no /proc/stat: no line
+    assert busy_cores_line([], stat=stat, sleep=lambda _s: pytest.fail("no cores: no sample")) is None
 
 
 def test_worker_cpus_reads_the_workers_device_strings() -> None:
