@@ -46,18 +46,22 @@ def worker_cpus(devices: Sequence[str]) -> list[int]:
     return sorted({int(c) for d in devices if d.startswith("cpu:") for c in d[4:].split(",") if c})
 
 
-def busy_cores_line(cpus: Sequence[int], sample_s: float = SAMPLE_S, stat: Path = Path("/proc/stat"),
-                    sleep: Callable[[float], None] = time.sleep) -> str | None:
-    """A warning naming the cores of ``cpus`` that other work keeps busy, or None (none, or no /proc/stat)."""
-    if not cpus:  # GPU workers: nothing to sample
-        return None
+def sample_busy(cpus: Sequence[int], sample_s: float = SAMPLE_S, stat: Path = Path("/proc/stat"),
+                sleep: Callable[[float], None] = time.sleep) -> dict[int, float] | None:
+    """Each of ``cpus``' busy share over ``sample_s`` from now, or None where /proc/stat cannot be read."""
     try:
         before = parse_stat(stat.read_text())
         sleep(sample_s)
-        after = parse_stat(stat.read_text())
+        return busy_fractions(before, parse_stat(stat.read_text()), cpus)
     except (OSError, ValueError):
         return None
-    busy = {c: f for c, f in busy_fractions(before, after, cpus).items() if f >= BUSY_FRACTION}
+
+
+def busy_cores_line(cpus: Sequence[int], sample_s: float = SAMPLE_S, stat: Path = Path("/proc/stat"),
+                    sleep: Callable[[float], None] = time.sleep) -> str | None:
+    """A warning naming the cores of ``cpus`` that other work keeps busy, or None (none, or no /proc/stat)."""
+    shares = sample_busy(cpus, sample_s, stat, sleep) if cpus else None  # GPU workers: nothing to sample
+    busy = {c: f for c, f in (shares or {}).items() if f >= BUSY_FRACTION}
     if not busy:
         return None
     named = ", ".join(f"cpu {c} {f:.0%}" for c, f in sorted(busy.items()))

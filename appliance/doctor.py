@@ -36,13 +36,15 @@ def report() -> dict:
     import torch
 
     import nvshmem_kv
+    from appliance.cpu_load import sample_busy
     from appliance.engine.dtype import cpu_has_native_bf16, default_dtype
     from kernels import HAS_TRITON, interpreter_enabled
 
     cuda = torch.cuda.is_available()
+    cores = sorted(os.sched_getaffinity(0))
     devices = {
-        "cpu": {"cores": sorted(os.sched_getaffinity(0)), "model": platform.processor() or platform.machine(),
-                "bf16": cpu_has_native_bf16()},
+        "cpu": {"cores": cores, "model": platform.processor() or platform.machine(), "bf16": cpu_has_native_bf16(),
+                "busy": {c: round(f, 2) for c, f in (sample_busy(cores) or {}).items()}},  # now, by anything
         "cuda": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if cuda else [],
     }
     device = "cuda" if cuda else "cpu"
@@ -75,10 +77,22 @@ def report() -> dict:
             "attention_backend": kernel, "default_model": model}
 
 
+def busy_text(busy: dict) -> str:
+    """The cores' busy shares; those over `appliance.cpu_load.BUSY_FRACTION` would slow pdbox's engines."""
+    from appliance.cpu_load import BUSY_FRACTION
+
+    if not busy:
+        return "unknown (no /proc/stat)"
+    over = [f"cpu {c} {f:.0%}" for c, f in busy.items() if f >= BUSY_FRACTION]
+    return (", ".join(over) + ": other work there slows pdbox's engines several-fold; leave those cores out "
+            "with --cpus") if over else f"no core over {BUSY_FRACTION:.0%}"
+
+
 def render(rep: dict) -> str:
     d = rep["devices"]
     lines = [f"torch {rep['torch']}",
              f"cpu: {len(d['cpu']['cores'])} cores {d['cpu']['cores']}, bf16 instructions: {d['cpu']['bf16']}",
+             f"cpu busy now (0.3 s): {busy_text(d['cpu']['busy'])}",
              f"cuda: {', '.join(d['cuda']) if d['cuda'] else 'none'}",
              f"KV transport chosen: {rep['transport']}"]
     for t in rep["transports"]:

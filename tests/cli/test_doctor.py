@@ -26,6 +26,8 @@ def test_doctor_reports_transports_and_reasons() -> None:
 
         pdl = rep["attention_backend"]["pdl"]
         assert pdl["reason"] and pdl["ok"] == pdl_enabled()
+    busy = rep["devices"]["cpu"]["busy"]  # each core's busy share over 0.3 s (JSON keys are strings)
+    assert sorted(int(c) for c in busy) == rep["devices"]["cpu"]["cores"] and all(0 <= f <= 1 for f in busy.values())
     native = rep["attention_backend"]["native"]
     assert set(native) == {"attention", "pointwise", "quant_gemv", "pointwise_f32", "decode_f32", "extend_f32",
                            "decode_layer_f32", "decode_layer_bf16"}
