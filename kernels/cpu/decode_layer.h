@@ -1,4 +1,4 @@
-/* What decode_layer_f32.c and decode_layer_bf16.c share: the layer and step layouts
+/* What decode_layer_f32.c and decode_layer_bf16.c share: the kernels' signatures, the layer and step layouts
  * kernels/cpu/decode_layer.py fills (one ctypes structure for both), the weight-shape check their scratch
  * sizes rely on, and the codes of the step that failed. */
 #ifndef PDBOX_DECODE_LAYER_H
@@ -13,6 +13,18 @@ typedef int (*add_rmsnorm_f32_fn)(const float *x, int64_t x_row, const float *re
                                   int threads);
 typedef int (*quant_linear_fn)(int bits, const float *x, int64_t x_stride, int rows, int k, const void *codes,
                                const float *params, int n, float *out, int64_t out_stride, int threads, int silu_mul);
+
+/* The kernels both layers call on rows of their own element type T (float, or bf16): rotary, the KV store and
+ * paged decode attention take the same arguments in either. */
+#define DECODE_LAYER_KERNELS(T)                                                                                    \
+    typedef int (*rotary_fn)(const T *x, int64_t x_row, int64_t x_head, const int64_t *pos, const float *cache,      \
+                             int64_t cache_row, T *out, int rows, int heads, int d, int threads);                   \
+    typedef int (*store_kv_fn)(const T *k, int64_t k_row, const T *v, int64_t v_row, const int64_t *slots,           \
+                               int rows, int64_t width, T *k_cache, T *v_cache, int64_t total_slots);               \
+    typedef int (*decode_fn)(const T *q, int64_t q_row, int64_t q_head, const T *k_cache, const T *v_cache,          \
+                             int64_t page_stride, int page_size, const int64_t *table, int64_t table_row,           \
+                             const int64_t *lens, int batch, int hq, int hkv, int d, float scale, T *out,           \
+                             int64_t out_row, int64_t out_head, int threads);
 
 /* A quantized weight (n, k) as pdbox_quant_linear takes it: bits 4 or 8, codes, params. */
 typedef struct {

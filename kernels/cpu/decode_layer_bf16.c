@@ -19,14 +19,7 @@
 typedef int (*add_rmsnorm_fn)(const bf16 *x, int64_t x_row, const float *residual, int64_t r_row,
                               float *residual_out, const float *weight, bf16 *out, int rows, int h, float eps,
                               int threads);
-typedef int (*rotary_fn)(const bf16 *x, int64_t x_row, int64_t x_head, const int64_t *pos, const float *cache,
-                         int64_t cache_row, bf16 *out, int rows, int heads, int d, int threads);
-typedef int (*store_kv_fn)(const bf16 *k, int64_t k_row, const bf16 *v, int64_t v_row, const int64_t *slots,
-                           int rows, int64_t width, bf16 *k_cache, bf16 *v_cache, int64_t total_slots);
-typedef int (*decode_fn)(const bf16 *q, int64_t q_row, int64_t q_head, const bf16 *k_cache, const bf16 *v_cache,
-                         int64_t page_stride, int page_size, const int64_t *table, int64_t table_row,
-                         const int64_t *lens, int batch, int hq, int hkv, int d, float scale, bf16 *out,
-                         int64_t out_row, int64_t out_head, int threads);
+DECODE_LAYER_KERNELS(bf16)
 typedef int (*silu_fn)(const bf16 *x, int64_t x_row, bf16 *out, int rows, int n, int threads);
 
 /* The kernels, as addresses from their libraries (kernels/cpu/decode_layer.py fills it once). */

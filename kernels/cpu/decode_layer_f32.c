@@ -12,14 +12,7 @@
 
 #include "decode_layer.h"
 
-typedef int (*rotary_fn)(const float *x, int64_t x_row, int64_t x_head, const int64_t *pos, const float *cache,
-                         int64_t cache_row, float *out, int rows, int heads, int d, int threads);
-typedef int (*store_kv_fn)(const float *k, int64_t k_row, const float *v, int64_t v_row, const int64_t *slots,
-                           int rows, int64_t width, float *k_cache, float *v_cache, int64_t total_slots);
-typedef int (*decode_fn)(const float *q, int64_t q_row, int64_t q_head, const float *k_cache, const float *v_cache,
-                         int64_t page_stride, int page_size, const int64_t *table, int64_t table_row,
-                         const int64_t *lens, int batch, int hq, int hkv, int d, float scale, float *out,
-                         int64_t out_row, int64_t out_head, int threads);
+DECODE_LAYER_KERNELS(float)
 
 /* The kernels, as addresses from their libraries (kernels/cpu/decode_layer.py fills it once). */
 typedef struct {
