@@ -53,6 +53,14 @@ typedef struct {
     int64_t table_row;
 } step_t;
 
+/* A layer's step S: CALL returns a kernel's code; on a failure the layer records the step in `step`, the code
+ * in `rc`, and jumps to its `done:` (both layers declare all three). */
+#define RUN(S, CALL)                  \
+    do {                              \
+        step = (S);                   \
+        if ((rc = (CALL))) goto done; \
+    } while (0)
+
 /* kernels/cpu/decode_layer.py's STEPS, in order */
 enum { E_ARGS = 1, E_ALLOC, E_NORM1, E_QKV, E_ROTARY, E_STORE, E_ATTEND, E_O, E_NORM2, E_GATE_UP, E_DOWN, E_SILU };
 

@@ -87,12 +87,7 @@ int pdbox_decode_layer_bf16(const kernels_t *kn, const layer_t *L, const step_t 
     float *fout = fin + rows * widest_in;
     bf16 *h = scratch, *qkv = h + rows * H, *rot = qkv + rows * qkv_w, *o = rot + rows * rot_w;
     bf16 *attn = o + rows * o_w, *gu = attn + rows * H, *act = gu + rows * 2 * (int64_t)I;
-    int rc, step;
-#define RUN(S, CALL)                  \
-    do {                              \
-        step = (S);                   \
-        if ((rc = (CALL))) goto done; \
-    } while (0)
+    int rc, step; /* RUN (decode_layer.h) */
     if (x) {
         RUN(E_NORM1, kn->add_rmsnorm(x, H, residual_in, H, residual_out, L->input_norm, h, rows, H, L->eps, threads));
     } else { /* the embeddings: the fp32 norm, then the rounding the QKV layer's input takes */
@@ -113,7 +108,6 @@ int pdbox_decode_layer_bf16(const kernels_t *kn, const layer_t *L, const step_t 
     RUN(E_GATE_UP, linear(kn, &L->gate_up, h, H, rows, fin, fout, gu, 2 * (int64_t)I, threads));
     RUN(E_SILU, kn->silu_and_mul(gu, 2 * (int64_t)I, act, rows, I, threads));
     RUN(E_DOWN, linear(kn, &L->down, act, I, rows, fin, fout, out, H, threads));
-#undef RUN
 done:
     free(fin), free(scratch);
     return rc ? step * 100 - rc : 0;

@@ -36,12 +36,7 @@ int pdbox_decode_layer_f32(const kernels_t *kn, const layer_t *L, const step_t *
     if (!scratch) return E_ALLOC * 100;
     float *h = scratch, *qkv = h + rows * H, *rot = qkv + rows * qkv_w, *o = rot + rows * rot_w;
     float *attn = o + rows * o_w, *gu = attn + rows * H;
-    int rc, step;
-#define RUN(S, CALL)      \
-    do {                  \
-        step = (S);       \
-        if ((rc = (CALL))) goto done; \
-    } while (0)
+    int rc, step; /* RUN (decode_layer.h) */
     RUN(E_NORM1, kn->add_rmsnorm(x, H, residual_in, H, residual_out, L->input_norm, h, rows, H, L->eps, threads));
     RUN(E_QKV, kn->quant_linear(L->qkv.bits, h, H, rows, L->qkv.k, L->qkv.codes, L->qkv.params, L->qkv.n, qkv, qkv_w,
                                 threads, 0));
@@ -58,7 +53,6 @@ int pdbox_decode_layer_f32(const kernels_t *kn, const layer_t *L, const step_t *
                                     L->gate_up.n, gu, 2 * (int64_t)L->inter, threads, 0));
     RUN(E_DOWN, kn->quant_linear(L->down.bits, gu, 2 * (int64_t)L->inter, rows, L->down.k, L->down.codes,
                                  L->down.params, L->down.n, out, H, threads, 1));
-#undef RUN
 done:
     free(scratch);
     return rc ? step * 100 - rc : 0;
