@@ -249,19 +249,25 @@ def build_cases(device: torch.device, dtype: torch.dtype, tiny: bool) -> list[Ca
 
 def _gemv_cases(K: Any, device: torch.device, dtype: torch.dtype, hidden: int, inter: int) -> list[Case]:
     """A batch-1 decode step's linear layers at Llama-3-8B's MLP shapes (weights of 235 and 117 MB:
-    every call streams them from HBM, past the L2): pdbox's GEMV beside cuBLAS, and the down projection
+    every call streams them from HBM, past the L2): pdbox's GEMV beside cuBLAS (also at 64 rows, the
+    batch-64 step's, where the GEMV's wider row tile runs), and the down projection
     as SiLU-and-mul then the GEMV beside the GEMV that folds the activation into its load; gate/up as
     the residual-add RMSNorm then the GEMV beside `kernels.rmsnorm_gemv`, which folds both in (not for
     float16 weights, which keep the norm apart)."""
     w_up = torch.randn(2 * inter, hidden, device=device, dtype=dtype) * hidden**-0.5
     w_down = torch.randn(hidden, inter, device=device, dtype=dtype) * inter**-0.5
     x = torch.randn(1, hidden, device=device, dtype=dtype)
+    x64 = torch.randn(64, hidden, device=device, dtype=dtype)
     gu = torch.randn(1, 2 * inter, device=device, dtype=dtype)
     up_bytes, down_bytes = w_up.numel() * w_up.element_size(), w_down.numel() * w_down.element_size()
     return [Case("gemv_b1", f"M=1 N={2 * inter} K={hidden}", lambda: K.gemv(x, w_up),
                   lambda: _err(K.gemv(x, w_up), K.gemv_ref(x, w_up)), bytes=up_bytes),
              Case("cublas_b1", f"M=1 N={2 * inter} K={hidden}", lambda: torch.nn.functional.linear(x, w_up),
                   lambda: _err(torch.nn.functional.linear(x, w_up), K.gemv_ref(x, w_up)), bytes=up_bytes),
+             Case("gemv_b64", f"M=64 N={2 * inter} K={hidden}", lambda: K.gemv(x64, w_up),
+                  lambda: _err(K.gemv(x64, w_up), K.gemv_ref(x64, w_up)), bytes=up_bytes),
+             Case("cublas_b64", f"M=64 N={2 * inter} K={hidden}", lambda: torch.nn.functional.linear(x64, w_up),
+                  lambda: _err(torch.nn.functional.linear(x64, w_up), K.gemv_ref(x64, w_up)), bytes=up_bytes),
              Case("down_b1_two_kernels", f"M=1 N={hidden} K={inter}", lambda: K.gemv(K.silu_and_mul(gu), w_down),
                   lambda: _err(K.gemv(K.silu_and_mul(gu), w_down), K.gemv_ref(gu, w_down, silu_mul=True)),
                   bytes=down_bytes),

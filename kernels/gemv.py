@@ -15,10 +15,12 @@ from kernels._triton import (
     gdc_launch_dependents,
     gdc_wait,
     interpreter_enabled,
+    next_pow2,
     tl,
 )
 
-MAX_ROWS = 16  # one tl.dot tile of rows: a decode step of up to 16 requests
+MAX_ROWS = 64  # one tl.dot tile of 16, 32 or 64 rows: a decode step of up to 64 requests
+NARROW_ROWS = 16  # up to here the rows are one 16-row tile, past it 32 or 64 (`_gemv_wide`'s configs)
 
 
 def gemv_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -54,8 +56,11 @@ def rmsnorm_gemv_ref(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wei
 # ---------------------------------------------------------------------------------------------------
 # Triton: program ``i`` computes output columns ``[i * BLOCK_N, (i + 1) * BLOCK_N)`` of every row,
 # walking K in ``BLOCK_K`` steps: each weight tile is read once, for all rows at once (the rows are
-# padded to one 16-row tl.dot tile), fp32 accumulation. At one to sixteen rows a linear layer reads
-# its weight and little else: the kernel is a stream of the weight, pipelined ``num_stages`` deep.
+# padded to one tl.dot tile of 16, 32 or 64 rows), fp32 accumulation. At one to sixteen rows a linear
+# layer reads its weight and little else: the kernel is a stream of the weight, pipelined ``num_stages``
+# deep. At 17 to 64 rows the rows' tile is re-read from L2 by every program, so those launches take
+# wider column blocks (`_gemv_wide`, its own configs: its 16-row configs' tiles would overrun shared
+# memory); whether that stream beats cuBLAS's GEMM at a shape is measured (appliance/engine/linear_choice.py).
 # ``SILU_MUL`` folds `kernels.activation.silu_and_mul` into the input's load (the same fp32 math and
 # the same rounding to the input's dtype): the MLP's down projection reads the gate/up rows directly,
 # one kernel boundary and one round trip of the activation fewer per layer. ``NORM`` folds RMSNorm (and
@@ -151,6 +156,26 @@ _gemv = LazyKernel(
     pdl=True,
 )
 
+# 32 or 64 rows: a program per 32 to 128 columns, so that a 4096-column layer still spreads over about
+# a hundred SMs, and a deeper pipeline of narrower K steps (each stage holds the rows' tile as well as the
+# weight's). The first config (untuned) fits shared memory in every form up to 64 fp32 rows.
+_gemv_wide = LazyKernel(
+    _gemv_kernel,
+    configs=[
+        config(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
+        for n, k, w, s in ((32, 64, 4, 4), (64, 64, 4, 4), (32, 128, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3),
+                           (16, 128, 4, 4))
+    ],
+    key=["N", "K", "HAS_BIAS", "SILU_MUL", "NORM", "ADD", "BLOCK_M"],
+    interpret={"BLOCK_N": 16, "BLOCK_K": 32},
+    pdl=True,
+)
+
+
+def row_tile(m: int) -> int:
+    """The rows' tl.dot tile for ``m`` rows: 16 up to sixteen, else the next power of two (at most 64)."""
+    return NARROW_ROWS if m <= NARROW_ROWS else next_pow2(m)
+
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          silu_mul: bool = False) -> torch.Tensor:
@@ -209,10 +234,12 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y:
     def grid(meta: dict) -> tuple[int]:
         return (-(-n // meta["BLOCK_N"]),)
 
-    _gemv[grid](
+    block_m = row_tile(m)
+    kernel = _gemv if block_m == NARROW_ROWS else _gemv_wide
+    kernel[grid](
         x, weight, bias if bias is not None else weight, y, r, g, h, m, n, k, x.stride(0), weight.stride(0),
         y.stride(0), r.stride(0) if add else 0, h.stride(0) if add else 0, float(eps), HAS_BIAS=bias is not None,
-        SILU_MUL=silu_mul, NORM=norm_weight is not None, ADD=add, UPCAST=interpreter_enabled(), BLOCK_M=MAX_ROWS,
+        SILU_MUL=silu_mul, NORM=norm_weight is not None, ADD=add, UPCAST=interpreter_enabled(), BLOCK_M=block_m,
         DOT_PRECISION="ieee" if weight.dtype == torch.float32 else "tf32",
     )
 

@@ -1,14 +1,15 @@
 """Which linear layers a small decode step runs on pdbox's GEMV (`kernels.gemv`) instead of cuBLAS:
 measured on the device at start-up, per weight shape and row count, never assumed.
 
-At one to sixteen rows a linear layer is a stream of its weight; which kernel streams it faster
-depends on the shape and the GPU. Each candidate runs every layer's weight of one kind in turn (so the
-weights come from HBM, not L2, as in a decode step) inside a CUDA graph (so the timing is the GPU's,
-not Python's launch rate), and the GEMV is kept only where it beats cuBLAS by ``MARGIN``. The SwiGLU
-MLP's down projection is timed as what a step runs there: SiLU-and-mul then cuBLAS, against the GEMV
-that reads the gate/up rows itself (``silu_mul``). The layers after a block's RMSNorm (QKV, gate/up) are
-timed the same way (``norm``): the residual-add RMSNorm kernel then the layer as otherwise dispatched,
-against the GEMV that adds and norms the rows itself (`kernels.rmsnorm_gemv`; bf16 weights only).
+At one to 64 rows (decode's buckets) a linear layer is mostly a stream of its weight; which kernel
+streams it faster depends on the shape, the row count and the GPU. Each candidate runs every layer's
+weight of one kind in turn (so the weights come from HBM, not L2, as in a decode step) inside a CUDA
+graph (so the timing is the GPU's, not Python's launch rate), and the GEMV is kept only where it beats
+cuBLAS by ``MARGIN``. The SwiGLU MLP's down projection is timed as what a step runs there:
+SiLU-and-mul then cuBLAS, against the GEMV that reads the gate/up rows itself (``silu_mul``). The
+layers after a block's RMSNorm (QKV, gate/up) are timed the same way (``norm``): the residual-add
+RMSNorm kernel then the layer as otherwise dispatched, against the GEMV that adds and norms the rows
+itself (`kernels.rmsnorm_gemv`; bf16 weights only).
 """
 
 from __future__ import annotations

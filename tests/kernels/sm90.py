@@ -4,11 +4,13 @@ The interpreter runs the kernels' logic on CPU but accepts programs the GPU comp
 GPU check runs only when a machine is lent. Triton compiles ahead of time for a named target with
 the LLVM and ptxas in its wheel, so each wrapper's launch is captured on CPU tensors at the engine's
 bf16 shapes (its arguments, the kernel's first GPU config) and compiled for sm_90; the PTX says what
-a GPU would run, e.g. whether global loads and stores are 16-byte vectors.
+a GPU would run, e.g. whether global loads and stores are 16-byte vectors, and the compile's shared
+memory says whether a launch would fit an SM (on a GPU, Triton refuses one that does not at launch).
 
 Run as ``python -m tests.kernels.sm90`` WITHOUT ``TRITON_INTERPRET`` (triton builds its own library
 functions for the interpreter when that is set at import, and they cannot be compiled): it prints one
-JSON object, per case the kernels launched and the widths of their global loads and stores.
+JSON object, per case the kernels launched, the widths of their global loads and stores and the
+shared memory of each config.
 """
 
 from __future__ import annotations
@@ -78,8 +80,9 @@ def _arg_type(value: Any) -> tuple[str, bool]:
     raise TypeError(f"no Triton type for {type(value).__name__}")
 
 
-def compile_ptx(launch: Launch, meta: dict[str, Any]) -> str:
-    """The PTX of ``launch``'s kernel with meta-parameters ``meta`` for sm_90."""
+def compile_sm90(launch: Launch, meta: dict[str, Any]) -> tuple[str, int]:
+    """The PTX of ``launch``'s kernel with meta-parameters ``meta`` for sm_90, and the bytes of shared
+    memory a program of it takes."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -106,7 +109,8 @@ def compile_ptx(launch: Launch, meta: dict[str, Any]) -> str:
         if divisible and name not in launch.nospec:
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=triton.jit(launch.fn), signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return compiled.asm["ptx"], int(compiled.metadata.shared)
 
 
 def _widths(ptx: str, op: str) -> list[str]:
@@ -132,6 +136,7 @@ def _cases() -> dict[str, Callable[[], Any]]:
     q, k, v = qkv[:, :HEADS], qkv[:, HEADS:HEADS + KV_HEADS], qkv[:, HEADS + KV_HEADS:]
     pos, slots, cos_sin = torch.arange(4), torch.tensor([3, 17, 40, 99]), torch.zeros(128, DIM)
     x, r, w = torch.zeros(4, 4096, dtype=BF16), torch.zeros(4, 4096), torch.zeros(4096)
+    x64, r64 = torch.zeros(64, 4096, dtype=BF16), torch.zeros(64, 4096)
     pool = torch.zeros(2 * 4 * 64, PAGE, 3, 64, dtype=BF16)  # SmolLM2's 6 KB pages
     dst, idx = torch.zeros_like(pool), torch.arange(256)
     f32 = torch.float32
@@ -177,6 +182,14 @@ def _cases() -> dict[str, Callable[[], Any]]:
                                  kernels.rmsnorm_gemv(r, w, 1e-6, torch.zeros(6144, 4096, dtype=BF16)),
                                  kernels.rmsnorm_gemv(x, w, 1e-6, torch.zeros(6144, 4096, dtype=BF16),
                                                       torch.zeros(6144, dtype=BF16), residual=r)],
+        # 32 and 64 rows (decode's buckets past 16): a wider row tile, its own configs; every form at 64 rows,
+        # fp32 weights (the API takes them) and the LM head's fp32 rows the widest in shared memory
+        "gemv_wide": lambda: [kernels.gemv(torch.zeros(m, 4096, dtype=dt), torch.zeros(6144, 4096, dtype=dt))
+                              for m, dt in ((32, BF16), (64, BF16), (64, f32))]
+        + [kernels.gemv(torch.zeros(64, 4096, dtype=f32), torch.zeros(4096, 4096, dtype=BF16)),
+           kernels.gemv(torch.zeros(64, 2 * 14336, dtype=BF16), torch.zeros(4096, 14336, dtype=BF16), silu_mul=True),
+           kernels.rmsnorm_gemv(x64, w, 1e-6, torch.zeros(6144, 4096, dtype=BF16), residual=r64),
+           kernels.rmsnorm_gemv(r64, w, 1e-6, torch.zeros(6144, 4096, dtype=BF16), torch.zeros(6144, dtype=BF16))],
     }
 
 
@@ -193,13 +206,14 @@ def main() -> int:
     for case, call in _cases().items():
         report[case] = []
         for launch in _capture(call):
-            ptx = compile_ptx(launch, launch.metas[0])  # the config the engine runs untuned
-            compiled = 1 + sum(bool(compile_ptx(launch, meta)) for meta in launch.metas[1:])
+            ptx, shared = compile_sm90(launch, launch.metas[0])  # the config the engine runs untuned
+            others = [compile_sm90(launch, meta) for meta in launch.metas[1:]]
+            compiled = 1 + sum(bool(p) for p, _ in others)
             report[case].append({"kernel": launch.fn.__name__, "entries": ptx.count(".entry"), "mma": "mma" in ptx,
                                  "gdc": [op for op in ("wait", "launch_dependents") if f"griddepcontrol.{op}" in ptx],
                                  "ld": _widths(ptx, "ld"), "st": _widths(ptx, "st"), "async": _async_bytes(ptx),
                                  "configs": len(launch.metas),
-                                 "compiled": compiled})
+                                 "compiled": compiled, "shared": [shared] + [s for _, s in others]})
     print(json.dumps(report))
     return 0
 

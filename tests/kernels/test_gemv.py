@@ -1,5 +1,6 @@
-"""The few-row linear layer (decode) against F.linear: dtypes, bias, row counts, ragged K and N, strided
-rows, and the inputs it refuses; with the MLP's activation, or the RMSNorm before it, folded in."""
+"""The few-row linear layer (decode) against F.linear: dtypes, bias, row counts (16-row and wider tiles),
+ragged K and N, strided rows, and the inputs it refuses; with the MLP's activation, or the RMSNorm before
+it, folded in."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def _randn(*shape, dtype, device, seed=0):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k", [(1, 40, 70), (5, 64, 96), (MAX_ROWS, 33, 130)])
+@pytest.mark.parametrize("m,n,k", [(1, 40, 70), (5, 64, 96), (16, 33, 130), (20, 24, 50), (MAX_ROWS, 33, 130)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_matches_f_linear(device, tol, dtype, m, n, k, with_bias):
     x = _randn(m, k, dtype=dtype, device=device)
@@ -59,7 +60,7 @@ def test_bad_inputs_are_named(device):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("m,n,k", [(1, 40, 70), (MAX_ROWS, 33, 130)])
+@pytest.mark.parametrize("m,n,k", [(1, 40, 70), (16, 33, 130), (MAX_ROWS, 33, 130)])
 def test_silu_mul_folds_the_activation_into_the_load(device, tol, dtype, m, n, k):
     """``silu_mul``: the down projection straight from the gate/up rows, bit-equal to the two kernels."""
     from kernels.activation import silu_and_mul
@@ -89,7 +90,7 @@ NORM_DTYPES = [torch.float32, torch.bfloat16]  # float16 weights keep the norm a
 
 
 @pytest.mark.parametrize("dtype", NORM_DTYPES)
-@pytest.mark.parametrize("m,n,k", [(1, 40, 70), (5, 64, 96), (MAX_ROWS, 33, 130)])
+@pytest.mark.parametrize("m,n,k", [(1, 40, 70), (5, 64, 96), (16, 33, 130), (33, 24, 50), (MAX_ROWS, 33, 130)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_rmsnorm_gemv_is_the_residual_add_the_norm_and_the_linear_layer(device, tol, dtype, m, n, k, with_bias):
     """The layer after an attention or MLP block in one kernel: ``h = x + residual`` bit-equal to the norm

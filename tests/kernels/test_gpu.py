@@ -131,12 +131,16 @@ def test_pointwise(dtype):
     kernels.store_kv(k2, v2, got[1], qkv[:, 40:], slots)
     assert torch.equal(q_rot, got[0]) and torch.equal(k_cache, k2) and torch.equal(v_cache, v2)
 
-    # the few-row linear layer at Llama-3-8B's o_proj and down shapes, one and sixteen rows
+    # the few-row linear layer at Llama-3-8B's o_proj and down shapes, one, sixteen, 32 and 64 rows (both row tiles)
     for n, k in ((4096, 4096), (4096, 14336)):
         w = torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5
-        for m in (1, 16):
+        for m in (1, 16, 32, 64):
             xs = torch.randn(m, k, device="cuda", dtype=dtype)
             torch.testing.assert_close(kernels.gemv(xs, w), kernels.gemv_ref(xs, w), **tol)
+            if k == 14336:  # the down projection reading the gate/up rows
+                gu = torch.randn(m, 2 * k, device="cuda", dtype=dtype)
+                torch.testing.assert_close(kernels.gemv(gu, w, silu_mul=True), kernels.gemv_ref(gu, w, silu_mul=True),
+                                           **tol)
 
     h = torch.randn(257, 2 * 11008, device="cuda", dtype=dtype)
     torch.testing.assert_close(kernels.silu_and_mul(h), kernels.silu_and_mul_ref(h), **tol)
@@ -177,7 +181,7 @@ def test_a_chain_of_pdl_kernels_replays_from_a_graph_as_it_runs_eagerly():
 
 
 def test_the_gemv_with_the_norm_folded_in_at_llama_8b_shapes_and_from_a_graph():
-    """`kernels.rmsnorm_gemv` at Llama-3-8B's QKV and gate/up shapes, one and sixteen rows: the summed
+    """`kernels.rmsnorm_gemv` at Llama-3-8B's QKV and gate/up shapes, one, sixteen and 64 rows: the summed
     residual bit-equal to the norm kernel's, the layer within bf16 of the norm kernel then the GEMV; and a
     layer's MLP as a step runs it (folded gate/up, then down reading the gate/up rows) replayed from a
     CUDA graph (PDL edges on Hopper) equal to its eager run."""
@@ -185,7 +189,7 @@ def test_the_gemv_with_the_norm_folded_in_at_llama_8b_shapes_and_from_a_graph():
     g = torch.rand(4096, device="cuda") + 0.5
     for n in (6144, 2 * 14336):
         w = torch.randn(n, 4096, device="cuda", dtype=torch.bfloat16) / 64
-        for m in (1, 16):
+        for m in (1, 16, 64):
             x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16) * 4
             res = torch.randn(m, 4096, device="cuda") * 20
             y, h = kernels.rmsnorm_gemv(x, g, 1e-5, w, residual=res)

@@ -57,12 +57,24 @@ def test_every_kernel_compiles_to_one_sm90_entry(report: dict) -> None:
         "gemv_lm_head": ["_gemv_kernel"] * 2,  # fp32 rows, bf16 weight: one row (a constant) and sixteen
         "gemv_silu_mul": ["_gemv_kernel"] * 2,  # the down projection reading the gate/up rows: 4 rows, then 1
         "rmsnorm_gemv": ["_gemv_kernel"] * 3,  # RMSNorm folded in: after a residual add, alone, with a bias
+        "gemv_wide": ["_gemv_kernel"] * 7,  # 32 and 64 rows: bf16, fp32, the LM head, SiLU, RMSNorm (two forms)
     }
     assert all(k["entries"] == 1 for launches in report.values() for k in launches)
     # every autotuning config too: a GPU's warm-up compiles them all
     assert all(k["compiled"] == k["configs"] >= 1 for launches in report.values() for k in launches)
     assert report["copy_pages"][0]["configs"] == report["copy_pages_runs"][0]["configs"] == 9
     assert report["decode_attention"][0]["configs"] == 4
+
+
+def test_every_config_fits_the_shared_memory_of_an_sm(report: dict) -> None:
+    """A Hopper SM gives one program at most 227 KB of shared memory; Triton refuses a launch that asks for
+    more (OutOfResources), which for the untuned first config would fail every step that runs the kernel."""
+    sm90_max = 227 * 1024
+    over = [(case, k["kernel"], i, shared) for case, launches in report.items() for k in launches
+            for i, shared in enumerate(k["shared"]) if shared > sm90_max]
+    assert not over, over
+    # the pipelined kernels do stage through shared memory: the figure is the compile's, not a default 0
+    assert all(k["shared"][0] > 0 for k in report["gemv_wide"] + report["extend_attention"])
 
 
 def test_attention_runs_on_tensor_cores_and_reads_kv_in_16_byte_vectors(report: dict) -> None:
@@ -79,6 +91,9 @@ def test_attention_runs_on_tensor_cores_and_reads_kv_in_16_byte_vectors(report: 
     assert one["mma"] and sixteen["mma"] and one["async"] == sixteen["async"] == fp32["async"] == [16]
     for fused in report["gemv_silu_mul"] + report["gemv_lm_head"]:  # the LM head casts its fp32 rows to bf16
         assert fused["mma"] and fused["async"] == [16]
+    for wide in report["gemv_wide"]:  # 32 or 64 rows: the same stream, outputs stored 16 bytes at a time
+        assert wide["async"][-1] == 16 and "v4.b32" in wide["st"]
+    assert all(k["mma"] for i, k in enumerate(report["gemv_wide"]) if i != 2)  # fp32 weights: exact products
     added, alone, biased = report["rmsnorm_gemv"]
     assert added["mma"] and alone["mma"] and biased["mma"] and added["async"] == alone["async"] == [16]
     assert "v4.b32" in added["st"]  # program 0's summed residual rows, 16 bytes a store
