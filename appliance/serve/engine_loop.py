@@ -74,6 +74,7 @@ class EngineLoop:
         self.on_step = on_step
         self.inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self.streams: dict[str, asyncio.Queue[Event]] = {}
+        self._outbox: list[tuple[asyncio.Queue[Event], Event]] = []  # engine thread: events not yet handed over
         self.transfers: dict[str, Transfer] = {}
         self.rooms: dict[str, PendingRoom] = {}
         self._room_of: dict[str, str] = {}
@@ -317,16 +318,19 @@ class EngineLoop:
                     cmd = self.inbox.get_nowait()
                 except queue.Empty:
                     cmd = None
+            self._flush()  # what the commands emitted (a refused request, a move) goes out before a step
             why = self.engine.tp_failure() if tp and self.fatal is None else None  # after the commands, before a step
             if why is not None:
                 self._fail_fatal(why)
             if self.fatal is not None:  # NOTE: commands still run (a /load, a submit): their requests fail at once
                 self._fail_in_flight(f"engine error: {self.fatal}")
+                self._flush()
                 continue
             try:
                 self._poll_rooms()
                 if self.quarantine:
                     self._release_quarantine()
+                self._flush()  # a handed-over request's first token, before the step
                 if self.engine.has_unfinished():
                     if cores is not None:
                         cores.set_busy(True)
@@ -347,6 +351,8 @@ class EngineLoop:
                     self._fail_fatal(why)
                 else:  # NOTE: outside the group's collectives (they would have broken it): it is in step
                     self._fail_in_flight(f"engine error: {exc}")
+            finally:
+                self._flush()  # the step's tokens, every request's, in one hand-over
 
     def _fail_in_flight(self, message: str) -> None:
         for rid, req in list(self.engine.requests.items()):
@@ -409,9 +415,24 @@ class EngineLoop:
                                  cached_tokens=self._sample0_cached.pop(rid, 0)))
 
     def _emit(self, rid: str, ev: Event) -> None:
+        """Engine thread: queue ``ev`` for ``rid``'s stream; `_flush` hands it to the asyncio loop."""
         q = self.streams.get(rid)
         if q is not None:
-            self.aio.call_soon_threadsafe(q.put_nowait, ev)
+            self._outbox.append((q, ev))
+
+    def _flush(self) -> None:
+        """Engine thread: hand every event emitted since the last flush to the asyncio loop in ONE
+        ``call_soon_threadsafe``, in the order emitted. Each such call takes a lock and writes the loop's
+        wake-up pipe; one per request and token cost ~3% of a batch-16 step on a CPU engine."""
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            self.aio.call_soon_threadsafe(_deliver, batch)
+
+
+def _deliver(batch: list[tuple[asyncio.Queue[Event], Event]]) -> None:
+    """asyncio thread: put each event on its stream's queue."""
+    for q, ev in batch:
+        q.put_nowait(ev)
 
 
 def _wake() -> None:
