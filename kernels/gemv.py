@@ -156,6 +156,20 @@ _gemv = LazyKernel(
     pdl=True,
 )
 
+# The folded forms (SILU_MUL, NORM) hold more of each K tile in registers (the gate and the up half; the rows,
+# their sum with the residual and the norm weight), so 512-wide K tiles spill (ptxas: 300 to 4,700 bytes a
+# thread at four rows, `python -m tests.kernels.sm90`): their own configs, none spilling, the first 256 wide.
+_gemv_fused = LazyKernel(
+    _gemv_kernel,
+    configs=[
+        config(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
+        for n, k, w, s in ((16, 256, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 8, 3), (32, 128, 4, 4))
+    ],
+    key=["N", "K", "HAS_BIAS", "SILU_MUL", "NORM", "ADD"],
+    interpret={"BLOCK_N": 16, "BLOCK_K": 32},
+    pdl=True,
+)
+
 # 32 or 64 rows: a program per 32 to 128 columns, so that a 4096-column layer still spreads over about
 # a hundred SMs, and a deeper pipeline of narrower K steps (each stage holds the rows' tile as well as the
 # weight's). The first config (untuned) fits shared memory in every form up to 64 fp32 rows.
@@ -163,7 +177,7 @@ _gemv_wide = LazyKernel(
     _gemv_kernel,
     configs=[
         config(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
-        for n, k, w, s in ((32, 64, 4, 4), (64, 64, 4, 4), (32, 128, 4, 4), (64, 128, 8, 3), (128, 64, 8, 3),
+        for n, k, w, s in ((32, 64, 4, 4), (64, 64, 4, 4), (32, 128, 8, 4), (64, 128, 8, 3), (128, 64, 8, 3),
                            (16, 128, 4, 4))
     ],
     key=["N", "K", "HAS_BIAS", "SILU_MUL", "NORM", "ADD", "BLOCK_M"],
@@ -235,7 +249,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y:
         return (-(-n // meta["BLOCK_N"]),)
 
     block_m = row_tile(m)
-    kernel = _gemv if block_m == NARROW_ROWS else _gemv_wide
+    kernel = _gemv_wide if block_m > NARROW_ROWS else _gemv_fused if silu_mul or norm_weight is not None else _gemv
     kernel[grid](
         x, weight, bias if bias is not None else weight, y, r, g, h, m, n, k, x.stride(0), weight.stride(0),
         y.stride(0), r.stride(0) if add else 0, h.stride(0) if add else 0, float(eps), HAS_BIAS=bias is not None,

@@ -4,13 +4,14 @@ The interpreter runs the kernels' logic on CPU but accepts programs the GPU comp
 GPU check runs only when a machine is lent. Triton compiles ahead of time for a named target with
 the LLVM and ptxas in its wheel, so each wrapper's launch is captured on CPU tensors at the engine's
 bf16 shapes (its arguments, the kernel's first GPU config) and compiled for sm_90; the PTX says what
-a GPU would run, e.g. whether global loads and stores are 16-byte vectors, and the compile's shared
-memory says whether a launch would fit an SM (on a GPU, Triton refuses one that does not at launch).
+a GPU would run, e.g. whether global loads and stores are 16-byte vectors; the compile's shared
+memory says whether a launch would fit an SM (on a GPU, Triton refuses one that does not at launch), and
+ptxas (Triton's own, run again with ``-v``) says how many registers a thread takes and whether it spills.
 
 Run as ``python -m tests.kernels.sm90`` WITHOUT ``TRITON_INTERPRET`` (triton builds its own library
 functions for the interpreter when that is set at import, and they cannot be compiled): it prints one
-JSON object, per case the kernels launched, the widths of their global loads and stores and the
-shared memory of each config.
+JSON object, per case the kernels launched, the widths of their global loads and stores and, for each
+config, the shared memory, the registers and the bytes spilled to local memory.
 """
 
 from __future__ import annotations
@@ -113,6 +114,28 @@ def compile_sm90(launch: Launch, meta: dict[str, Any]) -> tuple[str, int]:
     return compiled.asm["ptx"], int(compiled.metadata.shared)
 
 
+def ptxas_usage(ptx: str) -> tuple[int, int]:
+    """(registers a thread, bytes of spill stores) of ``ptx`` for sm_90a, from Triton's ptxas with ``-v``."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = f"{tmp}/kernel.ptx"
+        with open(src, "w") as f:
+            f.write(ptx)
+        run = subprocess.run([get_ptxas(90).path, "-v", "-arch=sm_90a", src, "-o", f"{tmp}/kernel.cubin"],
+                             capture_output=True, text=True, timeout=120)
+    if run.returncode != 0:
+        raise RuntimeError(f"ptxas failed: {run.stderr[-2000:]}")
+    regs = re.search(r"Used (\d+) registers", run.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", run.stderr)
+    if regs is None or spills is None:
+        raise RuntimeError(f"no register or spill count in ptxas -v's output: {run.stderr[-2000:]}")
+    return int(regs.group(1)), int(spills.group(1))
+
+
 def _widths(ptx: str, op: str) -> list[str]:
     """The widths of the PTX's global ``op`` (ld/st) instructions: b16, b64, v2.b64, v4.b32, ..."""
     return sorted(set(re.findall(rf"\b{op}\.global(?:\.[a-z]+)*\.(v[24]\.b\d+|b\d+)", ptx)))
@@ -209,11 +232,13 @@ def main() -> int:
             ptx, shared = compile_sm90(launch, launch.metas[0])  # the config the engine runs untuned
             others = [compile_sm90(launch, meta) for meta in launch.metas[1:]]
             compiled = 1 + sum(bool(p) for p, _ in others)
+            usage = [ptxas_usage(p) for p in [ptx] + [p for p, _ in others]]
             report[case].append({"kernel": launch.fn.__name__, "entries": ptx.count(".entry"), "mma": "mma" in ptx,
                                  "gdc": [op for op in ("wait", "launch_dependents") if f"griddepcontrol.{op}" in ptx],
                                  "ld": _widths(ptx, "ld"), "st": _widths(ptx, "st"), "async": _async_bytes(ptx),
                                  "configs": len(launch.metas),
-                                 "compiled": compiled, "shared": [shared] + [s for _, s in others]})
+                                 "compiled": compiled, "shared": [shared] + [s for _, s in others],
+                                 "regs": [r for r, _ in usage], "spill": [s for _, s in usage]})
     print(json.dumps(report))
     return 0
 
