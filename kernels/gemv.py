@@ -144,46 +144,29 @@ def _gemv_kernel(
              mask=m_mask[:, None] & n_mask[None, :])
 
 
-_gemv = LazyKernel(
-    _gemv_kernel,
-    configs=[
-        config(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
-        for n, k, w, s in ((16, 512, 4, 3), (32, 256, 4, 3), (64, 128, 4, 4), (16, 256, 4, 4), (32, 512, 8, 3),
-                           (64, 256, 8, 3))
-    ],
-    key=["N", "K", "HAS_BIAS", "SILU_MUL", "NORM", "ADD"],
-    interpret={"BLOCK_N": 16, "BLOCK_K": 32},
-    pdl=True,
-)
+def _launcher(tiles: tuple[tuple[int, int, int, int], ...], *key: str) -> LazyKernel:
+    """``_gemv_kernel`` with these ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` configs, the first its untuned
+    one, tuned per weight shape and form (and ``key``)."""
+    return LazyKernel(
+        _gemv_kernel,
+        configs=[config(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s) for n, k, w, s in tiles],
+        key=["N", "K", "HAS_BIAS", "SILU_MUL", "NORM", "ADD", *key],
+        interpret={"BLOCK_N": 16, "BLOCK_K": 32},
+        pdl=True,
+    )
 
+
+_gemv = _launcher(((16, 512, 4, 3), (32, 256, 4, 3), (64, 128, 4, 4), (16, 256, 4, 4), (32, 512, 8, 3),
+                   (64, 256, 8, 3)))
 # The folded forms (SILU_MUL, NORM) hold more of each K tile in registers (the gate and the up half; the rows,
 # their sum with the residual and the norm weight), so 512-wide K tiles spill (ptxas: 300 to 4,700 bytes a
 # thread at four rows, `python -m tests.kernels.sm90`): their own configs, none spilling, the first 256 wide.
-_gemv_fused = LazyKernel(
-    _gemv_kernel,
-    configs=[
-        config(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
-        for n, k, w, s in ((16, 256, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 8, 3), (32, 128, 4, 4))
-    ],
-    key=["N", "K", "HAS_BIAS", "SILU_MUL", "NORM", "ADD"],
-    interpret={"BLOCK_N": 16, "BLOCK_K": 32},
-    pdl=True,
-)
-
-# 32 or 64 rows: a program per 32 to 128 columns, so that a 4096-column layer still spreads over about
+_gemv_fused = _launcher(((16, 256, 4, 4), (32, 256, 4, 3), (64, 128, 4, 4), (64, 256, 8, 3), (32, 128, 4, 4)))
+# 32 or 64 rows: a program per 16 to 128 columns, so that a 4096-column layer still spreads over about
 # a hundred SMs, and a deeper pipeline of narrower K steps (each stage holds the rows' tile as well as the
 # weight's). The first config (untuned) fits shared memory in every form up to 64 fp32 rows.
-_gemv_wide = LazyKernel(
-    _gemv_kernel,
-    configs=[
-        config(BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
-        for n, k, w, s in ((32, 64, 4, 4), (64, 64, 4, 4), (32, 128, 8, 4), (64, 128, 8, 3), (128, 64, 8, 3),
-                           (16, 128, 4, 4))
-    ],
-    key=["N", "K", "HAS_BIAS", "SILU_MUL", "NORM", "ADD", "BLOCK_M"],
-    interpret={"BLOCK_N": 16, "BLOCK_K": 32},
-    pdl=True,
-)
+_gemv_wide = _launcher(((32, 64, 4, 4), (64, 64, 4, 4), (32, 128, 8, 4), (64, 128, 8, 3), (128, 64, 8, 3),
+                        (16, 128, 4, 4)), "BLOCK_M")
 
 
 def row_tile(m: int) -> int:
