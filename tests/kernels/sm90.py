@@ -136,6 +136,16 @@ def ptxas_usage(ptx: str) -> tuple[int, int]:
     return int(regs.group(1)), int(spills.group(1))
 
 
+def memory_before_wait(ptx: str) -> int:
+    """Global memory instructions (loads, stores, async copies, atomics) before ``griddepcontrol.wait`` in
+    the kernel's body; 0 where it has none or no wait. Under PDL such an access would race the kernel before."""
+    body = ptx[ptx.find(".entry"):]
+    wait = body.find("griddepcontrol.wait")
+    if wait < 0:
+        return 0
+    return len(re.findall(r"\b(?:ld\.global|st\.global|cp\.async|atom\.global|red\.global)", body[:wait]))
+
+
 def _widths(ptx: str, op: str) -> list[str]:
     """The widths of the PTX's global ``op`` (ld/st) instructions: b16, b64, v2.b64, v4.b32, ..."""
     return sorted(set(re.findall(rf"\b{op}\.global(?:\.[a-z]+)*\.(v[24]\.b\d+|b\d+)", ptx)))
@@ -238,7 +248,8 @@ def main() -> int:
                                  "ld": _widths(ptx, "ld"), "st": _widths(ptx, "st"), "async": _async_bytes(ptx),
                                  "configs": len(launch.metas),
                                  "compiled": compiled, "shared": [shared] + [s for _, s in others],
-                                 "regs": [r for r, _ in usage], "spill": [s for _, s in usage]})
+                                 "regs": [r for r, _ in usage], "spill": [s for _, s in usage],
+                                 "before_wait": sum(memory_before_wait(p) for p in [ptx] + [p for p, _ in others])})
     print(json.dumps(report))
     return 0
 

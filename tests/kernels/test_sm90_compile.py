@@ -134,3 +134,15 @@ def test_decode_kernels_wait_for_the_kernel_before_and_release_the_next(report: 
         for k in launches:
             want = ["wait", "launch_dependents"] if k["kernel"] in pdl else []
             assert k["gdc"] == want, (case, k["kernel"], k["gdc"])
+            # nothing reads or writes global memory before the wait (in any config): it would race the kernel
+            # before, which PDL lets run on
+            assert k["before_wait"] == 0, (case, k["kernel"], k["before_wait"])
+
+
+def test_the_order_check_sees_an_access_before_the_wait() -> None:
+    from tests.kernels.sm90 import memory_before_wait
+
+    head = ".visible .entry k(\n.param .u64 p\n)\n{\nld.param.u64 %rd1, [p];\n"
+    assert memory_before_wait(head + "ld.global.b32 %r1, [%rd1];\ngriddepcontrol.wait;\n") == 1
+    assert memory_before_wait(head + "griddepcontrol.wait;\nld.global.b32 %r1, [%rd1];\n") == 0
+    assert memory_before_wait(head + "st.global.b32 [%rd1], %r1;\n") == 0  # no wait: not a PDL kernel
