@@ -58,9 +58,10 @@ def rmsnorm_gemv_ref(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, wei
 # walking K in ``BLOCK_K`` steps: each weight tile is read once, for all rows at once (the rows are
 # padded to one tl.dot tile of 16, 32 or 64 rows), fp32 accumulation. At one to sixteen rows a linear
 # layer reads its weight and little else: the kernel is a stream of the weight, pipelined ``num_stages``
-# deep. At 17 to 64 rows the rows' tile is re-read from L2 by every program, so those launches take
-# wider column blocks (`_gemv_wide`, its own configs: its 16-row configs' tiles would overrun shared
-# memory); whether that stream beats cuBLAS's GEMM at a shape is measured (appliance/engine/linear_choice.py).
+# deep. At 17 to 64 rows every program also re-reads the rows' tile from L2, and a stage holds it beside
+# the weight's, so those launches take configs of their own (`_gemv_wide`: narrower K steps; the 16-row
+# configs' stages would overrun shared memory); whether that beats cuBLAS's GEMM at a shape is measured
+# (appliance/engine/linear_choice.py).
 # ``SILU_MUL`` folds `kernels.activation.silu_and_mul` into the input's load (the same fp32 math and
 # the same rounding to the input's dtype): the MLP's down projection reads the gate/up rows directly,
 # one kernel boundary and one round trip of the activation fewer per layer. ``NORM`` folds RMSNorm (and

@@ -64,8 +64,8 @@ run_step pytest-gpu 75 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cachepr
 BENCH=(--device cuda --json --steps 12 --context 256 --batches 1,64,16,256 --prefill-lens 8192,1024
        --profile-batches 1,64)
 # The 8B shape first: its figures carry issue 21's targets (a budget cut short skips the 1B shape first).
-# 75 s: 20 s at h200-2026-12-04-b, before the warm-up timed the GEMV at buckets up to 64 (25 Triton compiles
-# of it, first config) and before the profiles
+# 75 s: 20 s at h200-2026-12-04-b, before the warm-up timed the GEMV at buckets up to 64 (about 25 Triton
+# compiles of it, first config) and before the profiles
 run_step bench-8b 75 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" "$PY" -m bench.engine --model random:llama-8b \
     "${BENCH[@]}" --out "$OUT_DIR/bench-llama-8b.json"
 run_step bench-1b 45 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" "$PY" -m bench.engine --model random:llama-1b \

@@ -87,8 +87,7 @@ def test_no_config_spills_registers(report: dict) -> None:
                for i, k in enumerate(launches) if (case, i) not in fp32_weights and any(k["spill"])]
     assert not spilled, spilled
     assert all(0 < r <= 255 for launches in report.values() for k in launches for r in k["regs"])
-    # the folded GEMVs run configs of their own, the 512-wide K tiles that spilled them left out
-    assert all(r > 0 for k in report["rmsnorm_gemv"] + report["gemv_silu_mul"] for r in k["regs"])
+    # the folded GEMVs run configs of their own, without the 512-wide K tiles that spilled them
     assert report["rmsnorm_gemv"][0]["configs"] == report["gemv_silu_mul"][0]["configs"] == 5
 
 
