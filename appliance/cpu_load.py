@@ -57,14 +57,18 @@ def sample_busy(cpus: Sequence[int], sample_s: float = SAMPLE_S, stat: Path = Pa
         return None
 
 
+def busy_names(shares: dict[int, float]) -> str:
+    """The cores of ``shares`` busy at least `BUSY_FRACTION` of the sample, as ``cpu 1 85%, ...`` ('' for none)."""
+    return ", ".join(f"cpu {c} {f:.0%}" for c, f in sorted(shares.items()) if f >= BUSY_FRACTION)
+
+
 def busy_cores_line(cpus: Sequence[int], sample_s: float = SAMPLE_S, stat: Path = Path("/proc/stat"),
                     sleep: Callable[[float], None] = time.sleep) -> str | None:
     """A warning naming the cores of ``cpus`` that other work keeps busy, or None (none, or no /proc/stat)."""
     shares = sample_busy(cpus, sample_s, stat, sleep) if cpus else None  # GPU workers: nothing to sample
-    busy = {c: f for c, f in (shares or {}).items() if f >= BUSY_FRACTION}
-    if not busy:
+    named = busy_names(shares or {})
+    if not named:
         return None
-    named = ", ".join(f"cpu {c} {f:.0%}" for c, f in sorted(busy.items()))
     return (f"pdbox: other work keeps these cores busy before any engine starts ({named} of {sample_s:g} s): "
             "every engine step that uses them slows down several-fold; give pdbox idle cores with --cpus "
             "(or --prefill-cpus/--decode-cpus)")

@@ -79,12 +79,12 @@ def report() -> dict:
 
 def busy_text(busy: dict) -> str:
     """The cores' busy shares; those over `appliance.cpu_load.BUSY_FRACTION` would slow pdbox's engines."""
-    from appliance.cpu_load import BUSY_FRACTION
+    from appliance.cpu_load import BUSY_FRACTION, busy_names
 
     if not busy:
         return "unknown (no /proc/stat)"
-    over = [f"cpu {c} {f:.0%}" for c, f in busy.items() if f >= BUSY_FRACTION]
-    return (", ".join(over) + ": other work there slows pdbox's engines several-fold; leave those cores out "
+    over = busy_names(busy)
+    return (over + ": other work there slows pdbox's engines several-fold; leave those cores out "
             "with --cpus") if over else f"no core over {BUSY_FRACTION:.0%}"
 
 

@@ -242,14 +242,15 @@ def main() -> int:
             ptx, shared = compile_sm90(launch, launch.metas[0])  # the config the engine runs untuned
             others = [compile_sm90(launch, meta) for meta in launch.metas[1:]]
             compiled = 1 + sum(bool(p) for p, _ in others)
-            usage = [ptxas_usage(p) for p in [ptx] + [p for p, _ in others]]
+            every = [ptx] + [p for p, _ in others]  # each config's PTX, the first config's first
+            usage = [ptxas_usage(p) for p in every]
             report[case].append({"kernel": launch.fn.__name__, "entries": ptx.count(".entry"), "mma": "mma" in ptx,
                                  "gdc": [op for op in ("wait", "launch_dependents") if f"griddepcontrol.{op}" in ptx],
                                  "ld": _widths(ptx, "ld"), "st": _widths(ptx, "st"), "async": _async_bytes(ptx),
                                  "configs": len(launch.metas),
                                  "compiled": compiled, "shared": [shared] + [s for _, s in others],
                                  "regs": [r for r, _ in usage], "spill": [s for _, s in usage],
-                                 "before_wait": sum(memory_before_wait(p) for p in [ptx] + [p for p, _ in others])})
+                                 "before_wait": sum(memory_before_wait(p) for p in every)})
     print(json.dumps(report))
     return 0
 
