@@ -37,6 +37,7 @@ SIZES = {1: "1 page", 64: "64 pages", 512: "8K-token prompt (512 pages)", 2048: 
 DEFAULT_PAGES = (1, 64, 512)
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 GPU_BACKENDS = ("cuda_ipc", "nvshmem")
+COPY_PATHS = {"shm": ("torch", "kernel"), "cuda_ipc": ("kernel", "torch"), "nvshmem": ("auto", "kernel", "put")}
 SHAPES = {"smollm2-135m": (30, 3, 64), "llama-1b": (16, 8, 64), "llama-8b": (32, 8, 128)}  # layers, KV heads, dim
 
 
@@ -78,6 +79,7 @@ class Result:
     d2d_gbps: float | None = None        # GPU: one contiguous device-to-device copy of the same bytes
     copy_vs_d2d: float | None = None
     copy_config: str | None = None       # GPU, kernel path: the page copy's tuned config(s)
+    copy_path: str | None = None         # how the pages moved: "kernel" (page-copy kernel), else the backend's own
 
 
 def page_lists(pages: int, pool_pages: int, layout: str, seed: int = 0) -> tuple[list[int], list[int]]:
@@ -178,15 +180,17 @@ def _decode(backend: str, shape: Shape, pool_pages: int, threads: int, device: s
 def _backend_opts(backend: str, shape: Shape, pool_pages: int, run_id: str,
                   copy: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(prefill opts, decode opts); nvshmem makes the two processes PEs 0 and 1 of one job.
-    ``copy``: cuda_ipc's copy path ("torch" or "kernel"), given to the writing side."""
+    ``copy``: the writing side's copy path, one of the backend's `COPY_PATHS` (None: its default)."""
+    if copy is not None and copy not in COPY_PATHS.get(backend, ()):
+        raise ValueError(f"{backend}'s copy path is one of {COPY_PATHS.get(backend, ())}, got {copy!r}")
+    sender = {"run_id": run_id, **({"copy": copy} if copy else {})}
     if backend != "nvshmem":
-        sender = {"run_id": run_id, **({"copy": copy} if copy and backend == "cuda_ipc" else {})}
         return sender, {"run_id": run_id}
     from nvshmem_kv.backends.nvshmem import make_unique_id
 
     nbytes = shape.desc(pool_pages).pool_bytes
-    common = {"run_id": run_id, "npes": 2, "uid": make_unique_id(), "symmetric_bytes": nbytes}
-    return {**common, "pe": 0}, {**common, "pe": 1}
+    common = {"npes": 2, "uid": make_unique_id(), "symmetric_bytes": nbytes}
+    return {**sender, **common, "pe": 0}, {"run_id": run_id, **common, "pe": 1}
 
 
 def measure(backend: str, pages: int, *, shape: Shape = Shape(), layout: str = "contiguous", repeats: int = 7,
@@ -276,6 +280,8 @@ def measure(backend: str, pages: int, *, shape: Shape = Shape(), layout: str = "
                     raise RuntimeError(f"room {room} failed: {reason}")
         conn.send(("digest", dst_pages))
         verified = conn.recv() == _digest(src[:, :, src_pages]) if backend != "fake" else False
+        stats = tx.stats()
+        path = "kernel" if stats.kernel_writes == stats.writes else {"nvshmem": "put"}.get(backend, "torch")
         conn.send(("stop",))
     finally:
         tx.close()
@@ -292,6 +298,7 @@ def measure(backend: str, pages: int, *, shape: Shape = Shape(), layout: str = "
         from kernels.page_copy import copy_pages_configs
 
         gpu_figures["copy_config"] = "; ".join(f"{k}: {v}" for k, v in copy_pages_configs().items()) or None
+    gpu_figures["copy_path"] = path if backend not in ("tcp", "fake") else None
     return Result(backend, device, pages, layout, shape.dtype, nbytes, repeats, threads, secs, nbytes / secs / 1e9,
                   base, nbytes / base / 1e9, base / secs, verified, shape.layers, shape.page_size, shape.kv_heads,
                   shape.head_dim, **gpu_figures)
@@ -311,7 +318,8 @@ def _table(results: list[Result]) -> None:
     for col in cols:
         table.add_column(col, justify="left" if col in ("backend", "size", "layout") else "right")
     for r in results:
-        row = [r.backend, SIZES.get(r.pages, f"{r.pages} pages"), r.layout, f"{r.bytes / 1e6:.2f}",
+        name = r.backend if r.copy_path is None else f"{r.backend} ({r.copy_path})"
+        row = [name, SIZES.get(r.pages, f"{r.pages} pages"), r.layout, f"{r.bytes / 1e6:.2f}",
                f"{r.seconds * 1e3:.2f}", f"{r.gbps:.2f}", f"{r.baseline_gbps:.2f}", f"{r.ratio:.2f}x"]
         if gpu:
             row += (["-"] * 4 if r.copy_gbps is None else
@@ -333,7 +341,8 @@ def _table(results: list[Result]) -> None:
 @click.option("--page-size", type=int, default=16)
 @click.option("--shape", "shape_name", type=click.Choice(sorted(SHAPES)),
               help="a model's KV shape (sets --layers/--kv-heads/--head-dim)")
-@click.option("--copy", type=click.Choice(["torch", "kernel"]), help="cuda_ipc's copy path (default: the transport's)")
+@click.option("--copy", type=click.Choice(["torch", "kernel", "auto", "put"]),
+              help="the copy path: cuda_ipc torch|kernel, nvshmem auto|kernel|put (default: the transport's)")
 @click.option("--repeats", type=int, default=7)
 @click.option("--threads", type=int, default=1, help="torch threads per process (default 1: one core each)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object (first backend and size)")

@@ -16,11 +16,12 @@ from kernels.extend_attention import extend_attention, extend_attention_ref
 from kernels.gemv import gemv, gemv_ref, rmsnorm_gemv, rmsnorm_gemv_ref
 from kernels.kv_store import store_kv, store_kv_ref
 from kernels.norm import fused_add_rmsnorm, fused_add_rmsnorm_ref, rmsnorm, rmsnorm_ref
-from kernels.page_copy import copy_pages, copy_pages_ref
+from kernels.page_copy import RowSlice, copy_pages, copy_pages_ref
 from kernels.rotary import rotary, rotary_cos_sin_cache, rotary_ref, rotary_store_kv, rotary_store_kv_ref
 
 __all__ = [
     "HAS_TRITON",
+    "RowSlice",
     "copy_pages",
     "copy_pages_ref",
     "decode_attention",

@@ -2,9 +2,40 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from kernels._triton import LazyKernel, check, check_device, check_index_tensor, config, tl
+
+
+@dataclass(frozen=True)
+class RowSlice:
+    """Part of every page to copy, in elements: a page is ``rows`` rows; columns ``src_start`` to
+    ``src_start + width`` of each source row (``src_stride`` long) go to columns ``dst_start`` on of the
+    destination row (``dst_stride`` long). A KV page's heads, where the two sides split them over TP ranks
+    differently: a prefill rank's heads land in a slice of each token row of the decode page."""
+
+    rows: int
+    width: int
+    src_stride: int
+    src_start: int
+    dst_stride: int
+    dst_start: int
+
+    def problem(self, page_elems: int) -> str:
+        """Why this slice does not fit a source page of ``page_elems`` elements ("" when it does)."""
+        if min(self.rows, self.width) < 1 or min(self.src_start, self.dst_start) < 0:
+            return f"rows and width must be >= 1 and starts >= 0, got {self}"
+        if self.src_start + self.width > self.src_stride or self.dst_start + self.width > self.dst_stride:
+            return f"the columns run past a row: {self}"
+        if self.rows * self.src_stride != page_elems:
+            return f"{self.rows} rows of {self.src_stride} are not a source page of {page_elems} elements"
+        return ""
+
+    def lengths(self) -> tuple[int, ...]:
+        """Every length and offset the kernel adds to an address, in elements."""
+        return self.width, self.src_stride, self.src_start, self.dst_stride, self.dst_start
 
 
 def copy_pages_ref(
@@ -14,17 +45,27 @@ def copy_pages_ref(
     src_pages: torch.Tensor,
     dst_pages: torch.Tensor,
     run_pages: torch.Tensor | None = None,
+    rows: RowSlice | None = None,
 ) -> None:
     """Copy ``src[src_pages[i]]`` to ``dst_pools[dst_index[i]][dst_pages[i]]``; with ``run_pages``, copy
-    ``i`` moves ``run_pages[i]`` consecutive pages from there.
+    ``i`` moves ``run_pages[i]`` consecutive pages from there; with ``rows``, only that slice of each page
+    row, into destination pages of ``rows.rows * rows.dst_stride`` elements.
 
-    ``src`` and every destination are ``(num_pages, page_elems...)`` with equal page shape and dtype.
+    ``src`` and every destination are ``(num_pages, page_elems...)`` with equal page shape and dtype
+    (without ``rows``; with it, contiguous pools of their own page size).
     The Triton version takes the destinations as an int64 table of base addresses instead of tensors,
     so the same kernel writes through NVSHMEM peer pointers, CUDA IPC pointers or CPU shared memory.
     """
     runs = run_pages.tolist() if run_pages is not None else [1] * src_pages.shape[0]
     for i, (s, d, n) in enumerate(zip(src_pages.tolist(), dst_pages.tolist(), runs)):
-        dst_pools[int(dst_index[i])][d:d + n].copy_(src[s:s + n])
+        pool = dst_pools[int(dst_index[i])]
+        if rows is None:
+            pool[d:d + n].copy_(src[s:s + n])
+            continue
+        src_rows = src[s:s + n].reshape(n * rows.rows, rows.src_stride)
+        dst_rows = pool.view(pool.shape[0], -1)[d:d + n].view(n * rows.rows, rows.dst_stride)
+        cols = rows.src_start, rows.dst_start
+        dst_rows[:, cols[1]:cols[1] + rows.width] = src_rows[:, cols[0]:cols[0] + rows.width]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -37,6 +78,9 @@ def copy_pages_ref(
 # lanes idle; ``PAGES`` > 1 keeps several pages' loads in flight per program (the autotuner chooses;
 # the first config, used untuned, copies one page), and a run of pages consecutive at both ends (a
 # fresh pool hands out such runs) moves as one span, in full ``BLOCK``-word chunks.
+# With ``SEG`` > 0 a copy moves one slice of each page row (`RowSlice`, in words): word ``o`` of the copy
+# is column ``o % SEG`` of row ``o // SEG``, read at ``SRC_COL`` of a ``SRC_ROW``-word source row and stored
+# at ``DST_COL`` of a ``DST_ROW``-word destination row; runs continue row by row across packed pages.
 # NOTE: the destination is addressed from ``src_ptr`` (a distance in words, declared a multiple of
 # ``ALIGN`` words): a pointer made from an integer carries no alignment, and its stores compiled to
 # 8-byte ones (sm_90 PTX: st.global.b64); from a 16-byte aligned pointer they are 16-byte
@@ -59,10 +103,25 @@ def _copy_pages_kernel(
     PAGES: tl.constexpr,
     ALIGN: tl.constexpr,
     RUNS: tl.constexpr,
+    SEG: tl.constexpr,
+    SRC_ROW: tl.constexpr,
+    SRC_COL: tl.constexpr,
+    DST_ROW: tl.constexpr,
+    DST_COL: tl.constexpr,
 ):
     """Copy one ``BLOCK``-word chunk of each of ``PAGES`` copies (a page, or with ``RUNS`` a run of
-    pages) through raw destination addresses."""
+    pages; with ``SEG`` a slice of every row of them) through raw destination addresses."""
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    if SEG > 0:
+        src_offs = offs // SEG * SRC_ROW + SRC_COL + offs % SEG
+        dst_offs = offs // SEG * DST_ROW + DST_COL + offs % SEG
+        copy_words = PAGE_WORDS // SRC_ROW * SEG
+        dst_page_words = PAGE_WORDS // SRC_ROW * DST_ROW
+    else:
+        src_offs = offs
+        dst_offs = offs
+        copy_words = PAGE_WORDS
+        dst_page_words = PAGE_WORDS
     word_bytes: tl.constexpr = src_ptr.dtype.element_ty.primitive_bitwidth // 8
     src_addr = src_ptr.to(tl.int64, bitcast=True)
     for p in tl.static_range(PAGES):
@@ -72,13 +131,14 @@ def _copy_pages_kernel(
         src_page = tl.load(src_pages_ptr + j).to(tl.int64)
         dst_page = tl.load(dst_pages_ptr + j).to(tl.int64)
         pool = tl.load(dst_index_ptr + j).to(tl.int64)
-        rel = tl.multiple_of((tl.load(dst_base_ptr + pool) - src_addr) // word_bytes + dst_page * PAGE_WORDS, ALIGN)
+        rel = tl.multiple_of((tl.load(dst_base_ptr + pool) - src_addr) // word_bytes + dst_page * dst_page_words,
+                             ALIGN)
         if RUNS:
-            mask = (offs < tl.load(run_pages_ptr + j) * PAGE_WORDS) & live
+            mask = (offs < tl.load(run_pages_ptr + j) * copy_words) & live
         else:
-            mask = (offs < PAGE_WORDS) & live
-        vals = tl.load(src_ptr + src_page * stride_src_page + offs, mask=mask)
-        tl.store(src_ptr + rel + offs, vals, mask=mask)
+            mask = (offs < copy_words) & live
+        vals = tl.load(src_ptr + src_page * stride_src_page + src_offs, mask=mask)
+        tl.store(src_ptr + rel + dst_offs, vals, mask=mask)
 
 
 _copy_pages = LazyKernel(
@@ -88,7 +148,7 @@ _copy_pages = LazyKernel(
         for b, w, p in ((2048, 8, 1), (1024, 4, 1), (4096, 8, 1), (512, 4, 1), (1024, 4, 4), (1024, 8, 8),
                         (512, 4, 8), (8192, 8, 1), (4096, 8, 2))
     ],
-    key=["PAGE_WORDS", "RUNS"],
+    key=["PAGE_WORDS", "RUNS", "SEG", "DST_ROW"],
     interpret={"BLOCK": 512, "PAGES": 3},  # several pages a program and a tail: the CPU tests cover both
 )
 
@@ -98,12 +158,18 @@ def copy_pages_configs() -> dict[str, str]:
     return _copy_pages.tuned_configs()
 
 
-def page_word_dtype(src: torch.Tensor) -> torch.dtype:
-    """The widest integer word that divides a page, the page stride and the source address."""
-    page_bytes = src[0].numel() * src.element_size()
-    stride_bytes = src.stride(0) * src.element_size()
+def _byte_lengths(src: torch.Tensor, rows: RowSlice | None) -> list[int]:
+    """Every length in bytes that a copy word must divide: the page, its stride, the slice's parts."""
+    esz = src.element_size()
+    return [src[0].numel() * esz, src.stride(0) * esz, *(n * esz for n in (rows.lengths() if rows else ()))]
+
+
+def page_word_dtype(src: torch.Tensor, rows: RowSlice | None = None) -> torch.dtype:
+    """The widest integer word that divides a page, the page stride, the source address and (with
+    ``rows``) the slice's widths and offsets."""
+    lengths = _byte_lengths(src, rows)
     for size, dtype in _WORD_DTYPES:
-        if page_bytes % size == 0 and stride_bytes % size == 0 and src.data_ptr() % size == 0:
+        if all(n % size == 0 for n in lengths) and src.data_ptr() % size == 0:
             return dtype
     return torch.uint8
 
@@ -116,6 +182,7 @@ def copy_pages(
     dst_pages: torch.Tensor,
     run_pages: torch.Tensor | None = None,
     max_run: int = 1,
+    rows: RowSlice | None = None,
 ) -> None:
     """Triton :func:`copy_pages_ref` with the destination pools given as raw base addresses.
 
@@ -131,6 +198,9 @@ def copy_pages(
     ``run_pages`` (one count >= 1 per copy, with ``max_run`` >= every count: the launch is sized by it,
     and on a GPU a longer run would be cut short unnoticed) makes copy ``i`` a run of consecutive pages
     at both ends; ``src``'s pages must then be packed (page stride = page size).
+
+    ``rows`` (a `RowSlice`) copies one slice of each page row; destination pages then hold
+    ``rows.rows * rows.dst_stride`` elements. Each distinct slice compiles its own kernel.
     """
     op = "copy_pages"
     device = check_device(op, src=src, dst_base_ptrs=dst_base_ptrs, dst_index=dst_index,
@@ -156,18 +226,23 @@ def copy_pages(
         if device.type == "cpu" and n:
             lo, hi = int(run_pages.min()), int(run_pages.max())
             check(lo >= 1 and hi <= max_run, f"{op}: run_pages must lie in [1, max_run={max_run}], got [{lo}, {hi}]")
+    if rows is not None:
+        why = rows.problem(src[0].numel()) if src.shape[0] else ""
+        check(not why, f"{op}: {why}")
     if n == 0 or src.shape[0] == 0:
         return
-    word = page_word_dtype(src)
+    word = page_word_dtype(src, rows)
     wsize = torch.empty((), dtype=word).element_size()
     words = src.flatten(1).view(word)
-    aligned = (words.shape[1] * wsize) % 16 == 0 and (words.stride(0) * wsize) % 16 == 0 and src.data_ptr() % 16 == 0
+    aligned = all(b % 16 == 0 for b in _byte_lengths(src, rows)) and src.data_ptr() % 16 == 0
     if device.type == "cpu":  # only a host table can be checked without a device sync
         need = 16 if aligned else wsize
         bad = [hex(a) for a in dst_base_ptrs.tolist() if a == 0 or a % need]
         check(not bad, f"{op}: destination bases {bad} are null or not {need}-byte aligned")
 
-    span = words.shape[1] * (max_run if run_pages is not None else 1)
+    esz = src.element_size()
+    seg, src_row, src_col, dst_row, dst_col = (x * esz // wsize for x in rows.lengths()) if rows else (0, 1, 0, 1, 0)
+    span = (rows.rows * seg if rows else words.shape[1]) * (max_run if run_pages is not None else 1)
 
     def grid(meta: dict) -> tuple[int, int]:
         return (-(-n // meta["PAGES"]), -(-span // meta["BLOCK"]))
@@ -175,5 +250,5 @@ def copy_pages(
     _copy_pages[grid](
         words, dst_base_ptrs, dst_index, src_pages, dst_pages, src_pages if run_pages is None else run_pages,
         words.stride(0), n, PAGE_WORDS=words.shape[1], ALIGN=16 // wsize if aligned else 1,
-        RUNS=run_pages is not None,
+        RUNS=run_pages is not None, SEG=seg, SRC_ROW=src_row, SRC_COL=src_col, DST_ROW=dst_row, DST_COL=dst_col,
     )

@@ -86,6 +86,7 @@ class TransportStats:
     bytes_sent: int = 0
     bytes_received: int = 0
     writes: int = 0
+    kernel_writes: int = 0      # of the writes, those that went through the page-copy kernel
     signals_sent: int = 0
     rooms_pending: int = 0
     rooms_done: int = 0

@@ -14,7 +14,9 @@ copies, a sender stalled past the receiver's cap) are in `nvshmem_kv.rooms`.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
+import logging
 import re
 import secrets
 import socket
@@ -32,7 +34,7 @@ from nvshmem_kv.channel import ConnInfo, ControlServer, open_channel
 from nvshmem_kv.copy_order import CopyOrder
 from nvshmem_kv.descriptor import HeadSlice, PoolDescriptor, PoolHandle, plan_head_slices
 from nvshmem_kv.errors import ProtocolError, TransportError
-from nvshmem_kv.page_copy import KernelPlan, kernel_copy, make_plan
+from nvshmem_kv.page_copy import KernelPlan, kernel_copy, make_plan, row_slice, warm_kernel_copy
 from nvshmem_kv.pages import PageRun, as_page_tuple, check_layer, check_pages, check_pool, coalesce_runs
 from nvshmem_kv.rooms import RoomTable
 from nvshmem_kv.sender import Fence, Outgoing, SendQueue
@@ -57,6 +59,8 @@ _OPENED_MEMORY = 4096        # rooms per peer whose Open was sent (bounded: abor
 # and every write rebuilds its plan; entries go when their room is signalled or abandoned
 _RUN_CACHE = 512
 
+log = logging.getLogger(__name__)
+
 
 def safe_run_id(run_id: str) -> str:
     """A run id usable inside shm names and thread names; random when none is given."""
@@ -72,6 +76,7 @@ class ChannelPeer(Peer):
         self.queue: SendQueue | None = None
         self.answers: Answers | None = None               # what the receiver says back (Opened, Cancel)
         self.remote_pool: torch.Tensor | None = None      # shm / cuda_ipc: the peer's pool, mapped here
+        self.remote_base = 0                              # its address here, for the page-copy kernel (0: none)
         self.closer: Callable[[], None] | None = None     # releases what `_open_peer` mapped
         self.opened: OrderedDict[str, None] = OrderedDict()
         self.runs: OrderedDict[str, tuple[tuple[int, ...], tuple[int, ...], list[PageRun]]] = OrderedDict()
@@ -105,10 +110,12 @@ class ChannelTransport(KVTransport):
         self._desc: PoolDescriptor | None = None
         self._peers: list[ChannelPeer] = []
         self._lock = threading.Lock()
-        self._counts = {"bytes_sent": 0, "bytes_received": 0, "writes": 0, "signals_sent": 0,
+        self._counts = {"bytes_sent": 0, "bytes_received": 0, "writes": 0, "kernel_writes": 0, "signals_sent": 0,
                         "writes_dropped": 0}
         self._closed = False
         self._order: CopyOrder | None = None     # GPU backends: their copy stream against compute
+        self._warm_pool: tuple[torch.Tensor, PoolDescriptor] | None = None  # what `warm` compiled the copy on
+        self._warm_slices: set[Any] = set()      # the head slices (kernels.RowSlice) compiled since
 
     # -- backend hooks ----------------------------------------------------------------------
     def _export_pool(self, kv: torch.Tensor, desc: PoolDescriptor) -> dict[str, Any]:
@@ -122,6 +129,15 @@ class ChannelTransport(KVTransport):
                     runs: list[PageRun]) -> int:
         """Move K and V of ``layer`` for ``runs`` and every head slice; return the bytes moved."""
         raise NotImplementedError
+
+    def _uses_kernel(self, peer: ChannelPeer) -> bool:
+        """Writes to ``peer`` go through the page-copy kernel at ``peer.remote_base`` (`_kernel_write`),
+        not `_write_runs`."""
+        return False
+
+    def _copy_context(self) -> Any:
+        """GPU backends: their copy stream, entered around kernel copies and their compiles."""
+        return contextlib.nullcontext()
 
     def _signal_message(self, peer: ChannelPeer, room: str) -> Signal:
         return Signal(room)
@@ -173,6 +189,7 @@ class ChannelTransport(KVTransport):
         # move between steps) would fail with "Inplace update to inference tensor outside InferenceMode".
         with torch.inference_mode(False):
             self._open_peer(peer)
+            self._warm_slice(peer)
         try:
             hello = Hello(PROTOCOL_VERSION, handle.token, self.name, local)
             sock = open_channel(handle.host, handle.port, hello, timeout_s, self._send_timeout_s)
@@ -212,11 +229,17 @@ class ChannelTransport(KVTransport):
             raise TransportError(f"the decode side gave room {room!r} up")
         if self._order is not None:
             self._order.before_copy(self._compute_stream())
-        moved = self._write_runs(p, room, layer, src_kv, runs)
+        kernel = self._uses_kernel(p)
+        if kernel:
+            with self._copy_context():
+                moved = self._kernel_write(p, room, layer, src_kv)
+        else:
+            moved = self._write_runs(p, room, layer, src_kv, runs)
         if self._order is not None:
             self._order.after_copy()
         with self._lock:
             self._counts["writes"] += 1
+            self._counts["kernel_writes"] += kernel
             self._counts["bytes_sent"] += moved
 
     def signal(self, peer: Peer, room: str, payload: bytes = b"") -> None:
@@ -389,6 +412,7 @@ class ChannelTransport(KVTransport):
 
     def _unmap(self, peer: ChannelPeer) -> None:
         peer.remote_pool = None
+        peer.remote_base = 0
         if peer.closer is not None:
             closer, peer.closer = peer.closer, None
             closer()
@@ -410,17 +434,45 @@ class ChannelTransport(KVTransport):
         return runs
 
     def _kernel_write(self, p: ChannelPeer, room: str, layer: int, src_kv: torch.Tensor) -> int:
-        """One `kernels.copy_pages` launch for the layer (shm, cuda_ipc with ``copy="kernel"``)."""
-        if p.remote_pool is None:
+        """One `kernels.copy_pages` launch for the layer, whole pages or this rank's heads of them."""
+        if not p.remote_base:
             raise TransportError(f"{p!r} is closed")
+        if len(p.slices) != 1:
+            raise TransportError(f"the page-copy kernel moves one head slice a peer, {p!r} has {len(p.slices)}")
         src, dst, runs = p.runs[room]
         plan = p.kernel_plans.get(room)
         if plan is None or plan.src_pages != src or plan.dst_pages != dst:
-            plan = make_plan(p.local, p.remote, p.remote_pool.data_ptr(), src, dst, src_kv.device, runs)
+            plan = make_plan(p.local, p.remote, p.remote_base, src, dst, src_kv.device, runs, p.slices[0])
             p.kernel_plans[room] = plan
             if len(p.kernel_plans) > _RUN_CACHE:
                 p.kernel_plans.popitem(last=False)
         return kernel_copy(src_kv, p.local, p.remote, plan, layer)
+
+    def _warm_kernel(self, kv: torch.Tensor, local: PoolDescriptor) -> float:
+        """`warm` where writes go through the page-copy kernel: whole pages now (the seconds it took); a
+        peer's head slice, its own compile, when the peer is connected (`_warm_slice`), on this pool."""
+        t0 = time.perf_counter()
+        with self._copy_context():
+            warm_kernel_copy(kv, local)
+        self._warm_pool = (kv, local)
+        return time.perf_counter() - t0
+
+    def _warm_slice(self, p: ChannelPeer) -> None:
+        """Compile the copy of ``p``'s head slice at connect, out of the first write's forward pass, once
+        per slice, where `warm` ran (a failure is left to the first write, which compiles it)."""
+        if self._warm_pool is None or len(p.slices) != 1 or not self._uses_kernel(p):
+            return
+        kv, local = self._warm_pool
+        rows = row_slice(p.local, p.remote, p.slices[0])
+        if rows is None or rows in self._warm_slices or local != p.local:
+            return
+        try:
+            with self._copy_context():
+                warm_kernel_copy(kv, local, rows=rows)
+        except Exception as exc:  # serving goes on: the first write compiles it
+            log.warning("the page copy's head-slice warm-up failed, the first write compiles it: %s", exc)
+            return
+        self._warm_slices.add(rows)
 
     @staticmethod
     def _forget(p: ChannelPeer, room: str) -> None:

@@ -207,11 +207,11 @@ fi
 # Autotuning every specialization the tests hit would cost minutes of compiles: tests use each
 # kernel's fixed first config; the bench below autotunes.
 # NOTE: the session deadline is checked between tests, and a test started before it gets its --timeout in
-# full: 75 + 45 + 10 s for the JUnit XML <= the step's 130 s (the same sum below: 50 + 25 + 5 <= 80)
+# full: 75 + 45 + 10 s for the JUnit XML <= the step's 130 s (the same sum below: 70 + 25 + 5 <= 100)
 run_step pytest-gpu 130 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m "gpu and not slow" -q -rs \
     --timeout 45 --session-timeout 75 --junitxml "$OUT_DIR/pytest-gpu.xml" "${GPU_TESTS[@]}"
-run_step pytest-transport 80 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m "gpu and not slow" \
-    -q -rs --session-timeout 50 --junitxml "$OUT_DIR/pytest-transport.xml" "${TRANSPORT_TESTS[@]}"
+run_step pytest-transport 100 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m "gpu and not slow" \
+    -q -rs --session-timeout 70 --junitxml "$OUT_DIR/pytest-transport.xml" "${TRANSPORT_TESTS[@]}"
 
 # The benches first: bounded, and they give the figures the targets are measured on.
 run_step bench-kernels 90 "$PY" -m bench.kernels --out "$OUT_DIR/kernels-bf16.json"

@@ -9,7 +9,6 @@ allocations cannot be exported this way); the decode GPU must be visible to the 
 from __future__ import annotations
 
 import base64
-import time
 from typing import Any
 
 import torch
@@ -28,7 +27,6 @@ from nvshmem_kv.backends._cuda import (
 from nvshmem_kv.copy_order import CopyOrder
 from nvshmem_kv.descriptor import PoolDescriptor
 from nvshmem_kv.errors import BackendUnavailable, TransportError
-from nvshmem_kv.page_copy import warm_kernel_copy
 from nvshmem_kv.pages import PageRun
 from nvshmem_kv.sender import Fence
 from nvshmem_kv.transport import ChannelPeer, ChannelTransport
@@ -45,19 +43,18 @@ def available(device: str | torch.device = "cuda") -> tuple[bool, str]:
 
 class CudaIpcTransport(ChannelTransport):
     """Options: ``device`` (the GPU this rank copies from; default the current one), ``copy``
-    ("torch": one ``copy_`` per contiguous run; "kernel": one `kernels.copy_pages` launch per layer,
-    which needs full head slices; "auto", the default: the kernel where the slices are full, else
-    torch), plus the channel options.
+    ("kernel", the default: one `kernels.copy_pages` launch per layer, whole pages or this rank's heads
+    of each token row; "torch": one ``copy_`` per contiguous run and head slice), plus the channel options.
 
-    Why "auto": a decode pool's free pages scatter with use, and the torch path issues one host call
+    Why the kernel: a decode pool's free pages scatter with use, and the torch path issues one host call
     per run, per layer (an 8K-token prompt on scattered pages: ~15,000 calls, ~0.3 s of host time on
     the prefill's critical path, measured on an H200); the kernel path issues one launch per layer."""
 
     name = "cuda_ipc"
 
-    def __init__(self, *, device: str | torch.device | None = None, copy: str = "auto", **opts: Any) -> None:
-        if copy not in ("auto", "torch", "kernel"):
-            raise ValueError(f"copy must be 'auto', 'torch' or 'kernel', got {copy!r}")
+    def __init__(self, *, device: str | torch.device | None = None, copy: str = "kernel", **opts: Any) -> None:
+        if copy not in ("kernel", "torch"):
+            raise ValueError(f"copy must be 'kernel' or 'torch', got {copy!r}")
         ok, why = available(device or "cuda")
         if not ok:
             raise BackendUnavailable(f"cuda_ipc is unavailable: {why}")
@@ -95,6 +92,7 @@ class CudaIpcTransport(ChannelTransport):
             ptr = int(check(rt.cudaIpcOpenMemHandle(ipc_handle_from_bytes(rt, h.ipc_bytes()),
                                                     rt.cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle"))
         peer.remote_pool = tensor_at(ptr + h.ipc_offset, d.pool_bytes, d.torch_dtype(), d.shape)
+        peer.remote_base = ptr + h.ipc_offset
 
         def close() -> None:
             self._stream.synchronize()
@@ -108,10 +106,6 @@ class CudaIpcTransport(ChannelTransport):
         dst = peer.remote_pool
         if dst is None:
             raise TransportError(f"{peer!r} is closed")
-        full = all(hs.count == peer.local.kv_heads_local == peer.remote.kv_heads_local for hs in peer.slices)
-        if self._copy != "torch" and full:
-            with torch.cuda.stream(self._stream):
-                return self._kernel_write(peer, room, layer, src_kv)
         src_l, dst_l = src_kv[:, layer], dst[:, layer]
         moved = 0
         with torch.cuda.stream(self._stream):
@@ -123,14 +117,15 @@ class CudaIpcTransport(ChannelTransport):
                     moved += s.numel() * s.element_size()
         return moved
 
+    def _uses_kernel(self, peer: ChannelPeer) -> bool:
+        return self._copy == "kernel"
+
+    def _copy_context(self) -> Any:
+        return torch.cuda.stream(self._stream)
+
     def warm(self, kv: torch.Tensor, local: PoolDescriptor) -> float:
         """The page-copy kernel's compile and autotuning, on the copy stream (unless ``copy="torch"``)."""
-        if self._copy == "torch":
-            return 0.0
-        t0 = time.perf_counter()
-        with torch.cuda.stream(self._stream):
-            warm_kernel_copy(kv, local)
-        return time.perf_counter() - t0
+        return self._warm_kernel(kv, local) if self._copy == "kernel" else 0.0
 
     def _compute_stream(self) -> torch.cuda.Stream:
         return torch.cuda.current_stream(self._device)

@@ -6,6 +6,12 @@ high-level put rejects tensor views, notes/lowlevel.md §1.4). Each put adds 1 t
 ``quiet_on_stream`` + an event sync, and carries the put count, which the receiver checks
 against its signal word before the room counts as done.
 
+Where NVSHMEM maps the peer's heap into this process (``nvshmem_ptr``: a peer over NVLink/P2P, or
+another PE on this GPU), the default ``copy="auto"`` writes instead with the page-copy kernel through
+that address, as cuda_ipc does: one launch per layer, whatever the page order and head slices, where
+puts cost one host call per contiguous run, and per token row where this rank holds part of a page's
+heads. Those writes add nothing to the signal word; the Signal leaves after the copy stream's event.
+
 Start-up (launcher's job): rank 0 calls `make_unique_id()`, ships the bytes to every rank, and
 each rank builds ``create("nvshmem", pe=..., npes=..., uid=..., symmetric_bytes=...)`` and calls
 `allocate_pool` (collective, same ``symmetric_bytes`` everywhere). `close` is collective too.
@@ -82,12 +88,16 @@ def put_list(loc: PoolDescriptor, rem: PoolDescriptor, layer: int, runs: list[Pa
 
 class NvshmemTransport(ChannelTransport):
     """Options: ``pe``, ``npes``, ``uid`` (bytes from `make_unique_id`), ``symmetric_bytes``
-    (the per-PE pool allocation, equal on every PE), ``device``; plus the channel options."""
+    (the per-PE pool allocation, equal on every PE), ``device``, ``copy`` ("auto", the default: the
+    page-copy kernel where the peer's heap is mapped here, else puts; "kernel": refuse a peer that is not
+    mapped; "put": always puts); plus the channel options."""
 
     name = "nvshmem"
 
     def __init__(self, *, pe: int, npes: int, uid: bytes, symmetric_bytes: int,
-                 device: str | torch.device | None = None, **opts: Any) -> None:
+                 device: str | torch.device | None = None, copy: str = "auto", **opts: Any) -> None:
+        if copy not in ("auto", "kernel", "put"):
+            raise ValueError(f"copy must be 'auto', 'kernel' or 'put', got {copy!r}")
         ok, why = available(device or "cuda")
         if not ok:
             raise BackendUnavailable(f"nvshmem is unavailable: {why}")
@@ -98,6 +108,7 @@ class NvshmemTransport(ChannelTransport):
         import nvshmem.core as nvs
 
         self._nvs, self._nb = nvs, nb
+        self._copy = copy
         self.pe, self.npes = pe, npes
         self._symmetric_bytes = symmetric_bytes
         self._device = cuda_device(device)
@@ -158,6 +169,22 @@ class NvshmemTransport(ChannelTransport):
             raise TransportError(f"handle names PE {h.pe}; this job has PEs 0..{self.npes - 1} and this is {self.pe}")
         if h.heap_offset + d.pool_bytes > self._symmetric_bytes:
             raise TransportError("the peer pool does not fit the symmetric allocation: symmetric_bytes differ?")
+        if self._copy != "put":
+            # the peer pool's address in this process where NVSHMEM maps that PE's heap here, else 0
+            peer.remote_base = int(self._nb.ptr(self._heap.data_ptr() + h.heap_offset, h.pe))
+            if not peer.remote_base and self._copy == "kernel":
+                raise TransportError(f"NVSHMEM does not map PE {h.pe}'s heap here (no NVLink/P2P path): "
+                                     "copy='kernel' needs it; 'auto' or 'put' would put instead")
+
+    def _uses_kernel(self, peer: ChannelPeer) -> bool:
+        return bool(peer.remote_base)
+
+    def _copy_context(self) -> Any:
+        return torch.cuda.stream(self._stream)
+
+    def warm(self, kv: torch.Tensor, local: PoolDescriptor) -> float:
+        """The page-copy kernel's compile and autotuning, on the copy stream (unless ``copy="put"``)."""
+        return 0.0 if self._copy == "put" else self._warm_kernel(kv, local)
 
     def _write_runs(self, peer: ChannelPeer, room: str, layer: int, src_kv: torch.Tensor,
                     runs: list[PageRun]) -> int:

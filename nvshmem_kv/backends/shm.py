@@ -68,15 +68,20 @@ class ShmTransport(ChannelTransport):
         h, d = peer.handle, peer.remote
         seg = ShmSegment.attach(h.shm_name, h.shm_offset + d.pool_bytes)
         peer.remote_pool = seg.tensor(d.torch_dtype(), d.shape, offset=h.shm_offset)
+        peer.remote_base = peer.remote_pool.data_ptr()
         peer.closer = seg.close
+
+    def _uses_kernel(self, peer: ChannelPeer) -> bool:
+        return self._copy == "kernel"
+
+    def warm(self, kv: torch.Tensor, local: PoolDescriptor) -> float:
+        return self._warm_kernel(kv, local) if self._copy == "kernel" else 0.0
 
     def _write_runs(self, peer: ChannelPeer, room: str, layer: int, src_kv: torch.Tensor,
                     runs: list[PageRun]) -> int:
         dst = peer.remote_pool
         if dst is None:
             raise TransportError(f"{peer!r} is closed")
-        if self._copy == "kernel":
-            return self._kernel_write(peer, room, layer, src_kv)
         moved = 0
         for hs in peer.slices:
             full = hs.count == peer.local.kv_heads_local == peer.remote.kv_heads_local

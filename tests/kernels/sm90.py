@@ -172,6 +172,8 @@ def _cases() -> dict[str, Callable[[], Any]]:
     x64, r64 = torch.zeros(64, 4096, dtype=BF16), torch.zeros(64, 4096)
     pool = torch.zeros(2 * 4 * 64, PAGE, 3, 64, dtype=BF16)  # SmolLM2's 6 KB pages
     dst, idx = torch.zeros_like(pool), torch.arange(256)
+    half = torch.zeros(256, PAGE, KV_HEADS // 2, DIM, dtype=BF16)  # a TP-2 prefill rank's half of 8B's KV heads
+    into_tp1 = kernels.RowSlice(PAGE, KV_HEADS // 2 * DIM, KV_HEADS // 2 * DIM, 0, KV_HEADS * DIM, KV_HEADS // 2 * DIM)
     f32 = torch.float32
 
     def tiny(pages: int = 8) -> torch.Tensor:  # the fp32 tests' tiny model: 4 heads of 16 over 2 KV heads
@@ -202,6 +204,10 @@ def _cases() -> dict[str, Callable[[], Any]]:
         "copy_pages": lambda: kernels.copy_pages(pool, torch.tensor([dst.data_ptr()]), torch.zeros_like(idx), idx, idx),
         "copy_pages_runs": lambda: kernels.copy_pages(pool, torch.tensor([dst.data_ptr()]), torch.zeros_like(idx[:128]),
                                                       2 * idx[:128], 2 * idx[:128], torch.full((128,), 2), 2),
+        # the second half of each token row of a decode page, from a TP-2 prefill rank (runs of 2 pages)
+        "copy_pages_slice": lambda: kernels.copy_pages(half, torch.tensor([dst.data_ptr()]), torch.zeros_like(idx[:64]),
+                                                       2 * idx[:64], 2 * idx[:64], torch.full((64,), 2), 2,
+                                                       rows=into_tp1),
         "gemv": lambda: [kernels.gemv(torch.zeros(m, 4096, dtype=dt), torch.zeros(6144, 4096, dtype=dt))
                          for m, dt in ((1, BF16), (16, BF16), (4, torch.float32))],
         # the LM head: the final norm's fp32 rows against bf16 weights (Llama-3's vocabulary divides by 16 too)

@@ -153,3 +153,58 @@ def test_runs_are_checked():
     with pytest.raises(ValueError, match="packed source pages"):
         copy_pages(torch.randn(12, 4, 2)[::2], bases, torch.zeros_like(idx), idx, idx, torch.tensor([1, 1]), max_run=2)
     assert not dst.any()  # nothing was written by a refused call
+
+
+@pytest.mark.parametrize(
+    "dtype,rows_heads_dim,slice_heads",
+    [
+        # (rows, source heads, head dim), (heads copied, source start, destination heads, destination start)
+        (torch.float32, (4, 2, 8), (1, 1, 4, 2)),
+        (torch.bfloat16, (16, 2, 64), (2, 0, 4, 2)),  # a TP-2 prefill rank's half of SmolLM2-like pages
+        (torch.float16, (2, 3, 3), (2, 1, 5, 0)),  # 6-byte heads: int16 words, no 16-byte alignment
+    ],
+)
+@pytest.mark.parametrize("runs", [False, True])
+def test_row_slices_match_reference(device, dtype, rows_heads_dim, slice_heads, runs):
+    from kernels.page_copy import RowSlice
+
+    rows, heads, dim = rows_heads_dim
+    count, src_start, dst_heads, dst_start = slice_heads
+    sl = RowSlice(rows, count * dim, heads * dim, src_start * dim, dst_heads * dim, dst_start * dim)
+    g = torch.Generator().manual_seed(2)
+    src = torch.randn(9, rows, heads, dim, generator=g).to(dtype).to(device)
+    pools = [torch.zeros(8, rows, dst_heads, dim, dtype=dtype, device=device) for _ in range(2)]
+    expect = [p.cpu().clone() for p in pools]
+    dst_index = torch.tensor([1, 0, 1, 0], device=device)
+    src_pages = torch.tensor([6, 0, 2, 5], device=device)
+    dst_pages = torch.tensor([0, 5, 4, 1], device=device)
+    run = torch.tensor([3, 2, 1, 3], device=device) if runs else None
+    bases = torch.tensor([p.data_ptr() for p in pools], dtype=torch.int64, device=device)
+    copy_pages(src, bases, dst_index, src_pages, dst_pages, run, max_run=3 if runs else 1, rows=sl)
+    copy_pages_ref(src.cpu(), expect, dst_index.cpu(), src_pages.cpu(), dst_pages.cpu(),
+                   run.cpu() if runs else None, rows=sl)
+    for got, want in zip(pools, expect):
+        assert torch.equal(got.cpu(), want)
+    # the reference itself: the slice's heads of source page 6 sit at destination page 0 of pool 1, the
+    # other heads there are untouched
+    assert torch.equal(expect[1][0, :, dst_start:dst_start + count], src.cpu()[6, :, src_start:src_start + count])
+    others = [h for h in range(dst_heads) if not dst_start <= h < dst_start + count]
+    assert not expect[1][0, :, others].any()
+
+
+def test_row_slices_are_checked():
+    from kernels.page_copy import RowSlice
+
+    src, dst = torch.randn(4, 2, 3, 4), torch.zeros(4, 2, 5, 4)
+    bases, idx = torch.tensor([dst.data_ptr()]), torch.tensor([0, 3])
+    bad = {
+        "run past a row": RowSlice(2, 8, 12, 8, 20, 0),
+        "are not a source page of 24": RowSlice(3, 4, 12, 0, 20, 0),
+        "width must be >= 1": RowSlice(2, 0, 12, 0, 20, 0),
+    }
+    for match, sl in bad.items():
+        with pytest.raises(ValueError, match=match):
+            copy_pages(src, bases, torch.zeros_like(idx), idx, idx, rows=sl)
+    assert not dst.any()
+    assert page_word_dtype(src, RowSlice(2, 4, 12, 4, 20, 8)) == torch.int64  # 16-byte lengths: 8-byte words
+    assert page_word_dtype(src, RowSlice(2, 1, 12, 3, 20, 8)) == torch.int32  # one float a row

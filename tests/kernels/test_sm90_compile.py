@@ -53,6 +53,7 @@ def test_every_kernel_compiles_to_one_sm90_entry(report: dict) -> None:
         "silu_and_mul": ["_silu_and_mul_kernel"],
         "copy_pages": ["_copy_pages_kernel"],
         "copy_pages_runs": ["_copy_pages_kernel"],  # runs of pages consecutive at both ends: one span each
+        "copy_pages_slice": ["_copy_pages_kernel"],  # a TP-2 prefill rank's heads: a slice of each page row
         "gemv": ["_gemv_kernel"] * 3,  # bf16 at one row (M a constant, as Triton compiles a 1) and sixteen, fp32
         "gemv_lm_head": ["_gemv_kernel"] * 2,  # fp32 rows, bf16 weight: one row (a constant) and sixteen
         "gemv_silu_mul": ["_gemv_kernel"] * 2,  # the down projection reading the gate/up rows: 4 rows, then 1
@@ -116,7 +117,7 @@ def test_attention_runs_on_tensor_cores_and_reads_kv_in_16_byte_vectors(report: 
 
 
 def test_page_copy_and_pointwise_kernels_move_16_byte_vectors(report: dict) -> None:
-    for copy in (report["copy_pages"][0], report["copy_pages_runs"][0]):
+    for copy in (report["copy_pages"][0], report["copy_pages_runs"][0], report["copy_pages_slice"][0]):
         assert "v2.b64" in copy["ld"] and copy["st"] == ["v2.b64"]  # a destination made from an integer stored 8 bytes
     for case in ("fused_add_rmsnorm", "rmsnorm", "rotary_store_kv", "store_kv", "silu_and_mul"):
         k = report[case][0]

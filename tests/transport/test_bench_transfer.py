@@ -18,6 +18,20 @@ def test_json_mode_reports_one_object(capsys: pytest.CaptureFixture[str]) -> Non
     for key in ("backend", "bytes", "gbps", "baseline_gbps", "ratio"):
         assert key in result
     assert result["backend"] == "shm" and result["verified"] and result["bytes"] == 2 * 2 * 4 * 16 * 3 * 8 * 2
+    assert result["copy_path"] == "torch"
+
+
+def test_the_copy_path_is_chosen_and_reported() -> None:
+    import os
+
+    shape = transfer.Shape(layers=2, head_dim=8)
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the page-copy kernel, interpreted on CPU shared memory
+        r = transfer.measure("shm", 5, shape=shape, layout="scattered", repeats=1, copy="kernel")
+        assert r.verified and r.copy_path == "kernel"
+    with pytest.raises(ValueError, match=r"shm's copy path is one of \('torch', 'kernel'\), got 'put'"):
+        transfer.measure("shm", 5, shape=shape, repeats=1, copy="put")
+    with pytest.raises(ValueError, match="tcp's copy path"):
+        transfer.measure("tcp", 5, shape=shape, repeats=1, copy="kernel")
 
 
 def test_scattered_tcp_is_verified() -> None:

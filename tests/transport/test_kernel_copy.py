@@ -41,15 +41,54 @@ def test_shm_kernel_copy_is_bit_exact(receivers: list[nk.KVTransport]) -> None:
         assert not bits(pool[:, :, untouched]).any()
 
 
-def test_kernel_copy_refuses_partial_head_slices(receivers: list[nk.KVTransport]) -> None:
-    dst = make_desc(4, heads=2)
-    rx, tx = nk.create("shm"), nk.create("shm", copy="kernel")
-    receivers += [rx, tx]
-    pool = rx.allocate_pool(dst)
-    peer = tx.connect(rx.register_pool(pool, dst), make_desc(4, heads=2, tp_rank=1, tp_size=2))
-    rx.expect("p", 1, 10.0)
-    with pytest.raises(nk.TransportError, match="whole pages"):
-        tx.write(peer, "p", 0, torch.zeros(peer.local.shape, dtype=torch.bfloat16), [0], [0])
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_shm_kernel_copy_moves_each_tp_ranks_heads_into_one_decode_pool(receivers: list[nk.KVTransport],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefill at TP 2 (3 KV heads: 1 on rank 0, 2 on rank 1), decode at TP 1: each rank's heads land as a
+    slice of every token row, in one kernel launch a layer, compiled at connect (after `warm`)."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs TRITON_INTERPRET=1 on CPU")
+    import nvshmem_kv.transport as transport
+    from tests.transport.transport_workers import local_kv
+
+    warmed: list[object] = []
+    real_warm = transport.warm_kernel_copy
+
+    def warm(*args, **kwargs):  # records which copies compiled
+        warmed.append(kwargs.get("rows"))
+        return real_warm(*args, **kwargs)
+
+    monkeypatch.setattr(transport, "warm_kernel_copy", warm)
+    dst_desc = make_desc(9, layers=2, page_size=2, heads=3, head_dim=8)
+    rx = nk.create("shm")
+    receivers.append(rx)
+    pool = rx.allocate_pool(dst_desc)
+    handle = rx.register_pool(pool, dst_desc)
+    src_pages, dst_pages = [1, 2, 3, 0, 5], [6, 7, 8, 2, 0]  # a run of three and two lone pages
+    rx.expect("s", 2, 30.0)
+    for rank in (0, 1):
+        desc = make_desc(6, layers=2, page_size=2, heads=3, head_dim=8, tp_rank=rank, tp_size=2)
+        tx = nk.create("shm", copy="kernel")
+        receivers.append(tx)
+        kv = local_kv(desc, 11)
+        assert tx.warm(kv, desc) > 0
+        peer = tx.connect(handle, desc)
+        for layer in range(desc.num_layers):
+            tx.write(peer, "s", layer, kv, src_pages, dst_pages)
+        tx.signal(peer, "s", b"")
+        st = tx.stats()
+        assert st.kernel_writes == st.writes == 2
+        assert st.bytes_sent == 2 * 2 * len(src_pages) * desc.page_bytes  # K and V, two layers: its heads only
+    assert rx.wait("s", 30.0).done
+    src = global_kv(make_desc(6, layers=2, page_size=2, heads=3, head_dim=8), 11)
+    assert torch.equal(bits(pool[:, :, dst_pages]), bits(src[:, :, src_pages]))
+    assert not bits(pool[:, :, [p for p in range(9) if p not in dst_pages]]).any()
+    # whole pages at each `warm`, then one slice a rank at its connect (head 0 of 3, then heads 1-2 of 3)
+    assert [w if w is None else (w.width, w.src_start, w.dst_start) for w in warmed] == [
+        None, (8, 0, 0), None, (16, 0, 8)]
+
+
+def test_copy_paths_are_checked() -> None:
     with pytest.raises(ValueError, match="copy"):
         nk.create("shm", copy="memcpy")
 

@@ -103,7 +103,7 @@ def test_replicated_head_is_written_once(spawn_prefill: Spawn, receivers: list[n
         src = make_desc(8, heads=1, tp_rank=r, tp_size=2)
         conns.append(spawn_prefill({"backend": "shm", "local": desc_dict(src), "seed": 100 + r, "handles": [handle],
                                     "rooms": [{"room": "rep", "src": [0, 1, 2], "dst": [3, 4, 5]}]})[1])
-    assert [reply(c)[1] for c in conns] == [[1], [0]]           # head slices per peer: rank 1 has none
+    assert [reply(c)[1]["slices"] for c in conns] == [[1], [0]]           # head slices per peer: rank 1 has none
     st = rx.wait("rep", timeout_s=30.0)
     assert st.done and len(st.payloads) == 1
     expected = local_kv(make_desc(8, heads=1, tp_rank=0, tp_size=2), 100)[:, :, [0, 1, 2]]

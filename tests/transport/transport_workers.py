@@ -62,7 +62,8 @@ def run_prefill(spec: dict[str, Any], conn: Any) -> None:
 
     spec keys: backend, local (descriptor fields), seed, handles (JSON strings; absent: sent on the
     pipe after start-up), rooms (list of {room, src, dst}), device, opts (backend options),
-    die_after_layers (optional: stop mid-room and wait to be killed).
+    warm (optional: `warm` the transport first, as the handoff does), die_after_layers (optional: stop
+    mid-room and wait to be killed). Answers ("done", {"slices": per peer, "kernel_writes", "writes"}).
     """
     local = nk.PoolDescriptor(**spec["local"])
     device = spec.get("device", "cpu")
@@ -81,6 +82,8 @@ def run_prefill(spec: dict[str, Any], conn: Any) -> None:
             pool = t.allocate_pool(local, device)
             pool.copy_(kv)
             kv = pool
+        if spec.get("warm"):
+            t.warm(kv, local)
         handles = spec.get("handles")
         if handles is None:
             kind, handles = conn.recv()
@@ -105,7 +108,9 @@ def run_prefill(spec: dict[str, Any], conn: Any) -> None:
                 t.signal(p, r["room"], json.dumps(payload).encode())
         for p in peers:
             t.flush(p, timeout_s=30.0)
-        conn.send(("done", [len(p.slices) for p in peers]))
+        st = t.stats()
+        conn.send(("done", {"slices": [len(p.slices) for p in peers], "kernel_writes": st.kernel_writes,
+                            "writes": st.writes}))
         if conn.poll(60.0):
             conn.recv()
     except Exception as exc:  # report instead of dying silently
