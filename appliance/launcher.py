@@ -27,6 +27,14 @@ from appliance.topology import available_cpus, format_ids, parse_ids, split_grou
 READY_TIMEOUT_S = 300.0
 CRASH_WINDOW_S = 30.0   # a worker that exits sooner than this after its start counts as crash-looping
 MAX_BACKOFF_S = 30.0
+# A worker whose process has not answered /health for this long (SIGSTOP, a frozen host) is killed, then
+# restarted as if it had exited. NOTE: with the probe's interval and timeout (1 s each) it stays under the
+# decode side's HANDOFF_QUIET_MAX_S (10 s, appliance/serve/engine_loop.py): by then a decode pool reuses a
+# failed room's pages even if a writer never said it stopped, and a prefill frozen mid-write (before it read
+# the room's Cancel), its copies one-sided, would write into them on waking. Long enough that a worker
+# marked down for silence (3 s) and woken at once comes back as it was. An NVSHMEM PE is left alone (a job
+# cannot take a PE back).
+HUNG_KILL_S = 7.0
 
 
 @dataclass(frozen=True)
@@ -330,7 +338,10 @@ class Launcher:
         while not self.stopping:
             now = time.monotonic()
             for spec in self.specs:
-                if self.stopping or spec.proc is None or spec.proc.poll() is None:
+                if self.stopping or spec.proc is None:
+                    continue
+                if spec.proc.poll() is None:
+                    self._kill_if_frozen(spec, now)
                     continue
                 due = spec.extra.get("restart_at")
                 if due is None and spec.extra.get("nvshmem_pe"):
@@ -361,6 +372,19 @@ class Launcher:
                     del spec.extra["restart_at"]
                     self.start(spec)
             await asyncio.sleep(0.3)
+
+    def _kill_if_frozen(self, spec: WorkerSpec, now: float) -> None:
+        """SIGKILL ``spec``'s process when it has answered nothing to /health for ``HUNG_KILL_S`` since it was
+        last heard (a process not heard since its start is loading, not frozen); `supervise` restarts it."""
+        w = self.router.pool.workers.get(spec.name) if self.router else None
+        if w is None or w.healthy or spec.extra.get("nvshmem_pe") or spec.proc is None:
+            return
+        heard = max(w.last_heard, w.last_seen)
+        if heard <= spec.extra.get("started_at", now) or now - heard < HUNG_KILL_S:
+            return
+        self.say(f"worker {spec.name} (pid {spec.proc.pid}) has answered nothing for {now - heard:.0f} s: killing "
+                 "it (a frozen prefill could wake and write KV pages decode has given to other requests)")
+        spec.proc.kill()
 
     async def serve(self, ready: asyncio.Event | None = None, stop: asyncio.Event | None = None) -> None:
         from aiohttp import web

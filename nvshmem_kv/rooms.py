@@ -10,7 +10,8 @@ gone): one-sided writes may still be landing in its pages until then; `release` 
 the transport tells to stop (`Cancel`) and close the room. Limits: a lost connection counts as a writer
 that stopped (a live sender whose socket dropped may still have copies queued: the receiver's grace
 covers them); a room whose writer never answers drains until the bound on draining rooms evicts it (the
-decode side frees the pages at its own cap).
+decode side frees the pages at its own cap; `pdbox up` kills a frozen worker before that cap, see
+`HUNG_KILL_S` in appliance/launcher.py).
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ log = logging.getLogger("pdbox.engine")
 # A failed room's pages are reused once every sender the pool accepted said it stopped (its signal or
 # `abandon`, behind its copies) or is gone, and at least HANDOFF_GRACE_S after the failure (copies a sender
 # queued before its connection dropped); at the latest after HANDOFF_QUIET_MAX_S (a sender whose word never
-# comes, its connection still open: a hung process).
+# comes, its connection still open: a hung process, which `pdbox up` kills before then: HUNG_KILL_S in
+# appliance/launcher.py).
 HANDOFF_GRACE_S = 1.0
 HANDOFF_QUIET_MAX_S = 10.0
 

@@ -27,7 +27,8 @@ class WorkerHandle:
     inflight: int = 0
     prefill_tokens: int = 0  # prompt tokens sent to prefill here whose first token has not come back
     load: LoadReport = NO_REPORT  # its last /load report
-    last_seen: float = 0.0
+    last_seen: float = 0.0   # its last 200 to /health (time.monotonic)
+    last_heard: float = 0.0  # its last answer of any kind to /health: a frozen process (SIGSTOP) gives none
     restarts: int = 0
 
     @property

@@ -17,7 +17,8 @@ the prefill leg is open and its worker healthy (a queued prompt may wait longer 
 up to ``MAX_LEASE_S``; after it, decode fails the room and the router fails the request and cancels
 the prefill leg; a worker that stops answering ``/health`` for
 ``unhealthy_after_s`` (SIGSTOP, a hung host) is marked down and every request it holds fails at
-once; a worker stream that is silent for ``stream_idle_s`` after the first token fails; no request
+once (under ``pdbox up``, one silent for ``HUNG_KILL_S`` is then killed and restarted); a worker
+stream that is silent for ``stream_idle_s`` after the first token fails; no request
 lives past ``request_timeout_s``; a streaming client that accepts no bytes for ``client_stall_s``
 is dropped like one that disconnected (its request is aborted on every engine). A failure
 before the first byte is an HTTP error (502/503); after it, an SSE ``error`` event followed by ``[DONE]``.

@@ -90,6 +90,7 @@ class WorkerPool:
             async with self.session.get(w.url + "/health",
                                         timeout=aiohttp.ClientTimeout(total=self.cfg.probe_timeout_s)) as resp:
                 alive = resp.status == 200
+                w.last_heard = time.monotonic()
                 if resp.status == 503:
                     broken = error_message(await resp.read())
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError):

@@ -161,6 +161,44 @@ def test_hung_prefill_fails_the_request_within_the_deadline(faulty: Appliance) -
     check_served(faulty)
 
 
+def _gone(pid: int) -> bool:
+    """The process has exited (reaped, or a zombie awaiting its parent's wait)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_frozen_prefill_is_killed_before_decode_reuses_the_pages_it_was_writing(faulty: Appliance) -> None:
+    """A prefill frozen mid-handoff (SIGSTOP held) is killed by the launcher within HUNG_KILL_S of its last
+    answer, so it cannot wake and write a failed room's pages after decode gave them to another request
+    (HANDOFF_QUIET_MAX_S after the failure); it is restarted and serves again."""
+    from appliance.launcher import HUNG_KILL_S
+    from appliance.serve.engine_loop import HANDOFF_QUIET_MAX_S
+
+    assert HUNG_KILL_S + 2.0 < HANDOFF_QUIET_MAX_S  # the probe's interval and timeout, 1 s each
+    p = faulty.worker("prefill")
+    victim = stream_in_thread(faulty, {"prompt": long_prompt(1200), "max_tokens": 4})
+    wait_until(lambda: decode_reserved(faulty), 10, what="decode's reservation")
+    os.kill(p["pid"], signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        how, at = victim(30)
+        assert how.startswith(("http 502", "error:")), how
+        wait_until(lambda: _gone(p["pid"]), HUNG_KILL_S + 5, 0.1, what="the launcher's kill of the frozen prefill")
+        killed_after = time.monotonic() - t0
+    finally:
+        if not _gone(p["pid"]):
+            os.kill(p["pid"], signal.SIGCONT)
+    fault("SIGSTOP prefill, held", at - t0)
+    assert HUNG_KILL_S - 1.5 < killed_after < HANDOFF_QUIET_MAX_S, killed_after
+    ws = wait_healthy(faulty, 90, restarts={p["name"]: p["restarts"] + 1})
+    assert next(w for w in ws if w["name"] == p["name"])["pid"] != p["pid"]
+    wait_pools_idle(faulty)
+    check_served(faulty)
+
+
 def loads_of(app: Appliance, role: str) -> dict:
     return get_json(app.worker(role)["url"] + "/load")
 
