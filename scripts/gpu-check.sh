@@ -124,7 +124,7 @@ if ((DRY_RUN)); then
     echo "  serve-cuda_ipc  PDBOX_TRITON_AUTOTUNE=0 $PY scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport cuda_ipc"
     echo "  ttft-8k         $PY scripts/ttft_check.py --prompt-tokens 8192 (unified vs disagg TTFT, cuda_ipc)"
     echo "  serve-nvshmem   PDBOX_TRITON_AUTOTUNE=0 $PY scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport nvshmem"
-    echo "  transfer-nvshmem   $PY -m bench.transfer --backend nvshmem --pages 512 --pages 2048 --layout contiguous"
+    echo "  transfer-nvshmem   $PY -m bench.transfer --backend nvshmem --pages 2048 --layout both"
     echo "  serve-cross-gpu (2+ GPUs)  scripts/serve_check.py --prefill-gpus 0 --decode-gpus 1 --transport cuda_ipc"
     echo "  serve-tp2-nccl  (2+ GPUs)  scripts/serve_check.py --prefill-gpus 0-1 --prefill-tp 2 --decode-gpus 1 --transport cuda_ipc"
     list_wheels
@@ -232,7 +232,8 @@ run_step ttft-8k 100 "$PY" scripts/ttft_check.py --prompt-tokens 8192 --out "$OU
     --log-dir "$OUT_DIR/ttft-8k-logs"
 run_step serve-nvshmem 90 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 \
     --transport nvshmem --out "$OUT_DIR/serve-nvshmem.json" --log-dir "$OUT_DIR/serve-nvshmem-logs"
-run_step transfer-nvshmem 60 "$PY" -m bench.transfer --backend nvshmem --pages 512 --pages 2048 --layout contiguous \
+# 32K tokens on contiguous and on scattered pages (the page-copy kernel's case: puts cost a call a page)
+run_step transfer-nvshmem 60 "$PY" -m bench.transfer --backend nvshmem --pages 2048 --layout both \
     --out "$OUT_DIR/transfer-nvshmem.json"
 
 if ((NGPU >= 2)); then
