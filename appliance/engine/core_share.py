@@ -10,17 +10,24 @@ for at most one layer, then has it back.
 
 The partner's cores are used only while it has nothing to run, so each engine's own work never waits
 on the other's; greedy answers may differ in near ties between a step at one thread and at two (the
-GEMMs split their sums differently), as between any two thread counts.
+GEMMs split their sums differently), as between any two thread counts. With a `ForeignLoad` (a worker's
+engine has one), cores that work outside pdbox keeps busy stay out of the team where a free one can
+stand in (`appliance.engine.foreign_load`).
 """
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from appliance.engine.foreign_load import ForeignLoad, plan_team
+
+log = logging.getLogger("pdbox.engine")
 
 
 @dataclass(frozen=True)
@@ -61,10 +68,11 @@ def mark_idle(path: Path, slot: int) -> None:
 class SharedCores:
     """One engine's side: publish busy or idle, size the OpenMP team to what is free.
 
-    Called only from the engine thread (the thread whose OpenMP team does the engine's work).
+    Called only from the engine thread (the thread whose OpenMP team does the engine's work). ``foreign``:
+    measure the cores for other work and keep the team off busy ones (None: the cores are taken as free).
     """
 
-    def __init__(self, share: CoreShare) -> None:
+    def __init__(self, share: CoreShare, foreign: ForeignLoad | None = None) -> None:
         import torch
 
         from kernels.cpu.team import native, pin_team
@@ -84,6 +92,8 @@ class SharedCores:
         self.home_threads = len(share.home)
         self.all_threads = len(share.home) + len(share.lent)
         self.threads = self.home_threads
+        self.team: tuple[tuple[int, ...], tuple[int, ...]] = (share.home, ())  # (shared cores, one a thread)
+        self.foreign = foreign
         torch.set_num_threads(self.threads)
         self._busy = False
         self._board[share.slot] = 0
@@ -93,7 +103,8 @@ class SharedCores:
 
     @property
     def borrowing(self) -> bool:
-        return self.threads > self.home_threads
+        """The team runs on a partner core (beside its own, or instead of its own busy ones)."""
+        return any(c in self.share.lent for cores in self.team for c in cores)
 
     def borrowed_seconds(self) -> float:
         """Seconds run with the partner's cores so far (the stretch under way included)."""
@@ -105,25 +116,39 @@ class SharedCores:
             self._board[self.share.slot] = 1 if busy else 0
             self._busy = busy
             if not busy:
-                self.fit_to(self.home_threads)
+                self.fit_to(self.share.home, ())
+                if self.foreign is not None:  # idle, the partner may borrow this engine's cores: no reading
+                    self.foreign.reset()
 
     def fit(self, _layer: int = -1) -> None:
-        """Before a step and after each layer: borrow the partner's cores if it is idle, else give them back."""
-        self.fit_to(self.home_threads if self._board[self.share.partner] else self.all_threads)
-
-    def fit_to(self, threads: int) -> None:
-        if threads == self.threads:
+        """Before a step and after each layer: borrow the partner's cores if it is idle, else give them back
+        (with a `ForeignLoad`, leaving out the cores other work keeps busy)."""
+        idle = not self._board[self.share.partner]
+        f = self.foreign
+        if f is None:
+            self.fit_to(self.share.home, self.share.lent if idle else ())
             return
-        now = time.perf_counter()
-        if threads > self.home_threads:
-            # libgomp may have let the extra threads go while the team was small: pin afresh each time
-            self._pin(self.share.home, self.share.lent)
+        if f.observe(self.team[0] + self.team[1], idle) and not f.probe:
+            log.info("cores that other work keeps busy: %s", ", ".join(f"cpu {c}" for c in sorted(f.busy)) or "none")
+        self.fit_to(*plan_team(self.share.home, self.share.lent, idle, f.busy, f.probe))
+
+    def fit_to(self, shared: tuple[int, ...], own: tuple[int, ...]) -> None:
+        """Run the team with its first threads on ``shared`` and one more thread on each of ``own``."""
+        if (shared, own) == self.team:
+            return
+        now, was = time.perf_counter(), self.borrowing
+        threads = len(shared) + len(own)
+        # libgomp may have let the extra threads go while the team was small: pin afresh each time; back to
+        # its own cores alone, only where the first threads had moved (onto a partner's core)
+        if (shared, own) != (self.share.home, ()) or self.team[0] != shared:
+            self._pin(shared, own)
+        self._torch.set_num_threads(threads)
+        self.team, self.threads = (shared, own), threads
+        if self.borrowing and not was:
             self.borrows += 1
             self._since = now
-        else:
+        elif was and not self.borrowing:
             self.borrowed_s += now - self._since
-        self._torch.set_num_threads(threads)
-        self.threads = threads
 
     def layer_hook(self, hook: Callable[[int], None] | None) -> Callable[[int], None]:
         """``hook`` (a handoff's, or none), then :meth:`fit`, after every layer."""

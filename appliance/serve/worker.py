@@ -109,9 +109,10 @@ class Worker:
             self.engine.calibrate()  # adaptive mode's cost model: this device's prefill rate and step time
         if cfg.cores is not None:
             from appliance.engine.core_share import SharedCores
+            from appliance.engine.foreign_load import ForeignLoad
 
-            try:
-                self.engine.cores = SharedCores(cfg.cores)
+            try:  # cores other work keeps busy stay out of the team where a free one can stand in
+                self.engine.cores = SharedCores(cfg.cores, ForeignLoad(cfg.cores.home, cfg.cores.lent))
             except (RuntimeError, OSError, ValueError) as exc:  # e.g. no C compiler: serve on its own cores
                 log.warning("worker %s: core sharing is off: %s", cfg.name, exc)
 

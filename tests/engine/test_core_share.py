@@ -99,3 +99,52 @@ def test_a_worker_that_cannot_share_serves_on_its_own_cores(tiny_model, tmp_path
     assert w.engine.cores is None
     assert "core sharing is off" in caplog.text and "no-board" in caplog.text
     w.engine.shutdown()
+
+
+@needs_two
+def test_a_team_leaves_cores_other_work_keeps_busy(tmp_path, caplog) -> None:
+    """With a `ForeignLoad` (fed a fake /proc/stat): the engine's own core busy with other work, the team
+    runs on the idle partner's core instead; back home (its thread re-pinned) when the partner wakes."""
+    from appliance.engine.foreign_load import ForeignLoad
+
+    board = tmp_path / "cores.board"
+    make_board(board, 2)
+    home, lent = CORES[0], CORES[1]
+    stat = tmp_path / "stat"
+    clock = {"now": 0.0, "cpu": 0.0}
+
+    def write(busy_home: int) -> None:  # jiffies (100 a second): the home core busy that many, the partner's idle
+        stat.write_text(f"cpu{home} {busy_home} 0 0 1000 0 0 0 0\ncpu{lent} 0 0 0 {1000 + busy_home} 0 0 0 0\n")
+
+    def run():
+        foreign = ForeignLoad((home,), (lent,), stat, clock=lambda: clock["now"], cpu_time=lambda: clock["cpu"])
+        cores = SharedCores(CoreShare(str(board), 0, 1, (home,), (lent,)), foreign)
+        cores.set_busy(True)
+        write(0)
+        cores.fit()  # borrows the idle partner's core; the interval starts
+        seen = [cores.team]
+        with open(board, "r+b") as f:  # the partner wakes: measure this engine's core alone
+            f.seek(1)
+            f.write(b"\x01")
+        cores.fit()  # gives the partner's core back
+        cores.fit()  # a reading starts on the team as it now is (each change of team starts one afresh)
+        clock["now"], clock["cpu"] = 0.5, 0.1
+        write(50)  # its core was busy the whole 0.5 s (50 jiffies of 100 a second), this engine ran 0.1 s
+        cores.fit()
+        with open(board, "r+b") as f:  # the partner idles again: the team moves onto its core
+            f.seek(1)
+            f.write(b"\x00")
+        cores.fit()
+        seen += [foreign.busy, cores.team, team_cores(1), cores.borrowing]
+        with open(board, "r+b") as f:
+            f.seek(1)
+            f.write(b"\x01")
+        cores.fit()
+        seen += [cores.team, team_cores(1)]
+        cores.close()
+        return seen
+
+    with caplog.at_level("INFO", logger="pdbox.engine"):
+        seen = on_thread(run)
+    assert seen == [((home,), (lent,)), {home}, ((lent,), ()), [(lent,)], True, ((home,), ()), [(home,)]]
+    assert f"other work keeps busy: cpu {home}" in caplog.text
