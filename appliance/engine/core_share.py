@@ -118,7 +118,7 @@ class SharedCores:
             if not busy:
                 self.fit_to(self.share.home, ())
                 if self.foreign is not None:  # idle, the partner may borrow this engine's cores: no reading
-                    self.foreign.reset()
+                    self._said(self.foreign.pause())
 
     def fit(self, _layer: int = -1) -> None:
         """Before a step and after each layer: borrow the partner's cores if it is idle, else give them back
@@ -128,9 +128,16 @@ class SharedCores:
         if f is None:
             self.fit_to(self.share.home, self.share.lent if idle else ())
             return
-        if f.observe(self.team[0] + self.team[1], idle) and not f.probe:
+        self._said(f.observe(self.team[0] + self.team[1], idle))
+        team = plan_team(self.share.home, self.share.lent, idle, f.busy, f.probe)
+        if team != self.team:
+            self._said(f.switch(team[0] + team[1], idle))
+            self.fit_to(*team)
+
+    def _said(self, changed: bool) -> None:
+        f = self.foreign
+        if changed and f is not None and not f.probe:
             log.info("cores that other work keeps busy: %s", ", ".join(f"cpu {c}" for c in sorted(f.busy)) or "none")
-        self.fit_to(*plan_team(self.share.home, self.share.lent, idle, f.busy, f.probe))
 
     def fit_to(self, shared: tuple[int, ...], own: tuple[int, ...]) -> None:
         """Run the team with its first threads on ``shared`` and one more thread on each of ``own``."""

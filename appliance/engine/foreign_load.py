@@ -1,22 +1,25 @@
 """Which of an engine's cores other work keeps busy, measured while it runs, and the team it should use.
 
 A CPU engine's OpenMP team waits for its slowest thread at every parallel region, so a team with a thread
-on a core that work outside pdbox keeps busy runs at that thread's pace: a busy loop on one core of a
-2-core node made a lone chat's TTFT and TPOT 2.8x slower under `pdbox up` (auto), whichever core it was
-on (`docs/bench/foreign-load/`). An engine sharing cores with a partner (`core_share`) therefore keeps
+on a core that work outside pdbox keeps busy runs at that thread's pace: a process spinning on one core of
+a 2-core node made a lone chat's TTFT and TPOT about 2x slower under `pdbox up` (auto), whichever core it
+was on (`docs/bench/foreign-load/`). An engine sharing cores with a partner (`core_share`) therefore keeps
 its team off such cores: it does not borrow a busy partner core, and when its own core is busy and the
 partner is idle it moves its team onto the partner's core until either changes.
 
-Measuring: `/proc/stat` gives each core's busy time, which includes this engine's own threads. Over an
-interval in which the team's cores stay the same, this process's CPU time (`time.process_time`) ran on
-them, so other work took the team's busy time less that; a core outside the team is all other work (a
-partner core only while the partner stays idle). A team over several cores with other work among them
-cannot say which core: the engine then runs one interval without the partner's cores (`probe`), which
-measures those from outside.
+Measuring: `/proc/stat` gives each core's busy time, which includes this engine's own threads. While the
+team's cores stay the same, this process's CPU time (`time.process_time`) ran on them, so other work took
+the team's busy time less that; a core outside the team is all other work (a partner core only while the
+partner stays idle). Readings are taken while the engine works: at most every ``read_every_s``, when the
+team changes, and when the engine goes idle (its partner may then borrow its cores, which would read as
+other work); a core is judged once ``interval_s`` of readings add up, however short each working stretch
+(a short prompt's prefill). A team over several cores with other work among them cannot say which core:
+the engine then works without the partner's cores until those are judged from outside (`probe`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -24,9 +27,10 @@ from pathlib import Path
 
 from appliance.cpu_load import Times, parse_stat
 
-BUSY = 0.5          # a core is flagged when other work took at least this share of an interval
-IDLE = 0.2          # and cleared below this share
-INTERVAL_S = 0.25   # the shortest interval measured
+BUSY = 0.4          # other work took at least this share of a core: flagged (a spinning process sharing
+IDLE = 0.15         # the core with one engine thread takes half); cleared below this share
+INTERVAL_S = 0.25   # a core is judged over at least this much time
+READ_EVERY_S = 0.05
 
 
 def plan_team(home: Sequence[int], lent: Sequence[int], partner_idle: bool, busy: set[int],
@@ -44,93 +48,100 @@ def plan_team(home: Sequence[int], lent: Sequence[int], partner_idle: bool, busy
 
 
 @dataclass
-class _Interval:
+class _Stretch:
+    """Since the last reading: the team then, the reading, this process's CPU seconds, the partner."""
+
     team: tuple[int, ...]
-    start: float
     stat: Times
     cpu_s: float
-    partner_stayed_idle: bool = True
+    partner_stayed_idle: bool
 
 
 @dataclass
 class ForeignLoad:
-    """Flags the cores of ``home`` and ``lent`` that other work keeps busy (`busy`), from intervals of
-    at least ``interval_s`` between `observe` calls made with an unchanged team."""
+    """Flags the cores of ``home`` and ``lent`` that other work keeps busy (`busy`). The engine calls
+    `observe` before each step and after each layer, `switch` when its team changes, `pause` when it goes
+    idle; each returns True when the flags (or `probe`) changed."""
 
     home: tuple[int, ...]
     lent: tuple[int, ...]
     stat: Path = Path("/proc/stat")
     clock: Callable[[], float] = time.monotonic
     cpu_time: Callable[[], float] = time.process_time
+    hz: float = float(os.sysconf("SC_CLK_TCK"))  # /proc/stat's unit, jiffies a second
     interval_s: float = INTERVAL_S
+    read_every_s: float = READ_EVERY_S
     busy: set[int] = field(default_factory=set)
-    probe: bool = False     # the team's cores hold other work it cannot place: leave the partner's out once
-    _iv: _Interval | None = None
-
-    def reset(self) -> None:
-        """End the interval without a reading (the engine went idle: its partner may borrow its cores)."""
-        self._iv = None
+    probe: bool = False     # the team's cores hold other work it cannot place: the partner's left out
+    _open: _Stretch | None = None
+    _last_read: float = float("-inf")
+    _acc: dict[int | tuple[int, ...], list[float]] = field(default_factory=dict)  # other, all (jiffies)
 
     def observe(self, team: tuple[int, ...], partner_idle: bool) -> bool:
-        """Called with the team's cores before each step and after each layer; returns True when the
-        flags (or `probe`) changed, so the caller plans its team again."""
-        now = self.clock()
-        iv = self._iv
-        if iv is None or iv.team != team:
-            self._start(team, now)
-            return False
-        iv.partner_stayed_idle &= partner_idle
-        if now - iv.start < self.interval_s:
-            return False
-        try:
-            after = parse_stat(self.stat.read_text())
-        except (OSError, ValueError):
-            self._iv = None
-            return False
-        cpu_s = self.cpu_time()
-        before = (frozenset(self.busy), self.probe)
-        self._judge(iv, after, (cpu_s - iv.cpu_s) / (now - iv.start))
-        self._iv = _Interval(team, now, after, cpu_s, partner_idle)
-        return before != (frozenset(self.busy), self.probe)
+        s = self._open
+        if s is not None and s.team == team:
+            s.partner_stayed_idle &= partner_idle
+            if self.clock() - self._last_read < self.read_every_s:
+                return False
+        return self._read(team, partner_idle)
 
-    def _start(self, team: tuple[int, ...], now: float) -> None:
+    def switch(self, team: tuple[int, ...], partner_idle: bool) -> bool:
+        """The team moves to ``team`` now: what ran until now ran on the old one."""
+        return self._read(team, partner_idle)
+
+    def pause(self) -> bool:
+        """The engine goes idle: read what it ran, and nothing until it works again."""
+        return self._read(None, True) if self._open is not None else False
+
+    def _read(self, team: tuple[int, ...] | None, partner_idle: bool) -> bool:
         try:
             stat = parse_stat(self.stat.read_text())
         except (OSError, ValueError):
-            self._iv = None
-            return
-        self._iv = _Interval(team, now, stat, self.cpu_time())
+            self._open = None
+            return False
+        cpu_s, before = self.cpu_time(), (frozenset(self.busy), self.probe)
+        self._last_read = self.clock()
+        if self._open is not None:
+            self._add(self._open, stat, cpu_s)
+            self._judge()
+        self._open = None if team is None else _Stretch(team, stat, cpu_s, partner_idle)
+        return before != (frozenset(self.busy), self.probe)
 
-    def _judge(self, iv: _Interval, after: Times, own_cores: float) -> None:
-        def share(c: int) -> float | None:
-            if c not in iv.stat or c not in after or after[c][1] <= iv.stat[c][1]:
+    def _add(self, s: _Stretch, after: Times, cpu_s: float) -> None:
+        def delta(c: int) -> tuple[float, float] | None:
+            if c not in s.stat or c not in after:
                 return None
-            return (after[c][0] - iv.stat[c][0]) / (after[c][1] - iv.stat[c][1])
+            return after[c][0] - s.stat[c][0], after[c][1] - s.stat[c][1]
 
         for c in (*self.home, *self.lent):
-            if c in iv.team or (c in self.lent and not iv.partner_stayed_idle):
-                continue  # the team's cores are judged together below; an awake partner's core is its own
-            s = share(c)
-            if s is not None:
-                self._flag(c, s)
-        shares = [share(c) for c in iv.team]
-        if None in shares:
+            d = delta(c)
+            if d is None or c in s.team or (c in self.lent and not s.partner_stayed_idle):
+                continue  # the team's cores are read together below; an awake partner's core is its own
+            self._acc.setdefault(c, [0.0, 0.0])
+            self._acc[c][0] += d[0]
+            self._acc[c][1] += d[1]
+        ds = [delta(c) for c in s.team]
+        if any(d is None for d in ds) or not ds:
             return
-        other = sum(s for s in shares if s is not None) - own_cores  # in cores
-        if len(iv.team) == 1:
-            self._flag(iv.team[0], other)
-            self.probe = False
-        elif other < IDLE:
-            for c in iv.team:
-                self._flag(c, 0.0)
-            self.probe = False
-        elif other >= BUSY and any(c in self.lent for c in iv.team):
-            self.probe = True  # somewhere among them: measure the partner's cores from outside next
-        else:
-            self.probe = False
+        key: int | tuple[int, ...] = s.team[0] if len(s.team) == 1 else s.team
+        acc = self._acc.setdefault(key, [0.0, 0.0])
+        acc[0] += sum(d[0] for d in ds if d) - (cpu_s - s.cpu_s) * self.hz  # other work, in core-jiffies
+        acc[1] += sum(d[1] for d in ds if d) / len(ds)
 
-    def _flag(self, core: int, share: float) -> None:
-        if share >= BUSY:
-            self.busy.add(core)
-        elif share < IDLE:
-            self.busy.discard(core)
+    def _judge(self) -> None:
+        for key, (other, total) in list(self._acc.items()):
+            if total < self.interval_s * self.hz:
+                continue
+            del self._acc[key]
+            share = other / total
+            if isinstance(key, int):
+                if share >= BUSY:
+                    self.busy.add(key)
+                elif share < IDLE:
+                    self.busy.discard(key)
+                if key in self.lent:
+                    self.probe = False  # the partner's core was read from outside
+            elif share < IDLE:
+                self.busy.difference_update(key)
+            elif share >= BUSY and any(c in self.lent for c in key):
+                self.probe = True

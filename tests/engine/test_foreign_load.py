@@ -48,21 +48,37 @@ class Box:
         self.write()
 
     def load(self) -> ForeignLoad:
-        return ForeignLoad((0,), (1,), self.path, clock=lambda: self.now, cpu_time=lambda: self.own_cpu)
+        return ForeignLoad((0,), (1,), self.path, clock=lambda: self.now, cpu_time=lambda: self.own_cpu, hz=100.0)
 
 
 def test_a_busy_partner_core_is_flagged_and_cleared(tmp_path) -> None:
     box = Box(tmp_path)
     f = box.load()
-    assert f.observe((0,), True) is False  # the first call starts an interval
+    assert f.observe((0,), True) is False  # the first call opens a stretch
+    box.run(0.03, {0: 1.0, 1: 0.9}, own=1.0)
+    assert f.observe((0,), True) is False and f.busy == set()  # read at most every 50 ms
     box.run(0.1, {0: 1.0, 1: 0.9}, own=1.0)
-    assert f.observe((0,), True) is False and f.busy == set()  # too short to judge
+    assert f.observe((0,), True) is False and f.busy == set()  # read, but 0.13 s is too short to judge
     box.run(0.2, {0: 1.0, 1: 0.9}, own=1.0)
     assert f.observe((0,), True) is True and f.busy == {1}  # core 0 was this engine; core 1 someone else
     box.run(0.3, {0: 1.0, 1: 0.3}, own=1.0)
     assert f.observe((0,), True) is False and f.busy == {1}  # between the thresholds: unchanged
     box.run(0.3, {0: 1.0, 1: 0.05}, own=1.0)
     assert f.observe((0,), True) is True and f.busy == set()
+
+
+def test_short_working_stretches_add_up(tmp_path) -> None:
+    """A short prompt's prefill works 0.1 s, then idles while its partner (decode) borrows its core: the
+    idle time is never read, the working stretches add up to a judgement."""
+    box = Box(tmp_path)
+    f = box.load()
+    changes = []
+    for _ in range(3):
+        f.observe((0,), True)
+        box.run(0.1, {0: 1.0, 1: 1.0}, own=1.0)
+        changes.append(f.pause())
+        box.run(1.0, {0: 1.0, 1: 0.0}, own=0.0)  # idle: the partner runs on this engine's core, not its own
+    assert changes == [False, False, True] and f.busy == {1}  # judged once 0.3 s were read
 
 
 def test_an_awake_partners_core_is_not_read_as_other_work(tmp_path) -> None:
@@ -77,10 +93,10 @@ def test_own_core_busy_with_other_work_is_flagged(tmp_path) -> None:
     box = Box(tmp_path)
     f = box.load()
     f.observe((0,), False)
-    box.run(0.3, {0: 1.0, 1: 0.0}, own=0.45)  # this engine got under half of its core
+    box.run(0.3, {0: 1.0, 1: 0.0}, own=0.5)  # this engine got half of its core: a spinning process the rest
     assert f.observe((0,), False) is True and f.busy == {0}
     assert plan_team((0,), (1,), True, f.busy) == ((1,), ())
-    f.observe((1,), True)  # the team moved onto the partner's core: a new interval; core 0 read from outside
+    f.switch((1,), True)  # the team moves onto the partner's core; core 0 is read from outside
     box.run(0.3, {0: 0.0, 1: 1.0}, own=1.0)
     assert f.observe((1,), True) is True and f.busy == set()  # the other work is gone: home again
 
@@ -91,16 +107,14 @@ def test_a_team_over_both_cores_probes_without_the_partners(tmp_path) -> None:
     f.observe((0, 1), True)
     box.run(0.3, {0: 1.0, 1: 1.0}, own=1.1)  # two cores busy, this engine used 1.1 of them: which one?
     assert f.observe((0, 1), True) is True and f.probe and f.busy == set()
-    shared, own = plan_team((0,), (1,), True, f.busy, f.probe)
-    assert (shared, own) == ((0,), ())
-    f.observe(shared + own, True)
+    team = plan_team((0,), (1,), True, f.busy, f.probe)
+    assert team == ((0,), ())
+    f.switch((0,), True)
     box.run(0.3, {0: 1.0, 1: 1.0}, own=1.0)  # from outside: core 1 is someone else's
     assert f.observe((0,), True) is True and f.busy == {1} and not f.probe
-    f.observe((0,), True)
     box.run(0.3, {0: 1.0, 1: 0.0}, own=1.0)
-    f.observe((0,), True)
-    assert plan_team((0,), (1,), True, f.busy, f.probe) == ((0,), (1,))  # free again: borrowed
-    f.observe((0, 1), True)
+    assert f.observe((0,), True) is True and plan_team((0,), (1,), True, f.busy, f.probe) == ((0,), (1,))
+    f.switch((0, 1), True)  # free again: borrowed
     box.run(0.3, {0: 1.0, 1: 1.0}, own=1.9)  # both cores this engine's: nothing to flag
     assert f.observe((0, 1), True) is False and f.busy == set() and not f.probe
 
@@ -115,13 +129,4 @@ def test_an_unreadable_stat_flags_nothing(tmp_path, broken) -> None:
         box.path.unlink()
     else:
         box.path.write_text("cpu1 x y\n")
-    assert f.observe((0,), True) is False and f.busy == set()
-
-
-def test_going_idle_ends_the_interval_unread(tmp_path) -> None:
-    box = Box(tmp_path)
-    f = box.load()
-    f.observe((0,), True)
-    box.run(0.3, {0: 1.0}, own=0.0)  # idle: the partner borrowed this engine's core meanwhile
-    f.reset()
     assert f.observe((0,), True) is False and f.busy == set()
