@@ -18,15 +18,16 @@ SAMPLE_S = 0.3
 Times = dict[int, tuple[int, int]]  # cpu -> (busy jiffies, all jiffies)
 
 
-def parse_stat(text: str) -> Times:
-    """Each ``cpuN`` line of ``/proc/stat`` as (busy, all) jiffies; busy is all but idle and iowait."""
+def parse_stat(text: str, steal_busy: bool = True) -> Times:
+    """Each ``cpuN`` line of ``/proc/stat`` as (busy, all) jiffies; busy is all but idle and iowait, and
+    but steal (time the hypervisor ran something else) unless ``steal_busy``."""
     out: Times = {}
     for line in text.splitlines():
         name, *fields = line.split() or [""]
         if not name.startswith("cpu") or name == "cpu" or not fields:
             continue
         ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
-        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+        idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0) + (ticks[7] if len(ticks) > 7 and not steal_busy else 0)
         out[int(name[3:])] = (sum(ticks) - idle, sum(ticks))
     return out
 

@@ -7,7 +7,8 @@ was on (`docs/bench/foreign-load/`). An engine sharing cores with a partner (`co
 its team off such cores: it does not borrow a busy partner core, and when its own core is busy and the
 partner is idle it moves its team onto the partner's core until either changes.
 
-Measuring: `/proc/stat` gives each core's busy time, which includes this engine's own threads. While the
+Measuring: `/proc/stat` gives each core's busy time (steal left out: a hypervisor's other guests slow every
+core alike, and leaving a core would not help), which includes this engine's own threads. While the
 team's cores stay the same, this process's CPU time (`time.process_time`) ran on them, so other work took
 the team's busy time less that; a core outside the team is all other work (a partner core only while the
 partner stays idle). Readings are taken while the engine works: at most every ``read_every_s``, when the
@@ -95,7 +96,7 @@ class ForeignLoad:
 
     def _read(self, team: tuple[int, ...] | None, partner_idle: bool) -> bool:
         try:
-            stat = parse_stat(self.stat.read_text())
+            stat = parse_stat(self.stat.read_text(), steal_busy=False)
         except (OSError, ValueError):
             self._open = None
             return False

@@ -214,10 +214,13 @@ class WorkerMetrics:
         r.total("pdbox_preemptions_total", "Requests preempted (recompute)").set_total(s.num_preemptions)
         r.gauge("pdbox_uptime_seconds", "Seconds since the process started").set(time.time() - w.started)
         if e.cores is not None:
-            r.total("pdbox_borrowed_core_seconds_total", "Seconds this engine ran on its partner's cores too "
-                    "(the partner had no work)").set_total(e.cores.borrowed_seconds())
+            r.total("pdbox_borrowed_core_seconds_total", "Seconds this engine ran on its partner's cores (the "
+                    "partner had no work)").set_total(e.cores.borrowed_seconds())
             r.total("pdbox_core_borrows_total", "Times this engine's threads spread onto its partner's cores"
                     ).set_total(e.cores.borrows)
+            if e.cores.foreign is not None:
+                r.gauge("pdbox_cores_busy_elsewhere", "This engine's and its partner's cores that work outside "
+                        "pdbox keeps busy (its team keeps off them)").set(len(e.cores.foreign.busy))
         if w.transport is not None:
             self._refresh_transfer(now)
 

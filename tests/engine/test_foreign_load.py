@@ -130,3 +130,16 @@ def test_an_unreadable_stat_flags_nothing(tmp_path, broken) -> None:
     else:
         box.path.write_text("cpu1 x y\n")
     assert f.observe((0,), True) is False and f.busy == set()
+
+
+def test_steal_is_not_other_work(tmp_path) -> None:
+    """A hypervisor running other guests (steal) slows every core alike: no core is left for it."""
+    path = tmp_path / "stat"
+    now = {"t": 0.0}
+    f = ForeignLoad((0,), (1,), path, clock=lambda: now["t"], cpu_time=lambda: now["t"], hz=100.0)
+    path.write_text("cpu0 0 0 0 0 0 0 0 0\ncpu1 0 0 0 0 0 0 0 0\n")
+    f.observe((0,), True)
+    now["t"] = 0.5
+    path.write_text("cpu0 50 0 0 0 0 0 0 0\ncpu1 0 0 0 25 0 0 0 25\n")  # cpu 1: half idle, half stolen
+    f.observe((0,), True)
+    assert f.busy == set()
