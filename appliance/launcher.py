@@ -330,8 +330,9 @@ class Launcher:
         return router
 
     async def supervise(self, stop: asyncio.Event | None = None) -> None:
-        """Restart workers that exit. One that keeps dying within ``CRASH_WINDOW_S`` of its start waits
-        1, 2, 4 … (at most ``MAX_BACKOFF_S``) seconds before the next start, instead of spinning.
+        """Restart workers that exit, and kill (to restart) those frozen for ``HUNG_KILL_S``. One that keeps
+        dying within ``CRASH_WINDOW_S`` of its start waits 1, 2, 4 … (at most ``MAX_BACKOFF_S``) seconds
+        before the next start, instead of spinning.
         An NVSHMEM PE is not restarted: a running job cannot take a PE back (a new one would wait in the
         collective start-up forever, and the others hold the dead one's heap): every worker stops, and
         ``stop`` is set with `fatal` saying why."""

@@ -354,6 +354,11 @@ def command(backends: tuple[str, ...], pages: tuple[int, ...], layout: str | Non
         layers, kv_heads, head_dim = SHAPES[shape_name]
     shape = Shape(layers, kv_heads, head_dim, page_size, DTYPES[dtype])
     backends = backends or ("shm", "tcp")
+    wrong = [b for b in backends if copy is not None and copy not in COPY_PATHS.get(b, ())]
+    if wrong:
+        paths = ", ".join(b + " " + "|".join(p) for b, p in COPY_PATHS.items())
+        raise click.BadParameter(f"{copy!r} is no copy path of {', '.join(wrong)} (the paths: {paths})",
+                                 param_hint="--copy")
     if as_json:
         one_layout = layout if layout in ("contiguous", "scattered") else "contiguous"
         result = asdict(measure(backends[0], (pages or [64])[0], shape=shape, layout=one_layout,

@@ -89,9 +89,7 @@ class SharedCores:
             self._board = mmap.mmap(fd, size)
         finally:
             os.close(fd)
-        self.home_threads = len(share.home)
-        self.all_threads = len(share.home) + len(share.lent)
-        self.threads = self.home_threads
+        self.threads = len(share.home)
         self.team: tuple[tuple[int, ...], tuple[int, ...]] = (share.home, ())  # (shared cores, one a thread)
         self.foreign = foreign
         torch.set_num_threads(self.threads)

@@ -21,8 +21,11 @@ def test_json_mode_reports_one_object(capsys: pytest.CaptureFixture[str]) -> Non
     assert result["copy_path"] == "torch"
 
 
-def test_the_copy_path_is_chosen_and_reported() -> None:
+def test_the_copy_path_is_chosen_and_reported(capsys: pytest.CaptureFixture[str]) -> None:
     import os
+
+    assert transfer.main(["--backend", "shm", "--copy", "put", "--pages", "4"]) == 2
+    assert "'put' is no copy path of shm (the paths: shm torch|kernel" in capsys.readouterr().err
 
     shape = transfer.Shape(layers=2, head_dim=8)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the page-copy kernel, interpreted on CPU shared memory
