@@ -92,6 +92,7 @@ class SharedCores:
         self.threads = len(share.home)
         self.team: tuple[tuple[int, ...], tuple[int, ...]] = (share.home, ())  # (shared cores, one a thread)
         self.foreign = foreign
+        self._plan: tuple[bool, tuple[tuple[int, ...], tuple[int, ...]]] | None = None  # (partner idle, team)
         torch.set_num_threads(self.threads)
         self._busy = False
         self._board[share.slot] = 0
@@ -117,6 +118,7 @@ class SharedCores:
                 self.fit_to(self.share.home, ())
                 if self.foreign is not None:  # idle, the partner may borrow this engine's cores: no reading
                     self._said(self.foreign.pause())
+                    self._plan = None
 
     def fit(self, _layer: int = -1) -> None:
         """Before a step and after each layer: borrow the partner's cores if it is idle, else give them back
@@ -126,10 +128,15 @@ class SharedCores:
         if f is None:
             self.fit_to(self.share.home, self.share.lent if idle else ())
             return
-        self._said(f.observe(self.team[0] + self.team[1], idle))
-        team = plan_team(self.share.home, self.share.lent, idle, f.busy, f.probe)
+        changed = f.observe(self.team[0] + self.team[1], idle)
+        self._said(changed)
+        if changed or self._plan is None or self._plan[0] != idle:  # planned again only when an input changed
+            self._plan = (idle, plan_team(self.share.home, self.share.lent, idle, f.busy, f.probe))
+        team = self._plan[1]
         if team != self.team:
-            self._said(f.switch(team[0] + team[1], idle))
+            if f.switch(team[0] + team[1], idle):
+                self._said(True)
+                self._plan = None
             self.fit_to(*team)
 
     def _said(self, changed: bool) -> None:
