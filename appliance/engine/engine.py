@@ -12,7 +12,7 @@ import torch
 
 from appliance.config import EngineConfig, RankInfo
 from appliance.engine import fork, prompt_logprobs
-from appliance.engine.core_share import SharedCores
+from appliance.engine.core_team import CoreTeam
 from appliance.engine.grammar import GrammarCompiler, consume
 from appliance.engine.prefix_cache import RadixCache
 from appliance.engine.rank_device import bind_device
@@ -87,7 +87,7 @@ class Engine:
         self.grammars = GrammarCompiler(self.tokenizer, self.model_config.vocab_size, self.eos_ids)
         self.requests: dict[str, Request] = {}
         self.handoff: StepHooks | None = None  # set after the warm-up, which is no one's handoff
-        self.cores: SharedCores | None = None  # a CPU worker's partner cores (`appliance.engine.core_share`)
+        self.cores: CoreTeam | None = None  # a CPU worker's team: its cores, a partner's (`engine/core_team.py`)
         self.decode_step_s = 0.05  # EMA of decode-only step time (kept current by step())
         self.stats_prefill_tokens = 0
         self.stats_decode_tokens = 0
@@ -212,7 +212,7 @@ class Engine:
             return []
         t0 = time.perf_counter()
         hook, extra = self.handoff.before_forward(sb) if self.handoff else (None, b"")
-        if self.cores is not None:  # borrow an idle partner's cores, give them back when it wakes
+        if self.cores is not None:  # fit the team: an idle partner's cores borrowed, cores busy elsewhere left
             self.cores.fit()
             hook = self.cores.layer_hook(hook)
         # prompt logprobs: the positions this step scores (never in a decode step), found before it scores them

@@ -15,7 +15,8 @@ partner stays idle). Readings are taken while the engine works: at most every ``
 team changes, and when the engine goes idle (its partner may then borrow its cores, which would read as
 other work); a core is judged once ``interval_s`` of readings add up, however short each working stretch
 (a short prompt's prefill). A team over several cores with other work among them cannot say which core:
-the engine then works without the partner's cores until those are judged from outside (`probe`).
+the engine then works on one core until the others are judged from outside (`probe`); a probe that finds
+no core to flag is not tried again for ``PROBE_REST_S`` (other work that the scheduler moves between cores).
 """
 
 from __future__ import annotations
@@ -32,15 +33,18 @@ BUSY = 0.4          # other work took at least this share of a core: flagged (a 
 IDLE = 0.15         # the core with one engine thread takes half); cleared below this share
 INTERVAL_S = 0.25   # a core is judged over at least this much time
 READ_EVERY_S = 0.05
+PROBE_REST_S = 5.0  # after a probe that flagged no core, none for this long
 
 
 def plan_team(home: Sequence[int], lent: Sequence[int], partner_idle: bool, busy: set[int],
               probe: bool = False) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """The team's cores as (cores the first threads share, one core for each further thread): the engine's
-    own cores not flagged busy, plus the idle partner's unflagged ones (none while probing); on its own
-    busy cores only when nothing else is free."""
+    own cores not flagged busy, plus the idle partner's unflagged ones; on its own busy cores only when
+    nothing else is free. While probing, one of its own cores alone (the others are read from outside)."""
     free_home = tuple(c for c in home if c not in busy)
-    free_lent = tuple(c for c in lent if c not in busy) if partner_idle and not probe else ()
+    if probe:
+        return (free_home or tuple(home))[:1], ()
+    free_lent = tuple(c for c in lent if c not in busy) if partner_idle else ()
     if free_home:
         return free_home, free_lent
     if free_lent:
@@ -73,8 +77,10 @@ class ForeignLoad:
     interval_s: float = INTERVAL_S
     read_every_s: float = READ_EVERY_S
     busy: set[int] = field(default_factory=set)
-    probe: bool = False     # the team's cores hold other work it cannot place: the partner's left out
+    probe: bool = False     # the team's cores hold other work it cannot place: it runs on one core meanwhile
     _open: _Stretch | None = None
+    _probe_from: frozenset[int] = frozenset()  # the flags when the probe began
+    _probe_rest_until: float = float("-inf")
     _last_read: float = float("-inf")
     _acc: dict[int | tuple[int, ...], list[float]] = field(default_factory=dict)  # other, all (jiffies)
 
@@ -140,9 +146,11 @@ class ForeignLoad:
                     self.busy.add(key)
                 elif share < IDLE:
                     self.busy.discard(key)
-                if key in self.lent:
-                    self.probe = False  # the partner's core was read from outside
+                if self.probe:  # the cores were read one by one: over
+                    self.probe = False
+                    if self.busy <= self._probe_from:  # nothing found: other work that moves about
+                        self._probe_rest_until = self.clock() + PROBE_REST_S
             elif share < IDLE:
                 self.busy.difference_update(key)
-            elif share >= BUSY and any(c in self.lent for c in key):
-                self.probe = True
+            elif share >= BUSY and not self.probe and self.clock() >= self._probe_rest_until:
+                self.probe, self._probe_from = True, frozenset(self.busy)

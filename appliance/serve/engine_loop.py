@@ -299,7 +299,7 @@ class EngineLoop:
     # -- the thread ----------------------------------------------------------------------------
     def _run(self) -> None:
         enter_device(self.engine.runner.device)  # this thread launches the engine's kernels
-        cores = self.engine.cores  # a partner's cores to borrow while it idles; ours are lent while we do
+        cores = self.engine.cores  # the team's cores (a partner's borrowed while it idles; ours lent while we do)
         tp = self.engine.config.tp_size > 1
         while not self._stop.is_set():
             idle = not self.engine.has_unfinished()

@@ -107,14 +107,29 @@ class Worker:
             self.engine.warmup_s += self.handoff.sender.warm_s  # `pdbox up` reports the whole warm-up
         if cfg.role == "auto":
             self.engine.calibrate()  # adaptive mode's cost model: this device's prefill rate and step time
-        if cfg.cores is not None:
-            from appliance.engine.core_share import SharedCores
-            from appliance.engine.foreign_load import ForeignLoad
+        self._fit_team()
 
-            try:  # cores other work keeps busy stay out of the team where a free one can stand in
+    def _fit_team(self) -> None:
+        """A CPU engine's team keeps off the cores other work keeps busy, where a free one can stand in: with
+        a partner, over both engines' cores (borrowed while the partner idles); alone, over its own when it
+        has several (`appliance/engine/core_team.py`)."""
+        cfg = self.cfg
+        alone = cfg.cores is None and len(cfg.cpus) > 1 and cfg.engine.tp_size == 1 \
+            and cfg.engine.device.startswith("cpu")
+        if cfg.cores is None and not alone:
+            return
+        from appliance.engine.core_share import SharedCores
+        from appliance.engine.core_team import CoreTeam
+        from appliance.engine.foreign_load import ForeignLoad
+
+        try:
+            if cfg.cores is not None:
                 self.engine.cores = SharedCores(cfg.cores, ForeignLoad(cfg.cores.home, cfg.cores.lent))
-            except (RuntimeError, OSError, ValueError) as exc:  # e.g. no C compiler: serve on its own cores
-                log.warning("worker %s: core sharing is off: %s", cfg.name, exc)
+            else:
+                self.engine.cores = CoreTeam(cfg.cpus, (), ForeignLoad(cfg.cpus, ()))
+        except (RuntimeError, OSError, ValueError) as exc:  # e.g. no C compiler: serve on its own cores
+            what = "core sharing" if cfg.cores is not None else "keeping the team off busy cores"
+            log.warning("worker %s: %s is off: %s", cfg.name, what, exc)
 
     def _nvshmem_job(self):
         """The launcher's PE plan for this worker (nvshmem only); refuses nvshmem without one."""

@@ -219,7 +219,7 @@ class WorkerMetrics:
             r.total("pdbox_core_borrows_total", "Times this engine's threads spread onto its partner's cores"
                     ).set_total(e.cores.borrows)
             if e.cores.foreign is not None:
-                r.gauge("pdbox_cores_busy_elsewhere", "This engine's and its partner's cores that work outside "
+                r.gauge("pdbox_cores_busy_elsewhere", "This engine's cores (and its partner's) that work outside "
                         "pdbox keeps busy (its team keeps off them)").set(len(e.cores.foreign.busy))
         if w.transport is not None:
             self._refresh_transfer(now)

@@ -22,6 +22,10 @@ def test_the_plan_keeps_the_team_off_busy_cores() -> None:
     assert plan_team(home, lent, True, set(), probe=True) == ((0,), ())
     assert plan_team((0, 2), (1, 3), True, {2, 3}) == ((0,), (1,))
     assert plan_team((0, 2), (1, 3), True, {0, 2}) == ((1,), (3,))
+    assert plan_team((0, 1), (), False, set()) == ((0, 1), ())      # an engine alone on two cores
+    assert plan_team((0, 1), (), False, {0}) == ((1,), ())
+    assert plan_team((0, 1), (), False, set(), probe=True) == ((0,), ())  # probing: one core, the rest read
+    assert plan_team((0, 1), (), False, {0}, probe=True) == ((1,), ())
 
 
 class Box:
@@ -47,8 +51,8 @@ class Box:
         self.own_cpu += own * seconds
         self.write()
 
-    def load(self) -> ForeignLoad:
-        return ForeignLoad((0,), (1,), self.path, clock=lambda: self.now, cpu_time=lambda: self.own_cpu, hz=100.0)
+    def load(self, home: tuple[int, ...] = (0,), lent: tuple[int, ...] = (1,)) -> ForeignLoad:
+        return ForeignLoad(home, lent, self.path, clock=lambda: self.now, cpu_time=lambda: self.own_cpu, hz=100.0)
 
 
 def test_a_busy_partner_core_is_flagged_and_cleared(tmp_path) -> None:
@@ -117,6 +121,47 @@ def test_a_team_over_both_cores_probes_without_the_partners(tmp_path) -> None:
     f.switch((0, 1), True)  # free again: borrowed
     box.run(0.3, {0: 1.0, 1: 1.0}, own=1.9)  # both cores this engine's: nothing to flag
     assert f.observe((0, 1), True) is False and f.busy == set() and not f.probe
+
+
+def test_an_engine_alone_on_two_cores_finds_the_busy_one(tmp_path) -> None:
+    """No partner: a team over its own two cores with other work among them runs on one core while the
+    other is read from outside, then keeps off the busy one until that work leaves."""
+    box = Box(tmp_path)
+    f = box.load((0, 1), ())
+    f.observe((0, 1), False)
+    box.run(0.3, {0: 1.0, 1: 1.0}, own=1.4)  # two cores busy, this engine used 1.4 of them
+    assert f.observe((0, 1), False) is True and f.probe and f.busy == set()
+    team = plan_team((0, 1), (), False, f.busy, f.probe)
+    assert team == ((0,), ())
+    f.switch((0,), False)
+    box.run(0.3, {0: 1.0, 1: 1.0}, own=1.0)  # core 0 all this engine's, core 1 someone else's
+    assert f.observe((0,), False) is True and f.busy == {1} and not f.probe
+    assert plan_team((0, 1), (), False, f.busy, f.probe) == ((0,), ())
+    box.run(0.3, {0: 1.0, 1: 0.02}, own=1.0)  # the other work left
+    assert f.observe((0,), False) is True and f.busy == set()
+    assert plan_team((0, 1), (), False, f.busy, f.probe) == ((0, 1), ())
+
+
+def test_a_probe_that_finds_nothing_rests(tmp_path) -> None:
+    """Other work the scheduler moves between cores shows on the whole team but on no core alone: after one
+    probe, the team stays whole for PROBE_REST_S before it probes again."""
+    from appliance.engine.foreign_load import PROBE_REST_S
+
+    box = Box(tmp_path)
+    f = box.load((0, 1), ())
+    f.observe((0, 1), False)
+    box.run(0.3, {0: 1.0, 1: 1.0}, own=1.4)
+    assert f.observe((0, 1), False) is True and f.probe
+    f.switch((0,), False)
+    box.run(0.3, {0: 1.0, 1: 0.3}, own=1.0)  # alone, neither core shows enough to flag
+    assert f.observe((0,), False) is True and not f.probe and f.busy == set()
+    f.switch((0, 1), False)
+    box.run(0.3, {0: 1.0, 1: 1.0}, own=1.4)
+    assert f.observe((0, 1), False) is False and not f.probe  # resting
+    box.run(PROBE_REST_S, {0: 1.0, 1: 1.0}, own=2.0)
+    f.observe((0, 1), False)
+    box.run(0.3, {0: 1.0, 1: 1.0}, own=1.4)
+    assert f.observe((0, 1), False) is True and f.probe  # rested: probes again
 
 
 @pytest.mark.parametrize("broken", ["missing", "garbage"])
