@@ -22,7 +22,9 @@ import multiprocessing as mp
 import os
 import random
 import statistics
+import sys
 import time
+import traceback
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -222,6 +224,7 @@ def measure(backend: str, pages: int, *, shape: Shape = Shape(), layout: str = "
     span_times: list[float] = []
     gate_s = 0.02
     cycles_per_s = _sleep_cycles_per_s() if gpu else 0.0
+    stopped = False
     try:
         g = torch.Generator(device=device).manual_seed(0)  # on the GPU: a 32K-token pool is gigabytes
         data = torch.randn(src_desc.shape, generator=g, device=device, dtype=src_desc.torch_dtype())
@@ -283,7 +286,20 @@ def measure(backend: str, pages: int, *, shape: Shape = Shape(), layout: str = "
         stats = tx.stats()
         path = "kernel" if stats.kernel_writes == stats.writes else {"nvshmem": "put"}.get(backend, "torch")
         conn.send(("stop",))
+        stopped = True
+    except BaseException:
+        # said before the close below: nvshmem's close is collective, so a decode rank that is stuck (or
+        # gone) holds it up until the step's timeout kills this process, and the error with it
+        print("bench.transfer failed; closing the transport:", file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)
+        sys.stderr.flush()
+        raise
     finally:
+        if not stopped:  # the decode rank leaves its command loop for its own (collective) close
+            try:
+                conn.send(("stop",))
+            except (OSError, ValueError):
+                pass
         tx.close()
         proc.join(60)
         if proc.is_alive():

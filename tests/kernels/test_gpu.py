@@ -92,6 +92,20 @@ def test_store_kv_and_copy_pages_are_exact(dtype):
     assert all(torch.equal(a, b) for a, b in zip(pools, expect))
 
 
+@pytest.mark.parametrize("dtype,rows_heads_dim,slice_heads,runs", [
+    # (rows, source heads, head dim), (heads copied, source start, destination heads, destination start)
+    (torch.bfloat16, (16, 4, 128), (4, 0, 8, 4), False),  # Llama-3-8B's KV: a TP-2 prefill rank's half, into TP 1
+    (torch.bfloat16, (16, 8, 128), (4, 4, 4, 0), True),   # TP 1 into a TP-2 decode rank: each row's second half
+    (torch.float32, (16, 1, 64), (1, 0, 3, 2), True),     # SmolLM2's fp32 KV, TP 3 into TP 1
+    (torch.float16, (2, 3, 3), (2, 1, 5, 0), True),       # 6-byte heads: 2-byte words, no 16-byte alignment
+])
+def test_row_slices_of_pages_are_exact(dtype, rows_heads_dim, slice_heads, runs):
+    """The page copy's row-slice form (a TP rank's heads of each token row), compiled, against the reference."""
+    from tests.kernels.test_page_copy import test_row_slices_match_reference as check
+
+    check(torch.device("cuda"), dtype, rows_heads_dim, slice_heads, runs)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_pointwise(dtype):
     tol = TOL[dtype]

@@ -60,3 +60,21 @@ def test_table_mode_writes_each_figure_as_it_comes(tmp_path, monkeypatch: pytest
         transfer.main(args)
     assert calls == [4, 8]
     assert [r["pages"] for r in json.loads(out.read_text())] == [4]
+
+
+def test_a_failure_stops_the_decode_rank_and_is_said_before_the_close(monkeypatch, capfd) -> None:
+    """The decode rank leaves its command loop on the way out (with nvshmem its close is collective: a rank
+    left waiting for a command held the bench's close until the step's timeout killed it, and the error
+    with it), and the error is printed before the close."""
+    import time
+
+    def broken(_t):
+        raise RuntimeError("the digest broke")
+
+    monkeypatch.setattr(transfer, "_digest", broken)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="the digest broke"):
+        transfer.measure("shm", 4, shape=transfer.Shape(layers=2, head_dim=8), repeats=1)
+    assert time.monotonic() - t0 < 30  # not the 60 s the bench waits for a decode rank before killing it
+    err = capfd.readouterr().err
+    assert "bench.transfer failed; closing the transport" in err and "the digest broke" in err
