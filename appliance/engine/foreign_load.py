@@ -154,3 +154,5 @@ class ForeignLoad:
                 self.busy.difference_update(key)
             elif share >= BUSY and not self.probe and self.clock() >= self._probe_rest_until:
                 self.probe, self._probe_from = True, frozenset(self.busy)
+                for c in (*self.home, *self.lent):  # every core judged on the probe's readings alone
+                    self._acc.pop(c, None)

@@ -213,14 +213,14 @@ class WorkerMetrics:
         r.gauge("pdbox_decode_tokens_per_second", "Decoded tokens/s, last 10 s").set(self.window.rate(now, "decode"))
         r.total("pdbox_preemptions_total", "Requests preempted (recompute)").set_total(s.num_preemptions)
         r.gauge("pdbox_uptime_seconds", "Seconds since the process started").set(time.time() - w.started)
-        if e.cores is not None:
+        if e.cores is not None and e.cores.lent:  # a partner's cores to borrow
             r.total("pdbox_borrowed_core_seconds_total", "Seconds this engine ran on its partner's cores (the "
                     "partner had no work)").set_total(e.cores.borrowed_seconds())
             r.total("pdbox_core_borrows_total", "Times this engine's threads spread onto its partner's cores"
                     ).set_total(e.cores.borrows)
-            if e.cores.foreign is not None:
-                r.gauge("pdbox_cores_busy_elsewhere", "This engine's cores (and its partner's) that work outside "
-                        "pdbox keeps busy (its team keeps off them)").set(len(e.cores.foreign.busy))
+        if e.cores is not None and e.cores.foreign is not None:
+            r.gauge("pdbox_cores_busy_elsewhere", "This engine's cores (and its partner's) that work outside "
+                    "pdbox keeps busy (its team keeps off them)").set(len(e.cores.foreign.busy))
         if w.transport is not None:
             self._refresh_transfer(now)
 

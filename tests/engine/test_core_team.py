@@ -70,6 +70,12 @@ def test_a_unified_worker_on_two_cores_fits_its_team(tiny_model) -> None:
     try:
         assert type(w.engine.cores) is CoreTeam and w.engine.cores.home == (CORES[0], CORES[1])
         assert w.engine.cores.foreign is not None and w.engine.cores.lent == ()
+        from appliance.monitor.prom import Metrics
+        from appliance.serve.worker_metrics import WorkerMetrics
+
+        served = Metrics.from_text(WorkerMetrics(w).render())
+        assert served.value("pdbox_cores_busy_elsewhere") == 0
+        assert not served.has("pdbox_core_borrows_total")  # no partner: nothing to borrow
     finally:
         w.engine.shutdown()
     one = Worker(WorkerConfig(role="unified", name="u1", model=str(tiny_model), cpus=(CORES[0],),
