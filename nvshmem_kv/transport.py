@@ -15,6 +15,7 @@ copies, a sender stalled past the receiver's cap) are in `nvshmem_kv.rooms`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hmac
 import logging
 import re
@@ -449,22 +450,31 @@ class ChannelTransport(KVTransport):
         return kernel_copy(src_kv, p.local, p.remote, plan, layer)
 
     def _warm_kernel(self, kv: torch.Tensor, local: PoolDescriptor) -> float:
-        """`warm` where writes go through the page-copy kernel: whole pages now (the seconds it took); a
-        peer's head slice, its own compile, when the peer is connected (`_warm_slice`), on this pool."""
+        """`warm` where writes go through the page-copy kernel (the seconds it took): whole pages, and for a
+        rank of a TP group its heads' slice of a pool that holds every head (a decode engine's: decode runs
+        at TP 1), so a serving handoff compiles and tunes nothing. Any other peer's slice compiles at its
+        connect (`_warm_slice`), on this pool."""
         t0 = time.perf_counter()
         with self._copy_context():
             warm_kernel_copy(kv, local)
         self._warm_pool = (kv, local)
+        if local.tp_size > 1:
+            whole = dataclasses.replace(local, kv_heads_local=local.total_kv_heads, tp_rank=0, tp_size=1)
+            self._warm_rows(local, whole, plan_head_slices(local, whole))
         return time.perf_counter() - t0
 
     def _warm_slice(self, p: ChannelPeer) -> None:
         """Compile the copy of ``p``'s head slice at connect, out of the first write's forward pass, once
         per slice, where `warm` ran (a failure is left to the first write, which compiles it)."""
-        if self._warm_pool is None or len(p.slices) != 1 or not self._uses_kernel(p):
+        if self._uses_kernel(p):
+            self._warm_rows(p.local, p.remote, p.slices)
+
+    def _warm_rows(self, local: PoolDescriptor, remote: PoolDescriptor, slices: Sequence[HeadSlice]) -> None:
+        if self._warm_pool is None or len(slices) != 1 or local != self._warm_pool[1]:
             return
-        kv, local = self._warm_pool
-        rows = row_slice(p.local, p.remote, p.slices[0])
-        if rows is None or rows in self._warm_slices or local != p.local:
+        kv = self._warm_pool[0]
+        rows = row_slice(local, remote, slices[0])
+        if rows is None or rows in self._warm_slices:
             return
         try:
             with self._copy_context():

@@ -45,7 +45,8 @@ def test_shm_kernel_copy_is_bit_exact(receivers: list[nk.KVTransport]) -> None:
 def test_shm_kernel_copy_moves_each_tp_ranks_heads_into_one_decode_pool(receivers: list[nk.KVTransport],
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Prefill at TP 2 (3 KV heads: 1 on rank 0, 2 on rank 1), decode at TP 1: each rank's heads land as a
-    slice of every token row, in one kernel launch a layer, compiled at connect (after `warm`)."""
+    slice of every token row, in one kernel launch a layer, compiled by `warm` (a TP rank's heads of a
+    pool with every head, as a decode engine's is): connect and the writes compile nothing."""
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs TRITON_INTERPRET=1 on CPU")
     import nvshmem_kv.transport as transport
@@ -72,6 +73,7 @@ def test_shm_kernel_copy_moves_each_tp_ranks_heads_into_one_decode_pool(receiver
         receivers.append(tx)
         kv = local_kv(desc, 11)
         assert tx.warm(kv, desc) > 0
+        assert len(warmed) == 2 * (rank + 1)  # whole pages and this rank's slice
         peer = tx.connect(handle, desc)
         for layer in range(desc.num_layers):
             tx.write(peer, "s", layer, kv, src_pages, dst_pages)
@@ -83,7 +85,7 @@ def test_shm_kernel_copy_moves_each_tp_ranks_heads_into_one_decode_pool(receiver
     src = global_kv(make_desc(6, layers=2, page_size=2, heads=3, head_dim=8), 11)
     assert torch.equal(bits(pool[:, :, dst_pages]), bits(src[:, :, src_pages]))
     assert not bits(pool[:, :, [p for p in range(9) if p not in dst_pages]]).any()
-    # whole pages at each `warm`, then one slice a rank at its connect (head 0 of 3, then heads 1-2 of 3)
+    # whole pages, then the rank's slice, at each `warm` (head 0 of 3, then heads 1-2 of 3); nothing since
     assert [w if w is None else (w.width, w.src_start, w.dst_start) for w in warmed] == [
         None, (8, 0, 0), None, (16, 0, 8)]
 
