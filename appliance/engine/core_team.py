@@ -38,7 +38,6 @@ class CoreTeam:
         native().required("fitting the team to its cores needs pdbox's team-pinning library")
         self.home, self.lent = tuple(home), tuple(lent)
         self._torch, self._pin = torch, pin_team
-        self.threads = len(self.home)
         self.team: Team = (self.home, ())
         self.foreign = foreign
         self._plan: tuple[bool, Team] | None = None  # (partner idle, team), planned again when an input changes
@@ -51,6 +50,11 @@ class CoreTeam:
     def partner_idle(self) -> bool:
         """Whether the partner's cores are free to borrow now (an engine alone has none)."""
         return False
+
+    @property
+    def threads(self) -> int:
+        """The team's size: one thread for each core of its own shared ones, one for each further core."""
+        return len(self.team[0]) + len(self.team[1])
 
     @property
     def borrowing(self) -> bool:
@@ -90,13 +94,12 @@ class CoreTeam:
         if (shared, own) == self.team:
             return
         now, was = time.perf_counter(), self.borrowing
-        threads = len(shared) + len(own)
         # libgomp may have let the extra threads go while the team was small: pin afresh each time; back to
         # its own cores alone, only where the first threads had moved
         if (shared, own) != (self.home, ()) or self.team[0] != shared:
             self._pin(shared, own)
-        self._torch.set_num_threads(threads)
-        self.team, self.threads = (shared, own), threads
+        self.team = (shared, own)
+        self._torch.set_num_threads(self.threads)
         if self.borrowing and not was:
             self.borrows += 1
             self._since = now
