@@ -175,6 +175,13 @@ def row_tile(m: int) -> int:
     return NARROW_ROWS if m <= NARROW_ROWS else next_pow2(m)
 
 
+def compile_class(m: int) -> tuple[int, bool, bool]:
+    """What of an ``m``-row call picks the GEMV's compiled kernel: its row tile and Triton's
+    specializations of the row count (equal to 1, a multiple of 16). Two row counts of one class run one
+    compile, with the configs tuned for either."""
+    return row_tile(m), m == 1, m % 16 == 0
+
+
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
          silu_mul: bool = False) -> torch.Tensor:
     """Triton :func:`gemv_ref` for ``x`` of at most :data:`MAX_ROWS` rows. ``x`` rows and ``weight``

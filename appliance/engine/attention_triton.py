@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import torch
 
 from appliance.engine.attention import keep_weight, norm_then_linear, plain_linear
+from appliance.engine.linear_choice import stand_in
 from kernels.activation import silu_and_mul
 from kernels.decode_attention import decode_attention
 from kernels.extend_attention import extend_attention
@@ -52,6 +53,9 @@ class TritonAttentionBackend:
         # ... and the linear layers after a block's RMSNorm (QKV, gate/up) theirs: where the GEMV that
         # computes the residual add and the norm itself beat the norm's kernel and the layer after it.
         self.gemv_norm_for: frozenset[tuple[int, int, int]] = frozenset()
+        # Each row count's timed stand-in (`linear_choice.stand_in`): an eager step of 5 rows follows the
+        # choice made at 8. Without timed rows (`gemv_rows` unset) only the sets' own row counts match.
+        self._stand_in: dict[int, int | None] = {}
         # Decode attention's split count: None picks it from the shapes; CUDA-graph decode fixes it
         # per captured bucket (appliance.engine.decode_graphs). Any count runs one of two compiles.
         self.decode_splits: int | None = None
@@ -62,20 +66,38 @@ class TritonAttentionBackend:
         self._extend_lens: torch.Tensor | None = None
         self._extend_meta: tuple[torch.Tensor, int] | None = None
 
+    @property
+    def gemv_rows(self) -> tuple[int, ...]:
+        """The row counts the sets were timed at (`Runner.choose_linears`)."""
+        return tuple(m for m, s in self._stand_in.items() if s == m)
+
+    @gemv_rows.setter
+    def gemv_rows(self, rows: tuple[int, ...]) -> None:
+        self._stand_in = {m: stand_in(m, rows) for m in range(1, MAX_ROWS + 1)} if rows else {}
+
+    def _chosen(self, shapes: frozenset[tuple[int, int, int]], x: torch.Tensor, weight: torch.Tensor) -> bool:
+        """Whether ``x @ weight.T`` runs on the GEMV: unit-stride rows, a shape measured faster there at
+        the row count or at its stand-in."""
+        if not shapes or x.dim() != 2 or not 0 < x.shape[0] <= MAX_ROWS or x.stride(1) != 1:
+            return False
+        m = x.shape[0]
+        rows = self._stand_in.get(m, m) if self._stand_in else m
+        return rows is not None and (weight.shape[0], weight.shape[1], rows) in shapes
+
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        if _chosen(self.gemv_for, x, weight):
+        if self._chosen(self.gemv_for, x, weight):
             return gemv(x, weight, bias)
         return plain_linear(x, weight, bias)
 
     def silu_mul_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if _chosen(self.gemv_silu_mul_for, x, weight):
+        if self._chosen(self.gemv_silu_mul_for, x, weight):
             return gemv(x, weight, silu_mul=True)
         return self.linear(silu_and_mul(x), weight)
 
     def norm_linear(self, x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor, eps: float,
                     weight: torch.Tensor, bias: torch.Tensor | None = None,
                     out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if (_chosen(self.gemv_norm_for, x, weight) and weight.dtype != torch.float16
+        if (self._chosen(self.gemv_norm_for, x, weight) and weight.dtype != torch.float16
                 and norm_weight.shape == (x.shape[1],) and norm_weight.is_contiguous()
                 and (bias is None or bias.is_contiguous())
                 and (residual is None or (residual.shape == x.shape and residual.stride(-1) == 1))):
@@ -133,8 +155,3 @@ class TritonAttentionBackend:
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
         return silu_and_mul(x)
 
-
-def _chosen(shapes: frozenset[tuple[int, int, int]], x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``x @ weight.T`` runs on the GEMV: a shape measured faster there, unit-stride rows."""
-    return (bool(shapes) and x.dim() == 2 and x.shape[0] <= MAX_ROWS and x.stride(1) == 1
-            and (weight.shape[0], weight.shape[1], x.shape[0]) in shapes)

@@ -3,13 +3,14 @@ measured on the device at start-up, per weight shape and row count, never assume
 
 At one to 64 rows (decode's buckets) a linear layer is mostly a stream of its weight; which kernel
 streams it faster depends on the shape, the row count and the GPU. Each candidate runs every layer's
-weight of one kind in turn (so the weights come from HBM, not L2, as in a decode step) inside a CUDA
-graph (so the timing is the GPU's, not Python's launch rate), and the GEMV is kept only where it beats
-cuBLAS by ``MARGIN``. The SwiGLU MLP's down projection is timed as what a step runs there:
-SiLU-and-mul then cuBLAS, against the GEMV that reads the gate/up rows itself (``silu_mul``). The
-layers after a block's RMSNorm (QKV, gate/up) are timed the same way (``norm``): the residual-add
-RMSNorm kernel then the layer as otherwise dispatched, against the GEMV that adds and norms the rows
-itself (`kernels.rmsnorm_gemv`; bf16 weights only).
+weight of one kind in turn, repeated past the L2's size (so the weights come from HBM, as in a decode
+step), inside a CUDA graph (so the timing is the GPU's, not Python's launch rate), and the GEMV is kept
+only where it beats cuBLAS by ``MARGIN``; a row count between the timed ones follows its `stand_in`.
+The SwiGLU MLP's down projection is timed as what a step runs there: SiLU-and-mul then cuBLAS, against
+the GEMV that reads the gate/up rows itself (``silu_mul``). The layers after a block's RMSNorm (QKV,
+gate/up) are timed the same way (``norm``): the residual-add RMSNorm kernel then the layer as otherwise
+dispatched, against the GEMV that adds and norms the rows itself (`kernels.rmsnorm_gemv`; bf16 weights
+only).
 """
 
 from __future__ import annotations
@@ -20,8 +21,13 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels.gemv import compile_class
+
 MARGIN = 0.97  # the GEMV must take at most this share of cuBLAS's time: noise never flips a choice
 REPS = 7
+L2_PASSES = 2  # a timed pass reads at least this many times the L2's bytes: every weight comes from HBM
+MAX_LAUNCHES = 256  # ... but captures at most this many calls (a tiny model's weights are launch-bound anyway)
+DEFAULT_L2_BYTES = 64 << 20  # where the device does not say (an H100's is 50 MB, an H200's 60 MB)
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,22 @@ def weight_groups(model) -> dict[str, list[torch.Tensor]]:
                           and w.dtype in (torch.bfloat16, torch.float16) for w in ws)}
 
 
+def cold_pass(weights: Sequence[torch.Tensor], l2_bytes: int) -> list[torch.Tensor]:
+    """``weights`` repeated until one pass over them reads ``L2_PASSES`` times ``l2_bytes`` (at most
+    ``MAX_LAUNCHES`` calls): between two reads of a weight the rest of the pass evicts it from L2, as the
+    rest of the model does in a decode step. A small model's layers of one kind fit in L2 all together
+    (SmolLM2-135M's QKV: 33 MB), and timed over them alone both paths would read L2, not HBM."""
+    size = sum(w.numel() * w.element_size() for w in weights)
+    reps = -(-L2_PASSES * l2_bytes // max(size, 1))
+    return list(weights) * max(1, min(reps, MAX_LAUNCHES // max(len(weights), 1)))
+
+
 def graph_timer(fn: Callable[[torch.Tensor], object], weights: Sequence[torch.Tensor]) -> float:
-    """Median microseconds per weight of ``fn`` over ``weights``, replayed from a CUDA graph."""
+    """Median microseconds per weight of ``fn`` over ``weights`` (a `cold_pass` of them), replayed from a
+    CUDA graph."""
+    props = torch.cuda.get_device_properties(weights[0].device)
+    weights = cold_pass(weights, getattr(props, "L2_cache_size", 0) or DEFAULT_L2_BYTES)
+
     def every() -> None:
         for w in weights:
             fn(w)
@@ -97,8 +117,9 @@ def choose_linears(model, rows: Sequence[int], cublas: Callable, gemv: Callable,
     for name, weights in weight_groups(model).items():
         n, k = weights[0].shape
         fused = name == "down" and silu_and_mul is not None
+        rows_dtype = torch.float32 if name == "lm_head" else weights[0].dtype  # the final norm's rows are fp32
         for m in rows:
-            x = torch.randn(m, 2 * k if fused else k, dtype=weights[0].dtype, device=weights[0].device)
+            x = torch.randn(m, 2 * k if fused else k, dtype=rows_dtype, device=weights[0].device)
             if fused:
                 t_cublas = timer(lambda w, x=x: cublas(silu_and_mul(x), w), weights)
                 t_gemv = timer(lambda w, x=x: gemv(x, w, silu_mul=True), weights)
@@ -142,6 +163,18 @@ def norm_rows(model, plain: Sequence[LinearTiming], cublas: Callable, gemv: Call
                 rmsnorm_gemv(x.float(), g, eps, weights[0], bias)
             out.append(LinearTiming(name, n, k, t.rows, round(t_pair, 2), round(t_fused, 2), norm=True))
     return out
+
+
+def stand_in(m: int, rows: Sequence[int]) -> int | None:
+    """The timed row count whose choice an ``m``-row call follows: ``m`` itself where timed, else the
+    nearest timed count above it (failing that, below) of the same `kernels.gemv.compile_class`, whose
+    compiled and tuned GEMV it runs (an eager step of 5 rows follows the bucket of 8). None where no timed
+    count shares its class: such a call stays on cuBLAS, since its GEMV would compile while serving."""
+    if m in rows:
+        return m
+    same = [r for r in rows if compile_class(r) == compile_class(m)]
+    above = [r for r in same if r > m]
+    return min(above) if above else max(same) if same else None
 
 
 def gemv_shapes(timings: Sequence[LinearTiming], silu_mul: bool = False,

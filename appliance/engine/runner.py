@@ -165,6 +165,7 @@ class ModelRunner:
         self.backend.gemv_for = gemv_shapes(self.linear_timings)
         self.backend.gemv_silu_mul_for = gemv_shapes(self.linear_timings, silu_mul=True)
         self.backend.gemv_norm_for = gemv_shapes(self.linear_timings, norm=True)
+        self.backend.gemv_rows = tuple(rows)
         print(f"pdbox engine: linear layers at rows {rows} ({time.perf_counter() - t0:.1f} s to measure): "
               f"{summary(self.linear_timings)}", file=sys.stderr, flush=True)
 

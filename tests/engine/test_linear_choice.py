@@ -11,11 +11,15 @@ from appliance.config import EngineConfig
 from appliance.engine.attention import plain_linear
 from appliance.engine.attention_triton import TritonAttentionBackend
 from appliance.engine.linear_choice import (
+    L2_PASSES,
     MARGIN,
+    MAX_LAUNCHES,
     LinearTiming,
     choose_linears,
+    cold_pass,
     gemv_shapes,
     norm_rows,
+    stand_in,
     summary,
     weight_groups,
 )
@@ -49,9 +53,13 @@ def test_the_gemv_is_kept_only_where_it_beats_cublas_by_the_margin(runner: Model
 
     def cublas(x, w):
         ran.update(path="cublas", rows=x.shape[0])
+        dtypes[kind[tuple(w.shape)]] = x.dtype
 
     def gemv(x, w):
         ran.update(path="gemv", rows=x.shape[0])
+        assert dtypes[kind[tuple(w.shape)]] == x.dtype  # both paths timed on the same rows
+
+    dtypes: dict = {}
 
     # a fake device: the GEMV's time over cuBLAS's; 20% faster on gate_up at one row, 1% (noise) on down
     speed = {("gate_up", 1): 0.8, ("down", 1): 0.99, ("down", 4): 0.99}
@@ -69,6 +77,19 @@ def test_the_gemv_is_kept_only_where_it_beats_cublas_by_the_margin(runner: Model
     n, k = groups["gate_up"][0].shape
     assert gemv_shapes(timings) == frozenset({(n, k, 1)})
     assert summary(timings) == "qkv cuBLAS; o_proj cuBLAS; gate_up GEMV at rows 1: 0.80x; down cuBLAS; lm_head cuBLAS"
+    # the LM head is timed on the final norm's fp32 rows, as a step feeds it; the layers on the weights' dtype
+    assert dtypes == {"qkv": torch.bfloat16, "o_proj": torch.bfloat16, "gate_up": torch.bfloat16,
+                      "down": torch.bfloat16, "lm_head": torch.float32}
+
+
+def test_a_row_count_between_buckets_follows_the_one_it_shares_a_compile_with() -> None:
+    ladder = (1, 2, 4, 8, 16, 32, 64)
+    assert [stand_in(m, ladder) for m in (1, 2, 3, 5, 9, 12, 15, 16, 17, 24, 33, 40, 48, 63, 64)] == [
+        1, 2, 4, 8, 8, 8, 8, 16, None, None, None, None, 64, None, 64]
+    # 17 to 31 rows take the 32-row tile, as 32 does, but 32 is a multiple of 16 and they are not: no stand-in;
+    # 1 is compiled apart (Triton's constant) and stands in for no other count
+    assert stand_in(3, (1, 8)) == 8 and stand_in(3, (1,)) is None and stand_in(24, (1, 2, 20)) == 20
+    assert stand_in(7, (2, 4)) == 4  # no timed count above in its class: the nearest below
 
 
 def test_the_triton_backend_dispatches_on_the_chosen_shapes(monkeypatch) -> None:
@@ -83,6 +104,34 @@ def test_the_triton_backend_dispatches_on_the_chosen_shapes(monkeypatch) -> None
     be.linear(torch.randn(3, 8), w)  # 3 rows were not chosen
     be.linear(torch.randn(8, 2).t(), w)  # rows that are not unit-stride: cuBLAS takes any layout
     assert used == [((2, 8), (6, 8))]
+
+
+def test_eager_row_counts_dispatch_on_their_stand_in(monkeypatch) -> None:
+    used: list[int] = []
+    monkeypatch.setattr(attention_triton, "gemv", lambda x, w, b=None: used.append(x.shape[0]) or plain_linear(x, w, b))
+    be, w = TritonAttentionBackend(), torch.randn(6, 8)
+    be.gemv_for = frozenset({(6, 8, 4), (6, 8, 8)})  # the GEMV won at 4 and 8 rows, lost at 1, 2, 16, 32, 64
+    be.gemv_rows = (1, 2, 4, 8, 16, 32, 64)
+    assert be.gemv_rows == (1, 2, 4, 8, 16, 32, 64)
+    for m in (1, 3, 5, 12, 16, 24, 40, 48):
+        be.linear(torch.randn(m, 8), w)
+    assert used == [3, 5, 12]  # 3 follows 4; 5 and 12 follow 8; 16 and 48 (64) lost; 1, 24, 40 have none
+    be.gemv_for |= {(6, 8, 64)}
+    used.clear()
+    for m in (40, 48, 63):
+        be.linear(torch.randn(m, 8), w)
+    assert used == [48]
+
+
+def test_a_timed_pass_reads_past_the_l2() -> None:
+    l2 = 1 << 20
+    small = [torch.empty(1024, dtype=torch.bfloat16) for _ in range(4)]  # 8 KB in all: launch-bound, capped
+    assert cold_pass(small, l2) == small * (MAX_LAUNCHES // 4)
+    mid = [torch.empty(64 << 10, dtype=torch.bfloat16) for _ in range(3)]  # 384 KB: repeated past L2_PASSES x L2
+    reps = len(cold_pass(mid, l2)) // 3
+    assert reps * 3 * (128 << 10) >= L2_PASSES * l2 > (reps - 1) * 3 * (128 << 10)
+    big = [torch.empty(2 * L2_PASSES * l2 // 2, dtype=torch.bfloat16)]  # one weight past it: once
+    assert cold_pass(big, l2) == big
 
 
 def test_a_failed_timing_leaves_every_layer_on_cublas(runner: ModelRunner, monkeypatch, capsys) -> None:
