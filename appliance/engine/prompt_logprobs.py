@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from appliance.engine.host_copy import to_device
 from appliance.engine.request import Request
 
 # positions a step scores per request: the step's logits are rows x vocabulary floats (512 x 128K x 4 B =
@@ -62,7 +63,7 @@ def score(logits: torch.Tensor, parts: list[tuple[Request, range]]) -> None:
     if logits.shape[0] != len(targets):
         raise ValueError(f"{logits.shape[0]} prompt logit rows for {len(targets)} positions")
     lp = torch.log_softmax(logits.float(), dim=-1)
-    idx = torch.tensor(targets, dtype=torch.int64).to(lp.device)
+    idx = to_device(targets, lp.device, torch.int64)  # pinned: no wait for the step's kernels
     chosen = lp.gather(1, idx[:, None])[:, 0]
     k = max(req.params.prompt_logprobs or 0 for req, _ in parts)
     parts_out = [chosen.double()]

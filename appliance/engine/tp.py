@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from appliance.config import TP_BACKENDS, RankInfo
+from appliance.engine.host_copy import to_device
 from appliance.engine.rank_device import enter_device
 
 CMD_STOP = 0
@@ -71,11 +72,12 @@ class TpGroup:
     comm_device: torch.device
 
     def broadcast_command(self, cmd: int, payload: torch.Tensor | None = None) -> None:
-        """Rank 0: send a command header (and its int64 payload) to every other rank."""
+        """Rank 0: send a command header (and its int64 payload) to every other rank. Host values travel
+        through pinned memory (`host_copy`): on NCCL a pageable copy would wait for the whole stream."""
         size = 0 if payload is None else int(payload.numel())
-        dist.broadcast(torch.tensor([cmd, size], dtype=torch.int64, device=self.comm_device), src=0)
+        dist.broadcast(to_device([cmd, size], self.comm_device, torch.int64), src=0)
         if payload is not None:
-            dist.broadcast(payload.to(self.comm_device), src=0)
+            dist.broadcast(to_device(payload, self.comm_device), src=0)
 
     def receive_command(self) -> tuple[int, torch.Tensor | None]:
         """Ranks > 0: the next command from rank 0 (blocks until it comes)."""
@@ -204,9 +206,13 @@ def all_reduce(x: torch.Tensor) -> None:
 
 
 def attach_bytes(flat: torch.Tensor, extra: bytes) -> torch.Tensor:
-    """Append ``extra`` bytes (one int64 each, then their count) to an int64 payload."""
-    tail = torch.frombuffer(bytearray(extra), dtype=torch.uint8).to(flat.device, torch.int64) if extra else flat[:0]
-    return torch.cat([flat, tail, torch.tensor([len(extra)], dtype=torch.int64, device=flat.device)])
+    """Append ``extra`` bytes (one int64 each, then their count) to an int64 payload, in one copy from
+    pinned host memory where ``flat`` is on a GPU (no wait for its stream)."""
+    tail = torch.empty(len(extra) + 1, dtype=torch.int64)
+    if extra:
+        tail[:-1] = torch.frombuffer(bytearray(extra), dtype=torch.uint8)
+    tail[-1] = len(extra)
+    return torch.cat([flat, to_device(tail, flat.device)])
 
 
 def detach_bytes(payload: torch.Tensor) -> tuple[torch.Tensor, bytes]:
