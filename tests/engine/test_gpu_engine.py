@@ -78,7 +78,7 @@ def test_bf16_graph_step_logits_match_the_eager_step() -> None:
     assert all(t.cublas_us > 0 and t.gemv_us > 0 for t in timings)
     # ... and QKV and gate/up once more with the RMSNorm before them (`kernels.rmsnorm_gemv` against the two)
     assert {(t.name, t.rows) for t in timings if t.norm} == {(k, b) for k in ("qkv", "gate_up") for b in (1, 2, 4, 8)}
-    reqs = [engine.add_request(p, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)) for p in PROMPTS]
+    reqs = [engine.add_request(p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)) for p in PROMPTS]
     while any(len(r.output_ids) < 2 for r in reqs):
         engine.step()
     sb = engine.scheduler.schedule()
