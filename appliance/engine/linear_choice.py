@@ -26,7 +26,8 @@ from kernels.gemv import compile_class
 MARGIN = 0.97  # the GEMV must take at most this share of cuBLAS's time: noise never flips a choice
 REPS = 7
 L2_PASSES = 2  # a timed pass reads at least this many times the L2's bytes: every weight comes from HBM
-MAX_LAUNCHES = 256  # ... but captures at most this many calls (a tiny model's weights are launch-bound anyway)
+MAX_LAUNCHES = 128  # ... in at most this many calls
+COLD_MIN_BYTES = 1 << 20  # weights under this (on average) are not repeated: a launch costs more than their read
 DEFAULT_L2_BYTES = 64 << 20  # where the device does not say (an H100's is 50 MB, an H200's 60 MB)
 
 
@@ -72,8 +73,10 @@ def cold_pass(weights: Sequence[torch.Tensor], l2_bytes: int) -> list[torch.Tens
     """``weights`` repeated until one pass over them reads ``L2_PASSES`` times ``l2_bytes`` (at most
     ``MAX_LAUNCHES`` calls): between two reads of a weight the rest of the pass evicts it from L2, as the
     rest of the model does in a decode step. A small model's layers of one kind fit in L2 all together
-    (SmolLM2-135M's QKV: 33 MB), and timed over them alone both paths would read L2, not HBM."""
+    (Qwen2.5-0.5B's QKV: 50 MB), and timed over them alone both paths would read L2, not HBM."""
     size = sum(w.numel() * w.element_size() for w in weights)
+    if size < COLD_MIN_BYTES * len(weights):
+        return list(weights)
     reps = -(-L2_PASSES * l2_bytes // max(size, 1))
     return list(weights) * max(1, min(reps, MAX_LAUNCHES // max(len(weights), 1)))
 

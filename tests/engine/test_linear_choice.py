@@ -11,6 +11,7 @@ from appliance.config import EngineConfig
 from appliance.engine.attention import plain_linear
 from appliance.engine.attention_triton import TritonAttentionBackend
 from appliance.engine.linear_choice import (
+    COLD_MIN_BYTES,
     L2_PASSES,
     MARGIN,
     MAX_LAUNCHES,
@@ -124,13 +125,15 @@ def test_eager_row_counts_dispatch_on_their_stand_in(monkeypatch) -> None:
 
 
 def test_a_timed_pass_reads_past_the_l2() -> None:
-    l2 = 1 << 20
-    small = [torch.empty(1024, dtype=torch.bfloat16) for _ in range(4)]  # 8 KB in all: launch-bound, capped
-    assert cold_pass(small, l2) == small * (MAX_LAUNCHES // 4)
-    mid = [torch.empty(64 << 10, dtype=torch.bfloat16) for _ in range(3)]  # 384 KB: repeated past L2_PASSES x L2
+    l2, mb = 50 << 20, COLD_MIN_BYTES
+    tiny = [torch.empty(1024, dtype=torch.bfloat16) for _ in range(4)]  # 2 KB each: launch-bound, never repeated
+    assert cold_pass(tiny, l2) == tiny
+    mid = [torch.empty(mb, dtype=torch.bfloat16) for _ in range(3)]  # 6 MB: repeated past L2_PASSES x L2
     reps = len(cold_pass(mid, l2)) // 3
-    assert reps * 3 * (128 << 10) >= L2_PASSES * l2 > (reps - 1) * 3 * (128 << 10)
-    big = [torch.empty(2 * L2_PASSES * l2 // 2, dtype=torch.bfloat16)]  # one weight past it: once
+    assert reps * 6 * mb >= L2_PASSES * l2 > (reps - 1) * 6 * mb
+    many = [torch.empty(mb // 2, dtype=torch.bfloat16) for _ in range(40)]  # 40 MB in 40 weights: capped
+    assert cold_pass(many, l2) == many * (MAX_LAUNCHES // 40)
+    big = [torch.empty(L2_PASSES * l2 // 2, dtype=torch.bfloat16)]  # one weight past it: once
     assert cold_pass(big, l2) == big
 
 
