@@ -12,15 +12,17 @@
 #   pdl-smoke       a chain of PDL kernels (Hopper's programmatic dependent launch, every decode kernel)
 #                   eagerly and replayed from a CUDA graph; when it fails, every later step (and the engine
 #                   check after it, scripts/gpu-lease.sh) runs with PDBOX_TRITON_PDL=0, not all failing on it
+#   (the steps that measure a target and the cuda_ipc appliance first, then the tests: a budget cut short
+#   drops the steps at the end)
+#   bench-kernels   python -m bench.kernels (decode >= 70%, page copy >= 80% of the d2d copy)
+#   transfer-cuda_ipc  python -m bench.transfer --backend cuda_ipc (the 32K handoff >= 0.8x the d2d copy)
+#   ttft-8k         scripts/ttft_check.py: 8K-token prompts, unified vs disagg TTFT (the handoff's share)
+#   serve-cuda_ipc  pdbox up --prefill-gpus 0 --decode-gpus 0 --transport cuda_ipc: answers == unified
 #   pytest-gpu      the GPU tests, selected by file (never all of tests/): kernels against their
 #                   references, engine greedy tokens triton == torch on a random-weight model,
 #                   TP 2 on one GPU over gloo (tokens == TP 1; NCCL itself needs 2 GPUs)
 #   pytest-transport  the transport's GPU tests (cuda_ipc, nvshmem between processes): a step of their own,
 #                   so a transport that hangs costs its step, not the kernel tests' results
-#   bench-kernels   python -m bench.kernels (decode >= 70%, page copy >= 80% of the d2d copy)
-#   transfer-cuda_ipc  python -m bench.transfer --backend cuda_ipc (the 32K handoff >= 0.8x the d2d copy)
-#   serve-cuda_ipc  pdbox up --prefill-gpus 0 --decode-gpus 0 --transport cuda_ipc: answers == unified
-#   ttft-8k         scripts/ttft_check.py: 8K-token prompts, unified vs disagg TTFT (the handoff's share)
 #   serve-nvshmem   the same as serve-cuda_ipc with --transport nvshmem (two PEs on one GPU)
 #   transfer-nvshmem  python -m bench.transfer --backend nvshmem (a figure, no target: after the other
 #                   one-GPU steps, so the budget skips it first)
@@ -117,12 +119,12 @@ if ((DRY_RUN)); then
     echo "  env             nvidia-smi; $PY: torch, triton, CUDA versions, GPU count"
     echo "  install         $PY -m pip install --no-index --no-deps --target $SITE_DIR <the wheels not installed yet>"
     echo "  pdl-smoke       $PY -m pytest $PDL_TEST (failing: PDBOX_TRITON_PDL=0 from then on)"
-    echo "  pytest-gpu      $PY -m pytest -m 'gpu and not slow' ${GPU_TESTS[*]}"
-    echo "  pytest-transport  $PY -m pytest -m 'gpu and not slow' ${TRANSPORT_TESTS[*]}"
     echo "  bench-kernels   $PY -m bench.kernels --out kernels-bf16.json"
     echo "  transfer-cuda_ipc  $PY -m bench.transfer --backend cuda_ipc --pages 512 --pages 2048 --out transfer-cuda_ipc.json"
-    echo "  serve-cuda_ipc  PDBOX_TRITON_AUTOTUNE=0 $PY scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport cuda_ipc"
     echo "  ttft-8k         $PY scripts/ttft_check.py --prompt-tokens 8192 (unified vs disagg TTFT, cuda_ipc)"
+    echo "  serve-cuda_ipc  PDBOX_TRITON_AUTOTUNE=0 $PY scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport cuda_ipc"
+    echo "  pytest-gpu      $PY -m pytest -m 'gpu and not slow' ${GPU_TESTS[*]}"
+    echo "  pytest-transport  $PY -m pytest -m 'gpu and not slow' ${TRANSPORT_TESTS[*]}"
     echo "  serve-nvshmem   PDBOX_TRITON_AUTOTUNE=0 $PY scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport nvshmem"
     echo "  transfer-nvshmem   $PY -m bench.transfer --backend nvshmem --pages 2048 --layout both"
     echo "  serve-cross-gpu (2+ GPUs)  scripts/serve_check.py --prefill-gpus 0 --decode-gpus 1 --transport cuda_ipc"
@@ -204,16 +206,9 @@ if [[ "$LAST_STATUS" != PASS && "$LAST_STATUS" != SKIP ]]; then
     step_row pdl-off NOTE - "pdl-smoke $LAST_STATUS: every later step runs with PDBOX_TRITON_PDL=0"
 fi
 
-# Autotuning every specialization the tests hit would cost minutes of compiles: tests use each
-# kernel's fixed first config; the bench below autotunes.
-# NOTE: the session deadline is checked between tests, and a test started before it gets its --timeout in
-# full: 75 + 45 + 10 s for the JUnit XML <= the step's 130 s (the same sum below: 70 + 25 + 5 <= 100)
-run_step pytest-gpu 130 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m "gpu and not slow" -q -rs \
-    --timeout 45 --session-timeout 75 --junitxml "$OUT_DIR/pytest-gpu.xml" "${GPU_TESTS[@]}"
-run_step pytest-transport 100 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m "gpu and not slow" \
-    -q -rs --session-timeout 70 --junitxml "$OUT_DIR/pytest-transport.xml" "${TRANSPORT_TESTS[@]}"
-
-# The benches first: bounded, and they give the figures the targets are measured on.
+# What measures a target first (the kernels, the 32K handoff, the 8K TTFT), then the cuda_ipc appliance's
+# answers, then the tests: the budget (about 430 s of the lease's 560) cuts the steps at the end first, and a
+# pytest step cut short by its session deadline is a CUT row, its JUnit XML the tests that ran.
 run_step bench-kernels 90 "$PY" -m bench.kernels --out "$OUT_DIR/kernels-bf16.json"
 # SmolLM2's KV shape at 8K and 32K tokens, contiguous and scattered destination pages; nvshmem starts a
 # two-PE job per size (seconds each), so it measures the contiguous layout only.
@@ -224,12 +219,22 @@ run_step transfer-cuda_ipc 60 "$PY" -m bench.transfer --backend cuda_ipc --pages
 # kernel's fixed first config, as the tests do. Autotuned, each process would time its own pick (another
 # BLOCK_N sums in another order, enough to flip a near-tie of the random model) and compile every config.
 SERVE_ENV=(env PDBOX_TRITON_AUTOTUNE=0)
-run_step serve-cuda_ipc 90 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 \
-    --transport cuda_ipc --out "$OUT_DIR/serve-cuda_ipc.json" --log-dir "$OUT_DIR/serve-cuda_ipc-logs"
-# The 8K TTFT before serve-nvshmem: it measures a target (51 s on an H200). nvshmem's bandwidth, a figure
-# with no target, comes last: the budget skips it first.
+# The handoff's share of an 8K prompt's TTFT (51 s on an H200): a target.
 run_step ttft-8k 100 "$PY" scripts/ttft_check.py --prompt-tokens 8192 --out "$OUT_DIR/ttft-8k.json" \
     --log-dir "$OUT_DIR/ttft-8k-logs"
+run_step serve-cuda_ipc 90 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 \
+    --transport cuda_ipc --out "$OUT_DIR/serve-cuda_ipc.json" --log-dir "$OUT_DIR/serve-cuda_ipc-logs"
+
+# Autotuning every specialization the tests hit would cost minutes of compiles: tests use each
+# kernel's fixed first config; bench-kernels autotunes.
+# NOTE: the session deadline is checked between tests, and a test started before it gets its --timeout in
+# full: 75 + 45 + 10 s for the JUnit XML <= the step's 130 s (the same sum below: 70 + 25 + 5 <= 100)
+run_step pytest-gpu 130 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m "gpu and not slow" -q -rs \
+    --timeout 45 --session-timeout 75 --junitxml "$OUT_DIR/pytest-gpu.xml" "${GPU_TESTS[@]}"
+run_step pytest-transport 100 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m "gpu and not slow" \
+    -q -rs --session-timeout 70 --junitxml "$OUT_DIR/pytest-transport.xml" "${TRANSPORT_TESTS[@]}"
+
+# nvshmem's appliance and bandwidth (a figure with no target) last: the budget skips them first.
 run_step serve-nvshmem 90 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 \
     --transport nvshmem --out "$OUT_DIR/serve-nvshmem.json" --log-dir "$OUT_DIR/serve-nvshmem-logs"
 # 32K tokens on contiguous and on scattered pages (the page-copy kernel's case: puts cost a call a page)

@@ -4,15 +4,18 @@
 # Runs with the machine's python3 (PYTHON overrides) and the PYTHONPATH it is given (the repo and a
 # site dir with torch, triton, tokenizers, pytest); installs nothing. Steps, each under `timeout`:
 #   env          python / torch / triton versions, the GPU
+#   bench-8b     python -m bench.engine --device cuda --model random:llama-8b  -> bench-llama-8b.json
+#                (first: its figures carry the targets, and a budget cut short drops the last steps)
 #   pytest-gpu   tests/engine/test_gpu_engine.py (greedy tokens with CUDA graphs == eager == the torch
 #                references on random:small, bf16 graph logits == eager, sampling semantics, eager
-#                fallback beyond the ladder, the device sampler), PDBOX_TRITON_AUTOTUNE=0
-#   bench-8b     python -m bench.engine --device cuda --model random:llama-8b  -> bench-llama-8b.json
+#                fallback beyond the ladder, the device sampler), PDBOX_TRITON_AUTOTUNE=0; a CUT row where
+#                its session deadline stopped it with no test failed (scripts/gpu-steps.sh)
 #   bench-1b     the same for random:llama-1b                                  -> bench-llama-1b.json
 #   bench-8b-nopdl, bench-1b-nopdl  batch 1 and 64 again with PDBOX_TRITON_PDL=0 (kernels launched
 #                without programmatic dependent launch): PDL's A/B on the same machine
 #                                                       -> bench-llama-8b-nopdl.json, bench-llama-1b-nopdl.json
-#                (both profiled: the replay's device time, batch 1's and 64's kernels graphed and eager)
+#                (both profiled: the replay's device time, batch 1's and 64's kernels graphed and eager);
+#                skipped where PDBOX_TRITON_PDL=0 is set already (gpu-check's PDL chain failed)
 # The benches write their JSON after every figure, so one cut short by its timeout keeps what it
 # measured (and fails the step). Kernels run their fixed first config (PDBOX_TRITON_AUTOTUNE=0): the
 # autotuner's compiles would not fit the budget; set GPU_ENGINE_AUTOTUNE=1 to tune anyway.
@@ -29,7 +32,7 @@ case "${1:-}" in
     "") ;;
     --dry-run)
         echo "gpu-engine-check --dry-run: ${GPU_ENGINE_BUDGET_S:-170}s; steps${GPU_ENGINE_STEPS:+ (asked: $GPU_ENGINE_STEPS)}:" \
-             "env, pytest-gpu (tests/engine/test_gpu_engine.py), bench-8b, bench-1b, bench-8b-nopdl, bench-1b-nopdl"
+             "env, bench-8b, pytest-gpu (tests/engine/test_gpu_engine.py), bench-1b, bench-8b-nopdl, bench-1b-nopdl"
         exit 0 ;;
     *) echo "gpu-engine-check: unknown argument $1 (use --dry-run)" >&2; exit 64 ;;
 esac
@@ -53,11 +56,6 @@ fi
 
 run_step env 10 "$PY" -c 'import sys, torch, triton; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__); print(torch.cuda.get_device_name(0))'
 
-# NOTE: pytest-timeout checks its session deadline only between tests and a test started before it runs
-# its own --timeout in full, so the step's limit holds both and 10 s for the JUnit XML: 40 + 25 + 10 <= 75
-run_step pytest-gpu 75 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -q -rs --timeout 25 \
-    --session-timeout 40 --junitxml "$OUT_DIR/pytest-gpu-engine.xml" tests/engine/test_gpu_engine.py
-
 # Small enough to finish in the budget: 12 timed steps a batch, 256-token contexts.
 # --profile-batches: the kernels of batch 1's and 64's step (graph replay and eager; the two sizes with targets)
 # and every replay's device time, beside the wall step.
@@ -68,13 +66,23 @@ BENCH=(--device cuda --json --steps 12 --context 256 --batches 1,64,16,256 --pre
 # compiles of it, first config) and before the profiles
 run_step bench-8b 75 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" "$PY" -m bench.engine --model random:llama-8b \
     "${BENCH[@]}" --out "$OUT_DIR/bench-llama-8b.json"
+# NOTE: pytest-timeout checks its session deadline only between tests and a test started before it runs
+# its own --timeout in full, so the step's limit holds both and 10 s for the JUnit XML: 40 + 25 + 10 <= 75
+run_step pytest-gpu 75 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -q -rs --timeout 25 \
+    --session-timeout 40 --junitxml "$OUT_DIR/pytest-gpu-engine.xml" tests/engine/test_gpu_engine.py
+
 run_step bench-1b 45 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" "$PY" -m bench.engine --model random:llama-1b \
     "${BENCH[@]}" --out "$OUT_DIR/bench-llama-1b.json"
 NOPDL=(--device cuda --json --steps 12 --context 256 --batches 1,64 --prefill-lens 1024 --profile-batches 1,64)
-run_step bench-8b-nopdl 40 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" PDBOX_TRITON_PDL=0 "$PY" -m bench.engine \
-    --model random:llama-8b "${NOPDL[@]}" --out "$OUT_DIR/bench-llama-8b-nopdl.json"
-run_step bench-1b-nopdl 30 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" PDBOX_TRITON_PDL=0 "$PY" -m bench.engine \
-    --model random:llama-1b "${NOPDL[@]}" --out "$OUT_DIR/bench-llama-1b-nopdl.json"
+if [[ "${PDBOX_TRITON_PDL:-}" == 0 ]]; then  # every bench above ran without PDL: no A/B to make
+    skip_step bench-8b-nopdl "PDBOX_TRITON_PDL=0 for every step: the benches above ran without PDL"
+    skip_step bench-1b-nopdl "PDBOX_TRITON_PDL=0 for every step: the benches above ran without PDL"
+else
+    run_step bench-8b-nopdl 40 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" PDBOX_TRITON_PDL=0 "$PY" -m bench.engine \
+        --model random:llama-8b "${NOPDL[@]}" --out "$OUT_DIR/bench-llama-8b-nopdl.json"
+    run_step bench-1b-nopdl 30 env PDBOX_TRITON_AUTOTUNE="$AUTOTUNE" PDBOX_TRITON_PDL=0 "$PY" -m bench.engine \
+        --model random:llama-1b "${NOPDL[@]}" --out "$OUT_DIR/bench-llama-1b-nopdl.json"
+fi
 
 {
     echo "gpu-engine-check ($(date -u +%FT%TZ), $(($(date +%s) - START_S)) s)"

@@ -51,7 +51,7 @@ else
     engine_rc=$?
     rows=$(grep -v '^env ' "$OUT_DIR/engine/engine-summary.txt")
     # NOTE: no step ran for want of time (steps left out by GPU_ENGINE_STEPS are no failure)
-    if ! grep -Eq '^[a-z0-9-]+ +(PASS|FAIL|TIMEOUT|KILLED|MISS) ' <<<"$rows" && grep -q 'budget left' <<<"$rows"; then
+    if ! grep -Eq '^[a-z0-9-]+ +(PASS|FAIL|TIMEOUT|KILLED|MISS|CUT) ' <<<"$rows" && grep -q 'budget left' <<<"$rows"; then
         echo "gpu-lease: the engine check ran no step (${left}s were left of ${BUDGET_S}s)" \
             | tee -a "$OUT_DIR/engine/engine-summary.txt"
         ((engine_rc)) || engine_rc=5

@@ -6,7 +6,9 @@
 # its limit and reaped still ends within the budget), output to $OUT_DIR/NAME.log, one row in
 # SUMMARY (LAST_STATUS: the row's status). A step starts only with at least half its limit left: else it is a SKIP, which fails nothing
 # (a spent budget says nothing of the code), while a failure, a timeout or a MISS (exit 3: it ran and a
-# target was missed) sets FAILED=1.
+# target was missed) sets FAILED=1. A pytest step that passed every test it started but hit its
+# --session-timeout (pytest-timeout then exits 1 and starts no more tests) is a CUT, which fails nothing
+# either: its row counts the tests that ran, and the summary's `ok` is false.
 # A step's processes carry PDBOX_GPU_STEP=<its name and this shell's pid> in their environment; when the
 # step ends, whatever of them still runs is stopped (TERM, then KILL): a step killed by its timeout
 # cannot stop the `pdbox up` it started, which runs in a session of its own and holds the GPU.
@@ -44,6 +46,10 @@ reap_step() {  # MARKER: stop what a step left running; echoes how many it found
     echo "$n"
 }
 
+session_cut() {  # LOG: pytest stopped at its session deadline with no test failed
+    grep -q 'session-timeout: .* exceeded' "$1" && ! grep -Eq '[0-9]+ (failed|errors?)\b' "$1"
+}
+
 run_step() {  # NAME LIMIT_S CMD...
     local name="$1" limit="$2"
     shift 2
@@ -78,11 +84,15 @@ run_step() {  # NAME LIMIT_S CMD...
     elif ((rc == 3)); then  # the step ran and measured; a target was missed (scripts/ttft_check.py)
         status=MISS
         FAILED=1
+    elif ((rc == 1)) && session_cut "$OUT_DIR/$name.log"; then
+        status=CUT
     else
         status=FAIL
         FAILED=1
     fi
-    step_row "$name" "$status" "$((t1 - t0))s" "rc=$rc  $OUT_DIR/$name.log"
+    local ran=""
+    [[ $status == CUT ]] && ran="$(grep -Eo '[0-9]+ passed[^=]*' "$OUT_DIR/$name.log" | tail -n 1) before the deadline  "
+    step_row "$name" "$status" "$((t1 - t0))s" "rc=$rc  $ran$OUT_DIR/$name.log"
     LAST_STATUS=$status
     # NOTE: each row also straight to the device tool's $OUT (scripts/gpu-pack.sh): a check killed outright
     # (SIGKILL: no EXIT trap packs its folder) still brings back how far it got

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -186,6 +187,22 @@ def test_a_step_passes_fails_or_times_out_and_a_spent_budget_fails_nothing(tmp_p
                "run_step a 20 true", tmp_path)  # gpu-check's smoke step runs on every rerun
     rows = _rows(r)
     assert rows["pdl-smoke"][0] == "PASS" and rows["env"][0] == "PASS" and rows["a"][0] == "SKIP", r.stdout
+
+
+def test_a_pytest_step_stopped_by_its_session_deadline_is_cut_not_failed(tmp_path: Path) -> None:
+    """pytest-timeout exits 1 at its --session-timeout even when every test it started passed, and starts no
+    more: that row is a CUT (the tests that ran counted), which fails nothing; a failed test stays a FAIL."""
+    tests = tmp_path / "test_slow.py"
+    tests.write_text("import time\n\n\ndef test_a():\n    time.sleep(1.2)\n\n\n"
+                     "def test_b():\n    time.sleep(1.2)\n\n\ndef test_c():\n    assert {}\n")
+    py = f"{sys.executable} -m pytest -p no:cacheprovider -q --timeout 20 --session-timeout 1"
+    a, b, c = (f"{tests}::test_{n}" for n in "abc")
+    r = _steps(f"run_step cut 20 {py} {a} {b}; run_step bad 20 {py} {c} {a} {b}", tmp_path)
+    rows = _rows(r)
+    assert rows["cut"][0] == "CUT" and "1 passed" in " ".join(rows["cut"]), r.stdout
+    assert rows["bad"][0] == "FAIL" and "failed 1" in r.stdout, r.stdout
+    r = _steps(f"run_step cut 20 {py} {a} {b}", tmp_path)
+    assert _rows(r)["cut"][0] == "CUT" and "failed 0" in r.stdout, r.stdout
 
 
 def test_what_a_step_leaves_running_is_stopped_after_it(tmp_path: Path) -> None:
