@@ -22,7 +22,8 @@
 #                   references, engine greedy tokens triton == torch on a random-weight model,
 #                   TP 2 on one GPU over gloo (tokens == TP 1; NCCL itself needs 2 GPUs)
 #   pytest-transport  the transport's GPU tests (cuda_ipc, nvshmem between processes): a step of their own,
-#                   so a transport that hangs costs its step, not the kernel tests' results
+#                   so a transport that hangs costs its step, not the kernel tests' results; it runs
+#                   beside pytest-gpu (both are tests: they share the GPU)
 #   serve-nvshmem   the same as serve-cuda_ipc with --transport nvshmem (two PEs on one GPU)
 #   transfer-nvshmem  python -m bench.transfer --backend nvshmem (a figure, no target: after the other
 #                   one-GPU steps, so the budget skips it first)
@@ -229,10 +230,13 @@ run_step serve-cuda_ipc 90 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --pref
 # kernel's fixed first config; bench-kernels autotunes.
 # NOTE: the session deadline is checked between tests, and a test started before it gets its --timeout in
 # full: 75 + 45 + 10 s for the JUnit XML <= the step's 130 s (the same sum below: 70 + 25 + 5 <= 100)
-run_step pytest-gpu 130 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m "gpu and not slow" -q -rs \
-    --timeout 45 --session-timeout 75 --junitxml "$OUT_DIR/pytest-gpu.xml" "${GPU_TESTS[@]}"
-run_step pytest-transport 100 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m "gpu and not slow" \
-    -q -rs --session-timeout 70 --junitxml "$OUT_DIR/pytest-transport.xml" "${TRANSPORT_TESTS[@]}"
+# The two run side by side (STEP_BG): tests, not timings, so they can share the GPU, and their Triton
+# compiles the machine's 16 cores (at h200-2026-12-04-a the tests took 82 s of a 306 s check).
+STEP_BG=1 run_step pytest-gpu 130 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m "gpu and not slow" \
+    -q -rs --timeout 45 --session-timeout 75 --junitxml "$OUT_DIR/pytest-gpu.xml" "${GPU_TESTS[@]}"
+STEP_BG=1 run_step pytest-transport 100 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider \
+    -m "gpu and not slow" -q -rs --session-timeout 70 --junitxml "$OUT_DIR/pytest-transport.xml" "${TRANSPORT_TESTS[@]}"
+wait_steps
 
 # nvshmem's appliance and bandwidth (a figure with no target) last: the budget skips them first.
 run_step serve-nvshmem 90 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 \

@@ -9,11 +9,15 @@
 # target was missed) sets FAILED=1. A pytest step that passed every test it started but hit its
 # --session-timeout (pytest-timeout then exits 1 and starts no more tests) is a CUT, which fails nothing
 # either: its row counts the tests that ran, and the summary's `ok` is false.
+# `STEP_BG=1 run_step ...` starts a step in the background (steps that need no GPU to themselves: the
+# correctness tests, never a bench); `wait_steps` waits for those and adds their rows in the order they
+# started. Each is clipped to the budget left when it starts.
 # A step's processes carry PDBOX_GPU_STEP=<its name and this shell's pid> in their environment; when the
 # step ends, whatever of them still runs is stopped (TERM, then KILL): a step killed by its timeout
 # cannot stop the `pdbox up` it started, which runs in a session of its own and holds the GPU.
 
 STEP_WIDTH=${STEP_WIDTH:-18}
+BG_STEPS=()  # "name:pid" of the steps running in the background (STEP_BG=1), for wait_steps
 STEP_RESERVE_S=30  # kept back from each step's limit: timeout's kill-after (10 s), the reaping (15 s), slack
 
 step_row() {  # NAME STATUS SECONDS REST
@@ -50,10 +54,10 @@ session_cut() {  # LOG: pytest stopped at its session deadline with no test fail
     grep -q 'session-timeout: .* exceeded' "$1" && ! grep -Eq '[0-9]+ (failed|errors?)\b' "$1"
 }
 
-run_step() {  # NAME LIMIT_S CMD...
+run_step() {  # NAME LIMIT_S CMD...   (STEP_BG=1 run_step ...: in the background, until `wait_steps`)
     local name="$1" limit="$2"
     shift 2
-    local left rc t0 t1 status marker left_over
+    local left
     if [[ -n "${STEPS_FILTER:-}" && ",${ALWAYS_STEPS:-env}," != *",$name,"* && ",$STEPS_FILTER," != *",$name,"* ]]; then
         skip_step "$name" "not among the steps asked for"
         return 0
@@ -64,7 +68,30 @@ run_step() {  # NAME LIMIT_S CMD...
         return 0
     fi
     ((limit > left)) && limit=$left
-    echo "=== [$name] (timeout ${limit}s): $*"
+    echo "=== [$name] (timeout ${limit}s${STEP_BG:+, in the background}): $*"
+    if [[ -n "${STEP_BG:-}" ]]; then
+        exec_step "$name" "$limit" "$@" >"$OUT_DIR/$name.row" &
+        BG_STEPS+=("$name:$!")
+    else
+        exec_step "$name" "$limit" "$@" >"$OUT_DIR/$name.row"
+        record_step "$name"
+    fi
+    return 0
+}
+
+wait_steps() {  # the rows of the steps started with STEP_BG=1, in the order they started
+    local entry
+    for entry in "${BG_STEPS[@]}"; do
+        wait "${entry##*:}"
+        record_step "${entry%%:*}"
+    done
+    BG_STEPS=()
+}
+
+exec_step() {  # NAME LIMIT_S CMD...: runs it; prints "STATUS SECONDS REST" (one line)
+    local name="$1" limit="$2"
+    shift 2
+    local rc t0 t1 status marker left_over ran=""
     marker="PDBOX_GPU_STEP=$name.$$"
     t0=$(date +%s)
     env "$marker" timeout -k 10 "$limit" "$@" >"$OUT_DIR/$name.log" 2>&1
@@ -72,27 +99,30 @@ run_step() {  # NAME LIMIT_S CMD...
     t1=$(date +%s)  # NOTE: before the reaping (up to 15 s): a kill well before the limit is not a timeout
     left_over=$(reap_step "$marker")
     ((left_over)) && echo "[$name] stopped $left_over process(es) it left running" >>"$OUT_DIR/$name.log"
-    tail -n 25 "$OUT_DIR/$name.log"
+    tail -n 25 "$OUT_DIR/$name.log" >&2
     if ((rc == 0)); then
         status=PASS
     elif ((rc == 124 || (rc == 137 && t1 - t0 >= limit))); then
         status=TIMEOUT
-        FAILED=1
     elif ((rc == 137)); then  # killed before its limit: the OOM killer, or a signal from outside
         status=KILLED
-        FAILED=1
     elif ((rc == 3)); then  # the step ran and measured; a target was missed (scripts/ttft_check.py)
         status=MISS
-        FAILED=1
     elif ((rc == 1)) && session_cut "$OUT_DIR/$name.log"; then
         status=CUT
+        ran="$(grep -Eo '[0-9]+ passed[^=]*' "$OUT_DIR/$name.log" | tail -n 1) before the deadline  "
     else
         status=FAIL
-        FAILED=1
     fi
-    local ran=""
-    [[ $status == CUT ]] && ran="$(grep -Eo '[0-9]+ passed[^=]*' "$OUT_DIR/$name.log" | tail -n 1) before the deadline  "
-    step_row "$name" "$status" "$((t1 - t0))s" "rc=$rc  $ran$OUT_DIR/$name.log"
+    echo "$status $((t1 - t0))s rc=$rc  $ran$OUT_DIR/$name.log"
+}
+
+record_step() {  # NAME: its row from exec_step's line, FAILED and LAST_STATUS, the progress and the archive
+    local name="$1" status secs rest
+    read -r status secs rest <"$OUT_DIR/$name.row" || { status=FAIL; secs=-; rest="no row: the step's shell died"; }
+    rm -f "$OUT_DIR/$name.row"
+    [[ $status == PASS || $status == CUT ]] || FAILED=1
+    step_row "$name" "$status" "$secs" "$rest"
     LAST_STATUS=$status
     # NOTE: each row also straight to the device tool's $OUT (scripts/gpu-pack.sh): a check killed outright
     # (SIGKILL: no EXIT trap packs its folder) still brings back how far it got

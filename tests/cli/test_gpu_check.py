@@ -205,6 +205,19 @@ def test_a_pytest_step_stopped_by_its_session_deadline_is_cut_not_failed(tmp_pat
     assert _rows(r)["cut"][0] == "CUT" and "failed 0" in r.stdout, r.stdout
 
 
+def test_steps_started_together_run_at_once_and_report_in_order(tmp_path: Path) -> None:
+    """Two correctness steps share the GPU (STEP_BG=1): they run at the same time, each under its own limit,
+    and `wait_steps` adds their rows in the order they started; a failure among them still fails the check."""
+    r = _steps("t0=$(date +%s); STEP_BG=1 run_step slow 20 sleep 3; STEP_BG=1 run_step hung 1 sleep 30; "
+               "STEP_BG=1 run_step bad 20 bash -c 'sleep 3; false'; wait_steps; echo took $(( $(date +%s) - t0 )); "
+               "run_step after 20 true", tmp_path)
+    rows = [ln.split()[1:3] for ln in r.stdout.splitlines() if ln.startswith("row ")]
+    assert rows == [["slow", "PASS"], ["hung", "TIMEOUT"], ["bad", "FAIL"], ["after", "PASS"]], r.stdout + r.stderr
+    took = int(next(ln.split()[1] for ln in r.stdout.splitlines() if ln.startswith("took ")))
+    assert took < 6, r.stdout  # at once: about the longest (3 s), not the sum (7 s)
+    assert "failed 1" in r.stdout and not list(tmp_path.glob("*.row"))
+
+
 def test_what_a_step_leaves_running_is_stopped_after_it(tmp_path: Path) -> None:
     """A check killed by its timeout cannot stop the `pdbox up` it started in a session of its own (it
     would hold the GPU through the steps after it): the runner stops whatever carries the step's marker."""
