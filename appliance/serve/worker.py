@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from dataclasses import replace
 
@@ -43,6 +44,7 @@ from appliance.serve.stream_write import eof_within, write_within
 from appliance.serve.worker_config import WorkerConfig, worker_config
 
 log = logging.getLogger("pdbox.worker")
+TRANSPORT_CLOSE_S = 15.0  # how long the shutdown waits for a TP rank 0's transport to close beside the engine's
 class Worker:
     """The HTTP face of one engine."""
 
@@ -165,14 +167,30 @@ class Worker:
             self.loop.stop()
             if self.engine.cores is not None:
                 self.engine.cores.close()
-            if self.handoff is not None:
-                self.handoff.close()
-            elif self.transport is not None:
-                self.transport.close()
-            self.engine.shutdown()
+            self._close_transport_and_engine()
 
         app.cleanup_ctx.append(lifecycle)
         return app
+
+    def _close_transport_and_engine(self) -> None:
+        """The handoff's transport, then the engine. With TP followers, both at once: nvshmem's close is
+        collective over every PE, this rank's followers included, and a follower reaches its own close only
+        once `Engine.shutdown` tells it to stop (closed first, rank 0 waited in the collective for followers
+        waiting for their stop command, until both were killed)."""
+        close = self.handoff.close if self.handoff is not None else getattr(self.transport, "close", None)
+        if close is None:
+            self.engine.shutdown()
+            return
+        if self.cfg.engine.tp_size == 1:
+            close()
+            self.engine.shutdown()
+            return
+        closing = threading.Thread(target=close, name="transport-close", daemon=True)
+        closing.start()
+        self.engine.shutdown()
+        closing.join(TRANSPORT_CLOSE_S)
+        if closing.is_alive():
+            log.warning("the transport did not close within %.0f s of the engine's shutdown", TRANSPORT_CLOSE_S)
 
     @web.middleware
     async def _auth(self, request: web.Request, handler):

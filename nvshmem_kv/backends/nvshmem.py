@@ -224,6 +224,8 @@ class NvshmemTransport(ChannelTransport):
         """The signal word of the sender PE must show all its puts before the room completes."""
         if self._sig is None or not 0 <= msg.src_pe < self.npes:
             raise ProtocolError(f"signal names PE {msg.src_pe}")
+        if msg.puts == 0:  # the page-copy kernel wrote through the mapped heap (ordered by the sender's fence)
+            return
         end = time.monotonic() + _VERIFY_TIMEOUT_S
         # NOTE: `.item()` copies on the current stream and waits for it; on the default stream that is
         # behind the decode forward pass. A side stream (non-blocking, as torch makes them) is not.
