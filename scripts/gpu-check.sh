@@ -22,8 +22,10 @@
 #                   references, engine greedy tokens triton == torch on a random-weight model,
 #                   TP 2 on one GPU over gloo (tokens == TP 1; NCCL itself needs 2 GPUs)
 #   pytest-transport  the transport's GPU tests (cuda_ipc, nvshmem between processes): a step of their own,
-#                   so a transport that hangs costs its step, not the kernel tests' results; it runs
-#                   beside pytest-gpu (both are tests: they share the GPU)
+#                   so a transport that hangs costs its step, not the kernel tests' results
+#   pytest-engine   the engine's GPU tests (tests/engine/test_gpu_engine.py: CUDA graphs == eager == torch,
+#                   the device sampler; gpu-engine-check.sh's pytest-gpu, which the lease then leaves out)
+#                   (the three test steps run side by side: tests, not timings, they share the GPU)
 #   serve-nvshmem   the same as serve-cuda_ipc with --transport nvshmem (two PEs on one GPU)
 #   transfer-nvshmem  python -m bench.transfer --backend nvshmem (a figure, no target: after the other
 #                   one-GPU steps, so the budget skips it first)
@@ -69,6 +71,7 @@ GPU_TESTS=(
     tests/engine/test_tp_gpu.py
 )
 TRANSPORT_TESTS=(tests/transport/test_gpu.py)
+ENGINE_TESTS=(tests/engine/test_gpu_engine.py)  # issue 21's: CUDA graphs, the device sampler (also gpu-engine-check's)
 PDL_TEST=tests/kernels/test_gpu.py::test_a_chain_of_pdl_kernels_replays_from_a_graph_as_it_runs_eagerly
 
 # -- the wheels ------------------------------------------------------------------------------------
@@ -126,6 +129,7 @@ if ((DRY_RUN)); then
     echo "  serve-cuda_ipc  PDBOX_TRITON_AUTOTUNE=0 $PY scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport cuda_ipc"
     echo "  pytest-gpu      $PY -m pytest -m 'gpu and not slow' ${GPU_TESTS[*]}"
     echo "  pytest-transport  $PY -m pytest -m 'gpu and not slow' ${TRANSPORT_TESTS[*]}"
+    echo "  pytest-engine   $PY -m pytest ${ENGINE_TESTS[*]}  (the three pytest steps side by side)"
     echo "  serve-nvshmem   PDBOX_TRITON_AUTOTUNE=0 $PY scripts/serve_check.py --prefill-gpus 0 --decode-gpus 0 --transport nvshmem"
     echo "  transfer-nvshmem   $PY -m bench.transfer --backend nvshmem --pages 2048 --layout both"
     echo "  serve-cross-gpu (2+ GPUs)  scripts/serve_check.py --prefill-gpus 0 --decode-gpus 1 --transport cuda_ipc"
@@ -230,12 +234,15 @@ run_step serve-cuda_ipc 90 "${SERVE_ENV[@]}" "$PY" scripts/serve_check.py --pref
 # kernel's fixed first config; bench-kernels autotunes.
 # NOTE: the session deadline is checked between tests, and a test started before it gets its --timeout in
 # full: 75 + 45 + 10 s for the JUnit XML <= the step's 130 s (the same sum below: 70 + 25 + 5 <= 100)
-# The two run side by side (STEP_BG): tests, not timings, so they can share the GPU, and their Triton
+# The three run side by side (STEP_BG): tests, not timings, so they can share the GPU, and their Triton
 # compiles the machine's 16 cores (at h200-2026-12-04-a the tests took 82 s of a 306 s check).
 STEP_BG=1 run_step pytest-gpu 130 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -m "gpu and not slow" \
     -q -rs --timeout 45 --session-timeout 75 --junitxml "$OUT_DIR/pytest-gpu.xml" "${GPU_TESTS[@]}"
 STEP_BG=1 run_step pytest-transport 100 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider \
     -m "gpu and not slow" -q -rs --session-timeout 70 --junitxml "$OUT_DIR/pytest-transport.xml" "${TRANSPORT_TESTS[@]}"
+# 65 + 25 + 10 <= 100 (in gpu-engine-check.sh, where its time is the benches': 40 + 25 + 10)
+STEP_BG=1 run_step pytest-engine 100 env PDBOX_TRITON_AUTOTUNE=0 "$PY" -m pytest -p no:cacheprovider -q -rs \
+    --timeout 25 --session-timeout 65 --junitxml "$OUT_DIR/pytest-gpu-engine.xml" "${ENGINE_TESTS[@]}"
 wait_steps
 
 # nvshmem's appliance and bandwidth (a figure with no target) last: the budget skips them first.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A lent GPU's whole check in ONE device call: scripts/gpu-check.sh (issue 19: installs the carried wheels
-# into .gpu-site, then kernels, transport, serving, the 8K-token TTFT), then scripts/gpu-engine-check.sh
-# (issue 21: CUDA graphs, decode and prefill against their floors) on the site the first one installed.
+# into .gpu-site, then the kernels' bench, the 32K handoff, the 8K-token TTFT, serving, and the GPU tests,
+# issue 21's engine tests among them), then scripts/gpu-engine-check.sh's benches (issue 21: decode and
+# prefill against their floors, PDL's A/B) on the site the first one installed.
 # One call, because the device tool gives an idle machine back within seconds (its idle_release_s), and a
 # second call on a fresh machine finds no .gpu-site. On the device tool, carrying wheels/gpu:
 #
@@ -19,11 +20,13 @@ BUDGET_S="${GPU_LEASE_BUDGET_S:-560}"
 ENGINE_S="${GPU_LEASE_ENGINE_S:-130}"
 OUT_DIR="${OUT:-$PWD/gpu-check-out}"
 SITE_DIR="${GPU_SITE_DIR:-$PWD/.gpu-site}"
+LEASE_ENGINE_STEPS=bench-8b,bench-1b,bench-8b-nopdl,bench-1b-nopdl  # the engine check's steps in a lease
 case "${1:-}" in
     "") ;;
     --dry-run)
         echo "gpu-lease --dry-run: ${BUDGET_S}s in all: scripts/gpu-check.sh with $((BUDGET_S - ENGINE_S))s," \
-             "then scripts/gpu-engine-check.sh with what is left (>= ${ENGINE_S}s) on PYTHONPATH=$PWD:$SITE_DIR"
+             "then scripts/gpu-engine-check.sh with what is left (>= ${ENGINE_S}s) on PYTHONPATH=$PWD:$SITE_DIR," \
+             "steps ${GPU_ENGINE_STEPS-$LEASE_ENGINE_STEPS} (its tests run in gpu-check: pytest-engine)"
         GPU_CHECK_BUDGET_S=$((BUDGET_S - ENGINE_S)) exec bash scripts/gpu-check.sh --dry-run ;;
     *) echo "gpu-lease: unknown argument $1 (use --dry-run)" >&2; exit 64 ;;
 esac
@@ -46,8 +49,10 @@ else
         export PDBOX_TRITON_PDL=0
         echo "gpu-lease: PDL off for the engine check ($(cat "$OUT_DIR/check/pdl-off"))"
     fi
+    # NOTE: its tests ran in gpu-check (pytest-engine, beside the other tests): here the benches alone, unless
+    # GPU_ENGINE_STEPS says otherwise
     OUT="$OUT_DIR/engine" GPU_ENGINE_BUDGET_S=$left PYTHONPATH="$PWD:$SITE_DIR${PYTHONPATH:+:$PYTHONPATH}" \
-        bash scripts/gpu-engine-check.sh
+        GPU_ENGINE_STEPS="${GPU_ENGINE_STEPS-$LEASE_ENGINE_STEPS}" bash scripts/gpu-engine-check.sh
     engine_rc=$?
     rows=$(grep -v '^env ' "$OUT_DIR/engine/engine-summary.txt")
     # NOTE: no step ran for want of time (steps left out by GPU_ENGINE_STEPS are no failure)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ("env", "install", "pdl-smoke", "pytest-gpu", "pytest-transport", "serve-cuda_ipc", "serve-nvshmem",
+STEPS = ("env", "install", "pdl-smoke", "pytest-gpu", "pytest-transport", "pytest-engine", "serve-cuda_ipc", "serve-nvshmem",
          "bench-kernels", "transfer-cuda_ipc", "transfer-nvshmem", "ttft-8k", "serve-cross-gpu", "serve-tp2-nccl")
 
 
@@ -239,6 +239,8 @@ def test_the_lease_runs_both_checks_in_one_call(tmp_path: Path) -> None:
     assert r.returncode == 3, r.stdout  # no wheel in tmp_path: gpu-check's dry run says so
     assert "gpu-check.sh with 350s" in r.stdout and "budget=350s" in r.stdout
     assert "gpu-engine-check.sh with what is left (>= 150s)" in r.stdout
+    # the engine's tests run in gpu-check beside the others: the engine check its benches
+    assert "steps bench-8b,bench-1b,bench-8b-nopdl,bench-1b-nopdl (its tests run in gpu-check" in r.stdout
     r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu-lease.sh")], capture_output=True, text=True, timeout=60,
                        env={"PATH": "/usr/bin:/bin", "GPU_LEASE_BUDGET_S": "100", "OUT": str(tmp_path / "o")})
     assert r.returncode == 64 and "too little" in r.stderr
