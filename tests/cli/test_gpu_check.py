@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ("env", "install", "pdl-smoke", "pytest-gpu", "pytest-transport", "pytest-engine", "serve-cuda_ipc", "serve-nvshmem",
-         "bench-kernels", "transfer-cuda_ipc", "transfer-nvshmem", "ttft-8k", "serve-cross-gpu", "serve-tp2-nccl")
+STEPS = ("env", "install", "pdl-smoke", "pytest-gpu", "pytest-transport", "pytest-engine", "serve-cuda_ipc",
+         "serve-nvshmem", "bench-kernels", "transfer-cuda_ipc", "transfer-nvshmem", "ttft-8k", "serve-cross-gpu",
+         "serve-tp2-nccl")
 
 
 def _pins(image: bool | None = None) -> list[tuple[str, str]]:
