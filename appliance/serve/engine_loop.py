@@ -345,6 +345,8 @@ class EngineLoop:
                         self.on_step(dt, self.engine.stats_prefill_tokens - pre, self.engine.stats_decode_tokens - dec)
                     for out in outputs:
                         self._emit_output(out)
+                    if self.transfers:
+                        self._drop_failed_legs()
             except Exception as exc:  # an engine bug: fail what is in flight, keep serving
                 log.exception("engine step failed")
                 why = self.engine.tp_failure() if tp else None  # the step broke its TP group: no more steps
@@ -354,6 +356,24 @@ class EngineLoop:
                     self._fail_in_flight(f"engine error: {exc}")
             finally:
                 self._flush()  # the step's tokens, every request's, in one hand-over
+
+    def _drop_failed_legs(self) -> None:
+        """A prefill leg whose room failed mid-prompt (decode gave it up, refused it, its connection went) is
+        written no more: it computes no more of its prompt either. Aborted now, its Close goes behind its
+        copies at once and its error out (it waited for the prompt's end: a long prompt's remaining chunks
+        for nothing, and decode kept the room's pages out of use meanwhile)."""
+        failed = {rid for rid, t in self.transfers.items() if t.error and not t.signalled}
+        if not failed:
+            return
+        for rid, req in list(self.engine.requests.items()):
+            if (req.group or rid) in failed:
+                self.engine.abort(rid)
+        for rid in failed:
+            message = self.transfers[rid].error or "KV transfer failed"
+            self._end_transfer(rid)
+            self.open_samples.pop(rid, None)
+            self._sample0_cached.pop(rid, None)
+            self._emit(rid, Error(status=502, message=message))
 
     def _fail_in_flight(self, message: str) -> None:
         for rid, req in list(self.engine.requests.items()):

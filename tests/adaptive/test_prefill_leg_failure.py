@@ -206,3 +206,56 @@ def test_every_rank_of_a_tp2_prefill_abandons_an_aborted_room(tiny_model) -> Non
         a.engine.shutdown()
         b.handoff.close()
         b.engine.shutdown()
+
+
+def test_a_leg_whose_room_decode_gave_up_computes_no_more_of_its_prompt(tiny_model) -> None:
+    """Decode gives a room up while its prefill is chunks from done (the router aborted the request there, a
+    lease ran out): the writer hears the Cancel at its next layer, and the leg ends after that step with a
+    502 and its Close, rather than computing the rest of its prompt (seconds of a long prompt on a GPU)
+    into pages it may no longer write, while decode keeps them out of use. Neither side leaks a page."""
+    import secrets
+    import time
+
+    from appliance.config import EngineConfig
+    from appliance.serve.worker import Worker
+    from appliance.serve.worker_config import WorkerConfig
+    from tests.waiting import wait_until
+
+    prompt = [3 + (i * 7) % 250 for i in range(160)]  # 20 chunks of 8 tokens
+    a, b = (Worker(WorkerConfig(role="auto", name=n, model=str(tiny_model), transport="shm",
+                                run_id=f"cut-{secrets.token_hex(4)}",
+                                engine=EngineConfig(dtype="float32", page_size=4, num_pages=128, max_prefill_tokens=8)))
+            for n in ("a", "b"))
+    for w in (a, b):
+        w.build_engine()
+    real, chunks = a.engine.runner.step, []
+
+    def slow(sb, *args, **kw):  # a step long enough for the Cancel to come back between two of them
+        chunks.append(sum(sb.extend_lens))
+        time.sleep(0.15)
+        return real(sb, *args, **kw)
+
+    async def scenario() -> tuple[list, list, int]:
+        async with mv.loops(a, b) as (la, lb):
+            lb.open_stream("r")
+            pages = await lb.call(lambda: lb.reserve("r", "room-cut", prompt, PARAMS, 1, 30.0))
+            a.engine.runner.step = slow
+            qa = la.submit("r", prompt, LEG, Transfer(room="room-cut", handles=[b.handle_json], dst_pages=pages))
+            wait_until(lambda: len(chunks) >= 2, 10.0, 0.01, what="two chunks of the prompt")
+            lb.abort("r")  # decode gives the room up: a Cancel to its writer
+            prefill = await mv.until(qa, (Done, Error))
+            computed = sum(chunks)
+            await asyncio.sleep(1.2)  # the room's pages leave quarantine once its Close came
+            await lb.call(lb._release_quarantine)
+            return prefill, chunks, computed
+
+    try:
+        prefill, chunks, computed = asyncio.run(scenario())
+    finally:
+        a.engine.runner.step = real
+    assert isinstance(prefill[-1], Error) and prefill[-1].status == 502, prefill
+    assert computed < len(prompt) / 2, f"the leg computed {computed} of {len(prompt)} prompt tokens: {chunks}"
+    assert mv.idle(a) and mv.idle(b)
+    for w in (a, b):
+        w.handoff.close()
+        w.engine.shutdown()
