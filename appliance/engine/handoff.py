@@ -15,6 +15,7 @@ import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import msgspec
 import torch
@@ -40,8 +41,9 @@ class Transfer:
     signalled: bool = False  # its signal left: the decode side has the room whole
 
 
-class Abandoned(msgspec.Struct, frozen=True):
-    """A room rank 0 gave up, for the other ranks of its TP group to abandon too."""
+class RoomRef(msgspec.Struct, frozen=True):
+    """A room rank 0 tells the other ranks of its TP group about: new (they ask its pools ahead), or given
+    up (they abandon it too)."""
 
     room: str
     handles: list[str]
@@ -197,13 +199,21 @@ def _alive(peer: Peer) -> bool:
     return peer.queue is not None and peer.queue.error is None
 
 
+class Followers(Protocol):
+    """How rank 0 tells the other ranks of its TP group about rooms, between steps (`ModelRunner`'s)."""
+
+    def open_on_followers(self, rooms: bytes) -> None: ...
+
+    def abandon_on_followers(self, rooms: bytes) -> None: ...
+
+
 class PrefillHandoff:
     """Step hooks of a prefill engine's rank 0 (see ``Engine.StepHooks``)."""
 
     def __init__(self, transport: KVTransport, kv: torch.Tensor, total_kv_heads: int, page_size: int,
-                 tp_size: int = 1, followers: Callable[[bytes], None] | None = None) -> None:
+                 tp_size: int = 1, followers: Followers | None = None) -> None:
         self.sender = _Sender(transport, kv, total_kv_heads, 0, tp_size)
-        self.followers = followers  # TP > 1: tells the other ranks which rooms to abandon (ModelRunner's)
+        self.followers = followers  # TP > 1: the other ranks, told of new rooms and of those given up
         self.page_size = page_size
         self.tp_size = tp_size
         self.bytes_per_page_layer = 2 * int(kv[0, 0, 0].numel()) * kv.element_size()
@@ -248,9 +258,12 @@ class PrefillHandoff:
         return hook, extra
 
     def open(self, t: Transfer) -> None:
-        """A prefill leg arrived: ask its decode pools now, so their answers are back before its first
-        write (rank 0's connections; the other TP ranks ask as their step begins)."""
+        """A prefill leg arrived: ask its decode pools now, on this rank's connections and (TP) the other
+        ranks' (`Followers.open_on_followers`), so the answers are back before the first write. Each rank
+        asks again as the step begins, a no-op for a room it asked already."""
         self.sender.open([(t.room, t.handles)])
+        if self.followers is not None:
+            self.followers.open_on_followers(msgspec.json.encode([RoomRef(t.room, t.handles)]))
 
     def after_first_token(self, req: Request, token: int, logprob: dict | None) -> None:
         t: Transfer | None = req.transfer
@@ -269,7 +282,7 @@ class PrefillHandoff:
         if not t.signalled:
             self.sender.abandon(t.handles, t.room)
             if self.followers is not None:
-                self.followers(msgspec.json.encode([Abandoned(t.room, t.handles)]))
+                self.followers.abandon_on_followers(msgspec.json.encode([RoomRef(t.room, t.handles)]))
 
     def wait_copies(self) -> None:
         """Block until this rank's copies have read their pages: an engine that also receives (auto) may
@@ -335,10 +348,15 @@ class FollowerHandoff:
         """Rank 0 gave these rooms up: abandon this rank's part of them too (behind its copies). Best
         effort: a failure is logged (the decode side frees the pages at its cap), never ends this rank."""
         try:
-            for a in msgspec.json.decode(extra, type=list[Abandoned]):
+            for a in msgspec.json.decode(extra, type=list[RoomRef]):
                 self.sender.abandon(a.handles, a.room)
         except Exception:
             log.exception("abandoning rooms on a TP follower failed")
+
+    def open_rooms(self, extra: bytes) -> None:
+        """A prefill leg reached rank 0: ask this rank's decode pools for its rooms ahead of the step that
+        writes them (`_Sender.open`: a failure is left to that step's write)."""
+        self.sender.open([(r.room, r.handles) for r in msgspec.json.decode(extra, type=list[RoomRef])])
 
     def close(self) -> None:
         self.sender.close()

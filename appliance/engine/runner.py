@@ -110,8 +110,10 @@ class ModelRunner:
         self.pool = PagePool(kv)
         # Ranks > 0: turns a step's ``extra`` bytes into (layer hook, after-step callback).
         self.follower_hook: Callable[[bytes, torch.Tensor], tuple] | None = None
-        # Ranks > 0: takes rank 0's list of rooms abandoned between steps (`abandon_on_followers`).
+        # Ranks > 0: take rank 0's list of rooms abandoned (`abandon_on_followers`) or new (`open_on_followers`)
+        # between steps.
         self.follower_abandon: Callable[[bytes], None] | None = None
+        self.follower_open: Callable[[bytes], None] | None = None
         self.decode_graphs: DecodeGraphs | None = None
         self.linear_timings: list[LinearTiming] = []  # cuBLAS vs `kernels.gemv`, when measured (CUDA graphs)
 
@@ -247,10 +249,18 @@ class ModelRunner:
     def abandon_on_followers(self, rooms: bytes) -> None:
         """Rank 0, between steps: the other ranks abandon these rooms too (``rooms``: the handoff's JSON),
         after the writes of every step they ran before (commands are followed in order)."""
+        self._rooms_to_followers(tp.CMD_ABANDON, rooms)
+
+    def open_on_followers(self, rooms: bytes) -> None:
+        """Rank 0, between steps: a prefill leg arrived; the other ranks ask its decode pools for these rooms
+        now, as rank 0 did, so that their answers are back before their first write (learning of a room
+        from its first step, each waited a round trip at layer 0 while the others waited in the all-reduce)."""
+        self._rooms_to_followers(tp.CMD_OPEN, rooms)
+
+    def _rooms_to_followers(self, cmd: int, rooms: bytes) -> None:
         if self.tp_group is not None and self.group_failure() is None:  # a broken group takes no command
             with self._group_step():
-                self.tp_group.broadcast_command(tp.CMD_ABANDON,
-                                                tp.attach_bytes(torch.empty(0, dtype=torch.int64), rooms))
+                self.tp_group.broadcast_command(cmd, tp.attach_bytes(torch.empty(0, dtype=torch.int64), rooms))
 
     def _group_step(self) -> contextlib.AbstractContextManager:
         """Rank 0: a command and its collectives, with no keepalive ping between them."""
@@ -287,6 +297,8 @@ class ModelRunner:
                     after()
             elif cmd == tp.CMD_ABANDON and payload is not None and self.follower_abandon is not None:
                 self.follower_abandon(tp.detach_bytes(payload)[1])
+            elif cmd == tp.CMD_OPEN and payload is not None and self.follower_open is not None:
+                self.follower_open(tp.detach_bytes(payload)[1])
 
     def close(self, broken: bool = False) -> None:
         """``broken``: the group is out of step (a rank died, a step failed inside it): no collective is

@@ -28,6 +28,7 @@ CMD_STOP = 0
 CMD_FORWARD = 1
 CMD_ABANDON = 2  # a prefill engine's rooms that its ranks stop writing (JSON bytes)
 CMD_PING = 3  # nothing to do: rank 0 is idle (`Keepalive`)
+CMD_OPEN = 4  # a prefill engine's new rooms, which its ranks ask their decode pools for ahead (JSON bytes)
 
 TP_JOIN_S = 600.0  # the rendezvous: every rank loads its checkpoint first (a large model takes minutes)
 JOIN_POLL_S = 2.0  # how often rank 0, waiting at the rendezvous, asks whether a rank died loading

@@ -52,6 +52,7 @@ def tp_worker_main(launch: TPLaunch) -> None:
                                  transport=joined[0] if joined else None)
         runner.follower_hook = sender.plan_step
         runner.follower_abandon = sender.abandon_rooms
+        runner.follower_open = sender.open_rooms
     try:
         runner.follow()
     finally:

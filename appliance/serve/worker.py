@@ -104,7 +104,8 @@ class Worker:
 
             mc = self.engine.model_config
             self.handoff = PrefillHandoff(self.transport, self.engine.pool.kv, mc.num_kv_heads, cfg.engine.page_size,
-                                          cfg.engine.tp_size, followers=self.engine.runner.abandon_on_followers)
+                                          cfg.engine.tp_size,
+                                          followers=self.engine.runner if cfg.engine.tp_size > 1 else None)
             self.engine.handoff = self.handoff
             self.engine.warmup_s += self.handoff.sender.warm_s  # `pdbox up` reports the whole warm-up
         if cfg.role == "auto":

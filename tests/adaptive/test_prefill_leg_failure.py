@@ -259,3 +259,55 @@ def test_a_leg_whose_room_decode_gave_up_computes_no_more_of_its_prompt(tiny_mod
     for w in (a, b):
         w.handoff.close()
         w.engine.shutdown()
+
+
+def test_every_rank_of_a_tp2_prefill_asks_for_a_new_room_before_its_first_step(tiny_model) -> None:
+    """A TP 2 prefill leg arrives: rank 0 asks the decode pool for its room at once and tells rank 1 to, so
+    both ranks are the room's writers before the leg's first step (rank 1 learned of the room from that step
+    and waited a round trip at layer 0 while rank 0 waited for it in the all-reduce). The leg then runs
+    whole: its room completes, and neither side leaks a page."""
+    import secrets
+    import threading
+
+    from appliance.config import EngineConfig
+    from appliance.serve.worker import Worker
+    from appliance.serve.worker_config import WorkerConfig
+    from tests.waiting import wait_until
+
+    a = Worker(WorkerConfig(role="prefill", name="a", model=str(tiny_model), transport="shm",
+                            run_id=f"tp2-{secrets.token_hex(4)}",
+                            engine=EngineConfig(dtype="float32", page_size=4, num_pages=128, tp_size=2)))
+    a.build_engine()
+    b = mv.worker(str(tiny_model), "b")
+    real, go, steps = a.engine.runner.step, threading.Event(), []
+
+    def held(*args, **kw):  # the leg's first step waits until the test saw the room's writers
+        steps.append(len(b.transport._rooms._rooms["room-tp"].writers))
+        assert go.wait(20)
+        return real(*args, **kw)
+
+    a.engine.runner.step = held
+
+    async def scenario() -> tuple[list, list]:
+        async with mv.loops(a, b) as (la, lb):
+            qb = lb.open_stream("r")
+            pages = await lb.call(lambda: lb.reserve("r", "room-tp", GOOD, PARAMS, 2, 30.0))
+            qa = la.submit("r", GOOD, LEG, Transfer(room="room-tp", handles=[b.handle_json], dst_pages=pages))
+            wait_until(lambda: steps, 20.0, 0.01, what="the leg's first step")
+            table = b.transport._rooms._rooms  # both ranks asked: the pool answered each before any write
+            wait_until(lambda: len(table["room-tp"].writers) == 2, 5.0, 0.01, what="rank 1's Open")
+            go.set()
+            return await mv.until(qa, (Done, Error)), await mv.until(qb, (Done, Error))
+
+    try:
+        prefill, decode = asyncio.run(scenario())
+        assert isinstance(prefill[-1], Done) and isinstance(decode[-1], Done), (prefill, decode)
+        assert mv.tokens(decode) == NaiveLlama(str(tiny_model)).greedy(GOOD, PARAMS.max_tokens)
+        assert mv.idle(a) and mv.idle(b)
+    finally:
+        go.set()
+        a.engine.runner.step = real
+        a.handoff.close()
+        a.engine.shutdown()
+        b.handoff.close()
+        b.engine.shutdown()
