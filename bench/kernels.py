@@ -15,6 +15,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -132,7 +133,7 @@ def build_cases(device: torch.device, dtype: torch.dtype, tiny: bool) -> list[Ca
         lambda: _err(K.decode_attention(q, k, v, table, seq, d**-0.5),
                      K.decode_attention_ref(q, k, v, table, seq, d**-0.5)),
         bytes=2 * b * ctx * kvh * d * es + 2 * q.numel() * es + table.numel() * 4,
-        flops=4 * b * qh * ctx * d, target="hbm:0.70",
+        flops=4 * b * qh * ctx * d, target="d2d:0.70",  # the bar: the copy measured in this run
     ))
 
     # extend attention: 4 requests, each 1024 new tokens after a 1024-token cached prefix
@@ -303,6 +304,7 @@ def run(device: torch.device, dtype: torch.dtype, tiny: bool, only: list[str] | 
     d2d = d2d_copy_gbps(device, copy_bytes)
     peak_gbps = hbm_peak / 1e9 if hbm_peak else d2d
     results: list[Result] = []
+    failed: list[dict[str, str]] = []  # cases that raised: the rest still run (one has never run on a GPU)
 
     def report() -> dict[str, Any]:
         return {
@@ -314,13 +316,21 @@ def run(device: torch.device, dtype: torch.dtype, tiny: bool, only: list[str] | 
             "peak_bf16_tflops": flops_peak / 1e12 if flops_peak else None,
             "d2d_copy_gbps": d2d,
             "results": [asdict(r) for r in results],
+            "failed": failed,
         }
 
     for case in build_cases(device, dtype, tiny):
         if only and case.name not in only:
             continue
-        err = case.check()
-        sec = time_call(case.fn, device)
+        try:
+            err = case.check()
+            sec = time_call(case.fn, device)
+        except Exception as exc:  # recorded and reported: the bench exits 1 at the end
+            traceback.print_exc()
+            failed.append({"name": case.name, "shape": case.shape, "error": f"{type(exc).__name__}: {exc}"})
+            if save is not None:
+                save(report())
+            continue
         gbps = case.bytes / sec / 1e9
         tflops = case.flops / sec / 1e12 if case.flops else None
         extra: dict[str, Any] = {}
@@ -401,8 +411,10 @@ def command(cpu: bool, as_json: bool, out: Path | None, dtype: str, only: tuple[
         print(json.dumps(report, indent=1))
     else:
         print_table(report)
+    for f in report["failed"]:
+        print(f"bench.kernels: {f['name']} ({f['shape']}) failed: {f['error']}", file=sys.stderr)
     missed = [r["name"] for r in report["results"] if r["target_met"] is False]
-    return 1 if strict and missed else 0
+    return 1 if report["failed"] or (strict and missed) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
