@@ -55,11 +55,16 @@ def matmul_tflop_s(n: int = 8192) -> float:
     return 2 * n**3 / ms / 1e9
 
 
-def _weights(model) -> tuple[int, int]:
-    """(bytes, params) of the linear weights a step reads (every layer's and the LM head)."""
+def _weights(model) -> tuple[int, int, int, int]:
+    """(bytes, params) of the linear weights a decode step reads (every layer's and the LM head), the LM
+    head's params (a prefill runs it on its sampled rows only), and the checkpoint's bytes (the embedding
+    table as well, where it is not the LM head's: a step reads only its batch's rows of it)."""
     ws = [w for lw in model.layers for w in (lw.qkv, lw.o_proj, lw.gate_up, lw.down)] + [model.lm_head]
     params = sum(int(torch.Size(w.shape).numel()) for w in ws)
-    return params * torch.empty(0, dtype=model.dtype).element_size(), params
+    head = int(torch.Size(model.lm_head.shape).numel())
+    elem = torch.empty(0, dtype=model.dtype).element_size()
+    embed = 0 if model.embed.data_ptr() == model.lm_head.data_ptr() else int(model.embed.numel())
+    return params * elem, params, head, (params + embed) * elem
 
 
 def _decode_ms(engine, prompts: list[list[int]], steps: int, graphs: bool) -> float:
@@ -113,21 +118,29 @@ def kernel_profile(fn, steps: int = 5, top: int = 20) -> dict:
     return out
 
 
-def _replay_profile(engine, b: int, steps: int, profile: bool) -> dict:
-    """Device time of batch ``b``'s graph replay alone (the buffers hold the last step's rows), and with
-    ``profile`` its kernels and the same step's run eagerly on the same buffers."""
+def _replay_ms(engine, b: int, steps: int) -> float:
+    """Device ms of batch ``b``'s graph replay alone. Right after a step of ``b`` requests: every bucket's
+    graph reads one metadata buffer, laid out by the last step for its own bucket."""
+    graphs = engine.runner.decode_graphs
+    return _cuda_ms(graphs.graphs[graphs.plan.bucket_for(b)].replay, steps)
+
+
+def _replay_profile(engine, prompts: list[list[int]], replay_ms: float) -> dict:
+    """Batch ``len(prompts)``'s kernels, replayed from its graph and run eagerly on the same buffers (two
+    real steps of those prompts first: the buffer in that bucket's layout). After every timed figure: a
+    profiler session after graph capture could fault the CUDA context, which would end the run."""
+    b = len(prompts)
     graphs = engine.runner.decode_graphs
     bucket = graphs.plan.bucket_for(b)
-    replay = graphs.graphs[bucket].replay
-    out: dict = {f"decode_gpu_ms_b{b}": round(_cuda_ms(replay, steps), 3)}
-    if profile:
-        try:
-            prof = kernel_profile(replay)
-            prof["gaps_us"] = round(out[f"decode_gpu_ms_b{b}"] * 1000 - prof.get("covered_us", prof["busy_us"]), 1)
-            out[f"profile_b{b}_graphs"] = prof
-            out[f"profile_b{b}_eager"] = kernel_profile(lambda: graphs.eager(bucket))
-        except Exception as e:  # a profiler that cannot start here must not cost the figures
-            out[f"profile_b{b}_error"] = f"{type(e).__name__}: {e}"
+    out: dict = {}
+    try:
+        decode_steps(engine, prompts, 2)
+        prof = kernel_profile(graphs.graphs[bucket].replay)
+        prof["gaps_us"] = round(replay_ms * 1000 - prof.get("covered_us", prof["busy_us"]), 1)
+        out[f"profile_b{b}_graphs"] = prof
+        out[f"profile_b{b}_eager"] = kernel_profile(lambda: graphs.eager(bucket))
+    except Exception as e:  # a profiler that cannot start here must not cost the figures
+        out[f"profile_b{b}_error"] = f"{type(e).__name__}: {e}"
     return out
 
 
@@ -179,14 +192,17 @@ def run_cuda(model: str, dtype: str = "bfloat16", batches: tuple[int, ...] = (1,
     mc = engine.model_config
     copy = copy_gb_s()
     tflops = matmul_tflop_s()
-    weight_bytes, params = _weights(engine.runner.model)
+    weight_bytes, params, head_params, checkpoint_bytes = _weights(engine.runner.model)
     kv_elem = engine.pool.kv.element_size()
     kv_per_token = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * kv_elem
     out: dict = {"model": engine.model_name, "dtype": cfg.dtype, "backend": engine.runner.backend.name,
                  "device": torch.cuda.get_device_name(), "autotune": autotune_enabled(), "pdl": pdl_enabled(),
                  "startup_s": round(start_s, 1), "warmup_s": round(engine.warmup_s, 1),
                  "copy_gb_s": round(copy, 1), "matmul_tflop_s": round(tflops, 1),
-                 "weight_gb": round(weight_bytes / 1e9, 3), "context": context, "steps": steps,
+                 # the decode floors' bytes: every linear weight and the LM head, not the embedding table
+                 # (a step reads its batch's rows of it), which the checkpoint's size counts
+                 "weight_gb": round(weight_bytes / 1e9, 3), "weight_gb_checkpoint": round(checkpoint_bytes / 1e9, 3),
+                 "context": context, "steps": steps,
                  # cuBLAS against pdbox's GEMV per weight kind and row count, as the warm-up measured them
                  "linear_choice": [asdict(t) | {"gemv": t.gemv_wins} for t in engine.runner.linear_timings]}
 
@@ -199,7 +215,9 @@ def run_cuda(model: str, dtype: str = "bfloat16", batches: tuple[int, ...] = (1,
     for n in prefill_lens:
         prompt = [3 + (13 * j) % 250 for j in range(n)]
         s = _prefill_s(engine, prompt, 2)
-        flops = 2 * params * n + 2 * mc.num_layers * mc.num_heads * mc.head_dim * n * n  # causal QK^T + PV
+        # every token through the layers, the LM head on the one sampled row, causal QK^T + PV
+        attention = 2 * mc.num_layers * mc.num_heads * mc.head_dim * n * n
+        flops = 2 * (params - head_params) * n + 2 * head_params + attention
         out[f"prefill_tok_s_{n}"] = round(n / s, 1)
         out[f"prefill_floor_tok_s_{n}"] = round(n / (flops / (tflops * 1e12)), 1)
         out[f"prefill_share_of_matmul_{n}"] = round(flops / s / 1e12 / tflops, 3)
@@ -218,9 +236,13 @@ def run_cuda(model: str, dtype: str = "bfloat16", batches: tuple[int, ...] = (1,
         if len(modes) == 2:
             out[f"graph_speedup_b{b}"] = round(out[f"decode_ms_b{b}_eager"] / out[f"decode_ms_b{b}_graphs"], 2)
         if len(modes) == 2 and engine.runner.decode_graphs.graphs:  # captured (none after a failed capture)
-            out.update(_replay_profile(engine, b, steps, b in profile))
+            out[f"decode_gpu_ms_b{b}"] = round(_replay_ms(engine, b, steps), 3)
             out[f"decode_gpu_over_floor_b{b}"] = round(out[f"decode_gpu_ms_b{b}"] / floor, 2)
             save()
+    for b in (b for b in profile if f"decode_gpu_ms_b{b}" in out):
+        prompts = [[3 + (7 * i + 11 * j) % 250 for j in range(context)] for i in range(b)]
+        out.update(_replay_profile(engine, prompts, out[f"decode_gpu_ms_b{b}"]))
+        save()
     engine.shutdown()
     out["total_s"] = round(time.perf_counter() - t0, 1)
     save()

@@ -12,7 +12,8 @@ it covers every layer's K and V plus the completion signal. The baseline copies 
 with the same ``copy_`` calls inside one process (device-synchronized on a GPU). Baseline and
 transport runs alternate so that both see the same machine load; each figure is the median of
 ``--repeats`` runs after one warm-up. Shapes default to SmolLM2-135M (30 layers, 3 KV heads,
-head_dim 64, page_size 16).
+head_dim 64, page_size 16). Every GB/s here is the KV bytes moved, once (the d2d copy's too, so the
+ratios hold); `bench.kernels` and `bench.engine` count a copy's read and write, twice these.
 """
 
 from __future__ import annotations
