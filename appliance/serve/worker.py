@@ -45,6 +45,8 @@ from appliance.serve.worker_config import WorkerConfig, worker_config
 
 log = logging.getLogger("pdbox.worker")
 TRANSPORT_CLOSE_S = 15.0  # how long the shutdown waits for a TP rank 0's transport to close beside the engine's
+
+
 class Worker:
     """The HTTP face of one engine."""
 
