@@ -67,6 +67,11 @@ def _weights(model) -> tuple[int, int, int, int]:
     return params * elem, params, head, (params + embed) * elem
 
 
+def _decode_prompts(b: int, context: int) -> list[list[int]]:
+    """``b`` distinct prompts of ``context`` tokens: a decode batch's rows (the timings' and the profiles')."""
+    return [[3 + (7 * i + 11 * j) % 250 for j in range(context)] for i in range(b)]
+
+
 def _decode_ms(engine, prompts: list[list[int]], steps: int, graphs: bool) -> float:
     """Median wall ms of a decode-only engine step (host sampling included) over ``steps`` steps."""
     runner = engine.runner
@@ -223,7 +228,7 @@ def run_cuda(model: str, dtype: str = "bfloat16", batches: tuple[int, ...] = (1,
         out[f"prefill_share_of_matmul_{n}"] = round(flops / s / 1e12 / tflops, 3)
         save()
     for b in batches:
-        prompts = [[3 + (7 * i + 11 * j) % 250 for j in range(context)] for i in range(b)]
+        prompts = _decode_prompts(b, context)
         floor = (weight_bytes + b * (context + 2) * kv_per_token) / copy / 1e6
         out[f"decode_floor_ms_b{b}"] = round(floor, 3)
         modes = (True, False) if engine.runner.decode_graphs is not None else (False,)
@@ -240,8 +245,7 @@ def run_cuda(model: str, dtype: str = "bfloat16", batches: tuple[int, ...] = (1,
             out[f"decode_gpu_over_floor_b{b}"] = round(out[f"decode_gpu_ms_b{b}"] / floor, 2)
             save()
     for b in (b for b in profile if f"decode_gpu_ms_b{b}" in out):
-        prompts = [[3 + (7 * i + 11 * j) % 250 for j in range(context)] for i in range(b)]
-        out.update(_replay_profile(engine, prompts, out[f"decode_gpu_ms_b{b}"]))
+        out.update(_replay_profile(engine, _decode_prompts(b, context), out[f"decode_gpu_ms_b{b}"]))
         save()
     engine.shutdown()
     out["total_s"] = round(time.perf_counter() - t0, 1)

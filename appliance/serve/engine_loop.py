@@ -362,18 +362,21 @@ class EngineLoop:
         written no more: it computes no more of its prompt either. Aborted now, its Close goes behind its
         copies at once and its error out (it waited for the prompt's end: a long prompt's remaining chunks
         for nothing, and decode kept the room's pages out of use meanwhile)."""
-        failed = {rid for rid, t in self.transfers.items() if t.error and not t.signalled}
+        failed = {rid: t.error for rid, t in self.transfers.items() if t.error and not t.signalled}
         if not failed:
             return
         for rid, req in list(self.engine.requests.items()):
             if (req.group or rid) in failed:
                 self.engine.abort(rid)
-        for rid in failed:
-            message = self.transfers[rid].error or "KV transfer failed"
-            self._end_transfer(rid)
-            self.open_samples.pop(rid, None)
-            self._sample0_cached.pop(rid, None)
-            self._emit(rid, Error(status=502, message=message))
+        for rid, why in failed.items():
+            self._fail_request(rid, 502, why)
+
+    def _fail_request(self, rid: str, status: int, message: str) -> None:
+        """``rid`` (its samples with it) ends in an error: its room abandoned, its stream told."""
+        self.open_samples.pop(rid, None)
+        self._sample0_cached.pop(rid, None)
+        self._end_transfer(rid)
+        self._emit(rid, Error(status=status, message=message))
 
     def _fail_in_flight(self, message: str) -> None:
         for rid, req in list(self.engine.requests.items()):
@@ -393,10 +396,7 @@ class EngineLoop:
         """``first``: decode's first token after a KV handoff (a `First` event)."""
         rid = out.group or out.request_id
         if out.error is not None:  # this request alone failed (its samples with it); the engine goes on
-            self.open_samples.pop(rid, None)
-            self._sample0_cached.pop(rid, None)
-            self._end_transfer(rid)
-            self._emit(rid, Error(status=out.error_status, message=out.error))
+            self._fail_request(rid, out.error_status, out.error)
             return
         if rid in self.open_samples:
             self._emit_sample(rid, out, first)
